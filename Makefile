@@ -1,0 +1,58 @@
+# hivewire: `make run` starts the whole mesh, `make test` runs the whole suite.
+# Both create .venv on first use; nothing needs to be installed by hand.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test venv relink gen gen-check lint typecheck buf-lint pytest fmt bench clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The strict editable install is a link tree: re-link so new modules are importable
+# (and visible to mypy, which does not run import hooks).
+relink: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+
+run: relink
+	$(BIN)/hivewire up
+
+gen: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+gen-check: $(STAMP)
+	$(PY) scripts/gen_protos.py --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: relink
+	$(BIN)/mypy services discovery
+
+buf-lint: $(STAMP)
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+
+pytest: relink
+	$(BIN)/pytest -q
+
+test: relink lint typecheck buf-lint gen-check pytest
+
+bench: relink
+	$(PY) bench/run.py
+
+clean:
+	rm -rf build .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Shared service runtime: settings, logging, TLS, servers, channels, errors, metrics, events."""
