@@ -1,0 +1,1 @@
+"""The ``hivewire`` command line: one typer app, one module per subcommand group."""

@@ -1,0 +1,117 @@
+"""Entry point of the ``hivewire`` command.
+
+Each subcommand group lives in its own module under ``hivewire.services.cli`` and is
+mounted at the bottom of this module with one ``app.add_typer(...)`` line; keep it small.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from hivewire.services.cli import certs
+
+logger = logging.getLogger(__name__)
+
+
+class _Group(TyperGroup):
+    """Root command group that reports every error as one line on stderr.
+
+    Usage errors exit with 2 and failures with 1, never with a traceback: the traceback of
+    an unexpected exception goes to the debug log (``--verbose``) instead.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(
+                args, prog_name, complete_var, standalone_mode, windows_expand_args, **extra
+            )
+        try:
+            result = super().main(
+                args, prog_name, complete_var, False, windows_expand_args, **extra
+            )
+        except typer.TyperException as exc:
+            _report_usage_error(exc)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
+        except Exception as exc:
+            logger.debug("unexpected failure", exc_info=True)
+            typer.echo(
+                f"Error: unexpected {type(exc).__name__}: {exc} (run with --verbose for details)",
+                err=True,
+            )
+            sys.exit(1)
+        # Without standalone mode the group returns the exit code of typer.Exit, or the
+        # command's own return value (None for every command here).
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _report_usage_error(exc: typer.TyperException) -> None:
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        # The "error" is the help text (rich has already printed it while rendering it).
+        text = exc.format_message()
+        if text:
+            typer.echo(text)
+        return
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    typer.echo(f"Error: {exc.format_message()}{hint}", err=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hivewire {metadata.version('hivewire')}")
+        raise typer.Exit()
+
+
+app = typer.Typer(
+    name="hivewire",
+    cls=_Group,
+    help="hivewire: a gRPC service mesh for multi-agent AI systems.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log debug details to stderr.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    if verbose:
+        logging.basicConfig(
+            level=logging.DEBUG, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+        )
+
+
+app.add_typer(certs.app, name="certs")
+
+
+def main() -> None:
+    """Run the ``hivewire`` command line (the console script)."""
+    app()

@@ -1,0 +1,83 @@
+"""Fixtures shared by the whole suite: PKIs, a real nats-server, grpcurl."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hivewire.services.runtime import pki as pki_module
+from hivewire.services.runtime.tls import TlsFiles
+from tests.helpers import NatsServer, grpcurl_path
+from tests.helpers import grpcurl as run_grpcurl
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A PKI directory made by ``init_pki``: the CA and the default identities.
+
+    Attributes:
+        dir: The directory (``ca.pem``, ``<stem>.pem``, ``<stem>.key``).
+    """
+
+    dir: Path
+
+    def files(self, stem: str) -> TlsFiles:
+        """The CA, certificate and key of one identity (``coordinator``, ``client``...)."""
+        files = TlsFiles.for_identity(self.dir, stem)
+        if not files.cert.exists():
+            raise LookupError(f"no certificate {files.cert}; issue it with pki.issue(...)")
+        return files
+
+    def issue(self, *, role: str, name: str, **kwargs: Any) -> TlsFiles:
+        """Issue (or replace) an extra identity under this CA and return its files.
+
+        Keyword arguments go to ``issue_cert`` (``stem``, ``not_before``,
+        ``not_after``...). The directory is shared by the session: pick a unique stem.
+        """
+        kwargs.setdefault("force", True)
+        issued = pki_module.issue_cert(self.dir, role=role, name=name, **kwargs)
+        return TlsFiles(ca=issued.ca_path, cert=issued.cert_path, key=issued.key_path)
+
+    def spiffe_id(self, stem: str) -> str:
+        """The SPIFFE id carried by ``<stem>.pem``."""
+        info = pki_module.describe_cert(self.dir / f"{stem}.pem")
+        assert info.spiffe_id is not None
+        return info.spiffe_id
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The mesh's development PKI, made once per session."""
+    directory = tmp_path_factory.mktemp("pki") / "certs"
+    pki_module.init_pki(directory)
+    return Pki(dir=directory)
+
+
+@pytest.fixture(scope="session")
+def foreign_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A second, unrelated CA with the same identities: the mesh must refuse all of them."""
+    directory = tmp_path_factory.mktemp("foreign-pki") / "certs"
+    pki_module.init_pki(directory)
+    return Pki(dir=directory)
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    """A real nats-server with JetStream on 127.0.0.1, a fresh store per test."""
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture(scope="session")
+def grpcurl() -> Callable[..., Any]:
+    """The ``tests.helpers.grpcurl`` coroutine function, after checking the binary exists."""
+    grpcurl_path()
+    return run_grpcurl
