@@ -12,7 +12,10 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
+	# llama-cpp-python compiles llama.cpp: a portable AVX2 build, because a native one enables
+	# AMX kernels that crash on VMs advertising AMX without enabling it (docs/model.md).
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}" \
+	$(PY) -m pip install --quiet -e '.[dev,local]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 venv: $(STAMP)

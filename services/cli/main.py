@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from hivewire.services.cli import certs
+from hivewire.services.cli import agent, certs, events, tasks
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,9 @@ def _root(
 
 
 app.add_typer(certs.app, name="certs")
+app.add_typer(agent.app, name="agent")
+app.add_typer(events.app, name="events")
+app.add_typer(tasks.app)  # submit, watch, cancel, tasks, agents
 
 
 def main() -> None:

@@ -1,0 +1,96 @@
+"""Lifecycle and bookkeeping shared by the registry backends."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import ClassVar, Self
+
+from .registry import Instance
+
+logger = logging.getLogger(__name__)
+
+
+class RegistryBase(abc.ABC):
+    """Context-manager plumbing and the set of instances this process registered."""
+
+    backend: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._instances: dict[str, Instance] = {}
+        self._started = False
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def registered(self) -> dict[str, Instance]:
+        """The instances this registry keeps alive, by instance id (a copy)."""
+        return dict(self._instances)
+
+    def _require_started(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        if not self._started:
+            raise RuntimeError(f"{type(self).__name__} is not started: use start() or async with")
+
+    async def set_healthy(self, instance_id: str, healthy: bool) -> None:
+        """Mark a registered instance (not) serving, e.g. NOT_SERVING while draining.
+
+        Raises:
+            KeyError: The instance was not registered through this registry.
+        """
+        self._require_started()
+        current = self._instances[instance_id]
+        if current.healthy == healthy:
+            return
+        updated = dataclasses.replace(current, healthy=healthy)
+        self._instances[instance_id] = updated
+        logger.info(
+            "registry: %s %s is now %s",
+            updated.service,
+            instance_id,
+            "serving" if healthy else "not serving",
+        )
+        await self._publish_health(updated)
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect and start background work."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Deregister, stop background work, disconnect."""
+
+    @abc.abstractmethod
+    async def register(self, instance: Instance) -> None:
+        """Register an instance and keep it alive."""
+
+    @abc.abstractmethod
+    async def deregister(self, instance_id: str) -> None:
+        """Remove an instance."""
+
+    @abc.abstractmethod
+    async def resolve(self, service: str, *, tag: str | None = None) -> list[Instance]:
+        """Healthy instances of a service."""
+
+    @abc.abstractmethod
+    def watch(self, service: str) -> AsyncIterator[list[Instance]]:
+        """Healthy sets of a service, now and after every change."""
+
+    @abc.abstractmethod
+    async def _publish_health(self, instance: Instance) -> None:
+        """Push a health change of a registered instance to the backend."""

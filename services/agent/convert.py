@@ -1,0 +1,327 @@
+"""Protobuf <-> domain conversions of the agent runtime (the only place that knows both)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+
+from hivewire.agent.v1 import agent_pb2
+from hivewire.common.v1 import common_pb2
+from hivewire.services.agent import runtime as rt
+from hivewire.services.agent.sdk import (
+    Activity,
+    ActivityKind,
+    AgentCardInfo,
+    ErrorInfo,
+    InputAnswer,
+    InputKind,
+    Payload,
+    TaskInfo,
+    Usage,
+)
+from hivewire.services.runtime.errors import FieldViolation, InvalidArgument
+
+_INPUT_KINDS = {
+    InputKind.TEXT: common_pb2.INPUT_KIND_TEXT,
+    InputKind.APPROVAL: common_pb2.INPUT_KIND_APPROVAL,
+}
+_ACTIVITY_KINDS = {
+    ActivityKind.MODEL_CALL: common_pb2.ACTIVITY_KIND_MODEL_CALL,
+    ActivityKind.TOOL_CALL: common_pb2.ACTIVITY_KIND_TOOL_CALL,
+}
+
+
+# --- small values ---------------------------------------------------------------------
+
+
+def struct_from_dict(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A JSON object as a ``google.protobuf.Struct``."""
+    message = struct_pb2.Struct()
+    message.update(dict(value))
+    return message
+
+
+def dict_from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
+    """A ``google.protobuf.Struct`` as a JSON object (numbers come back as floats)."""
+    result: dict[str, Any] = json_format.MessageToDict(message)
+    return result
+
+
+def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    """A UTC datetime as a Timestamp."""
+    message = timestamp_pb2.Timestamp()
+    message.FromDatetime(moment.astimezone(UTC))
+    return message
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    """Seconds as a Duration."""
+    message = duration_pb2.Duration()
+    message.FromTimedelta(timedelta(seconds=max(0.0, seconds)))
+    return message
+
+
+def payload_to_proto(payload: Payload) -> common_pb2.Payload:
+    """The domain payload as ``common.v1.Payload``."""
+    message = common_pb2.Payload(
+        text=payload.text, data=payload.data, content_type=payload.content_type
+    )
+    if payload.json is not None:
+        message.json.CopyFrom(struct_from_dict(payload.json))
+    return message
+
+
+def payload_from_proto(message: common_pb2.Payload) -> Payload:
+    """``common.v1.Payload`` as the domain payload."""
+    return Payload(
+        text=message.text,
+        json=dict_from_struct(message.json) if message.HasField("json") else None,
+        data=bytes(message.data),
+        content_type=message.content_type,
+    )
+
+
+def usage_to_proto(usage: Usage) -> common_pb2.Usage:
+    """Domain usage as ``common.v1.Usage``."""
+    message = common_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        model_calls=usage.model_calls,
+        tool_calls=usage.tool_calls,
+    )
+    if usage.time_to_first_token is not None:
+        message.time_to_first_token.CopyFrom(duration(usage.time_to_first_token))
+    if usage.total_time:
+        message.total_time.CopyFrom(duration(usage.total_time))
+    return message
+
+
+def usage_from_proto(message: common_pb2.Usage) -> Usage:
+    """``common.v1.Usage`` as domain usage."""
+    ttft = (
+        message.time_to_first_token.ToTimedelta().total_seconds()
+        if message.HasField("time_to_first_token")
+        else None
+    )
+    return Usage(
+        prompt_tokens=message.prompt_tokens,
+        completion_tokens=message.completion_tokens,
+        total_tokens=message.total_tokens or message.prompt_tokens + message.completion_tokens,
+        time_to_first_token=ttft,
+        total_time=message.total_time.ToTimedelta().total_seconds()
+        if message.HasField("total_time")
+        else 0.0,
+        model_calls=message.model_calls,
+        tool_calls=message.tool_calls,
+    )
+
+
+def error_to_proto(error: ErrorInfo) -> common_pb2.ErrorDetail:
+    """Domain error info as ``common.v1.ErrorDetail``."""
+    return common_pb2.ErrorDetail(
+        code=error.code,
+        reason=error.reason,
+        message=error.message,
+        retryable=error.retryable,
+        metadata=dict(error.metadata),
+    )
+
+
+def error_from_proto(message: common_pb2.ErrorDetail) -> ErrorInfo:
+    """``common.v1.ErrorDetail`` as domain error info."""
+    return ErrorInfo(
+        code=message.code or "UNKNOWN",
+        reason=message.reason or "UNKNOWN",
+        message=message.message,
+        retryable=message.retryable,
+        metadata=dict(message.metadata),
+    )
+
+
+def activity_to_proto(activity: Activity) -> common_pb2.Activity:
+    """A domain activity as ``common.v1.Activity``."""
+    message = common_pb2.Activity(
+        kind=_ACTIVITY_KINDS[activity.kind],
+        name=activity.name,
+        summary=activity.summary,
+        done=activity.done,
+        started_at=timestamp(activity.started_at),
+    )
+    if activity.usage is not None:
+        message.usage.CopyFrom(usage_to_proto(activity.usage))
+    if activity.error is not None:
+        message.error.CopyFrom(error_to_proto(activity.error))
+    return message
+
+
+# --- agent card -------------------------------------------------------------------------
+
+
+def card_to_proto(card: AgentCardInfo) -> agent_pb2.AgentCard:
+    """The agent card as ``agent.v1.AgentCard``."""
+    message = agent_pb2.AgentCard(
+        name=card.name,
+        version=card.version,
+        description=card.description,
+        max_concurrency=card.max_concurrency,
+        labels=dict(card.labels),
+    )
+    for spec in card.capabilities:
+        cap = message.capabilities.add(
+            name=spec.name,
+            description=spec.description,
+            input_description=spec.input_description,
+            output_description=spec.output_description,
+        )
+        if spec.input_schema is not None:
+            cap.input_schema.CopyFrom(struct_from_dict(spec.input_schema))
+        if spec.output_schema is not None:
+            cap.output_schema.CopyFrom(struct_from_dict(spec.output_schema))
+    return message
+
+
+def describe_to_proto(description: rt.AgentDescription) -> agent_pb2.DescribeResponse:
+    """The runtime's description as ``DescribeResponse``."""
+    return agent_pb2.DescribeResponse(
+        card=card_to_proto(description.card),
+        agent_id=description.agent_id,
+        in_flight=description.in_flight,
+    )
+
+
+# --- Execute stream ---------------------------------------------------------------------
+
+
+def task_info_from_proto(
+    assign: agent_pb2.TaskAssignment,
+    *,
+    call_time_remaining: float | None = None,
+    now: datetime | None = None,
+) -> TaskInfo:
+    """Validate an assignment and turn it into :class:`TaskInfo`.
+
+    The deadline is the earlier of the assignment's and the Execute call's own.
+
+    Args:
+        assign: The first message of an Execute stream.
+        call_time_remaining: ``context.time_remaining()`` of the Execute call.
+        now: The current time (for tests).
+
+    Returns:
+        The task info.
+
+    Raises:
+        InvalidArgument: A required field is missing or invalid.
+    """
+    violations: list[FieldViolation] = []
+    if not assign.task_id:
+        violations.append(FieldViolation("assign.task_id", "required"))
+    if not assign.capability:
+        violations.append(FieldViolation("assign.capability", "required"))
+    if violations:
+        raise InvalidArgument("invalid task assignment", violations, reason="INVALID_ASSIGNMENT")
+    current = now or datetime.now(UTC)
+    deadline: datetime | None = None
+    if assign.HasField("deadline") and (assign.deadline.seconds or assign.deadline.nanos):
+        deadline = assign.deadline.ToDatetime(tzinfo=UTC)
+    if call_time_remaining is not None and math.isfinite(call_time_remaining):
+        call_deadline = current + timedelta(seconds=max(0.0, call_time_remaining))
+        deadline = call_deadline if deadline is None else min(deadline, call_deadline)
+    meta = assign.metadata
+    return TaskInfo(
+        task_id=assign.task_id,
+        attempt=max(1, assign.attempt),
+        capability=assign.capability,
+        correlation_id=meta.correlation_id,
+        deadline=deadline,
+        priority=int(assign.priority),
+        token_budget=assign.token_budget,
+        tokens_used=assign.tokens_used,
+        labels=dict(assign.labels),
+        source=meta.source,
+        user_id=meta.user_id,
+        session_id=meta.session_id,
+    )
+
+
+def answer_from_proto(message: common_pb2.InputResponse) -> InputAnswer:
+    """``common.v1.InputResponse`` as a domain answer."""
+    return InputAnswer(
+        request_id=message.request_id,
+        value=payload_from_proto(message.value),
+        approved=message.approved,
+        comment=message.comment,
+    )
+
+
+def input_request_to_proto(event: rt.InputNeeded) -> common_pb2.InputRequest:
+    """A domain input request as ``common.v1.InputRequest``."""
+    spec = event.request
+    message = common_pb2.InputRequest(
+        request_id=spec.request_id,
+        kind=_INPUT_KINDS[spec.kind],
+        prompt=spec.prompt,
+        tool_name=spec.tool_name,
+        arguments_digest=spec.arguments_digest,
+    )
+    if spec.schema is not None:
+        message.schema.CopyFrom(struct_from_dict(spec.schema))
+    return message
+
+
+def response_to_proto(task_id: str, out: rt.Outgoing) -> agent_pb2.ExecuteResponse:
+    """One outgoing runtime event as an ``ExecuteResponse``.
+
+    Args:
+        task_id: The task, repeated on every message.
+        out: The sequenced event.
+
+    Returns:
+        The stream message.
+    """
+    message = agent_pb2.ExecuteResponse(
+        task_id=task_id, sequence=out.sequence, time=timestamp(out.time)
+    )
+    event = out.event
+    if isinstance(event, rt.Started):
+        message.started.CopyFrom(
+            agent_pb2.ExecutionStarted(agent_id=event.agent_id, agent_name=event.agent_name)
+        )
+    elif isinstance(event, rt.ProgressUpdate):
+        message.progress.CopyFrom(
+            common_pb2.Progress(fraction=event.fraction, step=event.step, message=event.message)
+        )
+    elif isinstance(event, rt.PartialChunk):
+        message.partial.CopyFrom(
+            common_pb2.PartialResult(
+                artifact_id=event.artifact_id,
+                content=payload_to_proto(event.content),
+                append=event.append,
+                last_chunk=event.last_chunk,
+                name=event.name,
+            )
+        )
+    elif isinstance(event, rt.InputNeeded):
+        message.input_required.CopyFrom(input_request_to_proto(event))
+    elif isinstance(event, rt.ActivityReport):
+        message.activity.CopyFrom(activity_to_proto(event.activity))
+    elif isinstance(event, rt.Finished):
+        message.result.CopyFrom(
+            agent_pb2.ExecutionResult(
+                output=payload_to_proto(event.output), usage=usage_to_proto(event.usage)
+            )
+        )
+    elif isinstance(event, rt.Failed):
+        message.error.CopyFrom(
+            agent_pb2.ExecutionError(
+                error=error_to_proto(event.error), usage=usage_to_proto(event.usage)
+            )
+        )
+    else:  # pragma: no cover - the union above is exhaustive
+        raise TypeError(f"unknown runtime event {type(event).__name__}")
+    return message

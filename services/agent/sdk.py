@@ -1,0 +1,822 @@
+"""The agent SDK: an agent is a class whose capabilities are async handler methods.
+
+```python
+from hivewire.services.agent import Agent, Payload, TaskContext, capability
+
+
+class Echo(Agent):
+    name = "echo"
+    version = "1.0.0"
+    max_concurrency = 8
+
+    @capability("echo", description="Repeats its input.")
+    async def echo(self, task: Payload, ctx: TaskContext) -> str:
+        await ctx.progress(0.5, "echo", "echoing")
+        return task.text
+```
+
+A handler receives the task input as a :class:`Payload` and a :class:`TaskContext`
+(progress, partial results, input requests, the model and tool clients, deadline,
+attempt, correlation id). What it returns becomes the task's output; what it raises
+is classified: :class:`RetryableError` and :class:`PermanentError` carry a reason,
+any other exception becomes a permanent failure with its message. The runtime
+(:mod:`hivewire.services.agent.runtime`) runs handlers; nothing here does I/O by
+itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import json as jsonlib
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, cast, overload
+
+if TYPE_CHECKING:
+    from hivewire.services.agent.clients import TaskModel, TaskTools
+
+__all__ = [
+    "Activity",
+    "ActivityKind",
+    "Agent",
+    "AgentCardInfo",
+    "AgentError",
+    "CapabilitySpec",
+    "ErrorInfo",
+    "ExecutionSink",
+    "Handler",
+    "InputAnswer",
+    "InputKind",
+    "InputRequestSpec",
+    "Output",
+    "Payload",
+    "PermanentError",
+    "RetryableError",
+    "TaskContext",
+    "TaskInfo",
+    "Usage",
+    "capability",
+    "valid_reason",
+]
+
+_CAPABILITY_ATTR = "__hivewire_capability__"
+_CAPABILITY_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,62}$")
+
+
+def valid_reason(value: str) -> bool:
+    """Whether ``value`` is a well-formed UPPER_SNAKE_CASE error reason."""
+    return bool(_REASON.match(value))
+
+
+# ---------------------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Typed task data: free text, a JSON object, raw bytes with a content type, or a mix.
+
+    Attributes:
+        text: Free text, for the common case of a prompt or an answer.
+        json: A JSON object (``None`` when absent).
+        data: Raw bytes, interpreted according to ``content_type``.
+        content_type: Media type of ``data``, e.g. ``"application/pdf"``.
+    """
+
+    text: str = ""
+    json: Mapping[str, Any] | None = None
+    data: bytes = b""
+    content_type: str = ""
+
+    @classmethod
+    def of(cls, value: Output) -> Payload:
+        """Coerce a handler's return value into a payload.
+
+        Args:
+            value: ``None`` (empty), ``str`` (text), a mapping (JSON), ``bytes``
+                (``application/octet-stream``) or a :class:`Payload`.
+
+        Returns:
+            The payload.
+
+        Raises:
+            TypeError: The value has none of those types.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, Payload):
+            return value
+        if isinstance(value, str):
+            return cls(text=value)
+        if isinstance(value, bytes | bytearray | memoryview):
+            return cls(data=bytes(value), content_type="application/octet-stream")
+        if isinstance(value, Mapping):
+            return cls(json=dict(value))
+        raise TypeError(
+            f"cannot turn {type(value).__name__} into a task payload: "
+            "return str, dict, bytes, Payload or None"
+        )
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether nothing at all is set."""
+        return not (self.text or self.json or self.data)
+
+    def as_text(self) -> str:
+        """The payload as text: ``text``, else UTF-8 ``data`` when textual, else the JSON dump.
+
+        Returns:
+            The best text rendering ("" for an empty payload).
+        """
+        if self.text:
+            return self.text
+        if self.data and (not self.content_type or self.content_type.startswith("text/")):
+            return self.data.decode("utf-8", "replace")
+        if self.json is not None:
+            return jsonlib.dumps(self.json, ensure_ascii=False, sort_keys=True)
+        return ""
+
+
+Output: TypeAlias = "Payload | str | bytes | Mapping[str, Any] | None"
+"""What a handler may return (see :meth:`Payload.of`)."""
+
+
+@dataclass
+class Usage:
+    """What an attempt consumed so far; model and tool calls add to it.
+
+    Attributes:
+        prompt_tokens: Tokens sent to models.
+        completion_tokens: Tokens produced by models.
+        total_tokens: Their sum, as the model service counted it.
+        time_to_first_token: Seconds to the first token of the first model call.
+        total_time: Wall-clock seconds of the attempt.
+        model_calls: Model calls made.
+        tool_calls: Tool calls made.
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    time_to_first_token: float | None = None
+    total_time: float = 0.0
+    model_calls: int = 0
+    tool_calls: int = 0
+
+    def add_model_call(self, call: Usage) -> None:
+        """Account one finished model call.
+
+        Args:
+            call: The call's own usage (tokens and time to first token).
+        """
+        self.prompt_tokens += call.prompt_tokens
+        self.completion_tokens += call.completion_tokens
+        self.total_tokens += call.total_tokens or call.prompt_tokens + call.completion_tokens
+        if self.time_to_first_token is None and call.time_to_first_token is not None:
+            self.time_to_first_token = call.time_to_first_token
+        self.model_calls += 1
+
+    def copy(self) -> Usage:
+        """A snapshot that later calls do not change."""
+        return Usage(**vars(self))
+
+
+class InputKind(enum.Enum):
+    """What sort of answer :meth:`TaskContext.request_input` expects."""
+
+    TEXT = "text"
+    """A free-form answer (:attr:`InputAnswer.value`)."""
+    APPROVAL = "approval"
+    """A yes/no decision (:attr:`InputAnswer.approved`)."""
+
+
+@dataclass(frozen=True)
+class InputRequestSpec:
+    """A question an agent asks a person through the coordinator.
+
+    Attributes:
+        request_id: Identifies the request; the answer quotes it.
+        kind: Text or approval.
+        prompt: The question.
+        schema: Optional JSON Schema of the expected value (text requests).
+        tool_name: For tool approvals: the tool.
+        arguments_digest: For tool approvals: hex SHA-256 of the canonical arguments.
+    """
+
+    request_id: str
+    kind: InputKind
+    prompt: str
+    schema: Mapping[str, Any] | None = None
+    tool_name: str = ""
+    arguments_digest: str = ""
+
+
+@dataclass(frozen=True)
+class InputAnswer:
+    """A person's answer to an input request.
+
+    Attributes:
+        request_id: The request answered.
+        value: The answer, for text requests.
+        approved: The decision, for approvals.
+        comment: An optional reason the person gave.
+    """
+
+    request_id: str
+    value: Payload = field(default_factory=Payload)
+    approved: bool = False
+    comment: str = ""
+
+    @property
+    def text(self) -> str:
+        """The answer as text (see :meth:`Payload.as_text`)."""
+        return self.value.as_text()
+
+    @property
+    def json(self) -> Mapping[str, Any] | None:
+        """The answer's JSON object, if any."""
+        return self.value.json
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """A classified error as it travels to the coordinator (``common.v1.ErrorDetail``).
+
+    Attributes:
+        code: gRPC status code name, e.g. ``"DEADLINE_EXCEEDED"``.
+        reason: Stable UPPER_SNAKE reason.
+        message: Human-readable explanation.
+        retryable: Whether another attempt may succeed.
+        metadata: Extra string context.
+    """
+
+    code: str
+    reason: str
+    message: str
+    retryable: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+class ActivityKind(enum.Enum):
+    """What an agent called on the way to its result."""
+
+    MODEL_CALL = "model_call"
+    TOOL_CALL = "tool_call"
+
+
+@dataclass(frozen=True)
+class Activity:
+    """One model or tool call, reported live on the Execute stream when it starts and ends.
+
+    Attributes:
+        kind: Model or tool call.
+        name: The model or tool name.
+        summary: A short description for people (never the prompt itself).
+        started_at: When the call started (UTC).
+        done: Whether the call finished.
+        usage: What the call consumed, once done.
+        error: Why it failed, if it did.
+    """
+
+    kind: ActivityKind
+    name: str
+    summary: str
+    started_at: datetime
+    done: bool = False
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+
+
+class AgentError(Exception):
+    """A classified failure of a handler; the attempt ends with it.
+
+    Attributes:
+        reason: Stable UPPER_SNAKE reason clients and the coordinator branch on.
+        message: Human-readable explanation.
+        retryable: Whether another attempt (possibly on another agent) may succeed.
+        code: gRPC status code name that best describes it.
+        metadata: Extra string context (the failing tool, a URL...).
+    """
+
+    retryable: bool = False
+    default_code: ClassVar[str] = "UNKNOWN"
+
+    def __init__(
+        self,
+        reason: str,
+        message: str = "",
+        *,
+        code: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Create the error.
+
+        Args:
+            reason: UPPER_SNAKE_CASE reason, e.g. ``"SOURCE_UNREACHABLE"``.
+            message: What went wrong, for people; defaults to the reason.
+            code: gRPC status code name; defaults per class.
+            metadata: Extra string key/values.
+
+        Raises:
+            ValueError: The reason is not UPPER_SNAKE_CASE.
+        """
+        if not _REASON.match(reason):
+            raise ValueError(f"reason must be UPPER_SNAKE_CASE, got {reason!r}")
+        self.reason = reason
+        self.message = message or reason
+        self.code = code or self.default_code
+        self.metadata: dict[str, str] = dict(metadata or {})
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+class RetryableError(AgentError):
+    """A transient failure: the coordinator may retry the task (on another agent)."""
+
+    retryable = True
+    default_code = "UNAVAILABLE"
+
+
+class PermanentError(AgentError):
+    """A failure that another attempt would repeat: the task fails at once."""
+
+    retryable = False
+    default_code = "FAILED_PRECONDITION"
+
+
+# ---------------------------------------------------------------------------------------
+# Capabilities and the Agent base class
+# ---------------------------------------------------------------------------------------
+
+Handler: TypeAlias = Callable[[Payload, "TaskContext"], Awaitable[Output]]
+"""A bound capability handler: ``await handler(task_input, ctx)``."""
+
+
+@dataclass(frozen=True)
+class CapabilitySpec:
+    """A capability as declared with :func:`capability`.
+
+    Attributes:
+        name: The name tasks ask for (lower case, digits, dashes).
+        description: What it does.
+        input_description: What input it expects.
+        output_description: What it produces.
+        input_schema: Optional JSON Schema of the input's JSON object.
+        output_schema: Optional JSON Schema of the output's JSON object.
+        method_name: The handler method's attribute name on the agent class.
+    """
+
+    name: str
+    description: str = ""
+    input_description: str = ""
+    output_description: str = ""
+    input_schema: Mapping[str, Any] | None = None
+    output_schema: Mapping[str, Any] | None = None
+    method_name: str = ""
+
+
+_F = Callable[..., Awaitable[Output]]
+
+
+@overload
+def capability(name: _F, /) -> _F: ...
+
+
+@overload
+def capability(
+    name: str | None = None,
+    /,
+    *,
+    description: str | None = None,
+    input: str = "",
+    output: str = "",
+    input_schema: Mapping[str, Any] | None = None,
+    output_schema: Mapping[str, Any] | None = None,
+) -> Callable[[_F], _F]: ...
+
+
+def capability(
+    name: str | _F | None = None,
+    /,
+    *,
+    description: str | None = None,
+    input: str = "",  # noqa: A002 - reads naturally at the call site
+    output: str = "",
+    input_schema: Mapping[str, Any] | None = None,
+    output_schema: Mapping[str, Any] | None = None,
+) -> _F | Callable[[_F], _F]:
+    """Mark an ``async def handler(self, task, ctx)`` method of an :class:`Agent` as a capability.
+
+    Usable bare (``@capability``: the name is the method name with ``_`` as ``-``) or
+    with arguments (``@capability("summarize", description=...)``).
+
+    Args:
+        name: The capability name tasks ask for; lower case, digits and dashes.
+        description: What it does; defaults to the first line of the docstring.
+        input: What input it expects, for people.
+        output: What it produces, for people.
+        input_schema: Optional JSON Schema of the input's JSON object.
+        output_schema: Optional JSON Schema of the output's JSON object.
+
+    Returns:
+        The method, unchanged but for a marker the :class:`Agent` class collects.
+
+    Raises:
+        ValueError: The name is not a valid capability name.
+        TypeError: The method is not ``async def``.
+    """
+
+    def mark(func: _F, cap_name: str | None) -> _F:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(f"capability handler {func.__qualname__} must be async def")
+        final = cap_name or func.__name__.replace("_", "-")
+        if not _CAPABILITY_NAME.match(final):
+            raise ValueError(f"invalid capability name {final!r}: use lower case, digits, dashes")
+        doc = inspect.getdoc(func) or ""
+        spec = CapabilitySpec(
+            name=final,
+            description=description if description is not None else doc.split("\n", 1)[0],
+            input_description=input,
+            output_description=output,
+            input_schema=input_schema,
+            output_schema=output_schema,
+            method_name=func.__name__,
+        )
+        setattr(func, _CAPABILITY_ATTR, spec)
+        return func
+
+    if callable(name):
+        return mark(name, None)
+
+    def decorator(func: _F) -> _F:
+        return mark(func, name)
+
+    return decorator
+
+
+@dataclass(frozen=True)
+class AgentCardInfo:
+    """Who an agent is and what it can do (the agent card).
+
+    Attributes:
+        name: The agent's name.
+        version: Its semantic version.
+        description: What it is for.
+        capabilities: Its capabilities, in declaration order.
+        max_concurrency: Tasks it runs at once.
+        labels: Free-form labels.
+    """
+
+    name: str
+    version: str
+    description: str
+    capabilities: tuple[CapabilitySpec, ...]
+    max_concurrency: int
+    labels: Mapping[str, str]
+
+    @property
+    def capability_names(self) -> list[str]:
+        """The capability names, in declaration order."""
+        return [c.name for c in self.capabilities]
+
+
+class Agent:
+    """Base class of every agent: subclass it and decorate handlers with :func:`capability`.
+
+    Class attributes configure the agent card; ``setup``/``teardown`` run once around
+    serving, for resources a handler shares across tasks.
+
+    Attributes:
+        name: Agent name (lower case, digits, dashes); defaults to the class name.
+        version: Semantic version of the agent.
+        description: What the agent is for; defaults to the class docstring's first line.
+        max_concurrency: Tasks run at once; the coordinator never assigns more.
+        labels: Free-form labels for the card (for example the backing model).
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "0.1.0"
+    description: ClassVar[str] = ""
+    max_concurrency: ClassVar[int] = 4
+    labels: ClassVar[Mapping[str, str]] = {}
+
+    _capabilities: ClassVar[dict[str, CapabilitySpec]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        found: dict[str, CapabilitySpec] = {}
+        # Walk the MRO base-first so an override in a subclass wins.
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                spec = getattr(value, _CAPABILITY_ATTR, None)
+                if isinstance(spec, CapabilitySpec):
+                    found = {k: v for k, v in found.items() if v.method_name != attr}
+                    if spec.name in found and found[spec.name].method_name != attr:
+                        raise ValueError(
+                            f"{cls.__qualname__}: capability {spec.name!r} is declared twice"
+                        )
+                    found[spec.name] = spec
+        cls._capabilities = found
+
+    @classmethod
+    def agent_name(cls) -> str:
+        """The card name: ``name``, else the class name in lower case."""
+        return cls.name or cls.__name__.lower()
+
+    @classmethod
+    def capabilities(cls) -> Mapping[str, CapabilitySpec]:
+        """The declared capabilities by name, in declaration order."""
+        return dict(cls._capabilities)
+
+    def card(self, *, max_concurrency: int | None = None) -> AgentCardInfo:
+        """Build the agent card.
+
+        Args:
+            max_concurrency: Overrides the class's ``max_concurrency`` (a setting).
+
+        Returns:
+            The card.
+        """
+        doc = inspect.getdoc(type(self)) or ""
+        return AgentCardInfo(
+            name=self.agent_name(),
+            version=self.version,
+            description=self.description or doc.split("\n", 1)[0],
+            capabilities=tuple(self._capabilities.values()),
+            max_concurrency=max_concurrency or self.max_concurrency,
+            labels=dict(self.labels),
+        )
+
+    def handler(self, capability_name: str) -> Handler | None:
+        """The bound handler of a capability, or None when the agent lacks it."""
+        spec = self._capabilities.get(capability_name)
+        if spec is None:
+            return None
+        bound: Handler = getattr(self, spec.method_name)
+        return bound
+
+    async def setup(self) -> None:
+        """Prepare shared resources before the first task (override when needed)."""
+
+    async def teardown(self) -> None:
+        """Release shared resources after the last task (override when needed)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Task context
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the coordinator said about the task being run.
+
+    Attributes:
+        task_id: The task.
+        attempt: The attempt number, from 1.
+        capability: The capability asked for.
+        correlation_id: The correlation id of the work.
+        deadline: When the task must be done (UTC), or None for no deadline.
+        priority: The task's priority (the ``common.v1.Priority`` number).
+        token_budget: Tokens the whole task may use (0: no limit).
+        tokens_used: Tokens earlier attempts used.
+        labels: The task's labels.
+        source: The submitting client application.
+        user_id: The end user, if known.
+        session_id: The client's session, if any.
+    """
+
+    task_id: str
+    attempt: int
+    capability: str
+    correlation_id: str = ""
+    deadline: datetime | None = None
+    priority: int = 0
+    token_budget: int = 0
+    tokens_used: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    source: str = ""
+    user_id: str = ""
+    session_id: str = ""
+
+
+class ExecutionSink(Protocol):
+    """What a :class:`TaskContext` reports to; the runtime's execution implements it."""
+
+    async def send_progress(self, fraction: float, step: str, message: str) -> None:
+        """Stream a progress update."""
+        ...
+
+    async def send_partial(
+        self, content: Payload, *, artifact_id: str, append: bool, last_chunk: bool, name: str
+    ) -> None:
+        """Stream a partial result."""
+        ...
+
+    async def ask(self, request: InputRequestSpec) -> InputAnswer:
+        """Send an input request and wait for its answer."""
+        ...
+
+    async def send_activity(self, activity: Activity) -> None:
+        """Stream a model or tool call activity."""
+        ...
+
+
+class TaskContext:
+    """Everything a handler can use while it runs one attempt of one task.
+
+    Attributes:
+        task_id: The task.
+        attempt: The attempt number, from 1; above 1 an earlier attempt may have done
+            part of the work.
+        capability: The capability asked for.
+        correlation_id: The correlation id, carried on every downstream call.
+        deadline: When the task must be done (UTC), or None.
+        info: Everything else the coordinator said (priority, labels, budget, user).
+        usage: What this attempt has consumed so far.
+        logger: A logger whose records carry the task and correlation ids.
+        model: The model service client, bound to this task.
+        tools: The tool service client, bound to this task.
+    """
+
+    def __init__(
+        self,
+        info: TaskInfo,
+        sink: ExecutionSink,
+        *,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        model: TaskModel | None = None,
+        tools: TaskTools | None = None,
+    ) -> None:
+        """Create the context (the runtime does this for each attempt).
+
+        Args:
+            info: The task's assignment.
+            sink: Where progress, partials and input requests go.
+            logger: The logger handlers should use.
+            model: The bound model client (None when the agent has no model service).
+            tools: The bound tool client (None when the agent has no tool service).
+        """
+        self.info = info
+        self.task_id = info.task_id
+        self.attempt = info.attempt
+        self.capability = info.capability
+        self.correlation_id = info.correlation_id
+        self.deadline = info.deadline
+        self.usage = Usage()
+        self.logger = logger
+        self._sink = sink
+        self._model = model
+        self._tools = tools
+        self._started = time.monotonic()
+        self._request_seq = 0
+
+    @property
+    def model(self) -> TaskModel:
+        """The model service client; every call carries this task's deadline and budget.
+
+        Raises:
+            RuntimeError: The agent runs without a model service.
+        """
+        if self._model is None:
+            raise RuntimeError("this agent runs without a model service (no model client)")
+        return self._model
+
+    @property
+    def tools(self) -> TaskTools:
+        """The tool service client; every call carries this task's deadline and ids.
+
+        Raises:
+            RuntimeError: The agent runs without a tool service.
+        """
+        if self._tools is None:
+            raise RuntimeError("this agent runs without a tool service (no tool client)")
+        return self._tools
+
+    def bind_clients(self, *, model: object, tools: object) -> None:
+        """Attach the task-bound clients (the runtime does this once).
+
+        Args:
+            model: A ``clients.TaskModel`` or None.
+            tools: A ``clients.TaskTools`` or None.
+        """
+        # Typed loosely: clients.py builds these, and importing its classes here at
+        # run time would be circular.
+        self._model = cast("TaskModel | None", model)
+        self._tools = cast("TaskTools | None", tools)
+
+    def time_remaining(self) -> float | None:
+        """Seconds until the deadline (never negative), or None without a deadline."""
+        if self.deadline is None:
+            return None
+        return max(0.0, (self.deadline - datetime.now(UTC)).total_seconds())
+
+    def tokens_remaining(self) -> int | None:
+        """Tokens this task may still use, or None when it has no budget."""
+        if self.info.token_budget <= 0:
+            return None
+        spent = self.info.tokens_used + self.usage.total_tokens
+        return max(0, self.info.token_budget - spent)
+
+    def elapsed(self) -> float:
+        """Seconds since this attempt started."""
+        return time.monotonic() - self._started
+
+    async def progress(self, fraction: float, step: str = "", message: str = "") -> None:
+        """Report how far the task has got.
+
+        Args:
+            fraction: Completed fraction in [0, 1].
+            step: Short machine-friendly step name, e.g. ``"search"``.
+            message: Human-readable detail.
+
+        Raises:
+            ValueError: ``fraction`` is outside [0, 1].
+        """
+        if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
+            raise ValueError(f"progress fraction must be within [0, 1], got {fraction!r}")
+        await self._sink.send_progress(float(fraction), step, message)
+
+    async def partial(
+        self,
+        content: Output,
+        *,
+        artifact_id: str = "output",
+        append: bool = True,
+        last_chunk: bool = False,
+        name: str = "",
+    ) -> None:
+        """Stream a chunk of output before the task finishes.
+
+        Chunks with the same ``artifact_id`` form one artifact, in order. Awaiting this
+        applies back-pressure when the coordinator reads slower than the handler writes.
+
+        Args:
+            content: The chunk (anything :meth:`Payload.of` accepts).
+            artifact_id: Which artifact the chunk belongs to.
+            append: Append to the artifact (True) or replace it (False).
+            last_chunk: Whether this is the artifact's last chunk.
+            name: Optional human-readable artifact name.
+        """
+        await self._sink.send_partial(
+            Payload.of(content),
+            artifact_id=artifact_id,
+            append=append,
+            last_chunk=last_chunk,
+            name=name,
+        )
+
+    async def request_input(
+        self,
+        prompt: str,
+        *,
+        kind: InputKind | str = InputKind.TEXT,
+        schema: Mapping[str, Any] | None = None,
+        tool_name: str = "",
+        arguments_digest: str = "",
+    ) -> InputAnswer:
+        """Pause until a person answers a question (the task shows input-required).
+
+        The request goes to the coordinator on the Execute stream; the answer comes
+        back on it. The wait ends early only by cancellation or the deadline.
+
+        Args:
+            prompt: The question.
+            kind: ``InputKind.TEXT`` (or ``"text"``) for a free answer,
+                ``InputKind.APPROVAL`` (``"approval"``) for a yes/no decision.
+            schema: Optional JSON Schema of the expected value (text requests).
+            tool_name: For tool approvals: the tool's name.
+            arguments_digest: For tool approvals: the arguments' digest.
+
+        Returns:
+            The answer.
+        """
+        self._request_seq += 1
+        spec = InputRequestSpec(
+            request_id=f"{self.task_id}-{self.attempt}-input-{self._request_seq}",
+            kind=InputKind(kind),
+            prompt=prompt,
+            schema=schema,
+            tool_name=tool_name,
+            arguments_digest=arguments_digest,
+        )
+        return await self._sink.ask(spec)
+
+    async def report_activity(self, activity: Activity) -> None:
+        """Stream an activity record (used by the model and tool clients)."""
+        await self._sink.send_activity(activity)

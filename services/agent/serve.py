@@ -1,0 +1,375 @@
+"""Serve an agent as a full mesh service: mTLS, health, reflection, metrics, registration.
+
+``hivewire agent serve my_module:MyAgent`` and ``python -m hivewire.services.agent
+my_module:MyAgent`` both end here. Startup order: settings, logging, registry,
+channel pool, runtime (agent ``setup``), gRPC server SERVING, register. SIGTERM
+reverses it: NOT_SERVING, deregister, in-flight tasks get the grace period, runtime
+closes (agent ``teardown``), channels close, registry closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+
+from hivewire.agent.v1 import agent_pb2_grpc
+from hivewire.discovery import (
+    META_INSTANCE_NAME,
+    Instance,
+    Registry,
+    new_instance_id,
+    open_registry,
+)
+from hivewire.services.agent.clients import bind_clients
+from hivewire.services.agent.runtime import AgentRuntime
+from hivewire.services.agent.sdk import Agent, AgentCardInfo
+from hivewire.services.agent.servicer import SERVICE_NAME, AgentServicer
+from hivewire.services.runtime.channels import ChannelPool
+from hivewire.services.runtime.config import Settings
+from hivewire.services.runtime.errors import HivewireError, Unavailable
+from hivewire.services.runtime.events import EventPublisher
+from hivewire.services.runtime.pki import TRUST_DOMAIN, CertInfo, describe_cert
+from hivewire.services.runtime.server import ServiceBinding, ServiceServer, serve_until_signal
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AgentServer",
+    "ServiceEndpoint",
+    "load_agent",
+    "serve_agent",
+    "settings_for_agent",
+]
+
+
+class AgentLoadError(Exception):
+    """``module:Class`` does not name a loadable agent."""
+
+
+def load_agent(spec: str) -> Agent:
+    """Import and instantiate an agent from ``module:Class``.
+
+    The attribute may be an :class:`Agent` subclass, an instance, or a zero-argument
+    factory returning one. The current directory is importable, so ``my_agent:MyAgent``
+    works for a ``my_agent.py`` next to you.
+
+    Args:
+        spec: ``package.module:Attribute``.
+
+    Returns:
+        The agent instance.
+
+    Raises:
+        AgentLoadError: The module or attribute is missing or is not an agent.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise AgentLoadError(f"expected module:Class, got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AgentLoadError(f"cannot import {module_name!r}: {exc}") from exc
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise AgentLoadError(f"{module_name!r} has no attribute {attr!r}") from None
+    if inspect.isclass(target) and issubclass(target, Agent):
+        target = target()
+    elif not isinstance(target, Agent) and callable(target):
+        target = target()
+    if not isinstance(target, Agent):
+        raise AgentLoadError(f"{spec} is not an Agent subclass, instance or factory")
+    if not target.capabilities():
+        raise AgentLoadError(f"{spec} declares no capability (decorate handlers with @capability)")
+    return target
+
+
+def settings_for_agent(settings: Settings, agent: Agent) -> Settings:
+    """Default the identity to the agent's own certificate when none was chosen.
+
+    ``agent-<name>`` when that certificate exists in ``certs_dir``, else ``agent``.
+
+    Args:
+        settings: The process settings.
+        agent: The agent to serve.
+
+    Returns:
+        Settings with the identity filled in (unchanged when one was set explicitly).
+    """
+    if "identity" in settings.model_fields_set:
+        return settings
+    name = settings.agent.name or agent.agent_name()
+    stem = f"agent-{name}"
+    identity = stem if (settings.certs_dir / f"{stem}.pem").exists() else "agent"
+    return settings.model_copy(update={"identity": identity})
+
+
+class ServiceEndpoint:
+    """Where a downstream service is: a fixed address or the registry's healthy instances.
+
+    Resolved lazily (the service may start after the agent) and re-resolved after a
+    call failed with UNAVAILABLE; channels come from the shared pool, so a TLS
+    handshake happens once per instance, not per call.
+    """
+
+    def __init__(
+        self,
+        pool: ChannelPool,
+        *,
+        service: str,
+        address: str | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        """Create the endpoint.
+
+        Args:
+            pool: The process's channel pool.
+            service: Registry name, e.g. ``hivewire-model``.
+            address: Fixed ``host:port``; when set the registry is not asked.
+            registry: Where to resolve ``service`` when no address is given.
+        """
+        self._pool = pool
+        self._service = service
+        self._address = address
+        self._registry = registry
+        self._current: str | None = address
+        self._lock = asyncio.Lock()
+        self._turn = 0
+
+    async def channel(self) -> grpc.aio.Channel:
+        """A channel to a healthy instance.
+
+        Raises:
+            Unavailable: No instance is known (``<SERVICE>_UNAVAILABLE``).
+        """
+        if self._current is not None:
+            return self._pool.get(self._current)
+        async with self._lock:
+            if self._current is None:
+                self._current = await self._resolve()
+            return self._pool.get(self._current)
+
+    async def _resolve(self) -> str:
+        reason = self._service.removeprefix("hivewire-").upper().replace("-", "_") + "_UNAVAILABLE"
+        if self._registry is None:
+            raise Unavailable(f"no address configured for {self._service}", reason=reason)
+        try:
+            instances = await self._registry.resolve(self._service)
+        except Exception as exc:
+            raise Unavailable(
+                f"cannot resolve {self._service}: {exc}", retry_after=1.0, reason=reason
+            ) from exc
+        if not instances:
+            raise Unavailable(
+                f"no healthy {self._service} instance is registered", retry_after=1.0, reason=reason
+            )
+        # Spread agents of one process over instances; the pool keeps each channel.
+        self._turn += 1
+        chosen = instances[self._turn % len(instances)]
+        logger.info("using %s at %s", self._service, chosen.endpoint)
+        return chosen.endpoint
+
+    def failed(self, err: HivewireError) -> None:
+        """Forget the resolved instance after an UNAVAILABLE call (fixed addresses stay)."""
+        if self._address is None and self._current is not None:
+            logger.info(
+                "%s at %s failed (%s); resolving again", self._service, self._current, err.reason
+            )
+            self._current = None
+
+
+class EventSink(Protocol):
+    """What the agent publishes events with (``runtime.events.EventPublisher``)."""
+
+    def publish(self, event_type: str, *, subject: str, data: Any, task_sequence: int = 0) -> None:
+        """Publish one event without blocking."""
+        ...
+
+
+@dataclass
+class AgentServer:
+    """A running agent service (what :func:`serve_agent` builds), for tests and embedding.
+
+    Attributes:
+        settings: The effective settings.
+        runtime: The runtime.
+        server: The gRPC server.
+        instance: The registered instance, if registered.
+    """
+
+    settings: Settings
+    runtime: AgentRuntime
+    server: ServiceServer
+    instance: Instance | None = None
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port."""
+        return self.server.port
+
+
+def _instance_meta(card: AgentCardInfo, port: int, cert: CertInfo | None) -> dict[str, str]:
+    meta = {
+        "name": card.name,
+        "version": card.version,
+        "max_concurrency": str(card.max_concurrency),
+        # A registration replaces an older one with the same instance name and host (a
+        # restart). The port is part of the name so replicas on one host coexist.
+        META_INSTANCE_NAME: f"{card.name}-{port}",
+    }
+    if cert is not None and cert.spiffe_id:
+        meta["spiffe_id"] = cert.spiffe_id
+    if cert is not None:
+        mesh_names = [n for n in cert.dns_names if n.endswith(f".{TRUST_DOMAIN}")]
+        if mesh_names:
+            meta["tls_server_name"] = mesh_names[0]
+    return meta
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    agent: Agent,
+    settings: Settings,
+    *,
+    events: EventSink | None = None,
+) -> AsyncIterator[AgentServer]:
+    """Start an agent service and stop it when the block ends.
+
+    Args:
+        agent: The agent to serve.
+        settings: Process settings (see :func:`settings_for_agent` for the identity).
+        events: Event publisher for agent.registered / agent.deregistered; by default
+            one is built from the settings (``HIVEWIRE_EVENTS__ENABLED=false`` turns it off).
+
+    Yields:
+        The running service.
+    """
+    cfg = settings.agent
+    instance_id = new_instance_id(cfg.name or agent.agent_name())
+    try:
+        cert: CertInfo | None = describe_cert(settings.tls_files().cert)
+    except (OSError, ValueError):
+        cert = None
+    needs_registry = cfg.registration or cfg.model_address is None or cfg.tool_address is None
+    async with contextlib.AsyncExitStack() as stack:
+        if events is None:
+            publisher = EventPublisher.from_settings(settings, source=f"agent/{instance_id}")
+            events = await stack.enter_async_context(publisher)
+        registry: Registry | None = None
+        if needs_registry:
+            registry = open_registry(
+                settings.discovery, nats_url=settings.nats_url, consul_token=settings.consul_token
+            )
+            await stack.enter_async_context(registry)
+        pool = await stack.enter_async_context(ChannelPool.from_settings(settings))
+        binder = bind_clients(
+            model=ServiceEndpoint(
+                pool, service=cfg.model_service, address=cfg.model_address, registry=registry
+            ),
+            tools=ServiceEndpoint(
+                pool, service=cfg.tool_service, address=cfg.tool_address, registry=registry
+            ),
+            default_timeout=settings.default_deadline,
+        )
+        runtime = AgentRuntime(
+            agent,
+            agent_id=instance_id,
+            max_concurrency=cfg.max_concurrency,
+            name=cfg.name,
+            bind_clients=binder,
+            cancel_grace=cfg.cancel_grace,
+        )
+        card = runtime.card
+        await stack.enter_async_context(runtime)
+        servicer = AgentServicer(runtime, allowed_callers=cfg.allowed_callers)
+        server = ServiceServer(
+            settings,
+            [
+                ServiceBinding(
+                    SERVICE_NAME,
+                    lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, s),
+                )
+            ],
+        )
+        await stack.enter_async_context(server)
+        running = AgentServer(settings, runtime, server)
+        if registry is not None and cfg.registration:
+            instance = Instance(
+                service=cfg.service_name,
+                instance_id=instance_id,
+                address=settings.advertised_host,
+                port=server.port,
+                tags=tuple(card.capability_names),
+                meta=_instance_meta(card, server.port, cert),
+            )
+            await registry.register(instance)
+            running.instance = instance
+            logger.info(
+                "registered %s %s (%s) at %s",
+                cfg.service_name,
+                instance_id,
+                ", ".join(card.capability_names),
+                instance.endpoint,
+            )
+            _publish_agent_event(events, "agent.registered", instance, card, healthy=True)
+
+            async def deregister() -> None:
+                await registry.deregister(instance_id)
+                logger.info("deregistered %s %s", cfg.service_name, instance_id)
+                _publish_agent_event(events, "agent.deregistered", instance, card, healthy=False)
+
+            server.add_shutdown_hook(deregister)
+        yield running
+
+
+def _publish_agent_event(
+    events: EventSink | None,
+    event_type: str,
+    instance: Instance,
+    card: AgentCardInfo,
+    *,
+    healthy: bool,
+) -> None:
+    if events is None:
+        return
+    from hivewire.events.v1 import events_pb2
+
+    events.publish(
+        event_type,
+        subject=instance.instance_id,
+        data=events_pb2.AgentEventData(
+            agent_id=instance.instance_id,
+            name=card.name,
+            address=instance.endpoint,
+            capabilities=list(card.capability_names),
+            healthy=healthy,
+            version=card.version,
+        ),
+    )
+
+
+async def serve_agent(agent: Agent, settings: Settings, *, events: EventSink | None = None) -> None:
+    """Serve an agent until SIGTERM/SIGINT (see the module docstring).
+
+    Args:
+        agent: The agent to serve.
+        settings: Process settings.
+        events: Optional event publisher.
+    """
+    async with running_agent(agent, settings, events=events) as running:
+        await serve_until_signal(running.server)

@@ -1,0 +1,119 @@
+"""``agent.v1.AgentService`` over gRPC: a thin adapter around :class:`AgentRuntime`.
+
+``Execute`` authorizes the caller, reads the assignment, then runs two flows at once:
+the runtime's events go out as ``ExecuteResponse`` messages while a reader task feeds
+the coordinator's later messages (cancel, input answers) to the execution. Errors
+before the stream starts are raised as domain errors; the shared interceptor maps
+them to rich statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
+from hivewire.services.agent import convert
+from hivewire.services.agent.runtime import AgentRuntime, Execution
+from hivewire.services.agent.settings import DEFAULT_ALLOWED_CALLERS
+from hivewire.services.runtime.errors import FieldViolation, InvalidArgument, PermissionDenied
+from hivewire.services.runtime.tls import peer_spiffe_id
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME: str = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+"""``hivewire.agent.v1.AgentService``."""
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """Serves one agent runtime."""
+
+    def __init__(
+        self, runtime: AgentRuntime, *, allowed_callers: Sequence[str] = DEFAULT_ALLOWED_CALLERS
+    ) -> None:
+        """Create the servicer.
+
+        Args:
+            runtime: The runtime that runs the handlers.
+            allowed_callers: SPIFFE id patterns (``fnmatch``) allowed to call Execute.
+        """
+        self._runtime = runtime
+        self._allowed = tuple(allowed_callers)
+
+    def _authorize(self, context: Context) -> None:
+        caller = peer_spiffe_id(context)
+        if caller is None or not any(fnmatch.fnmatchcase(caller, p) for p in self._allowed):
+            logger.warning("Execute refused for %s", caller or "a peer without a SPIFFE id")
+            raise PermissionDenied(
+                f"{caller or 'this caller'} may not run tasks on this agent",
+                reason="CALLER_NOT_ALLOWED",
+            )
+
+    async def Execute(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.ExecuteRequest],
+        context: Context,
+    ) -> AsyncIterator[agent_pb2.ExecuteResponse]:
+        """Run one attempt of a task, streaming its events (see agent.proto)."""
+        # Read the assignment before refusing anything: a status sent while the
+        # caller's first write is in flight reaches it as a failed write (INTERNAL)
+        # instead of the real code.
+        first = await anext(aiter(request_iterator), None)
+        self._authorize(context)
+        if first is None or first.WhichOneof("kind") != "assign":
+            raise InvalidArgument(
+                "the first Execute message must be an assignment",
+                [FieldViolation("assign", "the first message must carry assign")],
+                reason="ASSIGNMENT_REQUIRED",
+            )
+        info = convert.task_info_from_proto(
+            first.assign, call_time_remaining=context.time_remaining()
+        )
+        task_input = convert.payload_from_proto(first.assign.input)
+        async with (
+            self._runtime.execute(info, task_input) as execution,
+            _forward_requests(request_iterator, execution),
+        ):
+            async for out in execution.events():
+                yield convert.response_to_proto(info.task_id, out)
+
+    async def Describe(
+        self, request: agent_pb2.DescribeRequest, context: Context
+    ) -> agent_pb2.DescribeResponse:
+        """Return the agent card and the tasks in flight."""
+        return convert.describe_to_proto(self._runtime.describe())
+
+
+@contextlib.asynccontextmanager
+async def _forward_requests(
+    requests: AsyncIterator[agent_pb2.ExecuteRequest], execution: Execution
+) -> AsyncIterator[None]:
+    """Feed the coordinator's later messages to the execution while the block runs."""
+
+    async def pump() -> None:
+        async for request in requests:
+            kind = request.WhichOneof("kind")
+            if kind == "cancel":
+                execution.cancel(request.cancel.reason)
+            elif kind == "input":
+                execution.answer(convert.answer_from_proto(request.input))
+            else:
+                logger.warning(
+                    "task %s: unexpected %s message ignored", execution.info.task_id, kind
+                )
+
+    task = asyncio.create_task(pump(), name=f"agent-requests-{execution.info.task_id}")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.RpcError, grpc.aio.UsageError):
+            await task

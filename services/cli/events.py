@@ -1,0 +1,306 @@
+"""``hivewire events``: show the mesh's events from NATS, as history or live.
+
+Without ``--follow`` it prints the retained history (or the part selected with
+``--since`` / ``--from-seq``) and exits; with ``--follow`` it keeps printing new events
+until Ctrl-C (exit status 0). One human-readable line per event by default, one
+protobuf-JSON object per line with ``--json``. NATS not reachable: one line on stderr,
+exit status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
+
+import typer
+from google.protobuf import json_format
+
+from hivewire.common.v1 import common_pb2
+from hivewire.events.v1 import events_pb2
+from hivewire.services.runtime.errors import HivewireError
+
+if TYPE_CHECKING:
+    from hivewire.services.runtime.events import ReceivedEvent
+
+app = typer.Typer(
+    help="Show mesh events from NATS JetStream: history, or follow live ones.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+    # One command with options, no subcommands: keep "COMMAND [ARGS]" out of the usage.
+    subcommand_metavar="",
+)
+
+_CATEGORIES = ("task", "agent", "model", "tool", "workflow", "project")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_since(value: str) -> datetime | timedelta:
+    """Parse ``--since``: a duration ago (``90s``, ``10m``, ``1h30m``, ``2d``) or an ISO time.
+
+    Raises:
+        typer.BadParameter: Neither form.
+    """
+    text = value.strip()
+    if text and _DURATION.sub("", text) == "":
+        total = sum(float(n) * _UNITS[unit] for n, unit in _DURATION.findall(text))
+        return timedelta(seconds=total)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is neither a duration (90s, 10m, 1h30m, 2d) nor an ISO time"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _state(value: int) -> str:
+    name = common_pb2.TaskState.Name(common_pb2.TaskState.ValueType(value)) if value else ""
+    return name.removeprefix("TASK_STATE_").lower()
+
+
+def _error(detail: common_pb2.ErrorDetail) -> str:
+    reason = detail.reason or detail.code
+    return f"error={reason}: {detail.message}" if detail.message else f"error={reason}"
+
+
+def _details(event: events_pb2.Event) -> list[str]:
+    which = event.WhichOneof("data")
+    parts: list[str] = []
+    if which == "task":
+        task = event.task
+        if task.state:
+            parts.append(f"state={_state(task.state)}")
+        if task.capability:
+            parts.append(f"capability={task.capability}")
+        if task.agent_id:
+            parts.append(f"agent={task.agent_id}")
+        if task.attempt:
+            parts.append(f"attempt={task.attempt}")
+        if task.HasField("progress"):
+            progress = task.progress
+            text = f"progress={progress.fraction:.0%}"
+            if progress.step:
+                text += f" step={progress.step!r}"
+            if progress.message:
+                text += f" {progress.message!r}"
+            parts.append(text)
+        if task.HasField("input_request"):
+            parts.append(f"input={task.input_request.prompt or task.input_request.tool_name!r}")
+        if task.HasField("usage") and task.usage.total_tokens:
+            parts.append(f"tokens={task.usage.total_tokens}")
+        if task.HasField("error"):
+            parts.append(_error(task.error))
+    elif which == "agent":
+        agent = event.agent
+        parts += [f"name={agent.name}", f"healthy={str(agent.healthy).lower()}"]
+        if agent.address:
+            parts.append(f"address={agent.address}")
+        if agent.capabilities:
+            parts.append(f"capabilities={','.join(agent.capabilities)}")
+        if agent.reason:
+            parts.append(f"reason={agent.reason!r}")
+    elif which == "model":
+        model = event.model
+        parts += [f"model={model.model}", f"backend={model.backend}"]
+        if model.operation:
+            parts.append(f"op={model.operation}")
+        if model.task_id:
+            parts.append(f"task={model.task_id}")
+        if model.HasField("usage") and model.usage.total_tokens:
+            parts.append(f"tokens={model.usage.total_tokens}")
+        if model.HasField("error"):
+            parts.append(_error(model.error))
+    elif which == "tool":
+        tool = event.tool
+        parts.append(f"tool={tool.tool_name}")
+        if tool.outcome:
+            parts.append(f"outcome={tool.outcome}")
+        if tool.task_id:
+            parts.append(f"task={tool.task_id}")
+        if tool.HasField("duration"):
+            parts.append(f"took={tool.duration.ToTimedelta().total_seconds():.3f}s")
+        if tool.HasField("error"):
+            parts.append(_error(tool.error))
+    elif which == "workflow":
+        workflow = event.workflow
+        if workflow.step_id:
+            parts.append(f"step={workflow.step_id}")
+        if workflow.capability:
+            parts.append(f"capability={workflow.capability}")
+        if workflow.state:
+            parts.append(f"state={_state(workflow.state)}")
+        if workflow.HasField("error"):
+            parts.append(_error(workflow.error))
+    elif which == "project":
+        parts.append(f"project={event.project.name or event.project.project_id}")
+    return parts
+
+
+def format_event(event: events_pb2.Event, stream_sequence: int) -> str:
+    """One human-readable line: time, stream sequence, type, subject and the key data."""
+    when = event.time.ToDatetime(tzinfo=UTC).isoformat(timespec="milliseconds")
+    parts = [
+        when.replace("+00:00", "Z"),
+        f"#{stream_sequence}",
+        f"{event.type:<24}",
+        event.subject or "-",
+    ]
+    if event.task_sequence:
+        parts.append(f"seq={event.task_sequence}")
+    parts += _details(event)
+    if event.correlation_id:
+        parts.append(f"cid={event.correlation_id}")
+    return " ".join(parts)
+
+
+def _task_of(event: events_pb2.Event) -> str:
+    which = event.WhichOneof("data")
+    if which in ("task", "model", "tool", "workflow"):
+        return str(getattr(event, which).task_id)
+    return ""
+
+
+async def _show(
+    nats_url: str,
+    pattern: str,
+    *,
+    start: datetime | timedelta | int | Literal["new"] | None,
+    follow: bool,
+    task_id: str | None,
+    correlation_id: str | None,
+    as_json: bool,
+    limit: int | None,
+) -> None:
+    from hivewire.services.runtime.events import replay
+
+    shown = 0
+    # aclosing: stopping early (--limit) must clean up while the client still runs.
+    async with contextlib.aclosing(
+        replay(nats_url, pattern, start=start, follow=follow)
+    ) as received_events:
+        async for received in received_events:
+            if not _show_one(received, task_id, correlation_id, as_json):
+                continue
+            shown += 1
+            if limit is not None and shown >= limit:
+                return
+
+
+def _show_one(
+    received: ReceivedEvent, task_id: str | None, correlation_id: str | None, as_json: bool
+) -> bool:
+    """Print the event if it passes the filters; returns whether it was printed."""
+    event = received.event
+    if task_id and task_id not in (event.subject, _task_of(event)):
+        return False
+    if correlation_id and event.correlation_id != correlation_id:
+        return False
+    if as_json:
+        line = json_format.MessageToJson(event, indent=None)
+    else:
+        line = format_event(event, received.stream_sequence)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    return True
+
+
+@app.callback(invoke_without_command=True)
+def events(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events until Ctrl-C.")
+    ] = False,
+    category: Annotated[
+        str | None,
+        typer.Option("--category", "-c", help=f"Only this category: {', '.join(_CATEGORIES)}."),
+    ] = None,
+    event_type: Annotated[
+        str | None, typer.Option("--type", "-t", help="Only this event type, e.g. task.failed.")
+    ] = None,
+    task_id: Annotated[
+        str | None, typer.Option("--task-id", help="Only events about this task.")
+    ] = None,
+    correlation_id: Annotated[
+        str | None, typer.Option("--correlation-id", help="Only events of this correlation id.")
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Start this long ago (90s, 10m, 2h, 1d) or at an ISO time."),
+    ] = None,
+    from_seq: Annotated[
+        int | None, typer.Option("--from-seq", min=1, help="Start at this stream sequence.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", min=1, help="Stop after this many events.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One protobuf-JSON Event object per line.")
+    ] = False,
+    nats_url: Annotated[
+        str | None,
+        typer.Option("--nats-url", help="NATS server; default HIVEWIRE_NATS_URL or localhost."),
+    ] = None,
+) -> None:
+    """Print events from the HIVEWIRE_EVENTS stream.
+
+    History by default (all retained events, or from --since / --from-seq); with
+    --follow, new events as they happen (after that history when --since or --from-seq
+    is given).
+    """
+    if since is not None and from_seq is not None:
+        raise typer.BadParameter("give --since or --from-seq, not both")
+    if category is not None and category not in _CATEGORIES:
+        raise typer.BadParameter(
+            f"unknown category {category!r} (one of {', '.join(_CATEGORIES)})",
+            param_hint="--category",
+        )
+    if event_type is not None:
+        if category is not None and not event_type.startswith(category + "."):
+            raise typer.BadParameter(f"--type {event_type} is not in --category {category}")
+        pattern = event_type
+    else:
+        pattern = f"{category}.>" if category else ">"
+    start: datetime | timedelta | int | Literal["new"] | None
+    if from_seq is not None:
+        start = from_seq
+    elif since is not None:
+        start = parse_since(since)
+    else:
+        start = "new" if follow else None
+    if nats_url is None:
+        from hivewire.services.runtime.config import load_settings
+
+        nats_url = load_settings().nats_url
+    try:
+        asyncio.run(
+            _show(
+                nats_url,
+                pattern,
+                start=start,
+                follow=follow,
+                task_id=task_id,
+                correlation_id=correlation_id,
+                as_json=as_json,
+                limit=limit,
+            )
+        )
+    except KeyboardInterrupt:
+        # Ctrl-C is how one stops following: a normal end.
+        raise typer.Exit(0) from None
+    except HivewireError as exc:
+        _fail(str(exc))
+    except ValueError as exc:
+        _fail(str(exc))
+    except BrokenPipeError:
+        # `hivewire events | head`: the reader has gone.
+        sys.stderr.close()
+        raise typer.Exit(0) from None

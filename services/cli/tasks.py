@@ -1,0 +1,681 @@
+"""``hivewire submit | watch | cancel | tasks | agents``: drive the coordinator.
+
+``submit`` sends a task and follows it live (a progress bar on a terminal, one line per
+event otherwise) until it ends; the task's output goes to standard output, everything
+else to standard error, so ``hivewire submit echo hi > out.txt`` keeps just the output.
+Pressing Ctrl-C stops following, never the task: ``hivewire watch <id> --after <n>``
+picks it up again. When the task asks for input and standard input is a terminal, the
+question is asked right there.
+
+The coordinator comes from ``--address`` (default ``HIVEWIRE_COORDINATOR__ADDRESS``,
+127.0.0.1:50051); the client certificate from ``--certs-dir`` and ``--identity``
+(default ``HIVEWIRE_CERTS_DIR`` and the ``client`` identity).
+
+Exit status:
+
+==  =============================================================================
+0   the task succeeded (submit, watch), or the command did what it was asked
+1   unexpected failure (a bug; ``--verbose`` shows the traceback)
+2   usage error (bad flags or arguments)
+3   the task failed or was dead-lettered
+4   the task was cancelled
+5   the coordinator refused the request (printed as ``Error: CODE REASON: message``)
+6   the coordinator could not be reached, or the client certificate is missing
+130 interrupted (Ctrl-C); the task keeps running
+==  =============================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Annotated, Any, TypeVar
+
+import grpc
+import typer
+from google.protobuf import json_format, struct_pb2
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn
+from rich.table import Table
+
+from hivewire.common.v1 import common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from hivewire.services.runtime.errors import HivewireError, InvalidArgument
+from hivewire.services.runtime.status import from_rpc_error
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_TASK_FAILED = 3
+EXIT_TASK_CANCELLED = 4
+EXIT_REFUSED = 5
+EXIT_UNREACHABLE = 6
+EXIT_INTERRUPTED = 130
+
+_PRIORITIES = {
+    "low": common_pb2.PRIORITY_LOW,
+    "medium": common_pb2.PRIORITY_MEDIUM,
+    "high": common_pb2.PRIORITY_HIGH,
+    "critical": common_pb2.PRIORITY_CRITICAL,
+}
+_UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+app = typer.Typer()
+
+AddressOpt = Annotated[
+    str | None,
+    typer.Option("--address", "-a", help="Coordinator host:port (HIVEWIRE_COORDINATOR__ADDRESS)."),
+]
+CertsOpt = Annotated[
+    Path | None, typer.Option("--certs-dir", help="Directory of ca.pem and the client cert.")
+]
+IdentityOpt = Annotated[
+    str, typer.Option("--identity", help="Client certificate stem in the certs dir.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print protobuf JSON, one object per line.")]
+
+
+# -- connection and errors ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Target:
+    address: str
+    certs_dir: Path
+    identity: str
+
+
+def _target(address: str | None, certs_dir: Path | None, identity: str) -> _Target:
+    from hivewire.services.runtime.config import load_settings
+
+    settings = load_settings(certs_dir=certs_dir)
+    return _Target(address or settings.coordinator.address, settings.certs_dir, identity)
+
+
+@contextlib.asynccontextmanager
+async def _connect(
+    target: _Target,
+) -> AsyncIterator[coordinator_pb2_grpc.CoordinatorServiceAsyncStub]:
+    from hivewire.services.runtime.channels import secure_channel
+    from hivewire.services.runtime.tls import TlsFiles
+
+    channel = secure_channel(
+        target.address, TlsFiles.for_identity(target.certs_dir, target.identity)
+    )
+    try:
+        stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub = (
+            coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        )
+        yield stub
+    finally:
+        await channel.close()
+
+
+class _Failure(Exception):
+    """A one-line error and the exit status that goes with it."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def describe_error(err: HivewireError) -> str:
+    """``CODE REASON: message (field: why; ...)`` for one line on stderr."""
+    text = f"{err.code.name} {err.reason}: {err.message}"
+    if isinstance(err, InvalidArgument) and err.violations:
+        details = "; ".join(f"{v.field}: {v.description}" for v in err.violations)
+        if details not in err.message:
+            text += f" ({details})"
+    return text
+
+
+def _run(target: _Target, work: Callable[[Any], Awaitable[int]]) -> None:
+    async def main() -> int:
+        try:
+            async with _connect(target) as stub:
+                return await work(stub)
+        except grpc.aio.AioRpcError as exc:
+            err = from_rpc_error(exc)
+            status = EXIT_UNREACHABLE if exc.code() in _UNREACHABLE_CODES else EXIT_REFUSED
+            if status == EXIT_UNREACHABLE and exc.code() is grpc.StatusCode.UNAVAILABLE:
+                raise _Failure(
+                    f"{describe_error(err)} (is the coordinator running at {target.address}?)",
+                    status,
+                ) from exc
+            raise _Failure(describe_error(err), status) from exc
+        except FileNotFoundError as exc:
+            raise _Failure(str(exc), EXIT_UNREACHABLE) from exc
+
+    try:
+        status = asyncio.run(main())
+    except _Failure as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(exc.status) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(status)
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+
+def state_label(state: int) -> str:
+    """``running``, ``input_required``... for a TaskState value."""
+    return common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_").lower()  # type: ignore[arg-type]
+
+
+def output_text(payload: common_pb2.Payload) -> str:
+    """What to print for a task's output."""
+    if payload.text:
+        return payload.text
+    if payload.HasField("json"):
+        return json.dumps(json_format.MessageToDict(payload.json), indent=2)
+    if payload.data:
+        return f"<{len(payload.data)} bytes of {payload.content_type or 'data'}>"
+    return ""
+
+
+def _clip(text: str, width: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@dataclass
+class EventView:
+    """Shows a task's events: a live progress bar, plain lines, or JSON lines.
+
+    Args:
+        err: Console for progress and status (standard error).
+        out: Where the output (or the JSON lines) goes.
+        live: Draw a progress bar (a terminal); otherwise one line per event.
+        json_lines: Print every event as protobuf JSON instead.
+    """
+
+    err: Console
+    out: IO[str]
+    live: bool
+    json_lines: bool = False
+    task_id: str = ""
+    last_sequence: int = 0
+    state: int = common_pb2.TASK_STATE_UNSPECIFIED
+    finished: coordinator_pb2.TaskFinished | None = None
+    partials: dict[str, str] = field(default_factory=dict)
+    _progress: Progress | None = None
+    _bar: Any = None
+
+    def __enter__(self) -> EventView:
+        if self.live and not self.json_lines:
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.fields[state]:<14}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[step]}"),
+                TextColumn("{task.description}"),
+                console=self.err,
+            )
+            self._progress.start()
+            self._bar = self._progress.add_task("", total=1.0, state="submitted", step="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pause()
+
+    def pause(self) -> None:
+        """Stop drawing (before a prompt, at the end)."""
+        if self._progress is not None:
+            self._progress.stop()
+
+    def resume(self) -> None:
+        """Draw again after :meth:`pause`."""
+        if self._progress is not None:
+            self._progress.start()
+
+    def _line(self, event: coordinator_pb2.TaskEvent, text: str) -> None:
+        if self._progress is not None:
+            return
+        self.err.print(f"#{event.sequence} {text}", markup=False, highlight=False)
+
+    def _update(self, **fields: Any) -> None:
+        if self._progress is not None:
+            self._progress.update(self._bar, **fields)
+
+    def handle(self, event: coordinator_pb2.TaskEvent) -> None:
+        """Show one event."""
+        self.task_id = event.task_id or self.task_id
+        if event.WhichOneof("kind") != "snapshot":
+            self.last_sequence = max(self.last_sequence, event.sequence)
+        if self.json_lines:
+            self.out.write(json_format.MessageToJson(event, indent=None) + "\n")
+            self.out.flush()
+        kind = event.WhichOneof("kind")
+        if kind == "snapshot":
+            task = event.snapshot
+            self.task_id = task.task_id
+            self.last_sequence = max(self.last_sequence, event.sequence)
+            self.state = task.state
+            self._update(state=state_label(task.state), completed=task.progress.fraction)
+            self._line(event, f"task {task.task_id} {state_label(task.state)}")
+        elif kind == "state_changed":
+            change = event.state_changed
+            self.state = change.to_state
+            self._update(state=state_label(change.to_state))
+            self._line(event, f"{state_label(change.to_state)}: {change.reason}")
+        elif kind == "progress":
+            p = event.progress
+            self._update(completed=p.fraction, step=p.step, description=_clip(p.message, 50))
+            self._line(event, f"progress {p.fraction:.0%} {p.step}: {p.message}".rstrip(": "))
+        elif kind == "partial":
+            part = event.partial
+            text = part.content.text
+            previous = self.partials.get(part.artifact_id, "") if part.append else ""
+            self.partials[part.artifact_id] = previous + text
+            self._update(description=_clip(self.partials[part.artifact_id][-50:], 50))
+            self._line(event, f"partial {part.artifact_id}: {_clip(text)}")
+        elif kind == "input_required":
+            self._line(
+                event,
+                f"input required ({event.input_required.request_id}): "
+                f"{event.input_required.prompt}",
+            )
+        elif kind == "activity":
+            act = event.activity
+            kind_name = (
+                common_pb2.ActivityKind.Name(act.kind).removeprefix("ACTIVITY_KIND_").lower()
+            )
+            self._line(event, f"{kind_name} {act.name}{' done' if act.done else ''}: {act.summary}")
+        elif kind == "retry":
+            r = event.retry
+            self._line(
+                event,
+                f"attempt {r.failed_attempt} failed ({r.error.reason}); retrying in "
+                f"{r.backoff.ToTimedelta().total_seconds():.2f}s",
+            )
+        elif kind == "finished":
+            self.finished = event.finished
+            self.state = event.finished.state
+            self._update(state=state_label(event.finished.state))
+            if event.finished.state == common_pb2.TASK_STATE_SUCCEEDED:
+                self._update(completed=1.0)
+            self._line(event, f"finished: {state_label(event.finished.state)}")
+
+    def conclude(self) -> int:
+        """Print the output or the error; return the exit status for the final state."""
+        self.pause()
+        done = self.finished
+        if done is None:
+            self.err.print(
+                f"stopped following task {self.task_id}; resume with "
+                f"`hivewire watch {self.task_id} --after {self.last_sequence}`",
+                markup=False,
+            )
+            return EXIT_INTERRUPTED
+        if done.state == common_pb2.TASK_STATE_SUCCEEDED:
+            if not self.json_lines:
+                text = output_text(done.output)
+                if text:
+                    self.out.write(text + ("" if text.endswith("\n") else "\n"))
+                    self.out.flush()
+            return EXIT_OK
+        error = done.error
+        self.err.print(
+            f"task {self.task_id} {state_label(done.state)}: "
+            f"{error.code} {error.reason}: {error.message}",
+            markup=False,
+            highlight=False,
+        )
+        return (
+            EXIT_TASK_CANCELLED
+            if done.state == common_pb2.TASK_STATE_CANCELLED
+            else EXIT_TASK_FAILED
+        )
+
+
+async def follow(
+    stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub,
+    events: AsyncIterable[Any],
+    view: EventView,
+    *,
+    interactive: bool,
+) -> int:
+    """Show a task's stream until it ends; answer input requests when interactive."""
+    try:
+        async for response in events:
+            event = response.event
+            view.handle(event)
+            if event.HasField("input_required") and interactive:
+                await _answer(stub, view, event)
+    except asyncio.CancelledError:
+        return view.conclude()
+    return view.conclude()
+
+
+async def _answer(
+    stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub,
+    view: EventView,
+    event: coordinator_pb2.TaskEvent,
+) -> None:
+    from rich.prompt import Confirm, Prompt
+
+    request = event.input_required
+    view.pause()
+    try:
+        if request.kind == common_pb2.INPUT_KIND_APPROVAL:
+            approved = await asyncio.to_thread(Confirm.ask, request.prompt, console=view.err)
+            answer = common_pb2.InputResponse(request_id=request.request_id, approved=approved)
+        else:
+            text = await asyncio.to_thread(Prompt.ask, request.prompt, console=view.err)
+            answer = common_pb2.InputResponse(
+                request_id=request.request_id, value=common_pb2.Payload(text=text)
+            )
+        await stub.ProvideInput(
+            coordinator_pb2.ProvideInputRequest(task_id=event.task_id, response=answer)
+        )
+    finally:
+        view.resume()
+
+
+def _view(json_lines: bool) -> EventView:
+    # soft_wrap: a line per event, never folded at the console width (logs, pipes).
+    err = Console(stderr=True, soft_wrap=True)
+    return EventView(err=err, out=sys.stdout, live=err.is_terminal, json_lines=json_lines)
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def build_spec(
+    capability: str,
+    text: str | None,
+    *,
+    json_input: str | None = None,
+    file: Path | None = None,
+    content_type: str | None = None,
+    priority: str | None = None,
+    timeout: float | None = None,
+    key: str | None = None,
+    max_attempts: int | None = None,
+    token_budget: int | None = None,
+    labels: list[str] | None = None,
+) -> coordinator_pb2.TaskSpec:
+    """The TaskSpec of ``hivewire submit``'s arguments.
+
+    Raises:
+        typer.BadParameter: A malformed ``--json``, ``--label`` or ``--priority``.
+    """
+    payload = common_pb2.Payload(text=text or "")
+    if json_input is not None:
+        try:
+            data = json.loads(json_input)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"not JSON: {exc}", param_hint="--json") from None
+        if not isinstance(data, dict):
+            raise typer.BadParameter("must be a JSON object", param_hint="--json")
+        payload.json.CopyFrom(json_format.ParseDict(data, struct_pb2.Struct()))
+    if file is not None:
+        payload.data = file.read_bytes()
+        payload.content_type = content_type or "application/octet-stream"
+    spec = coordinator_pb2.TaskSpec(
+        capability=capability,
+        input=payload,
+        idempotency_key=key or "",
+        max_attempts=max_attempts or 0,
+        token_budget=token_budget or 0,
+        metadata=common_pb2.RequestMetadata(source="cli"),
+    )
+    if priority is not None:
+        if priority.lower() not in _PRIORITIES:
+            raise typer.BadParameter(f"one of {', '.join(_PRIORITIES)}", param_hint="--priority")
+        spec.priority = _PRIORITIES[priority.lower()]
+    if timeout is not None:
+        spec.timeout.FromNanoseconds(int(timeout * 1e9))
+    for label in labels or []:
+        name, sep, value = label.partition("=")
+        if not sep or not name:
+            raise typer.BadParameter(f"{label!r} is not key=value", param_hint="--label")
+        spec.labels[name] = value
+    return spec
+
+
+@app.command()
+def submit(
+    capability: Annotated[str, typer.Argument(help="The capability to run, e.g. summarize.")],
+    text: Annotated[str | None, typer.Argument(help="Text input.")] = None,
+    json_input: Annotated[
+        str | None, typer.Option("--input-json", help="JSON object input.")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", exists=True, dir_okay=False, help="File as input.")
+    ] = None,
+    content_type: Annotated[str | None, typer.Option(help="Media type of --file.")] = None,
+    priority: Annotated[
+        str | None, typer.Option("--priority", "-p", help="low, medium, high or critical.")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", "-t", help="Task timeout in seconds.")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option("--idempotency-key", "-k", help="Makes resubmission safe.")
+    ] = None,
+    max_attempts: Annotated[
+        int | None, typer.Option(min=1, help="Attempts before dead-letter.")
+    ] = None,
+    token_budget: Annotated[int | None, typer.Option(min=0, help="Model token budget.")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="key=value, repeatable.")
+    ] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Print the task id and return at once.")
+    ] = False,
+    no_input: Annotated[
+        bool, typer.Option("--no-input", help="Never prompt when the task asks for input.")
+    ] = False,
+    json_lines: JsonOpt = False,
+    address: AddressOpt = None,
+    certs_dir: CertsOpt = None,
+    identity: IdentityOpt = "client",
+) -> None:
+    """Submit a task and follow it live until it ends (output on stdout)."""
+    spec = build_spec(
+        capability,
+        text,
+        json_input=json_input,
+        file=file,
+        content_type=content_type,
+        priority=priority,
+        timeout=timeout,
+        key=key,
+        max_attempts=max_attempts,
+        token_budget=token_budget,
+        labels=label,
+    )
+    target = _target(address, certs_dir, identity)
+
+    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+        if detach:
+            response = await stub.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec))
+            if json_lines:
+                typer.echo(json_format.MessageToJson(response, indent=None))
+            else:
+                typer.echo(response.task.task_id)
+            return EXIT_OK
+        with _view(json_lines) as view:
+            call = stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=spec))
+            return await follow(stub, call, view, interactive=_interactive(no_input))
+
+    _run(target, work)
+
+
+def _interactive(no_input: bool) -> bool:
+    return not no_input and sys.stdin.isatty()
+
+
+@app.command()
+def watch(
+    task_id: Annotated[str, typer.Argument(help="The task to follow.")],
+    after: Annotated[
+        int, typer.Option("--after", min=0, help="Replay only events after this sequence.")
+    ] = 0,
+    no_input: Annotated[
+        bool, typer.Option("--no-input", help="Never prompt when the task asks for input.")
+    ] = False,
+    json_lines: JsonOpt = False,
+    address: AddressOpt = None,
+    certs_dir: CertsOpt = None,
+    identity: IdentityOpt = "client",
+) -> None:
+    """Follow a task: replay its events (after --after), then live until it ends."""
+    target = _target(address, certs_dir, identity)
+
+    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+        with _view(json_lines) as view:
+            view.last_sequence = after
+            call = stub.WatchTask(
+                coordinator_pb2.WatchTaskRequest(
+                    task_id=task_id, after_sequence=after, include_snapshot=True
+                )
+            )
+            return await follow(stub, call, view, interactive=_interactive(no_input))
+
+    _run(target, work)
+
+
+@app.command()
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="The task to cancel.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Recorded with the task.")] = "",
+    json_lines: JsonOpt = False,
+    address: AddressOpt = None,
+    certs_dir: CertsOpt = None,
+    identity: IdentityOpt = "client",
+) -> None:
+    """Cancel a task (cancelling a cancelled task is fine)."""
+    target = _target(address, certs_dir, identity)
+
+    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+        response = await stub.CancelTask(
+            coordinator_pb2.CancelTaskRequest(task_id=task_id, reason=reason)
+        )
+        if json_lines:
+            typer.echo(json_format.MessageToJson(response, indent=None))
+        else:
+            typer.echo(f"{task_id} {state_label(response.task.state)}")
+        return EXIT_OK
+
+    _run(target, work)
+
+
+@app.command("tasks")
+def list_tasks(
+    state: Annotated[
+        list[str] | None,
+        typer.Option("--state", "-s", help="queued, running, succeeded... (repeatable)."),
+    ] = None,
+    capability: Annotated[str, typer.Option("--capability", "-c", help="Only this one.")] = "",
+    owner: Annotated[str, typer.Option("--owner", help="Only this owner (admins).")] = "",
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Most tasks shown.")] = 20,
+    json_lines: JsonOpt = False,
+    address: AddressOpt = None,
+    certs_dir: CertsOpt = None,
+    identity: IdentityOpt = "client",
+) -> None:
+    """List tasks, newest first."""
+    states = []
+    for name in state or []:
+        key = f"TASK_STATE_{name.upper()}"
+        if key not in common_pb2.TaskState.keys() or key == "TASK_STATE_UNSPECIFIED":
+            raise typer.BadParameter(f"unknown state {name!r}", param_hint="--state")
+        states.append(common_pb2.TaskState.Value(key))
+    target = _target(address, certs_dir, identity)
+
+    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+        found: list[coordinator_pb2.Task] = []
+        token = ""
+        while len(found) < limit:
+            response = await stub.ListTasks(
+                coordinator_pb2.ListTasksRequest(
+                    states=states,  # type: ignore[arg-type]
+                    capability=capability,
+                    owner=owner,
+                    page_size=min(limit - len(found), 500),
+                    page_token=token,
+                )
+            )
+            found.extend(response.tasks)
+            token = response.next_page_token
+            if not token:
+                break
+        if json_lines:
+            for task in found:
+                typer.echo(json_format.MessageToJson(task, indent=None))
+            return EXIT_OK
+        table = Table(box=None, pad_edge=False)
+        for column in ("TASK", "STATE", "CAPABILITY", "PRIORITY", "ATTEMPT", "CREATED", "PROGRESS"):
+            table.add_column(column)
+        for task in found:
+            table.add_row(
+                task.task_id,
+                state_label(task.state),
+                task.spec.capability,
+                common_pb2.Priority.Name(task.spec.priority).removeprefix("PRIORITY_").lower(),
+                str(task.attempt),
+                task.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+                f"{task.progress.fraction:.0%} {task.progress.step}".strip(),
+            )
+        Console(width=160).print(table)
+        return EXIT_OK
+
+    _run(target, work)
+
+
+@app.command()
+def agents(
+    capability: Annotated[str, typer.Option("--capability", "-c", help="Only this one.")] = "",
+    json_lines: JsonOpt = False,
+    address: AddressOpt = None,
+    certs_dir: CertsOpt = None,
+    identity: IdentityOpt = "client",
+) -> None:
+    """List the agents the coordinator routes to: capabilities, health, load."""
+    target = _target(address, certs_dir, identity)
+
+    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+        response = await stub.ListAgents(coordinator_pb2.ListAgentsRequest(capability=capability))
+        if json_lines:
+            for agent in response.agents:
+                typer.echo(json_format.MessageToJson(agent, indent=None))
+            return EXIT_OK
+        table = Table(box=None, pad_edge=False)
+        for column in (
+            "AGENT",
+            "NAME",
+            "VERSION",
+            "HEALTH",
+            "LOAD",
+            "CIRCUIT",
+            "ADDRESS",
+            "CAPABILITIES",
+        ):
+            table.add_column(column)
+        for agent in response.agents:
+            card = agent.card
+            health = coordinator_pb2.AgentHealth.Name(agent.health).removeprefix("AGENT_HEALTH_")
+            table.add_row(
+                agent.agent_id,
+                card.name,
+                card.version,
+                health.lower(),
+                f"{agent.in_flight}/{card.max_concurrency}",
+                "open" if agent.circuit_open else "closed",
+                agent.address,
+                ",".join(c.name for c in card.capabilities),
+            )
+        Console(width=200).print(table)
+        return EXIT_OK
+
+    _run(target, work)

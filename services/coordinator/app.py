@@ -1,0 +1,136 @@
+"""Wiring of a coordinator process: store, registry, agent pool, domain, gRPC server.
+
+:func:`running_coordinator` is what ``python -m hivewire.services.coordinator`` runs,
+and what tests use to run a real coordinator in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from hivewire.discovery import Instance, Registry, new_instance_id, open_registry
+from hivewire.services.coordinator.dispatch import AgentPool
+from hivewire.services.coordinator.service import Coordinator, EventPublisher
+from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
+from hivewire.services.coordinator.store import TaskStore
+from hivewire.services.runtime.channels import ChannelPool
+from hivewire.services.runtime.config import Settings
+from hivewire.services.runtime.server import ServiceBinding, ServiceServer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["REGISTRY_SERVICE", "RunningCoordinator", "running_coordinator"]
+
+REGISTRY_SERVICE = "hivewire-coordinator"
+"""Registry name of coordinators."""
+
+
+@dataclass
+class RunningCoordinator:
+    """A started coordinator.
+
+    Attributes:
+        settings: The effective settings.
+        coordinator: The domain service.
+        server: The gRPC server.
+        pool: The agent pool.
+        store: The task store.
+        instance: Its registry entry, when registered.
+    """
+
+    settings: Settings
+    coordinator: Coordinator
+    server: ServiceServer
+    pool: AgentPool
+    store: TaskStore
+    instance: Instance | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the gRPC server."""
+        return self.server.address
+
+
+@contextlib.asynccontextmanager
+async def running_coordinator(
+    settings: Settings,
+    *,
+    registry: Registry | None = None,
+    events: EventPublisher | None = None,
+    register: bool = True,
+) -> AsyncIterator[RunningCoordinator]:
+    """Start a coordinator and stop it (gracefully) when the block ends.
+
+    Args:
+        settings: Process settings; ``settings.coordinator`` tunes the coordinator.
+        registry: A started registry to use; by default one is opened from
+            ``settings.discovery`` (and closed at the end).
+        events: Where task events go; by default an ``EventPublisher`` on
+            ``settings.nats_url`` (off when ``settings.events.enabled`` is false).
+        register: Register as ``hivewire-coordinator`` in the registry.
+
+    Yields:
+        The running coordinator.
+    """
+    cfg = settings.coordinator
+    instance_id = new_instance_id("coordinator")
+    async with contextlib.AsyncExitStack() as stack:
+        if events is None:
+            from hivewire.services.runtime.events import EventPublisher as NatsPublisher
+
+            publisher = NatsPublisher.from_settings(settings, source=f"coordinator/{instance_id}")
+            await stack.enter_async_context(publisher)
+            events = publisher
+        store = await stack.enter_async_context(
+            TaskStore(cfg.db_path, batch_max=cfg.write_batch_max)
+        )
+        if registry is None:
+            registry = open_registry(
+                settings.discovery, nats_url=settings.nats_url, consul_token=settings.consul_token
+            )
+            await stack.enter_async_context(registry)
+        channels = await stack.enter_async_context(ChannelPool.from_settings(settings))
+        wake: list[Coordinator] = []
+        pool = AgentPool(
+            registry,
+            channels,
+            service=cfg.agent_service,
+            default_concurrency=cfg.default_agent_concurrency,
+            failure_threshold=cfg.breaker_failure_threshold,
+            reset_timeout=cfg.breaker_reset_timeout,
+            describe_timeout=cfg.describe_timeout,
+            on_change=lambda: wake[0].wake() if wake else None,
+        )
+        coordinator = Coordinator(cfg, store=store, pool=pool, events=events)
+        wake.append(coordinator)
+        await stack.enter_async_context(coordinator)
+        await stack.enter_async_context(pool)
+        servicer = CoordinatorServicer(coordinator)
+        server = ServiceServer(
+            settings,
+            [ServiceBinding(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
+            on_shutdown=[coordinator.drain],
+        )
+        await stack.enter_async_context(server)
+        running = RunningCoordinator(settings, coordinator, server, pool, store)
+        if register:
+            instance = Instance(
+                service=REGISTRY_SERVICE,
+                instance_id=instance_id,
+                address=settings.advertised_host,
+                port=server.port,
+                meta={"name": "coordinator", "identity": settings.identity},
+            )
+            await registry.register(instance)
+            running.instance = instance
+            logger.info("registered %s %s at %s", REGISTRY_SERVICE, instance_id, instance.endpoint)
+            bound_registry = registry
+
+            async def deregister() -> None:
+                await bound_registry.deregister(instance_id)
+
+            server.add_shutdown_hook(deregister)
+        yield running

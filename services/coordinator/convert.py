@@ -1,0 +1,251 @@
+"""Conversions between the coordinator's domain values, protobuf messages and store rows."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from hivewire.agent.v1 import agent_pb2
+from hivewire.common.v1 import common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.services.coordinator.model import AgentView, TaskRecord
+from hivewire.services.coordinator.store import TaskRow
+from hivewire.services.runtime.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    HivewireError,
+    InvalidArgument,
+    NotFound,
+)
+
+__all__ = [
+    "agent_status",
+    "decode_page_token",
+    "duration",
+    "encode_page_token",
+    "error_detail",
+    "record_from_row",
+    "record_to_row",
+    "task_to_proto",
+    "timestamp_ns",
+]
+
+
+def timestamp_ns(value_ns: int) -> timestamp_pb2.Timestamp:
+    """Nanoseconds since the epoch as a Timestamp."""
+    return timestamp_pb2.Timestamp(
+        seconds=value_ns // 1_000_000_000, nanos=value_ns % 1_000_000_000
+    )
+
+
+def ns_from_timestamp(value: timestamp_pb2.Timestamp) -> int:
+    """A Timestamp as nanoseconds since the epoch."""
+    return value.seconds * 1_000_000_000 + value.nanos
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    """Seconds as a Duration (negative values become zero)."""
+    total = max(int(round(seconds * 1e9)), 0)
+    return duration_pb2.Duration(seconds=total // 1_000_000_000, nanos=total % 1_000_000_000)
+
+
+def duration_seconds(value: duration_pb2.Duration) -> float:
+    """A Duration in seconds."""
+    return value.seconds + value.nanos / 1e9
+
+
+# -- tasks -------------------------------------------------------------------------------
+
+
+def _dynamic_part(record: TaskRecord) -> coordinator_pb2.Task:
+    task = coordinator_pb2.Task(
+        task_id=record.task_id,
+        state=record.state,  # type: ignore[arg-type]
+        owner=record.owner,
+        created_at=timestamp_ns(record.created_ns),
+        updated_at=timestamp_ns(record.updated_ns),
+        deadline=timestamp_ns(record.deadline_ns),
+        attempt=record.attempt,
+        agent_id=record.agent_id,
+        usage=record.usage,
+        last_sequence=record.last_sequence,
+        attempts=record.attempts,
+    )
+    if record.progress is not None:
+        task.progress.CopyFrom(record.progress)
+    if record.output is not None:
+        task.output.CopyFrom(record.output)
+    if record.error is not None:
+        task.error.CopyFrom(record.error)
+    if record.pending_input is not None:
+        task.pending_input.CopyFrom(record.pending_input)
+    return task
+
+
+def task_to_proto(record: TaskRecord) -> coordinator_pb2.Task:
+    """The ``coordinator.v1.Task`` of a record."""
+    task = _dynamic_part(record)
+    task.spec.CopyFrom(record.spec)
+    return task
+
+
+def record_to_row(record: TaskRecord, spec_bytes: bytes) -> TaskRow:
+    """The store row of a record.
+
+    Args:
+        record: The task.
+        spec_bytes: ``record.spec`` serialized (cached by the caller: it never changes).
+    """
+    return TaskRow(
+        task_id=record.task_id,
+        owner=record.owner,
+        capability=record.capability,
+        state=record.state,
+        priority=record.priority,
+        created_ns=record.created_ns,
+        updated_ns=record.updated_ns,
+        deadline_ns=record.deadline_ns,
+        idempotency_key=record.spec.idempotency_key,
+        not_before_ns=record.not_before_ns,
+        last_sequence=record.last_sequence,
+        spec=spec_bytes,
+        data=_dynamic_part(record).SerializeToString(),
+    )
+
+
+def record_from_row(row: TaskRow) -> TaskRecord:
+    """Rebuild a record from its store row."""
+    task = coordinator_pb2.Task.FromString(row.data)
+    spec = coordinator_pb2.TaskSpec.FromString(row.spec)
+    return TaskRecord(
+        task_id=row.task_id,
+        spec=spec,
+        owner=row.owner,
+        state=row.state,
+        created_ns=row.created_ns,
+        updated_ns=row.updated_ns,
+        deadline_ns=row.deadline_ns,
+        attempt=task.attempt,
+        agent_id=task.agent_id,
+        progress=task.progress if task.HasField("progress") else None,
+        output=task.output if task.HasField("output") else None,
+        error=task.error if task.HasField("error") else None,
+        usage=task.usage,
+        pending_input=task.pending_input if task.HasField("pending_input") else None,
+        last_sequence=row.last_sequence,
+        attempts=list(task.attempts),
+        not_before_ns=row.not_before_ns,
+    )
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def error_detail(err: HivewireError) -> common_pb2.ErrorDetail:
+    """A domain error as the ``ErrorDetail`` carried in events and session rejections.
+
+    Field violations and resource names go into ``metadata`` so that a client
+    reading a ``SessionRejected`` sees the same details a unary call would give.
+    """
+    metadata = dict(err.metadata)
+    if isinstance(err, InvalidArgument):
+        for violation in err.violations:
+            metadata[f"field:{violation.field}"] = violation.description
+    elif isinstance(err, NotFound):
+        metadata.setdefault("resource_type", err.resource_type)
+        metadata.setdefault("resource_name", err.resource_name)
+    elif isinstance(err, FailedPrecondition):
+        for v in err.violations:
+            metadata[f"precondition:{v.type}"] = f"{v.subject}: {v.description}"
+    return common_pb2.ErrorDetail(
+        code=err.code.name,
+        reason=err.reason,
+        message=err.message,
+        retryable=err.retryable,
+        metadata=metadata,
+    )
+
+
+def make_error(
+    code: str, reason: str, message: str, *, retryable: bool = False
+) -> common_pb2.ErrorDetail:
+    """Build an ``ErrorDetail``."""
+    return common_pb2.ErrorDetail(code=code, reason=reason, message=message, retryable=retryable)
+
+
+# -- agents ------------------------------------------------------------------------------
+
+
+def agent_status(view: AgentView) -> coordinator_pb2.AgentStatus:
+    """The ``AgentStatus`` of an agent view."""
+    card = agent_pb2.AgentCard()
+    if view.card is not None:
+        card.CopyFrom(view.card)
+    else:
+        card.name = view.name
+        card.version = view.version
+        card.max_concurrency = view.max_concurrency
+        card.capabilities.extend(agent_pb2.Capability(name=c) for c in view.capabilities)
+    if view.draining:
+        health = coordinator_pb2.AGENT_HEALTH_DRAINING
+    elif view.healthy:
+        health = coordinator_pb2.AGENT_HEALTH_HEALTHY
+    else:
+        health = coordinator_pb2.AGENT_HEALTH_UNHEALTHY
+    return coordinator_pb2.AgentStatus(
+        agent_id=view.agent_id,
+        card=card,
+        address=view.address,
+        health=health,
+        in_flight=view.in_flight,
+        circuit_open=view.circuit_open,
+        last_seen=timestamp_ns(view.last_seen_ns),
+    )
+
+
+# -- page tokens -------------------------------------------------------------------------
+
+
+def encode_page_token(created_ns: int, task_id: str, fingerprint: str) -> str:
+    """An opaque token for the page after ``(created_ns, task_id)``.
+
+    ``fingerprint`` identifies the filter the token was issued for, so a token is not
+    reused with a different filter by mistake.
+    """
+    raw = json.dumps({"c": created_ns, "t": task_id, "f": fingerprint}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, fingerprint: str) -> tuple[int, str]:
+    """The ``(created_ns, task_id)`` cursor of a page token.
+
+    Raises:
+        InvalidArgument: The token is malformed or was issued for another filter.
+    """
+    bad = InvalidArgument(
+        violations=[FieldViolation("page_token", "malformed page token; pass next_page_token")],
+        reason="INVALID_PAGE_TOKEN",
+    )
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise bad from None
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("c"), int)
+        or not isinstance(data.get("t"), str)
+        or not isinstance(data.get("f"), str)
+    ):
+        raise bad
+    if data["f"] != fingerprint:
+        raise InvalidArgument(
+            violations=[
+                FieldViolation("page_token", "page token was issued for different filters")
+            ],
+            reason="INVALID_PAGE_TOKEN",
+        )
+    return int(data["c"]), str(data["t"])

@@ -1,0 +1,515 @@
+"""The agent pool: who can run what, how busy they are, and which one gets a task.
+
+:class:`AgentPool` follows ``hivewire-agent`` in the registry (the ``Registry``
+protocol only, so the backend is a configuration choice). An instance that leaves
+the healthy set is dropped from selection at once; one that still runs tasks for
+us stays listed as draining until they end.
+
+Selection (:meth:`AgentPool.acquire`): among healthy agents that advertise the
+capability, have a free slot (``in_flight < max_concurrency``) and whose circuit
+breaker admits a call, pick two at random and take the less loaded one (power of
+two choices: close to least-loaded without every coordinator piling onto the same
+agent). Agents a task already failed on are avoided while others fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Collection, Coroutine, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+
+from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
+from hivewire.common.v1 import common_pb2
+from hivewire.discovery import Instance, Registry, instance_name
+from hivewire.services.coordinator import metrics
+from hivewire.services.coordinator.model import AgentView, now_ns
+from hivewire.services.runtime.breaker import CircuitBreaker, CircuitOpenError, CircuitState
+from hivewire.services.runtime.channels import ChannelPool
+from hivewire.services.runtime.status import from_rpc_error
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AgentEntry",
+    "AgentLease",
+    "AgentPool",
+    "AttemptError",
+    "ExecuteStream",
+    "Verdict",
+    "classify_rpc_error",
+]
+
+META_NAME = "name"
+META_VERSION = "version"
+META_MAX_CONCURRENCY = "max_concurrency"
+META_TLS_SERVER_NAME = "tls_server_name"
+
+
+@dataclass
+class AgentEntry:
+    """The pool's state of one agent instance."""
+
+    instance: Instance
+    max_concurrency: int
+    breaker: CircuitBreaker
+    in_flight: int = 0
+    present: bool = True
+    probing: bool = False
+    last_seen_ns: int = field(default_factory=now_ns)
+    card: agent_pb2.AgentCard | None = None
+
+    @property
+    def agent_id(self) -> str:
+        """The instance id."""
+        return self.instance.instance_id
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """Capability names (the registry tags)."""
+        return self.instance.tags
+
+    @property
+    def name(self) -> str:
+        """The agent's name."""
+        return self.instance.meta.get(META_NAME) or instance_name(self.instance)
+
+    def admits(self) -> bool:
+        """Whether the breaker lets a new call through now."""
+        state = self.breaker.state
+        return state is CircuitState.CLOSED or (
+            state is CircuitState.HALF_OPEN and not self.probing
+        )
+
+    def can_take(self, capability: str) -> bool:
+        """Whether this agent may get a task of ``capability`` now."""
+        return (
+            self.present
+            and self.in_flight < self.max_concurrency
+            and capability in self.instance.tags
+            and self.admits()
+        )
+
+
+Verdict = str
+"""How an attempt ended for the agent's breaker: ``"success"``, ``"failure"`` or ``"none"``."""
+
+
+@dataclass
+class AgentLease:
+    """One slot on one agent, held for the duration of an attempt."""
+
+    entry: AgentEntry
+    stub: agent_pb2_grpc.AgentServiceAsyncStub
+    probe: bool
+    released: bool = False
+
+    @property
+    def agent_id(self) -> str:
+        """The agent's instance id."""
+        return self.entry.agent_id
+
+
+class AgentPool:
+    """Agents from discovery, their load and health (an async context manager).
+
+    Args:
+        registry: Where agents register.
+        channels: Long-lived channels to agents (one per agent address).
+        service: Registry name of agents.
+        default_concurrency: Concurrency of an agent that advertises none.
+        failure_threshold: Consecutive transport failures that open an agent's circuit.
+        reset_timeout: Seconds an open circuit waits before a probe.
+        describe_timeout: Deadline of the ``Describe`` call made when an agent appears.
+        on_change: Called (synchronously) when agents appear or slots free up.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        channels: ChannelPool,
+        *,
+        service: str = "hivewire-agent",
+        default_concurrency: int = 4,
+        failure_threshold: int = 5,
+        reset_timeout: float = 10.0,
+        describe_timeout: float = 3.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._channels = channels
+        self._service = service
+        self._default_concurrency = default_concurrency
+        self._failure_threshold = failure_threshold
+        self._reset_timeout = reset_timeout
+        self._describe_timeout = describe_timeout
+        self._on_change = on_change or (lambda: None)
+        self._agents: dict[str, AgentEntry] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._first_view = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start following the registry."""
+        self._watch_task = asyncio.create_task(self._watch(), name="agent-pool-watch")
+
+    async def stop(self) -> None:
+        """Stop following the registry and background Describe calls."""
+        tasks = [t for t in (self._watch_task, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    async def wait_ready(self) -> None:
+        """Wait until the first registry view arrived (bound it with ``asyncio.timeout``)."""
+        await self._first_view.wait()
+
+    # -- registry --------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                async for healthy in self._registry.watch(self._service):
+                    self.apply(healthy)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The protocol promises a watch that does not raise; be robust anyway.
+                logger.exception("agent watch failed; retrying")
+                await asyncio.sleep(1.0)
+
+    def apply(self, healthy: Collection[Instance]) -> None:
+        """Take a new healthy set of agents from discovery."""
+        seen: set[str] = set()
+        stamp = now_ns()
+        changed = False
+        for instance in healthy:
+            seen.add(instance.instance_id)
+            entry = self._agents.get(instance.instance_id)
+            if entry is None:
+                entry = AgentEntry(
+                    instance=instance,
+                    max_concurrency=self._concurrency_of(instance),
+                    breaker=CircuitBreaker(
+                        f"agent:{instance.instance_id}",
+                        failure_threshold=self._failure_threshold,
+                        reset_timeout=self._reset_timeout,
+                        on_state_change=metrics.circuit_state_changed,
+                    ),
+                )
+                self._agents[instance.instance_id] = entry
+                logger.info(
+                    "agent %s (%s) at %s joined: %s, max concurrency %d",
+                    entry.agent_id,
+                    entry.name,
+                    instance.endpoint,
+                    ",".join(instance.tags) or "no capabilities",
+                    entry.max_concurrency,
+                )
+                self._spawn(self._describe(entry))
+                changed = True
+            else:
+                if not entry.present:
+                    logger.info("agent %s is back", entry.agent_id)
+                    changed = True
+                if entry.instance != instance:
+                    entry.instance = instance
+                    entry.max_concurrency = self._concurrency_of(instance, entry.card)
+                    changed = True
+                entry.present = True
+            entry.last_seen_ns = stamp
+        for agent_id, entry in list(self._agents.items()):
+            if agent_id in seen or not entry.present:
+                continue
+            entry.present = False
+            logger.info("agent %s left (or is unhealthy): no new tasks go to it", agent_id)
+            self._forget_if_idle(entry)
+        self._first_view.set()
+        self._update_metrics()
+        if changed:
+            self._on_change()
+
+    def _concurrency_of(self, instance: Instance, card: agent_pb2.AgentCard | None = None) -> int:
+        raw = instance.meta.get(META_MAX_CONCURRENCY, "")
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value <= 0 and card is not None:
+            value = card.max_concurrency
+        return value if value > 0 else self._default_concurrency
+
+    def _forget_if_idle(self, entry: AgentEntry) -> None:
+        if entry.present or entry.in_flight > 0:
+            return
+        self._agents.pop(entry.agent_id, None)
+        metrics.forget_circuit(entry.breaker.name)
+        endpoint = entry.instance.endpoint
+        if not any(a.instance.endpoint == endpoint for a in self._agents.values()):
+            self._spawn(self._channels.discard(endpoint))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _channel(self, entry: AgentEntry) -> grpc.aio.Channel:
+        server_name = entry.instance.meta.get(META_TLS_SERVER_NAME) or None
+        return self._channels.get(entry.instance.endpoint, server_name=server_name)
+
+    async def _describe(self, entry: AgentEntry) -> None:
+        stub: agent_pb2_grpc.AgentServiceAsyncStub = agent_pb2_grpc.AgentServiceStub(
+            self._channel(entry)
+        )
+        try:
+            response = await stub.Describe(
+                agent_pb2.DescribeRequest(), timeout=self._describe_timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            logger.debug("Describe of agent %s failed: %s", entry.agent_id, err.code().name)
+            return
+        entry.card = response.card
+        if not entry.instance.meta.get(META_MAX_CONCURRENCY) and response.card.max_concurrency:
+            entry.max_concurrency = response.card.max_concurrency
+            self._on_change()
+
+    # -- selection -------------------------------------------------------------------
+
+    def has_capacity(self, capability: str) -> bool:
+        """Whether some agent could take a task of ``capability`` now."""
+        return any(a.can_take(capability) for a in self._agents.values())
+
+    def known_capability(self, capability: str) -> bool:
+        """Whether some present agent advertises ``capability`` (busy or not)."""
+        return any(a.present and capability in a.capabilities for a in self._agents.values())
+
+    def acquire(self, capability: str, *, avoid: Collection[str] = ()) -> AgentLease | None:
+        """Reserve a slot on the best agent for ``capability``.
+
+        Args:
+            capability: What the task needs.
+            avoid: Agent ids to skip while another agent fits (where it failed before).
+
+        Returns:
+            The lease (release it with :meth:`release`), or None when no agent fits.
+        """
+        candidates = [a for a in self._agents.values() if a.can_take(capability)]
+        preferred = [a for a in candidates if a.agent_id not in avoid] or candidates
+        while preferred:
+            if len(preferred) <= 2:
+                pair = preferred
+            else:
+                pair = random.sample(preferred, 2)
+            entry = min(pair, key=lambda a: (a.in_flight, a.in_flight / a.max_concurrency))
+            try:
+                probe = entry.breaker.acquire()
+            except CircuitOpenError:
+                preferred.remove(entry)
+                continue
+            entry.in_flight += 1
+            entry.probing = entry.probing or probe
+            self._update_metrics()
+            stub: agent_pb2_grpc.AgentServiceAsyncStub = agent_pb2_grpc.AgentServiceStub(
+                self._channel(entry)
+            )
+            return AgentLease(entry=entry, stub=stub, probe=probe)
+        return None
+
+    def release(self, lease: AgentLease, verdict: Verdict) -> None:
+        """Give a slot back and tell the agent's breaker how the attempt went.
+
+        Args:
+            lease: From :meth:`acquire`; releasing twice is a no-op.
+            verdict: ``"success"`` (the agent answered), ``"failure"`` (transport or
+                agent crash) or ``"none"`` (cancelled: says nothing about the agent).
+        """
+        if lease.released:
+            return
+        lease.released = True
+        entry = lease.entry
+        entry.in_flight = max(entry.in_flight - 1, 0)
+        if lease.probe:
+            entry.probing = False
+        if verdict == "success":
+            entry.breaker.record_success(lease.probe)
+        elif verdict == "failure":
+            entry.breaker.record_failure(lease.probe)
+        else:
+            entry.breaker.release(lease.probe)
+        self._forget_if_idle(entry)
+        self._update_metrics()
+        self._on_change()
+
+    def views(self, capability: str = "") -> list[AgentView]:
+        """Every known agent (optionally only those with ``capability``), by id."""
+        views = []
+        for entry in sorted(self._agents.values(), key=lambda a: a.agent_id):
+            if capability and capability not in entry.capabilities:
+                continue
+            views.append(
+                AgentView(
+                    agent_id=entry.agent_id,
+                    name=entry.name,
+                    version=entry.instance.meta.get(META_VERSION, ""),
+                    address=entry.instance.endpoint,
+                    capabilities=entry.capabilities,
+                    max_concurrency=entry.max_concurrency,
+                    in_flight=entry.in_flight,
+                    healthy=entry.present,
+                    draining=not entry.present and entry.in_flight > 0,
+                    circuit_open=entry.breaker.state is CircuitState.OPEN,
+                    last_seen_ns=entry.last_seen_ns,
+                    card=entry.card,
+                )
+            )
+        return views
+
+    def _update_metrics(self) -> None:
+        present = [a for a in self._agents.values() if a.present]
+        metrics.AGENTS.labels("healthy").set(len(present))
+        metrics.AGENTS.labels("draining").set(len(self._agents) - len(present))
+        metrics.AGENT_IN_FLIGHT.set(sum(a.in_flight for a in self._agents.values()))
+        metrics.AGENT_SLOTS.set(sum(a.max_concurrency for a in present))
+
+
+class AttemptError(Exception):
+    """An Execute call ended without a result or error message from the agent.
+
+    Attributes:
+        detail: The classified error recorded with the attempt.
+        verdict: What it says about the agent, for its circuit breaker.
+    """
+
+    def __init__(self, detail: common_pb2.ErrorDetail, verdict: Verdict) -> None:
+        """Create the error.
+
+        Args:
+            detail: The classified error.
+            verdict: ``"failure"`` when the agent (or the way to it) is at fault.
+        """
+        self.detail = detail
+        self.verdict = verdict
+        super().__init__(f"{detail.code} {detail.reason}: {detail.message}")
+
+
+# How a failed Execute call is treated: (retryable, counts against the agent's breaker).
+# Errors about the task itself (bad input) are final; everything that says "this agent
+# or the path to it is in trouble" may succeed on another agent.
+_RPC_CLASSES: dict[grpc.StatusCode, tuple[bool, Verdict]] = {
+    grpc.StatusCode.UNAVAILABLE: (True, "failure"),
+    grpc.StatusCode.UNKNOWN: (True, "failure"),
+    grpc.StatusCode.INTERNAL: (True, "failure"),
+    grpc.StatusCode.DATA_LOSS: (True, "failure"),
+    grpc.StatusCode.UNIMPLEMENTED: (True, "failure"),
+    grpc.StatusCode.UNAUTHENTICATED: (True, "failure"),
+    grpc.StatusCode.PERMISSION_DENIED: (True, "failure"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (True, "none"),
+    grpc.StatusCode.ABORTED: (True, "none"),
+    grpc.StatusCode.CANCELLED: (True, "none"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (False, "none"),
+}
+
+
+def classify_rpc_error(err: grpc.aio.AioRpcError, agent_id: str) -> AttemptError:
+    """Turn a failed Execute call into a classified attempt error."""
+    domain = from_rpc_error(err)
+    code = err.code()
+    retryable, verdict = _RPC_CLASSES.get(code, (False, "success"))
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        reason, message = "DEADLINE_EXCEEDED", "the task's deadline passed while the agent ran it"
+    elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        reason = "AGENT_UNAVAILABLE"
+        message = f"agent {agent_id} unreachable or gone: {domain.message}"
+    elif retryable:
+        reason = domain.reason if domain.reason not in ("UNKNOWN", code.name) else "AGENT_FAILED"
+        message = f"agent {agent_id} failed the call: {domain.message}"
+    else:
+        reason, message = domain.reason, domain.message
+    detail = common_pb2.ErrorDetail(
+        code=code.name,
+        reason=reason,
+        message=message,
+        retryable=retryable,
+        metadata={"agent_id": agent_id, **domain.metadata},
+    )
+    return AttemptError(detail, verdict)
+
+
+class ExecuteStream:
+    """One ``AgentService.Execute`` call: send assignment, cancel and input; read messages.
+
+    Args:
+        lease: The agent slot the call runs on.
+        timeout: Seconds until the task's deadline (the call's deadline).
+        metadata: Call metadata (task id, attempt, token budget, correlation id).
+    """
+
+    def __init__(
+        self, lease: AgentLease, *, timeout: float, metadata: Sequence[tuple[str, str]]
+    ) -> None:
+        self._agent_id = lease.agent_id
+        self._call = lease.stub.Execute(timeout=max(timeout, 0.001), metadata=tuple(metadata))
+        self._write_lock = asyncio.Lock()
+        self._half_closed = False
+
+    async def send(self, request: agent_pb2.ExecuteRequest) -> bool:
+        """Send one message; returns False when the call is already over."""
+        async with self._write_lock:
+            if self._half_closed or self._call.done():
+                return False
+            try:
+                await self._call.write(request)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError) as exc:
+                # The read side reports why the call ended; a lost write is not news.
+                logger.debug("write to agent %s failed: %r", self._agent_id, exc)
+                return False
+            return True
+
+    async def close_sending(self) -> None:
+        """Half-close: nothing more will be sent."""
+        async with self._write_lock:
+            if self._half_closed or self._call.done():
+                return
+            self._half_closed = True
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+                await self._call.done_writing()
+
+    async def receive(self) -> agent_pb2.ExecuteResponse | None:
+        """The next message from the agent; None when the agent closed the stream.
+
+        Raises:
+            AttemptError: The call failed (transport, status, deadline).
+        """
+        try:
+            message = await self._call.read()
+        except grpc.aio.AioRpcError as err:
+            raise classify_rpc_error(err, self._agent_id) from err
+        if message is grpc.aio.EOF:
+            return None
+        assert isinstance(message, agent_pb2.ExecuteResponse)
+        return message
+
+    def cancel(self) -> None:
+        """Cancel the call (the agent's handler is cancelled)."""
+        self._call.cancel()

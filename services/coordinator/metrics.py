@@ -1,0 +1,75 @@
+"""Prometheus metrics of the coordinator (default registry; never labelled by an id)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from hivewire.services.runtime.breaker import CircuitState
+
+TASKS_SUBMITTED = Counter(
+    "hivewire_coordinator_tasks_submitted_total",
+    "Tasks accepted (deduplicated submissions not counted).",
+)
+TASKS_DEDUPLICATED = Counter(
+    "hivewire_coordinator_tasks_deduplicated_total",
+    "Submissions answered with an earlier task because of their idempotency key.",
+)
+TASKS_FINISHED = Counter(
+    "hivewire_coordinator_tasks_finished_total",
+    "Tasks that reached a terminal state, by state.",
+    ("state",),
+)
+TASKS_ACTIVE = Gauge(
+    "hivewire_coordinator_tasks_active",
+    "Tasks not yet finished, by state.",
+    ("state",),
+)
+QUEUE_DEPTH = Gauge(
+    "hivewire_coordinator_queue_depth",
+    "Tasks waiting for an agent, by priority.",
+    ("priority",),
+)
+ATTEMPTS = Counter(
+    "hivewire_coordinator_attempts_total",
+    "Attempts dispatched to agents, by outcome.",
+    ("outcome",),
+)
+RETRIES = Counter("hivewire_coordinator_retries_total", "Attempts retried after a failure.")
+QUEUE_WAIT_SECONDS = Histogram(
+    "hivewire_coordinator_queue_wait_seconds",
+    "Time from a task's (re)queueing to its dispatch.",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
+)
+AGENTS = Gauge("hivewire_coordinator_agents", "Known agents, by health.", ("health",))
+AGENT_IN_FLIGHT = Gauge(
+    "hivewire_coordinator_agent_in_flight", "Attempts running on agents, all agents together."
+)
+AGENT_SLOTS = Gauge(
+    "hivewire_coordinator_agent_slots", "Sum of the max concurrency of healthy agents."
+)
+CIRCUITS = Gauge(
+    "hivewire_coordinator_agent_circuits", "Agent circuit breakers, by state.", ("state",)
+)
+WATCHERS = Gauge(
+    "hivewire_coordinator_watchers", "Open task event streams (watch, stream, session)."
+)
+
+_circuit_states: dict[str, CircuitState] = {}
+
+
+def _recount() -> None:
+    for candidate in CircuitState:
+        count = sum(1 for s in _circuit_states.values() if s is candidate)
+        CIRCUITS.labels(candidate.name.lower()).set(count)
+
+
+def circuit_state_changed(name: str, state: CircuitState) -> None:
+    """Breaker listener: keep the per-state circuit counts current."""
+    _circuit_states[name] = state
+    _recount()
+
+
+def forget_circuit(name: str) -> None:
+    """Drop a breaker that no longer exists from the counts."""
+    if _circuit_states.pop(name, None) is not None:
+        _recount()

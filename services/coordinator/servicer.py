@@ -1,0 +1,149 @@
+"""``CoordinatorService`` over gRPC: a thin adapter over :class:`Coordinator`.
+
+Each method takes the caller's identity from the mTLS peer certificate, awaits the
+domain and converts. Domain errors propagate to the error-mapping interceptor,
+which turns them into rich statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from hivewire.services.coordinator import convert
+from hivewire.services.coordinator.model import Caller
+from hivewire.services.coordinator.service import Coordinator
+from hivewire.services.runtime.logging import correlation_id_var
+from hivewire.services.runtime.tls import peer_spiffe_id
+
+__all__ = ["SERVICE_NAME", "CoordinatorServicer", "add_to_server"]
+
+SERVICE_NAME: str = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    """Serves ``hivewire.coordinator.v1.CoordinatorService``.
+
+    Args:
+        coordinator: The domain service.
+    """
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
+
+    def _caller(self, context: Context) -> Caller:
+        return self._coordinator.caller(peer_spiffe_id(context))
+
+    async def SubmitTask(
+        self, request: coordinator_pb2.SubmitTaskRequest, context: Context
+    ) -> coordinator_pb2.SubmitTaskResponse:
+        """Store a task and return it at once."""
+        caller = self._caller(context)
+        record, deduplicated = await self._coordinator.submit(
+            request.spec if request.HasField("spec") else None,
+            caller,
+            correlation_id=correlation_id_var.get(),
+        )
+        return coordinator_pb2.SubmitTaskResponse(
+            task=convert.task_to_proto(record), deduplicated=deduplicated
+        )
+
+    async def StreamTask(  # type: ignore[override]
+        self, request: coordinator_pb2.StreamTaskRequest, context: Context
+    ) -> AsyncIterator[coordinator_pb2.StreamTaskResponse]:
+        """Submit a task and stream its events, a snapshot first."""
+        caller = self._caller(context)
+        events = await self._coordinator.stream(
+            request.spec if request.HasField("spec") else None,
+            caller,
+            correlation_id=correlation_id_var.get(),
+        )
+        async for event in events:
+            yield coordinator_pb2.StreamTaskResponse(event=event)
+
+    async def WatchTask(  # type: ignore[override]
+        self, request: coordinator_pb2.WatchTaskRequest, context: Context
+    ) -> AsyncIterator[coordinator_pb2.WatchTaskResponse]:
+        """Replay a task's stored events after ``after_sequence``, then follow live."""
+        caller = self._caller(context)
+        events = await self._coordinator.watch(
+            request.task_id,
+            caller,
+            after_sequence=request.after_sequence,
+            include_snapshot=request.include_snapshot,
+        )
+        async for event in events:
+            yield coordinator_pb2.WatchTaskResponse(event=event)
+
+    async def GetTask(
+        self, request: coordinator_pb2.GetTaskRequest, context: Context
+    ) -> coordinator_pb2.GetTaskResponse:
+        """Return a task."""
+        record = await self._coordinator.get(request.task_id, self._caller(context))
+        return coordinator_pb2.GetTaskResponse(task=convert.task_to_proto(record))
+
+    async def ListTasks(
+        self, request: coordinator_pb2.ListTasksRequest, context: Context
+    ) -> coordinator_pb2.ListTasksResponse:
+        """One page of tasks, newest first."""
+        records, token = await self._coordinator.list_tasks(
+            self._caller(context),
+            states=list(request.states),
+            capability=request.capability,
+            owner=request.owner,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return coordinator_pb2.ListTasksResponse(
+            tasks=[convert.task_to_proto(r) for r in records], next_page_token=token
+        )
+
+    async def CancelTask(
+        self, request: coordinator_pb2.CancelTaskRequest, context: Context
+    ) -> coordinator_pb2.CancelTaskResponse:
+        """Cancel a task (idempotent)."""
+        record = await self._coordinator.cancel(
+            request.task_id, self._caller(context), request.reason
+        )
+        return coordinator_pb2.CancelTaskResponse(task=convert.task_to_proto(record))
+
+    async def ProvideInput(
+        self, request: coordinator_pb2.ProvideInputRequest, context: Context
+    ) -> coordinator_pb2.ProvideInputResponse:
+        """Answer a task's pending input request."""
+        record = await self._coordinator.provide_input(
+            request.task_id,
+            request.response if request.HasField("response") else None,
+            self._caller(context),
+        )
+        return coordinator_pb2.ProvideInputResponse(task=convert.task_to_proto(record))
+
+    async def Session(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[coordinator_pb2.SessionRequest],
+        context: Context,
+    ) -> AsyncIterator[coordinator_pb2.SessionResponse]:
+        """Many tasks over one bidirectional stream."""
+        caller = self._caller(context)
+        async for response in self._coordinator.session(
+            caller, request_iterator, correlation_id=correlation_id_var.get()
+        ):
+            yield response
+
+    async def ListAgents(
+        self, request: coordinator_pb2.ListAgentsRequest, context: Context
+    ) -> coordinator_pb2.ListAgentsResponse:
+        """The agents the coordinator routes to."""
+        self._caller(context)
+        views = self._coordinator.list_agents(request.capability)
+        return coordinator_pb2.ListAgentsResponse(agents=[convert.agent_status(v) for v in views])
+
+
+def add_to_server(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer on a server."""
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)

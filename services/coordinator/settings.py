@@ -1,0 +1,73 @@
+"""Settings of the coordinator: the ``coordinator`` section of the shared settings.
+
+Environment variables use the nested form ``HIVEWIRE_COORDINATOR__<FIELD>``, for
+example ``HIVEWIRE_COORDINATOR__DB_PATH=/var/lib/hivewire/coordinator.db``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CoordinatorSettings(BaseModel):
+    """Tuning of the coordinator (scheduling, retries, limits, storage)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    db_path: Path = Field(
+        Path(".hivewire/coordinator.db"),
+        description="SQLite database of tasks and events; ':memory:' keeps nothing.",
+    )
+    address: str = Field(
+        "127.0.0.1:50051", description="Where clients (the hivewire CLI) reach the coordinator."
+    )
+    agent_service: str = Field("hivewire-agent", description="Registry name of agents.")
+    default_timeout: float = Field(300.0, gt=0, description="Task timeout (s) when none is given.")
+    max_timeout: float = Field(86400.0, gt=0, description="Longer task timeouts are lowered to it.")
+    max_input_bytes: int = Field(
+        1024 * 1024, gt=0, description="Largest task input (serialized Payload), in bytes."
+    )
+    default_max_attempts: int = Field(3, ge=1, description="Attempts when a task sets none.")
+    max_attempts_limit: int = Field(10, ge=1, description="Largest max_attempts a task may ask.")
+    retry_initial_backoff: float = Field(
+        0.5, ge=0, description="Upper bound (s) of the jittered wait before attempt 2."
+    )
+    retry_max_backoff: float = Field(30.0, ge=0, description="Cap (s) of the retry wait.")
+    aging_interval: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds of waiting worth one priority level (prevents starvation).",
+    )
+    default_agent_concurrency: int = Field(
+        4, ge=1, description="Concurrency of an agent that advertises none."
+    )
+    breaker_failure_threshold: int = Field(
+        5, ge=1, description="Consecutive transport failures that open an agent's circuit."
+    )
+    breaker_reset_timeout: float = Field(
+        10.0, ge=0, description="Seconds an agent's open circuit waits before a probe."
+    )
+    cancel_grace: float = Field(
+        5.0, ge=0, description="Seconds an agent gets to acknowledge a cancel before the call ends."
+    )
+    describe_timeout: float = Field(3.0, gt=0, description="Deadline (s) of Describe calls.")
+    finished_cache_size: int = Field(
+        2000, ge=0, description="Finished tasks kept in memory for fast watch and get."
+    )
+    write_batch_max: int = Field(
+        1000, ge=1, description="Most writes committed in one SQLite transaction."
+    )
+    admin_prefix: str = Field(
+        "spiffe://hivewire.local/admin/",
+        description="Callers whose SPIFFE id starts with this see and cancel every task.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CoordinatorSettings:
+        if self.default_max_attempts > self.max_attempts_limit:
+            raise ValueError("default_max_attempts exceeds max_attempts_limit")
+        if self.default_timeout > self.max_timeout:
+            raise ValueError("default_timeout exceeds max_timeout")
+        return self

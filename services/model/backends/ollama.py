@@ -1,0 +1,191 @@
+"""Ollama's native HTTP API: ``/api/chat``, ``/api/generate`` (NDJSON streams),
+``/api/embed`` and ``/api/tags``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator, Sequence
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from hivewire.services.model.backends.base import (
+    EmbedResult,
+    GenerationRequest,
+    ModelEntry,
+    SamplingParams,
+    StreamEnd,
+    StreamItem,
+    TextDelta,
+)
+from hivewire.services.model.backends.http import HttpClient
+
+logger = logging.getLogger(__name__)
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def _options(params: SamplingParams) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if params.temperature is not None:
+        options["temperature"] = params.temperature
+    if params.top_p is not None:
+        options["top_p"] = params.top_p
+    if params.max_tokens is not None:
+        options["num_predict"] = params.max_tokens
+    if params.stop:
+        options["stop"] = list(params.stop)
+    if params.seed is not None:
+        options["seed"] = params.seed
+    return options
+
+
+def _parse_time(value: object) -> datetime | None:
+    # Ollama sends nanosecond fractions ("...49.277302595-07:00"); Python takes microseconds.
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(_FRACTION.sub(r"\1", value.replace("Z", "+00:00")))
+    except ValueError:
+        return None
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+class OllamaBackend:
+    """Talks to one Ollama server."""
+
+    name = "ollama"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 5.0,
+        max_connections: int = 32,
+        retry_after: float = 2.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """Create the backend.
+
+        Args:
+            base_url: Server URL, e.g. ``http://127.0.0.1:11434``.
+            connect_timeout: Seconds to connect.
+            max_connections: Pooled connections.
+            retry_after: Suggested retry delay when the server is down.
+            transport: Custom httpx transport (tests).
+        """
+        self._http = HttpClient(
+            self.name,
+            base_url,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
+            retry_after=retry_after,
+            transport=transport,
+        )
+
+    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any], str]:
+        options = _options(request.params)
+        body: dict[str, Any]
+        if request.operation == "generate":
+            body = {"model": request.model, "prompt": request.prompt, "stream": True}
+            if request.system:
+                body["system"] = request.system
+            path, text_key = "/api/generate", "response"
+        else:
+            messages = []
+            for turn in request.messages:
+                message = {"role": turn.role, "content": turn.content}
+                if turn.name and turn.role == "tool":
+                    message["tool_name"] = turn.name
+                messages.append(message)
+            body = {"model": request.model, "messages": messages, "stream": True}
+            path, text_key = "/api/chat", "message"
+        if options:
+            body["options"] = options
+        return path, body, text_key
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
+        """Stream a chat or generate call from the NDJSON frames Ollama sends."""
+        path, body, text_key = self._body(request)
+        async with self._http.stream(
+            "POST", path, model=request.model, time_limit=request.timeout, body=body
+        ) as response:
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    frame = json.loads(line)
+                except ValueError as exc:
+                    raise self._http.broken(
+                        f"undecodable frame from {path}: {line[:80]!r}"
+                    ) from exc
+                if not isinstance(frame, dict):
+                    raise self._http.broken(f"unexpected frame from {path}: {line[:80]!r}")
+                if "error" in frame:
+                    # Ollama reports failures after the 200 status as an error frame.
+                    raise self._http.broken(f"{path} failed mid-stream: {frame['error']}")
+                if text_key == "message":
+                    message = frame.get("message") or {}
+                    text = message.get("content", "") if isinstance(message, dict) else ""
+                else:
+                    text = frame.get("response", "")
+                if isinstance(text, str) and text:
+                    yield TextDelta(text)
+                if frame.get("done"):
+                    yield StreamEnd(
+                        finish="length" if frame.get("done_reason") == "length" else "stop",
+                        model=str(frame.get("model") or request.model),
+                        prompt_tokens=_count(frame.get("prompt_eval_count")),
+                        completion_tokens=_count(frame.get("eval_count")),
+                    )
+                    return
+        raise self._http.broken(f"{path} stream ended without its final frame")
+
+    async def embed(self, model: str, inputs: Sequence[str], *, time_limit: float) -> EmbedResult:
+        """Embed through ``/api/embed``."""
+        data = await self._http.request_json(
+            "POST",
+            "/api/embed",
+            model=model,
+            time_limit=time_limit,
+            body={"model": model, "input": list(inputs)},
+        )
+        vectors = data.get("embeddings") if isinstance(data, dict) else None
+        if not isinstance(vectors, list) or len(vectors) != len(inputs):
+            raise self._http.broken("/api/embed returned no embeddings or the wrong number")
+        return EmbedResult(
+            vectors=[[float(x) for x in vector] for vector in vectors],
+            model=str(data.get("model") or model),
+            prompt_tokens=_count(data.get("prompt_eval_count")),
+        )
+
+    async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
+        """List local models through ``/api/tags``."""
+        data = await self._http.request_json("GET", "/api/tags", model="", time_limit=time_limit)
+        models = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            raise self._http.broken("/api/tags returned no model list")
+        entries = []
+        for item in models:
+            if not isinstance(item, dict) or not item.get("name"):
+                continue
+            size = item.get("size")
+            entries.append(
+                ModelEntry(
+                    name=str(item["name"]),
+                    supports_embeddings=True,
+                    modified_at=_parse_time(item.get("modified_at")),
+                    size_bytes=size if isinstance(size, int) and size >= 0 else None,
+                )
+            )
+        return entries
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()

@@ -1,0 +1,203 @@
+"""OpenAI-compatible HTTP API: ``/chat/completions`` (SSE stream), ``/embeddings``,
+``/models``. Covers vLLM, llama.cpp's server, LM Studio and OpenAI itself.
+
+Generate calls go through ``/chat/completions`` too (system + user turn): chat
+models, which is what these servers host today, often have no ``/completions``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from hivewire.services.model.backends.base import (
+    EmbedResult,
+    FinishKind,
+    GenerationRequest,
+    ModelEntry,
+    StreamEnd,
+    StreamItem,
+    TextDelta,
+)
+from hivewire.services.model.backends.http import HttpClient
+
+logger = logging.getLogger(__name__)
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+class OpenAIBackend:
+    """Talks to one OpenAI-compatible server."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        connect_timeout: float = 5.0,
+        max_connections: int = 32,
+        retry_after: float = 2.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """Create the backend.
+
+        Args:
+            base_url: API base including the version, e.g. ``http://127.0.0.1:8000/v1``.
+            api_key: Sent as ``Authorization: Bearer``; None sends nothing.
+            connect_timeout: Seconds to connect.
+            max_connections: Pooled connections.
+            retry_after: Suggested retry delay when the server is down.
+            transport: Custom httpx transport (tests).
+        """
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = HttpClient(
+            self.name,
+            base_url,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
+            retry_after=retry_after,
+            headers=headers,
+            transport=transport,
+        )
+
+    @staticmethod
+    def _body(request: GenerationRequest) -> dict[str, Any]:
+        messages = []
+        for turn in request.messages:
+            message = {"role": turn.role, "content": turn.content}
+            if turn.name:
+                message["name"] = turn.name
+            messages.append(message)
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": messages,
+            "stream": True,
+            # Ask for a final usage chunk; servers that do not know the option ignore it.
+            "stream_options": {"include_usage": True},
+        }
+        params = request.params
+        if params.temperature is not None:
+            body["temperature"] = params.temperature
+        if params.top_p is not None:
+            body["top_p"] = params.top_p
+        if params.max_tokens is not None:
+            body["max_tokens"] = params.max_tokens
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        return body
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
+        """Stream a chat completion from the server-sent events."""
+        finish: FinishKind | None = None
+        model = request.model
+        prompt_tokens: int | None = None
+        completion_tokens: int | None = None
+        done = False
+        async with self._http.stream(
+            "POST",
+            "/chat/completions",
+            model=request.model,
+            time_limit=request.timeout,
+            body=self._body(request),
+        ) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments (": ping"), event names
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError as exc:
+                    raise self._http.broken(f"undecodable event: {data[:80]!r}") from exc
+                if not isinstance(chunk, dict):
+                    continue
+                if "error" in chunk:
+                    error = chunk["error"]
+                    text = error.get("message", error) if isinstance(error, dict) else error
+                    raise self._http.broken(f"stream failed: {text}")
+                model = str(chunk.get("model") or model)
+                usage = chunk.get("usage")
+                if isinstance(usage, dict):
+                    prompt_tokens = _count(usage.get("prompt_tokens"))
+                    completion_tokens = _count(usage.get("completion_tokens"))
+                for choice in chunk.get("choices") or ():
+                    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") if isinstance(delta, dict) else None
+                    if isinstance(text, str) and text:
+                        yield TextDelta(text)
+                    reason = choice.get("finish_reason")
+                    if reason:
+                        finish = "length" if reason == "length" else "stop"
+        if not done and finish is None:
+            raise self._http.broken("chat completion stream ended before it finished")
+        yield StreamEnd(
+            finish=finish or "stop",
+            model=model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+
+    async def embed(self, model: str, inputs: Sequence[str], *, time_limit: float) -> EmbedResult:
+        """Embed through ``/embeddings``."""
+        data = await self._http.request_json(
+            "POST",
+            "/embeddings",
+            model=model,
+            time_limit=time_limit,
+            body={"model": model, "input": list(inputs)},
+        )
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list) or len(items) != len(inputs):
+            raise self._http.broken("/embeddings returned no data or the wrong number")
+        ordered = sorted(
+            (item for item in items if isinstance(item, dict)),
+            key=lambda item: item.get("index", 0),
+        )
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        return EmbedResult(
+            vectors=[[float(x) for x in item.get("embedding", [])] for item in ordered],
+            model=str(data.get("model") or model),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+        )
+
+    async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
+        """List models through ``/models``."""
+        data = await self._http.request_json("GET", "/models", model="", time_limit=time_limit)
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise self._http.broken("/models returned no data")
+        entries = []
+        for item in items:
+            if not isinstance(item, dict) or not item.get("id"):
+                continue
+            created = item.get("created")
+            entries.append(
+                ModelEntry(
+                    name=str(item["id"]),
+                    modified_at=(
+                        datetime.fromtimestamp(created, UTC)
+                        if isinstance(created, int | float) and created > 0
+                        else None
+                    ),
+                )
+            )
+        return entries
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()

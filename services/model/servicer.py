@@ -1,0 +1,110 @@
+"""The gRPC adapter of the model service: validate, build the call info, delegate, convert.
+
+Domain errors raised here or below travel as rich statuses through the runtime's
+error-mapping interceptor; nothing here catches them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from hivewire.common.v1 import common_pb2
+from hivewire.model.v1 import model_pb2, model_pb2_grpc
+from hivewire.services.model import convert
+from hivewire.services.model.domain import CallInfo
+from hivewire.services.model.service import ModelService
+from hivewire.services.runtime import metadata as md
+from hivewire.services.runtime.logging import correlation_id_var
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME: str = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+"""``hivewire.model.v1.ModelService``."""
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def call_info(
+    context: Context, task_id: str, request_metadata: common_pb2.RequestMetadata
+) -> CallInfo:
+    """Collect task id, correlation id, token budget and deadline of a call.
+
+    The request's own fields win over call metadata.
+
+    Raises:
+        InvalidArgument: A malformed token budget header.
+    """
+    metadata = context.invocation_metadata()
+    return CallInfo(
+        task_id=task_id or convert.metadata_value(metadata, md.TASK_ID),
+        correlation_id=(
+            request_metadata.correlation_id
+            or convert.metadata_value(metadata, md.CORRELATION_ID)
+            or correlation_id_var.get()
+            or ""
+        ),
+        token_budget=convert.token_budget(metadata),
+        timeout=context.time_remaining(),
+    )
+
+
+class ModelServicer(model_pb2_grpc.ModelServiceServicer):
+    """``hivewire.model.v1.ModelService`` over a :class:`ModelService`."""
+
+    def __init__(self, service: ModelService, *, max_output_tokens: int = 8192) -> None:
+        """Create the servicer.
+
+        Args:
+            service: The domain service.
+            max_output_tokens: Largest ``max_tokens`` a request may ask for.
+        """
+        self._service = service
+        self._max_output_tokens = max_output_tokens
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: model_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[model_pb2.GenerateResponse]:
+        """Stream a completion of a prompt."""
+        call = convert.generate_from_proto(request, max_output_tokens=self._max_output_tokens)
+        info = call_info(context, request.task_id, request.metadata)
+        sequence = 0
+        async for item in self._service.stream(call, info):
+            sequence += 1
+            yield convert.generate_response(sequence, item)
+
+    async def Chat(  # noqa: N802 - gRPC method name
+        self, request: model_pb2.ChatRequest, context: Context
+    ) -> AsyncIterator[model_pb2.ChatResponse]:
+        """Stream the assistant's next message."""
+        call = convert.chat_from_proto(request, max_output_tokens=self._max_output_tokens)
+        info = call_info(context, request.task_id, request.metadata)
+        sequence = 0
+        async for item in self._service.stream(call, info):
+            sequence += 1
+            yield convert.chat_response(sequence, item)
+
+    async def Embed(  # noqa: N802 - gRPC method name
+        self, request: model_pb2.EmbedRequest, context: Context
+    ) -> model_pb2.EmbedResponse:
+        """Embed texts."""
+        inputs = convert.embed_from_proto(request)
+        info = call_info(context, request.task_id, request.metadata)
+        return convert.embed_response(await self._service.embed(request.model, inputs, info))
+
+    async def ListModels(  # noqa: N802 - gRPC method name
+        self, request: model_pb2.ListModelsRequest, context: Context
+    ) -> model_pb2.ListModelsResponse:
+        """List every backend's models and state."""
+        listing = await self._service.list_models(
+            request.backend, time_limit=context.time_remaining()
+        )
+        return convert.listing_to_proto(listing)
+
+
+def add_to_server(servicer: ModelServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer on a server."""
+    model_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)

@@ -1,0 +1,152 @@
+"""Events on NATS: the one place in hivewire that talks to NATS JetStream for events.
+
+* :class:`EventPublisher` — non-blocking, outage-proof publishing of
+  ``events.v1.Event`` envelopes on ``hivewire.events.<category>.<event>``.
+* :func:`subscribe` / :class:`Subscription` — durable at-least-once consumers with
+  de-duplication, retries with back-off and a dead-letter stream.
+* :func:`replay` — read history from a time or a sequence, optionally following.
+* :func:`ensure_stream` — create the ``HIVEWIRE_EVENTS`` and ``HIVEWIRE_DLQ`` streams.
+
+See docs/events.md for subjects, headers, guarantees and settings.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .settings import (
+    DEFAULT_DLQ_STREAM,
+    DEFAULT_EVENTS_STREAM,
+    DLQ_SUBJECT_PREFIX,
+    EVENTS_SUBJECT_PREFIX,
+    EventsSettings,
+    StreamSettings,
+)
+
+# Everything else loads on first use: importing the settings (as config.py does)
+# must not pull in the NATS client and its HTTP stack.
+if TYPE_CHECKING:
+    from ._nats import (
+        ensure_stream,
+    )
+    from .envelope import (
+        CATEGORIES,
+        EVENT_TYPES,
+        HEADER_CONSUMER,
+        HEADER_CORRELATION_ID,
+        HEADER_DELIVERY_COUNT,
+        HEADER_LAST_ERROR,
+        HEADER_MSG_ID,
+        HEADER_ORIGINAL_SEQUENCE,
+        HEADER_ORIGINAL_STREAM,
+        HEADER_ORIGINAL_SUBJECT,
+        HEADER_TRACEPARENT,
+        HEADER_TRACESTATE,
+        EventData,
+        TraceContext,
+        build_event,
+        category_of,
+        dlq_subject_for,
+        event_subject,
+        filter_subject,
+        trace_context_var,
+    )
+    from .publisher import (
+        EventPublisher,
+        ProgressCoalescer,
+    )
+    from .subscriber import (
+        DEFAULT_BACKOFF,
+        DeliverFrom,
+        Handler,
+        ReceivedEvent,
+        Subscription,
+        SubscriptionStats,
+        replay,
+        subscribe,
+    )
+
+_LAZY: dict[str, str] = {
+    "ensure_stream": "._nats",
+    "CATEGORIES": ".envelope",
+    "EVENT_TYPES": ".envelope",
+    "HEADER_CONSUMER": ".envelope",
+    "HEADER_CORRELATION_ID": ".envelope",
+    "HEADER_DELIVERY_COUNT": ".envelope",
+    "HEADER_LAST_ERROR": ".envelope",
+    "HEADER_MSG_ID": ".envelope",
+    "HEADER_ORIGINAL_SEQUENCE": ".envelope",
+    "HEADER_ORIGINAL_STREAM": ".envelope",
+    "HEADER_ORIGINAL_SUBJECT": ".envelope",
+    "HEADER_TRACEPARENT": ".envelope",
+    "HEADER_TRACESTATE": ".envelope",
+    "EventData": ".envelope",
+    "TraceContext": ".envelope",
+    "build_event": ".envelope",
+    "category_of": ".envelope",
+    "dlq_subject_for": ".envelope",
+    "event_subject": ".envelope",
+    "filter_subject": ".envelope",
+    "trace_context_var": ".envelope",
+    "EventPublisher": ".publisher",
+    "ProgressCoalescer": ".publisher",
+    "DEFAULT_BACKOFF": ".subscriber",
+    "DeliverFrom": ".subscriber",
+    "Handler": ".subscriber",
+    "ReceivedEvent": ".subscriber",
+    "Subscription": ".subscriber",
+    "SubscriptionStats": ".subscriber",
+    "replay": ".subscriber",
+    "subscribe": ".subscriber",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "CATEGORIES",
+    "DEFAULT_BACKOFF",
+    "DEFAULT_DLQ_STREAM",
+    "DEFAULT_EVENTS_STREAM",
+    "DLQ_SUBJECT_PREFIX",
+    "EVENTS_SUBJECT_PREFIX",
+    "EVENT_TYPES",
+    "HEADER_CONSUMER",
+    "HEADER_CORRELATION_ID",
+    "HEADER_DELIVERY_COUNT",
+    "HEADER_LAST_ERROR",
+    "HEADER_MSG_ID",
+    "HEADER_ORIGINAL_SEQUENCE",
+    "HEADER_ORIGINAL_STREAM",
+    "HEADER_ORIGINAL_SUBJECT",
+    "HEADER_TRACEPARENT",
+    "HEADER_TRACESTATE",
+    "DeliverFrom",
+    "EventData",
+    "EventPublisher",
+    "EventsSettings",
+    "Handler",
+    "ProgressCoalescer",
+    "ReceivedEvent",
+    "StreamSettings",
+    "Subscription",
+    "SubscriptionStats",
+    "TraceContext",
+    "build_event",
+    "category_of",
+    "dlq_subject_for",
+    "ensure_stream",
+    "event_subject",
+    "filter_subject",
+    "replay",
+    "subscribe",
+    "trace_context_var",
+]

@@ -1,0 +1,237 @@
+"""NATS connections and the JetStream stream setup shared by publisher, subscriber and CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+
+from hivewire.services.runtime.errors import NotFound, Unavailable
+
+from .settings import DLQ_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX, StreamSettings
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    nats.errors.Error,
+    nats.js.errors.Error,
+    asyncio.TimeoutError,
+    ConnectionError,
+    OSError,
+)
+"""Errors that mean "NATS is not reachable right now", as opposed to a bug."""
+
+Callback = Callable[[], Awaitable[None]]
+
+
+def split_servers(nats_url: str) -> list[str]:
+    """``"nats://a:4222,nats://b:4222"`` -> the list of server URLs."""
+    servers = [part.strip() for part in nats_url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError("empty NATS URL")
+    return servers
+
+
+async def connect(
+    nats_url: str,
+    *,
+    name: str,
+    fail_fast: bool,
+    disconnected_cb: Callback | None = None,
+    reconnected_cb: Callback | None = None,
+    reconnect_wait: float = 0.5,
+    connect_timeout: float = 2.0,
+    options: Mapping[str, Any] | None = None,
+) -> NatsClient:
+    """Connect to NATS; afterwards the client reconnects forever.
+
+    Args:
+        nats_url: Server URL(s), comma separated.
+        name: Connection name shown by the server's monitoring.
+        fail_fast: Raise :class:`Unavailable` after two failed attempts instead of
+            retrying until the server appears (what a background publisher wants).
+        disconnected_cb: Called when the connection drops.
+        reconnected_cb: Called when it is back.
+        reconnect_wait: Seconds between attempts.
+        connect_timeout: Seconds one attempt may take.
+        options: More ``nats.connect`` keyword arguments (tls, credentials...).
+
+    Raises:
+        Unavailable: ``fail_fast`` and no server answered.
+    """
+    servers = split_servers(nats_url)
+
+    async def on_error(exc: Exception) -> None:
+        # nats-py reports every failed (re)connect attempt here; the callers log the
+        # outage once through disconnected_cb instead of a traceback per attempt.
+        logger.debug("events: NATS client error: %s", exc)
+
+    kwargs: dict[str, Any] = {
+        "servers": servers,
+        "name": name,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": 1 if fail_fast else -1,
+        "reconnect_time_wait": reconnect_wait,
+        "connect_timeout": max(1, round(connect_timeout)),
+        "error_cb": on_error,
+    }
+    if disconnected_cb is not None:
+        kwargs["disconnected_cb"] = disconnected_cb
+    if reconnected_cb is not None:
+        kwargs["reconnected_cb"] = reconnected_cb
+    kwargs.update(options or {})
+    try:
+        client = await nats.connect(**kwargs)
+    except TRANSIENT_ERRORS as exc:  # NoServersError included
+        raise Unavailable(
+            f"cannot reach NATS at {nats_url}: {exc or type(exc).__name__}",
+            retry_after=reconnect_wait,
+            reason="EVENTS_UNAVAILABLE",
+        ) from exc
+    # nats-py applies one attempt limit to the first connect and to later reconnects: a
+    # client that connected must keep trying through an outage of any length.
+    client.options["max_reconnect_attempts"] = -1
+    return client
+
+
+def events_stream_config(settings: StreamSettings) -> StreamConfig:
+    """The configuration of the event stream (``hivewire.events.>``)."""
+    return StreamConfig(
+        name=settings.name,
+        description="hivewire events (events.v1.Event protobufs), the mesh's event store",
+        subjects=[f"{EVENTS_SUBJECT_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=settings.max_age,
+        max_bytes=settings.max_bytes,
+        max_msgs=settings.max_msgs,
+        duplicate_window=settings.duplicate_window,
+        num_replicas=settings.replicas,
+    )
+
+
+def dlq_stream_config(settings: StreamSettings) -> StreamConfig:
+    """The configuration of the dead-letter stream (``hivewire.dlq.>``)."""
+    return StreamConfig(
+        name=settings.dlq_name,
+        description="hivewire dead letters: events whose subscriber exhausted its deliveries",
+        subjects=[f"{DLQ_SUBJECT_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=settings.dlq_max_age,
+        max_bytes=settings.dlq_max_bytes,
+        max_msgs=-1,
+        duplicate_window=settings.duplicate_window,
+        num_replicas=settings.replicas,
+    )
+
+
+_MANAGED = ("subjects", "max_age", "max_bytes", "max_msgs", "duplicate_window", "num_replicas")
+
+
+async def _ensure_one(js: JetStreamContext, config: StreamConfig) -> None:
+    assert config.name is not None
+    try:
+        info = await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(config)
+            logger.info("events: created stream %s on %s", config.name, config.subjects)
+            return
+        except nats.js.errors.BadRequestError:
+            # Another service created it between our lookup and our create.
+            info = await js.stream_info(config.name)
+    current = info.config
+    changed = [
+        key
+        for key in _MANAGED
+        if key != "num_replicas" and getattr(current, key) != getattr(config, key)
+    ]
+    if changed:
+        # Limits come from the shared settings: the last service started with new values
+        # applies them (JetStream updates limits in place, keeping stored events).
+        logger.info("events: updating stream %s (%s)", config.name, ", ".join(changed))
+        await js.update_stream(config)
+
+
+async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> None:
+    """Create the event and dead-letter streams, or bring their limits up to date."""
+    await _ensure_one(js, events_stream_config(settings))
+    await _ensure_one(js, dlq_stream_config(settings))
+
+
+async def ensure_stream(
+    nats_url: str,
+    stream: StreamSettings | None = None,
+    *,
+    request_timeout: float = 5.0,
+    nats_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Create (or update) the ``HIVEWIRE_EVENTS`` and ``HIVEWIRE_DLQ`` streams.
+
+    Publishers and subscribers do this themselves when they connect; call it to
+    prepare a NATS server up front (for example before starting the mesh).
+
+    Args:
+        nats_url: NATS server URL(s), comma separated.
+        stream: Stream names and limits; defaults to :class:`StreamSettings` defaults.
+        request_timeout: Seconds for each JetStream API request.
+        nats_options: More ``nats.connect`` keyword arguments.
+
+    Raises:
+        Unavailable: NATS cannot be reached, or JetStream is not enabled on it.
+    """
+    client = await connect(
+        nats_url, name="hivewire-events-setup", fail_fast=True, options=nats_options
+    )
+    try:
+        await ensure_streams(client.jetstream(timeout=request_timeout), stream or StreamSettings())
+    except TRANSIENT_ERRORS as exc:
+        raise Unavailable(
+            f"cannot set up the event streams on {nats_url}: {exc or type(exc).__name__}",
+            reason="EVENTS_UNAVAILABLE",
+        ) from exc
+    finally:
+        await close_quietly(client)
+
+
+async def stream_exists(js: JetStreamContext, name: str) -> None:
+    """Raise :class:`NotFound` unless the stream exists."""
+    try:
+        await js.stream_info(name)
+    except nats.js.errors.NotFoundError as exc:
+        raise NotFound(
+            "stream",
+            name,
+            f"event stream {name} does not exist yet (no service has published an event)",
+            reason="EVENT_STREAM_NOT_FOUND",
+        ) from exc
+
+
+async def close_quietly(client: NatsClient | None, *, flush_timeout: float = 2.0) -> None:
+    """Flush what is still queued (acks, naks) and close a client, never raising.
+
+    Not ``drain()``: every caller has already stopped consuming, and draining a pull
+    subscription with fetched-but-unacked messages waits for its whole drain timeout.
+    """
+    if client is None or client.is_closed:
+        return
+    if client.is_connected:
+        try:
+            await client.flush(timeout=max(1, round(flush_timeout)))
+        except TRANSIENT_ERRORS:
+            pass
+    try:
+        await client.close()
+    except TRANSIENT_ERRORS:
+        pass

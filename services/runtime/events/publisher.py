@@ -1,0 +1,611 @@
+"""Asynchronous, outage-proof event publishing: :class:`EventPublisher`.
+
+``publish()`` never blocks and never raises for NATS trouble: it builds the envelope and
+appends it to a bounded in-memory buffer. A background task sends the buffer to
+JetStream in order, a window of messages at a time, and removes an event only once
+JetStream acknowledged it. Without an ack (NATS down, a timeout, the stream missing) the
+same bytes are sent again with the same ``Nats-Msg-Id``, so JetStream stores each event
+once even when an ack was lost. While NATS is unreachable the buffer grows up to
+``max_buffer`` events; past it the *oldest* events are dropped (counted in
+``hivewire_events_dropped_total{reason="buffer_full"}`` and logged), because the newest
+state of the mesh is worth more than its oldest history.
+
+``task.progress`` events are coalesced per task (see :class:`ProgressCoalescer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
+
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js.api import PubAck
+from nats.js.client import JetStreamContext
+
+from . import metrics
+from ._nats import TRANSIENT_ERRORS, close_quietly, connect, ensure_streams
+from .envelope import (
+    EventData,
+    TraceContext,
+    build_event,
+    event_headers,
+    event_subject,
+    trace_context_var,
+)
+from .settings import StreamSettings
+
+if TYPE_CHECKING:
+    from hivewire.services.runtime.config import Settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EventPublisher", "ProgressCoalescer"]
+
+T = TypeVar("T")
+
+PROGRESS_EVENT = "task.progress"
+_DROP_LOG_INTERVAL = 10.0
+
+
+@dataclass(slots=True)
+class _KeyState(Generic[T]):
+    timer: asyncio.TimerHandle | None
+    held: T | None = None
+
+
+class ProgressCoalescer(Generic[T]):
+    """Rate-limit a stream of updates per key, always keeping the latest.
+
+    The rule, per key (a task id for ``task.progress``):
+
+    * the first update is emitted at once;
+    * updates arriving within ``interval`` seconds of the last emitted one are held,
+      each replacing the one held before (only the latest survives);
+    * when ``interval`` has passed, the held update (if any) is emitted;
+    * :meth:`flush` emits the held update at once. The publisher calls it before any
+      other event about the same subject, so a task's last progress always precedes
+      its ``task.completed`` and sequence numbers stay increasing on the stream.
+
+    So a key gets at most one update per ``interval`` and the final state is never lost.
+    An ``interval`` of 0 turns coalescing off.
+
+    Args:
+        interval: Minimum seconds between two emitted updates of one key.
+        emit: Called with each update that goes out.
+        on_coalesced: Called once for every update that was replaced before going out.
+    """
+
+    def __init__(
+        self,
+        interval: float,
+        emit: Callable[[T], None],
+        *,
+        on_coalesced: Callable[[], None] | None = None,
+    ) -> None:
+        if interval < 0:
+            raise ValueError("interval must be >= 0")
+        self._interval = interval
+        self._emit = emit
+        self._on_coalesced = on_coalesced
+        self._keys: dict[str, _KeyState[T]] = {}
+
+    @property
+    def pending(self) -> int:
+        """How many keys hold an update that has not gone out yet."""
+        return sum(1 for state in self._keys.values() if state.held is not None)
+
+    def offer(self, key: str, item: T) -> None:
+        """Emit ``item`` now, or hold it until the key's interval has passed."""
+        if self._interval == 0:
+            self._emit(item)
+            return
+        state = self._keys.get(key)
+        if state is None:
+            self._emit(item)
+            timer = asyncio.get_running_loop().call_later(self._interval, self._tick, key)
+            self._keys[key] = _KeyState(timer=timer)
+            return
+        if state.held is not None and self._on_coalesced is not None:
+            self._on_coalesced()
+        state.held = item
+
+    def flush(self, key: str) -> None:
+        """Emit the update held for ``key`` (if any) now and forget the key."""
+        state = self._keys.pop(key, None)
+        if state is None:
+            return
+        if state.timer is not None:
+            state.timer.cancel()
+        if state.held is not None:
+            self._emit(state.held)
+
+    def flush_all(self) -> None:
+        """Emit every held update now (shutdown, flush)."""
+        for key in list(self._keys):
+            self.flush(key)
+
+    def _tick(self, key: str) -> None:
+        state = self._keys.get(key)
+        if state is None:
+            return
+        if state.held is None:
+            # A quiet interval: the next update of this key goes out at once.
+            del self._keys[key]
+            return
+        item, state.held = state.held, None
+        self._emit(item)
+        state.timer = asyncio.get_running_loop().call_later(self._interval, self._tick, key)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """One encoded event waiting for its JetStream ack."""
+
+    seq: int
+    event_id: str
+    event_type: str
+    subject: str
+    category: str
+    payload: bytes
+    headers: Mapping[str, str]
+
+
+class _Backoff:
+    def __init__(self, *, initial: float = 0.1, maximum: float = 2.0) -> None:
+        self._initial = initial
+        self._maximum = maximum
+        self._attempt = 0
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        bound = min(self._maximum, self._initial * (2**self._attempt))
+        self._attempt = min(self._attempt + 1, 20)
+        return random.uniform(bound / 2, bound)
+
+
+class EventPublisher:
+    """Publish ``events.v1.Event`` envelopes to JetStream without ever blocking the caller.
+
+    Use it as an async context manager (or call :meth:`start` / :meth:`close`)::
+
+        async with EventPublisher(settings.nats_url, source="coordinator/c-1") as events:
+            events.publish("task.created", subject=task_id, data=TaskEventData(...),
+                           task_sequence=1)
+
+    Events go to ``hivewire.events.<category>.<event>`` with headers ``Nats-Msg-Id``
+    (the event id), ``X-Correlation-Id`` and ``traceparent`` / ``tracestate``.
+
+    Args:
+        nats_url: NATS server URL(s), comma separated; ``None`` turns events off
+            (``publish`` is then a no-op).
+        source: The publishing service instance, e.g. ``"coordinator/coordinator-1a2b"``.
+        stream: Names and limits of the event streams, created or updated on connect.
+        max_buffer: Events held while NATS is unreachable; the oldest are dropped beyond.
+        progress_interval: Coalescing interval of ``task.progress`` per task (0: off).
+        publish_timeout: Seconds to wait for an ack before sending the event again.
+        close_timeout: Seconds :meth:`close` waits for buffered events to go out.
+        window: Events sent before waiting for their acks (pipelining).
+        nats_options: More ``nats.connect`` keyword arguments (tls, credentials...).
+    """
+
+    def __init__(
+        self,
+        nats_url: str | None,
+        *,
+        source: str,
+        stream: StreamSettings | None = None,
+        max_buffer: int = 10_000,
+        progress_interval: float = 0.25,
+        publish_timeout: float = 2.0,
+        close_timeout: float = 5.0,
+        window: int = 128,
+        nats_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if max_buffer < 1:
+            raise ValueError("max_buffer must be >= 1")
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        if not source:
+            raise ValueError("source must name the publishing service instance")
+        self._url = nats_url
+        self._source = source
+        self._stream = stream or StreamSettings()
+        self._max_buffer = max_buffer
+        self._timeout = publish_timeout
+        self._close_timeout = close_timeout
+        self._window = window
+        self._nats_options = dict(nats_options or {})
+        self._coalescer: ProgressCoalescer[_Outgoing] = ProgressCoalescer(
+            progress_interval, self._enqueue, on_coalesced=metrics.COALESCED.inc
+        )
+        self._buffer: deque[_Outgoing] = deque()
+        self._seq = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._streams_ready = False
+        self._closed = False
+        self._published = 0
+        self._dropped_since_log = 0
+        self._last_drop_log = float("-inf")
+        self._outage_logged = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, source: str, **kwargs: Any) -> EventPublisher:
+        """Build a publisher from the shared settings (``nats_url`` + the ``events`` section).
+
+        Args:
+            settings: The process's settings.
+            source: The publishing service instance.
+            **kwargs: Overrides of the other constructor arguments.
+        """
+        section = settings.events
+        options: dict[str, Any] = {
+            "stream": section.stream,
+            "max_buffer": section.max_buffer,
+            "progress_interval": section.progress_interval,
+            "publish_timeout": section.publish_timeout,
+            "close_timeout": section.close_timeout,
+        }
+        options.update(kwargs)
+        return cls(settings.nats_url if section.enabled else None, source=source, **options)
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        """False when constructed without a NATS URL (events off)."""
+        return self._url is not None
+
+    @property
+    def source(self) -> str:
+        """The ``source`` stamped on every event."""
+        return self._source
+
+    @property
+    def buffered(self) -> int:
+        """Events waiting for their JetStream ack (held progress updates excluded)."""
+        return len(self._buffer)
+
+    @property
+    def published(self) -> int:
+        """Events acknowledged by JetStream since start."""
+        return self._published
+
+    @property
+    def connected(self) -> bool:
+        """Whether the NATS connection is up right now."""
+        return self._nc is not None and self._nc.is_connected
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the background sender. Returns at once, even when NATS is down."""
+        if self._closed:
+            raise RuntimeError("EventPublisher is closed")
+        if self._url is None or self._task is not None:
+            return
+        self._task = asyncio.create_task(self._run(), name=f"hivewire-events:{self._source}")
+
+    async def close(self) -> None:
+        """Send what is buffered (up to ``close_timeout``), then stop and disconnect.
+
+        Events still unsent when the time is up are dropped with a warning and counted
+        in ``hivewire_events_dropped_total{reason="shutdown"}``.
+        """
+        if self._closed:
+            return
+        self._coalescer.flush_all()
+        if self._task is not None and self._buffer:
+            await self.flush(self._close_timeout)
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            # wait() (not await task) so a cancel of close() itself is not swallowed.
+            await asyncio.wait([self._task])
+            self._task = None
+        if self._buffer:
+            lost = len(self._buffer)
+            logger.warning(
+                "events: %d event(s) not published before shutdown (NATS at %s unreachable)",
+                lost,
+                self._url,
+            )
+            metrics.DROPPED.labels("shutdown").inc(lost)
+            metrics.BUFFERED.dec(lost)
+            self._buffer.clear()
+        await close_quietly(self._nc)
+        self._nc = None
+        self._js = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(
+        self,
+        event_type: str,
+        *,
+        subject: str,
+        data: EventData,
+        task_sequence: int = 0,
+        correlation_id: str | None = None,
+        trace: TraceContext | None = None,
+    ) -> None:
+        """Queue one event for publication; returns at once, never blocks on NATS.
+
+        Args:
+            event_type: ``"<category>.<event>"``, e.g. ``"task.completed"``.
+            subject: The id of what the event is about (task, agent, call id...).
+            data: The typed data of the event's category (``TaskEventData``...).
+            task_sequence: The task's event sequence number (task and workflow events).
+            correlation_id: Defaults to the current correlation id.
+            trace: Defaults to the current :data:`trace_context_var`.
+
+        Raises:
+            ValueError: Unknown event type or data of the wrong type (a programming
+                error, raised whether or not events are enabled).
+        """
+        if trace is None:
+            trace = trace_context_var.get()
+        event = build_event(
+            event_type,
+            source=self._source,
+            subject=subject,
+            data=data,
+            task_sequence=task_sequence,
+            correlation_id=correlation_id,
+            trace=trace,
+        )
+        if self._url is None:
+            return
+        if self._closed:
+            logger.debug("events: publisher closed; dropping %s %s", event_type, event.id)
+            metrics.DROPPED.labels("shutdown").inc()
+            return
+        outgoing = _Outgoing(
+            seq=0,  # assigned when it enters the buffer, so the buffer stays sorted
+            event_id=event.id,
+            event_type=event_type,
+            subject=event_subject(event_type),
+            category=event_type.partition(".")[0],
+            payload=event.SerializeToString(),
+            headers=event_headers(event, trace),
+        )
+        if event_type == PROGRESS_EVENT:
+            self._coalescer.offer(subject, outgoing)
+        else:
+            # The held progress of this subject goes first: order and the final
+            # progress are both kept.
+            self._coalescer.flush(subject)
+            self._enqueue(outgoing)
+
+    async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until every event published so far is acknowledged by JetStream.
+
+        Held ``task.progress`` updates are released first.
+
+        Args:
+            timeout: Seconds to wait at most; None waits as long as it takes.
+
+        Returns:
+            True if the buffer drained, False on timeout (or when not started).
+        """
+        self._coalescer.flush_all()
+        if self._url is None or not self._buffer:
+            return True
+        if self._task is None:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _enqueue(self, outgoing: _Outgoing) -> None:
+        if len(self._buffer) >= self._max_buffer:
+            dropped = self._buffer.popleft()
+            metrics.DROPPED.labels("buffer_full").inc()
+            metrics.BUFFERED.dec()
+            self._log_drop(dropped)
+        self._buffer.append(
+            _Outgoing(
+                seq=next(self._seq),
+                event_id=outgoing.event_id,
+                event_type=outgoing.event_type,
+                subject=outgoing.subject,
+                category=outgoing.category,
+                payload=outgoing.payload,
+                headers=outgoing.headers,
+            )
+        )
+        metrics.BUFFERED.inc()
+        self._idle.clear()
+        self._wake.set()
+
+    def _log_drop(self, dropped: _Outgoing) -> None:
+        self._dropped_since_log += 1
+        now = time.monotonic()
+        if now - self._last_drop_log < _DROP_LOG_INTERVAL:
+            return
+        logger.warning(
+            "events: buffer full (%d events, NATS at %s unreachable): dropped %d oldest "
+            "event(s), latest %s %s",
+            self._max_buffer,
+            self._url,
+            self._dropped_since_log,
+            dropped.event_type,
+            dropped.event_id,
+        )
+        self._dropped_since_log = 0
+        self._last_drop_log = now
+
+    # -- background sender ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = _Backoff()
+        while True:
+            try:
+                if not self._buffer:
+                    self._idle.set()
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                js = await self._ready(backoff)
+                if await self._send_window(js):
+                    if self._outage_logged and self.connected:
+                        logger.info(
+                            "events: publishing again (%d event(s) still buffered)",
+                            len(self._buffer),
+                        )
+                        self._outage_logged = False
+                    backoff.reset()
+                else:
+                    await self._pause(backoff.next_delay())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The sender must outlive any bug in one round: events keep buffering.
+                logger.exception("events: publish round failed; retrying")
+                await self._pause(backoff.next_delay())
+
+    async def _ready(self, backoff: _Backoff) -> JetStreamContext:
+        while True:
+            if self._nc is None:
+                self._nc = await self._connect()
+                self._js = self._nc.jetstream(timeout=self._timeout)
+            if not self._nc.is_connected:
+                await self._pause(1.0)
+                continue
+            assert self._js is not None
+            if not self._streams_ready:
+                try:
+                    await ensure_streams(self._js, self._stream)
+                except TRANSIENT_ERRORS as exc:
+                    logger.warning("events: cannot set up stream %s: %s", self._stream.name, exc)
+                    await self._pause(backoff.next_delay())
+                    continue
+                self._streams_ready = True
+            return self._js
+
+    async def _connect(self) -> NatsClient:
+        assert self._url is not None
+        name = f"hivewire-events/{self._source}"
+        options: dict[str, Any] = {
+            "name": name,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "options": self._nats_options,
+        }
+        try:
+            client = await connect(self._url, fail_fast=True, **options)
+        except Exception as exc:  # Unavailable: say it once, then wait for the server
+            logger.warning(
+                "events: %s; buffering up to %d events until it is reachable",
+                exc,
+                self._max_buffer,
+            )
+            self._outage_logged = True
+            client = await connect(self._url, fail_fast=False, **options)
+            logger.info("events: connected to NATS at %s", self._url)
+        self._outage_logged = False
+        return client
+
+    async def _send_window(self, js: JetStreamContext) -> bool:
+        batch = list(itertools.islice(self._buffer, self._window))
+        sent: list[tuple[_Outgoing, asyncio.Future[PubAck]]] = []
+        ok = True
+        for item in batch:
+            try:
+                future = await js.publish_async(
+                    item.subject,
+                    item.payload,
+                    wait_stall=self._timeout,
+                    headers=dict(item.headers),
+                )
+            except TRANSIENT_ERRORS as exc:
+                self._failed(item, exc)
+                ok = False
+                break
+            sent.append((item, future))
+        results = await asyncio.gather(
+            *(asyncio.wait_for(future, self._timeout) for _, future in sent),
+            return_exceptions=True,
+        )
+        acked: _Outgoing | None = None
+        for (item, _), result in zip(sent, results, strict=True):
+            if isinstance(result, BaseException):
+                if ok:
+                    self._failed(item, result)
+                ok = False
+                # Later events of the window may be stored already: they are sent again
+                # after this one and JetStream drops the copies (same Nats-Msg-Id).
+                break
+            acked = item
+            self._published += 1
+            metrics.PUBLISHED.labels(item.category).inc()
+        if acked is not None:
+            while self._buffer and self._buffer[0].seq <= acked.seq:
+                self._buffer.popleft()
+                metrics.BUFFERED.dec()
+        return ok
+
+    def _failed(self, item: _Outgoing, exc: BaseException) -> None:
+        metrics.PUBLISH_FAILED.labels(item.category).inc()
+        if isinstance(exc, nats.js.errors.NoStreamResponseError):
+            # Nobody listens on the subject: the stream is gone (a wiped server).
+            self._streams_ready = False
+        if not self._outage_logged:
+            logger.warning(
+                "events: publish of %s %s failed (%s); %d event(s) buffered, retrying",
+                item.event_type,
+                item.event_id,
+                type(exc).__name__ if not str(exc) else exc,
+                len(self._buffer),
+            )
+            self._outage_logged = True
+
+    async def _pause(self, delay: float) -> None:
+        self._kick.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._kick.wait()
+
+    async def _on_disconnected(self) -> None:
+        if not self._closed:
+            logger.warning(
+                "events: lost NATS at %s; buffering events (%d now)", self._url, len(self._buffer)
+            )
+            self._outage_logged = True
+
+    async def _on_reconnected(self) -> None:
+        logger.info("events: reconnected to NATS; sending %d buffered event(s)", len(self._buffer))
+        self._outage_logged = False
+        self._kick.set()

@@ -1,0 +1,170 @@
+"""Prometheus metrics: the shared gRPC metric objects and the HTTP exposition server.
+
+Every metric lives in prometheus_client's default registry (:data:`REGISTRY`), so a
+service's own ``hivewire_*`` metrics defined with prometheus_client's defaults show
+up on the same endpoint. Never label by an id (task, agent instance, correlation).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CLIENT_HANDLED",
+    "CLIENT_HANDLING_SECONDS",
+    "CLIENT_STARTED",
+    "REGISTRY",
+    "SERVER_HANDLED",
+    "SERVER_HANDLING_SECONDS",
+    "SERVER_MSG_RECEIVED",
+    "SERVER_MSG_SENT",
+    "SERVER_STARTED",
+    "MetricsServer",
+    "start_metrics_server",
+]
+
+_CALL_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+# Latency buckets for RPCs on loopback and in a LAN: sub-millisecond hops up to
+# long-running streams.
+_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+
+SERVER_STARTED = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", _CALL_LABELS, registry=REGISTRY
+)
+SERVER_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by status code.",
+    (*_CALL_LABELS, "grpc_code"),
+    registry=REGISTRY,
+)
+SERVER_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from the start of an RPC to its status on the server.",
+    _CALL_LABELS,
+    buckets=_BUCKETS,
+    registry=REGISTRY,
+)
+SERVER_MSG_RECEIVED = Counter(
+    "grpc_server_msg_received_total",
+    "Request messages received by the server.",
+    _CALL_LABELS,
+    registry=REGISTRY,
+)
+SERVER_MSG_SENT = Counter(
+    "grpc_server_msg_sent_total",
+    "Response messages sent by the server.",
+    _CALL_LABELS,
+    registry=REGISTRY,
+)
+CLIENT_STARTED = Counter(
+    "grpc_client_started_total", "RPCs started by clients.", _CALL_LABELS, registry=REGISTRY
+)
+CLIENT_HANDLED = Counter(
+    "grpc_client_handled_total",
+    "RPCs completed on the client, by status code.",
+    (*_CALL_LABELS, "grpc_code"),
+    registry=REGISTRY,
+)
+CLIENT_HANDLING_SECONDS = Histogram(
+    "grpc_client_handling_seconds",
+    "Time from the start of an RPC to its status on the client.",
+    _CALL_LABELS,
+    buckets=_BUCKETS,
+    registry=REGISTRY,
+)
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """Split ``/pkg.Service/Method`` into ``("pkg.Service", "Method")``."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return (service or "unknown"), (method or "unknown")
+
+
+class _IPv6Server(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Scrapes arrive every few seconds: keep them out of the logs."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+class MetricsServer:
+    """A running Prometheus exposition endpoint (``GET /metrics``) on its own thread."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
+        """Bind and start serving.
+
+        Args:
+            host: Interface to bind.
+            port: Port to bind; 0 picks a free one.
+            registry: Registry to expose.
+        """
+        server_class = _IPv6Server if ":" in host else ThreadingWSGIServer
+        self._httpd = make_server(
+            host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+        )
+        self.host = host
+        self.port: int = self._httpd.server_port
+        # A short poll interval keeps close() quick; the cost is a wakeup every 100 ms.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"metrics-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop serving and release the port (blocks up to ~0.1 s)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+
+def start_metrics_server(host: str, port: int) -> MetricsServer:
+    """Serve the default registry over HTTP.
+
+    Args:
+        host: Interface to bind (``127.0.0.1`` locally, ``0.0.0.0`` in a container).
+        port: Port; 0 picks a free one (read it back from ``.port``).
+
+    Returns:
+        The running server; call ``.close()`` to stop it.
+    """
+    server = MetricsServer(host, port)
+    logger.info("metrics on http://%s:%d/metrics", host, server.port)
+    return server

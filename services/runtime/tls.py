@@ -1,0 +1,232 @@
+"""Mutual TLS: certificate files, server and channel credentials, peer identity.
+
+Every hop in the mesh is mTLS. Identities are SPIFFE-style URI SANs
+(``spiffe://hivewire.local/<role>/<name>``) in certificates signed by the mesh CA.
+Server credentials reload their files when they change on disk, so a rotated
+certificate is picked up by the next TLS handshake without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+logger = logging.getLogger(__name__)
+
+TRUST_DOMAIN = "hivewire.local"
+"""The SPIFFE trust domain of every hivewire identity."""
+
+SPIFFE_SCHEME = "spiffe://"
+
+
+def spiffe_id(role: str, name: str) -> str:
+    """Build the SPIFFE id of a mesh identity.
+
+    Args:
+        role: What the identity is (``coordinator``, ``agent``, ``model``, ``tool``, ``client``).
+        name: The instance or principal name within that role.
+
+    Returns:
+        ``spiffe://hivewire.local/<role>/<name>``.
+    """
+    return f"{SPIFFE_SCHEME}{TRUST_DOMAIN}/{role}/{name}"
+
+
+def parse_spiffe_id(value: str) -> tuple[str, str] | None:
+    """Split a hivewire SPIFFE id into ``(role, name)``.
+
+    Args:
+        value: A URI such as ``spiffe://hivewire.local/agent/planner``.
+
+    Returns:
+        ``(role, name)``, or None when the URI is not a hivewire identity (other
+        trust domain, wrong shape).
+    """
+    prefix = f"{SPIFFE_SCHEME}{TRUST_DOMAIN}/"
+    if not value.startswith(prefix):
+        return None
+    role, sep, name = value[len(prefix) :].partition("/")
+    if not sep or not role or not name:
+        return None
+    return role, name
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Paths of one identity's PEM files: the CA bundle, its certificate chain and its key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def for_identity(cls, certs_dir: Path, name: str) -> TlsFiles:
+        """Locate an identity's files in a certificates directory.
+
+        Args:
+            certs_dir: Directory written by the PKI tooling.
+            name: Identity base name (``coordinator``, ``client``...).
+
+        Returns:
+            ``ca.pem``, ``<name>.pem`` and ``<name>.key`` inside ``certs_dir``.
+        """
+        return cls(
+            ca=certs_dir / "ca.pem", cert=certs_dir / f"{name}.pem", key=certs_dir / f"{name}.key"
+        )
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """Read the three files.
+
+        Returns:
+            ``(ca_pem, cert_chain_pem, key_pem)``.
+
+        Raises:
+            FileNotFoundError: A file is missing (the message names the directory to fix).
+        """
+        try:
+            return self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes()
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"TLS file {exc.filename} not found; generate the dev PKI first "
+                "(`hivewire certs init`) or point HIVEWIRE_CERTS_DIR at it"
+            ) from exc
+
+    def mtimes(self) -> tuple[int, int, int]:
+        """Modification times (ns) of the three files, used to notice rotation."""
+        return (
+            self.ca.stat().st_mtime_ns,
+            self.cert.stat().st_mtime_ns,
+            self.key.stat().st_mtime_ns,
+        )
+
+
+def _check_pair(cert_pem: bytes, key_pem: bytes) -> None:
+    """Reject a certificate/key pair that does not belong together.
+
+    During a rotation the cert and key are written one after the other; serving a
+    half-rotated pair would fail every handshake, so keep the old one until both match.
+    """
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    if cert.public_key().public_bytes(enc, fmt) != key.public_key().public_bytes(enc, fmt):
+        raise ValueError("certificate and private key do not match")
+
+
+class _ReloadingServerConfig:
+    """Fetcher for ``grpc.dynamic_ssl_server_credentials``.
+
+    gRPC calls it before each new TLS handshake (from a core thread); it returns a new
+    configuration only when the files changed, so the common case is three ``stat`` calls.
+    """
+
+    def __init__(self, files: TlsFiles) -> None:
+        self._files = files
+        self._lock = threading.Lock()
+        ca, cert, key = files.read()
+        _check_pair(cert, key)
+        self._mtimes = files.mtimes()
+        self.initial = grpc.ssl_server_certificate_configuration(
+            [(key, cert)], root_certificates=ca
+        )
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            try:
+                mtimes = self._files.mtimes()
+                if mtimes == self._mtimes:
+                    return None
+                ca, cert, key = self._files.read()
+                _check_pair(cert, key)
+            except Exception as exc:
+                # Keep serving the current certificate: a bad or half-written file must
+                # not take the service down.
+                logger.warning("TLS reload from %s skipped: %s", self._files.cert.parent, exc)
+                return None
+            self._mtimes = mtimes
+            logger.info("TLS certificate reloaded from %s", self._files.cert)
+            return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+
+def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    """Build mTLS server credentials that require a client certificate and reload on change.
+
+    Args:
+        files: The server identity's CA, certificate and key.
+
+    Returns:
+        Credentials for ``server.add_secure_port``. Clients without a certificate
+        signed by the CA are refused at the handshake.
+
+    Raises:
+        FileNotFoundError: A file is missing.
+        ValueError: The certificate and key do not match.
+    """
+    fetcher = _ReloadingServerConfig(files)
+    # The stubs omit that the fetcher may return None ("keep the current config").
+    return grpc.dynamic_ssl_server_credentials(
+        fetcher.initial,
+        cast(Callable[[], grpc.ServerCertificateConfiguration], fetcher),
+        require_client_authentication=True,
+    )
+
+
+def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
+    """Build mTLS channel credentials presenting this identity's certificate.
+
+    The files are read once: a channel keeps its certificate for its lifetime, so
+    rotate client certificates by creating new channels.
+
+    Args:
+        files: The client identity's CA, certificate and key.
+
+    Returns:
+        Credentials for ``grpc.aio.secure_channel``.
+    """
+    ca, cert, key = files.read()
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+
+
+def _first_text(values: Iterable[bytes] | None) -> list[str]:
+    return [v.decode("utf-8", "replace") for v in values or ()]
+
+
+def spiffe_id_from_auth_context(auth: Mapping[str, Iterable[bytes]]) -> str | None:
+    """Extract the peer's SPIFFE id from a gRPC auth context.
+
+    Args:
+        auth: ``context.auth_context()``.
+
+    Returns:
+        The ``spiffe://`` URI SAN, or None for a peer without one.
+    """
+    for value in _first_text(auth.get("peer_spiffe_id")):
+        if value.startswith(SPIFFE_SCHEME):
+            return value
+    for value in _first_text(auth.get("x509_subject_alternative_name")):
+        if value.startswith(SPIFFE_SCHEME):
+            return value
+    return None
+
+
+def peer_spiffe_id(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """Return the SPIFFE id of the peer of a server call.
+
+    Args:
+        context: The servicer context of the current call.
+
+    Returns:
+        The peer certificate's ``spiffe://`` URI SAN, or None when it has none.
+    """
+    return spiffe_id_from_auth_context(context.auth_context())

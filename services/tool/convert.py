@@ -1,0 +1,183 @@
+"""Conversions between ``tool.v1`` messages and the tool service's value types."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from hivewire.common.v1 import common_pb2
+from hivewire.services.tool.domain import (
+    ApprovalGrant,
+    ApprovalRequest,
+    InvokeEvent,
+    ProgressUpdate,
+    ToolFailure,
+    ToolInfo,
+    ToolOutcome,
+    ToolSource,
+)
+from hivewire.services.tool.sdk import normalize_json
+from hivewire.tool.v1 import tool_pb2
+
+_SOURCES = {
+    ToolSource.BUILTIN: tool_pb2.TOOL_SOURCE_BUILTIN,
+    ToolSource.PLUGIN: tool_pb2.TOOL_SOURCE_PLUGIN,
+    ToolSource.MCP: tool_pb2.TOOL_SOURCE_MCP,
+}
+_SOURCES_BACK = {value: key for key, value in _SOURCES.items()}
+
+_LARGEST_DOUBLE_INT = 2**1023
+
+
+def _representable(value: Any) -> Any:
+    """Swap numbers a double cannot hold (huge ints) for their decimal strings."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and abs(value) >= _LARGEST_DOUBLE_INT:
+        return str(value)
+    if isinstance(value, Mapping):
+        return {key: _representable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_representable(item) for item in value]
+    return value
+
+
+def to_struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct:
+    """A JSON object as a ``google.protobuf.Struct`` (numbers become doubles)."""
+    struct = struct_pb2.Struct()
+    if value:
+        struct.update(_representable(dict(value)))
+    return struct
+
+
+def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A ``Struct`` as plain JSON data, integral numbers as ints.
+
+    Raises:
+        ValueError: A number is NaN or infinite.
+    """
+    data = json_format.MessageToDict(struct)
+    normalized: dict[str, Any] = normalize_json(data)
+    return normalized
+
+
+def descriptor_to_proto(info: ToolInfo) -> tool_pb2.ToolDescriptor:
+    """``ToolInfo`` -> ``ToolDescriptor``."""
+    descriptor = tool_pb2.ToolDescriptor(
+        name=info.name,
+        description=info.description,
+        input_schema=to_struct(info.input_schema),
+        requires_approval=info.requires_approval,
+        source=_SOURCES[info.source],
+        version=info.version,
+    )
+    if info.output_schema is not None:
+        descriptor.output_schema.CopyFrom(to_struct(info.output_schema))
+    return descriptor
+
+
+def descriptor_from_proto(descriptor: tool_pb2.ToolDescriptor) -> ToolInfo:
+    """``ToolDescriptor`` -> ``ToolInfo``."""
+    return ToolInfo(
+        name=descriptor.name,
+        description=descriptor.description,
+        input_schema=json_format.MessageToDict(descriptor.input_schema),
+        output_schema=(
+            json_format.MessageToDict(descriptor.output_schema)
+            if descriptor.HasField("output_schema")
+            else None
+        ),
+        requires_approval=descriptor.requires_approval,
+        source=_SOURCES_BACK.get(descriptor.source, ToolSource.BUILTIN),
+        version=descriptor.version,
+    )
+
+
+def approval_from_proto(request: tool_pb2.InvokeToolRequest) -> ApprovalGrant | None:
+    """The request's approval, or None when it carries none."""
+    if not request.HasField("approval"):
+        return None
+    approval = request.approval
+    return ApprovalGrant(
+        request_id=approval.request_id,
+        approved_by=approval.approved_by,
+        arguments_digest=approval.arguments_digest,
+    )
+
+
+def approval_to_proto(approval: ApprovalGrant) -> tool_pb2.Approval:
+    """``ApprovalGrant`` -> ``Approval``."""
+    return tool_pb2.Approval(
+        request_id=approval.request_id,
+        approved_by=approval.approved_by,
+        arguments_digest=approval.arguments_digest,
+    )
+
+
+def failure_to_proto(failure: ToolFailure) -> common_pb2.ErrorDetail:
+    """``ToolFailure`` -> ``ErrorDetail``."""
+    return common_pb2.ErrorDetail(
+        code=failure.code,
+        reason=failure.reason,
+        message=failure.message,
+        retryable=failure.retryable,
+        metadata=dict(failure.metadata),
+    )
+
+
+def failure_from_proto(detail: common_pb2.ErrorDetail) -> ToolFailure:
+    """``ErrorDetail`` -> ``ToolFailure``."""
+    return ToolFailure(
+        code=detail.code,
+        reason=detail.reason,
+        message=detail.message,
+        retryable=detail.retryable,
+        metadata=dict(detail.metadata),
+    )
+
+
+def event_to_proto(event: InvokeEvent, sequence: int) -> tool_pb2.InvokeToolResponse:
+    """One stream event as an ``InvokeToolResponse``."""
+    response = tool_pb2.InvokeToolResponse(sequence=sequence)
+    if isinstance(event, ProgressUpdate):
+        response.progress.CopyFrom(
+            common_pb2.Progress(fraction=event.fraction, step=event.step, message=event.message)
+        )
+    elif isinstance(event, ToolOutcome):
+        response.result.CopyFrom(
+            tool_pb2.ToolResult(
+                result=to_struct(event.result), text=event.text, truncated=event.truncated
+            )
+        )
+    elif isinstance(event, ToolFailure):
+        response.error.CopyFrom(failure_to_proto(event))
+    else:
+        response.approval_required.CopyFrom(
+            tool_pb2.ApprovalRequired(
+                tool_name=event.tool_name,
+                arguments_digest=event.arguments_digest,
+                prompt=event.prompt,
+            )
+        )
+    return response
+
+
+def event_from_proto(response: tool_pb2.InvokeToolResponse) -> InvokeEvent | None:
+    """An ``InvokeToolResponse`` as a stream event (None for an empty message)."""
+    kind = response.WhichOneof("kind")
+    if kind == "progress":
+        p = response.progress
+        return ProgressUpdate(fraction=p.fraction, step=p.step, message=p.message)
+    if kind == "result":
+        r = response.result
+        return ToolOutcome(result=from_struct(r.result), text=r.text, truncated=r.truncated)
+    if kind == "error":
+        return failure_from_proto(response.error)
+    if kind == "approval_required":
+        a = response.approval_required
+        return ApprovalRequest(
+            tool_name=a.tool_name, arguments_digest=a.arguments_digest, prompt=a.prompt
+        )
+    return None

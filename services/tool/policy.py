@@ -1,0 +1,268 @@
+"""Which caller may call which tool, and which calls need a person's approval.
+
+The policy is a TOML file (``HIVEWIRE_TOOL__POLICY_FILE``)::
+
+    # Agents may call everything but the shell tool; http_fetch needs an approval.
+    [[rules]]
+    callers = ["spiffe://hivewire.local/agent/*"]
+    allow = ["*"]
+    deny = ["shell.*"]
+    require_approval = ["http_fetch"]
+
+    # The researcher agent may also run shell tools, each call approved.
+    [[rules]]
+    callers = ["spiffe://hivewire.local/agent/researcher"]
+    allow = ["shell.*"]
+    require_approval = ["shell.*"]
+
+Callers are SPIFFE ids, tools are tool names; both are shell-style globs (``*``, ``?``,
+``[abc]``; ``*`` also matches ``/`` and ``.``). Every rule whose ``callers`` match the
+caller applies: a tool is allowed when some matching rule allows it and no matching rule
+denies it (deny wins), and needs approval when the tool itself says so or some matching
+rule lists it in ``require_approval``. A caller no rule matches may call nothing.
+
+Without a policy file the default applies: agents (``spiffe://hivewire.local/agent/*``)
+may call every tool, and nobody else may call any.
+
+The file is re-read when it changes (checked at most once a second); a file that fails
+to parse then is logged and the previous policy stays in force.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_AGENT_GLOB = "spiffe://hivewire.local/agent/*"
+"""Who may call every tool when no policy file is configured."""
+
+_RULE_KEYS = frozenset({"callers", "allow", "deny", "require_approval", "description"})
+
+
+class PolicyError(ValueError):
+    """The policy file is malformed (the message says where)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``[[rules]]`` entry.
+
+    Attributes:
+        callers: SPIFFE id globs the rule applies to.
+        allow: Tool name globs it allows.
+        deny: Tool name globs it forbids (deny wins over any allow).
+        require_approval: Tool name globs whose calls need an approval.
+        description: Free text for people reading the file.
+    """
+
+    callers: tuple[str, ...]
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    require_approval: tuple[str, ...] = ()
+    description: str = ""
+
+    def applies_to(self, caller: str) -> bool:
+        """Whether the rule covers ``caller``."""
+        return any(fnmatchcase(caller, glob) for glob in self.callers)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The policy's answer for one caller and tool.
+
+    Attributes:
+        allowed: Whether the caller may call the tool.
+        requires_approval: Whether the policy wants each call approved.
+    """
+
+    allowed: bool
+    requires_approval: bool = False
+
+
+def _matches(name: str, globs: Sequence[str]) -> bool:
+    return any(fnmatchcase(name, glob) for glob in globs)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed policy: an ordered list of rules.
+
+    Attributes:
+        rules: The rules.
+        source: Where it came from (a path, or ``default``).
+    """
+
+    rules: tuple[Rule, ...]
+    source: str = "default"
+
+    def decide(self, caller: str, tool_name: str) -> Decision:
+        """Whether ``caller`` may call ``tool_name``, and whether it needs approval.
+
+        Args:
+            caller: The caller's SPIFFE id ("" when it presented none).
+            tool_name: The tool's name.
+
+        Returns:
+            The decision; a caller without an id or without a matching rule is denied.
+        """
+        if not caller:
+            return Decision(False)
+        rules = [rule for rule in self.rules if rule.applies_to(caller)]
+        if any(_matches(tool_name, rule.deny) for rule in rules):
+            return Decision(False)
+        if not any(_matches(tool_name, rule.allow) for rule in rules):
+            return Decision(False)
+        approval = any(_matches(tool_name, rule.require_approval) for rule in rules)
+        return Decision(True, approval)
+
+
+DEFAULT_POLICY = Policy(
+    rules=(
+        Rule(
+            callers=(DEFAULT_AGENT_GLOB,),
+            allow=("*",),
+            description="default: agents may call every tool",
+        ),
+    ),
+    source="default",
+)
+"""The policy in force when no file is configured."""
+
+
+def _globs(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise PolicyError(f"{where} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def parse_policy(data: Mapping[str, Any], source: str = "<memory>") -> Policy:
+    """Build a policy from parsed TOML.
+
+    Args:
+        data: The TOML document (``{"rules": [...]}``).
+        source: Name used in error messages.
+
+    Returns:
+        The policy.
+
+    Raises:
+        PolicyError: Unknown keys, wrong types or a rule without callers.
+    """
+    unknown = set(data) - {"rules", "version"}
+    if unknown:
+        raise PolicyError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
+    version = data.get("version", 1)
+    if version != 1:
+        raise PolicyError(f"{source}: unsupported version {version!r} (expected 1)")
+    raw_rules = data.get("rules", [])
+    if not isinstance(raw_rules, list):
+        raise PolicyError(f"{source}: rules must be an array of tables ([[rules]])")
+    rules = []
+    for index, raw in enumerate(raw_rules):
+        where = f"{source}: rules[{index}]"
+        if not isinstance(raw, Mapping):
+            raise PolicyError(f"{where} must be a table")
+        extra = set(raw) - _RULE_KEYS
+        if extra:
+            raise PolicyError(f"{where}: unknown key(s) {sorted(extra)}")
+        if "callers" not in raw:
+            raise PolicyError(f"{where}: callers is required")
+        description = raw.get("description", "")
+        if not isinstance(description, str):
+            raise PolicyError(f"{where}.description must be a string")
+        rules.append(
+            Rule(
+                callers=_globs(raw["callers"], f"{where}.callers"),
+                allow=_globs(raw.get("allow", []), f"{where}.allow"),
+                deny=_globs(raw.get("deny", []), f"{where}.deny"),
+                require_approval=_globs(
+                    raw.get("require_approval", []), f"{where}.require_approval"
+                ),
+                description=description,
+            )
+        )
+    return Policy(rules=tuple(rules), source=source)
+
+
+def load_policy(path: Path) -> Policy:
+    """Read and parse a policy file.
+
+    Raises:
+        PolicyError: The file is not valid TOML or not a valid policy.
+        OSError: The file cannot be read.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{path}: {exc}") from exc
+    return parse_policy(data, str(path))
+
+
+class PolicyStore:
+    """The policy in force: the default, or a file re-read when it changes."""
+
+    def __init__(self, path: Path | None, *, check_interval: float = 1.0) -> None:
+        """Load the policy.
+
+        Args:
+            path: The policy file, or None for :data:`DEFAULT_POLICY`.
+            check_interval: Minimum seconds between checks of the file's mtime.
+
+        Raises:
+            PolicyError: The file is invalid (a bad policy must stop the service from
+                starting rather than silently allow or deny everything).
+            OSError: The file cannot be read.
+        """
+        self._path = path
+        self._interval = check_interval
+        self._checked = time.monotonic()
+        if path is None:
+            self._policy = DEFAULT_POLICY
+            self._mtime: int | None = None
+            logger.info("tool policy: default (agents may call every tool)")
+        else:
+            self._mtime = path.stat().st_mtime_ns
+            self._policy = load_policy(path)
+            logger.info("tool policy: %d rule(s) from %s", len(self._policy.rules), path)
+
+    @property
+    def policy(self) -> Policy:
+        """The current policy (re-read first if the file changed)."""
+        self._maybe_reload()
+        return self._policy
+
+    def _maybe_reload(self) -> None:
+        if self._path is None:
+            return
+        now = time.monotonic()
+        if now - self._checked < self._interval:
+            return
+        self._checked = now
+        try:
+            mtime = self._path.stat().st_mtime_ns
+        except OSError as exc:
+            logger.error("tool policy file unreadable, keeping the previous policy: %s", exc)
+            return
+        if mtime == self._mtime:
+            return
+        # Remember the change even if it fails to parse: one error per edit, not per second.
+        self._mtime = mtime
+        try:
+            policy = load_policy(self._path)
+        except (OSError, PolicyError) as exc:
+            # Keep the policy in force: a half-written or broken file must not open or
+            # close every tool by accident.
+            logger.error("tool policy not reloaded, keeping the previous one: %s", exc)
+            return
+        self._policy = policy
+        logger.info("tool policy reloaded: %d rule(s) from %s", len(policy.rules), self._path)

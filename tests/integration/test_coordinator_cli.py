@@ -1,0 +1,129 @@
+"""``hivewire submit | watch | cancel | tasks | agents`` as a real process against a real coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Pki
+from tests.helpers import eventually, free_port
+from tests.support.coordinator_mesh import Mesh, start_mesh
+
+pytestmark = pytest.mark.timeout(90)
+
+HIVEWIRE = str(Path(sys.executable).parent / "hivewire")
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+async def mesh(pki: Pki, tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with start_mesh(pki.dir, tmp_path / "coordinator.db") as m:
+        yield m
+
+
+async def cli(mesh: Mesh, *args: str, address: str | None = None) -> Result:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
+    env["HIVEWIRE_CERTS_DIR"] = str(mesh.pki_dir)
+    proc = await asyncio.create_subprocess_exec(
+        HIVEWIRE,
+        *args,
+        "--address",
+        address or mesh.address,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+async def test_submit_follows_the_task_and_prints_the_output(mesh: Mesh) -> None:
+    await mesh.agent()
+    result = await cli(mesh, "submit", "echo", "hello", "--input-json", '{"steps": 2}')
+    assert result.code == 0, result
+    assert result.out == "done:hello\n"
+    lines = result.err.splitlines()
+    assert lines[0].startswith("#1 task ")
+    assert any("progress 33% step-1" in line for line in lines)
+    assert lines[-1].endswith("finished: succeeded")
+
+
+async def test_detach_watch_tasks_and_json(mesh: Mesh) -> None:
+    agent = await mesh.agent()
+    detached = await cli(mesh, "submit", "echo", "later", "--input-json", '{"gate": "g"}', "-d")
+    assert detached.code == 0, detached
+    task_id = detached.out.strip()
+    assert len(task_id) == 32
+    await agent.wait_started()
+    agent.gate("g").set()
+    watched = await cli(mesh, "watch", task_id, "--json")
+    assert watched.code == 0, watched
+    events = [json.loads(line) for line in watched.out.splitlines()]
+    assert "snapshot" in events[0]
+    assert events[-1]["finished"]["state"] == "TASK_STATE_SUCCEEDED"
+    resumed = await cli(mesh, "watch", task_id, "--after", str(len(events) - 2))
+    assert resumed.code == 0 and resumed.out == "done:later\n"
+    listed = await cli(mesh, "tasks")
+    assert listed.code == 0, listed
+    assert task_id in listed.out and "succeeded" in listed.out
+    only_running = await cli(mesh, "tasks", "--state", "running", "--json")
+    assert only_running.code == 0 and only_running.out == ""
+    bad_state = await cli(mesh, "tasks", "--state", "sleeping")
+    assert bad_state.code == 2
+
+
+async def test_exit_codes_for_failed_and_cancelled_tasks(mesh: Mesh) -> None:
+    agent = await mesh.agent()
+    failed = await cli(mesh, "submit", "echo", "--input-json", '{"fail": "permanent"}')
+    assert failed.code == 3, failed
+    assert "failed: INVALID_ARGUMENT SCRIPTED_FAILURE" in failed.err.splitlines()[-1]
+
+    hanging = await cli(mesh, "submit", "echo", "--input-json", '{"hang": true}', "--detach")
+    task_id = hanging.out.strip()
+    await eventually(lambda: any(e.task_id == task_id for e in agent.stats.executions))
+    cancelled = await cli(mesh, "cancel", task_id, "--reason", "stop")
+    assert (cancelled.code, cancelled.out) == (0, f"{task_id} cancelled\n")
+    watched = await cli(mesh, "watch", task_id)
+    assert watched.code == 4, watched
+    assert watched.err.splitlines()[-1].startswith(f"task {task_id} cancelled: CANCELLED")
+
+
+async def test_errors_are_one_line_with_code_and_reason(mesh: Mesh) -> None:
+    missing = await cli(mesh, "watch", "no-such-task")
+    assert missing.code == 5
+    assert missing.err == "Error: NOT_FOUND TASK_NOT_FOUND: task 'no-such-task' not found\n"
+    invalid = await cli(mesh, "submit", "Bad Capability!", "--detach")
+    assert invalid.code == 5
+    assert invalid.err.startswith("Error: INVALID_ARGUMENT INVALID_ARGUMENT: spec.capability:")
+    assert len(invalid.err.splitlines()) == 1
+    down = await cli(mesh, "tasks", address=f"127.0.0.1:{free_port()}")
+    assert down.code == 6
+    assert down.err.startswith("Error: UNAVAILABLE") and len(down.err.splitlines()) == 1
+    usage = await cli(mesh, "submit", "echo", "--priority", "urgent")
+    assert usage.code == 2
+
+
+async def test_agents_table(mesh: Mesh) -> None:
+    agent = await mesh.agent("tabled", capabilities=("echo", "sum"), max_concurrency=5)
+    await eventually(lambda: len(mesh.running.pool.views()) == 1)
+    result = await cli(mesh, "agents")
+    assert result.code == 0, result
+    row = next(line for line in result.out.splitlines() if agent.agent_id in line)
+    assert "tabled" in row and "healthy" in row and "0/5" in row and "echo,sum" in row
+    as_json = await cli(mesh, "agents", "--capability", "sum", "--json")
+    assert json.loads(as_json.out)["agentId"] == agent.agent_id

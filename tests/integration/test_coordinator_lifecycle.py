@@ -1,0 +1,341 @@
+"""Coordinator over real mTLS with real (scripted) agents: submit, stream, watch, cancel, input."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hivewire.common.v1 import common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.services.runtime import metadata as md
+from tests.conftest import Pki
+from tests.helpers import eventually
+from tests.support.coordinator_mesh import (
+    Mesh,
+    assert_contiguous,
+    collect,
+    error_of,
+    kinds,
+    spec,
+    start_mesh,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+S = common_pb2
+
+
+@pytest.fixture
+async def mesh(pki: Pki, tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with start_mesh(pki.dir, tmp_path / "coordinator.db") as m:
+        yield m
+
+
+async def test_submit_then_watch_to_the_result(mesh: Mesh) -> None:
+    agent = await mesh.agent()
+    client = mesh.client()
+    submitted = await client.SubmitTask(
+        coordinator_pb2.SubmitTaskRequest(spec=spec(text="hello", script={"steps": 2}))
+    )
+    task = submitted.task
+    assert task.task_id and not submitted.deduplicated
+    assert task.state == S.TASK_STATE_QUEUED and task.last_sequence == 1
+    assert task.owner == "spiffe://hivewire.local/client/client"
+    assert task.spec.priority == S.PRIORITY_MEDIUM
+    assert task.spec.timeout.seconds == 300
+
+    events = await collect(client.WatchTask(coordinator_pb2.WatchTaskRequest(task_id=task.task_id)))
+    assert_contiguous(events)
+    states = [e.state_changed.to_state for e in events if e.HasField("state_changed")]
+    assert states == [
+        S.TASK_STATE_QUEUED,
+        S.TASK_STATE_ASSIGNED,
+        S.TASK_STATE_RUNNING,
+        S.TASK_STATE_SUCCEEDED,
+    ]
+    assert kinds(events).count("progress") == 2
+    assert events[-1].HasField("finished")
+    assert events[-1].finished.output.text == "done:hello"
+    assert events[-1].finished.usage.total_tokens == 7
+
+    final = (await client.GetTask(coordinator_pb2.GetTaskRequest(task_id=task.task_id))).task
+    assert final.state == S.TASK_STATE_SUCCEEDED
+    assert final.last_sequence == events[-1].sequence
+    assert final.attempt == 1 and len(final.attempts) == 1
+    assert final.attempts[0].agent_id == agent.agent_id
+    assert final.attempts[0].HasField("ended_at")
+    assert final.output.text == "done:hello"
+    assert final.progress.step == "step-2"
+
+    # The agent got the task with its deadline and the metadata every hop carries.
+    execution = agent.stats.executions[0]
+    assert execution.attempt == 1
+    assert execution.metadata[md.TASK_ID] == task.task_id
+    assert execution.metadata[md.ATTEMPT] == "1"
+    assert execution.metadata[md.CORRELATION_ID] == final.spec.metadata.correlation_id
+    assert execution.time_remaining is not None and 0 < execution.time_remaining <= 300
+
+    # task.* events went out with the same sequence numbers as the stream.
+    published = [(t, seq) for t, s, _, seq in mesh.events.published if s == task.task_id]
+    by_type = dict(published)
+    assert [t for t, _ in published][0] == "task.created"
+    assert by_type["task.created"] == 1
+    assert by_type["task.completed"] == events[-1].sequence
+    assert {"task.assigned", "task.started", "task.progress"} <= set(by_type)
+
+
+async def test_stream_task_starts_with_a_snapshot_and_ends_when_finished(mesh: Mesh) -> None:
+    await mesh.agent()
+    client = mesh.client()
+    events = await collect(
+        client.StreamTask(coordinator_pb2.StreamTaskRequest(spec=spec(script={"partials": 3})))
+    )
+    assert events[0].HasField("snapshot")
+    snapshot = events[0].snapshot
+    assert snapshot.state == S.TASK_STATE_QUEUED and snapshot.task_id
+    assert events[0].sequence == snapshot.last_sequence == 1
+    assert_contiguous(events[1:], start=2)
+    assert kinds(events).count("partial") == 3
+    assert events[-1].finished.state == S.TASK_STATE_SUCCEEDED
+
+
+async def test_idempotency_key_returns_the_same_task_per_caller(mesh: Mesh, pki: Pki) -> None:
+    await mesh.agent()
+    client = mesh.client()
+    first = await client.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec(key="order-1")))
+    again = await client.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec(key="order-1")))
+    assert again.deduplicated and not first.deduplicated
+    assert again.task.task_id == first.task.task_id
+    # Another caller with the same key gets its own task.
+    pki.issue(role="client", name="bob", stem="client-bob")
+    other = await mesh.client("client-bob").SubmitTask(
+        coordinator_pb2.SubmitTaskRequest(spec=spec(key="order-1"))
+    )
+    assert not other.deduplicated and other.task.task_id != first.task.task_id
+    await collect(client.WatchTask(coordinator_pb2.WatchTaskRequest(task_id=first.task.task_id)))
+    # After it finished, the key still answers with the same task, and nothing ran twice.
+    late = await client.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec(key="order-1")))
+    assert late.deduplicated and late.task.task_id == first.task.task_id
+    assert late.task.state == S.TASK_STATE_SUCCEEDED
+
+
+async def test_many_watchers_each_get_every_event(mesh: Mesh) -> None:
+    agent = await mesh.agent()
+    client = mesh.client()
+    task = (
+        await client.SubmitTask(
+            coordinator_pb2.SubmitTaskRequest(spec=spec(script={"steps": 3, "hold": "go"}))
+        )
+    ).task
+    watchers = [
+        asyncio.create_task(
+            collect(client.WatchTask(coordinator_pb2.WatchTaskRequest(task_id=task.task_id)))
+        )
+        for _ in range(8)
+    ]
+    await agent.wait_started()
+    agent.gate("go").set()
+    results = await asyncio.gather(*watchers)
+    for events in results:
+        assert_contiguous(events)
+        assert events == results[0]
+        assert events[-1].finished.state == S.TASK_STATE_SUCCEEDED
+
+
+async def test_reconnect_with_after_sequence_misses_and_repeats_nothing(mesh: Mesh) -> None:
+    agent = await mesh.agent()
+    client = mesh.client()
+    task = (
+        await client.SubmitTask(
+            coordinator_pb2.SubmitTaskRequest(spec=spec(script={"steps": 5, "hold": "rest"}))
+        )
+    ).task
+    call = client.WatchTask(coordinator_pb2.WatchTaskRequest(task_id=task.task_id))
+    seen: list[coordinator_pb2.TaskEvent] = []
+    # Read part of the stream, then drop the connection mid-stream.
+    async for response in call:
+        seen.append(response.event)
+        if response.event.HasField("progress") and response.event.progress.step == "step-3":
+            break
+    call.cancel()
+    # The task goes on without the watcher: disconnecting never cancels it.
+    agent.gate("rest").set()
+    resumed = await collect(
+        client.WatchTask(
+            coordinator_pb2.WatchTaskRequest(task_id=task.task_id, after_sequence=seen[-1].sequence)
+        )
+    )
+    everything = seen + resumed
+    assert_contiguous(everything)
+    assert everything[-1].finished.state == S.TASK_STATE_SUCCEEDED
+    assert not agent.stats.executions[0].cancelled
+
+
+async def test_watch_include_snapshot(mesh: Mesh) -> None:
+    await mesh.agent()
+    client = mesh.client()
+    task = (await client.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec()))).task
+    done = await collect(client.WatchTask(coordinator_pb2.WatchTaskRequest(task_id=task.task_id)))
+    events = await collect(
+        client.WatchTask(
+            coordinator_pb2.WatchTaskRequest(
+                task_id=task.task_id, after_sequence=2, include_snapshot=True
+            )
+        )
+    )
+    assert events[0].HasField("snapshot")
+    assert events[0].snapshot.state == S.TASK_STATE_SUCCEEDED
+    assert events[1:] == done[2:]
+
+
+async def test_cancel_a_running_task_reaches_the_agent(mesh: Mesh) -> None:
+    agent = await mesh.agent()
+    client = mesh.client()
+    task = (
+        await client.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec(script={"hang": True})))
+    ).task
+    watch = asyncio.create_task(
+        collect(client.WatchTask(coordinator_pb2.WatchTaskRequest(task_id=task.task_id)))
+    )
+    await agent.wait_started()
+    cancelled = await client.CancelTask(
+        coordinator_pb2.CancelTaskRequest(task_id=task.task_id, reason="changed my mind")
+    )
+    assert cancelled.task.state == S.TASK_STATE_CANCELLED
+    assert cancelled.task.error.reason == "CANCELLED"
+    events = await watch
+    assert events[-1].finished.state == S.TASK_STATE_CANCELLED
+    assert_contiguous(events)
+    await eventually(lambda: agent.stats.executions[0].cancelled and agent.stats.in_flight == 0)
+    # Idempotent: again is fine and changes nothing.
+    again = await client.CancelTask(coordinator_pb2.CancelTaskRequest(task_id=task.task_id))
+    assert again.task.state == S.TASK_STATE_CANCELLED
+    assert again.task.last_sequence == cancelled.task.last_sequence
+    # The agent's slot is free again.
+    await eventually(lambda: [a.in_flight for a in mesh.running.coordinator.list_agents()] == [0])
+
+
+async def test_cancel_a_queued_task_and_a_finished_one(mesh: Mesh) -> None:
+    client = mesh.client()
+    queued = (
+        await client.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec("nobody-does-this")))
+    ).task
+    cancelled = await client.CancelTask(coordinator_pb2.CancelTaskRequest(task_id=queued.task_id))
+    assert cancelled.task.state == S.TASK_STATE_CANCELLED
+
+    await mesh.agent()
+    done = (await client.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec()))).task
+    await collect(client.WatchTask(coordinator_pb2.WatchTaskRequest(task_id=done.task_id)))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.CancelTask(coordinator_pb2.CancelTaskRequest(task_id=done.task_id))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_of(info.value).reason == "TASK_ALREADY_FINISHED"
+
+
+async def test_provide_input(mesh: Mesh) -> None:
+    await mesh.agent()
+    client = mesh.client()
+    task = (
+        await client.SubmitTask(
+            coordinator_pb2.SubmitTaskRequest(spec=spec(script={"ask": "your name?"}))
+        )
+    ).task
+
+    async def asking() -> coordinator_pb2.Task:
+        current = (await client.GetTask(coordinator_pb2.GetTaskRequest(task_id=task.task_id))).task
+        assert current.state == S.TASK_STATE_INPUT_REQUIRED
+        return current
+
+    waiting = await eventually(asking)
+    assert waiting.pending_input.prompt == "your name?"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.ProvideInput(
+            coordinator_pb2.ProvideInputRequest(
+                task_id=task.task_id, response=S.InputResponse(request_id="wrong")
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    answered = await client.ProvideInput(
+        coordinator_pb2.ProvideInputRequest(
+            task_id=task.task_id,
+            response=S.InputResponse(
+                request_id=waiting.pending_input.request_id, value=S.Payload(text="Ada")
+            ),
+        )
+    )
+    assert answered.task.state == S.TASK_STATE_RUNNING
+    events = await collect(client.WatchTask(coordinator_pb2.WatchTaskRequest(task_id=task.task_id)))
+    assert events[-1].finished.output.text == "answer:Ada"
+    assert "input_required" in kinds(events)
+
+
+async def test_list_tasks_filters_pages_and_owners(mesh: Mesh, pki: Pki) -> None:
+    client = mesh.client()
+    pki.issue(role="client", name="carol", stem="client-carol")
+    carol = mesh.client("client-carol")
+    mine = [
+        (await client.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec("alpha")))).task
+        for _ in range(5)
+    ]
+    theirs = (await carol.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec("beta")))).task
+    await client.CancelTask(coordinator_pb2.CancelTaskRequest(task_id=mine[0].task_id))
+
+    page1 = await client.ListTasks(coordinator_pb2.ListTasksRequest(page_size=2))
+    assert [t.task_id for t in page1.tasks] == [mine[4].task_id, mine[3].task_id]
+    page2 = await client.ListTasks(
+        coordinator_pb2.ListTasksRequest(page_size=2, page_token=page1.next_page_token)
+    )
+    page3 = await client.ListTasks(
+        coordinator_pb2.ListTasksRequest(page_size=2, page_token=page2.next_page_token)
+    )
+    assert [t.task_id for t in [*page2.tasks, *page3.tasks]] == [
+        mine[2].task_id,
+        mine[1].task_id,
+        mine[0].task_id,
+    ]
+    assert page3.next_page_token == ""
+    cancelled = await client.ListTasks(
+        coordinator_pb2.ListTasksRequest(states=[S.TASK_STATE_CANCELLED])
+    )
+    assert [t.task_id for t in cancelled.tasks] == [mine[0].task_id]
+    # A client sees only its own tasks; an admin sees everyone's.
+    assert [
+        t.task_id for t in (await carol.ListTasks(coordinator_pb2.ListTasksRequest())).tasks
+    ] == [theirs.task_id]
+    admin = mesh.client("admin")
+    everyone = await admin.ListTasks(coordinator_pb2.ListTasksRequest(capability="beta"))
+    assert [t.task_id for t in everyone.tasks] == [theirs.task_id]
+    by_owner = await admin.ListTasks(coordinator_pb2.ListTasksRequest(owner=theirs.owner))
+    assert [t.task_id for t in by_owner.tasks] == [theirs.task_id]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await carol.ListTasks(coordinator_pb2.ListTasksRequest(owner=mine[0].owner))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Someone else's task is invisible, an admin may cancel it.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await carol.GetTask(coordinator_pb2.GetTaskRequest(task_id=mine[1].task_id))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    await admin.CancelTask(coordinator_pb2.CancelTaskRequest(task_id=theirs.task_id))
+
+
+async def test_list_agents(mesh: Mesh) -> None:
+    agent = await mesh.agent("lister", capabilities=("echo", "sum"), max_concurrency=3)
+    client = mesh.client()
+
+    async def listed() -> coordinator_pb2.AgentStatus:
+        response = await client.ListAgents(coordinator_pb2.ListAgentsRequest())
+        (status,) = response.agents
+        assert status.card.description == "scripted test agent"  # filled in by Describe
+        return status
+
+    status = await eventually(listed)
+    assert status.agent_id == agent.agent_id
+    assert status.health == coordinator_pb2.AGENT_HEALTH_HEALTHY
+    assert [c.name for c in status.card.capabilities] == ["echo", "sum"]
+    assert status.card.max_concurrency == 3 and status.card.version == "1.0.0"
+    assert status.in_flight == 0 and not status.circuit_open
+    none = await client.ListAgents(coordinator_pb2.ListAgentsRequest(capability="other"))
+    assert list(none.agents) == []

@@ -1,0 +1,263 @@
+"""EventPublisher against a real nats-server: storage, headers, order, coalescing, buffering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import StorageType
+from prometheus_client import REGISTRY
+
+from hivewire.common.v1 import common_pb2
+from hivewire.events.v1 import events_pb2
+from hivewire.services.runtime.config import load_settings
+from hivewire.services.runtime.events import (
+    HEADER_CORRELATION_ID,
+    HEADER_MSG_ID,
+    HEADER_TRACEPARENT,
+    HEADER_TRACESTATE,
+    EventPublisher,
+    StreamSettings,
+    TraceContext,
+    ensure_stream,
+    replay,
+    trace_context_var,
+)
+from hivewire.services.runtime.logging import bind_correlation_id
+from tests.helpers import NatsServer
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def task_data(
+    task_id: str, state: common_pb2.TaskState.ValueType = common_pb2.TASK_STATE_RUNNING
+) -> events_pb2.TaskEventData:
+    return events_pb2.TaskEventData(task_id=task_id, state=state)
+
+
+async def stored_messages(url: str, stream: str = "HIVEWIRE_EVENTS") -> list[nats.aio.msg.Msg]:
+    """Every message of a stream, read with the raw client (independent of replay())."""
+    client = await nats.connect(url)
+    try:
+        js = client.jetstream()
+        info = await js.stream_info(stream)
+        return [
+            await js.get_msg(stream, seq)
+            for seq in range(info.state.first_seq, info.state.last_seq + 1)
+        ]
+    finally:
+        await client.close()
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_events_are_stored_in_order_with_headers(nats_server: NatsServer) -> None:
+    published_before = metric("hivewire_events_published_total", category="task")
+    token = trace_context_var.set(TraceContext(TRACEPARENT, "rojo=00f067aa0ba902b7"))
+    try:
+        async with EventPublisher(nats_server.url, source="coordinator/c-1") as publisher:
+            with bind_correlation_id("cid-order"):
+                for seq in range(1, 21):
+                    publisher.publish(
+                        "task.started" if seq == 1 else "task.assigned",
+                        subject="task-1",
+                        data=task_data("task-1"),
+                        task_sequence=seq,
+                    )
+            publisher.publish(
+                "agent.registered",
+                subject="agent-1",
+                data=events_pb2.AgentEventData(agent_id="agent-1", name="summarizer"),
+                correlation_id="cid-agent",
+            )
+            assert await publisher.flush(10)
+            assert publisher.published == 21
+    finally:
+        trace_context_var.reset(token)
+
+    messages = await stored_messages(nats_server.url)
+    assert len(messages) == 21
+    events = [events_pb2.Event.FromString(m.data) for m in messages]
+    assert [e.task_sequence for e in events[:20]] == list(range(1, 21))
+    assert [m.subject for m in messages[:2]] == [
+        "hivewire.events.task.started",
+        "hivewire.events.task.assigned",
+    ]
+    assert messages[20].subject == "hivewire.events.agent.registered"
+    for message, event in zip(messages, events, strict=True):
+        assert message.headers is not None
+        assert message.headers[HEADER_MSG_ID] == event.id
+        assert message.headers[HEADER_TRACEPARENT] == TRACEPARENT
+        assert message.headers[HEADER_TRACESTATE] == "rojo=00f067aa0ba902b7"
+        assert event.source == "coordinator/c-1"
+        assert event.traceparent == TRACEPARENT
+    assert messages[0].headers is not None and messages[20].headers is not None
+    assert messages[0].headers[HEADER_CORRELATION_ID] == "cid-order"
+    assert messages[20].headers[HEADER_CORRELATION_ID] == "cid-agent"
+    assert events[20].agent.name == "summarizer"
+    assert len({e.id for e in events}) == 21
+    assert metric("hivewire_events_published_total", category="task") == published_before + 20
+
+    # replay() reads back exactly what the raw client sees.
+    replayed = [r async for r in replay(nats_server.url)]
+    assert [r.event for r in replayed] == events
+    assert [r.stream_sequence for r in replayed] == [m.seq for m in messages]
+
+
+async def test_streams_are_created_from_the_settings(nats_server: NatsServer) -> None:
+    settings = StreamSettings(max_age=3600, max_bytes=8 * 1024 * 1024, duplicate_window=90)
+    await ensure_stream(nats_server.url, settings)
+    await ensure_stream(nats_server.url, settings)  # idempotent
+    client = await nats.connect(nats_server.url)
+    try:
+        js = client.jetstream()
+        events = (await js.stream_info("HIVEWIRE_EVENTS")).config
+        dlq = (await js.stream_info("HIVEWIRE_DLQ")).config
+    finally:
+        await client.close()
+    assert events.subjects == ["hivewire.events.>"]
+    assert events.storage == StorageType.FILE
+    assert events.max_age == 3600
+    assert events.max_bytes == 8 * 1024 * 1024
+    assert events.duplicate_window == 90
+    assert dlq.subjects == ["hivewire.dlq.>"]
+    assert dlq.storage == StorageType.FILE
+
+    # New limits from the settings are applied to the existing stream, events kept.
+    await ensure_stream(nats_server.url, StreamSettings(max_age=7200))
+    client = await nats.connect(nats_server.url)
+    try:
+        assert (await client.jetstream().stream_info("HIVEWIRE_EVENTS")).config.max_age == 7200
+    finally:
+        await client.close()
+
+
+async def test_progress_is_coalesced_and_never_overtakes_completion(
+    nats_server: NatsServer,
+) -> None:
+    coalesced_before = metric("hivewire_events_coalesced_total")
+    # A coalescing interval longer than the test: what goes out is decided by the rule,
+    # not by timing.
+    async with EventPublisher(
+        nats_server.url, source="agent/a-1", progress_interval=3600
+    ) as publisher:
+        publisher.publish(
+            "task.started", subject="task-p", data=task_data("task-p"), task_sequence=1
+        )
+        for seq in range(2, 102):
+            publisher.publish(
+                "task.progress",
+                subject="task-p",
+                data=events_pb2.TaskEventData(
+                    task_id="task-p", progress=common_pb2.Progress(fraction=seq / 101)
+                ),
+                task_sequence=seq,
+            )
+        publisher.publish(
+            "task.progress", subject="task-q", data=task_data("task-q"), task_sequence=1
+        )
+        publisher.publish(
+            "task.completed",
+            subject="task-p",
+            data=task_data("task-p", common_pb2.TASK_STATE_SUCCEEDED),
+            task_sequence=102,
+        )
+        assert await publisher.flush(10)
+    stored = [
+        (r.type, r.event.subject, r.event.task_sequence) async for r in replay(nats_server.url)
+    ]
+    assert stored == [
+        ("task.started", "task-p", 1),
+        ("task.progress", "task-p", 2),  # the first progress goes out at once
+        ("task.progress", "task-q", 1),  # another task is not held back
+        ("task.progress", "task-p", 101),  # the latest, released before the completion
+        ("task.completed", "task-p", 102),
+    ]
+    assert metric("hivewire_events_coalesced_total") == coalesced_before + 98
+
+
+async def test_publisher_started_while_nats_is_down_delivers_once_it_is_up(
+    tmp_path: Path,
+) -> None:
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    await server.stop()  # a known port with nothing listening
+    async with EventPublisher(server.url, source="model/m-1") as publisher:
+        for i in range(5):
+            publisher.publish(
+                "model.request_started",
+                subject=f"call-{i}",
+                data=events_pb2.ModelEventData(request_id=f"call-{i}", model="tiny"),
+            )
+        assert publisher.buffered == 5
+        assert not await publisher.flush(0.2)
+        await server.start()
+        try:
+            assert await publisher.flush(20)
+            stored = [r.event.subject async for r in replay(server.url)]
+        finally:
+            await server.stop()
+    assert stored == [f"call-{i}" for i in range(5)]
+
+
+async def test_full_buffer_drops_the_oldest_and_keeps_order(tmp_path: Path) -> None:
+    dropped_before = metric("hivewire_events_dropped_total", reason="buffer_full")
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    try:
+        async with EventPublisher(server.url, source="tool/t-1", max_buffer=10) as publisher:
+            publisher.publish("tool.invoked", subject="call-0", data=events_pb2.ToolEventData())
+            assert await publisher.flush(10)
+            await server.stop()
+            for i in range(1, 26):
+                publisher.publish(
+                    "tool.invoked", subject=f"call-{i}", data=events_pb2.ToolEventData()
+                )
+            assert publisher.buffered == 10
+            assert (
+                metric("hivewire_events_dropped_total", reason="buffer_full") == dropped_before + 15
+            )
+            assert metric("hivewire_events_buffered") >= 10
+            await server.start()
+            assert await publisher.flush(20)
+        stored = [r.event.subject async for r in replay(server.url)]
+    finally:
+        await server.stop()
+    assert stored == ["call-0", *[f"call-{i}" for i in range(16, 26)]]
+
+
+async def test_close_reports_events_it_could_not_send(tmp_path: Path) -> None:
+    lost_before = metric("hivewire_events_dropped_total", reason="shutdown")
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    await server.stop()
+    publisher = EventPublisher(server.url, source="svc/1", close_timeout=0.2)
+    await publisher.start()
+    for i in range(3):
+        publisher.publish("agent.deregistered", subject=f"a{i}", data=events_pb2.AgentEventData())
+    await publisher.close()  # returns although NATS never came back
+    assert metric("hivewire_events_dropped_total", reason="shutdown") == lost_before + 3
+    assert publisher.buffered == 0
+    publisher.publish("agent.deregistered", subject="late", data=events_pb2.AgentEventData())
+
+
+async def test_from_settings_uses_the_events_section(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HIVEWIRE_NATS_URL", nats_server.url)
+    monkeypatch.setenv("HIVEWIRE_EVENTS__STREAM__MAX_AGE", "600")
+    monkeypatch.setenv("HIVEWIRE_EVENTS__MAX_BUFFER", "7")
+    settings = load_settings()
+    async with EventPublisher.from_settings(settings, source="svc/1") as publisher:
+        publisher.publish("workflow.started", subject="t", data=events_pb2.WorkflowEventData())
+        assert await publisher.flush(10)
+    client = await nats.connect(nats_server.url)
+    try:
+        assert (await client.jetstream().stream_info("HIVEWIRE_EVENTS")).config.max_age == 600
+    finally:
+        await client.close()
+    monkeypatch.setenv("HIVEWIRE_EVENTS__ENABLED", "false")
+    assert not EventPublisher.from_settings(load_settings(), source="svc/1").enabled

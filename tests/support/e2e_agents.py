@@ -1,0 +1,43 @@
+"""Agents written with the real SDK, served as real processes by the end-to-end tests.
+
+``python -m hivewire.services.agent tests.support.e2e_agents:PacedAgent --name paced-1``
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from hivewire.services.agent import Agent, Payload, TaskContext, capability
+
+
+class PacedAgent(Agent):
+    """Work that takes a little while and reports progress as it goes."""
+
+    name = "paced"
+    version = "1.0.0"
+    max_concurrency = 8
+
+    @capability("count", description="Count to steps, one progress event per step.")
+    async def count(self, task: Payload, ctx: TaskContext) -> dict[str, Any]:
+        spec = dict(task.json or {})
+        steps = int(spec.get("steps", 3))
+        interval = float(spec.get("interval", 0.0))
+        for i in range(1, steps + 1):
+            await ctx.progress(i / steps, f"step-{i}", f"counted {i} of {steps}")
+            if interval:
+                await asyncio.sleep(interval)
+        return {"counted": steps, "attempt": ctx.attempt, "text": task.text}
+
+    @capability("forever", description="Report progress until cancelled.")
+    async def forever(self, task: Payload, ctx: TaskContext) -> str:
+        beat = 0
+        while True:
+            beat += 1
+            await ctx.progress(0.0, "beat", f"beat {beat}")
+            await asyncio.sleep(0.05)
+
+    @capability("ask", description="Ask a person a question and return the answer.")
+    async def ask(self, task: Payload, ctx: TaskContext) -> str:
+        answer = await ctx.request_input(task.text or "?")
+        return f"answer:{answer.text}"
