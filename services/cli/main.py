@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from hivewire.services.cli import agent, certs, events, tasks
+from hivewire.services.cli import agent, certs, events, tasks, up
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ app.add_typer(certs.app, name="certs")
 app.add_typer(agent.app, name="agent")
 app.add_typer(events.app, name="events")
 app.add_typer(tasks.app)  # submit, watch, cancel, tasks, agents
+app.add_typer(up.app)  # up
 
 
 def main() -> None:

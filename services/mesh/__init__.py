@@ -1,1 +1,1 @@
-"""Running a whole mesh on one machine: the process launcher and the NATS server behind `hivewire up`."""
+"""Running a whole mesh on one machine: the launcher and NATS server behind `hivewire up`."""

@@ -29,7 +29,9 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Ask the kernel to SIGTERM this child when its parent dies (Linux only)."""
+    """Own process group (a terminal's Ctrl-C reaches only the launcher, which stops the
+    children in order), and SIGTERM from the kernel when the launcher dies (Linux)."""
+    os.setpgrp()
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -175,7 +177,9 @@ class Launcher:
             try:
                 await asyncio.wait_for(child.process.wait(), grace or self._grace)
             except TimeoutError:
-                logger.warning("%s did not stop within its grace period; killing it", child.spec.name)
+                logger.warning(
+                    "%s did not stop within its grace period; killing it", child.spec.name
+                )
                 with contextlib.suppress(ProcessLookupError):
                     child.process.kill()
                 await child.process.wait()

@@ -71,7 +71,7 @@ class NatsServerConfig:
 
 
 async def start_nats_server(
-    launcher: Launcher, config: NatsServerConfig, *, state_dir: Path, timeout: float = 30.0
+    launcher: Launcher, config: NatsServerConfig, *, state_dir: Path, ready_within: float = 30.0
 ) -> ManagedProcess:
     """Start nats-server under ``launcher`` and wait until JetStream is healthy."""
     config.store_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ async def start_nats_server(
             log_file=state_dir / "logs" / "nats-server.log",
         )
     )
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + ready_within
     async with httpx.AsyncClient(timeout=2.0) as http:
         while True:
             if not child.running:
@@ -98,5 +98,5 @@ async def start_nats_server(
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"nats-server not healthy after {timeout:.0f}s")
+                raise RuntimeError(f"nats-server not healthy after {ready_within:.0f}s")
             await asyncio.sleep(0.05)
