@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -33,7 +33,7 @@ app = typer.Typer()
 
 DEMO_CAPABILITY = "research"
 DEMO_QUESTION = "How does hivewire keep a task's progress visible when a client reconnects?"
-DEMO_INPUT: dict[str, object] = {
+DEMO_INPUT: dict[str, Any] = {
     "question": DEMO_QUESTION,
     "documents": [
         "The coordinator stores every task event with a per-task sequence number in SQLite. "

@@ -1,0 +1,244 @@
+"""`hivewire up` end to end: the whole mesh as real processes, driven like a user would.
+
+One mesh per module (it takes a few seconds to start on 2 cores): nats-server, the
+coordinator, the model service (deterministic backend, so the run is reproducible),
+the tool service and the three example agents, each its own process on its own port
+(ephemeral ports picked for the test), over mutual TLS. Then grpcurl, the metrics
+endpoints, the CLI and Ctrl-C are exercised against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hivewire.services.runtime.tls import TlsFiles
+from tests.helpers import free_port, grpcurl
+
+pytestmark = pytest.mark.timeout(300)
+
+HIVEWIRE = str(Path(sys.executable).parent / "hivewire")
+SERVICE_NAMES = {
+    "coordinator": "hivewire.coordinator.v1.CoordinatorService",
+    "model": "hivewire.model.v1.ModelService",
+    "tool": "hivewire.tool.v1.ToolService",
+    "agent-summarizer": "hivewire.agent.v1.AgentService",
+    "agent-researcher": "hivewire.agent.v1.AgentService",
+    "agent-calculator": "hivewire.agent.v1.AgentService",
+}
+
+
+@dataclass
+class RunningMesh:
+    process: subprocess.Popen[bytes]
+    root: Path
+    log: Path
+    endpoints: dict[str, Any]
+
+    @property
+    def tls(self) -> TlsFiles:
+        paths = self.endpoints["tls"]
+        return TlsFiles(ca=Path(paths["ca"]), cert=Path(paths["cert"]), key=Path(paths["key"]))
+
+    def address(self, name: str) -> str:
+        return str(self.endpoints["services"][name]["address"])
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _wait_for(predicate: Any, *, within: float, what: str, mesh_log: Path) -> Any:
+    """Poll a predicate against a deadline (sync: module fixtures have no event loop)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not seen within {within}s; output:\n{mesh_log.read_text()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is gone as far as a user can tell.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+    root = tmp_path_factory.mktemp("mesh")
+    state = root / "state"
+    log = root / "up.log"
+    ports = {
+        "--coordinator-port": free_port(),
+        "--model-port": free_port(),
+        "--tool-port": free_port(),
+        "--nats-port": free_port(),
+        "--nats-monitor-port": free_port(),
+    }
+    # Agents take consecutive ports from --first-agent-port; pick a free run of three.
+    first_agent = free_port()
+    argv = [HIVEWIRE, "up", "--model-backend", "deterministic"]
+    argv += [str(x) for pair in ports.items() for x in pair]
+    argv += ["--first-agent-port", str(first_agent)]
+    argv += ["--state-dir", str(state), "--certs-dir", str(root / "certs")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=root
+        )
+    try:
+        _wait_for(
+            lambda: "mesh is running" in log.read_text() or process.poll() is not None,
+            within=180,
+            what="`mesh is running`",
+            mesh_log=log,
+        )
+        assert process.poll() is None, log.read_text()
+        endpoints = json.loads((state / "endpoints.json").read_text())
+        yield RunningMesh(process=process, root=root, log=log, endpoints=endpoints)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_up_runs_the_demo_task_live_and_prints_a_grpcurl_command(mesh: RunningMesh) -> None:
+    text = mesh.output()
+    assert "model backend: deterministic" in text
+    # Live progress: state changes, progress steps, tool calls and streamed partials.
+    assert "running: started on agent researcher" in text
+    assert "progress" in text and "tool_call text" in text and "partial answer" in text
+    assert "finished: succeeded" in text
+    assert "demo task exit status: 0" in text
+    assert "grpcurl -cacert" in text and "CoordinatorService/StreamTask" in text
+
+
+def test_endpoints_file_lists_every_service_and_the_client_identity(mesh: RunningMesh) -> None:
+    services = mesh.endpoints["services"]
+    assert set(services) == set(SERVICE_NAMES)
+    for entry in services.values():
+        host, port = entry["address"].rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0
+        assert entry["metrics"]
+    for path in mesh.endpoints["tls"].values():
+        assert Path(path).is_file()
+    assert mesh.endpoints["nats"]["url"].startswith("nats://127.0.0.1:")
+
+
+@pytest.mark.parametrize("name", sorted(SERVICE_NAMES))
+async def test_grpcurl_lists_and_describes_each_service_via_reflection(
+    mesh: RunningMesh, name: str
+) -> None:
+    listed = await grpcurl("list", tls=mesh.tls, address=mesh.address(name))
+    assert listed.returncode == 0, listed
+    services = set(listed.stdout.split())
+    assert {SERVICE_NAMES[name], "grpc.health.v1.Health"} <= services
+    described = await grpcurl(
+        "describe", SERVICE_NAMES[name], tls=mesh.tls, address=mesh.address(name)
+    )
+    assert described.returncode == 0, described
+    assert "rpc " in described.stdout
+    health = await grpcurl(
+        "grpc.health.v1.Health/Check", tls=mesh.tls, address=mesh.address(name), input="{}"
+    )
+    assert health.returncode == 0, health
+    assert health.json() == {"status": "SERVING"}
+
+
+async def test_printed_grpcurl_command_streams_a_task(mesh: RunningMesh) -> None:
+    body = {"spec": {"capability": "summarize", "input": {"text": "hivewire streams every step."}}}
+    result = await grpcurl(
+        "hivewire.coordinator.v1.CoordinatorService/StreamTask",
+        tls=mesh.tls,
+        address=mesh.address("coordinator"),
+        flags=["-d", json.dumps(body)],
+        timeout=120,
+    )
+    assert result.returncode == 0, result
+    events = [m["event"] for m in result.messages()]
+    assert "snapshot" in events[0]
+    sequences = [int(e["sequence"]) for e in events[1:]]
+    assert sequences == list(range(sequences[0], sequences[0] + len(sequences)))
+    assert any("partial" in e for e in events)
+    assert events[-1]["finished"]["state"] == "TASK_STATE_SUCCEEDED"
+
+
+async def test_no_client_certificate_is_refused(mesh: RunningMesh) -> None:
+    result = await grpcurl(
+        "list", tls=None, address=mesh.address("coordinator"), flags=["-insecure"]
+    )
+    assert result.returncode != 0
+    assert "hivewire" not in result.stdout
+
+
+async def test_metrics_endpoint_counts_the_calls_just_made(mesh: RunningMesh) -> None:
+    address = mesh.address("tool")
+    for _ in range(3):
+        checked = await grpcurl(
+            "grpc.health.v1.Health/Check", tls=mesh.tls, address=address, input="{}"
+        )
+        assert checked.returncode == 0, checked
+    metrics = mesh.endpoints["services"]["tool"]["metrics"]
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://{metrics}/metrics")).text
+    lines = [
+        line
+        for line in text.splitlines()
+        if line.startswith("grpc_server_handled_total{")
+        and 'grpc_method="Check"' in line
+        and 'grpc_code="OK"' in line
+    ]
+    assert lines, text
+    assert float(lines[0].rsplit(" ", 1)[1]) >= 3
+
+
+def test_cli_lists_agents_and_tasks(mesh: RunningMesh) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
+    common = ["--address", mesh.address("coordinator"), "--certs-dir", str(mesh.root / "certs")]
+    agents = subprocess.run(
+        [HIVEWIRE, "agents", *common], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert agents.returncode == 0, agents.stderr
+    for capability in ("summarize", "research", "calculate"):
+        assert capability in agents.stdout
+    tasks = subprocess.run(
+        [HIVEWIRE, "tasks", *common], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert tasks.returncode == 0, tasks.stderr
+    assert "research" in tasks.stdout
+
+
+def test_ctrl_c_stops_every_process(mesh: RunningMesh) -> None:
+    """Runs last in this module: SIGINT (Ctrl-C) leaves no mesh process behind."""
+    pids = [entry["pid"] for entry in mesh.endpoints["services"].values()]
+    assert all(_alive(pid) for pid in pids)
+    mesh.process.send_signal(signal.SIGINT)
+    assert mesh.process.wait(timeout=90) == 0, mesh.output()
+    assert "all processes stopped." in mesh.output()
+    assert not [pid for pid in pids if _alive(pid)]
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(mesh.root / "state" / "nats-server.conf")], capture_output=True
+    )
+    assert leftovers.returncode == 1, leftovers.stdout
