@@ -1,1 +1,1 @@
-"""Hand-written hivewire services: shared runtime, coordinator, agents, model and tool services, CLI."""
+"""Hand-written hivewire code: shared runtime, coordinator, agents, model and tool services, CLI."""

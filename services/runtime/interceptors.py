@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 import grpc
 from grpc.aio import ClientCallDetails, Metadata
 
-from hivewire.services.runtime import metrics
+from hivewire.services.runtime import metadata, metrics
 from hivewire.services.runtime.errors import (
     Aborted,
     DeadlineExceeded,
@@ -44,7 +44,7 @@ from hivewire.services.runtime.status import from_rpc_error, to_grpc_status
 
 logger = logging.getLogger(__name__)
 
-CORRELATION_ID_KEY = "x-correlation-id"
+CORRELATION_ID_KEY = metadata.CORRELATION_ID
 """Metadata key of the correlation id, on every hop (lower case, as gRPC requires)."""
 
 _VALID_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

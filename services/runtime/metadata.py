@@ -9,7 +9,7 @@ TASK_ID = "x-hivewire-task-id"
 #: The attempt of that task.
 ATTEMPT = "x-hivewire-attempt"
 #: Tokens the task may still spend on model calls (absent or "0": no limit).
-TOKEN_BUDGET = "x-hivewire-token-budget"
+TOKEN_BUDGET = "x-hivewire-token-budget"  # noqa: S105 - a header name, not a secret
 #: W3C trace context.
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
