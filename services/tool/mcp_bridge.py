@@ -182,8 +182,8 @@ class McpConnection:
                 tools.append(McpTool(info, self, remote.name))
             except SchemaError as exc:
                 logger.warning("MCP tool %s has an invalid input schema (%s); skipped", name, exc)
-        self._registry.replace_prefix(f"{self.name}.", tools)
-        self.tool_names = [tool.name for tool in tools]
+        self._registry.replace_group(f"mcp:{self.name}", tools)
+        self.tool_names = [tool.name for tool in tools if self._registry.get(tool.name) is tool]
         logger.info(
             "MCP server %s: %d tool(s): %s", self.name, len(tools), ", ".join(self.tool_names)
         )

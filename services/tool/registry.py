@@ -247,6 +247,7 @@ class ToolRegistry:
         """
         self._disabled = tuple(disabled)
         self._tools: dict[str, Tool] = {}
+        self._groups: dict[str, set[str]] = {}
 
     def is_disabled(self, name: str) -> bool:
         """Whether settings disable the tool ``name``."""
@@ -273,12 +274,16 @@ class ToolRegistry:
         self._tools[tool.name] = tool
         return True
 
-    def replace_prefix(self, prefix: str, tools: Iterable[Tool]) -> None:
-        """Swap every tool whose name starts with ``prefix`` for ``tools`` (MCP refresh)."""
-        for name in [name for name in self._tools if name.startswith(prefix)]:
-            del self._tools[name]
-        for tool in tools:
-            self.add(tool)
+    def replace_group(self, group: str, tools: Iterable[Tool]) -> None:
+        """Swap the tools registered earlier under ``group`` for ``tools`` (MCP refresh).
+
+        Only tools added through this method under the same group are removed, so a
+        refreshed MCP server never drops a built-in or plugin tool of a similar name.
+        """
+        for name in self._groups.pop(group, set()):
+            self._tools.pop(name, None)
+        accepted = {tool.name for tool in tools if self.add(tool)}
+        self._groups[group] = accepted
 
     def get(self, name: str) -> Tool | None:
         """The tool called ``name``, if any."""

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 from typing import Any
 
@@ -143,15 +144,7 @@ class ToolService:
                 continue
             info = tool.info
             if decision.requires_approval and not info.requires_approval:
-                info = ToolInfo(
-                    name=info.name,
-                    description=info.description,
-                    input_schema=info.input_schema,
-                    output_schema=info.output_schema,
-                    requires_approval=True,
-                    source=info.source,
-                    version=info.version,
-                )
+                info = dataclasses.replace(info, requires_approval=True)
             listed.append(info)
         return listed
 
@@ -185,7 +178,7 @@ class ToolService:
         known = name in self.registry
         digest = ""
 
-        def record(outcome: str, error: ToolFailure | None = None) -> AuditRecord:
+        def record(outcome: str, error: ToolFailure | None) -> AuditRecord:
             return AuditRecord(
                 call_id=call_id,
                 tool_name=name,
@@ -235,7 +228,7 @@ class ToolService:
         if tool.info.requires_approval or decision.requires_approval:
             approval = call.approval
             if approval is None:
-                self.audit.finished(record("approval_required"), started=False)
+                self.audit.finished(record("approval_required", None), started=False)
                 yield ApprovalRequest(
                     tool_name=name,
                     arguments_digest=digest,
@@ -283,7 +276,7 @@ class ToolService:
         call: ToolCall,
         call_id: str,
         digest: str,
-        record: Any,
+        record: Callable[[str, ToolFailure | None], AuditRecord],
     ) -> AsyncIterator[InvokeEvent]:
         loop = asyncio.get_running_loop()
         limit = self._limit(tool, call.timeout)

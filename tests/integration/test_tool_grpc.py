@@ -234,6 +234,12 @@ async def test_timeouts(tools: ToolClient, agent_channel: grpc.aio.Channel) -> N
         await tools.invoke("hang", {}, timeout=30)
     assert capped.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert capped.value.reason == "TOOL_TIMEOUT"
+    # A sync plugin that blocks its thread and never checks: the call still ends on time.
+    with pytest.raises(DeadlineExceeded) as blocked:
+        await tools.invoke("sync_hang", {}, timeout=30)
+    assert blocked.value.reason == "TOOL_TIMEOUT"
+    added = await tools.invoke("add_numbers", {"a": 1, "b": 2})
+    assert isinstance(added, ToolOutcome)
     # The caller's deadline fires first: DEADLINE_EXCEEDED, the call is over either way.
     with pytest.raises(DeadlineExceeded):
         await tools.invoke("slow", {"seconds": 60}, timeout=0.3)

@@ -127,6 +127,19 @@ def sync_spin(ctx: ToolContext) -> str:
         SPIN_STOPPED.set()
 
 
+@tool(timeout=0.5)
+def sync_hang(seconds: float = 600.0) -> str:
+    """Block a thread without ever checking for cancellation (the worst plugin).
+
+    Only for service processes: the abandoned thread sleeps on after the call ends.
+
+    Args:
+        seconds: How long to block.
+    """
+    time.sleep(seconds)
+    return "woke up"
+
+
 @tool(requires_approval=True, approval_prompt="Delete {path}?")
 def delete_file(path: str) -> dict[str, str]:
     """Pretend to delete a file (needs a person's approval).
