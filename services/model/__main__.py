@@ -17,7 +17,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from hivewire.discovery import Instance, new_instance_id, open_registry
-from hivewire.services.model.app import build_service
+from hivewire.services.model.app import build_service, warm_up
 from hivewire.services.model.servicer import SERVICE_NAME, ModelServicer, add_to_server
 from hivewire.services.runtime.config import Settings, load_settings
 from hivewire.services.runtime.events import EventPublisher
@@ -52,6 +52,7 @@ async def serve(settings: Settings) -> None:
         await stack.enter_async_context(events)
         service = build_service(settings.model, events=events)
         stack.push_async_callback(service.aclose)
+        await warm_up(service)
         registry = open_registry(
             settings.discovery, nats_url=settings.nats_url, consul_token=settings.consul_token
         )

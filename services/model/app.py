@@ -14,6 +14,7 @@ from hivewire.services.model.backends.openai import OpenAIBackend
 from hivewire.services.model.router import Router
 from hivewire.services.model.service import EventPublisher, ModelService
 from hivewire.services.model.settings import AUTO, ModelSettings
+from hivewire.services.runtime.errors import HivewireError
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,22 @@ def build_router(settings: ModelSettings, backends: list[str]) -> Router:
         if settings.default_backend in ("ollama", "openai")
         else None,
     )
+
+
+async def warm_up(service: ModelService) -> None:
+    """Load the local model now when it serves the default model, so the first call
+    does not wait for it. A failure is logged; calls then report it themselves."""
+    try:
+        route = service.router.resolve("")
+    except HivewireError:
+        return
+    backend = service.backends.get(route.backend)
+    if not isinstance(backend, LocalBackend):
+        return
+    try:
+        await backend.load()
+    except HivewireError as exc:
+        logger.error("local model not loaded: %s", exc)
 
 
 def build_service(

@@ -23,9 +23,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from hivewire.events.v1 import events_pb2
@@ -36,7 +36,6 @@ from hivewire.services.model.backends.base import (
     EmbedResult,
     GenerationRequest,
     ModelEntry,
-    SamplingParams,
     StreamEnd,
     TextDelta,
     estimate_prompt_tokens,
@@ -226,7 +225,9 @@ class ModelService:
 
     # -- generation ----------------------------------------------------------------------
 
-    async def stream(self, call: GenerationCall, info: CallInfo) -> AsyncIterator[str | Completion]:
+    async def stream(
+        self, call: GenerationCall, info: CallInfo
+    ) -> AsyncGenerator[str | Completion, None]:
         """Run a Chat or Generate call.
 
         Yields:
@@ -246,13 +247,7 @@ class ModelService:
         budget = self._budget(call, info, prompt_estimate)
         params = call.params
         if budget.capped_by_budget:
-            params = SamplingParams(
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=budget.limit,
-                stop=params.stop,
-                seed=params.seed,
-            )
+            params = replace(params, max_tokens=budget.limit)
         probe = self._admit(route.backend)
         timeout = self._timeout(info)
         loop = asyncio.get_running_loop()

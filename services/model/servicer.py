@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -72,9 +73,11 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         call = convert.generate_from_proto(request, max_output_tokens=self._max_output_tokens)
         info = call_info(context, request.task_id, request.metadata)
         sequence = 0
-        async for item in self._service.stream(call, info):
-            sequence += 1
-            yield convert.generate_response(sequence, item)
+        # aclosing: a cancelled call closes the domain stream (and the backend) at once.
+        async with aclosing(self._service.stream(call, info)) as items:
+            async for item in items:
+                sequence += 1
+                yield convert.generate_response(sequence, item)
 
     async def Chat(  # noqa: N802 - gRPC method name
         self, request: model_pb2.ChatRequest, context: Context
@@ -83,9 +86,11 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         call = convert.chat_from_proto(request, max_output_tokens=self._max_output_tokens)
         info = call_info(context, request.task_id, request.metadata)
         sequence = 0
-        async for item in self._service.stream(call, info):
-            sequence += 1
-            yield convert.chat_response(sequence, item)
+        # aclosing: a cancelled call closes the domain stream (and the backend) at once.
+        async with aclosing(self._service.stream(call, info)) as items:
+            async for item in items:
+                sequence += 1
+                yield convert.chat_response(sequence, item)
 
     async def Embed(  # noqa: N802 - gRPC method name
         self, request: model_pb2.EmbedRequest, context: Context

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from hivewire.services.runtime.events import replay
 from tests.conftest import Pki
 from tests.helpers import NatsServer, ServiceProcess, eventually
@@ -76,4 +79,19 @@ async def test_model_service_process_serves_grpcurl_and_publishes_events(
                 assert event.model.usage.completion_tokens == len(DEFAULT_REPLY.split())
 
             await eventually(completed_event, timeout=20)
+
+            assert service.metrics_port is not None
+            async with httpx.AsyncClient() as http:
+                scrape = await http.get(f"http://127.0.0.1:{service.metrics_port}/metrics")
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(scrape.text)
+                for s in family.samples
+            }
+            labels = (("backend", "ollama"), ("model", "llama3:8b"))
+            assert samples[("hivewire_model_completion_tokens_total", labels)] == len(
+                DEFAULT_REPLY.split()
+            )
+            assert samples[("hivewire_model_circuit_state", (("backend", "ollama"),))] == 0
+            assert samples[("hivewire_model_time_to_first_token_seconds_count", labels)] == 1
             assert await service.terminate() == 0

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from hivewire.model.v1 import model_pb2
+from hivewire.services.model.app import warm_up
 from hivewire.services.model.backends.local import LocalBackend
 from hivewire.services.model.settings import ModelSettings
 from tests.conftest import Pki
@@ -28,6 +29,11 @@ async def harness(pki: Pki) -> AsyncIterator[ModelHarness]:
 
 async def test_local_model_streams_a_chat(harness: ModelHarness) -> None:
     assert harness.service.router.default_model == "gemma-3-270m"
+    backend = harness.service.backends["local"]
+    assert isinstance(backend, LocalBackend)
+    assert not backend.loaded
+    await warm_up(harness.service)  # what __main__ does before serving
+    assert backend.loaded
     chunks: list[str] = []
     completion = None
     async for item in harness.client.chat(

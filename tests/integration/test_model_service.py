@@ -336,6 +336,16 @@ async def test_cancelling_mid_stream_closes_the_backend_request(
     assert harness.service.breakers["ollama"].consecutive_failures == 0
 
 
+async def test_the_callers_deadline_bounds_the_backend_call(
+    harness: ModelHarness, ollama: OllamaStandin
+) -> None:
+    ollama.hang_after = 1
+    err = await error_of(harness.client.chat([("user", "hi")], timeout=1.0))
+    assert isinstance(err, errors.DeadlineExceeded)
+    # The service gave up on the backend request too, instead of leaving it running.
+    await asyncio.wait_for(ollama.client_closed.wait(), timeout=10)
+
+
 # -- budgets -----------------------------------------------------------------------------
 
 

@@ -180,6 +180,20 @@ class LocalBackend:
                 self._llm = model
             return model
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the generation model is in memory."""
+        return self._llm is not None
+
+    async def load(self) -> None:
+        """Load the generation model now rather than on the first call.
+
+        Raises:
+            FailedPrecondition: The local extra is not installed.
+            BackendUnavailable: The model failed to load.
+        """
+        await self._model()
+
     @staticmethod
     def _messages(turns: Sequence[ChatTurn]) -> list[dict[str, str]]:
         messages = []
