@@ -23,13 +23,7 @@ from typing import Any, Protocol
 import grpc
 
 from hivewire.agent.v1 import agent_pb2_grpc
-from hivewire.discovery import (
-    META_INSTANCE_NAME,
-    Instance,
-    Registry,
-    new_instance_id,
-    open_registry,
-)
+from hivewire.discovery import Instance, Registry, new_instance_id, open_registry
 from hivewire.services.agent.clients import bind_clients
 from hivewire.services.agent.runtime import AgentRuntime
 from hivewire.services.agent.sdk import Agent, AgentCardInfo
@@ -44,9 +38,12 @@ from hivewire.services.runtime.server import ServiceBinding, ServiceServer, serv
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AgentLoadError",
     "AgentServer",
+    "EventSink",
     "ServiceEndpoint",
     "load_agent",
+    "running_agent",
     "serve_agent",
     "settings_for_agent",
 ]
@@ -223,14 +220,13 @@ class AgentServer:
         return self.server.port
 
 
-def _instance_meta(card: AgentCardInfo, port: int, cert: CertInfo | None) -> dict[str, str]:
+def _instance_meta(card: AgentCardInfo, cert: CertInfo | None) -> dict[str, str]:
+    # No explicit instance name: a registration replaces only a stale entry of the same
+    # name on the same host and port (a restart), so replicas on one host coexist.
     meta = {
         "name": card.name,
         "version": card.version,
         "max_concurrency": str(card.max_concurrency),
-        # A registration replaces an older one with the same instance name and host (a
-        # restart). The port is part of the name so replicas on one host coexist.
-        META_INSTANCE_NAME: f"{card.name}-{port}",
     }
     if cert is not None and cert.spiffe_id:
         meta["spiffe_id"] = cert.spiffe_id
@@ -315,7 +311,7 @@ async def running_agent(
                 address=settings.advertised_host,
                 port=server.port,
                 tags=tuple(card.capability_names),
-                meta=_instance_meta(card, server.port, cert),
+                meta=_instance_meta(card, cert),
             )
             await registry.register(instance)
             running.instance = instance

@@ -447,3 +447,52 @@ async def test_no_client_certificate_is_refused(
 def test_describe_request_has_no_fields() -> None:
     # The servicer ignores the request; guard against a contract change going unnoticed.
     assert agent_pb2.DescribeRequest.DESCRIPTOR.fields == []
+
+
+class StubbornAgent(Agent):
+    """A handler that swallows its cancellation until released."""
+
+    name = "stubborn"
+    max_concurrency = 1
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.ignored = 0
+
+    @capability
+    async def hold(self, task: Payload, ctx: TaskContext) -> str:
+        """Ignores cancellation."""
+        self.started.set()
+        while True:
+            try:
+                await self.release.wait()
+                return "released"
+            except asyncio.CancelledError:
+                self.ignored += 1
+
+
+async def test_a_handler_ignoring_cancel_is_reported_ended_but_keeps_its_slot(pki: Pki) -> None:
+    agent = StubbornAgent()
+    async with serve_in_process(agent, agent_settings(pki.dir, cancel_grace=0.1)) as running:
+        client = Coordinator(f"127.0.0.1:{running.port}", pki.files("coordinator"))
+        try:
+            ex = client.execute()
+            await ex.send(assignment("hold"))
+            await ex.until("started")
+            await asyncio.wait_for(agent.started.wait(), 10)
+            await ex.cancel()
+            assert (await ex.finish()).error.error.reason == "CANCELLED"
+            assert agent.ignored >= 1
+            # The handler still runs, so its slot is still taken.
+            assert (await client.describe()).in_flight == 1
+            refused = client.execute()
+            await refused.send(assignment("hold"))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await refused.next()
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            agent.release.set()
+            await eventually(lambda: running.runtime.in_flight == 0, timeout=10)
+        finally:
+            agent.release.set()
+            await client.close()
