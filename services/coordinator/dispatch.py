@@ -154,6 +154,7 @@ class AgentPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._first_view = asyncio.Event()
+        self._stopped = False
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -173,6 +174,7 @@ class AgentPool:
 
     async def stop(self) -> None:
         """Stop following the registry and background Describe calls."""
+        self._stopped = True
         tasks = [t for t in (self._watch_task, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
@@ -192,12 +194,14 @@ class AgentPool:
             try:
                 async for healthy in self._registry.watch(self._service):
                     self.apply(healthy)
+                logger.warning("agent watch ended (registry closed?); watching again")
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # The protocol promises a watch that does not raise; be robust anyway.
-                logger.exception("agent watch failed; retrying")
-                await asyncio.sleep(1.0)
+                logger.exception("agent watch failed; watching again")
+            # Pace the restarts: a registry that keeps failing must not spin the loop.
+            await asyncio.sleep(1.0)
 
     def apply(self, healthy: Collection[Instance]) -> None:
         """Take a new healthy set of agents from discovery."""
@@ -266,6 +270,8 @@ class AgentPool:
         self._agents.pop(entry.agent_id, None)
         metrics.forget_circuit(entry.breaker.name)
         endpoint = entry.instance.endpoint
+        if self._stopped:
+            return  # the channel pool closes every channel itself
         if not any(a.instance.endpoint == endpoint for a in self._agents.values()):
             self._spawn(self._channels.discard(endpoint))
 
@@ -309,13 +315,25 @@ class AgentPool:
 
         Args:
             capability: What the task needs.
-            avoid: Agent ids to skip while another agent fits (where it failed before).
+            avoid: Agent ids where the task failed before: used only when no other
+                healthy agent has the capability (a busy one is waited for).
 
         Returns:
             The lease (release it with :meth:`release`), or None when no agent fits.
         """
         candidates = [a for a in self._agents.values() if a.can_take(capability)]
-        preferred = [a for a in candidates if a.agent_id not in avoid] or candidates
+        preferred = [a for a in candidates if a.agent_id not in avoid]
+        if not preferred:
+            others = any(
+                a.present and capability in a.capabilities and a.admits()
+                for a in self._agents.values()
+                if a.agent_id not in avoid
+            )
+            if others:
+                # Another agent fits but is busy: wait for it rather than go back to
+                # one the task already failed on.
+                return None
+            preferred = candidates
         while preferred:
             if len(preferred) <= 2:
                 pair = preferred
@@ -480,7 +498,12 @@ class ExecuteStream:
                 return False
             try:
                 await self._call.write(request)
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError) as exc:
+            except (
+                grpc.aio.AioRpcError,
+                grpc.aio.UsageError,
+                asyncio.InvalidStateError,
+                RuntimeError,
+            ) as exc:
                 # The read side reports why the call ended; a lost write is not news.
                 logger.debug("write to agent %s failed: %r", self._agent_id, exc)
                 return False
@@ -492,7 +515,9 @@ class ExecuteStream:
             if self._half_closed or self._call.done():
                 return
             self._half_closed = True
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+            with contextlib.suppress(
+                grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError
+            ):
                 await self._call.done_writing()
 
     async def receive(self) -> agent_pb2.ExecuteResponse | None:

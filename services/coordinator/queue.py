@@ -78,6 +78,10 @@ class TaskQueue:
     def __iter__(self) -> Iterator[QueueEntry]:
         return iter(list(self._entries.values()))
 
+    def task_ids(self) -> list[str]:
+        """Ids of the queued tasks (any order)."""
+        return list(self._entries)
+
     def score(self, priority: int, enqueued_at: float) -> float:
         """The score a task with this priority queued at this time gets."""
         return enqueued_at - PRIORITY_RANK.get(priority, 1) * self._aging

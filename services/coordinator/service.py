@@ -74,7 +74,7 @@ from hivewire.services.coordinator.model import (
     now_ns,
     state_name,
 )
-from hivewire.services.coordinator.queue import TaskQueue
+from hivewire.services.coordinator.queue import QueueEntry, TaskQueue
 from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.coordinator.store import EventRow, TaskQuery, TaskStore
 from hivewire.services.runtime import metadata as md
@@ -107,6 +107,9 @@ _MAX_METADATA_FIELD = 256
 _VALID_PRIORITIES = frozenset(common_pb2.Priority.values())
 _VALID_STATES = frozenset(common_pb2.TaskState.values()) - {common_pb2.TASK_STATE_UNSPECIFIED}
 _RESTARTED = "COORDINATOR_RESTARTED"
+_UNREACHABLE = "AGENT_UNREACHABLE"
+# Attempt errors that are not the task's fault and do not count against max_attempts.
+_NOT_COUNTED = frozenset({_RESTARTED, _UNREACHABLE})
 _EVENT_PAGE = 500
 
 # task.* event type of each terminal state.
@@ -162,6 +165,7 @@ class _Attempt:
     task: asyncio.Task[None] | None = None
     pending: list[agent_pb2.ExecuteRequest] = field(default_factory=list)
     cancelling: bool = False
+    answered: bool = False
 
     async def send(self, request: agent_pb2.ExecuteRequest) -> None:
         """Send to the agent, or hold until the stream is open."""
@@ -263,6 +267,7 @@ class Coordinator:
 
     async def start(self) -> None:
         """Recover unfinished tasks from the store and start scheduling."""
+        self._bind_gauges()
         await self._recover()
         self._running = True
         self._scheduler = asyncio.create_task(self._schedule_loop(), name="coordinator-scheduler")
@@ -382,7 +387,6 @@ class Coordinator:
         self._arm_deadline(rt)
         self._enqueue(rt)
         metrics.TASKS_SUBMITTED.inc()
-        self._update_gauges()
         with bind_task(record.task_id):
             logger.info(
                 "task accepted: %s, priority %s, deadline in %.1fs",
@@ -598,8 +602,13 @@ class Coordinator:
         return self._pool.views(capability)
 
     def queue_depth(self) -> int:
-        """How many tasks wait for an agent."""
-        return len(self._queue) + len(self._delayed)
+        """How many tasks wait: ready for an agent, or in a retry backoff."""
+        backing_off = {
+            task_id
+            for _, _, task_id in self._delayed
+            if (rt := self._active.get(task_id)) is not None and rt.record.state == QUEUED
+        }
+        return len(self._queue) + len(backing_off - set(self._queue.task_ids()))
 
     # -- watching --------------------------------------------------------------------
 
@@ -761,7 +770,6 @@ class Coordinator:
                 agent_id=record.agent_id,
             ),
         )
-        self._update_gauges()
         answered = copy.deepcopy(record)
         await attempt.send(agent_pb2.ExecuteRequest(input=response))
         await committed
@@ -822,7 +830,6 @@ class Coordinator:
                 self._dispatch_ready()
             except Exception:
                 logger.exception("scheduler round failed")
-            self._update_queue_gauges()
             delay = None
             if self._delayed:
                 delay = max((self._delayed[0][0] - now_ns()) / 1e9, 0.0)
@@ -833,6 +840,20 @@ class Coordinator:
                 pass
 
     def _dispatch_ready(self) -> None:
+        waiting: list[QueueEntry] = []
+        try:
+            self._dispatch_round(waiting)
+        finally:
+            # Tasks that wait for a particular agent go back with their place kept.
+            for entry in waiting:
+                self._queue.push(
+                    entry.task_id,
+                    capability=entry.capability,
+                    priority=entry.priority,
+                    enqueued_at=entry.enqueued_at,
+                )
+
+    def _dispatch_round(self, waiting: list[QueueEntry]) -> None:
         while True:
             entry = self._queue.pop_best(self._pool.has_capacity)
             if entry is None:
@@ -856,13 +877,9 @@ class Coordinator:
                 continue
             lease = self._pool.acquire(entry.capability, avoid=rt.avoid)
             if lease is None:
-                self._queue.push(
-                    entry.task_id,
-                    capability=entry.capability,
-                    priority=entry.priority,
-                    enqueued_at=entry.enqueued_at,
-                )
-                return
+                # Only agents it failed on are free: let other tasks go first.
+                waiting.append(entry)
+                continue
             metrics.QUEUE_WAIT_SECONDS.observe(
                 max(asyncio.get_running_loop().time() - rt.queued_mono, 0.0)
             )
@@ -897,7 +914,6 @@ class Coordinator:
         attempt.task = self._spawn(
             self._run_attempt(rt, attempt), name=f"attempt-{record.task_id}-{attempt.number}"
         )
-        self._update_gauges()
 
     def _assignment(self, record: TaskRecord, attempt: int) -> agent_pb2.TaskAssignment:
         spec = record.spec
@@ -945,6 +961,7 @@ class Coordinator:
                 attempt.pending.clear()
                 while True:
                     message = await stream.receive()
+                    attempt.answered = attempt.answered or message is not None
                     if message is None:
                         raise AttemptError(
                             common_pb2.ErrorDetail(
@@ -964,7 +981,12 @@ class Coordinator:
             except AttemptError as err:
                 verdict = err.verdict
                 metrics.ATTEMPTS.labels("broken").inc()
-                self._attempt_broken(rt, attempt, err.detail)
+                detail = err.detail
+                if not attempt.answered and detail.code == "UNAVAILABLE":
+                    # The agent never got the task (gone, not yet deregistered): not a
+                    # failure of the task, so it does not use up an attempt.
+                    detail.reason = _UNREACHABLE
+                self._attempt_broken(rt, attempt, detail)
             except asyncio.CancelledError:
                 metrics.ATTEMPTS.labels("cancelled").inc()
                 raise
@@ -1003,7 +1025,6 @@ class Coordinator:
                 agent_id=attempt.lease.agent_id,
             ),
         )
-        self._update_gauges()
 
     def _on_agent_message(
         self, rt: _Runtime, attempt: _Attempt, message: agent_pb2.ExecuteResponse
@@ -1044,7 +1065,6 @@ class Coordinator:
                 ),
             )
             self._emit(rt, publish="task.input_required", input_required=message.input_required)
-            self._update_gauges()
         elif kind == "result":
             self._add_usage(record, message.result.usage)
             self._close_attempt(record, attempt.number, None)
@@ -1123,7 +1143,7 @@ class Coordinator:
 
     def _failures(self, record: TaskRecord) -> int:
         return sum(
-            1 for a in record.attempts if a.HasField("error") and a.error.reason != _RESTARTED
+            1 for a in record.attempts if a.HasField("error") and a.error.reason not in _NOT_COUNTED
         )
 
     def _backoff(self, failures: int) -> float:
@@ -1143,7 +1163,9 @@ class Coordinator:
                 error=error,
             )
             return
-        backoff = self._backoff(failures)
+        # Grows with every attempt (also uncounted ones), so a task bouncing between
+        # unreachable agents backs off too.
+        backoff = self._backoff(max(failures, len(record.attempts)))
         previous = record.state
         rt.attempt = None
         rt.avoid.add(attempt.lease.agent_id)
@@ -1178,7 +1200,6 @@ class Coordinator:
                 backoff,
             )
         self._enqueue(rt)
-        self._update_gauges()
 
     # -- finishing -------------------------------------------------------------------
 
@@ -1192,6 +1213,11 @@ class Coordinator:
         error: common_pb2.ErrorDetail | None = None,
     ) -> asyncio.Future[None]:
         record = rt.record
+        if record.terminal:
+            # Two endings raced (say, the deadline and the agent's answer): the first wins.
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
         previous = record.state
         record.state = state
         record.output = output
@@ -1241,7 +1267,6 @@ class Coordinator:
         else:
             self._forget(rt)
         metrics.TASKS_FINISHED.labels(state_name(state)).inc()
-        self._update_gauges()
         with bind_task(record.task_id):
             logger.info("task %s: %s", state_name(state), reason)
         return committed
@@ -1417,22 +1442,29 @@ class Coordinator:
                 resumed,
             )
         await self._store.flush()
-        self._update_gauges()
 
     # -- gauges ----------------------------------------------------------------------
 
-    def _update_gauges(self) -> None:
-        counts: dict[int, int] = {QUEUED: 0, ASSIGNED: 0, RUNNING: 0, INPUT_REQUIRED: 0}
-        for rt in self._active.values():
-            counts[rt.record.state] = counts.get(rt.record.state, 0) + 1
-        for state, count in counts.items():
-            metrics.TASKS_ACTIVE.labels(state_name(state)).set(count)
-
-    def _update_queue_gauges(self) -> None:
-        depth = self._queue.depth_by_priority()
+    def _bind_gauges(self) -> None:
+        # Evaluated when metrics are scraped, not on every state change: counting is
+        # O(tasks) and the hot path should not pay for it.
+        for state in (QUEUED, ASSIGNED, RUNNING, INPUT_REQUIRED):
+            metrics.TASKS_ACTIVE.labels(state_name(state)).set_function(
+                partial(self._count_state, state)
+            )
         for value in (1, 2, 3, 4):
             name = common_pb2.Priority.Name(value).removeprefix("PRIORITY_").lower()  # type: ignore[arg-type]
-            metrics.QUEUE_DEPTH.labels(name).set(depth.get(value, 0))
+            metrics.QUEUE_DEPTH.labels(name).set_function(partial(self._count_queued, value))
+
+    def _count_state(self, state: int) -> int:
+        return sum(1 for rt in list(self._active.values()) if rt.record.state == state)
+
+    def _count_queued(self, priority: int) -> int:
+        return sum(
+            1
+            for rt in list(self._active.values())
+            if rt.record.state == QUEUED and rt.record.priority == priority
+        )
 
 
 def _deadline_error() -> common_pb2.ErrorDetail:
@@ -1459,6 +1491,7 @@ class _Session:
             maxsize=1024
         )
         self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._sent: dict[str, int] = {}
         self._input_done = False
         self._closed = False
 
@@ -1538,7 +1571,10 @@ class _Session:
                         )
                     )
                 )
-                self._follow(record.task_id, c._follow(record.task_id, 0))
+                # A deduplicated start of a task this session already followed goes on
+                # after what was sent: the client saw those events once already.
+                after = self._sent.get(record.task_id, 0)
+                self._follow(record.task_id, c._follow(record.task_id, after))
             elif kind == "cancel":
                 await c.cancel(request.cancel.task_id, self._caller, request.cancel.reason)
             elif kind == "input":
@@ -1549,7 +1585,8 @@ class _Session:
                 )
             elif kind == "watch":
                 task_id = request.watch.task_id
-                if task_id in self._pumps and not self._pumps[task_id].done():
+                current = self._pumps.get(task_id)
+                if current is not None and not current.done():
                     return
                 events = await c.watch(
                     task_id, self._caller, after_sequence=request.watch.after_sequence
@@ -1569,9 +1606,17 @@ class _Session:
             await self._reject(Internal("internal error"))
 
     def _follow(self, task_id: str, events: AsyncIterator[TaskEvent]) -> None:
+        current = self._pumps.get(task_id)
+        if current is not None and not current.done():
+            # Already followed in this session (a deduplicated start, a second watch):
+            # a second pump would send every event twice.
+            return
+
         async def pump() -> None:
             try:
                 async for event in events:
+                    if event.WhichOneof("kind") != "snapshot":
+                        self._sent[task_id] = max(self._sent.get(task_id, 0), event.sequence)
                     await self._out.put(coordinator_pb2.SessionResponse(event=event))
             except HivewireError as err:
                 await self._reject(err, task_id=task_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 
 class CoordinatorSettings(BaseModel):
@@ -18,6 +18,8 @@ class CoordinatorSettings(BaseModel):
 
     db_path: Path = Field(
         Path(".hivewire/coordinator.db"),
+        # ``database`` is accepted too (HIVEWIRE_COORDINATOR__DATABASE).
+        validation_alias=AliasChoices("db_path", "database"),
         description="SQLite database of tasks and events; ':memory:' keeps nothing.",
     )
     address: str = Field(

@@ -310,3 +310,33 @@ async def test_grpcurl_errors_carry_the_status(mesh: E2EMesh) -> None:
     assert result.returncode == 64 + grpc.StatusCode.NOT_FOUND.value[0], result
     listing = await grpcurl("list", tls=mesh.pki.files("client"), address=mesh.address)
     assert "hivewire.coordinator.v1.CoordinatorService" in listing.stdout.split()
+
+
+async def test_grpcurl_submit_then_watch_from_a_sequence(mesh: E2EMesh) -> None:
+    request = {
+        "spec": {
+            "capability": "calculate",
+            "input": {"text": "2 ** 10"},
+            "priority": "PRIORITY_HIGH",
+            "timeout": "30s",
+            "idempotencyKey": "grpcurl-demo-1",
+        }
+    }
+    method = "hivewire.coordinator.v1.CoordinatorService/"
+    files = mesh.pki.files("client")
+    submitted = await grpcurl(
+        method + "SubmitTask", tls=files, address=mesh.address, flags=["-d", json.dumps(request)]
+    )
+    assert submitted.returncode == 0, submitted
+    task = submitted.json()["task"]
+    assert task["spec"]["priority"] == "PRIORITY_HIGH" and task["spec"]["timeout"] == "30s"
+    watched = await grpcurl(
+        method + "WatchTask",
+        tls=files,
+        address=mesh.address,
+        flags=["-d", json.dumps({"taskId": task["task_id"], "afterSequence": 3})],
+    )
+    assert watched.returncode == 0, watched
+    events = [m["event"] for m in watched.messages()]
+    assert events[0]["sequence"] == "4"
+    assert events[-1]["finished"]["output"]["text"] == "2 ** 10 = 1024"

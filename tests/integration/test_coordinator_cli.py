@@ -1,4 +1,4 @@
-"""``hivewire submit | watch | cancel | tasks | agents`` as a real process against a real coordinator."""
+"""The hivewire task commands as a real process against a real coordinator."""
 
 from __future__ import annotations
 

@@ -271,3 +271,18 @@ async def test_long_timeouts_are_capped(mesh: Mesh) -> None:
         )
     ).task
     assert task.spec.timeout.seconds == int(mesh.running.settings.coordinator.max_timeout)
+
+
+async def test_session_deduplicated_start_is_followed_once(mesh: Mesh) -> None:
+    await mesh.agent()
+    call = mesh.client().Session()
+    await call.write(start("one", spec(key="same", script={"steps": 2})))
+    await call.write(start("two", spec(key="same", script={"steps": 2})))
+    await call.done_writing()
+    responses = [r async for r in call]
+    accepted = [r.accepted for r in responses if r.HasField("accepted")]
+    assert [a.deduplicated for a in accepted] == [False, True]
+    assert accepted[0].task_id == accepted[1].task_id
+    events = [r.event for r in responses if r.HasField("event")]
+    assert_contiguous(events)
+    assert events[-1].finished.state == S.TASK_STATE_SUCCEEDED
