@@ -205,6 +205,7 @@ class EventView:
     state: int = common_pb2.TASK_STATE_UNSPECIFIED
     finished: coordinator_pb2.TaskFinished | None = None
     partials: dict[str, str] = field(default_factory=dict)
+    _streaming: str | None = None
     _progress: Progress | None = None
     _bar: Any = None
 
@@ -228,6 +229,7 @@ class EventView:
 
     def pause(self) -> None:
         """Stop drawing (before a prompt, at the end)."""
+        self._end_stream()
         if self._progress is not None:
             self._progress.stop()
 
@@ -239,7 +241,30 @@ class EventView:
     def _line(self, event: coordinator_pb2.TaskEvent, text: str) -> None:
         if self._progress is not None:
             return
+        self._end_stream()
         self.err.print(f"#{event.sequence} {text}", markup=False, highlight=False)
+
+    def _stream(self, event: coordinator_pb2.TaskEvent, part: common_pb2.PartialResult) -> None:
+        """Plain mode: an artifact's chunks run on one line (one line per token is noise)."""
+        if self._progress is not None or self.json_lines:
+            return
+        if self._streaming != part.artifact_id:
+            self._end_stream()
+            self.err.print(
+                f"#{event.sequence} partial {part.artifact_id}: ",
+                end="",
+                markup=False,
+                highlight=False,
+            )
+            self._streaming = part.artifact_id
+        self.err.print(part.content.text.replace("\n", " "), end="", markup=False, highlight=False)
+        if part.last_chunk:
+            self._end_stream()
+
+    def _end_stream(self) -> None:
+        if self._streaming is not None:
+            self.err.print(markup=False, highlight=False)
+            self._streaming = None
 
     def _update(self, **fields: Any) -> None:
         if self._progress is not None:
@@ -276,7 +301,7 @@ class EventView:
             previous = self.partials.get(part.artifact_id, "") if part.append else ""
             self.partials[part.artifact_id] = previous + text
             self._update(description=_clip(self.partials[part.artifact_id][-50:], 50))
-            self._line(event, f"partial {part.artifact_id}: {_clip(text)}")
+            self._stream(event, part)
         elif kind == "input_required":
             self._line(
                 event,

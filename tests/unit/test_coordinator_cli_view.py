@@ -105,3 +105,32 @@ def test_build_spec() -> None:
     assert spec.input.json["n"] == 1 and spec.input.text == "text"
     assert dict(spec.labels) == {"team": "ml"} and spec.idempotency_key == "k"
     assert spec.metadata.source == "cli"
+
+
+def test_plain_mode_streams_an_artifacts_chunks_on_one_line() -> None:
+    err = io.StringIO()
+    view = EventView(err=Console(file=err, soft_wrap=True), out=io.StringIO(), live=False)
+    chunks = ["Hello", " mesh", ",\nworld"]
+    for sequence, text in enumerate(chunks, start=1):
+        view.handle(
+            C.TaskEvent(
+                task_id="t1",
+                sequence=sequence,
+                partial=S.PartialResult(
+                    artifact_id="answer",
+                    content=S.Payload(text=text),
+                    append=True,
+                    last_chunk=sequence == len(chunks),
+                ),
+            )
+        )
+    view.handle(
+        C.TaskEvent(
+            task_id="t1", sequence=4, progress=S.Progress(fraction=1.0, step="done", message="ok")
+        )
+    )
+    assert err.getvalue().splitlines() == [
+        "#1 partial answer: Hello mesh, world",
+        "#4 progress 100% done: ok",
+    ]
+    assert view.partials == {"answer": "Hello mesh,\nworld"}
