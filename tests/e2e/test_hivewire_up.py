@@ -13,22 +13,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from hivewire.services.runtime.tls import TlsFiles
-from tests.helpers import free_port, grpcurl
+from tests.helpers import grpcurl
+from tests.support.up_mesh import HIVEWIRE, RunningMesh, hivewire_up
 
 pytestmark = pytest.mark.timeout(300)
 
-HIVEWIRE = str(Path(sys.executable).parent / "hivewire")
 SERVICE_NAMES = {
     "coordinator": "hivewire.coordinator.v1.CoordinatorService",
     "model": "hivewire.model.v1.ModelService",
@@ -37,36 +32,6 @@ SERVICE_NAMES = {
     "agent-researcher": "hivewire.agent.v1.AgentService",
     "agent-calculator": "hivewire.agent.v1.AgentService",
 }
-
-
-@dataclass
-class RunningMesh:
-    process: subprocess.Popen[bytes]
-    root: Path
-    log: Path
-    endpoints: dict[str, Any]
-
-    @property
-    def tls(self) -> TlsFiles:
-        paths = self.endpoints["tls"]
-        return TlsFiles(ca=Path(paths["ca"]), cert=Path(paths["cert"]), key=Path(paths["key"]))
-
-    def address(self, name: str) -> str:
-        return str(self.endpoints["services"][name]["address"])
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _wait_for(predicate: Any, *, within: float, what: str, mesh_log: Path) -> Any:
-    """Poll a predicate against a deadline (sync: module fixtures have no event loop)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not seen within {within}s; output:\n{mesh_log.read_text()}")
 
 
 def _alive(pid: int) -> bool:
@@ -83,45 +48,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
-    root = tmp_path_factory.mktemp("mesh")
-    state = root / "state"
-    log = root / "up.log"
-    ports = {
-        "--coordinator-port": free_port(),
-        "--model-port": free_port(),
-        "--tool-port": free_port(),
-        "--nats-port": free_port(),
-        "--nats-monitor-port": free_port(),
-    }
-    # Agents take consecutive ports from --first-agent-port; pick a free run of three.
-    first_agent = free_port()
-    argv = [HIVEWIRE, "up", "--model-backend", "deterministic"]
-    argv += [str(x) for pair in ports.items() for x in pair]
-    argv += ["--first-agent-port", str(first_agent)]
-    argv += ["--state-dir", str(state), "--certs-dir", str(root / "certs")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=root
-        )
-    try:
-        _wait_for(
-            lambda: "mesh is running" in log.read_text() or process.poll() is not None,
-            within=180,
-            what="`mesh is running`",
-            mesh_log=log,
-        )
-        assert process.poll() is None, log.read_text()
-        endpoints = json.loads((state / "endpoints.json").read_text())
-        yield RunningMesh(process=process, root=root, log=log, endpoints=endpoints)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with hivewire_up(tmp_path_factory.mktemp("mesh"), state_dir=None) as running:
+        yield running
 
 
 def test_up_runs_the_demo_task_live_and_prints_a_grpcurl_command(mesh: RunningMesh) -> None:
@@ -215,7 +143,7 @@ async def test_metrics_endpoint_counts_the_calls_just_made(mesh: RunningMesh) ->
 
 
 def test_cli_lists_agents_and_tasks(mesh: RunningMesh) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
+    env = mesh.clean_env()
     common = ["--address", mesh.address("coordinator"), "--certs-dir", str(mesh.root / "certs")]
     agents = subprocess.run(
         [HIVEWIRE, "agents", *common], capture_output=True, text=True, env=env, timeout=60
@@ -239,6 +167,6 @@ def test_ctrl_c_stops_every_process(mesh: RunningMesh) -> None:
     assert "all processes stopped." in mesh.output()
     assert not [pid for pid in pids if _alive(pid)]
     leftovers = subprocess.run(
-        ["pgrep", "-f", str(mesh.root / "state" / "nats-server.conf")], capture_output=True
+        ["pgrep", "-f", str(mesh.state_dir / "nats-server.conf")], capture_output=True
     )
     assert leftovers.returncode == 1, leftovers.stdout
