@@ -186,7 +186,7 @@ async def _show(
     shown = 0
     # aclosing: stopping early (--limit) must clean up while the client still runs.
     async with contextlib.aclosing(
-        replay(nats_url, pattern, start=start, follow=follow)
+        replay(nats_url, pattern, start=start, follow=follow, missing_ok=False)
     ) as received_events:
         async for received in received_events:
             if not _show_one(received, task_id, correlation_id, as_json):

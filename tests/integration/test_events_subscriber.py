@@ -148,6 +148,37 @@ async def test_always_failing_handler_sends_events_to_the_dead_letter_stream(
     assert (letters[0].headers or {})[HEADER_CORRELATION_ID] == "cid-dlq"
 
 
+async def test_a_payload_that_is_not_an_event_goes_straight_to_the_dead_letters(
+    nats_server: NatsServer,
+) -> None:
+    await ensure_stream(nats_server.url)
+    client = await nats.connect(nats_server.url)
+    try:
+        js = client.jetstream()
+        await js.publish("hivewire.events.task.created", b"\xff\xfe not protobuf")
+    finally:
+        await client.close()
+    await publish_tasks(nats_server.url, 1)
+    handled: list[str] = []
+
+    async def handler(received: ReceivedEvent) -> None:
+        handled.append(received.event.subject)
+
+    subscription = subscribe(nats_server.url, "task.*", handler, durable="strict")
+    async with subscription:
+        await eventually(lambda: handled == ["task-0"], timeout=20)
+        await eventually(lambda: subscription.stats.dead_lettered == 1, timeout=20)
+    client = await nats.connect(nats_server.url)
+    try:
+        letter = await client.jetstream().get_msg("HIVEWIRE_DLQ", 1)
+    finally:
+        await client.close()
+    headers = letter.headers or {}
+    assert letter.data == b"\xff\xfe not protobuf"
+    assert headers[HEADER_DELIVERY_COUNT] == "1"
+    assert headers[HEADER_LAST_ERROR].startswith("undecodable events.v1.Event payload")
+
+
 async def test_a_duplicated_event_reaches_the_handler_once(nats_server: NatsServer) -> None:
     await ensure_stream(nats_server.url)
     event = build_event(
@@ -283,8 +314,10 @@ async def test_subscriber_lag_metric_follows_the_backlog(nats_server: NatsServer
 async def test_missing_stream_and_unreachable_nats_are_clear_errors(
     nats_server: NatsServer,
 ) -> None:
+    # Nothing ever published: an empty history, or NotFound when asked to tell.
+    assert [r async for r in replay(nats_server.url)] == []
     with pytest.raises(NotFound) as not_found:
-        _ = [r async for r in replay(nats_server.url)]
+        _ = [r async for r in replay(nats_server.url, missing_ok=False)]
     assert not_found.value.reason == "EVENT_STREAM_NOT_FOUND"
     url = nats_server.url
     await nats_server.stop()

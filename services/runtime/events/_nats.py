@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import nats
@@ -32,6 +32,21 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 Callback = Callable[[], Awaitable[None]]
 
 
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel background tasks and wait until every one has ended.
+
+    nats-py turns a cancellation that lands inside some of its calls into its own
+    errors (``publish_async`` reports one during its stall wait as
+    ``TooManyStalledMsgsError``), so a loop may outlive one cancel: keep cancelling.
+    The loops also check their owner's closed flag, so this ends quickly.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+
+
 def split_servers(nats_url: str) -> list[str]:
     """``"nats://a:4222,nats://b:4222"`` -> the list of server URLs."""
     servers = [part.strip() for part in nats_url.split(",") if part.strip()]
@@ -45,21 +60,25 @@ async def connect(
     *,
     name: str,
     fail_fast: bool,
+    reconnect: bool = True,
     disconnected_cb: Callback | None = None,
     reconnected_cb: Callback | None = None,
+    closed_cb: Callback | None = None,
     reconnect_wait: float = 0.5,
     connect_timeout: float = 2.0,
     options: Mapping[str, Any] | None = None,
 ) -> NatsClient:
-    """Connect to NATS; afterwards the client reconnects forever.
+    """Connect to NATS; afterwards the client reconnects forever (unless ``reconnect``).
 
     Args:
         nats_url: Server URL(s), comma separated.
         name: Connection name shown by the server's monitoring.
         fail_fast: Raise :class:`Unavailable` after two failed attempts instead of
-            retrying until the server appears (what a background publisher wants).
+            retrying until the server appears.
+        reconnect: False: a dropped connection is closed instead of re-established.
         disconnected_cb: Called when the connection drops.
         reconnected_cb: Called when it is back.
+        closed_cb: Called when the client is closed for good.
         reconnect_wait: Seconds between attempts.
         connect_timeout: Seconds one attempt may take.
         options: More ``nats.connect`` keyword arguments (tls, credentials...).
@@ -77,7 +96,7 @@ async def connect(
     kwargs: dict[str, Any] = {
         "servers": servers,
         "name": name,
-        "allow_reconnect": True,
+        "allow_reconnect": reconnect,
         "max_reconnect_attempts": 1 if fail_fast else -1,
         "reconnect_time_wait": reconnect_wait,
         "connect_timeout": max(1, round(connect_timeout)),
@@ -87,6 +106,8 @@ async def connect(
         kwargs["disconnected_cb"] = disconnected_cb
     if reconnected_cb is not None:
         kwargs["reconnected_cb"] = reconnected_cb
+    if closed_cb is not None:
+        kwargs["closed_cb"] = closed_cb
     kwargs.update(options or {})
     try:
         client = await nats.connect(**kwargs)
@@ -96,9 +117,10 @@ async def connect(
             retry_after=reconnect_wait,
             reason="EVENTS_UNAVAILABLE",
         ) from exc
-    # nats-py applies one attempt limit to the first connect and to later reconnects: a
-    # client that connected must keep trying through an outage of any length.
-    client.options["max_reconnect_attempts"] = -1
+    if reconnect:
+        # nats-py applies one attempt limit to the first connect and to later
+        # reconnects: a client that connected must keep trying through any outage.
+        client.options["max_reconnect_attempts"] = -1
     return client
 
 

@@ -32,8 +32,10 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 
+from hivewire.services.runtime.errors import Unavailable
+
 from . import metrics
-from ._nats import TRANSIENT_ERRORS, close_quietly, connect, ensure_streams
+from ._nats import TRANSIENT_ERRORS, close_quietly, connect, ensure_streams, stop_tasks
 from .envelope import (
     EventData,
     TraceContext,
@@ -316,9 +318,7 @@ class EventPublisher:
             await self.flush(self._close_timeout)
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            # wait() (not await task) so a cancel of close() itself is not swallowed.
-            await asyncio.wait([self._task])
+            await stop_tasks([self._task])
             self._task = None
         if self._buffer:
             lost = len(self._buffer)
@@ -471,7 +471,7 @@ class EventPublisher:
 
     async def _run(self) -> None:
         backoff = _Backoff()
-        while True:
+        while not self._closed:
             try:
                 if not self._buffer:
                     self._idle.set()
@@ -498,11 +498,17 @@ class EventPublisher:
 
     async def _ready(self, backoff: _Backoff) -> JetStreamContext:
         while True:
+            if self._closed:
+                raise asyncio.CancelledError
+            if self._nc is not None and self._nc.is_closed:
+                # The connection dropped: it is replaced, never reconnected (see _connect).
+                self._nc = None
+                self._js = None
             if self._nc is None:
-                self._nc = await self._connect()
+                self._nc = await self._connect(backoff)
                 self._js = self._nc.jetstream(timeout=self._timeout)
             if not self._nc.is_connected:
-                await self._pause(1.0)
+                await self._pause(0.5)
                 continue
             assert self._js is not None
             if not self._streams_ready:
@@ -515,28 +521,49 @@ class EventPublisher:
                 self._streams_ready = True
             return self._js
 
-    async def _connect(self) -> NatsClient:
+    async def _connect(self, backoff: _Backoff) -> NatsClient:
+        """A fresh connection, retried with back-off until NATS answers.
+
+        The publisher never lets nats-py reconnect a dropped connection: nats-py would
+        first send what it still held unsent from before the drop, i.e. the *later*
+        events of the window in flight, ahead of the earlier ones this loop re-sends,
+        and the stream would store them out of order. A new client starts empty, and
+        the events go out again from the first unacknowledged one.
+        """
         assert self._url is not None
-        name = f"hivewire-events/{self._source}"
-        options: dict[str, Any] = {
-            "name": name,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
-            "options": self._nats_options,
-        }
-        try:
-            client = await connect(self._url, fail_fast=True, **options)
-        except Exception as exc:  # Unavailable: say it once, then wait for the server
-            logger.warning(
-                "events: %s; buffering up to %d events until it is reachable",
-                exc,
-                self._max_buffer,
-            )
-            self._outage_logged = True
-            client = await connect(self._url, fail_fast=False, **options)
-            logger.info("events: connected to NATS at %s", self._url)
-        self._outage_logged = False
-        return client
+        reported = self._outage_logged
+        while True:
+            if self._closed:
+                raise asyncio.CancelledError
+            try:
+                client = await connect(
+                    self._url,
+                    name=f"hivewire-events/{self._source}",
+                    fail_fast=True,
+                    reconnect=False,
+                    disconnected_cb=self._on_disconnected,
+                    closed_cb=self._on_closed,
+                    options=self._nats_options,
+                )
+            except Unavailable as exc:
+                if not reported:
+                    logger.warning(
+                        "events: %s; buffering up to %d events until it is reachable",
+                        exc,
+                        self._max_buffer,
+                    )
+                    reported = True
+                await self._pause(backoff.next_delay())
+                continue
+            if reported:
+                logger.info(
+                    "events: connected to NATS at %s; sending %d buffered event(s)",
+                    self._url,
+                    len(self._buffer),
+                )
+            self._outage_logged = False
+            backoff.reset()
+            return client
 
     async def _send_window(self, js: JetStreamContext) -> bool:
         batch = list(itertools.islice(self._buffer, self._window))
@@ -599,13 +626,12 @@ class EventPublisher:
                 await self._kick.wait()
 
     async def _on_disconnected(self) -> None:
-        if not self._closed:
+        if not self._closed and not self._outage_logged:
             logger.warning(
                 "events: lost NATS at %s; buffering events (%d now)", self._url, len(self._buffer)
             )
             self._outage_logged = True
 
-    async def _on_reconnected(self) -> None:
-        logger.info("events: reconnected to NATS; sending %d buffered event(s)", len(self._buffer))
-        self._outage_logged = False
+    async def _on_closed(self) -> None:
+        # Wake the sender so it replaces the connection at once.
         self._kick.set()

@@ -48,10 +48,18 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from hivewire.events.v1 import events_pb2
+from hivewire.services.runtime.errors import NotFound, Unavailable
 from hivewire.services.runtime.logging import bind_correlation_id
 
 from . import metrics
-from ._nats import TRANSIENT_ERRORS, close_quietly, connect, ensure_streams, stream_exists
+from ._nats import (
+    TRANSIENT_ERRORS,
+    close_quietly,
+    connect,
+    ensure_streams,
+    stop_tasks,
+    stream_exists,
+)
 from .envelope import (
     HEADER_CONSUMER,
     HEADER_CORRELATION_ID,
@@ -90,6 +98,7 @@ DeliverFrom: TypeAlias = datetime | timedelta | int | None
 
 _DURABLE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _LATEST_START = datetime(2262, 1, 1, tzinfo=UTC)
+_REPLAY_ATTEMPTS = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,10 +335,7 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
+        await stop_tasks(self._tasks)
         self._tasks = []
         # Fetched but never handled: give them back now rather than after ack_wait.
         for msg in list(self._held.values()):
@@ -401,7 +407,7 @@ class Subscription:
 
     async def _consume(self) -> None:
         failures = 0
-        while True:
+        while not self._closed:
             psub = self._psub
             try:
                 if psub is None:
@@ -452,7 +458,7 @@ class Subscription:
         # A long handler must not look dead to the server: "working on it" resets the
         # ack_wait timer of every fetched event not settled yet.
         interval = self._ack_wait / 3
-        while True:
+        while not self._closed:
             await asyncio.sleep(interval)
             for msg in list(self._held.values()):
                 with contextlib.suppress(*TRANSIENT_ERRORS):
@@ -661,6 +667,7 @@ async def replay(
     stream: StreamSettings | None = None,
     batch: int = 256,
     fetch_timeout: float = 1.0,
+    missing_ok: bool = True,
     nats_options: Mapping[str, Any] | None = None,
 ) -> AsyncGenerator[ReceivedEvent, None]:
     """Read stored events in stream order, and optionally keep following new ones.
@@ -679,6 +686,8 @@ async def replay(
         stream: Stream names; with ``follow`` the streams are created if missing.
         batch: Events fetched per request.
         fetch_timeout: Seconds one fetch waits.
+        missing_ok: Without ``follow``, a stream that does not exist yet (nothing was
+            ever published) reads as empty; False raises ``NotFound`` instead.
         nats_options: More ``nats.connect`` keyword arguments.
 
     Yields:
@@ -686,7 +695,7 @@ async def replay(
 
     Raises:
         Unavailable: NATS cannot be reached.
-        NotFound: The stream does not exist and ``follow`` is false.
+        NotFound: The stream does not exist, ``follow`` and ``missing_ok`` are false.
     """
     names = stream or StreamSettings()
     subject = filter_subject(pattern)
@@ -701,7 +710,12 @@ async def replay(
         if follow:
             await ensure_streams(js, names)
         else:
-            await stream_exists(js, names.name)
+            try:
+                await stream_exists(js, names.name)
+            except NotFound:
+                if missing_ok:
+                    return
+                raise
         if start == "new":
             stream_info = await js.stream_info(names.name)
             start_config = {
@@ -719,19 +733,22 @@ async def replay(
                     psub = await js.pull_subscribe_bind(consumer=position.name, stream=names.name)
                 except TRANSIENT_ERRORS as exc:
                     logger.debug("events: replay consumer creation failed: %s", exc)
-                    await asyncio.sleep(min(2.0, 0.1 * (2**failures)))
-                    failures = min(failures + 1, 10)
+                    failures = await _replay_pause(failures, follow, exc)
                     continue
                 position.expected = 1
                 if not follow and created.num_pending == 0:
                     return
             try:
                 msgs = await psub.fetch(batch, timeout=fetch_timeout)
-            except nats.errors.TimeoutError:
+            except nats.errors.TimeoutError as timeout:
                 if not follow:
-                    with contextlib.suppress(*TRANSIENT_ERRORS):
+                    try:
                         if (await psub.consumer_info()).num_pending == 0:
                             return
+                    except TRANSIENT_ERRORS:
+                        await _replace(js, psub, position)
+                        psub = None
+                        failures = await _replay_pause(failures, follow, timeout)
                 continue
             except TRANSIENT_ERRORS as exc:
                 # The ephemeral consumer is gone (outage, server restart): start a new
@@ -739,8 +756,7 @@ async def replay(
                 logger.debug("events: replay fetch failed (%s); re-creating", exc)
                 await _replace(js, psub, position)
                 psub = None
-                await asyncio.sleep(min(2.0, 0.1 * (2**failures)))
-                failures = min(failures + 1, 10)
+                failures = await _replay_pause(failures, follow, exc)
                 continue
             failures = 0
             for msg in msgs:
@@ -769,6 +785,17 @@ async def replay(
             with contextlib.suppress(*TRANSIENT_ERRORS):
                 await js.delete_consumer(position.stream, position.name)
         await close_quietly(client)
+
+
+async def _replay_pause(failures: int, follow: bool, exc: BaseException) -> int:
+    # Following rides out any outage; a one-off read gives up after ~20 s of failures.
+    if not follow and failures >= _REPLAY_ATTEMPTS:
+        raise Unavailable(
+            f"cannot read the event stream: {exc or type(exc).__name__}",
+            reason="EVENTS_UNAVAILABLE",
+        ) from exc
+    await asyncio.sleep(min(2.0, 0.1 * (2 ** min(failures, 5))))
+    return failures + 1
 
 
 async def _replace(

@@ -1,0 +1,111 @@
+"""A whole task through real processes produces the expected task.* events on NATS.
+
+nats-server, the coordinator process and the calculator example agent, as in
+``make run``: the events a subscriber reads from JetStream line up, by task sequence,
+with the events a client saw on the coordinator's gRPC stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from hivewire.common.v1 import common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from hivewire.services.runtime import metadata as md
+from hivewire.services.runtime.channels import secure_channel
+from hivewire.services.runtime.events import (
+    HEADER_CORRELATION_ID,
+    HEADER_MSG_ID,
+    ReceivedEvent,
+    replay,
+    subscribe,
+)
+from tests.conftest import Pki
+from tests.helpers import NatsServer, eventually
+from tests.support.e2e_mesh import CALCULATOR, agent_process, coordinator_process, wait_for_agents
+
+pytestmark = pytest.mark.timeout(120)
+
+C = coordinator_pb2
+
+
+async def task_events(nats_url: str, task_id: str) -> list[ReceivedEvent]:
+    return [r async for r in replay(nats_url, "task.*") if r.event.subject == task_id]
+
+
+async def test_a_task_produces_its_events_in_order(pki: Pki, tmp_path: Path) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        nats = await stack.enter_async_context(NatsServer(tmp_path / "nats"))
+        coordinator = await stack.enter_async_context(
+            coordinator_process(
+                tmp_path, certs_dir=pki.dir, nats_url=nats.url, db_path=tmp_path / "c.db"
+            )
+        )
+        agent = await stack.enter_async_context(
+            agent_process(
+                tmp_path, CALCULATOR, name="calculator", certs_dir=pki.dir, nats_url=nats.url
+            )
+        )
+        assert agent.running
+        channel = secure_channel(coordinator.address, pki.files("client"))
+        stack.push_async_callback(channel.close)
+        client: coordinator_pb2_grpc.CoordinatorServiceAsyncStub = (
+            coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        )
+        await wait_for_agents(client, 1)
+
+        spec = C.TaskSpec(capability="calculate", input=common_pb2.Payload(text="1 + 2; 3 * 4"))
+        call = client.StreamTask(
+            C.StreamTaskRequest(spec=spec), metadata=((md.CORRELATION_ID, "cid-events-e2e"),)
+        )
+        grpc_events = [r.event async for r in call]
+        task_id = grpc_events[0].snapshot.task_id
+        finished = grpc_events[-1]
+        assert finished.finished.state == common_pb2.TASK_STATE_SUCCEEDED
+
+        async def completed() -> list[ReceivedEvent]:
+            found = await task_events(nats.url, task_id)
+            assert found and found[-1].type == "task.completed"
+            return found
+
+        on_nats: list[ReceivedEvent] = await eventually(completed, timeout=30)
+
+        types = [r.type for r in on_nats]
+        assert types[:3] == ["task.created", "task.assigned", "task.started"]
+        assert types[-1] == "task.completed"
+        assert set(types[3:-1]) <= {"task.progress"}
+        assert "task.progress" in types
+        sequences = [r.event.task_sequence for r in on_nats]
+        assert sequences[0] == 1
+        assert sequences == sorted(set(sequences)), sequences  # increasing, no repeat
+        assert sequences[-1] == finished.sequence
+        # Every NATS event lines up with the gRPC event of the same sequence.
+        by_sequence = {e.sequence: e for e in grpc_events}
+        for received in on_nats:
+            counterpart = by_sequence[received.event.task_sequence]
+            if received.type == "task.progress":
+                assert counterpart.HasField("progress")
+                assert received.event.task.progress == counterpart.progress
+        for received in on_nats:
+            assert received.event.correlation_id == "cid-events-e2e"
+            assert received.headers[HEADER_CORRELATION_ID] == "cid-events-e2e"
+            assert received.headers[HEADER_MSG_ID] == received.event.id
+            assert received.event.source.startswith("coordinator/")
+            assert received.event.task.task_id == task_id
+        assert on_nats[-1].event.task.state == common_pb2.TASK_STATE_SUCCEEDED
+
+        # A durable subscriber sees the same events, each once.
+        calls: Counter[str] = Counter()
+
+        async def handler(received: ReceivedEvent) -> None:
+            if received.event.subject == task_id:
+                calls[received.id] += 1
+
+        async with subscribe(nats.url, "task.*", handler, durable="e2e-audit"):
+            await eventually(lambda: len(calls) == len(on_nats), timeout=20)
+        assert set(calls.values()) == {1}
+        assert set(calls) == {r.id for r in on_nats}
