@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 import grpc
 from grpc.aio import ClientCallDetails, Metadata
 
-from hivewire.services.runtime import metadata, metrics
+from hivewire.services.runtime import metadata as metadata_keys
+from hivewire.services.runtime import metrics
 from hivewire.services.runtime.errors import (
     Aborted,
     DeadlineExceeded,
@@ -39,14 +40,20 @@ from hivewire.services.runtime.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from hivewire.services.runtime.logging import correlation_id_var, new_correlation_id
+from hivewire.services.runtime.logging import (
+    TraceContext,
+    correlation_id_var,
+    new_correlation_id,
+    trace_context_var,
+)
 from hivewire.services.runtime.status import from_rpc_error, to_grpc_status
 
 logger = logging.getLogger(__name__)
 
-CORRELATION_ID_KEY = metadata.CORRELATION_ID
+CORRELATION_ID_KEY = metadata_keys.CORRELATION_ID
 """Metadata key of the correlation id, on every hop (lower case, as gRPC requires)."""
 
+_TRACE_KEYS = (metadata_keys.TRACEPARENT, metadata_keys.TRACESTATE)
 _VALID_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 # Errors a downstream call may raise through a servicer that keep their meaning for
@@ -274,8 +281,18 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
 # --- 1. correlation id + call logging ---------------------------------------------
 
 
+def incoming_trace_context(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+) -> TraceContext | None:
+    """Return the caller's W3C trace context (``traceparent``/``tracestate``), if valid."""
+    found = {key: value for key, value in metadata or () if key in _TRACE_KEYS}
+    return TraceContext.parse(
+        found.get(metadata_keys.TRACEPARENT), found.get(metadata_keys.TRACESTATE)
+    )
+
+
 class _CorrelationScope:
-    __slots__ = ("_context", "_method", "_start", "_streaming", "_token")
+    __slots__ = ("_context", "_method", "_start", "_streaming", "_token", "_trace_token")
 
     def __init__(self, context: Context, method: str, streaming: bool) -> None:
         self._context = context
@@ -283,8 +300,10 @@ class _CorrelationScope:
         self._streaming = streaming
 
     async def __aenter__(self) -> None:
-        cid = incoming_correlation_id(self._context.invocation_metadata()) or new_correlation_id()
+        invocation = self._context.invocation_metadata()
+        cid = incoming_correlation_id(invocation) or new_correlation_id()
         self._token = correlation_id_var.set(cid)
+        self._trace_token = trace_context_var.set(incoming_trace_context(invocation))
         self._start = time.perf_counter()
         echo = ((CORRELATION_ID_KEY, cid),)
         # Trailers ride along with the status for free. Sending initial metadata
@@ -309,6 +328,7 @@ class _CorrelationScope:
             )
         try:
             correlation_id_var.reset(self._token)
+            trace_context_var.reset(self._trace_token)
         except ValueError:
             # An async generator may be finalized from another context; the call's
             # own context dies with its task anyway.
@@ -553,6 +573,11 @@ class CorrelationClientInterceptor(
         metadata = Metadata(*tuple(details.metadata or ()))
         if metadata.get(CORRELATION_ID_KEY) is None:
             metadata.add(CORRELATION_ID_KEY, correlation_id_var.get() or new_correlation_id())
+        trace = trace_context_var.get()
+        if trace is not None and metadata.get(metadata_keys.TRACEPARENT) is None:
+            metadata.add(metadata_keys.TRACEPARENT, trace.traceparent)
+            if trace.tracestate:
+                metadata.add(metadata_keys.TRACESTATE, trace.tracestate)
         timeout = details.timeout
         if timeout is None:
             timeout = self._default_timeout if unary_response else self._stream_timeout

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -34,6 +36,39 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("x", logging.INFO, "x", 0, "x",
     "task_id",
     "context",
 }
+
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_MAX_TRACESTATE = 512
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """W3C trace context of the work in progress.
+
+    Attributes:
+        traceparent: The ``traceparent`` value (``00-<trace id>-<span id>-<flags>``).
+        tracestate: The ``tracestate`` value, if any.
+    """
+
+    traceparent: str
+    tracestate: str | None = None
+
+    @classmethod
+    def parse(cls, traceparent: object, tracestate: object = None) -> TraceContext | None:
+        """Return the context if ``traceparent`` is well formed (W3C), else None."""
+        if not isinstance(traceparent, str) or not _TRACEPARENT.match(traceparent):
+            return None
+        state = tracestate if isinstance(tracestate, str) else None
+        if state is not None and (len(state) > _MAX_TRACESTATE or "\n" in state):
+            state = None
+        return cls(traceparent, state or None)
+
+
+trace_context_var: ContextVar[TraceContext | None] = ContextVar(
+    "hivewire_trace_context", default=None
+)
+"""Trace context of the request being handled: passed on to downstream calls and events."""
 
 
 def new_correlation_id() -> str:

@@ -9,12 +9,10 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 from hivewire.events.v1 import events_pb2
-from hivewire.services.runtime.logging import correlation_id_var
+from hivewire.services.runtime.logging import TraceContext, correlation_id_var, trace_context_var
 
 from .settings import DLQ_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX
 
@@ -107,25 +105,6 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _TOKEN = re.compile(r"^([a-z0-9_]+|\*|>)$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _MAX_HEADER = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class TraceContext:
-    """W3C trace context of the work in progress.
-
-    Attributes:
-        traceparent: The ``traceparent`` value (``00-<trace id>-<span id>-<flags>``).
-        tracestate: The ``tracestate`` value, if any.
-    """
-
-    traceparent: str
-    tracestate: str | None = None
-
-
-trace_context_var: ContextVar[TraceContext | None] = ContextVar(
-    "hivewire_trace_context", default=None
-)
-"""Trace context of the request being handled; stamped on every event published in it."""
 
 
 def category_of(event_type: str) -> str:
