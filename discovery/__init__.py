@@ -71,6 +71,7 @@ _CONSUL_QUERY: dict[str, tuple[str, Any]] = {
     "deregister_after": ("deregister_critical_after", parse_duration),
     "grpc_interval": ("grpc_interval", parse_duration),
     "wait": ("watch_wait", parse_duration),
+    "watch_interval": ("watch_interval", parse_duration),
     "ca": ("verify", str),
 }
 _EMBEDDED_QUERY: dict[str, tuple[str, Any]] = {
@@ -100,10 +101,12 @@ def open_registry(
 
     Args:
         url: ``"nats"`` (embedded, on ``nats_url``), ``"nats://host:port"`` (embedded on
-            that server), ``"consul://host:port"`` / ``"consul+https://host:port"``
+            that server; both take the query options ``bucket=<name>`` and ``ttl=15s``, as
+            in ``"nats?ttl=5s"``), ``"consul://host:port"`` / ``"consul+https://host:port"``
             (Consul agent; query options ``checks=ttl,grpc``, ``ttl=15s``,
-            ``deregister_after=1m``, ``grpc_interval=5s``, ``wait=55s``, ``ca=<path>``), or
-            ``"static"`` / ``"static:<json or file>"``.
+            ``deregister_after=1m``, ``grpc_interval=5s``, ``wait=55s``,
+            ``watch_interval=15s``, ``ca=<path>``), or ``"static"`` /
+            ``"static:<json or file>"``.
         nats_url: The mesh's NATS URL (used by the embedded backend).
         consul_token: Consul ACL token.
         **options: Backend keyword options; they override URL query options.
@@ -112,10 +115,12 @@ def open_registry(
         ValueError: Unknown scheme or option.
     """
     text = url.strip()
-    if text in ("", "nats", "embedded"):
+    base, _, query = text.partition("?")
+    if base in ("", "nats", "embedded"):
         from .embedded import EmbeddedRegistry
 
-        return EmbeddedRegistry(nats_url, **options)
+        merged = {**_query_options(query, _EMBEDDED_QUERY, url), **options}
+        return EmbeddedRegistry(nats_url, **merged)
     if text == "static" or text.startswith("static:"):
         from .static import StaticRegistry, load_static_instances
 

@@ -36,9 +36,10 @@ _META_MAX_VALUE = 512
 _META_MAX_PAIRS = 64
 _UUID_SUFFIX_RE = re.compile(r"^(?P<name>.+)-[0-9a-f]{8}$")
 
-#: Metadata key naming the logical instance (for example an agent's name). A newly
-#: registered instance replaces a registered one of the same service with the same name
-#: and address: a restarted process never piles up next to its own stale entry.
+#: Metadata key giving an instance an explicit, stable name (for example ``summarizer-a``).
+#: A newly registered instance with the same explicit name, service and address replaces
+#: the registered one wherever it listens now: a restart on another port never piles up
+#: next to its own stale entry. Without it, only a restart on the same port replaces.
 META_INSTANCE_NAME = "instance_name"
 
 
@@ -188,13 +189,23 @@ def instance_name(instance: Instance) -> str:
 
 
 def is_replaced_by(old: Instance, new: Instance) -> bool:
-    """Whether registering ``new`` supersedes the registered ``old`` (a restart)."""
-    return (
-        old.instance_id != new.instance_id
-        and old.service == new.service
-        and old.address == new.address
-        and instance_name(old) == instance_name(new)
-    )
+    """Whether registering ``new`` supersedes the registered ``old`` (a restart of it).
+
+    Only a restart of the same instance replaces it: same service, address and name, and
+    either the same port or an explicit stable name (``meta["instance_name"]``) on both.
+    Replicas of one agent on one host differ by port, so they all stay registered.
+    """
+    if (
+        old.instance_id == new.instance_id
+        or old.service != new.service
+        or old.address != new.address
+        or instance_name(old) != instance_name(new)
+    ):
+        return False
+    if old.port == new.port:
+        # Two live processes cannot listen on one host:port: the old one is gone.
+        return True
+    return bool(old.meta.get(META_INSTANCE_NAME)) and bool(new.meta.get(META_INSTANCE_NAME))
 
 
 def sort_instances(instances: Iterable[Instance]) -> list[Instance]:

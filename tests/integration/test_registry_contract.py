@@ -65,6 +65,8 @@ class Backend:
         *,
         tags: Iterable[str] = (),
         label: str | None = None,
+        port: int | None = None,
+        explicit_name: bool = True,
         **overrides: Any,
     ) -> ServiceProcess:
         args = [
@@ -72,11 +74,13 @@ class Backend:
             "--nats-url", self.nats_url,
             "--service", SERVICE,
             "--name", name,
-            "--port", str(free_port()),
+            "--port", str(port or free_port()),
             "--options", json.dumps({**self.options, **overrides}),
         ]  # fmt: skip
         for tag in tags:
             args += ["--tag", tag]
+        if not explicit_name:
+            args.append("--no-instance-name")
         return ServiceProcess(
             "tests.support.registrant",
             *args,
@@ -328,6 +332,60 @@ async def test_restart_with_the_same_name_leaves_no_stale_instance(
             await eventually(replaced, timeout=SETTLE)
     finally:
         for proc in (first, second, other):
+            if proc.running:
+                await proc.kill()
+
+
+async def test_replicas_of_one_agent_on_one_host_coexist_and_a_restart_replaces_itself(
+    backend: Backend, tmp_path: Path
+) -> None:
+    # What `hivewire agent serve` registers: the agent's name in the instance id, no
+    # explicit instance name, so replicas on one host differ only by port. A long TTL:
+    # a stale entry would outlive the test unless the restart replaces it.
+    long_ttl = 60.0
+    port_a = free_port()
+    port_b = free_port()
+    while port_b == port_a:
+        port_b = free_port()
+
+    def replica(label: str, port: int) -> ServiceProcess:
+        return backend.registrant(
+            tmp_path,
+            "summarizer",
+            label=label,
+            port=port,
+            explicit_name=False,
+            tags=("summarize",),
+            ttl=long_ttl,
+        )
+
+    first, second, restarted = replica("a-1", port_a), replica("b", port_b), replica("a-2", port_a)
+    try:
+        await first.start()
+        await second.start()
+        first_id, second_id = first.ports["instance_id"], second.ports["instance_id"]
+        assert first_id.startswith("summarizer-") and second_id.startswith("summarizer-")
+        async with backend.registry(ttl=long_ttl) as reader:
+
+            async def both() -> None:
+                assert ids(await reader.resolve(SERVICE)) == sorted([first_id, second_id])
+                assert ids(await reader.resolve(SERVICE, tag="summarize")) == sorted(
+                    [first_id, second_id]
+                )
+
+            await eventually(both, timeout=SETTLE)
+
+            # kill -9 of replica a, then a restart of it on the same host and port.
+            await first.kill()
+            await restarted.start()
+            fresh_id = restarted.ports["instance_id"]
+
+            async def replaced() -> None:
+                assert ids(await reader.resolve(SERVICE)) == sorted([fresh_id, second_id])
+
+            await eventually(replaced, timeout=SETTLE)
+    finally:
+        for proc in (first, second, restarted):
             if proc.running:
                 await proc.kill()
 

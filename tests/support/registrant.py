@@ -46,6 +46,11 @@ async def _main(argv: list[str]) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tag", action="append", default=[])
     parser.add_argument("--options", default="{}", help="registry options as JSON")
+    parser.add_argument(
+        "--no-instance-name",
+        action="store_true",
+        help="register without an explicit meta instance_name (as agents do)",
+    )
     args = parser.parse_args(argv)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -59,7 +64,7 @@ async def _main(argv: list[str]) -> None:
             address="127.0.0.1",
             port=args.port,
             tags=tuple(args.tag),
-            meta={META_INSTANCE_NAME: args.name},
+            meta={} if args.no_instance_name else {META_INSTANCE_NAME: args.name},
         )
         await registry.register(instance)
         _write_ports(instance)

@@ -102,6 +102,13 @@ def test_instance_names_and_replacement_rule() -> None:
     assert not is_replaced_by(old, make(instance_id=new_instance_id("other")))
     assert not is_replaced_by(old, make(instance_id=new.instance_id, address="10.0.0.2"))
     assert not is_replaced_by(old, make(instance_id=new.instance_id, service="hivewire-tool"))
+    # A replica on another port is not a restart; an explicit stable name follows the port.
+    assert not is_replaced_by(old, make(instance_id=new.instance_id, port=50052))
+    named = {META_INSTANCE_NAME: "planner"}
+    assert is_replaced_by(
+        make(meta=named), make(instance_id=new.instance_id, port=50052, meta=named)
+    )
+    assert not is_replaced_by(old, make(instance_id=new.instance_id, port=50052, meta=named))
 
 
 # -- open_registry ---------------------------------------------------------------------
@@ -112,6 +119,8 @@ def test_open_registry_chooses_the_backend_from_the_url(tmp_path: Path) -> None:
     assert isinstance(embedded, EmbeddedRegistry) and isinstance(embedded, Registry)
     other = open_registry("nats://10.0.0.1:4222?bucket=reg&ttl=5s", nats_url="unused")
     assert isinstance(other, EmbeddedRegistry) and other.ttl == 5.0
+    shared = open_registry("nats?ttl=3s", nats_url="nats://127.0.0.1:4222")
+    assert isinstance(shared, EmbeddedRegistry) and shared.ttl == 3.0
     consul = open_registry(
         "consul://consul.local:8501?checks=ttl,grpc&ttl=20s&deregister_after=2m",
         nats_url="",
@@ -128,7 +137,13 @@ def test_open_registry_chooses_the_backend_from_the_url(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["etcd://x", "consul://h:1?colour=blue", "consul://h:1?checks=http", "nats://h:1?wait=1s"],
+    [
+        "etcd://x",
+        "consul://h:1?colour=blue",
+        "consul://h:1?checks=http",
+        "nats://h:1?wait=1s",
+        "nats?checks=ttl",
+    ],
 )
 def test_open_registry_rejects_unknown_schemes_and_options(url: str) -> None:
     with pytest.raises(ValueError):
