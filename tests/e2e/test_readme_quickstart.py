@@ -52,7 +52,8 @@ def test_quickstart_starts_with_make_run_which_is_hivewire_up() -> None:
 def test_quickstart_block_runs(mesh: RunningMesh, index: int) -> None:
     block = quickstart_blocks()[index]
     coordinator = mesh.address("coordinator")
-    script = block.replace("127.0.0.1:50051", coordinator)
+    nats = mesh.endpoints["nats"]["url"].removeprefix("nats://")
+    script = block.replace("127.0.0.1:50051", coordinator).replace("127.0.0.1:4222", nats)
     env = mesh.clean_env()
     env["HIVEWIRE_COORDINATOR__ADDRESS"] = coordinator
     env["HIVEWIRE_NATS_URL"] = mesh.endpoints["nats"]["url"]
@@ -71,5 +72,5 @@ def test_quickstart_block_runs(mesh: RunningMesh, index: int) -> None:
         assert "1024" in result.stdout, report
     if "StreamTask" in block:
         assert "TASK_STATE_SUCCEEDED" in result.stdout, report
-    if "--since" in block:
-        assert "task." in result.stdout, report
+    if "--since" in block or "subscribe.js" in block:
+        assert "task.created" in result.stdout, report
