@@ -94,9 +94,15 @@ class TlsFiles:
         try:
             return self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes()
         except FileNotFoundError as exc:
+            missing = Path(str(exc.filename))
+            if missing != self.ca and self.ca.exists():
+                # The CA is there, this identity is not: say how to get one.
+                hint = f"issue one with `hivewire certs issue --name {missing.stem}`"
+            else:
+                hint = "generate the dev PKI first (`hivewire certs init`)"
             raise FileNotFoundError(
-                f"TLS file {exc.filename} not found; generate the dev PKI first "
-                "(`hivewire certs init`) or point HIVEWIRE_CERTS_DIR at it"
+                f"no certificate: {missing} not found; {hint}, "
+                "or point HIVEWIRE_CERTS_DIR at the directory that has it"
             ) from exc
 
     def mtimes(self) -> tuple[int, int, int]:

@@ -158,6 +158,21 @@ def test_cli_lists_agents_and_tasks(mesh: RunningMesh) -> None:
     assert "research" in tasks.stdout
 
 
+def test_cli_without_a_client_certificate_says_how_to_get_one(mesh: RunningMesh) -> None:
+    result = subprocess.run(
+        [HIVEWIRE, "submit", "--identity", "bob", "--address", mesh.address("coordinator")]
+        + ["--certs-dir", str(mesh.root / "certs"), "calculate", "1 + 1"],
+        capture_output=True,
+        text=True,
+        env=mesh.clean_env(),
+        timeout=60,
+    )
+    assert result.returncode == 6, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "hivewire certs issue --name bob" in lines[0]
+
+
 def test_ctrl_c_stops_every_process(mesh: RunningMesh) -> None:
     """Runs last in this module: SIGINT (Ctrl-C) leaves no mesh process behind."""
     pids = [entry["pid"] for entry in mesh.endpoints["services"].values()]

@@ -1,0 +1,184 @@
+"""A real mesh for benchmarks: nats-server, a coordinator and benchmark agents, each a process.
+
+Started with the same launcher and nats-server configuration as ``hivewire up``
+(``services/mesh``), on free loopback ports, with a throwaway PKI, database and
+JetStream store under a temporary directory. Agents register in the embedded NATS-KV
+registry; the coordinator discovers them there, exactly as in ``make run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+
+from bench.common import ROOT, free_port
+from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec, python_module
+from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
+from hivewire.services.runtime.channels import secure_channel
+from hivewire.services.runtime.pki import init_pki
+from hivewire.services.runtime.tls import TlsFiles
+
+AGENT_TARGET = "bench.agent:BenchAgent"
+
+if TYPE_CHECKING:
+    # The asyncio stub type exists only in the generated .pyi.
+    CoordinatorStub = coordinator_pb2_grpc.CoordinatorServiceAsyncStub
+
+
+def coordinator_stub(channel: grpc.aio.Channel) -> CoordinatorStub:
+    """An asyncio coordinator stub on ``channel``."""
+    stub: CoordinatorStub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+    return stub
+
+
+@dataclass
+class BenchMesh:
+    """A running benchmark mesh.
+
+    Attributes:
+        state: Its temporary directory (logs under ``logs/``).
+        certs: The PKI directory.
+        nats: The nats-server process.
+        coordinator: The coordinator process.
+        agents: The agent processes.
+        address: ``host:port`` of the coordinator.
+    """
+
+    state: Path
+    certs: Path
+    nats: ManagedProcess
+    coordinator: ManagedProcess
+    agents: list[ManagedProcess]
+    address: str
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Process ids by name: ``coordinator``, ``nats``, ``agent-0``..."""
+        pids = {"coordinator": self.coordinator.pid, "nats": self.nats.pid}
+        pids.update({a.spec.name: a.pid for a in self.agents})
+        return pids
+
+    def channel(self, **options: int | str) -> grpc.aio.Channel:
+        """A client channel to the coordinator (client certificate).
+
+        Args:
+            **options: Extra channel arguments (a distinct value gives a distinct
+                connection).
+        """
+        return secure_channel(
+            self.address,
+            TlsFiles.for_identity(self.certs, "client"),
+            options=list(options.items()),
+            default_timeout=120.0,
+        )
+
+
+async def _wait_for_agents(mesh: BenchMesh, count: int, *, within: float = 60.0) -> None:
+    """Poll ListAgents until ``count`` healthy agents are routable."""
+    channel = mesh.channel()
+    stub = coordinator_stub(channel)
+    deadline = time.monotonic() + within
+    healthy = 0
+    try:
+        while True:
+            response = await stub.ListAgents(coordinator_pb2.ListAgentsRequest(capability="noop"))
+            healthy = sum(
+                1 for a in response.agents if a.health == coordinator_pb2.AGENT_HEALTH_HEALTHY
+            )
+            if healthy >= count:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {healthy} of {count} agents routable after {within}s")
+            await asyncio.sleep(0.1)
+    finally:
+        await channel.close()
+
+
+@contextlib.asynccontextmanager
+async def bench_mesh(
+    *,
+    agents: int = 1,
+    agent_concurrency: int = 64,
+    log_level: str = "WARNING",
+    sync_interval: str = "always",
+) -> AsyncIterator[BenchMesh]:
+    """Start nats-server, a coordinator and ``agents`` benchmark agents; stop them after.
+
+    Args:
+        agents: Number of agent processes.
+        agent_concurrency: Tasks each agent runs at once.
+        log_level: Level of every service's log (files under the state directory).
+        sync_interval: JetStream ``sync_interval`` (``always`` is what ``make run`` uses).
+    """
+    with tempfile.TemporaryDirectory(prefix="hivewire-bench-") as tmp:
+        state = Path(tmp)
+        certs = state / "certs"
+        init_pki(certs)
+        async with Launcher(grace_period=5.0) as launcher:
+            nats_config = NatsServerConfig(
+                port=free_port(),
+                monitor_port=free_port(),
+                store_dir=state / "nats",
+                sync_interval=sync_interval,
+            )
+            nats = await start_nats_server(launcher, nats_config, state_dir=state)
+            common = {
+                "PYTHONPATH": str(ROOT),
+                "HIVEWIRE_HOST": "127.0.0.1",
+                "HIVEWIRE_PORT": "0",
+                "HIVEWIRE_CERTS_DIR": str(certs),
+                "HIVEWIRE_NATS_URL": nats_config.url,
+                "HIVEWIRE_DISCOVERY": "nats",
+                "HIVEWIRE_LOG_LEVEL": log_level,
+            }
+
+            def spec(name: str, argv: list[str], **env: str) -> ProcessSpec:
+                ports = state / "run" / f"{name}.json"
+                return ProcessSpec(
+                    name=name,
+                    argv=argv,
+                    env={**common, "HIVEWIRE_PORTS_FILE": str(ports), **env},
+                    ports_file=ports,
+                    log_file=state / "logs" / f"{name}.log",
+                    ready_timeout=60.0,
+                )
+
+            coordinator = await launcher.start(
+                spec(
+                    "coordinator",
+                    python_module("hivewire.services.coordinator"),
+                    HIVEWIRE_IDENTITY="coordinator",
+                    HIVEWIRE_COORDINATOR__DB_PATH=str(state / "coordinator.db"),
+                )
+            )
+            started = await asyncio.gather(
+                *(
+                    launcher.start(
+                        spec(
+                            f"agent-{i}",
+                            python_module("hivewire.services.agent", AGENT_TARGET),
+                            HIVEWIRE_AGENT__MAX_CONCURRENCY=str(agent_concurrency),
+                        )
+                    )
+                    for i in range(agents)
+                )
+            )
+            mesh = BenchMesh(
+                state=state,
+                certs=certs,
+                nats=nats,
+                coordinator=coordinator,
+                agents=list(started),
+                address=f"127.0.0.1:{coordinator.ports['grpc']}",
+            )
+            await _wait_for_agents(mesh, agents)
+            yield mesh
