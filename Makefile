@@ -23,7 +23,9 @@ venv: $(STAMP)
 # The strict editable install is a link tree: re-link so new modules are importable
 # (and visible to mypy, which does not run import hooks).
 relink: $(STAMP)
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	@$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . \
+		--config-settings editable_mode=strict > $(VENV)/relink.log 2>&1 \
+		|| { cat $(VENV)/relink.log; exit 1; }
 
 run: relink
 	$(BIN)/hivewire up

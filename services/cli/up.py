@@ -27,6 +27,12 @@ from hivewire.services.cli.tasks import EventView, follow
 from hivewire.services.mesh.launcher import Launcher, LaunchError
 from hivewire.services.mesh.up import EXAMPLE_AGENTS, Mesh, MeshOptions
 from hivewire.services.runtime.channels import secure_channel
+from hivewire.services.runtime.ports import (
+    COORDINATOR_PORT,
+    FIRST_AGENT_PORT,
+    MODEL_PORT,
+    TOOL_PORT,
+)
 from hivewire.services.runtime.tls import TlsFiles
 
 app = typer.Typer()
@@ -155,10 +161,14 @@ def up(
         ),
     ] = None,
     demo: Annotated[bool, typer.Option(help="Run a demo task once the mesh is up.")] = True,
-    coordinator_port: Annotated[int, typer.Option(help="Coordinator gRPC port.")] = 50051,
-    model_port: Annotated[int, typer.Option(help="Model service gRPC port.")] = 50052,
-    tool_port: Annotated[int, typer.Option(help="Tool service gRPC port.")] = 50053,
-    first_agent_port: Annotated[int, typer.Option(help="Port of the first agent.")] = 50061,
+    coordinator_port: Annotated[int, typer.Option(help="Coordinator gRPC port.")] = (
+        COORDINATOR_PORT
+    ),
+    model_port: Annotated[int, typer.Option(help="Model service gRPC port.")] = MODEL_PORT,
+    tool_port: Annotated[int, typer.Option(help="Tool service gRPC port.")] = TOOL_PORT,
+    first_agent_port: Annotated[int, typer.Option(help="Port of the first agent.")] = (
+        FIRST_AGENT_PORT
+    ),
     nats_port: Annotated[int, typer.Option(help="NATS client port.")] = 4222,
     nats_monitor_port: Annotated[int, typer.Option(help="NATS monitoring port.")] = 8222,
     state_dir: Annotated[
@@ -173,6 +183,9 @@ def up(
     """Start the whole mesh (NATS, coordinator, model, tool, agents) until Ctrl-C."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console(stderr=True, soft_wrap=True)
+    if not console.is_terminal:
+        # Logs and pipes: wide enough that the endpoint table is never cut.
+        console.width = 160
     options = MeshOptions(
         agents=tuple(agent or EXAMPLE_AGENTS),
         coordinator_port=coordinator_port,
