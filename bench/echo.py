@@ -155,6 +155,12 @@ async def serve_runtime(certs: Path) -> None:
     """The same service hosted by hivewire's ``ServiceServer`` (interceptors, health...)."""
     import logging
 
+    from hivewire.services.runtime.authz import (
+        DEFAULT_POLICY,
+        AuthzPolicy,
+        AuthzPolicyStore,
+        AuthzRule,
+    )
     from hivewire.services.runtime.config import load_settings
     from hivewire.services.runtime.server import ServiceBinding, ServiceServer
 
@@ -168,7 +174,11 @@ async def serve_runtime(certs: Path) -> None:
         log_level="WARNING",
     )
     binding = ServiceBinding(SERVICE, lambda s: s.add_generic_rpc_handlers((echo_handler(),)))
-    async with ServiceServer(settings, [binding]) as server:
+    # The mesh's policy plus one rule for the echo service, so calls pay the real check.
+    echo_rule = AuthzRule(callers=("spiffe://hivewire.local/client/*",), allow=(f"{SERVICE}/*",))
+    policy = AuthzPolicy((*DEFAULT_POLICY.rules, echo_rule), source="bench")
+    authz = AuthzPolicyStore(policy=policy)
+    async with ServiceServer(settings, [binding], authz=authz) as server:
         _announce(server.port)
         await _wait_for_parent()
 

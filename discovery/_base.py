@@ -41,6 +41,16 @@ class RegistryBase(abc.ABC):
         """The instances this registry keeps alive, by instance id (a copy)."""
         return dict(self._instances)
 
+    @staticmethod
+    def _log_registered(instance: Instance) -> None:
+        logger.info(
+            "registry: registered %s %s at %s tags=%s",
+            instance.service,
+            instance.instance_id,
+            instance.endpoint,
+            ",".join(instance.tags),
+        )
+
     def _require_started(self) -> None:
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")

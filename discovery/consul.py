@@ -38,9 +38,10 @@ import consul.aio
 from consul.callback import CB
 from consul.exceptions import ACLDisabled, ACLPermissionDenied, BadRequest, ConsulException
 
+from hivewire.services.runtime.backoff import Backoff, TokenBucket
+
 from . import metrics
 from ._base import RegistryBase
-from ._util import Backoff, TokenBucket
 from .registry import (
     Instance,
     RegistryError,
@@ -354,13 +355,7 @@ class ConsulRegistry(RegistryBase):
             )
             self._kick.set()
             return
-        logger.info(
-            "registry: registered %s %s at %s tags=%s",
-            instance.service,
-            instance.instance_id,
-            instance.endpoint,
-            ",".join(instance.tags),
-        )
+        self._log_registered(instance)
 
     async def deregister(self, instance_id: str) -> None:
         """Stop heartbeats and deregister the instance (idempotent)."""

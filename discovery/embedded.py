@@ -27,9 +27,10 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
+from hivewire.services.runtime.backoff import Backoff
+
 from . import metrics
 from ._base import RegistryBase
-from ._util import Backoff
 from .registry import (
     Instance,
     RegistryUnavailableError,
@@ -265,13 +266,7 @@ class EmbeddedRegistry(RegistryBase):
                 exc,
             )
             return
-        logger.info(
-            "registry: registered %s %s at %s tags=%s",
-            instance.service,
-            instance.instance_id,
-            instance.endpoint,
-            ",".join(instance.tags),
-        )
+        self._log_registered(instance)
 
     async def deregister(self, instance_id: str) -> None:
         """Stop the heartbeat and delete the key (idempotent)."""

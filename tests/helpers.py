@@ -28,6 +28,7 @@ from typing import IO, Any, Self
 
 import httpx
 
+from hivewire.services.mesh.launcher import read_ports_file
 from hivewire.services.runtime.tls import TlsFiles
 
 __all__ = [
@@ -587,11 +588,8 @@ class ServiceProcess:
                 raise AssertionError(
                     f"{self.name} exited with {proc.returncode} before serving\n{self.log_tail()}"
                 )
-            try:
-                self.ports = json.loads(self.ports_file.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                return False
-            return True
+            self.ports = read_ports_file(self.ports_file) or {}
+            return bool(self.ports)
 
         try:
             await eventually(serving, timeout=timeout, interval=0.02, retry_on=())

@@ -47,6 +47,7 @@ from hivewire.services.agent.sdk import (
     valid_reason,
 )
 from hivewire.services.model.client import ModelClient
+from hivewire.services.model.convert import chat_message, finish_reason_name
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime.errors import HivewireError, Unavailable
 from hivewire.services.runtime.status import from_rpc_error
@@ -74,19 +75,6 @@ __all__ = [
     "ToolOutput",
     "bind_clients",
 ]
-
-_FINISH_REASONS = {
-    model_pb2.FINISH_REASON_STOP: "stop",
-    model_pb2.FINISH_REASON_LENGTH: "length",
-    model_pb2.FINISH_REASON_CANCELLED: "cancelled",
-    model_pb2.FINISH_REASON_BUDGET: "budget",
-}
-_ROLES = {
-    "system": model_pb2.CHAT_ROLE_SYSTEM,
-    "user": model_pb2.CHAT_ROLE_USER,
-    "assistant": model_pb2.CHAT_ROLE_ASSISTANT,
-    "tool": model_pb2.CHAT_ROLE_TOOL,
-}
 
 
 class Endpoint(Protocol):
@@ -203,6 +191,27 @@ class _Bound:
             )
         )
 
+    @contextlib.asynccontextmanager
+    async def _reported(
+        self, kind: ActivityKind, name: str, summary: str
+    ) -> AsyncIterator[datetime]:
+        """Report the call's start; on failure, report it done with the domain error and
+        raise that error (the caller reports success itself, with what it consumed).
+
+        Yields:
+            When the call started.
+        """
+        started = datetime.now(UTC)
+        await self._activity(kind, name, summary, started)
+        try:
+            yield started
+        except Exception as exc:
+            err = self._domain_error(exc)
+            await self._activity(kind, name, summary, started, done=True, error=err)
+            if err is exc:
+                raise
+            raise err from exc
+
 
 # --- model ----------------------------------------------------------------------------
 
@@ -289,14 +298,7 @@ class TaskModel(_Bound):
         Returns:
             A :class:`ModelStream` of text chunks.
         """
-        params: dict[str, Any] = {
-            "model": model,
-            "temperature": temperature,
-            "top_p": top_p,
-            "max_tokens": max_tokens,
-            "stop": stop,
-            "seed": seed,
-        }
+        params = _sampling(model, temperature, top_p, max_tokens, stop, seed)
 
         def start(client: ModelClient) -> Any:
             return client.generate(prompt, system=system, **params, **self._call_options())
@@ -333,14 +335,7 @@ class TaskModel(_Bound):
             ValueError: A message has an unknown role.
         """
         converted = [_chat_message(m) for m in messages]
-        params: dict[str, Any] = {
-            "model": model,
-            "temperature": temperature,
-            "top_p": top_p,
-            "max_tokens": max_tokens,
-            "stop": stop,
-            "seed": seed,
-        }
+        params = _sampling(model, temperature, top_p, max_tokens, stop, seed)
 
         def start(client: ModelClient) -> Any:
             return client.chat(converted, **params, **self._call_options())
@@ -367,19 +362,11 @@ class TaskModel(_Bound):
         Returns:
             One vector per input, in order.
         """
-        started = datetime.now(UTC)
         name = model or "default"
         summary = f"embed {len(inputs)} text(s)"
-        await self._activity(ActivityKind.MODEL_CALL, name, summary, started)
-        try:
+        async with self._reported(ActivityKind.MODEL_CALL, name, summary) as started:
             client = ModelClient(await self._endpoint.channel())
             response = await client.embed(inputs, model=model, **self._call_options())
-        except Exception as exc:
-            err = self._domain_error(exc)
-            await self._activity(
-                ActivityKind.MODEL_CALL, name, summary, started, done=True, error=err
-            )
-            raise err from exc
         usage = convert.usage_from_proto(response.usage)
         self._ctx.usage.add_model_call(usage)
         await self._activity(
@@ -400,14 +387,12 @@ class TaskModel(_Bound):
         holder: ModelStream,
     ) -> AsyncIterator[str]:
         self._check_budget()
-        started = datetime.now(UTC)
         t0 = time.monotonic()
         name = model or "default"
-        await self._activity(ActivityKind.MODEL_CALL, name, summary, started)
         parts: list[str] = []
         first_token: float | None = None
         done: model_pb2.Completion | None = None
-        try:
+        async with self._reported(ActivityKind.MODEL_CALL, name, summary) as started:
             stream = start(ModelClient(await self._endpoint.channel()))
             # aclosing: when our caller stops early, the call is cancelled right away
             # instead of whenever the garbage collector finalizes the generator.
@@ -421,19 +406,13 @@ class TaskModel(_Bound):
                             yield item
                     else:
                         done = item
-        except Exception as exc:
-            err = self._domain_error(exc)
-            await self._activity(
-                ActivityKind.MODEL_CALL, name, summary, started, done=True, error=err
-            )
-            raise err from exc
         usage = convert.usage_from_proto(done.usage) if done is not None else Usage()
         if usage.time_to_first_token is None:
             usage.time_to_first_token = first_token
         self._ctx.usage.add_model_call(usage)
         holder.result = Generation(
             text="".join(parts),
-            finish_reason=_FINISH_REASONS.get(done.finish_reason, "unknown") if done else "unknown",
+            finish_reason=finish_reason_name(done.finish_reason) if done else "unknown",
             usage=usage,
             model=done.model if done is not None else model,
             backend=done.backend if done is not None else "",
@@ -448,6 +427,25 @@ class TaskModel(_Bound):
         )
 
 
+def _sampling(
+    model: str,
+    temperature: float | None,
+    top_p: float | None,
+    max_tokens: int,
+    stop: Sequence[str],
+    seed: int | None,
+) -> dict[str, Any]:
+    """The sampling keywords :class:`ModelClient` takes, for both kinds of call."""
+    return {
+        "model": model,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_tokens": max_tokens,
+        "stop": stop,
+        "seed": seed,
+    }
+
+
 def _chat_message(message: ChatTurn | tuple[str, str] | Mapping[str, str]) -> model_pb2.ChatMessage:
     if isinstance(message, ChatTurn):
         role, content, name = message.role, message.content, message.name
@@ -456,9 +454,7 @@ def _chat_message(message: ChatTurn | tuple[str, str] | Mapping[str, str]) -> mo
         name = ""
     else:
         role, content, name = message["role"], message["content"], message.get("name", "")
-    if role not in _ROLES:
-        raise ValueError(f"unknown chat role {role!r}: use one of {', '.join(_ROLES)}")
-    return model_pb2.ChatMessage(role=_ROLES[role], content=content, name=name)
+    return chat_message(role, content, name)
 
 
 # --- tools ----------------------------------------------------------------------------
@@ -525,13 +521,11 @@ class TaskTools(_Bound):
         """
         self._calls += 1
         call_id = f"{self._ctx.task_id}-{self._ctx.attempt}-tool-{self._calls}"
-        started = datetime.now(UTC)
         summary = f"invoke {tool_name}"
-        await self._activity(ActivityKind.TOOL_CALL, tool_name, summary, started)
-        self._ctx.usage.tool_calls += 1
         approval: ApprovalGrant | None = None
         asked_for: set[str] = set()
-        try:
+        async with self._reported(ActivityKind.TOOL_CALL, tool_name, summary) as started:
+            self._ctx.usage.tool_calls += 1
             while True:
                 outcome = await self._invoke_once(
                     tool_name, arguments or {}, call_id, approval, on_progress
@@ -546,14 +540,6 @@ class TaskTools(_Bound):
                     )
                 asked_for.add(outcome.arguments_digest)
                 approval = await self._approve(tool_name, outcome)
-        except Exception as exc:
-            err = self._domain_error(exc)
-            await self._activity(
-                ActivityKind.TOOL_CALL, tool_name, summary, started, done=True, error=err
-            )
-            if err is exc:
-                raise
-            raise err from exc
         await self._activity(ActivityKind.TOOL_CALL, tool_name, summary, started, done=True)
         return outcome
 

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
@@ -22,6 +18,13 @@ from hivewire.services.agent.sdk import (
     Payload,
     TaskInfo,
     Usage,
+)
+from hivewire.services.runtime.convert import (
+    duration,
+    error_detail,
+    struct_to_dict,
+    timestamp,
+    to_struct,
 )
 from hivewire.services.runtime.errors import FieldViolation, InvalidArgument
 
@@ -38,40 +41,13 @@ _ACTIVITY_KINDS = {
 # --- small values ---------------------------------------------------------------------
 
 
-def struct_from_dict(value: Mapping[str, Any]) -> struct_pb2.Struct:
-    """A JSON object as a ``google.protobuf.Struct``."""
-    message = struct_pb2.Struct()
-    message.update(dict(value))
-    return message
-
-
-def dict_from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
-    """A ``google.protobuf.Struct`` as a JSON object (numbers come back as floats)."""
-    result: dict[str, Any] = json_format.MessageToDict(message)
-    return result
-
-
-def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    """A UTC datetime as a Timestamp."""
-    message = timestamp_pb2.Timestamp()
-    message.FromDatetime(moment.astimezone(UTC))
-    return message
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    """Seconds as a Duration."""
-    message = duration_pb2.Duration()
-    message.FromTimedelta(timedelta(seconds=max(0.0, seconds)))
-    return message
-
-
 def payload_to_proto(payload: Payload) -> common_pb2.Payload:
     """The domain payload as ``common.v1.Payload``."""
     message = common_pb2.Payload(
         text=payload.text, data=payload.data, content_type=payload.content_type
     )
     if payload.json is not None:
-        message.json.CopyFrom(struct_from_dict(payload.json))
+        message.json.CopyFrom(to_struct(payload.json))
     return message
 
 
@@ -79,7 +55,7 @@ def payload_from_proto(message: common_pb2.Payload) -> Payload:
     """``common.v1.Payload`` as the domain payload."""
     return Payload(
         text=message.text,
-        json=dict_from_struct(message.json) if message.HasField("json") else None,
+        json=struct_to_dict(message.json) if message.HasField("json") else None,
         data=bytes(message.data),
         content_type=message.content_type,
     )
@@ -121,17 +97,6 @@ def usage_from_proto(message: common_pb2.Usage) -> Usage:
     )
 
 
-def error_to_proto(error: ErrorInfo) -> common_pb2.ErrorDetail:
-    """Domain error info as ``common.v1.ErrorDetail``."""
-    return common_pb2.ErrorDetail(
-        code=error.code,
-        reason=error.reason,
-        message=error.message,
-        retryable=error.retryable,
-        metadata=dict(error.metadata),
-    )
-
-
 def error_from_proto(message: common_pb2.ErrorDetail) -> ErrorInfo:
     """``common.v1.ErrorDetail`` as domain error info."""
     return ErrorInfo(
@@ -155,7 +120,7 @@ def activity_to_proto(activity: Activity) -> common_pb2.Activity:
     if activity.usage is not None:
         message.usage.CopyFrom(usage_to_proto(activity.usage))
     if activity.error is not None:
-        message.error.CopyFrom(error_to_proto(activity.error))
+        message.error.CopyFrom(error_detail(activity.error))
     return message
 
 
@@ -179,9 +144,9 @@ def card_to_proto(card: AgentCardInfo) -> agent_pb2.AgentCard:
             output_description=spec.output_description,
         )
         if spec.input_schema is not None:
-            cap.input_schema.CopyFrom(struct_from_dict(spec.input_schema))
+            cap.input_schema.CopyFrom(to_struct(spec.input_schema))
         if spec.output_schema is not None:
-            cap.output_schema.CopyFrom(struct_from_dict(spec.output_schema))
+            cap.output_schema.CopyFrom(to_struct(spec.output_schema))
     return message
 
 
@@ -270,7 +235,7 @@ def input_request_to_proto(event: rt.InputNeeded) -> common_pb2.InputRequest:
         arguments_digest=spec.arguments_digest,
     )
     if spec.schema is not None:
-        message.schema.CopyFrom(struct_from_dict(spec.schema))
+        message.schema.CopyFrom(to_struct(spec.schema))
     return message
 
 
@@ -319,7 +284,7 @@ def response_to_proto(task_id: str, out: rt.Outgoing) -> agent_pb2.ExecuteRespon
     elif isinstance(event, rt.Failed):
         message.error.CopyFrom(
             agent_pb2.ExecutionError(
-                error=error_to_proto(event.error), usage=usage_to_proto(event.usage)
+                error=error_detail(event.error), usage=usage_to_proto(event.usage)
             )
         )
     else:  # pragma: no cover - the union above is exhaustive

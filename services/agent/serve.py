@@ -18,20 +18,22 @@ import os
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
 from hivewire.agent.v1 import agent_pb2_grpc
-from hivewire.discovery import Instance, Registry, new_instance_id, open_registry
+from hivewire.discovery import Instance, Registry, new_instance_id
 from hivewire.services.agent.clients import bind_clients
 from hivewire.services.agent.runtime import AgentRuntime
 from hivewire.services.agent.sdk import Agent, AgentCardInfo
 from hivewire.services.agent.servicer import SERVICE_NAME, AgentServicer
+from hivewire.services.runtime.bootstrap import Registration, registry_from_settings, serving
 from hivewire.services.runtime.channels import ChannelPool
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.errors import HivewireError, Unavailable
 from hivewire.services.runtime.events import EventPublisher
+from hivewire.services.runtime.eventsink import EventSink as Sink
 from hivewire.services.runtime.pki import TRUST_DOMAIN, CertInfo, describe_cert
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer, serve_until_signal
 
@@ -189,12 +191,8 @@ class ServiceEndpoint:
             self._current = None
 
 
-class EventSink(Protocol):
-    """What the agent publishes events with (``runtime.events.EventPublisher``)."""
-
-    def publish(self, event_type: str, *, subject: str, data: Any, task_sequence: int = 0) -> None:
-        """Publish one event without blocking."""
-        ...
+EventSink = Sink[Any]
+"""What the agent publishes ``agent.*`` events with (``runtime.events.EventPublisher``)."""
 
 
 @dataclass
@@ -268,10 +266,7 @@ async def running_agent(
             events = await stack.enter_async_context(publisher)
         registry: Registry | None = None
         if needs_registry:
-            registry = open_registry(
-                settings.discovery, nats_url=settings.nats_url, consul_token=settings.consul_token
-            )
-            await stack.enter_async_context(registry)
+            registry = await stack.enter_async_context(registry_from_settings(settings))
         pool = await stack.enter_async_context(ChannelPool.from_settings(settings))
         binder = bind_clients(
             model=ServiceEndpoint(
@@ -293,44 +288,30 @@ async def running_agent(
         card = runtime.card
         await stack.enter_async_context(runtime)
         servicer = AgentServicer(runtime, allowed_callers=cfg.allowed_callers)
-        server = ServiceServer(
-            settings,
-            [
-                ServiceBinding(
-                    SERVICE_NAME,
-                    lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, s),
-                )
-            ],
+        binding = ServiceBinding(
+            SERVICE_NAME, lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, s)
         )
-        await stack.enter_async_context(server)
-        running = AgentServer(settings, runtime, server)
-        if registry is not None and cfg.registration:
-            instance = Instance(
-                service=cfg.service_name,
-                instance_id=instance_id,
-                address=settings.advertised_host,
-                port=server.port,
-                tags=tuple(card.capability_names),
-                meta=_instance_meta(card, cert),
+        registration = Registration(
+            cfg.service_name,
+            instance_id,
+            tags=card.capability_names,
+            meta=_instance_meta(card, cert),
+        )
+        started = await stack.enter_async_context(
+            serving(
+                settings,
+                [binding],
+                registry=registry,
+                registration=registration if cfg.registration else None,
+                on_registered=lambda instance: _publish_agent_event(
+                    events, "agent.registered", instance, card, healthy=True
+                ),
+                on_deregistered=lambda instance: _publish_agent_event(
+                    events, "agent.deregistered", instance, card, healthy=False
+                ),
             )
-            await registry.register(instance)
-            running.instance = instance
-            logger.info(
-                "registered %s %s (%s) at %s",
-                cfg.service_name,
-                instance_id,
-                ", ".join(card.capability_names),
-                instance.endpoint,
-            )
-            _publish_agent_event(events, "agent.registered", instance, card, healthy=True)
-
-            async def deregister() -> None:
-                await registry.deregister(instance_id)
-                logger.info("deregistered %s %s", cfg.service_name, instance_id)
-                _publish_agent_event(events, "agent.deregistered", instance, card, healthy=False)
-
-            server.add_shutdown_hook(deregister)
-        yield running
+        )
+        yield AgentServer(settings, runtime, started.server, started.instance)
 
 
 def _publish_agent_event(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from hivewire.services.cli.output import fail
 from hivewire.services.runtime import pki
 
 T = TypeVar("T")
@@ -57,24 +58,19 @@ def _console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(1)
-
-
 def _attempt(operation: Callable[[], T]) -> T:
     """Run a PKI operation, turning its expected failures into one line on stderr."""
     try:
         return operation()
     except pki.CertExistsError as exc:
-        _fail(f"{exc.path} already exists ({exc.existing}); use --force to replace it")
+        fail(f"{exc.path} already exists ({exc.existing}); use --force to replace it")
     except pki.PkiError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except OSError as exc:
         target = f" {exc.filename}" if exc.filename else ""
-        _fail(f"cannot write the PKI{target}: {exc.strerror or exc}")
+        fail(f"cannot write the PKI{target}: {exc.strerror or exc}")
 
 
 @app.command("init")
@@ -154,7 +150,7 @@ def show(directory: DirOption = Path("certs")) -> None:
     """List the certificates in the PKI directory with their identity, expiry and status."""
     stems = pki.list_stems(directory) if directory.is_dir() else []
     if not stems:
-        _fail(f"no certificates in {directory}; run 'hivewire certs init --dir {directory}'")
+        fail(f"no certificates in {directory}; run 'hivewire certs init --dir {directory}'")
     table = Table("stem", "identity", "expires", "status")
     for stem in stems:
         path = directory / f"{stem}.pem"

@@ -14,13 +14,14 @@ import contextlib
 import re
 import sys
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from google.protobuf import json_format
 
 from hivewire.common.v1 import common_pb2
 from hivewire.events.v1 import events_pb2
+from hivewire.services.cli.output import fail, state_label
 from hivewire.services.runtime.errors import HivewireError
 
 if TYPE_CHECKING:
@@ -58,19 +59,26 @@ def parse_since(value: str) -> datetime | timedelta:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(1)
+def _set(message: Any, **fields: str) -> list[str]:
+    """``label=value`` for each ``label=field`` of ``message`` that is set, in order."""
+    values = ((label, getattr(message, name)) for label, name in fields.items())
+    return [f"{label}={value}" for label, value in values if value]
 
 
-def _state(value: int) -> str:
-    name = common_pb2.TaskState.Name(common_pb2.TaskState.ValueType(value)) if value else ""
-    return name.removeprefix("TASK_STATE_").lower()
+def _tokens(message: Any) -> list[str]:
+    """``tokens=N`` when the message reports a usage with tokens."""
+    if message.HasField("usage") and message.usage.total_tokens:
+        return [f"tokens={message.usage.total_tokens}"]
+    return []
 
 
-def _error(detail: common_pb2.ErrorDetail) -> str:
+def _error(message: Any) -> list[str]:
+    """``error=REASON: message`` when the message carries an error."""
+    if not message.HasField("error"):
+        return []
+    detail: common_pb2.ErrorDetail = message.error
     reason = detail.reason or detail.code
-    return f"error={reason}: {detail.message}" if detail.message else f"error={reason}"
+    return [f"error={reason}: {detail.message}" if detail.message else f"error={reason}"]
 
 
 def _details(event: events_pb2.Event) -> list[str]:
@@ -79,13 +87,8 @@ def _details(event: events_pb2.Event) -> list[str]:
     if which == "task":
         task = event.task
         if task.state:
-            parts.append(f"state={_state(task.state)}")
-        if task.capability:
-            parts.append(f"capability={task.capability}")
-        if task.agent_id:
-            parts.append(f"agent={task.agent_id}")
-        if task.attempt:
-            parts.append(f"attempt={task.attempt}")
+            parts.append(f"state={state_label(task.state)}")
+        parts += _set(task, capability="capability", agent="agent_id", attempt="attempt")
         if task.HasField("progress"):
             progress = task.progress
             text = f"progress={progress.fraction:.0%}"
@@ -96,15 +99,11 @@ def _details(event: events_pb2.Event) -> list[str]:
             parts.append(text)
         if task.HasField("input_request"):
             parts.append(f"input={task.input_request.prompt or task.input_request.tool_name!r}")
-        if task.HasField("usage") and task.usage.total_tokens:
-            parts.append(f"tokens={task.usage.total_tokens}")
-        if task.HasField("error"):
-            parts.append(_error(task.error))
+        parts += _tokens(task) + _error(task)
     elif which == "agent":
         agent = event.agent
         parts += [f"name={agent.name}", f"healthy={str(agent.healthy).lower()}"]
-        if agent.address:
-            parts.append(f"address={agent.address}")
+        parts += _set(agent, address="address")
         if agent.capabilities:
             parts.append(f"capabilities={','.join(agent.capabilities)}")
         if agent.reason:
@@ -112,35 +111,20 @@ def _details(event: events_pb2.Event) -> list[str]:
     elif which == "model":
         model = event.model
         parts += [f"model={model.model}", f"backend={model.backend}"]
-        if model.operation:
-            parts.append(f"op={model.operation}")
-        if model.task_id:
-            parts.append(f"task={model.task_id}")
-        if model.HasField("usage") and model.usage.total_tokens:
-            parts.append(f"tokens={model.usage.total_tokens}")
-        if model.HasField("error"):
-            parts.append(_error(model.error))
+        parts += _set(model, op="operation", task="task_id") + _tokens(model) + _error(model)
     elif which == "tool":
         tool = event.tool
         parts.append(f"tool={tool.tool_name}")
-        if tool.outcome:
-            parts.append(f"outcome={tool.outcome}")
-        if tool.task_id:
-            parts.append(f"task={tool.task_id}")
+        parts += _set(tool, outcome="outcome", task="task_id")
         if tool.HasField("duration"):
             parts.append(f"took={tool.duration.ToTimedelta().total_seconds():.3f}s")
-        if tool.HasField("error"):
-            parts.append(_error(tool.error))
+        parts += _error(tool)
     elif which == "workflow":
         workflow = event.workflow
-        if workflow.step_id:
-            parts.append(f"step={workflow.step_id}")
-        if workflow.capability:
-            parts.append(f"capability={workflow.capability}")
+        parts += _set(workflow, step="step_id", capability="capability")
         if workflow.state:
-            parts.append(f"state={_state(workflow.state)}")
-        if workflow.HasField("error"):
-            parts.append(_error(workflow.error))
+            parts.append(f"state={state_label(workflow.state)}")
+        parts += _error(workflow)
     elif which == "project":
         parts.append(f"project={event.project.name or event.project.project_id}")
     return parts
@@ -297,9 +281,9 @@ def events(
         # Ctrl-C is how one stops following: a normal end.
         raise typer.Exit(0) from None
     except HivewireError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except BrokenPipeError:
         # `hivewire events | head`: the reader has gone.
         sys.stderr.close()

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Annotated, Any, TypeVar
@@ -39,16 +39,19 @@ from typing import IO, Annotated, Any, TypeVar
 import grpc
 import typer
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from hivewire.services.cli.output import echo_json, fail, state_label
 from hivewire.services.runtime.errors import HivewireError, InvalidArgument
 from hivewire.services.runtime.status import from_rpc_error
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 3
@@ -154,19 +157,13 @@ def _run(target: _Target, work: Callable[[Any], Awaitable[int]]) -> None:
     try:
         status = asyncio.run(main())
     except _Failure as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(exc.status) from None
+        fail(str(exc), exc.status)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(status)
 
 
 # -- rendering ---------------------------------------------------------------------------
-
-
-def state_label(state: int) -> str:
-    """``running``, ``input_required``... for a TaskState value."""
-    return common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_").lower()  # type: ignore[arg-type]
 
 
 def output_text(payload: common_pb2.Payload) -> str:
@@ -411,6 +408,55 @@ def _view(json_lines: bool) -> EventView:
     return EventView(err=err, out=sys.stdout, live=err.is_terminal, json_lines=json_lines)
 
 
+def _listing(
+    items: Sequence[M],
+    columns: Sequence[str],
+    row: Callable[[M], Sequence[str]],
+    *,
+    json_lines: bool,
+    width: int,
+) -> int:
+    """Print a list command's result: a table, or one JSON object per line."""
+    if json_lines:
+        for item in items:
+            echo_json(item)
+        return EXIT_OK
+    table = Table(box=None, pad_edge=False)
+    for column in columns:
+        table.add_column(column)
+    for item in items:
+        table.add_row(*row(item))
+    Console(width=width).print(table)
+    return EXIT_OK
+
+
+def _task_row(task: coordinator_pb2.Task) -> Sequence[str]:
+    return (
+        task.task_id,
+        state_label(task.state),
+        task.spec.capability,
+        common_pb2.Priority.Name(task.spec.priority).removeprefix("PRIORITY_").lower(),
+        str(task.attempt),
+        task.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+        f"{task.progress.fraction:.0%} {task.progress.step}".strip(),
+    )
+
+
+def _agent_row(agent: coordinator_pb2.AgentStatus) -> Sequence[str]:
+    card = agent.card
+    health = coordinator_pb2.AgentHealth.Name(agent.health).removeprefix("AGENT_HEALTH_")
+    return (
+        agent.agent_id,
+        card.name,
+        card.version,
+        health.lower(),
+        f"{agent.in_flight}/{card.max_concurrency}",
+        "open" if agent.circuit_open else "closed",
+        agent.address,
+        ",".join(c.name for c in card.capabilities),
+    )
+
+
 # -- commands ----------------------------------------------------------------------------
 
 
@@ -525,7 +571,7 @@ def submit(
         if detach:
             response = await stub.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec))
             if json_lines:
-                typer.echo(json_format.MessageToJson(response, indent=None))
+                echo_json(response)
             else:
                 typer.echo(response.task.task_id)
             return EXIT_OK
@@ -587,7 +633,7 @@ def cancel(
             coordinator_pb2.CancelTaskRequest(task_id=task_id, reason=reason)
         )
         if json_lines:
-            typer.echo(json_format.MessageToJson(response, indent=None))
+            echo_json(response)
         else:
             typer.echo(f"{task_id} {state_label(response.task.state)}")
         return EXIT_OK
@@ -635,25 +681,13 @@ def list_tasks(
             token = response.next_page_token
             if not token:
                 break
-        if json_lines:
-            for task in found:
-                typer.echo(json_format.MessageToJson(task, indent=None))
-            return EXIT_OK
-        table = Table(box=None, pad_edge=False)
-        for column in ("TASK", "STATE", "CAPABILITY", "PRIORITY", "ATTEMPT", "CREATED", "PROGRESS"):
-            table.add_column(column)
-        for task in found:
-            table.add_row(
-                task.task_id,
-                state_label(task.state),
-                task.spec.capability,
-                common_pb2.Priority.Name(task.spec.priority).removeprefix("PRIORITY_").lower(),
-                str(task.attempt),
-                task.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
-                f"{task.progress.fraction:.0%} {task.progress.step}".strip(),
-            )
-        Console(width=160).print(table)
-        return EXIT_OK
+        return _listing(
+            found,
+            ("TASK", "STATE", "CAPABILITY", "PRIORITY", "ATTEMPT", "CREATED", "PROGRESS"),
+            _task_row,
+            json_lines=json_lines,
+            width=160,
+        )
 
     _run(target, work)
 
@@ -671,36 +705,12 @@ def agents(
 
     async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
         response = await stub.ListAgents(coordinator_pb2.ListAgentsRequest(capability=capability))
-        if json_lines:
-            for agent in response.agents:
-                typer.echo(json_format.MessageToJson(agent, indent=None))
-            return EXIT_OK
-        table = Table(box=None, pad_edge=False)
-        for column in (
-            "AGENT",
-            "NAME",
-            "VERSION",
-            "HEALTH",
-            "LOAD",
-            "CIRCUIT",
-            "ADDRESS",
-            "CAPABILITIES",
-        ):
-            table.add_column(column)
-        for agent in response.agents:
-            card = agent.card
-            health = coordinator_pb2.AgentHealth.Name(agent.health).removeprefix("AGENT_HEALTH_")
-            table.add_row(
-                agent.agent_id,
-                card.name,
-                card.version,
-                health.lower(),
-                f"{agent.in_flight}/{card.max_concurrency}",
-                "open" if agent.circuit_open else "closed",
-                agent.address,
-                ",".join(c.name for c in card.capabilities),
-            )
-        Console(width=200).print(table)
-        return EXIT_OK
+        return _listing(
+            response.agents,
+            ("AGENT", "NAME", "VERSION", "HEALTH", "LOAD", "CIRCUIT", "ADDRESS", "CAPABILITIES"),
+            _agent_row,
+            json_lines=json_lines,
+            width=200,
+        )
 
     _run(target, work)

@@ -12,34 +12,23 @@ dispatches them again. Defaults when the environment sets nothing: identity
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from hivewire.services.coordinator.app import running_coordinator
-from hivewire.services.runtime.config import Settings, load_settings
-from hivewire.services.runtime.logging import setup_logging
+from hivewire.services.runtime.bootstrap import COORDINATOR_PORT, ServiceEntry
+from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.server import serve_until_signal
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORT = 50051
-METRICS_OFFSET = 1000
+ENTRY = ServiceEntry("coordinator", title="hivewire coordinator", port=COORDINATOR_PORT)
 
 
 def service_settings(settings: Settings) -> Settings:
     """Fill in the coordinator's defaults for what the environment left unset."""
-    update: dict[str, Any] = {}
-    if "identity" not in settings.model_fields_set:
-        update["identity"] = "coordinator"
-    port = settings.port if "port" in settings.model_fields_set else DEFAULT_PORT
-    update["port"] = port
-    if "metrics_port" not in settings.model_fields_set and port:
-        update["metrics_port"] = port + METRICS_OFFSET
-    return settings.model_copy(update=update)
+    return ENTRY.defaults(settings)
 
 
 async def serve(settings: Settings) -> None:
@@ -50,29 +39,11 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags, build the settings once and serve."""
-    parser = argparse.ArgumentParser(
-        prog="python -m hivewire.services.coordinator",
-        description="hivewire coordinator (settings: HIVEWIRE_* and HIVEWIRE_COORDINATOR__*)",
-    )
-    parser.add_argument("--host", help="interface to bind (HIVEWIRE_HOST)")
-    parser.add_argument(
-        "--port", type=int, help=f"gRPC port (HIVEWIRE_PORT; default {DEFAULT_PORT})"
-    )
-    parser.add_argument("--metrics-port", type=int, help="Prometheus port (HIVEWIRE_METRICS_PORT)")
+    parser = ENTRY.parser()
     parser.add_argument("--db", type=Path, help="SQLite database (HIVEWIRE_COORDINATOR__DB_PATH)")
-    parser.add_argument("--log-level", help="log level (HIVEWIRE_LOG_LEVEL)")
     args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {
-        "host": args.host,
-        "port": args.port,
-        "metrics_port": args.metrics_port,
-        "log_level": args.log_level,
-    }
-    if args.db is not None:
-        overrides["coordinator"] = {"db_path": args.db}
-    settings = service_settings(load_settings(**overrides))
-    setup_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    sections = {"coordinator": {"db_path": args.db}} if args.db is not None else {}
+    ENTRY.run(serve, ENTRY.settings(args, **sections))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from hivewire.discovery import Instance, Registry, new_instance_id, open_registry
+from hivewire.discovery import Instance, Registry, new_instance_id
 from hivewire.services.coordinator.dispatch import AgentPool
 from hivewire.services.coordinator.service import Coordinator, EventPublisher
 from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
 from hivewire.services.coordinator.store import TaskStore
+from hivewire.services.runtime.bootstrap import Registration, registry_from_settings, serving
 from hivewire.services.runtime.channels import ChannelPool
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
@@ -88,10 +89,7 @@ async def running_coordinator(
             TaskStore(cfg.db_path, batch_max=cfg.write_batch_max)
         )
         if registry is None:
-            registry = open_registry(
-                settings.discovery, nats_url=settings.nats_url, consul_token=settings.consul_token
-            )
-            await stack.enter_async_context(registry)
+            registry = await stack.enter_async_context(registry_from_settings(settings))
         channels = await stack.enter_async_context(ChannelPool.from_settings(settings))
         wake: list[Coordinator] = []
         pool = AgentPool(
@@ -109,28 +107,20 @@ async def running_coordinator(
         await stack.enter_async_context(coordinator)
         await stack.enter_async_context(pool)
         servicer = CoordinatorServicer(coordinator)
-        server = ServiceServer(
-            settings,
-            [ServiceBinding(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
-            on_shutdown=[coordinator.drain],
+        registration = Registration(
+            REGISTRY_SERVICE,
+            instance_id,
+            meta={"name": "coordinator", "identity": settings.identity},
         )
-        await stack.enter_async_context(server)
-        running = RunningCoordinator(settings, coordinator, server, pool, store)
-        if register:
-            instance = Instance(
-                service=REGISTRY_SERVICE,
-                instance_id=instance_id,
-                address=settings.advertised_host,
-                port=server.port,
-                meta={"name": "coordinator", "identity": settings.identity},
+        started = await stack.enter_async_context(
+            serving(
+                settings,
+                [ServiceBinding(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
+                registry=registry,
+                registration=registration if register else None,
+                on_shutdown=[coordinator.drain],
             )
-            await registry.register(instance)
-            running.instance = instance
-            logger.info("registered %s %s at %s", REGISTRY_SERVICE, instance_id, instance.endpoint)
-            bound_registry = registry
-
-            async def deregister() -> None:
-                await bound_registry.deregister(instance_id)
-
-            server.add_shutdown_hook(deregister)
-        yield running
+        )
+        yield RunningCoordinator(
+            settings, coordinator, started.server, pool, store, started.instance
+        )

@@ -6,13 +6,14 @@ import base64
 import binascii
 import json
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator.model import AgentView, TaskRecord
 from hivewire.services.coordinator.store import TaskRow
+from hivewire.services.runtime.convert import duration, duration_seconds
 from hivewire.services.runtime.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -25,6 +26,7 @@ __all__ = [
     "agent_status",
     "decode_page_token",
     "duration",
+    "duration_seconds",
     "encode_page_token",
     "error_detail",
     "record_from_row",
@@ -44,17 +46,6 @@ def timestamp_ns(value_ns: int) -> timestamp_pb2.Timestamp:
 def ns_from_timestamp(value: timestamp_pb2.Timestamp) -> int:
     """A Timestamp as nanoseconds since the epoch."""
     return value.seconds * 1_000_000_000 + value.nanos
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    """Seconds as a Duration (negative values become zero)."""
-    total = max(int(round(seconds * 1e9)), 0)
-    return duration_pb2.Duration(seconds=total // 1_000_000_000, nanos=total % 1_000_000_000)
-
-
-def duration_seconds(value: duration_pb2.Duration) -> float:
-    """A Duration in seconds."""
-    return value.seconds + value.nanos / 1e9
 
 
 # -- tasks -------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 from google.protobuf.message import Message
 
@@ -90,6 +90,7 @@ from hivewire.services.runtime.errors import (
     Unavailable,
     Unimplemented,
 )
+from hivewire.services.runtime.eventsink import EventSink, NullSink
 from hivewire.services.runtime.logging import bind_task, new_correlation_id
 
 logger = logging.getLogger(__name__)
@@ -121,38 +122,11 @@ _FINISHED_TYPES: dict[int, str] = {
 }
 
 
-class EventPublisher(Protocol):
-    """Where task events go besides the store (NATS in production).
+EventPublisher = EventSink[events_pb2.TaskEventData]
+"""Where task events go besides the store (NATS in production)."""
 
-    ``publish`` must not block: it buffers and sends in the background.
-    """
-
-    def publish(
-        self,
-        event_type: str,
-        *,
-        subject: str,
-        data: events_pb2.TaskEventData,
-        task_sequence: int = 0,
-        correlation_id: str | None = None,
-    ) -> None:
-        """Publish one event of ``event_type`` about ``subject``."""
-        ...
-
-
-class NullPublisher:
-    """An :class:`EventPublisher` that drops everything (events off)."""
-
-    def publish(
-        self,
-        event_type: str,
-        *,
-        subject: str,
-        data: events_pb2.TaskEventData,
-        task_sequence: int = 0,
-        correlation_id: str | None = None,
-    ) -> None:
-        """Drop the event."""
+NullPublisher = NullSink
+"""An :class:`EventPublisher` that drops everything (events off)."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.coordinator import convert
 from hivewire.services.coordinator.model import Caller
 from hivewire.services.coordinator.service import Coordinator
+from hivewire.services.runtime.authz import current_caller
 from hivewire.services.runtime.logging import correlation_id_var
 from hivewire.services.runtime.tls import peer_spiffe_id
 
@@ -37,7 +38,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._coordinator = coordinator
 
     def _caller(self, context: Context) -> Caller:
-        return self._coordinator.caller(peer_spiffe_id(context))
+        # The authz interceptor has already read the peer's identity for this call.
+        authorized = current_caller()
+        identity = authorized.spiffe_id if authorized is not None else peer_spiffe_id(context)
+        return self._coordinator.caller(identity)
 
     async def SubmitTask(
         self, request: coordinator_pb2.SubmitTaskRequest, context: Context

@@ -90,6 +90,19 @@ class ManagedProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def read_ports_file(path: Path) -> dict[str, Any] | None:
+    """The ports a process reported, or None while it has not written them yet.
+
+    The runtime's ``ServiceServer`` writes the file atomically once it is SERVING:
+    ``{"grpc": port, "metrics": port | null, "address": "host:port", "pid": pid}``.
+    """
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data
+
+
 def python_module(module: str, *args: str) -> list[str]:
     """Return the argv running ``python -m module args`` with this interpreter."""
     return [sys.executable, "-m", module, *args]
@@ -156,11 +169,9 @@ class Launcher:
                     f"{child.spec.name} exited with code {child.process.returncode} before it"
                     f" was ready; last log lines:\n{child.log_tail()}"
                 )
-            try:
-                data: dict[str, Any] = json.loads(child.spec.ports_file.read_text())
-                return data
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
+            ports = read_ports_file(child.spec.ports_file)
+            if ports is not None:
+                return ports
             if time.monotonic() > deadline:
                 raise LaunchError(
                     f"{child.spec.name} was not ready after {child.spec.ready_timeout:.0f}s;"

@@ -19,6 +19,13 @@ from pathlib import Path
 from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec, python_module
 from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
 from hivewire.services.runtime.pki import init_pki
+from hivewire.services.runtime.ports import (
+    COORDINATOR_PORT,
+    FIRST_AGENT_PORT,
+    MODEL_PORT,
+    TOOL_PORT,
+    metrics_port_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +35,6 @@ EXAMPLE_AGENTS: dict[str, str] = {
     "researcher": "hivewire.services.agent.examples.researcher:ResearcherAgent",
     "calculator": "hivewire.services.agent.examples.calculator:CalculatorAgent",
 }
-
-COORDINATOR_PORT = 50051
-MODEL_PORT = 50052
-TOOL_PORT = 50053
-FIRST_AGENT_PORT = 50061
-METRICS_OFFSET = 1000
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Mesh:
         return {
             "HIVEWIRE_HOST": opts.host,
             "HIVEWIRE_PORT": str(port),
-            "HIVEWIRE_METRICS_PORT": str(port + METRICS_OFFSET),
+            "HIVEWIRE_METRICS_PORT": str(metrics_port_for(port)),
             "HIVEWIRE_CERTS_DIR": str(self.certs_dir),
             "HIVEWIRE_IDENTITY": identity,
             "HIVEWIRE_NATS_URL": self.nats.url,

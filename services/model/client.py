@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from hivewire.model.v1 import model_pb2, model_pb2_grpc
-from hivewire.services.model.convert import messages_from_pairs
+from hivewire.services.model.convert import chat_message
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime.logging import correlation_id_var
 from hivewire.services.runtime.status import from_rpc_error
@@ -167,8 +167,7 @@ class ModelClient:
             The stream; iterate it for text chunks and the final Completion.
         """
         converted = [
-            m if isinstance(m, model_pb2.ChatMessage) else messages_from_pairs([m])[0]
-            for m in messages
+            m if isinstance(m, model_pb2.ChatMessage) else chat_message(*m) for m in messages
         ]
         request = model_pb2.ChatRequest(
             model=model,

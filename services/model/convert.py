@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from hivewire.common.v1 import common_pb2
 from hivewire.events.v1 import events_pb2
@@ -20,6 +20,7 @@ from hivewire.services.model.domain import (
     Usage,
 )
 from hivewire.services.runtime import metadata as md
+from hivewire.services.runtime.convert import duration
 from hivewire.services.runtime.errors import FieldViolation, HivewireError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -36,12 +37,17 @@ _ROLES: dict[int, Role] = {
     model_pb2.CHAT_ROLE_TOOL: "tool",
 }
 
+_ROLE_VALUES: dict[str, model_pb2.ChatRole.ValueType] = {
+    name: model_pb2.ChatRole.ValueType(value) for value, name in _ROLES.items()
+}
+
 _FINISH = {
     "stop": model_pb2.FINISH_REASON_STOP,
     "length": model_pb2.FINISH_REASON_LENGTH,
     "cancelled": model_pb2.FINISH_REASON_CANCELLED,
     "budget": model_pb2.FINISH_REASON_BUDGET,
 }
+_FINISH_NAMES: dict[int, str] = {value: name for name, value in _FINISH.items()}
 
 
 # -- requests -----------------------------------------------------------------------------
@@ -191,13 +197,6 @@ def metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str)
 # -- responses ----------------------------------------------------------------------------
 
 
-def duration(seconds: float) -> duration_pb2.Duration:
-    """A Duration message for a number of seconds."""
-    message = duration_pb2.Duration()
-    message.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
-    return message
-
-
 def usage_to_proto(usage: Usage, *, model_calls: int = 1) -> common_pb2.Usage:
     """The common Usage message for one call."""
     message = common_pb2.Usage(
@@ -311,16 +310,18 @@ def model_event(
     return data
 
 
-def messages_from_pairs(messages: Sequence[tuple[str, str]]) -> list[model_pb2.ChatMessage]:
-    """ChatMessages from ``(role, content)`` pairs (``system``, ``user``, ``assistant``, ``tool``).
+def chat_message(role: str, content: str, name: str = "") -> model_pb2.ChatMessage:
+    """A ChatMessage from a role name (``system``, ``user``, ``assistant`` or ``tool``).
 
     Raises:
         ValueError: An unknown role.
     """
-    by_name = {name: value for value, name in _ROLES.items()}
-    result = []
-    for role, content in messages:
-        if role not in by_name:
-            raise ValueError(f"unknown chat role {role!r}")
-        result.append(model_pb2.ChatMessage(role=by_name[role], content=content))  # type: ignore[arg-type]
-    return result
+    value = _ROLE_VALUES.get(role)
+    if value is None:
+        raise ValueError(f"unknown chat role {role!r}: use one of {', '.join(_ROLE_VALUES)}")
+    return model_pb2.ChatMessage(role=value, content=content, name=name)
+
+
+def finish_reason_name(value: int) -> str:
+    """``stop``, ``length``, ``cancelled`` or ``budget`` for a FinishReason (else ``unknown``)."""
+    return _FINISH_NAMES.get(value, "unknown")

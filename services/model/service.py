@@ -26,7 +26,6 @@ import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 from hivewire.events.v1 import events_pb2
 from hivewire.services.model import convert
@@ -64,6 +63,7 @@ from hivewire.services.runtime.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from hivewire.services.runtime.eventsink import EventSink
 
 logger = logging.getLogger(__name__)
 
@@ -73,19 +73,8 @@ logger = logging.getLogger(__name__)
 _TIMEOUT_GRACE = 1.0
 
 
-class EventPublisher(Protocol):
-    """What the service needs of ``runtime.events.EventPublisher``."""
-
-    def publish(
-        self,
-        event_type: str,
-        *,
-        subject: str,
-        data: events_pb2.ModelEventData,
-        task_sequence: int = 0,
-    ) -> None:
-        """Queue one event for publication (never blocks)."""
-        ...
+EventPublisher = EventSink[events_pb2.ModelEventData]
+"""Where ``model.*`` events go (``runtime.events.EventPublisher`` in a process)."""
 
 
 @dataclass

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     ports_file: Path | None = Field(
         None, description="If set, the server writes its bound ports here as JSON once serving."
     )
+    authz_policy_file: Path | None = Field(
+        None,
+        description="Who may call which RPC (TOML, docs/runtime.md); unset = built-in policy.",
+    )
 
     # Per-service sections go below, one frozen BaseModel each (docs/runtime.md).
     coordinator: CoordinatorSettings = Field(

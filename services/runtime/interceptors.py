@@ -3,7 +3,8 @@
 Server chain, outermost first (``server_interceptors()``)::
 
     CorrelationServerInterceptor -> MetricsServerInterceptor -> ErrorMappingServerInterceptor
-        -> extra interceptors (authn/authz, limits) -> servicer
+        -> AuthzServerInterceptor (runtime/authz.py) -> extra interceptors (limits)
+        -> servicer
 
 A ``grpc.aio`` server interceptor only sees the method name and metadata, so each of
 these wraps the ``RpcMethodHandler`` it gets back: the wrapper runs around the real
@@ -485,12 +486,23 @@ class ErrorMappingServerInterceptor(_WrappingInterceptor):
 
 def server_interceptors(
     extra: Iterable[grpc.aio.ServerInterceptor] = (),
+    *,
+    authz: grpc.aio.ServerInterceptor | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
-    """The standard server chain, outermost first, followed by ``extra``."""
+    """The standard server chain, outermost first, followed by ``extra``.
+
+    Args:
+        extra: Interceptors run innermost (limits...).
+        authz: The authorization interceptor
+            (:class:`~hivewire.services.runtime.authz.AuthzServerInterceptor`), placed
+            inside error mapping so its refusals become rich statuses, and before
+            ``extra`` so a refused caller costs no limit.
+    """
     return [
         CorrelationServerInterceptor(),
         MetricsServerInterceptor(),
         ErrorMappingServerInterceptor(),
+        *((authz,) if authz is not None else ()),
         *extra,
     ]
 

@@ -32,6 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hivewire.services.runtime.authz import AuthzPolicyStore, AuthzServerInterceptor
 from hivewire.services.runtime.channels import server_options
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.interceptors import server_interceptors
@@ -145,6 +146,8 @@ class ServiceServer:
         health: The health servicer (``await server.health.set(name, status)``).
         port: Bound gRPC port (after start).
         metrics_port: Bound metrics port, or None without a metrics server.
+        authz: The authorization interceptor (after start); its ``store`` holds the
+            policy in force.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class ServiceServer:
         *,
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         on_shutdown: Sequence[ShutdownHook] = (),
+        authz: AuthzPolicyStore | None = None,
     ) -> None:
         """Prepare the server (nothing is bound until :meth:`start`).
 
@@ -161,14 +165,19 @@ class ServiceServer:
             settings: Host, port, certificates, limits, grace period, metrics port.
             bindings: Services to host.
             extra_interceptors: Server interceptors run inside the standard chain
-                (authn/authz, limits), outermost first.
+                (after authorization: limits...), outermost first.
             on_shutdown: Coroutines run, in order, after health turns NOT_SERVING
                 and before the server stops accepting (deregistration...).
+            authz: Who may call which method; default: the policy file of
+                ``settings.authz_policy_file``, else the built-in policy
+                (:mod:`hivewire.services.runtime.authz`), loaded at :meth:`start`.
         """
         self.settings = settings
         self._bindings = tuple(bindings)
         self._extra_interceptors = tuple(extra_interceptors)
         self._on_shutdown = list(on_shutdown)
+        self._authz_store = authz
+        self.authz: AuthzServerInterceptor | None = None
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -220,8 +229,10 @@ class ServiceServer:
             raise RuntimeError("server already started")
         settings = self.settings
         creds = server_credentials(settings.tls_files())
+        store = self._authz_store or AuthzPolicyStore(settings.authz_policy_file)
+        self.authz = AuthzServerInterceptor(store)
         server = grpc.aio.server(
-            interceptors=server_interceptors(self._extra_interceptors),
+            interceptors=server_interceptors(self._extra_interceptors, authz=self.authz),
             options=server_options(settings.max_message_bytes),
         )
         self._server = server

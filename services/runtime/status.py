@@ -12,15 +12,15 @@ on the status code alone.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from hivewire.services.runtime.convert import duration
 from hivewire.services.runtime.errors import (
     ERROR_DOMAIN,
     AlreadyExists,
@@ -47,11 +47,6 @@ def _pack(message: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    frac, whole = math.modf(max(seconds, 0.0))
-    return duration_pb2.Duration(seconds=int(whole), nanos=int(round(frac * 1e9)))
 
 
 def to_rpc_status(err: HivewireError) -> status_pb2.Status:
@@ -121,7 +116,7 @@ def to_rpc_status(err: HivewireError) -> status_pb2.Status:
             )
         )
     if isinstance(err, ResourceExhausted | Unavailable) and err.retry_after is not None:
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_duration(err.retry_after))))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration(err.retry_after))))
     return status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
 
-from google.protobuf import duration_pb2
 from prometheus_client import Counter, Gauge, Histogram
 
-from hivewire.common.v1 import common_pb2
 from hivewire.events.v1 import events_pb2
+from hivewire.services.runtime.convert import duration, error_detail
+from hivewire.services.runtime.eventsink import EventSink
 from hivewire.services.tool.domain import ToolFailure
 
 logger = logging.getLogger(__name__)
@@ -48,18 +47,8 @@ DURATION = Histogram(
 IN_FLIGHT = Gauge("hivewire_tool_calls_in_flight", "Tool calls running now.")
 
 
-class EventPublisher(Protocol):
-    """What the audit trail needs from ``runtime.events.EventPublisher``."""
-
-    def publish(
-        self,
-        event_type: str,
-        *,
-        subject: str,
-        data: events_pb2.ToolEventData,
-        task_sequence: int = 0,
-    ) -> None:
-        """Queue an event for publishing without blocking."""
+EventPublisher = EventSink[events_pb2.ToolEventData]
+"""Where ``tool.*`` events go (``runtime.events.EventPublisher`` in a process)."""
 
 
 @dataclass(frozen=True)
@@ -88,12 +77,6 @@ class AuditRecord:
     duration: float
     error: ToolFailure | None = None
     known_tool: bool = True
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
-    return value
 
 
 class AuditTrail:
@@ -164,18 +147,10 @@ class AuditTrail:
             task_id=record.task_id,
             arguments_digest=record.arguments_digest,
             outcome=record.outcome,
-            duration=_duration(record.duration),
+            duration=duration(record.duration),
         )
         if record.error is not None:
-            data.error.CopyFrom(
-                common_pb2.ErrorDetail(
-                    code=record.error.code,
-                    reason=record.error.reason,
-                    message=record.error.message,
-                    retryable=record.error.retryable,
-                    metadata=dict(record.error.metadata),
-                )
-            )
+            data.error.CopyFrom(error_detail(record.error))
         if record.outcome == "ok":
             event_type = "tool.completed"
         elif record.outcome == "approval_required":

@@ -26,13 +26,13 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from hivewire.services.runtime import metadata as md
+from hivewire.services.runtime.convert import to_struct
 from hivewire.services.runtime.errors import ERROR_DOMAIN, HivewireError, Internal
 from hivewire.services.runtime.status import from_rpc_error, from_rpc_status
 from hivewire.services.tool.convert import (
     approval_to_proto,
     descriptor_from_proto,
     event_from_proto,
-    to_struct,
 )
 from hivewire.services.tool.domain import (
     ApprovalGrant,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from hivewire.common.v1 import common_pb2
+from hivewire.services.runtime.convert import error_detail, struct_to_dict, to_struct
 from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
@@ -28,29 +28,6 @@ _SOURCES = {
 }
 _SOURCES_BACK = {value: key for key, value in _SOURCES.items()}
 
-_LARGEST_DOUBLE_INT = 2**1023
-
-
-def _representable(value: Any) -> Any:
-    """Swap numbers a double cannot hold (huge ints) for their decimal strings."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and abs(value) >= _LARGEST_DOUBLE_INT:
-        return str(value)
-    if isinstance(value, Mapping):
-        return {key: _representable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_representable(item) for item in value]
-    return value
-
-
-def to_struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct:
-    """A JSON object as a ``google.protobuf.Struct`` (numbers become doubles)."""
-    struct = struct_pb2.Struct()
-    if value:
-        struct.update(_representable(dict(value)))
-    return struct
-
 
 def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
     """A ``Struct`` as plain JSON data, integral numbers as ints.
@@ -58,8 +35,7 @@ def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
     Raises:
         ValueError: A number is NaN or infinite.
     """
-    data = json_format.MessageToDict(struct)
-    normalized: dict[str, Any] = normalize_json(data)
+    normalized: dict[str, Any] = normalize_json(struct_to_dict(struct))
     return normalized
 
 
@@ -83,9 +59,9 @@ def descriptor_from_proto(descriptor: tool_pb2.ToolDescriptor) -> ToolInfo:
     return ToolInfo(
         name=descriptor.name,
         description=descriptor.description,
-        input_schema=json_format.MessageToDict(descriptor.input_schema),
+        input_schema=struct_to_dict(descriptor.input_schema),
         output_schema=(
-            json_format.MessageToDict(descriptor.output_schema)
+            struct_to_dict(descriptor.output_schema)
             if descriptor.HasField("output_schema")
             else None
         ),
@@ -116,17 +92,6 @@ def approval_to_proto(approval: ApprovalGrant) -> tool_pb2.Approval:
     )
 
 
-def failure_to_proto(failure: ToolFailure) -> common_pb2.ErrorDetail:
-    """``ToolFailure`` -> ``ErrorDetail``."""
-    return common_pb2.ErrorDetail(
-        code=failure.code,
-        reason=failure.reason,
-        message=failure.message,
-        retryable=failure.retryable,
-        metadata=dict(failure.metadata),
-    )
-
-
 def failure_from_proto(detail: common_pb2.ErrorDetail) -> ToolFailure:
     """``ErrorDetail`` -> ``ToolFailure``."""
     return ToolFailure(
@@ -152,7 +117,7 @@ def event_to_proto(event: InvokeEvent, sequence: int) -> tool_pb2.InvokeToolResp
             )
         )
     elif isinstance(event, ToolFailure):
-        response.error.CopyFrom(failure_to_proto(event))
+        response.error.CopyFrom(error_detail(event))
     else:
         response.approval_required.CopyFrom(
             tool_pb2.ApprovalRequired(

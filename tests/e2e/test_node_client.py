@@ -7,13 +7,10 @@ NATS registry, ephemeral ports), and ``node submit.js`` with its locked npm depe
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +31,7 @@ from tests.support.e2e_mesh import (
     coordinator_process,
     wait_for_agents,
 )
+from tests.support.node import install_example, run_command
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
@@ -70,42 +68,22 @@ class NodeClient:
     async def run(self, *args: str, cwd: Path | None = None, timeout: float = 60) -> NodeResult:
         # No endpoints file of the developer's own mesh may leak into a test.
         env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
-        proc = await asyncio.create_subprocess_exec(
+        code, stdout, stderr = await run_command(
             "node", str(self.dir / "submit.js"), "--proto", str(PROTO), *args,
             cwd=cwd or self.dir,
             env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            timeout=timeout,
         )  # fmt: skip
-        try:
-            async with asyncio.timeout(timeout):
-                stdout, stderr = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise
-        assert proc.returncode is not None
-        return NodeResult(proc.returncode, stdout.decode(), stderr.decode())
+        return NodeResult(code, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
 def node_client(tmp_path_factory: pytest.TempPathFactory) -> NodeClient:
     """A copy of the example with its locked dependencies installed (``npm ci``)."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are not installed: the Node.js client example cannot run here")
-    work = tmp_path_factory.mktemp("node-client")
-    for name in ("package.json", "package-lock.json", "submit.js"):
-        shutil.copy2(EXAMPLE / name, work / name)
-    done = subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--prefer-offline", "--ignore-scripts"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    files = ("package.json", "package-lock.json", "submit.js")
+    return NodeClient(
+        install_example(tmp_path_factory, EXAMPLE, files, what="Node.js client example")
     )
-    assert done.returncode == 0, f"npm ci failed\n{done.stdout}\n{done.stderr}"
-    return NodeClient(work)
 
 
 @dataclass

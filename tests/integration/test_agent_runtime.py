@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -349,15 +350,30 @@ async def test_only_the_coordinator_may_execute(
         err = from_rpc_error(caught.value)
         assert isinstance(err, PermissionDenied) and err.reason == "CALLER_NOT_ALLOWED"
         assert not probe.started.is_set()
-        # Describe is open to every mesh identity.
-        assert (await other.describe()).card.name == "probe"
+        if stem == "admin":
+            # Admins pass the mesh's authz policy; the agent's own check refused Execute.
+            assert (await other.describe()).card.name == "probe"
+        else:
+            # The mesh's authz policy lets only the coordinator (and admins) call agents.
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await other.describe()
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         await other.close()
 
 
-async def test_allowed_callers_is_a_setting(pki: Pki) -> None:
+async def test_allowed_callers_is_a_setting(pki: Pki, tmp_path: Path) -> None:
     agent = ProbeAgent()
-    settings = agent_settings(pki.dir, allowed_callers=["spiffe://hivewire.local/client/*"])
+    # The mesh's authz policy lets both through; the agent's own setting decides.
+    authz = tmp_path / "authz.toml"
+    authz.write_text(
+        '[[rules]]\ncallers = ["client/*", "coordinator/*"]\n'
+        'allow = ["hivewire.agent.v1.AgentService/*"]\n',
+        encoding="utf-8",
+    )
+    settings = agent_settings(
+        pki.dir, allowed_callers=["spiffe://hivewire.local/client/*"]
+    ).model_copy(update={"authz_policy_file": authz})
     async with serve_in_process(agent, settings) as running:
         for stem, allowed in (("client", True), ("coordinator", False)):
             client = Coordinator(f"127.0.0.1:{running.port}", pki.files(stem))

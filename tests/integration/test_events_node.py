@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,44 +10,17 @@ import pytest
 from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime.events import EventPublisher, replay
 from tests.helpers import NatsServer
+from tests.support.node import install_example, run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "node-events"
 
 
-async def run(*command: str, cwd: Path, timeout: float) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *command, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            stdout, stderr = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, stdout.decode(), stderr.decode()
-
-
 @pytest.fixture(scope="module")
 def node_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the example with its locked dependencies installed (``npm ci``)."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are not installed: the Node.js example cannot run here")
-    work = tmp_path_factory.mktemp("node-events")
-    for name in ("package.json", "package-lock.json", "subscribe.js"):
-        shutil.copy2(EXAMPLE / name, work / name)
-    done = subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--prefer-offline", "--ignore-scripts"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, f"npm ci failed\n{done.stdout}\n{done.stderr}"
-    return work
+    files = ("package.json", "package-lock.json", "subscribe.js")
+    return install_example(tmp_path_factory, EXAMPLE, files, what="Node.js example")
 
 
 async def test_node_subscriber_decodes_the_envelope(
@@ -80,7 +50,7 @@ async def test_node_subscriber_decodes_the_envelope(
     script = str(node_example / "subscribe.js")
     proto = str(ROOT / "proto")
 
-    code, out, err = await run(
+    code, out, err = await run_command(
         "node", script, "--server", nats_server.url, "--count", "5", "--proto", proto,
         cwd=node_example,
         timeout=60,
@@ -93,7 +63,7 @@ async def test_node_subscriber_decodes_the_envelope(
     ]
     assert out.splitlines() == expected
 
-    code, out, err = await run(
+    code, out, err = await run_command(
         "node", script, "--server", nats_server.url, "--filter", "task.>", "--from-seq", "2",
         "--count", "3", "--json", "--proto", proto,
         cwd=node_example,

@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from hivewire.services.runtime.authz import DEFAULT_POLICY_TOML
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.server import ServiceServer
@@ -58,13 +59,23 @@ SCRIPT = textwrap.dedent(
 
 
 def service(pki: Pki, tmp_path: Path, grace: float) -> ServiceProcess:
+    # The mesh's built-in authz policy plus the test service, which clients may call.
+    authz = tmp_path / "authz.toml"
+    authz.write_text(
+        f'{DEFAULT_POLICY_TOML}\n[[rules]]\ncallers = ["client/*"]\nallow = ["{SERVICE}/*"]\n',
+        encoding="utf-8",
+    )
     return ServiceProcess.script(
         SCRIPT,
         workdir=tmp_path,
         name="runtime-svc",
         certs_dir=pki.dir,
         identity="coordinator",
-        env={"HIVEWIRE_GRACE_PERIOD": str(grace), "HIVEWIRE_LOG_LEVEL": "DEBUG"},
+        env={
+            "HIVEWIRE_GRACE_PERIOD": str(grace),
+            "HIVEWIRE_LOG_LEVEL": "DEBUG",
+            "HIVEWIRE_AUTHZ_POLICY_FILE": str(authz),
+        },
     )
 
 

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from hivewire.services.runtime import errors
+from hivewire.services.runtime.authz import DEFAULT_POLICY_TOML
 from hivewire.services.runtime.channels import ChannelPool, secure_channel
 from hivewire.services.runtime.config import Settings, load_settings
 from hivewire.services.runtime.interceptors import CORRELATION_ID_KEY
@@ -41,6 +42,12 @@ from tests.conftest import Pki
 from tests.helpers import eventually
 
 SERVICE = "hivewire.test.v1.RuntimeTestService"
+# The mesh's built-in authz policy plus the test service, which clients may call.
+AUTHZ_POLICY = f'''{DEFAULT_POLICY_TOML}
+[[rules]]
+callers = ["client/*"]
+allow = ["{SERVICE}/*"]
+'''
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -172,7 +179,10 @@ def server_dir(pki: Pki, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(server_dir: Path, tmp_path: Path) -> Settings:
+    authz = tmp_path / "authz.toml"
+    authz.write_text(AUTHZ_POLICY, encoding="utf-8")
     return load_settings(
+        authz_policy_file=authz,
         host="127.0.0.1",
         port=0,
         metrics_port=0,

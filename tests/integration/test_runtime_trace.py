@@ -8,11 +8,13 @@ channel passes them on when it calls the second. A malformed ``traceparent`` is 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from hivewire.services.runtime.authz import DEFAULT_POLICY_TOML
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.logging import TraceContext, trace_context_var
@@ -21,6 +23,12 @@ from tests.conftest import Pki
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACESTATE = "vendor=opaque"
+# The mesh's built-in authz policy plus the two test services.
+AUTHZ_POLICY = f"""{DEFAULT_POLICY_TOML}
+[[rules]]
+callers = ["client/*", "tool/*"]
+allow = ["hw.test.*"]
+"""
 
 
 def _binding(
@@ -40,8 +48,14 @@ def _binding(
 
 
 @pytest.fixture
-async def chain(pki: Pki) -> AsyncIterator[tuple[grpc.aio.Channel, list[Any], list[Any]]]:
-    settings = load_settings(host="127.0.0.1", port=0, certs_dir=pki.dir, identity="tool")
+async def chain(
+    pki: Pki, tmp_path: Path
+) -> AsyncIterator[tuple[grpc.aio.Channel, list[Any], list[Any]]]:
+    authz = tmp_path / "authz.toml"
+    authz.write_text(AUTHZ_POLICY, encoding="utf-8")
+    settings = load_settings(
+        host="127.0.0.1", port=0, certs_dir=pki.dir, identity="tool", authz_policy_file=authz
+    )
     first_seen: list[Any] = []
     second_seen: list[Any] = []
     downstream: list[grpc.aio.Channel] = []

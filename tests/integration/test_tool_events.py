@@ -47,7 +47,10 @@ async def test_calls_are_published_and_the_service_registers(
         async with open_registry("nats", nats_url=nats_server.url) as registry:
 
             async def registered() -> None:
-                [instance] = await registry.resolve("hivewire-tool", tag="calculator")
+                instances = await registry.resolve("hivewire-tool", tag="calculator")
+                # Not registered yet right after the ports file appears: poll, do not unpack.
+                assert len(instances) == 1, instances
+                instance = instances[0]
                 assert instance.port == process.port
                 assert "delete_file" in instance.tags
 
@@ -62,7 +65,8 @@ async def test_calls_are_published_and_the_service_registers(
             assert isinstance(done, ToolOutcome)
             asked = await tools.invoke("delete_file", {"path": "/x"}, call_id="ev-ask")
             assert isinstance(asked, ApprovalRequest)
-            client_channel = secure_channel(process.address, pki.files("client"))
+            # An admin passes the mesh's authz policy, then the tool policy refuses it.
+            client_channel = secure_channel(process.address, pki.files("admin"))
             try:
                 with pytest.raises(PermissionDenied):
                     await ToolClient(client_channel).invoke(

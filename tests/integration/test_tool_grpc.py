@@ -271,7 +271,8 @@ async def test_crashing_plugin(tools: ToolClient, agent_channel: grpc.aio.Channe
 
 
 async def test_forbidden_caller(tool_service: ServiceProcess, pki: Pki) -> None:
-    channel = secure_channel(tool_service.address, pki.files("client"))
+    # An admin passes the mesh's authz policy; the tool policy only lets agents in.
+    channel = secure_channel(tool_service.address, pki.files("admin"))
     try:
         client = ToolClient(channel)
         assert await client.list_tools() == []
@@ -281,6 +282,15 @@ async def test_forbidden_caller(tool_service: ServiceProcess, pki: Pki) -> None:
         assert caught.value.reason == "TOOL_NOT_ALLOWED"
         with pytest.raises(PermissionDenied):
             await client.invoke("no.such.tool", {})
+        await assert_serving(channel)
+    finally:
+        await channel.close()
+    # A client never reaches the tool policy: the mesh refuses it the whole service.
+    channel = secure_channel(tool_service.address, pki.files("client"))
+    try:
+        with pytest.raises(PermissionDenied) as caught:
+            await ToolClient(channel).list_tools()
+        assert caught.value.reason == "CALLER_NOT_ALLOWED"
         await assert_serving(channel)
     finally:
         await channel.close()

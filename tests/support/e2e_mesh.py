@@ -14,6 +14,34 @@ PACED = "tests.support.e2e_agents:PacedAgent"
 CALCULATOR = "hivewire.services.agent.examples.calculator:CalculatorAgent"
 
 
+MESH_ENV = {"HIVEWIRE_DISCOVERY": "nats", "HIVEWIRE_GRACE_PERIOD": "2"}
+"""What every mesh process of these tests shares: the embedded registry, a short grace."""
+
+
+def mesh_process(
+    module: str,
+    *args: str,
+    workdir: Path,
+    certs_dir: Path,
+    nats_url: str,
+    identity: str | None = None,
+    name: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ServiceProcess:
+    """``python -m <module> <args>`` as a mesh member: ephemeral ports, the embedded
+    registry on ``nats_url``, a 2 s grace period; ``env`` wins over those."""
+    return ServiceProcess(
+        module,
+        *args,
+        workdir=workdir,
+        name=name,
+        certs_dir=certs_dir,
+        identity=identity,
+        nats_url=nats_url,
+        env={**MESH_ENV, **(env or {})},
+    )
+
+
 def coordinator_process(
     workdir: Path,
     *,
@@ -23,15 +51,13 @@ def coordinator_process(
     env: Mapping[str, str] | None = None,
 ) -> ServiceProcess:
     """``python -m hivewire.services.coordinator`` on an ephemeral port, embedded discovery."""
-    return ServiceProcess(
+    return mesh_process(
         "hivewire.services.coordinator",
         workdir=workdir,
         certs_dir=certs_dir,
         identity="coordinator",
         nats_url=nats_url,
         env={
-            "HIVEWIRE_DISCOVERY": "nats",
-            "HIVEWIRE_GRACE_PERIOD": "2",
             "HIVEWIRE_COORDINATOR__DB_PATH": str(db_path),
             "HIVEWIRE_COORDINATOR__RETRY_INITIAL_BACKOFF": "0.05",
             "HIVEWIRE_COORDINATOR__RETRY_MAX_BACKOFF": "0.2",
@@ -53,19 +79,15 @@ def agent_process(
     args = [target, "--name", name, "--identity", "agent"]
     if max_concurrency is not None:
         args += ["--max-concurrency", str(max_concurrency)]
-    return ServiceProcess(
+    return mesh_process(
         "hivewire.services.agent",
         *args,
         workdir=workdir,
         name=name,
         certs_dir=certs_dir,
         nats_url=nats_url,
-        env={
-            "HIVEWIRE_DISCOVERY": "nats",
-            "HIVEWIRE_GRACE_PERIOD": "2",
-            # The agent modules of the tests live in this repository.
-            "PYTHONPATH": str(REPO_ROOT),
-        },
+        # The agent modules of the tests live in this repository.
+        env={"PYTHONPATH": str(REPO_ROOT)},
     )
 
 

@@ -1,6 +1,7 @@
 """Real model and tool service processes, and a loopback web site, for end-to-end tests.
 
-Complements :mod:`tests.support.e2e_mesh` (nats-server, coordinator, agent processes):
+Complements :mod:`tests.support.e2e_mesh` (nats-server, coordinator, agent processes,
+started the same way with :func:`~tests.support.e2e_mesh.mesh_process`):
 the model service on its deterministic backend and the tool service with a policy file,
 both registered in the embedded NATS registry so agent processes find them the way they
 do in ``make run``.
@@ -18,6 +19,7 @@ from typing import Self
 
 from hivewire.discovery import open_registry
 from tests.helpers import ServiceProcess, eventually
+from tests.support.e2e_mesh import mesh_process
 
 RESEARCHER = "hivewire.services.agent.examples.researcher:ResearcherAgent"
 
@@ -33,18 +35,13 @@ def model_process(
     env: Mapping[str, str] | None = None,
 ) -> ServiceProcess:
     """``python -m hivewire.services.model`` on the deterministic backend, embedded discovery."""
-    return ServiceProcess(
+    return mesh_process(
         "hivewire.services.model",
         workdir=workdir,
         certs_dir=certs_dir,
         identity="model",
         nats_url=nats_url,
-        env={
-            "HIVEWIRE_DISCOVERY": "nats",
-            "HIVEWIRE_GRACE_PERIOD": "2",
-            "HIVEWIRE_MODEL__DEFAULT_BACKEND": "deterministic",
-            **(env or {}),
-        },
+        env={"HIVEWIRE_MODEL__DEFAULT_BACKEND": "deterministic", **(env or {})},
     )
 
 
@@ -67,14 +64,10 @@ def tool_process(
         allowed_hosts: ``HIVEWIRE_TOOL__HTTP_ALLOWED_HOSTS`` (``host:port`` entries).
         env: More environment variables.
     """
-    extra = {
-        "HIVEWIRE_DISCOVERY": "nats",
-        "HIVEWIRE_GRACE_PERIOD": "2",
-        "HIVEWIRE_TOOL__HTTP_ALLOWED_HOSTS": ",".join(allowed_hosts),
-    }
+    extra = {"HIVEWIRE_TOOL__HTTP_ALLOWED_HOSTS": ",".join(allowed_hosts)}
     if policy_file is not None:
         extra["HIVEWIRE_TOOL__POLICY_FILE"] = str(policy_file)
-    return ServiceProcess(
+    return mesh_process(
         "hivewire.services.tool",
         workdir=workdir,
         certs_dir=certs_dir,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hivewire.services.runtime.ports import METRICS_OFFSET
 from hivewire.services.runtime.tls import TlsFiles
-from tests.helpers import free_port
 
 HIVEWIRE = str(Path(sys.executable).parent / "hivewire")
 
@@ -46,6 +48,33 @@ class RunningMesh:
         return {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
 
 
+_BLOCK = 8  # coordinator, model, tool, three agents, NATS, NATS monitoring
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block() -> int:
+    """A base port whose block of 8, and the metrics ports 1000 above, are all free.
+
+    `hivewire up` puts each service's metrics on its gRPC port + 1000, so both must be
+    free. The block is drawn below Linux's ephemeral range (32768+), where the kernel
+    never hands out client ports, so other tests' connections cannot take them.
+    """
+    for _ in range(500):
+        base = random.randrange(20000, 31000 - METRICS_OFFSET)
+        ports = [base + i for i in range(_BLOCK)] + [base + i + METRICS_OFFSET for i in range(6)]
+        if all(_bindable(port) for port in ports):
+            return base
+    raise RuntimeError("no free block of ports below 32768")
+
+
 def _wait_for(predicate: Any, *, within: float, what: str, log: Path) -> None:
     """Poll against a deadline (sync: module-scoped fixtures have no event loop)."""
     deadline = time.monotonic() + within
@@ -64,15 +93,18 @@ def hivewire_up(
     state = state_dir or root / ".hivewire"
     log = root / "up.log"
     argv = [HIVEWIRE, "up", "--model-backend", "deterministic", *args]
-    for flag in (
-        "--coordinator-port",
-        "--model-port",
-        "--tool-port",
-        "--nats-port",
-        "--nats-monitor-port",
-        "--first-agent-port",
+    base = free_port_block()
+    for offset, flag in enumerate(
+        (
+            "--coordinator-port",
+            "--model-port",
+            "--tool-port",
+            "--first-agent-port",  # three agents: base+3, base+4, base+5
+            "--nats-port",
+            "--nats-monitor-port",
+        )
     ):
-        argv += [flag, str(free_port())]
+        argv += [flag, str(base + (offset if offset < 4 else offset + 2))]
     argv += ["--state-dir", str(state), "--certs-dir", str(root / "certs")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
     with log.open("wb") as out:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import ast
 import math
-import operator
 import re
-from collections.abc import Callable
 from typing import Any
 
 from hivewire.services.agent import (
@@ -28,42 +26,14 @@ from hivewire.services.agent import (
     capability,
 )
 from hivewire.services.runtime.errors import Unavailable
+from hivewire.services.tool.builtins.calculator import CONSTANTS, FUNCTIONS, evaluate_tree
+from hivewire.services.tool.sdk import ToolError
 
 MAX_EXPRESSIONS = 100
 """Most expressions one ``calculate`` task may carry."""
 
 MAX_EXPRESSION_CHARS = 1000
 
-_CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e, "tau": math.tau}
-_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "abs": abs,
-    "round": round,
-    "min": min,
-    "max": max,
-    "sqrt": math.sqrt,
-    "exp": math.exp,
-    "log": math.log,
-    "log2": math.log2,
-    "log10": math.log10,
-    "sin": math.sin,
-    "cos": math.cos,
-    "tan": math.tan,
-    "floor": math.floor,
-    "ceil": math.ceil,
-}
-_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-    ast.Pow: operator.pow,
-}
-_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {
-    ast.UAdd: operator.pos,
-    ast.USub: operator.neg,
-}
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
@@ -98,7 +68,7 @@ def parse(expression: str) -> ast.expr:
         if isinstance(node, ast.Constant) and not isinstance(node.value, int | float):
             raise PermanentError("INVALID_EXPRESSION", f"only numbers are allowed: {expression!r}")
         if isinstance(node, ast.Call) and not (
-            isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS and not node.keywords
+            isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS and not node.keywords
         ):
             raise PermanentError("INVALID_EXPRESSION", f"unknown function in {expression!r}")
     return tree.body
@@ -109,7 +79,7 @@ def free_variables(tree: ast.expr) -> list[str]:
     functions = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     names: dict[str, None] = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and id(node) not in functions and node.id not in _CONSTANTS:
+        if isinstance(node, ast.Name) and id(node) not in functions and node.id not in CONSTANTS:
             names.setdefault(node.id, None)
     return list(names)
 
@@ -129,37 +99,20 @@ def substitute(tree: ast.expr, values: dict[str, float]) -> str:
 def evaluate_locally(tree: ast.expr) -> float | int:
     """Evaluate a parsed expression without the tool service.
 
+    The arithmetic is the ``calculator`` tool's own evaluator, run in this process, so
+    the answer (and its bounds) do not depend on where it was computed.
+
     Raises:
-        PermanentError: Division by zero, a math domain error or an unknown name.
+        PermanentError: An unknown name, division by zero, a math domain error or a
+            result out of bounds (the tool's reason).
     """
-
-    def ev(node: ast.AST) -> Any:
-        if isinstance(node, ast.Constant):
-            return node.value
-        if isinstance(node, ast.Name):
-            if node.id in _CONSTANTS:
-                return _CONSTANTS[node.id]
-            raise PermanentError("UNKNOWN_VARIABLE", f"no value for {node.id!r}")
-        if isinstance(node, ast.BinOp):
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 10_000:
-                raise PermanentError("MATH_ERROR", "exponent too large")
-            return _BINARY[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp):
-            return _UNARY[type(node.op)](ev(node.operand))
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            return _FUNCTIONS[node.func.id](*(ev(a) for a in node.args))
-        raise PermanentError("INVALID_EXPRESSION", f"cannot evaluate {ast.dump(node)}")
-
+    unknown = free_variables(tree)
+    if unknown:
+        raise PermanentError("UNKNOWN_VARIABLE", f"no value for {unknown[0]!r}")
     try:
-        value = ev(tree)
-    except ZeroDivisionError:
-        raise PermanentError("DIVISION_BY_ZERO", "division by zero") from None
-    except (ValueError, OverflowError, TypeError) as exc:
-        raise PermanentError("MATH_ERROR", f"cannot compute: {exc}") from None
-    if not isinstance(value, int | float):
-        raise PermanentError("MATH_ERROR", "the result is not a number")
-    return value
+        return evaluate_tree(tree)
+    except ToolError as exc:
+        raise PermanentError(exc.reason, exc.message) from None
 
 
 class CalculatorAgent(Agent):

@@ -1,10 +1,11 @@
-"""The pooled HTTP client every HTTP backend uses, with uniform error mapping."""
+"""What every HTTP backend shares: the pooled client with uniform error mapping, and
+:class:`HttpBackend`, the base of the Ollama and OpenAI-compatible backends."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,6 +13,7 @@ import httpx
 
 from hivewire.services.model.backends.base import (
     BackendUnavailable,
+    SamplingParams,
     http_error,
     timeouts,
     transport_error,
@@ -161,3 +163,114 @@ class HttpClient:
     async def aclose(self) -> None:
         """Close every pooled connection."""
         await self._client.aclose()
+
+
+def token_count(value: object) -> int | None:
+    """A token count from a backend's JSON: None when it is missing or not a count."""
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+def sampling_options(
+    params: SamplingParams, *, max_tokens_key: str = "max_tokens"
+) -> dict[str, Any]:
+    """The sampling parameters that are set, as JSON fields of a request body.
+
+    Args:
+        params: The call's sampling parameters.
+        max_tokens_key: The API's name for the output token limit (Ollama:
+            ``num_predict``).
+    """
+    options: dict[str, Any] = {}
+    if params.temperature is not None:
+        options["temperature"] = params.temperature
+    if params.top_p is not None:
+        options["top_p"] = params.top_p
+    if params.max_tokens is not None:
+        options[max_tokens_key] = params.max_tokens
+    if params.stop:
+        options["stop"] = list(params.stop)
+    if params.seed is not None:
+        options["seed"] = params.seed
+    return options
+
+
+class HttpBackend:
+    """Base of a backend that talks to one HTTP server through one pooled client.
+
+    Subclasses set :attr:`name` and implement ``stream`` and ``embed`` and
+    ``list_models`` (the :class:`~hivewire.services.model.backends.base.Backend`
+    protocol) on top of ``self._http``.
+    """
+
+    name: str
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 5.0,
+        max_connections: int = 32,
+        retry_after: float = 2.0,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """Create the backend (no connection is made until the first call).
+
+        Args:
+            base_url: Server URL every API path is relative to.
+            connect_timeout: Seconds to connect.
+            max_connections: Pooled connections.
+            retry_after: Suggested retry delay when the server is down.
+            headers: Headers sent on every request (authorization...).
+            transport: Custom httpx transport (tests).
+        """
+        self._http = HttpClient(
+            self.name,
+            base_url,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
+            retry_after=retry_after,
+            headers=headers,
+            transport=transport,
+        )
+
+    async def _listing(
+        self, path: str, key: str, *, name_key: str, time_limit: float
+    ) -> list[dict[str, Any]]:
+        """GET a model listing: the objects of the body's ``key`` list that have a name.
+
+        Raises:
+            BackendUnavailable: The body has no such list.
+        """
+        data = await self._http.request_json("GET", path, model="", time_limit=time_limit)
+        items = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise self._http.broken(f"{path} returned no {key} list")
+        return [item for item in items if isinstance(item, dict) and item.get(name_key)]
+
+    async def _embeddings(
+        self, path: str, key: str, model: str, inputs: Sequence[str], *, time_limit: float
+    ) -> tuple[dict[str, Any], list[Any]]:
+        """POST ``{"model", "input"}`` to an embedding API.
+
+        Returns:
+            The body and its ``key`` list, one entry per input.
+
+        Raises:
+            BackendUnavailable: The body has no such list, or not one entry per input.
+        """
+        data = await self._http.request_json(
+            "POST",
+            path,
+            model=model,
+            time_limit=time_limit,
+            body={"model": model, "input": list(inputs)},
+        )
+        items = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(items, list) or len(items) != len(inputs):
+            raise self._http.broken(f"{path} returned no {key} or the wrong number")
+        return data, items
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()

@@ -10,37 +10,19 @@ from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 from typing import Any
 
-import httpx
-
 from hivewire.services.model.backends.base import (
     EmbedResult,
     GenerationRequest,
     ModelEntry,
-    SamplingParams,
     StreamEnd,
     StreamItem,
     TextDelta,
 )
-from hivewire.services.model.backends.http import HttpClient
+from hivewire.services.model.backends.http import HttpBackend, sampling_options, token_count
 
 logger = logging.getLogger(__name__)
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
-
-
-def _options(params: SamplingParams) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if params.temperature is not None:
-        options["temperature"] = params.temperature
-    if params.top_p is not None:
-        options["top_p"] = params.top_p
-    if params.max_tokens is not None:
-        options["num_predict"] = params.max_tokens
-    if params.stop:
-        options["stop"] = list(params.stop)
-    if params.seed is not None:
-        options["seed"] = params.seed
-    return options
 
 
 def _parse_time(value: object) -> datetime | None:
@@ -53,44 +35,13 @@ def _parse_time(value: object) -> datetime | None:
         return None
 
 
-def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and value >= 0 else None
-
-
-class OllamaBackend:
-    """Talks to one Ollama server."""
+class OllamaBackend(HttpBackend):
+    """Talks to one Ollama server (``base_url`` e.g. ``http://127.0.0.1:11434``)."""
 
     name = "ollama"
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        connect_timeout: float = 5.0,
-        max_connections: int = 32,
-        retry_after: float = 2.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        """Create the backend.
-
-        Args:
-            base_url: Server URL, e.g. ``http://127.0.0.1:11434``.
-            connect_timeout: Seconds to connect.
-            max_connections: Pooled connections.
-            retry_after: Suggested retry delay when the server is down.
-            transport: Custom httpx transport (tests).
-        """
-        self._http = HttpClient(
-            self.name,
-            base_url,
-            connect_timeout=connect_timeout,
-            max_connections=max_connections,
-            retry_after=retry_after,
-            transport=transport,
-        )
-
     def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any], str]:
-        options = _options(request.params)
+        options = sampling_options(request.params, max_tokens_key="num_predict")
         body: dict[str, Any]
         if request.operation == "generate":
             body = {"model": request.model, "prompt": request.prompt, "stream": True}
@@ -141,40 +92,28 @@ class OllamaBackend:
                     yield StreamEnd(
                         finish="length" if frame.get("done_reason") == "length" else "stop",
                         model=str(frame.get("model") or request.model),
-                        prompt_tokens=_count(frame.get("prompt_eval_count")),
-                        completion_tokens=_count(frame.get("eval_count")),
+                        prompt_tokens=token_count(frame.get("prompt_eval_count")),
+                        completion_tokens=token_count(frame.get("eval_count")),
                     )
                     return
         raise self._http.broken(f"{path} stream ended without its final frame")
 
     async def embed(self, model: str, inputs: Sequence[str], *, time_limit: float) -> EmbedResult:
         """Embed through ``/api/embed``."""
-        data = await self._http.request_json(
-            "POST",
-            "/api/embed",
-            model=model,
-            time_limit=time_limit,
-            body={"model": model, "input": list(inputs)},
+        data, vectors = await self._embeddings(
+            "/api/embed", "embeddings", model, inputs, time_limit=time_limit
         )
-        vectors = data.get("embeddings") if isinstance(data, dict) else None
-        if not isinstance(vectors, list) or len(vectors) != len(inputs):
-            raise self._http.broken("/api/embed returned no embeddings or the wrong number")
         return EmbedResult(
             vectors=[[float(x) for x in vector] for vector in vectors],
             model=str(data.get("model") or model),
-            prompt_tokens=_count(data.get("prompt_eval_count")),
+            prompt_tokens=token_count(data.get("prompt_eval_count")),
         )
 
     async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
         """List local models through ``/api/tags``."""
-        data = await self._http.request_json("GET", "/api/tags", model="", time_limit=time_limit)
-        models = data.get("models") if isinstance(data, dict) else None
-        if not isinstance(models, list):
-            raise self._http.broken("/api/tags returned no model list")
+        items = await self._listing("/api/tags", "models", name_key="name", time_limit=time_limit)
         entries = []
-        for item in models:
-            if not isinstance(item, dict) or not item.get("name"):
-                continue
+        for item in items:
             size = item.get("size")
             entries.append(
                 ModelEntry(
@@ -185,7 +124,3 @@ class OllamaBackend:
                 )
             )
         return entries
-
-    async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._http.aclose()

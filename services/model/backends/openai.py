@@ -24,16 +24,12 @@ from hivewire.services.model.backends.base import (
     StreamItem,
     TextDelta,
 )
-from hivewire.services.model.backends.http import HttpClient
+from hivewire.services.model.backends.http import HttpBackend, sampling_options, token_count
 
 logger = logging.getLogger(__name__)
 
 
-def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and value >= 0 else None
-
-
-class OpenAIBackend:
+class OpenAIBackend(HttpBackend):
     """Talks to one OpenAI-compatible server."""
 
     name = "openai"
@@ -58,14 +54,12 @@ class OpenAIBackend:
             retry_after: Suggested retry delay when the server is down.
             transport: Custom httpx transport (tests).
         """
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = HttpClient(
-            self.name,
+        super().__init__(
             base_url,
             connect_timeout=connect_timeout,
             max_connections=max_connections,
             retry_after=retry_after,
-            headers=headers,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
             transport=transport,
         )
 
@@ -84,17 +78,7 @@ class OpenAIBackend:
             # Ask for a final usage chunk; servers that do not know the option ignore it.
             "stream_options": {"include_usage": True},
         }
-        params = request.params
-        if params.temperature is not None:
-            body["temperature"] = params.temperature
-        if params.top_p is not None:
-            body["top_p"] = params.top_p
-        if params.max_tokens is not None:
-            body["max_tokens"] = params.max_tokens
-        if params.stop:
-            body["stop"] = list(params.stop)
-        if params.seed is not None:
-            body["seed"] = params.seed
+        body.update(sampling_options(request.params))
         return body
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
@@ -131,8 +115,8 @@ class OpenAIBackend:
                 model = str(chunk.get("model") or model)
                 usage = chunk.get("usage")
                 if isinstance(usage, dict):
-                    prompt_tokens = _count(usage.get("prompt_tokens"))
-                    completion_tokens = _count(usage.get("completion_tokens"))
+                    prompt_tokens = token_count(usage.get("prompt_tokens"))
+                    completion_tokens = token_count(usage.get("completion_tokens"))
                 for choice in chunk.get("choices") or ():
                     if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                         continue
@@ -154,37 +138,26 @@ class OpenAIBackend:
 
     async def embed(self, model: str, inputs: Sequence[str], *, time_limit: float) -> EmbedResult:
         """Embed through ``/embeddings``."""
-        data = await self._http.request_json(
-            "POST",
-            "/embeddings",
-            model=model,
-            time_limit=time_limit,
-            body={"model": model, "input": list(inputs)},
+        data, items = await self._embeddings(
+            "/embeddings", "data", model, inputs, time_limit=time_limit
         )
-        items = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(items, list) or len(items) != len(inputs):
-            raise self._http.broken("/embeddings returned no data or the wrong number")
         ordered = sorted(
             (item for item in items if isinstance(item, dict)),
             key=lambda item: item.get("index", 0),
         )
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        reported = data.get("usage")
+        usage: dict[str, Any] = reported if isinstance(reported, dict) else {}
         return EmbedResult(
             vectors=[[float(x) for x in item.get("embedding", [])] for item in ordered],
             model=str(data.get("model") or model),
-            prompt_tokens=_count(usage.get("prompt_tokens")),
+            prompt_tokens=token_count(usage.get("prompt_tokens")),
         )
 
     async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
         """List models through ``/models``."""
-        data = await self._http.request_json("GET", "/models", model="", time_limit=time_limit)
-        items = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(items, list):
-            raise self._http.broken("/models returned no data")
+        items = await self._listing("/models", "data", name_key="id", time_limit=time_limit)
         entries = []
         for item in items:
-            if not isinstance(item, dict) or not item.get("id"):
-                continue
             created = item.get("created")
             entries.append(
                 ModelEntry(
@@ -197,7 +170,3 @@ class OpenAIBackend:
                 )
             )
         return entries
-
-    async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._http.aclose()

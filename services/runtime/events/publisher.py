@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -32,6 +31,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 
+from hivewire.services.runtime.backoff import Backoff
 from hivewire.services.runtime.errors import Unavailable
 
 from . import metrics
@@ -160,21 +160,6 @@ class _Outgoing:
     category: str
     payload: bytes
     headers: Mapping[str, str]
-
-
-class _Backoff:
-    def __init__(self, *, initial: float = 0.1, maximum: float = 2.0) -> None:
-        self._initial = initial
-        self._maximum = maximum
-        self._attempt = 0
-
-    def reset(self) -> None:
-        self._attempt = 0
-
-    def next_delay(self) -> float:
-        bound = min(self._maximum, self._initial * (2**self._attempt))
-        self._attempt = min(self._attempt + 1, 20)
-        return random.uniform(bound / 2, bound)
 
 
 class EventPublisher:
@@ -470,7 +455,7 @@ class EventPublisher:
     # -- background sender ---------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = _Backoff()
+        backoff = Backoff(initial=0.1, maximum=2.0)
         while not self._closed:
             try:
                 if not self._buffer:
@@ -496,7 +481,7 @@ class EventPublisher:
                 logger.exception("events: publish round failed; retrying")
                 await self._pause(backoff.next_delay())
 
-    async def _ready(self, backoff: _Backoff) -> JetStreamContext:
+    async def _ready(self, backoff: Backoff) -> JetStreamContext:
         while True:
             if self._closed:
                 raise asyncio.CancelledError
@@ -521,7 +506,7 @@ class EventPublisher:
                 self._streams_ready = True
             return self._js
 
-    async def _connect(self, backoff: _Backoff) -> NatsClient:
+    async def _connect(self, backoff: Backoff) -> NatsClient:
         """A fresh connection, retried with back-off until NATS answers.
 
         The publisher never lets nats-py reconnect a dropped connection: nats-py would

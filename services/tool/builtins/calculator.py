@@ -46,7 +46,8 @@ _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {
     ast.UAdd: operator.pos,
     ast.USub: operator.neg,
 }
-_CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e, "tau": math.tau}
+CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e, "tau": math.tau}
+"""Names an expression may use as numbers."""
 
 
 def _factorial(value: Number) -> int:
@@ -65,7 +66,7 @@ def _gcd(a: Number, b: Number) -> int:
     return math.gcd(a, b)
 
 
-_FUNCTIONS: dict[str, Callable[..., Number]] = {
+FUNCTIONS: dict[str, Callable[..., Number]] = {
     "abs": abs,
     "round": round,
     "min": min,
@@ -91,6 +92,7 @@ _FUNCTIONS: dict[str, Callable[..., Number]] = {
     "factorial": _factorial,
     "gcd": _gcd,
 }
+"""Functions an expression may call, by name (positional arguments only)."""
 
 
 def _error(message: str, reason: str = "INVALID_EXPRESSION") -> ToolError:
@@ -134,8 +136,8 @@ class _Evaluator:
                 raise _error(f"{node.value!r} is not a number")
             return _check_int(node.value)
         if isinstance(node, ast.Name):
-            if node.id in _CONSTANTS:
-                return _CONSTANTS[node.id]
+            if node.id in CONSTANTS:
+                return CONSTANTS[node.id]
             raise _error(f"unknown name {node.id!r}")
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _check_int(_UNARY[type(node.op)](self.eval(node.operand)))
@@ -148,13 +150,13 @@ class _Evaluator:
                     raise _error(f"result exceeds {MAX_INT_BITS} bits", "RESULT_TOO_LARGE")
             return _check_int(_BINARY[type(node.op)](left, right))
         if isinstance(node, ast.Call):
-            if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCTIONS:
+            if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
                 name = node.func.id if isinstance(node.func, ast.Name) else "this"
                 raise _error(f"function {name!r} is not available")
             if node.keywords:
                 raise _error("keyword arguments are not supported")
             args = [self.eval(arg) for arg in node.args]
-            return _check_int(_FUNCTIONS[node.func.id](*args))
+            return _check_int(FUNCTIONS[node.func.id](*args))
         raise _error(f"{type(node).__name__} is not allowed in an arithmetic expression")
 
 
@@ -181,6 +183,22 @@ def evaluate(expression: str) -> Number:
         tree = ast.parse(text.replace("^", "**"), mode="eval")
     except SyntaxError as exc:
         raise _error(f"invalid expression: {exc.msg}") from None
+    return evaluate_tree(tree)
+
+
+def evaluate_tree(tree: ast.AST) -> Number:
+    """Evaluate an already parsed arithmetic expression safely, with the same bounds.
+
+    Args:
+        tree: An ``ast.Expression`` or expression node, e.g. from
+            ``ast.parse(text, mode="eval")``.
+
+    Returns:
+        The value (an int when exact integer arithmetic applies).
+
+    Raises:
+        ToolError: A node that is not arithmetic, or a result out of bounds.
+    """
     try:
         return _Evaluator().eval(tree)
     except ToolError:

@@ -1,4 +1,9 @@
-"""Retry pacing shared by the registry backends: jittered backoff and a token bucket."""
+"""Retry pacing shared by every reconnecting loop: jittered backoff and a token bucket.
+
+The events publisher (NATS reconnects) and the registry backends (Consul and NATS-KV
+watches, heartbeats) pace their retries with these, so a mesh that lost its NATS or
+Consul does not hammer it when it comes back.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,15 @@ import time
 
 __all__ = ["Backoff", "TokenBucket"]
 
+_MAX_DOUBLINGS = 30
+"""Growth stops here; the bound is long capped by ``maximum`` anyway."""
+
 
 class Backoff:
-    """Exponential backoff with full jitter, reset after a success.
+    """Exponential backoff with jitter, reset after a success.
+
+    Each delay is drawn from the upper half of a bound that doubles after every failure,
+    from ``initial`` up to ``maximum``.
 
     Args:
         initial: Upper bound of the first delay, in seconds.
@@ -29,12 +40,12 @@ class Backoff:
     def next_delay(self) -> float:
         """Return the next delay and grow the bound."""
         bound = min(self._maximum, self._initial * (2**self._attempt))
-        self._attempt = min(self._attempt + 1, 30)
-        # Full jitter spreads reconnect storms of many services over the whole window.
+        self._attempt = min(self._attempt + 1, _MAX_DOUBLINGS)
+        # Jitter spreads the reconnect storm of many services over the window.
         return random.uniform(bound / 2, bound)
 
     async def wait(self) -> None:
-        """Sleep for the next delay (the pause between retries of a failed backend call)."""
+        """Sleep for the next delay (the pause between retries of a failed call)."""
         await asyncio.sleep(self.next_delay())
 
 
@@ -44,6 +55,9 @@ class TokenBucket:
     Args:
         burst: Bucket size (calls allowed back to back after a quiet period).
         interval: Seconds to earn one token back.
+
+    Raises:
+        ValueError: ``burst`` below 1 or a negative ``interval``.
     """
 
     def __init__(self, *, burst: int = 2, interval: float = 15.0) -> None:

@@ -1,0 +1,578 @@
+"""Authorization by identity per RPC: which mesh identity may call which gRPC method.
+
+Every service's server checks each call against one policy before the servicer runs
+(:class:`AuthzServerInterceptor`, installed by
+:class:`~hivewire.services.runtime.server.ServiceServer`). The caller is the SPIFFE id
+in its mTLS client certificate; the method is the full gRPC method name,
+``/package.Service/Method``. A refused call ends ``PERMISSION_DENIED`` with reason
+``CALLER_NOT_ALLOWED`` and ``caller``/``method`` in the ``ErrorInfo`` metadata. An
+allowed call finds its :class:`Caller` in :data:`caller_var` (:func:`current_caller`).
+
+The policy is a TOML file (``HIVEWIRE_AUTHZ_POLICY_FILE``) in the style of the tool
+policy (docs/tools.md)::
+
+    version = 1
+
+    [[rules]]
+    description = "clients may call the coordinator"
+    callers = ["client/*"]
+    allow = ["hivewire.coordinator.v1.CoordinatorService/*"]
+
+    [[rules]]
+    description = "this client may not cancel"
+    callers = ["client/kiosk"]
+    deny = ["hivewire.coordinator.v1.CoordinatorService/CancelTask"]
+
+Callers are globs over SPIFFE ids: ``spiffe://...`` as written, ``*`` for any peer the
+mesh CA authenticated (even one whose certificate carries no SPIFFE id), anything else
+relative to the mesh trust domain (``client/*`` is ``spiffe://hivewire.local/client/*``).
+Methods are globs over ``package.Service/Method`` (a leading ``/`` is optional). Globs
+are shell-style (``*``, ``?``, ``[abc]``; ``*`` also matches ``/`` and ``.``). Every rule
+whose callers match applies: a method is allowed when some matching rule allows it and
+no matching rule denies it (deny wins); a call no rule allows is refused.
+
+Without a file, :data:`DEFAULT_POLICY` applies (:data:`DEFAULT_POLICY_TOML`, which
+encodes DESIGN.md section 6). The file is re-read when it changes (checked at most once
+a second); a file that fails to parse stops the service at startup, and at a reload is
+logged while the previous policy stays in force.
+
+Decisions are cached per (caller, method), so the per-call cost is reading the peer's
+identities and one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
+from contextvars import ContextVar
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+
+from hivewire.services.runtime.errors import PermissionDenied
+from hivewire.services.runtime.tls import SPIFFE_SCHEME, TRUST_DOMAIN, parse_spiffe_id
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ANY_PEER",
+    "DEFAULT_POLICY",
+    "DEFAULT_POLICY_TOML",
+    "REASON",
+    "AuthzPolicy",
+    "AuthzPolicyError",
+    "AuthzPolicyStore",
+    "AuthzRule",
+    "AuthzServerInterceptor",
+    "Caller",
+    "caller_var",
+    "current_caller",
+    "load_authz_policy",
+    "parse_authz_policy",
+]
+
+REASON = "CALLER_NOT_ALLOWED"
+"""``ErrorInfo.reason`` of a call the policy refuses."""
+
+ANY_PEER = "*"
+"""Caller glob matching every peer the mesh CA authenticated, with or without an id."""
+
+_MESH_PREFIX = f"{SPIFFE_SCHEME}{TRUST_DOMAIN}/"
+_SPIFFE_PREFIX = SPIFFE_SCHEME.encode()
+_RULE_KEYS = frozenset({"callers", "allow", "deny", "description"})
+_CACHE_LIMIT = 4096
+"""Cached decisions kept before the cache starts over (ids are bounded by the CA)."""
+
+_DRAIN_TIMEOUT = 1.0
+"""Seconds a refused request-streaming call waits for the caller's first message."""
+
+
+class AuthzPolicyError(ValueError):
+    """The authorization policy is malformed (the message says where)."""
+
+
+# --- the caller ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling, from the peer's mTLS certificate.
+
+    Attributes:
+        spiffe_id: The certificate's ``spiffe://`` URI SAN; "" when it carries none.
+        role: The role part of a mesh identity (``client``, ``agent``...); "" for an
+            identity outside the mesh trust domain or none.
+        name: The name part of a mesh identity; "" likewise.
+    """
+
+    spiffe_id: str
+    role: str = ""
+    name: str = ""
+
+    @classmethod
+    def from_spiffe_id(cls, spiffe_id: str | None) -> Caller:
+        """Build the caller of a SPIFFE id (None or "" for a peer without one)."""
+        if not spiffe_id:
+            return ANONYMOUS
+        parsed = parse_spiffe_id(spiffe_id)
+        if parsed is None:
+            return cls(spiffe_id)
+        return cls(spiffe_id, parsed[0], parsed[1])
+
+    def __str__(self) -> str:
+        return self.spiffe_id or "a peer without a SPIFFE id"
+
+
+ANONYMOUS = Caller("")
+"""A peer whose certificate (signed by the mesh CA) carries no SPIFFE id."""
+
+caller_var: ContextVar[Caller | None] = ContextVar("hivewire_caller", default=None)
+"""The authorized caller of the server call being handled (None outside one)."""
+
+
+def current_caller() -> Caller | None:
+    """Return the caller of the server call being handled, as the authz check saw it.
+
+    Returns:
+        The caller, or None outside a server call (or on a server without authz).
+    """
+    return caller_var.get()
+
+
+# --- the policy ------------------------------------------------------------------------
+
+
+def _caller_glob(glob: str) -> str:
+    if glob == ANY_PEER or glob.startswith(SPIFFE_SCHEME):
+        return glob
+    return _MESH_PREFIX + glob
+
+
+def _method_glob(glob: str) -> str:
+    return glob.removeprefix("/")
+
+
+def _matches(value: str, globs: Sequence[str]) -> bool:
+    return any(fnmatchcase(value, glob) for glob in globs)
+
+
+@dataclass(frozen=True)
+class AuthzRule:
+    """One ``[[rules]]`` entry, globs already normalized.
+
+    Attributes:
+        callers: Full SPIFFE id globs, or ``*`` (any authenticated peer).
+        allow: Method globs (``package.Service/Method``, no leading ``/``) it allows.
+        deny: Method globs it refuses (deny wins over any allow).
+        description: Free text for people reading the policy.
+    """
+
+    callers: tuple[str, ...]
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    description: str = ""
+
+    def applies_to(self, spiffe_id: str) -> bool:
+        """Whether the rule covers a caller ("" for a peer without an id)."""
+        if ANY_PEER in self.callers:
+            return True
+        return bool(spiffe_id) and _matches(spiffe_id, self.callers)
+
+
+@dataclass(frozen=True)
+class AuthzPolicy:
+    """A parsed policy: rules, in file order.
+
+    Attributes:
+        rules: The rules.
+        source: Where it came from (a path, or ``default``).
+    """
+
+    rules: tuple[AuthzRule, ...]
+    source: str = "default"
+
+    def allows(self, spiffe_id: str, method: str) -> bool:
+        """Whether a caller may call a method.
+
+        Args:
+            spiffe_id: The caller's SPIFFE id ("" for a peer without one).
+            method: Full gRPC method name, ``/package.Service/Method``.
+
+        Returns:
+            True when a matching rule allows the method and none denies it.
+        """
+        name = method.removeprefix("/")
+        rules = [rule for rule in self.rules if rule.applies_to(spiffe_id)]
+        if any(_matches(name, rule.deny) for rule in rules):
+            return False
+        return any(_matches(name, rule.allow) for rule in rules)
+
+
+def _globs(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise AuthzPolicyError(f"{where} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _method_globs(value: Any, where: str) -> tuple[str, ...]:
+    globs = tuple(_method_glob(glob) for glob in _globs(value, where))
+    for glob in globs:
+        # "pkg.Service" alone would silently match nothing: make the mistake loud.
+        if "/" not in glob and "*" not in glob:
+            hint = f"{glob}/*"
+            raise AuthzPolicyError(f"{where}: {glob!r} names no method (did you mean {hint!r}?)")
+    return globs
+
+
+def parse_authz_policy(data: Mapping[str, Any], source: str = "<memory>") -> AuthzPolicy:
+    """Build a policy from parsed TOML.
+
+    Args:
+        data: The TOML document (``{"version": 1, "rules": [...]}``).
+        source: Name used in error messages and logs.
+
+    Returns:
+        The policy.
+
+    Raises:
+        AuthzPolicyError: Unknown keys, wrong types, a rule without callers or a
+            method glob that names no method.
+    """
+    unknown = set(data) - {"rules", "version"}
+    if unknown:
+        raise AuthzPolicyError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
+    version = data.get("version", 1)
+    if version != 1:
+        raise AuthzPolicyError(f"{source}: unsupported version {version!r} (expected 1)")
+    raw_rules = data.get("rules", [])
+    if not isinstance(raw_rules, list):
+        raise AuthzPolicyError(f"{source}: rules must be an array of tables ([[rules]])")
+    rules = []
+    for index, raw in enumerate(raw_rules):
+        where = f"{source}: rules[{index}]"
+        if not isinstance(raw, Mapping):
+            raise AuthzPolicyError(f"{where} must be a table")
+        extra = set(raw) - _RULE_KEYS
+        if extra:
+            raise AuthzPolicyError(f"{where}: unknown key(s) {sorted(extra)}")
+        if "callers" not in raw:
+            raise AuthzPolicyError(f"{where}: callers is required")
+        description = raw.get("description", "")
+        if not isinstance(description, str):
+            raise AuthzPolicyError(f"{where}.description must be a string")
+        rules.append(
+            AuthzRule(
+                callers=tuple(
+                    _caller_glob(glob) for glob in _globs(raw["callers"], f"{where}.callers")
+                ),
+                allow=_method_globs(raw.get("allow", []), f"{where}.allow"),
+                deny=_method_globs(raw.get("deny", []), f"{where}.deny"),
+                description=description,
+            )
+        )
+    return AuthzPolicy(rules=tuple(rules), source=source)
+
+
+def load_authz_policy(path: Path) -> AuthzPolicy:
+    """Read and parse a policy file.
+
+    Raises:
+        AuthzPolicyError: The file is not valid TOML or not a valid policy.
+        OSError: The file cannot be read.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise AuthzPolicyError(f"{path}: {exc}") from exc
+    return parse_authz_policy(data, str(path))
+
+
+DEFAULT_POLICY_TOML = """\
+version = 1
+
+[[rules]]
+description = "clients and admins may call the coordinator"
+callers = ["client/*", "admin/*"]
+allow = ["hivewire.coordinator.v1.CoordinatorService/*"]
+
+[[rules]]
+description = "only the coordinator may call agents"
+callers = ["coordinator/*"]
+allow = ["hivewire.agent.v1.AgentService/*"]
+
+[[rules]]
+description = "agents think, act and start sub-tasks"
+callers = ["agent/*"]
+allow = [
+  "hivewire.model.v1.ModelService/*",
+  "hivewire.tool.v1.ToolService/*",
+  "hivewire.coordinator.v1.CoordinatorService/*",
+]
+
+[[rules]]
+description = "admins may call everything"
+callers = ["admin/*"]
+allow = ["*"]
+
+[[rules]]
+description = "every identity of the mesh CA may check health and use reflection"
+callers = ["*"]
+allow = [
+  "grpc.health.v1.Health/*",
+  "grpc.reflection.v1alpha.ServerReflection/*",
+  "grpc.reflection.v1.ServerReflection/*",
+]
+"""
+"""The built-in policy as a file would say it (a starting point for your own)."""
+
+DEFAULT_POLICY = parse_authz_policy(tomllib.loads(DEFAULT_POLICY_TOML), "default")
+"""The policy in force when ``authz_policy_file`` is not set (DESIGN.md section 6)."""
+
+
+class AuthzPolicyStore:
+    """The policy in force and its cached decisions; re-reads the file when it changes."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        policy: AuthzPolicy | None = None,
+        check_interval: float = 1.0,
+    ) -> None:
+        """Load the policy.
+
+        Args:
+            path: The policy file; None for ``policy``.
+            policy: The policy to use without a file (default :data:`DEFAULT_POLICY`).
+            check_interval: Minimum seconds between checks of the file's mtime.
+
+        Raises:
+            AuthzPolicyError: The file is invalid (a bad policy must stop the service
+                from starting rather than silently open or close every method).
+            OSError: The file cannot be read.
+        """
+        self._path = path
+        self._interval = check_interval
+        self._checked = time.monotonic()
+        self._decisions: dict[tuple[str, str], bool] = {}
+        if path is None:
+            self._policy = policy or DEFAULT_POLICY
+            self._mtime: int | None = None
+        else:
+            self._mtime = path.stat().st_mtime_ns
+            self._policy = load_authz_policy(path)
+        logger.info(
+            "authz policy: %d rule(s) from %s", len(self._policy.rules), self._policy.source
+        )
+
+    @property
+    def policy(self) -> AuthzPolicy:
+        """The current policy (re-read first if the file changed)."""
+        self._maybe_reload()
+        return self._policy
+
+    def allows(self, spiffe_id: str, method: str) -> bool:
+        """Whether ``spiffe_id`` may call ``method`` under the current policy (cached).
+
+        Args:
+            spiffe_id: The caller's SPIFFE id ("" for a peer without one).
+            method: Full gRPC method name, ``/package.Service/Method``.
+        """
+        self._maybe_reload()
+        key = (spiffe_id, method)
+        allowed = self._decisions.get(key)
+        if allowed is None:
+            allowed = self._policy.allows(spiffe_id, method)
+            if len(self._decisions) >= _CACHE_LIMIT:
+                self._decisions.clear()
+            self._decisions[key] = allowed
+            if not allowed:
+                # Once per (caller, method) and policy: a refused caller retrying in a
+                # loop must not flood the log.
+                logger.warning(
+                    "authz: %s may not call %s (policy %s)",
+                    spiffe_id or "a peer without a SPIFFE id",
+                    method,
+                    self._policy.source,
+                )
+        return allowed
+
+    def _maybe_reload(self) -> None:
+        if self._path is None:
+            return
+        now = time.monotonic()
+        if now - self._checked < self._interval:
+            return
+        self._checked = now
+        try:
+            mtime = self._path.stat().st_mtime_ns
+        except OSError as exc:
+            logger.error("authz policy file unreadable, keeping the previous policy: %s", exc)
+            return
+        if mtime == self._mtime:
+            return
+        # Remember the change even if it fails to parse: one error per edit, not per second.
+        self._mtime = mtime
+        try:
+            policy = load_authz_policy(self._path)
+        except (OSError, AuthzPolicyError) as exc:
+            # A half-written or broken file must not open or close every method.
+            logger.error("authz policy not reloaded, keeping the previous one: %s", exc)
+            return
+        self._policy = policy
+        self._decisions = {}
+        logger.info("authz policy reloaded: %d rule(s) from %s", len(policy.rules), self._path)
+
+
+# --- the interceptor -------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+
+
+class _Gate:
+    """The per-call check, shared by every wrapped handler of one server."""
+
+    __slots__ = ("_callers", "_store")
+
+    def __init__(self, store: AuthzPolicyStore) -> None:
+        self._store = store
+        self._callers: dict[bytes, Caller] = {}
+
+    def caller(self, context: Context) -> Caller:
+        # peer_identities() is the SAN list for our certificates and costs a tenth of
+        # auth_context(), which copies every property including the PEM.
+        for identity in context.peer_identities() or ():
+            if identity.startswith(_SPIFFE_PREFIX):
+                caller = self._callers.get(identity)
+                if caller is None:
+                    if len(self._callers) >= _CACHE_LIMIT:
+                        self._callers.clear()
+                    caller = Caller.from_spiffe_id(identity.decode("utf-8", "replace"))
+                    self._callers[identity] = caller
+                return caller
+        return ANONYMOUS
+
+    def admit(self, context: Context, method: str) -> Caller | None:
+        """The caller when allowed (also set in :data:`caller_var`), else None."""
+        caller = self.caller(context)
+        if not self._store.allows(caller.spiffe_id, method):
+            return None
+        caller_var.set(caller)
+        return caller
+
+    async def refuse(self, request: Any, context: Context, method: str, streaming: bool) -> None:
+        if streaming:
+            # Take the caller's first message before answering: a status sent while
+            # its first write is in flight reaches it as a failed write (INTERNAL)
+            # instead of PERMISSION_DENIED.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_DRAIN_TIMEOUT):
+                    await anext(aiter(request), None)
+        caller = self.caller(context)
+        raise PermissionDenied(
+            f"{caller} may not call {method}",
+            reason=REASON,
+            metadata={"caller": caller.spiffe_id, "method": method},
+        )
+
+
+def _authorizing(handler: Handler, method: str, gate: _Gate) -> Handler:
+    """Return ``handler`` guarded by ``gate`` (same kind, same serializers)."""
+    if handler.request_streaming and handler.response_streaming:
+        behavior: Any = handler.stream_stream
+        factory: Callable[..., Handler] = grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        behavior = handler.stream_unary
+        factory = grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        behavior = handler.unary_stream
+        factory = grpc.unary_stream_rpc_method_handler
+    else:
+        behavior = handler.unary_unary
+        factory = grpc.unary_unary_rpc_method_handler
+    streaming_in = handler.request_streaming
+    admit = gate.admit
+    wrapped: Any
+    if handler.response_streaming and inspect.isasyncgenfunction(behavior):
+
+        async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
+            if admit(context, method) is None:
+                await gate.refuse(request, context, method, streaming_in)
+            async with aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+    elif inspect.iscoroutinefunction(behavior):
+
+        async def wrapped(request: Any, context: Context) -> Any:
+            if admit(context, method) is None:
+                await gate.refuse(request, context, method, streaming_in)
+            return await behavior(request, context)
+
+    else:
+        # Synchronous behaviors cannot be guarded without a thread hop, and hivewire
+        # servers host none: refuse them all rather than let them through unchecked.
+        async def wrapped(request: Any, context: Context) -> Any:
+            await gate.refuse(request, context, method, streaming_in)
+
+        factory = (
+            grpc.stream_unary_rpc_method_handler
+            if streaming_in
+            else grpc.unary_unary_rpc_method_handler
+        )
+    return factory(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class AuthzServerInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse calls the policy does not allow, before the servicer runs.
+
+    It sits inside the error-mapping interceptor (see
+    :func:`~hivewire.services.runtime.interceptors.server_interceptors`), which turns
+    the :class:`PermissionDenied` it raises into ``PERMISSION_DENIED`` with reason
+    ``CALLER_NOT_ALLOWED``. Allowed calls find their :class:`Caller` in
+    :data:`caller_var`.
+    """
+
+    def __init__(self, store: AuthzPolicyStore | None = None) -> None:
+        """Create the interceptor.
+
+        Args:
+            store: The policy; default :data:`DEFAULT_POLICY`.
+        """
+        self.store = store or AuthzPolicyStore()
+        self._gate = _Gate(self.store)
+        self._cache: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        """Guard the handler of the called method (wrapped once per method)."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _authorizing(handler, method, self._gate)
+        self._cache[method] = (handler, wrapped)
+        return wrapped

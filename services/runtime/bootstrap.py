@@ -1,0 +1,259 @@
+"""What every service process does the same way: defaults, flags, serving, registration.
+
+An entry point (``python -m hivewire.services.<name>``) describes itself once as a
+:class:`ServiceEntry` (name, fixed default port) and gets the common flags, the
+settings defaults and the run loop from it::
+
+    ENTRY = ServiceEntry("model", title="hivewire model service", port=MODEL_PORT)
+
+    def main(argv=None):
+        args = ENTRY.parser().parse_args(argv)
+        ENTRY.run(serve, ENTRY.settings(args))
+
+Its ``serve`` opens what it needs and hosts its servicer with :func:`serving`, which
+starts the :class:`~hivewire.services.runtime.server.ServiceServer`, registers the
+instance in discovery once it is SERVING and deregisters it first thing on shutdown::
+
+    async with serving(settings, [binding], registry=registry,
+                       registration=Registration("hivewire-model", instance_id)) as running:
+        await serve_until_signal(running.server)
+
+The fixed default ports live in :mod:`~hivewire.services.runtime.ports` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hivewire.discovery import Instance, Registry, open_registry
+from hivewire.services.runtime.config import Settings, load_settings
+from hivewire.services.runtime.logging import setup_logging
+from hivewire.services.runtime.ports import (
+    COORDINATOR_PORT,
+    FIRST_AGENT_PORT,
+    METRICS_OFFSET,
+    MODEL_PORT,
+    TOOL_PORT,
+    metrics_port_for,
+)
+from hivewire.services.runtime.server import ServiceBinding, ServiceServer, ShutdownHook
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "COORDINATOR_PORT",
+    "FIRST_AGENT_PORT",
+    "METRICS_OFFSET",
+    "MODEL_PORT",
+    "TOOL_PORT",
+    "Registration",
+    "Serving",
+    "ServiceEntry",
+    "metrics_port_for",
+    "registry_from_settings",
+    "serving",
+    "with_service_defaults",
+]
+
+
+def with_service_defaults(settings: Settings, *, identity: str, port: int) -> Settings:
+    """Fill in a service's own defaults for what the environment and flags left unset.
+
+    The identity (certificate stem), the fixed gRPC port, and the metrics port next to
+    it. An explicit port 0 (tests) keeps metrics off unless they were asked for.
+
+    Args:
+        settings: Settings as loaded from the environment and flags.
+        identity: The service's default identity, e.g. ``"model"``.
+        port: The service's fixed default port, e.g. 50052.
+
+    Returns:
+        The settings with the defaults applied.
+    """
+    update: dict[str, Any] = {}
+    if "identity" not in settings.model_fields_set:
+        update["identity"] = identity
+    chosen = settings.port if "port" in settings.model_fields_set else port
+    update["port"] = chosen
+    if "metrics_port" not in settings.model_fields_set and chosen:
+        update["metrics_port"] = metrics_port_for(chosen)
+    return settings.model_copy(update=update)
+
+
+def registry_from_settings(settings: Settings) -> Registry:
+    """The registry ``settings.discovery`` names (not started: use ``async with``)."""
+    return open_registry(
+        settings.discovery, nats_url=settings.nats_url, consul_token=settings.consul_token
+    )
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    """The ``python -m hivewire.services.<name>`` entry point of one service.
+
+    Attributes:
+        name: Module under ``hivewire.services``, the default identity and the
+            settings section (``HIVEWIRE_<NAME>__*``).
+        title: What ``--help`` calls the service, e.g. ``"hivewire tool service"``.
+        port: The fixed default gRPC port.
+    """
+
+    name: str
+    title: str
+    port: int
+
+    def defaults(self, settings: Settings) -> Settings:
+        """The settings with this service's identity and port defaults applied."""
+        return with_service_defaults(settings, identity=self.name, port=self.port)
+
+    def parser(self) -> argparse.ArgumentParser:
+        """A parser with the flags every service takes; add the service's own to it."""
+        parser = argparse.ArgumentParser(
+            prog=f"python -m hivewire.services.{self.name}",
+            description=(
+                f"{self.title} (settings: HIVEWIRE_* and HIVEWIRE_{self.name.upper()}__*)"
+            ),
+        )
+        parser.add_argument("--host", help="interface to bind (HIVEWIRE_HOST)")
+        parser.add_argument(
+            "--port", type=int, help=f"gRPC port (HIVEWIRE_PORT; default {self.port})"
+        )
+        parser.add_argument(
+            "--metrics-port", type=int, help="Prometheus port (HIVEWIRE_METRICS_PORT)"
+        )
+        parser.add_argument("--log-level", help="log level (HIVEWIRE_LOG_LEVEL)")
+        return parser
+
+    def settings(self, args: argparse.Namespace, **sections: Mapping[str, Any]) -> Settings:
+        """Build the settings once: environment, then the common flags, then defaults.
+
+        Args:
+            args: Parsed flags of :meth:`parser`.
+            **sections: Nested sections set by the service's own flags, e.g.
+                ``tool={"policy_file": path}``.
+        """
+        settings = load_settings(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            log_level=args.log_level,
+            **{name: dict(values) for name, values in sections.items()},
+        )
+        return self.defaults(settings)
+
+    def run(
+        self, serve: Callable[[Settings], Coroutine[Any, Any, None]], settings: Settings
+    ) -> None:
+        """Set up logging and run ``serve(settings)`` until it returns (SIGTERM)."""
+        setup_logging(settings.log_level, settings.log_format)
+        asyncio.run(serve(settings))
+
+
+@dataclass(frozen=True)
+class Registration:
+    """How a service appears in discovery once it serves.
+
+    Attributes:
+        service: Logical name, e.g. ``"hivewire-tool"``.
+        instance_id: This process's id (``new_instance_id(...)``).
+        tags: Capabilities (tool names, backend names, an agent's capabilities).
+        meta: String metadata (name, identity, version...).
+    """
+
+    service: str
+    instance_id: str
+    tags: Sequence[str] = ()
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Serving:
+    """A started server and, when it registered, its registry entry."""
+
+    server: ServiceServer
+    instance: Instance | None = None
+
+
+InstanceCallback = Callable[[Instance], None]
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings,
+    bindings: Sequence[ServiceBinding],
+    *,
+    registry: Registry | None = None,
+    registration: Registration | None = None,
+    on_shutdown: Iterable[ShutdownHook] = (),
+    on_registered: InstanceCallback | None = None,
+    on_deregistered: InstanceCallback | None = None,
+) -> AsyncIterator[Serving]:
+    """Serve ``bindings`` and, given a registry and a registration, register the instance.
+
+    Registration happens once the server is SERVING (peers that resolve it can call it
+    at once); deregistration is a shutdown hook after ``on_shutdown``, so it runs
+    before the server stops accepting calls. The block ending stops the server
+    gracefully.
+
+    Args:
+        settings: Process settings (address to advertise, grace period...).
+        bindings: The gRPC services to host.
+        registry: A started registry; None registers nothing.
+        registration: What to register as; None registers nothing.
+        on_shutdown: Hooks run first on shutdown (drain work...).
+        on_registered: Called with the instance after it registered.
+        on_deregistered: Called with the instance after it deregistered.
+
+    Yields:
+        The server and its registry entry.
+    """
+    async with ServiceServer(settings, bindings, on_shutdown=list(on_shutdown)) as server:
+        running = Serving(server)
+        if registry is not None and registration is not None:
+            running.instance = await _register(
+                registry, server, settings, registration, on_registered, on_deregistered
+            )
+        yield running
+
+
+async def _register(
+    registry: Registry,
+    server: ServiceServer,
+    settings: Settings,
+    registration: Registration,
+    on_registered: InstanceCallback | None,
+    on_deregistered: InstanceCallback | None,
+) -> Instance:
+    instance = Instance(
+        service=registration.service,
+        instance_id=registration.instance_id,
+        address=settings.advertised_host,
+        port=server.port,
+        tags=tuple(registration.tags),
+        meta=dict(registration.meta),
+    )
+    await registry.register(instance)
+    logger.info(
+        "registered %s %s at %s%s",
+        instance.service,
+        instance.instance_id,
+        instance.endpoint,
+        f" ({', '.join(instance.tags)})" if instance.tags else "",
+    )
+    if on_registered is not None:
+        on_registered(instance)
+
+    async def deregister() -> None:
+        await registry.deregister(instance.instance_id)
+        logger.info("deregistered %s %s", instance.service, instance.instance_id)
+        if on_deregistered is not None:
+            on_deregistered(instance)
+
+    server.add_shutdown_hook(deregister)
+    return instance

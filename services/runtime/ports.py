@@ -1,0 +1,29 @@
+"""The mesh's fixed default ports (``make run``, the docs' grpcurl commands).
+
+Coordinator 50051, model 50052, tool 50053, agents from 50061; each service's
+Prometheus endpoint is its gRPC port + 1000. Import-light on purpose: the CLI reads
+these without loading the service runtime.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "COORDINATOR_PORT",
+    "FIRST_AGENT_PORT",
+    "METRICS_OFFSET",
+    "MODEL_PORT",
+    "TOOL_PORT",
+    "metrics_port_for",
+]
+
+COORDINATOR_PORT = 50051
+MODEL_PORT = 50052
+TOOL_PORT = 50053
+FIRST_AGENT_PORT = 50061
+METRICS_OFFSET = 1000
+"""A service's Prometheus port is its gRPC port plus this."""
+
+
+def metrics_port_for(port: int) -> int:
+    """The default Prometheus port of a service on gRPC ``port``."""
+    return port + METRICS_OFFSET
