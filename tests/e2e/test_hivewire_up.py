@@ -9,7 +9,7 @@ endpoints, the CLI and Ctrl-C are exercised against it.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import signal
 import subprocess
@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import grpcurl
+from tests.helpers import GrpcurlResult, grpcurl
 from tests.support.up_mesh import HIVEWIRE, RunningMesh, hivewire_up
 
 pytestmark = pytest.mark.timeout(300)
@@ -60,7 +60,8 @@ def test_up_runs_the_demo_task_live_and_prints_a_grpcurl_command(mesh: RunningMe
     assert "progress" in text and "tool_call text" in text and "partial answer" in text
     assert "finished: succeeded" in text
     assert "demo task exit status: 0" in text
-    assert "grpcurl -cacert" in text and "CoordinatorService/StreamTask" in text
+    printed = [line for line in text.splitlines() if "CoordinatorService/StreamTask" in line]
+    assert printed and "/grpcurl -cacert" in printed[0], text
 
 
 def test_endpoints_file_lists_every_service_and_the_client_identity(mesh: RunningMesh) -> None:
@@ -96,13 +97,25 @@ async def test_grpcurl_lists_and_describes_each_service_via_reflection(
 
 
 async def test_printed_grpcurl_command_streams_a_task(mesh: RunningMesh) -> None:
-    body = {"spec": {"capability": "summarize", "input": {"text": "hivewire streams every step."}}}
-    result = await grpcurl(
-        "hivewire.coordinator.v1.CoordinatorService/StreamTask",
-        tls=mesh.tls,
-        address=mesh.address("coordinator"),
-        flags=["-d", json.dumps(body)],
-        timeout=120,
+    # The exact line `hivewire up` printed, pasted into a shell.
+    [command] = [
+        line for line in mesh.output().splitlines() if "CoordinatorService/StreamTask" in line
+    ]
+    shell = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=mesh.root,
+    )
+    async with asyncio.timeout(120):
+        stdout, stderr = await shell.communicate()
+    result = GrpcurlResult(
+        args=("bash", "-c", command),
+        returncode=shell.returncode or 0,
+        stdout=stdout.decode(),
+        stderr=stderr.decode(),
     )
     assert result.returncode == 0, result
     events = [m["event"] for m in result.messages()]
