@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 
 from hivewire.services.runtime.errors import PermissionDenied
+from hivewire.services.runtime.policyfile import globs, load_toml, rule_tables
 from hivewire.services.runtime.tls import SPIFFE_SCHEME, TRUST_DOMAIN, parse_spiffe_id
 
 logger = logging.getLogger(__name__)
@@ -217,22 +218,14 @@ class AuthzPolicy:
         return any(_matches(name, rule.allow) for rule in rules)
 
 
-def _globs(value: Any, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
-        raise AuthzPolicyError(f"{where} must be a list of non-empty strings")
-    return tuple(value)
-
-
 def _method_globs(value: Any, where: str) -> tuple[str, ...]:
-    globs = tuple(_method_glob(glob) for glob in _globs(value, where))
-    for glob in globs:
+    methods = tuple(_method_glob(glob) for glob in globs(value, where, AuthzPolicyError))
+    for glob in methods:
         # "pkg.Service" alone would silently match nothing: make the mistake loud.
         if "/" not in glob and "*" not in glob:
             hint = f"{glob}/*"
             raise AuthzPolicyError(f"{where}: {glob!r} names no method (did you mean {hint!r}?)")
-    return globs
+    return methods
 
 
 def parse_authz_policy(data: Mapping[str, Any], source: str = "<memory>") -> AuthzPolicy:
@@ -249,38 +242,20 @@ def parse_authz_policy(data: Mapping[str, Any], source: str = "<memory>") -> Aut
         AuthzPolicyError: Unknown keys, wrong types, a rule without callers or a
             method glob that names no method.
     """
-    unknown = set(data) - {"rules", "version"}
-    if unknown:
-        raise AuthzPolicyError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
-    version = data.get("version", 1)
-    if version != 1:
-        raise AuthzPolicyError(f"{source}: unsupported version {version!r} (expected 1)")
-    raw_rules = data.get("rules", [])
-    if not isinstance(raw_rules, list):
-        raise AuthzPolicyError(f"{source}: rules must be an array of tables ([[rules]])")
-    rules = []
-    for index, raw in enumerate(raw_rules):
-        where = f"{source}: rules[{index}]"
-        if not isinstance(raw, Mapping):
-            raise AuthzPolicyError(f"{where} must be a table")
-        extra = set(raw) - _RULE_KEYS
-        if extra:
-            raise AuthzPolicyError(f"{where}: unknown key(s) {sorted(extra)}")
-        if "callers" not in raw:
-            raise AuthzPolicyError(f"{where}: callers is required")
-        description = raw.get("description", "")
-        if not isinstance(description, str):
-            raise AuthzPolicyError(f"{where}.description must be a string")
-        rules.append(
-            AuthzRule(
-                callers=tuple(
-                    _caller_glob(glob) for glob in _globs(raw["callers"], f"{where}.callers")
-                ),
-                allow=_method_globs(raw.get("allow", []), f"{where}.allow"),
-                deny=_method_globs(raw.get("deny", []), f"{where}.deny"),
-                description=description,
-            )
+    rules = [
+        AuthzRule(
+            callers=tuple(
+                _caller_glob(glob)
+                for glob in globs(raw["callers"], f"{where}.callers", AuthzPolicyError)
+            ),
+            allow=_method_globs(raw.get("allow", []), f"{where}.allow"),
+            deny=_method_globs(raw.get("deny", []), f"{where}.deny"),
+            description=description,
         )
+        for where, raw, description in rule_tables(
+            data, source, rule_keys=_RULE_KEYS, error=AuthzPolicyError
+        )
+    ]
     return AuthzPolicy(rules=tuple(rules), source=source)
 
 
@@ -291,11 +266,7 @@ def load_authz_policy(path: Path) -> AuthzPolicy:
         AuthzPolicyError: The file is not valid TOML or not a valid policy.
         OSError: The file cannot be read.
     """
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise AuthzPolicyError(f"{path}: {exc}") from exc
-    return parse_authz_policy(data, str(path))
+    return parse_authz_policy(load_toml(path, AuthzPolicyError), str(path))
 
 
 DEFAULT_POLICY_TOML = """\

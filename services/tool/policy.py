@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import logging
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
+
+from hivewire.services.runtime.policyfile import globs, load_toml, rule_tables
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +138,6 @@ DEFAULT_POLICY = Policy(
 """The policy in force when no file is configured."""
 
 
-def _globs(value: Any, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
-        raise PolicyError(f"{where} must be a list of non-empty strings")
-    return tuple(value)
-
-
 def parse_policy(data: Mapping[str, Any], source: str = "<memory>") -> Policy:
     """Build a policy from parsed TOML.
 
@@ -158,39 +151,20 @@ def parse_policy(data: Mapping[str, Any], source: str = "<memory>") -> Policy:
     Raises:
         PolicyError: Unknown keys, wrong types or a rule without callers.
     """
-    unknown = set(data) - {"rules", "version"}
-    if unknown:
-        raise PolicyError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
-    version = data.get("version", 1)
-    if version != 1:
-        raise PolicyError(f"{source}: unsupported version {version!r} (expected 1)")
-    raw_rules = data.get("rules", [])
-    if not isinstance(raw_rules, list):
-        raise PolicyError(f"{source}: rules must be an array of tables ([[rules]])")
-    rules = []
-    for index, raw in enumerate(raw_rules):
-        where = f"{source}: rules[{index}]"
-        if not isinstance(raw, Mapping):
-            raise PolicyError(f"{where} must be a table")
-        extra = set(raw) - _RULE_KEYS
-        if extra:
-            raise PolicyError(f"{where}: unknown key(s) {sorted(extra)}")
-        if "callers" not in raw:
-            raise PolicyError(f"{where}: callers is required")
-        description = raw.get("description", "")
-        if not isinstance(description, str):
-            raise PolicyError(f"{where}.description must be a string")
-        rules.append(
-            Rule(
-                callers=_globs(raw["callers"], f"{where}.callers"),
-                allow=_globs(raw.get("allow", []), f"{where}.allow"),
-                deny=_globs(raw.get("deny", []), f"{where}.deny"),
-                require_approval=_globs(
-                    raw.get("require_approval", []), f"{where}.require_approval"
-                ),
-                description=description,
-            )
+    rules = [
+        Rule(
+            callers=globs(raw["callers"], f"{where}.callers", PolicyError),
+            allow=globs(raw.get("allow", []), f"{where}.allow", PolicyError),
+            deny=globs(raw.get("deny", []), f"{where}.deny", PolicyError),
+            require_approval=globs(
+                raw.get("require_approval", []), f"{where}.require_approval", PolicyError
+            ),
+            description=description,
         )
+        for where, raw, description in rule_tables(
+            data, source, rule_keys=_RULE_KEYS, error=PolicyError
+        )
+    ]
     return Policy(rules=tuple(rules), source=source)
 
 
@@ -201,11 +175,7 @@ def load_policy(path: Path) -> Policy:
         PolicyError: The file is not valid TOML or not a valid policy.
         OSError: The file cannot be read.
     """
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{path}: {exc}") from exc
-    return parse_policy(data, str(path))
+    return parse_policy(load_toml(path, PolicyError), str(path))
 
 
 class PolicyStore:
