@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 from hivewire.discovery import Instance, Registry, new_instance_id
 from hivewire.services.coordinator.dispatch import AgentPool
-from hivewire.services.coordinator.service import Coordinator, EventPublisher
+from hivewire.services.coordinator.journal import EventPublisher
+from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
+from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.coordinator.store import TaskStore
 from hivewire.services.runtime.bootstrap import Registration, registry_from_settings, serving
 from hivewire.services.runtime.channels import ChannelPool
@@ -86,7 +88,7 @@ async def running_coordinator(
             await stack.enter_async_context(publisher)
             events = publisher
         store = await stack.enter_async_context(
-            TaskStore(cfg.db_path, batch_max=cfg.write_batch_max)
+            SqliteTaskStore(cfg.db_path, batch_max=cfg.write_batch_max)
         )
         if registry is None:
             registry = await stack.enter_async_context(registry_from_settings(settings))

@@ -17,6 +17,7 @@ from hivewire.services.coordinator import convert
 from hivewire.services.coordinator.model import Caller
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.runtime.authz import current_caller
+from hivewire.services.runtime.errors import Unimplemented
 from hivewire.services.runtime.logging import correlation_id_var
 from hivewire.services.runtime.tls import peer_spiffe_id
 
@@ -146,6 +147,24 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._caller(context)
         views = self._coordinator.list_agents(request.capability)
         return coordinator_pb2.ListAgentsResponse(agents=[convert.agent_status(v) for v in views])
+
+    async def CreateProject(
+        self, request: coordinator_pb2.CreateProjectRequest, context: Context
+    ) -> coordinator_pb2.CreateProjectResponse:
+        """Not built yet."""
+        raise Unimplemented("projects are not built yet")
+
+    async def GetProject(
+        self, request: coordinator_pb2.GetProjectRequest, context: Context
+    ) -> coordinator_pb2.GetProjectResponse:
+        """Not built yet."""
+        raise Unimplemented("projects are not built yet")
+
+    async def ListProjects(
+        self, request: coordinator_pb2.ListProjectsRequest, context: Context
+    ) -> coordinator_pb2.ListProjectsResponse:
+        """Not built yet."""
+        raise Unimplemented("projects are not built yet")
 
 
 def add_to_server(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:

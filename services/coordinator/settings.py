@@ -61,6 +61,12 @@ class CoordinatorSettings(BaseModel):
     write_batch_max: int = Field(
         1000, ge=1, description="Most writes committed in one SQLite transaction."
     )
+    max_plan_steps: int = Field(64, ge=1, le=10000, description="Most steps a plan may have.")
+    max_subtask_depth: int = Field(
+        8,
+        ge=1,
+        description="How deep sub-tasks may nest (a task an agent submits while running another).",
+    )
     admin_prefix: str = Field(
         "spiffe://hivewire.local/admin/",
         description="Callers whose SPIFFE id starts with this see and cancel every task.",

@@ -1,85 +1,42 @@
-"""Durable storage of tasks and their events: SQLite in WAL mode behind one thread.
+"""The coordinator's storage interface: what any backend must keep, and how.
 
-Every task is one row (indexed columns plus the serialized ``Task``) and every task
-event one row keyed by ``(task_id, sequence)``. Results, errors and attempts travel
-inside the serialized task; idempotency keys are a unique index on
-``(owner, idempotency_key)``.
+The coordinator's durable state is tasks (one row each: indexed columns plus the
+serialized ``Task``), each task's event journal (rows keyed by ``(task_id,
+sequence)``, the sequence gap-free from 1), idempotency keys (unique per owner) and
+projects. :class:`TaskStore` is the one interface the domain code uses; the
+embedded backend is :class:`~hivewire.services.coordinator.sqlite_store.SqliteTaskStore`.
 
-One dedicated thread owns the only connection. Writes are queued and committed in
-batches (group commit): whatever piled up while the previous transaction ran goes
-into the next one, so a burst of events costs one commit, not one per event. Reads
-go through the same queue, so a read issued after a write sees it.
+Rules every backend keeps (the contract suite in ``tests/unit/test_coordinator_store.py``
+checks them):
 
-Durability: WAL with ``synchronous=NORMAL`` makes a committed transaction survive a
-crash of the process (``kill -9``); only an operating system crash or power loss
-can drop the last transactions. A write's future resolves once its transaction has
-committed.
+* Writes are queued, never block, and commit in the order they were queued; the
+  future :meth:`TaskStore.put` returns resolves once they are durable.
+* A read issued after a write sees it.
+* Several updates of one task in one batch collapse into the last one; events are
+  only ever inserted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
-import sqlite3
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Protocol, Self
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["EventRow", "StoreError", "TaskQuery", "TaskRow", "TaskStore", "TERMINAL_STATES"]
-
-T = TypeVar("T")
+__all__ = [
+    "EventRow",
+    "ProjectRow",
+    "ProjectSummary",
+    "StoreError",
+    "TERMINAL_STATES",
+    "TaskQuery",
+    "TaskRow",
+    "TaskStore",
+]
 
 #: ``TaskState`` values a task never leaves (succeeded, failed, cancelled, dead-lettered).
 TERMINAL_STATES = frozenset({5, 6, 7, 8})
-
-_SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id         TEXT PRIMARY KEY,
-    owner           TEXT NOT NULL,
-    capability      TEXT NOT NULL,
-    state           INTEGER NOT NULL,
-    priority        INTEGER NOT NULL,
-    created_ns      INTEGER NOT NULL,
-    updated_ns      INTEGER NOT NULL,
-    deadline_ns     INTEGER NOT NULL,
-    idempotency_key TEXT,
-    not_before_ns   INTEGER NOT NULL DEFAULT 0,
-    last_sequence   INTEGER NOT NULL DEFAULT 0,
-    spec            BLOB NOT NULL,
-    data            BLOB NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency
-    ON tasks (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_ns DESC, task_id DESC);
-CREATE INDEX IF NOT EXISTS tasks_owner_created ON tasks (owner, created_ns DESC, task_id DESC);
-CREATE INDEX IF NOT EXISTS tasks_active ON tasks (state) WHERE state NOT IN (5, 6, 7, 8);
-CREATE TABLE IF NOT EXISTS events (
-    task_id  TEXT NOT NULL,
-    sequence INTEGER NOT NULL,
-    data     BLOB NOT NULL,
-    PRIMARY KEY (task_id, sequence)
-) WITHOUT ROWID;
-"""
-
-_TASK_COLUMNS = (
-    "task_id, owner, capability, state, priority, created_ns, updated_ns, deadline_ns, "
-    "idempotency_key, not_before_ns, last_sequence, spec, data"
-)
-_UPSERT_TASK = f"""
-INSERT INTO tasks ({_TASK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (task_id) DO UPDATE SET
-    state = excluded.state, priority = excluded.priority, updated_ns = excluded.updated_ns,
-    deadline_ns = excluded.deadline_ns, not_before_ns = excluded.not_before_ns,
-    last_sequence = excluded.last_sequence, data = excluded.data
-"""  # noqa: S608 - column list is a constant
-_INSERT_EVENT = "INSERT INTO events (task_id, sequence, data) VALUES (?, ?, ?)"
 
 
 class StoreError(Exception):
@@ -93,7 +50,7 @@ class TaskRow:
     Attributes:
         task_id: The task's id.
         owner: SPIFFE id of the submitter.
-        capability: The capability asked for.
+        capability: The capability asked for ("" for a plan).
         state: ``TaskState`` value.
         priority: ``Priority`` value.
         created_ns: Acceptance time, ns since the epoch (the listing order).
@@ -105,6 +62,8 @@ class TaskRow:
         spec: The serialized ``coordinator.v1.TaskSpec``; written once, never updated
             (it can be large, so state changes do not rewrite it).
         data: The serialized ``coordinator.v1.Task`` without its spec.
+        parent_task_id: The plan or task this one is a step or sub-task of, "" for none.
+        project_id: The project the task belongs to, "" for none.
     """
 
     task_id: str
@@ -120,41 +79,8 @@ class TaskRow:
     last_sequence: int
     spec: bytes
     data: bytes
-
-    def _params(self) -> tuple[Any, ...]:
-        return (
-            self.task_id,
-            self.owner,
-            self.capability,
-            self.state,
-            self.priority,
-            self.created_ns,
-            self.updated_ns,
-            self.deadline_ns,
-            self.idempotency_key or None,
-            self.not_before_ns,
-            self.last_sequence,
-            self.spec,
-            self.data,
-        )
-
-    @classmethod
-    def _from_db(cls, row: Sequence[Any]) -> TaskRow:
-        return cls(
-            task_id=row[0],
-            owner=row[1],
-            capability=row[2],
-            state=row[3],
-            priority=row[4],
-            created_ns=row[5],
-            updated_ns=row[6],
-            deadline_ns=row[7],
-            idempotency_key=row[8] or "",
-            not_before_ns=row[9],
-            last_sequence=row[10],
-            spec=bytes(row[11]),
-            data=bytes(row[12]),
-        )
+    parent_task_id: str = ""
+    project_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -180,6 +106,8 @@ class TaskQuery:
         states: Only these ``TaskState`` values; empty means all.
         capability: Only this capability; empty means all.
         owner: Only this owner; empty means all.
+        parent_task_id: Only steps and sub-tasks of this task; empty means all.
+        project_id: Only tasks of this project; empty means all.
         before: Only tasks strictly older than this ``(created_ns, task_id)`` cursor.
         limit: At most this many rows.
     """
@@ -187,50 +115,48 @@ class TaskQuery:
     states: tuple[int, ...] = ()
     capability: str = ""
     owner: str = ""
+    parent_task_id: str = ""
+    project_id: str = ""
     before: tuple[int, str] | None = None
     limit: int = 50
 
 
-@dataclass
-class _Write:
-    tasks: Sequence[TaskRow]
-    events: Sequence[EventRow]
-    future: asyncio.Future[None]
+@dataclass(frozen=True)
+class ProjectRow:
+    """One stored project.
 
-
-@dataclass
-class _Read:
-    fn: Callable[[sqlite3.Connection], Any]
-    future: asyncio.Future[Any]
-
-
-_STOP = object()
-
-
-class TaskStore:
-    """The coordinator's durable store (an async context manager).
-
-    Args:
-        path: Database file; its directory is created. ``":memory:"`` keeps nothing.
-        batch_max: Most write requests committed in one transaction.
+    Attributes:
+        project_id: The project's id.
+        owner: SPIFFE id of its creator.
+        created_ns: Creation time, ns since the epoch.
+        data: The serialized ``coordinator.v1.Project`` (without aggregates).
     """
 
-    def __init__(self, path: Path | str, *, batch_max: int = 1000) -> None:
-        self._path = str(path)
-        self._batch_max = batch_max
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
+    project_id: str
+    owner: str
+    created_ns: int
+    data: bytes
 
-    @property
-    def path(self) -> str:
-        """The database path."""
-        return self._path
+
+@dataclass(frozen=True)
+class ProjectSummary:
+    """Aggregates over a project's tasks.
+
+    Attributes:
+        tasks_by_state: How many of its tasks are in each ``TaskState``.
+        rows: Its tasks' rows, for usage sums (at most the store's cap).
+    """
+
+    tasks_by_state: dict[int, int] = field(default_factory=dict)
+    rows: Sequence[TaskRow] = ()
+
+
+class TaskStore(Protocol):
+    """What the coordinator needs from its durable store (an async context manager)."""
 
     async def __aenter__(self) -> Self:
-        await self.open()
-        return self
+        """Open the store."""
+        ...
 
     async def __aexit__(
         self,
@@ -238,324 +164,67 @@ class TaskStore:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
-
-    async def open(self) -> None:
-        """Create or open the database and start the storage thread.
-
-        Raises:
-            StoreError: The database cannot be opened or has a newer schema.
-        """
-        if self._thread is not None:
-            raise StoreError("store already open")
-        self._loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name="coordinator-store", daemon=True
-        )
-        self._thread.start()
-        await ready
-        logger.info("task store open at %s", self._path)
-
-    async def close(self) -> None:
-        """Commit what is queued and stop the storage thread (idempotent)."""
-        if self._closed or self._thread is None:
-            self._closed = True
-            return
-        self._closed = True
-        self._queue.put(_STOP)
-        thread = self._thread
-        await asyncio.to_thread(thread.join)
-
-    # -- writes ----------------------------------------------------------------------
+        """Commit what is queued and close."""
+        ...
 
     def put(
         self, *, tasks: Sequence[TaskRow] = (), events: Sequence[EventRow] = ()
     ) -> asyncio.Future[None]:
-        """Queue task upserts and event inserts for the next transaction.
-
-        Does not block: the returned future resolves when the transaction that holds
-        them has committed (or fails with :class:`StoreError`). Writes commit in the
-        order they were queued.
-
-        Args:
-            tasks: Task rows to insert or update.
-            events: Event rows to insert.
-
-        Returns:
-            The commit future; callers that do not need to wait may ignore it.
-        """
-        loop = self._require_open()
-        future: asyncio.Future[None] = loop.create_future()
-        # A write nobody awaits must not log "exception never retrieved" on failure:
-        # failures are logged by the storage thread already.
-        future.add_done_callback(_consume_exception)
-        self._queue.put(_Write(tasks, events, future))
-        return future
+        """Queue task upserts and event inserts; the future resolves once durable."""
+        ...
 
     async def flush(self) -> None:
-        """Wait until every write queued so far has committed."""
-        await self._read(lambda conn: None)
-
-    # -- reads -----------------------------------------------------------------------
+        """Wait until every write queued so far is durable."""
+        ...
 
     async def get_task(self, task_id: str) -> TaskRow | None:
-        """Return a task's row, or None when it does not exist."""
-
-        def run(conn: sqlite3.Connection) -> TaskRow | None:
-            row = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?",  # noqa: S608
-                (task_id,),
-            ).fetchone()
-            return TaskRow._from_db(row) if row else None
-
-        result: TaskRow | None = await self._read(run)
-        return result
+        """A task's row, or None."""
+        ...
 
     async def find_by_idempotency_key(self, owner: str, key: str) -> TaskRow | None:
-        """Return the task an owner submitted with an idempotency key, if any."""
-
-        def run(conn: sqlite3.Connection) -> TaskRow | None:
-            row = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
-                "WHERE owner = ? AND idempotency_key = ?",
-                (owner, key),
-            ).fetchone()
-            return TaskRow._from_db(row) if row else None
-
-        result: TaskRow | None = await self._read(run)
-        return result
+        """The task an owner submitted with an idempotency key, if any."""
+        ...
 
     async def active_tasks(self) -> list[TaskRow]:
         """Every task not in a terminal state, oldest first (for recovery)."""
-
-        def run(conn: sqlite3.Connection) -> list[TaskRow]:
-            rows = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
-                "WHERE state NOT IN (5, 6, 7, 8) ORDER BY created_ns, task_id"
-            ).fetchall()
-            return [TaskRow._from_db(r) for r in rows]
-
-        result: list[TaskRow] = await self._read(run)
-        return result
+        ...
 
     async def list_tasks(self, query: TaskQuery) -> list[TaskRow]:
         """Tasks matching a query, newest first."""
-        clauses: list[str] = []
-        params: list[Any] = []
-        if query.states:
-            clauses.append(f"state IN ({', '.join('?' * len(query.states))})")
-            params.extend(query.states)
-        if query.capability:
-            clauses.append("capability = ?")
-            params.append(query.capability)
-        if query.owner:
-            clauses.append("owner = ?")
-            params.append(query.owner)
-        if query.before is not None:
-            clauses.append("(created_ns < ? OR (created_ns = ? AND task_id < ?))")
-            params.extend((query.before[0], query.before[0], query.before[1]))
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = (
-            f"SELECT {_TASK_COLUMNS} FROM tasks {where} "  # noqa: S608 - placeholders only
-            "ORDER BY created_ns DESC, task_id DESC LIMIT ?"
-        )
-        params.append(max(query.limit, 0))
+        ...
 
-        def run(conn: sqlite3.Connection) -> list[TaskRow]:
-            return [TaskRow._from_db(r) for r in conn.execute(sql, params).fetchall()]
-
-        result: list[TaskRow] = await self._read(run)
-        return result
+    async def children(self, parent_task_id: str) -> list[TaskRow]:
+        """Every step and sub-task of a task, oldest first."""
+        ...
 
     async def events_after(
         self, task_id: str, after: int, *, until: int | None = None, limit: int = 1000
     ) -> list[EventRow]:
-        """A task's events with ``after < sequence <= until``, in order.
-
-        Args:
-            task_id: The task.
-            after: Exclusive lower bound of the sequence.
-            until: Inclusive upper bound; None means no bound.
-            limit: At most this many events.
-        """
-
-        def run(conn: sqlite3.Connection) -> list[EventRow]:
-            rows = conn.execute(
-                "SELECT sequence, data FROM events WHERE task_id = ? AND sequence > ? "
-                "AND sequence <= ? ORDER BY sequence LIMIT ?",
-                (task_id, after, until if until is not None else 2**62, limit),
-            ).fetchall()
-            return [EventRow(task_id, seq, bytes(data)) for seq, data in rows]
-
-        result: list[EventRow] = await self._read(run)
-        return result
+        """A task's events with ``after < sequence <= until``, in order."""
+        ...
 
     async def last_sequence(self, task_id: str) -> int:
-        """The sequence of a task's latest stored event (0 when it has none)."""
-
-        def run(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                "SELECT MAX(sequence) FROM events WHERE task_id = ?", (task_id,)
-            ).fetchone()
-            return int(row[0] or 0)
-
-        result: int = await self._read(run)
-        return result
+        """The sequence of a task's latest stored event (0 when none)."""
+        ...
 
     async def count_tasks(self) -> int:
         """How many tasks are stored."""
+        ...
 
-        def run(conn: sqlite3.Connection) -> int:
-            return int(conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
+    async def put_project(self, project: ProjectRow) -> None:
+        """Store a new project (durably)."""
+        ...
 
-        result: int = await self._read(run)
-        return result
+    async def get_project(self, project_id: str) -> ProjectRow | None:
+        """A project's row, or None."""
+        ...
 
-    # -- plumbing --------------------------------------------------------------------
+    async def list_projects(
+        self, *, owner: str, before: tuple[int, str] | None, limit: int
+    ) -> list[ProjectRow]:
+        """Projects newest first, of one owner ("" for all)."""
+        ...
 
-    def _require_open(self) -> asyncio.AbstractEventLoop:
-        if self._closed or self._loop is None:
-            raise StoreError("task store is closed")
-        return self._loop
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = self._require_open()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Read(fn, future))
-        return await future
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit mode: transactions are explicit BEGIN/COMMIT around each batch.
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > _SCHEMA_VERSION:
-            conn.close()
-            raise StoreError(
-                f"{self._path} has schema version {version}; this coordinator knows "
-                f"{_SCHEMA_VERSION}"
-            )
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-        return conn
-
-    def _run(self, ready: asyncio.Future[None]) -> None:
-        loop = self._loop
-        assert loop is not None
-        try:
-            conn = self._connect()
-        except (sqlite3.Error, OSError, StoreError) as exc:
-            err = (
-                exc
-                if isinstance(exc, StoreError)
-                else StoreError(f"cannot open {self._path}: {exc}")
-            )
-            loop.call_soon_threadsafe(_settle, ready, None, err)
-            return
-        loop.call_soon_threadsafe(_settle, ready, None, None)
-        try:
-            self._serve(conn, loop)
-        finally:
-            conn.close()
-
-    def _serve(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
-        carry: object | None = None
-        while True:
-            item = carry if carry is not None else self._queue.get()
-            carry = None
-            if item is _STOP:
-                return
-            if isinstance(item, _Read):
-                self._do_read(conn, loop, item)
-                continue
-            assert isinstance(item, _Write)
-            batch = [item]
-            while len(batch) < self._batch_max:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(nxt, _Write):
-                    batch.append(nxt)
-                else:
-                    # Reads and stop wait for this batch: a read sees earlier writes.
-                    carry = nxt
-                    break
-            self._commit(conn, loop, batch)
-
-    @staticmethod
-    def _do_read(conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, item: _Read) -> None:
-        try:
-            result = item.fn(conn)
-        except sqlite3.Error as exc:
-            logger.exception("task store read failed")
-            loop.call_soon_threadsafe(_settle, item.future, None, StoreError(str(exc)))
-            return
-        loop.call_soon_threadsafe(_settle, item.future, result, None)
-
-    def _commit(
-        self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, batch: list[_Write]
-    ) -> None:
-        try:
-            self._apply(conn, batch)
-            errors: list[BaseException | None] = [None] * len(batch)
-        except sqlite3.Error:
-            logger.exception(
-                "task store batch of %d writes failed; retrying one by one", len(batch)
-            )
-            # Isolate the bad write so the rest of the batch still commits.
-            errors = []
-            for write in batch:
-                try:
-                    self._apply(conn, [write])
-                    errors.append(None)
-                except sqlite3.Error as exc:
-                    logger.error("task store write failed: %s", exc)
-                    errors.append(StoreError(str(exc)))
-        futures = [w.future for w in batch]
-        loop.call_soon_threadsafe(_settle_all, futures, errors)
-
-    @staticmethod
-    def _apply(conn: sqlite3.Connection, batch: list[_Write]) -> None:
-        # Several updates of one task in a batch collapse into the last one.
-        latest: dict[str, TaskRow] = {}
-        events: list[tuple[str, int, bytes]] = []
-        for write in batch:
-            for task in write.tasks:
-                latest.pop(task.task_id, None)
-                latest[task.task_id] = task
-            events.extend((e.task_id, e.sequence, e.data) for e in write.events)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if latest:
-                conn.executemany(_UPSERT_TASK, [t._params() for t in latest.values()])
-            if events:
-                conn.executemany(_INSERT_EVENT, events)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-
-def _consume_exception(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-def _settle_all(futures: list[asyncio.Future[None]], errors: list[BaseException | None]) -> None:
-    for future, error in zip(futures, errors, strict=True):
-        _settle(future, None, error)
+    async def project_summary(self, project_id: str) -> ProjectSummary:
+        """Aggregates over a project's tasks."""
+        ...

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.coordinator.store import (
     EventRow,
     StoreError,
@@ -48,18 +49,18 @@ def row(
 
 @pytest.fixture
 async def store(tmp_path: Path) -> TaskStore:
-    async with TaskStore(tmp_path / "db" / "coordinator.db") as s:
+    async with SqliteTaskStore(tmp_path / "db" / "coordinator.db") as s:
         yield s  # type: ignore[misc]
 
 
 async def test_written_rows_survive_a_reopen(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
-    async with TaskStore(path) as store:
+    async with SqliteTaskStore(path) as store:
         await store.put(
             tasks=[row("t1", last_sequence=2)],
             events=[EventRow("t1", 1, b"e1"), EventRow("t1", 2, b"e2")],
         )
-    async with TaskStore(path) as store:
+    async with SqliteTaskStore(path) as store:
         stored = await store.get_task("t1")
         assert stored is not None and stored.data == b"d" and stored.spec == b"spec"
         assert [e.data for e in await store.events_after("t1", 0)] == [b"e1", b"e2"]
@@ -160,7 +161,7 @@ async def test_commit_futures_resolve_in_order(store: TaskStore) -> None:
 
 async def test_database_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
-    async with TaskStore(path) as store:
+    async with SqliteTaskStore(path) as store:
         await store.put(tasks=[row("t1")])
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -171,11 +172,11 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA user_version=99")
     with pytest.raises(StoreError, match="schema version 99"):
-        await TaskStore(path).open()
+        await SqliteTaskStore(path).open()
 
 
 async def test_closed_store_refuses_work(tmp_path: Path) -> None:
-    store = TaskStore(tmp_path / "c.db")
+    store = SqliteTaskStore(tmp_path / "c.db")
     await store.open()
     await store.close()
     with pytest.raises(StoreError):
@@ -185,6 +186,6 @@ async def test_closed_store_refuses_work(tmp_path: Path) -> None:
 
 
 async def test_memory_database(tmp_path: Path) -> None:
-    async with TaskStore(":memory:") as store:
+    async with SqliteTaskStore(":memory:") as store:
         await store.put(tasks=[row("t1")])
         assert await store.get_task("t1") is not None

@@ -82,7 +82,9 @@ EVENT_TYPES: Final[Mapping[str, frozenset[str]]] = {
     "agent": frozenset({"registered", "deregistered", "health_changed"}),
     "model": frozenset({"request_started", "request_completed", "failed"}),
     "tool": frozenset({"invoked", "completed", "failed", "approval_requested"}),
-    "workflow": frozenset({"started", "step_completed", "completed", "compensated"}),
+    "workflow": frozenset(
+        {"started", "step_completed", "step_failed", "compensated", "completed", "failed"}
+    ),
     # Projects are defined by deployments: any well-formed event name is accepted.
     "project": frozenset(),
 }

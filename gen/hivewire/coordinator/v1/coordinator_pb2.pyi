@@ -55,6 +55,78 @@ AGGREGATION_AGGREGATOR: Aggregation.ValueType  # 4
 """An agent with aggregator_capability combines the steps' outputs."""
 Global___Aggregation: _TypeAlias = Aggregation  # noqa: Y015
 
+class _TaskRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_ROLE_UNSPECIFIED: _TaskRole.ValueType  # 0
+    """A task a client submitted (no parent)."""
+    TASK_ROLE_STEP: _TaskRole.ValueType  # 1
+    """A step of its parent's plan."""
+    TASK_ROLE_COMPENSATION: _TaskRole.ValueType  # 2
+    """The compensation of a plan step that succeeded before a later step failed."""
+    TASK_ROLE_AGGREGATOR: _TaskRole.ValueType  # 3
+    """The aggregator of a plan with AGGREGATION_AGGREGATOR."""
+    TASK_ROLE_SUBTASK: _TaskRole.ValueType  # 4
+    """A sub-task an agent submitted while running its parent."""
+
+class TaskRole(_TaskRole, metaclass=_TaskRoleEnumTypeWrapper):
+    """TaskRole says what a task is to the task that started it."""
+
+TASK_ROLE_UNSPECIFIED: TaskRole.ValueType  # 0
+"""A task a client submitted (no parent)."""
+TASK_ROLE_STEP: TaskRole.ValueType  # 1
+"""A step of its parent's plan."""
+TASK_ROLE_COMPENSATION: TaskRole.ValueType  # 2
+"""The compensation of a plan step that succeeded before a later step failed."""
+TASK_ROLE_AGGREGATOR: TaskRole.ValueType  # 3
+"""The aggregator of a plan with AGGREGATION_AGGREGATOR."""
+TASK_ROLE_SUBTASK: TaskRole.ValueType  # 4
+"""A sub-task an agent submitted while running its parent."""
+Global___TaskRole: _TypeAlias = TaskRole  # noqa: Y015
+
+class _StepEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StepEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STEP_EVENT_KIND_UNSPECIFIED: _StepEventKind.ValueType  # 0
+    """Not set."""
+    STEP_EVENT_KIND_STARTED: _StepEventKind.ValueType  # 1
+    """The step's task was created and queued."""
+    STEP_EVENT_KIND_PROGRESS: _StepEventKind.ValueType  # 2
+    """The step made progress."""
+    STEP_EVENT_KIND_PARTIAL: _StepEventKind.ValueType  # 3
+    """The step streamed a chunk of output."""
+    STEP_EVENT_KIND_FINISHED: _StepEventKind.ValueType  # 4
+    """The step's task ended (see state)."""
+    STEP_EVENT_KIND_COMPENSATION_STARTED: _StepEventKind.ValueType  # 5
+    """The step's compensation was started."""
+    STEP_EVENT_KIND_COMPENSATION_FINISHED: _StepEventKind.ValueType  # 6
+    """The step's compensation ended (see state)."""
+
+class StepEventKind(_StepEventKind, metaclass=_StepEventKindEnumTypeWrapper):
+    """StepEventKind says what happened to a plan step."""
+
+STEP_EVENT_KIND_UNSPECIFIED: StepEventKind.ValueType  # 0
+"""Not set."""
+STEP_EVENT_KIND_STARTED: StepEventKind.ValueType  # 1
+"""The step's task was created and queued."""
+STEP_EVENT_KIND_PROGRESS: StepEventKind.ValueType  # 2
+"""The step made progress."""
+STEP_EVENT_KIND_PARTIAL: StepEventKind.ValueType  # 3
+"""The step streamed a chunk of output."""
+STEP_EVENT_KIND_FINISHED: StepEventKind.ValueType  # 4
+"""The step's task ended (see state)."""
+STEP_EVENT_KIND_COMPENSATION_STARTED: StepEventKind.ValueType  # 5
+"""The step's compensation was started."""
+STEP_EVENT_KIND_COMPENSATION_FINISHED: StepEventKind.ValueType  # 6
+"""The step's compensation ended (see state)."""
+Global___StepEventKind: _TypeAlias = StepEventKind  # noqa: Y015
+
 class _AgentHealth:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -197,6 +269,8 @@ class TaskSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PARENT_TASK_ID_FIELD_NUMBER: _builtins.int
     capability: _builtins.str
     """The capability the task needs, for example "summarize". Required unless a
     plan is given.
@@ -213,6 +287,15 @@ class TaskSpec(_message.Message):
     """
     token_budget: _builtins.int
     """Maximum tokens the task may spend on model calls; 0 means no limit."""
+    project_id: _builtins.str
+    """The project the task belongs to; empty for none. The project must exist
+    and be visible to the submitter.
+    """
+    parent_task_id: _builtins.str
+    """Makes the task a sub-task of a running task (an agent delegating part of
+    its work): it inherits the parent's correlation id, deadline and remaining
+    token budget, and is cancelled when the parent ends. Empty for none.
+    """
     @_builtins.property
     def input(self) -> _common_pb2.Payload:
         """The task's input. At most the coordinator's configured input size."""
@@ -249,10 +332,12 @@ class TaskSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         plan: Global___Plan | None = ...,
         metadata: _common_pb2.RequestMetadata | None = ...,
+        project_id: _builtins.str = ...,
+        parent_task_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "metadata", b"metadata", "plan", b"plan", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "max_attempts", b"max_attempts", "metadata", b"metadata", "plan", b"plan", "priority", b"priority", "timeout", b"timeout", "token_budget", b"token_budget"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "max_attempts", b"max_attempts", "metadata", b"metadata", "parent_task_id", b"parent_task_id", "plan", b"plan", "priority", b"priority", "project_id", b"project_id", "timeout", b"timeout", "token_budget", b"token_budget"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -324,6 +409,12 @@ class Task(_message.Message):
     PENDING_INPUT_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    PARENT_TASK_ID_FIELD_NUMBER: _builtins.int
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id."""
     state: _common_pb2.TaskState.ValueType
@@ -336,6 +427,18 @@ class Task(_message.Message):
     """The agent instance running the current attempt, if any."""
     last_sequence: _builtins.int
     """The sequence number of the task's latest event."""
+    parent_task_id: _builtins.str
+    """The plan or task this task is a step or sub-task of; empty for none."""
+    step_id: _builtins.str
+    """For a plan step: the step's id in its plan."""
+    role: Global___TaskRole.ValueType
+    """What the task is to its parent."""
+    project_id: _builtins.str
+    """The project the task belongs to; empty for none."""
+    depth: _builtins.int
+    """How deep the task is nested: 0 for a task a client submitted, 1 for its
+    steps and sub-tasks, and so on.
+    """
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
         """What was asked for."""
@@ -376,6 +479,10 @@ class Task(_message.Message):
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptRecord]:
         """Every attempt so far."""
 
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepStatus]:
+        """For a plan: every step's current status, in plan order."""
+
     def __init__(
         self,
         *,
@@ -395,14 +502,134 @@ class Task(_message.Message):
         pending_input: _common_pb2.InputRequest | None = ...,
         last_sequence: _builtins.int = ...,
         attempts: _abc.Iterable[Global___AttemptRecord] | None = ...,
+        parent_task_id: _builtins.str = ...,
+        step_id: _builtins.str = ...,
+        role: Global___TaskRole.ValueType = ...,
+        project_id: _builtins.str = ...,
+        depth: _builtins.int = ...,
+        steps: _abc.Iterable[Global___StepStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "error", b"error", "output", b"output", "pending_input", b"pending_input", "progress", b"progress", "spec", b"spec", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "deadline", b"deadline", "error", b"error", "last_sequence", b"last_sequence", "output", b"output", "owner", b"owner", "pending_input", b"pending_input", "progress", b"progress", "spec", b"spec", "state", b"state", "task_id", b"task_id", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "deadline", b"deadline", "depth", b"depth", "error", b"error", "last_sequence", b"last_sequence", "output", b"output", "owner", b"owner", "parent_task_id", b"parent_task_id", "pending_input", b"pending_input", "progress", b"progress", "project_id", b"project_id", "role", b"role", "spec", b"spec", "state", b"state", "step_id", b"step_id", "steps", b"steps", "task_id", b"task_id", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class StepStatus(_message.Message):
+    """StepStatus is where one step of a plan is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    COMPENSATION_TASK_ID_FIELD_NUMBER: _builtins.int
+    COMPENSATION_STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    step_id: _builtins.str
+    """The step's id in the plan."""
+    task_id: _builtins.str
+    """The task that runs the step; empty until it is started."""
+    state: _common_pb2.TaskState.ValueType
+    """The step's state; TASK_STATE_UNSPECIFIED until it is started."""
+    compensation_task_id: _builtins.str
+    """The task that compensates the step, once compensation started."""
+    compensation_state: _common_pb2.TaskState.ValueType
+    """The compensation's state, once started."""
+    @_builtins.property
+    def error(self) -> _common_pb2.ErrorDetail:
+        """Why the step or its compensation failed, if one did."""
+
+    def __init__(
+        self,
+        *,
+        step_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        state: _common_pb2.TaskState.ValueType = ...,
+        compensation_task_id: _builtins.str = ...,
+        compensation_state: _common_pb2.TaskState.ValueType = ...,
+        error: _common_pb2.ErrorDetail | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compensation_state", b"compensation_state", "compensation_task_id", b"compensation_task_id", "error", b"error", "state", b"state", "step_id", b"step_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepStatus: _TypeAlias = StepStatus  # noqa: Y015
+
+@_typing.final
+class StepEvent(_message.Message):
+    """StepEvent is an event of a plan step, carried in the plan's own stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEP_SEQUENCE_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    step_id: _builtins.str
+    """The step's id in the plan."""
+    task_id: _builtins.str
+    """The task running the step (or its compensation or the aggregator)."""
+    kind: Global___StepEventKind.ValueType
+    """What happened."""
+    role: Global___TaskRole.ValueType
+    """What the task is to the plan."""
+    state: _common_pb2.TaskState.ValueType
+    """The step task's state after the event."""
+    step_sequence: _builtins.int
+    """The step task's event sequence this event mirrors, 0 for none."""
+    agent_id: _builtins.str
+    """The agent instance involved, if any."""
+    @_builtins.property
+    def progress(self) -> _common_pb2.Progress:
+        """For progress events."""
+
+    @_builtins.property
+    def partial(self) -> _common_pb2.PartialResult:
+        """For partial events."""
+
+    @_builtins.property
+    def output(self) -> _common_pb2.Payload:
+        """For finished events of a step that succeeded: its output."""
+
+    @_builtins.property
+    def error(self) -> _common_pb2.ErrorDetail:
+        """For steps and compensations that failed: why."""
+
+    def __init__(
+        self,
+        *,
+        step_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        kind: Global___StepEventKind.ValueType = ...,
+        role: Global___TaskRole.ValueType = ...,
+        state: _common_pb2.TaskState.ValueType = ...,
+        step_sequence: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+        progress: _common_pb2.Progress | None = ...,
+        partial: _common_pb2.PartialResult | None = ...,
+        output: _common_pb2.Payload | None = ...,
+        error: _common_pb2.ErrorDetail | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "output", b"output", "partial", b"partial", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "error", b"error", "kind", b"kind", "output", b"output", "partial", b"partial", "progress", b"progress", "role", b"role", "state", b"state", "step_id", b"step_id", "step_sequence", b"step_sequence", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepEvent: _TypeAlias = StepEvent  # noqa: Y015
 
 @_typing.final
 class StateChange(_message.Message):
@@ -532,6 +759,7 @@ class TaskEvent(_message.Message):
     ACTIVITY_FIELD_NUMBER: _builtins.int
     RETRY_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task the event belongs to."""
     sequence: _builtins.int
@@ -576,6 +804,10 @@ class TaskEvent(_message.Message):
     def finished(self) -> Global___TaskFinished:
         """The task ended; the last event."""
 
+    @_builtins.property
+    def step(self) -> Global___StepEvent:
+        """For a plan: one of its steps moved on."""
+
     def __init__(
         self,
         *,
@@ -591,12 +823,13 @@ class TaskEvent(_message.Message):
         activity: _common_pb2.Activity | None = ...,
         retry: Global___TaskRetry | None = ...,
         finished: Global___TaskFinished | None = ...,
+        step: Global___StepEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "finished", b"finished", "input_required", b"input_required", "kind", b"kind", "partial", b"partial", "progress", b"progress", "retry", b"retry", "snapshot", b"snapshot", "state_changed", b"state_changed", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "finished", b"finished", "input_required", b"input_required", "kind", b"kind", "partial", b"partial", "progress", b"progress", "retry", b"retry", "snapshot", b"snapshot", "state_changed", b"state_changed", "step", b"step", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "attempt", b"attempt", "finished", b"finished", "input_required", b"input_required", "kind", b"kind", "partial", b"partial", "progress", b"progress", "retry", b"retry", "sequence", b"sequence", "snapshot", b"snapshot", "state_changed", b"state_changed", "task_id", b"task_id", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "attempt", b"attempt", "finished", b"finished", "input_required", b"input_required", "kind", b"kind", "partial", b"partial", "progress", b"progress", "retry", b"retry", "sequence", b"sequence", "snapshot", b"snapshot", "state_changed", b"state_changed", "step", b"step", "task_id", b"task_id", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["snapshot", "state_changed", "progress", "partial", "input_required", "activity", "retry", "finished"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["snapshot", "state_changed", "progress", "partial", "input_required", "activity", "retry", "finished", "step"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -817,6 +1050,8 @@ class ListTasksRequest(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PARENT_TASK_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
     capability: _builtins.str
     """Only tasks asking for this capability; empty means all."""
     owner: _builtins.str
@@ -825,6 +1060,10 @@ class ListTasksRequest(_message.Message):
     """At most this many tasks; 0 means 50, values over 500 are lowered to 500."""
     page_token: _builtins.str
     """The next_page_token of the previous page; empty for the first page."""
+    parent_task_id: _builtins.str
+    """Only the steps and sub-tasks of this task; empty means all."""
+    project_id: _builtins.str
+    """Only tasks of this project; empty means all."""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.TaskState.ValueType]:
         """Only tasks in these states; empty means all."""
@@ -837,10 +1076,12 @@ class ListTasksRequest(_message.Message):
         owner: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        parent_task_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "parent_task_id", b"parent_task_id", "project_id", b"project_id", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1327,3 +1568,315 @@ class ListAgentsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
+
+@_typing.final
+class Project(_message.Message):
+    """Project groups work toward one goal: tasks and plans that name it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project's id."""
+    name: _builtins.str
+    """A short name."""
+    goal: _builtins.str
+    """What the project is for."""
+    owner: _builtins.str
+    """The identity that created it (its SPIFFE id)."""
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Free-form attributes."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    @_builtins.property
+    def progress(self) -> Global___ProjectProgress:
+        """Aggregate progress of its tasks (GetProject only)."""
+
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        goal: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        progress: Global___ProjectProgress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "created_at", b"created_at", "goal", b"goal", "name", b"name", "owner", b"owner", "progress", b"progress", "project_id", b"project_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Project: _TypeAlias = Project  # noqa: Y015
+
+@_typing.final
+class StateCount(_message.Message):
+    """StateCount is how many tasks are in one state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    state: _common_pb2.TaskState.ValueType
+    """The state."""
+    count: _builtins.int
+    """How many tasks."""
+    def __init__(
+        self,
+        *,
+        state: _common_pb2.TaskState.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateCount: _TypeAlias = StateCount  # noqa: Y015
+
+@_typing.final
+class ProjectProgress(_message.Message):
+    """ProjectProgress aggregates a project's tasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_BY_STATE_FIELD_NUMBER: _builtins.int
+    TOTAL_TASKS_FIELD_NUMBER: _builtins.int
+    ACTIVE_TASKS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    total_tasks: _builtins.int
+    """All its tasks."""
+    active_tasks: _builtins.int
+    """Its tasks not yet finished."""
+    @_builtins.property
+    def tasks_by_state(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateCount]:
+        """Tasks of the project, by state."""
+
+    @_builtins.property
+    def usage(self) -> _common_pb2.Usage:
+        """What its tasks consumed, summed."""
+
+    def __init__(
+        self,
+        *,
+        tasks_by_state: _abc.Iterable[Global___StateCount] | None = ...,
+        total_tasks: _builtins.int = ...,
+        active_tasks: _builtins.int = ...,
+        usage: _common_pb2.Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_tasks", b"active_tasks", "tasks_by_state", b"tasks_by_state", "total_tasks", b"total_tasks", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProjectProgress: _TypeAlias = ProjectProgress  # noqa: Y015
+
+@_typing.final
+class CreateProjectRequest(_message.Message):
+    """CreateProjectRequest creates a project."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """A short name, 1-128 characters."""
+    goal: _builtins.str
+    """What the project is for, at most 4096 characters."""
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Free-form attributes (at most 64)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        goal: _builtins.str = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "goal", b"goal", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateProjectRequest: _TypeAlias = CreateProjectRequest  # noqa: Y015
+
+@_typing.final
+class CreateProjectResponse(_message.Message):
+    """CreateProjectResponse returns the new project."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def project(self) -> Global___Project:
+        """The project."""
+
+    def __init__(
+        self,
+        *,
+        project: Global___Project | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateProjectResponse: _TypeAlias = CreateProjectResponse  # noqa: Y015
+
+@_typing.final
+class GetProjectRequest(_message.Message):
+    """GetProjectRequest names a project."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project's id."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProjectRequest: _TypeAlias = GetProjectRequest  # noqa: Y015
+
+@_typing.final
+class GetProjectResponse(_message.Message):
+    """GetProjectResponse returns a project with its progress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def project(self) -> Global___Project:
+        """The project."""
+
+    def __init__(
+        self,
+        *,
+        project: Global___Project | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProjectResponse: _TypeAlias = GetProjectResponse  # noqa: Y015
+
+@_typing.final
+class ListProjectsRequest(_message.Message):
+    """ListProjectsRequest pages through projects."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many; 0 means 50, values over 500 are lowered to 500."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProjectsRequest: _TypeAlias = ListProjectsRequest  # noqa: Y015
+
+@_typing.final
+class ListProjectsResponse(_message.Message):
+    """ListProjectsResponse is one page of projects."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def projects(self) -> _containers.RepeatedCompositeFieldContainer[Global___Project]:
+        """The projects, newest first."""
+
+    def __init__(
+        self,
+        *,
+        projects: _abc.Iterable[Global___Project] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "projects", b"projects"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProjectsResponse: _TypeAlias = ListProjectsResponse  # noqa: Y015

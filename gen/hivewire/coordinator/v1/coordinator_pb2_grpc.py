@@ -81,6 +81,21 @@ class CoordinatorServiceStub(object):
                 request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.CreateProject = channel.unary_unary(
+                '/hivewire.coordinator.v1.CoordinatorService/CreateProject',
+                request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateProjectRequest.SerializeToString,
+                response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateProjectResponse.FromString,
+                _registered_method=True)
+        self.GetProject = channel.unary_unary(
+                '/hivewire.coordinator.v1.CoordinatorService/GetProject',
+                request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.GetProjectRequest.SerializeToString,
+                response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.GetProjectResponse.FromString,
+                _registered_method=True)
+        self.ListProjects = channel.unary_unary(
+                '/hivewire.coordinator.v1.CoordinatorService/ListProjects',
+                request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsRequest.SerializeToString,
+                response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer(object):
@@ -161,6 +176,27 @@ class CoordinatorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateProject(self, request, context):
+        """CreateProject creates a project: a named goal that groups tasks and plans.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProject(self, request, context):
+        """GetProject returns a project with the aggregate progress of its tasks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProjects(self, request, context):
+        """ListProjects lists projects, newest first, paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +244,21 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListAgentsRequest.FromString,
                     response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'CreateProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateProject,
+                    request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateProjectRequest.FromString,
+                    response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateProjectResponse.SerializeToString,
+            ),
+            'GetProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProject,
+                    request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.GetProjectRequest.FromString,
+                    response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.GetProjectResponse.SerializeToString,
+            ),
+            'ListProjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProjects,
+                    request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsRequest.FromString,
+                    response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -455,6 +506,87 @@ class CoordinatorService(object):
             '/hivewire.coordinator.v1.CoordinatorService/ListAgents',
             hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListAgentsRequest.SerializeToString,
             hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivewire.coordinator.v1.CoordinatorService/CreateProject',
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateProjectRequest.SerializeToString,
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.CreateProjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivewire.coordinator.v1.CoordinatorService/GetProject',
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.GetProjectRequest.SerializeToString,
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.GetProjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivewire.coordinator.v1.CoordinatorService/ListProjects',
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsRequest.SerializeToString,
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsResponse.FromString,
             options,
             channel_credentials,
             insecure,

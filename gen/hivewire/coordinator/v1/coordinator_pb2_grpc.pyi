@@ -70,6 +70,12 @@ class CoordinatorServiceStub:
     """ListAgents lists the agents the coordinator can route to, with their
     capabilities, health and load.
     """
+    CreateProject: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CreateProjectRequest, _coordinator_pb2.CreateProjectResponse]
+    """CreateProject creates a project: a named goal that groups tasks and plans."""
+    GetProject: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetProjectRequest, _coordinator_pb2.GetProjectResponse]
+    """GetProject returns a project with the aggregate progress of its tasks."""
+    ListProjects: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListProjectsRequest, _coordinator_pb2.ListProjectsResponse]
+    """ListProjects lists projects, newest first, paginated."""
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -113,6 +119,12 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """ListAgents lists the agents the coordinator can route to, with their
     capabilities, health and load.
     """
+    CreateProject: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CreateProjectRequest, _coordinator_pb2.CreateProjectResponse]  # type: ignore[assignment]
+    """CreateProject creates a project: a named goal that groups tasks and plans."""
+    GetProject: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetProjectRequest, _coordinator_pb2.GetProjectResponse]  # type: ignore[assignment]
+    """GetProject returns a project with the aggregate progress of its tasks."""
+    ListProjects: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListProjectsRequest, _coordinator_pb2.ListProjectsResponse]  # type: ignore[assignment]
+    """ListProjects lists projects, newest first, paginated."""
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """CoordinatorService is what clients call: submit tasks, follow them live,
@@ -207,5 +219,29 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListAgents lists the agents the coordinator can route to, with their
         capabilities, health and load.
         """
+
+    @_abc_1.abstractmethod
+    def CreateProject(
+        self,
+        request: _coordinator_pb2.CreateProjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.CreateProjectResponse, _abc.Awaitable[_coordinator_pb2.CreateProjectResponse]]:
+        """CreateProject creates a project: a named goal that groups tasks and plans."""
+
+    @_abc_1.abstractmethod
+    def GetProject(
+        self,
+        request: _coordinator_pb2.GetProjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.GetProjectResponse, _abc.Awaitable[_coordinator_pb2.GetProjectResponse]]:
+        """GetProject returns a project with the aggregate progress of its tasks."""
+
+    @_abc_1.abstractmethod
+    def ListProjects(
+        self,
+        request: _coordinator_pb2.ListProjectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListProjectsResponse, _abc.Awaitable[_coordinator_pb2.ListProjectsResponse]]:
+        """ListProjects lists projects, newest first, paginated."""
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -361,7 +361,8 @@ Global___ToolEventData: _TypeAlias = ToolEventData  # noqa: Y015
 @_typing.final
 class WorkflowEventData(_message.Message):
     """WorkflowEventData is the data of workflow.started, workflow.step_completed,
-    workflow.completed and workflow.compensated.
+    workflow.step_failed, workflow.compensated, workflow.completed and
+    workflow.failed.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -371,6 +372,9 @@ class WorkflowEventData(_message.Message):
     CAPABILITY_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    STEP_TASK_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task that carries the plan."""
     step_id: _builtins.str
@@ -379,6 +383,12 @@ class WorkflowEventData(_message.Message):
     """The step's capability, for step events."""
     state: _common_pb2.TaskState.ValueType
     """The workflow's state after the event."""
+    step_task_id: _builtins.str
+    """The task that runs the step, for step events."""
+    agent_id: _builtins.str
+    """The agent instance that ran the step, if known."""
+    owner: _builtins.str
+    """The plan's owner (SPIFFE id)."""
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail:
         """For failures and compensations: why."""
@@ -391,10 +401,13 @@ class WorkflowEventData(_message.Message):
         capability: _builtins.str = ...,
         state: _common_pb2.TaskState.ValueType = ...,
         error: _common_pb2.ErrorDetail | None = ...,
+        step_task_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "error", b"error", "state", b"state", "step_id", b"step_id", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capability", b"capability", "error", b"error", "owner", b"owner", "state", b"state", "step_id", b"step_id", "step_task_id", b"step_task_id", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -408,16 +421,44 @@ class ProjectEventData(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TasksByStateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    TASKS_BY_STATE_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """The project's id."""
     name: _builtins.str
     """The project's name."""
+    owner: _builtins.str
+    """The project's owner (SPIFFE id)."""
     @_builtins.property
     def attributes(self) -> _struct_pb2.Struct:
         """Free-form attributes."""
+
+    @_builtins.property
+    def tasks_by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """For project.completed: tasks of the project, by state name."""
 
     def __init__(
         self,
@@ -425,10 +466,12 @@ class ProjectEventData(_message.Message):
         project_id: _builtins.str = ...,
         name: _builtins.str = ...,
         attributes: _struct_pb2.Struct | None = ...,
+        owner: _builtins.str = ...,
+        tasks_by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "name", b"name", "project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "name", b"name", "owner", b"owner", "project_id", b"project_id", "tasks_by_state", b"tasks_by_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

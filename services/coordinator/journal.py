@@ -1,0 +1,349 @@
+"""Each task's event journal: numbered, stored, then fanned out and published.
+
+A task is stored durably before ``submit`` answers. From then on every change is an
+event with the task's next sequence number (1, 2, 3... without gaps), written to
+the store and, once committed, fanned out to every watcher and published on NATS.
+Watchers read committed events only, so what a client has seen is never lost or
+renumbered by a crash: a client that reconnects with ``after_sequence`` gets each
+event exactly once, in order.
+
+A plan is a task like any other here: its step events are events of its own
+journal, so following a plan is following one task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING
+
+from google.protobuf.message import Message
+
+from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.events.v1 import events_pb2
+from hivewire.services.coordinator import convert, metrics
+from hivewire.services.coordinator.model import TaskRecord, now_ns
+from hivewire.services.coordinator.store import EventRow, TaskStore
+from hivewire.services.runtime.errors import Unavailable
+from hivewire.services.runtime.eventsink import EventSink, NullSink
+
+if TYPE_CHECKING:
+    from hivewire.services.coordinator.attempts import Attempt
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EventPublisher", "Journal", "NullPublisher", "TaskRuntime", "TaskTable"]
+
+TaskEvent = coordinator_pb2.TaskEvent
+
+EventPublisher = EventSink[
+    events_pb2.TaskEventData | events_pb2.WorkflowEventData | events_pb2.ProjectEventData
+]
+"""Where the coordinator's events go besides the store (NATS in production)."""
+
+NullPublisher = NullSink
+"""An :class:`EventPublisher` that drops everything (events off)."""
+
+_EVENT_PAGE = 500
+
+#: Called with a task and each event once it has committed (plans follow their steps).
+EventListener = Callable[["TaskRuntime", TaskEvent], None]
+
+
+class TaskRuntime:
+    """In-memory state of one unfinished (or recently finished) task.
+
+    Attributes:
+        record: The task's state.
+        spec_bytes: Its serialized spec (written once).
+        events: Its events not yet evicted; ``events[i]`` has sequence ``base + 1 + i``.
+        committed: The highest sequence the store has committed.
+        attempt: The running attempt, if any.
+        deadline_handle: The timer that fails the task at its deadline.
+        avoid: Agents a retry should not go to.
+    """
+
+    def __init__(self, record: TaskRecord, spec_bytes: bytes) -> None:
+        self.record = record
+        self.spec_bytes = spec_bytes
+        # events[i] has sequence base + 1 + i; older events are only in the store.
+        self.base = record.last_sequence
+        self.events: list[TaskEvent] = []
+        self.committed = record.last_sequence
+        self.attempt: Attempt | None = None
+        self.deadline_handle: asyncio.TimerHandle | None = None
+        self.avoid: set[str] = set()
+        self.enqueued_at = record.created_ns / 1e9
+        self.queued_mono = 0.0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def notify(self) -> None:
+        """Wake every watcher waiting for the next event."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self) -> None:
+        """Wait for the next committed event (or a shutdown)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    @property
+    def settled(self) -> bool:
+        """Finished and every event committed: nothing more will happen."""
+        return self.record.terminal and self.committed >= self.record.last_sequence
+
+
+class TaskTable:
+    """The tasks the coordinator holds in memory: every active one, and recent finished ones.
+
+    Args:
+        finished_cache_size: How many finished tasks stay in memory for fast reads.
+        on_evict: Called with a finished task when it leaves memory.
+    """
+
+    def __init__(
+        self, *, finished_cache_size: int, on_evict: Callable[[TaskRuntime], None]
+    ) -> None:
+        self.active: dict[str, TaskRuntime] = {}
+        self._finished: OrderedDict[str, TaskRuntime] = OrderedDict()
+        self._cache_size = finished_cache_size
+        self._on_evict = on_evict
+
+    def get(self, task_id: str) -> TaskRuntime | None:
+        """The task's runtime, active or recently finished, or None."""
+        rt = self.active.get(task_id)
+        if rt is None:
+            rt = self._finished.get(task_id)
+            if rt is not None:
+                self._finished.move_to_end(task_id)
+        return rt
+
+    def add(self, rt: TaskRuntime) -> None:
+        """Hold a new or recovered active task."""
+        self.active[rt.record.task_id] = rt
+
+    def retire(self, rt: TaskRuntime) -> None:
+        """Move a task that just finished from the active set to the finished cache."""
+        self.active.pop(rt.record.task_id, None)
+        if self._cache_size:
+            self._finished[rt.record.task_id] = rt
+            while len(self._finished) > self._cache_size:
+                self._on_evict(self._finished.popitem(last=False)[1])
+        else:
+            self._on_evict(rt)
+
+    def everything(self) -> Iterator[TaskRuntime]:
+        """Every task in memory, active first."""
+        yield from list(self.active.values())
+        yield from list(self._finished.values())
+
+
+class Journal:
+    """Appends events to tasks' journals and serves them to watchers.
+
+    Args:
+        store: The durable store.
+        tasks: The tasks in memory.
+        events: Where events are published once committed.
+    """
+
+    def __init__(self, store: TaskStore, tasks: TaskTable, events: EventPublisher) -> None:
+        self._store = store
+        self._tasks = tasks
+        self._events = events
+        self._listeners: list[EventListener] = []
+        self.closing = False
+
+    def listen(self, listener: EventListener) -> None:
+        """Call ``listener`` with every event once it has committed."""
+        self._listeners.append(listener)
+
+    def emit(
+        self,
+        rt: TaskRuntime,
+        *,
+        publish: str | None = None,
+        publish_extra: dict[str, Message] | None = None,
+        write_row: bool = True,
+        **kind: Message,
+    ) -> asyncio.Future[None]:
+        """Append the task's next event: store it, then fan it out once committed.
+
+        Args:
+            rt: The task.
+            publish: The ``task.*`` event type to publish on NATS, if any.
+            publish_extra: Extra fields of the published ``TaskEventData``.
+            write_row: Also store the task's row (False for events that change no
+                stored field, such as partials).
+            kind: The event's one ``TaskEvent.kind`` field.
+
+        Returns:
+            The commit future.
+        """
+        record = rt.record
+        record.last_sequence += 1
+        stamp = now_ns()
+        record.updated_ns = stamp
+        event = TaskEvent(
+            task_id=record.task_id,
+            sequence=record.last_sequence,
+            time=convert.timestamp_ns(stamp),
+            attempt=record.attempt,
+            **kind,  # type: ignore[arg-type]
+        )
+        rt.events.append(event)
+        rows = [convert.record_to_row(record, rt.spec_bytes)] if write_row else []
+        data = task_event_data(record, publish_extra or {}) if publish else None
+        future = self._store.put(
+            tasks=rows,
+            events=[EventRow(record.task_id, event.sequence, event.SerializeToString())],
+        )
+        future.add_done_callback(partial(self._committed, rt, event, publish, data))
+        return future
+
+    def publish(
+        self,
+        rt: TaskRuntime,
+        event_type: str,
+        data: events_pb2.WorkflowEventData | events_pb2.ProjectEventData,
+        *,
+        subject: str | None = None,
+        sequence: int = 0,
+    ) -> None:
+        """Publish a workflow or project event about a task (after its commit)."""
+        try:
+            self._events.publish(
+                event_type,
+                subject=subject or rt.record.task_id,
+                data=data,
+                task_sequence=sequence,
+                correlation_id=rt.record.correlation_id or None,
+            )
+        except Exception:
+            logger.exception("publishing %s failed", event_type)
+
+    def _committed(
+        self,
+        rt: TaskRuntime,
+        event: TaskEvent,
+        publish: str | None,
+        data: events_pb2.TaskEventData | None,
+        future: asyncio.Future[None],
+    ) -> None:
+        sequence = event.sequence
+        if not future.cancelled() and future.exception() is not None:
+            logger.error(
+                "event %d of task %s was not stored: %s",
+                sequence,
+                rt.record.task_id,
+                future.exception(),
+            )
+        if sequence > rt.committed:
+            rt.committed = sequence
+        rt.notify()
+        if publish and data is not None:
+            try:
+                self._events.publish(
+                    publish,
+                    subject=rt.record.task_id,
+                    data=data,
+                    task_sequence=sequence,
+                    correlation_id=rt.record.correlation_id or None,
+                )
+            except Exception:
+                logger.exception("publishing %s failed", publish)
+        for listener in self._listeners:
+            try:
+                listener(rt, event)
+            except Exception:
+                logger.exception("event listener failed on task %s", rt.record.task_id)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def snapshot(self, record: TaskRecord) -> TaskEvent:
+        """A snapshot event of a task (never stored; sequence = its last sequence)."""
+        return TaskEvent(
+            task_id=record.task_id,
+            sequence=record.last_sequence,
+            time=convert.timestamp_ns(now_ns()),
+            attempt=record.attempt,
+            snapshot=convert.task_to_proto(record),
+        )
+
+    async def follow(
+        self, task_id: str, after: int, *, first: TaskEvent | None = None
+    ) -> AsyncIterator[TaskEvent]:
+        """A task's committed events after ``after``, then live ones until its last."""
+        metrics.WATCHERS.inc()
+        try:
+            if first is not None:
+                yield first
+            last = after
+            while True:
+                if self.closing:
+                    raise Unavailable(
+                        "coordinator is shutting down; resume with WatchTask", retry_after=1.0
+                    )
+                rt = self._tasks.get(task_id)
+                if rt is None:
+                    # Finished and no longer in memory: the store has every event.
+                    rows = await self._store.events_after(task_id, last, limit=_EVENT_PAGE)
+                    if not rows:
+                        return
+                    for row in rows:
+                        yield TaskEvent.FromString(row.data)
+                        last = row.sequence
+                    continue
+                if rt.committed > last:
+                    for event in await self._committed_events(rt, last):
+                        yield event
+                        last = event.sequence
+                    continue
+                if rt.settled:
+                    return
+                await rt.changed()
+        finally:
+            metrics.WATCHERS.dec()
+
+    async def _committed_events(self, rt: TaskRuntime, after: int) -> list[TaskEvent]:
+        upto = rt.committed
+        if after >= rt.base:
+            return rt.events[after - rt.base : upto - rt.base]
+        rows = await self._store.events_after(
+            rt.record.task_id, after, until=min(rt.base, upto), limit=_EVENT_PAGE
+        )
+        return [TaskEvent.FromString(row.data) for row in rows]
+
+
+def task_event_data(record: TaskRecord, extra: dict[str, Message]) -> events_pb2.TaskEventData:
+    """The ``TaskEventData`` of a task as it is now."""
+    data = events_pb2.TaskEventData(
+        task_id=record.task_id,
+        state=record.state,  # type: ignore[arg-type]
+        capability=record.capability,
+        priority=record.priority,  # type: ignore[arg-type]
+        agent_id=record.agent_id,
+        attempt=record.attempt,
+        owner=record.owner,
+    )
+    if record.progress is not None:
+        data.progress.CopyFrom(record.progress)
+    if record.error is not None:
+        data.error.CopyFrom(record.error)
+    if record.terminal:
+        data.usage.CopyFrom(record.usage)
+    if record.pending_input is not None:
+        data.input_request.CopyFrom(record.pending_input)
+    for name, value in extra.items():
+        getattr(data, name).CopyFrom(value)
+    return data

@@ -1,0 +1,220 @@
+"""The ``Session`` stream: many tasks started, cancelled, answered and watched over one call.
+
+The session is an adapter over the coordinator's public operations (submit, cancel,
+provide input, watch, follow): it owns no task state, only which tasks this stream
+follows and how far each has been sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from hivewire.common.v1 import common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.services.coordinator import convert
+from hivewire.services.coordinator.model import Caller, TaskRecord
+from hivewire.services.runtime.errors import (
+    FieldViolation,
+    HivewireError,
+    Internal,
+    InvalidArgument,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Session", "SessionHost"]
+
+TaskEvent = coordinator_pb2.TaskEvent
+
+
+class SessionHost(Protocol):
+    """The coordinator operations a session drives."""
+
+    async def submit(
+        self,
+        spec: coordinator_pb2.TaskSpec | None,
+        caller: Caller,
+        *,
+        correlation_id: str | None = None,
+    ) -> tuple[TaskRecord, bool]:
+        """Submit a task."""
+        ...
+
+    async def cancel(self, task_id: str, caller: Caller, reason: str = "") -> TaskRecord:
+        """Cancel a task."""
+        ...
+
+    async def provide_input(
+        self, task_id: str, response: common_pb2.InputResponse | None, caller: Caller
+    ) -> TaskRecord:
+        """Answer a task's input request."""
+        ...
+
+    async def watch(
+        self,
+        task_id: str,
+        caller: Caller,
+        *,
+        after_sequence: int = 0,
+        include_snapshot: bool = False,
+    ) -> AsyncIterator[TaskEvent]:
+        """Open a task's event stream (checked for access)."""
+        ...
+
+    def follow(self, task_id: str, after: int) -> AsyncIterator[TaskEvent]:
+        """A task's events after ``after`` (no access check)."""
+        ...
+
+
+class Session:
+    """One ``Session`` stream: requests in, answers and events of many tasks out."""
+
+    def __init__(
+        self, coordinator: SessionHost, caller: Caller, correlation_id: str | None
+    ) -> None:
+        self._coordinator = coordinator
+        self._caller = caller
+        self._correlation_id = correlation_id
+        self._out: asyncio.Queue[coordinator_pb2.SessionResponse | None] = asyncio.Queue(
+            maxsize=1024
+        )
+        self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._sent: dict[str, int] = {}
+        self._input_done = False
+        self._closed = False
+
+    async def run(
+        self, requests: AsyncIterator[coordinator_pb2.SessionRequest]
+    ) -> AsyncIterator[coordinator_pb2.SessionResponse]:
+        reader = asyncio.create_task(self._read(requests), name="session-reader")
+        try:
+            while True:
+                item = await self._out.get()
+                if item is None:
+                    break
+                yield item
+            # Surface an unexpected failure of the reader (not a client disconnect).
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]
+        finally:
+            self._closed = True
+            tasks = [reader, *self._pumps.values()]
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _read(self, requests: AsyncIterator[coordinator_pb2.SessionRequest]) -> None:
+        try:
+            async for request in requests:
+                await self._handle(request)
+        except HivewireError as err:
+            await self._out.put(
+                coordinator_pb2.SessionResponse(
+                    rejected=coordinator_pb2.SessionRejected(error=convert.error_detail(err))
+                )
+            )
+        finally:
+            self._input_done = True
+            await self._maybe_end()
+
+    async def _maybe_end(self) -> None:
+        # Once the stream is being torn down nobody reads the queue: do not wait on it.
+        if self._closed:
+            return
+        if self._input_done and all(p.done() for p in self._pumps.values()):
+            await self._out.put(None)
+
+    async def _reject(self, err: HivewireError, *, client_ref: str = "", task_id: str = "") -> None:
+        await self._out.put(
+            coordinator_pb2.SessionResponse(
+                rejected=coordinator_pb2.SessionRejected(
+                    client_ref=client_ref, task_id=task_id, error=convert.error_detail(err)
+                )
+            )
+        )
+
+    async def _handle(self, request: coordinator_pb2.SessionRequest) -> None:
+        kind = request.WhichOneof("kind")
+        c = self._coordinator
+        try:
+            if kind == "start":
+                start = request.start
+                try:
+                    record, deduplicated = await c.submit(
+                        start.spec if start.HasField("spec") else None,
+                        self._caller,
+                        correlation_id=self._correlation_id,
+                    )
+                except HivewireError as err:
+                    await self._reject(err, client_ref=start.client_ref)
+                    return
+                await self._out.put(
+                    coordinator_pb2.SessionResponse(
+                        accepted=coordinator_pb2.SessionAccepted(
+                            client_ref=start.client_ref,
+                            task_id=record.task_id,
+                            deduplicated=deduplicated,
+                        )
+                    )
+                )
+                # A deduplicated start of a task this session already followed goes on
+                # after what was sent: the client saw those events once already.
+                after = self._sent.get(record.task_id, 0)
+                self._follow(record.task_id, c.follow(record.task_id, after))
+            elif kind == "cancel":
+                await c.cancel(request.cancel.task_id, self._caller, request.cancel.reason)
+            elif kind == "input":
+                await c.provide_input(
+                    request.input.task_id,
+                    request.input.response if request.input.HasField("response") else None,
+                    self._caller,
+                )
+            elif kind == "watch":
+                task_id = request.watch.task_id
+                current = self._pumps.get(task_id)
+                if current is not None and not current.done():
+                    return
+                events = await c.watch(
+                    task_id, self._caller, after_sequence=request.watch.after_sequence
+                )
+                self._follow(task_id, events)
+            else:
+                raise InvalidArgument(
+                    violations=[FieldViolation("kind", "one of start, cancel, input, watch")]
+                )
+        except HivewireError as err:
+            task_id = ""
+            if kind in ("cancel", "input", "watch"):
+                task_id = getattr(request, kind).task_id
+            await self._reject(err, task_id=task_id)
+        except Exception:
+            logger.exception("session request %s failed", kind)
+            await self._reject(Internal("internal error"))
+
+    def _follow(self, task_id: str, events: AsyncIterator[TaskEvent]) -> None:
+        current = self._pumps.get(task_id)
+        if current is not None and not current.done():
+            # Already followed in this session (a deduplicated start, a second watch):
+            # a second pump would send every event twice.
+            return
+
+        async def pump() -> None:
+            try:
+                async for event in events:
+                    if event.WhichOneof("kind") != "snapshot":
+                        self._sent[task_id] = max(self._sent.get(task_id, 0), event.sequence)
+                    await self._out.put(coordinator_pb2.SessionResponse(event=event))
+            except HivewireError as err:
+                await self._reject(err, task_id=task_id)
+            finally:
+                if self._pumps.get(task_id) is asyncio.current_task():
+                    del self._pumps[task_id]
+                await self._maybe_end()
+
+        self._pumps[task_id] = asyncio.create_task(pump(), name=f"session-{task_id}")

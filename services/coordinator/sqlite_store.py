@@ -1,0 +1,621 @@
+"""The embedded task store: SQLite in WAL mode behind one thread.
+
+One coordinator, one file, nothing else to run. It implements
+:class:`~hivewire.services.coordinator.store.TaskStore`.
+
+Every task is one row (indexed columns plus the serialized ``Task``) and every task
+event one row keyed by ``(task_id, sequence)``. Results, errors and attempts travel
+inside the serialized task; idempotency keys are a unique index on
+``(owner, idempotency_key)``.
+
+One dedicated thread owns the only connection. Writes are queued and committed in
+batches (group commit): whatever piled up while the previous transaction ran goes
+into the next one, so a burst of events costs one commit, not one per event. Reads
+go through the same queue, so a read issued after a write sees it.
+
+Durability: WAL with ``synchronous=NORMAL`` makes a committed transaction survive a
+crash of the process (``kill -9``); only an operating system crash or power loss
+can drop the last transactions. A write's future resolves once its transaction has
+committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from hivewire.services.coordinator.store import (
+    EventRow,
+    ProjectRow,
+    ProjectSummary,
+    StoreError,
+    TaskQuery,
+    TaskRow,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SqliteTaskStore"]
+
+T = TypeVar("T")
+
+
+_SCHEMA_VERSION = 2
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id         TEXT PRIMARY KEY,
+    owner           TEXT NOT NULL,
+    capability      TEXT NOT NULL,
+    state           INTEGER NOT NULL,
+    priority        INTEGER NOT NULL,
+    created_ns      INTEGER NOT NULL,
+    updated_ns      INTEGER NOT NULL,
+    deadline_ns     INTEGER NOT NULL,
+    idempotency_key TEXT,
+    not_before_ns   INTEGER NOT NULL DEFAULT 0,
+    last_sequence   INTEGER NOT NULL DEFAULT 0,
+    spec            BLOB NOT NULL,
+    data            BLOB NOT NULL,
+    parent_task_id  TEXT NOT NULL DEFAULT '',
+    project_id      TEXT NOT NULL DEFAULT ''
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency
+    ON tasks (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_ns DESC, task_id DESC);
+CREATE INDEX IF NOT EXISTS tasks_owner_created ON tasks (owner, created_ns DESC, task_id DESC);
+CREATE INDEX IF NOT EXISTS tasks_active ON tasks (state) WHERE state NOT IN (5, 6, 7, 8);
+CREATE TABLE IF NOT EXISTS projects (
+    project_id TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    data       BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    task_id  TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    data     BLOB NOT NULL,
+    PRIMARY KEY (task_id, sequence)
+) WITHOUT ROWID;
+"""
+
+# Indexes on the columns added in schema version 2 (created after the migration).
+_SCHEMA_V2_INDEXES = """
+CREATE INDEX IF NOT EXISTS tasks_parent ON tasks (parent_task_id, created_ns)
+    WHERE parent_task_id != '';
+CREATE INDEX IF NOT EXISTS tasks_project ON tasks (project_id, created_ns DESC)
+    WHERE project_id != '';
+"""
+_MIGRATE_V1 = (
+    "ALTER TABLE tasks ADD COLUMN parent_task_id TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE tasks ADD COLUMN project_id TEXT NOT NULL DEFAULT ''",
+)
+
+_TASK_COLUMNS = (
+    "task_id, owner, capability, state, priority, created_ns, updated_ns, deadline_ns, "
+    "idempotency_key, not_before_ns, last_sequence, spec, data, parent_task_id, project_id"
+)
+_UPSERT_TASK = f"""
+INSERT INTO tasks ({_TASK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (task_id) DO UPDATE SET
+    state = excluded.state, priority = excluded.priority, updated_ns = excluded.updated_ns,
+    deadline_ns = excluded.deadline_ns, not_before_ns = excluded.not_before_ns,
+    last_sequence = excluded.last_sequence, data = excluded.data
+"""  # noqa: S608 - column list is a constant
+_INSERT_EVENT = "INSERT INTO events (task_id, sequence, data) VALUES (?, ?, ?)"
+
+
+@dataclass
+class _Write:
+    tasks: Sequence[TaskRow]
+    events: Sequence[EventRow]
+    future: asyncio.Future[None]
+
+
+@dataclass
+class _Read:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+
+
+_STOP = object()
+
+
+class SqliteTaskStore:
+    """The embedded SQLite task store (an async context manager).
+
+    Args:
+        path: Database file; its directory is created. ``":memory:"`` keeps nothing.
+        batch_max: Most write requests committed in one transaction.
+    """
+
+    def __init__(self, path: Path | str, *, batch_max: int = 1000) -> None:
+        self._path = str(path)
+        self._batch_max = batch_max
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    @property
+    def path(self) -> str:
+        """The database path."""
+        return self._path
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Create or open the database and start the storage thread.
+
+        Raises:
+            StoreError: The database cannot be opened or has a newer schema.
+        """
+        if self._thread is not None:
+            raise StoreError("store already open")
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="coordinator-store", daemon=True
+        )
+        self._thread.start()
+        await ready
+        logger.info("task store open at %s", self._path)
+
+    async def close(self) -> None:
+        """Commit what is queued and stop the storage thread (idempotent)."""
+        if self._closed or self._thread is None:
+            self._closed = True
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        thread = self._thread
+        await asyncio.to_thread(thread.join)
+
+    # -- writes ----------------------------------------------------------------------
+
+    def put(
+        self, *, tasks: Sequence[TaskRow] = (), events: Sequence[EventRow] = ()
+    ) -> asyncio.Future[None]:
+        """Queue task upserts and event inserts for the next transaction.
+
+        Does not block: the returned future resolves when the transaction that holds
+        them has committed (or fails with :class:`StoreError`). Writes commit in the
+        order they were queued.
+
+        Args:
+            tasks: Task rows to insert or update.
+            events: Event rows to insert.
+
+        Returns:
+            The commit future; callers that do not need to wait may ignore it.
+        """
+        loop = self._require_open()
+        future: asyncio.Future[None] = loop.create_future()
+        # A write nobody awaits must not log "exception never retrieved" on failure:
+        # failures are logged by the storage thread already.
+        future.add_done_callback(_consume_exception)
+        self._queue.put(_Write(tasks, events, future))
+        return future
+
+    async def flush(self) -> None:
+        """Wait until every write queued so far has committed."""
+        await self._read(lambda conn: None)
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> TaskRow | None:
+        """Return a task's row, or None when it does not exist."""
+
+        def run(conn: sqlite3.Connection) -> TaskRow | None:
+            row = conn.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?",  # noqa: S608
+                (task_id,),
+            ).fetchone()
+            return _row_from_db(row) if row else None
+
+        result: TaskRow | None = await self._read(run)
+        return result
+
+    async def find_by_idempotency_key(self, owner: str, key: str) -> TaskRow | None:
+        """Return the task an owner submitted with an idempotency key, if any."""
+
+        def run(conn: sqlite3.Connection) -> TaskRow | None:
+            row = conn.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
+                "WHERE owner = ? AND idempotency_key = ?",
+                (owner, key),
+            ).fetchone()
+            return _row_from_db(row) if row else None
+
+        result: TaskRow | None = await self._read(run)
+        return result
+
+    async def active_tasks(self) -> list[TaskRow]:
+        """Every task not in a terminal state, oldest first (for recovery)."""
+
+        def run(conn: sqlite3.Connection) -> list[TaskRow]:
+            rows = conn.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
+                "WHERE state NOT IN (5, 6, 7, 8) ORDER BY created_ns, task_id"
+            ).fetchall()
+            return [_row_from_db(r) for r in rows]
+
+        result: list[TaskRow] = await self._read(run)
+        return result
+
+    async def list_tasks(self, query: TaskQuery) -> list[TaskRow]:
+        """Tasks matching a query, newest first."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if query.states:
+            clauses.append(f"state IN ({', '.join('?' * len(query.states))})")
+            params.extend(query.states)
+        if query.capability:
+            clauses.append("capability = ?")
+            params.append(query.capability)
+        if query.owner:
+            clauses.append("owner = ?")
+            params.append(query.owner)
+        if query.parent_task_id:
+            clauses.append("parent_task_id = ?")
+            params.append(query.parent_task_id)
+        if query.project_id:
+            clauses.append("project_id = ?")
+            params.append(query.project_id)
+        if query.before is not None:
+            clauses.append("(created_ns < ? OR (created_ns = ? AND task_id < ?))")
+            params.extend((query.before[0], query.before[0], query.before[1]))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            f"SELECT {_TASK_COLUMNS} FROM tasks {where} "  # noqa: S608 - placeholders only
+            "ORDER BY created_ns DESC, task_id DESC LIMIT ?"
+        )
+        params.append(max(query.limit, 0))
+
+        def run(conn: sqlite3.Connection) -> list[TaskRow]:
+            return [_row_from_db(r) for r in conn.execute(sql, params).fetchall()]
+
+        result: list[TaskRow] = await self._read(run)
+        return result
+
+    async def children(self, parent_task_id: str) -> list[TaskRow]:
+        """Every step and sub-task of a task, oldest first."""
+
+        def run(conn: sqlite3.Connection) -> list[TaskRow]:
+            rows = conn.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
+                "WHERE parent_task_id = ? ORDER BY created_ns, task_id",
+                (parent_task_id,),
+            ).fetchall()
+            return [_row_from_db(r) for r in rows]
+
+        result: list[TaskRow] = await self._read(run)
+        return result
+
+    # -- projects --------------------------------------------------------------------
+
+    async def put_project(self, project: ProjectRow) -> None:
+        """Store a new project (durably)."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO projects (project_id, owner, created_ns, data) VALUES (?, ?, ?, ?)",
+                (project.project_id, project.owner, project.created_ns, project.data),
+            )
+
+        await self._read(run)
+
+    async def get_project(self, project_id: str) -> ProjectRow | None:
+        """A project's row, or None."""
+
+        def run(conn: sqlite3.Connection) -> ProjectRow | None:
+            row = conn.execute(
+                "SELECT project_id, owner, created_ns, data FROM projects WHERE project_id = ?",
+                (project_id,),
+            ).fetchone()
+            return ProjectRow(row[0], row[1], row[2], bytes(row[3])) if row else None
+
+        result: ProjectRow | None = await self._read(run)
+        return result
+
+    async def list_projects(
+        self, *, owner: str, before: tuple[int, str] | None, limit: int
+    ) -> list[ProjectRow]:
+        """Projects newest first, of one owner ("" for all)."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if owner:
+            clauses.append("owner = ?")
+            params.append(owner)
+        if before is not None:
+            clauses.append("(created_ns < ? OR (created_ns = ? AND project_id < ?))")
+            params.extend((before[0], before[0], before[1]))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            f"SELECT project_id, owner, created_ns, data FROM projects {where} "  # noqa: S608
+            "ORDER BY created_ns DESC, project_id DESC LIMIT ?"
+        )
+        params.append(max(limit, 0))
+
+        def run(conn: sqlite3.Connection) -> list[ProjectRow]:
+            return [
+                ProjectRow(r[0], r[1], r[2], bytes(r[3]))
+                for r in conn.execute(sql, params).fetchall()
+            ]
+
+        result: list[ProjectRow] = await self._read(run)
+        return result
+
+    async def project_summary(self, project_id: str) -> ProjectSummary:
+        """Aggregates over a project's tasks."""
+
+        def run(conn: sqlite3.Connection) -> ProjectSummary:
+            counts = {
+                int(state): int(n)
+                for state, n in conn.execute(
+                    "SELECT state, COUNT(*) FROM tasks WHERE project_id = ? GROUP BY state",
+                    (project_id,),
+                ).fetchall()
+            }
+            rows = conn.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE project_id = ? "  # noqa: S608
+                "ORDER BY created_ns LIMIT 10000",
+                (project_id,),
+            ).fetchall()
+            return ProjectSummary(counts, [_row_from_db(r) for r in rows])
+
+        result: ProjectSummary = await self._read(run)
+        return result
+
+    async def events_after(
+        self, task_id: str, after: int, *, until: int | None = None, limit: int = 1000
+    ) -> list[EventRow]:
+        """A task's events with ``after < sequence <= until``, in order.
+
+        Args:
+            task_id: The task.
+            after: Exclusive lower bound of the sequence.
+            until: Inclusive upper bound; None means no bound.
+            limit: At most this many events.
+        """
+
+        def run(conn: sqlite3.Connection) -> list[EventRow]:
+            rows = conn.execute(
+                "SELECT sequence, data FROM events WHERE task_id = ? AND sequence > ? "
+                "AND sequence <= ? ORDER BY sequence LIMIT ?",
+                (task_id, after, until if until is not None else 2**62, limit),
+            ).fetchall()
+            return [EventRow(task_id, seq, bytes(data)) for seq, data in rows]
+
+        result: list[EventRow] = await self._read(run)
+        return result
+
+    async def last_sequence(self, task_id: str) -> int:
+        """The sequence of a task's latest stored event (0 when it has none)."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT MAX(sequence) FROM events WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            return int(row[0] or 0)
+
+        result: int = await self._read(run)
+        return result
+
+    async def count_tasks(self) -> int:
+        """How many tasks are stored."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
+
+        result: int = await self._read(run)
+        return result
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _require_open(self) -> asyncio.AbstractEventLoop:
+        if self._closed or self._loop is None:
+            raise StoreError("task store is closed")
+        return self._loop
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = self._require_open()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Read(fn, future))
+        return await future
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are explicit BEGIN/COMMIT around each batch.
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > _SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(
+                f"{self._path} has schema version {version}; this coordinator knows "
+                f"{_SCHEMA_VERSION}"
+            )
+        if version == 1:
+            for statement in _MIGRATE_V1:
+                conn.execute(statement)
+        conn.executescript(_SCHEMA)
+        conn.executescript(_SCHEMA_V2_INDEXES)
+        conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        return conn
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            conn = self._connect()
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            err = (
+                exc
+                if isinstance(exc, StoreError)
+                else StoreError(f"cannot open {self._path}: {exc}")
+            )
+            loop.call_soon_threadsafe(_settle, ready, None, err)
+            return
+        loop.call_soon_threadsafe(_settle, ready, None, None)
+        try:
+            self._serve(conn, loop)
+        finally:
+            conn.close()
+
+    def _serve(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        carry: object | None = None
+        while True:
+            item = carry if carry is not None else self._queue.get()
+            carry = None
+            if item is _STOP:
+                return
+            if isinstance(item, _Read):
+                self._do_read(conn, loop, item)
+                continue
+            assert isinstance(item, _Write)
+            batch = [item]
+            while len(batch) < self._batch_max:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(nxt, _Write):
+                    batch.append(nxt)
+                else:
+                    # Reads and stop wait for this batch: a read sees earlier writes.
+                    carry = nxt
+                    break
+            self._commit(conn, loop, batch)
+
+    @staticmethod
+    def _do_read(conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, item: _Read) -> None:
+        try:
+            result = item.fn(conn)
+        except sqlite3.Error as exc:
+            logger.exception("task store read failed")
+            loop.call_soon_threadsafe(_settle, item.future, None, StoreError(str(exc)))
+            return
+        loop.call_soon_threadsafe(_settle, item.future, result, None)
+
+    def _commit(
+        self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, batch: list[_Write]
+    ) -> None:
+        try:
+            self._apply(conn, batch)
+            errors: list[BaseException | None] = [None] * len(batch)
+        except sqlite3.Error:
+            logger.exception(
+                "task store batch of %d writes failed; retrying one by one", len(batch)
+            )
+            # Isolate the bad write so the rest of the batch still commits.
+            errors = []
+            for write in batch:
+                try:
+                    self._apply(conn, [write])
+                    errors.append(None)
+                except sqlite3.Error as exc:
+                    logger.error("task store write failed: %s", exc)
+                    errors.append(StoreError(str(exc)))
+        futures = [w.future for w in batch]
+        loop.call_soon_threadsafe(_settle_all, futures, errors)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, batch: list[_Write]) -> None:
+        # Several updates of one task in a batch collapse into the last one.
+        latest: dict[str, TaskRow] = {}
+        events: list[tuple[str, int, bytes]] = []
+        for write in batch:
+            for task in write.tasks:
+                latest.pop(task.task_id, None)
+                latest[task.task_id] = task
+            events.extend((e.task_id, e.sequence, e.data) for e in write.events)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if latest:
+                conn.executemany(_UPSERT_TASK, [_row_params(t) for t in latest.values()])
+            if events:
+                conn.executemany(_INSERT_EVENT, events)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def _consume_exception(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _settle_all(futures: list[asyncio.Future[None]], errors: list[BaseException | None]) -> None:
+    for future, error in zip(futures, errors, strict=True):
+        _settle(future, None, error)
+
+
+def _row_params(row: TaskRow) -> tuple[Any, ...]:
+    return (
+        row.task_id,
+        row.owner,
+        row.capability,
+        row.state,
+        row.priority,
+        row.created_ns,
+        row.updated_ns,
+        row.deadline_ns,
+        row.idempotency_key or None,
+        row.not_before_ns,
+        row.last_sequence,
+        row.spec,
+        row.data,
+        row.parent_task_id,
+        row.project_id,
+    )
+
+
+def _row_from_db(row: Sequence[Any]) -> TaskRow:
+    return TaskRow(
+        task_id=row[0],
+        owner=row[1],
+        capability=row[2],
+        state=row[3],
+        priority=row[4],
+        created_ns=row[5],
+        updated_ns=row[6],
+        deadline_ns=row[7],
+        idempotency_key=row[8] or "",
+        not_before_ns=row[9],
+        last_sequence=row[10],
+        spec=bytes(row[11]),
+        data=bytes(row[12]),
+        parent_task_id=row[13],
+        project_id=row[14],
+    )
