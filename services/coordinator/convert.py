@@ -64,6 +64,12 @@ def _dynamic_part(record: TaskRecord) -> coordinator_pb2.Task:
         usage=record.usage,
         last_sequence=record.last_sequence,
         attempts=record.attempts,
+        parent_task_id=record.parent_task_id,
+        step_id=record.step_id,
+        role=record.role,  # type: ignore[arg-type]
+        project_id=record.project_id,
+        depth=record.depth,
+        steps=record.steps,
     )
     if record.progress is not None:
         task.progress.CopyFrom(record.progress)
@@ -104,6 +110,8 @@ def record_to_row(record: TaskRecord, spec_bytes: bytes) -> TaskRow:
         last_sequence=record.last_sequence,
         spec=spec_bytes,
         data=_dynamic_part(record).SerializeToString(),
+        parent_task_id=record.parent_task_id,
+        project_id=record.project_id,
     )
 
 
@@ -129,6 +137,12 @@ def record_from_row(row: TaskRow) -> TaskRecord:
         last_sequence=row.last_sequence,
         attempts=list(task.attempts),
         not_before_ns=row.not_before_ns,
+        parent_task_id=task.parent_task_id,
+        step_id=task.step_id,
+        role=task.role,
+        project_id=task.project_id,
+        depth=task.depth,
+        steps=list(task.steps),
     )
 
 

@@ -213,21 +213,21 @@ class Journal:
 
     def publish(
         self,
-        rt: TaskRuntime,
         event_type: str,
         data: events_pb2.WorkflowEventData | events_pb2.ProjectEventData,
         *,
-        subject: str | None = None,
+        subject: str,
         sequence: int = 0,
+        correlation_id: str = "",
     ) -> None:
-        """Publish a workflow or project event about a task (after its commit)."""
+        """Publish a workflow or project event (call it once what it reports committed)."""
         try:
             self._events.publish(
                 event_type,
-                subject=subject or rt.record.task_id,
+                subject=subject,
                 data=data,
                 task_sequence=sequence,
-                correlation_id=rt.record.correlation_id or None,
+                correlation_id=correlation_id or None,
             )
         except Exception:
             logger.exception("publishing %s failed", event_type)

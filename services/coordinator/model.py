@@ -92,6 +92,12 @@ class TaskRecord:
         last_sequence: Sequence of the latest event.
         attempts: Every attempt so far.
         not_before_ns: Earliest start of the next attempt (retry backoff), 0 for none.
+        parent_task_id: The plan or task this one is a step or sub-task of, "" for none.
+        step_id: For a plan step (or its compensation): the step's id.
+        role: ``TaskRole`` value: what the task is to its parent.
+        project_id: The project the task belongs to, "" for none.
+        depth: 0 for a client's task, parent's depth + 1 for steps and sub-tasks.
+        steps: For a plan: each step's status, in plan order.
     """
 
     task_id: str
@@ -111,6 +117,17 @@ class TaskRecord:
     last_sequence: int = 0
     attempts: list[coordinator_pb2.AttemptRecord] = field(default_factory=list)
     not_before_ns: int = 0
+    parent_task_id: str = ""
+    step_id: str = ""
+    role: int = 0
+    project_id: str = ""
+    depth: int = 0
+    steps: list[coordinator_pb2.StepStatus] = field(default_factory=list)
+
+    @property
+    def is_plan(self) -> bool:
+        """Whether the task carries a plan (its steps run as tasks of their own)."""
+        return self.spec.HasField("plan")
 
     @property
     def terminal(self) -> bool:

@@ -83,6 +83,8 @@ from hivewire.services.coordinator.model import (
     now_ns,
     state_name,
 )
+from hivewire.services.coordinator.plans import PLAN_CANCELLED, Plans
+from hivewire.services.coordinator.projects import Projects
 from hivewire.services.coordinator.queue import QueueEntry, TaskQueue
 from hivewire.services.coordinator.session import Session
 from hivewire.services.coordinator.settings import CoordinatorSettings
@@ -96,9 +98,9 @@ from hivewire.services.runtime.errors import (
     PermissionDenied,
     Unauthenticated,
     Unavailable,
-    Unimplemented,
 )
 from hivewire.services.runtime.logging import bind_task, new_correlation_id
+from hivewire.services.runtime.tls import parse_spiffe_id
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +144,10 @@ class Coordinator:
             finished_cache_size=settings.finished_cache_size, on_evict=self._forget
         )
         self._journal = Journal(store, self._tasks, self._events)
+        self._plans = Plans(self, self._journal, compensation_timeout=settings.compensation_timeout)
+        self._projects = Projects(store, self._journal)
+        # parent task id -> its active sub-tasks (cancelled when the parent ends)
+        self._subtasks: dict[str, set[str]] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
         self._delayed: list[tuple[int, int, str]] = []
         self._delay_counter = itertools.count()
@@ -208,6 +214,7 @@ class Coordinator:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._background.clear()
+        await self._projects.stop()
         with contextlib.suppress(Exception):
             await self._store.flush()
 
@@ -254,26 +261,35 @@ class Coordinator:
 
         Raises:
             InvalidArgument: The spec is invalid (with field violations).
-            Unimplemented: The spec carries a multi-step plan.
+            FailedPrecondition: A sub-task's parent finished, or nesting is too deep.
             Unavailable: The coordinator is shutting down.
         """
         self._require_running()
         normalized = validate_spec(spec, self.settings)
-        if normalized.HasField("plan"):
-            raise Unimplemented(
-                "multi-step plans are not supported yet: submit one task per capability",
-                reason="PLANS_UNIMPLEMENTED",
-            )
         key = normalized.idempotency_key
         if key:
             existing = await self._find_idempotent(caller.identity, key)
             if existing is not None:
                 metrics.TASKS_DEDUPLICATED.inc()
                 return existing, True
+        parent = await self._subtask_parent(normalized, caller)
+        if normalized.project_id:
+            await self._load_project(normalized.project_id, caller, field_name="spec.project_id")
+        elif parent is not None:
+            normalized.project_id = parent.record.project_id
         if not normalized.metadata.correlation_id:
-            normalized.metadata.correlation_id = correlation_id or new_correlation_id()
+            normalized.metadata.correlation_id = (
+                parent.record.correlation_id
+                if parent is not None
+                else correlation_id or new_correlation_id()
+            )
         created = now_ns()
         timeout_ns = int(convert.duration_seconds(normalized.timeout) * 1e9)
+        deadline_ns = created + timeout_ns
+        if parent is not None:
+            # A sub-task never outlives its parent, nor spends more than it has left.
+            deadline_ns = min(deadline_ns, parent.record.deadline_ns)
+            normalized.token_budget = _remaining_budget(parent.record, normalized.token_budget)
         record = TaskRecord(
             task_id=uuid.uuid4().hex,
             spec=normalized,
@@ -281,12 +297,15 @@ class Coordinator:
             state=QUEUED,
             created_ns=created,
             updated_ns=created,
-            deadline_ns=created + timeout_ns,
+            deadline_ns=deadline_ns,
+            project_id=normalized.project_id,
         )
-        rt = TaskRuntime(record, normalized.SerializeToString())
-        self._tasks.add(rt)
-        if key:
-            self._idempotency[(caller.identity, key)] = record.task_id
+        if parent is not None:
+            record.parent_task_id = parent.record.task_id
+            record.role = coordinator_pb2.TASK_ROLE_SUBTASK
+            record.depth = parent.record.depth + 1
+            self._subtasks.setdefault(parent.record.task_id, set()).add(record.task_id)
+        rt = self._accept(record, idempotency_key=key)
         committed = self._journal.emit(
             rt,
             publish="task.created",
@@ -295,12 +314,15 @@ class Coordinator:
             ),
         )
         self._arm_deadline(rt)
-        self._enqueue(rt)
+        if record.is_plan:
+            self._plans.start(rt)
+        else:
+            self._enqueue(rt)
         metrics.TASKS_SUBMITTED.inc()
         with bind_task(record.task_id):
             logger.info(
                 "task accepted: %s, priority %s, deadline in %.1fs",
-                record.capability,
+                record.capability or f"plan of {len(normalized.plan.steps)} steps",
                 common_pb2.Priority.Name(normalized.priority),
                 timeout_ns / 1e9,
             )
@@ -309,6 +331,128 @@ class Coordinator:
         accepted = copy.deepcopy(record)
         await committed
         return accepted, False
+
+    def _accept(self, record: TaskRecord, *, idempotency_key: str = "") -> TaskRuntime:
+        rt = TaskRuntime(record, record.spec.SerializeToString())
+        self._tasks.add(rt)
+        if idempotency_key:
+            self._idempotency[(record.owner, idempotency_key)] = record.task_id
+        if record.project_id:
+            self._projects.task_started(record.project_id)
+        return rt
+
+    async def _subtask_parent(
+        self, spec: coordinator_pb2.TaskSpec, caller: Caller
+    ) -> TaskRuntime | None:
+        """The running task a sub-task is submitted under, checked; None for none."""
+        parent_id = spec.parent_task_id
+        if not parent_id:
+            return None
+        field_name = "spec.parent_task_id"
+        rt = self._tasks.active.get(parent_id)
+        if rt is None:
+            record = await self._load(parent_id, caller, field_name=field_name)
+            raise FailedPrecondition(
+                f"parent task {parent_id} already finished ({state_name(record.state)})",
+                [("TASK_STATE", f"task/{parent_id}", "the parent task has finished")],
+                reason="PARENT_TASK_FINISHED",
+            )
+        role = parse_spiffe_id(caller.identity)
+        if not (caller.may_access(rt.record.owner) or (role is not None and role[0] == "agent")):
+            raise NotFound("task", parent_id, reason="TASK_NOT_FOUND")
+        limit = self.settings.max_subtask_depth
+        if rt.record.depth + 1 > limit:
+            raise FailedPrecondition(
+                f"sub-task would be nested {rt.record.depth + 1} deep; the limit is {limit}",
+                [("SUBTASK_DEPTH", f"task/{parent_id}", f"at most {limit} levels of sub-tasks")],
+                reason="SUBTASK_DEPTH_EXCEEDED",
+            )
+        return rt
+
+    # -- plan steps (the plans' host) --------------------------------------------------
+
+    def start_child(
+        self,
+        parent: TaskRuntime,
+        *,
+        capability: str,
+        payload: common_pb2.Payload,
+        role: int,
+        step_id: str,
+        deadline_ns: int | None = None,
+    ) -> TaskRuntime:
+        """Create, store and queue a plan's step, compensation or aggregator task.
+
+        The task inherits the plan's owner, priority, attempts, labels, correlation id,
+        project and remaining token budget; it ends no later than the plan (or, for a
+        compensation, than ``deadline_ns``).
+        """
+        p = parent.record
+        spec = coordinator_pb2.TaskSpec(
+            capability=capability,
+            input=payload,
+            priority=p.spec.priority,
+            max_attempts=p.spec.max_attempts,
+            token_budget=_remaining_budget(p, 0),
+            labels=p.spec.labels,
+            metadata=p.spec.metadata,
+            project_id=p.project_id,
+        )
+        created = now_ns()
+        deadline = deadline_ns if deadline_ns is not None else p.deadline_ns
+        spec.timeout.CopyFrom(convert.duration(max(deadline - created, 0) / 1e9))
+        record = TaskRecord(
+            task_id=uuid.uuid4().hex,
+            spec=spec,
+            owner=p.owner,
+            state=QUEUED,
+            created_ns=created,
+            updated_ns=created,
+            deadline_ns=deadline,
+            parent_task_id=p.task_id,
+            step_id=step_id,
+            role=role,
+            project_id=p.project_id,
+            depth=p.depth + 1,
+        )
+        rt = self._accept(record)
+        self._journal.emit(
+            rt,
+            publish="task.created",
+            state_changed=coordinator_pb2.StateChange(
+                from_state=common_pb2.TASK_STATE_UNSPECIFIED,
+                to_state=QUEUED,
+                reason=f"step {step_id} of plan {p.task_id}",
+            ),
+        )
+        self._arm_deadline(rt)
+        self._enqueue(rt)
+        metrics.TASKS_SUBMITTED.inc()
+        return rt
+
+    def cancel_child(self, task_id: str, reason: str) -> None:
+        """Cancel a task its parent no longer needs (no-op once it finished)."""
+        rt = self._tasks.active.get(task_id)
+        if rt is None or rt.record.terminal:
+            return
+        self._finish(
+            rt,
+            CANCELLED,
+            reason=reason,
+            error=common_pb2.ErrorDetail(code="CANCELLED", reason=PLAN_CANCELLED, message=reason),
+        )
+
+    def finish(
+        self,
+        rt: TaskRuntime,
+        state: int,
+        *,
+        reason: str,
+        output: common_pb2.Payload | None = None,
+        error: common_pb2.ErrorDetail | None = None,
+    ) -> asyncio.Future[None]:
+        """End a task in a terminal state (plans end their parent with it)."""
+        return self._finish(rt, state, reason=reason, output=output, error=error)
 
     async def _find_idempotent(self, owner: str, key: str) -> TaskRecord | None:
         task_id = self._idempotency.get((owner, key))
@@ -361,6 +505,8 @@ class Coordinator:
         states: Iterable[int] = (),
         capability: str = "",
         owner: str = "",
+        parent_task_id: str = "",
+        project_id: str = "",
         page_size: int = 0,
         page_token: str = "",
     ) -> tuple[list[TaskRecord], str]:
@@ -388,13 +534,21 @@ class Coordinator:
         if not caller.admin:
             owner = caller.identity
         size = 50 if page_size <= 0 else min(page_size, 500)
-        fingerprint = hashlib.sha256(repr((wanted, capability, owner)).encode()).hexdigest()[:16]
+        fingerprint = hashlib.sha256(
+            repr((wanted, capability, owner, parent_task_id, project_id)).encode()
+        ).hexdigest()[:16]
         before = convert.decode_page_token(page_token, fingerprint) if page_token else None
         # State changes are written behind; make the listing see all of them.
         await self._store.flush()
         rows = await self._store.list_tasks(
             TaskQuery(
-                states=wanted, capability=capability, owner=owner, before=before, limit=size + 1
+                states=wanted,
+                capability=capability,
+                owner=owner,
+                parent_task_id=parent_task_id,
+                project_id=project_id,
+                before=before,
+                limit=size + 1,
             )
         )
         more = len(rows) > size
@@ -409,6 +563,39 @@ class Coordinator:
             else ""
         )
         return records, token
+
+    # -- projects --------------------------------------------------------------------
+
+    async def create_project(
+        self, caller: Caller, *, name: str, goal: str, attributes: dict[str, str]
+    ) -> coordinator_pb2.Project:
+        """Create a project owned by the caller.
+
+        Raises:
+            InvalidArgument: A bad name, goal or attributes.
+        """
+        self._require_running()
+        return await self._projects.create(caller, name=name, goal=goal, attributes=attributes)
+
+    async def get_project(self, project_id: str, caller: Caller) -> coordinator_pb2.Project:
+        """A project with its tasks' aggregate progress.
+
+        Raises:
+            NotFound: No such project visible to the caller.
+        """
+        await self._store.flush()
+        return await self._projects.get(project_id, caller)
+
+    async def list_projects(
+        self, caller: Caller, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[coordinator_pb2.Project], str]:
+        """One page of the projects the caller may see, newest first."""
+        return await self._projects.list(caller, page_size=page_size, page_token=page_token)
+
+    async def _load_project(
+        self, project_id: str, caller: Caller, *, field_name: str
+    ) -> coordinator_pb2.Project:
+        return await self._projects.load(project_id, caller, field_name=field_name)
 
     def list_agents(self, capability: str = "") -> list[AgentView]:
         """The agents the coordinator can route to."""
@@ -487,13 +674,15 @@ class Coordinator:
                 [("TASK_STATE", f"task/{task_id}", f"task is {state_name(record.state)}")],
                 reason="TASK_ALREADY_FINISHED",
             )
-        error = common_pb2.ErrorDetail(
-            code="CANCELLED",
-            reason="CANCELLED",
-            message=reason or f"cancelled by {caller.identity}",
-        )
+        message = reason or f"cancelled by {caller.identity}"
+        error = common_pb2.ErrorDetail(code="CANCELLED", reason="CANCELLED", message=message)
         with bind_task(task_id):
             logger.info("task cancelled by %s: %s", caller.identity, reason or "no reason given")
+        if record.is_plan:
+            # Steps are cancelled and succeeded ones compensated before the plan ends.
+            self._plans.cancel(rt, message)
+            await self._store.flush()
+            return rt.record
         await self._finish(rt, CANCELLED, reason=reason or "cancelled by client", error=error)
         return rt.record
 
@@ -969,10 +1158,24 @@ class Coordinator:
                 # finished the task, it is ending anyway.)
                 attempt.task.cancel()
         self._tasks.retire(rt)
+        self._end_family(record)
         metrics.TASKS_FINISHED.labels(state_name(state)).inc()
         with bind_task(record.task_id):
             logger.info("task %s: %s", state_name(state), reason)
         return committed
+
+    def _end_family(self, record: TaskRecord) -> None:
+        """A task ended: its sub-tasks are cancelled, its parent and project told."""
+        for child_id in sorted(self._subtasks.pop(record.task_id, ())):
+            self.cancel_child(child_id, f"parent task {record.task_id} ended")
+        if record.role == coordinator_pb2.TASK_ROLE_SUBTASK:
+            siblings = self._subtasks.get(record.parent_task_id)
+            if siblings is not None:
+                siblings.discard(record.task_id)
+                if not siblings:
+                    del self._subtasks[record.parent_task_id]
+        if record.project_id:
+            self._projects.task_ended(record.project_id)
 
     def _forget(self, rt: TaskRuntime) -> None:
         spec = rt.record.spec
@@ -1007,6 +1210,9 @@ class Coordinator:
         rt.deadline_handle = None
         if rt.record.terminal or self._closing:
             return
+        if rt.record.is_plan:
+            self._plans.deadline_passed(rt)
+            return
         self._finish(rt, FAILED, reason="deadline exceeded", error=deadline_error())
 
     # -- recovery --------------------------------------------------------------------
@@ -1014,6 +1220,7 @@ class Coordinator:
     async def _recover(self) -> None:
         rows = await self._store.active_tasks()
         resumed = requeued = 0
+        plans: list[TaskRuntime] = []
         for row in rows:
             record = convert.record_from_row(row)
             record.last_sequence = max(
@@ -1023,6 +1230,14 @@ class Coordinator:
             self._tasks.add(rt)
             if record.spec.idempotency_key:
                 self._idempotency[(record.owner, record.spec.idempotency_key)] = record.task_id
+            if record.project_id:
+                self._projects.task_started(record.project_id)
+            if record.role == coordinator_pb2.TASK_ROLE_SUBTASK:
+                self._subtasks.setdefault(record.parent_task_id, set()).add(record.task_id)
+            if record.is_plan:
+                plans.append(rt)
+                self._arm_deadline(rt)
+                continue
             if record.state in ACTIVE_DISPATCH_STATES:
                 previous = record.state
                 close_attempt(
@@ -1051,12 +1266,20 @@ class Coordinator:
                 requeued += 1
             self._arm_deadline(rt)
             self._enqueue(rt)
+        for rt in plans:
+            children = [
+                convert.record_from_row(r) for r in await self._store.children(rt.record.task_id)
+            ]
+            with bind_task(rt.record.task_id):
+                self._plans.recover(rt, children, self._tasks.active.get)
         if rows:
             logger.info(
-                "recovered %d unfinished tasks: %d queued, %d interrupted attempts re-queued",
+                "recovered %d unfinished tasks: %d queued, %d interrupted attempts re-queued, "
+                "%d plans resumed",
                 len(rows),
                 requeued,
                 resumed,
+                len(plans),
             )
         await self._store.flush()
 
@@ -1082,3 +1305,12 @@ class Coordinator:
             for rt in list(self._tasks.active.values())
             if rt.record.state == QUEUED and rt.record.priority == priority
         )
+
+
+def _remaining_budget(parent: TaskRecord, asked: int) -> int:
+    """The token budget of a child: what it asked, within what its parent has left."""
+    budget = parent.spec.token_budget
+    if not budget:
+        return asked
+    left = max(budget - parent.usage.total_tokens, 1)
+    return min(asked, left) if asked else left

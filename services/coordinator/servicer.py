@@ -17,7 +17,6 @@ from hivewire.services.coordinator import convert
 from hivewire.services.coordinator.model import Caller
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.runtime.authz import current_caller
-from hivewire.services.runtime.errors import Unimplemented
 from hivewire.services.runtime.logging import correlation_id_var
 from hivewire.services.runtime.tls import peer_spiffe_id
 
@@ -101,6 +100,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             states=list(request.states),
             capability=request.capability,
             owner=request.owner,
+            parent_task_id=request.parent_task_id,
+            project_id=request.project_id,
             page_size=request.page_size,
             page_token=request.page_token,
         )
@@ -151,20 +152,30 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def CreateProject(
         self, request: coordinator_pb2.CreateProjectRequest, context: Context
     ) -> coordinator_pb2.CreateProjectResponse:
-        """Not built yet."""
-        raise Unimplemented("projects are not built yet")
+        """Create a project."""
+        project = await self._coordinator.create_project(
+            self._caller(context),
+            name=request.name,
+            goal=request.goal,
+            attributes=dict(request.attributes),
+        )
+        return coordinator_pb2.CreateProjectResponse(project=project)
 
     async def GetProject(
         self, request: coordinator_pb2.GetProjectRequest, context: Context
     ) -> coordinator_pb2.GetProjectResponse:
-        """Not built yet."""
-        raise Unimplemented("projects are not built yet")
+        """A project with its aggregate progress."""
+        project = await self._coordinator.get_project(request.project_id, self._caller(context))
+        return coordinator_pb2.GetProjectResponse(project=project)
 
     async def ListProjects(
         self, request: coordinator_pb2.ListProjectsRequest, context: Context
     ) -> coordinator_pb2.ListProjectsResponse:
-        """Not built yet."""
-        raise Unimplemented("projects are not built yet")
+        """One page of projects, newest first."""
+        projects, token = await self._coordinator.list_projects(
+            self._caller(context), page_size=request.page_size, page_token=request.page_token
+        )
+        return coordinator_pb2.ListProjectsResponse(projects=projects, next_page_token=token)
 
 
 def add_to_server(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:

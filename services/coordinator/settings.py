@@ -62,6 +62,9 @@ class CoordinatorSettings(BaseModel):
         1000, ge=1, description="Most writes committed in one SQLite transaction."
     )
     max_plan_steps: int = Field(64, ge=1, le=10000, description="Most steps a plan may have.")
+    compensation_timeout: float = Field(
+        300.0, gt=0, description="Seconds a plan step's compensation may take."
+    )
     max_subtask_depth: int = Field(
         8,
         ge=1,

@@ -242,12 +242,24 @@ async def test_missing_spec_unknown_task_and_bad_page_token(mesh: Mesh) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_plans_are_unimplemented(mesh: Mesh) -> None:
-    plan = C.Plan(steps=[C.PlanStep(step_id="a", capability="echo")])
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await mesh.client().SubmitTask(C.SubmitTaskRequest(spec=C.TaskSpec(plan=plan)))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert error_of(info.value).reason == "PLANS_UNIMPLEMENTED"
+async def test_a_session_starts_a_plan_and_follows_it_to_the_end(mesh: Mesh) -> None:
+    await mesh.agent(max_concurrency=4)
+    plan = C.Plan(
+        steps=[
+            C.PlanStep(step_id="a", capability="echo", input=S.Payload(text="1")),
+            C.PlanStep(step_id="b", capability="echo", input=S.Payload(text="2")),
+        ]
+    )
+
+    async def requests() -> AsyncIterator[C.SessionRequest]:
+        yield start("plan", C.TaskSpec(plan=plan))
+
+    responses = [r async for r in mesh.client().Session(requests())]
+    assert responses[0].accepted.client_ref == "plan"
+    events = [r.event for r in responses[1:]]
+    assert_contiguous(events)
+    assert {e.step.step_id for e in events if e.HasField("step")} == {"a", "b"}
+    assert events[-1].finished.state == S.TASK_STATE_SUCCEEDED
 
 
 async def test_provide_input_to_a_task_not_waiting(mesh: Mesh) -> None:

@@ -135,6 +135,7 @@ class Mesh:
         *,
         capabilities: tuple[str, ...] = ("echo",),
         max_concurrency: int = 4,
+        script: dict[str, Any] | None = None,
     ) -> ScriptedAgent:
         """Start a scripted agent that stays up until the test ends."""
         agent, _ = await self.stack.enter_async_context(
@@ -144,6 +145,7 @@ class Mesh:
                 name=name,
                 capabilities=capabilities,
                 max_concurrency=max_concurrency,
+                script=script,
             )
         )
         return agent

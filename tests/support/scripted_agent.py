@@ -14,6 +14,9 @@ The task input's ``json`` field says what to do:
 * ``{"fail_attempts": 2}``: retryable error on attempts 1..2, then succeed.
 * ``{"abort": "UNAVAILABLE"}``: end the call with that status (a broken agent).
 * ``{"sleep": 0.5}``: work that long (a slow agent; deadlines).
+
+An agent started with ``script=`` applies that script to every task (under the task's
+own), for agents that behave one way whatever they are given.
 """
 
 from __future__ import annotations
@@ -63,8 +66,16 @@ class AgentStats:
 class ScriptedAgent(agent_pb2_grpc.AgentServiceServicer):
     """The scripted servicer (see the module docstring)."""
 
-    def __init__(self, name: str, *, capabilities: tuple[str, ...], max_concurrency: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        capabilities: tuple[str, ...],
+        max_concurrency: int,
+        script: dict[str, Any] | None = None,
+    ) -> None:
         self.name = name
+        self.script = dict(script or {})
         self.agent_id = new_instance_id(name)
         self.capabilities = capabilities
         self.max_concurrency = max_concurrency
@@ -111,9 +122,14 @@ class ScriptedAgent(agent_pb2_grpc.AgentServiceServicer):
             time_remaining=context.time_remaining(),
             assignment=assign,
         )
-        script = (
-            json_format.MessageToDict(assign.input.json) if assign.input.HasField("json") else {}
-        )
+        script = {
+            **self.script,
+            **(
+                json_format.MessageToDict(assign.input.json)
+                if assign.input.HasField("json")
+                else {}
+            ),
+        }
         stats = self.stats
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
@@ -248,9 +264,12 @@ async def serve_scripted_agent(
     max_concurrency: int = 4,
     identity: str = "agent",
     register: bool = True,
+    script: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[ScriptedAgent, ServiceServer]]:
     """Serve a scripted agent over mTLS on 127.0.0.1 and register it while the block runs."""
-    agent = ScriptedAgent(name, capabilities=capabilities, max_concurrency=max_concurrency)
+    agent = ScriptedAgent(
+        name, capabilities=capabilities, max_concurrency=max_concurrency, script=script
+    )
     settings = load_settings(
         host="127.0.0.1", port=0, certs_dir=certs_dir, identity=identity, grace_period=1.0
     )

@@ -1,0 +1,879 @@
+"""Plans: a task made of tasks, run in parallel where dependencies allow, then aggregated.
+
+A plan's steps are ordinary tasks with a parent (routing, retries, breakers,
+deadlines and streams are theirs like any task's). The parent is a small state
+machine whose every transition is an event of its own journal, so ``WatchTask`` on
+the parent follows the whole plan, and a restart resumes it::
+
+    QUEUED -> RUNNING (steps) -> [aggregator step] -> SUCCEEDED
+                 |
+                 +-> a step fails for good, the plan is cancelled or its deadline passes:
+                     running steps cancelled, succeeded steps compensated in reverse
+                     order of completion, one at a time -> FAILED | CANCELLED
+
+Aggregation (``Plan.aggregation``):
+
+* ``ALL`` (default): the output is every step's output keyed by step id.
+* ``FIRST_SUCCESS``: the first step to succeed wins and the others are cancelled at
+  once; failed steps are tolerated while another may still succeed.
+* ``VOTE``: the output most succeeded steps returned; a tie fails with the counts.
+  Failed steps abstain.
+* ``AGGREGATOR``: an agent with ``aggregator_capability`` gets every output with its
+  provenance and returns the plan's output.
+
+Under ``ALL`` and ``AGGREGATOR`` a step that fails for good starts the saga; under
+``FIRST_SUCCESS`` and ``VOTE`` the plan fails (without compensation) only when no
+step succeeded. A step whose dependency did not succeed is skipped.
+
+Durability: the parent's ``steps`` (a :class:`StepStatus` each) are written with
+every parent event, the steps are tasks in the store, and a saga in progress is
+marked by the parent's ``error`` while it is still running. :meth:`Plans.recover`
+rebuilds each plan from those after a restart: a step that succeeded never runs
+again, a step whose task was running is re-dispatched by the scheduler like any
+task, and a compensation in progress goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from google.protobuf import json_format, struct_pb2
+
+from hivewire.common.v1 import common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.events.v1 import events_pb2
+from hivewire.services.coordinator.attempts import add_usage, deadline_error
+from hivewire.services.coordinator.journal import Journal, TaskRuntime
+from hivewire.services.coordinator.model import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL_STATES,
+    TaskRecord,
+    now_ns,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PLAN_CANCELLED", "PlanHost", "Plans", "payload_value"]
+
+C = coordinator_pb2
+STEP = C.TASK_ROLE_STEP
+COMPENSATION = C.TASK_ROLE_COMPENSATION
+AGGREGATOR = C.TASK_ROLE_AGGREGATOR
+#: The step id of a plan's aggregator task (step ids cannot start with "_").
+AGGREGATOR_STEP_ID = "_aggregate"
+#: The error reason of a step the plan itself cancelled (not a failure of the plan).
+PLAN_CANCELLED = "PLAN_STEP_CANCELLED"
+
+
+class PlanHost(Protocol):
+    """What plans need from the coordinator: start, cancel and finish tasks."""
+
+    def start_child(
+        self,
+        parent: TaskRuntime,
+        *,
+        capability: str,
+        payload: common_pb2.Payload,
+        role: int,
+        step_id: str,
+        deadline_ns: int | None = None,
+    ) -> TaskRuntime:
+        """Create, store and queue a step, compensation or aggregator task."""
+        ...
+
+    def cancel_child(self, task_id: str, reason: str) -> None:
+        """Cancel one of a plan's tasks (no-op when it finished)."""
+        ...
+
+    def finish(
+        self,
+        rt: TaskRuntime,
+        state: int,
+        *,
+        reason: str,
+        output: common_pb2.Payload | None = None,
+        error: common_pb2.ErrorDetail | None = None,
+    ) -> asyncio.Future[None]:
+        """End a task (the parent) in a terminal state; the future resolves on commit."""
+        ...
+
+
+@dataclass
+class _Step:
+    """One step's live state: its definition, status and result."""
+
+    spec: C.PlanStep
+    status: C.StepStatus
+    output: common_pb2.Payload | None = None
+    agent_id: str = ""
+    attempt: int = 0
+    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+    finished_ns: int = 0
+
+    @property
+    def started(self) -> bool:
+        return bool(self.status.task_id)
+
+    @property
+    def done(self) -> bool:
+        return self.status.state in TERMINAL_STATES
+
+    @property
+    def running(self) -> bool:
+        return self.started and not self.done
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status.state == SUCCEEDED
+
+
+@dataclass
+class _Run:
+    """One plan being run."""
+
+    rt: TaskRuntime
+    steps: dict[str, _Step]
+    compensating: bool = False
+    aggregator_task_id: str = ""
+    # Tasks the plan itself cancelled: their ending is not a failure of the plan.
+    cancelled_by_plan: set[str] = field(default_factory=set)
+    won: bool = False
+
+    @property
+    def plan(self) -> C.Plan:
+        return self.rt.record.spec.plan
+
+    @property
+    def record(self) -> TaskRecord:
+        return self.rt.record
+
+
+class Plans:
+    """Runs every plan of the coordinator.
+
+    Args:
+        host: The coordinator (starts, cancels and finishes tasks).
+        journal: The journal the plans' events go to.
+        compensation_timeout: Seconds a compensation may take.
+    """
+
+    def __init__(self, host: PlanHost, journal: Journal, *, compensation_timeout: float) -> None:
+        self._host = host
+        self._journal = journal
+        self._compensation_timeout = compensation_timeout
+        self._runs: dict[str, _Run] = {}
+        # step/aggregator/compensation task id -> (parent id, step id, role)
+        self._children: dict[str, tuple[str, str, int]] = {}
+        journal.listen(self._on_event)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def owns(self, task_id: str) -> bool:
+        """Whether a task is a plan this coordinator runs."""
+        return task_id in self._runs
+
+    # -- starting ----------------------------------------------------------------------
+
+    def start(self, rt: TaskRuntime) -> None:
+        """Start a freshly submitted plan: its first steps are queued at once."""
+        record = rt.record
+        record.steps = [C.StepStatus(step_id=step.step_id) for step in record.spec.plan.steps]
+        run = self._run_for(rt)
+        record.state = RUNNING
+        committed = self._journal.emit(
+            rt,
+            state_changed=C.StateChange(
+                from_state=QUEUED,
+                to_state=RUNNING,
+                reason=f"plan of {len(record.steps)} steps started",
+            ),
+        )
+        self._publish(run, "workflow.started", committed)
+        self._advance(run)
+
+    def _run_for(self, rt: TaskRuntime) -> _Run:
+        statuses = {s.step_id: s for s in rt.record.steps}
+        steps = {
+            step.step_id: _Step(spec=step, status=statuses[step.step_id])
+            for step in rt.record.spec.plan.steps
+        }
+        run = _Run(rt=rt, steps=steps)
+        self._runs[rt.record.task_id] = run
+        return run
+
+    def _launch(self, run: _Run, step: _Step) -> None:
+        payload = _step_input(step.spec, run.steps)
+        child = self._host.start_child(
+            run.rt,
+            capability=step.spec.capability,
+            payload=payload,
+            role=STEP,
+            step_id=step.spec.step_id,
+        )
+        step.status.task_id = child.record.task_id
+        step.status.state = QUEUED
+        self._children[child.record.task_id] = (run.record.task_id, step.spec.step_id, STEP)
+        self._step_event(
+            run,
+            C.StepEvent(
+                step_id=step.spec.step_id,
+                task_id=child.record.task_id,
+                kind=C.STEP_EVENT_KIND_STARTED,
+                role=STEP,
+                state=QUEUED,
+            ),
+        )
+
+    # -- reacting to the steps ------------------------------------------------------------
+
+    def _on_event(self, rt: TaskRuntime, event: C.TaskEvent) -> None:
+        link = self._children.get(rt.record.task_id)
+        if link is None:
+            return
+        parent_id, step_id, role = link
+        run = self._runs.get(parent_id)
+        if run is None or run.record.terminal:
+            self._children.pop(rt.record.task_id, None)
+            return
+        kind = event.WhichOneof("kind")
+        if kind == "progress":
+            self._step_event(
+                run,
+                C.StepEvent(
+                    step_id=step_id,
+                    task_id=rt.record.task_id,
+                    kind=C.STEP_EVENT_KIND_PROGRESS,
+                    role=role,  # type: ignore[arg-type]
+                    state=rt.record.state,  # type: ignore[arg-type]
+                    step_sequence=event.sequence,
+                    agent_id=rt.record.agent_id,
+                    progress=event.progress,
+                ),
+                write_row=False,
+            )
+        elif kind == "partial":
+            self._step_event(
+                run,
+                C.StepEvent(
+                    step_id=step_id,
+                    task_id=rt.record.task_id,
+                    kind=C.STEP_EVENT_KIND_PARTIAL,
+                    role=role,  # type: ignore[arg-type]
+                    state=rt.record.state,  # type: ignore[arg-type]
+                    step_sequence=event.sequence,
+                    agent_id=rt.record.agent_id,
+                    partial=event.partial,
+                ),
+                write_row=False,
+            )
+        elif kind == "state_changed" and role == STEP:
+            step = run.steps.get(step_id)
+            if step is not None and not step.done:
+                step.status.state = event.state_changed.to_state
+        elif kind == "finished":
+            self._children.pop(rt.record.task_id, None)
+            self._child_finished(run, rt.record, step_id, role, event.sequence)
+
+    def _child_finished(
+        self, run: _Run, child: TaskRecord, step_id: str, role: int, sequence: int = 0
+    ) -> None:
+        add_usage(run.record.usage, child.usage)
+        if role == STEP:
+            self._step_finished(run, run.steps[step_id], child, sequence)
+        elif role == AGGREGATOR:
+            self._aggregator_finished(run, child, sequence)
+        elif role == COMPENSATION:
+            self._compensation_finished(run, run.steps[step_id], child, sequence)
+
+    def _step_finished(self, run: _Run, step: _Step, child: TaskRecord, sequence: int) -> None:
+        step.status.state = child.state  # type: ignore[assignment]
+        step.agent_id = child.agent_id
+        step.attempt = child.attempt
+        step.usage.CopyFrom(child.usage)
+        step.finished_ns = child.updated_ns or now_ns()
+        if child.output is not None:
+            step.output = child.output
+        if child.error is not None:
+            step.status.error.CopyFrom(child.error)
+        event = C.StepEvent(
+            step_id=step.spec.step_id,
+            task_id=child.task_id,
+            kind=C.STEP_EVENT_KIND_FINISHED,
+            role=STEP,
+            state=child.state,  # type: ignore[arg-type]
+            step_sequence=sequence,
+            agent_id=child.agent_id,
+        )
+        if child.output is not None:
+            event.output.CopyFrom(child.output)
+        if child.error is not None:
+            event.error.CopyFrom(child.error)
+        by_plan = child.task_id in run.cancelled_by_plan or _by_plan(step)
+        self._step_event(
+            run,
+            event,
+            workflow="workflow.step_completed" if step.succeeded else "workflow.step_failed",
+            step=step,
+        )
+        if run.compensating:
+            self._compensate_next(run)
+            return
+        if run.won:
+            return
+        aggregation = run.plan.aggregation
+        if step.succeeded:
+            if aggregation == C.AGGREGATION_FIRST_SUCCESS:
+                self._first_success(run, step)
+                return
+            budget = run.record.spec.token_budget
+            if budget and run.record.usage.total_tokens >= budget and not _all_done(run):
+                self._fail(
+                    run,
+                    common_pb2.ErrorDetail(
+                        code="RESOURCE_EXHAUSTED",
+                        reason="TOKEN_BUDGET_EXHAUSTED",
+                        message=f"the plan's steps used {run.record.usage.total_tokens} "
+                        f"of its {budget} tokens",
+                    ),
+                )
+                return
+        elif by_plan:
+            pass
+        elif aggregation in (C.AGGREGATION_FIRST_SUCCESS, C.AGGREGATION_VOTE):
+            pass  # tolerated: another step may still succeed
+        else:
+            self._fail(run, _step_error(step, child))
+            return
+        self._advance(run)
+
+    def _first_success(self, run: _Run, winner: _Step) -> None:
+        run.won = True
+        for step in run.steps.values():
+            if step.running:
+                run.cancelled_by_plan.add(step.status.task_id)
+                self._host.cancel_child(
+                    step.status.task_id, f"step {winner.spec.step_id} succeeded first"
+                )
+        output = winner.output or common_pb2.Payload()
+        self._complete(run, output, f"step {winner.spec.step_id} succeeded first")
+
+    def _advance(self, run: _Run) -> None:
+        """Start every step whose dependencies succeeded; conclude when nothing is left."""
+        if run.compensating or run.won or run.record.terminal:
+            return
+        for step in run.steps.values():
+            if step.started or step.done:
+                continue
+            deps = [run.steps[d] for d in step.spec.depends_on]
+            if any(d.done and not d.succeeded for d in deps):
+                step.status.state = CANCELLED
+                step.status.error.CopyFrom(
+                    common_pb2.ErrorDetail(
+                        code="FAILED_PRECONDITION",
+                        reason="DEPENDENCY_FAILED",
+                        message="skipped: "
+                        + ", ".join(d.spec.step_id for d in deps if d.done and not d.succeeded)
+                        + " did not succeed",
+                    )
+                )
+                self._step_event(
+                    run,
+                    C.StepEvent(
+                        step_id=step.spec.step_id,
+                        kind=C.STEP_EVENT_KIND_FINISHED,
+                        role=STEP,
+                        state=CANCELLED,
+                        error=step.status.error,
+                    ),
+                )
+                # Skipping may unblock the end: look again.
+                self._advance(run)
+                return
+            if all(d.succeeded for d in deps):
+                self._launch(run, step)
+        if _all_done(run) and not run.aggregator_task_id:
+            self._conclude(run)
+
+    def _conclude(self, run: _Run) -> None:
+        aggregation = run.plan.aggregation
+        succeeded = [s for s in run.steps.values() if s.succeeded]
+        if aggregation == C.AGGREGATION_VOTE:
+            self._vote(run, succeeded)
+        elif aggregation == C.AGGREGATION_FIRST_SUCCESS:
+            last = next(
+                (s for s in reversed(run.steps.values()) if s.status.HasField("error")), None
+            )
+            self._finish_failed(
+                run,
+                common_pb2.ErrorDetail(
+                    code="FAILED_PRECONDITION",
+                    reason="NO_STEP_SUCCEEDED",
+                    message="no step of the plan succeeded"
+                    + (f"; the last error: {last.status.error.message}" if last else ""),
+                ),
+            )
+        elif aggregation == C.AGGREGATION_AGGREGATOR:
+            self._launch_aggregator(run)
+        else:
+            output = common_pb2.Payload()
+            output.json.update(
+                {s.spec.step_id: payload_value(s.output) for s in run.steps.values()}
+            )
+            self._complete(run, output, f"all {len(run.steps)} steps succeeded")
+
+    def _vote(self, run: _Run, succeeded: Sequence[_Step]) -> None:
+        if not succeeded:
+            self._finish_failed(
+                run,
+                common_pb2.ErrorDetail(
+                    code="FAILED_PRECONDITION",
+                    reason="NO_STEP_SUCCEEDED",
+                    message="no step of the plan succeeded, so nothing could be voted on",
+                ),
+            )
+            return
+        keys = {s.spec.step_id: _vote_key(s.output) for s in succeeded}
+        counts = Counter(keys.values())
+        ranked = counts.most_common()
+        top = ranked[0][1]
+        leaders = [key for key, n in ranked if n == top]
+        summary = ", ".join(
+            f"{n} for [{', '.join(sid for sid, k in keys.items() if k == key)}]"
+            for key, n in ranked
+        )
+        if len(leaders) > 1:
+            self._finish_failed(
+                run,
+                common_pb2.ErrorDetail(
+                    code="FAILED_PRECONDITION",
+                    reason="VOTE_TIE",
+                    message=f"the vote is tied: {summary}",
+                    metadata={"counts": summary},
+                ),
+            )
+            return
+        winner = next(s for s in succeeded if keys[s.spec.step_id] == leaders[0])
+        self._complete(
+            run,
+            winner.output or common_pb2.Payload(),
+            f"{top} of {len(succeeded)} steps agreed ({summary})",
+        )
+
+    def _launch_aggregator(self, run: _Run) -> None:
+        outputs = []
+        for step in run.steps.values():
+            outputs.append(
+                {
+                    "step_id": step.spec.step_id,
+                    "task_id": step.status.task_id,
+                    "agent_id": step.agent_id,
+                    "attempt": step.attempt,
+                    "usage": json_format.MessageToDict(step.usage),
+                    "output": payload_value(step.output),
+                }
+            )
+        payload = common_pb2.Payload()
+        payload.json.update({"outputs": outputs})
+        child = self._host.start_child(
+            run.rt,
+            capability=run.plan.aggregator_capability,
+            payload=payload,
+            role=AGGREGATOR,
+            step_id=AGGREGATOR_STEP_ID,
+        )
+        run.aggregator_task_id = child.record.task_id
+        self._children[child.record.task_id] = (run.record.task_id, AGGREGATOR_STEP_ID, AGGREGATOR)
+        self._step_event(
+            run,
+            C.StepEvent(
+                step_id=AGGREGATOR_STEP_ID,
+                task_id=child.record.task_id,
+                kind=C.STEP_EVENT_KIND_STARTED,
+                role=AGGREGATOR,
+                state=QUEUED,
+            ),
+        )
+
+    def _aggregator_finished(self, run: _Run, child: TaskRecord, sequence: int) -> None:
+        event = C.StepEvent(
+            step_id=AGGREGATOR_STEP_ID,
+            task_id=child.task_id,
+            kind=C.STEP_EVENT_KIND_FINISHED,
+            role=AGGREGATOR,
+            state=child.state,  # type: ignore[arg-type]
+            step_sequence=sequence,
+            agent_id=child.agent_id,
+        )
+        if child.output is not None:
+            event.output.CopyFrom(child.output)
+        if child.error is not None:
+            event.error.CopyFrom(child.error)
+        self._step_event(run, event)
+        if run.compensating:
+            self._compensate_next(run)
+        elif child.state == SUCCEEDED:
+            self._complete(
+                run, child.output or common_pb2.Payload(), "the aggregator combined the outputs"
+            )
+        else:
+            self._fail(
+                run,
+                child.error
+                or common_pb2.ErrorDetail(
+                    code="INTERNAL", reason="AGGREGATOR_FAILED", message="the aggregator failed"
+                ),
+            )
+
+    # -- the saga ---------------------------------------------------------------------
+
+    def cancel(self, rt: TaskRuntime, reason: str) -> None:
+        """Cancel a plan: stop its steps, compensate what succeeded, end ``CANCELLED``."""
+        run = self._runs.get(rt.record.task_id)
+        if run is None or run.compensating or rt.record.terminal:
+            return
+        self._fail(
+            run,
+            common_pb2.ErrorDetail(code="CANCELLED", reason="CANCELLED", message=reason),
+        )
+
+    def deadline_passed(self, rt: TaskRuntime) -> None:
+        """The plan's deadline passed: stop its steps and compensate what succeeded."""
+        run = self._runs.get(rt.record.task_id)
+        if run is None or run.compensating or rt.record.terminal:
+            return
+        self._fail(run, deadline_error())
+
+    def _fail(self, run: _Run, error: common_pb2.ErrorDetail) -> None:
+        """Start the saga: no new step, running ones cancelled, then compensations."""
+        run.compensating = True
+        # The parent's error while it still runs marks the saga (and survives a restart).
+        run.record.error = common_pb2.ErrorDetail()
+        run.record.error.CopyFrom(error)
+        self._journal.emit(
+            run.rt,
+            state_changed=C.StateChange(
+                from_state=run.record.state,  # type: ignore[arg-type]
+                to_state=run.record.state,  # type: ignore[arg-type]
+                reason=f"plan failing ({error.reason}): cancelling running steps and "
+                "compensating the ones that succeeded",
+            ),
+        )
+        for step in run.steps.values():
+            if step.running:
+                run.cancelled_by_plan.add(step.status.task_id)
+                self._host.cancel_child(step.status.task_id, f"the plan failed: {error.reason}")
+        if run.aggregator_task_id:
+            run.cancelled_by_plan.add(run.aggregator_task_id)
+            self._host.cancel_child(run.aggregator_task_id, f"the plan failed: {error.reason}")
+        self._compensate_next(run)
+
+    def _compensate_next(self, run: _Run) -> None:
+        if run.record.terminal:
+            return
+        if any(s.running for s in run.steps.values()):
+            return  # wait: a step cancelled now may still have succeeded first
+        if any(
+            s.status.compensation_task_id and s.status.compensation_state not in TERMINAL_STATES
+            for s in run.steps.values()
+        ):
+            return  # one compensation at a time
+        pending = [
+            s
+            for s in run.steps.values()
+            if s.succeeded and s.spec.compensation_capability and not s.status.compensation_task_id
+        ]
+        if not pending:
+            error = run.record.error or common_pb2.ErrorDetail()
+            state = CANCELLED if error.reason == "CANCELLED" else FAILED
+            compensated = [s for s in run.steps.values() if s.status.compensation_task_id]
+            committed = self._host.finish(
+                run.rt,
+                state,
+                reason=f"plan {'cancelled' if state == CANCELLED else 'failed'} "
+                f"({error.reason}); {len(compensated)} compensation(s) ran",
+                error=error,
+            )
+            self._ended(run, "workflow.failed", committed)
+            return
+        step = max(pending, key=lambda s: s.finished_ns)
+        payload = common_pb2.Payload()
+        payload.json.update(
+            {
+                "step_id": step.spec.step_id,
+                "input": payload_value(step.spec.input if step.spec.HasField("input") else None),
+                "output": payload_value(step.output),
+            }
+        )
+        child = self._host.start_child(
+            run.rt,
+            capability=step.spec.compensation_capability,
+            payload=payload,
+            role=COMPENSATION,
+            step_id=step.spec.step_id,
+            deadline_ns=now_ns() + int(self._compensation_timeout * 1e9),
+        )
+        step.status.compensation_task_id = child.record.task_id
+        step.status.compensation_state = QUEUED
+        self._children[child.record.task_id] = (run.record.task_id, step.spec.step_id, COMPENSATION)
+        self._step_event(
+            run,
+            C.StepEvent(
+                step_id=step.spec.step_id,
+                task_id=child.record.task_id,
+                kind=C.STEP_EVENT_KIND_COMPENSATION_STARTED,
+                role=COMPENSATION,
+                state=QUEUED,
+            ),
+        )
+
+    def _compensation_finished(
+        self, run: _Run, step: _Step, child: TaskRecord, sequence: int
+    ) -> None:
+        step.status.compensation_state = child.state  # type: ignore[assignment]
+        event = C.StepEvent(
+            step_id=step.spec.step_id,
+            task_id=child.task_id,
+            kind=C.STEP_EVENT_KIND_COMPENSATION_FINISHED,
+            role=COMPENSATION,
+            state=child.state,  # type: ignore[arg-type]
+            step_sequence=sequence,
+            agent_id=child.agent_id,
+        )
+        if child.error is not None:
+            event.error.CopyFrom(child.error)
+        self._step_event(run, event, workflow="workflow.compensated", step=step, error=child.error)
+        self._compensate_next(run)
+
+    # -- ending -----------------------------------------------------------------------
+
+    def _complete(self, run: _Run, output: common_pb2.Payload, reason: str) -> None:
+        committed = self._host.finish(run.rt, SUCCEEDED, reason=reason, output=output)
+        self._ended(run, "workflow.completed", committed)
+
+    def _finish_failed(self, run: _Run, error: common_pb2.ErrorDetail) -> None:
+        committed = self._host.finish(run.rt, FAILED, reason=error.message, error=error)
+        self._ended(run, "workflow.failed", committed)
+
+    def _ended(self, run: _Run, event_type: str, committed: asyncio.Future[None]) -> None:
+        self._publish(run, event_type, committed)
+        self._runs.pop(run.record.task_id, None)
+
+    # -- events -----------------------------------------------------------------------
+
+    def _step_event(
+        self,
+        run: _Run,
+        event: C.StepEvent,
+        *,
+        write_row: bool = True,
+        workflow: str = "",
+        step: _Step | None = None,
+        error: common_pb2.ErrorDetail | None = None,
+    ) -> None:
+        committed = self._journal.emit(run.rt, write_row=write_row, step=event)
+        if not workflow:
+            return
+        data = events_pb2.WorkflowEventData(
+            task_id=run.record.task_id,
+            step_id=event.step_id,
+            capability=step.spec.capability if step is not None else "",
+            state=run.record.state,  # type: ignore[arg-type]
+            step_task_id=event.task_id,
+            agent_id=event.agent_id,
+            owner=run.record.owner,
+        )
+        failure = error if error is not None else (event.error if event.HasField("error") else None)
+        if failure is not None:
+            data.error.CopyFrom(failure)
+        self._after(committed, run, workflow, data, run.record.last_sequence)
+
+    def _publish(self, run: _Run, event_type: str, committed: asyncio.Future[None]) -> None:
+        data = events_pb2.WorkflowEventData(
+            task_id=run.record.task_id,
+            state=run.record.state,  # type: ignore[arg-type]
+            owner=run.record.owner,
+        )
+        if run.record.error is not None and run.record.terminal:
+            data.error.CopyFrom(run.record.error)
+        self._after(committed, run, event_type, data, run.record.last_sequence)
+
+    def _after(
+        self,
+        committed: asyncio.Future[None],
+        run: _Run,
+        event_type: str,
+        data: events_pb2.WorkflowEventData,
+        sequence: int,
+    ) -> None:
+        """Publish a workflow event once the parent event it reports has committed."""
+        correlation_id = run.record.correlation_id
+        subject = run.record.task_id
+
+        def publish(future: asyncio.Future[None]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return
+            self._journal.publish(
+                event_type,
+                data,
+                subject=subject,
+                sequence=sequence,
+                correlation_id=correlation_id,
+            )
+
+        committed.add_done_callback(publish)
+
+    # -- recovery ---------------------------------------------------------------------
+
+    def recover(
+        self,
+        rt: TaskRuntime,
+        children: Sequence[TaskRecord],
+        lookup: Callable[[str], TaskRuntime | None],
+    ) -> None:
+        """Resume a plan after a restart from its stored steps and their tasks.
+
+        Args:
+            rt: The plan's task (active).
+            children: Every task the plan started, from the store.
+            lookup: The live runtime of an active task (for steps still running).
+        """
+        record = rt.record
+        if not record.steps:
+            # Stored before its first transition: start it now.
+            self.start(rt)
+            return
+        run = self._run_for(rt)
+        run.compensating = record.error is not None
+        finished_while_down: list[TaskRecord] = []
+        # First learn every task the plan started, so nothing is started twice...
+        for child in children:
+            live = lookup(child.task_id)
+            current = live.record if live is not None else child
+            step = run.steps.get(child.step_id)
+            recorded = 0
+            if child.role == AGGREGATOR:
+                run.aggregator_task_id = child.task_id
+            elif step is not None and child.role == STEP:
+                step.status.task_id = child.task_id
+                recorded = step.status.state
+            elif step is not None and child.role == COMPENSATION:
+                step.status.compensation_task_id = child.task_id
+                recorded = step.status.compensation_state
+            if not current.terminal:
+                self._children[child.task_id] = (record.task_id, child.step_id, child.role)
+                if step is not None and child.role == STEP and step.status.state == 0:
+                    step.status.state = QUEUED
+                elif step is not None and child.role == COMPENSATION:
+                    step.status.compensation_state = QUEUED
+            elif child.role == AGGREGATOR or recorded not in TERMINAL_STATES:
+                finished_while_down.append(current)
+            elif step is not None and child.role == STEP:
+                _restore_result(step, current)
+        if not run.compensating and run.plan.aggregation in (
+            C.AGGREGATION_UNSPECIFIED,
+            C.AGGREGATION_ALL,
+            C.AGGREGATION_AGGREGATOR,
+        ):
+            failed = next(
+                (s for s in run.steps.values() if s.done and not s.succeeded and not _by_plan(s)),
+                None,
+            )
+            if failed is not None:
+                self._fail(run, failed.status.error)
+        # ...then apply what ended while the coordinator was down, in order.
+        for child in sorted(finished_while_down, key=lambda c: c.updated_ns):
+            if record.terminal:
+                return
+            self._child_finished(run, child, child.step_id, child.role)
+        if record.terminal:
+            return
+        if run.compensating:
+            self._compensate_next(run)
+        else:
+            self._advance(run)
+
+
+def _by_plan(step: _Step) -> bool:
+    return step.status.error.reason == PLAN_CANCELLED
+
+
+def _restore_result(step: _Step, child: TaskRecord) -> None:
+    step.agent_id = child.agent_id
+    step.attempt = child.attempt
+    step.usage.CopyFrom(child.usage)
+    step.finished_ns = child.updated_ns
+    if child.output is not None:
+        step.output = child.output
+
+
+def _all_done(run: _Run) -> bool:
+    return all(s.done for s in run.steps.values())
+
+
+def _step_error(step: _Step, child: TaskRecord) -> common_pb2.ErrorDetail:
+    error = common_pb2.ErrorDetail()
+    if child.error is not None:
+        error.CopyFrom(child.error)
+    else:
+        error.code = "FAILED_PRECONDITION"
+        error.reason = "STEP_FAILED"
+    error.metadata["step_id"] = step.spec.step_id
+    error.metadata["step_task_id"] = child.task_id
+    error.message = f"step {step.spec.step_id} failed: {error.message or error.reason}"
+    return error
+
+
+def payload_value(payload: common_pb2.Payload | None) -> Any:
+    """A payload as a JSON value: its json object, its text, or every part it has.
+
+    Returns:
+        None for an empty payload, the ``json`` object when that is all it has, the
+        ``text`` when that is all it has, else an object with ``json``, ``text``,
+        ``content_type`` and base64 ``data``.
+    """
+    if payload is None:
+        return None
+    has_json = payload.HasField("json")
+    parts = sum((has_json, bool(payload.text), bool(payload.data)))
+    if parts == 0:
+        return None
+    if parts == 1 and has_json:
+        return json_format.MessageToDict(payload.json)
+    if parts == 1 and payload.text:
+        return payload.text
+    value: dict[str, Any] = {}
+    if has_json:
+        value["json"] = json_format.MessageToDict(payload.json)
+    if payload.text:
+        value["text"] = payload.text
+    if payload.data:
+        value["content_type"] = payload.content_type
+        value["data"] = base64.b64encode(payload.data).decode()
+    return value
+
+
+def _step_input(step: C.PlanStep, steps: dict[str, _Step]) -> common_pb2.Payload:
+    payload = common_pb2.Payload()
+    if step.HasField("input"):
+        payload.CopyFrom(step.input)
+    if step.depends_on:
+        deps = struct_pb2.Struct()
+        deps.update({d: payload_value(steps[d].output) for d in step.depends_on})
+        payload.json["dependencies"] = deps
+    return payload
+
+
+def _vote_key(payload: common_pb2.Payload | None) -> str:
+    return json.dumps(payload_value(payload), sort_keys=True, separators=(",", ":"))
