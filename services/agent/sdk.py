@@ -26,6 +26,7 @@ itself.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import inspect
 import json as jsonlib
@@ -58,6 +59,10 @@ __all__ = [
     "Payload",
     "PermanentError",
     "RetryableError",
+    "SubtaskError",
+    "SubtaskRequest",
+    "SubtaskResult",
+    "SubtaskRunner",
     "TaskContext",
     "TaskInfo",
     "Usage",
@@ -357,6 +362,78 @@ class PermanentError(AgentError):
 
     retryable = False
     default_code = "FAILED_PRECONDITION"
+
+
+# ---------------------------------------------------------------------------------------
+# Sub-tasks
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubtaskRequest:
+    """One sub-task to start: a capability with its input, or a plan.
+
+    Attributes:
+        capability: The capability that runs it ("" when ``plan`` is given).
+        input: Its input (anything :meth:`Payload.of` accepts).
+        plan: A plan instead of a capability: a ``coordinator.v1.Plan`` or its JSON
+            form (``{"steps": [{"step_id": ..., "capability": ...}], ...}``).
+        priority: ``common.v1.Priority`` number; 0 inherits the service's default.
+        timeout: Seconds it may take (never past the parent's deadline); None: the
+            parent's remaining time.
+        token_budget: Tokens it may use (never more than the parent has left); 0: what
+            the parent has left.
+        labels: Free-form labels.
+        idempotency_key: Makes a retried handler's submission return the same sub-task.
+    """
+
+    capability: str = ""
+    input: Output = None
+    plan: Any = None
+    priority: int = 0
+    timeout: float | None = None
+    token_budget: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class SubtaskResult:
+    """A sub-task that succeeded.
+
+    Attributes:
+        task_id: The sub-task's id.
+        output: What it returned.
+        usage: What it consumed.
+    """
+
+    task_id: str
+    output: Payload
+    usage: Usage
+
+
+class SubtaskError(AgentError):
+    """A sub-task did not succeed (failed, cancelled, dead-lettered or refused).
+
+    The reason is the sub-task's own; ``metadata["subtask_id"]`` names it (when it
+    was created) and ``metadata["state"]`` says how it ended.
+    """
+
+    default_code = "FAILED_PRECONDITION"
+
+
+class SubtaskRunner(Protocol):
+    """What a :class:`TaskContext` delegates sub-tasks to (the coordinator client)."""
+
+    async def run(
+        self, request: SubtaskRequest, *, on_event: Callable[[Any], Any] | None = None
+    ) -> SubtaskResult:
+        """Submit a sub-task, follow it to its end and return its result.
+
+        Raises:
+            SubtaskError: It did not succeed.
+        """
+        ...
 
 
 # ---------------------------------------------------------------------------------------
@@ -683,6 +760,7 @@ class TaskContext:
         self._sink = sink
         self._model = model
         self._tools = tools
+        self._subtasks: SubtaskRunner | None = None
         self._started = time.monotonic()
         self._request_seq = 0
 
@@ -719,6 +797,81 @@ class TaskContext:
         # run time would be circular.
         self._model = cast("TaskModel | None", model)
         self._tools = cast("TaskTools | None", tools)
+
+    def bind_subtasks(self, runner: SubtaskRunner | None) -> None:
+        """Attach the coordinator client that runs sub-tasks (the runtime does this)."""
+        self._subtasks = runner
+
+    async def subtask(
+        self,
+        capability: str = "",
+        input: Output = None,  # noqa: A002 - mirrors the task's own "input"
+        *,
+        plan: Any = None,
+        priority: int = 0,
+        timeout: float | None = None,  # noqa: ASYNC109 - the sub-task's own deadline
+        token_budget: int = 0,
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str = "",
+        on_event: Callable[[Any], Any] | None = None,
+    ) -> SubtaskResult:
+        """Delegate part of the work: run a sub-task on another agent and await it.
+
+        The sub-task is submitted on this agent's identity with this task as its
+        parent: it carries this task's correlation id, ends no later than this task's
+        deadline, spends at most what is left of its token budget, and is cancelled
+        when this task ends. Cancelling this handler cancels it too.
+
+        Args:
+            capability: The capability that runs it (or give ``plan``).
+            input: Its input.
+            plan: A plan instead of a capability (see :class:`SubtaskRequest`).
+            priority: ``Priority`` number (0: default).
+            timeout: Seconds it may take (None: the rest of this task's time).
+            token_budget: Tokens it may use (0: what this task has left).
+            labels: Free-form labels.
+            idempotency_key: Makes a retried handler find its earlier sub-task.
+            on_event: Called with every ``coordinator.v1.TaskEvent`` of the sub-task as
+                it arrives (may be async): stream its progress and partials.
+
+        Returns:
+            The sub-task's output and usage.
+
+        Raises:
+            SubtaskError: It failed, was cancelled or was refused (for example
+                ``SUBTASK_DEPTH_EXCEEDED``, or ``INVALID_ARGUMENT`` for a bad plan).
+            RuntimeError: The agent runs without a coordinator client.
+        """
+        request = SubtaskRequest(
+            capability=capability,
+            input=input,
+            plan=plan,
+            priority=priority,
+            timeout=timeout,
+            token_budget=token_budget,
+            labels=dict(labels or {}),
+            idempotency_key=idempotency_key,
+        )
+        return await self._delegate(request, on_event)
+
+    async def fan_out(self, requests: list[SubtaskRequest]) -> list[SubtaskResult]:
+        """Run several sub-tasks in parallel and return their results in order.
+
+        If one fails, the others are cancelled and its :class:`SubtaskError` is raised.
+        """
+        try:
+            async with asyncio.TaskGroup() as group:
+                running = [group.create_task(self._delegate(r, None)) for r in requests]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return [task.result() for task in running]
+
+    async def _delegate(
+        self, request: SubtaskRequest, on_event: Callable[[Any], Any] | None
+    ) -> SubtaskResult:
+        if self._subtasks is None:
+            raise RuntimeError("this agent runs without a coordinator client (no sub-tasks)")
+        return await self._subtasks.run(request, on_event=on_event)
 
     def time_remaining(self) -> float | None:
         """Seconds until the deadline (never negative), or None without a deadline."""

@@ -25,8 +25,9 @@ import grpc
 from hivewire.agent.v1 import agent_pb2_grpc
 from hivewire.discovery import Instance, Registry, new_instance_id
 from hivewire.services.agent.clients import bind_clients
+from hivewire.services.agent.delegation import bind_subtasks
 from hivewire.services.agent.runtime import AgentRuntime
-from hivewire.services.agent.sdk import Agent, AgentCardInfo
+from hivewire.services.agent.sdk import Agent, AgentCardInfo, TaskContext
 from hivewire.services.agent.servicer import SERVICE_NAME, AgentServicer
 from hivewire.services.runtime.bootstrap import Registration, registry_from_settings, serving
 from hivewire.services.runtime.channels import ChannelPool
@@ -259,7 +260,12 @@ async def running_agent(
         cert: CertInfo | None = describe_cert(settings.tls_files().cert)
     except (OSError, ValueError):
         cert = None
-    needs_registry = cfg.registration or cfg.model_address is None or cfg.tool_address is None
+    needs_registry = (
+        cfg.registration
+        or cfg.model_address is None
+        or cfg.tool_address is None
+        or cfg.coordinator_address is None
+    )
     async with contextlib.AsyncExitStack() as stack:
         if events is None:
             publisher = EventPublisher.from_settings(settings, source=f"agent/{instance_id}")
@@ -268,7 +274,7 @@ async def running_agent(
         if needs_registry:
             registry = await stack.enter_async_context(registry_from_settings(settings))
         pool = await stack.enter_async_context(ChannelPool.from_settings(settings))
-        binder = bind_clients(
+        clients = bind_clients(
             model=ServiceEndpoint(
                 pool, service=cfg.model_service, address=cfg.model_address, registry=registry
             ),
@@ -277,6 +283,20 @@ async def running_agent(
             ),
             default_timeout=settings.default_deadline,
         )
+        subtasks = bind_subtasks(
+            ServiceEndpoint(
+                pool,
+                service=cfg.coordinator_service,
+                address=cfg.coordinator_address,
+                registry=registry,
+            ),
+            default_timeout=settings.default_deadline,
+        )
+
+        def binder(ctx: TaskContext) -> None:
+            clients(ctx)
+            subtasks(ctx)
+
         runtime = AgentRuntime(
             agent,
             agent_id=instance_id,

@@ -34,6 +34,14 @@ class AgentSettings(BaseModel):
     tool_address: str | None = Field(
         None, description="host:port of the tool service; unset = resolve hivewire-tool."
     )
+    coordinator_address: str | None = Field(
+        None,
+        description="host:port of the coordinator for sub-tasks; unset = resolve "
+        "hivewire-coordinator.",
+    )
+    coordinator_service: str = Field(
+        "hivewire-coordinator", description="Registry name of coordinators (for sub-tasks)."
+    )
     model_service: str = Field("hivewire-model", description="Registry name of the model service.")
     tool_service: str = Field("hivewire-tool", description="Registry name of the tool service.")
     service_name: str = Field("hivewire-agent", description="Registry name agents register as.")

@@ -119,6 +119,7 @@ DEFAULT_IDENTITIES: tuple[Identity, ...] = (
     Identity("agent-summarizer", "agent", "summarizer"),
     Identity("agent-researcher", "agent", "researcher"),
     Identity("agent-calculator", "agent", "calculator"),
+    Identity("agent-planner", "agent", "planner"),
     Identity("client", "client", "client"),
     Identity("admin", "admin", "admin"),
 )
