@@ -260,12 +260,9 @@ async def running_agent(
         cert: CertInfo | None = describe_cert(settings.tls_files().cert)
     except (OSError, ValueError):
         cert = None
-    needs_registry = (
-        cfg.registration
-        or cfg.model_address is None
-        or cfg.tool_address is None
-        or cfg.coordinator_address is None
-    )
+    # The coordinator is resolved through the registry too when one is open anyway;
+    # without one (and without coordinator_address) ctx.subtask answers UNAVAILABLE.
+    needs_registry = cfg.registration or cfg.model_address is None or cfg.tool_address is None
     async with contextlib.AsyncExitStack() as stack:
         if events is None:
             publisher = EventPublisher.from_settings(settings, source=f"agent/{instance_id}")
