@@ -47,6 +47,7 @@ from rich.table import Table
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.cli.output import echo_json, fail, state_label
+from hivewire.services.cli.plans import PlanFileError, load_plan
 from hivewire.services.runtime.errors import HivewireError, InvalidArgument
 from hivewire.services.runtime.status import from_rpc_error
 
@@ -205,6 +206,7 @@ class EventView:
     _streaming: str | None = None
     _progress: Progress | None = None
     _bar: Any = None
+    _step_bars: dict[str, Any] = field(default_factory=dict)
 
     def __enter__(self) -> EventView:
         if self.live and not self.json_lines:
@@ -318,6 +320,8 @@ class EventView:
                 f"attempt {r.failed_attempt} failed ({r.error.reason}); retrying in "
                 f"{r.backoff.ToTimedelta().total_seconds():.2f}s",
             )
+        elif kind == "step":
+            self._step(event, event.step)
         elif kind == "finished":
             self.finished = event.finished
             self.state = event.finished.state
@@ -325,6 +329,43 @@ class EventView:
             if event.finished.state == common_pb2.TASK_STATE_SUCCEEDED:
                 self._update(completed=1.0)
             self._line(event, f"finished: {state_label(event.finished.state)}")
+
+    def _step(self, event: coordinator_pb2.TaskEvent, step: coordinator_pb2.StepEvent) -> None:
+        """A plan step moved on: a row of the live tree, or one line."""
+        kind = coordinator_pb2.StepEventKind.Name(step.kind).removeprefix("STEP_EVENT_KIND_")
+        kind = kind.lower().replace("_", " ")
+        state = state_label(step.state)
+        label = step.step_id
+        if step.role == coordinator_pb2.TASK_ROLE_COMPENSATION:
+            label = f"{step.step_id} (undo)"
+        if self._progress is not None:
+            bar = self._step_bars.get(label)
+            if bar is None:
+                glyph = "└─" if step.role == coordinator_pb2.TASK_ROLE_AGGREGATOR else "├─"
+                bar = self._progress.add_task(f"{glyph} {label}", total=1.0, state=state, step="")
+                self._step_bars[label] = bar
+            fields: dict[str, Any] = {"state": state}
+            if step.HasField("progress"):
+                fields["completed"] = step.progress.fraction
+                fields["step"] = step.progress.step
+            if step.state == common_pb2.TASK_STATE_SUCCEEDED:
+                fields["completed"] = 1.0
+            self._progress.update(bar, **fields)
+            done = sum(
+                1
+                for b in self._step_bars.values()
+                if self._progress.tasks[b].fields.get("state") == "succeeded"
+            )
+            self._update(completed=done / max(len(self._step_bars), 1))
+            return
+        detail = ""
+        if step.HasField("progress"):
+            detail = f" {step.progress.fraction:.0%} {step.progress.step}".rstrip()
+        elif step.HasField("partial"):
+            detail = f" {_clip(step.partial.content.text, 40)}"
+        elif step.HasField("error"):
+            detail = f" ({step.error.reason}: {_clip(step.error.message, 60)})"
+        self._line(event, f"step {label} {kind}: {state}{detail}")
 
     def conclude(self) -> int:
         """Print the output or the error; return the exit status for the final state."""
@@ -434,7 +475,7 @@ def _task_row(task: coordinator_pb2.Task) -> Sequence[str]:
     return (
         task.task_id,
         state_label(task.state),
-        task.spec.capability,
+        task.spec.capability or f"plan ({len(task.spec.plan.steps)} steps)",
         common_pb2.Priority.Name(task.spec.priority).removeprefix("PRIORITY_").lower(),
         str(task.attempt),
         task.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
@@ -515,8 +556,22 @@ def build_spec(
 
 @app.command()
 def submit(
-    capability: Annotated[str, typer.Argument(help="The capability to run, e.g. summarize.")],
+    capability: Annotated[
+        str | None, typer.Argument(help="The capability to run, e.g. summarize.")
+    ] = None,
     text: Annotated[str | None, typer.Argument(help="Text input.")] = None,
+    plan: Annotated[
+        Path | None,
+        typer.Option(
+            "--plan",
+            exists=True,
+            dir_okay=False,
+            help="Run a plan from a YAML or JSON file instead of one capability.",
+        ),
+    ] = None,
+    project: Annotated[
+        str | None, typer.Option("--project", help="The project the task belongs to.")
+    ] = None,
     json_input: Annotated[
         str | None, typer.Option("--input-json", help="JSON object input.")
     ] = None,
@@ -551,9 +606,13 @@ def submit(
     certs_dir: CertsOpt = None,
     identity: IdentityOpt = "client",
 ) -> None:
-    """Submit a task and follow it live until it ends (output on stdout)."""
+    """Submit a task (or a plan) and follow it live until it ends (output on stdout)."""
+    if (capability is None) == (plan is None):
+        raise typer.BadParameter(
+            "give a capability, or --plan FILE (not both)", param_hint="CAPABILITY"
+        )
     spec = build_spec(
-        capability,
+        capability or "",
         text,
         json_input=json_input,
         file=file,
@@ -565,6 +624,15 @@ def submit(
         token_budget=token_budget,
         labels=label,
     )
+    if plan is not None:
+        try:
+            spec.plan.CopyFrom(load_plan(plan))
+        except PlanFileError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--plan") from None
+        if not text and json_input is None and file is None:
+            spec.ClearField("input")
+    if project:
+        spec.project_id = project
     target = _target(address, certs_dir, identity)
 
     async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
@@ -649,6 +717,10 @@ def list_tasks(
     ] = None,
     capability: Annotated[str, typer.Option("--capability", "-c", help="Only this one.")] = "",
     owner: Annotated[str, typer.Option("--owner", help="Only this owner (admins).")] = "",
+    parent: Annotated[
+        str, typer.Option("--parent", help="Only the steps and sub-tasks of this task.")
+    ] = "",
+    project: Annotated[str, typer.Option("--project", help="Only tasks of this project.")] = "",
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Most tasks shown.")] = 20,
     json_lines: JsonOpt = False,
     address: AddressOpt = None,
@@ -673,6 +745,8 @@ def list_tasks(
                     states=states,  # type: ignore[arg-type]
                     capability=capability,
                     owner=owner,
+                    parent_task_id=parent,
+                    project_id=project,
                     page_size=min(limit - len(found), 500),
                     page_token=token,
                 )

@@ -314,6 +314,9 @@ class Coordinator:
             ),
         )
         self._arm_deadline(rt)
+        # The answer is the task as accepted (its plan starts and the scheduler may move
+        # it on while the commit is awaited), so StreamTask follows from that point.
+        accepted = copy.deepcopy(record)
         if record.is_plan:
             self._plans.start(rt)
         else:
@@ -326,9 +329,7 @@ class Coordinator:
                 common_pb2.Priority.Name(normalized.priority),
                 timeout_ns / 1e9,
             )
-        # The answer is the task as accepted (the scheduler may move it on while the
-        # commit is awaited), and it promises durability: wait for the commit.
-        accepted = copy.deepcopy(record)
+        # The answer promises durability: wait for the commit.
         await committed
         return accepted, False
 

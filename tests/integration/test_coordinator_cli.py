@@ -127,3 +127,93 @@ async def test_agents_table(mesh: Mesh) -> None:
     assert "tabled" in row and "healthy" in row and "0/5" in row and "echo,sum" in row
     as_json = await cli(mesh, "agents", "--capability", "sum", "--json")
     assert json.loads(as_json.out)["agentId"] == agent.agent_id
+
+
+PLAN_YAML = """\
+aggregation: all
+steps:
+  - step_id: a
+    capability: echo
+    input: first
+  - step_id: b
+    capability: echo
+    input: second
+  - step_id: c
+    capability: echo
+    input: third
+    depends_on: [a, b]
+"""
+
+
+async def test_submit_a_plan_prints_a_line_per_step_event(mesh: Mesh, tmp_path: Path) -> None:
+    await mesh.agent(max_concurrency=4)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN_YAML)
+    result = await cli(mesh, "submit", "--plan", str(plan))
+    assert result.code == 0, result
+    assert json.loads(result.out) == {"a": "done:first", "b": "done:second", "c": "done:third"}
+    lines = result.err.splitlines()
+    for step_id in "abc":
+        assert any(f"step {step_id} started: queued" in line for line in lines), lines
+        assert any(f"step {step_id} finished: succeeded" in line for line in lines), lines
+    assert lines[-1].endswith("finished: succeeded")
+    parent = lines[0].split()[2]
+    listed = await cli(mesh, "tasks", "--parent", parent)
+    assert listed.code == 0 and listed.out.count("succeeded") == 3
+
+
+async def test_submit_a_plan_on_a_terminal_draws_a_tree(mesh: Mesh, tmp_path: Path) -> None:
+    import pty
+
+    await mesh.agent(max_concurrency=4)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"steps": [{"step_id": "left", "capability": "echo"}]}))
+    main, secondary = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
+    env.update(HIVEWIRE_CERTS_DIR=str(mesh.pki_dir), COLUMNS="120", TERM="xterm")
+    proc = await asyncio.create_subprocess_exec(
+        HIVEWIRE,
+        "submit",
+        "--plan",
+        str(plan),
+        "--no-input",
+        "--address",
+        mesh.address,
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env=env,
+    )
+    os.close(secondary)
+    screen = b""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            chunk = await loop.run_in_executor(None, os.read, main, 65536)
+        except OSError:  # the terminal closed: the process exited
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert await proc.wait() == 0
+    os.close(main)
+    text = screen.decode(errors="replace")
+    assert "├─ left" in text and "succeeded" in text
+    assert '"left": "done:"' in text
+
+
+async def test_bad_plans_from_the_cli(mesh: Mesh, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("steps: [\n")
+    unreadable = await cli(mesh, "submit", "--plan", str(broken))
+    assert unreadable.code == 2 and "not valid yaml" in unreadable.err.lower()
+    cycle = tmp_path / "cycle.yaml"
+    cycle.write_text(
+        "steps:\n  - {step_id: a, capability: echo, depends_on: [b]}\n"
+        "  - {step_id: b, capability: echo, depends_on: [a]}\n"
+    )
+    refused = await cli(mesh, "submit", "--plan", str(cycle))
+    assert refused.code == 5
+    assert "dependency cycle: a -> b -> a" in refused.err
+    both = await cli(mesh, "submit", "echo", "--plan", str(cycle))
+    assert both.code == 2
