@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from hivewire.services.agent import Agent, Payload, TaskContext, capability
+from hivewire.services.agent import Agent, Payload, PermanentError, TaskContext, capability
 
 
 class PacedAgent(Agent):
@@ -41,3 +41,15 @@ class PacedAgent(Agent):
     async def ask(self, task: Payload, ctx: TaskContext) -> str:
         answer = await ctx.request_input(task.text or "?")
         return f"answer:{answer.text}"
+
+    @capability("fail", description="Always fail, permanently (a saga's failing step).")
+    async def fail(self, task: Payload, ctx: TaskContext) -> str:
+        raise PermanentError("STEP_FAILED", f"step {task.text or '?'} always fails")
+
+    @capability("undo", description="Undo a plan step, slowly (a saga's compensation).")
+    async def undo(self, task: Payload, ctx: TaskContext) -> dict[str, Any]:
+        spec = dict(task.json or {})
+        for i in range(1, 21):
+            await ctx.progress(i / 20, "undo", f"undoing {spec.get('step_id')}")
+            await asyncio.sleep(0.1)
+        return {"undone": spec.get("step_id"), "attempt": ctx.attempt}
