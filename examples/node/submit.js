@@ -25,11 +25,14 @@ const EXIT_NOT_SUCCEEDED = 1;
 const EXIT_RPC_ERROR = 2;
 const EXIT_USAGE = 3;
 
-const USAGE = `usage: node submit.js --capability NAME [--text TEXT] [--json JSON]
+const USAGE = `usage: node submit.js (--capability NAME | --plan FILE.json) [--text TEXT] [--json JSON]
                       [--address HOST:PORT] [--ca FILE --cert FILE --key FILE]
                       [--endpoints FILE] [--timeout SECONDS] [--proto DIR]
 
   --capability  the capability the task needs (calculate, solve, summarize...)
+  --plan        run a multi-agent plan instead: a JSON file in the Plan shape
+                ({"steps": [{"step_id", "capability", "input", "depends_on"}],
+                "aggregation": "AGGREGATION_ALL"}); step events print as "step ..."
   --text        the input text; --json adds a JSON object input (both may be given)
   --address     the coordinator; default from endpoints.json, else 127.0.0.1:50051
   --ca/--cert/--key  the CA certificate and the client identity (PEM files)
@@ -41,6 +44,7 @@ const USAGE = `usage: node submit.js --capability NAME [--text TEXT] [--json JSO
 examples:
   node submit.js --capability calculate --text '2 + 3; 4 * 5'
   node submit.js --capability solve --json '{"expression": "p * q", "variables": {"p": 3, "q": 4}}'
+  node submit.js --plan ../plans/fan-out.json
   node submit.js --capability calculate --text '6 * 7' --address 127.0.0.1:50051 \\
       --ca ../../certs/ca.pem --cert ../../certs/alice.pem --key ../../certs/alice.key
 
@@ -52,6 +56,7 @@ function options() {
   const { values } = parseArgs({
     options: {
       capability: { type: "string" },
+      plan: { type: "string" },
       text: { type: "string", default: "" },
       json: { type: "string" },
       address: { type: "string" },
@@ -68,8 +73,8 @@ function options() {
     console.log(USAGE);
     process.exit(0);
   }
-  if (!values.capability) {
-    throw new UsageError("--capability is required (see --help)");
+  if (Boolean(values.capability) === Boolean(values.plan)) {
+    throw new UsageError("give --capability or --plan, not both (see --help)");
   }
   return values;
 }
@@ -195,6 +200,11 @@ function describe(event) {
     }
     case "retry":
       return `attempt ${body.failed_attempt} failed: ${errorText(body.error)}`;
+    case "step": {
+      const what = String(body.kind).replace(/^STEP_EVENT_KIND_/, "").toLowerCase();
+      const detail = body.progress ? ` ${Math.round(body.progress.fraction * 100)}%` : "";
+      return `${body.step_id} ${what} ${state(body.state)}${detail} ${errorText(body.error)}`.trim();
+    }
     case "finished":
       return `${state(body.state)} ${errorText(body.error)}`.trim();
     default:
@@ -220,6 +230,38 @@ function reasonOf(err) {
   }
 }
 
+// A plan file in the Plan shape; step inputs may be plain strings (their text) or
+// {text, json} objects.
+function readPlan(file) {
+  let plan;
+  try {
+    plan = JSON.parse(fs.readFileSync(file, "utf8"));
+  } catch (err) {
+    throw new UsageError(`cannot read the plan ${file}: ${err.message}`);
+  }
+  if (!plan || !Array.isArray(plan.steps)) {
+    throw new UsageError(`the plan ${file} has no list of steps`);
+  }
+  const payload = (input) => {
+    if (input === undefined || input === null) return undefined;
+    if (typeof input === "string") return { text: input };
+    const out = { text: input.text || "" };
+    if (input.json) out.json = toStruct(input.json);
+    return out;
+  };
+  return {
+    aggregation: plan.aggregation || "AGGREGATION_ALL",
+    aggregator_capability: plan.aggregator_capability || "",
+    steps: plan.steps.map((step) => ({
+      step_id: step.step_id,
+      capability: step.capability,
+      input: payload(step.input),
+      depends_on: step.depends_on || [],
+      compensation_capability: step.compensation_capability || "",
+    })),
+  };
+}
+
 function submit(opts) {
   const conn = connectionSettings(opts);
   const coordinator = loadCoordinator(opts.proto);
@@ -229,10 +271,15 @@ function submit(opts) {
   const input = { text: opts.text };
   if (opts.json !== undefined) input.json = toStruct(JSON.parse(opts.json));
   const spec = {
-    capability: opts.capability,
-    input,
     timeout: { seconds: Math.floor(seconds), nanos: Math.round((seconds % 1) * 1e9) },
   };
+  if (opts.plan) {
+    spec.plan = readPlan(opts.plan);
+    if (opts.text || opts.json !== undefined) spec.input = input;
+  } else {
+    spec.capability = opts.capability;
+    spec.input = input;
+  }
 
   return new Promise((resolve) => {
     let finished = null;

@@ -157,6 +157,23 @@ async def test_streams_a_task_to_success_over_mtls(mesh: Mesh, node_client: Node
     assert task.owner == mesh.pki.spiffe_id("client")
 
 
+async def test_runs_a_plan_and_prints_its_step_events(mesh: Mesh, node_client: NodeClient) -> None:
+    plan = Path(__file__).resolve().parents[2] / "examples" / "plans" / "fan-out.json"
+    result = await node_client.run(
+        "--address", mesh.address, *mesh.tls_flags(mesh.pki.files("client")),
+        "--plan", str(plan),
+    )  # fmt: skip
+    assert result.returncode == 0, result
+    events = result.events()
+    steps = [rest for _, kind, rest in events if kind == "step"]
+    for step_id in ("powers", "products", "check"):
+        assert any(s.startswith(f"{step_id} started QUEUED") for s in steps), result
+        assert any(s.startswith(f"{step_id} finished SUCCEEDED") for s in steps), result
+    assert events[-1][1:] == ("finished", "SUCCEEDED"), result
+    output = json.loads(result.stdout.splitlines()[-1])
+    assert output["check"]["text"] == "256 + 1024 = 1280", result
+
+
 async def test_reads_address_and_certificates_from_endpoints_json(
     mesh: Mesh, node_client: NodeClient, tmp_path: Path
 ) -> None:
