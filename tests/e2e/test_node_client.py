@@ -158,7 +158,7 @@ async def test_streams_a_task_to_success_over_mtls(mesh: Mesh, node_client: Node
 
 
 async def test_runs_a_plan_and_prints_its_step_events(mesh: Mesh, node_client: NodeClient) -> None:
-    plan = Path(__file__).resolve().parents[2] / "examples" / "plans" / "fan-out.json"
+    plan = REPO_ROOT / "examples" / "plans" / "fan-out.json"
     result = await node_client.run(
         "--address", mesh.address, *mesh.tls_flags(mesh.pki.files("client")),
         "--plan", str(plan),
