@@ -44,11 +44,11 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 from google.protobuf import __version__ as protobuf_version  # noqa: E402
 
-from bench import echo, events, grpcio_versions, interceptors, mesh, streams  # noqa: E402
+from bench import echo, events, grpcio_versions, interceptors, mesh, plans, streams  # noqa: E402
 from bench.common import DEFAULT, QUICK, Durations, Phase  # noqa: E402
 from hivewire.services.runtime.pki import init_pki  # noqa: E402
 
-BENCHMARKS = ("echo", "interceptors", "mesh", "streams", "events")
+BENCHMARKS = ("echo", "interceptors", "mesh", "plans", "streams", "events")
 OPTIONAL = ("grpcio",)
 STREAMS_DEFAULT = 2000
 STREAMS_QUICK = 500
@@ -129,6 +129,11 @@ async def run(args: argparse.Namespace) -> int:
             results["mesh"] = result
             return mesh.report(result)
 
+        async def bench_plans() -> str:
+            result = await plans.measure(durations=durations if args.quick else MESH_TASKS)
+            results["plans"] = result
+            return plans.report(result)
+
         async def bench_streams() -> str:
             count = args.streams or (STREAMS_QUICK if args.quick else STREAMS_DEFAULT)
             result = await streams.measure(streams=count)
@@ -155,6 +160,7 @@ async def run(args: argparse.Namespace) -> int:
             "echo": bench_echo,
             "interceptors": bench_interceptors,
             "mesh": bench_mesh,
+            "plans": bench_plans,
             "streams": bench_streams,
             "events": bench_events,
             "grpcio": bench_grpcio,
