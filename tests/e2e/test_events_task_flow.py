@@ -109,3 +109,85 @@ async def test_a_task_produces_its_events_in_order(pki: Pki, tmp_path: Path) -> 
             await eventually(lambda: len(calls) == len(on_nats), timeout=20)
         assert set(calls.values()) == {1}
         assert set(calls) == {r.id for r in on_nats}
+
+
+async def test_a_plan_publishes_its_workflow_events_with_its_sequence(
+    pki: Pki, tmp_path: Path
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        nats = await stack.enter_async_context(NatsServer(tmp_path / "nats"))
+        coordinator = await stack.enter_async_context(
+            coordinator_process(
+                tmp_path, certs_dir=pki.dir, nats_url=nats.url, db_path=tmp_path / "c.db"
+            )
+        )
+        await stack.enter_async_context(
+            agent_process(
+                tmp_path, CALCULATOR, name="calculator", certs_dir=pki.dir, nats_url=nats.url
+            )
+        )
+        channel = secure_channel(coordinator.address, pki.files("client"))
+        stack.push_async_callback(channel.close)
+        client: coordinator_pb2_grpc.CoordinatorServiceAsyncStub = (
+            coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        )
+        await wait_for_agents(client, 1)
+        plan = C.Plan(
+            steps=[
+                C.PlanStep(
+                    step_id="a", capability="calculate", input=common_pb2.Payload(text="1+1")
+                ),
+                C.PlanStep(
+                    step_id="b",
+                    capability="calculate",
+                    input=common_pb2.Payload(text="2+2"),
+                    depends_on=["a"],
+                ),
+            ]
+        )
+        submitted = (await client.SubmitTask(C.SubmitTaskRequest(spec=C.TaskSpec(plan=plan)))).task
+        grpc_events = [
+            r.event async for r in client.WatchTask(C.WatchTaskRequest(task_id=submitted.task_id))
+        ]
+        assert grpc_events[-1].finished.state == common_pb2.TASK_STATE_SUCCEEDED
+
+        async def completed() -> list[ReceivedEvent]:
+            found = [
+                r
+                async for r in replay(nats.url, "workflow.*")
+                if r.event.subject == submitted.task_id
+            ]
+            assert found and found[-1].type == "workflow.completed"
+            return found
+
+        on_nats: list[ReceivedEvent] = await eventually(completed, timeout=30)
+        types = [r.type for r in on_nats]
+        assert types == [
+            "workflow.started",
+            "workflow.step_completed",
+            "workflow.step_completed",
+            "workflow.completed",
+        ]
+        assert [r.event.workflow.step_id for r in on_nats[1:3]] == ["a", "b"]
+        # Each carries the sequence of the parent event it reports, as on gRPC.
+        by_sequence = {e.sequence: e for e in grpc_events}
+        for received in on_nats:
+            assert received.event.task_sequence in by_sequence
+        finished_steps = [
+            e.sequence
+            for e in grpc_events
+            if e.HasField("step") and e.step.kind == C.STEP_EVENT_KIND_FINISHED
+        ]
+        assert [r.event.task_sequence for r in on_nats[1:3]] == finished_steps
+        assert on_nats[-1].event.task_sequence == grpc_events[-1].sequence
+        # The steps' own task.* events are there too.
+        step_ids = {
+            t.task_id
+            for t in (
+                await client.ListTasks(C.ListTasksRequest(parent_task_id=submitted.task_id))
+            ).tasks
+        }
+        assert len(step_ids) == 2
+        for step_id in step_ids:
+            found = await task_events(nats.url, step_id)
+            assert found[-1].type == "task.completed"
