@@ -56,6 +56,15 @@ class TaskSubtasks:
         self._ctx = ctx
         self._endpoint = endpoint
         self._default_timeout = default_timeout
+        self._count = 0
+
+    def _key(self, request: SubtaskRequest) -> str:
+        # Every sub-task gets an idempotency key, so one cancelled before its id came
+        # back can still be found (and cancelled) by submitting the same key again.
+        self._count += 1
+        return request.idempotency_key or (
+            f"subtask:{self._ctx.task_id}:{self._ctx.attempt}:{self._count}"
+        )
 
     def _spec(self, request: SubtaskRequest) -> C.TaskSpec:
         spec = C.TaskSpec(
@@ -64,7 +73,7 @@ class TaskSubtasks:
             priority=request.priority,  # type: ignore[arg-type]
             token_budget=request.token_budget,
             labels=dict(request.labels),
-            idempotency_key=request.idempotency_key,
+            idempotency_key=self._key(request),
         )
         if request.input is not None:
             spec.input.CopyFrom(payload_to_proto(Payload.of(request.input)))
@@ -117,8 +126,7 @@ class TaskSubtasks:
                 if event.HasField("finished"):
                     return _result(task_id, event.finished)
         except asyncio.CancelledError:
-            if task_id:
-                await self._cancel(stub, task_id)
+            await self._cancel(stub, task_id, spec)
             raise
         except grpc.RpcError as exc:
             err = from_rpc_error(exc)
@@ -152,22 +160,34 @@ class TaskSubtasks:
                 if response.event.HasField("finished"):
                     return _result(task_id, response.event.finished)
         except asyncio.CancelledError:
-            await self._cancel(stub, task_id)
+            await self._cancel(stub, task_id, None)
             raise
         except grpc.RpcError as exc:
             raise _refused(from_rpc_error(exc), task_id) from exc
         raise _refused(cause, task_id)
 
     async def _cancel(
-        self, stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub, task_id: str
+        self,
+        stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub,
+        task_id: str,
+        spec: C.TaskSpec | None,
     ) -> None:
         # The parent's cancellation must reach the sub-task even while we are being
-        # cancelled: shield the call, bound it, and never let it hide the cancel.
+        # cancelled: shield the calls, bound them, and never let them hide the cancel.
         async def cancel() -> None:
-            await stub.CancelTask(
-                C.CancelTaskRequest(task_id=task_id, reason="the parent's handler was cancelled"),
-                timeout=_CANCEL_TIMEOUT,
-            )
+            known = task_id
+            if not known and spec is not None:
+                # Cancelled before its id came back: the same key finds it (or creates
+                # it, to be cancelled at once).
+                submitted = await stub.SubmitTask(
+                    C.SubmitTaskRequest(spec=spec), timeout=_CANCEL_TIMEOUT
+                )
+                known = submitted.task.task_id
+            if known:
+                await stub.CancelTask(
+                    C.CancelTaskRequest(task_id=known, reason="the parent's handler was cancelled"),
+                    timeout=_CANCEL_TIMEOUT,
+                )
 
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.shield(cancel())

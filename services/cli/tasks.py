@@ -207,6 +207,7 @@ class EventView:
     _progress: Progress | None = None
     _bar: Any = None
     _step_bars: dict[str, Any] = field(default_factory=dict)
+    plan_steps: int = 0
 
     def __enter__(self) -> EventView:
         if self.live and not self.json_lines:
@@ -281,6 +282,7 @@ class EventView:
         if kind == "snapshot":
             task = event.snapshot
             self.task_id = task.task_id
+            self.plan_steps = len(task.spec.plan.steps)
             self.last_sequence = max(self.last_sequence, event.sequence)
             self.state = task.state
             self._update(state=state_label(task.state), completed=task.progress.fraction)
@@ -356,7 +358,7 @@ class EventView:
                 for b in self._step_bars.values()
                 if self._progress.tasks[b].fields.get("state") == "succeeded"
             )
-            self._update(completed=done / max(len(self._step_bars), 1))
+            self._update(completed=done / max(self.plan_steps, len(self._step_bars), 1))
             return
         detail = ""
         if step.HasField("progress"):

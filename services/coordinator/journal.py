@@ -18,20 +18,17 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator import convert, metrics
+from hivewire.services.coordinator.attempts import Attempt
 from hivewire.services.coordinator.model import TaskRecord, now_ns
 from hivewire.services.coordinator.store import EventRow, TaskStore
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.eventsink import EventSink, NullSink
-
-if TYPE_CHECKING:
-    from hivewire.services.coordinator.attempts import Attempt
 
 logger = logging.getLogger(__name__)
 

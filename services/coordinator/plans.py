@@ -88,11 +88,15 @@ class PlanHost(Protocol):
         role: int,
         step_id: str,
         deadline_ns: int | None = None,
+        token_budget: int | None = None,
     ) -> TaskRuntime:
-        """Create, store and queue a step, compensation or aggregator task."""
+        """Create, store and queue a step, compensation or aggregator task.
+
+        ``token_budget`` None gives the task what the plan has left; 0 means no limit.
+        """
         ...
 
-    def cancel_child(self, task_id: str, reason: str) -> None:
+    def cancel_child(self, task_id: str, reason: str, *, code: str = ...) -> None:
         """Cancel one of a plan's tasks (no-op when it finished)."""
         ...
 
@@ -120,6 +124,7 @@ class _Step:
     attempt: int = 0
     usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
     finished_ns: int = 0
+    budget: int = 0
 
     @property
     def started(self) -> bool:
@@ -213,15 +218,32 @@ class Plans:
         self._runs[rt.record.task_id] = run
         return run
 
+    def _share(self, run: _Run) -> int | None:
+        """The budget of the next step: an equal share of what is neither spent nor held.
+
+        Steps running hold their budgets, and what is left is split among the steps not
+        started yet, so the steps' budgets together never exceed the plan's.
+        """
+        budget = run.record.spec.token_budget
+        if not budget:
+            return None
+        held = sum(s.budget for s in run.steps.values() if s.running)
+        left = budget - run.record.usage.total_tokens - held
+        waiting = sum(1 for s in run.steps.values() if not s.started and not s.done)
+        return max(left // max(waiting, 1), 1)
+
     def _launch(self, run: _Run, step: _Step) -> None:
         payload = _step_input(step.spec, run.steps)
+        share = self._share(run)
         child = self._host.start_child(
             run.rt,
             capability=step.spec.capability,
             payload=payload,
             role=STEP,
             step_id=step.spec.step_id,
+            token_budget=share,
         )
+        step.budget = child.record.spec.token_budget
         step.status.task_id = child.record.task_id
         step.status.state = QUEUED
         self._children[child.record.task_id] = (run.record.task_id, step.spec.step_id, STEP)
@@ -280,8 +302,10 @@ class Plans:
             )
         elif kind == "state_changed" and role == STEP:
             step = run.steps.get(step_id)
-            if step is not None and not step.done:
-                step.status.state = event.state_changed.to_state
+            to_state = event.state_changed.to_state
+            # A terminal state is applied with the step's result, on its finished event.
+            if step is not None and not step.done and to_state not in TERMINAL_STATES:
+                step.status.state = to_state
         elif kind == "finished":
             self._children.pop(rt.record.task_id, None)
             self._child_finished(run, rt.record, step_id, role, event.sequence)
@@ -411,6 +435,9 @@ class Plans:
         succeeded = [s for s in run.steps.values() if s.succeeded]
         if aggregation == C.AGGREGATION_VOTE:
             self._vote(run, succeeded)
+        elif aggregation == C.AGGREGATION_FIRST_SUCCESS and succeeded:
+            # Only after a restart: the winner's end was stored, the plan's was not.
+            self._first_success(run, min(succeeded, key=lambda s: s.finished_ns))
         elif aggregation == C.AGGREGATION_FIRST_SUCCESS:
             last = next(
                 (s for s in reversed(run.steps.values()) if s.status.HasField("error")), None
@@ -494,6 +521,10 @@ class Plans:
             step_id=AGGREGATOR_STEP_ID,
         )
         run.aggregator_task_id = child.record.task_id
+        # Recorded like a step, so a restart knows whether its end was applied.
+        run.record.steps.append(
+            C.StepStatus(step_id=AGGREGATOR_STEP_ID, task_id=child.record.task_id, state=QUEUED)
+        )
         self._children[child.record.task_id] = (run.record.task_id, AGGREGATOR_STEP_ID, AGGREGATOR)
         self._step_event(
             run,
@@ -507,6 +538,11 @@ class Plans:
         )
 
     def _aggregator_finished(self, run: _Run, child: TaskRecord, sequence: int) -> None:
+        status = _aggregator_status(run)
+        if status is not None:
+            status.state = child.state  # type: ignore[assignment]
+            if child.error is not None:
+                status.error.CopyFrom(child.error)
         event = C.StepEvent(
             step_id=AGGREGATOR_STEP_ID,
             task_id=child.task_id,
@@ -521,6 +557,9 @@ class Plans:
         if child.error is not None:
             event.error.CopyFrom(child.error)
         self._step_event(run, event)
+        self._aggregator_outcome(run, child)
+
+    def _aggregator_outcome(self, run: _Run, child: TaskRecord) -> None:
         if run.compensating:
             self._compensate_next(run)
         elif child.state == SUCCEEDED:
@@ -623,6 +662,8 @@ class Plans:
             role=COMPENSATION,
             step_id=step.spec.step_id,
             deadline_ns=now_ns() + int(self._compensation_timeout * 1e9),
+            # Undoing must not fail for want of tokens the failed plan spent.
+            token_budget=0,
         )
         step.status.compensation_task_id = child.record.task_id
         step.status.compensation_state = QUEUED
@@ -756,7 +797,10 @@ class Plans:
             return
         run = self._run_for(rt)
         run.compensating = record.error is not None
+        aggregator = _aggregator_status(run)
         finished_while_down: list[TaskRecord] = []
+        aggregator_done: TaskRecord | None = None
+        still_active: list[TaskRecord] = []
         # First learn every task the plan started, so nothing is started twice...
         for child in children:
             live = lookup(child.task_id)
@@ -765,20 +809,25 @@ class Plans:
             recorded = 0
             if child.role == AGGREGATOR:
                 run.aggregator_task_id = child.task_id
+                recorded = aggregator.state if aggregator is not None else 0
             elif step is not None and child.role == STEP:
                 step.status.task_id = child.task_id
+                step.budget = child.spec.token_budget
                 recorded = step.status.state
             elif step is not None and child.role == COMPENSATION:
                 step.status.compensation_task_id = child.task_id
                 recorded = step.status.compensation_state
             if not current.terminal:
                 self._children[child.task_id] = (record.task_id, child.step_id, child.role)
+                still_active.append(current)
                 if step is not None and child.role == STEP and step.status.state == 0:
                     step.status.state = QUEUED
                 elif step is not None and child.role == COMPENSATION:
                     step.status.compensation_state = QUEUED
-            elif child.role == AGGREGATOR or recorded not in TERMINAL_STATES:
+            elif recorded not in TERMINAL_STATES:
                 finished_while_down.append(current)
+            elif child.role == AGGREGATOR:
+                aggregator_done = current  # its end was recorded; the plan's was not
             elif step is not None and child.role == STEP:
                 _restore_result(step, current)
         if not run.compensating and run.plan.aggregation in (
@@ -791,7 +840,19 @@ class Plans:
                 None,
             )
             if failed is not None:
-                self._fail(run, failed.status.error)
+                record_of = next((c for c in children if c.task_id == failed.status.task_id), None)
+                self._fail(
+                    run,
+                    _step_error(failed, record_of)
+                    if record_of is not None
+                    else failed.status.error,
+                )
+        elif run.compensating:
+            # The saga started but its cancels may not have been stored: no step may go on.
+            for child in still_active:
+                if child.role in (STEP, AGGREGATOR):
+                    run.cancelled_by_plan.add(child.task_id)
+                    self._host.cancel_child(child.task_id, "the plan is compensating")
         # ...then apply what ended while the coordinator was down, in order.
         for child in sorted(finished_while_down, key=lambda c: c.updated_ns):
             if record.terminal:
@@ -799,14 +860,26 @@ class Plans:
             self._child_finished(run, child, child.step_id, child.role)
         if record.terminal:
             return
-        if run.compensating:
+        if aggregator_done is not None:
+            self._aggregator_outcome(run, aggregator_done)
+        elif run.compensating:
             self._compensate_next(run)
+        elif run.plan.aggregation == C.AGGREGATION_FIRST_SUCCESS and any(
+            s.succeeded for s in run.steps.values()
+        ):
+            # The winner's end was stored, the plan's was not.
+            winners = [s for s in run.steps.values() if s.succeeded]
+            self._first_success(run, min(winners, key=lambda s: s.finished_ns))
         else:
             self._advance(run)
 
 
 def _by_plan(step: _Step) -> bool:
     return step.status.error.reason == PLAN_CANCELLED
+
+
+def _aggregator_status(run: _Run) -> C.StepStatus | None:
+    return next((s for s in run.record.steps if s.step_id == AGGREGATOR_STEP_ID), None)
 
 
 def _restore_result(step: _Step, child: TaskRecord) -> None:

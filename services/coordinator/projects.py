@@ -105,12 +105,8 @@ class Projects:
                 progress.active_tasks += count
         usage = common_pb2.Usage()
         for row in summary.rows:
-            task = coordinator_pb2.Task.FromString(row.data)
-            if task.role == coordinator_pb2.TASK_ROLE_UNSPECIFIED or task.role == (
-                coordinator_pb2.TASK_ROLE_SUBTASK
-            ):
-                # Plans already sum their steps: count each unit of work once.
-                add_usage(usage, task.usage)
+            # Roots only: a plan's usage sums its steps, a task's its sub-tasks.
+            add_usage(usage, coordinator_pb2.Task.FromString(row.data).usage)
         progress.usage.CopyFrom(usage)
         project.progress.CopyFrom(progress)
         return project

@@ -108,6 +108,9 @@ __all__ = ["Coordinator", "EventPublisher", "NullPublisher"]
 
 TaskEvent = coordinator_pb2.TaskEvent
 
+#: The error reason of a sub-task cancelled because its parent ended.
+_PARENT_ENDED = "PARENT_TASK_ENDED"
+
 # task.* event type of each terminal state.
 _FINISHED_TYPES: dict[int, str] = {
     SUCCEEDED: "task.completed",
@@ -272,10 +275,17 @@ class Coordinator:
             if existing is not None:
                 metrics.TASKS_DEDUPLICATED.inc()
                 return existing, True
-        parent = await self._subtask_parent(normalized, caller)
         if normalized.project_id:
             await self._load_project(normalized.project_id, caller, field_name="spec.project_id")
-        elif parent is not None:
+        # Checked after every await above: the parent must still be running now.
+        parent = await self._subtask_parent(normalized, caller)
+        if parent is not None and parent.record.terminal:
+            raise FailedPrecondition(
+                f"parent task {parent.record.task_id} already finished",
+                [("TASK_STATE", f"task/{parent.record.task_id}", "the parent task has finished")],
+                reason="PARENT_TASK_FINISHED",
+            )
+        if not normalized.project_id and parent is not None:
             normalized.project_id = parent.record.project_id
         if not normalized.metadata.correlation_id:
             normalized.metadata.correlation_id = (
@@ -289,7 +299,9 @@ class Coordinator:
         if parent is not None:
             # A sub-task never outlives its parent, nor spends more than it has left.
             deadline_ns = min(deadline_ns, parent.record.deadline_ns)
-            normalized.token_budget = _remaining_budget(parent.record, normalized.token_budget)
+            normalized.token_budget = _remaining_budget(
+                parent.record, normalized.token_budget, held=self._held_by_subtasks(parent)
+            )
         record = TaskRecord(
             task_id=uuid.uuid4().hex,
             spec=normalized,
@@ -358,17 +370,28 @@ class Coordinator:
                 [("TASK_STATE", f"task/{parent_id}", "the parent task has finished")],
                 reason="PARENT_TASK_FINISHED",
             )
-        role = parse_spiffe_id(caller.identity)
-        if not (caller.may_access(rt.record.owner) or (role is not None and role[0] == "agent")):
+        if not (caller.may_access(rt.record.owner) or self._runs_on(rt, caller)):
+            # Only the agent running a task (or its owner) may attach work to it.
             raise NotFound("task", parent_id, reason="TASK_NOT_FOUND")
         limit = self.settings.max_subtask_depth
-        if rt.record.depth + 1 > limit:
+        # A plan's steps sit one level below the plan.
+        depth = rt.record.depth + (2 if spec.HasField("plan") else 1)
+        if depth > limit:
             raise FailedPrecondition(
-                f"sub-task would be nested {rt.record.depth + 1} deep; the limit is {limit}",
+                f"sub-task would be nested {depth} deep; the limit is {limit}",
                 [("SUBTASK_DEPTH", f"task/{parent_id}", f"at most {limit} levels of sub-tasks")],
                 reason="SUBTASK_DEPTH_EXCEEDED",
             )
         return rt
+
+    @staticmethod
+    def _runs_on(rt: TaskRuntime, caller: Caller) -> bool:
+        """Whether the caller is the agent running the task's current attempt."""
+        role = parse_spiffe_id(caller.identity)
+        attempt = rt.attempt
+        if role is None or role[0] != "agent" or attempt is None:
+            return False
+        return attempt.lease.entry.instance.meta.get("spiffe_id") == caller.identity
 
     # -- plan steps (the plans' host) --------------------------------------------------
 
@@ -381,6 +404,7 @@ class Coordinator:
         role: int,
         step_id: str,
         deadline_ns: int | None = None,
+        token_budget: int | None = None,
     ) -> TaskRuntime:
         """Create, store and queue a plan's step, compensation or aggregator task.
 
@@ -394,7 +418,9 @@ class Coordinator:
             input=payload,
             priority=p.spec.priority,
             max_attempts=p.spec.max_attempts,
-            token_budget=_remaining_budget(p, 0),
+            token_budget=(
+                token_budget if token_budget is not None else _remaining_budget(p, 0, held=0)
+            ),
             labels=p.spec.labels,
             metadata=p.spec.metadata,
             project_id=p.project_id,
@@ -431,16 +457,24 @@ class Coordinator:
         metrics.TASKS_SUBMITTED.inc()
         return rt
 
-    def cancel_child(self, task_id: str, reason: str) -> None:
-        """Cancel a task its parent no longer needs (no-op once it finished)."""
+    def cancel_child(self, task_id: str, reason: str, *, code: str = PLAN_CANCELLED) -> None:
+        """Cancel a task its parent no longer needs (no-op once it finished).
+
+        ``code`` is the error reason the child ends with (``PLAN_STEP_CANCELLED`` for a
+        step its plan stopped, ``PARENT_TASK_ENDED`` for a sub-task of a task that ended).
+        """
         rt = self._tasks.active.get(task_id)
         if rt is None or rt.record.terminal:
+            return
+        if rt.record.is_plan:
+            # A plan (say, a sub-task whose parent ended) stops with its saga.
+            self._plans.cancel(rt, reason)
             return
         self._finish(
             rt,
             CANCELLED,
             reason=reason,
-            error=common_pb2.ErrorDetail(code="CANCELLED", reason=PLAN_CANCELLED, message=reason),
+            error=common_pb2.ErrorDetail(code="CANCELLED", reason=code, message=reason),
         )
 
     def finish(
@@ -1165,11 +1199,23 @@ class Coordinator:
             logger.info("task %s: %s", state_name(state), reason)
         return committed
 
+    def _held_by_subtasks(self, parent: TaskRuntime) -> int:
+        held = 0
+        for child_id in self._subtasks.get(parent.record.task_id, ()):
+            child = self._tasks.active.get(child_id)
+            if child is not None:
+                held += max(child.record.spec.token_budget - child.record.usage.total_tokens, 0)
+        return held
+
     def _end_family(self, record: TaskRecord) -> None:
         """A task ended: its sub-tasks are cancelled, its parent and project told."""
         for child_id in sorted(self._subtasks.pop(record.task_id, ())):
-            self.cancel_child(child_id, f"parent task {record.task_id} ended")
+            self.cancel_child(child_id, f"parent task {record.task_id} ended", code=_PARENT_ENDED)
         if record.role == coordinator_pb2.TASK_ROLE_SUBTASK:
+            parent = self._tasks.active.get(record.parent_task_id)
+            if parent is not None:
+                # What a sub-task spent counts against its parent's budget.
+                add_usage(parent.record.usage, record.usage)
             siblings = self._subtasks.get(record.parent_task_id)
             if siblings is not None:
                 siblings.discard(record.task_id)
@@ -1237,7 +1283,6 @@ class Coordinator:
                 self._subtasks.setdefault(record.parent_task_id, set()).add(record.task_id)
             if record.is_plan:
                 plans.append(rt)
-                self._arm_deadline(rt)
                 continue
             if record.state in ACTIVE_DISPATCH_STATES:
                 previous = record.state
@@ -1272,7 +1317,15 @@ class Coordinator:
                 convert.record_from_row(r) for r in await self._store.children(rt.record.task_id)
             ]
             with bind_task(rt.record.task_id):
-                self._plans.recover(rt, children, self._tasks.active.get)
+                self._plans.recover(rt, children, self._tasks.get)
+            if not rt.record.terminal:
+                # Armed only now: a deadline that passed while the coordinator was down
+                # must find the plan resumed, to run its saga.
+                self._arm_deadline(rt)
+        for parent_id in [p for p in self._subtasks if p not in self._tasks.active]:
+            # Their parent ended while the coordinator was down.
+            for child_id in sorted(self._subtasks.pop(parent_id)):
+                self.cancel_child(child_id, f"parent task {parent_id} ended", code=_PARENT_ENDED)
         if rows:
             logger.info(
                 "recovered %d unfinished tasks: %d queued, %d interrupted attempts re-queued, "
@@ -1308,10 +1361,13 @@ class Coordinator:
         )
 
 
-def _remaining_budget(parent: TaskRecord, asked: int) -> int:
-    """The token budget of a child: what it asked, within what its parent has left."""
+def _remaining_budget(parent: TaskRecord, asked: int, *, held: int) -> int:
+    """The token budget of a child: what it asked, within what its parent has left.
+
+    ``held`` is what the parent's other running children may still spend.
+    """
     budget = parent.spec.token_budget
     if not budget:
         return asked
-    left = max(budget - parent.usage.total_tokens, 1)
+    left = max(budget - parent.usage.total_tokens - held, 1)
     return min(asked, left) if asked else left

@@ -374,9 +374,11 @@ class SqliteTaskStore:
                     (project_id,),
                 ).fetchall()
             }
+            # Usage rolls up into each tree's root (a plan sums its steps, a task its
+            # sub-tasks), so only roots are read.
             rows = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE project_id = ? "  # noqa: S608
-                "ORDER BY created_ns LIMIT 10000",
+                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
+                "WHERE project_id = ? AND parent_task_id = '' ORDER BY created_ns",
                 (project_id,),
             ).fetchall()
             return ProjectSummary(counts, [_row_from_db(r) for r in rows])

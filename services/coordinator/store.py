@@ -144,7 +144,7 @@ class ProjectSummary:
 
     Attributes:
         tasks_by_state: How many of its tasks are in each ``TaskState``.
-        rows: Its tasks' rows, for usage sums (at most the store's cap).
+        rows: The rows of its root tasks (no parent): each carries its tree's usage.
     """
 
     tasks_by_state: dict[int, int] = field(default_factory=dict)

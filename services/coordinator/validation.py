@@ -214,7 +214,7 @@ def plan_violations(
             elif dep not in {s.step_id for s in steps}:
                 violations.append(FieldViolation(f"{sp}.depends_on[{j}]", f"unknown step {dep!r}"))
     cycle = find_cycle(plan)
-    if cycle and len(cycle) > 2:
+    if cycle:
         violations.append(FieldViolation(f"{p}.steps", "dependency cycle: " + " -> ".join(cycle)))
     if plan.aggregation not in _VALID_AGGREGATIONS:
         violations.append(
@@ -238,9 +238,10 @@ def plan_violations(
 def find_cycle(plan: coordinator_pb2.Plan) -> list[str]:
     """A dependency cycle of a plan as ``[a, b, ..., a]``, or ``[]`` when there is none.
 
-    Self-dependencies come back as ``[a, a]``; unknown dependencies are ignored.
+    Self-dependencies and unknown dependencies are ignored (reported on their own).
     """
-    graph = {step.step_id: [d for d in step.depends_on] for step in plan.steps}
+    # Self-dependencies are reported on their own; look for real cycles past them.
+    graph = {step.step_id: [d for d in step.depends_on if d != step.step_id] for step in plan.steps}
     white, grey, black = 0, 1, 2
     color = dict.fromkeys(graph, white)
     path: list[str] = []

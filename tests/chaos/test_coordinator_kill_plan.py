@@ -153,11 +153,14 @@ async def test_kill_dash_nine_mid_saga_finishes_the_compensations(pki: Pki, tmp_
 
         async def compensating() -> None:
             started = [
-                e.step.step_id
+                e.step
                 for e in seen
                 if e.HasField("step") and e.step.kind == C.STEP_EVENT_KIND_COMPENSATION_STARTED
             ]
-            assert started == ["second"]
+            assert [s.step_id for s in started] == ["second"]
+            # Killed while the compensation runs on an agent, not merely queued.
+            undo = (await client.GetTask(C.GetTaskRequest(task_id=started[0].task_id))).task
+            assert undo.state == S.TASK_STATE_RUNNING and undo.progress.fraction > 0
 
         await eventually(compensating, timeout=30)
         await coordinator.kill()

@@ -29,6 +29,7 @@ from hivewire.services.agent import (
 )
 from hivewire.services.agent.examples.planner import PlannerAgent
 from hivewire.services.model.settings import ModelSettings
+from hivewire.services.runtime.pki import describe_cert
 from tests.conftest import Pki
 from tests.helpers import eventually
 from tests.integration.test_agent_helpers import agent_settings, serve_in_process
@@ -66,6 +67,26 @@ class Delegator(Agent):
         result = await ctx.subtask("echo", {"hang": True})
         return result.output.text
 
+    @capability("plan-wait")
+    async def plan_wait(self, task: Payload, ctx: TaskContext) -> str:
+        result = await ctx.subtask(
+            plan={
+                "steps": [
+                    {
+                        "step_id": "done-first",
+                        "capability": "echo",
+                        "compensation_capability": "undo",
+                    },
+                    {
+                        "step_id": "hangs",
+                        "capability": "echo",
+                        "input": {"json": {"hang": True}},
+                    },
+                ]
+            }
+        )
+        return result.output.text
+
     @capability("fails")
     async def fails(self, task: Payload, ctx: TaskContext) -> str:
         await ctx.subtask("echo", {"fail": "permanent"})
@@ -88,7 +109,12 @@ async def sdk_agent(
             address="127.0.0.1",
             port=running.port,
             tags=tuple(card.capability_names),
-            meta={"name": agent.agent_name(), "version": "1.0.0", "max_concurrency": "8"},
+            meta={
+                "name": agent.agent_name(),
+                "version": "1.0.0",
+                "max_concurrency": "8",
+                "spiffe_id": mesh_spiffe_id(mesh, identity),
+            },
         )
         await mesh.registry.register(instance)
         try:
@@ -96,6 +122,10 @@ async def sdk_agent(
         finally:
             with contextlib.suppress(Exception):
                 await mesh.registry.deregister(instance.instance_id)
+
+
+def mesh_spiffe_id(mesh: Mesh, stem: str) -> str:
+    return describe_cert(mesh.pki_dir / f"{stem}.pem").spiffe_id or ""
 
 
 @pytest.fixture
@@ -172,6 +202,34 @@ async def test_cancelling_the_parent_cancels_the_sub_task(mesh: Mesh) -> None:
     assert child.state == S.TASK_STATE_CANCELLED
 
 
+async def test_cancelling_a_task_runs_the_saga_of_its_plan_sub_task(mesh: Mesh) -> None:
+    echo = await mesh.agent(max_concurrency=4)
+    undo = await mesh.agent("undoer", capabilities=("undo",))
+    client = mesh.client()
+    admin = mesh.client("admin")
+    async with sdk_agent(mesh, Delegator(), identity="agent"):
+        parent = (
+            await client.SubmitTask(C.SubmitTaskRequest(spec=C.TaskSpec(capability="plan-wait")))
+        ).task
+
+        async def plan_half_done() -> C.Task:
+            found = (await admin.ListTasks(C.ListTasksRequest(parent_task_id=parent.task_id))).tasks
+            assert len(found) == 1
+            plan = found[0]
+            states = {s.step_id: s.state for s in plan.steps}
+            assert states == {"done-first": S.TASK_STATE_SUCCEEDED, "hangs": S.TASK_STATE_RUNNING}
+            return plan
+
+        plan = await eventually(plan_half_done)
+        await client.CancelTask(C.CancelTaskRequest(task_id=parent.task_id))
+        events = await collect(admin.WatchTask(C.WatchTaskRequest(task_id=plan.task_id)))
+    assert events[-1].finished.state == S.TASK_STATE_CANCELLED
+    hung = next(x for x in echo.stats.executions if x.assignment.input.json)
+    assert hung.cancelled
+    (compensation,) = undo.stats.executions
+    assert json_format.MessageToDict(compensation.assignment.input.json)["step_id"] == "done-first"
+
+
 PLAN = {
     "steps": [
         {"step_id": "a", "capability": "echo", "input": {"text": "first"}},
@@ -228,6 +286,11 @@ async def test_the_planner_turns_a_goal_into_a_plan_and_runs_it(mesh: Mesh, pki:
     [
         ("I would rather not plan today.", "PLAN_UNUSABLE", "rather not plan"),
         ('{"steps": [oops]}', "PLAN_UNUSABLE", "oops"),
+        (
+            json.dumps({"steps": [{"step_id": "a", "capability": "echo", "why": "because"}]}),
+            "PLAN_UNUSABLE",
+            "because",
+        ),
         (
             json.dumps({"steps": [{"step_id": "a", "capability": "echo", "depends_on": ["a"]}]}),
             "PLAN_INVALID",

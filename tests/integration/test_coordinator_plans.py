@@ -280,6 +280,37 @@ async def test_a_failing_third_step_compensates_step_two_then_step_one(mesh: Mes
     assert "workflow.step_failed" in types and types[-1] == "workflow.failed"
 
 
+async def test_compensation_follows_the_order_of_completion_not_of_the_plan(
+    mesh: Mesh,
+) -> None:
+    agent = await mesh.agent("workers", capabilities=("echo",), max_concurrency=4)
+    undo = await mesh.agent("undoer", capabilities=("undo",))
+    steps = [
+        step("early", script={"gate": "early"}, compensation="undo"),
+        step("late", script={"gate": "late"}, compensation="undo"),
+        step("fails", script={"fail": "permanent"}, depends_on=("early", "late")),
+    ]
+    client = mesh.client()
+    parent = (await client.SubmitTask(C.SubmitTaskRequest(spec=plan_spec(*steps)))).task
+    await agent.wait_started(2)
+    # The step declared second finishes first.
+    agent.gate("late").set()
+
+    async def late_done() -> None:
+        task = (await client.GetTask(C.GetTaskRequest(task_id=parent.task_id))).task
+        assert {s.step_id: s.state for s in task.steps}["late"] == S.TASK_STATE_SUCCEEDED
+
+    await eventually(late_done)
+    agent.gate("early").set()
+    events = await collect(client.WatchTask(C.WatchTaskRequest(task_id=parent.task_id)))
+    assert events[-1].finished.state == S.TASK_STATE_FAILED
+    undone = [
+        json_format.MessageToDict(x.assignment.input.json)["step_id"] for x in undo.stats.executions
+    ]
+    # Reverse order of completion: "early" finished last, so it is undone first.
+    assert undone == ["early", "late"]
+
+
 async def test_a_failing_compensation_is_retried_recorded_and_the_others_still_run(
     mesh: Mesh,
 ) -> None:
@@ -472,6 +503,20 @@ async def test_sub_tasks_inherit_and_nest_only_so_deep(mesh: Mesh) -> None:
         )
     ).task
     hang = S.Payload(json=json_format.ParseDict({"hang": True}, struct_pb2.Struct()))
+    # An agent may attach work only to a task it runs: not before it got the task...
+    with pytest.raises(grpc.aio.AioRpcError) as early:
+        await mesh.client("agent-calculator").SubmitTask(
+            C.SubmitTaskRequest(spec=C.TaskSpec(capability="echo", parent_task_id=parent.task_id))
+        )
+    assert early.value.code() == grpc.StatusCode.NOT_FOUND
+    await agent.wait_started(1)
+    await _running(client, parent.task_id)
+    # ...and another agent identity never.
+    with pytest.raises(grpc.aio.AioRpcError) as other:
+        await mesh.client("agent-calculator").SubmitTask(
+            C.SubmitTaskRequest(spec=C.TaskSpec(capability="echo", parent_task_id=parent.task_id))
+        )
+    assert other.value.code() == grpc.StatusCode.NOT_FOUND
     child = (
         await as_agent.SubmitTask(
             C.SubmitTaskRequest(
@@ -484,6 +529,7 @@ async def test_sub_tasks_inherit_and_nest_only_so_deep(mesh: Mesh) -> None:
     assert child.spec.metadata.correlation_id == parent.spec.metadata.correlation_id
     assert child.spec.token_budget == 100
     assert child.deadline.ToNanoseconds() <= parent.deadline.ToNanoseconds()
+    await _running(as_agent, child.task_id)
     grandchild = (
         await as_agent.SubmitTask(
             C.SubmitTaskRequest(
@@ -492,6 +538,7 @@ async def test_sub_tasks_inherit_and_nest_only_so_deep(mesh: Mesh) -> None:
         )
     ).task
     assert grandchild.depth == 2
+    await _running(as_agent, grandchild.task_id)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await as_agent.SubmitTask(
             C.SubmitTaskRequest(
@@ -501,6 +548,7 @@ async def test_sub_tasks_inherit_and_nest_only_so_deep(mesh: Mesh) -> None:
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     err = error_of(info.value)
     assert isinstance(err, FailedPrecondition) and err.reason == "SUBTASK_DEPTH_EXCEEDED"
+    assert "nested 3 deep; the limit is 2" in err.message
     # The agent cannot read the client's task, and the client cannot read the agent's.
     with pytest.raises(grpc.aio.AioRpcError) as denied:
         await as_agent.GetTask(C.GetTaskRequest(task_id=parent.task_id))
@@ -516,6 +564,14 @@ async def test_sub_tasks_inherit_and_nest_only_so_deep(mesh: Mesh) -> None:
 
     await eventually(family_cancelled)
     await eventually(lambda: _all_cancelled(agent))
+
+
+async def _running(client: Any, task_id: str) -> None:
+    async def check() -> None:
+        task = (await client.GetTask(C.GetTaskRequest(task_id=task_id))).task
+        assert task.state == S.TASK_STATE_RUNNING
+
+    await eventually(check)
 
 
 async def _all_cancelled(agent: Any) -> None:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,6 +35,7 @@ from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.common.v1 import common_pb2
 from hivewire.discovery import Instance, Registry, new_instance_id
 from hivewire.services.runtime.config import load_settings
+from hivewire.services.runtime.pki import describe_cert
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
 
 SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
@@ -288,7 +290,14 @@ async def serve_scripted_agent(
             address="127.0.0.1",
             port=server.port,
             tags=capabilities,
-            meta={"name": name, "version": "1.0.0", "max_concurrency": str(max_concurrency)},
+            meta={
+                "name": name,
+                "version": "1.0.0",
+                "max_concurrency": str(max_concurrency),
+                # As real agents register it: the coordinator lets the agent running a
+                # task (and only it) attach sub-tasks to the task.
+                "spiffe_id": describe_cert(Path(certs_dir) / f"{identity}.pem").spiffe_id or "",
+            },
         )
         if register:
             await registry.register(instance)

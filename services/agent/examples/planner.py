@@ -108,6 +108,13 @@ class PlannerAgent(Agent):
             result = await ctx.subtask(plan=plan, on_event=forward)
         except SubtaskError as err:
             quoted = " ".join(answer.text.split())[:QUOTE_CHARS]
+            if err.reason == "PLAN_MALFORMED":
+                raise PermanentError(
+                    "PLAN_UNUSABLE",
+                    f"the model's answer is not shaped like a plan ({err.message}); "
+                    f"it said: {quoted}",
+                    metadata={"model_answer": quoted},
+                ) from err
             if err.metadata.get("code") == "INVALID_ARGUMENT":
                 raise PermanentError(
                     "PLAN_INVALID",
