@@ -113,6 +113,7 @@ app.add_typer(certs.app, name="certs")
 app.add_typer(agent.app, name="agent")
 app.add_typer(events.app, name="events")
 app.add_typer(tasks.app)  # submit, watch, cancel, tasks, agents
+app.add_typer(tasks.projects_app, name="projects")
 app.add_typer(up.app)  # up
 
 

@@ -790,3 +790,122 @@ def agents(
         )
 
     _run(target, work)
+
+
+# -- projects ----------------------------------------------------------------------------
+
+projects_app = typer.Typer(help="Projects: a goal that groups tasks and plans.")
+
+
+def _project_row(project: coordinator_pb2.Project) -> Sequence[str]:
+    return (
+        project.project_id,
+        project.name,
+        project.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+        _clip(project.goal, 60),
+    )
+
+
+@projects_app.command("create")
+def create_project(
+    name: Annotated[str, typer.Argument(help="A short name.")],
+    goal: Annotated[str, typer.Option("--goal", "-g", help="What the project is for.")] = "",
+    attribute: Annotated[
+        list[str] | None, typer.Option("--attribute", help="key=value, repeatable.")
+    ] = None,
+    json_lines: JsonOpt = False,
+    address: AddressOpt = None,
+    certs_dir: CertsOpt = None,
+    identity: IdentityOpt = "client",
+) -> None:
+    """Create a project and print its id."""
+    attributes: dict[str, str] = {}
+    for item in attribute or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not key=value", param_hint="--attribute")
+        attributes[key] = value
+    target = _target(address, certs_dir, identity)
+
+    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+        response = await stub.CreateProject(
+            coordinator_pb2.CreateProjectRequest(name=name, goal=goal, attributes=attributes)
+        )
+        if json_lines:
+            echo_json(response.project)
+        else:
+            typer.echo(response.project.project_id)
+        return EXIT_OK
+
+    _run(target, work)
+
+
+@projects_app.command("list")
+def list_projects(
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Most shown.")] = 20,
+    json_lines: JsonOpt = False,
+    address: AddressOpt = None,
+    certs_dir: CertsOpt = None,
+    identity: IdentityOpt = "client",
+) -> None:
+    """List your projects, newest first."""
+    target = _target(address, certs_dir, identity)
+
+    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+        found: list[coordinator_pb2.Project] = []
+        token = ""
+        while len(found) < limit:
+            response = await stub.ListProjects(
+                coordinator_pb2.ListProjectsRequest(
+                    page_size=min(limit - len(found), 500), page_token=token
+                )
+            )
+            found.extend(response.projects)
+            token = response.next_page_token
+            if not token:
+                break
+        return _listing(
+            found,
+            ("PROJECT", "NAME", "CREATED", "GOAL"),
+            _project_row,
+            json_lines=json_lines,
+            width=160,
+        )
+
+    _run(target, work)
+
+
+@projects_app.command("show")
+def show_project(
+    project_id: Annotated[str, typer.Argument(help="The project's id.")],
+    json_lines: JsonOpt = False,
+    address: AddressOpt = None,
+    certs_dir: CertsOpt = None,
+    identity: IdentityOpt = "client",
+) -> None:
+    """A project and the progress of its tasks."""
+    target = _target(address, certs_dir, identity)
+
+    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+        project = (
+            await stub.GetProject(coordinator_pb2.GetProjectRequest(project_id=project_id))
+        ).project
+        if json_lines:
+            echo_json(project)
+            return EXIT_OK
+        progress = project.progress
+        states = ", ".join(f"{state_label(c.state)} {c.count}" for c in progress.tasks_by_state)
+        typer.echo(f"{project.name} ({project.project_id})")
+        if project.goal:
+            typer.echo(f"goal: {project.goal}")
+        typer.echo(
+            f"tasks: {progress.total_tasks} ({progress.active_tasks} active)"
+            + (f": {states}" if states else "")
+        )
+        typer.echo(
+            f"usage: {progress.usage.total_tokens} tokens, {progress.usage.model_calls} model "
+            f"calls, {progress.usage.tool_calls} tool calls"
+        )
+        return EXIT_OK
+
+    _run(target, work)

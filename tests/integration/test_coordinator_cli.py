@@ -217,3 +217,22 @@ async def test_bad_plans_from_the_cli(mesh: Mesh, tmp_path: Path) -> None:
     assert "dependency cycle: a -> b -> a" in refused.err
     both = await cli(mesh, "submit", "echo", "--plan", str(cycle))
     assert both.code == 2
+
+
+async def test_projects_from_the_cli(mesh: Mesh, tmp_path: Path) -> None:
+    await mesh.agent(max_concurrency=4)
+    created = await cli(mesh, "projects", "create", "launch", "--goal", "ship it")
+    assert created.code == 0, created
+    project_id = created.out.strip()
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN_YAML)
+    ran = await cli(mesh, "submit", "--plan", str(plan), "--project", project_id)
+    assert ran.code == 0, ran
+    listed = await cli(mesh, "projects", "list")
+    assert listed.code == 0 and project_id in listed.out and "launch" in listed.out
+    shown = await cli(mesh, "projects", "show", project_id)
+    assert shown.code == 0, shown
+    assert "goal: ship it" in shown.out
+    assert "tasks: 4 (0 active): succeeded 4" in shown.out
+    missing = await cli(mesh, "projects", "show", "nope")
+    assert missing.code == 5 and "PROJECT_NOT_FOUND" in missing.err
