@@ -4,18 +4,15 @@ Environment variables use the nested form ``HIVEWIRE_A2A__<FIELD>``, for example
 ``HIVEWIRE_A2A__HTTP_PORT=50055``. Remote A2A agents for the adapter agent are a JSON
 list: ``HIVEWIRE_A2A__REMOTE_AGENTS='[{"card_url": "https://..."}]'``. See docs/interop.md.
 
-This module imports nothing but pydantic, so the shared :mod:`config` can use it.
+This module imports nothing but pydantic and the port numbers, so the shared
+:mod:`config` can use it.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-A2A_GRPC_PORT = 50054
-"""Default port of the gateway's A2A gRPC binding."""
-
-A2A_HTTP_PORT = 50055
-"""Default port of the gateway's A2A JSON-RPC (HTTPS) binding and agent card."""
+from hivewire.services.runtime.ports import A2A_HTTP_PORT
 
 
 class A2aSettings(BaseModel):

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from hivewire.services.cli import agent, certs, events, tasks, up
+from hivewire.services.cli import a2a, agent, certs, events, tasks, up
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ app.add_typer(agent.app, name="agent")
 app.add_typer(events.app, name="events")
 app.add_typer(tasks.app)  # submit, watch, cancel, tasks, agents
 app.add_typer(up.app)  # up
+app.add_typer(a2a.app)  # a2a
 
 
 def main() -> None:
