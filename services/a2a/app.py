@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from importlib import metadata
 
 from a2a.server.request_handlers.grpc_handler import GrpcHandler
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
@@ -29,16 +28,10 @@ from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.https import HttpsServer
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
+from hivewire.services.runtime.version import hivewire_version
 
 SERVICE_NAME = "lf.a2a.v1.A2AService"
 """The A2A gRPC binding's full service name (health, reflection, authorization)."""
-
-
-def _version() -> str:
-    try:
-        return metadata.version("hivewire")
-    except metadata.PackageNotFoundError:
-        return "0.0.0"
 
 
 @dataclass
@@ -91,7 +84,7 @@ async def running_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
             CardIdentity(
                 name=config.name,
                 description=config.description,
-                version=_version(),
+                version=hivewire_version() or "0.0.0",
                 jsonrpc_url=f"https://{_hostport(host, http.port)}/",
                 grpc_url=_hostport(host, server.port),
             )
