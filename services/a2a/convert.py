@@ -466,7 +466,10 @@ def is_final(update: A2aEvent) -> bool:
 
 
 class ArtifactFold:
-    """Artifacts rebuilt from a task's partial results, the way a streaming client sees them."""
+    """Artifacts rebuilt from a task's partial results, the way a streaming client sees them.
+
+    Appended text chunks are joined into one text part; other parts are appended.
+    """
 
     def __init__(self) -> None:
         self._artifacts: dict[str, a2a.Artifact] = {}
@@ -478,7 +481,17 @@ class ArtifactFold:
             self._artifacts[update.artifact.artifact_id] = a2a.Artifact()
             self._artifacts[update.artifact.artifact_id].CopyFrom(update.artifact)
             return
-        current.parts.extend(update.artifact.parts)
+        for part in update.artifact.parts:
+            last = current.parts[-1] if current.parts else None
+            if (
+                last is not None
+                and last.WhichOneof("content") == "text"
+                and part.WhichOneof("content") == "text"
+            ):
+                # Streamed text: one growing text part, as a reader expects it.
+                last.text += part.text
+            else:
+                current.parts.append(part)
 
     @property
     def artifacts(self) -> list[a2a.Artifact]:

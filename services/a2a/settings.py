@@ -52,3 +52,6 @@ class A2aSettings(BaseModel):
     remote_client_identity: str = Field(
         "", description="Adapter agent: mesh identity presented to the remote agent (mTLS)."
     )
+    remote_skill_prefix: str = Field(
+        "", description="Adapter agent: prefix of the capability names of the remote skills."
+    )

@@ -12,6 +12,7 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -108,15 +109,16 @@ async def a2a_mesh(pki: Pki, workdir: Path) -> AsyncIterator[A2aMesh]:
 
 
 async def wait_for_card(mesh: A2aMesh, skills: tuple[str, ...]) -> dict[str, object]:
-    """The card once it lists ``skills`` (the gateway refreshes it from ListAgents)."""
+    """The card once it lists ``skills`` with their descriptions (the gateway refreshes it
+    from ListAgents; the coordinator learns descriptions from each agent's Describe)."""
 
     async def listed() -> dict[str, object]:
         async with httpx.AsyncClient(verify=client_ssl_context(mesh.client_files)) as http:
             response = await http.get(mesh.card_url)
         response.raise_for_status()
-        card: dict[str, object] = response.json()
-        ids = {skill["id"] for skill in card.get("skills", [])}  # type: ignore[union-attr,index]
-        assert set(skills) <= ids, ids
+        card: dict[str, Any] = response.json()
+        described = {s["id"] for s in card.get("skills", []) if s["description"] != s["id"]}
+        assert set(skills) <= described, card.get("skills")
         return card
 
     result: dict[str, object] = await eventually(
