@@ -383,7 +383,9 @@ def _artifact(
         task_id=task_id, context_id=context_id, append=append, last_chunk=last_chunk
     )
     update.artifact.CopyFrom(artifact)
-    update.metadata.update({META_KEY: {"sequence": event.sequence, "event": "partial"}})
+    update.metadata.update(
+        {META_KEY: {"sequence": event.sequence, "event": event.WhichOneof("kind")}}
+    )
     return update
 
 
