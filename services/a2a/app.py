@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 from a2a.server.request_handlers.grpc_handler import GrpcHandler
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.types import a2a_pb2_grpc
@@ -50,7 +51,7 @@ class RunningGateway:
 
 @contextlib.asynccontextmanager
 async def running_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
-    """Run the gateway until the block ends (stopping the gRPC server, then HTTPS)."""
+    """Run the gateway until the block ends (stopping HTTPS, then the gRPC server)."""
     config = settings.a2a
     files = settings.tls_files()
     async with contextlib.AsyncExitStack() as stack:
@@ -62,15 +63,9 @@ async def running_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
         host = config.public_host or settings.advertised_host
         cards = CardSource(stub, interval=config.card_refresh)  # type: ignore[arg-type]
         handler = GatewayHandler(stub, cards, config)  # type: ignore[arg-type]
-        app = Starlette(
-            routes=[
-                *create_agent_card_routes(cards.card, card_modifier=cards.current),
-                *create_jsonrpc_routes(handler, rpc_url="/"),
-            ]
-        )
-        http = await stack.enter_async_context(
-            HttpsServer(app, files, host=settings.host, port=config.http_port)
-        )
+        app = Starlette(routes=create_jsonrpc_routes(handler, rpc_url="/"))
+        # Bound and listening now, serving once the card is ready: its URLs need both ports.
+        http = HttpsServer(app, files, host=settings.host, port=config.http_port)
         binding = ServiceBinding(
             SERVICE_NAME,
             lambda s: a2a_pb2_grpc.add_A2AServiceServicer_to_server(  # type: ignore[no-untyped-call]
@@ -89,6 +84,10 @@ async def running_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
                 grpc_url=_hostport(host, server.port),
             )
         )
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await cards.refresh()
+        app.router.routes.extend(create_agent_card_routes(cards.card, card_modifier=cards.current))
+        await stack.enter_async_context(http)
         refresher = asyncio.create_task(cards.run())
         stack.push_async_callback(cards.close, refresher)
         yield RunningGateway(server=server, http=http, cards=cards)
