@@ -345,3 +345,21 @@ async def test_errors_are_a2a_errors(mesh: A2aMesh, http: httpx.AsyncClient) -> 
         await collect(client.send_message(a2a.SendMessageRequest(message=message(None, "x"))))
     with pytest.raises(TaskNotFoundError):
         await client.get_task(a2a.GetTaskRequest(id="0" * 32))
+
+
+async def test_lists_the_tasks_of_a_context(mesh: A2aMesh, http: httpx.AsyncClient) -> None:
+    client = await sdk_client(mesh, http)
+    context_id = uuid.uuid4().hex
+    started = []
+    for text in ("x y", "z"):
+        msg = message("spell", text)
+        msg.context_id = context_id
+        events = await collect(client.send_message(a2a.SendMessageRequest(message=msg)))
+        started.append(events[0].task.id)
+    listed = await client.list_tasks(a2a.ListTasksRequest(context_id=context_id))
+    assert sorted(t.id for t in listed.tasks) == sorted(started)
+    assert all(t.status.state == a2a.TASK_STATE_COMPLETED for t in listed.tasks)
+    completed = await client.list_tasks(
+        a2a.ListTasksRequest(context_id=context_id, status=a2a.TASK_STATE_WORKING)
+    )
+    assert list(completed.tasks) == []
