@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
-from a2a.client import Client, ClientConfig, ClientFactory
+from a2a.client import A2AClientError, Client, ClientConfig, ClientFactory
 from a2a.client.card_resolver import parse_agent_card
 from a2a.types import a2a_pb2 as a2a
 from a2a.utils.errors import A2AError
@@ -175,9 +175,14 @@ class RemoteA2aAgent(Agent):
         except asyncio.CancelledError:
             await forwarding.cancel_remote()
             raise
-        except A2AError as exc:
+        except A2AClientError as exc:
             raise RetryableError(
                 "REMOTE_A2A_ERROR", f"the remote A2A agent failed: {exc}"
+            ) from None
+        except A2AError as exc:
+            # The remote agent answered with a protocol error: trying again changes nothing.
+            raise PermanentError(
+                "REMOTE_A2A_REJECTED", f"the remote A2A agent refused the task: {exc}"
             ) from None
         except (httpx.HTTPError, OSError) as exc:
             raise RetryableError(
@@ -341,7 +346,12 @@ async def serve_remote(settings: Settings) -> None:
         )
     timeout = httpx.Timeout(30.0, read=None)
     async with httpx.AsyncClient(verify=remote_ssl_context(settings), timeout=timeout) as http:
-        card = await fetch_card(http, config.remote_card_url)
+        try:
+            card = await fetch_card(http, config.remote_card_url)
+        except (httpx.HTTPError, ValueError) as exc:
+            raise SystemExit(
+                f"Error: cannot read the remote agent card {config.remote_card_url}: {exc}"
+            ) from None
         agent = RemoteA2aAgent(card, http, prefix=config.remote_skill_prefix)
         name = settings.agent.name or agent.card().name
         settings = settings.model_copy(
