@@ -205,6 +205,7 @@ class AgentServer:
         runtime: The runtime.
         server: The gRPC server.
         instance: The registered instance, if registered.
+        registry: The registry it is registered in, if any (to report its health).
     """
 
     settings: Settings
@@ -212,6 +213,7 @@ class AgentServer:
     server: ServiceServer
     instance: Instance | None = None
     meta: Mapping[str, str] = field(default_factory=dict)
+    registry: Registry | None = None
 
     @property
     def port(self) -> int:
@@ -328,7 +330,7 @@ async def running_agent(
                 ),
             )
         )
-        yield AgentServer(settings, runtime, started.server, started.instance)
+        yield AgentServer(settings, runtime, started.server, started.instance, registry=registry)
 
 
 def _publish_agent_event(

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from hivewire.services.cli import agent, certs, events, tasks, up
+from hivewire.services.cli import a2a, agent, certs, events, tasks, up
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ app.add_typer(events.app, name="events")
 app.add_typer(tasks.app)  # submit, watch, cancel, tasks, agents
 app.add_typer(tasks.projects_app, name="projects")
 app.add_typer(up.app)  # up
+app.add_typer(a2a.app)  # a2a
 
 
 def main() -> None:

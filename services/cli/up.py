@@ -28,6 +28,8 @@ from hivewire.services.mesh.launcher import Launcher, LaunchError
 from hivewire.services.mesh.up import EXAMPLE_AGENTS, Mesh, MeshOptions
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.ports import (
+    A2A_GRPC_PORT,
+    A2A_HTTP_PORT,
     COORDINATOR_PORT,
     FIRST_AGENT_PORT,
     MODEL_PORT,
@@ -122,7 +124,7 @@ async def _up(options: MeshOptions, *, demo: bool, console: Console) -> int:
         console.print(
             f"model backend: [bold]{mesh.model_backend}[/bold] ({mesh.model_backend_reason})"
         )
-        console.print("starting nats-server, coordinator, model, tool and agents...")
+        console.print("starting nats-server, coordinator, model, tool, agents and A2A gateway...")
         try:
             await mesh.start()
         except (LaunchError, RuntimeError, OSError) as exc:
@@ -130,6 +132,12 @@ async def _up(options: MeshOptions, *, demo: bool, console: Console) -> int:
             return EXIT_START_FAILED
         console.print(_endpoint_table(mesh))
         console.print(f"endpoints for scripts: {options.state_dir / 'endpoints.json'}")
+        console.print(
+            f"A2A gateway: {mesh.a2a_url} (agent card: {mesh.a2a_card_url}; docs/interop.md)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         if demo:
             console.print(f"\n[bold]demo task[/bold] ({DEMO_CAPABILITY}): {DEMO_QUESTION}")
             status = await _run_demo(mesh, console)
@@ -169,6 +177,8 @@ def up(
     first_agent_port: Annotated[int, typer.Option(help="Port of the first agent.")] = (
         FIRST_AGENT_PORT
     ),
+    a2a_port: Annotated[int, typer.Option(help="A2A gateway gRPC port.")] = A2A_GRPC_PORT,
+    a2a_http_port: Annotated[int, typer.Option(help="A2A gateway HTTPS port.")] = (A2A_HTTP_PORT),
     nats_port: Annotated[int, typer.Option(help="NATS client port.")] = 4222,
     nats_monitor_port: Annotated[int, typer.Option(help="NATS monitoring port.")] = 8222,
     state_dir: Annotated[
@@ -180,7 +190,7 @@ def up(
         typer.Option(help="local, deterministic, ollama or openai. Default: local if installed."),
     ] = None,
 ) -> None:
-    """Start the whole mesh (NATS, coordinator, model, tool, agents) until Ctrl-C."""
+    """Start the whole mesh (NATS, coordinator, model, tool, agents, A2A gateway) until Ctrl-C."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console(stderr=True, soft_wrap=True)
     if not console.is_terminal:
@@ -192,6 +202,8 @@ def up(
         model_port=model_port,
         tool_port=tool_port,
         first_agent_port=first_agent_port,
+        a2a_port=a2a_port,
+        a2a_http_port=a2a_http_port,
         nats_port=nats_port,
         nats_monitor_port=nats_monitor_port,
         state_dir=state_dir,

@@ -1,6 +1,7 @@
 """`hivewire up`: the whole mesh on one machine, each service its own process.
 
-Order: dev certificates, nats-server, coordinator, model, tool, agents. Each
+Order: dev certificates, nats-server, coordinator, model, tool, agents, the A2A
+gateway. Each
 process gets a fixed port (so the README's grpcurl commands work as written), its
 own certificate, the mesh's NATS URL and the embedded registry. Once every one is
 SERVING the endpoints are written to ``.hivewire/endpoints.json`` for scripts.
@@ -21,6 +22,8 @@ from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpe
 from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
 from hivewire.services.runtime.pki import init_pki
 from hivewire.services.runtime.ports import (
+    A2A_GRPC_PORT,
+    A2A_HTTP_PORT,
     COORDINATOR_PORT,
     FIRST_AGENT_PORT,
     MODEL_PORT,
@@ -60,6 +63,8 @@ class MeshOptions:
     model_port: int = MODEL_PORT
     tool_port: int = TOOL_PORT
     first_agent_port: int = FIRST_AGENT_PORT
+    a2a_port: int = A2A_GRPC_PORT
+    a2a_http_port: int = A2A_HTTP_PORT
     nats_port: int = 4222
     nats_monitor_port: int = 8222
     state_dir: Path = Path(".hivewire")
@@ -110,6 +115,7 @@ class Mesh:
             store_dir=options.state_dir / "nats",
         )
         self.model_backend, self.model_backend_reason = choose_model_backend(options.model_backend)
+        self.a2a_url = ""
 
     @property
     def certs_dir(self) -> Path:
@@ -196,6 +202,16 @@ class Mesh:
                 HIVEWIRE_AGENT__MODEL_ADDRESS=f"{opts.host}:{opts.model_port}",
                 HIVEWIRE_AGENT__TOOL_ADDRESS=f"{opts.host}:{opts.tool_port}",
             )
+        gateway = await self._start_service(
+            "a2a",
+            "a2a",
+            "a2a",
+            opts.a2a_port,
+            python_module("hivewire.services.a2a"),
+            HIVEWIRE_A2A__COORDINATOR_ADDRESS=f"{opts.host}:{opts.coordinator_port}",
+            HIVEWIRE_A2A__HTTP_PORT=str(opts.a2a_http_port),
+        )
+        self.a2a_url = f"https://{opts.host}:{gateway.ports.get('http', opts.a2a_http_port)}/"
         self.write_endpoints()
 
     def tls_paths(self) -> dict[str, str]:
@@ -205,6 +221,11 @@ class Mesh:
             "cert": str(self.certs_dir / "client.pem"),
             "key": str(self.certs_dir / "client.key"),
         }
+
+    @property
+    def a2a_card_url(self) -> str:
+        """Where the A2A gateway serves its agent card."""
+        return f"{self.a2a_url}.well-known/agent-card.json" if self.a2a_url else ""
 
     def write_endpoints(self) -> Path:
         """Write ``<state_dir>/endpoints.json`` atomically and return its path."""
@@ -221,6 +242,7 @@ class Mesh:
             },
             "nats": {"url": self.nats.url, "monitoring": self.nats.monitor_url},
             "tls": self.tls_paths(),
+            "a2a": {"url": self.a2a_url, "card": self.a2a_card_url},
             "model_backend": self.model_backend,
         }
         path = self.options.state_dir / "endpoints.json"

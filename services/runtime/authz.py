@@ -278,6 +278,11 @@ callers = ["client/*", "admin/*"]
 allow = ["hivewire.coordinator.v1.CoordinatorService/*"]
 
 [[rules]]
+description = "clients and admins may use the A2A gateway's gRPC binding"
+callers = ["client/*", "admin/*"]
+allow = ["lf.a2a.v1.A2AService/*"]
+
+[[rules]]
 description = "only the coordinator may call agents"
 callers = ["coordinator/*"]
 allow = ["hivewire.agent.v1.AgentService/*"]

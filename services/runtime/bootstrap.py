@@ -193,6 +193,7 @@ async def serving(
     on_shutdown: Iterable[ShutdownHook] = (),
     on_registered: InstanceCallback | None = None,
     on_deregistered: InstanceCallback | None = None,
+    extra_ports: Mapping[str, int] | None = None,
 ) -> AsyncIterator[Serving]:
     """Serve ``bindings`` and, given a registry and a registration, register the instance.
 
@@ -209,11 +210,14 @@ async def serving(
         on_shutdown: Hooks run first on shutdown (drain work...).
         on_registered: Called with the instance after it registered.
         on_deregistered: Called with the instance after it deregistered.
+        extra_ports: More ports of the process for its ports file (``{"mcp": 8443}``).
 
     Yields:
         The server and its registry entry.
     """
-    async with ServiceServer(settings, bindings, on_shutdown=list(on_shutdown)) as server:
+    async with ServiceServer(
+        settings, bindings, on_shutdown=list(on_shutdown), extra_ports=extra_ports
+    ) as server:
         running = Serving(server)
         if registry is not None and registration is not None:
             running.instance = await _register(

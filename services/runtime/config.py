@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hivewire.services.a2a.settings import A2aSettings
 from hivewire.services.agent.settings import AgentSettings
 from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.model.settings import ModelSettings
@@ -97,6 +98,9 @@ class Settings(BaseSettings):
     )
     events: EventsSettings = Field(
         default_factory=EventsSettings, description="Events on NATS (docs/events.md)."
+    )
+    a2a: A2aSettings = Field(
+        default_factory=A2aSettings, description="A2A gateway and adapter (docs/interop.md)."
     )
 
     @field_validator("log_level")

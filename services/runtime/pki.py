@@ -122,8 +122,11 @@ DEFAULT_IDENTITIES: tuple[Identity, ...] = (
     Identity("agent-planner", "agent", "planner"),
     Identity("client", "client", "client"),
     Identity("admin", "admin", "admin"),
+    Identity("a2a", "client", "a2a"),
+    Identity("mcp", "client", "mcp"),
 )
-"""The identities ``init_pki`` creates: one per service, the example agents, a client, an admin."""
+"""The identities ``init_pki`` creates: one per service, the example agents, a client, an admin,
+the A2A gateway (a client of the coordinator) and the MCP client of the tool service."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -158,6 +158,7 @@ class ServiceServer:
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         on_shutdown: Sequence[ShutdownHook] = (),
         authz: AuthzPolicyStore | None = None,
+        extra_ports: Mapping[str, int] | None = None,
     ) -> None:
         """Prepare the server (nothing is bound until :meth:`start`).
 
@@ -171,8 +172,11 @@ class ServiceServer:
             authz: Who may call which method; default: the policy file of
                 ``settings.authz_policy_file``, else the built-in policy
                 (:mod:`hivewire.services.runtime.authz`), loaded at :meth:`start`.
+            extra_ports: More ports of the process for its ports file, e.g. an HTTPS
+                port (``{"http": 50055}``).
         """
         self.settings = settings
+        self._extra_ports = dict(extra_ports or {})
         self._bindings = tuple(bindings)
         self._extra_interceptors = tuple(extra_interceptors)
         self._on_shutdown = list(on_shutdown)
@@ -277,6 +281,7 @@ class ServiceServer:
             "metrics": self.metrics_port,
             "address": self.advertise_address,
             "pid": os.getpid(),
+            **self._extra_ports,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -1,7 +1,9 @@
 """``python -m hivewire.services.tool``: run the tool service.
 
-Startup: settings, logging, events, tools (built-ins, plugins, MCP servers), gRPC server
-(SERVING), registration as ``hivewire-tool`` with the tool names as tags. SIGTERM
+Startup: settings, logging, events, tools (built-ins, plugins, MCP servers), the MCP
+server of its own tools when ``HIVEWIRE_TOOL__MCP_SERVE_PORT`` is set (HTTPS, mTLS;
+docs/interop.md), gRPC server (SERVING), registration as ``hivewire-tool`` with the
+tool names as tags. SIGTERM
 reverses it: NOT_SERVING, deregister, in-flight calls get the grace period, MCP sessions
 and HTTP pools close, events flush. Defaults when the environment sets nothing:
 identity ``tool``, port 50053, metrics on port 51053.
@@ -24,6 +26,7 @@ from hivewire.services.runtime.bootstrap import (
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.events import EventPublisher
 from hivewire.services.runtime.server import ServiceBinding, serve_until_signal
+from hivewire.services.tool.mcp_server import serve_mcp
 from hivewire.services.tool.service import open_tool_service
 from hivewire.services.tool.servicer import SERVICE_NAME, ToolServicer
 from hivewire.tool.v1 import tool_pb2_grpc
@@ -44,6 +47,10 @@ async def serve(settings: Settings) -> None:
         service = await stack.enter_async_context(
             open_tool_service(settings.tool, publisher=events)
         )
+        extra_ports: dict[str, int] = {}
+        if settings.tool.mcp_serve_port is not None:
+            mcp = await stack.enter_async_context(serve_mcp(service, settings))
+            extra_ports["mcp"] = mcp.port
         registry = await stack.enter_async_context(registry_from_settings(settings))
         servicer = ToolServicer(service)
         binding = ServiceBinding(
@@ -56,7 +63,13 @@ async def serve(settings: Settings) -> None:
             meta={"name": "tool", "identity": settings.identity},
         )
         running = await stack.enter_async_context(
-            serving(settings, [binding], registry=registry, registration=registration)
+            serving(
+                settings,
+                [binding],
+                registry=registry,
+                registration=registration,
+                extra_ports=extra_ports,
+            )
         )
         await serve_until_signal(running.server)
 

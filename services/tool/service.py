@@ -22,7 +22,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from importlib import metadata
 from typing import Any
 
 import httpx
@@ -36,6 +35,7 @@ from hivewire.services.runtime.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from hivewire.services.runtime.version import hivewire_version
 from hivewire.services.tool.audit import AuditRecord, AuditTrail, EventPublisher
 from hivewire.services.tool.builtins import Builtins
 from hivewire.services.tool.domain import (
@@ -82,13 +82,6 @@ def _failure_from_error(err: HivewireError) -> ToolFailure:
         retryable=err.retryable,
         metadata=dict(err.metadata),
     )
-
-
-def _hivewire_version() -> str:
-    try:
-        return metadata.version("hivewire")
-    except metadata.PackageNotFoundError:
-        return ""
 
 
 class ToolService:
@@ -413,7 +406,7 @@ async def open_tool_service(
     policy = PolicyStore(settings.policy_file)
     threads = ThreadRunner(settings.max_sync_threads)
     registry = ToolRegistry(disabled=settings.disabled_tools)
-    version = _hivewire_version()
+    version = hivewire_version()
     async with Builtins(settings, transport=http_transport) as builtins:
         for definition in builtins.definitions():
             registry.add(

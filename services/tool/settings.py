@@ -132,6 +132,22 @@ class ToolSettings(BaseModel):
     mcp_servers: list[McpServerSettings] = Field(
         default_factory=list, description="MCP servers whose tools are offered."
     )
+    mcp_serve_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description=(
+            "HTTPS port of the service's own MCP server (streamable HTTP at /mcp, mTLS); "
+            "unset = no MCP server, 0 = any free port (docs/interop.md)."
+        ),
+    )
+    mcp_serve_identity: str = Field(
+        "client/mcp",
+        description=(
+            "The mesh identity every MCP client acts as, for the policy and the audit: "
+            "role/name in the mesh trust domain, or a full spiffe:// id."
+        ),
+    )
 
     @field_validator("plugins", "disabled_tools", "http_allowed_hosts", mode="before")
     @classmethod

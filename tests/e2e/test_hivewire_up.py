@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import GrpcurlResult, grpcurl
+from tests.helpers import GrpcurlResult, eventually, grpcurl
 from tests.support.up_mesh import HIVEWIRE, RunningMesh, hivewire_up
 
 pytestmark = pytest.mark.timeout(300)
@@ -31,6 +31,7 @@ SERVICE_NAMES = {
     "agent-summarizer": "hivewire.agent.v1.AgentService",
     "agent-researcher": "hivewire.agent.v1.AgentService",
     "agent-calculator": "hivewire.agent.v1.AgentService",
+    "a2a": "lf.a2a.v1.A2AService",
 }
 
 
@@ -74,6 +75,24 @@ def test_endpoints_file_lists_every_service_and_the_client_identity(mesh: Runnin
     for path in mesh.endpoints["tls"].values():
         assert Path(path).is_file()
     assert mesh.endpoints["nats"]["url"].startswith("nats://127.0.0.1:")
+
+
+async def test_up_starts_the_a2a_gateway_and_prints_its_url(mesh: RunningMesh) -> None:
+    from tests.support.a2a_mesh import client_ssl_context
+
+    url = mesh.endpoints["a2a"]["url"]
+    assert url.startswith("https://127.0.0.1:")
+    card_url = mesh.endpoints["a2a"]["card"]
+    assert f"A2A gateway: {url} (agent card: {card_url}" in mesh.output()
+
+    async def skills() -> set[str]:
+        async with httpx.AsyncClient(verify=client_ssl_context(mesh.tls)) as http:
+            card = (await http.get(card_url)).json()
+        found = {skill["id"] for skill in card["skills"]}
+        assert {"summarize", "research", "calculate"} <= found, found
+        return found
+
+    await eventually(skills, timeout=30, interval=0.2)
 
 
 @pytest.mark.parametrize("name", sorted(SERVICE_NAMES))

@@ -54,6 +54,7 @@ def test_quickstart_block_runs(mesh: RunningMesh, index: int) -> None:
     coordinator = mesh.address("coordinator")
     nats = mesh.endpoints["nats"]["url"].removeprefix("nats://")
     script = block.replace("127.0.0.1:50051", coordinator).replace("127.0.0.1:4222", nats)
+    script = script.replace("https://127.0.0.1:50055/", mesh.endpoints["a2a"]["url"])
     env = mesh.clean_env()
     env["HIVEWIRE_COORDINATOR__ADDRESS"] = coordinator
     env["HIVEWIRE_NATS_URL"] = mesh.endpoints["nats"]["url"]
@@ -70,6 +71,10 @@ def test_quickstart_block_runs(mesh: RunningMesh, index: int) -> None:
     assert result.stdout.strip(), report
     if "submit calculate" in block and "alice" not in block:
         assert "1024" in result.stdout, report
+    if "a2a" in block:
+        assert "final state: TASK_STATE_COMPLETED" in result.stdout, report
+        assert '"state":"TASK_STATE_COMPLETED"' in result.stdout, report
+        assert '"mtlsSecurityScheme"' in result.stdout, report
     if "StreamTask" in block:
         # Each stream's last event is its task's end: every one must have succeeded.
         ends = re.findall(r'"finished": \{\s*"state": "(TASK_STATE_\w+)"', result.stdout)

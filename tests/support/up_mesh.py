@@ -48,7 +48,8 @@ class RunningMesh:
         return {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
 
 
-_BLOCK = 8  # coordinator, model, tool, three agents, NATS, NATS monitoring
+_BLOCK = 10  # coordinator, model, tool, three agents, NATS, NATS monitoring, A2A gRPC, HTTPS
+_WITH_METRICS = (0, 1, 2, 3, 4, 5, 8)  # offsets of the services with a metrics port
 
 
 def _bindable(port: int) -> bool:
@@ -61,7 +62,7 @@ def _bindable(port: int) -> bool:
 
 
 def free_port_block() -> int:
-    """A base port whose block of 8, and the metrics ports 1000 above, are all free.
+    """A base port whose block of 10, and the metrics ports 1000 above, are all free.
 
     `hivewire up` puts each service's metrics on its gRPC port + 1000, so both must be
     free. The block is drawn below Linux's ephemeral range (32768+), where the kernel
@@ -69,7 +70,9 @@ def free_port_block() -> int:
     """
     for _ in range(500):
         base = random.randrange(20000, 31000 - METRICS_OFFSET)
-        ports = [base + i for i in range(_BLOCK)] + [base + i + METRICS_OFFSET for i in range(6)]
+        ports = [base + i for i in range(_BLOCK)] + [
+            base + i + METRICS_OFFSET for i in _WITH_METRICS
+        ]
         if all(_bindable(port) for port in ports):
             return base
     raise RuntimeError("no free block of ports below 32768")
@@ -102,6 +105,8 @@ def hivewire_up(
             "--first-agent-port",  # three agents: base+3, base+4, base+5
             "--nats-port",
             "--nats-monitor-port",
+            "--a2a-port",
+            "--a2a-http-port",
         )
     ):
         argv += [flag, str(base + (offset if offset < 4 else offset + 2))]

@@ -28,6 +28,8 @@ EXPECTED_IDS = {
     "agent-planner": "spiffe://hivewire.local/agent/planner",
     "client": "spiffe://hivewire.local/client/client",
     "admin": "spiffe://hivewire.local/admin/admin",
+    "a2a": "spiffe://hivewire.local/client/a2a",
+    "mcp": "spiffe://hivewire.local/client/mcp",
 }
 
 
@@ -120,7 +122,7 @@ def test_file_modes_and_gitignore(tmp_path: Path, umask_zero: None) -> None:
     pki.issue_cert(directory, role="client", name="alice")
     assert mode(directory) == 0o700
     keys = sorted(directory.glob("*.key"))
-    assert len(keys) == 12
+    assert len(keys) == len(pki.DEFAULT_IDENTITIES) + 2  # the CA, the defaults, alice
     for key in keys:
         assert mode(key) == 0o600, key
     for cert in directory.glob("*.pem"):

@@ -1,0 +1,47 @@
+"""Stream a hivewire skill through the A2A gateway with the official a2a-sdk client.
+
+    .venv/bin/python examples/a2a-python/stream.py calculate "6 * 7"
+
+Reads the gateway's URL from .hivewire/endpoints.json (written by ``hivewire up``) and
+uses the mesh's client certificate (certs/client.pem): the gateway speaks mutual TLS.
+Prints one line per A2A event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+from a2a.client import A2ACardResolver, ClientConfig, ClientFactory
+from a2a.types import a2a_pb2 as a2a
+from google.protobuf import json_format
+
+
+async def main(url: str, skill: str, text: str) -> int:
+    tls = ssl.create_default_context(cafile="certs/ca.pem")
+    tls.load_cert_chain("certs/client.pem", "certs/client.key")
+    async with httpx.AsyncClient(verify=tls, timeout=60) as http:
+        card = await A2ACardResolver(http, url).get_agent_card()
+        client = ClientFactory(ClientConfig(httpx_client=http)).create(card)
+        message = a2a.Message(message_id=uuid.uuid4().hex, role=a2a.ROLE_USER)
+        message.parts.add(text=text)
+        message.metadata.update({"skill": skill})
+        state = a2a.TASK_STATE_UNSPECIFIED
+        async for event in client.send_message(a2a.SendMessageRequest(message=message)):
+            kind = event.WhichOneof("payload")
+            body = json_format.MessageToDict(getattr(event, kind))
+            print(kind, json.dumps(body))
+            if kind == "status_update":
+                state = event.status_update.status.state
+    print("final state:", a2a.TaskState.Name(state))  # type: ignore[arg-type]
+    return 0 if state == a2a.TASK_STATE_COMPLETED else 1
+
+
+if __name__ == "__main__":
+    gateway = json.loads(Path(".hivewire/endpoints.json").read_text())["a2a"]["url"]
+    sys.exit(asyncio.run(main(gateway, sys.argv[1], " ".join(sys.argv[2:]))))

@@ -1,0 +1,125 @@
+"""An HTTPS server for the mesh's HTTP protocols (A2A JSON-RPC, MCP), with the mesh's mTLS.
+
+The gRPC services use :class:`~hivewire.services.runtime.server.ServiceServer`; the
+few HTTP endpoints (the A2A gateway, the tool service's MCP endpoint) run an ASGI app
+under uvicorn with the same certificates: the identity's certificate, the mesh CA,
+and a client certificate required (``ssl.CERT_REQUIRED``)::
+
+    async with HttpsServer(app, files, host="127.0.0.1", port=0) as server:
+        print(server.url)
+
+Signals stay with the process's own handler (``serve_until_signal``): uvicorn's are
+not installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+from hivewire.services.runtime.tls import TlsFiles
+
+logger = logging.getLogger(__name__)
+
+_STARTUP_TIMEOUT = 30.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the service's own shutdown stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class HttpsServer:
+    """An ASGI app served over mutual TLS on one port until the block ends."""
+
+    def __init__(
+        self,
+        app: Any,
+        files: TlsFiles,
+        *,
+        host: str,
+        port: int,
+        require_client_cert: bool = True,
+        grace: int = 2,
+    ) -> None:
+        """Prepare the server (nothing listens until ``async with``).
+
+        Args:
+            app: The ASGI application.
+            files: The serving identity's CA, certificate and key.
+            host: Interface to bind.
+            port: Port to bind; 0 picks a free one (read :attr:`port` after start).
+            require_client_cert: Refuse clients without a certificate of the mesh CA.
+            grace: Seconds open requests (streams) get to finish on shutdown.
+        """
+        files.read()  # fail early, with the hint, when a file is missing
+        self._socket = socket.create_server((host, port), family=_family(host), reuse_port=False)
+        self.host = host
+        self.port: int = self._socket.getsockname()[1]
+        self._config = uvicorn.Config(
+            app,
+            ssl_certfile=str(files.cert),
+            ssl_keyfile=str(files.key),
+            ssl_ca_certs=str(files.ca),
+            ssl_cert_reqs=ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=grace,
+        )
+        self._server = _Server(self._config)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on."""
+        return _hostport(self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        """``https://host:port``."""
+        return f"https://{self.address}"
+
+    async def __aenter__(self) -> HttpsServer:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
+        async with asyncio.timeout(_STARTUP_TIMEOUT):
+            while not self._server.started:
+                if self._task.done():
+                    self._task.result()
+                    raise RuntimeError("the HTTPS server stopped during startup")
+                await asyncio.sleep(0.01)
+        logger.info("serving HTTPS on %s", self.address)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            try:
+                await self._task
+            except Exception:
+                logger.exception("HTTPS server on %s failed while stopping", self.address)
+        self._socket.close()
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
