@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from hivewire.discovery import Instance, Registry, new_instance_id
 from hivewire.services.coordinator.dispatch import AgentPool
+from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
 from hivewire.services.coordinator.journal import EventPublisher
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
@@ -87,9 +88,19 @@ async def running_coordinator(
             publisher = NatsPublisher.from_settings(settings, source=f"coordinator/{instance_id}")
             await stack.enter_async_context(publisher)
             events = publisher
-        store = await stack.enter_async_context(
-            SqliteTaskStore(cfg.db_path, batch_max=cfg.write_batch_max)
-        )
+        store: TaskStore
+        if cfg.store == "jetstream":
+            store = await stack.enter_async_context(
+                JetStreamTaskStore(
+                    settings.nats_url,
+                    prefix=cfg.jetstream_prefix,
+                    replicas=cfg.jetstream_replicas,
+                )
+            )
+        else:
+            store = await stack.enter_async_context(
+                SqliteTaskStore(cfg.db_path, batch_max=cfg.write_batch_max)
+            )
         if registry is None:
             registry = await stack.enter_async_context(registry_from_settings(settings))
         channels = await stack.enter_async_context(ChannelPool.from_settings(settings))

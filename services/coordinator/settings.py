@@ -7,6 +7,7 @@ example ``HIVEWIRE_COORDINATOR__DB_PATH=/var/lib/hivewire/coordinator.db``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
@@ -24,6 +25,19 @@ class CoordinatorSettings(BaseModel):
     )
     address: str = Field(
         "127.0.0.1:50051", description="Where clients (the hivewire CLI) reach the coordinator."
+    )
+    store: Literal["sqlite", "jetstream"] = Field(
+        "sqlite",
+        description="Where tasks and journals live: the embedded SQLite file (db_path), or "
+        "NATS JetStream at nats_url (one coordinator at a time until leases exist).",
+    )
+    jetstream_replicas: int = Field(
+        1, ge=1, le=5, description="JetStream replicas of the store (3 in a cluster)."
+    )
+    jetstream_prefix: str = Field(
+        "HIVEWIRE",
+        pattern=r"^[A-Z][A-Z0-9_]{0,31}$",
+        description="Name prefix of the store's KV buckets and journal stream.",
     )
     agent_service: str = Field("hivewire-agent", description="Registry name of agents.")
     default_timeout: float = Field(300.0, gt=0, description="Task timeout (s) when none is given.")

@@ -1,21 +1,30 @@
-"""The coordinator's SQLite store: durability, ordering, queries, batching."""
+"""The coordinator's store contract, run against both backends: SQLite and JetStream.
+
+Every test taking the ``store`` fixture runs twice: on the embedded SQLite store and on
+the JetStream store against a real nats-server. The few tests at the end are about one
+backend's own mechanics (SQLite's WAL and schema version).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.coordinator.store import (
     EventRow,
+    ProjectRow,
     StoreError,
     TaskQuery,
     TaskRow,
     TaskStore,
 )
+from tests.helpers import NatsServer
 
 
 def row(
@@ -47,20 +56,32 @@ def row(
     )
 
 
+StoreFactory = Callable[[], SqliteTaskStore | JetStreamTaskStore]
+
+
+@pytest.fixture(params=["sqlite", "jetstream"])
+async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    """Makes a store of one backend, on the same data each time (to test a reopen)."""
+    if request.param == "sqlite":
+        yield lambda: SqliteTaskStore(tmp_path / "db" / "coordinator.db")
+        return
+    async with NatsServer(tmp_path / "nats") as server:
+        yield lambda: JetStreamTaskStore(server.url)
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> TaskStore:
-    async with SqliteTaskStore(tmp_path / "db" / "coordinator.db") as s:
-        yield s  # type: ignore[misc]
+async def store(open_store: StoreFactory) -> AsyncIterator[TaskStore]:
+    async with open_store() as s:
+        yield s
 
 
-async def test_written_rows_survive_a_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "c.db"
-    async with SqliteTaskStore(path) as store:
+async def test_written_rows_survive_a_reopen(open_store: StoreFactory) -> None:
+    async with open_store() as store:
         await store.put(
             tasks=[row("t1", last_sequence=2)],
             events=[EventRow("t1", 1, b"e1"), EventRow("t1", 2, b"e2")],
         )
-    async with SqliteTaskStore(path) as store:
+    async with open_store() as store:
         stored = await store.get_task("t1")
         assert stored is not None and stored.data == b"d" and stored.spec == b"spec"
         assert [e.data for e in await store.events_after("t1", 0)] == [b"e1", b"e2"]
@@ -189,3 +210,72 @@ async def test_memory_database(tmp_path: Path) -> None:
     async with SqliteTaskStore(":memory:") as store:
         await store.put(tasks=[row("t1")])
         assert await store.get_task("t1") is not None
+
+
+async def test_children_and_parent_and_project_filters(store: TaskStore) -> None:
+    plan = TaskRow(**{**row("plan", created_ns=1).__dict__, "project_id": "p1"})
+    steps = [
+        TaskRow(
+            **{
+                **row(f"s{i}", created_ns=10 + i).__dict__,
+                "parent_task_id": "plan",
+                "project_id": "p1",
+            }
+        )
+        for i in range(3)
+    ]
+    other = row("other", created_ns=5)
+    store.put(tasks=[plan, *steps, other])
+    assert [r.task_id for r in await store.children("plan")] == ["s0", "s1", "s2"]
+    assert await store.children("other") == []
+    by_parent = await store.list_tasks(TaskQuery(parent_task_id="plan"))
+    assert [r.task_id for r in by_parent] == ["s2", "s1", "s0"]
+    by_project = await store.list_tasks(TaskQuery(project_id="p1"))
+    assert {r.task_id for r in by_project} == {"plan", "s0", "s1", "s2"}
+    summary = await store.project_summary("p1")
+    assert summary.tasks_by_state == {1: 4}
+    # Usage rolls up into each tree's root: only roots are returned.
+    assert [r.task_id for r in summary.rows] == ["plan"]
+
+
+async def test_projects_are_stored_listed_and_unique(store: TaskStore) -> None:
+    for i, owner in enumerate(["alice", "bob", "alice"]):
+        await store.put_project(ProjectRow(f"p{i}", owner, 100 + i, f"data{i}".encode()))
+    got = await store.get_project("p1")
+    assert got == ProjectRow("p1", "bob", 101, b"data1")
+    assert await store.get_project("nope") is None
+    mine = await store.list_projects(owner="alice", before=None, limit=10)
+    assert [p.project_id for p in mine] == ["p2", "p0"]
+    every = await store.list_projects(owner="", before=(102, "p2"), limit=1)
+    assert [p.project_id for p in every] == ["p1"]
+    with pytest.raises(StoreError):
+        await store.put_project(ProjectRow("p1", "eve", 1, b""))
+
+
+async def test_a_closed_store_refuses_work(store: TaskStore) -> None:
+    await store.__aexit__(None, None, None)
+    with pytest.raises(StoreError):
+        store.put(tasks=[row("t1")])
+    with pytest.raises(StoreError):
+        await store.get_task("t1")
+
+
+async def test_jetstream_updates_are_compare_and_set(tmp_path: Path) -> None:
+    async with NatsServer(tmp_path / "nats") as server:
+        async with (
+            JetStreamTaskStore(server.url) as first,
+            JetStreamTaskStore(server.url) as second,
+        ):
+            await first.put(tasks=[row("t1")])
+            # The other store reads it (and its revision), then the first one moves on.
+            assert (await second.get_task("t1")) is not None
+            await first.put(tasks=[row("t1", state=2)])
+            # A write based on a stale revision is refused, not silently applied.
+            with pytest.raises(StoreError, match="changed by another writer"):
+                await second.put(tasks=[row("t1", state=3)])
+            stored = await first.get_task("t1")
+            assert stored is not None and stored.state == 2
+            # A re-sent event (same task and sequence) is stored once.
+            await first.put(events=[EventRow("t1", 1, b"a")])
+            await second.put(events=[EventRow("t1", 1, b"a")])
+            assert [e.sequence for e in await first.events_after("t1", 0)] == [1]
