@@ -51,6 +51,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator import convert, metrics
+from hivewire.services.coordinator.approvals import endorse
 from hivewire.services.coordinator.dispatch import (
     AgentLease,
     AgentPool,
@@ -91,6 +92,7 @@ from hivewire.services.runtime.errors import (
     Unimplemented,
 )
 from hivewire.services.runtime.eventsink import EventSink, NullSink
+from hivewire.services.runtime.grants import ApprovalSigner
 from hivewire.services.runtime.logging import bind_task, new_correlation_id
 
 logger = logging.getLogger(__name__)
@@ -204,8 +206,10 @@ class Coordinator:
         store: TaskStore,
         pool: AgentPool,
         events: EventPublisher | None = None,
+        approvals: ApprovalSigner | None = None,
     ) -> None:
         self.settings = settings
+        self._approvals = approvals  # signs tool approvals (coordinator/approvals.py)
         self._store = store
         self._pool = pool
         self._events: EventPublisher = events or NullPublisher()
@@ -745,6 +749,8 @@ class Coordinator:
             ),
         )
         answered = copy.deepcopy(record)
+        # A yes to a tool approval gets the coordinator's signed grant (approvals.py).
+        response = endorse(self._approvals, task_id, pending, response, caller.identity)
         await attempt.send(agent_pb2.ExecuteRequest(input=response))
         await committed
         return answered

@@ -61,6 +61,11 @@ class CoordinatorSettings(BaseModel):
     write_batch_max: int = Field(
         1000, ge=1, description="Most writes committed in one SQLite transaction."
     )
+    approval_ttl: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a signed tool approval stays valid after the person's yes.",
+    )
     admin_prefix: str = Field(
         "spiffe://hivewire.local/admin/",
         description="Callers whose SPIFFE id starts with this see and cancel every task.",

@@ -42,7 +42,7 @@ async def serve(settings: Settings) -> None:
         events = EventPublisher.from_settings(settings, source=f"tool/{instance_id}")
         await stack.enter_async_context(events)
         service = await stack.enter_async_context(
-            open_tool_service(settings.tool, publisher=events)
+            open_tool_service(settings.tool, publisher=events, mesh_ca=settings.tls_files().ca)
         )
         registry = await stack.enter_async_context(registry_from_settings(settings))
         servicer = ToolServicer(service)
