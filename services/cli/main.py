@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from hivewire.services.cli import agent, certs, events, tasks, up
+from hivewire.services.runtime.config import UnknownSettingError
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class _Group(TyperGroup):
         except typer.Abort:
             typer.echo("Aborted.", err=True)
             sys.exit(1)
+        except UnknownSettingError as exc:
+            typer.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
         except Exception as exc:
             logger.debug("unexpected failure", exc_info=True)
             typer.echo(

@@ -14,7 +14,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 class CoordinatorSettings(BaseModel):
     """Tuning of the coordinator (scheduling, retries, limits, storage)."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     db_path: Path = Field(
         Path(".hivewire/coordinator.db"),

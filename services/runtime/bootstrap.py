@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hivewire.discovery import Instance, Registry, open_registry
-from hivewire.services.runtime.config import Settings, load_settings
+from hivewire.services.runtime.config import Settings, UnknownSettingError, load_settings
 from hivewire.services.runtime.logging import setup_logging
 from hivewire.services.runtime.ports import (
     COORDINATOR_PORT,
@@ -138,13 +138,17 @@ class ServiceEntry:
             **sections: Nested sections set by the service's own flags, e.g.
                 ``tool={"policy_file": path}``.
         """
-        settings = load_settings(
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            log_level=args.log_level,
-            **{name: dict(values) for name, values in sections.items()},
-        )
+        try:
+            settings = load_settings(
+                host=args.host,
+                port=args.port,
+                metrics_port=args.metrics_port,
+                log_level=args.log_level,
+                **{name: dict(values) for name, values in sections.items()},
+            )
+        except UnknownSettingError as exc:
+            # One line naming the variable (exit status 1): a misspelt setting stops the start.
+            raise SystemExit(f"hivewire {self.name}: {exc}") from None
         return self.defaults(settings)
 
     def run(
