@@ -7,6 +7,7 @@ example ``HIVEWIRE_COORDINATOR__DB_PATH=/var/lib/hivewire/coordinator.db``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
@@ -70,6 +71,15 @@ class CoordinatorSettings(BaseModel):
         "spiffe://hivewire.local/admin/",
         description="Callers whose SPIFFE id starts with this see and cancel every task.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_database(cls, data: Any) -> Any:
+        # db_path (a flag) wins over the alias from the environment, instead of both
+        # being given and the alias refused as an unknown key.
+        if isinstance(data, dict) and "db_path" in data and "database" in data:
+            data = {k: v for k, v in data.items() if k != "database"}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorSettings:

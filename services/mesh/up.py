@@ -108,6 +108,7 @@ class Mesh:
             port=options.nats_port,
             monitor_port=options.nats_monitor_port,
             store_dir=options.state_dir / "nats",
+            certs_dir=options.certs_dir.resolve(),
         )
         self.model_backend, self.model_backend_reason = choose_model_backend(options.model_backend)
 

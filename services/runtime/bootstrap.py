@@ -43,6 +43,7 @@ from hivewire.services.runtime.ports import (
     metrics_port_for,
 )
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer, ShutdownHook
+from hivewire.services.runtime.tls import nats_tls_options
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +89,16 @@ def with_service_defaults(settings: Settings, *, identity: str, port: int) -> Se
 
 def registry_from_settings(settings: Settings) -> Registry:
     """The registry ``settings.discovery`` names (not started: use ``async with``)."""
+    options: dict[str, Any] = {}
+    tls = nats_tls_options(settings.nats_url, settings.tls_files())
+    if tls and settings.discovery.split("?")[0] in ("", "nats", "embedded"):
+        # The embedded registry on the mesh's NATS (TLS with this process's certificate).
+        options["nats_options"] = tls
     return open_registry(
-        settings.discovery, nats_url=settings.nats_url, consul_token=settings.consul_token
+        settings.discovery,
+        nats_url=settings.nats_url,
+        consul_token=settings.consul_token,
+        **options,
     )
 
 

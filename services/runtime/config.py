@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus port; unset = no metrics server, 0 = any."
     )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Interface the Prometheus endpoint binds: loopback unless set otherwise.",
+    )
+    metrics_tls: bool = Field(
+        False,
+        description="Serve metrics over HTTPS with this identity's certificate, mesh clients only.",
+    )
     advertise_host: str | None = Field(
         None, description="Host other services use to reach this one; defaults to host."
     )
@@ -77,7 +85,10 @@ class Settings(BaseSettings):
     grace_period: float = Field(
         10.0, ge=0, description="Seconds in-flight calls get to finish on shutdown."
     )
-    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL.")
+    nats_url: str = Field(
+        "tls://127.0.0.1:4222",
+        description="NATS server URL(s); tls:// connects with this identity's certificate.",
+    )
     discovery: str = Field(
         "nats", description="Registry backend: nats, consul://host:port or static."
     )

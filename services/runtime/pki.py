@@ -121,6 +121,7 @@ DEFAULT_IDENTITIES: tuple[Identity, ...] = (
     Identity("agent-calculator", "agent", "calculator"),
     Identity("client", "client", "client"),
     Identity("admin", "admin", "admin"),
+    Identity("nats", "nats", "nats"),
 )
 """The identities ``init_pki`` creates: one per service, the example agents, a client, an admin."""
 

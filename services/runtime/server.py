@@ -36,7 +36,11 @@ from hivewire.services.runtime.authz import AuthzPolicyStore, AuthzServerInterce
 from hivewire.services.runtime.channels import server_options
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.interceptors import server_interceptors
-from hivewire.services.runtime.metrics import MetricsServer, start_metrics_server
+from hivewire.services.runtime.metrics import (
+    MetricsServer,
+    metrics_tls_context,
+    start_metrics_server,
+)
 from hivewire.services.runtime.tls import server_credentials
 
 logger = logging.getLogger(__name__)
@@ -252,8 +256,9 @@ class ServiceServer:
             self.port = port
             await server.start()
             if settings.metrics_port is not None:
+                tls = metrics_tls_context(settings.tls_files()) if settings.metrics_tls else None
                 self._metrics = await asyncio.to_thread(
-                    start_metrics_server, settings.host, settings.metrics_port
+                    start_metrics_server, settings.metrics_host, settings.metrics_port, tls=tls
                 )
                 self.metrics_port = self._metrics.port
             await self.set_serving(True)

@@ -73,7 +73,7 @@ def test_endpoints_file_lists_every_service_and_the_client_identity(mesh: Runnin
         assert entry["metrics"]
     for path in mesh.endpoints["tls"].values():
         assert Path(path).is_file()
-    assert mesh.endpoints["nats"]["url"].startswith("nats://127.0.0.1:")
+    assert mesh.endpoints["nats"]["url"].startswith("tls://127.0.0.1:")
 
 
 @pytest.mark.parametrize("name", sorted(SERVICE_NAMES))

@@ -79,7 +79,7 @@ async def mesh(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
     policy.write_text(POLICY)
     async with contextlib.AsyncExitStack() as stack:
         site = await stack.enter_async_context(CountingSite(PAGE))
-        nats = await stack.enter_async_context(NatsServer(workdir / "nats"))
+        nats = await stack.enter_async_context(NatsServer(workdir / "nats", certs_dir=pki.dir))
         services = [
             coordinator_process(
                 workdir, certs_dir=pki.dir, nats_url=nats.url, db_path=workdir / "c.db"
@@ -99,7 +99,9 @@ async def mesh(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
         await asyncio.gather(*(s.start() for s in services))
         coordinator, _, tool = services
         # The agent looks the model and tool services up on first use.
-        await wait_until_registered(nats.url, [MODEL_SERVICE, TOOL_SERVICE])
+        await wait_until_registered(
+            nats.url, [MODEL_SERVICE, TOOL_SERVICE], nats_options=nats.client_options()
+        )
         await stack.enter_async_context(
             agent_process(
                 workdir, RESEARCHER, name="researcher", certs_dir=pki.dir, nats_url=nats.url
@@ -245,7 +247,11 @@ def assert_asked_for_the_fetch(run: Run, url: str) -> None:
 async def tool_events(mesh: ApprovalMesh, digest: str) -> list[ReceivedEvent]:
     """The ``tool.*`` events on NATS of calls with these arguments."""
     return [
-        r async for r in replay(mesh.nats.url, "tool.*") if r.event.tool.arguments_digest == digest
+        r
+        async for r in replay(
+            mesh.nats.url, "tool.*", nats_options=mesh.nats.client_options("client")
+        )
+        if r.event.tool.arguments_digest == digest
     ]
 
 

@@ -46,17 +46,17 @@ def test_init_creates_everything_and_is_idempotent(tmp_path: Path) -> None:
         assert (directory / f"{stem}.pem").is_file()
         assert f" {stem} " in first.stdout
     assert "spiffe://hivewire.local/agent/summarizer" in first.stdout
-    assert "10 created, 0 renewed, 0 kept" in first.stdout
+    assert f"{len(DEFAULT_STEMS) + 1} created, 0 renewed, 0 kept" in first.stdout
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
 
     second = runner.invoke(app, ["certs", "init", "--dir", str(directory)])
     assert second.exit_code == 0, second.output
-    assert "0 created, 0 renewed, 10 kept" in second.stdout
+    assert f"0 created, 0 renewed, {len(DEFAULT_STEMS) + 1} kept" in second.stdout
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
 
     forced = runner.invoke(app, ["certs", "init", "--dir", str(directory), "--force"])
     assert forced.exit_code == 0, forced.output
-    assert "0 created, 10 renewed, 0 kept" in forced.stdout
+    assert f"0 created, {len(DEFAULT_STEMS) + 1} renewed, 0 kept" in forced.stdout
     assert (directory / "ca.pem").read_bytes() != before["ca.pem"]
 
 
@@ -192,7 +192,7 @@ async def test_console_script_creates_the_pki(tmp_path: Path) -> None:
     )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
-    assert "10 created" in out.decode()
+    assert f"{len(DEFAULT_STEMS) + 1} created" in out.decode()
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert stat.S_IMODE((directory / "coordinator.key").stat().st_mode) == 0o600
     assert pki.check_cert(directory, "coordinator") is None

@@ -27,6 +27,7 @@ EXPECTED_IDS = {
     "agent-calculator": "spiffe://hivewire.local/agent/calculator",
     "client": "spiffe://hivewire.local/client/client",
     "admin": "spiffe://hivewire.local/admin/admin",
+    "nats": "spiffe://hivewire.local/nats/nats",
 }
 
 
@@ -119,7 +120,7 @@ def test_file_modes_and_gitignore(tmp_path: Path, umask_zero: None) -> None:
     pki.issue_cert(directory, role="client", name="alice")
     assert mode(directory) == 0o700
     keys = sorted(directory.glob("*.key"))
-    assert len(keys) == 11
+    assert len(keys) == len(pki.DEFAULT_IDENTITIES) + 2  # + CA and alice
     for key in keys:
         assert mode(key) == 0o600, key
     for cert in directory.glob("*.pem"):
