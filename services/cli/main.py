@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from hivewire.services.cli import agent, certs, events, tasks, up
+from hivewire.services.cli import agent, certs, events, keys, tasks, up
 from hivewire.services.runtime.config import UnknownSettingError
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ def _root(
 
 
 app.add_typer(certs.app, name="certs")
+app.add_typer(keys.app, name="keys")
 app.add_typer(agent.app, name="agent")
 app.add_typer(events.app, name="events")
 app.add_typer(tasks.app)  # submit, watch, cancel, tasks, agents

@@ -172,6 +172,8 @@ class Mesh:
             opts.coordinator_port,
             python_module("hivewire.services.coordinator"),
             HIVEWIRE_COORDINATOR__DB_PATH=str((opts.state_dir / "coordinator.db").resolve()),
+            # End-user API keys made by `hivewire keys create` (docs/security.md).
+            HIVEWIRE_AUTH__API_KEYS_FILE=str((opts.state_dir / "api-keys.json").resolve()),
         )
         await self._start_service(
             "model",

@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from hivewire.services.agent.settings import AgentSettings
 from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.model.settings import ModelSettings
+from hivewire.services.runtime.authn import AuthSettings
 from hivewire.services.runtime.events.settings import EventsSettings
 from hivewire.services.runtime.tls import TlsFiles
 from hivewire.services.tool.settings import ToolSettings
@@ -105,6 +106,10 @@ class Settings(BaseSettings):
     authz_policy_file: Path | None = Field(
         None,
         description="Who may call which RPC (TOML, docs/runtime.md); unset = built-in policy.",
+    )
+
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings, description="End-user API keys and JWT (docs/security.md)."
     )
 
     # Per-service sections go below, one frozen BaseModel each (docs/runtime.md).

@@ -32,6 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hivewire.services.runtime.authn import Authenticator
 from hivewire.services.runtime.authz import AuthzPolicyStore, AuthzServerInterceptor
 from hivewire.services.runtime.channels import server_options
 from hivewire.services.runtime.config import Settings
@@ -234,7 +235,8 @@ class ServiceServer:
         settings = self.settings
         creds = server_credentials(settings.tls_files())
         store = self._authz_store or AuthzPolicyStore(settings.authz_policy_file)
-        self.authz = AuthzServerInterceptor(store)
+        authn = Authenticator(settings.auth) if settings.auth.enabled else None
+        self.authz = AuthzServerInterceptor(store, authn=authn)
         server = grpc.aio.server(
             interceptors=server_interceptors(self._extra_interceptors, authz=self.authz),
             options=server_options(settings.max_message_bytes),
