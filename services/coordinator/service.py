@@ -76,6 +76,7 @@ from hivewire.services.coordinator.model import (
     state_name,
 )
 from hivewire.services.coordinator.queue import QueueEntry, TaskQueue
+from hivewire.services.coordinator.quotas import Quotas
 from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.coordinator.store import EventRow, TaskQuery, TaskStore
 from hivewire.services.runtime import metadata as md
@@ -210,6 +211,7 @@ class Coordinator:
     ) -> None:
         self.settings = settings
         self._approvals = approvals  # signs tool approvals (coordinator/approvals.py)
+        self._quotas = Quotas(settings.quotas)  # per-principal limits (coordinator/quotas.py)
         self._store = store
         self._pool = pool
         self._events: EventPublisher = events or NullPublisher()
@@ -338,6 +340,9 @@ class Coordinator:
             if existing is not None:
                 metrics.TASKS_DEDUPLICATED.inc()
                 return existing, True
+        # Per-principal quotas (quotas.py): over a limit nothing is stored.
+        active = sum(rt.record.owner == caller.identity for rt in self._active.values())
+        self._quotas.admit(caller.identity, active)
         if not normalized.metadata.correlation_id:
             normalized.metadata.correlation_id = correlation_id or new_correlation_id()
         created = now_ns()

@@ -12,6 +12,38 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 
+class QuotaLimits(BaseModel):
+    """Limits of one principal (0 = no limit)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    submit_rate: float = Field(0.0, ge=0, description="Submissions per second (0: no limit).")
+    submit_burst: int = Field(0, ge=0, description="Bucket size (0: max(1, submit_rate)).")
+    max_active: int = Field(0, ge=0, description="Tasks queued or running at once (0: no limit).")
+
+
+class QuotaSettings(QuotaLimits):
+    """The ``coordinator.quotas`` section: default limits plus overrides.
+
+    ``principals`` is keyed by identity (``spiffe://hivewire.local/client/alice``),
+    ``roles`` by role (``client``, ``admin``); a principal's own entry wins over its
+    role's, which wins over the defaults.
+    """
+
+    principals: dict[str, QuotaLimits] = Field(default_factory=dict)
+    roles: dict[str, QuotaLimits] = Field(default_factory=dict)
+    max_tracked: int = Field(10_000, ge=1, description="Principals whose buckets are kept.")
+
+    def limits_for(self, identity: str) -> QuotaLimits:
+        """The limits that apply to one principal."""
+        if identity in self.principals:
+            return self.principals[identity]
+        # spiffe://<trust domain>/<role>/<name>: the role is the fourth "/" field.
+        parts = identity.split("/")
+        role = parts[3] if len(parts) > 4 and identity.startswith("spiffe://") else ""
+        return self.roles.get(role, self)
+
+
 class CoordinatorSettings(BaseModel):
     """Tuning of the coordinator (scheduling, retries, limits, storage)."""
 
@@ -61,6 +93,10 @@ class CoordinatorSettings(BaseModel):
     )
     write_batch_max: int = Field(
         1000, ge=1, description="Most writes committed in one SQLite transaction."
+    )
+    quotas: QuotaSettings = Field(
+        default_factory=QuotaSettings,
+        description="Per-principal submission rate and active-task caps (quotas.py).",
     )
     approval_ttl: float = Field(
         300.0,
