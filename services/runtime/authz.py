@@ -285,12 +285,17 @@ callers = ["coordinator/*"]
 allow = ["hivewire.agent.v1.AgentService/*"]
 
 [[rules]]
-description = "agents think, act and start sub-tasks"
+description = "agents think, act, and start and follow their own sub-tasks"
 callers = ["agent/*"]
 allow = [
   "hivewire.model.v1.ModelService/*",
   "hivewire.tool.v1.ToolService/*",
-  "hivewire.coordinator.v1.CoordinatorService/*",
+  "hivewire.coordinator.v1.CoordinatorService/SubmitTask",
+  "hivewire.coordinator.v1.CoordinatorService/StreamTask",
+  "hivewire.coordinator.v1.CoordinatorService/WatchTask",
+  "hivewire.coordinator.v1.CoordinatorService/GetTask",
+  "hivewire.coordinator.v1.CoordinatorService/CancelTask",
+  "hivewire.coordinator.v1.CoordinatorService/ProvideInput",
 ]
 
 [[rules]]
