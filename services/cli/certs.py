@@ -137,6 +137,27 @@ def issue(
     console.print(f"valid until  {issued.not_after:%Y-%m-%d %H:%M} UTC")
 
 
+REVOKED_FILE = "revoked.txt"
+"""The deny list in the PKI directory (``HIVEWIRE_REVOKED_CERTS_FILE`` under ``hivewire up``)."""
+
+
+@app.command("revoke")
+def revoke(
+    stem: Annotated[str, typer.Argument(help="The certificate's file stem, e.g. agent-planner.")],
+    directory: DirOption = Path("certs"),
+) -> None:
+    """Add a certificate's serial to <dir>/revoked.txt: servers refuse it from their next call."""
+    path = directory / f"{stem}.pem"
+    try:
+        info = pki.describe_cert(path)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read {path}: {exc}")
+    serial = format(info.serial_number, "x")
+    with (directory / REVOKED_FILE).open("a") as deny_list:
+        deny_list.write(f"{serial}  # {stem} {info.spiffe_id or info.subject}\n")
+    typer.echo(f"revoked {stem} (serial {serial}) in {directory / REVOKED_FILE}")
+
+
 @app.command("show")
 def show(directory: DirOption = Path("certs")) -> None:
     """List the certificates in the PKI directory with their identity, expiry and status."""

@@ -124,6 +124,8 @@ class Mesh:
             "HIVEWIRE_PORT": str(port),
             "HIVEWIRE_METRICS_PORT": str(metrics_port_for(port)),
             "HIVEWIRE_CERTS_DIR": str(self.certs_dir),
+            # `hivewire certs revoke` writes it; every server re-reads it (docs/security.md).
+            "HIVEWIRE_REVOKED_CERTS_FILE": str(self.certs_dir / "revoked.txt"),
             "HIVEWIRE_IDENTITY": identity,
             "HIVEWIRE_NATS_URL": self.nats.url,
             "HIVEWIRE_LOG_LEVEL": opts.log_level,

@@ -61,6 +61,7 @@ import grpc
 from hivewire.services.runtime.authn import Authenticator
 from hivewire.services.runtime.errors import PermissionDenied, Unauthenticated
 from hivewire.services.runtime.policyfile import globs, load_toml, rule_tables
+from hivewire.services.runtime.revocation import RevocationList
 from hivewire.services.runtime.security import record_denial
 from hivewire.services.runtime.tls import SPIFFE_SCHEME, TRUST_DOMAIN, parse_spiffe_id
 
@@ -423,11 +424,17 @@ if TYPE_CHECKING:
 class _Gate:
     """The per-call check, shared by every wrapped handler of one server."""
 
-    __slots__ = ("_authn", "_callers", "_store")
+    __slots__ = ("_authn", "_callers", "_revoked", "_store")
 
-    def __init__(self, store: AuthzPolicyStore, authn: Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        store: AuthzPolicyStore,
+        authn: Authenticator | None = None,
+        revoked: RevocationList | None = None,
+    ) -> None:
         self._store = store
         self._authn = authn
+        self._revoked = revoked
         self._callers: dict[bytes, Caller] = {}
 
     def caller(self, context: Context) -> Caller:
@@ -452,6 +459,12 @@ class _Gate:
             PermissionDenied: The policy does not allow the caller this method.
         """
         caller = self.caller(context)
+        if self._revoked is not None and self._revoked.revoked(
+            caller.spiffe_id, lambda: _peer_pem(context)
+        ):
+            await _drain(request, streaming)
+            record_denial("authn", "CERT_REVOKED", caller.spiffe_id, method)
+            raise Unauthenticated(f"the certificate of {caller} is revoked", reason="CERT_REVOKED")
         if self._authn is not None:
             try:
                 principal = await self._authn.authenticate(context.invocation_metadata())
@@ -482,6 +495,11 @@ class _Gate:
             reason=REASON,
             metadata={"caller": caller.spiffe_id, "method": method},
         )
+
+
+def _peer_pem(context: Context) -> bytes | None:
+    pems = context.auth_context().get("x509_pem_cert") or ()
+    return next(iter(pems), None)
 
 
 async def _drain(request: Any, streaming: bool) -> None:
@@ -554,7 +572,11 @@ class AuthzServerInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(
-        self, store: AuthzPolicyStore | None = None, *, authn: Authenticator | None = None
+        self,
+        store: AuthzPolicyStore | None = None,
+        *,
+        authn: Authenticator | None = None,
+        revoked: RevocationList | None = None,
     ) -> None:
         """Create the interceptor.
 
@@ -562,9 +584,10 @@ class AuthzServerInterceptor(grpc.aio.ServerInterceptor):
             store: The policy; default :data:`DEFAULT_POLICY`.
             authn: End-user authentication (API keys, JWT); None: callers are their
                 certificates only.
+            revoked: Revoked certificates and identities, refused first.
         """
         self.store = store or AuthzPolicyStore()
-        self._gate = _Gate(self.store, authn)
+        self._gate = _Gate(self.store, authn, revoked)
         self._cache: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(

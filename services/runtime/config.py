@@ -108,6 +108,10 @@ class Settings(BaseSettings):
         description="Who may call which RPC (TOML, docs/runtime.md); unset = built-in policy.",
     )
 
+    revoked_certs_file: Path | None = Field(
+        None,
+        description="Revoked certificate serials and SPIFFE ids, re-read when it changes.",
+    )
     auth: AuthSettings = Field(
         default_factory=AuthSettings, description="End-user API keys and JWT (docs/security.md)."
     )

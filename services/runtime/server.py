@@ -42,6 +42,7 @@ from hivewire.services.runtime.metrics import (
     metrics_tls_context,
     start_metrics_server,
 )
+from hivewire.services.runtime.revocation import RevocationList
 from hivewire.services.runtime.tls import server_credentials
 
 logger = logging.getLogger(__name__)
@@ -236,7 +237,12 @@ class ServiceServer:
         creds = server_credentials(settings.tls_files())
         store = self._authz_store or AuthzPolicyStore(settings.authz_policy_file)
         authn = Authenticator(settings.auth) if settings.auth.enabled else None
-        self.authz = AuthzServerInterceptor(store, authn=authn)
+        revoked = (
+            RevocationList(settings.revoked_certs_file)
+            if settings.revoked_certs_file is not None
+            else None
+        )
+        self.authz = AuthzServerInterceptor(store, authn=authn, revoked=revoked)
         server = grpc.aio.server(
             interceptors=server_interceptors(self._extra_interceptors, authz=self.authz),
             options=server_options(settings.max_message_bytes),
