@@ -35,7 +35,7 @@ app = typer.Typer(
     subcommand_metavar="",
 )
 
-_CATEGORIES = ("task", "agent", "model", "tool", "workflow", "project")
+_CATEGORIES = ("task", "agent", "model", "tool", "workflow", "project", "security")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 

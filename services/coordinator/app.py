@@ -126,6 +126,7 @@ async def running_coordinator(
                 registry=registry,
                 registration=registration if register else None,
                 on_shutdown=[coordinator.drain],
+                events=events,
             )
         )
         yield RunningCoordinator(

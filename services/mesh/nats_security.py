@@ -117,6 +117,8 @@ def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str,
             *_stream_setup(names.dlq_stream),
             f"$KV.{names.bucket}.{service}.*",
             f"{EVENTS_PREFIX}.{category}.>",
+            # Every service reports the calls it refused (runtime/security.py).
+            f"{EVENTS_PREFIX}.security.>",
         ]
     elif role == "client":
         publish = reads

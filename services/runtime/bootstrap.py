@@ -33,6 +33,7 @@ from typing import Any
 
 from hivewire.discovery import Instance, Registry, open_registry
 from hivewire.services.runtime.config import Settings, UnknownSettingError, load_settings
+from hivewire.services.runtime.eventsink import EventSink
 from hivewire.services.runtime.logging import setup_logging
 from hivewire.services.runtime.ports import (
     COORDINATOR_PORT,
@@ -42,6 +43,7 @@ from hivewire.services.runtime.ports import (
     TOOL_PORT,
     metrics_port_for,
 )
+from hivewire.services.runtime.security import publish_denials
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer, ShutdownHook
 from hivewire.services.runtime.tls import nats_tls_options
 
@@ -206,6 +208,7 @@ async def serving(
     on_shutdown: Iterable[ShutdownHook] = (),
     on_registered: InstanceCallback | None = None,
     on_deregistered: InstanceCallback | None = None,
+    events: EventSink[Any] | None = None,
 ) -> AsyncIterator[Serving]:
     """Serve ``bindings`` and, given a registry and a registration, register the instance.
 
@@ -222,10 +225,13 @@ async def serving(
         on_shutdown: Hooks run first on shutdown (drain work...).
         on_registered: Called with the instance after it registered.
         on_deregistered: Called with the instance after it deregistered.
+        events: Where refused calls go as ``security.*`` events (None: metrics and
+            logs only).
 
     Yields:
         The server and its registry entry.
     """
+    publish_denials(events)
     async with ServiceServer(settings, bindings, on_shutdown=list(on_shutdown)) as server:
         running = Serving(server)
         if registry is not None and registration is not None:

@@ -2,9 +2,9 @@
 
 ``hivewire_security_denials_total{kind, reason}`` counts refusals (``kind`` is ``authn``
 for a bad credential, ``authz`` for a caller the policy does not allow); the log line
-names the caller's identity and the method, never the credential. A process that
-publishes events may register a sink (:func:`set_denial_sink`) to turn each refusal into
-a ``security.*`` event as well.
+names the caller's identity and the method, never the credential. A serving process
+that publishes events also turns each refusal into a ``security.authn_failed`` or
+``security.authz_denied`` event (:func:`publish_denials`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import logging
 from collections.abc import Callable
 
 from prometheus_client import Counter
+
+from hivewire.events.v1 import events_pb2
+from hivewire.services.runtime.eventsink import EventSink
 
 logger = logging.getLogger(__name__)
 
@@ -53,3 +56,19 @@ def record_denial(kind: str, reason: str, caller: str, method: str) -> None:
             _sink(kind, reason, caller, method)
         except Exception:  # a failing sink must not turn a refusal into INTERNAL
             logger.exception("security: the denial sink failed")
+
+
+_EVENT_TYPES = {"authn": "security.authn_failed", "authz": "security.authz_denied"}
+
+
+def publish_denials(events: EventSink[events_pb2.SecurityEventData] | None) -> None:
+    """Publish every refusal of this process as a ``security.*`` event (None: stop)."""
+    if events is None:
+        set_denial_sink(None)
+        return
+
+    def sink(kind: str, reason: str, caller: str, method: str) -> None:
+        data = events_pb2.SecurityEventData(kind=kind, reason=reason, caller=caller, method=method)
+        events.publish(_EVENT_TYPES[kind], subject=caller or "anonymous", data=data)
+
+    set_denial_sink(sink)

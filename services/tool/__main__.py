@@ -56,7 +56,9 @@ async def serve(settings: Settings) -> None:
             meta={"name": "tool", "identity": settings.identity},
         )
         running = await stack.enter_async_context(
-            serving(settings, [binding], registry=registry, registration=registration)
+            serving(
+                settings, [binding], registry=registry, registration=registration, events=events
+            )
         )
         await serve_until_signal(running.server)
 
