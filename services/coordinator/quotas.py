@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hivewire.services.coordinator.settings import QuotaSettings
@@ -40,21 +41,22 @@ class Quotas:
         self.settings = settings
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
-    def admit(self, identity: str, active: int, *, now: float | None = None) -> None:
+    def admit(self, identity: str, active: Callable[[], int], *, now: float | None = None) -> None:
         """Take a submission token for ``identity``, or refuse.
 
         Args:
             identity: The submitting principal.
-            active: Its tasks queued or running now.
+            active: Counts its tasks queued or running now (called only under a cap).
             now: Monotonic time (tests); defaults to ``time.monotonic()``.
 
         Raises:
             ResourceExhausted: ``TOO_MANY_ACTIVE_TASKS`` or ``RATE_LIMITED``.
         """
         limits = self.settings.limits_for(identity)
-        if limits.max_active and active >= limits.max_active:
+        count = active() if limits.max_active else 0
+        if limits.max_active and count >= limits.max_active:
             raise ResourceExhausted(
-                f"{identity} has {active} tasks queued or running (limit {limits.max_active})",
+                f"{identity} has {count} tasks queued or running (limit {limits.max_active})",
                 [(f"principal:{identity}", f"at most {limits.max_active} active tasks")],
                 retry_after=_ACTIVE_RETRY,
                 reason="TOO_MANY_ACTIVE_TASKS",

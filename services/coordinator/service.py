@@ -341,8 +341,10 @@ class Coordinator:
                 metrics.TASKS_DEDUPLICATED.inc()
                 return existing, True
         # Per-principal quotas (quotas.py): over a limit nothing is stored.
-        active = sum(rt.record.owner == caller.identity for rt in self._active.values())
-        self._quotas.admit(caller.identity, active)
+        self._quotas.admit(
+            caller.identity,
+            lambda: sum(rt.record.owner == caller.identity for rt in self._active.values()),
+        )
         if not normalized.metadata.correlation_id:
             normalized.metadata.correlation_id = correlation_id or new_correlation_id()
         created = now_ns()
