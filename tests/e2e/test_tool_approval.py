@@ -51,6 +51,7 @@ PAGE = (
 )
 QUESTION = "Which planet has most moons?"
 MOONS = "Saturn has the most moons of any planet."
+CLIENT_ID = "spiffe://hivewire.local/client/client"
 
 # The mesh's usual policy: agents may call every tool, fetching needs a person's yes.
 POLICY = """\
@@ -301,6 +302,14 @@ async def test_approved_fetch_runs_once_and_the_task_succeeds(mesh: ApprovalMesh
     assert events[-1].event.tool.outcome == "ok"
     outcomes = [line.split("outcome=")[1].split()[0] for line in audit_lines(mesh, digest)]
     assert outcomes == ["approval_required", "ok"]
+    # The tool ran on the coordinator's signed grant, which names the client that said yes
+    # (the agent's own "approved_by" is not trusted).
+    log = mesh.tool.stderr_path.read_text(errors="replace")
+    approved = [line for line in log.splitlines() if " of http_fetch approved by " in line]
+    assert any(
+        f"approved by {CLIENT_ID} (request {run.pause.asked.request_id}," in line
+        for line in approved
+    ), approved
 
 
 @pytest.mark.parametrize("via", sorted(RUNNERS))
