@@ -76,6 +76,14 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
         await server.stop()
 
 
+@pytest.fixture
+async def mesh_nats_server(pki: Pki, tmp_path: Path) -> AsyncIterator[NatsServer]:
+    """The mesh's nats-server as ``hivewire up`` runs it: mTLS with the session PKI and a
+    permission set per identity (``url`` is ``tls://``; connect with ``client_options``)."""
+    async with NatsServer(tmp_path / "mesh-nats", certs_dir=pki.dir) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def grpcurl() -> Callable[..., Any]:
     """The ``tests.helpers.grpcurl`` coroutine function, after checking the binary exists."""

@@ -29,7 +29,8 @@ from typing import IO, Any, Self
 import httpx
 
 from hivewire.services.mesh.launcher import read_ports_file
-from hivewire.services.runtime.tls import TlsFiles
+from hivewire.services.mesh.nats_security import NATS_SERVER_STEM, mesh_identities, render_security
+from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
 
 __all__ = [
     "GrpcurlResult",
@@ -159,6 +160,9 @@ class NatsServer:
         sync_interval: JetStream ``sync_interval`` (``"always"``, ``"1s"``...), which
             nats-server only accepts from a config file.
         extra_args: More command-line flags.
+        certs_dir: The mesh PKI: serve TLS with client certificates and per-identity
+            permissions, as ``hivewire up`` does (services/mesh/nats_security.py); the
+            URL is then ``tls://``. None: plaintext, for tests of the NATS libraries.
     """
 
     binary: Path = Path(sys.executable).parent / "nats-server"
@@ -170,6 +174,7 @@ class NatsServer:
         port: int | None = None,
         sync_interval: str | None = None,
         extra_args: Sequence[str] = (),
+        certs_dir: Path | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.store_dir = self.workdir / "js"
@@ -177,6 +182,7 @@ class NatsServer:
         self._requested_port = port
         self._sync_interval = sync_interval
         self._extra_args = tuple(extra_args)
+        self.certs_dir = certs_dir
         self._proc: asyncio.subprocess.Process | None = None
         self._port: int | None = None
         self._monitor_url: str | None = None
@@ -190,8 +196,15 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        """The client URL, ``nats://127.0.0.1:<port>``."""
-        return f"nats://127.0.0.1:{self.port}"
+        """The client URL, ``nats://127.0.0.1:<port>`` (``tls://`` when secured)."""
+        scheme = "tls" if self.certs_dir is not None else "nats"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def client_options(self, stem: str = "admin") -> dict[str, Any]:
+        """``nats.connect`` options of one mesh identity (none for a plaintext server)."""
+        if self.certs_dir is None:
+            return {}
+        return nats_tls_options(self.url, TlsFiles.for_identity(self.certs_dir, stem))
 
     @property
     def monitor_url(self) -> str:
@@ -217,10 +230,16 @@ class NatsServer:
     def _command(self) -> list[str]:
         port = self._port if self._port is not None else (self._requested_port or -1)
         command = [str(self.binary)]
+        text = ""
         if self._sync_interval is not None:
-            conf = self.workdir / "nats-server.conf"
             # The store dir comes from -sd: nats-server rejects it given twice.
-            conf.write_text(f"jetstream {{\n  sync_interval: {self._sync_interval}\n}}\n")
+            text += f"jetstream {{\n  sync_interval: {self._sync_interval}\n}}\n"
+        if self.certs_dir is not None:
+            server = TlsFiles.for_identity(self.certs_dir, NATS_SERVER_STEM)
+            text += render_security(server, mesh_identities(self.certs_dir))
+        if text:
+            conf = self.workdir / "nats-server.conf"
+            conf.write_text(text)
             command += ["-c", str(conf)]
         command += [
             "-a", "127.0.0.1",

@@ -7,9 +7,12 @@
 // event: stream sequence, type, subject, task sequence and the data's category.
 //
 // Usage:
-//   node subscribe.js [--server nats://127.0.0.1:4222] [--filter 'task.>']
-//                     [--from-seq N | --new] [--count N] [--json] [--proto DIR]
+//   node subscribe.js [--server tls://127.0.0.1:4222] [--certs DIR] [--identity client]
+//                     [--filter 'task.>'] [--from-seq N | --new] [--count N] [--json]
+//                     [--proto DIR]
 //
+// The mesh's NATS (tls://) wants a client certificate of the mesh CA: <certs>/ca.pem,
+// <certs>/<identity>.pem and .key (the client identity may read events, not write them).
 // Without --count it follows new events until Ctrl-C.
 "use strict";
 
@@ -23,7 +26,9 @@ const STREAM = "HIVEWIRE_EVENTS";
 function options() {
   const { values } = parseArgs({
     options: {
-      server: { type: "string", default: process.env.NATS_URL || "nats://127.0.0.1:4222" },
+      server: { type: "string", default: process.env.NATS_URL || "tls://127.0.0.1:4222" },
+      certs: { type: "string", default: "certs" },
+      identity: { type: "string", default: "client" },
       filter: { type: "string", default: ">" },
       "from-seq": { type: "string" },
       new: { type: "boolean", default: false },
@@ -50,7 +55,17 @@ async function main() {
   const Event = await loadEventType(opts.proto);
   const limit = opts.count === undefined ? Infinity : Number(opts.count);
 
-  const nc = await connect({ servers: opts.server.split(","), name: "hivewire-node-events" });
+  const servers = opts.server.split(",");
+  const connectOptions = { servers, name: "hivewire-node-events" };
+  if (servers.some((s) => s.startsWith("tls://"))) {
+    connectOptions.servers = servers.map((s) => s.replace(/^tls:\/\//, ""));
+    connectOptions.tls = {
+      caFile: path.join(opts.certs, "ca.pem"),
+      certFile: path.join(opts.certs, `${opts.identity}.pem`),
+      keyFile: path.join(opts.certs, `${opts.identity}.key`),
+    };
+  }
+  const nc = await connect(connectOptions);
   const js = nc.jetstream();
   const consumerOptions = { filterSubjects: [`hivewire.events.${opts.filter}`] };
   if (opts["from-seq"] !== undefined) {

@@ -562,6 +562,7 @@ class TaskTools(_Bound):
             request_id=answer.request_id,
             approved_by=self._ctx.info.user_id or "client",
             arguments_digest=required.arguments_digest,
+            signed=answer.signed_approval,
         )
 
     async def _invoke_once(

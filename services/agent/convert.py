@@ -221,6 +221,7 @@ def answer_from_proto(message: common_pb2.InputResponse) -> InputAnswer:
         value=payload_from_proto(message.value),
         approved=message.approved,
         comment=message.comment,
+        signed_approval=(message.signed_approval if message.HasField("signed_approval") else None),
     )
 
 

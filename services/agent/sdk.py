@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, cast, overload
 
 if TYPE_CHECKING:
+    from hivewire.common.v1 import common_pb2
     from hivewire.services.agent.clients import TaskModel, TaskTools
 
 __all__ = [
@@ -233,12 +234,15 @@ class InputAnswer:
         value: The answer, for text requests.
         approved: The decision, for approvals.
         comment: An optional reason the person gave.
+        signed_approval: For approved tool calls: the coordinator's signed grant, which
+            the tool service requires (opaque to the agent).
     """
 
     request_id: str
     value: Payload = field(default_factory=Payload)
     approved: bool = False
     comment: str = ""
+    signed_approval: common_pb2.SignedApproval | None = None
 
     @property
     def text(self) -> str:

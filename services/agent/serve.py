@@ -328,6 +328,7 @@ async def running_agent(
                 on_deregistered=lambda instance: _publish_agent_event(
                     events, "agent.deregistered", instance, card, healthy=False
                 ),
+                events=events,
             )
         )
         yield AgentServer(settings, runtime, started.server, started.instance, registry=registry)

@@ -16,7 +16,7 @@ DEFAULT_ALLOWED_CALLERS = ("spiffe://hivewire.local/coordinator/*",)
 class AgentSettings(BaseModel):
     """How an agent process serves, whom it obeys and where its model and tools are."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str | None = Field(
         None, description="Overrides the agent card's name (and so the default identity)."

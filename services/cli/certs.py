@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from hivewire.services.cli.output import fail
+from hivewire.services.cli.output import fail, wide_console
 from hivewire.services.runtime import pki
 
 T = TypeVar("T")
@@ -52,12 +50,6 @@ DirOption = Annotated[
 ]
 
 
-def _console() -> Console:
-    # Off a terminal (pipes, CI logs, tests) rich would wrap to 80 columns and split
-    # SPIFFE ids across lines; a wide fixed width keeps each row on one line.
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
-
-
 def _attempt(operation: Callable[[], T]) -> T:
     """Run a PKI operation, turning its expected failures into one line on stderr."""
     try:
@@ -95,7 +87,7 @@ def init(
             if not identity:
                 identity = _identity_of(directory / f"{stem}.pem")
             table.add_row(action, stem, identity)
-    console = _console()
+    console = wide_console()
     console.print(table)
     console.print(
         f"PKI in {directory}: {len(report.created)} created, {len(report.renewed)} renewed, "
@@ -137,12 +129,33 @@ def issue(
             directory, role=role, name=name, stem=stem, valid_days=days, force=force
         )
     )
-    console = _console()
+    console = wide_console()
     console.print(f"identity     {issued.spiffe_id}")
     console.print(f"certificate  {issued.cert_path}")
     console.print(f"key          {issued.key_path}")
     console.print(f"ca           {issued.ca_path}")
     console.print(f"valid until  {issued.not_after:%Y-%m-%d %H:%M} UTC")
+
+
+REVOKED_FILE = "revoked.txt"
+"""The deny list in the PKI directory (``HIVEWIRE_REVOKED_CERTS_FILE`` under ``hivewire up``)."""
+
+
+@app.command("revoke")
+def revoke(
+    stem: Annotated[str, typer.Argument(help="The certificate's file stem, e.g. agent-planner.")],
+    directory: DirOption = Path("certs"),
+) -> None:
+    """Add a certificate's serial to <dir>/revoked.txt: servers refuse it from their next call."""
+    path = directory / f"{stem}.pem"
+    try:
+        info = pki.describe_cert(path)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read {path}: {exc}")
+    serial = format(info.serial_number, "x")
+    with (directory / REVOKED_FILE).open("a") as deny_list:
+        deny_list.write(f"{serial}  # {stem} {info.spiffe_id or info.subject}\n")
+    typer.echo(f"revoked {stem} (serial {serial}) in {directory / REVOKED_FILE}")
 
 
 @app.command("show")
@@ -167,7 +180,7 @@ def show(directory: DirOption = Path("certs")) -> None:
             problem = pki.check_cert(directory, stem)
         status = "[green]ok[/green]" if problem is None else f"[red]{problem}[/red]"
         table.add_row(stem, identity, f"{info.not_after:%Y-%m-%d %H:%M} UTC", status)
-    _console().print(table)
+    wide_console().print(table)
 
 
 def _identity_of(path: Path) -> str:

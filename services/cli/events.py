@@ -35,7 +35,7 @@ app = typer.Typer(
     subcommand_metavar="",
 )
 
-_CATEGORIES = ("task", "agent", "model", "tool", "workflow", "project")
+_CATEGORIES = ("task", "agent", "model", "tool", "workflow", "project", "security")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -156,6 +156,7 @@ def _task_of(event: events_pb2.Event) -> str:
 
 async def _show(
     nats_url: str,
+    tls: dict[str, Any],
     pattern: str,
     *,
     start: datetime | timedelta | int | Literal["new"] | None,
@@ -170,7 +171,7 @@ async def _show(
     shown = 0
     # aclosing: stopping early (--limit) must clean up while the client still runs.
     async with contextlib.aclosing(
-        replay(nats_url, pattern, start=start, follow=follow, missing_ok=False)
+        replay(nats_url, pattern, start=start, follow=follow, missing_ok=False, nats_options=tls)
     ) as received_events:
         async for received in received_events:
             if not _show_one(received, task_id, correlation_id, as_json):
@@ -260,14 +261,18 @@ def events(
         start = parse_since(since)
     else:
         start = "new" if follow else None
-    if nats_url is None:
-        from hivewire.services.runtime.config import load_settings
+    from hivewire.services.runtime.config import load_settings
+    from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
 
-        nats_url = load_settings().nats_url
+    settings = load_settings()
+    nats_url = nats_url or settings.nats_url
+    # The mesh's NATS (tls://) reads the client certificate, as the other commands do.
+    tls = nats_tls_options(nats_url, TlsFiles.for_identity(settings.certs_dir, "client"))
     try:
         asyncio.run(
             _show(
                 nats_url,
+                tls,
                 pattern,
                 start=start,
                 follow=follow,

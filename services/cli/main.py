@@ -15,7 +15,8 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from hivewire.services.cli import a2a, agent, certs, events, tasks, up
+from hivewire.services.cli import a2a, agent, certs, events, keys, tasks, up
+from hivewire.services.runtime.config import UnknownSettingError
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class _Group(TyperGroup):
         except typer.Abort:
             typer.echo("Aborted.", err=True)
             sys.exit(1)
+        except UnknownSettingError as exc:
+            typer.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
         except Exception as exc:
             logger.debug("unexpected failure", exc_info=True)
             typer.echo(
@@ -110,6 +114,7 @@ def _root(
 
 
 app.add_typer(certs.app, name="certs")
+app.add_typer(keys.app, name="keys")
 app.add_typer(agent.app, name="agent")
 app.add_typer(events.app, name="events")
 app.add_typer(tasks.app)  # submit, watch, cancel, tasks, agents

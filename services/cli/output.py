@@ -6,11 +6,13 @@ output is one protobuf-JSON object per line on standard output.
 
 from __future__ import annotations
 
+import sys
 from typing import NoReturn
 
 import typer
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from rich.console import Console
 
 from hivewire.common.v1 import common_pb2
 
@@ -32,3 +34,10 @@ def state_label(state: int) -> str:
     """``running``, ``input_required``... for a TaskState value."""
     name = common_pb2.TaskState.Name(common_pb2.TaskState.ValueType(state))
     return name.removeprefix("TASK_STATE_").lower()
+
+
+def wide_console() -> Console:
+    """A rich console for tables: terminal width on a terminal, 160 columns elsewhere."""
+    # Off a terminal (pipes, CI logs, tests) rich would wrap to 80 columns and split
+    # SPIFFE ids across lines; a wide fixed width keeps each row on one line.
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)

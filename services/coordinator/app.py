@@ -22,6 +22,7 @@ from hivewire.services.coordinator.store import TaskStore
 from hivewire.services.runtime.bootstrap import Registration, registry_from_settings, serving
 from hivewire.services.runtime.channels import ChannelPool
 from hivewire.services.runtime.config import Settings
+from hivewire.services.runtime.grants import ApprovalSigner
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,13 @@ async def running_coordinator(
             describe_timeout=cfg.describe_timeout,
             on_change=lambda: wake[0].wake() if wake else None,
         )
-        coordinator = Coordinator(cfg, store=store, pool=pool, events=events)
+        coordinator = Coordinator(
+            cfg,
+            store=store,
+            pool=pool,
+            events=events,
+            approvals=ApprovalSigner(settings.tls_files(), ttl=cfg.approval_ttl),
+        )
         wake.append(coordinator)
         await stack.enter_async_context(coordinator)
         await stack.enter_async_context(pool)
@@ -132,6 +139,7 @@ async def running_coordinator(
                 registry=registry,
                 registration=registration if register else None,
                 on_shutdown=[coordinator.drain],
+                events=events,
             )
         )
         yield RunningCoordinator(

@@ -41,6 +41,7 @@ from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator import convert, metrics
+from hivewire.services.coordinator.approvals import endorse
 from hivewire.services.coordinator.attempts import (
     RESTARTED,
     UNREACHABLE,
@@ -86,6 +87,7 @@ from hivewire.services.coordinator.model import (
 from hivewire.services.coordinator.plans import PLAN_CANCELLED, Plans
 from hivewire.services.coordinator.projects import Projects
 from hivewire.services.coordinator.queue import QueueEntry, TaskQueue
+from hivewire.services.coordinator.quotas import Quotas
 from hivewire.services.coordinator.session import Session
 from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.coordinator.store import TaskQuery, TaskStore
@@ -99,6 +101,7 @@ from hivewire.services.runtime.errors import (
     Unauthenticated,
     Unavailable,
 )
+from hivewire.services.runtime.grants import ApprovalSigner
 from hivewire.services.runtime.logging import bind_task, new_correlation_id
 from hivewire.services.runtime.tls import parse_spiffe_id
 
@@ -137,8 +140,11 @@ class Coordinator:
         store: TaskStore,
         pool: AgentPool,
         events: EventPublisher | None = None,
+        approvals: ApprovalSigner | None = None,
     ) -> None:
         self.settings = settings
+        self._approvals = approvals  # signs tool approvals (coordinator/approvals.py)
+        self._quotas = Quotas(settings.quotas)  # per-principal limits (coordinator/quotas.py)
         self._store = store
         self._pool = pool
         self._events: EventPublisher = events or NullPublisher()
@@ -287,6 +293,11 @@ class Coordinator:
             )
         if not normalized.project_id and parent is not None:
             normalized.project_id = parent.record.project_id
+        # Per-principal quotas (quotas.py): over a limit nothing is stored.
+        self._quotas.admit(
+            caller.identity,
+            lambda: sum(rt.record.owner == caller.identity for rt in self._tasks.active.values()),
+        )
         if not normalized.metadata.correlation_id:
             normalized.metadata.correlation_id = (
                 parent.record.correlation_id
@@ -763,6 +774,8 @@ class Coordinator:
             ),
         )
         answered = copy.deepcopy(record)
+        # A yes to a tool approval gets the coordinator's signed grant (approvals.py).
+        response = endorse(self._approvals, task_id, pending, response, caller.identity)
         await attempt.send(agent_pb2.ExecuteRequest(input=response))
         await committed
         return answered

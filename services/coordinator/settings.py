@@ -7,15 +7,47 @@ example ``HIVEWIRE_COORDINATOR__DB_PATH=/var/lib/hivewire/coordinator.db``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+
+
+class QuotaLimits(BaseModel):
+    """Limits of one principal (0 = no limit)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    submit_rate: float = Field(0.0, ge=0, description="Submissions per second (0: no limit).")
+    submit_burst: int = Field(0, ge=0, description="Bucket size (0: max(1, submit_rate)).")
+    max_active: int = Field(0, ge=0, description="Tasks queued or running at once (0: no limit).")
+
+
+class QuotaSettings(QuotaLimits):
+    """The ``coordinator.quotas`` section: default limits plus overrides.
+
+    ``principals`` is keyed by identity (``spiffe://hivewire.local/client/alice``),
+    ``roles`` by role (``client``, ``admin``); a principal's own entry wins over its
+    role's, which wins over the defaults.
+    """
+
+    principals: dict[str, QuotaLimits] = Field(default_factory=dict)
+    roles: dict[str, QuotaLimits] = Field(default_factory=dict)
+    max_tracked: int = Field(10_000, ge=1, description="Principals whose buckets are kept.")
+
+    def limits_for(self, identity: str) -> QuotaLimits:
+        """The limits that apply to one principal."""
+        if identity in self.principals:
+            return self.principals[identity]
+        # spiffe://<trust domain>/<role>/<name>: the role is the fourth "/" field.
+        parts = identity.split("/")
+        role = parts[3] if len(parts) > 4 and identity.startswith("spiffe://") else ""
+        return self.roles.get(role, self)
 
 
 class CoordinatorSettings(BaseModel):
     """Tuning of the coordinator (scheduling, retries, limits, storage)."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     db_path: Path = Field(
         Path(".hivewire/coordinator.db"),
@@ -84,10 +116,28 @@ class CoordinatorSettings(BaseModel):
         ge=1,
         description="How deep sub-tasks may nest (a task an agent submits while running another).",
     )
+    quotas: QuotaSettings = Field(
+        default_factory=QuotaSettings,
+        description="Per-principal submission rate and active-task caps (quotas.py).",
+    )
+    approval_ttl: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a signed tool approval stays valid after the person's yes.",
+    )
     admin_prefix: str = Field(
         "spiffe://hivewire.local/admin/",
         description="Callers whose SPIFFE id starts with this see and cancel every task.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_database(cls, data: Any) -> Any:
+        # db_path (a flag) wins over the alias from the environment, instead of both
+        # being given and the alias refused as an unknown key.
+        if isinstance(data, dict) and "db_path" in data and "database" in data:
+            data = {k: v for k, v in data.items() if k != "database"}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorSettings:

@@ -2,7 +2,9 @@
 
 JetStream stores its data under the project's state directory. ``sync_interval:
 always`` makes an acknowledged event durable on disk before the ack (a single node
-has no replicas to lean on; see docs/events.md).
+has no replicas to lean on; see docs/events.md). With a certificates directory the
+server takes only mutual-TLS clients of the mesh CA, each with its identity's
+permissions (services/mesh/nats_security.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from pathlib import Path
 import httpx
 
 from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec
+from hivewire.services.mesh.nats_security import (
+    NATS_SERVER_STEM,
+    mesh_identities,
+    render_security,
+)
+from hivewire.services.runtime.tls import TlsFiles
 
 
 class NatsServerNotFound(RuntimeError):
@@ -46,11 +54,14 @@ class NatsServerConfig:
     store_dir: Path = Path(".hivewire/nats")
     sync_interval: str = "always"
     max_file_store: str = "1GB"
+    certs_dir: Path | None = None
+    """The mesh PKI: TLS with client certificates and per-identity permissions (None: open)."""
 
     @property
     def url(self) -> str:
-        """The client URL."""
-        return f"nats://{self.host}:{self.port}"
+        """The client URL (``tls://`` when secured)."""
+        scheme = "tls" if self.certs_dir is not None else "nats"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def monitor_url(self) -> str:
@@ -66,8 +77,14 @@ class NatsServerConfig:
             f'  store_dir: "{self.store_dir.resolve()}"\n'
             f"  sync_interval: {self.sync_interval}\n"
             f"  max_file_store: {self.max_file_store}\n"
-            "}\n"
+            "}\n" + self._security()
         )
+
+    def _security(self) -> str:
+        if self.certs_dir is None:
+            return ""
+        server = TlsFiles.for_identity(self.certs_dir, NATS_SERVER_STEM)
+        return render_security(server, mesh_identities(self.certs_dir))
 
 
 async def start_nats_server(

@@ -113,6 +113,7 @@ class Mesh:
             port=options.nats_port,
             monitor_port=options.nats_monitor_port,
             store_dir=options.state_dir / "nats",
+            certs_dir=options.certs_dir.resolve(),
         )
         self.model_backend, self.model_backend_reason = choose_model_backend(options.model_backend)
         self.a2a_url = ""
@@ -129,6 +130,8 @@ class Mesh:
             "HIVEWIRE_PORT": str(port),
             "HIVEWIRE_METRICS_PORT": str(metrics_port_for(port)),
             "HIVEWIRE_CERTS_DIR": str(self.certs_dir),
+            # `hivewire certs revoke` writes it; every server re-reads it (docs/security.md).
+            "HIVEWIRE_REVOKED_CERTS_FILE": str(self.certs_dir / "revoked.txt"),
             "HIVEWIRE_IDENTITY": identity,
             "HIVEWIRE_NATS_URL": self.nats.url,
             "HIVEWIRE_LOG_LEVEL": opts.log_level,
@@ -177,6 +180,8 @@ class Mesh:
             opts.coordinator_port,
             python_module("hivewire.services.coordinator"),
             HIVEWIRE_COORDINATOR__DB_PATH=str((opts.state_dir / "coordinator.db").resolve()),
+            # End-user API keys made by `hivewire keys create` (docs/security.md).
+            HIVEWIRE_AUTH__API_KEYS_FILE=str((opts.state_dir / "api-keys.json").resolve()),
         )
         await self._start_service(
             "model",

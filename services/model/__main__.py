@@ -61,6 +61,7 @@ async def serve(settings: Settings) -> None:
                 [ServiceBinding(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
                 registry=registry,
                 registration=registration,
+                events=events,
             )
         )
         await serve_until_signal(running.server)

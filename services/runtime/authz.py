@@ -58,8 +58,11 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from hivewire.services.runtime.errors import PermissionDenied
+from hivewire.services.runtime.authn import Authenticator
+from hivewire.services.runtime.errors import PermissionDenied, Unauthenticated
 from hivewire.services.runtime.policyfile import globs, load_toml, rule_tables
+from hivewire.services.runtime.revocation import RevocationList
+from hivewire.services.runtime.security import record_denial
 from hivewire.services.runtime.tls import SPIFFE_SCHEME, TRUST_DOMAIN, parse_spiffe_id
 
 logger = logging.getLogger(__name__)
@@ -288,12 +291,17 @@ callers = ["coordinator/*"]
 allow = ["hivewire.agent.v1.AgentService/*"]
 
 [[rules]]
-description = "agents think, act and start sub-tasks"
+description = "agents think, act, and start and follow their own sub-tasks"
 callers = ["agent/*"]
 allow = [
   "hivewire.model.v1.ModelService/*",
   "hivewire.tool.v1.ToolService/*",
-  "hivewire.coordinator.v1.CoordinatorService/*",
+  "hivewire.coordinator.v1.CoordinatorService/SubmitTask",
+  "hivewire.coordinator.v1.CoordinatorService/StreamTask",
+  "hivewire.coordinator.v1.CoordinatorService/WatchTask",
+  "hivewire.coordinator.v1.CoordinatorService/GetTask",
+  "hivewire.coordinator.v1.CoordinatorService/CancelTask",
+  "hivewire.coordinator.v1.CoordinatorService/ProvideInput",
 ]
 
 [[rules]]
@@ -421,10 +429,17 @@ if TYPE_CHECKING:
 class _Gate:
     """The per-call check, shared by every wrapped handler of one server."""
 
-    __slots__ = ("_callers", "_store")
+    __slots__ = ("_authn", "_callers", "_revoked", "_store")
 
-    def __init__(self, store: AuthzPolicyStore) -> None:
+    def __init__(
+        self,
+        store: AuthzPolicyStore,
+        authn: Authenticator | None = None,
+        revoked: RevocationList | None = None,
+    ) -> None:
         self._store = store
+        self._authn = authn
+        self._revoked = revoked
         self._callers: dict[bytes, Caller] = {}
 
     def caller(self, context: Context) -> Caller:
@@ -441,28 +456,65 @@ class _Gate:
                 return caller
         return ANONYMOUS
 
-    def admit(self, context: Context, method: str) -> Caller | None:
-        """The caller when allowed (also set in :data:`caller_var`), else None."""
+    async def check(self, request: Any, context: Context, method: str, streaming: bool) -> Caller:
+        """The caller, once authenticated and allowed (also set in :data:`caller_var`).
+
+        Raises:
+            Unauthenticated: The call's bearer credential is not valid.
+            PermissionDenied: The policy does not allow the caller this method.
+        """
         caller = self.caller(context)
+        if self._revoked is not None and self._revoked.revoked(
+            caller.spiffe_id, lambda: _peer_pem(context)
+        ):
+            await _drain(request, streaming)
+            record_denial("authn", "CERT_REVOKED", caller.spiffe_id, method)
+            raise Unauthenticated(f"the certificate of {caller} is revoked", reason="CERT_REVOKED")
+        if self._authn is not None:
+            try:
+                principal = await self._authn.authenticate(context.invocation_metadata())
+            except Unauthenticated as err:
+                await _drain(request, streaming)
+                record_denial("authn", err.reason, caller.spiffe_id, method)
+                raise
+            if principal is not None:
+                caller = Caller(principal.identity, principal.role, principal.name)
         if not self._store.allows(caller.spiffe_id, method):
-            return None
+            await self.refuse(request, context, method, streaming, caller)
         caller_var.set(caller)
         return caller
 
-    async def refuse(self, request: Any, context: Context, method: str, streaming: bool) -> None:
-        if streaming:
-            # Take the caller's first message before answering: a status sent while
-            # its first write is in flight reaches it as a failed write (INTERNAL)
-            # instead of PERMISSION_DENIED.
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(_DRAIN_TIMEOUT):
-                    await anext(aiter(request), None)
-        caller = self.caller(context)
+    async def refuse(
+        self,
+        request: Any,
+        context: Context,
+        method: str,
+        streaming: bool,
+        caller: Caller | None = None,
+    ) -> None:
+        await _drain(request, streaming)
+        caller = caller or self.caller(context)
+        record_denial("authz", REASON, caller.spiffe_id, method)
         raise PermissionDenied(
             f"{caller} may not call {method}",
             reason=REASON,
             metadata={"caller": caller.spiffe_id, "method": method},
         )
+
+
+def _peer_pem(context: Context) -> bytes | None:
+    pems = context.auth_context().get("x509_pem_cert") or ()
+    return next(iter(pems), None)
+
+
+async def _drain(request: Any, streaming: bool) -> None:
+    if streaming:
+        # Take the caller's first message before answering: a status sent while
+        # its first write is in flight reaches it as a failed write (INTERNAL)
+        # instead of the refusal.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_DRAIN_TIMEOUT):
+                await anext(aiter(request), None)
 
 
 def _authorizing(handler: Handler, method: str, gate: _Gate) -> Handler:
@@ -480,13 +532,12 @@ def _authorizing(handler: Handler, method: str, gate: _Gate) -> Handler:
         behavior = handler.unary_unary
         factory = grpc.unary_unary_rpc_method_handler
     streaming_in = handler.request_streaming
-    admit = gate.admit
+    check = gate.check
     wrapped: Any
     if handler.response_streaming and inspect.isasyncgenfunction(behavior):
 
         async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
-            if admit(context, method) is None:
-                await gate.refuse(request, context, method, streaming_in)
+            await check(request, context, method, streaming_in)
             async with aclosing(behavior(request, context)) as responses:
                 async for response in responses:
                     yield response
@@ -494,8 +545,7 @@ def _authorizing(handler: Handler, method: str, gate: _Gate) -> Handler:
     elif inspect.iscoroutinefunction(behavior):
 
         async def wrapped(request: Any, context: Context) -> Any:
-            if admit(context, method) is None:
-                await gate.refuse(request, context, method, streaming_in)
+            await check(request, context, method, streaming_in)
             return await behavior(request, context)
 
     else:
@@ -526,14 +576,23 @@ class AuthzServerInterceptor(grpc.aio.ServerInterceptor):
     :data:`caller_var`.
     """
 
-    def __init__(self, store: AuthzPolicyStore | None = None) -> None:
+    def __init__(
+        self,
+        store: AuthzPolicyStore | None = None,
+        *,
+        authn: Authenticator | None = None,
+        revoked: RevocationList | None = None,
+    ) -> None:
         """Create the interceptor.
 
         Args:
             store: The policy; default :data:`DEFAULT_POLICY`.
+            authn: End-user authentication (API keys, JWT); None: callers are their
+                certificates only.
+            revoked: Revoked certificates and identities, refused first.
         """
         self.store = store or AuthzPolicyStore()
-        self._gate = _Gate(self.store)
+        self._gate = _Gate(self.store, authn, revoked)
         self._cache: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(

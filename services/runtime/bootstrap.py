@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hivewire.discovery import Instance, Registry, open_registry
-from hivewire.services.runtime.config import Settings, load_settings
+from hivewire.services.runtime.config import Settings, UnknownSettingError, load_settings
+from hivewire.services.runtime.eventsink import EventSink
 from hivewire.services.runtime.logging import setup_logging
 from hivewire.services.runtime.ports import (
     COORDINATOR_PORT,
@@ -42,7 +43,9 @@ from hivewire.services.runtime.ports import (
     TOOL_PORT,
     metrics_port_for,
 )
+from hivewire.services.runtime.security import publish_denials
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer, ShutdownHook
+from hivewire.services.runtime.tls import nats_tls_options
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +91,16 @@ def with_service_defaults(settings: Settings, *, identity: str, port: int) -> Se
 
 def registry_from_settings(settings: Settings) -> Registry:
     """The registry ``settings.discovery`` names (not started: use ``async with``)."""
+    options: dict[str, Any] = {}
+    tls = nats_tls_options(settings.nats_url, settings.tls_files())
+    if tls and settings.discovery.split("?")[0] in ("", "nats", "embedded"):
+        # The embedded registry on the mesh's NATS (TLS with this process's certificate).
+        options["nats_options"] = tls
     return open_registry(
-        settings.discovery, nats_url=settings.nats_url, consul_token=settings.consul_token
+        settings.discovery,
+        nats_url=settings.nats_url,
+        consul_token=settings.consul_token,
+        **options,
     )
 
 
@@ -138,13 +149,17 @@ class ServiceEntry:
             **sections: Nested sections set by the service's own flags, e.g.
                 ``tool={"policy_file": path}``.
         """
-        settings = load_settings(
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            log_level=args.log_level,
-            **{name: dict(values) for name, values in sections.items()},
-        )
+        try:
+            settings = load_settings(
+                host=args.host,
+                port=args.port,
+                metrics_port=args.metrics_port,
+                log_level=args.log_level,
+                **{name: dict(values) for name, values in sections.items()},
+            )
+        except UnknownSettingError as exc:
+            # One line naming the variable (exit status 1): a misspelt setting stops the start.
+            raise SystemExit(f"hivewire {self.name}: {exc}") from None
         return self.defaults(settings)
 
     def run(
@@ -194,6 +209,7 @@ async def serving(
     on_registered: InstanceCallback | None = None,
     on_deregistered: InstanceCallback | None = None,
     extra_ports: Mapping[str, int] | None = None,
+    events: EventSink[Any] | None = None,
 ) -> AsyncIterator[Serving]:
     """Serve ``bindings`` and, given a registry and a registration, register the instance.
 
@@ -211,10 +227,13 @@ async def serving(
         on_registered: Called with the instance after it registered.
         on_deregistered: Called with the instance after it deregistered.
         extra_ports: More ports of the process for its ports file (``{"mcp": 8443}``).
+        events: Where refused calls go as ``security.*`` events (None: metrics and
+            logs only).
 
     Yields:
         The server and its registry entry.
     """
+    publish_denials(events)
     async with ServiceServer(
         settings, bindings, on_shutdown=list(on_shutdown), extra_ports=extra_ports
     ) as server:

@@ -6,26 +6,41 @@ it down. Nothing else in hivewire reads ``os.environ``.
 
 Nested sections (one per service: coordinator, model, tool, events...) are frozen
 pydantic models added as fields of :class:`Settings`; their variables use ``__`` as
-the separator, e.g. ``HIVEWIRE_COORDINATOR__QUEUE_LIMIT=100``. See docs/runtime.md.
+the separator, e.g. ``HIVEWIRE_COORDINATOR__MAX_TIMEOUT=3600``. See docs/runtime.md.
+
+A misspelt setting must not silently change nothing: :func:`load_settings` refuses any
+``HIVEWIRE_*`` variable that names no setting (and any unknown key in a section given
+as JSON or as an override) with :class:`UnknownSettingError`, naming it and the closest
+valid name, and every section forbids unknown fields.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import typing
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivewire.services.a2a.settings import A2aSettings
 from hivewire.services.agent.settings import AgentSettings
 from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.model.settings import ModelSettings
+from hivewire.services.runtime.authn import AuthSettings
 from hivewire.services.runtime.events.settings import EventsSettings
 from hivewire.services.runtime.tls import TlsFiles
 from hivewire.services.tool.settings import ToolSettings
 
 ENV_PREFIX = "HIVEWIRE_"
+NESTED_DELIMITER = "__"
+
+OTHER_VARIABLES = frozenset({"HIVEWIRE_ENDPOINTS"})
+"""``HIVEWIRE_*`` variables that are not settings: read by the example clients
+(``HIVEWIRE_ENDPOINTS``: where ``endpoints.json`` is, docs/clients.md)."""
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 LogFormat = Literal["text", "json"]
@@ -40,9 +55,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
+        env_nested_delimiter=NESTED_DELIMITER,
         frozen=True,
-        extra="ignore",
+        extra="forbid",
         case_sensitive=False,
         validate_default=True,
     )
@@ -51,6 +66,14 @@ class Settings(BaseSettings):
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus port; unset = no metrics server, 0 = any."
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Interface the Prometheus endpoint binds: loopback unless set otherwise.",
+    )
+    metrics_tls: bool = Field(
+        False,
+        description="Serve metrics over HTTPS with this identity's certificate, mesh clients only.",
     )
     advertise_host: str | None = Field(
         None, description="Host other services use to reach this one; defaults to host."
@@ -64,7 +87,10 @@ class Settings(BaseSettings):
     grace_period: float = Field(
         10.0, ge=0, description="Seconds in-flight calls get to finish on shutdown."
     )
-    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL.")
+    nats_url: str = Field(
+        "tls://127.0.0.1:4222",
+        description="NATS server URL(s); tls:// connects with this identity's certificate.",
+    )
     discovery: str = Field(
         "nats", description="Registry backend: nats, consul://host:port or static."
     )
@@ -81,6 +107,14 @@ class Settings(BaseSettings):
     authz_policy_file: Path | None = Field(
         None,
         description="Who may call which RPC (TOML, docs/runtime.md); unset = built-in policy.",
+    )
+
+    revoked_certs_file: Path | None = Field(
+        None,
+        description="Revoked certificate serials and SPIFFE ids, re-read when it changes.",
+    )
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings, description="End-user API keys and JWT (docs/security.md)."
     )
 
     # Per-service sections go below, one frozen BaseModel each (docs/runtime.md).
@@ -135,6 +169,106 @@ def _drop_none(overrides: dict[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
+class UnknownSettingError(ValueError):
+    """A ``HIVEWIRE_*`` variable or a settings key that names no setting.
+
+    Attributes:
+        name: What was given, e.g. ``HIVEWIRE_COORDINATOR__QUEUE_LIMIT``.
+        suggestion: The closest valid name, or None when nothing is close.
+    """
+
+    def __init__(self, name: str, suggestion: str | None) -> None:
+        self.name = name
+        self.suggestion = suggestion
+        hint = f"; did you mean {suggestion}?" if suggestion else ""
+        super().__init__(f"unknown setting {name}{hint} (valid settings: docs/runtime.md)")
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The settings section a field holds, when it is one (``X`` or ``X | None``)."""
+    candidates = typing.get_args(annotation) or (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation) or annotation
+    return isinstance(origin, type) and issubclass(origin, Mapping)
+
+
+def _field_names(model: type[BaseModel]) -> Iterator[tuple[str, Any]]:
+    """Every name a field of ``model`` is set by (its name and its aliases), with its type."""
+    for name, info in model.model_fields.items():
+        yield name, info.annotation
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            for choice in alias.choices:
+                if isinstance(choice, str) and choice != name:
+                    yield choice, info.annotation
+
+
+def setting_names(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -> dict[str, Any]:
+    """Every environment variable name that sets something, upper case, with its type.
+
+    Args:
+        model: The settings model (a section, when recursing).
+        prefix: The variable prefix of ``model``'s fields.
+
+    Returns:
+        ``{"HIVEWIRE_PORT": int, "HIVEWIRE_COORDINATOR": CoordinatorSettings,
+        "HIVEWIRE_COORDINATOR__DB_PATH": Path, ...}``.
+    """
+    names: dict[str, Any] = {}
+    for name, annotation in _field_names(model):
+        env_name = f"{prefix}{name}".upper()
+        names[env_name] = annotation
+        section = _model_of(annotation)
+        if section is not None:
+            names.update(setting_names(section, env_name + NESTED_DELIMITER))
+    return names
+
+
+def _closest(name: str, valid: list[str]) -> str | None:
+    matches = difflib.get_close_matches(name.upper(), valid, n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse ``HIVEWIRE_*`` variables that name no setting.
+
+    Args:
+        environ: The environment (``os.environ``).
+
+    Raises:
+        UnknownSettingError: For the first unknown variable (sorted by name).
+    """
+    names = setting_names()
+    valid = sorted(names)
+    for key in sorted(environ):
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in names or upper in OTHER_VARIABLES:
+            continue
+        # Keys of a mapping field (HIVEWIRE_MODEL__ROUTES__FAST) are data, not settings.
+        head, sep, _ = upper.rpartition(NESTED_DELIMITER)
+        while sep and head not in names:
+            head, sep, _ = head.rpartition(NESTED_DELIMITER)
+        if sep and _is_mapping(names[head]):
+            continue
+        raise UnknownSettingError(key, _closest(upper, valid))
+
+
+def _unknown_key(exc: ValidationError) -> UnknownSettingError | None:
+    """An ``extra_forbidden`` error (a section as JSON or an override) as an unknown setting."""
+    for error in exc.errors():
+        if error["type"] == "extra_forbidden":
+            path = NESTED_DELIMITER.join(str(part) for part in error["loc"])
+            name = f"{ENV_PREFIX}{path}".upper()
+            return UnknownSettingError(name, _closest(name, sorted(setting_names())))
+    return None
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings from the environment, with explicit overrides on top.
 
@@ -147,6 +281,15 @@ def load_settings(**overrides: Any) -> Settings:
         The frozen settings.
 
     Raises:
+        UnknownSettingError: A ``HIVEWIRE_*`` variable, or a key of a section, names
+            no setting.
         pydantic.ValidationError: A value (from the environment or an override) is invalid.
     """
-    return Settings(**_drop_none(overrides))
+    check_environment(os.environ)
+    try:
+        return Settings(**_drop_none(overrides))
+    except ValidationError as exc:
+        unknown = _unknown_key(exc)
+        if unknown is not None:
+            raise unknown from None
+        raise

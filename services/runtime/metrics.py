@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+
+from hivewire.services.runtime.tls import TlsFiles
 
 logger = logging.getLogger(__name__)
 
@@ -121,18 +124,28 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer:
     """A running Prometheus exposition endpoint (``GET /metrics``) on its own thread."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry = REGISTRY,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         """Bind and start serving.
 
         Args:
             host: Interface to bind.
             port: Port to bind; 0 picks a free one.
             registry: Registry to expose.
+            tls: Serve HTTPS with this server context (None: plain HTTP).
         """
         server_class = _IPv6Server if ":" in host else ThreadingWSGIServer
         self._httpd = make_server(
             host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
         )
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
         self.host = host
         self.port: int = self._httpd.server_port
         # A short poll interval keeps close() quick; the cost is a wakeup every 100 ms.
@@ -155,16 +168,30 @@ class MetricsServer:
         self._thread.join()
 
 
-def start_metrics_server(host: str, port: int) -> MetricsServer:
-    """Serve the default registry over HTTP.
+def metrics_tls_context(files: TlsFiles) -> ssl.SSLContext:
+    """HTTPS for the metrics endpoint: this identity's certificate, mesh clients only."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(files.cert), str(files.key))
+    context.load_verify_locations(cafile=str(files.ca))
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def start_metrics_server(
+    host: str, port: int, *, tls: ssl.SSLContext | None = None
+) -> MetricsServer:
+    """Serve the default registry over HTTP (or HTTPS).
 
     Args:
-        host: Interface to bind (``127.0.0.1`` locally, ``0.0.0.0`` in a container).
+        host: Interface to bind (``127.0.0.1`` by default; ``0.0.0.0`` in a container).
         port: Port; 0 picks a free one (read it back from ``.port``).
+        tls: Serve HTTPS with this context (see :func:`metrics_tls_context`).
 
     Returns:
         The running server; call ``.close()`` to stop it.
     """
-    server = MetricsServer(host, port)
-    logger.info("metrics on http://%s:%d/metrics", host, server.port)
+    server = MetricsServer(host, port, tls=tls)
+    scheme = "https" if tls is not None else "http"
+    logger.info("metrics on %s://%s:%d/metrics", scheme, host, server.port)
     return server

@@ -124,6 +124,7 @@ DEFAULT_IDENTITIES: tuple[Identity, ...] = (
     Identity("admin", "admin", "admin"),
     Identity("a2a", "client", "a2a"),
     Identity("mcp", "client", "mcp"),
+    Identity("nats", "nats", "nats"),
 )
 """The identities ``init_pki`` creates: one per service, the example agents, a client, an admin,
 the A2A gateway (a client of the coordinator) and the MCP client of the tool service."""

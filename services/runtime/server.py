@@ -32,11 +32,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hivewire.services.runtime.authn import Authenticator
 from hivewire.services.runtime.authz import AuthzPolicyStore, AuthzServerInterceptor
 from hivewire.services.runtime.channels import server_options
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.interceptors import server_interceptors
-from hivewire.services.runtime.metrics import MetricsServer, start_metrics_server
+from hivewire.services.runtime.metrics import (
+    MetricsServer,
+    metrics_tls_context,
+    start_metrics_server,
+)
+from hivewire.services.runtime.revocation import RevocationList
 from hivewire.services.runtime.tls import server_credentials
 
 logger = logging.getLogger(__name__)
@@ -234,7 +240,13 @@ class ServiceServer:
         settings = self.settings
         creds = server_credentials(settings.tls_files())
         store = self._authz_store or AuthzPolicyStore(settings.authz_policy_file)
-        self.authz = AuthzServerInterceptor(store)
+        authn = Authenticator(settings.auth) if settings.auth.enabled else None
+        revoked = (
+            RevocationList(settings.revoked_certs_file)
+            if settings.revoked_certs_file is not None
+            else None
+        )
+        self.authz = AuthzServerInterceptor(store, authn=authn, revoked=revoked)
         server = grpc.aio.server(
             interceptors=server_interceptors(self._extra_interceptors, authz=self.authz),
             options=server_options(settings.max_message_bytes),
@@ -256,8 +268,9 @@ class ServiceServer:
             self.port = port
             await server.start()
             if settings.metrics_port is not None:
+                tls = metrics_tls_context(settings.tls_files()) if settings.metrics_tls else None
                 self._metrics = await asyncio.to_thread(
-                    start_metrics_server, settings.host, settings.metrics_port
+                    start_metrics_server, settings.metrics_host, settings.metrics_port, tls=tls
                 )
                 self.metrics_port = self._metrics.port
             await self.set_serving(True)

@@ -9,6 +9,7 @@ certificate is picked up by the next TLS handshake without a restart.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -236,3 +237,25 @@ def peer_spiffe_id(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         The peer certificate's ``spiffe://`` URI SAN, or None when it has none.
     """
     return spiffe_id_from_auth_context(context.auth_context())
+
+
+def nats_tls_options(nats_url: str, files: TlsFiles) -> dict[str, Any]:
+    """``nats.connect`` options for the mesh's NATS: TLS with this process's certificate.
+
+    The mesh's nats-server (services/mesh/nats_security.py) requires a client certificate
+    from the mesh CA and maps its SPIFFE id to that identity's permissions. A ``tls://``
+    URL turns this on; a ``nats://`` URL (a plaintext server, as in library tests) gets
+    no options.
+
+    Args:
+        nats_url: Server URL(s), comma separated.
+        files: This process's certificate files.
+
+    Returns:
+        ``{"tls": ssl_context}`` for ``tls://`` URLs, else ``{}``.
+    """
+    if not any(part.strip().lower().startswith("tls://") for part in nats_url.split(",")):
+        return {}
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))
+    context.load_cert_chain(str(files.cert), str(files.key))
+    return {"tls": context}

@@ -45,7 +45,7 @@ async def serve(settings: Settings) -> None:
         events = EventPublisher.from_settings(settings, source=f"tool/{instance_id}")
         await stack.enter_async_context(events)
         service = await stack.enter_async_context(
-            open_tool_service(settings.tool, publisher=events)
+            open_tool_service(settings.tool, publisher=events, mesh_ca=settings.tls_files().ca)
         )
         extra_ports: dict[str, int] = {}
         if settings.tool.mcp_serve_port is not None:
@@ -69,6 +69,7 @@ async def serve(settings: Settings) -> None:
                 registry=registry,
                 registration=registration,
                 extra_ports=extra_ports,
+                events=events,
             )
         )
         await serve_until_signal(running.server)

@@ -80,6 +80,7 @@ def approval_from_proto(request: tool_pb2.InvokeToolRequest) -> ApprovalGrant | 
         request_id=approval.request_id,
         approved_by=approval.approved_by,
         arguments_digest=approval.arguments_digest,
+        signed=approval.signed_approval if approval.HasField("signed_approval") else None,
     )
 
 
@@ -89,6 +90,7 @@ def approval_to_proto(approval: ApprovalGrant) -> tool_pb2.Approval:
         request_id=approval.request_id,
         approved_by=approval.approved_by,
         arguments_digest=approval.arguments_digest,
+        signed_approval=approval.signed,
     )
 
 

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hivewire.common.v1 import common_pb2
+
 
 class ToolSource(enum.Enum):
     """Where a tool comes from (``tool.v1.ToolSource``)."""
@@ -47,11 +49,14 @@ class ApprovalGrant:
         request_id: The input request that was approved.
         approved_by: Who approved it.
         arguments_digest: Digest of the approved arguments; must match the call's.
+        signed: The coordinator's signed grant, which the tool service verifies (the
+            other fields are the caller's word only).
     """
 
     request_id: str
     approved_by: str
     arguments_digest: str
+    signed: common_pb2.SignedApproval | None = None
 
 
 @dataclass(frozen=True)

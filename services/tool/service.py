@@ -4,10 +4,11 @@ A call goes through, in order: the policy (``PERMISSION_DENIED`` if the caller m
 call that name: checked first, so forbidden callers learn nothing about which tools
 exist), the registry (``NOT_FOUND``), the tool's JSON Schema (``INVALID_ARGUMENT`` with
 one field violation per failing path), the approval check (an ``ApprovalRequest`` as
-the stream's last message, or ``PERMISSION_DENIED`` when an approval quotes another
-digest), the concurrency limit (``RESOURCE_EXHAUSTED``), then the tool itself, bounded
-by the smallest of the caller's deadline, the tool's own cap (or the service default)
-and the service's hard cap (``DEADLINE_EXCEEDED``, reason ``TOOL_TIMEOUT``). A tool
+the stream's last message, or ``PERMISSION_DENIED`` unless the approval carries the
+coordinator's valid, unused grant for this task, tool and digest: runtime/grants.py),
+the concurrency limit (``RESOURCE_EXHAUSTED``), then the tool itself, bounded by the
+smallest of the caller's deadline, the tool's own cap (or the service default) and the
+service's hard cap (``DEADLINE_EXCEEDED``, reason ``TOOL_TIMEOUT``). A tool
 that raises becomes a classified error result and the service carries on.
 
 No gRPC here: the servicer translates.
@@ -22,10 +23,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from hivewire.common.v1 import common_pb2
 from hivewire.services.runtime.errors import (
     DeadlineExceeded,
     FieldViolation,
@@ -35,10 +38,12 @@ from hivewire.services.runtime.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from hivewire.services.runtime.grants import ApprovalVerifier
 from hivewire.services.runtime.version import hivewire_version
 from hivewire.services.tool.audit import AuditRecord, AuditTrail, EventPublisher
 from hivewire.services.tool.builtins import Builtins
 from hivewire.services.tool.domain import (
+    ApprovalGrant,
     ApprovalRequest,
     InvokeEvent,
     ProgressUpdate,
@@ -95,6 +100,7 @@ class ToolService:
         policy: PolicyStore,
         audit: AuditTrail,
         bridge: McpBridge | None = None,
+        approvals: ApprovalVerifier | None = None,
     ) -> None:
         """Create the service over a filled registry.
 
@@ -104,12 +110,15 @@ class ToolService:
             policy: Who may call what.
             audit: Where calls are logged, counted and published.
             bridge: The MCP bridge, if any (for status only).
+            approvals: Verifies the coordinator's signed approvals (None: every
+                approval is refused).
         """
         self.settings = settings
         self.registry = registry
         self.policy = policy
         self.audit = audit
         self.bridge = bridge
+        self.approvals = approvals
         self._running = 0
 
     @property
@@ -141,6 +150,23 @@ class ToolService:
             listed.append(info)
         return listed
 
+    def _verify_approval(
+        self, approval: ApprovalGrant, call: ToolCall, digest: str
+    ) -> common_pb2.ApprovalClaims:
+        if self.approvals is None:
+            raise PermissionDenied(
+                f"approvals for {call.tool_name} cannot be verified: no mesh CA configured",
+                reason="APPROVAL_UNTRUSTED",
+                metadata={"tool": call.tool_name},
+            )
+        return self.approvals.verify(
+            approval.signed,
+            task_id=call.task_id,
+            tool_name=call.tool_name,
+            arguments_digest=digest,
+            request_id=approval.request_id,
+        )
+
     def _limit(self, tool: Tool, caller_timeout: float | None) -> float:
         limit = min(tool.timeout or self.settings.default_timeout, self.settings.max_timeout)
         if caller_timeout is not None:
@@ -158,8 +184,9 @@ class ToolService:
             :class:`ToolFailure` or :class:`ApprovalRequest`.
 
         Raises:
-            PermissionDenied: Caller not allowed (``TOOL_NOT_ALLOWED``) or approval for
-                other arguments (``APPROVAL_DIGEST_MISMATCH``).
+            PermissionDenied: Caller not allowed (``TOOL_NOT_ALLOWED``) or the approval
+                is not a valid unused grant for this call (``APPROVAL_*``, see
+                :meth:`ApprovalVerifier.verify`).
             NotFound: No such tool (``TOOL_NOT_FOUND``).
             InvalidArgument: Arguments break the schema (``INVALID_TOOL_ARGUMENTS``).
             ResourceExhausted: Too many calls at once (``TOO_MANY_TOOL_CALLS``).
@@ -236,21 +263,17 @@ class ToolService:
                         ]
                     )
                 )
-            if approval.arguments_digest != digest:
-                raise refuse(
-                    PermissionDenied(
-                        f"the approval {approval.request_id} is for other arguments of {name}",
-                        reason="APPROVAL_DIGEST_MISMATCH",
-                        metadata={"tool": name, "arguments_digest": digest},
-                    ),
-                    "denied",
-                )
+            try:
+                claims = self._verify_approval(approval, call, digest)
+            except PermissionDenied as err:
+                raise refuse(err, "denied") from None
             logger.info(
-                "call %s of %s approved by %s (request %s)",
+                "call %s of %s approved by %s (request %s, grant %s)",
                 call_id,
                 name,
-                approval.approved_by or "?",
+                claims.approved_by,
                 approval.request_id,
+                claims.grant_id,
             )
         if self._running >= self.settings.max_concurrent_calls:
             raise refuse(
@@ -389,6 +412,7 @@ async def open_tool_service(
     *,
     publisher: EventPublisher | None = None,
     http_transport: httpx.AsyncBaseTransport | None = None,
+    mesh_ca: Path | None = None,
 ) -> AsyncIterator[ToolService]:
     """Build the service: built-ins, plugins, MCP servers, policy and audit trail.
 
@@ -396,6 +420,8 @@ async def open_tool_service(
         settings: The tool settings.
         publisher: Where ``tool.*`` events go (None: logs and metrics only).
         http_transport: Transport for ``http_fetch`` (tests may inject one).
+        mesh_ca: The mesh CA bundle that approval grants must chain to (None: tools
+            that need approval cannot run).
 
     Yields:
         The ready service; leaving the block closes HTTP clients and MCP sessions.
@@ -426,4 +452,9 @@ async def open_tool_service(
                 policy=policy,
                 audit=AuditTrail(publisher),
                 bridge=bridge,
+                approvals=(
+                    ApprovalVerifier(mesh_ca, settings.approval_issuers)
+                    if mesh_ca is not None
+                    else None
+                ),
             )

@@ -129,6 +129,10 @@ class ToolSettings(BaseModel):
         1.0, gt=0, description="Cap (s) on one regular expression run by the text tool."
     )
     text_max_chars: int = Field(1_000_000, ge=1, description="Longest text the text tool accepts.")
+    approval_issuers: NameList = Field(
+        default_factory=lambda: ["spiffe://hivewire.local/coordinator/*"],
+        description="SPIFFE id globs whose certificates may sign tool approvals.",
+    )
     mcp_servers: list[McpServerSettings] = Field(
         default_factory=list, description="MCP servers whose tools are offered."
     )

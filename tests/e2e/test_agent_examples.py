@@ -21,6 +21,7 @@ from hivewire.services.agent.examples.calculator import CalculatorAgent
 from hivewire.services.agent.examples.researcher import ResearcherAgent
 from hivewire.services.agent.examples.summarizer import SECTION_CHARS, SummarizerAgent
 from hivewire.services.agent.sdk import Agent
+from hivewire.services.runtime.grants import ApprovalSigner
 from tests.conftest import Pki
 from tests.helpers import ServiceProcess, free_port
 from tests.integration.test_agent_helpers import (
@@ -202,14 +203,23 @@ async def test_researcher_fetch_needs_approval(
     url = f"http://{web}/planets.txt"
     async with example(pki, ResearcherAgent(), services) as coordinator:
         ex = coordinator.execute()
-        await ex.send(
-            assignment("research", json={"question": "Which planet has most moons?", "urls": [url]})
+        assign = assignment(
+            "research", json={"question": "Which planet has most moons?", "urls": [url]}
         )
+        await ex.send(assign)
         asked = (await ex.until("input_required", timeout=30)).input_required
         assert asked.kind == common_pb2.INPUT_KIND_APPROVAL
         assert asked.tool_name == "http_fetch" and len(asked.arguments_digest) == 64
         assert url in asked.prompt
-        await ex.answer(asked.request_id, approved=True)
+        # This test plays the coordinator, so it signs the grant as the coordinator would.
+        grant = ApprovalSigner(pki.files("coordinator")).sign(
+            task_id=assign.assign.task_id,
+            tool_name=asked.tool_name,
+            arguments_digest=asked.arguments_digest,
+            request_id=asked.request_id,
+            approved_by=pki.spiffe_id("client"),
+        )
+        await ex.answer(asked.request_id, approved=True, grant=grant)
         final = await ex.finish(timeout=30)
 
     assert final.WhichOneof("kind") == "result", final

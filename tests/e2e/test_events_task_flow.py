@@ -33,13 +33,19 @@ pytestmark = pytest.mark.timeout(120)
 C = coordinator_pb2
 
 
-async def task_events(nats_url: str, task_id: str) -> list[ReceivedEvent]:
-    return [r async for r in replay(nats_url, "task.*") if r.event.subject == task_id]
+async def task_events(nats: NatsServer, task_id: str) -> list[ReceivedEvent]:
+    # Read as the client identity: an event reader of the mesh's mTLS NATS.
+    reader = nats.client_options("client")
+    return [
+        r
+        async for r in replay(nats.url, "task.*", nats_options=reader)
+        if r.event.subject == task_id
+    ]
 
 
 async def test_a_task_produces_its_events_in_order(pki: Pki, tmp_path: Path) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        nats = await stack.enter_async_context(NatsServer(tmp_path / "nats"))
+        nats = await stack.enter_async_context(NatsServer(tmp_path / "nats", certs_dir=pki.dir))
         coordinator = await stack.enter_async_context(
             coordinator_process(
                 tmp_path, certs_dir=pki.dir, nats_url=nats.url, db_path=tmp_path / "c.db"
@@ -68,7 +74,7 @@ async def test_a_task_produces_its_events_in_order(pki: Pki, tmp_path: Path) -> 
         assert finished.finished.state == common_pb2.TASK_STATE_SUCCEEDED
 
         async def completed() -> list[ReceivedEvent]:
-            found = await task_events(nats.url, task_id)
+            found = await task_events(nats, task_id)
             assert found and found[-1].type == "task.completed"
             return found
 
@@ -105,7 +111,13 @@ async def test_a_task_produces_its_events_in_order(pki: Pki, tmp_path: Path) -> 
             if received.event.subject == task_id:
                 calls[received.id] += 1
 
-        async with subscribe(nats.url, "task.*", handler, durable="e2e-audit"):
+        async with subscribe(
+            nats.url,
+            "task.*",
+            handler,
+            durable="e2e-audit",
+            nats_options=nats.client_options("client"),
+        ):
             await eventually(lambda: len(calls) == len(on_nats), timeout=20)
         assert set(calls.values()) == {1}
         assert set(calls) == {r.id for r in on_nats}

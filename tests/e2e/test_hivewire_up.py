@@ -74,7 +74,7 @@ def test_endpoints_file_lists_every_service_and_the_client_identity(mesh: Runnin
         assert entry["metrics"]
     for path in mesh.endpoints["tls"].values():
         assert Path(path).is_file()
-    assert mesh.endpoints["nats"]["url"].startswith("nats://127.0.0.1:")
+    assert mesh.endpoints["nats"]["url"].startswith("tls://127.0.0.1:")
 
 
 async def test_up_starts_the_a2a_gateway_and_prints_its_url(mesh: RunningMesh) -> None:

@@ -52,7 +52,7 @@ def test_quickstart_starts_with_make_run_which_is_hivewire_up() -> None:
 def test_quickstart_block_runs(mesh: RunningMesh, index: int) -> None:
     block = quickstart_blocks()[index]
     coordinator = mesh.address("coordinator")
-    nats = mesh.endpoints["nats"]["url"].removeprefix("nats://")
+    nats = mesh.endpoints["nats"]["url"].split("://", 1)[1]
     script = block.replace("127.0.0.1:50051", coordinator).replace("127.0.0.1:4222", nats)
     script = script.replace("https://127.0.0.1:50055/", mesh.endpoints["a2a"]["url"])
     env = mesh.clean_env()

@@ -51,6 +51,7 @@ PAGE = (
 )
 QUESTION = "Which planet has most moons?"
 MOONS = "Saturn has the most moons of any planet."
+CLIENT_ID = "spiffe://hivewire.local/client/client"
 
 # The mesh's usual policy: agents may call every tool, fetching needs a person's yes.
 POLICY = """\
@@ -79,7 +80,7 @@ async def mesh(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
     policy.write_text(POLICY)
     async with contextlib.AsyncExitStack() as stack:
         site = await stack.enter_async_context(CountingSite(PAGE))
-        nats = await stack.enter_async_context(NatsServer(workdir / "nats"))
+        nats = await stack.enter_async_context(NatsServer(workdir / "nats", certs_dir=pki.dir))
         services = [
             coordinator_process(
                 workdir, certs_dir=pki.dir, nats_url=nats.url, db_path=workdir / "c.db"
@@ -99,7 +100,9 @@ async def mesh(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
         await asyncio.gather(*(s.start() for s in services))
         coordinator, _, tool = services
         # The agent looks the model and tool services up on first use.
-        await wait_until_registered(nats.url, [MODEL_SERVICE, TOOL_SERVICE])
+        await wait_until_registered(
+            nats.url, [MODEL_SERVICE, TOOL_SERVICE], nats_options=nats.client_options()
+        )
         await stack.enter_async_context(
             agent_process(
                 workdir, RESEARCHER, name="researcher", certs_dir=pki.dir, nats_url=nats.url
@@ -245,7 +248,11 @@ def assert_asked_for_the_fetch(run: Run, url: str) -> None:
 async def tool_events(mesh: ApprovalMesh, digest: str) -> list[ReceivedEvent]:
     """The ``tool.*`` events on NATS of calls with these arguments."""
     return [
-        r async for r in replay(mesh.nats.url, "tool.*") if r.event.tool.arguments_digest == digest
+        r
+        async for r in replay(
+            mesh.nats.url, "tool.*", nats_options=mesh.nats.client_options("client")
+        )
+        if r.event.tool.arguments_digest == digest
     ]
 
 
@@ -295,6 +302,14 @@ async def test_approved_fetch_runs_once_and_the_task_succeeds(mesh: ApprovalMesh
     assert events[-1].event.tool.outcome == "ok"
     outcomes = [line.split("outcome=")[1].split()[0] for line in audit_lines(mesh, digest)]
     assert outcomes == ["approval_required", "ok"]
+    # The tool ran on the coordinator's signed grant, which names the client that said yes
+    # (the agent's own "approved_by" is not trusted).
+    log = mesh.tool.stderr_path.read_text(errors="replace")
+    approved = [line for line in log.splitlines() if " of http_fetch approved by " in line]
+    assert any(
+        f"approved by {CLIENT_ID} (request {run.pause.asked.request_id}," in line
+        for line in approved
+    ), approved
 
 
 @pytest.mark.parametrize("via", sorted(RUNNERS))

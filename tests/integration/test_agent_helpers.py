@@ -115,14 +115,22 @@ class Execute:
         """Send a cancel message."""
         await self.send(agent_pb2.ExecuteRequest(cancel=agent_pb2.CancelExecution(reason=reason)))
 
-    async def answer(self, request_id: str, *, text: str = "", approved: bool = False) -> None:
-        """Send an input answer."""
+    async def answer(
+        self,
+        request_id: str,
+        *,
+        text: str = "",
+        approved: bool = False,
+        grant: common_pb2.SignedApproval | None = None,
+    ) -> None:
+        """Send an input answer (with the coordinator's signed grant, for tool approvals)."""
         await self.send(
             agent_pb2.ExecuteRequest(
                 input=common_pb2.InputResponse(
                     request_id=request_id,
                     value=common_pb2.Payload(text=text),
                     approved=approved,
+                    signed_approval=grant,
                 )
             )
         )

@@ -208,7 +208,7 @@ CALLS: dict[str, tuple[str, Call]] = {
 ALLOWED: dict[str, set[str]] = {
     "client": {"GetTask", "SubmitTask", "Session"},
     "coordinator": {"Execute", "Describe"},
-    "agent": {"Chat", "ListModels", "ListTools", "InvokeTool", "GetTask", "SubmitTask", "Session"},
+    "agent": {"Chat", "ListModels", "ListTools", "InvokeTool", "GetTask", "SubmitTask"},
     "agent-researcher": {"Chat", "ListTools", "SubmitTask"},
     "admin": set(CALLS),
     "model": set(),

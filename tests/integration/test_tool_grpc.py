@@ -21,6 +21,7 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hivewire.services.runtime.channels import secure_channel
@@ -33,6 +34,7 @@ from hivewire.services.runtime.errors import (
     PermissionDenied,
     Unavailable,
 )
+from hivewire.services.runtime.grants import ApprovalSigner
 from hivewire.services.tool.client import ToolClient
 from hivewire.services.tool.domain import (
     ApprovalGrant,
@@ -310,26 +312,41 @@ async def test_foreign_ca_is_refused_at_the_handshake(
 # -- approval ---------------------------------------------------------------------------
 
 
-async def test_approval_required_then_approved(tools: ToolClient) -> None:
+def granted(pki: Pki, task_id: str, tool_name: str, digest: str, request_id: str) -> ApprovalGrant:
+    """An approval as the agent gets it: with the coordinator's signed grant."""
+    signed = ApprovalSigner(pki.files("coordinator")).sign(
+        task_id=task_id,
+        tool_name=tool_name,
+        arguments_digest=digest,
+        request_id=request_id,
+        approved_by=pki.spiffe_id("client"),
+    )
+    return ApprovalGrant(request_id, "alice", digest, signed)
+
+
+async def test_approval_required_then_approved(tools: ToolClient, pki: Pki) -> None:
     args = {"path": "/srv/data.csv"}
     asked = await tools.invoke("delete_file", args, task_id="task-approve")
     assert isinstance(asked, ApprovalRequest)
     assert asked.tool_name == "delete_file" and asked.prompt == "Delete /srv/data.csv?"
     assert asked.arguments_digest == arguments_digest(args)
-    approval = ApprovalGrant("input-1", "alice", asked.arguments_digest)
+    approval = granted(pki, "task-approve", "delete_file", asked.arguments_digest, "input-1")
     done = await tools.invoke("delete_file", args, task_id="task-approve", approval=approval)
     assert isinstance(done, ToolOutcome) and done.result == {"deleted": "/srv/data.csv"}
 
     with pytest.raises(PermissionDenied) as mismatch:
-        await tools.invoke("delete_file", {"path": "/etc/shadow"}, approval=approval)
+        await tools.invoke(
+            "delete_file", {"path": "/etc/shadow"}, task_id="task-approve", approval=approval
+        )
     assert mismatch.value.reason == "APPROVAL_DIGEST_MISMATCH"
 
-    shout = await tools.invoke("demo.shout", {"text": "hey"})
+    shout = await tools.invoke("demo.shout", {"text": "hey"}, task_id="task-shout")
     assert isinstance(shout, ApprovalRequest)
     loud = await tools.invoke(
         "demo.shout",
         {"text": "hey"},
-        approval=ApprovalGrant("input-2", "bob", shout.arguments_digest),
+        task_id="task-shout",
+        approval=granted(pki, "task-shout", "demo.shout", shout.arguments_digest, "input-2"),
     )
     assert isinstance(loud, ToolOutcome) and loud.text == "HEY"
 
@@ -338,11 +355,18 @@ async def test_approval_over_grpcurl_with_a_digest_computed_elsewhere(
     tool_service: ServiceProcess, pki: Pki
 ) -> None:
     # The digest is language-neutral: compute it here, send it through grpcurl's JSON.
-    args = {"path": "/tmp/x", "n": 1}
+    args = {"path": "/tmp/y"}
+    digest = arguments_digest({"path": "/tmp/x"})
+    grant = granted(pki, "task-grpcurl", "delete_file", digest, "r")
     request = {
         "tool_name": "delete_file",
+        "task_id": "task-grpcurl",
         "arguments": {"path": "/tmp/x"},
-        "approval": {"request_id": "r", "arguments_digest": arguments_digest({"path": "/tmp/x"})},
+        "approval": {
+            "request_id": "r",
+            "arguments_digest": digest,
+            "signed_approval": json_format.MessageToDict(grant.signed),
+        },
     }
     ran = await grpcurl(
         f"{SERVICE}/InvokeTool",
@@ -352,7 +376,8 @@ async def test_approval_over_grpcurl_with_a_digest_computed_elsewhere(
     )
     assert ran.returncode == 0, ran
     assert ran.json()["result"]["result"] == {"deleted": "/tmp/x"}
-    request["approval"]["arguments_digest"] = arguments_digest(args)  # type: ignore[index]
+    # The same grant for other arguments: the signed digest no longer matches.
+    request["arguments"] = args
     refused = await grpcurl(
         f"{SERVICE}/InvokeTool",
         tls=pki.files("agent"),

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from hivewire.discovery import open_registry
 from tests.helpers import ServiceProcess, eventually
@@ -78,14 +78,19 @@ def tool_process(
 
 
 async def wait_until_registered(
-    nats_url: str, services: Sequence[str], *, timeout: float = 30.0
+    nats_url: str,
+    services: Sequence[str],
+    *,
+    timeout: float = 30.0,
+    nats_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Wait until each service has a healthy instance in the embedded registry.
 
     A service writes its ports file when it serves and registers right after, so an
     agent started in between could look it up too early.
     """
-    async with open_registry("nats", nats_url=nats_url) as registry:
+    options = {"nats_options": dict(nats_options)} if nats_options else {}
+    async with open_registry("nats", nats_url=nats_url, **options) as registry:
 
         async def registered() -> None:
             for service in services:

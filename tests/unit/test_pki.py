@@ -30,6 +30,7 @@ EXPECTED_IDS = {
     "admin": "spiffe://hivewire.local/admin/admin",
     "a2a": "spiffe://hivewire.local/client/a2a",
     "mcp": "spiffe://hivewire.local/client/mcp",
+    "nats": "spiffe://hivewire.local/nats/nats",
 }
 
 
@@ -122,7 +123,7 @@ def test_file_modes_and_gitignore(tmp_path: Path, umask_zero: None) -> None:
     pki.issue_cert(directory, role="client", name="alice")
     assert mode(directory) == 0o700
     keys = sorted(directory.glob("*.key"))
-    assert len(keys) == len(pki.DEFAULT_IDENTITIES) + 2  # the CA, the defaults, alice
+    assert len(keys) == len(pki.DEFAULT_IDENTITIES) + 2  # + CA and alice
     for key in keys:
         assert mode(key) == 0o600, key
     for cert in directory.glob("*.pem"):

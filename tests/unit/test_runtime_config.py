@@ -29,7 +29,7 @@ def test_defaults() -> None:
     assert s.log_level == "INFO"
     assert s.log_format == "text"
     assert s.grace_period == 10.0
-    assert s.nats_url == "nats://127.0.0.1:4222"
+    assert s.nats_url == "tls://127.0.0.1:4222"
     assert s.discovery == "nats"
     assert s.consul_token is None
     assert s.max_message_bytes == 4 * 1024 * 1024

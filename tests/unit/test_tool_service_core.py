@@ -25,6 +25,7 @@ from hivewire.services.runtime.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from hivewire.services.runtime.grants import ApprovalSigner
 from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
@@ -38,6 +39,7 @@ from hivewire.services.tool.registry import ThreadRunner
 from hivewire.services.tool.sdk import arguments_digest
 from hivewire.services.tool.service import ToolService, open_tool_service
 from hivewire.services.tool.settings import ToolSettings
+from tests.conftest import Pki
 from tests.helpers import eventually
 from tests.support.tool_plugins import PLUGIN_DIR, install_plugins
 
@@ -91,9 +93,11 @@ def make_settings(**overrides: Any) -> ToolSettings:
 
 @pytest.fixture
 async def service(
-    plugins_on_path: None, publisher: RecordingPublisher
+    plugins_on_path: None, publisher: RecordingPublisher, pki: Pki
 ) -> AsyncIterator[ToolService]:
-    async with open_tool_service(make_settings(), publisher=publisher) as svc:
+    async with open_tool_service(
+        make_settings(), publisher=publisher, mesh_ca=pki.files("coordinator").ca
+    ) as svc:
         yield svc
 
 
@@ -305,7 +309,7 @@ async def test_concurrency_limit(plugins_on_path: None) -> None:
 # -- approval and policy ----------------------------------------------------------------
 
 
-async def test_approval_flow(service: ToolService, publisher: RecordingPublisher) -> None:
+async def test_approval_flow(service: ToolService, publisher: RecordingPublisher, pki: Pki) -> None:
     args = {"path": "/tmp/report.txt"}
     [asked] = await run(service, "delete_file", args, call_id="c-ask")
     assert asked == ApprovalRequest(
@@ -314,14 +318,24 @@ async def test_approval_flow(service: ToolService, publisher: RecordingPublisher
         prompt="Delete /tmp/report.txt?",
     )
     assert publisher.of("c-ask") == [("tool.approval_requested", "approval_required")]
-    grant = ApprovalGrant("req-1", "alice", asked.arguments_digest)
-    [done] = await run(service, "delete_file", args, approval=grant)
+    signed = ApprovalSigner(pki.files("coordinator")).sign(
+        task_id="t-1",
+        tool_name="delete_file",
+        arguments_digest=asked.arguments_digest,
+        request_id="req-1",
+        approved_by=CLIENT,
+    )
+    grant = ApprovalGrant("req-1", "alice", asked.arguments_digest, signed)
+    [done] = await run(service, "delete_file", args, approval=grant, task_id="t-1")
     assert done == ToolOutcome(
         result={"deleted": "/tmp/report.txt"}, text='{"deleted":"/tmp/report.txt"}'
     )
     with pytest.raises(PermissionDenied) as mismatch:
-        await run(service, "delete_file", {"path": "/etc/passwd"}, approval=grant)
+        await run(service, "delete_file", {"path": "/etc/passwd"}, approval=grant, task_id="t-1")
     assert mismatch.value.reason == "APPROVAL_DIGEST_MISMATCH"
+    with pytest.raises(PermissionDenied) as replayed:
+        await run(service, "delete_file", args, approval=grant, task_id="t-1")
+    assert replayed.value.reason == "APPROVAL_REPLAYED"
     with pytest.raises(InvalidArgument) as no_request:
         await run(
             service, "delete_file", args, approval=ApprovalGrant("", "a", grant.arguments_digest)

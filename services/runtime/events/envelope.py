@@ -48,6 +48,7 @@ EventData: TypeAlias = (
     | events_pb2.ToolEventData
     | events_pb2.WorkflowEventData
     | events_pb2.ProjectEventData
+    | events_pb2.SecurityEventData
 )
 """The typed data an event carries; its message type must match the event's category."""
 
@@ -59,6 +60,7 @@ _DATA_FIELDS: Final[dict[str, tuple[str, type[EventData]]]] = {
     "tool": ("tool", events_pb2.ToolEventData),
     "workflow": ("workflow", events_pb2.WorkflowEventData),
     "project": ("project", events_pb2.ProjectEventData),
+    "security": ("security", events_pb2.SecurityEventData),
 }
 
 CATEGORIES: Final[tuple[str, ...]] = tuple(_DATA_FIELDS)
@@ -87,6 +89,7 @@ EVENT_TYPES: Final[Mapping[str, frozenset[str]]] = {
     ),
     # Projects are defined by deployments: any well-formed event name is accepted.
     "project": frozenset(),
+    "security": frozenset({"authn_failed", "authz_denied"}),
 }
 """The events of each category (DESIGN.md section 5); ``project`` is open-ended."""
 

@@ -33,6 +33,7 @@ from nats.js.client import JetStreamContext
 
 from hivewire.services.runtime.backoff import Backoff
 from hivewire.services.runtime.errors import Unavailable
+from hivewire.services.runtime.tls import nats_tls_options
 
 from . import metrics
 from ._nats import TRANSIENT_ERRORS, close_quietly, connect, ensure_streams, stop_tasks
@@ -249,6 +250,8 @@ class EventPublisher:
             "progress_interval": section.progress_interval,
             "publish_timeout": section.publish_timeout,
             "close_timeout": section.close_timeout,
+            # A tls:// URL: the mesh's NATS, which wants this process's certificate.
+            "nats_options": nats_tls_options(settings.nats_url, settings.tls_files()),
         }
         options.update(kwargs)
         return cls(settings.nats_url if section.enabled else None, source=source, **options)

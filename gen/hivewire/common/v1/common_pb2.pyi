@@ -488,6 +488,7 @@ class InputResponse(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     APPROVED_FIELD_NUMBER: _builtins.int
     COMMENT_FIELD_NUMBER: _builtins.int
+    SIGNED_APPROVAL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request_id of the InputRequest being answered."""
     approved: _builtins.bool
@@ -498,6 +499,13 @@ class InputResponse(_message.Message):
     def value(self) -> Global___Payload:
         """The answer, for INPUT_KIND_TEXT."""
 
+    @_builtins.property
+    def signed_approval(self) -> Global___SignedApproval:
+        """For approvals of tool calls: the coordinator's signed grant, added by the
+        coordinator when a permitted client approves (a client's value is
+        ignored). The agent passes it on to the tool service unchanged.
+        """
+
     def __init__(
         self,
         *,
@@ -505,10 +513,11 @@ class InputResponse(_message.Message):
         value: Global___Payload | None = ...,
         approved: _builtins.bool = ...,
         comment: _builtins.str = ...,
+        signed_approval: Global___SignedApproval | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signed_approval", b"signed_approval", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "comment", b"comment", "request_id", b"request_id", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "comment", b"comment", "request_id", b"request_id", "signed_approval", b"signed_approval", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -565,3 +574,96 @@ class Activity(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Activity: _TypeAlias = Activity  # noqa: Y015
+
+@_typing.final
+class ApprovalClaims(_message.Message):
+    """ApprovalClaims is what a coordinator vouches for when a permitted client
+    approves one tool call: this task may call this tool with these arguments,
+    once, until the expiry.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_DIGEST_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    """A unique id of this grant; the tool service accepts each grant once."""
+    task_id: _builtins.str
+    """The task the call is made for."""
+    tool_name: _builtins.str
+    """The tool's name."""
+    arguments_digest: _builtins.str
+    """Hex SHA-256 of the canonical JSON arguments that were approved."""
+    request_id: _builtins.str
+    """The input request that was answered."""
+    approved_by: _builtins.str
+    """The principal that approved (the answering client's identity)."""
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp:
+        """When the grant was issued."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """After this the grant is refused."""
+
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        arguments_digest: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        approved_by: _builtins.str = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_at", b"issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "arguments_digest", b"arguments_digest", "expires_at", b"expires_at", "grant_id", b"grant_id", "issued_at", b"issued_at", "request_id", b"request_id", "task_id", b"task_id", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalClaims: _TypeAlias = ApprovalClaims  # noqa: Y015
+
+@_typing.final
+class SignedApproval(_message.Message):
+    """SignedApproval is an ApprovalClaims signed by a coordinator with the
+    private key of its mesh certificate, which no agent holds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLAIMS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    claims: _builtins.bytes
+    """The serialized ApprovalClaims, exactly as signed."""
+    signature: _builtins.bytes
+    """Signature by the certificate's key (ECDSA or RSA PKCS#1 v1.5 with
+    SHA-256, or Ed25519) over "hivewire.approval.v1", a NUL byte and claims.
+    """
+    certificate: _builtins.bytes
+    """The signer's certificate (DER), which must chain to the mesh CA and carry
+    a coordinator identity.
+    """
+    def __init__(
+        self,
+        *,
+        claims: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "claims", b"claims", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedApproval: _TypeAlias = SignedApproval  # noqa: Y015

@@ -47,6 +47,7 @@ class Event(_message.Message):
     TOOL_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
     PROJECT_FIELD_NUMBER: _builtins.int
+    SECURITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id, also the Nats-Msg-Id header; subscribers de-duplicate on it."""
     type: _builtins.str
@@ -93,6 +94,10 @@ class Event(_message.Message):
     def project(self) -> Global___ProjectEventData:
         """For "project.*" events."""
 
+    @_builtins.property
+    def security(self) -> Global___SecurityEventData:
+        """For "security.*" events."""
+
     def __init__(
         self,
         *,
@@ -110,12 +115,13 @@ class Event(_message.Message):
         tool: Global___ToolEventData | None = ...,
         workflow: Global___WorkflowEventData | None = ...,
         project: Global___ProjectEventData | None = ...,
+        security: Global___SecurityEventData | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "data", b"data", "model", b"model", "project", b"project", "task", b"task", "time", b"time", "tool", b"tool", "workflow", b"workflow"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "data", b"data", "model", b"model", "project", b"project", "security", b"security", "task", b"task", "time", b"time", "tool", b"tool", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "correlation_id", b"correlation_id", "data", b"data", "id", b"id", "model", b"model", "project", b"project", "source", b"source", "subject", b"subject", "task", b"task", "task_sequence", b"task_sequence", "time", b"time", "tool", b"tool", "traceparent", b"traceparent", "type", b"type", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "correlation_id", b"correlation_id", "data", b"data", "id", b"id", "model", b"model", "project", b"project", "security", b"security", "source", b"source", "subject", b"subject", "task", b"task", "task_sequence", b"task_sequence", "time", b"time", "tool", b"tool", "traceparent", b"traceparent", "type", b"type", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_data: _TypeAlias = _typing.Literal["task", "agent", "model", "tool", "workflow", "project"]  # noqa: Y015
+    _WhichOneofReturnType_data: _TypeAlias = _typing.Literal["task", "agent", "model", "tool", "workflow", "project", "security"]  # noqa: Y015
     _WhichOneofArgType_data: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_data) -> _WhichOneofReturnType_data | None: ...
 
@@ -476,3 +482,42 @@ class ProjectEventData(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProjectEventData: _TypeAlias = ProjectEventData  # noqa: Y015
+
+@_typing.final
+class SecurityEventData(_message.Message):
+    """SecurityEventData is the data of security.authn_failed (a bad credential or
+    a revoked certificate) and security.authz_denied (a caller the policy does
+    not allow). It names the caller, never the credential.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"authn" or "authz"."""
+    reason: _builtins.str
+    """The refusal's ErrorInfo reason, e.g. TOKEN_EXPIRED or CALLER_NOT_ALLOWED."""
+    caller: _builtins.str
+    """The identity the call came with: the certificate's SPIFFE id, or the
+    principal of a valid credential that the policy refused.
+    """
+    method: _builtins.str
+    """The full gRPC method name."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        caller: _builtins.str = ...,
+        method: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "kind", b"kind", "method", b"method", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecurityEventData: _TypeAlias = SecurityEventData  # noqa: Y015

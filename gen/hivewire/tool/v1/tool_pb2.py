@@ -26,31 +26,31 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from hivewire.common.v1 import common_pb2 as hivewire_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bhivewire/tool/v1/tool.proto\x12\x10hivewire.tool.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fhivewire/common/v1/common.proto\"\xec\x01\n\x0eToolDescriptor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\routput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11requires_approval\x18\x05 \x01(\x08\x12,\n\x06source\x18\x06 \x01(\x0e\x32\x1c.hivewire.tool.v1.ToolSource\x12\x0f\n\x07version\x18\x07 \x01(\t\"\'\n\x10ListToolsRequest\x12\x13\n\x0bname_prefix\x18\x01 \x01(\t\"D\n\x11ListToolsResponse\x12/\n\x05tools\x18\x01 \x03(\x0b\x32 .hivewire.tool.v1.ToolDescriptor\"M\n\x08\x41pproval\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x02 \x01(\t\x12\x18\n\x10\x61rguments_digest\x18\x03 \x01(\t\"\xd9\x01\n\x11InvokeToolRequest\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\t\x12,\n\x08\x61pproval\x18\x05 \x01(\x0b\x32\x1a.hivewire.tool.v1.Approval\x12\x35\n\x08metadata\x18\x06 \x01(\x0b\x32#.hivewire.common.v1.RequestMetadata\"V\n\nToolResult\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"O\n\x10\x41pprovalRequired\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x18\n\x10\x61rguments_digest\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\"\x83\x02\n\x12InvokeToolResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x30\n\x08progress\x18\x02 \x01(\x0b\x32\x1c.hivewire.common.v1.ProgressH\x00\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1c.hivewire.tool.v1.ToolResultH\x00\x12\x30\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1f.hivewire.common.v1.ErrorDetailH\x00\x12?\n\x11\x61pproval_required\x18\x05 \x01(\x0b\x32\".hivewire.tool.v1.ApprovalRequiredH\x00\x42\x06\n\x04kind*o\n\nToolSource\x12\x1b\n\x17TOOL_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13TOOL_SOURCE_BUILTIN\x10\x01\x12\x16\n\x12TOOL_SOURCE_PLUGIN\x10\x02\x12\x13\n\x0fTOOL_SOURCE_MCP\x10\x03\x32\xbe\x01\n\x0bToolService\x12T\n\tListTools\x12\".hivewire.tool.v1.ListToolsRequest\x1a#.hivewire.tool.v1.ListToolsResponse\x12Y\n\nInvokeTool\x12#.hivewire.tool.v1.InvokeToolRequest\x1a$.hivewire.tool.v1.InvokeToolResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bhivewire/tool/v1/tool.proto\x12\x10hivewire.tool.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fhivewire/common/v1/common.proto\"\xec\x01\n\x0eToolDescriptor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\routput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11requires_approval\x18\x05 \x01(\x08\x12,\n\x06source\x18\x06 \x01(\x0e\x32\x1c.hivewire.tool.v1.ToolSource\x12\x0f\n\x07version\x18\x07 \x01(\t\"\'\n\x10ListToolsRequest\x12\x13\n\x0bname_prefix\x18\x01 \x01(\t\"D\n\x11ListToolsResponse\x12/\n\x05tools\x18\x01 \x03(\x0b\x32 .hivewire.tool.v1.ToolDescriptor\"\x8a\x01\n\x08\x41pproval\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x02 \x01(\t\x12\x18\n\x10\x61rguments_digest\x18\x03 \x01(\t\x12;\n\x0fsigned_approval\x18\x04 \x01(\x0b\x32\".hivewire.common.v1.SignedApproval\"\xd9\x01\n\x11InvokeToolRequest\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\t\x12,\n\x08\x61pproval\x18\x05 \x01(\x0b\x32\x1a.hivewire.tool.v1.Approval\x12\x35\n\x08metadata\x18\x06 \x01(\x0b\x32#.hivewire.common.v1.RequestMetadata\"V\n\nToolResult\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"O\n\x10\x41pprovalRequired\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x18\n\x10\x61rguments_digest\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\"\x83\x02\n\x12InvokeToolResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x30\n\x08progress\x18\x02 \x01(\x0b\x32\x1c.hivewire.common.v1.ProgressH\x00\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1c.hivewire.tool.v1.ToolResultH\x00\x12\x30\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1f.hivewire.common.v1.ErrorDetailH\x00\x12?\n\x11\x61pproval_required\x18\x05 \x01(\x0b\x32\".hivewire.tool.v1.ApprovalRequiredH\x00\x42\x06\n\x04kind*o\n\nToolSource\x12\x1b\n\x17TOOL_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13TOOL_SOURCE_BUILTIN\x10\x01\x12\x16\n\x12TOOL_SOURCE_PLUGIN\x10\x02\x12\x13\n\x0fTOOL_SOURCE_MCP\x10\x03\x32\xbe\x01\n\x0bToolService\x12T\n\tListTools\x12\".hivewire.tool.v1.ListToolsRequest\x1a#.hivewire.tool.v1.ListToolsResponse\x12Y\n\nInvokeTool\x12#.hivewire.tool.v1.InvokeToolRequest\x1a$.hivewire.tool.v1.InvokeToolResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hivewire.tool.v1.tool_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOLSOURCE']._serialized_start=1192
-  _globals['_TOOLSOURCE']._serialized_end=1303
+  _globals['_TOOLSOURCE']._serialized_start=1254
+  _globals['_TOOLSOURCE']._serialized_end=1365
   _globals['_TOOLDESCRIPTOR']._serialized_start=113
   _globals['_TOOLDESCRIPTOR']._serialized_end=349
   _globals['_LISTTOOLSREQUEST']._serialized_start=351
   _globals['_LISTTOOLSREQUEST']._serialized_end=390
   _globals['_LISTTOOLSRESPONSE']._serialized_start=392
   _globals['_LISTTOOLSRESPONSE']._serialized_end=460
-  _globals['_APPROVAL']._serialized_start=462
-  _globals['_APPROVAL']._serialized_end=539
-  _globals['_INVOKETOOLREQUEST']._serialized_start=542
-  _globals['_INVOKETOOLREQUEST']._serialized_end=759
-  _globals['_TOOLRESULT']._serialized_start=761
-  _globals['_TOOLRESULT']._serialized_end=847
-  _globals['_APPROVALREQUIRED']._serialized_start=849
-  _globals['_APPROVALREQUIRED']._serialized_end=928
-  _globals['_INVOKETOOLRESPONSE']._serialized_start=931
-  _globals['_INVOKETOOLRESPONSE']._serialized_end=1190
-  _globals['_TOOLSERVICE']._serialized_start=1306
-  _globals['_TOOLSERVICE']._serialized_end=1496
+  _globals['_APPROVAL']._serialized_start=463
+  _globals['_APPROVAL']._serialized_end=601
+  _globals['_INVOKETOOLREQUEST']._serialized_start=604
+  _globals['_INVOKETOOLREQUEST']._serialized_end=821
+  _globals['_TOOLRESULT']._serialized_start=823
+  _globals['_TOOLRESULT']._serialized_end=909
+  _globals['_APPROVALREQUIRED']._serialized_start=911
+  _globals['_APPROVALREQUIRED']._serialized_end=990
+  _globals['_INVOKETOOLRESPONSE']._serialized_start=993
+  _globals['_INVOKETOOLRESPONSE']._serialized_end=1252
+  _globals['_TOOLSERVICE']._serialized_start=1368
+  _globals['_TOOLSERVICE']._serialized_end=1558
 # @@protoc_insertion_point(module_scope)

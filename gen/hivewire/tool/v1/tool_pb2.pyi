@@ -156,6 +156,7 @@ class Approval(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     APPROVED_BY_FIELD_NUMBER: _builtins.int
     ARGUMENTS_DIGEST_FIELD_NUMBER: _builtins.int
+    SIGNED_APPROVAL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The input request that was approved."""
     approved_by: _builtins.str
@@ -164,16 +165,23 @@ class Approval(_message.Message):
     """Hex SHA-256 of the canonical JSON arguments that were approved; must match
     the call's arguments.
     """
+    @_builtins.property
+    def signed_approval(self) -> _common_pb2.SignedApproval:
+        """The coordinator's signed grant (from the InputResponse that approved the
+        call); required: the tool service verifies it and refuses the call without.
+        """
+
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         approved_by: _builtins.str = ...,
         arguments_digest: _builtins.str = ...,
+        signed_approval: _common_pb2.SignedApproval | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signed_approval", b"signed_approval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "arguments_digest", b"arguments_digest", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "arguments_digest", b"arguments_digest", "request_id", b"request_id", "signed_approval", b"signed_approval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
