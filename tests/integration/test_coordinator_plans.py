@@ -579,7 +579,7 @@ async def _all_cancelled(agent: Any) -> None:
     assert all(x.cancelled and x.finished for x in agent.stats.executions)
 
 
-async def test_projects_group_tasks_and_report_progress(mesh: Mesh) -> None:
+async def test_projects_group_tasks_and_report_progress(mesh: Mesh, pki: Pki) -> None:
     await mesh.agent(max_concurrency=4)
     client = mesh.client()
     project = (
@@ -604,8 +604,11 @@ async def test_projects_group_tasks_and_report_progress(mesh: Mesh) -> None:
     by_project = (await client.ListTasks(C.ListTasksRequest(project_id=project.project_id))).tasks
     assert len(by_project) == 4
     # Another client sees nothing of it.
+    pki.issue(role="client", name="bob", stem="bob-projects")
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await mesh.client("agent").GetProject(C.GetProjectRequest(project_id=project.project_id))
+        await mesh.client("bob-projects").GetProject(
+            C.GetProjectRequest(project_id=project.project_id)
+        )
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     await eventually(lambda: _published(mesh, project.project_id, "project.completed"))
     assert _types(mesh, project.project_id)[0] == "project.created"
