@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from hivewire.discovery import Instance, Registry, new_instance_id
 from hivewire.services.coordinator.dispatch import AgentPool
 from hivewire.services.coordinator.journal import EventPublisher
+from hivewire.services.coordinator.retention import Retention
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
@@ -42,6 +43,7 @@ class RunningCoordinator:
         pool: The agent pool.
         store: The task store.
         instance: Its registry entry, when registered.
+        retention: The background purge of finished tasks.
     """
 
     settings: Settings
@@ -50,6 +52,7 @@ class RunningCoordinator:
     pool: AgentPool
     store: TaskStore
     instance: Instance | None = None
+    retention: Retention | None = None
 
     @property
     def address(self) -> str:
@@ -108,6 +111,7 @@ async def running_coordinator(
         wake.append(coordinator)
         await stack.enter_async_context(coordinator)
         await stack.enter_async_context(pool)
+        retention = await stack.enter_async_context(Retention(store, cfg))
         servicer = CoordinatorServicer(coordinator)
         registration = Registration(
             REGISTRY_SERVICE,
@@ -124,5 +128,5 @@ async def running_coordinator(
             )
         )
         yield RunningCoordinator(
-            settings, coordinator, started.server, pool, store, started.instance
+            settings, coordinator, started.server, pool, store, started.instance, retention
         )

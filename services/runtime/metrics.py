@@ -7,12 +7,20 @@ up on the same endpoint. Never label by an id (task, agent instance, correlation
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
 
 logger = logging.getLogger(__name__)
@@ -27,8 +35,10 @@ __all__ = [
     "SERVER_MSG_RECEIVED",
     "SERVER_MSG_SENT",
     "SERVER_STARTED",
+    "ASYNCIO_TASKS",
     "MetricsServer",
     "start_metrics_server",
+    "watch_event_loop",
 ]
 
 _CALL_LABELS = ("grpc_type", "grpc_service", "grpc_method")
@@ -99,6 +109,23 @@ CLIENT_HANDLING_SECONDS = Histogram(
     buckets=_BUCKETS,
     registry=REGISTRY,
 )
+
+
+ASYNCIO_TASKS = Gauge(
+    "hivewire_asyncio_tasks",
+    "Unfinished asyncio tasks of the service's event loop (a leak shows as steady growth).",
+    registry=REGISTRY,
+)
+
+
+def watch_event_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Report ``loop``'s unfinished asyncio tasks as :data:`ASYNCIO_TASKS`.
+
+    Counted only when the endpoint is scraped (from the metrics thread;
+    :func:`asyncio.all_tasks` copes with the set changing meanwhile), so the
+    event loop pays nothing.
+    """
+    ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
 
 
 def split_method(full_method: str) -> tuple[str, str]:

@@ -36,7 +36,11 @@ from hivewire.services.runtime.authz import AuthzPolicyStore, AuthzServerInterce
 from hivewire.services.runtime.channels import server_options
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.interceptors import server_interceptors
-from hivewire.services.runtime.metrics import MetricsServer, start_metrics_server
+from hivewire.services.runtime.metrics import (
+    MetricsServer,
+    start_metrics_server,
+    watch_event_loop,
+)
 from hivewire.services.runtime.tls import server_credentials
 
 logger = logging.getLogger(__name__)
@@ -256,6 +260,7 @@ class ServiceServer:
                     start_metrics_server, settings.host, settings.metrics_port
                 )
                 self.metrics_port = self._metrics.port
+                watch_event_loop(asyncio.get_running_loop())
             await self.set_serving(True)
             if settings.ports_file is not None:
                 await asyncio.to_thread(self._write_ports_file, settings.ports_file)

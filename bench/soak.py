@@ -1,0 +1,429 @@
+"""Soak: a real mesh under steady load for minutes, watching memory, descriptors and tasks.
+
+One coordinator, one benchmark agent, the model service (deterministic backend) and
+the tool service, each its own process, with nats-server for the registry and the
+events. A closed loop of ``--concurrency`` clients runs ``StreamTask`` to
+``finished`` for ``--minutes`` minutes; by default each task is the agent's ``soak``
+capability, which makes one model call and one tool call, so every service does
+per-task work.
+
+Every few seconds it samples, per process, the resident set size (``/proc/<pid>/statm``)
+and the open file descriptors (``/proc/<pid>/fd``), against the number of tasks done
+so far. It prints:
+
+* per process: RSS at the end of the warm-up and at the end, the least-squares slope
+  of RSS against tasks done after the warm-up (KiB per 1,000 tasks: what each task
+  leaves behind), open descriptors and unfinished asyncio tasks (the services'
+  ``hivewire_asyncio_tasks`` gauge) at start and end;
+* per minute: tasks, rate, p50 and p99 latency, errors;
+* the coordinator's in-memory task structures at the end (``hivewire_coordinator_memory_*``)
+  and the size of its SQLite files.
+
+``--json`` keeps every sample; ``--plot`` draws RSS against tasks (matplotlib, in the
+``bench`` extra). Run it with ``make soak`` (10 minutes) or ``make soak-quick`` (2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import fmt_rate, fmt_time, percentile, proc_rss, table
+from bench.meshrun import BenchMesh, bench_mesh, coordinator_stub
+from hivewire.common.v1 import common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2
+
+SAMPLE_SECONDS = 5.0
+WARMUP_SECONDS = 60.0
+GAUGE_PREFIXES = ("hivewire_asyncio_tasks", "hivewire_coordinator_memory_")
+"""Metrics read from each service at start and end."""
+
+
+@dataclass
+class Sample:
+    """One look at every process.
+
+    Attributes:
+        t: Seconds since the load started.
+        tasks: Tasks finished so far.
+        rss: Resident set size per process, bytes.
+        fds: Open file descriptors per process.
+    """
+
+    t: float
+    tasks: int
+    rss: dict[str, int]
+    fds: dict[str, int]
+
+
+@dataclass
+class SoakResult:
+    """Everything a soak measured."""
+
+    minutes: float
+    warmup: float
+    concurrency: int
+    capability: str
+    tasks: int = 0
+    errors: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    minute_rows: list[dict[str, float]] = field(default_factory=list)
+    gauges_start: dict[str, dict[str, float]] = field(default_factory=dict)
+    gauges_end: dict[str, dict[str, float]] = field(default_factory=dict)
+    db_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def open_fds(pid: int) -> int:
+    """Open file descriptors of a process."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def slope_per_1000(points: Sequence[tuple[float, float]]) -> float:
+    """Least-squares slope of ``y`` against ``x``, times 1,000 (NaN below two points)."""
+    if len(points) < 2:
+        return math.nan
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if sxx == 0:
+        return math.nan
+    sxy = sum((x - mx) * (y - my) for x, y in points)
+    return sxy / sxx * 1000
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The ``GAUGE_PREFIXES`` series of one Prometheus endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # noqa: S310 - loopback
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(GAUGE_PREFIXES):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+async def scrape_all(ports: Mapping[str, int]) -> dict[str, dict[str, float]]:
+    """:func:`scrape` of every service."""
+    out: dict[str, dict[str, float]] = {}
+    for name, port in ports.items():
+        try:
+            out[name] = await asyncio.to_thread(scrape, port)
+        except OSError as exc:
+            print(f"  (metrics of {name} unreadable: {exc})", file=sys.stderr)
+    return out
+
+
+def soak_spec(capability: str) -> coordinator_pb2.TaskSpec:
+    """A task for the benchmark agent."""
+    spec = coordinator_pb2.TaskSpec(
+        capability=capability,
+        input=common_pb2.Payload(text="ping"),
+        metadata=common_pb2.RequestMetadata(source="hivewire-soak"),
+    )
+    spec.timeout.FromSeconds(60)
+    return spec
+
+
+def _db_sizes(mesh: BenchMesh) -> dict[str, int]:
+    sizes = {}
+    for suffix in ("", "-wal"):
+        path = mesh.state / f"coordinator.db{suffix}"
+        sizes[path.name] = path.stat().st_size if path.exists() else 0
+    return sizes
+
+
+async def soak(
+    *,
+    minutes: float,
+    warmup: float,
+    concurrency: int,
+    capability: str,
+    coordinator_env: Mapping[str, str] | None = None,
+) -> SoakResult:
+    """Run the mesh under load and sample it (see the module docstring)."""
+    result = SoakResult(
+        minutes=minutes, warmup=warmup, concurrency=concurrency, capability=capability
+    )
+    async with bench_mesh(
+        agents=1,
+        agent_concurrency=max(64, concurrency),
+        model_and_tool=True,
+        metrics=True,
+        coordinator_env=dict(coordinator_env or {}),
+    ) as mesh:
+        pids = {k: v for k, v in mesh.pids.items() if k != "nats"}
+        pids["nats"] = mesh.nats.pid
+        channel = mesh.channel()
+        stub = coordinator_stub(channel)
+        spec = soak_spec(capability)
+        latencies: list[list[float]] = []
+        errors: list[int] = []
+        done = 0
+        start = time.monotonic()
+        end = start + minutes * 60
+
+        async def worker() -> None:
+            nonlocal done
+            while (began := time.monotonic()) < end:
+                minute = int((began - start) // 60)
+                while len(latencies) <= minute:
+                    latencies.append([])
+                    errors.append(0)
+                ok = False
+                try:
+                    state = 0
+                    async for response in stub.StreamTask(
+                        coordinator_pb2.StreamTaskRequest(spec=spec)
+                    ):
+                        if response.event.WhichOneof("kind") == "finished":
+                            state = response.event.finished.state
+                    ok = state == common_pb2.TASK_STATE_SUCCEEDED
+                except Exception as exc:  # noqa: BLE001 - counted, the loop goes on
+                    if errors[minute] < 3:
+                        print(f"  task failed: {exc!r:.200}", file=sys.stderr)
+                if ok:
+                    latencies[minute].append(time.monotonic() - began)
+                    done += 1
+                else:
+                    errors[minute] += 1
+
+        async def sampler() -> None:
+            while True:
+                result.samples.append(
+                    Sample(
+                        t=time.monotonic() - start,
+                        tasks=done,
+                        rss={k: proc_rss(p) for k, p in pids.items()},
+                        fds={k: open_fds(p) for k, p in pids.items()},
+                    )
+                )
+                if time.monotonic() >= end:
+                    return
+                await asyncio.sleep(SAMPLE_SECONDS)
+
+        async def gauges_after_warmup() -> None:
+            await asyncio.sleep(min(warmup, minutes * 60))
+            result.gauges_start = await scrape_all(mesh.metrics_ports)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(sampler())
+                tg.create_task(gauges_after_warmup())
+                for _ in range(concurrency):
+                    tg.create_task(worker())
+            result.gauges_end = await scrape_all(mesh.metrics_ports)
+            result.db_bytes = _db_sizes(mesh)
+        finally:
+            await channel.close()
+        result.tasks = done
+        result.errors = sum(errors)
+        for minute, lat in enumerate(latencies):
+            ordered = sorted(lat)
+            seconds = min(60.0, minutes * 60 - minute * 60)
+            result.minute_rows.append(
+                {
+                    "minute": minute + 1,
+                    "tasks": len(ordered),
+                    "rate": len(ordered) / seconds if seconds > 0 else math.nan,
+                    "p50": percentile(ordered, 50),
+                    "p99": percentile(ordered, 99),
+                    "errors": errors[minute],
+                }
+            )
+    return result
+
+
+def process_rows(result: SoakResult) -> list[list[str]]:
+    """Per process: RSS at warm-up end and at the end, slope, fds, asyncio tasks."""
+    samples = result.samples
+    after = [s for s in samples if s.t >= result.warmup] or samples[-1:]
+    first, last = after[0], samples[-1]
+    rows = []
+    for name in last.rss:
+        points = [(s.tasks, s.rss[name] / 1024) for s in after]
+        start_rss, end_rss = first.rss[name], last.rss[name]
+        growth = (end_rss - start_rss) / start_rss * 100 if start_rss else math.nan
+        start_tasks = result.gauges_start.get(name, {}).get("hivewire_asyncio_tasks")
+        end_tasks = result.gauges_end.get(name, {}).get("hivewire_asyncio_tasks")
+        rows.append(
+            [
+                name,
+                f"{start_rss / 2**20:.1f} MB",
+                f"{end_rss / 2**20:.1f} MB",
+                f"{growth:+.1f} %",
+                f"{slope_per_1000(points):+.1f}",
+                f"{first.fds[name]} → {last.fds[name]}",
+                "-" if start_tasks is None else f"{start_tasks:.0f} → {end_tasks or 0:.0f}",
+            ]
+        )
+    return rows
+
+
+def report(result: SoakResult) -> str:
+    """The soak's tables (Markdown)."""
+    samples = result.samples
+    total_s = samples[-1].t if samples else 0.0
+    out = [
+        f"soak: {result.minutes:g} min, concurrency {result.concurrency}, capability "
+        f"{result.capability!r}; {result.tasks:,} tasks ({fmt_rate(result.tasks / total_s)} "
+        f"mean), {result.errors} errors; warm-up {result.warmup:g} s",
+        table(
+            "per process (start = end of the warm-up; slope = least squares of RSS "
+            "against tasks done after the warm-up)",
+            [
+                "process",
+                "RSS start",
+                "RSS end",
+                "growth",
+                "KiB / 1,000 tasks",
+                "open fds",
+                "asyncio tasks",
+            ],
+            process_rows(result),
+        ),
+        table(
+            "per minute",
+            ["minute", "tasks", "rate", "p50", "p99", "errors"],
+            [
+                [
+                    str(int(r["minute"])),
+                    f"{int(r['tasks']):,}",
+                    fmt_rate(r["rate"]),
+                    fmt_time(r["p50"]),
+                    fmt_time(r["p99"]),
+                    str(int(r["errors"])),
+                ]
+                for r in result.minute_rows
+            ],
+        ),
+    ]
+    coordinator = result.gauges_end.get("coordinator", {})
+    memory = {k: v for k, v in coordinator.items() if k.startswith("hivewire_coordinator_memory")}
+    if memory:
+        out.append(
+            table(
+                "coordinator in-memory task structures at the end",
+                ["structure", "entries"],
+                [[k, f"{v:.0f}"] for k, v in sorted(memory.items())],
+            )
+        )
+    if result.db_bytes:
+        out.append(
+            table(
+                "coordinator SQLite files at the end",
+                ["file", "size"],
+                [[k, f"{v / 2**20:.1f} MB"] for k, v in result.db_bytes.items()],
+            )
+        )
+    return "\n".join(out)
+
+
+def plot(results: Mapping[str, SoakResult], path: Path) -> None:
+    """RSS against tasks done, one line per process and run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["coordinator", "agent-0", "model", "tool"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharex=False)
+    for ax, name in zip(axes, names, strict=True):
+        for label, result in results.items():
+            xs = [s.tasks / 1000 for s in result.samples if name in s.rss]
+            ys = [s.rss[name] / 2**20 for s in result.samples if name in s.rss]
+            ax.plot(xs, ys, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("tasks done (thousands)")
+        ax.set_ylabel("RSS (MB)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+def _result_from_json(data: Mapping[str, Any]) -> SoakResult:
+    samples = [Sample(**s) for s in data["samples"]]
+    fields = {k: v for k, v in data.items() if k != "samples"}
+    return SoakResult(**fields, samples=samples)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: run a soak, print it, optionally keep JSON and draw a plot."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="load duration (10)")
+    parser.add_argument("--quick", action="store_true", help="2 minutes, 30 s warm-up")
+    parser.add_argument("--warmup", type=float, default=None, help="seconds (60)")
+    parser.add_argument("--concurrency", type=int, default=4, help="tasks in flight (4)")
+    parser.add_argument(
+        "--capability", default="soak", help="soak (model + tool call) or noop (agent only)"
+    )
+    parser.add_argument(
+        "--coordinator-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra coordinator setting, e.g. HIVEWIRE_COORDINATOR__TASK_RETENTION=60",
+    )
+    parser.add_argument("--json", type=Path, help="write every sample here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="draw RSS against tasks into this PNG (with --compare: every JSON given)",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="LABEL=FILE.json",
+        help="do not run: plot and print earlier --json results",
+    )
+    args = parser.parse_args(argv)
+    if args.compare:
+        results = {}
+        for item in args.compare:
+            label, _, file = item.partition("=")
+            results[label] = _result_from_json(json.loads(Path(file).read_text()))
+            print(f"\n## {label}\n{report(results[label])}")
+        if args.plot:
+            plot(results, args.plot)
+        return
+    minutes = 2.0 if args.quick else args.minutes
+    warmup = args.warmup if args.warmup is not None else (30.0 if args.quick else WARMUP_SECONDS)
+    env = dict(item.split("=", 1) for item in args.coordinator_env)
+    result = asyncio.run(
+        soak(
+            minutes=minutes,
+            warmup=warmup,
+            concurrency=args.concurrency,
+            capability=args.capability,
+            coordinator_env=env,
+        )
+    )
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(asdict(result), indent=1))
+        print(f"samples written to {args.json}")
+    if args.plot:
+        plot({"this run": result}, args.plot)
+
+
+if __name__ == "__main__":
+    main()
