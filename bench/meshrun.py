@@ -125,6 +125,7 @@ async def bench_mesh(
     model_and_tool: bool = False,
     metrics: bool = False,
     coordinator_env: dict[str, str] | None = None,
+    service_env: dict[str, str] | None = None,
 ) -> AsyncIterator[BenchMesh]:
     """Start nats-server, a coordinator and ``agents`` benchmark agents; stop them after.
 
@@ -137,6 +138,7 @@ async def bench_mesh(
             tool service, and point the agents at them.
         metrics: Give every service a Prometheus endpoint on a free port.
         coordinator_env: Extra environment of the coordinator (settings).
+        service_env: Extra environment of every service (coordinator, agents, model, tool).
     """
     with tempfile.TemporaryDirectory(prefix="hivewire-bench-") as tmp:
         state = Path(tmp)
@@ -158,6 +160,7 @@ async def bench_mesh(
                 "HIVEWIRE_NATS_URL": nats_config.url,
                 "HIVEWIRE_DISCOVERY": "nats",
                 "HIVEWIRE_LOG_LEVEL": log_level,
+                **(service_env or {}),
             }
 
             def spec(name: str, argv: list[str], **env: str) -> ProcessSpec:

@@ -20,7 +20,11 @@ so far. It prints:
   and the size of its SQLite files.
 
 ``--json`` keeps every sample; ``--plot`` draws RSS against tasks (matplotlib, in the
-``bench`` extra). Run it with ``make soak`` (10 minutes) or ``make soak-quick`` (2).
+``bench`` extra). ``--heap-profile`` runs every service under :mod:`tracemalloc`, takes
+a snapshot of each at the end of the warm-up and at the end (``SIGUSR2``, see
+``services/runtime/heapdump.py``) and prints the allocation sites that grew.
+
+Run it with ``make soak`` (10 minutes) or ``make soak-quick`` (2).
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ import asyncio
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
 import time
+import tracemalloc
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +52,7 @@ from bench.common import fmt_rate, fmt_time, percentile, proc_rss, table
 from bench.meshrun import BenchMesh, bench_mesh, coordinator_stub
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.services.runtime.heapdump import HEAP_DUMP_DIR_ENV
 
 SAMPLE_SECONDS = 5.0
 WARMUP_SECONDS = 60.0
@@ -84,6 +92,7 @@ class SoakResult:
     gauges_start: dict[str, dict[str, float]] = field(default_factory=dict)
     gauges_end: dict[str, dict[str, float]] = field(default_factory=dict)
     db_bytes: dict[str, int] = field(default_factory=dict)
+    heap_growth: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def open_fds(pid: int) -> int:
@@ -157,17 +166,26 @@ async def soak(
     concurrency: int,
     capability: str,
     coordinator_env: Mapping[str, str] | None = None,
+    heap_profile: bool = False,
 ) -> SoakResult:
     """Run the mesh under load and sample it (see the module docstring)."""
     result = SoakResult(
         minutes=minutes, warmup=warmup, concurrency=concurrency, capability=capability
     )
+    heap_dir = Path(tempfile.mkdtemp(prefix="hivewire-heap-")) if heap_profile else None
+    service_env = (
+        {"PYTHONTRACEMALLOC": str(HEAP_FRAMES), HEAP_DUMP_DIR_ENV: str(heap_dir)}
+        if heap_dir
+        else {}
+    )
+    heap_marks: list[int] = []
     async with bench_mesh(
         agents=1,
         agent_concurrency=max(64, concurrency),
         model_and_tool=True,
         metrics=True,
         coordinator_env=dict(coordinator_env or {}),
+        service_env=service_env,
     ) as mesh:
         pids = {k: v for k, v in mesh.pids.items() if k != "nats"}
         pids["nats"] = mesh.nats.pid
@@ -219,9 +237,14 @@ async def soak(
                     return
                 await asyncio.sleep(SAMPLE_SECONDS)
 
+        services = {k: v for k, v in pids.items() if k != "nats"}
+
         async def gauges_after_warmup() -> None:
             await asyncio.sleep(min(warmup, minutes * 60))
             result.gauges_start = await scrape_all(mesh.metrics_ports)
+            if heap_dir:
+                heap_marks.append(done)
+                signal_all(services)
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -231,6 +254,12 @@ async def soak(
                     tg.create_task(worker())
             result.gauges_end = await scrape_all(mesh.metrics_ports)
             result.db_bytes = _db_sizes(mesh)
+            if heap_dir and heap_marks:
+                heap_marks.append(done)
+                signal_all(services)
+                result.heap_growth = await heap_growth(
+                    heap_dir, services, tasks=heap_marks[1] - heap_marks[0]
+                )
         finally:
             await channel.close()
         result.tasks = done
@@ -249,6 +278,65 @@ async def soak(
                 }
             )
     return result
+
+
+HEAP_FRAMES = 12
+"""Frames tracemalloc keeps per allocation with ``--heap-profile``."""
+HEAP_TOP = 8
+
+
+def signal_all(pids: Mapping[str, int]) -> None:
+    """Ask every service for a heap snapshot (``SIGUSR2``, see ``runtime/heapdump.py``)."""
+    for pid in pids.values():
+        os.kill(pid, signal.SIGUSR2)
+
+
+def _site(traceback: tracemalloc.Traceback) -> str:
+    """The innermost frames of an allocation, the project's own first."""
+    frames = list(traceback)  # most recent first
+    ours = [f for f in frames if "/hivewire/" in f.filename or "/bench/" in f.filename]
+    chosen = (ours[:1] or []) + [f for f in frames[:2] if f not in ours[:1]]
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in chosen)
+
+
+async def heap_growth(
+    directory: Path, pids: Mapping[str, int], *, tasks: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Compare each service's two snapshots: the allocation sites that grew most."""
+    deadline = time.monotonic() + 300
+    growth: dict[str, list[dict[str, Any]]] = {}
+    for name, pid in pids.items():
+        first, second = directory / f"{pid}-1.snapshot", directory / f"{pid}-2.snapshot"
+        for _ in range(600):  # each dump appears at once (written, then renamed)
+            if second.exists() or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        if not first.exists() or not second.exists():
+            print(f"  (no heap snapshots from {name})", file=sys.stderr)
+            continue
+        before = await asyncio.to_thread(tracemalloc.Snapshot.load, str(first))
+        after = await asyncio.to_thread(tracemalloc.Snapshot.load, str(second))
+        stats = await asyncio.to_thread(after.compare_to, before, "traceback")
+        total = sum(s.size_diff for s in stats)
+        rows = [
+            {
+                "site": "total (every site)",
+                "kib": total / 1024,
+                "per_1000": total / 1024 / tasks * 1000 if tasks else math.nan,
+                "blocks": sum(s.count_diff for s in stats),
+            }
+        ]
+        for stat in stats[:HEAP_TOP]:
+            rows.append(
+                {
+                    "site": _site(stat.traceback),
+                    "kib": stat.size_diff / 1024,
+                    "per_1000": stat.size_diff / 1024 / tasks * 1000 if tasks else math.nan,
+                    "blocks": stat.count_diff,
+                }
+            )
+        growth[name] = rows
+    return growth
 
 
 def process_rows(result: SoakResult) -> list[list[str]]:
@@ -325,6 +413,17 @@ def report(result: SoakResult) -> str:
                 [[k, f"{v:.0f}"] for k, v in sorted(memory.items())],
             )
         )
+    for name, rows in result.heap_growth.items():
+        out.append(
+            table(
+                f"{name}: Python heap growth between the warm-up and the end (tracemalloc)",
+                ["allocation site", "KiB", "KiB / 1,000 tasks", "blocks"],
+                [
+                    [r["site"], f"{r['kib']:+.1f}", f"{r['per_1000']:+.2f}", f"{r['blocks']:+d}"]
+                    for r in rows
+                ],
+            )
+        )
     if result.db_bytes:
         out.append(
             table(
@@ -383,6 +482,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="extra coordinator setting, e.g. HIVEWIRE_COORDINATOR__TASK_RETENTION=60",
     )
+    parser.add_argument(
+        "--heap-profile",
+        action="store_true",
+        help="trace every service with tracemalloc (slower) and print the sites that grew",
+    )
     parser.add_argument("--json", type=Path, help="write every sample here")
     parser.add_argument(
         "--plot",
@@ -415,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             concurrency=args.concurrency,
             capability=args.capability,
             coordinator_env=env,
+            heap_profile=args.heap_profile,
         )
     )
     print(report(result))

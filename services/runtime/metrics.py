@@ -36,6 +36,7 @@ __all__ = [
     "SERVER_MSG_SENT",
     "SERVER_STARTED",
     "ASYNCIO_TASKS",
+    "BoundedLabel",
     "MetricsServer",
     "start_metrics_server",
     "watch_event_loop",
@@ -126,6 +127,35 @@ def watch_event_loop(loop: asyncio.AbstractEventLoop) -> None:
     event loop pays nothing.
     """
     ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
+
+
+class BoundedLabel:
+    """Label values from callers, capped: the first ``limit`` distinct values, then one.
+
+    Every label value is a time series kept for the life of the process, so a value a
+    caller chooses (a model name, say) must not grow them without end: values beyond
+    the first ``limit`` distinct ones are all reported as ``other``.
+
+    Args:
+        limit: Distinct values kept.
+        other: The value reported for every value beyond the limit.
+    """
+
+    def __init__(self, limit: int = 64, other: str = "_other") -> None:
+        self._limit = limit
+        self._other = other
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        """The label to use for ``value``."""
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self._limit:
+                self._seen.add(value)
+                return value
+        return self._other
 
 
 def split_method(full_method: str) -> tuple[str, str]:

@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from hivewire.services.runtime.authz import AuthzPolicyStore, AuthzServerInterceptor
 from hivewire.services.runtime.channels import server_options
 from hivewire.services.runtime.config import Settings
+from hivewire.services.runtime.heapdump import install_heap_dump
 from hivewire.services.runtime.interceptors import server_interceptors
 from hivewire.services.runtime.metrics import (
     MetricsServer,
@@ -398,10 +399,11 @@ async def serve_until_signal(server: ServiceServer) -> None:
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    heap_dumps = install_heap_dump(loop)
     try:
         await server.wait_for_termination()
         if stops:
             await asyncio.gather(*stops, return_exceptions=True)
     finally:
-        for sig in signals:
+        for sig in (*signals, *((signal.SIGUSR2,) if heap_dumps else ())):
             loop.remove_signal_handler(sig)
