@@ -126,6 +126,7 @@ async def bench_mesh(
     metrics: bool = False,
     coordinator_env: dict[str, str] | None = None,
     service_env: dict[str, str] | None = None,
+    ready_timeout: float = 60.0,
 ) -> AsyncIterator[BenchMesh]:
     """Start nats-server, a coordinator and ``agents`` benchmark agents; stop them after.
 
@@ -139,6 +140,7 @@ async def bench_mesh(
         metrics: Give every service a Prometheus endpoint on a free port.
         coordinator_env: Extra environment of the coordinator (settings).
         service_env: Extra environment of every service (coordinator, agents, model, tool).
+        ready_timeout: Seconds each service gets to start serving.
     """
     with tempfile.TemporaryDirectory(prefix="hivewire-bench-") as tmp:
         state = Path(tmp)
@@ -173,7 +175,7 @@ async def bench_mesh(
                     env={**common, "HIVEWIRE_PORTS_FILE": str(ports), **env},
                     ports_file=ports,
                     log_file=state / "logs" / f"{name}.log",
-                    ready_timeout=60.0,
+                    ready_timeout=ready_timeout,
                 )
 
             coordinator = await launcher.start(

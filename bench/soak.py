@@ -69,12 +69,14 @@ class Sample:
         tasks: Tasks finished so far.
         rss: Resident set size per process, bytes.
         fds: Open file descriptors per process.
+        db: Bytes of the coordinator's SQLite files (database and WAL).
     """
 
     t: float
     tasks: int
     rss: dict[str, int]
     fds: dict[str, int]
+    db: int = 0
 
 
 @dataclass
@@ -166,6 +168,7 @@ async def soak(
     concurrency: int,
     capability: str,
     coordinator_env: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
     heap_profile: bool = False,
 ) -> SoakResult:
     """Run the mesh under load and sample it (see the module docstring)."""
@@ -173,11 +176,9 @@ async def soak(
         minutes=minutes, warmup=warmup, concurrency=concurrency, capability=capability
     )
     heap_dir = Path(tempfile.mkdtemp(prefix="hivewire-heap-")) if heap_profile else None
-    service_env = (
-        {"PYTHONTRACEMALLOC": str(HEAP_FRAMES), HEAP_DUMP_DIR_ENV: str(heap_dir)}
-        if heap_dir
-        else {}
-    )
+    service_env = dict(extra_env or {})
+    if heap_dir:
+        service_env.update(PYTHONTRACEMALLOC=str(HEAP_FRAMES), **{HEAP_DUMP_DIR_ENV: str(heap_dir)})
     heap_marks: list[int] = []
     async with bench_mesh(
         agents=1,
@@ -186,6 +187,7 @@ async def soak(
         metrics=True,
         coordinator_env=dict(coordinator_env or {}),
         service_env=service_env,
+        ready_timeout=300.0 if heap_profile else 60.0,
     ) as mesh:
         pids = {k: v for k, v in mesh.pids.items() if k != "nats"}
         pids["nats"] = mesh.nats.pid
@@ -231,6 +233,7 @@ async def soak(
                         tasks=done,
                         rss={k: proc_rss(p) for k, p in pids.items()},
                         fds={k: open_fds(p) for k, p in pids.items()},
+                        db=sum(_db_sizes(mesh).values()),
                     )
                 )
                 if time.monotonic() >= end:
@@ -293,9 +296,9 @@ def signal_all(pids: Mapping[str, int]) -> None:
 
 def _site(traceback: tracemalloc.Traceback) -> str:
     """The innermost frames of an allocation, the project's own first."""
-    frames = list(traceback)  # most recent first
+    frames = list(reversed(traceback))  # innermost (the allocation) first
     ours = [f for f in frames if "/hivewire/" in f.filename or "/bench/" in f.filename]
-    chosen = (ours[:1] or []) + [f for f in frames[:2] if f not in ours[:1]]
+    chosen = frames[:2] + [f for f in ours[:1] if f not in frames[:2]]
     return " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in chosen)
 
 
@@ -403,6 +406,16 @@ def report(result: SoakResult) -> str:
             ],
         ),
     ]
+    with_db = [s for s in samples if s.db]
+    if with_db:
+        marks = [with_db[len(with_db) * i // 4] for i in range(4)] + [with_db[-1]]
+        out.append(
+            table(
+                "coordinator SQLite files (database + WAL) during the run",
+                ["minute", "tasks done", "size"],
+                [[f"{s.t / 60:.1f}", f"{s.tasks:,}", f"{s.db / 2**20:.1f} MB"] for s in marks],
+            )
+        )
     coordinator = result.gauges_end.get("coordinator", {})
     memory = {k: v for k, v in coordinator.items() if k.startswith("hivewire_coordinator_memory")}
     if memory:
@@ -442,16 +455,18 @@ def plot(results: Mapping[str, SoakResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["coordinator", "agent-0", "model", "tool"]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharex=False)
+    names = ["coordinator", "agent-0", "model", "tool", "SQLite files"]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), sharex=False)
     for ax, name in zip(axes, names, strict=True):
         for label, result in results.items():
-            xs = [s.tasks / 1000 for s in result.samples if name in s.rss]
-            ys = [s.rss[name] / 2**20 for s in result.samples if name in s.rss]
-            ax.plot(xs, ys, label=label)
+            if name == "SQLite files":
+                points = [(s.tasks, s.db) for s in result.samples if s.db]
+            else:
+                points = [(s.tasks, s.rss[name]) for s in result.samples if name in s.rss]
+            ax.plot([x / 1000 for x, _ in points], [y / 2**20 for _, y in points], label=label)
         ax.set_title(name)
         ax.set_xlabel("tasks done (thousands)")
-        ax.set_ylabel("RSS (MB)")
+        ax.set_ylabel("MB on disk" if name == "SQLite files" else "RSS (MB)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.tight_layout()
@@ -481,6 +496,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="extra coordinator setting, e.g. HIVEWIRE_COORDINATOR__TASK_RETENTION=60",
+    )
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment of every service, e.g. MALLOC_ARENA_MAX=2",
     )
     parser.add_argument(
         "--heap-profile",
@@ -519,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             concurrency=args.concurrency,
             capability=args.capability,
             coordinator_env=env,
+            extra_env=dict(item.split("=", 1) for item in args.service_env),
             heap_profile=args.heap_profile,
         )
     )

@@ -10,6 +10,7 @@ exactly that). Without both settings nothing is installed and nothing is traced.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import os
@@ -39,6 +40,9 @@ def install_heap_dump(loop: asyncio.AbstractEventLoop) -> bool:
 
     def dump() -> None:
         path = target / f"{os.getpid()}-{next(counter)}.snapshot"
+        # Garbage in reference cycles is only freed by a full collection: without one,
+        # a snapshot counts it as live and two snapshots differ by the GC's timing.
+        gc.collect()
         # Everything but this module's own traces (the snapshot is big).
         snapshot = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(False, tracemalloc.__file__)]
