@@ -342,6 +342,20 @@ async def heap_growth(
     return growth
 
 
+def minute_floors(samples: Sequence[Sample], name: str) -> list[tuple[float, float]]:
+    """(tasks, KiB) at each minute's lowest RSS: the level under the garbage collector's saw.
+
+    Reference cycles are freed only by full collections, so RSS climbs and drops in a
+    saw tooth; a leak lifts the bottoms of the teeth, which this follows.
+    """
+    by_minute: dict[int, Sample] = {}
+    for s in samples:
+        minute = int(s.t // 60)
+        if minute not in by_minute or s.rss[name] < by_minute[minute].rss[name]:
+            by_minute[minute] = s
+    return [(s.tasks, s.rss[name] / 1024) for _, s in sorted(by_minute.items())]
+
+
 def process_rows(result: SoakResult) -> list[list[str]]:
     """Per process: RSS at warm-up end and at the end, slope, fds, asyncio tasks."""
     samples = result.samples
@@ -354,6 +368,7 @@ def process_rows(result: SoakResult) -> list[list[str]]:
         growth = (end_rss - start_rss) / start_rss * 100 if start_rss else math.nan
         start_tasks = result.gauges_start.get(name, {}).get("hivewire_asyncio_tasks")
         end_tasks = result.gauges_end.get(name, {}).get("hivewire_asyncio_tasks")
+        floors = minute_floors(after, name)
         rows.append(
             [
                 name,
@@ -361,6 +376,7 @@ def process_rows(result: SoakResult) -> list[list[str]]:
                 f"{end_rss / 2**20:.1f} MB",
                 f"{growth:+.1f} %",
                 f"{slope_per_1000(points):+.1f}",
+                f"{slope_per_1000(floors):+.1f}",
                 f"{first.fds[name]} → {last.fds[name]}",
                 "-" if start_tasks is None else f"{start_tasks:.0f} → {end_tasks or 0:.0f}",
             ]
@@ -378,13 +394,15 @@ def report(result: SoakResult) -> str:
         f"mean), {result.errors} errors; warm-up {result.warmup:g} s",
         table(
             "per process (start = end of the warm-up; slope = least squares of RSS "
-            "against tasks done after the warm-up)",
+            "against tasks done after the warm-up; floor = the same over each minute's "
+            "lowest RSS)",
             [
                 "process",
                 "RSS start",
                 "RSS end",
                 "growth",
                 "KiB / 1,000 tasks",
+                "floor KiB / 1,000",
                 "open fds",
                 "asyncio tasks",
             ],

@@ -50,6 +50,8 @@ T = TypeVar("T")
 
 
 _SCHEMA_VERSION = 3
+_WAL_SIZE_LIMIT = 16 * 1024 * 1024
+"""Bytes of the WAL file kept after a checkpoint."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id         TEXT PRIMARY KEY,
@@ -535,6 +537,10 @@ class SqliteTaskStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
+        # The WAL is checkpointed every 1000 pages (SQLite's default); a checkpoint after a
+        # large transaction (a purge batch) leaves the file that large unless it is cut
+        # back: keep at most this much of it.
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > _SCHEMA_VERSION:
             conn.close()
