@@ -11,6 +11,7 @@ from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator.model import now_ns
 from tests.conftest import Pki
 from tests.helpers import eventually
+from tests.integration.test_coordinator_cli import cli
 from tests.support.coordinator_mesh import Mesh, collect, error_of, spec, start_mesh
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,6 +67,14 @@ async def test_a_purged_task_is_gone_and_says_so(pki: Pki, tmp_path: Path) -> No
         assert still.task.task_id == running.task.task_id
         listed = await mesh.client().ListTasks(coordinator_pb2.ListTasksRequest())
         assert [t.task_id for t in listed.tasks] == [running.task.task_id]
+
+        # The command line says it in one line, with its own exit status.
+        shown = await cli(mesh, "tasks", running.task.task_id)
+        assert shown.code == 0 and running.task.task_id in shown.out, shown
+        purged = await cli(mesh, "tasks", done)
+        assert purged.code == 5, purged
+        assert purged.err.startswith("Error: NOT_FOUND TASK_PURGED: "), purged.err
+        assert "purged" in purged.err and len(purged.err.splitlines()) == 1
 
 
 async def test_the_background_purge_runs_by_itself(pki: Pki, tmp_path: Path) -> None:
