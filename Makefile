@@ -68,7 +68,7 @@ $(VENV)/.bench-installed: $(STAMP)
 # Memory, descriptors and asyncio tasks of every service under steady load (not in `make test`).
 SOAK_ARGS ?=
 soak: relink $(VENV)/.bench-installed
-	$(PY) bench/soak.py --minutes 10 --plot soak.png $(SOAK_ARGS)
+	$(PY) bench/soak.py --minutes 10 --plot soak.png --json soak.json $(SOAK_ARGS)
 
 soak-quick: relink $(VENV)/.bench-installed
 	$(PY) bench/soak.py --quick $(SOAK_ARGS)

@@ -73,6 +73,11 @@ class MemoryMesh:
     agent: AgentServer
     channel: grpc.aio.Channel
     client: coordinator_pb2_grpc.CoordinatorServiceAsyncStub
+    agent_settings: Any
+
+    def another_agent(self) -> contextlib.AbstractAsyncContextManager[AgentServer]:
+        """One more agent process-alike that leaves (deregisters, stops) when the block ends."""
+        return running_agent(MemoryAgent(), self.agent_settings)
 
     async def run(self, capability: str = "noop", *, timeout: float = 30.0, key: str = "") -> int:
         """Submit one task with StreamTask and follow it to its end; its final state."""
@@ -125,7 +130,7 @@ async def memory_mesh(
             coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         )
         try:
-            mesh = MemoryMesh(running, served, channel, client)
+            mesh = MemoryMesh(running, served, channel, client, agent_settings)
             await eventually(lambda: bool(running.coordinator.list_agents("noop")), timeout=30)
             yield mesh
         finally:
