@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv relink gen gen-check lint typecheck buf-lint pytest fmt bench clean
+.PHONY: run test venv relink gen gen-check lint typecheck buf-lint pytest fmt bench soak soak-quick clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,20 @@ test: relink lint typecheck buf-lint gen-check pytest
 
 bench: relink
 	$(PY) bench/run.py
+
+# The bench extra (matplotlib, for the soak's plot of memory against tasks).
+$(VENV)/.bench-installed: $(STAMP)
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[bench]' \
+		--config-settings editable_mode=strict
+	touch $@
+
+# Memory, descriptors and asyncio tasks of every service under steady load (not in `make test`).
+SOAK_ARGS ?=
+soak: relink $(VENV)/.bench-installed
+	$(PY) bench/soak.py --minutes 10 --plot soak.png --json soak.json $(SOAK_ARGS)
+
+soak-quick: relink $(VENV)/.bench-installed
+	$(PY) bench/soak.py --quick $(SOAK_ARGS)
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache

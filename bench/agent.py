@@ -23,6 +23,13 @@ class BenchAgent(Agent):
         """The whole task is the mesh: submit, schedule, Execute, result, finish."""
         return task.text
 
+    @capability("soak", description="One model call and one tool call, then its input back.")
+    async def soak(self, task: Payload, ctx: TaskContext) -> str:
+        """A task that crosses every service: coordinator, agent, model and tool."""
+        await ctx.model.generate(task.text, max_tokens=8)
+        await ctx.tools.invoke("calculator", {"expression": "6*7"})
+        return task.text
+
     @capability("hold", description="Stays running until cancelled (keeps a task open).")
     async def hold(self, task: Payload, ctx: TaskContext) -> str:
         """Block until the coordinator cancels the task or its deadline passes."""

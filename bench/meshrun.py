@@ -13,7 +13,7 @@ import contextlib
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,13 +59,25 @@ class BenchMesh:
     coordinator: ManagedProcess
     agents: list[ManagedProcess]
     address: str
+    services: list[ManagedProcess] = field(default_factory=list)
 
     @property
     def pids(self) -> dict[str, int]:
-        """Process ids by name: ``coordinator``, ``nats``, ``agent-0``..."""
+        """Process ids by name: ``coordinator``, ``nats``, ``model``, ``tool``, ``agent-0``..."""
         pids = {"coordinator": self.coordinator.pid, "nats": self.nats.pid}
+        pids.update({s.spec.name: s.pid for s in self.services})
         pids.update({a.spec.name: a.pid for a in self.agents})
         return pids
+
+    @property
+    def metrics_ports(self) -> dict[str, int]:
+        """Prometheus port of each service started with ``metrics=True``, by name."""
+        ports: dict[str, int] = {}
+        for child in (self.coordinator, *self.services, *self.agents):
+            port = child.ports.get("metrics")
+            if port:
+                ports[child.spec.name] = int(port)
+        return ports
 
     def channel(self, **options: int | str) -> grpc.aio.Channel:
         """A client channel to the coordinator (client certificate).
@@ -110,6 +122,11 @@ async def bench_mesh(
     agent_concurrency: int = 64,
     log_level: str = "WARNING",
     sync_interval: str = "always",
+    model_and_tool: bool = False,
+    metrics: bool = False,
+    coordinator_env: dict[str, str] | None = None,
+    service_env: dict[str, str] | None = None,
+    ready_timeout: float = 60.0,
 ) -> AsyncIterator[BenchMesh]:
     """Start nats-server, a coordinator and ``agents`` benchmark agents; stop them after.
 
@@ -118,6 +135,12 @@ async def bench_mesh(
         agent_concurrency: Tasks each agent runs at once.
         log_level: Level of every service's log (files under the state directory).
         sync_interval: JetStream ``sync_interval`` (``always`` is what ``make run`` uses).
+        model_and_tool: Also start the model service (deterministic backend) and the
+            tool service, and point the agents at them.
+        metrics: Give every service a Prometheus endpoint on a free port.
+        coordinator_env: Extra environment of the coordinator (settings).
+        service_env: Extra environment of every service (coordinator, agents, model, tool).
+        ready_timeout: Seconds each service gets to start serving.
     """
     with tempfile.TemporaryDirectory(prefix="hivewire-bench-") as tmp:
         state = Path(tmp)
@@ -139,17 +162,20 @@ async def bench_mesh(
                 "HIVEWIRE_NATS_URL": nats_config.url,
                 "HIVEWIRE_DISCOVERY": "nats",
                 "HIVEWIRE_LOG_LEVEL": log_level,
+                **(service_env or {}),
             }
 
             def spec(name: str, argv: list[str], **env: str) -> ProcessSpec:
                 ports = state / "run" / f"{name}.json"
+                if metrics:
+                    env["HIVEWIRE_METRICS_PORT"] = str(free_port())
                 return ProcessSpec(
                     name=name,
                     argv=argv,
                     env={**common, "HIVEWIRE_PORTS_FILE": str(ports), **env},
                     ports_file=ports,
                     log_file=state / "logs" / f"{name}.log",
-                    ready_timeout=60.0,
+                    ready_timeout=ready_timeout,
                 )
 
             coordinator = await launcher.start(
@@ -158,8 +184,28 @@ async def bench_mesh(
                     python_module("hivewire.services.coordinator"),
                     HIVEWIRE_IDENTITY="coordinator",
                     HIVEWIRE_COORDINATOR__DB_PATH=str(state / "coordinator.db"),
+                    **(coordinator_env or {}),
                 )
             )
+            services: list[ManagedProcess] = []
+            agent_env: dict[str, str] = {}
+            if model_and_tool:
+                model = await launcher.start(
+                    spec(
+                        "model",
+                        python_module("hivewire.services.model"),
+                        HIVEWIRE_IDENTITY="model",
+                        HIVEWIRE_MODEL__DEFAULT_BACKEND="deterministic",
+                    )
+                )
+                tool = await launcher.start(
+                    spec("tool", python_module("hivewire.services.tool"), HIVEWIRE_IDENTITY="tool")
+                )
+                services = [model, tool]
+                agent_env = {
+                    "HIVEWIRE_AGENT__MODEL_ADDRESS": f"127.0.0.1:{model.ports['grpc']}",
+                    "HIVEWIRE_AGENT__TOOL_ADDRESS": f"127.0.0.1:{tool.ports['grpc']}",
+                }
             started = await asyncio.gather(
                 *(
                     launcher.start(
@@ -167,6 +213,7 @@ async def bench_mesh(
                             f"agent-{i}",
                             python_module("hivewire.services.agent", AGENT_TARGET),
                             HIVEWIRE_AGENT__MAX_CONCURRENCY=str(agent_concurrency),
+                            **agent_env,
                         )
                     )
                     for i in range(agents)
@@ -178,6 +225,7 @@ async def bench_mesh(
                 nats=nats,
                 coordinator=coordinator,
                 agents=list(started),
+                services=services,
                 address=f"127.0.0.1:{coordinator.ports['grpc']}",
             )
             await _wait_for_agents(mesh, agents)

@@ -253,6 +253,11 @@ class AgentRuntime:
         return self._in_flight
 
     @property
+    def stragglers(self) -> int:
+        """Handlers that ignored their cancellation and still run after their stream."""
+        return len(self._stragglers)
+
+    @property
     def max_concurrency(self) -> int:
         """The concurrency limit."""
         return self.card.max_concurrency

@@ -713,6 +713,14 @@ def cancel(
 
 @app.command("tasks")
 def list_tasks(
+    task_ids: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Show these tasks (an id the coordinator purged after its retention says "
+            "TASK_PURGED).",
+            show_default=False,
+        ),
+    ] = None,
     state: Annotated[
         list[str] | None,
         typer.Option("--state", "-s", help="queued, running, succeeded... (repeatable)."),
@@ -729,7 +737,7 @@ def list_tasks(
     certs_dir: CertsOpt = None,
     identity: IdentityOpt = "client",
 ) -> None:
-    """List tasks, newest first."""
+    """List tasks, newest first, or show the tasks given by id."""
     states = []
     for name in state or []:
         key = f"TASK_STATE_{name.upper()}"
@@ -741,7 +749,10 @@ def list_tasks(
     async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
         found: list[coordinator_pb2.Task] = []
         token = ""
-        while len(found) < limit:
+        for task_id in task_ids or ():
+            shown = await stub.GetTask(coordinator_pb2.GetTaskRequest(task_id=task_id))
+            found.append(shown.task)
+        while not task_ids and len(found) < limit:
             response = await stub.ListTasks(
                 coordinator_pb2.ListTasksRequest(
                     states=states,  # type: ignore[arg-type]

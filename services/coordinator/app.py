@@ -15,6 +15,7 @@ from hivewire.discovery import Instance, Registry, new_instance_id
 from hivewire.services.coordinator.dispatch import AgentPool
 from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
 from hivewire.services.coordinator.journal import EventPublisher
+from hivewire.services.coordinator.retention import Retention
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
@@ -44,6 +45,7 @@ class RunningCoordinator:
         pool: The agent pool.
         store: The task store.
         instance: Its registry entry, when registered.
+        retention: The background purge of finished tasks.
     """
 
     settings: Settings
@@ -52,6 +54,7 @@ class RunningCoordinator:
     pool: AgentPool
     store: TaskStore
     instance: Instance | None = None
+    retention: Retention | None = None
 
     @property
     def address(self) -> str:
@@ -126,6 +129,7 @@ async def running_coordinator(
         wake.append(coordinator)
         await stack.enter_async_context(coordinator)
         await stack.enter_async_context(pool)
+        retention = await stack.enter_async_context(Retention(store, cfg))
         servicer = CoordinatorServicer(coordinator)
         registration = Registration(
             REGISTRY_SERVICE,
@@ -143,5 +147,5 @@ async def running_coordinator(
             )
         )
         yield RunningCoordinator(
-            settings, coordinator, started.server, pool, store, started.instance
+            settings, coordinator, started.server, pool, store, started.instance, retention
         )

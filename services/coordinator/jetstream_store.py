@@ -15,7 +15,8 @@ deployment the mesh already has:
   the contract's gap-free 1, 2, 3...
 * **Idempotency keys** are entries of ``<prefix>_IDEMPOTENCY`` created with CAS (``create``
   fails when the key exists): of two submissions with the same key, one wins.
-* **Projects** are entries of ``<prefix>_PROJECTS``.
+* **Projects** are entries of ``<prefix>_PROJECTS``; purged tasks leave a tombstone in
+  ``<prefix>_PURGED``.
 
 Replication is a setting (``replicas=1`` on one server, 3 in a cluster). Writes and
 reads go through one queue processed in order, so a read issued after a write sees it.
@@ -52,6 +53,7 @@ from hivewire.services.coordinator.store import (
     StoreError,
     TaskQuery,
     TaskRow,
+    Tombstone,
 )
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class JetStreamTaskStore:
         self._tasks: KeyValue | None = None
         self._keys: KeyValue | None = None
         self._projects: KeyValue | None = None
+        self._tombstones: KeyValue | None = None
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         # Revision and spec of each unfinished task this store wrote or read: forgotten
@@ -141,6 +144,7 @@ class JetStreamTaskStore:
             self._tasks = await self._bucket("TASKS")
             self._keys = await self._bucket("IDEMPOTENCY")
             self._projects = await self._bucket("PROJECTS")
+            self._tombstones = await self._bucket("PURGED")
             await self._js.add_stream(
                 js_api.StreamConfig(
                     name=self.stream,
@@ -525,6 +529,110 @@ class JetStreamTaskStore:
             return ProjectSummary(counts, roots)
 
         result: ProjectSummary = await self._submit(run)
+        return result
+
+    # -- retention -------------------------------------------------------------------
+
+    async def release_idempotency_key(self, owner: str, key: str, task_id: str) -> None:
+        """Take an expired idempotency key off the task that holds it."""
+
+        async def run() -> None:
+            assert self._keys is not None
+            name = _key_name(owner, key)
+            try:
+                entry = await self._keys.get(name)
+            except js_errors.KeyNotFoundError:
+                return
+            if entry.value is not None and entry.value.decode() == task_id:
+                await self._keys.delete(name, last=entry.revision)
+            row = await self._get_row(task_id)
+            if row is not None and row.idempotency_key == key:
+                fields = asdict(row)
+                fields["idempotency_key"] = ""
+                stored = await self._tasks.get(task_id)  # type: ignore[union-attr]
+                await self._tasks.update(  # type: ignore[union-attr]
+                    task_id, _encode(TaskRow(**fields)), last=stored.revision
+                )
+
+        await self._submit(run)
+
+    async def purge_finished(self, before_ns: int, *, limit: int, now: int) -> int:
+        """Delete up to ``limit`` tasks finished before ``before_ns`` with their journals.
+
+        Each leaves a tombstone stamped ``now``. Runs in the store's queue, between
+        other operations, a task at a time (there is no multi-key transaction).
+        """
+
+        async def run() -> int:
+            assert self._tasks is not None and self._tombstones is not None
+            victims = sorted(
+                (
+                    r
+                    for r in await self._all_rows()
+                    if r.state in TERMINAL_STATES and r.updated_ns < before_ns
+                ),
+                key=lambda r: r.updated_ns,
+            )[: max(limit, 0)]
+            for row in victims:
+                await self._tombstones.put(
+                    row.task_id,
+                    json.dumps({"owner": row.owner, "purged_ns": now}).encode(),
+                )
+                await self._js.purge_stream(self.stream, subject=f"{JOURNAL_SUBJECT}.{row.task_id}")
+                if row.idempotency_key:
+                    with contextlib.suppress(js_errors.KeyNotFoundError):
+                        name = _key_name(row.owner, row.idempotency_key)
+                        entry = await self._keys.get(name) if self._keys else None
+                        if entry is not None and entry.value == row.task_id.encode():
+                            await self._keys.delete(name)  # type: ignore[union-attr]
+                await self._tasks.purge(row.task_id)
+                self._index.pop(row.task_id, None)
+                self._revisions.pop(row.task_id, None)
+                self._specs.pop(row.task_id, None)
+            return len(victims)
+
+        result: int = await self._submit(run)
+        return result
+
+    async def prune_tombstones(self, before_ns: int, *, limit: int) -> int:
+        """Delete up to ``limit`` tombstones made before ``before_ns``; how many."""
+
+        async def run() -> int:
+            assert self._tombstones is not None
+            try:
+                keys = await self._tombstones.keys()
+            except js_errors.NoKeysError:
+                return 0
+            old = []
+            for key in keys:
+                entry = await self._tombstones.get(key)
+                if entry.value is not None:
+                    purged = int(json.loads(entry.value)["purged_ns"])
+                    if purged < before_ns:
+                        old.append((purged, key))
+            old.sort()
+            for _, key in old[: max(limit, 0)]:
+                await self._tombstones.purge(key)
+            return min(len(old), max(limit, 0))
+
+        result: int = await self._submit(run)
+        return result
+
+    async def tombstone(self, task_id: str) -> Tombstone | None:
+        """The tombstone of a purged task, or None."""
+
+        async def run() -> Tombstone | None:
+            assert self._tombstones is not None
+            try:
+                entry = await self._tombstones.get(task_id)
+            except js_errors.KeyNotFoundError:
+                return None
+            if entry.value is None:
+                return None
+            fields = json.loads(entry.value)
+            return Tombstone(task_id, fields["owner"], int(fields["purged_ns"]))
+
+        result: Tombstone | None = await self._submit(run)
         return result
 
 

@@ -116,6 +116,11 @@ class TaskTable:
         self._cache_size = finished_cache_size
         self._on_evict = on_evict
 
+    @property
+    def finished_count(self) -> int:
+        """Finished tasks held in memory (at most ``finished_cache_size``)."""
+        return len(self._finished)
+
     def get(self, task_id: str) -> TaskRuntime | None:
         """The task's runtime, active or recently finished, or None."""
         rt = self.active.get(task_id)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from hivewire.services.runtime.breaker import CircuitState
@@ -73,3 +76,21 @@ def forget_circuit(name: str) -> None:
     """Drop a breaker that no longer exists from the counts."""
     if _circuit_states.pop(name, None) is not None:
         _recount()
+
+
+MEMORY = Gauge(
+    "hivewire_coordinator_memory_entries",
+    "Entries of the coordinator's in-memory structures keyed by task, by structure "
+    "(bounded by unfinished tasks or by a setting: steady growth is a leak).",
+    ("structure",),
+)
+
+
+def bind_memory(counts: Callable[[], dict[str, int]]) -> None:
+    """Report ``counts()`` (structure -> entries) as :data:`MEMORY`, read when scraped."""
+    for name in counts():
+        MEMORY.labels(name).set_function(partial(_entry, counts, name))
+
+
+def _entry(counts: Callable[[], dict[str, int]], name: str) -> int:
+    return counts().get(name, 0)

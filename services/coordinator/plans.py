@@ -185,6 +185,11 @@ class Plans:
     def __len__(self) -> int:
         return len(self._runs)
 
+    @property
+    def children_count(self) -> int:
+        """Steps, compensations and aggregators being followed (for memory gauges)."""
+        return len(self._children)
+
     def owns(self, task_id: str) -> bool:
         """Whether a task is a plan this coordinator runs."""
         return task_id in self._runs

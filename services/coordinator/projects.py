@@ -147,6 +147,11 @@ class Projects:
 
     # -- completion --------------------------------------------------------------------
 
+    @property
+    def active_count(self) -> int:
+        """Projects with unfinished tasks (for memory gauges)."""
+        return len(self._active)
+
     def task_started(self, project_id: str) -> None:
         """A task of the project was accepted (or recovered)."""
         self._active[project_id] = self._active.get(project_id, 0) + 1

@@ -31,6 +31,9 @@ __all__ = ["PRIORITY_RANK", "QueueEntry", "TaskQueue"]
 #: Rank of each ``Priority`` value (low=1 ... critical=4); unknown values rank as medium.
 PRIORITY_RANK: dict[int, int] = {1: 0, 2: 1, 3: 2, 4: 3}
 
+_COMPACT_MIN = 256
+"""Heaps this long are compacted when most of their entries are removed ones."""
+
 
 @dataclass(order=True)
 class QueueEntry:
@@ -67,6 +70,8 @@ class TaskQueue:
         self._aging = aging_interval
         self._heaps: dict[str, list[QueueEntry]] = {}
         self._entries: dict[str, QueueEntry] = {}
+        # Removed entries still in each capability's heap (lazy deletion).
+        self._stale: dict[str, int] = {}
         self._counter = itertools.count()
 
     def __len__(self) -> int:
@@ -114,21 +119,37 @@ class TaskQueue:
         heapq.heappush(self._heaps.setdefault(capability, []), entry)
         return entry
 
+    @property
+    def heap_entries(self) -> int:
+        """Entries in the heaps, removed ones not yet dropped included."""
+        return sum(len(heap) for heap in self._heaps.values())
+
     def remove(self, task_id: str) -> bool:
         """Take a task out of the queue (cancelled, expired). Returns whether it was queued."""
         entry = self._entries.pop(task_id, None)
         if entry is None:
             return False
-        # Lazy deletion: the heap drops it when it reaches the top.
+        # Lazy deletion: the heap drops it when it reaches the top...
         entry.removed = True
+        capability = entry.capability
+        stale = self._stale[capability] = self._stale.get(capability, 0) + 1
+        heap = self._heaps.get(capability)
+        if heap is not None and len(heap) > _COMPACT_MIN and 2 * stale > len(heap):
+            # ...or now, when removed entries stuck behind a waiting one are most of the
+            # heap (cancelled or expired tasks of a capability no agent serves).
+            heap[:] = [e for e in heap if not e.removed]
+            heapq.heapify(heap)
+            self._stale.pop(capability, None)
         return True
 
     def _top(self, capability: str) -> QueueEntry | None:
         heap = self._heaps.get(capability)
         while heap and heap[0].removed:
             heapq.heappop(heap)
+            self._stale[capability] -= 1
         if not heap:
             self._heaps.pop(capability, None)
+            self._stale.pop(capability, None)
             return None
         return heap[0]
 

@@ -88,6 +88,7 @@ from hivewire.services.coordinator.plans import PLAN_CANCELLED, Plans
 from hivewire.services.coordinator.projects import Projects
 from hivewire.services.coordinator.queue import QueueEntry, TaskQueue
 from hivewire.services.coordinator.quotas import Quotas
+from hivewire.services.coordinator.retention import idempotency_expired, purged_or_unknown
 from hivewire.services.coordinator.session import Session
 from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.coordinator.store import TaskQuery, TaskStore
@@ -509,10 +510,17 @@ class Coordinator:
             if task_id is None:
                 return None
         rt = self._tasks.get(task_id)
-        if rt is not None:
-            return rt.record
-        row = await self._store.get_task(task_id)
-        return convert.record_from_row(row) if row is not None else None
+        row = None if rt is not None else await self._store.get_task(task_id)
+        record = rt.record if rt is not None else convert.record_from_row(row) if row else None
+        if record is not None and idempotency_expired(record, self.settings.idempotency_window):
+            # Past the window the key is free: this submission is a new task.
+            if self._idempotency.get((owner, key)) == task_id:
+                del self._idempotency[(owner, key)]
+            await self._store.release_idempotency_key(owner, key, task_id)
+            winner = self._idempotency.get((owner, key))  # a concurrent resubmission
+            rt = self._tasks.get(winner) if winner else None
+            return rt.record if rt is not None else None
+        return record
 
     # -- reads -----------------------------------------------------------------------
 
@@ -527,7 +535,7 @@ class Coordinator:
         else:
             row = await self._store.get_task(task_id)
             if row is None:
-                raise NotFound("task", task_id, reason="TASK_NOT_FOUND")
+                raise await purged_or_unknown(self._store, task_id, caller)
             record = convert.record_from_row(row)
         if not caller.may_access(record.owner):
             # Someone else's task looks like no task at all: ids are not guessable and
@@ -1362,6 +1370,26 @@ class Coordinator:
         for value in (1, 2, 3, 4):
             name = common_pb2.Priority.Name(value).removeprefix("PRIORITY_").lower()  # type: ignore[arg-type]
             metrics.QUEUE_DEPTH.labels(name).set_function(partial(self._count_queued, value))
+        metrics.bind_memory(self.memory)
+
+    def memory(self) -> dict[str, int]:
+        """Entries of each in-memory structure keyed by task (see docs/performance.md).
+
+        Every one is bounded: by the unfinished tasks, or by a setting. A count that
+        grows with finished tasks is a leak.
+        """
+        return {
+            "active_tasks": len(self._tasks.active),
+            "finished_cache": self._tasks.finished_count,
+            "idempotency_keys": len(self._idempotency),
+            "queue_entries": self._queue.heap_entries,
+            "delayed_retries": len(self._delayed),
+            "background_tasks": len(self._background),
+            "plans_running": len(self._plans),
+            "plan_children": self._plans.children_count,
+            "subtask_parents": len(self._subtasks),
+            "projects_active": self._projects.active_count,
+        }
 
     def _count_state(self, state: int) -> int:
         return sum(1 for rt in list(self._tasks.active.values()) if rt.record.state == state)

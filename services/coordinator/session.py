@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -27,6 +28,9 @@ from hivewire.services.runtime.errors import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["Session", "SessionHost"]
+
+_SENT_KEPT = 1024
+"""Finished tasks of one session whose sent position is remembered (deduplicated starts)."""
 
 TaskEvent = coordinator_pb2.TaskEvent
 
@@ -83,7 +87,8 @@ class Session:
             maxsize=1024
         )
         self._pumps: dict[str, asyncio.Task[None]] = {}
-        self._sent: dict[str, int] = {}
+        # Highest sequence sent per followed task (see _retire_sent for its bound).
+        self._sent: OrderedDict[str, int] = OrderedDict()
         self._input_done = False
         self._closed = False
 
@@ -197,6 +202,21 @@ class Session:
             logger.exception("session request %s failed", kind)
             await self._reject(Internal("internal error"))
 
+    def _retire_sent(self, task_id: str) -> None:
+        """Keep what was sent of a followed task only for the latest followed ones.
+
+        A long session follows any number of tasks; only a deduplicated start of a
+        recent one needs its position (older ones replay from their first event).
+        """
+        if task_id in self._sent:
+            self._sent.move_to_end(task_id)
+        while len(self._sent) > len(self._pumps) + _SENT_KEPT:
+            oldest = next(iter(self._sent))
+            if oldest in self._pumps:
+                self._sent.move_to_end(oldest)
+                continue
+            del self._sent[oldest]
+
     def _follow(self, task_id: str, events: AsyncIterator[TaskEvent]) -> None:
         current = self._pumps.get(task_id)
         if current is not None and not current.done():
@@ -215,6 +235,7 @@ class Session:
             finally:
                 if self._pumps.get(task_id) is asyncio.current_task():
                     del self._pumps[task_id]
+                    self._retire_sent(task_id)
                 await self._maybe_end()
 
         self._pumps[task_id] = asyncio.create_task(pump(), name=f"session-{task_id}")

@@ -129,6 +129,29 @@ class CoordinatorSettings(BaseModel):
         "spiffe://hivewire.local/admin/",
         description="Callers whose SPIFFE id starts with this see and cancel every task.",
     )
+    idempotency_window: float = Field(
+        86400.0,
+        gt=0,
+        description="Seconds an idempotency key answers with the task it created; later "
+        "resubmissions are new tasks.",
+    )
+    task_retention: float = Field(
+        7 * 86400.0,
+        ge=0,
+        description="Seconds a finished task and its events are kept before the purge "
+        "deletes them (0 keeps them forever).",
+    )
+    tombstone_retention: float = Field(
+        30 * 86400.0,
+        ge=0,
+        description="Seconds a purged task's id is remembered (GetTask answers TASK_PURGED).",
+    )
+    purge_interval: float = Field(
+        60.0, gt=0, description="Seconds between two purges of finished tasks."
+    )
+    purge_batch: int = Field(
+        500, ge=1, description="Tasks deleted per purge transaction (short, off the hot path)."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -39,6 +39,7 @@ from hivewire.services.coordinator.store import (
     StoreError,
     TaskQuery,
     TaskRow,
+    Tombstone,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ __all__ = ["SqliteTaskStore"]
 T = TypeVar("T")
 
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
+_WAL_SIZE_LIMIT = 16 * 1024 * 1024
+"""Bytes of the WAL file kept after a checkpoint."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id         TEXT PRIMARY KEY,
@@ -92,6 +95,16 @@ CREATE INDEX IF NOT EXISTS tasks_parent ON tasks (parent_task_id, created_ns)
     WHERE parent_task_id != '';
 CREATE INDEX IF NOT EXISTS tasks_project ON tasks (project_id, created_ns DESC)
     WHERE project_id != '';
+"""
+# Schema version 3: tombstones of purged tasks, and the index the purge walks.
+_SCHEMA_V3 = """
+CREATE TABLE IF NOT EXISTS purged_tasks (
+    task_id   TEXT PRIMARY KEY,
+    owner     TEXT NOT NULL,
+    purged_ns INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS purged_tasks_age ON purged_tasks (purged_ns);
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (updated_ns) WHERE state IN (5, 6, 7, 8);
 """
 _MIGRATE_V1 = (
     "ALTER TABLE tasks ADD COLUMN parent_task_id TEXT NOT NULL DEFAULT ''",
@@ -430,6 +443,81 @@ class SqliteTaskStore:
         result: int = await self._read(run)
         return result
 
+    # -- retention -------------------------------------------------------------------
+
+    async def release_idempotency_key(self, owner: str, key: str, task_id: str) -> None:
+        """Take an expired idempotency key off the task that holds it (durably)."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE tasks SET idempotency_key = NULL "
+                "WHERE owner = ? AND idempotency_key = ? AND task_id = ?",
+                (owner, key, task_id),
+            )
+
+        await self._read(run)
+
+    async def purge_finished(self, before_ns: int, *, limit: int, now: int) -> int:
+        """Delete up to ``limit`` tasks finished before ``before_ns``, leave tombstones.
+
+        One transaction: the oldest finished tasks (by the ``tasks_finished`` index),
+        their events (a range of the events' primary key each), then the task rows.
+        Freed pages are reused by new writes, so a store at steady state stops growing.
+        """
+
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                victims = conn.execute(
+                    "SELECT task_id, owner FROM tasks WHERE state IN (5, 6, 7, 8) "
+                    "AND updated_ns < ? ORDER BY updated_ns LIMIT ?",
+                    (before_ns, limit),
+                ).fetchall()
+                if victims:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO purged_tasks (task_id, owner, purged_ns) "
+                        "VALUES (?, ?, ?)",
+                        [(task_id, owner, now) for task_id, owner in victims],
+                    )
+                    ids = [(task_id,) for task_id, _ in victims]
+                    conn.executemany("DELETE FROM events WHERE task_id = ?", ids)
+                    conn.executemany("DELETE FROM tasks WHERE task_id = ?", ids)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return len(victims)
+
+        result: int = await self._read(run)
+        return result
+
+    async def prune_tombstones(self, before_ns: int, *, limit: int) -> int:
+        """Delete up to ``limit`` tombstones made before ``before_ns``; how many."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "DELETE FROM purged_tasks WHERE task_id IN (SELECT task_id FROM purged_tasks "
+                "WHERE purged_ns < ? ORDER BY purged_ns LIMIT ?)",
+                (before_ns, limit),
+            )
+            return int(cursor.rowcount)
+
+        result: int = await self._read(run)
+        return result
+
+    async def tombstone(self, task_id: str) -> Tombstone | None:
+        """The tombstone of a purged task, or None."""
+
+        def run(conn: sqlite3.Connection) -> Tombstone | None:
+            row = conn.execute(
+                "SELECT task_id, owner, purged_ns FROM purged_tasks WHERE task_id = ?",
+                (task_id,),
+            ).fetchone()
+            return Tombstone(row[0], row[1], row[2]) if row else None
+
+        result: Tombstone | None = await self._read(run)
+        return result
+
     # -- plumbing --------------------------------------------------------------------
 
     def _require_open(self) -> asyncio.AbstractEventLoop:
@@ -451,6 +539,10 @@ class SqliteTaskStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
+        # The WAL is checkpointed every 1000 pages (SQLite's default); a checkpoint after a
+        # large transaction (a purge batch) leaves the file that large unless it is cut
+        # back: keep at most this much of it.
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > _SCHEMA_VERSION:
             conn.close()
@@ -463,6 +555,7 @@ class SqliteTaskStore:
                 conn.execute(statement)
         conn.executescript(_SCHEMA)
         conn.executescript(_SCHEMA_V2_INDEXES)
+        conn.executescript(_SCHEMA_V3)
         conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         return conn
 

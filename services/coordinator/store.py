@@ -33,6 +33,7 @@ __all__ = [
     "TaskQuery",
     "TaskRow",
     "TaskStore",
+    "Tombstone",
 ]
 
 #: ``TaskState`` values a task never leaves (succeeded, failed, cancelled, dead-lettered).
@@ -151,6 +152,21 @@ class ProjectSummary:
     rows: Sequence[TaskRow] = ()
 
 
+@dataclass(frozen=True)
+class Tombstone:
+    """What is left of a purged task.
+
+    Attributes:
+        task_id: The purged task's id.
+        owner: Its owner (only they and admins learn it was purged).
+        purged_ns: When it was purged, ns since the epoch.
+    """
+
+    task_id: str
+    owner: str
+    purged_ns: int
+
+
 class TaskStore(Protocol):
     """What the coordinator needs from its durable store (an async context manager)."""
 
@@ -227,4 +243,26 @@ class TaskStore(Protocol):
 
     async def project_summary(self, project_id: str) -> ProjectSummary:
         """Aggregates over a project's tasks."""
+        ...
+
+    async def release_idempotency_key(self, owner: str, key: str, task_id: str) -> None:
+        """Take an expired idempotency key off the task that holds it (durably)."""
+        ...
+
+    async def purge_finished(self, before_ns: int, *, limit: int, now: int) -> int:
+        """Delete up to ``limit`` tasks finished before ``before_ns`` with their events.
+
+        Each leaves a :class:`Tombstone` stamped ``now``. One short transaction.
+
+        Returns:
+            How many tasks were deleted.
+        """
+        ...
+
+    async def prune_tombstones(self, before_ns: int, *, limit: int) -> int:
+        """Delete up to ``limit`` tombstones made before ``before_ns``; how many."""
+        ...
+
+    async def tombstone(self, task_id: str) -> Tombstone | None:
+        """The tombstone of a purged task, or None."""
         ...

@@ -1,6 +1,8 @@
 """Prometheus metrics of the model service (default registry, ``hivewire_model_*``).
 
-Labels are backend, model, operation and outcome names, never ids.
+Labels are backend, model, operation and outcome names, never ids. Model names come
+from callers (a catch-all backend or a ``backend/`` prefix takes any name), so they go
+through :data:`model_label`: the first 64 distinct ones are labels, later ones ``_other``.
 """
 
 from __future__ import annotations
@@ -8,6 +10,10 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from hivewire.services.runtime.breaker import CircuitState
+from hivewire.services.runtime.metrics import BoundedLabel
+
+model_label = BoundedLabel(limit=64)
+"""The ``model`` label of a model name (bounded: callers choose names)."""
 
 REQUESTS = Counter(
     "hivewire_model_requests_total",

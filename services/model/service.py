@@ -251,7 +251,7 @@ class ModelService:
             system=call.system,
         )
         request_id = uuid.uuid4().hex
-        labels = {"model": route.model, "backend": route.backend}
+        labels = {"model": m.model_label(route.model), "backend": route.backend}
         self._publish(
             "model.request_started",
             request_id,
@@ -433,7 +433,9 @@ class ModelService:
             total_time=total,
         )
         m.REQUESTS.labels(backend=route.backend, operation="embed", outcome="stop").inc()
-        m.PROMPT_TOKENS.labels(model=route.model, backend=route.backend).inc(usage.prompt_tokens)
+        m.PROMPT_TOKENS.labels(model=m.model_label(route.model), backend=route.backend).inc(
+            usage.prompt_tokens
+        )
         m.REQUEST_SECONDS.labels(backend=route.backend, operation="embed").observe(total)
         self._publish(
             "model.request_completed",

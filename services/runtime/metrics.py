@@ -7,13 +7,21 @@ up on the same endpoint. Never label by an id (task, agent instance, correlation
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from hivewire.services.runtime.tls import TlsFiles
@@ -30,8 +38,11 @@ __all__ = [
     "SERVER_MSG_RECEIVED",
     "SERVER_MSG_SENT",
     "SERVER_STARTED",
+    "ASYNCIO_TASKS",
+    "BoundedLabel",
     "MetricsServer",
     "start_metrics_server",
+    "watch_event_loop",
 ]
 
 _CALL_LABELS = ("grpc_type", "grpc_service", "grpc_method")
@@ -102,6 +113,52 @@ CLIENT_HANDLING_SECONDS = Histogram(
     buckets=_BUCKETS,
     registry=REGISTRY,
 )
+
+
+ASYNCIO_TASKS = Gauge(
+    "hivewire_asyncio_tasks",
+    "Unfinished asyncio tasks of the service's event loop (a leak shows as steady growth).",
+    registry=REGISTRY,
+)
+
+
+def watch_event_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Report ``loop``'s unfinished asyncio tasks as :data:`ASYNCIO_TASKS`.
+
+    Counted only when the endpoint is scraped (from the metrics thread;
+    :func:`asyncio.all_tasks` copes with the set changing meanwhile), so the
+    event loop pays nothing.
+    """
+    ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
+
+
+class BoundedLabel:
+    """Label values from callers, capped: the first ``limit`` distinct values, then one.
+
+    Every label value is a time series kept for the life of the process, so a value a
+    caller chooses (a model name, say) must not grow them without end: values beyond
+    the first ``limit`` distinct ones are all reported as ``other``.
+
+    Args:
+        limit: Distinct values kept.
+        other: The value reported for every value beyond the limit.
+    """
+
+    def __init__(self, limit: int = 64, other: str = "_other") -> None:
+        self._limit = limit
+        self._other = other
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        """The label to use for ``value``."""
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self._limit:
+                self._seen.add(value)
+                return value
+        return self._other
 
 
 def split_method(full_method: str) -> tuple[str, str]:

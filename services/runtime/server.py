@@ -36,11 +36,13 @@ from hivewire.services.runtime.authn import Authenticator
 from hivewire.services.runtime.authz import AuthzPolicyStore, AuthzServerInterceptor
 from hivewire.services.runtime.channels import server_options
 from hivewire.services.runtime.config import Settings
+from hivewire.services.runtime.heapdump import install_heap_dump
 from hivewire.services.runtime.interceptors import server_interceptors
 from hivewire.services.runtime.metrics import (
     MetricsServer,
     metrics_tls_context,
     start_metrics_server,
+    watch_event_loop,
 )
 from hivewire.services.runtime.revocation import RevocationList
 from hivewire.services.runtime.tls import server_credentials
@@ -273,6 +275,7 @@ class ServiceServer:
                     start_metrics_server, settings.metrics_host, settings.metrics_port, tls=tls
                 )
                 self.metrics_port = self._metrics.port
+                watch_event_loop(asyncio.get_running_loop())
             await self.set_serving(True)
             if settings.ports_file is not None:
                 await asyncio.to_thread(self._write_ports_file, settings.ports_file)
@@ -411,10 +414,11 @@ async def serve_until_signal(server: ServiceServer) -> None:
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    heap_dumps = install_heap_dump(loop)
     try:
         await server.wait_for_termination()
         if stops:
             await asyncio.gather(*stops, return_exceptions=True)
     finally:
-        for sig in signals:
+        for sig in (*signals, *((signal.SIGUSR2,) if heap_dumps else ())):
             loop.remove_signal_handler(sig)

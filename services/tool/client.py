@@ -155,12 +155,19 @@ class ToolClient:
         try:
             async for response in call:
                 event = event_from_proto(response)
-                if event is not None:
-                    yield event
+                if event is None:
+                    continue
+                if not isinstance(event, ProgressUpdate):
+                    # The last message: let the call end with its status before handing
+                    # it out. Callers stop reading here; without this every call would
+                    # end with a cancel (a RST_STREAM, and a CANCELLED call the service
+                    # has to unwind) instead of OK.
+                    await call.code()
+                yield event
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
         finally:
-            call.cancel()
+            call.cancel()  # a no-op once the call has its status
 
     async def invoke(
         self,

@@ -201,6 +201,7 @@ async def test_first_success_wins_and_the_others_are_cancelled(mesh: Mesh) -> No
         assert len(hung) == 2 and all(x.cancelled and x.finished for x in hung)
 
     await eventually(losers_cancelled)
+    await eventually(lambda: _nothing_left(mesh))
     listed = (await client.ListTasks(C.ListTasksRequest(parent_task_id=task.task_id))).tasks
     states = {t.step_id: t.state for t in listed}
     assert states == {
@@ -564,6 +565,14 @@ async def test_sub_tasks_inherit_and_nest_only_so_deep(mesh: Mesh) -> None:
 
     await eventually(family_cancelled)
     await eventually(lambda: _all_cancelled(agent))
+    await eventually(lambda: _nothing_left(mesh))
+
+
+async def _nothing_left(mesh: Mesh) -> None:
+    """Nothing of finished plans, steps or sub-tasks stays in the coordinator's memory."""
+    memory = mesh.running.coordinator.memory()
+    for name in ("plans_running", "plan_children", "subtask_parents", "projects_active"):
+        assert memory[name] == 0, memory
 
 
 async def _running(client: Any, task_id: str) -> None:
@@ -611,6 +620,7 @@ async def test_projects_group_tasks_and_report_progress(mesh: Mesh, pki: Pki) ->
         )
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     await eventually(lambda: _published(mesh, project.project_id, "project.completed"))
+    await eventually(lambda: _nothing_left(mesh))
     assert _types(mesh, project.project_id)[0] == "project.created"
     with pytest.raises(grpc.aio.AioRpcError) as bad:
         await client.SubmitTask(
