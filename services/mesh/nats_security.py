@@ -7,7 +7,8 @@ with its own publish and subscribe permissions:
 =================  ==============================================================
 role               may publish (besides JetStream reads and ``_INBOX.>`` replies)
 =================  ==============================================================
-``coordinator``    ``hivewire.events.task.>``; registry keys ``hivewire-coordinator.*``
+``coordinator``    ``hivewire.events.{task,workflow,project}.>``; registry keys
+                   ``hivewire-coordinator.*``; its JetStream task store when used
 ``agent``          ``hivewire.events.agent.>``; registry keys ``hivewire-agent.*``
 ``model``          ``hivewire.events.model.>``; registry keys ``hivewire-model.*``
 ``tool``           ``hivewire.events.tool.>``; registry keys ``hivewire-tool.*``
@@ -63,6 +64,14 @@ class NatsNames:
     bucket: str = REGISTRY_BUCKET
     events_stream: str = EVENTS_STREAM
     dlq_stream: str = DLQ_STREAM
+    # The coordinator's JetStream task store (services/coordinator/jetstream_store.py).
+    store_buckets: tuple[str, ...] = (
+        "HIVEWIRE_TASKS",
+        "HIVEWIRE_IDEMPOTENCY",
+        "HIVEWIRE_PROJECTS",
+        "HIVEWIRE_PURGED",
+    )
+    journal_stream: str = "HIVEWIRE_JOURNAL"
 
 
 def _stream_reads(stream: str) -> list[str]:
@@ -84,6 +93,25 @@ def _stream_reads(stream: str) -> list[str]:
 
 def _stream_setup(stream: str) -> list[str]:
     return [f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}"]
+
+
+def _coordinator_extras(names: NatsNames) -> list[str]:
+    """What only coordinators publish besides task events: plans' and projects' events,
+    and the JetStream task store (its KV buckets and journal stream, when used)."""
+    extras = [f"{EVENTS_PREFIX}.workflow.>", f"{EVENTS_PREFIX}.project.>", "hivewire.journal.>"]
+    for bucket in names.store_buckets:
+        extras += [
+            *_stream_reads(f"KV_{bucket}"),
+            *_stream_setup(f"KV_{bucket}"),
+            f"$KV.{bucket}.>",
+        ]
+        extras.append(f"$JS.API.STREAM.PURGE.KV_{bucket}")
+    extras += [
+        *_stream_reads(names.journal_stream),
+        *_stream_setup(names.journal_stream),
+        f"$JS.API.STREAM.PURGE.{names.journal_stream}",
+    ]
+    return extras
 
 
 def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str, Any] | None:
@@ -120,6 +148,8 @@ def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str,
             # Every service reports the calls it refused (runtime/security.py).
             f"{EVENTS_PREFIX}.security.>",
         ]
+        if role == "coordinator":
+            publish += _coordinator_extras(names)
     elif role == "client":
         publish = reads
     else:

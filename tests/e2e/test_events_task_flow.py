@@ -127,7 +127,7 @@ async def test_a_plan_publishes_its_workflow_events_with_its_sequence(
     pki: Pki, tmp_path: Path
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        nats = await stack.enter_async_context(NatsServer(tmp_path / "nats"))
+        nats = await stack.enter_async_context(NatsServer(tmp_path / "nats", certs_dir=pki.dir))
         coordinator = await stack.enter_async_context(
             coordinator_process(
                 tmp_path, certs_dir=pki.dir, nats_url=nats.url, db_path=tmp_path / "c.db"
@@ -166,7 +166,9 @@ async def test_a_plan_publishes_its_workflow_events_with_its_sequence(
         async def completed() -> list[ReceivedEvent]:
             found = [
                 r
-                async for r in replay(nats.url, "workflow.*")
+                async for r in replay(
+                    nats.url, "workflow.*", nats_options=nats.client_options("client")
+                )
                 if r.event.subject == submitted.task_id
             ]
             assert found and found[-1].type == "workflow.completed"
@@ -201,5 +203,5 @@ async def test_a_plan_publishes_its_workflow_events_with_its_sequence(
         }
         assert len(step_ids) == 2
         for step_id in step_ids:
-            found = await task_events(nats.url, step_id)
+            found = await task_events(nats, step_id)
             assert found[-1].type == "task.completed"
