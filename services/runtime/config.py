@@ -38,9 +38,10 @@ from hivewire.services.tool.settings import ToolSettings
 ENV_PREFIX = "HIVEWIRE_"
 NESTED_DELIMITER = "__"
 
-OTHER_VARIABLES = frozenset({"HIVEWIRE_ENDPOINTS"})
+OTHER_VARIABLES = frozenset({"HIVEWIRE_ENDPOINTS", "HIVEWIRE_HEAP_DUMP_DIR"})
 """``HIVEWIRE_*`` variables that are not settings: read by the example clients
-(``HIVEWIRE_ENDPOINTS``: where ``endpoints.json`` is, docs/clients.md)."""
+(``HIVEWIRE_ENDPOINTS``: where ``endpoints.json`` is, docs/clients.md) and by the heap
+snapshots of the soak benchmark (``HIVEWIRE_HEAP_DUMP_DIR``, runtime/heapdump.py)."""
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 LogFormat = Literal["text", "json"]

@@ -51,12 +51,16 @@ class ApprovalGrant:
         arguments_digest: Digest of the approved arguments; must match the call's.
         signed: The coordinator's signed grant, which the tool service verifies (the
             other fields are the caller's word only).
+        in_process: Set only by this service's own MCP server, which asked the person
+            itself (MCP elicitation): no grant travelled through anyone else, so there is
+            nothing to verify. Never set from a request (convert.py cannot).
     """
 
     request_id: str
     approved_by: str
     arguments_digest: str
     signed: common_pb2.SignedApproval | None = None
+    in_process: bool = False
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,7 @@ class McpToolServer:
             request_id=f"mcp-{uuid.uuid4().hex}",
             approved_by=f"{self.caller} (MCP elicitation)",
             arguments_digest=arguments_digest(arguments),
+            in_process=True,
         )
 
     async def _ask_approval(

@@ -263,18 +263,28 @@ class ToolService:
                         ]
                     )
                 )
-            try:
-                claims = self._verify_approval(approval, call, digest)
-            except PermissionDenied as err:
-                raise refuse(err, "denied") from None
-            logger.info(
-                "call %s of %s approved by %s (request %s, grant %s)",
-                call_id,
-                name,
-                claims.approved_by,
-                approval.request_id,
-                claims.grant_id,
-            )
+            if approval.in_process and approval.arguments_digest == digest:
+                # Asked of the person by this service's own MCP server: nothing to verify.
+                logger.info(
+                    "call %s of %s approved by %s (request %s, in this service)",
+                    call_id,
+                    name,
+                    approval.approved_by,
+                    approval.request_id,
+                )
+            else:
+                try:
+                    claims = self._verify_approval(approval, call, digest)
+                except PermissionDenied as err:
+                    raise refuse(err, "denied") from None
+                logger.info(
+                    "call %s of %s approved by %s (request %s, grant %s)",
+                    call_id,
+                    name,
+                    claims.approved_by,
+                    approval.request_id,
+                    claims.grant_id,
+                )
         if self._running >= self.settings.max_concurrent_calls:
             raise refuse(
                 ResourceExhausted(
