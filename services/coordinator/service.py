@@ -963,6 +963,7 @@ class Coordinator:
                     if self._on_agent_message(rt, attempt, message):
                         verdict = "success"
                         await stream.close_sending()
+                        await stream.finish(self.settings.cancel_grace)
                         break
                 metrics.ATTEMPTS.labels("answered").inc()
             except AttemptError as err:
