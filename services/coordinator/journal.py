@@ -27,6 +27,7 @@ from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator import convert, metrics
 from hivewire.services.coordinator.model import TaskRecord, now_ns
 from hivewire.services.coordinator.store import EventRow, TaskStore
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.eventsink import EventSink, NullSink
 
@@ -35,12 +36,22 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EventPublisher", "Journal", "NullPublisher", "TaskRuntime", "TaskTable"]
+__all__ = [
+    "EventListener",
+    "EventPublisher",
+    "Journal",
+    "NullPublisher",
+    "TaskRuntime",
+    "TaskTable",
+]
 
 TaskEvent = coordinator_pb2.TaskEvent
 
 EventPublisher = EventSink[
-    events_pb2.TaskEventData | events_pb2.WorkflowEventData | events_pb2.ProjectEventData
+    events_pb2.TaskEventData
+    | events_pb2.WorkflowEventData
+    | events_pb2.ProjectEventData
+    | events_pb2.AgentEventData
 ]
 """Where the coordinator's events go besides the store (NATS in production)."""
 
@@ -142,6 +153,10 @@ class TaskTable:
         else:
             self._on_evict(rt)
 
+    def discard(self, task_id: str) -> TaskRuntime | None:
+        """Drop a finished task from memory (it was deleted from the store)."""
+        return self._finished.pop(task_id, None)
+
     def everything(self) -> Iterator[TaskRuntime]:
         """Every task in memory, active first."""
         yield from list(self.active.values())
@@ -222,13 +237,14 @@ class Journal:
     ) -> None:
         """Publish a workflow or project event about a task (after its commit)."""
         try:
-            self._events.publish(
-                event_type,
-                subject=subject or rt.record.task_id,
-                data=data,
-                task_sequence=sequence,
-                correlation_id=rt.record.correlation_id or None,
-            )
+            with tracing.resumed(rt.record.spec.metadata):
+                self._events.publish(
+                    event_type,
+                    subject=subject or rt.record.task_id,
+                    data=data,
+                    task_sequence=sequence,
+                    correlation_id=rt.record.correlation_id or None,
+                )
         except Exception:
             logger.exception("publishing %s failed", event_type)
 
@@ -253,13 +269,15 @@ class Journal:
         rt.notify()
         if publish and data is not None:
             try:
-                self._events.publish(
-                    publish,
-                    subject=rt.record.task_id,
-                    data=data,
-                    task_sequence=sequence,
-                    correlation_id=rt.record.correlation_id or None,
-                )
+                # Events of the task belong to its trace, whoever emitted them.
+                with tracing.resumed(rt.record.spec.metadata):
+                    self._events.publish(
+                        publish,
+                        subject=rt.record.task_id,
+                        data=data,
+                        task_sequence=sequence,
+                        correlation_id=rt.record.correlation_id or None,
+                    )
             except Exception:
                 logger.exception("publishing %s failed", publish)
         for listener in self._listeners:

@@ -11,6 +11,26 @@ from pathlib import Path
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 
+class WebhookSettings(BaseModel):
+    """How the coordinator delivers webhooks (docs/coordinator.md, Webhooks)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    allow_private: bool = Field(
+        False,
+        description="Allow webhook hosts on private, loopback and link-local addresses.",
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        (),
+        description="Hosts (names or IP addresses) allowed even when private, e.g. 127.0.0.1.",
+    )
+    max_attempts: int = Field(8, ge=1, le=100, description="Attempts before dead-lettering.")
+    initial_backoff: float = Field(1.0, gt=0, description="Seconds before the first retry.")
+    max_backoff: float = Field(300.0, gt=0, description="Longest wait between attempts.")
+    timeout: float = Field(10.0, gt=0, description="Seconds one POST may take.")
+    max_per_task: int = Field(4, ge=0, description="Most webhooks one task spec may carry.")
+
+
 class CoordinatorSettings(BaseModel):
     """Tuning of the coordinator (scheduling, retries, limits, storage)."""
 
@@ -70,6 +90,9 @@ class CoordinatorSettings(BaseModel):
     admin_prefix: str = Field(
         "spiffe://hivewire.local/admin/",
         description="Callers whose SPIFFE id starts with this see and cancel every task.",
+    )
+    webhooks: WebhookSettings = Field(
+        default_factory=WebhookSettings, description="Webhook delivery."
     )
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ from hivewire.services.runtime.ports import (
     metrics_port_for,
 )
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer, ShutdownHook
+from hivewire.services.runtime.tracing import setup_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +151,9 @@ class ServiceEntry:
     def run(
         self, serve: Callable[[Settings], Coroutine[Any, Any, None]], settings: Settings
     ) -> None:
-        """Set up logging and run ``serve(settings)`` until it returns (SIGTERM)."""
+        """Set up logging and tracing, and run ``serve(settings)`` until it returns."""
         setup_logging(settings.log_level, settings.log_format)
+        setup_tracing(f"hivewire-{self.name}", otlp_endpoint=settings.otlp_endpoint)
         asyncio.run(serve(settings))
 
 

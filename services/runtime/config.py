@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivewire.services.agent.settings import AgentSettings
@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     authz_policy_file: Path | None = Field(
         None,
         description="Who may call which RPC (TOML, docs/runtime.md); unset = built-in policy.",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        # The standard OpenTelemetry variables, not HIVEWIRE_*: the exporter reads the
+        # rest of its OTEL_EXPORTER_OTLP_* configuration itself (docs/observability.md).
+        validation_alias=AliasChoices(
+            "otel_exporter_otlp_traces_endpoint", "otel_exporter_otlp_endpoint", "otlp_endpoint"
+        ),
+        description="OTLP endpoint spans are exported to; unset = spans are not exported.",
     )
 
     # Per-service sections go below, one frozen BaseModel each (docs/runtime.md).

@@ -41,3 +41,16 @@ class PacedAgent(Agent):
     async def ask(self, task: Payload, ctx: TaskContext) -> str:
         answer = await ctx.request_input(task.text or "?")
         return f"answer:{answer.text}"
+
+
+class TracedAgent(Agent):
+    """Thinks with the model service and acts with the tool service: one call each."""
+
+    name = "traced"
+    version = "1.0.0"
+
+    @capability("trace", description="Ask the model, then compute with the calculator tool.")
+    async def trace(self, task: Payload, ctx: TaskContext) -> dict[str, Any]:
+        reply = await ctx.model.generate(task.text or "hello")
+        out = await ctx.tools.invoke("calculator", {"expression": "6 * 7"})
+        return {"model": reply.text, "value": out.result.get("value")}
