@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv relink gen gen-check lint typecheck buf-lint pytest fmt bench clean promtool
+.PHONY: run test venv relink gen gen-check lint typecheck buf-lint pytest fmt bench clean promtool chromium
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,7 +68,15 @@ $(PROMTOOL): | $(STAMP)
 
 promtool: $(PROMTOOL)
 
-pytest: relink $(PROMTOOL)
+# Debian's Chromium for the dashboard's browser test (Playwright drives /usr/bin/chromium).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+		|| { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+		|| { echo "chromium: cannot install Debian's chromium package" >&2; exit 1; }; }
+
+pytest: relink $(PROMTOOL) chromium
 	$(BIN)/pytest -q
 
 test: relink lint typecheck buf-lint gen-check pytest

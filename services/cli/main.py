@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from hivewire.services.cli import agent, certs, dlq, events, tasks, up
+from hivewire.services.cli import agent, certs, dashboard, dlq, events, tasks, up
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ app.add_typer(events.app, name="events")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(tasks.app)  # submit, watch, cancel, tasks, agents
 app.add_typer(up.app)  # up
+app.add_typer(dashboard.app)  # dashboard
 
 
 def main() -> None:

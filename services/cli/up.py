@@ -130,6 +130,7 @@ async def _up(options: MeshOptions, *, demo: bool, console: Console) -> int:
             return EXIT_START_FAILED
         console.print(_endpoint_table(mesh))
         console.print(f"endpoints for scripts: {options.state_dir / 'endpoints.json'}")
+        console.print(f"dashboard: {mesh.dashboard_url}", markup=False, highlight=False)
         if demo:
             console.print(f"\n[bold]demo task[/bold] ({DEMO_CAPABILITY}): {DEMO_QUESTION}")
             status = await _run_demo(mesh, console)
@@ -171,6 +172,7 @@ def up(
     ),
     nats_port: Annotated[int, typer.Option(help="NATS client port.")] = 4222,
     nats_monitor_port: Annotated[int, typer.Option(help="NATS monitoring port.")] = 8222,
+    dashboard_port: Annotated[int, typer.Option(help="Web dashboard HTTPS port.")] = 8443,
     state_dir: Annotated[
         Path, typer.Option(help="Logs, NATS data, the task database, endpoints.json.")
     ] = Path(".hivewire"),
@@ -194,6 +196,7 @@ def up(
         first_agent_port=first_agent_port,
         nats_port=nats_port,
         nats_monitor_port=nats_monitor_port,
+        dashboard_port=dashboard_port,
         state_dir=state_dir,
         certs_dir=certs_dir,
         model_backend=model_backend,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hivewire.services.dashboard.settings import DASHBOARD_PORT
 from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec, python_module
 from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
 from hivewire.services.runtime.pki import init_pki
@@ -62,6 +63,7 @@ class MeshOptions:
     first_agent_port: int = FIRST_AGENT_PORT
     nats_port: int = 4222
     nats_monitor_port: int = 8222
+    dashboard_port: int = DASHBOARD_PORT
     state_dir: Path = Path(".hivewire")
     certs_dir: Path = Path("certs")
     model_backend: str | None = None
@@ -110,6 +112,7 @@ class Mesh:
             store_dir=options.state_dir / "nats",
         )
         self.model_backend, self.model_backend_reason = choose_model_backend(options.model_backend)
+        self.dashboard_url = ""
 
     @property
     def certs_dir(self) -> Path:
@@ -196,7 +199,21 @@ class Mesh:
                 HIVEWIRE_AGENT__MODEL_ADDRESS=f"{opts.host}:{opts.model_port}",
                 HIVEWIRE_AGENT__TOOL_ADDRESS=f"{opts.host}:{opts.tool_port}",
             )
+        await self._start_dashboard()
         self.write_endpoints()
+
+    async def _start_dashboard(self) -> None:
+        opts = self.options
+        env = self._env(identity="admin", port=opts.dashboard_port, name="dashboard")
+        env.update(
+            HIVEWIRE_COORDINATOR__ADDRESS=f"{opts.host}:{opts.coordinator_port}",
+            HIVEWIRE_DASHBOARD__HOST=opts.host,
+            HIVEWIRE_DASHBOARD__PORT=str(opts.dashboard_port),
+        )
+        child = await self.launcher.start(
+            self._spec("dashboard", python_module("hivewire.services.dashboard"), env)
+        )
+        self.dashboard_url = str(child.ports["url"])
 
     def tls_paths(self) -> dict[str, str]:
         """The CA certificate and the client certificate/key paths."""
@@ -222,6 +239,7 @@ class Mesh:
             "nats": {"url": self.nats.url, "monitoring": self.nats.monitor_url},
             "tls": self.tls_paths(),
             "model_backend": self.model_backend,
+            "dashboard": self.dashboard_url,
         }
         path = self.options.state_dir / "endpoints.json"
         tmp = path.with_suffix(".tmp")

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivewire.services.agent.settings import AgentSettings
 from hivewire.services.coordinator.settings import CoordinatorSettings
+from hivewire.services.dashboard.settings import DashboardSettings
 from hivewire.services.model.settings import ModelSettings
 from hivewire.services.runtime.events.settings import EventsSettings
 from hivewire.services.runtime.tls import TlsFiles
@@ -106,6 +107,10 @@ class Settings(BaseSettings):
     )
     events: EventsSettings = Field(
         default_factory=EventsSettings, description="Events on NATS (docs/events.md)."
+    )
+    dashboard: DashboardSettings = Field(
+        default_factory=DashboardSettings,
+        description="The operators' web dashboard (docs/observability.md).",
     )
 
     @field_validator("log_level")

@@ -48,7 +48,7 @@ class RunningMesh:
         return {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
 
 
-_BLOCK = 8  # coordinator, model, tool, three agents, NATS, NATS monitoring
+_BLOCK = 9  # coordinator, model, tool, three agents, NATS, NATS monitoring, dashboard
 
 
 def _bindable(port: int) -> bool:
@@ -102,9 +102,10 @@ def hivewire_up(
             "--first-agent-port",  # three agents: base+3, base+4, base+5
             "--nats-port",
             "--nats-monitor-port",
+            "--dashboard-port",
         )
     ):
-        argv += [flag, str(base + (offset if offset < 4 else offset + 2))]
+        argv += [flag, str(base + (offset if offset < 4 else offset + 2))]  # agents take 3
     argv += ["--state-dir", str(state), "--certs-dir", str(root / "certs")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
     with log.open("wb") as out:
