@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv relink gen gen-check lint typecheck buf-lint pytest fmt bench soak soak-quick clean
+.PHONY: run test venv relink gen gen-check lint typecheck buf-lint pytest fmt bench soak soak-quick clean promtool chromium
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,32 @@ buf-lint: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
 
-pytest: relink
+# promtool (checks the deploy/prometheus files and every service's /metrics in the tests)
+# comes from Debian's prometheus package: only the static promtool binary is taken out of
+# it, so no Prometheus server is installed or started.
+PROMTOOL := $(VENV)/tools/promtool
+
+$(PROMTOOL): | $(STAMP)
+	@rm -rf $(VENV)/tools/deb && mkdir -p $(VENV)/tools/deb
+	@cd $(VENV)/tools/deb && { apt-get download prometheus >/dev/null 2>&1 \
+		|| { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } \
+		|| { echo "promtool: cannot download Debian's prometheus package (apt-get download prometheus)" >&2; exit 1; }
+	dpkg -x $(VENV)/tools/deb/prometheus_*.deb $(VENV)/tools/deb/root
+	cp $(VENV)/tools/deb/root/usr/bin/promtool $(PROMTOOL)
+	rm -rf $(VENV)/tools/deb
+	$(PROMTOOL) --version
+
+promtool: $(PROMTOOL)
+
+# Debian's Chromium for the dashboard's browser test (Playwright drives /usr/bin/chromium).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+		|| { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+		|| { echo "chromium: cannot install Debian's chromium package" >&2; exit 1; }; }
+
+pytest: relink $(PROMTOOL) chromium
 	$(BIN)/pytest -q
 
 test: relink lint typecheck buf-lint gen-check pytest

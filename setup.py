@@ -20,5 +20,8 @@ def _packages() -> list[str]:
 setup(
     packages=_packages(),
     package_dir=ROOTS,
-    package_data={"": ["py.typed", "*.pyi", "*.proto"]},
+    package_data={
+        "": ["py.typed", "*.pyi", "*.proto"],
+        "hivewire.services.dashboard": ["index.html"],
+    },
 )

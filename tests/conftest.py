@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from hivewire.services.runtime import pki as pki_module
 from hivewire.services.runtime.tls import TlsFiles
@@ -47,6 +51,37 @@ class Pki:
         info = pki_module.describe_cert(self.dir / f"{stem}.pem")
         assert info.spiffe_id is not None
         return info.spiffe_id
+
+
+# The tracer provider can be set once per process: in-process tests share this one
+# (processes started by tests set up their own from OTEL_* variables).
+class _GatedProcessor(SimpleSpanProcessor):
+    """Keeps finished spans only while a test that asked for them runs."""
+
+    recording = False
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.recording:
+            super().on_end(span)
+
+
+_SPANS = InMemorySpanExporter()
+_GATE = _GatedProcessor(_SPANS)
+_PROVIDER = TracerProvider()
+_PROVIDER.add_span_processor(_GATE)
+trace.set_tracer_provider(_PROVIDER)
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The spans finished in this process while the test runs."""
+    _SPANS.clear()
+    _GATE.recording = True
+    try:
+        yield _SPANS
+    finally:
+        _GATE.recording = False
+        _SPANS.clear()
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ from hivewire.services.agent.sdk import (
     TaskInfo,
     Usage,
 )
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import (
     FieldViolation,
     HivewireError,
@@ -495,7 +496,15 @@ class Execution:
     # --- supervision --------------------------------------------------------------
 
     async def _call_handler(self) -> object:
-        return await self._handler(self._input, self.context)  # type: ignore[misc]
+        # The handler's own span: its model and tool calls are its children.
+        with tracing.tracer.start_as_current_span(
+            f"handle {self.info.capability}",
+            attributes={
+                "hivewire.task_id": self.info.task_id,
+                "hivewire.attempt": self.info.attempt,
+            },
+        ):
+            return await self._handler(self._input, self.context)  # type: ignore[misc]
 
     def _remaining(self) -> float | None:
         deadline = self.info.deadline

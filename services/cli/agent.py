@@ -76,6 +76,7 @@ def serve(
     )
     from hivewire.services.runtime.config import load_settings
     from hivewire.services.runtime.logging import setup_logging
+    from hivewire.services.runtime.tracing import setup_tracing
 
     try:
         agent = load_agent(target)
@@ -105,6 +106,7 @@ def serve(
     settings = settings_for_agent(settings, agent)
     _drop_basic_config_handlers()
     setup_logging(settings.log_level, settings.log_format)
+    setup_tracing("hivewire-agent", otlp_endpoint=settings.otlp_endpoint)
     try:
         asyncio.run(serve_agent(agent, settings))
     except FileNotFoundError as exc:

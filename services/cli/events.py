@@ -5,6 +5,10 @@ Without ``--follow`` it prints the retained history (or the part selected with
 until Ctrl-C (exit status 0). One human-readable line per event by default, one
 protobuf-JSON object per line with ``--json``. NATS not reachable: one line on stderr,
 exit status 1.
+
+``--dlq`` reads the dead-letter stream (``HIVEWIRE_DLQ``) instead: each line also says
+which durable gave up on the event and its last error. ``hivewire events redrive
+--durable NAME`` republishes that durable's dead letters to their original subjects.
 """
 
 from __future__ import annotations
@@ -31,11 +35,15 @@ app = typer.Typer(
     help="Show mesh events from NATS JetStream: history, or follow live ones.",
     invoke_without_command=True,
     no_args_is_help=False,
-    # One command with options, no subcommands: keep "COMMAND [ARGS]" out of the usage.
-    subcommand_metavar="",
+    subcommand_metavar="[redrive]",
 )
 
 _CATEGORIES = ("task", "agent", "model", "tool", "workflow", "project", "security")
+
+NatsUrlOpt = Annotated[
+    str | None,
+    typer.Option("--nats-url", help="NATS server; default HIVEWIRE_NATS_URL or localhost."),
+]
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -161,6 +169,7 @@ async def _show(
     *,
     start: datetime | timedelta | int | Literal["new"] | None,
     follow: bool,
+    dead_letters: bool,
     task_id: str | None,
     correlation_id: str | None,
     as_json: bool,
@@ -171,7 +180,15 @@ async def _show(
     shown = 0
     # aclosing: stopping early (--limit) must clean up while the client still runs.
     async with contextlib.aclosing(
-        replay(nats_url, pattern, start=start, follow=follow, missing_ok=False, nats_options=tls)
+        replay(
+            nats_url,
+            pattern,
+            start=start,
+            follow=follow,
+            missing_ok=dead_letters,
+            dead_letters=dead_letters,
+            nats_options=tls,
+        )
     ) as received_events:
         async for received in received_events:
             if not _show_one(received, task_id, correlation_id, as_json):
@@ -179,6 +196,25 @@ async def _show(
             shown += 1
             if limit is not None and shown >= limit:
                 return
+
+
+def _dead_letter(received: ReceivedEvent) -> str:
+    """`` durable=... deliveries=N error=...`` for a dead letter, "" for an event."""
+    from hivewire.services.runtime.events import (
+        HEADER_CONSUMER,
+        HEADER_DELIVERY_COUNT,
+        HEADER_LAST_ERROR,
+    )
+
+    headers = received.headers
+    if HEADER_CONSUMER not in headers:
+        return ""
+    parts = [f"durable={headers[HEADER_CONSUMER]}"]
+    if HEADER_DELIVERY_COUNT in headers:
+        parts.append(f"deliveries={headers[HEADER_DELIVERY_COUNT]}")
+    if HEADER_LAST_ERROR in headers:
+        parts.append(f"error={headers[HEADER_LAST_ERROR]!r}")
+    return " " + " ".join(parts)
 
 
 def _show_one(
@@ -193,7 +229,7 @@ def _show_one(
     if as_json:
         line = json_format.MessageToJson(event, indent=None)
     else:
-        line = format_event(event, received.stream_sequence)
+        line = format_event(event, received.stream_sequence) + _dead_letter(received)
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
     return True
@@ -201,6 +237,7 @@ def _show_one(
 
 @app.callback(invoke_without_command=True)
 def events(
+    ctx: typer.Context,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new events until Ctrl-C.")
     ] = False,
@@ -230,17 +267,20 @@ def events(
     as_json: Annotated[
         bool, typer.Option("--json", help="One protobuf-JSON Event object per line.")
     ] = False,
-    nats_url: Annotated[
-        str | None,
-        typer.Option("--nats-url", help="NATS server; default HIVEWIRE_NATS_URL or localhost."),
-    ] = None,
+    dlq: Annotated[
+        bool,
+        typer.Option("--dlq", help="Read the dead letters (HIVEWIRE_DLQ) instead."),
+    ] = False,
+    nats_url: NatsUrlOpt = None,
 ) -> None:
     """Print events from the HIVEWIRE_EVENTS stream.
 
     History by default (all retained events, or from --since / --from-seq); with
     --follow, new events as they happen (after that history when --since or --from-seq
-    is given).
+    is given). With --dlq, the dead letters: events a durable subscriber gave up on.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     if since is not None and from_seq is not None:
         raise typer.BadParameter("give --since or --from-seq, not both")
     if category is not None and category not in _CATEGORIES:
@@ -276,6 +316,7 @@ def events(
                 pattern,
                 start=start,
                 follow=follow,
+                dead_letters=dlq,
                 task_id=task_id,
                 correlation_id=correlation_id,
                 as_json=as_json,
@@ -293,3 +334,29 @@ def events(
         # `hivewire events | head`: the reader has gone.
         sys.stderr.close()
         raise typer.Exit(0) from None
+
+
+@app.command("redrive")
+def redrive(
+    durable: Annotated[
+        str, typer.Option("--durable", "-d", help="The subscriber whose dead letters go back.")
+    ],
+    event_type: Annotated[
+        str | None, typer.Option("--type", "-t", help="Only dead letters of this event type.")
+    ] = None,
+    nats_url: NatsUrlOpt = None,
+) -> None:
+    """Republish a durable's dead letters to their original subjects, then drop them."""
+    from hivewire.services.runtime.events import redrive as redrive_dead_letters
+
+    if nats_url is None:
+        from hivewire.services.runtime.config import load_settings
+
+        nats_url = load_settings().nats_url
+    try:
+        ids = asyncio.run(redrive_dead_letters(nats_url, durable, pattern=event_type or ">"))
+    except (HivewireError, ValueError) as exc:
+        fail(str(exc))
+    for event_id in ids:
+        sys.stdout.write(event_id + "\n")
+    sys.stderr.write(f"redrove {len(ids)} dead letter(s) of {durable}\n")

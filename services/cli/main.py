@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from hivewire.services.cli import a2a, agent, certs, events, keys, tasks, up
+from hivewire.services.cli import a2a, agent, certs, dashboard, dlq, events, keys, tasks, up
 from hivewire.services.runtime.config import UnknownSettingError
 
 logger = logging.getLogger(__name__)
@@ -111,16 +111,36 @@ def _root(
         logging.basicConfig(
             level=logging.DEBUG, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
         )
+    _tracing()
+
+
+def _tracing() -> None:
+    # A command's calls start the trace of the work they cause; spans are sent only
+    # when OTEL_EXPORTER_OTLP_ENDPOINT says where (the services send theirs there too).
+    from pydantic import ValidationError
+
+    from hivewire.services.runtime.config import load_settings
+
+    try:
+        endpoint = load_settings().otlp_endpoint
+    except ValidationError:
+        return  # the command reports bad settings itself, in its own words
+    if endpoint:
+        from hivewire.services.runtime.tracing import setup_tracing
+
+        setup_tracing("hivewire-cli", otlp_endpoint=endpoint)
 
 
 app.add_typer(certs.app, name="certs")
 app.add_typer(keys.app, name="keys")
 app.add_typer(agent.app, name="agent")
 app.add_typer(events.app, name="events")
+app.add_typer(dlq.app, name="dlq")
 app.add_typer(tasks.app)  # submit, watch, cancel, tasks, agents
 app.add_typer(tasks.projects_app, name="projects")
 app.add_typer(up.app)  # up
 app.add_typer(a2a.app)  # a2a
+app.add_typer(dashboard.app)  # dashboard
 
 
 def main() -> None:

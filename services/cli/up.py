@@ -138,6 +138,7 @@ async def _up(options: MeshOptions, *, demo: bool, console: Console) -> int:
             highlight=False,
             soft_wrap=True,
         )
+        console.print(f"dashboard: {mesh.dashboard_url}", markup=False, highlight=False)
         if demo:
             console.print(f"\n[bold]demo task[/bold] ({DEMO_CAPABILITY}): {DEMO_QUESTION}")
             status = await _run_demo(mesh, console)
@@ -181,6 +182,7 @@ def up(
     a2a_http_port: Annotated[int, typer.Option(help="A2A gateway HTTPS port.")] = (A2A_HTTP_PORT),
     nats_port: Annotated[int, typer.Option(help="NATS client port.")] = 4222,
     nats_monitor_port: Annotated[int, typer.Option(help="NATS monitoring port.")] = 8222,
+    dashboard_port: Annotated[int, typer.Option(help="Web dashboard HTTPS port.")] = 8443,
     state_dir: Annotated[
         Path, typer.Option(help="Logs, NATS data, the task database, endpoints.json.")
     ] = Path(".hivewire"),
@@ -206,6 +208,7 @@ def up(
         a2a_http_port=a2a_http_port,
         nats_port=nats_port,
         nats_monitor_port=nats_monitor_port,
+        dashboard_port=dashboard_port,
         state_dir=state_dir,
         certs_dir=certs_dir,
         model_backend=model_backend,

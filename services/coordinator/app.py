@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from hivewire.discovery import Instance, Registry, new_instance_id
+from hivewire.services.coordinator import metrics
+from hivewire.services.coordinator.deadletters import DeadLetters
 from hivewire.services.coordinator.dispatch import AgentPool
 from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
 from hivewire.services.coordinator.journal import EventPublisher
@@ -20,6 +22,8 @@ from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.coordinator.store import TaskStore
+from hivewire.services.coordinator.webhook_store import SqliteWebhookStore
+from hivewire.services.coordinator.webhooks import Webhooks
 from hivewire.services.runtime.bootstrap import Registration, registry_from_settings, serving
 from hivewire.services.runtime.channels import ChannelPool
 from hivewire.services.runtime.config import Settings
@@ -118,6 +122,7 @@ async def running_coordinator(
             reset_timeout=cfg.breaker_reset_timeout,
             describe_timeout=cfg.describe_timeout,
             on_change=lambda: wake[0].wake() if wake else None,
+            events=events,
         )
         coordinator = Coordinator(
             cfg,
@@ -126,11 +131,19 @@ async def running_coordinator(
             events=events,
             approvals=ApprovalSigner(settings.tls_files(), ttl=cfg.approval_ttl),
         )
+        coordinator.listen(metrics.task_event_committed)
         wake.append(coordinator)
+        # Before the coordinator starts: events of recovered tasks reach webhooks too.
+        webhook_store = await stack.enter_async_context(SqliteWebhookStore(cfg.db_path))
+        webhooks = await stack.enter_async_context(
+            Webhooks(cfg.webhooks, webhook_store, coordinator)
+        )
         await stack.enter_async_context(coordinator)
         await stack.enter_async_context(pool)
         retention = await stack.enter_async_context(Retention(store, cfg))
-        servicer = CoordinatorServicer(coordinator)
+        servicer = CoordinatorServicer(
+            coordinator, DeadLetters(coordinator, store, events), webhooks
+        )
         registration = Registration(
             REGISTRY_SERVICE,
             instance_id,

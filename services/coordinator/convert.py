@@ -13,6 +13,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator.model import AgentView, TaskRecord
 from hivewire.services.coordinator.store import TaskRow
+from hivewire.services.coordinator.webhook_store import DeliveryRow, WebhookRow
 from hivewire.services.runtime.convert import duration, duration_seconds
 from hivewire.services.runtime.errors import (
     FailedPrecondition,
@@ -254,3 +255,32 @@ def decode_page_token(token: str, fingerprint: str) -> tuple[int, str]:
             reason="INVALID_PAGE_TOKEN",
         )
     return int(data["c"]), str(data["t"])
+
+
+def webhook_registration(row: WebhookRow) -> coordinator_pb2.WebhookRegistration:
+    """A registered webhook as the API shows it (never with its secret)."""
+    return coordinator_pb2.WebhookRegistration(
+        webhook_id=row.webhook_id,
+        owner=row.owner,
+        url=row.url,
+        created_at=timestamp_ns(row.created_ns),
+    )
+
+
+def webhook_delivery(row: DeliveryRow) -> coordinator_pb2.WebhookDelivery:
+    """One webhook delivery as the API shows it."""
+    delivery = coordinator_pb2.WebhookDelivery(
+        delivery_id=row.delivery_id,
+        webhook_id=row.webhook_id,
+        task_id=row.task_id,
+        sequence=row.sequence,
+        event_type=row.event_type,
+        url=row.url,
+        state=row.state,  # type: ignore[arg-type]
+        attempts=row.attempts,
+        last_error=row.last_error,
+        created_at=timestamp_ns(row.created_ns),
+    )
+    if row.next_at_ns:
+        delivery.next_attempt_at.CopyFrom(timestamp_ns(row.next_at_ns))
+    return delivery

@@ -28,10 +28,12 @@ import grpc
 from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.common.v1 import common_pb2
 from hivewire.discovery import Instance, Registry, instance_name
+from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator import metrics
 from hivewire.services.coordinator.model import AgentView, now_ns
 from hivewire.services.runtime.breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from hivewire.services.runtime.channels import ChannelPool
+from hivewire.services.runtime.eventsink import EventSink, NullSink
 from hivewire.services.runtime.status import from_rpc_error
 
 logger = logging.getLogger(__name__)
@@ -128,6 +130,8 @@ class AgentPool:
         reset_timeout: Seconds an open circuit waits before a probe.
         describe_timeout: Deadline of the ``Describe`` call made when an agent appears.
         on_change: Called (synchronously) when agents appear or slots free up.
+        events: Where ``agent.health_changed`` is published: when an agent leaves or
+            rejoins discovery's healthy set, and when its circuit breaker changes state.
     """
 
     def __init__(
@@ -141,8 +145,10 @@ class AgentPool:
         reset_timeout: float = 10.0,
         describe_timeout: float = 3.0,
         on_change: Callable[[], None] | None = None,
+        events: EventSink[events_pb2.AgentEventData] | None = None,
     ) -> None:
         self._registry = registry
+        self._events: EventSink[events_pb2.AgentEventData] = events or NullSink()
         self._channels = channels
         self._service = service
         self._default_concurrency = default_concurrency
@@ -151,6 +157,7 @@ class AgentPool:
         self._describe_timeout = describe_timeout
         self._on_change = on_change or (lambda: None)
         self._agents: dict[str, AgentEntry] = {}
+        self._capabilities_seen: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._first_view = asyncio.Event()
@@ -219,7 +226,7 @@ class AgentPool:
                         f"agent:{instance.instance_id}",
                         failure_threshold=self._failure_threshold,
                         reset_timeout=self._reset_timeout,
-                        on_state_change=metrics.circuit_state_changed,
+                        on_state_change=self._breaker_changed,
                     ),
                 )
                 self._agents[instance.instance_id] = entry
@@ -237,6 +244,8 @@ class AgentPool:
                 if not entry.present:
                     logger.info("agent %s is back", entry.agent_id)
                     changed = True
+                    entry.present = True
+                    self._health_changed(entry, "healthy in discovery again")
                 if entry.instance != instance:
                     entry.instance = instance
                     entry.max_concurrency = self._concurrency_of(instance, entry.card)
@@ -248,11 +257,39 @@ class AgentPool:
                 continue
             entry.present = False
             logger.info("agent %s left (or is unhealthy): no new tasks go to it", agent_id)
+            self._health_changed(entry, "left discovery's healthy set")
             self._forget_if_idle(entry)
         self._first_view.set()
         self._update_metrics()
         if changed:
             self._on_change()
+
+    def _breaker_changed(self, name: str, state: CircuitState) -> None:
+        metrics.circuit_state_changed(name, state)
+        entry = next((a for a in self._agents.values() if a.breaker.name == name), None)
+        # None: the breaker reporting its first state, before the agent is listed.
+        if entry is not None:
+            self._health_changed(entry, f"circuit {state.name.lower()}", state)
+
+    def _health_changed(
+        self, entry: AgentEntry, reason: str, state: CircuitState | None = None
+    ) -> None:
+        """Publish ``agent.health_changed`` with the agent's health after the change."""
+        circuit = state or entry.breaker.state
+        self._events.publish(
+            "agent.health_changed",
+            subject=entry.agent_id,
+            data=events_pb2.AgentEventData(
+                agent_id=entry.agent_id,
+                name=entry.name,
+                address=entry.instance.endpoint,
+                capabilities=entry.capabilities,
+                healthy=entry.present and circuit is not CircuitState.OPEN,
+                reason=reason,
+                version=entry.instance.meta.get(META_VERSION, ""),
+                circuit_state=circuit.name.lower(),
+            ),
+        )
 
     def _concurrency_of(self, instance: Instance, card: agent_pb2.AgentCard | None = None) -> int:
         raw = instance.meta.get(META_MAX_CONCURRENCY, "")
@@ -405,6 +442,13 @@ class AgentPool:
 
     def _update_metrics(self) -> None:
         present = [a for a in self._agents.values() if a.present]
+        counts = dict.fromkeys(self._capabilities_seen, 0)
+        for entry in present:
+            for capability in entry.capabilities:
+                counts[capability] = counts.get(capability, 0) + 1
+        self._capabilities_seen.update(counts)
+        for capability, count in counts.items():
+            metrics.CAPABILITY_AGENTS.labels(capability).set(count)
         metrics.AGENTS.labels("healthy").set(len(present))
         metrics.AGENTS.labels("draining").set(len(self._agents) - len(present))
         metrics.AGENT_IN_FLIGHT.set(sum(a.in_flight for a in self._agents.values()))

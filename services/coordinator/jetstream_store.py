@@ -594,6 +594,25 @@ class JetStreamTaskStore:
         result: int = await self._submit(run)
         return result
 
+    async def delete_finished(self, task_ids: Sequence[str]) -> list[str]:
+        """Delete finished tasks and their journals; returns the ids deleted."""
+
+        async def run() -> list[str]:
+            assert self._tasks is not None
+            deleted = []
+            for task_id in dict.fromkeys(task_ids):
+                row = await self._get_row(task_id)
+                if row is None or row.state not in TERMINAL_STATES:
+                    continue
+                await self._js.purge_stream(self.stream, subject=f"{JOURNAL_SUBJECT}.{task_id}")
+                await self._tasks.purge(task_id)
+                self._index.pop(task_id, None)
+                deleted.append(task_id)
+            return deleted
+
+        result: list[str] = await self._submit(run)
+        return result
+
     async def prune_tombstones(self, before_ns: int, *, limit: int) -> int:
         """Delete up to ``limit`` tombstones made before ``before_ns``; how many."""
 

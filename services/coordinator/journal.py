@@ -14,6 +14,7 @@ journal, so following a plan is following one task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,23 +22,35 @@ from functools import partial
 
 from google.protobuf.message import Message
 
+from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator import convert, metrics
 from hivewire.services.coordinator.attempts import Attempt
 from hivewire.services.coordinator.model import TaskRecord, now_ns
 from hivewire.services.coordinator.store import EventRow, TaskStore
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.eventsink import EventSink, NullSink
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EventPublisher", "Journal", "NullPublisher", "TaskRuntime", "TaskTable"]
+__all__ = [
+    "EventListener",
+    "EventPublisher",
+    "Journal",
+    "NullPublisher",
+    "TaskRuntime",
+    "TaskTable",
+]
 
 TaskEvent = coordinator_pb2.TaskEvent
 
 EventPublisher = EventSink[
-    events_pb2.TaskEventData | events_pb2.WorkflowEventData | events_pb2.ProjectEventData
+    events_pb2.TaskEventData
+    | events_pb2.WorkflowEventData
+    | events_pb2.ProjectEventData
+    | events_pb2.AgentEventData
 ]
 """Where the coordinator's events go besides the store (NATS in production)."""
 
@@ -144,6 +157,10 @@ class TaskTable:
         else:
             self._on_evict(rt)
 
+    def discard(self, task_id: str) -> TaskRuntime | None:
+        """Drop a finished task from memory (it was deleted from the store)."""
+        return self._finished.pop(task_id, None)
+
     def everything(self) -> Iterator[TaskRuntime]:
         """Every task in memory, active first."""
         yield from list(self.active.values())
@@ -221,16 +238,22 @@ class Journal:
         subject: str,
         sequence: int = 0,
         correlation_id: str = "",
+        trace: common_pb2.RequestMetadata | None = None,
     ) -> None:
-        """Publish a workflow or project event (call it once what it reports committed)."""
+        """Publish a workflow or project event (call it once what it reports committed).
+
+        ``trace`` is the metadata of the task the event is about: the publish joins its
+        trace.
+        """
         try:
-            self._events.publish(
-                event_type,
-                subject=subject,
-                data=data,
-                task_sequence=sequence,
-                correlation_id=correlation_id or None,
-            )
+            with tracing.resumed(trace) if trace is not None else contextlib.nullcontext():
+                self._events.publish(
+                    event_type,
+                    subject=subject,
+                    data=data,
+                    task_sequence=sequence,
+                    correlation_id=correlation_id or None,
+                )
         except Exception:
             logger.exception("publishing %s failed", event_type)
 
@@ -255,13 +278,15 @@ class Journal:
         rt.notify()
         if publish and data is not None:
             try:
-                self._events.publish(
-                    publish,
-                    subject=rt.record.task_id,
-                    data=data,
-                    task_sequence=sequence,
-                    correlation_id=rt.record.correlation_id or None,
-                )
+                # Events of the task belong to its trace, whoever emitted them.
+                with tracing.resumed(rt.record.spec.metadata):
+                    self._events.publish(
+                        publish,
+                        subject=rt.record.task_id,
+                        data=data,
+                        task_sequence=sequence,
+                        correlation_id=rt.record.correlation_id or None,
+                    )
             except Exception:
                 logger.exception("publishing %s failed", publish)
         for listener in self._listeners:

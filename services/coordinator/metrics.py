@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.services.coordinator.model import state_name
 from hivewire.services.runtime.breaker import CircuitState
+
+if TYPE_CHECKING:
+    from hivewire.services.coordinator.journal import TaskRuntime
 
 TASKS_SUBMITTED = Counter(
     "hivewire_coordinator_tasks_submitted_total",
@@ -53,6 +59,17 @@ AGENT_SLOTS = Gauge(
 CIRCUITS = Gauge(
     "hivewire_coordinator_agent_circuits", "Agent circuit breakers, by state.", ("state",)
 )
+TASK_SECONDS = Histogram(
+    "hivewire_coordinator_task_seconds",
+    "Time from a task's acceptance to its terminal state, by that state.",
+    ("state",),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600),
+)
+CAPABILITY_AGENTS = Gauge(
+    "hivewire_coordinator_capability_agents",
+    "Healthy agents that advertise each capability seen since start (0: none left).",
+    ("capability",),
+)
 WATCHERS = Gauge(
     "hivewire_coordinator_watchers", "Open task event streams (watch, stream, session)."
 )
@@ -94,3 +111,11 @@ def bind_memory(counts: Callable[[], dict[str, int]]) -> None:
 
 def _entry(counts: Callable[[], dict[str, int]], name: str) -> int:
     return counts().get(name, 0)
+
+
+def task_event_committed(rt: TaskRuntime, event: coordinator_pb2.TaskEvent) -> None:
+    """Journal listener: the latency of every task that finishes."""
+    if event.WhichOneof("kind") != "finished":
+        return
+    seconds = (event.time.ToNanoseconds() - rt.record.created_ns) / 1e9
+    TASK_SECONDS.labels(state_name(rt.record.state)).observe(max(seconds, 0.0))

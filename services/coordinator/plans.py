@@ -766,6 +766,7 @@ class Plans:
         """Publish a workflow event once the parent event it reports has committed."""
         correlation_id = run.record.correlation_id
         subject = run.record.task_id
+        metadata = run.record.spec.metadata
 
         def publish(future: asyncio.Future[None]) -> None:
             if future.cancelled() or future.exception() is not None:
@@ -776,6 +777,7 @@ class Plans:
                 subject=subject,
                 sequence=sequence,
                 correlation_id=correlation_id,
+                trace=metadata,
             )
 
         committed.add_done_callback(publish)

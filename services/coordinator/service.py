@@ -32,7 +32,7 @@ import heapq
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
@@ -62,6 +62,7 @@ from hivewire.services.coordinator.dispatch import (
     Verdict,
 )
 from hivewire.services.coordinator.journal import (
+    EventListener,
     EventPublisher,
     Journal,
     NullPublisher,
@@ -93,6 +94,7 @@ from hivewire.services.coordinator.session import Session
 from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.coordinator.store import TaskQuery, TaskStore
 from hivewire.services.coordinator.validation import VALID_STATES, validate_spec
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -122,6 +124,10 @@ _FINISHED_TYPES: dict[int, str] = {
     CANCELLED: "task.cancelled",
     DEAD_LETTERED: "task.dead_lettered",
 }
+
+
+SpecCheck = Callable[[coordinator_pb2.TaskSpec], Awaitable[None]]
+"""A check of a valid spec that raises a domain error to refuse it."""
 
 
 class Coordinator:
@@ -166,6 +172,7 @@ class Coordinator:
         self._scheduler: asyncio.Task[None] | None = None
         self._running = False
         self._closing = False
+        self._spec_checks: list[SpecCheck] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -276,6 +283,8 @@ class Coordinator:
         """
         self._require_running()
         normalized = validate_spec(spec, self.settings)
+        for check in self._spec_checks:
+            await check(normalized)
         key = normalized.idempotency_key
         if key:
             existing = await self._find_idempotent(caller.identity, key)
@@ -305,6 +314,7 @@ class Coordinator:
                 if parent is not None
                 else correlation_id or new_correlation_id()
             )
+        tracing.stamp(normalized.metadata)  # the task's later hops continue this trace
         created = now_ns()
         timeout_ns = int(convert.duration_seconds(normalized.timeout) * 1e9)
         deadline_ns = created + timeout_ns
@@ -651,6 +661,21 @@ class Coordinator:
     ) -> coordinator_pb2.Project:
         return await self._projects.load(project_id, caller, field_name=field_name)
 
+    def add_spec_check(self, check: SpecCheck) -> None:
+        """Run ``check`` on every valid spec before it is accepted (webhook URLs...)."""
+        self._spec_checks.append(check)
+
+    def listen(self, listener: EventListener) -> None:
+        """Call ``listener`` with every task event once it has committed."""
+        self._journal.listen(listener)
+
+    def discard_finished(self, task_ids: Iterable[str]) -> None:
+        """Forget finished tasks the store deleted (a dead-letter purge)."""
+        for task_id in task_ids:
+            rt = self._tasks.discard(task_id)
+            if rt is not None:
+                self._forget(rt)
+
     def list_agents(self, capability: str = "") -> list[AgentView]:
         """The agents the coordinator can route to."""
         return self._pool.views(capability)
@@ -932,7 +957,14 @@ class Coordinator:
         record = rt.record
         verdict: Verdict = "none"
         stream: ExecuteStream | None = None
-        with bind_task(record.task_id):
+        with (
+            bind_task(record.task_id),
+            tracing.resumed(
+                record.spec.metadata,
+                f"attempt {record.capability}",
+                attributes={"hivewire.task_id": record.task_id, "hivewire.attempt": attempt.number},
+            ),
+        ):
             try:
                 stream = ExecuteStream(
                     attempt.lease,

@@ -14,8 +14,10 @@ import grpc
 
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.coordinator import convert
+from hivewire.services.coordinator.deadletters import DeadLetters
 from hivewire.services.coordinator.model import Caller
 from hivewire.services.coordinator.service import Coordinator
+from hivewire.services.coordinator.webhooks import Webhooks
 from hivewire.services.runtime.authz import current_caller
 from hivewire.services.runtime.logging import correlation_id_var
 from hivewire.services.runtime.tls import peer_spiffe_id
@@ -32,10 +34,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     Args:
         coordinator: The domain service.
+        dead_letters: Dead-letter operations over it.
+        webhooks: Webhook registrations and deliveries.
     """
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(
+        self, coordinator: Coordinator, dead_letters: DeadLetters, webhooks: Webhooks
+    ) -> None:
         self._coordinator = coordinator
+        self._dead_letters = dead_letters
+        self._webhooks = webhooks
 
     def _caller(self, context: Context) -> Caller:
         # The authz interceptor has already read the peer's identity for this call.
@@ -176,6 +184,94 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             self._caller(context), page_size=request.page_size, page_token=request.page_token
         )
         return coordinator_pb2.ListProjectsResponse(projects=projects, next_page_token=token)
+
+    async def ListDeadLetters(
+        self, request: coordinator_pb2.ListDeadLettersRequest, context: Context
+    ) -> coordinator_pb2.ListDeadLettersResponse:
+        """One page of dead letters, newest first."""
+        letters, token = await self._dead_letters.page(
+            self._caller(context),
+            capability=request.capability,
+            include_requeued=request.include_requeued,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return coordinator_pb2.ListDeadLettersResponse(
+            dead_letters=[
+                coordinator_pb2.DeadLetter(
+                    task=convert.task_to_proto(letter.record),
+                    requeued_as_task_id=letter.requeued_as,
+                )
+                for letter in letters
+            ],
+            next_page_token=token,
+        )
+
+    async def RequeueTask(
+        self, request: coordinator_pb2.RequeueTaskRequest, context: Context
+    ) -> coordinator_pb2.RequeueTaskResponse:
+        """Run a dead letter again as a new task."""
+        record, existed = await self._dead_letters.requeue(
+            request.task_id, self._caller(context), reason=request.reason
+        )
+        return coordinator_pb2.RequeueTaskResponse(
+            task=convert.task_to_proto(record), already_requeued=existed
+        )
+
+    async def PurgeDeadLetters(
+        self, request: coordinator_pb2.PurgeDeadLettersRequest, context: Context
+    ) -> coordinator_pb2.PurgeDeadLettersResponse:
+        """Delete dead letters and their events."""
+        deleted = await self._dead_letters.purge(
+            self._caller(context),
+            task_ids=list(request.task_ids),
+            dead_before_ns=(
+                request.dead_before.ToNanoseconds() if request.HasField("dead_before") else 0
+            ),
+            everything=request.all,
+        )
+        return coordinator_pb2.PurgeDeadLettersResponse(task_ids=deleted)
+
+    async def RegisterWebhook(
+        self, request: coordinator_pb2.RegisterWebhookRequest, context: Context
+    ) -> coordinator_pb2.RegisterWebhookResponse:
+        """Register a webhook for the caller's tasks."""
+        row = await self._webhooks.register(
+            self._caller(context), request.webhook if request.HasField("webhook") else None
+        )
+        return coordinator_pb2.RegisterWebhookResponse(
+            registration=convert.webhook_registration(row)
+        )
+
+    async def ListWebhooks(
+        self, request: coordinator_pb2.ListWebhooksRequest, context: Context
+    ) -> coordinator_pb2.ListWebhooksResponse:
+        """The caller's webhooks."""
+        rows = await self._webhooks.registrations(self._caller(context))
+        return coordinator_pb2.ListWebhooksResponse(
+            registrations=[convert.webhook_registration(r) for r in rows]
+        )
+
+    async def DeleteWebhook(
+        self, request: coordinator_pb2.DeleteWebhookRequest, context: Context
+    ) -> coordinator_pb2.DeleteWebhookResponse:
+        """Remove one of the caller's webhooks."""
+        await self._webhooks.unregister(self._caller(context), request.webhook_id)
+        return coordinator_pb2.DeleteWebhookResponse()
+
+    async def ListWebhookDeliveries(
+        self, request: coordinator_pb2.ListWebhookDeliveriesRequest, context: Context
+    ) -> coordinator_pb2.ListWebhookDeliveriesResponse:
+        """Deliveries of the caller's tasks' events, newest first."""
+        rows = await self._webhooks.deliveries(
+            self._caller(context),
+            state=request.state,
+            task_id=request.task_id,
+            page_size=request.page_size,
+        )
+        return coordinator_pb2.ListWebhookDeliveriesResponse(
+            deliveries=[convert.webhook_delivery(r) for r in rows]
+        )
 
 
 def add_to_server(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:

@@ -44,6 +44,26 @@ class QuotaSettings(QuotaLimits):
         return self.roles.get(role, self)
 
 
+class WebhookSettings(BaseModel):
+    """How the coordinator delivers webhooks (docs/coordinator.md, Webhooks)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    allow_private: bool = Field(
+        False,
+        description="Allow webhook hosts on private, loopback and link-local addresses.",
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        (),
+        description="Hosts (names or IP addresses) allowed even when private, e.g. 127.0.0.1.",
+    )
+    max_attempts: int = Field(8, ge=1, le=100, description="Attempts before dead-lettering.")
+    initial_backoff: float = Field(1.0, gt=0, description="Seconds before the first retry.")
+    max_backoff: float = Field(300.0, gt=0, description="Longest wait between attempts.")
+    timeout: float = Field(10.0, gt=0, description="Seconds one POST may take.")
+    max_per_task: int = Field(4, ge=0, description="Most webhooks one task spec may carry.")
+
+
 class CoordinatorSettings(BaseModel):
     """Tuning of the coordinator (scheduling, retries, limits, storage)."""
 
@@ -161,6 +181,10 @@ class CoordinatorSettings(BaseModel):
         if isinstance(data, dict) and "db_path" in data and "database" in data:
             data = {k: v for k, v in data.items() if k != "database"}
         return data
+
+    webhooks: WebhookSettings = Field(
+        default_factory=WebhookSettings, description="Webhook delivery."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorSettings:

@@ -518,6 +518,31 @@ class SqliteTaskStore:
         result: Tombstone | None = await self._read(run)
         return result
 
+    async def delete_finished(self, task_ids: Sequence[str]) -> list[str]:
+        """Delete finished tasks and their events (durably); returns the ids deleted."""
+        wanted = list(dict.fromkeys(task_ids))
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            deleted: list[str] = []
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for task_id in wanted:
+                    cursor = conn.execute(
+                        "DELETE FROM tasks WHERE task_id = ? AND state IN (5, 6, 7, 8)",
+                        (task_id,),
+                    )
+                    if cursor.rowcount:
+                        conn.execute("DELETE FROM events WHERE task_id = ?", (task_id,))
+                        deleted.append(task_id)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return deleted
+
+        result: list[str] = await self._read(run)
+        return result
+
     # -- plumbing --------------------------------------------------------------------
 
     def _require_open(self) -> asyncio.AbstractEventLoop:

@@ -227,6 +227,13 @@ class TaskStore(Protocol):
         """How many tasks are stored."""
         ...
 
+    async def delete_finished(self, task_ids: Sequence[str]) -> list[str]:
+        """Delete finished tasks and their events (durably); returns the ids deleted.
+
+        Tasks that are not stored or not in a terminal state are left alone.
+        """
+        ...
+
     async def put_project(self, project: ProjectRow) -> None:
         """Store a new project (durably)."""
         ...

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hivewire.services.dashboard.settings import DASHBOARD_PORT
 from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec, python_module
 from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
 from hivewire.services.runtime.pki import init_pki
@@ -67,6 +68,7 @@ class MeshOptions:
     a2a_http_port: int = A2A_HTTP_PORT
     nats_port: int = 4222
     nats_monitor_port: int = 8222
+    dashboard_port: int = DASHBOARD_PORT
     state_dir: Path = Path(".hivewire")
     certs_dir: Path = Path("certs")
     model_backend: str | None = None
@@ -117,6 +119,7 @@ class Mesh:
         )
         self.model_backend, self.model_backend_reason = choose_model_backend(options.model_backend)
         self.a2a_url = ""
+        self.dashboard_url = ""
 
     @property
     def certs_dir(self) -> Path:
@@ -217,7 +220,21 @@ class Mesh:
             HIVEWIRE_A2A__HTTP_PORT=str(opts.a2a_http_port),
         )
         self.a2a_url = f"https://{opts.host}:{gateway.ports.get('http', opts.a2a_http_port)}/"
+        await self._start_dashboard()
         self.write_endpoints()
+
+    async def _start_dashboard(self) -> None:
+        opts = self.options
+        env = self._env(identity="admin", port=opts.dashboard_port, name="dashboard")
+        env.update(
+            HIVEWIRE_COORDINATOR__ADDRESS=f"{opts.host}:{opts.coordinator_port}",
+            HIVEWIRE_DASHBOARD__HOST=opts.host,
+            HIVEWIRE_DASHBOARD__PORT=str(opts.dashboard_port),
+        )
+        child = await self.launcher.start(
+            self._spec("dashboard", python_module("hivewire.services.dashboard"), env)
+        )
+        self.dashboard_url = str(child.ports["url"])
 
     def tls_paths(self) -> dict[str, str]:
         """The CA certificate and the client certificate/key paths."""
@@ -249,6 +266,7 @@ class Mesh:
             "tls": self.tls_paths(),
             "a2a": {"url": self.a2a_url, "card": self.a2a_card_url},
             "model_backend": self.model_backend,
+            "dashboard": self.dashboard_url,
         }
         path = self.options.state_dir / "endpoints.json"
         tmp = path.with_suffix(".tmp")

@@ -286,6 +286,15 @@ callers = ["client/*", "admin/*"]
 allow = ["lf.a2a.v1.A2AService/*"]
 
 [[rules]]
+description = "dead letters are the operators' business: admins only"
+callers = ["client/*", "agent/*"]
+deny = [
+  "hivewire.coordinator.v1.CoordinatorService/ListDeadLetters",
+  "hivewire.coordinator.v1.CoordinatorService/RequeueTask",
+  "hivewire.coordinator.v1.CoordinatorService/PurgeDeadLetters",
+]
+
+[[rules]]
 description = "only the coordinator may call agents"
 callers = ["coordinator/*"]
 allow = ["hivewire.agent.v1.AgentService/*"]

@@ -46,6 +46,7 @@ from hivewire.services.runtime.ports import (
 from hivewire.services.runtime.security import publish_denials
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer, ShutdownHook
 from hivewire.services.runtime.tls import nats_tls_options
+from hivewire.services.runtime.tracing import setup_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +166,9 @@ class ServiceEntry:
     def run(
         self, serve: Callable[[Settings], Coroutine[Any, Any, None]], settings: Settings
     ) -> None:
-        """Set up logging and run ``serve(settings)`` until it returns (SIGTERM)."""
+        """Set up logging and tracing, and run ``serve(settings)`` until it returns."""
         setup_logging(settings.log_level, settings.log_format)
+        setup_tracing(f"hivewire-{self.name}", otlp_endpoint=settings.otlp_endpoint)
         asyncio.run(serve(settings))
 
 

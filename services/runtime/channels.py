@@ -1,4 +1,4 @@
-"""Client channels: mTLS, correlation id, default deadline, aligned keepalive.
+"""Client channels: mTLS, tracing, correlation id, default deadline, aligned keepalive.
 
 Services never build channels themselves: they take them from here, usually from a
 long-lived :class:`ChannelPool` (one channel per target, so no TLS handshake per
@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, Settings
 from hivewire.services.runtime.interceptors import (
     CorrelationClientInterceptor,
@@ -107,7 +108,12 @@ def secure_channel(
     opts = channel_options(max_message_bytes)
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))
-    chain: list[grpc.aio.ClientInterceptor] = [CorrelationClientInterceptor(default_timeout)]
+    # Tracing outermost: the client span covers the whole call, and its context is
+    # what the metadata carries.
+    chain: list[grpc.aio.ClientInterceptor] = [
+        *tracing.client_interceptors(),
+        CorrelationClientInterceptor(default_timeout),
+    ]
     chain.extend(interceptors)
     return grpc.aio.secure_channel(
         target,

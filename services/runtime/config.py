@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from hivewire.services.a2a.settings import A2aSettings
 from hivewire.services.agent.settings import AgentSettings
 from hivewire.services.coordinator.settings import CoordinatorSettings
+from hivewire.services.dashboard.settings import DashboardSettings
 from hivewire.services.model.settings import ModelSettings
 from hivewire.services.runtime.authn import AuthSettings
 from hivewire.services.runtime.events.settings import EventsSettings
@@ -109,6 +110,15 @@ class Settings(BaseSettings):
         None,
         description="Who may call which RPC (TOML, docs/runtime.md); unset = built-in policy.",
     )
+    otlp_endpoint: str | None = Field(
+        None,
+        # The standard OpenTelemetry variables, not HIVEWIRE_*: the exporter reads the
+        # rest of its OTEL_EXPORTER_OTLP_* configuration itself (docs/observability.md).
+        validation_alias=AliasChoices(
+            "otel_exporter_otlp_traces_endpoint", "otel_exporter_otlp_endpoint", "otlp_endpoint"
+        ),
+        description="OTLP endpoint spans are exported to; unset = spans are not exported.",
+    )
 
     revoked_certs_file: Path | None = Field(
         None,
@@ -136,6 +146,10 @@ class Settings(BaseSettings):
     )
     a2a: A2aSettings = Field(
         default_factory=A2aSettings, description="A2A gateway and adapter (docs/interop.md)."
+    )
+    dashboard: DashboardSettings = Field(
+        default_factory=DashboardSettings,
+        description="The operators' web dashboard (docs/observability.md).",
     )
 
     @field_validator("log_level")

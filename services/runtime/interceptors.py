@@ -2,9 +2,13 @@
 
 Server chain, outermost first (``server_interceptors()``)::
 
-    CorrelationServerInterceptor -> MetricsServerInterceptor -> ErrorMappingServerInterceptor
+    OTel tracing (runtime/tracing.py) -> CorrelationServerInterceptor
+        -> MetricsServerInterceptor -> ErrorMappingServerInterceptor
         -> AuthzServerInterceptor (runtime/authz.py) -> extra interceptors (limits)
         -> servicer
+
+The OTel interceptor is outermost so that every other layer, and the log lines
+they write, run inside the call's server span (W3C ``traceparent`` from the caller).
 
 A ``grpc.aio`` server interceptor only sees the method name and metadata, so each of
 these wraps the ``RpcMethodHandler`` it gets back: the wrapper runs around the real
@@ -13,7 +17,8 @@ handlers and reader/writer-style handlers alike). Wrapped handlers are cached pe
 method, so the per-call cost is one extra coroutine frame per interceptor.
 
 Client side, :class:`CorrelationClientInterceptor` forwards the correlation id, sets
-a default deadline on unary-response calls and records ``grpc_client_*`` metrics.
+a default deadline on unary-response calls and records ``grpc_client_*`` metrics; the
+OTel client interceptors in front of it (``runtime/channels.py``) carry the trace.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import grpc
 from grpc.aio import ClientCallDetails, Metadata
 
 from hivewire.services.runtime import metadata as metadata_keys
-from hivewire.services.runtime import metrics
+from hivewire.services.runtime import metrics, tracing
 from hivewire.services.runtime.errors import (
     Aborted,
     DeadlineExceeded,
@@ -41,20 +46,14 @@ from hivewire.services.runtime.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from hivewire.services.runtime.logging import (
-    TraceContext,
-    correlation_id_var,
-    new_correlation_id,
-    trace_context_var,
-)
-from hivewire.services.runtime.status import from_rpc_error, to_grpc_status
+from hivewire.services.runtime.logging import correlation_id_var, new_correlation_id
+from hivewire.services.runtime.status import finished_call_code, from_rpc_error, to_grpc_status
 
 logger = logging.getLogger(__name__)
 
 CORRELATION_ID_KEY = metadata_keys.CORRELATION_ID
 """Metadata key of the correlation id, on every hop (lower case, as gRPC requires)."""
 
-_TRACE_KEYS = (metadata_keys.TRACEPARENT, metadata_keys.TRACESTATE)
 _VALID_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 # Errors a downstream call may raise through a servicer that keep their meaning for
@@ -282,18 +281,8 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
 # --- 1. correlation id + call logging ---------------------------------------------
 
 
-def incoming_trace_context(
-    metadata: Iterable[tuple[str, str | bytes]] | None,
-) -> TraceContext | None:
-    """Return the caller's W3C trace context (``traceparent``/``tracestate``), if valid."""
-    found = {key: value for key, value in metadata or () if key in _TRACE_KEYS}
-    return TraceContext.parse(
-        found.get(metadata_keys.TRACEPARENT), found.get(metadata_keys.TRACESTATE)
-    )
-
-
 class _CorrelationScope:
-    __slots__ = ("_context", "_method", "_start", "_streaming", "_token", "_trace_token")
+    __slots__ = ("_context", "_method", "_start", "_streaming", "_token")
 
     def __init__(self, context: Context, method: str, streaming: bool) -> None:
         self._context = context
@@ -304,7 +293,6 @@ class _CorrelationScope:
         invocation = self._context.invocation_metadata()
         cid = incoming_correlation_id(invocation) or new_correlation_id()
         self._token = correlation_id_var.set(cid)
-        self._trace_token = trace_context_var.set(incoming_trace_context(invocation))
         self._start = time.perf_counter()
         echo = ((CORRELATION_ID_KEY, cid),)
         # Trailers ride along with the status for free. Sending initial metadata
@@ -329,7 +317,6 @@ class _CorrelationScope:
             )
         try:
             correlation_id_var.reset(self._token)
-            trace_context_var.reset(self._trace_token)
         except ValueError:
             # An async generator may be finalized from another context; the call's
             # own context dies with its task anyway.
@@ -499,6 +486,7 @@ def server_interceptors(
             ``extra`` so a refused caller costs no limit.
     """
     return [
+        tracing.server_interceptor(),
         CorrelationServerInterceptor(),
         MetricsServerInterceptor(),
         ErrorMappingServerInterceptor(),
@@ -512,22 +500,6 @@ def server_interceptors(
 
 def _method_name(method: str | bytes) -> str:
     return method.decode() if isinstance(method, bytes) else method
-
-
-def _call_status_code(call: Any) -> grpc.StatusCode:
-    """Status of a finished aio call, read without awaiting (from a done callback)."""
-    if call.cancelled():
-        return grpc.StatusCode.CANCELLED
-    try:
-        # grpc.aio exposes the status only through coroutines; a done callback cannot
-        # await, and the finished status object is already there.
-        code_value = call._cython_call._status.code()
-    except AttributeError:
-        return grpc.StatusCode.UNKNOWN
-    for code in grpc.StatusCode:
-        if code.value[0] == code_value:
-            return code
-    return grpc.StatusCode.UNKNOWN
 
 
 class _ClientCallMetrics:
@@ -585,11 +557,6 @@ class CorrelationClientInterceptor(
         metadata = Metadata(*tuple(details.metadata or ()))
         if metadata.get(CORRELATION_ID_KEY) is None:
             metadata.add(CORRELATION_ID_KEY, correlation_id_var.get() or new_correlation_id())
-        trace = trace_context_var.get()
-        if trace is not None and metadata.get(metadata_keys.TRACEPARENT) is None:
-            metadata.add(metadata_keys.TRACEPARENT, trace.traceparent)
-            if trace.tracestate:
-                metadata.add(metadata_keys.TRACESTATE, trace.tracestate)
         timeout = details.timeout
         if timeout is None:
             timeout = self._default_timeout if unary_response else self._stream_timeout
@@ -614,7 +581,7 @@ class CorrelationClientInterceptor(
 
     def _watch_stream(self, call: Any, m: _ClientCallMetrics | None) -> Any:
         if m is not None and hasattr(call, "add_done_callback"):
-            call.add_done_callback(lambda c: m.done(_call_status_code(c)))
+            call.add_done_callback(lambda c: m.done(finished_call_code(c)))
         return call
 
     async def intercept_unary_unary(

@@ -1,24 +1,25 @@
-"""Structured logging with the correlation id and task id on every record.
+"""Structured logging with the correlation, task, trace and span ids on every record.
 
 The first server interceptor sets :data:`correlation_id_var`; code that works on a
-task wraps it in :func:`bind_task`. :class:`ContextFilter`, installed on the handler
-by :func:`setup_logging`, stamps both ids on every record that handler sees,
-including records from libraries, so every line can be joined across services.
+task wraps it in :func:`bind_task`; the OpenTelemetry span current when a record is
+made gives its trace and span ids. :class:`ContextFilter`, installed on the handler
+by :func:`setup_logging`, stamps them on every record that handler sees, including
+records from libraries, so every line can be joined across services and with traces.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from opentelemetry import trace
 
 correlation_id_var: ContextVar[str | None] = ContextVar("hivewire_correlation_id", default=None)
 """Correlation id of the request being handled (set by the server interceptor)."""
@@ -34,41 +35,10 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("x", logging.INFO, "x", 0, "x",
     "asctime",
     "correlation_id",
     "task_id",
+    "trace_id",
+    "span_id",
     "context",
 }
-
-
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-_MAX_TRACESTATE = 512
-
-
-@dataclass(frozen=True, slots=True)
-class TraceContext:
-    """W3C trace context of the work in progress.
-
-    Attributes:
-        traceparent: The ``traceparent`` value (``00-<trace id>-<span id>-<flags>``).
-        tracestate: The ``tracestate`` value, if any.
-    """
-
-    traceparent: str
-    tracestate: str | None = None
-
-    @classmethod
-    def parse(cls, traceparent: object, tracestate: object = None) -> TraceContext | None:
-        """Return the context if ``traceparent`` is well formed (W3C), else None."""
-        if not isinstance(traceparent, str) or not _TRACEPARENT.match(traceparent):
-            return None
-        state = tracestate if isinstance(tracestate, str) else None
-        if state is not None and (len(state) > _MAX_TRACESTATE or "\n" in state):
-            state = None
-        return cls(traceparent, state or None)
-
-
-trace_context_var: ContextVar[TraceContext | None] = ContextVar(
-    "hivewire_trace_context", default=None
-)
-"""Trace context of the request being handled: passed on to downstream calls and events."""
 
 
 def new_correlation_id() -> str:
@@ -105,10 +75,10 @@ def bind_correlation_id(correlation_id: str | None) -> Iterator[None]:
 
 
 class ContextFilter(logging.Filter):
-    """Stamp ``correlation_id``, ``task_id`` and a ready-made ``context`` on each record.
+    """Stamp ``correlation_id``, ``task_id``, ``trace_id``, ``span_id`` and ``context``.
 
-    ``context`` is ``" [cid=<id> task=<id>]"`` with only the ids that are set (empty
-    when none is), so the text format needs no conditional logic.
+    ``context`` is ``" [cid=<id> task=<id> trace=<id> span=<id>]"`` with only the ids
+    that are set (empty when none is), so the text format needs no conditional logic.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -117,11 +87,18 @@ class ContextFilter(logging.Filter):
         fields = record.__dict__
         cid = fields.setdefault("correlation_id", correlation_id_var.get())
         task = fields.setdefault("task_id", task_id_var.get())
+        if "trace_id" not in fields:
+            span = trace.get_current_span().get_span_context()
+            valid = span.is_valid
+            fields["trace_id"] = f"{span.trace_id:032x}" if valid else None
+            fields["span_id"] = f"{span.span_id:016x}" if valid else None
         parts = []
         if cid:
             parts.append(f"cid={cid}")
         if task:
             parts.append(f"task={task}")
+        if fields["trace_id"]:
+            parts.append(f"trace={fields['trace_id']} span={fields['span_id']}")
         fields["context"] = f" [{' '.join(parts)}]" if parts else ""
         return True
 
@@ -140,7 +117,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("correlation_id", "task_id"):
+        for key in ("correlation_id", "task_id", "trace_id", "span_id"):
             value = getattr(record, key, None)
             if value:
                 entry[key] = value

@@ -266,3 +266,19 @@ def from_rpc_error(err: grpc.RpcError) -> HivewireError:
     if code == grpc.StatusCode.OK:
         code = grpc.StatusCode.UNKNOWN
     return from_rpc_status(status_pb2.Status(code=code.value[0], message=details))
+
+
+def finished_call_code(call: Any) -> grpc.StatusCode:
+    """Status code of a finished aio call, read without awaiting (from a done callback)."""
+    if call.cancelled():
+        return grpc.StatusCode.CANCELLED
+    try:
+        # grpc.aio exposes the status only through coroutines; a done callback cannot
+        # await, and the finished status object is already there.
+        code_value = call._cython_call._status.code()
+    except AttributeError:
+        return grpc.StatusCode.UNKNOWN
+    for code in grpc.StatusCode:
+        if code.value[0] == code_value:
+            return code
+    return grpc.StatusCode.UNKNOWN

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,6 +204,20 @@ def test_cli_without_a_client_certificate_says_how_to_get_one(mesh: RunningMesh)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "hivewire certs issue --name bob" in lines[0]
+
+
+async def test_up_prints_the_dashboard_url_and_it_serves(mesh: RunningMesh) -> None:
+    url = mesh.endpoints["dashboard"]
+    assert url.startswith("https://localhost:"), url
+    assert f"dashboard: {url}" in mesh.output()
+    tls = mesh.tls
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    async with httpx.AsyncClient(verify=context, timeout=10) as http:
+        me = await http.get(url + "api/me")
+        page = await http.get(url)
+    assert me.status_code == 200 and me.json()["identity"].startswith("spiffe://")
+    assert page.status_code == 200 and "<title>hivewire</title>" in page.text
 
 
 def test_ctrl_c_stops_every_process(mesh: RunningMesh) -> None:

@@ -173,6 +173,12 @@ async def test_broken_agent_opens_its_circuit_and_tasks_go_elsewhere(mesh: Mesh)
     # Two transport failures in a row (the threshold here) open the circuit.
     response = await mesh.client().ListAgents(C.ListAgentsRequest())
     assert [a.circuit_open for a in response.agents] == [True]
+    # ...and the coordinator says so on the event bus (agent.health_changed).
+    health = [d for t, _, d, _ in mesh.events.published if t == "agent.health_changed"]
+    assert [(d.agent_id, d.healthy, d.circuit_state) for d in health] == [  # type: ignore[attr-defined]
+        (broken.agent_id, False, "open")
+    ]
+    assert health[0].reason == "circuit open"  # type: ignore[attr-defined]
     # While it is open, new tasks wait rather than go to it.
     waiting = await submit(mesh, spec("flaky"))
     await eventually(lambda: mesh.running.coordinator.queue_depth() == 1)

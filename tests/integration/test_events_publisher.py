@@ -7,10 +7,14 @@ from pathlib import Path
 import nats
 import pytest
 from nats.js.api import StorageType
+from opentelemetry import context as otel_context
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 
 from hivewire.common.v1 import common_pb2
 from hivewire.events.v1 import events_pb2
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.events import (
     HEADER_CORRELATION_ID,
@@ -19,10 +23,8 @@ from hivewire.services.runtime.events import (
     HEADER_TRACESTATE,
     EventPublisher,
     StreamSettings,
-    TraceContext,
     ensure_stream,
     replay,
-    trace_context_var,
 )
 from hivewire.services.runtime.logging import bind_correlation_id
 from tests.helpers import NatsServer
@@ -54,9 +56,13 @@ def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def test_events_are_stored_in_order_with_headers(nats_server: NatsServer) -> None:
+async def test_events_are_stored_in_order_with_headers(
+    nats_server: NatsServer, spans: InMemorySpanExporter
+) -> None:
     published_before = metric("hivewire_events_published_total", category="task")
-    token = trace_context_var.set(TraceContext(TRACEPARENT, "rojo=00f067aa0ba902b7"))
+    token = otel_context.attach(
+        tracing.extract({"traceparent": TRACEPARENT, "tracestate": "rojo=00f067aa0ba902b7"})
+    )
     try:
         async with EventPublisher(nats_server.url, source="coordinator/c-1") as publisher:
             with bind_correlation_id("cid-order"):
@@ -76,8 +82,13 @@ async def test_events_are_stored_in_order_with_headers(nats_server: NatsServer) 
             assert await publisher.flush(10)
             assert publisher.published == 21
     finally:
-        trace_context_var.reset(token)
+        otel_context.detach(token)
 
+    producers = {
+        span.context.span_id: span
+        for span in spans.get_finished_spans()
+        if span.kind == SpanKind.PRODUCER
+    }
     messages = await stored_messages(nats_server.url)
     assert len(messages) == 21
     events = [events_pb2.Event.FromString(m.data) for m in messages]
@@ -90,10 +101,15 @@ async def test_events_are_stored_in_order_with_headers(nats_server: NatsServer) 
     for message, event in zip(messages, events, strict=True):
         assert message.headers is not None
         assert message.headers[HEADER_MSG_ID] == event.id
-        assert message.headers[HEADER_TRACEPARENT] == TRACEPARENT
+        # Each event's context is its own PRODUCER span, a child of the caller's span.
+        _, trace_id, span_id, _ = message.headers[HEADER_TRACEPARENT].split("-")
+        assert trace_id == TRACEPARENT.split("-")[1]
+        producer = producers[int(span_id, 16)]
+        assert producer.parent.span_id == int(TRACEPARENT.split("-")[2], 16)
+        assert producer.name == f"{message.subject} publish"
         assert message.headers[HEADER_TRACESTATE] == "rojo=00f067aa0ba902b7"
         assert event.source == "coordinator/c-1"
-        assert event.traceparent == TRACEPARENT
+        assert event.traceparent == message.headers[HEADER_TRACEPARENT]
     assert messages[0].headers is not None and messages[20].headers is not None
     assert messages[0].headers[HEADER_CORRELATION_ID] == "cid-order"
     assert messages[20].headers[HEADER_CORRELATION_ID] == "cid-agent"

@@ -1,8 +1,10 @@
-"""W3C trace context crosses every hop: caller -> service -> downstream service.
+"""OpenTelemetry spans cross every hop: caller -> service -> downstream service.
 
-Two real mTLS servers on 127.0.0.1. The first takes ``traceparent``/``tracestate`` from
-its caller, exposes them to its handler (and so to events published there), and its
-channel passes them on when it calls the second. A malformed ``traceparent`` is dropped.
+Two real mTLS servers on 127.0.0.1 with the standard interceptor chain. A call made
+inside a span gives a client span, a server span in the first service (its child), a
+client span for the downstream call and a server span in the second service: one
+trace, each span the child of the one before. A ``traceparent`` given as plain call
+metadata (grpcurl -H) is continued; a malformed one starts a new trace.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.authz import DEFAULT_POLICY_TOML
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.config import load_settings
-from hivewire.services.runtime.logging import TraceContext, trace_context_var
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
+from hivewire.services.runtime.tls import channel_credentials
 from tests.conftest import Pki
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -35,7 +41,7 @@ def _binding(
     name: str, seen: list[Any], downstream: list[grpc.aio.Channel], *, forward_to: str = ""
 ) -> ServiceBinding:
     async def echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        seen.append((trace_context_var.get(), dict(context.invocation_metadata() or ())))
+        seen.append((tracing.current_ids(), dict(context.invocation_metadata() or ())))
         if forward_to:
             call = downstream[0].unary_unary(f"/{forward_to}/Echo")
             return bytes(await call(request))
@@ -48,8 +54,14 @@ def _binding(
 
 
 @pytest.fixture
+def first_address() -> list[str]:
+    """Filled with the first server's address by ``chain``."""
+    return []
+
+
+@pytest.fixture
 async def chain(
-    pki: Pki, tmp_path: Path
+    pki: Pki, tmp_path: Path, first_address: list[str]
 ) -> AsyncIterator[tuple[grpc.aio.Channel, list[Any], list[Any]]]:
     authz = tmp_path / "authz.toml"
     authz.write_text(AUTHZ_POLICY, encoding="utf-8")
@@ -66,6 +78,7 @@ async def chain(
             [_binding("hw.test.First", first_seen, downstream, forward_to="hw.test.Second")],
         ) as first,
     ):
+        first_address.append(first.address)
         downstream.append(secure_channel(second.address, pki.files("tool")))
         client = secure_channel(first.address, pki.files("client"))
         try:
@@ -75,26 +88,74 @@ async def chain(
             await downstream[0].close()
 
 
-async def test_trace_context_reaches_the_handler_and_the_next_hop(
-    chain: tuple[grpc.aio.Channel, list[Any], list[Any]],
+async def bare_echo(pki: Pki, address: str, metadata: tuple[tuple[str, str], ...]) -> bytes:
+    """Call the first service from a client without OpenTelemetry (grpcurl -H ...)."""
+    async with grpc.aio.secure_channel(address, channel_credentials(pki.files("client"))) as bare:
+        return bytes(await bare.unary_unary("/hw.test.First/Echo")(b"ping", metadata=metadata))
+
+
+def by_kind(spans: InMemorySpanExporter, kind: SpanKind, name: str) -> Any:
+    found = [s for s in spans.get_finished_spans() if s.kind == kind and s.name.endswith(name)]
+    assert len(found) == 1, [(s.name, s.kind) for s in spans.get_finished_spans()]
+    return found[0]
+
+
+async def test_one_trace_from_the_caller_through_both_hops(
+    chain: tuple[grpc.aio.Channel, list[Any], list[Any]], spans: InMemorySpanExporter
 ) -> None:
     client, first_seen, second_seen = chain
     call = client.unary_unary("/hw.test.First/Echo")
-    reply = await call(b"ping", metadata=(("traceparent", TRACEPARENT), ("tracestate", TRACESTATE)))
+    with tracing.tracer.start_as_current_span("caller") as root:
+        reply = await call(b"ping")
     assert reply == b"ping"
-    assert first_seen[0][0] == TraceContext(TRACEPARENT, TRACESTATE)
-    assert second_seen[0][0] == TraceContext(TRACEPARENT, TRACESTATE)
-    assert second_seen[0][1]["traceparent"] == TRACEPARENT
-    assert second_seen[0][1]["tracestate"] == TRACESTATE
+    trace_id = root.get_span_context().trace_id
+
+    first_client = by_kind(spans, SpanKind.CLIENT, "hw.test.First/Echo")
+    first_server = by_kind(spans, SpanKind.SERVER, "hw.test.First/Echo")
+    second_client = by_kind(spans, SpanKind.CLIENT, "hw.test.Second/Echo")
+    second_server = by_kind(spans, SpanKind.SERVER, "hw.test.Second/Echo")
+    chain_of_spans = [first_client, first_server, second_client, second_server]
+    assert {s.context.trace_id for s in chain_of_spans} == {trace_id}
+    assert first_client.parent.span_id == root.get_span_context().span_id
+    for parent, child in zip(chain_of_spans, chain_of_spans[1:], strict=False):
+        assert child.parent.span_id == parent.context.span_id, (parent.name, child.name)
+    # Handlers run inside their server span (so do their log lines).
+    assert first_seen[0][0] == (f"{trace_id:032x}", f"{first_server.context.span_id:016x}")
+    assert second_seen[0][0][0] == f"{trace_id:032x}"
+    assert second_seen[0][1]["traceparent"].split("-")[1] == f"{trace_id:032x}"
     # The correlation id rides along too, the same on both hops.
     assert first_seen[0][1]["x-correlation-id"] == second_seen[0][1]["x-correlation-id"]
 
 
-async def test_a_malformed_traceparent_is_dropped(
+async def test_a_traceparent_in_call_metadata_is_continued(
     chain: tuple[grpc.aio.Channel, list[Any], list[Any]],
+    spans: InMemorySpanExporter,
+    pki: Pki,
+    first_address: list[str],
 ) -> None:
-    client, first_seen, second_seen = chain
-    call = client.unary_unary("/hw.test.First/Echo")
-    await call(b"x", metadata=(("traceparent", "not-a-trace"),))
-    assert first_seen[0][0] is None
-    assert "traceparent" not in second_seen[0][1]
+    _, first_seen, second_seen = chain
+    assert not trace.get_current_span().get_span_context().is_valid
+    reply = await bare_echo(
+        pki, first_address[0], (("traceparent", TRACEPARENT), ("tracestate", TRACESTATE))
+    )
+    assert reply == b"ping"
+    first_server = by_kind(spans, SpanKind.SERVER, "hw.test.First/Echo")
+    assert f"{first_server.context.trace_id:032x}" == TRACEPARENT.split("-")[1]
+    assert f"{first_server.parent.span_id:016x}" == TRACEPARENT.split("-")[2]
+    assert first_seen[0][0][0] == TRACEPARENT.split("-")[1]
+    assert second_seen[0][0][0] == TRACEPARENT.split("-")[1]
+    assert second_seen[0][1]["tracestate"] == TRACESTATE
+
+
+async def test_a_malformed_traceparent_starts_a_new_trace(
+    chain: tuple[grpc.aio.Channel, list[Any], list[Any]],
+    spans: InMemorySpanExporter,
+    pki: Pki,
+    first_address: list[str],
+) -> None:
+    _, first_seen, second_seen = chain
+    await bare_echo(pki, first_address[0], (("traceparent", "not-a-trace"),))
+    first_server = by_kind(spans, SpanKind.SERVER, "hw.test.First/Echo")
+    assert first_server.parent is None
+    assert first_seen[0][0][0] == f"{first_server.context.trace_id:032x}"
+    assert second_seen[0][1]["traceparent"] != "not-a-trace"

@@ -53,3 +53,16 @@ class PacedAgent(Agent):
             await ctx.progress(i / 20, "undo", f"undoing {spec.get('step_id')}")
             await asyncio.sleep(0.1)
         return {"undone": spec.get("step_id"), "attempt": ctx.attempt}
+
+
+class TracedAgent(Agent):
+    """Thinks with the model service and acts with the tool service: one call each."""
+
+    name = "traced"
+    version = "1.0.0"
+
+    @capability("trace", description="Ask the model, then compute with the calculator tool.")
+    async def trace(self, task: Payload, ctx: TaskContext) -> dict[str, Any]:
+        reply = await ctx.model.generate(task.text or "hello")
+        out = await ctx.tools.invoke("calculator", {"expression": "6 * 7"})
+        return {"model": reply.text, "value": out.result.get("value")}

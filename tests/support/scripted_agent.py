@@ -12,6 +12,7 @@ The task input's ``json`` field says what to do:
 * ``{"ask": "question"}``: ask for input, then answer with what the client said.
 * ``{"fail": "retryable"}`` / ``{"fail": "permanent"}``: end with a classified error.
 * ``{"fail_attempts": 2}``: retryable error on attempts 1..2, then succeed.
+* ``{"fail_until": "fixed"}``: retryable error on every attempt until ``gate("fixed")`` is set.
 * ``{"abort": "UNAVAILABLE"}``: end the call with that status (a broken agent).
 * ``{"sleep": 0.5}``: work that long (a slow agent; deadlines).
 
@@ -227,6 +228,10 @@ class ScriptedAgent(agent_pb2_grpc.AgentServiceServicer):
                 await context.abort(getattr(grpc.StatusCode, script["abort"]), "scripted abort")
             fail = script.get("fail")
             if fail is None and assign.attempt <= int(script.get("fail_attempts", 0)):
+                fail = "retryable"
+            broken_until = script.get("fail_until")
+            if fail is None and broken_until is not None and not self.gate(broken_until).is_set():
+                # Every attempt fails until the test opens the gate (the cause is fixed).
                 fail = "retryable"
             if fail is not None:
                 yield msg(

@@ -48,7 +48,8 @@ class RunningMesh:
         return {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
 
 
-_BLOCK = 10  # coordinator, model, tool, three agents, NATS, NATS monitoring, A2A gRPC, HTTPS
+_BLOCK = 11  # coordinator, model, tool, three agents, NATS, NATS monitoring, A2A gRPC, HTTPS,
+# dashboard
 _WITH_METRICS = (0, 1, 2, 3, 4, 5, 8)  # offsets of the services with a metrics port
 
 
@@ -62,7 +63,7 @@ def _bindable(port: int) -> bool:
 
 
 def free_port_block() -> int:
-    """A base port whose block of 10, and the metrics ports 1000 above, are all free.
+    """A base port whose block of 11, and the metrics ports 1000 above, are all free.
 
     `hivewire up` puts each service's metrics on its gRPC port + 1000, so both must be
     free. The block is drawn below Linux's ephemeral range (32768+), where the kernel
@@ -107,9 +108,10 @@ def hivewire_up(
             "--nats-monitor-port",
             "--a2a-port",
             "--a2a-http-port",
+            "--dashboard-port",
         )
     ):
-        argv += [flag, str(base + (offset if offset < 4 else offset + 2))]
+        argv += [flag, str(base + (offset if offset < 4 else offset + 2))]  # agents take 3
     argv += ["--state-dir", str(state), "--certs-dir", str(root / "certs")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
     with log.open("wb") as out:

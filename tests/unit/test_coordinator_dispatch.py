@@ -8,9 +8,11 @@ import pytest
 
 from hivewire.discovery import Instance
 from hivewire.discovery.static import StaticRegistry
+from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator.dispatch import AgentPool
 from hivewire.services.runtime.channels import ChannelPool
 from tests.conftest import Pki
+from tests.helpers import eventually
 
 
 def agent(name: str, *caps: str, concurrency: int = 2, port: int = 1) -> Instance:
@@ -96,3 +98,69 @@ async def test_view_fields(pool: AgentPool) -> None:
     assert (view.name, view.version, view.max_concurrency) == ("a", "1.2.3", 3)
     assert view.capabilities == ("echo", "sum") and view.healthy and not view.draining
     assert pool.views("other") == []
+
+
+class HealthEvents:
+    """Records what the pool publishes."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, events_pb2.AgentEventData]] = []
+
+    def publish(
+        self,
+        event_type: str,
+        *,
+        subject: str,
+        data: events_pb2.AgentEventData,
+        task_sequence: int = 0,
+        correlation_id: str | None = None,
+    ) -> None:
+        self.published.append((event_type, subject, data))
+
+    def changes(self) -> list[tuple[bool, str, str]]:
+        assert {t for t, _, _ in self.published} <= {"agent.health_changed"}
+        return [(d.healthy, d.circuit_state, d.reason) for _, _, d in self.published]
+
+
+async def test_health_changes_are_published(pki: Pki) -> None:
+    events = HealthEvents()
+    async with ChannelPool(pki.files("coordinator")) as channels:
+        pool = AgentPool(
+            StaticRegistry(), channels, failure_threshold=2, reset_timeout=0.05, events=events
+        )
+        pool.apply([agent("a", "echo", "sum", concurrency=4)])
+        assert events.published == []  # joining is agent.registered, not a health change
+        for _ in range(2):
+            lease = pool.acquire("echo")
+            assert lease is not None
+            pool.release(lease, "failure")
+        assert events.changes() == [(False, "open", "circuit open")]
+        _, subject, data = events.published[0]
+        assert subject == data.agent_id == "a-00000000"
+        assert data.name == "a" and data.version == "1.2.3"
+        assert list(data.capabilities) == ["echo", "sum"]
+        assert data.address == "127.0.0.1:1"
+
+        # After the reset timeout a probe goes through; its success closes the circuit.
+        async def probe() -> None:
+            lease = pool.acquire("echo")
+            assert lease is not None and lease.probe
+            pool.release(lease, "success")
+
+        await eventually(probe, timeout=5)
+        assert events.changes()[1:] == [
+            (True, "half_open", "circuit half_open"),
+            (True, "closed", "circuit closed"),
+        ]
+
+        busy = pool.acquire("echo")  # so that it drains instead of being forgotten
+        pool.apply([])  # gone from discovery's healthy set
+        pool.apply([agent("a", "echo", "sum", concurrency=4)])  # and back
+        assert busy is not None
+        pool.release(busy, "success")
+        assert events.changes()[3:] == [
+            (False, "closed", "left discovery's healthy set"),
+            (True, "closed", "healthy in discovery again"),
+        ]
+        await pool.stop()
+        assert len(events.published) == 5

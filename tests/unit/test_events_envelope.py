@@ -8,10 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import typer
+from opentelemetry import context as otel_context
 
 from hivewire.common.v1 import common_pb2
 from hivewire.events.v1 import events_pb2
 from hivewire.services.cli.events import format_event, parse_since
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.events import (
     CATEGORIES,
     EVENT_TYPES,
@@ -21,13 +23,11 @@ from hivewire.services.runtime.events import (
     HEADER_TRACESTATE,
     EventPublisher,
     ProgressCoalescer,
-    TraceContext,
     build_event,
     category_of,
     dlq_subject_for,
     event_subject,
     filter_subject,
-    trace_context_var,
 )
 from hivewire.services.runtime.events.envelope import event_headers, header_value
 from hivewire.services.runtime.logging import bind_correlation_id
@@ -42,8 +42,8 @@ def test_every_category_of_the_proto_has_event_types() -> None:
 
 
 def test_build_event_stamps_id_time_correlation_and_trace() -> None:
-    trace = TraceContext(TRACEPARENT, "vendor=1")
-    token = trace_context_var.set(trace)
+    parent = tracing.extract({"traceparent": TRACEPARENT, "tracestate": "vendor=1"})
+    token = otel_context.attach(parent)
     try:
         with bind_correlation_id("cid-42"):
             event = build_event(
@@ -56,7 +56,7 @@ def test_build_event_stamps_id_time_correlation_and_trace() -> None:
                 task_sequence=7,
             )
     finally:
-        trace_context_var.reset(token)
+        otel_context.detach(token)
     assert uuid.UUID(event.id)
     assert event.type == "task.completed"
     assert event.source == "coordinator/c-1"
@@ -68,7 +68,7 @@ def test_build_event_stamps_id_time_correlation_and_trace() -> None:
     assert event.task.state == common_pb2.TASK_STATE_SUCCEEDED
     age = datetime.now(UTC) - event.time.ToDatetime(tzinfo=UTC)
     assert timedelta(0) <= age < timedelta(minutes=1)
-    headers = event_headers(event, trace)
+    headers = event_headers(event, {"traceparent": TRACEPARENT, "tracestate": "vendor=1"})
     assert headers == {
         HEADER_MSG_ID: event.id,
         HEADER_CORRELATION_ID: "cid-42",
@@ -104,7 +104,7 @@ def test_malformed_traceparent_is_not_propagated() -> None:
         source="tool/t",
         subject="call-1",
         data=events_pb2.ToolEventData(),
-        trace=TraceContext("00-not-a-trace\r\nInjected: yes"),
+        traceparent="00-not-a-trace\r\nInjected: yes",
     )
     assert event.traceparent == ""
 

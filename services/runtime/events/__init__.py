@@ -44,18 +44,17 @@ if TYPE_CHECKING:
         HEADER_TRACEPARENT,
         HEADER_TRACESTATE,
         EventData,
-        TraceContext,
         build_event,
         category_of,
         dlq_subject_for,
         event_subject,
         filter_subject,
-        trace_context_var,
     )
     from .publisher import (
         EventPublisher,
         ProgressCoalescer,
     )
+    from .redrive import redrive
     from .subscriber import (
         DEFAULT_BACKOFF,
         DeliverFrom,
@@ -82,13 +81,11 @@ _LAZY: dict[str, str] = {
     "HEADER_TRACEPARENT": ".envelope",
     "HEADER_TRACESTATE": ".envelope",
     "EventData": ".envelope",
-    "TraceContext": ".envelope",
     "build_event": ".envelope",
     "category_of": ".envelope",
     "dlq_subject_for": ".envelope",
     "event_subject": ".envelope",
     "filter_subject": ".envelope",
-    "trace_context_var": ".envelope",
     "EventPublisher": ".publisher",
     "ProgressCoalescer": ".publisher",
     "DEFAULT_BACKOFF": ".subscriber",
@@ -97,6 +94,7 @@ _LAZY: dict[str, str] = {
     "ReceivedEvent": ".subscriber",
     "Subscription": ".subscriber",
     "SubscriptionStats": ".subscriber",
+    "redrive": ".redrive",
     "replay": ".subscriber",
     "subscribe": ".subscriber",
 }
@@ -139,14 +137,13 @@ __all__ = [
     "StreamSettings",
     "Subscription",
     "SubscriptionStats",
-    "TraceContext",
     "build_event",
     "category_of",
     "dlq_subject_for",
     "ensure_stream",
     "event_subject",
     "filter_subject",
+    "redrive",
     "replay",
     "subscribe",
-    "trace_context_var",
 ]

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from typing import Final, TypeAlias
 
 from hivewire.events.v1 import events_pb2
-from hivewire.services.runtime.logging import TraceContext, correlation_id_var, trace_context_var
+from hivewire.services.runtime import tracing
+from hivewire.services.runtime.logging import correlation_id_var
 
 from .settings import DLQ_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX
 
@@ -30,7 +31,6 @@ __all__ = [
     "HEADER_TRACEPARENT",
     "HEADER_TRACESTATE",
     "EventData",
-    "TraceContext",
     "build_event",
     "category_of",
     "dlq_subject_for",
@@ -38,7 +38,6 @@ __all__ = [
     "event_subject",
     "filter_subject",
     "header_value",
-    "trace_context_var",
 ]
 
 EventData: TypeAlias = (
@@ -79,6 +78,7 @@ EVENT_TYPES: Final[Mapping[str, frozenset[str]]] = {
             "cancelled",
             "retried",
             "dead_lettered",
+            "requeued",
         }
     ),
     "agent": frozenset({"registered", "deregistered", "health_changed"}),
@@ -187,7 +187,7 @@ def build_event(
     data: EventData,
     task_sequence: int = 0,
     correlation_id: str | None = None,
-    trace: TraceContext | None = None,
+    traceparent: str | None = None,
     event_id: str | None = None,
     time_ns: int | None = None,
 ) -> events_pb2.Event:
@@ -200,7 +200,7 @@ def build_event(
         data: The typed data; its type must match the category.
         task_sequence: The task's event sequence number (task and workflow events).
         correlation_id: Defaults to the current correlation id (``correlation_id_var``).
-        trace: Defaults to the current trace context (:data:`trace_context_var`).
+        traceparent: The W3C ``traceparent`` of the work; defaults to the current span's.
         event_id: Defaults to a new random UUID.
         time_ns: Event time in ns since the epoch; defaults to now.
 
@@ -218,8 +218,10 @@ def build_event(
         raise ValueError("task_sequence must be >= 0")
     if correlation_id is None:
         correlation_id = correlation_id_var.get()
-    if trace is None:
-        trace = trace_context_var.get()
+    if traceparent is None:
+        current: dict[str, str] = {}
+        tracing.inject(current)
+        traceparent = current.get(HEADER_TRACEPARENT)
     event = events_pb2.Event(
         id=event_id or str(uuid.uuid4()),
         type=event_type,
@@ -228,8 +230,8 @@ def build_event(
         subject=subject,
         task_sequence=task_sequence,
     )
-    if trace is not None and _TRACEPARENT.match(trace.traceparent):
-        event.traceparent = trace.traceparent
+    if traceparent and _TRACEPARENT.match(traceparent):
+        event.traceparent = traceparent
     if time_ns is None:
         event.time.GetCurrentTime()
     else:
@@ -238,17 +240,26 @@ def build_event(
     return event
 
 
-def event_headers(event: events_pb2.Event, trace: TraceContext | None = None) -> dict[str, str]:
+def event_headers(
+    event: events_pb2.Event, trace_headers: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Return the NATS headers of an event message.
 
     ``Nats-Msg-Id`` (the event id: JetStream drops a re-sent copy), ``X-Correlation-Id``
     and the W3C ``traceparent`` / ``tracestate`` when known.
+
+    Args:
+        event: The envelope.
+        trace_headers: The W3C context the event was built in (``tracing.inject``);
+            its ``tracestate`` goes along when its ``traceparent`` is the event's.
     """
     headers = {HEADER_MSG_ID: event.id}
     if event.correlation_id:
         headers[HEADER_CORRELATION_ID] = header_value(event.correlation_id)
     if event.traceparent:
         headers[HEADER_TRACEPARENT] = event.traceparent
-        if trace is not None and trace.tracestate and trace.traceparent == event.traceparent:
-            headers[HEADER_TRACESTATE] = header_value(trace.tracestate)
+        carried = trace_headers or {}
+        state = carried.get(HEADER_TRACESTATE)
+        if state and carried.get(HEADER_TRACEPARENT) == event.traceparent:
+            headers[HEADER_TRACESTATE] = header_value(state)
     return headers

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "BUFFERED",
@@ -12,6 +12,7 @@ __all__ = [
     "HANDLED",
     "PUBLISHED",
     "PUBLISH_FAILED",
+    "PUBLISH_LAG",
     "SUBSCRIBER_LAG",
 ]
 
@@ -19,6 +20,12 @@ PUBLISHED = Counter(
     "hivewire_events_published_total",
     "Events acknowledged by JetStream (re-sent copies that JetStream de-duplicated included).",
     ["category"],
+)
+PUBLISH_LAG = Histogram(
+    "hivewire_events_publish_lag_seconds",
+    "Time from publish() to JetStream's ack: buffering, outages and the round trip.",
+    ["category"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 PUBLISH_FAILED = Counter(
     "hivewire_events_publish_failed_total",

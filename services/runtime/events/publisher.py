@@ -31,23 +31,18 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.backoff import Backoff
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.tls import nats_tls_options
 
 from . import metrics
 from ._nats import TRANSIENT_ERRORS, close_quietly, connect, ensure_streams, stop_tasks
-from .envelope import (
-    EventData,
-    TraceContext,
-    build_event,
-    event_headers,
-    event_subject,
-    trace_context_var,
-)
+from .envelope import EventData, build_event, event_headers, event_subject
 from .settings import StreamSettings
 
 if TYPE_CHECKING:
+    from hivewire.events.v1 import events_pb2
     from hivewire.services.runtime.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -161,6 +156,7 @@ class _Outgoing:
     category: str
     payload: bytes
     headers: Mapping[str, str]
+    queued_at: float = 0.0  # time.monotonic() of publish(), for the publish lag
 
 
 class EventPublisher:
@@ -344,9 +340,11 @@ class EventPublisher:
         data: EventData,
         task_sequence: int = 0,
         correlation_id: str | None = None,
-        trace: TraceContext | None = None,
     ) -> None:
         """Queue one event for publication; returns at once, never blocks on NATS.
+
+        The event is published in a PRODUCER span, child of the current span, whose
+        W3C context rides in the message headers and the envelope's ``traceparent``.
 
         Args:
             event_type: ``"<category>.<event>"``, e.g. ``"task.completed"``.
@@ -354,25 +352,40 @@ class EventPublisher:
             data: The typed data of the event's category (``TaskEventData``...).
             task_sequence: The task's event sequence number (task and workflow events).
             correlation_id: Defaults to the current correlation id.
-            trace: Defaults to the current :data:`trace_context_var`.
 
         Raises:
             ValueError: Unknown event type or data of the wrong type (a programming
                 error, raised whether or not events are enabled).
         """
-        if trace is None:
-            trace = trace_context_var.get()
-        event = build_event(
-            event_type,
-            source=self._source,
-            subject=subject,
-            data=data,
-            task_sequence=task_sequence,
-            correlation_id=correlation_id,
-            trace=trace,
-        )
+
+        def envelope(traceparent: str) -> events_pb2.Event:
+            return build_event(
+                event_type,
+                source=self._source,
+                subject=subject,
+                data=data,
+                task_sequence=task_sequence,
+                correlation_id=correlation_id,
+                traceparent=traceparent,
+            )
+
         if self._url is None:
+            envelope("")  # still built: a wrong event type is a bug whether or not events are on
             return
+        nats_subject = event_subject(event_type)
+        with tracing.tracer.start_as_current_span(
+            f"{nats_subject} publish",
+            kind=tracing.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.type": "publish",
+                "messaging.destination.name": nats_subject,
+            },
+        ) as span:
+            carrier: dict[str, str] = {}
+            tracing.inject(carrier)
+            event = envelope(carrier.get("traceparent", ""))
+            span.set_attribute("messaging.message.id", event.id)
         if self._closed:
             logger.debug("events: publisher closed; dropping %s %s", event_type, event.id)
             metrics.DROPPED.labels("shutdown").inc()
@@ -381,10 +394,11 @@ class EventPublisher:
             seq=0,  # assigned when it enters the buffer, so the buffer stays sorted
             event_id=event.id,
             event_type=event_type,
-            subject=event_subject(event_type),
+            subject=nats_subject,
             category=event_type.partition(".")[0],
             payload=event.SerializeToString(),
-            headers=event_headers(event, trace),
+            headers=event_headers(event, carrier),
+            queued_at=time.monotonic(),
         )
         if event_type == PROGRESS_EVENT:
             self._coalescer.offer(subject, outgoing)
@@ -432,6 +446,7 @@ class EventPublisher:
                 category=outgoing.category,
                 payload=outgoing.payload,
                 headers=outgoing.headers,
+                queued_at=outgoing.queued_at,
             )
         )
         metrics.BUFFERED.inc()
@@ -575,6 +590,7 @@ class EventPublisher:
             return_exceptions=True,
         )
         acked: _Outgoing | None = None
+        now = time.monotonic()
         for (item, _), result in zip(sent, results, strict=True):
             if isinstance(result, BaseException):
                 if ok:
@@ -586,6 +602,7 @@ class EventPublisher:
             acked = item
             self._published += 1
             metrics.PUBLISHED.labels(item.category).inc()
+            metrics.PUBLISH_LAG.labels(item.category).observe(max(now - item.queued_at, 0.0))
         if acked is not None:
             while self._buffer and self._buffer[0].seq <= acked.seq:
                 self._buffer.popleft()

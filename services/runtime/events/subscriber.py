@@ -48,6 +48,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from hivewire.events.v1 import events_pb2
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import NotFound, Unavailable
 from hivewire.services.runtime.logging import bind_correlation_id
 
@@ -488,7 +489,21 @@ class Subscription:
             await self._dead_letter(msg, error)
             return
         try:
-            with bind_correlation_id(event.correlation_id or None):
+            with (
+                bind_correlation_id(event.correlation_id or None),
+                tracing.tracer.start_as_current_span(
+                    f"{msg.subject} process",
+                    context=tracing.extract(headers),
+                    kind=tracing.SpanKind.CONSUMER,
+                    attributes={
+                        "messaging.system": "nats",
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": msg.subject,
+                        "messaging.consumer.group.name": self._durable,
+                        "messaging.message.id": event_id,
+                    },
+                ),
+            ):
                 await self._handler(_received(msg, event))
         except asyncio.CancelledError:
             # Stopping mid-event: hand it back for immediate redelivery.
@@ -669,6 +684,7 @@ async def replay(
     fetch_timeout: float = 1.0,
     missing_ok: bool = True,
     nats_options: Mapping[str, Any] | None = None,
+    dead_letters: bool = False,
 ) -> AsyncGenerator[ReceivedEvent, None]:
     """Read stored events in stream order, and optionally keep following new ones.
 
@@ -689,6 +705,9 @@ async def replay(
         missing_ok: Without ``follow``, a stream that does not exist yet (nothing was
             ever published) reads as empty; False raises ``NotFound`` instead.
         nats_options: More ``nats.connect`` keyword arguments.
+        dead_letters: Read the dead-letter stream (``HIVEWIRE_DLQ``) instead: the
+            events subscribers gave up on, with ``Hivewire-*`` headers saying where they
+            came from, which durable gave up and its last error.
 
     Yields:
         The events, oldest first (``delivery_count`` is always 1).
@@ -699,6 +718,9 @@ async def replay(
     """
     names = stream or StreamSettings()
     subject = filter_subject(pattern)
+    stream_name = names.name
+    if dead_letters:
+        stream_name, subject = names.dlq_name, dlq_subject_for(subject)
     client = await connect(
         nats_url, name="hivewire-events-replay", fail_fast=True, options=nats_options
     )
@@ -711,26 +733,26 @@ async def replay(
             await ensure_streams(js, names)
         else:
             try:
-                await stream_exists(js, names.name)
+                await stream_exists(js, stream_name)
             except NotFound:
                 if missing_ok:
                     return
                 raise
         if start == "new":
-            stream_info = await js.stream_info(names.name)
+            stream_info = await js.stream_info(stream_name)
             start_config = {
                 "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
                 "opt_start_seq": stream_info.state.last_seq + 1,
             }
         else:
             start_config = _start_config(start)
-        position = _Ordered(stream=names.name, subject=subject, start=start_config)
+        position = _Ordered(stream=stream_name, subject=subject, start=start_config)
         failures = 0
         while True:
             if psub is None:
                 try:
-                    created = await js.add_consumer(names.name, position.config(inactive))
-                    psub = await js.pull_subscribe_bind(consumer=position.name, stream=names.name)
+                    created = await js.add_consumer(stream_name, position.config(inactive))
+                    psub = await js.pull_subscribe_bind(consumer=position.name, stream=stream_name)
                 except TRANSIENT_ERRORS as exc:
                     logger.debug("events: replay consumer creation failed: %s", exc)
                     failures = await _replay_pause(failures, follow, exc)

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fhivewire/common/v1/common.proto\x12\x12hivewire.common.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"^\n\x0fRequestMetadata\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x04 \x01(\t\"b\n\x07Payload\x12%\n\x04json\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"\xdf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x04\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bmodel_calls\x18\x06 \x01(\r\x12\x12\n\ntool_calls\x18\x07 \x01(\r\"\xc1\x01\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12?\n\x08metadata\x18\x05 \x03(\x0b\x32-.hivewire.common.v1.ErrorDetail.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x08Progress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0c\n\x04step\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x84\x01\n\rPartialResult\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12,\n\x07\x63ontent\x18\x02 \x01(\x0b\x32\x1b.hivewire.common.v1.Payload\x12\x0e\n\x06\x61ppend\x18\x03 \x01(\x08\x12\x12\n\nlast_chunk\x18\x04 \x01(\x08\x12\x0c\n\x04name\x18\x05 \x01(\t\"\xb5\x01\n\x0cInputRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.hivewire.common.v1.InputKind\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\'\n\x06schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\ttool_name\x18\x05 \x01(\t\x12\x18\n\x10\x61rguments_digest\x18\x06 \x01(\t\"\xaf\x01\n\rInputResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.hivewire.common.v1.Payload\x12\x10\n\x08\x61pproved\x18\x03 \x01(\x08\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\x12;\n\x0fsigned_approval\x18\x05 \x01(\x0b\x32\".hivewire.common.v1.SignedApproval\"\xf1\x01\n\x08\x41\x63tivity\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .hivewire.common.v1.ActivityKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12.\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1f.hivewire.common.v1.ErrorDetail\x12(\n\x05usage\x18\x06 \x01(\x0b\x32\x19.hivewire.common.v1.Usage\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe8\x01\n\x0e\x41pprovalClaims\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\ttool_name\x18\x03 \x01(\t\x12\x18\n\x10\x61rguments_digest\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x06 \x01(\t\x12-\n\tissued_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x0eSignedApproval\x12\x0e\n\x06\x63laims\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c*u\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_MEDIUM\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x15\n\x11PRIORITY_CRITICAL\x10\x04*\xf7\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x17\n\x13TASK_STATE_ASSIGNED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x1d\n\x19TASK_STATE_INPUT_REQUIRED\x10\x04\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n\x11TASK_STATE_FAILED\x10\x06\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x07\x12\x1c\n\x18TASK_STATE_DEAD_LETTERED\x10\x08*U\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fINPUT_KIND_TEXT\x10\x01\x12\x17\n\x13INPUT_KIND_APPROVAL\x10\x02*h\n\x0c\x41\x63tivityKind\x12\x1d\n\x19\x41\x43TIVITY_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x43TIVITY_KIND_MODEL_CALL\x10\x01\x12\x1b\n\x17\x41\x43TIVITY_KIND_TOOL_CALL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fhivewire/common/v1/common.proto\x12\x12hivewire.common.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x0fRequestMetadata\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x04 \x01(\t\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\x12\n\ntracestate\x18\x06 \x01(\t\"b\n\x07Payload\x12%\n\x04json\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"\xdf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x04\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bmodel_calls\x18\x06 \x01(\r\x12\x12\n\ntool_calls\x18\x07 \x01(\r\"\xc1\x01\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12?\n\x08metadata\x18\x05 \x03(\x0b\x32-.hivewire.common.v1.ErrorDetail.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x08Progress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0c\n\x04step\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x84\x01\n\rPartialResult\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12,\n\x07\x63ontent\x18\x02 \x01(\x0b\x32\x1b.hivewire.common.v1.Payload\x12\x0e\n\x06\x61ppend\x18\x03 \x01(\x08\x12\x12\n\nlast_chunk\x18\x04 \x01(\x08\x12\x0c\n\x04name\x18\x05 \x01(\t\"\xb5\x01\n\x0cInputRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.hivewire.common.v1.InputKind\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\'\n\x06schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\ttool_name\x18\x05 \x01(\t\x12\x18\n\x10\x61rguments_digest\x18\x06 \x01(\t\"\xaf\x01\n\rInputResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.hivewire.common.v1.Payload\x12\x10\n\x08\x61pproved\x18\x03 \x01(\x08\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\x12;\n\x0fsigned_approval\x18\x05 \x01(\x0b\x32\".hivewire.common.v1.SignedApproval\"\xf1\x01\n\x08\x41\x63tivity\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .hivewire.common.v1.ActivityKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12.\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1f.hivewire.common.v1.ErrorDetail\x12(\n\x05usage\x18\x06 \x01(\x0b\x32\x19.hivewire.common.v1.Usage\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe8\x01\n\x0e\x41pprovalClaims\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\ttool_name\x18\x03 \x01(\t\x12\x18\n\x10\x61rguments_digest\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x06 \x01(\t\x12-\n\tissued_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x0eSignedApproval\x12\x0e\n\x06\x63laims\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c*u\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_MEDIUM\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x15\n\x11PRIORITY_CRITICAL\x10\x04*\xf7\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x17\n\x13TASK_STATE_ASSIGNED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x1d\n\x19TASK_STATE_INPUT_REQUIRED\x10\x04\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n\x11TASK_STATE_FAILED\x10\x06\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x07\x12\x1c\n\x18TASK_STATE_DEAD_LETTERED\x10\x08*U\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fINPUT_KIND_TEXT\x10\x01\x12\x17\n\x13INPUT_KIND_APPROVAL\x10\x02*h\n\x0c\x41\x63tivityKind\x12\x1d\n\x19\x41\x43TIVITY_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x43TIVITY_KIND_MODEL_CALL\x10\x01\x12\x1b\n\x17\x41\x43TIVITY_KIND_TOOL_CALL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,36 +36,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORDETAIL_METADATAENTRY']._loaded_options = None
   _globals['_ERRORDETAIL_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_PRIORITY']._serialized_start=1879
-  _globals['_PRIORITY']._serialized_end=1996
-  _globals['_TASKSTATE']._serialized_start=1999
-  _globals['_TASKSTATE']._serialized_end=2246
-  _globals['_INPUTKIND']._serialized_start=2248
-  _globals['_INPUTKIND']._serialized_end=2333
-  _globals['_ACTIVITYKIND']._serialized_start=2335
-  _globals['_ACTIVITYKIND']._serialized_end=2439
-  _globals['_REQUESTMETADATA']._serialized_start=150
-  _globals['_REQUESTMETADATA']._serialized_end=244
-  _globals['_PAYLOAD']._serialized_start=246
-  _globals['_PAYLOAD']._serialized_end=344
-  _globals['_USAGE']._serialized_start=347
-  _globals['_USAGE']._serialized_end=570
-  _globals['_ERRORDETAIL']._serialized_start=573
-  _globals['_ERRORDETAIL']._serialized_end=766
-  _globals['_ERRORDETAIL_METADATAENTRY']._serialized_start=719
-  _globals['_ERRORDETAIL_METADATAENTRY']._serialized_end=766
-  _globals['_PROGRESS']._serialized_start=768
-  _globals['_PROGRESS']._serialized_end=827
-  _globals['_PARTIALRESULT']._serialized_start=830
-  _globals['_PARTIALRESULT']._serialized_end=962
-  _globals['_INPUTREQUEST']._serialized_start=965
-  _globals['_INPUTREQUEST']._serialized_end=1146
-  _globals['_INPUTRESPONSE']._serialized_start=1149
-  _globals['_INPUTRESPONSE']._serialized_end=1324
-  _globals['_ACTIVITY']._serialized_start=1327
-  _globals['_ACTIVITY']._serialized_end=1568
-  _globals['_APPROVALCLAIMS']._serialized_start=1571
-  _globals['_APPROVALCLAIMS']._serialized_end=1803
-  _globals['_SIGNEDAPPROVAL']._serialized_start=1805
-  _globals['_SIGNEDAPPROVAL']._serialized_end=1877
+  _globals['_PRIORITY']._serialized_start=1921
+  _globals['_PRIORITY']._serialized_end=2038
+  _globals['_TASKSTATE']._serialized_start=2041
+  _globals['_TASKSTATE']._serialized_end=2288
+  _globals['_INPUTKIND']._serialized_start=2290
+  _globals['_INPUTKIND']._serialized_end=2375
+  _globals['_ACTIVITYKIND']._serialized_start=2377
+  _globals['_ACTIVITYKIND']._serialized_end=2481
+  _globals['_REQUESTMETADATA']._serialized_start=151
+  _globals['_REQUESTMETADATA']._serialized_end=286
+  _globals['_PAYLOAD']._serialized_start=288
+  _globals['_PAYLOAD']._serialized_end=386
+  _globals['_USAGE']._serialized_start=389
+  _globals['_USAGE']._serialized_end=612
+  _globals['_ERRORDETAIL']._serialized_start=615
+  _globals['_ERRORDETAIL']._serialized_end=808
+  _globals['_ERRORDETAIL_METADATAENTRY']._serialized_start=761
+  _globals['_ERRORDETAIL_METADATAENTRY']._serialized_end=808
+  _globals['_PROGRESS']._serialized_start=810
+  _globals['_PROGRESS']._serialized_end=869
+  _globals['_PARTIALRESULT']._serialized_start=872
+  _globals['_PARTIALRESULT']._serialized_end=1004
+  _globals['_INPUTREQUEST']._serialized_start=1007
+  _globals['_INPUTREQUEST']._serialized_end=1188
+  _globals['_INPUTRESPONSE']._serialized_start=1191
+  _globals['_INPUTRESPONSE']._serialized_end=1366
+  _globals['_ACTIVITY']._serialized_start=1369
+  _globals['_ACTIVITY']._serialized_end=1610
+  _globals['_APPROVALCLAIMS']._serialized_start=1613
+  _globals['_APPROVALCLAIMS']._serialized_end=1845
+  _globals['_SIGNEDAPPROVAL']._serialized_start=1847
+  _globals['_SIGNEDAPPROVAL']._serialized_end=1919
 # @@protoc_insertion_point(module_scope)

@@ -176,6 +176,8 @@ class RequestMetadata(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TRACESTATE_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     """The client application that submitted the work, for example "cli" or "web"."""
     user_id: _builtins.str
@@ -186,6 +188,13 @@ class RequestMetadata(_message.Message):
     """The correlation id. Taken from the x-correlation-id call metadata when this
     field is empty; minted by the coordinator when both are empty.
     """
+    traceparent: _builtins.str
+    """The W3C traceparent of the call that submitted the work. The coordinator
+    sets it from the submitting call's trace, so the work it starts later (on
+    agents, after retries and restarts) continues the same trace.
+    """
+    tracestate: _builtins.str
+    """The W3C tracestate that goes with traceparent, if any."""
     def __init__(
         self,
         *,
@@ -193,10 +202,12 @@ class RequestMetadata(_message.Message):
         user_id: _builtins.str = ...,
         session_id: _builtins.str = ...,
         correlation_id: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
+        tracestate: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "session_id", b"session_id", "source", b"source", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "session_id", b"session_id", "source", b"source", "traceparent", b"traceparent", "tracestate", b"tracestate", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -96,6 +96,41 @@ class CoordinatorServiceStub(object):
                 request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsRequest.SerializeToString,
                 response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/hivewire.coordinator.v1.CoordinatorService/ListDeadLetters',
+                request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.RequeueTask = channel.unary_unary(
+                '/hivewire.coordinator.v1.CoordinatorService/RequeueTask',
+                request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RequeueTaskRequest.SerializeToString,
+                response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RequeueTaskResponse.FromString,
+                _registered_method=True)
+        self.PurgeDeadLetters = channel.unary_unary(
+                '/hivewire.coordinator.v1.CoordinatorService/PurgeDeadLetters',
+                request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.PurgeDeadLettersRequest.SerializeToString,
+                response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.PurgeDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.RegisterWebhook = channel.unary_unary(
+                '/hivewire.coordinator.v1.CoordinatorService/RegisterWebhook',
+                request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterWebhookRequest.SerializeToString,
+                response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhooks = channel.unary_unary(
+                '/hivewire.coordinator.v1.CoordinatorService/ListWebhooks',
+                request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhooksResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhook = channel.unary_unary(
+                '/hivewire.coordinator.v1.CoordinatorService/DeleteWebhook',
+                request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.DeleteWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/hivewire.coordinator.v1.CoordinatorService/ListWebhookDeliveries',
+                request_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer(object):
@@ -197,6 +232,65 @@ class CoordinatorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """ListDeadLetters lists dead-lettered tasks, newest first, with their
+        attempts and errors, and the task each was requeued as. Admins only (the
+        default authorization policy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequeueTask(self, request, context):
+        """RequeueTask runs a dead-lettered task again: a new task with the same spec
+        and a fresh series of attempts, owned by the original owner. Requeueing the
+        same dead letter again returns the task made the first time. Each requeue
+        is published as a task.requeued event naming who asked. Admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeDeadLetters(self, request, context):
+        """PurgeDeadLetters deletes dead-lettered tasks and their events from the
+        store. Admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterWebhook(self, request, context):
+        """RegisterWebhook registers a webhook for every task of the caller (its
+        principal): their terminal and input-required events are POSTed to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """ListWebhooks lists the caller's registered webhooks (secrets are never
+        returned).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """DeleteWebhook removes one of the caller's registered webhooks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """ListWebhookDeliveries lists deliveries of the caller's tasks' events,
+        newest first: pending ones, delivered ones, and the dead-lettered ones that
+        used up their attempts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +353,41 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListProjects,
                     request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsRequest.FromString,
                     response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'RequeueTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequeueTask,
+                    request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RequeueTaskRequest.FromString,
+                    response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RequeueTaskResponse.SerializeToString,
+            ),
+            'PurgeDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeDeadLetters,
+                    request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.PurgeDeadLettersRequest.FromString,
+                    response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.PurgeDeadLettersResponse.SerializeToString,
+            ),
+            'RegisterWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterWebhook,
+                    request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterWebhookRequest.FromString,
+                    response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterWebhookResponse.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhookDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -587,6 +716,195 @@ class CoordinatorService(object):
             '/hivewire.coordinator.v1.CoordinatorService/ListProjects',
             hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsRequest.SerializeToString,
             hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListProjectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivewire.coordinator.v1.CoordinatorService/ListDeadLetters',
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListDeadLettersRequest.SerializeToString,
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequeueTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivewire.coordinator.v1.CoordinatorService/RequeueTask',
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RequeueTaskRequest.SerializeToString,
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RequeueTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivewire.coordinator.v1.CoordinatorService/PurgeDeadLetters',
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.PurgeDeadLettersRequest.SerializeToString,
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.PurgeDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivewire.coordinator.v1.CoordinatorService/RegisterWebhook',
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterWebhookRequest.SerializeToString,
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.RegisterWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivewire.coordinator.v1.CoordinatorService/ListWebhooks',
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhooksRequest.SerializeToString,
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivewire.coordinator.v1.CoordinatorService/DeleteWebhook',
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.DeleteWebhookRequest.SerializeToString,
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivewire.coordinator.v1.CoordinatorService/ListWebhookDeliveries',
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            hivewire_dot_coordinator_dot_v1_dot_coordinator__pb2.ListWebhookDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

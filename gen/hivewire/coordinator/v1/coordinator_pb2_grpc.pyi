@@ -76,6 +76,36 @@ class CoordinatorServiceStub:
     """GetProject returns a project with the aggregate progress of its tasks."""
     ListProjects: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListProjectsRequest, _coordinator_pb2.ListProjectsResponse]
     """ListProjects lists projects, newest first, paginated."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListDeadLettersRequest, _coordinator_pb2.ListDeadLettersResponse]
+    """ListDeadLetters lists dead-lettered tasks, newest first, with their
+    attempts and errors, and the task each was requeued as. Admins only (the
+    default authorization policy).
+    """
+    RequeueTask: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RequeueTaskRequest, _coordinator_pb2.RequeueTaskResponse]
+    """RequeueTask runs a dead-lettered task again: a new task with the same spec
+    and a fresh series of attempts, owned by the original owner. Requeueing the
+    same dead letter again returns the task made the first time. Each requeue
+    is published as a task.requeued event naming who asked. Admins only.
+    """
+    PurgeDeadLetters: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.PurgeDeadLettersRequest, _coordinator_pb2.PurgeDeadLettersResponse]
+    """PurgeDeadLetters deletes dead-lettered tasks and their events from the
+    store. Admins only.
+    """
+    RegisterWebhook: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RegisterWebhookRequest, _coordinator_pb2.RegisterWebhookResponse]
+    """RegisterWebhook registers a webhook for every task of the caller (its
+    principal): their terminal and input-required events are POSTed to it.
+    """
+    ListWebhooks: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListWebhooksRequest, _coordinator_pb2.ListWebhooksResponse]
+    """ListWebhooks lists the caller's registered webhooks (secrets are never
+    returned).
+    """
+    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.DeleteWebhookRequest, _coordinator_pb2.DeleteWebhookResponse]
+    """DeleteWebhook removes one of the caller's registered webhooks."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListWebhookDeliveriesRequest, _coordinator_pb2.ListWebhookDeliveriesResponse]
+    """ListWebhookDeliveries lists deliveries of the caller's tasks' events,
+    newest first: pending ones, delivered ones, and the dead-lettered ones that
+    used up their attempts.
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -125,6 +155,36 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """GetProject returns a project with the aggregate progress of its tasks."""
     ListProjects: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListProjectsRequest, _coordinator_pb2.ListProjectsResponse]  # type: ignore[assignment]
     """ListProjects lists projects, newest first, paginated."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListDeadLettersRequest, _coordinator_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """ListDeadLetters lists dead-lettered tasks, newest first, with their
+    attempts and errors, and the task each was requeued as. Admins only (the
+    default authorization policy).
+    """
+    RequeueTask: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RequeueTaskRequest, _coordinator_pb2.RequeueTaskResponse]  # type: ignore[assignment]
+    """RequeueTask runs a dead-lettered task again: a new task with the same spec
+    and a fresh series of attempts, owned by the original owner. Requeueing the
+    same dead letter again returns the task made the first time. Each requeue
+    is published as a task.requeued event naming who asked. Admins only.
+    """
+    PurgeDeadLetters: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.PurgeDeadLettersRequest, _coordinator_pb2.PurgeDeadLettersResponse]  # type: ignore[assignment]
+    """PurgeDeadLetters deletes dead-lettered tasks and their events from the
+    store. Admins only.
+    """
+    RegisterWebhook: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RegisterWebhookRequest, _coordinator_pb2.RegisterWebhookResponse]  # type: ignore[assignment]
+    """RegisterWebhook registers a webhook for every task of the caller (its
+    principal): their terminal and input-required events are POSTed to it.
+    """
+    ListWebhooks: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListWebhooksRequest, _coordinator_pb2.ListWebhooksResponse]  # type: ignore[assignment]
+    """ListWebhooks lists the caller's registered webhooks (secrets are never
+    returned).
+    """
+    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.DeleteWebhookRequest, _coordinator_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
+    """DeleteWebhook removes one of the caller's registered webhooks."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListWebhookDeliveriesRequest, _coordinator_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """ListWebhookDeliveries lists deliveries of the caller's tasks' events,
+    newest first: pending ones, delivered ones, and the dead-lettered ones that
+    used up their attempts.
+    """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """CoordinatorService is what clients call: submit tasks, follow them live,
@@ -243,5 +303,77 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ListProjectsResponse, _abc.Awaitable[_coordinator_pb2.ListProjectsResponse]]:
         """ListProjects lists projects, newest first, paginated."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _coordinator_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListDeadLettersResponse, _abc.Awaitable[_coordinator_pb2.ListDeadLettersResponse]]:
+        """ListDeadLetters lists dead-lettered tasks, newest first, with their
+        attempts and errors, and the task each was requeued as. Admins only (the
+        default authorization policy).
+        """
+
+    @_abc_1.abstractmethod
+    def RequeueTask(
+        self,
+        request: _coordinator_pb2.RequeueTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RequeueTaskResponse, _abc.Awaitable[_coordinator_pb2.RequeueTaskResponse]]:
+        """RequeueTask runs a dead-lettered task again: a new task with the same spec
+        and a fresh series of attempts, owned by the original owner. Requeueing the
+        same dead letter again returns the task made the first time. Each requeue
+        is published as a task.requeued event naming who asked. Admins only.
+        """
+
+    @_abc_1.abstractmethod
+    def PurgeDeadLetters(
+        self,
+        request: _coordinator_pb2.PurgeDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.PurgeDeadLettersResponse, _abc.Awaitable[_coordinator_pb2.PurgeDeadLettersResponse]]:
+        """PurgeDeadLetters deletes dead-lettered tasks and their events from the
+        store. Admins only.
+        """
+
+    @_abc_1.abstractmethod
+    def RegisterWebhook(
+        self,
+        request: _coordinator_pb2.RegisterWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RegisterWebhookResponse, _abc.Awaitable[_coordinator_pb2.RegisterWebhookResponse]]:
+        """RegisterWebhook registers a webhook for every task of the caller (its
+        principal): their terminal and input-required events are POSTed to it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhooks(
+        self,
+        request: _coordinator_pb2.ListWebhooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListWebhooksResponse, _abc.Awaitable[_coordinator_pb2.ListWebhooksResponse]]:
+        """ListWebhooks lists the caller's registered webhooks (secrets are never
+        returned).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteWebhook(
+        self,
+        request: _coordinator_pb2.DeleteWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.DeleteWebhookResponse, _abc.Awaitable[_coordinator_pb2.DeleteWebhookResponse]]:
+        """DeleteWebhook removes one of the caller's registered webhooks."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _coordinator_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_coordinator_pb2.ListWebhookDeliveriesResponse]]:
+        """ListWebhookDeliveries lists deliveries of the caller's tasks' events,
+        newest first: pending ones, delivered ones, and the dead-lettered ones that
+        used up their attempts.
+        """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -131,7 +131,7 @@ Global___Event: _TypeAlias = Event  # noqa: Y015
 class TaskEventData(_message.Message):
     """TaskEventData is the data of task.created, task.assigned, task.started,
     task.progress, task.input_required, task.completed, task.failed,
-    task.cancelled, task.retried and task.dead_lettered.
+    task.cancelled, task.retried, task.dead_lettered and task.requeued.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -148,6 +148,8 @@ class TaskEventData(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     INPUT_REQUEST_FIELD_NUMBER: _builtins.int
     BACKOFF_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REQUEUED_AS_TASK_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id."""
     state: _common_pb2.TaskState.ValueType
@@ -162,6 +164,10 @@ class TaskEventData(_message.Message):
     """The attempt number, if any."""
     owner: _builtins.str
     """The task's owner (SPIFFE id)."""
+    actor: _builtins.str
+    """For task.requeued: who asked (SPIFFE id)."""
+    requeued_as_task_id: _builtins.str
+    """For task.requeued: the new task that runs the dead letter again."""
     @_builtins.property
     def progress(self) -> _common_pb2.Progress:
         """For task.progress: the latest progress (coalesced: not every step is sent)."""
@@ -197,10 +203,12 @@ class TaskEventData(_message.Message):
         usage: _common_pb2.Usage | None = ...,
         input_request: _common_pb2.InputRequest | None = ...,
         backoff: _duration_pb2.Duration | None = ...,
+        actor: _builtins.str = ...,
+        requeued_as_task_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error", "input_request", b"input_request", "progress", b"progress", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "backoff", b"backoff", "capability", b"capability", "error", b"error", "input_request", b"input_request", "owner", b"owner", "priority", b"priority", "progress", b"progress", "state", b"state", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "agent_id", b"agent_id", "attempt", b"attempt", "backoff", b"backoff", "capability", b"capability", "error", b"error", "input_request", b"input_request", "owner", b"owner", "priority", b"priority", "progress", b"progress", "requeued_as_task_id", b"requeued_as_task_id", "state", b"state", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -221,6 +229,7 @@ class AgentEventData(_message.Message):
     HEALTHY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    CIRCUIT_STATE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent's instance id."""
     name: _builtins.str
@@ -233,6 +242,10 @@ class AgentEventData(_message.Message):
     """Why its health changed, for agent.health_changed."""
     version: _builtins.str
     """Its version."""
+    circuit_state: _builtins.str
+    """For agent.health_changed: the coordinator's circuit breaker for the agent
+    after the event: "closed", "open" or "half_open".
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Its capabilities."""
@@ -247,10 +260,11 @@ class AgentEventData(_message.Message):
         healthy: _builtins.bool = ...,
         reason: _builtins.str = ...,
         version: _builtins.str = ...,
+        circuit_state: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_id", b"agent_id", "capabilities", b"capabilities", "healthy", b"healthy", "name", b"name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_id", b"agent_id", "capabilities", b"capabilities", "circuit_state", b"circuit_state", "healthy", b"healthy", "name", b"name", "reason", b"reason", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,1 @@
+"""The operators' live web dashboard (``hivewire dashboard``): see docs/observability.md."""

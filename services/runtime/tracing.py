@@ -1,0 +1,285 @@
+"""OpenTelemetry tracing: one trace per task across every gRPC hop and NATS message.
+
+Every process installs the OTel SDK once (:func:`setup_tracing`); spans leave over
+OTLP only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is set,
+and the exporter reads the other standard ``OTEL_EXPORTER_OTLP_*`` variables itself.
+Without an endpoint spans are still made, so log lines carry trace and span ids and
+the W3C context still travels on.
+
+Where the context travels:
+
+* gRPC: the OTel grpc.aio interceptors, first in every server chain
+  (:func:`server_interceptor`) and every channel (:func:`client_interceptors`),
+  make a server and a client span per call and carry ``traceparent`` in metadata.
+* NATS: the event publisher opens a PRODUCER span and injects its context in the
+  headers (:func:`inject`); subscribers continue it in a CONSUMER span
+  (:func:`extract`).
+* Hops nobody's call starts (the coordinator's scheduler opening ``Execute``): the
+  submitter's context is stored with the work (:func:`stamp` on a
+  ``RequestMetadata``) and becomes the parent again later (:func:`resumed`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.instrumentation.grpc import (
+    _aio_client,
+    _aio_server,
+    aio_client_interceptors,
+    aio_server_interceptor,
+    filters,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from hivewire.services.runtime.status import finished_call_code
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SpanKind",
+    "client_interceptors",
+    "current_ids",
+    "extract",
+    "inject",
+    "resumed",
+    "server_interceptor",
+    "setup_tracing",
+    "stamp",
+    "tracer",
+]
+
+TRACER_NAME = "hivewire"
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_MAX_TRACESTATE = 512
+
+tracer = trace.get_tracer(TRACER_NAME)
+"""The tracer of hivewire's own spans (a proxy: it follows the provider set later)."""
+
+# Health checks and reflection are probes, not work: no span for them.
+_UNTRACED: Any = filters.negate(
+    filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
+)
+
+
+def setup_tracing(
+    service_name: str, *, otlp_endpoint: str | None, instance_id: str | None = None
+) -> TracerProvider:
+    """Install the SDK tracer provider of this process (once; later calls return it).
+
+    Args:
+        service_name: ``service.name`` of every span (``hivewire-coordinator``...).
+        otlp_endpoint: Where the OTLP exporter sends (None: spans are made, not sent).
+            The exporter itself reads the standard ``OTEL_EXPORTER_OTLP_*`` variables.
+        instance_id: ``service.instance.id``, when known.
+
+    Returns:
+        The process's provider.
+    """
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        return current
+    attributes: dict[str, str] = {"service.name": service_name}
+    if instance_id:
+        attributes["service.instance.id"] = instance_id
+    provider = TracerProvider(resource=Resource.create(attributes))
+    if otlp_endpoint:
+        # Imported here: the exporter pulls in its own gRPC client stack.
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        logger.info("tracing: exporting spans over OTLP to %s", otlp_endpoint)
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):  # type: ignore[misc]
+    """The stock server interceptor, able to trace reader/writer-style stream handlers.
+
+    The stock one iterates every response-streaming handler, so a handler that answers
+    with ``await context.write(...)`` fails with a TypeError (open upstream issue); such
+    a handler is awaited inside its span instead.
+    """
+
+    def _intercept_aio_server_stream(self, behavior: Any, handler_call_details: Any) -> Any:
+        if not inspect.isasyncgenfunction(behavior):
+            return self._intercept_aio_server_unary(behavior, handler_call_details)  # type: ignore[no-untyped-call]
+        return super()._intercept_aio_server_stream(behavior, handler_call_details)  # type: ignore[no-untyped-call]
+
+
+def server_interceptor() -> grpc.aio.ServerInterceptor:
+    """The OTel server interceptor (outermost in every server chain)."""
+    stock = aio_server_interceptor(filter_=_UNTRACED)  # type: ignore[no-untyped-call]
+    interceptor: grpc.aio.ServerInterceptor = _ServerInterceptor(  # type: ignore[no-untyped-call]
+        stock._tracer, filter_=_UNTRACED
+    )
+    return interceptor
+
+
+def _end_with_call(span: Any, call: Any) -> None:
+    """End a streaming call's client span when the call ends, however it ends."""
+    if not span.is_recording():
+        return
+    code = finished_call_code(call)
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is not grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, code.name))
+    span.end()
+
+
+class _StreamEnding:
+    """Ends a streaming call's span when the call ends, not only at the last message.
+
+    The stock interceptors end it when the response iterator is exhausted, so a caller
+    that stops reading at the result (and cancels the call) would leave the span open
+    until the garbage collector closes the iterator: it would be exported late or never.
+    """
+
+    _response_hook: Any
+
+    def _wrap_stream_response(self, span: Any, call: Any) -> AsyncIterator[Any]:
+        target = getattr(call, "_call", call)
+        if hasattr(target, "add_done_callback"):
+            target.add_done_callback(lambda done: _end_with_call(span, done))
+        return self._responses(span, call)
+
+    async def _responses(self, span: Any, call: Any) -> AsyncIterator[Any]:
+        try:
+            async for response in call:
+                if self._response_hook:
+                    self._call_response_hook(span, response)  # type: ignore[attr-defined]
+                yield response
+        except Exception as exc:
+            if span.is_recording():
+                self.add_error_details_to_span(span, exc)  # type: ignore[attr-defined]
+            raise
+        finally:
+            if span.is_recording():
+                span.end()
+
+
+class _UnaryStream(_StreamEnding, _aio_client.UnaryStreamAioClientInterceptor):  # type: ignore[misc]
+    pass
+
+
+class _StreamStream(_StreamEnding, _aio_client.StreamStreamAioClientInterceptor):  # type: ignore[misc]
+    pass
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """The OTel client interceptors, one per call kind (outermost on every channel)."""
+    stock: list[Any] = aio_client_interceptors(  # type: ignore[no-untyped-call]
+        filter_=_UNTRACED
+    )
+    interceptors: list[grpc.aio.ClientInterceptor] = []
+    for interceptor in stock:
+        if isinstance(interceptor, _aio_client.UnaryStreamAioClientInterceptor):
+            interceptor = _UnaryStream(  # type: ignore[no-untyped-call]
+                interceptor._tracer, filter_=_UNTRACED
+            )
+        elif isinstance(interceptor, _aio_client.StreamStreamAioClientInterceptor):
+            interceptor = _StreamStream(  # type: ignore[no-untyped-call]
+                interceptor._tracer, filter_=_UNTRACED
+            )
+        interceptors.append(interceptor)
+    return interceptors
+
+
+def current_ids() -> tuple[str, str] | None:
+    """``(trace id, span id)`` in hex of the current span, or None outside any."""
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return None
+    return f"{span_context.trace_id:032x}", f"{span_context.span_id:016x}"
+
+
+def inject(carrier: MutableMapping[str, str]) -> None:
+    """Write the current context (``traceparent``, ``tracestate``) into ``carrier``."""
+    propagate.inject(carrier)
+
+
+def extract(carrier: Mapping[str, str]) -> otel_context.Context:
+    """The context carried by ``carrier`` (headers), ready to be a span's parent."""
+    return propagate.extract(carrier)
+
+
+class TraceCarrier(Protocol):
+    """Something that keeps a W3C context: ``common.v1.RequestMetadata``."""
+
+    traceparent: str
+    tracestate: str
+
+
+def stamp(carrier: TraceCarrier) -> None:
+    """Store the current context in ``carrier`` so later work can continue the trace.
+
+    Outside any span the carrier keeps what the client put there if it is a well-formed
+    ``traceparent`` (and loses it otherwise).
+    """
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
+    parent = headers.get("traceparent", "")
+    if _TRACEPARENT.match(parent) and trace.get_current_span().get_span_context().is_valid:
+        carrier.traceparent = parent
+        carrier.tracestate = headers.get("tracestate", "")[:_MAX_TRACESTATE]
+    elif not _TRACEPARENT.match(carrier.traceparent):
+        carrier.traceparent = ""
+        carrier.tracestate = ""
+
+
+def stored_context(carrier: TraceCarrier) -> otel_context.Context | None:
+    """The context :func:`stamp` stored, or None when there is none."""
+    if not carrier.traceparent:
+        return None
+    headers = {"traceparent": carrier.traceparent}
+    if carrier.tracestate:
+        headers["tracestate"] = carrier.tracestate
+    ctx = propagate.extract(headers)
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+
+
+@contextmanager
+def resumed(
+    carrier: TraceCarrier,
+    name: str | None = None,
+    *,
+    attributes: Mapping[str, str | int] | None = None,
+) -> Iterator[None]:
+    """Continue the trace stored in ``carrier`` for the block.
+
+    A current span of the same trace is kept (it is the closer parent); otherwise the
+    stored context becomes current. With ``name``, a span of that name is opened.
+
+    Args:
+        carrier: Where :func:`stamp` stored the context.
+        name: Open a span with this name inside the resumed context.
+        attributes: Attributes of that span.
+    """
+    stored = stored_context(carrier)
+    current = trace.get_current_span().get_span_context()
+    token = None
+    if stored is not None and (
+        not current.is_valid
+        or current.trace_id != trace.get_current_span(stored).get_span_context().trace_id
+    ):
+        token = otel_context.attach(stored)
+    try:
+        if name is None:
+            yield
+        else:
+            with tracer.start_as_current_span(name, attributes=attributes):
+                yield
+    finally:
+        if token is not None:
+            otel_context.detach(token)
