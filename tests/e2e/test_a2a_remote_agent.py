@@ -203,6 +203,36 @@ async def test_a_task_streams_from_the_remote_agent(mesh: RemoteMesh) -> None:
     assert finished.output.text == "A B C "
 
 
+async def test_plan_steps_route_to_the_remote_agent_like_to_any_agent(mesh: RemoteMesh) -> None:
+    plan = C.Plan(
+        steps=[
+            C.PlanStep(step_id="first", capability="shout", input=S.Payload(text="hello there")),
+            C.PlanStep(
+                step_id="second",
+                capability="shout",
+                input=S.Payload(text="again"),
+                depends_on=["first"],
+            ),
+        ]
+    )
+    task = C.TaskSpec(plan=plan, max_attempts=1)
+    task.timeout.FromSeconds(60)
+    events = [r.event async for r in mesh.client.StreamTask(C.StreamTaskRequest(spec=task))]
+    finished = events[-1].finished
+    assert finished.state == S.TASK_STATE_SUCCEEDED, finished
+    assert json_format.MessageToDict(finished.output.json) == {
+        "first": "HELLO THERE ",
+        "second": "AGAIN ",
+    }
+    # The remote agent's streaming reaches the plan's own stream as step partials.
+    partials = [
+        e.step.partial.content.text
+        for e in events
+        if e.HasField("step") and e.step.HasField("partial")
+    ]
+    assert "HELLO " in partials and "AGAIN " in partials
+
+
 async def test_cancelling_the_task_cancels_the_remote_task(mesh: RemoteMesh) -> None:
     call = mesh.client.StreamTask(C.StreamTaskRequest(spec=spec("linger", "forever")))
     task_id = ""
