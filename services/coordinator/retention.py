@@ -7,7 +7,7 @@ Two settings bound what the coordinator keeps (see docs/coordinator.md, "Retenti
   is a new task; the old task keeps existing, without its key.
 * ``task_retention`` (default 7 days; 0 keeps everything): a task finished longer ago
   than that is deleted with its event journal. What stays is a tombstone (id, owner,
-  when), kept ``tombstone_retention`` (default 30 days) so that reading the id answers
+  when), kept ``tombstone_retention`` (default 7 days) so that reading the id answers
   ``NOT_FOUND`` with reason ``TASK_PURGED`` instead of ``TASK_NOT_FOUND``.
 
 The purge runs in the background every ``purge_interval`` seconds, in batches of

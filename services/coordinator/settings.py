@@ -162,7 +162,7 @@ class CoordinatorSettings(BaseModel):
         "deletes them (0 keeps them forever).",
     )
     tombstone_retention: float = Field(
-        30 * 86400.0,
+        7 * 86400.0,
         ge=0,
         description="Seconds a purged task's id is remembered (GetTask answers TASK_PURGED).",
     )
