@@ -226,7 +226,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             self._caller(context),
             task_ids=list(request.task_ids),
             dead_before_ns=(
-                request.dead_before.ToNanoseconds() if request.HasField("dead_before") else 0
+                # Plain arithmetic: an out-of-range timestamp selects nothing, never crashes.
+                convert.ns_from_timestamp(request.dead_before)
+                if request.HasField("dead_before")
+                else 0
             ),
             everything=request.all,
         )

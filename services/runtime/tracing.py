@@ -21,6 +21,7 @@ Where the context travels:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import re
@@ -177,8 +178,32 @@ class _StreamStream(_StreamEnding, _aio_client.StreamStreamAioClientInterceptor)
     pass
 
 
+def _iterator_channel(self: Any) -> Any:
+    call = getattr(self, "_call", None)
+    channel = getattr(call, "_channel", None)
+    if channel is None:
+        channel = getattr(getattr(call, "_cython_call", None), "_channel", None)
+    return channel
+
+
+def _let_channels_close() -> None:
+    """Work around a grpc.aio bug that intercepted streams would trigger at channel close.
+
+    A stream interceptor that wraps the responses (as the OTel ones do) turns the call into
+    a ``*CallResponseIterator``, which has neither ``_channel`` nor ``_cython_call``;
+    ``Channel.close()`` then raises ``InternalError: Unrecognized call object`` when such a
+    call is still open. Giving the wrapper its call's channel lets close cancel it like
+    any call. Applied once, when the interceptors are first built.
+    """
+    module = importlib.import_module("grpc.aio._interceptor")
+    wrapper = getattr(module, "_StreamCallResponseIterator", None)
+    if wrapper is not None and not hasattr(wrapper, "_channel"):
+        wrapper._channel = property(_iterator_channel)
+
+
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """The OTel client interceptors, one per call kind (outermost on every channel)."""
+    _let_channels_close()
     stock: list[Any] = aio_client_interceptors(  # type: ignore[no-untyped-call]
         filter_=_UNTRACED
     )
