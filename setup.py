@@ -1,4 +1,4 @@
-"""Package layout: everything installs under ``hivewire.*`` (see DESIGN.md section 1)."""
+"""Package layout: everything installs under ``hivewire.*`` (README.md, Architecture)."""
 
 from setuptools import find_packages, setup
 

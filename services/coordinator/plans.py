@@ -72,6 +72,8 @@ COMPENSATION = C.TASK_ROLE_COMPENSATION
 AGGREGATOR = C.TASK_ROLE_AGGREGATOR
 #: The step id of a plan's aggregator task (step ids cannot start with "_").
 AGGREGATOR_STEP_ID = "_aggregate"
+#: The step events a plan mirrors from its steps' own journals, by event kind.
+_MIRRORED = {"progress": C.STEP_EVENT_KIND_PROGRESS, "partial": C.STEP_EVENT_KIND_PARTIAL}
 #: The error reason of a step the plan itself cancelled (not a failure of the plan).
 PLAN_CANCELLED = "PLAN_STEP_CANCELLED"
 
@@ -275,33 +277,19 @@ class Plans:
             self._children.pop(rt.record.task_id, None)
             return
         kind = event.WhichOneof("kind")
-        if kind == "progress":
+        if kind in _MIRRORED:
+            # A step's progress and partial output reach the plan's own stream.
             self._step_event(
                 run,
                 C.StepEvent(
                     step_id=step_id,
                     task_id=rt.record.task_id,
-                    kind=C.STEP_EVENT_KIND_PROGRESS,
+                    kind=_MIRRORED[kind],
                     role=role,  # type: ignore[arg-type]
                     state=rt.record.state,  # type: ignore[arg-type]
                     step_sequence=event.sequence,
                     agent_id=rt.record.agent_id,
-                    progress=event.progress,
-                ),
-                write_row=False,
-            )
-        elif kind == "partial":
-            self._step_event(
-                run,
-                C.StepEvent(
-                    step_id=step_id,
-                    task_id=rt.record.task_id,
-                    kind=C.STEP_EVENT_KIND_PARTIAL,
-                    role=role,  # type: ignore[arg-type]
-                    state=rt.record.state,  # type: ignore[arg-type]
-                    step_sequence=event.sequence,
-                    agent_id=rt.record.agent_id,
-                    partial=event.partial,
+                    **{kind: getattr(event, kind)},
                 ),
                 write_row=False,
             )
