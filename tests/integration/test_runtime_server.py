@@ -627,16 +627,25 @@ async def test_stop_is_idempotent_and_a_second_call_shortens_the_grace(
     srv = ServiceServer(settings, [make_service(probe)])
     await srv.start()
     async with secure_channel(srv.address, client_files) as ch:
-        ch.unary_stream(f"/{SERVICE}/Count")(b"wait:1")
+        call = ch.unary_stream(f"/{SERVICE}/Count")(b"wait:1")
         await probe.stream_started.wait()
-        # A long grace would keep the first stop waiting; the forced one ends it.
+        # A long grace keeps the first stop waiting on the in-flight stream...
         first = asyncio.create_task(srv.stop(grace=600))
         await eventually(lambda: srv.health.status() == NOT_SERVING)
+        assert not first.done()
+        assert not probe.cancelled.is_set()
+        # ...and a second call with no grace cancels the stream and ends both stops
+        # (well before the first one's 600 s: the test's own timeout is far shorter).
         await srv.stop(grace=0)
+        await eventually(probe.cancelled.is_set)
         await first
-        await probe.cancelled.wait()
+        assert first.exception() is None
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call.read()
+    # Stopping a stopped server returns at once and changes nothing.
     await srv.stop()
     await srv.wait_for_termination()
+    assert srv.health.status() == NOT_SERVING
 
 
 async def test_every_watcher_of_a_service_is_notified(
