@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv relink gen gen-check lint typecheck buf-lint pytest fmt bench soak soak-quick clean promtool chromium
+.PHONY: run test venv relink gen gen-check lint typecheck buf-lint buf-breaking pytest fmt bench soak soak-quick clean promtool chromium
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ buf-lint: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
 
+# Contracts evolve compatibly: proto/ against the merge base with main, or on main against
+# the previous commit (scripts/buf_breaking.py says why; BUF_BREAKING_BASE=<rev> overrides).
+buf-breaking: $(STAMP)
+	$(PY) scripts/buf_breaking.py
+
 # promtool (checks the deploy/prometheus files and every service's /metrics in the tests)
 # comes from Debian's prometheus package: only the static promtool binary is taken out of
 # it, so no Prometheus server is installed or started.
@@ -79,7 +84,7 @@ chromium:
 pytest: relink $(PROMTOOL) chromium
 	$(BIN)/pytest -q
 
-test: relink lint typecheck buf-lint gen-check pytest
+test: relink lint typecheck buf-lint buf-breaking gen-check pytest
 
 bench: relink
 	$(PY) bench/run.py
