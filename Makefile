@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv relink gen gen-check lint typecheck buf-lint buf-breaking pytest fmt bench soak soak-quick clean promtool chromium
+.PHONY: run test venv relink gen gen-check lint typecheck imports buf-lint buf-breaking pytest fmt bench soak soak-quick clean promtool chromium
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ fmt: $(STAMP)
 typecheck: relink
 	$(BIN)/mypy services discovery
 
+# Which package may import which: the import-linter contracts in pyproject.toml
+# (docs/architecture.md). An import that points up, or a cycle, fails here.
+imports: relink
+	$(BIN)/lint-imports --no-cache
+
 buf-lint: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
@@ -84,7 +89,7 @@ chromium:
 pytest: relink $(PROMTOOL) chromium
 	$(BIN)/pytest -q
 
-test: relink lint typecheck buf-lint buf-breaking gen-check pytest
+test: relink lint typecheck imports buf-lint buf-breaking gen-check pytest
 
 bench: relink
 	$(PY) bench/run.py
