@@ -51,7 +51,7 @@ CONCURRENCY = 32
 ECHO_CONCURRENCY = 16
 
 
-class TaskFailed(RuntimeError):
+class TaskFailedError(RuntimeError):
     """A benchmark task did not succeed."""
 
 
@@ -73,7 +73,7 @@ async def run_task(stub: CoordinatorStub) -> int:
         The number of events the client received.
 
     Raises:
-        TaskFailed: It ended in another state than SUCCEEDED.
+        TaskFailedError: It ended in another state than SUCCEEDED.
     """
     events = 0
     finished: coordinator_pb2.TaskFinished | None = None
@@ -83,7 +83,7 @@ async def run_task(stub: CoordinatorStub) -> int:
         if response.event.WhichOneof("kind") == "finished":
             finished = response.event.finished
     if finished is None or finished.state != common_pb2.TASK_STATE_SUCCEEDED:
-        raise TaskFailed(f"task ended {finished}")
+        raise TaskFailedError(f"task ended {finished}")
     return events
 
 

@@ -31,7 +31,7 @@ from bench.common import (
     ratio,
     table,
 )
-from bench.mesh import TaskFailed, noop_spec, run_task
+from bench.mesh import TaskFailedError, noop_spec, run_task
 from bench.meshrun import bench_mesh, coordinator_stub
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
@@ -71,7 +71,7 @@ async def run_plan(stub: CoordinatorStub, spec: coordinator_pb2.TaskSpec) -> int
         if response.event.WhichOneof("kind") == "finished":
             finished = response.event.finished
     if finished is None or finished.state != common_pb2.TASK_STATE_SUCCEEDED:
-        raise TaskFailed(f"plan ended {finished}")
+        raise TaskFailedError(f"plan ended {finished}")
     return events
 
 

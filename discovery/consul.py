@@ -84,7 +84,7 @@ def go_duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
-class _Unavailable(Exception):
+class _UnavailableError(Exception):
     """Consul could not be reached or answered 5xx."""
 
 
@@ -226,7 +226,7 @@ class ConsulRegistry(RegistryBase):
         return self._client
 
     async def _call(self, coro: Awaitable[_T], *, limit: float | None = None) -> _T:
-        """Await one py-consul call, mapping transport failures to :class:`_Unavailable`.
+        """Await one py-consul call, mapping transport failures to :class:`_UnavailableError`.
 
         ``BadRequest`` and ``ACLPermissionDenied`` pass through: they are not outages.
         """
@@ -236,9 +236,9 @@ class ConsulRegistry(RegistryBase):
         except _REJECTED:
             raise
         except ConsulException as exc:
-            raise _Unavailable(str(exc)) from exc
+            raise _UnavailableError(str(exc)) from exc
         except _TRANSIENT as exc:
-            raise _Unavailable(repr(exc)) from exc
+            raise _UnavailableError(repr(exc)) from exc
 
     def _check_definitions(self, instance: Instance) -> list[dict[str, Any]]:
         iid = instance.instance_id
@@ -293,7 +293,7 @@ class ConsulRegistry(RegistryBase):
             )
         )
         if not ok:
-            raise _Unavailable(f"register {instance.instance_id}: agent did not accept it")
+            raise _UnavailableError(f"register {instance.instance_id}: agent did not accept it")
         # Maintenance mode is how "not serving" is shown; a re-registration must restore it.
         await self._set_maintenance(instance)
         self._on_agent.add(instance.instance_id)
@@ -311,7 +311,7 @@ class ConsulRegistry(RegistryBase):
         self._on_agent.discard(instance_id)
         try:
             await self._call(self._c.agent.service.deregister(instance_id))
-        except (_Unavailable, ConsulException) as exc:
+        except (_UnavailableError, ConsulException) as exc:
             # The agent reaps it after DeregisterCriticalServiceAfter anyway.
             logger.warning("registry: deregister of %s failed: %s", instance_id, exc)
 
@@ -347,7 +347,7 @@ class ConsulRegistry(RegistryBase):
         except _REJECTED as exc:
             self._instances.pop(instance.instance_id, None)
             raise RegistryError(f"consul rejected {instance.instance_id}: {exc}") from exc
-        except _Unavailable as exc:
+        except _UnavailableError as exc:
             logger.warning(
                 "registry: consul unreachable, %s will be registered when it is back: %s",
                 instance.instance_id,
@@ -370,7 +370,7 @@ class ConsulRegistry(RegistryBase):
             return  # the heartbeat loop registers it with the right state
         try:
             await self._set_maintenance(instance)
-        except (_Unavailable, ConsulException) as exc:
+        except (_UnavailableError, ConsulException) as exc:
             logger.warning(
                 "registry: health of %s not published yet: %s", instance.instance_id, exc
             )
@@ -419,7 +419,7 @@ class ConsulRegistry(RegistryBase):
                     continue
                 try:
                     await self._heartbeat_once(instance)
-                except (_Unavailable, ConsulException) as exc:
+                except (_UnavailableError, ConsulException) as exc:
                     metrics.HEARTBEATS_FAILED.labels(self.backend).inc()
                     if not failing:
                         logger.warning("registry: consul heartbeat failed: %s", exc)
@@ -472,7 +472,7 @@ class ConsulRegistry(RegistryBase):
         self._require_started()
         try:
             _, found = await self._health(service, tag=tag, index=0, wait=None)
-        except _Unavailable as exc:
+        except _UnavailableError as exc:
             raise RegistryUnavailableError(f"consul at {self.address}: {exc}") from exc
         except ConsulException as exc:
             raise RegistryError(f"consul refused health/service/{service}: {exc}") from exc
@@ -507,7 +507,7 @@ class ConsulRegistry(RegistryBase):
                 return
             try:
                 new_index, current = query.result()
-            except (_Unavailable, ConsulException) as exc:
+            except (_UnavailableError, ConsulException) as exc:
                 metrics.WATCH_ERRORS.labels(self.backend).inc()
                 logger.warning(
                     "registry: watch of %s failed (%s); keeping last known", service, exc

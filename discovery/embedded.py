@@ -352,7 +352,7 @@ class EmbeddedRegistry(RegistryBase):
                 watcher = await kv.watch(f"{service}.*")
                 while (entry := await _next(watcher)) is not None:
                     _apply(found, entry)
-        except _WatcherStopped as exc:
+        except _WatcherStoppedError as exc:
             raise RegistryUnavailableError(f"snapshot of {service} interrupted") from exc
         except _TRANSIENT as exc:
             raise RegistryUnavailableError(f"snapshot of {service}: {exc!r}") from exc
@@ -402,7 +402,7 @@ class EmbeddedRegistry(RegistryBase):
                 while True:
                     try:
                         entry = await _next(watcher)
-                    except _WatcherStopped:
+                    except _WatcherStoppedError:
                         break  # reconnect or close: rebuild from a fresh snapshot
                     if entry is None:
                         synced = True
@@ -421,7 +421,7 @@ class EmbeddedRegistry(RegistryBase):
                     await _stop(watcher)
 
 
-class _WatcherStopped(Exception):
+class _WatcherStoppedError(Exception):
     """The KV watcher was stopped (reconnect or close)."""
 
 
@@ -429,12 +429,12 @@ async def _next(watcher: KeyValue.KeyWatcher) -> KeyValue.Entry | None:
     """Next watch item: an entry, or ``None`` once the initial values are delivered.
 
     Raises:
-        _WatcherStopped: The watcher was stopped.
+        _WatcherStoppedError: The watcher was stopped.
     """
     item: object = await watcher.updates(timeout=None)  # type: ignore[no-untyped-call]
     if item is None or isinstance(item, KeyValue.Entry):
         return item
-    raise _WatcherStopped
+    raise _WatcherStoppedError
 
 
 async def _stop(watcher: KeyValue.KeyWatcher) -> None:

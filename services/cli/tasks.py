@@ -120,7 +120,7 @@ async def _connect(
         await channel.close()
 
 
-class _Failure(Exception):
+class _FailureError(Exception):
     """A one-line error and the exit status that goes with it."""
 
     def __init__(self, message: str, status: int) -> None:
@@ -147,17 +147,17 @@ def _run(target: _Target, work: Callable[[Any], Awaitable[int]]) -> None:
             err = from_rpc_error(exc)
             status = EXIT_UNREACHABLE if exc.code() in _UNREACHABLE_CODES else EXIT_REFUSED
             if status == EXIT_UNREACHABLE and exc.code() is grpc.StatusCode.UNAVAILABLE:
-                raise _Failure(
+                raise _FailureError(
                     f"{describe_error(err)} (is the coordinator running at {target.address}?)",
                     status,
                 ) from exc
-            raise _Failure(describe_error(err), status) from exc
+            raise _FailureError(describe_error(err), status) from exc
         except FileNotFoundError as exc:
-            raise _Failure(str(exc), EXIT_UNREACHABLE) from exc
+            raise _FailureError(str(exc), EXIT_UNREACHABLE) from exc
 
     try:
         status = asyncio.run(main())
-    except _Failure as exc:
+    except _FailureError as exc:
         fail(str(exc), exc.status)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -27,7 +27,7 @@ from hivewire.services.mesh.nats_security import (
 from hivewire.services.runtime.tls import TlsFiles
 
 
-class NatsServerNotFound(RuntimeError):
+class NatsServerNotFoundError(RuntimeError):
     """The nats-server binary is not installed."""
 
 
@@ -38,7 +38,7 @@ def nats_server_binary() -> str:
         return str(beside)
     found = shutil.which("nats-server")
     if found is None:
-        raise NatsServerNotFound(
+        raise NatsServerNotFoundError(
             "nats-server not found; install hivewire's dependencies (`make venv`)"
         )
     return found
