@@ -34,9 +34,9 @@ if __package__ in (None, ""):
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from google.protobuf import __version__ as protobuf_version  # noqa: E402
+from google.protobuf import __version__ as protobuf_version
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     DEFAULT,
     QUICK,
     ROOT,

@@ -41,12 +41,12 @@ if __package__ in (None, ""):
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-import grpc  # noqa: E402
-from google.protobuf import __version__ as protobuf_version  # noqa: E402
+import grpc
+from google.protobuf import __version__ as protobuf_version
 
-from bench import echo, events, grpcio_versions, interceptors, mesh, plans, streams  # noqa: E402
-from bench.common import DEFAULT, QUICK, Durations, Phase  # noqa: E402
-from hivewire.services.runtime.pki import init_pki  # noqa: E402
+from bench import echo, events, grpcio_versions, interceptors, mesh, plans, streams
+from bench.common import DEFAULT, QUICK, Durations, Phase
+from hivewire.services.runtime.pki import init_pki
 
 BENCHMARKS = ("echo", "interceptors", "mesh", "plans", "streams", "events")
 OPTIONAL = ("grpcio",)

@@ -78,7 +78,7 @@ class Instance:
             raise ValueError(f"invalid service name {self.service!r}: use [A-Za-z0-9_-]")
         if not _NAME_RE.match(self.instance_id):
             raise ValueError(f"invalid instance_id {self.instance_id!r}: use [A-Za-z0-9_-]")
-        if not self.address or self.address in ("0.0.0.0", "::"):  # noqa: S104 - rejected, not bound
+        if not self.address or self.address in ("0.0.0.0", "::"):
             raise ValueError(f"invalid address {self.address!r}: give a host peers can dial")
         if not 0 < self.port < 65536:
             raise ValueError(f"invalid port {self.port}")

@@ -114,7 +114,8 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
 @pytest.fixture
 async def mesh_nats_server(pki: Pki, tmp_path: Path) -> AsyncIterator[NatsServer]:
     """The mesh's nats-server as ``hivewire up`` runs it: mTLS with the session PKI and a
-    permission set per identity (``url`` is ``tls://``; connect with ``client_options``)."""
+    permission set per identity (``url`` is ``tls://``; connect with ``client_options``).
+    """
     async with NatsServer(tmp_path / "mesh-nats", certs_dir=pki.dir) as server:
         yield server
 

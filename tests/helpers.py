@@ -7,7 +7,6 @@ deadline with ``eventually``.
 
 # Each helper takes its deadline as a ``timeout`` in seconds (``eventually(check,
 # timeout=5)`` reads best in a test) and applies it with asyncio.timeout inside.
-# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 

@@ -246,7 +246,8 @@ class GatewayHandler(RequestHandler):
         self, params: a2a.SendMessageRequest, context: ServerCallContext
     ) -> a2a.Task | a2a.Message:
         """Start or continue a task; wait until it ends or asks for input (unless
-        ``configuration.return_immediately``), then return it."""
+        ``configuration.return_immediately``), then return it.
+        """
         stream = self._start(params)
         task_id = ""
         try:
@@ -325,7 +326,8 @@ class GatewayHandler(RequestHandler):
         self, params: a2a.SubscribeToTaskRequest, context: ServerCallContext
     ) -> AsyncGenerator[convert.A2aEvent]:
         """Follow a task: its snapshot, then the events after the client's cursor (the
-        ``Hivewire-After-Sequence`` header; none: only new events)."""
+        ``Hivewire-After-Sequence`` header; none: only new events).
+        """
         after = _after_sequence(context)
         task = await self._get(params.id)
         stream = self._follow(task, task.last_sequence if after is None else after)

@@ -496,7 +496,7 @@ def capability(
     /,
     *,
     description: str | None = None,
-    input: str = "",  # noqa: A002 - reads naturally at the call site
+    input: str = "",
     output: str = "",
     input_schema: Mapping[str, Any] | None = None,
     output_schema: Mapping[str, Any] | None = None,
@@ -809,7 +809,7 @@ class TaskContext:
     async def subtask(
         self,
         capability: str = "",
-        input: Output = None,  # noqa: A002 - mirrors the task's own "input"
+        input: Output = None,
         *,
         plan: Any = None,
         priority: int = 0,

@@ -77,7 +77,7 @@ def assignment(record: TaskRecord, attempt: int) -> agent_pb2.TaskAssignment:
 
 
 def call_metadata(record: TaskRecord, attempt: int) -> list[tuple[str, str]]:
-    """gRPC metadata of an attempt's call: task id, attempt, correlation id, budget."""
+    """GRPC metadata of an attempt's call: task id, attempt, correlation id, budget."""
     metadata = [
         (md.TASK_ID, record.task_id),
         (md.ATTEMPT, str(attempt)),

@@ -30,7 +30,8 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Own process group (a terminal's Ctrl-C reaches only the launcher, which stops the
-    children in order), and SIGTERM from the kernel when the launcher dies (Linux)."""
+    children in order), and SIGTERM from the kernel when the launcher dies (Linux).
+    """
     os.setpgrp()
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)

@@ -97,7 +97,8 @@ def _stream_setup(stream: str) -> list[str]:
 
 def _coordinator_extras(names: NatsNames) -> list[str]:
     """What only coordinators publish besides task events: plans' and projects' events,
-    and the JetStream task store (its KV buckets and journal stream, when used)."""
+    and the JetStream task store (its KV buckets and journal stream, when used).
+    """
     extras = [f"{EVENTS_PREFIX}.workflow.>", f"{EVENTS_PREFIX}.project.>", "hivewire.journal.>"]
     for bucket in names.store_buckets:
         extras += [

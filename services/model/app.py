@@ -114,7 +114,8 @@ def build_router(settings: ModelSettings, backends: list[str]) -> Router:
 
 async def warm_up(service: ModelService) -> None:
     """Load the local model now when it serves the default model, so the first call
-    does not wait for it. A failure is logged; calls then report it themselves."""
+    does not wait for it. A failure is logged; calls then report it themselves.
+    """
     try:
         route = service.router.resolve("")
     except HivewireError:

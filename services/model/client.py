@@ -200,7 +200,8 @@ class ModelClient:
         timeout: float | None = None,
     ) -> ModelStream:
         """Start a Generate call (arguments as for :meth:`chat`, plus the prompt and
-        optional system text)."""
+        optional system text).
+        """
         request = model_pb2.GenerateRequest(
             model=model,
             prompt=prompt,

@@ -66,7 +66,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         self._service = service
         self._max_output_tokens = max_output_tokens
 
-    async def Generate(  # noqa: N802 - gRPC method name
+    async def Generate(
         self, request: model_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[model_pb2.GenerateResponse]:
         """Stream a completion of a prompt."""
@@ -79,7 +79,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                 sequence += 1
                 yield convert.generate_response(sequence, item)
 
-    async def Chat(  # noqa: N802 - gRPC method name
+    async def Chat(
         self, request: model_pb2.ChatRequest, context: Context
     ) -> AsyncIterator[model_pb2.ChatResponse]:
         """Stream the assistant's next message."""
@@ -92,7 +92,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                 sequence += 1
                 yield convert.chat_response(sequence, item)
 
-    async def Embed(  # noqa: N802 - gRPC method name
+    async def Embed(
         self, request: model_pb2.EmbedRequest, context: Context
     ) -> model_pb2.EmbedResponse:
         """Embed texts."""
@@ -100,7 +100,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         info = call_info(context, request.task_id, request.metadata)
         return convert.embed_response(await self._service.embed(request.model, inputs, info))
 
-    async def ListModels(  # noqa: N802 - gRPC method name
+    async def ListModels(
         self, request: model_pb2.ListModelsRequest, context: Context
     ) -> model_pb2.ListModelsResponse:
         """List every backend's models and state."""

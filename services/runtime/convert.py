@@ -35,7 +35,7 @@ class ClassifiedError(Protocol):
 
     @property
     def code(self) -> str:
-        """gRPC status code name, e.g. ``"UNAVAILABLE"``."""
+        """GRPC status code name, e.g. ``"UNAVAILABLE"``."""
         ...
 
     @property
@@ -110,7 +110,8 @@ def duration_seconds(value: duration_pb2.Duration) -> float:
 
 def error_detail(error: ClassifiedError) -> common_pb2.ErrorDetail:
     """A classified error (an agent's ``ErrorInfo``, a tool's ``ToolFailure``...) as
-    ``common.v1.ErrorDetail``."""
+    ``common.v1.ErrorDetail``.
+    """
     return common_pb2.ErrorDetail(
         code=error.code,
         reason=error.reason,

@@ -174,7 +174,7 @@ class _IPv6Server(ThreadingWSGIServer):
 class _QuietHandler(WSGIRequestHandler):
     """Scrapes arrive every few seconds: keep them out of the logs."""
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

@@ -184,7 +184,7 @@ class ToolError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
 
 
-class ToolCancelled(BaseException):  # noqa: N818 - mirrors asyncio.CancelledError
+class ToolCancelled(BaseException):
     """Raised by :meth:`ToolContext.check_cancelled` once the call is over.
 
     A ``BaseException`` like ``asyncio.CancelledError``, so ``except Exception`` in tool

@@ -303,7 +303,7 @@ async def test_blocking_query_waits_for_a_change(
     first = await http.get("/v1/health/service/web")
     index = int(first.headers["X-Consul-Index"])
     pending = asyncio.create_task(http.get(f"/v1/health/service/web?index={index}&wait=30s"))
-    await eventually(lambda: len(standin._long_polls) == 1)  # noqa: SLF001 - test hook state
+    await eventually(lambda: len(standin._long_polls) == 1)
     assert not pending.done()
     assert (await register(http, {**body, "ID": "w2"})).status_code == 200
     response = await asyncio.wait_for(pending, 10)

@@ -1,5 +1,6 @@
 """The local backend: Gemma 3 270M run in-process by llama-cpp-python, behind the
-model service over mTLS. Slow (a real model), but part of ``make test``."""
+model service over mTLS. Slow (a real model), but part of ``make test``.
+"""
 
 from __future__ import annotations
 

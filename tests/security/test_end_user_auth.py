@@ -77,7 +77,7 @@ def serve_jwks(key: rsa.RSAPrivateKey) -> Iterator[str]:
     body = json.dumps({"keys": [public]}).encode()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

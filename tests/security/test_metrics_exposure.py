@@ -19,9 +19,9 @@ QUIET = {"HIVEWIRE_DISCOVERY": "static", "HIVEWIRE_EVENTS__ENABLED": "false"}
 def test_metrics_bind_loopback_even_when_grpc_binds_every_interface(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("HIVEWIRE_HOST", "0.0.0.0")  # noqa: S104 (only read, never bound)
+    monkeypatch.setenv("HIVEWIRE_HOST", "0.0.0.0")
     settings = load_settings()
-    assert settings.host == "0.0.0.0" and settings.metrics_host == "127.0.0.1"  # noqa: S104
+    assert settings.host == "0.0.0.0" and settings.metrics_host == "127.0.0.1"
     server = start_metrics_server(settings.metrics_host, 0)
     try:
         assert server.host == "127.0.0.1"

@@ -110,7 +110,8 @@ async def a2a_mesh(pki: Pki, workdir: Path) -> AsyncIterator[A2aMesh]:
 
 async def wait_for_card(mesh: A2aMesh, skills: tuple[str, ...]) -> dict[str, object]:
     """The card once it lists ``skills`` with their descriptions (the gateway refreshes it
-    from ListAgents; the coordinator learns descriptions from each agent's Describe)."""
+    from ListAgents; the coordinator learns descriptions from each agent's Describe).
+    """
 
     async def listed() -> dict[str, object]:
         async with httpx.AsyncClient(verify=client_ssl_context(mesh.client_files)) as http:

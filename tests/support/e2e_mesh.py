@@ -29,7 +29,8 @@ def mesh_process(
     env: Mapping[str, str] | None = None,
 ) -> ServiceProcess:
     """``python -m <module> <args>`` as a mesh member: ephemeral ports, the embedded
-    registry on ``nats_url``, a 2 s grace period; ``env`` wins over those."""
+    registry on ``nats_url``, a 2 s grace period; ``env`` wins over those.
+    """
     return ServiceProcess(
         module,
         *args,

@@ -6,7 +6,6 @@ process to completion within a deadline and returns its exit code and output.
 """
 
 # The deadline is a ``timeout`` in seconds, applied with asyncio.timeout inside.
-# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 

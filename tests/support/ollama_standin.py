@@ -1,4 +1,4 @@
-"""A stand-in Ollama server for tests: a real HTTP/1.1 server on 127.0.0.1 speaking
+r"""A stand-in Ollama server for tests: a real HTTP/1.1 server on 127.0.0.1 speaking
 Ollama's documented API (docs/api.md of ollama/ollama).
 
 * ``POST /api/chat`` and ``POST /api/generate`` stream NDJSON frames with

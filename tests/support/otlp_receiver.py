@@ -46,7 +46,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, spans: list[ReceivedSpan]) -> None:
         self._spans = spans
 
-    async def Export(  # noqa: N802 (the generated name)
+    async def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         for resource_spans in request.resource_spans:
@@ -69,7 +69,8 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
 
 class OtlpReceiver:
     """``async with OtlpReceiver() as receiver:`` then point ``OTEL_EXPORTER_OTLP_ENDPOINT``
-    at ``receiver.endpoint`` and read ``receiver.spans``."""
+    at ``receiver.endpoint`` and read ``receiver.spans``.
+    """
 
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []

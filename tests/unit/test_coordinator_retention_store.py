@@ -117,7 +117,7 @@ async def test_the_file_stops_growing_when_the_purge_keeps_up(tmp_path: Path) ->
                 pass
             await store.prune_tombstones(cycle, limit=1000)
             await store.flush()
-            sizes.append(path.stat().st_size)  # noqa: ASYNC240 - a stat, once per cycle
+            sizes.append(path.stat().st_size)
     # The first cycle grows the file to the working set (one cycle of tasks); the next
     # eleven reuse the freed pages: without the purge the file would be 12 times larger.
     # (B-tree pages split by random ids settle within a few per cent.)

@@ -211,7 +211,8 @@ def is_backend_failure(exc: BaseException) -> bool:
 
 def summarize_body(body: bytes | str, limit: int = BODY_SUMMARY_CHARS) -> str:
     """A short, single-line summary of an error body: the ``error`` text of JSON
-    bodies (``{"error": "..."}`` or ``{"error": {"message": "..."}}``), else the text."""
+    bodies (``{"error": "..."}`` or ``{"error": {"message": "..."}}``), else the text.
+    """
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     try:
         parsed = json.loads(text)
@@ -293,8 +294,9 @@ def transport_error(backend: str, exc: Exception, *, retry_after: float) -> Back
 
 
 def timeouts(connect: float, total: float) -> httpx.Timeout:
-    """httpx timeouts for one call: connect within ``connect`` and the caller's time,
-    and no read, write or pool wait longer than the caller's remaining time."""
+    """Httpx timeouts for one call: connect within ``connect`` and the caller's time,
+    and no read, write or pool wait longer than the caller's remaining time.
+    """
     total = max(total, 0.001)
     return httpx.Timeout(total, connect=min(connect, total))
 
@@ -304,14 +306,16 @@ TOKENS_PER_MESSAGE = 4
 
 
 def estimate_tokens(text: str) -> int:
-    """hivewire's token estimate where no tokenizer is at hand: one token per four
-    characters, rounded up (the usual rule of thumb for English BPE vocabularies)."""
+    """Hivewire's token estimate where no tokenizer is at hand: one token per four
+    characters, rounded up (the usual rule of thumb for English BPE vocabularies).
+    """
     return math.ceil(len(text) / 4) if text else 0
 
 
 def estimate_prompt_tokens(messages: Sequence[ChatTurn]) -> int:
     """Estimated prompt tokens of a conversation: its text plus
-    :data:`TOKENS_PER_MESSAGE` per message for the chat template."""
+    :data:`TOKENS_PER_MESSAGE` per message for the chat template.
+    """
     return sum(estimate_tokens(turn.content) + TOKENS_PER_MESSAGE for turn in messages)
 
 

@@ -1,5 +1,6 @@
 """What every HTTP backend shares: the pooled client with uniform error mapping, and
-:class:`HttpBackend`, the base of the Ollama and OpenAI-compatible backends."""
+:class:`HttpBackend`, the base of the Ollama and OpenAI-compatible backends.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Ollama's native HTTP API: ``/api/chat``, ``/api/generate`` (NDJSON streams),
-``/api/embed`` and ``/api/tags``."""
+``/api/embed`` and ``/api/tags``.
+"""
 
 from __future__ import annotations
 

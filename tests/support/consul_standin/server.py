@@ -273,7 +273,7 @@ class ConsulStandin:
         assert self._runner is not None
         self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await self._site.start()
-        server = self._site._server  # noqa: SLF001 - the bound port of port 0
+        server = self._site._server
         assert server is not None
         sockets = getattr(server, "sockets", None) or []
         if sockets:
@@ -675,7 +675,7 @@ class ConsulStandin:
             raise HttpError(400, "Missing service name")
         service_id = body.get("ID") or name
         address = body.get("Address", "")
-        if address in ("0.0.0.0", "::", "[::]"):  # noqa: S104 - validating, not binding
+        if address in ("0.0.0.0", "::", "[::]"):
             raise HttpError(400, "Invalid service address")
         meta = body.get("Meta") or {}
         problem = _validate_meta(meta)
