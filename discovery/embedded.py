@@ -130,7 +130,7 @@ class EmbeddedRegistry(RegistryBase):
                 name="hivewire-registry",
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=self._reconnect_wait,  # type: ignore[arg-type]
+                reconnect_time_wait=self._reconnect_wait,
                 connect_timeout=max(1, int(self._request_timeout)),
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,

@@ -61,8 +61,8 @@ async def running_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
         stack.push_async_callback(channel.close)
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         host = config.public_host or settings.advertised_host
-        cards = CardSource(stub, interval=config.card_refresh)  # type: ignore[arg-type]
-        handler = GatewayHandler(stub, cards, config)  # type: ignore[arg-type]
+        cards = CardSource(stub, interval=config.card_refresh)
+        handler = GatewayHandler(stub, cards, config)
         app = Starlette(routes=create_jsonrpc_routes(handler, rpc_url="/"))
         # Bound and listening now, serving once the card is ready: its URLs need both ports.
         http = HttpsServer(app, files, host=settings.host, port=config.http_port)

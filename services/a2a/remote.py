@@ -283,7 +283,7 @@ class _Forwarding:
             raise PermanentError(
                 "REMOTE_A2A_AUTH_REQUIRED", text or "the remote agent asks for auth"
             )
-        name = a2a.TaskState.Name(state)  # type: ignore[arg-type]
+        name = a2a.TaskState.Name(state)
         raise PermanentError("REMOTE_A2A_FAILED", f"{name}: {text}" if text else name)
 
     async def cancel_remote(self) -> None:

@@ -755,7 +755,7 @@ def list_tasks(
         while not task_ids and len(found) < limit:
             response = await stub.ListTasks(
                 coordinator_pb2.ListTasksRequest(
-                    states=states,  # type: ignore[arg-type]
+                    states=states,
                     capability=capability,
                     owner=owner,
                     parent_task_id=parent,

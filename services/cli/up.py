@@ -71,7 +71,7 @@ async def _run_demo(mesh: Mesh, console: Console) -> int:
         view = EventView(err=console, out=sys.stdout, live=console.is_terminal)
         with view:
             call = stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=spec))
-            return await follow(stub, call, view, interactive=False)  # type: ignore[arg-type]
+            return await follow(stub, call, view, interactive=False)
     finally:
         await channel.close()
 

@@ -138,7 +138,7 @@ class DeadLetters:
                 subject=dead.task_id,
                 data=events_pb2.TaskEventData(
                     task_id=dead.task_id,
-                    state=DEAD_LETTERED,  # type: ignore[arg-type]
+                    state=DEAD_LETTERED,
                     capability=dead.capability,
                     priority=dead.priority,  # type: ignore[arg-type]
                     owner=dead.owner,

@@ -99,7 +99,7 @@ class Projects:
         summary = await self._store.project_summary(project_id)
         progress = coordinator_pb2.ProjectProgress()
         for state, count in sorted(summary.tasks_by_state.items()):
-            progress.tasks_by_state.add(state=state, count=count)  # type: ignore[arg-type]
+            progress.tasks_by_state.add(state=state, count=count)
             progress.total_tasks += count
             if state not in TERMINAL_STATES:
                 progress.active_tasks += count

@@ -65,7 +65,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             task=convert.task_to_proto(record), deduplicated=deduplicated
         )
 
-    async def StreamTask(  # type: ignore[override]
+    async def StreamTask(
         self, request: coordinator_pb2.StreamTaskRequest, context: Context
     ) -> AsyncIterator[coordinator_pb2.StreamTaskResponse]:
         """Submit a task and stream its events, a snapshot first."""
@@ -78,7 +78,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         async for event in events:
             yield coordinator_pb2.StreamTaskResponse(event=event)
 
-    async def WatchTask(  # type: ignore[override]
+    async def WatchTask(
         self, request: coordinator_pb2.WatchTaskRequest, context: Context
     ) -> AsyncIterator[coordinator_pb2.WatchTaskResponse]:
         """Replay a task's stored events after ``after_sequence``, then follow live."""
@@ -137,7 +137,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         )
         return coordinator_pb2.ProvideInputResponse(task=convert.task_to_proto(record))
 
-    async def Session(  # type: ignore[override]
+    async def Session(
         self,
         request_iterator: AsyncIterator[coordinator_pb2.SessionRequest],
         context: Context,

@@ -105,7 +105,7 @@ def setup_tracing(
     return provider
 
 
-class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):  # type: ignore[misc]
+class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):
     """The stock server interceptor, able to trace reader/writer-style stream handlers.
 
     The stock one iterates every response-streaming handler, so a handler that answers
@@ -170,11 +170,11 @@ class _StreamEnding:
                 span.end()
 
 
-class _UnaryStream(_StreamEnding, _aio_client.UnaryStreamAioClientInterceptor):  # type: ignore[misc]
+class _UnaryStream(_StreamEnding, _aio_client.UnaryStreamAioClientInterceptor):
     pass
 
 
-class _StreamStream(_StreamEnding, _aio_client.StreamStreamAioClientInterceptor):  # type: ignore[misc]
+class _StreamStream(_StreamEnding, _aio_client.StreamStreamAioClientInterceptor):
     pass
 
 

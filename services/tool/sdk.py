@@ -465,9 +465,7 @@ def _build_definition(
             Field(default, description=param_docs.get(param.name)),
         )
     model_name = re.sub(r"\W", "_", tool_name).title().replace("_", "") + "Arguments"
-    arguments_model = create_model(  # type: ignore[call-overload]
-        model_name, __config__=ConfigDict(extra="forbid"), **fields
-    )
+    arguments_model = create_model(model_name, __config__=ConfigDict(extra="forbid"), **fields)
     input_schema = arguments_model.model_json_schema()
     input_schema.setdefault("properties", {})
     input_schema["type"] = "object"

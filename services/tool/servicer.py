@@ -58,7 +58,7 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
         tools = self._service.list_tools(caller, request.name_prefix)
         return tool_pb2.ListToolsResponse(tools=[descriptor_to_proto(info) for info in tools])
 
-    async def InvokeTool(  # type: ignore[override]
+    async def InvokeTool(
         self, request: tool_pb2.InvokeToolRequest, context: Context
     ) -> AsyncIterator[tool_pb2.InvokeToolResponse]:
         """Run a tool and stream its progress, then its result, error or approval request."""
