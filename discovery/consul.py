@@ -38,7 +38,7 @@ import consul.aio
 from consul.callback import CB
 from consul.exceptions import ACLDisabled, ACLPermissionDenied, BadRequest, ConsulException
 
-from hivewire.services.runtime.backoff import Backoff, TokenBucket
+from hivewire.discovery.backoff import Backoff, TokenBucket
 
 from . import metrics
 from ._base import RegistryBase

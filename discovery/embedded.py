@@ -27,7 +27,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
-from hivewire.services.runtime.backoff import Backoff
+from hivewire.discovery.backoff import Backoff
 
 from . import metrics
 from ._base import RegistryBase

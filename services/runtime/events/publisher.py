@@ -31,8 +31,8 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 
+from hivewire.discovery.backoff import Backoff
 from hivewire.services.runtime import tracing
-from hivewire.services.runtime.backoff import Backoff
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.tls import nats_tls_options
 
