@@ -1,7 +1,8 @@
 """``python -m hivewire.services.agent module:Class``: same as ``hivewire agent serve``.
 
-Only the agent command is loaded (not the whole ``hivewire`` CLI), so an agent process
-depends on nothing but what serving needs.
+Only the agent command is loaded (services/agent/command.py, which ``hivewire agent``
+also mounts), not the whole ``hivewire`` CLI, so an agent process depends on nothing but
+what serving needs and the agent package never imports the CLI above it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 
 import typer
 
-from hivewire.services.cli.agent import app
+from hivewire.services.agent.command import app
 
 PROG = "python -m hivewire.services.agent"
 

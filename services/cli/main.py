@@ -15,7 +15,8 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from hivewire.services.cli import a2a, agent, certs, dashboard, dlq, events, keys, tasks, up
+from hivewire.services.agent import command as agent
+from hivewire.services.cli import a2a, certs, dashboard, dlq, events, keys, tasks, up
 from hivewire.services.runtime.config import UnknownSettingError
 
 logger = logging.getLogger(__name__)

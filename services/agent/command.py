@@ -3,6 +3,8 @@
 ``hivewire agent serve my_module:MyAgent --port 50061`` runs the agent with mTLS,
 health, reflection and metrics, registers it in discovery and deregisters it on
 SIGTERM. Every flag overrides the matching ``HIVEWIRE_*`` variable (docs/agents.md).
+The command lives with the agent package: ``hivewire`` mounts it as ``agent`` and
+``python -m hivewire.services.agent`` runs it alone.
 """
 
 from __future__ import annotations
