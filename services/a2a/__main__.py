@@ -13,15 +13,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hivewire.services.a2a.app import running_gateway
+from hivewire.services.a2a.settings import A2aProcessSettings
 from hivewire.services.runtime.bootstrap import ServiceEntry
-from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.ports import A2A_GRPC_PORT
 from hivewire.services.runtime.server import serve_until_signal
 
-ENTRY = ServiceEntry("a2a", title="hivewire A2A gateway", port=A2A_GRPC_PORT)
+ENTRY = ServiceEntry(
+    "a2a", title="hivewire A2A gateway", port=A2A_GRPC_PORT, settings_model=A2aProcessSettings
+)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: A2aProcessSettings) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     async with running_gateway(settings) as running:
         await serve_until_signal(running.server)

@@ -25,8 +25,8 @@ from starlette.applications import Starlette
 from hivewire.coordinator.v1 import coordinator_pb2_grpc
 from hivewire.services.a2a.card import CardIdentity, CardSource
 from hivewire.services.a2a.handler import GatewayHandler
+from hivewire.services.a2a.settings import A2aProcessSettings
 from hivewire.services.runtime.channels import secure_channel
-from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.https import HttpsServer
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
 from hivewire.services.runtime.version import hivewire_version
@@ -50,7 +50,7 @@ class RunningGateway:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
+async def running_gateway(settings: A2aProcessSettings) -> AsyncIterator[RunningGateway]:
     """Run the gateway until the block ends (stopping HTTPS, then the gRPC server)."""
     config = settings.a2a
     files = settings.tls_files()

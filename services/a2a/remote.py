@@ -40,6 +40,7 @@ from a2a.utils.errors import A2AError
 from google.protobuf import json_format, struct_pb2
 
 from hivewire.services.a2a import convert
+from hivewire.services.a2a.settings import A2aProcessSettings
 from hivewire.services.agent.convert import payload_from_proto, payload_to_proto
 from hivewire.services.agent.sdk import (
     Agent,
@@ -55,7 +56,7 @@ from hivewire.services.agent.sdk import (
     TaskContext,
 )
 from hivewire.services.agent.serve import AgentServer, running_agent, settings_for_agent
-from hivewire.services.runtime.config import Settings, load_settings
+from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.logging import setup_logging
 from hivewire.services.runtime.server import serve_until_signal
 from hivewire.services.runtime.tls import TlsFiles
@@ -303,7 +304,7 @@ class _Forwarding:
 # --- the adapter process ----------------------------------------------------------------
 
 
-def remote_ssl_context(settings: Settings) -> ssl.SSLContext:
+def remote_ssl_context(settings: A2aProcessSettings) -> ssl.SSLContext:
     """TLS towards the remote agent: its CA (or the system's) and, optionally, a mesh identity."""
     config = settings.a2a
     context = ssl.create_default_context(cafile=config.remote_ca_file or None)
@@ -337,7 +338,7 @@ async def watch_health(
                 await running.registry.set_healthy(running.instance.instance_id, now)
 
 
-async def serve_remote(settings: Settings) -> None:
+async def serve_remote(settings: A2aProcessSettings) -> None:
     """Fetch the remote card and serve the adapter agent until SIGTERM."""
     config = settings.a2a
     if not config.remote_card_url:
@@ -400,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         },
         "agent": {"name": args.name},
     }
-    settings = load_settings(**overrides)
+    settings = load_settings(A2aProcessSettings, **overrides)
     setup_logging(settings.log_level, settings.log_format)
     asyncio.run(serve_remote(settings))
 

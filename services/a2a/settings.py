@@ -1,17 +1,18 @@
-"""Settings of the A2A gateway: the ``a2a`` section of the shared settings.
+"""Settings of the A2A gateway: the ``a2a`` section, and the settings
+of the gateway and adapter processes (the shared ones plus their sections).
 
 Environment variables use the nested form ``HIVEWIRE_A2A__<FIELD>``, for example
 ``HIVEWIRE_A2A__HTTP_PORT=50055``. Remote A2A agents for the adapter agent are a JSON
 list: ``HIVEWIRE_A2A__REMOTE_AGENTS='[{"card_url": "https://..."}]'``. See docs/interop.md.
 
-This module imports nothing but pydantic and the port numbers, so the shared
-:mod:`config` can use it.
+This module imports nothing of the gateway itself, so it loads without it.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hivewire.services.agent.settings import AgentProcessSettings
 from hivewire.services.runtime.ports import A2A_HTTP_PORT
 
 
@@ -54,4 +55,14 @@ class A2aSettings(BaseModel):
     )
     remote_skill_prefix: str = Field(
         "", description="Adapter agent: prefix of the capability names of the remote skills."
+    )
+
+
+class A2aProcessSettings(AgentProcessSettings):
+    """The A2A processes' settings: the shared ones, the ``a2a`` section and, for the
+    adapter agent (an agent process), the ``agent`` section.
+    """
+
+    a2a: A2aSettings = Field(
+        default_factory=A2aSettings, description="A2A gateway and adapter (docs/interop.md)."
     )

@@ -76,6 +76,7 @@ def serve(
         serve_agent,
         settings_for_agent,
     )
+    from hivewire.services.agent.settings import AgentProcessSettings
     from hivewire.services.runtime.config import load_settings
     from hivewire.services.runtime.logging import setup_logging
     from hivewire.services.runtime.tracing import setup_tracing
@@ -93,6 +94,7 @@ def serve(
     }
     try:
         settings = load_settings(
+            AgentProcessSettings,
             host=host,
             port=port,
             identity=identity,

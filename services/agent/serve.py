@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -29,9 +29,9 @@ from hivewire.services.agent.delegation import bind_subtasks
 from hivewire.services.agent.runtime import AgentRuntime
 from hivewire.services.agent.sdk import Agent, AgentCardInfo, TaskContext
 from hivewire.services.agent.servicer import SERVICE_NAME, AgentServicer
+from hivewire.services.agent.settings import AgentProcessSettings
 from hivewire.services.runtime.bootstrap import Registration, registry_from_settings, serving
 from hivewire.services.runtime.channels import ChannelPool
-from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.errors import HivewireError, Unavailable
 from hivewire.services.runtime.events import EventPublisher
 from hivewire.services.runtime.eventsink import EventSink as Sink
@@ -98,7 +98,10 @@ def load_agent(spec: str) -> Agent:
     return target
 
 
-def settings_for_agent(settings: Settings, agent: Agent) -> Settings:
+AgentSettingsT = TypeVar("AgentSettingsT", bound=AgentProcessSettings)
+
+
+def settings_for_agent(settings: AgentSettingsT, agent: Agent) -> AgentSettingsT:
     """Default the identity to the agent's own certificate when none was chosen.
 
     ``agent-<name>`` when that certificate exists in ``certs_dir``, else ``agent``.
@@ -208,7 +211,7 @@ class AgentServer:
         registry: The registry it is registered in, if any (to report its health).
     """
 
-    settings: Settings
+    settings: AgentProcessSettings
     runtime: AgentRuntime
     server: ServiceServer
     instance: Instance | None = None
@@ -241,7 +244,7 @@ def _instance_meta(card: AgentCardInfo, cert: CertInfo | None) -> dict[str, str]
 @contextlib.asynccontextmanager
 async def running_agent(
     agent: Agent,
-    settings: Settings,
+    settings: AgentProcessSettings,
     *,
     events: EventSink | None = None,
 ) -> AsyncIterator[AgentServer]:
@@ -360,7 +363,9 @@ def _publish_agent_event(
     )
 
 
-async def serve_agent(agent: Agent, settings: Settings, *, events: EventSink | None = None) -> None:
+async def serve_agent(
+    agent: Agent, settings: AgentProcessSettings, *, events: EventSink | None = None
+) -> None:
     """Serve an agent until SIGTERM/SIGINT (see the module docstring).
 
     Args:

@@ -1,4 +1,5 @@
-"""Settings of an agent process: the ``agent`` section of the shared settings.
+"""Settings of an agent process: the ``agent`` section, and the agent
+process's settings (the shared ones plus that section).
 
 Environment variables use the nested form ``HIVEWIRE_AGENT__<FIELD>``, for example
 ``HIVEWIRE_AGENT__MODEL_ADDRESS=127.0.0.1:50052``. Lists are JSON:
@@ -8,6 +9,8 @@ Environment variables use the nested form ``HIVEWIRE_AGENT__<FIELD>``, for examp
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from hivewire.services.runtime.config import Settings
 
 DEFAULT_ALLOWED_CALLERS = ("spiffe://hivewire.local/coordinator/*",)
 """Only the coordinator may run tasks on an agent (DESIGN.md section 6)."""
@@ -50,4 +53,12 @@ class AgentSettings(BaseModel):
     )
     registration: bool = Field(
         True, description="Register in discovery (off for tests and debugging)."
+    )
+
+
+class AgentProcessSettings(Settings):
+    """An agent process's settings: the shared ones and the ``agent`` section."""
+
+    agent: AgentSettings = Field(
+        default_factory=AgentSettings, description="Agent processes (docs/agents.md)."
     )

@@ -42,6 +42,7 @@ def a2a(
 ) -> None:
     """Serve the mesh to A2A clients (JSON-RPC/SSE and gRPC, mTLS) until SIGTERM."""
     from hivewire.services.a2a.__main__ import ENTRY, serve
+    from hivewire.services.a2a.settings import A2aProcessSettings
     from hivewire.services.runtime.config import load_settings
 
     section = {
@@ -51,6 +52,7 @@ def a2a(
     }
     try:
         settings = load_settings(
+            A2aProcessSettings,
             host=host,
             port=port,
             identity=identity,

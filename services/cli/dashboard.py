@@ -37,11 +37,13 @@ def dashboard(
 ) -> None:
     """Serve the live web dashboard: agents, tasks, timelines, events, submit and cancel."""
     from hivewire.services.dashboard.serve import serve_dashboard
+    from hivewire.services.dashboard.settings import DashboardProcessSettings
     from hivewire.services.runtime.config import load_settings
     from hivewire.services.runtime.logging import setup_logging
     from hivewire.services.runtime.tracing import setup_tracing
 
     settings = load_settings(
+        DashboardProcessSettings,
         certs_dir=certs_dir,
         identity=identity,
         nats_url=nats_url,

@@ -95,9 +95,10 @@ class _Target:
 
 
 def _target(address: str | None, certs_dir: Path | None, identity: str) -> _Target:
+    from hivewire.services.coordinator.settings import CoordinatorProcessSettings
     from hivewire.services.runtime.config import load_settings
 
-    settings = load_settings(certs_dir=certs_dir)
+    settings = load_settings(CoordinatorProcessSettings, certs_dir=certs_dir)
     return _Target(address or settings.coordinator.address, settings.certs_dir, identity)
 
 

@@ -4,5 +4,4 @@ Modules: :mod:`.service` (the domain), :mod:`.servicer` (the gRPC adapter),
 :mod:`.store` (SQLite), :mod:`.queue` (priority queue with aging), :mod:`.dispatch`
 (agent pool, selection, the Execute call), :mod:`.model` (domain values),
 :mod:`.convert`, :mod:`.settings`, :mod:`.metrics`, :mod:`.app` (process wiring).
-Kept import-light on purpose: ``runtime.config`` imports :mod:`.settings`.
 """

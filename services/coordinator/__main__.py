@@ -17,21 +17,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hivewire.services.coordinator.app import running_coordinator
+from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.runtime.bootstrap import COORDINATOR_PORT, ServiceEntry
-from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.server import serve_until_signal
 
 logger = logging.getLogger(__name__)
 
-ENTRY = ServiceEntry("coordinator", title="hivewire coordinator", port=COORDINATOR_PORT)
+ENTRY = ServiceEntry(
+    "coordinator",
+    title="hivewire coordinator",
+    port=COORDINATOR_PORT,
+    settings_model=CoordinatorProcessSettings,
+)
 
 
-def service_settings(settings: Settings) -> Settings:
+def service_settings(settings: CoordinatorProcessSettings) -> CoordinatorProcessSettings:
     """Fill in the coordinator's defaults for what the environment left unset."""
     return ENTRY.defaults(settings)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: CoordinatorProcessSettings) -> None:
     """Run the coordinator until SIGTERM or SIGINT."""
     async with running_coordinator(settings) as running:
         await serve_until_signal(running.server)

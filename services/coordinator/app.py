@@ -20,13 +20,13 @@ from hivewire.services.coordinator.journal import EventPublisher
 from hivewire.services.coordinator.retention import Retention
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
+from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.coordinator.store import TaskStore
 from hivewire.services.coordinator.webhook_store import SqliteWebhookStore
 from hivewire.services.coordinator.webhooks import Webhooks
 from hivewire.services.runtime.bootstrap import Registration, registry_from_settings, serving
 from hivewire.services.runtime.channels import ChannelPool
-from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.grants import ApprovalSigner
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
 
@@ -52,7 +52,7 @@ class RunningCoordinator:
         retention: The background purge of finished tasks.
     """
 
-    settings: Settings
+    settings: CoordinatorProcessSettings
     coordinator: Coordinator
     server: ServiceServer
     pool: AgentPool
@@ -68,7 +68,7 @@ class RunningCoordinator:
 
 @contextlib.asynccontextmanager
 async def running_coordinator(
-    settings: Settings,
+    settings: CoordinatorProcessSettings,
     *,
     registry: Registry | None = None,
     events: EventPublisher | None = None,

@@ -1,4 +1,5 @@
-"""Settings of the coordinator: the ``coordinator`` section of the shared settings.
+"""Settings of the coordinator: the ``coordinator`` section, and the
+coordinator process's settings (the shared ones plus that section).
 
 Environment variables use the nested form ``HIVEWIRE_COORDINATOR__<FIELD>``, for
 example ``HIVEWIRE_COORDINATOR__DB_PATH=/var/lib/hivewire/coordinator.db``.
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+
+from hivewire.services.runtime.config import Settings
 
 
 class QuotaLimits(BaseModel):
@@ -193,3 +196,14 @@ class CoordinatorSettings(BaseModel):
         if self.default_timeout > self.max_timeout:
             raise ValueError("default_timeout exceeds max_timeout")
         return self
+
+
+class CoordinatorProcessSettings(Settings):
+    """The coordinator process's settings: the shared ones and the ``coordinator`` section.
+
+    Also what clients of the coordinator read (the CLI, the dashboard): its address.
+    """
+
+    coordinator: CoordinatorSettings = Field(
+        default_factory=CoordinatorSettings, description="Coordinator (docs/coordinator.md)."
+    )

@@ -20,17 +20,17 @@ from aiohttp import web
 
 from hivewire.coordinator.v1 import coordinator_pb2_grpc
 from hivewire.services.dashboard.backend import Backend
+from hivewire.services.dashboard.settings import DashboardProcessSettings
 from hivewire.services.dashboard.web import create_app, server_ssl_context
 from hivewire.services.runtime.authz import AuthzPolicyStore
 from hivewire.services.runtime.channels import secure_channel
-from hivewire.services.runtime.config import Settings
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["serve_dashboard"]
 
 
-def _write_ports_file(settings: Settings, port: int, url: str) -> None:
+def _write_ports_file(settings: DashboardProcessSettings, port: int, url: str) -> None:
     path = settings.ports_file
     if path is None:
         return
@@ -41,7 +41,7 @@ def _write_ports_file(settings: Settings, port: int, url: str) -> None:
 
 
 async def serve_dashboard(
-    settings: Settings, *, on_ready: Callable[[str], None] | None = None
+    settings: DashboardProcessSettings, *, on_ready: Callable[[str], None] | None = None
 ) -> None:
     """Serve until SIGTERM/SIGINT.
 

@@ -1,13 +1,17 @@
-"""Settings of the dashboard: the ``dashboard`` section of the shared settings.
+"""Settings of the dashboard: the ``dashboard`` section, and the
+dashboard process's settings (the shared ones, the coordinator's to reach it, and that
+section).
 
 ``HIVEWIRE_DASHBOARD__PORT=8443``, ``HIVEWIRE_DASHBOARD__TOKENS='{"<token>":
-"spiffe://hivewire.local/client/alice"}'``. This module must not import the shared
-settings (they import it).
+"spiffe://hivewire.local/client/alice"}'``. The dashboard is a client of the
+coordinator, so it reads the ``coordinator`` section too.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 
 DASHBOARD_PORT = 8443
 
@@ -29,4 +33,15 @@ class DashboardSettings(BaseModel):
     )
     events_window: float = Field(
         900.0, gt=0, description="Seconds of event history the events panel starts with."
+    )
+
+
+class DashboardProcessSettings(CoordinatorProcessSettings):
+    """The dashboard process's settings: the shared ones, the ``coordinator`` section (to
+    reach it) and the ``dashboard`` section.
+    """
+
+    dashboard: DashboardSettings = Field(
+        default_factory=DashboardSettings,
+        description="The operators' web dashboard (docs/observability.md).",
     )

@@ -2,5 +2,6 @@
 
 Run it with ``python -m hivewire.services.model``; agents talk to it through
 :class:`hivewire.services.model.client.ModelClient`. This package's ``__init__`` stays
-import-light because the shared settings import :mod:`.settings` from it.
+import-light because every process's settings check loads :mod:`.settings` from it
+(an entry point).
 """

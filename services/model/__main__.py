@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack
 from hivewire.discovery import new_instance_id
 from hivewire.services.model.app import build_service, warm_up
 from hivewire.services.model.servicer import SERVICE_NAME, ModelServicer, add_to_server
+from hivewire.services.model.settings import ModelProcessSettings
 from hivewire.services.runtime.bootstrap import (
     MODEL_PORT,
     Registration,
@@ -23,18 +24,19 @@ from hivewire.services.runtime.bootstrap import (
     registry_from_settings,
     serving,
 )
-from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.events import EventPublisher
 from hivewire.services.runtime.server import ServiceBinding, serve_until_signal
 
 logger = logging.getLogger(__name__)
 
-ENTRY = ServiceEntry("model", title="hivewire model service", port=MODEL_PORT)
+ENTRY = ServiceEntry(
+    "model", title="hivewire model service", port=MODEL_PORT, settings_model=ModelProcessSettings
+)
 SERVICE = "hivewire-model"
 """Registry name of the model service."""
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: ModelProcessSettings) -> None:
     """Run the service until SIGTERM or SIGINT."""
     instance_id = new_instance_id("model")
     async with AsyncExitStack() as stack:

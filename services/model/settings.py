@@ -1,4 +1,5 @@
-"""Settings of the model service: the ``model`` section of the shared settings.
+"""Settings of the model service: the ``model`` section, and the model
+service process's settings (the shared ones plus that section).
 
 Every field is set from the environment as ``HIVEWIRE_MODEL__<FIELD>``; mappings and
 lists take JSON. Pointing hivewire at a backend takes one line, for example::
@@ -6,8 +7,7 @@ lists take JSON. Pointing hivewire at a backend takes one line, for example::
     HIVEWIRE_MODEL__DEFAULT_MODEL=ollama/llama3:8b                       # Ollama on :11434
     HIVEWIRE_MODEL__OPENAI_URL=http://gpu:8000/v1 HIVEWIRE_MODEL__DEFAULT_MODEL=openai/Qwen2.5-7B
 
-See docs/model.md for the routing rules. This module must not import the shared
-settings (they import it).
+See docs/model.md for the routing rules.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from hivewire.services.runtime.config import Settings
 
 BackendName = Literal["ollama", "openai", "local", "deterministic"]
 """The backends the service knows."""
@@ -178,3 +180,11 @@ class ModelSettings(BaseModel):
         if self.local_model_path is not None or local_extra_installed():
             wanted.add("local")
         return [name for name in BACKEND_NAMES if name in wanted]
+
+
+class ModelProcessSettings(Settings):
+    """The model service process's settings: the shared ones and the ``model`` section."""
+
+    model: ModelSettings = Field(
+        default_factory=ModelSettings, description="Model service (docs/model.md)."
+    )

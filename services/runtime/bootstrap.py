@@ -4,7 +4,8 @@ An entry point (``python -m hivewire.services.<name>``) describes itself once as
 :class:`ServiceEntry` (name, fixed default port) and gets the common flags, the
 settings defaults and the run loop from it::
 
-    ENTRY = ServiceEntry("model", title="hivewire model service", port=MODEL_PORT)
+    ENTRY = ServiceEntry("model", title="hivewire model service", port=MODEL_PORT,
+                         settings_model=ModelProcessSettings)
 
     def main(argv=None):
         args = ENTRY.parser().parse_args(argv)
@@ -29,7 +30,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from hivewire.discovery import Instance, Registry, open_registry
 from hivewire.services.runtime.config import Settings, UnknownSettingError, load_settings
@@ -66,7 +67,10 @@ __all__ = [
 ]
 
 
-def with_service_defaults(settings: Settings, *, identity: str, port: int) -> Settings:
+SettingsT = TypeVar("SettingsT", bound=Settings)
+
+
+def with_service_defaults(settings: SettingsT, *, identity: str, port: int) -> SettingsT:
     """Fill in a service's own defaults for what the environment and flags left unset.
 
     The identity (certificate stem), the fixed gRPC port, and the metrics port next to
@@ -106,7 +110,7 @@ def registry_from_settings(settings: Settings) -> Registry:
 
 
 @dataclass(frozen=True)
-class ServiceEntry:
+class ServiceEntry(Generic[SettingsT]):
     """The ``python -m hivewire.services.<name>`` entry point of one service.
 
     Attributes:
@@ -114,13 +118,16 @@ class ServiceEntry:
             settings section (``HIVEWIRE_<NAME>__*``).
         title: What ``--help`` calls the service, e.g. ``"hivewire tool service"``.
         port: The fixed default gRPC port.
+        settings_model: The service's process settings (the shared settings and its
+            own section), defined in its settings.py.
     """
 
     name: str
     title: str
     port: int
+    settings_model: type[SettingsT]
 
-    def defaults(self, settings: Settings) -> Settings:
+    def defaults(self, settings: SettingsT) -> SettingsT:
         """The settings with this service's identity and port defaults applied."""
         return with_service_defaults(settings, identity=self.name, port=self.port)
 
@@ -142,7 +149,7 @@ class ServiceEntry:
         parser.add_argument("--log-level", help="log level (HIVEWIRE_LOG_LEVEL)")
         return parser
 
-    def settings(self, args: argparse.Namespace, **sections: Mapping[str, Any]) -> Settings:
+    def settings(self, args: argparse.Namespace, **sections: Mapping[str, Any]) -> SettingsT:
         """Build the settings once: environment, then the common flags, then defaults.
 
         Args:
@@ -152,6 +159,7 @@ class ServiceEntry:
         """
         try:
             settings = load_settings(
+                self.settings_model,
                 host=args.host,
                 port=args.port,
                 metrics_port=args.metrics_port,
@@ -164,7 +172,7 @@ class ServiceEntry:
         return self.defaults(settings)
 
     def run(
-        self, serve: Callable[[Settings], Coroutine[Any, Any, None]], settings: Settings
+        self, serve: Callable[[SettingsT], Coroutine[Any, Any, None]], settings: SettingsT
     ) -> None:
         """Set up logging and tracing, and run ``serve(settings)`` until it returns."""
         setup_logging(settings.log_level, settings.log_format)

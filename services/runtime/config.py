@@ -4,9 +4,16 @@ Every process builds one frozen :class:`Settings` in its ``__main__`` (from
 ``HIVEWIRE_*`` environment variables, overridden by command-line flags) and passes
 it down. Nothing else in hivewire reads ``os.environ``.
 
-Nested sections (one per service: coordinator, model, tool, events...) are frozen
-pydantic models added as fields of :class:`Settings`; their variables use ``__`` as
+:class:`Settings` holds what every process shares (address, TLS, NATS, discovery,
+logging, end-user auth, events). Each service owns its section (a frozen pydantic model
+in its own ``settings.py``) and composes its process settings from both, e.g.
+``class CoordinatorProcessSettings(Settings)`` with a ``coordinator`` field, so this
+module never imports a service (docs/architecture.md). Section variables use ``__`` as
 the separator, e.g. ``HIVEWIRE_COORDINATOR__MAX_TIMEOUT=3600``. See docs/runtime.md.
+
+Every process still refuses a misspelt variable of *any* section: each service lists
+its section under the ``hivewire.settings`` entry-point group (pyproject.toml), and the
+check reads every section from there.
 
 A misspelt setting must not silently change nothing: :func:`load_settings` refuses any
 ``HIVEWIRE_*`` variable that names no setting (and any unknown key in a section given
@@ -17,27 +24,25 @@ valid name, and every section forbids unknown fields.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import typing
 from collections.abc import Iterator, Mapping
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 
 from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hivewire.services.a2a.settings import A2aSettings
-from hivewire.services.agent.settings import AgentSettings
-from hivewire.services.coordinator.settings import CoordinatorSettings
-from hivewire.services.dashboard.settings import DashboardSettings
-from hivewire.services.model.settings import ModelSettings
 from hivewire.services.runtime.authn import AuthSettings
 from hivewire.services.runtime.events.settings import EventsSettings
 from hivewire.services.runtime.tls import TlsFiles
-from hivewire.services.tool.settings import ToolSettings
 
 ENV_PREFIX = "HIVEWIRE_"
 NESTED_DELIMITER = "__"
+SECTIONS_GROUP = "hivewire.settings"
+"""Entry-point group naming every service's settings section: ``name = "module:Class"``."""
 
 OTHER_VARIABLES = frozenset({"HIVEWIRE_ENDPOINTS", "HIVEWIRE_HEAP_DUMP_DIR"})
 """``HIVEWIRE_*`` variables that are not settings: read by the example clients
@@ -128,29 +133,11 @@ class Settings(BaseSettings):
         default_factory=AuthSettings, description="End-user API keys and JWT (docs/security.md)."
     )
 
-    # Per-service sections go below, one frozen BaseModel each (docs/runtime.md).
-    coordinator: CoordinatorSettings = Field(
-        default_factory=CoordinatorSettings, description="Coordinator (docs/coordinator.md)."
-    )
-    agent: AgentSettings = Field(
-        default_factory=AgentSettings, description="Agent processes (docs/agents.md)."
-    )
-    tool: ToolSettings = Field(
-        default_factory=ToolSettings, description="Tool service (docs/tools.md)."
-    )
-    model: ModelSettings = Field(
-        default_factory=ModelSettings, description="Model service (docs/model.md)."
-    )
     events: EventsSettings = Field(
         default_factory=EventsSettings, description="Events on NATS (docs/events.md)."
     )
-    a2a: A2aSettings = Field(
-        default_factory=A2aSettings, description="A2A gateway and adapter (docs/interop.md)."
-    )
-    dashboard: DashboardSettings = Field(
-        default_factory=DashboardSettings,
-        description="The operators' web dashboard (docs/observability.md).",
-    )
+    # A service's own section is a field of its process settings, a subclass of this
+    # one defined in the service's settings.py (docs/runtime.md).
 
     @field_validator("log_level")
     @classmethod
@@ -245,13 +232,35 @@ def setting_names(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -
     return names
 
 
+@functools.cache
+def sections() -> Mapping[str, type[BaseModel]]:
+    """Every service's settings section, by name, from the ``hivewire.settings`` entry points."""
+    found: dict[str, type[BaseModel]] = {}
+    for point in entry_points(group=SECTIONS_GROUP):
+        section = point.load()
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            raise TypeError(f"entry point {point.value} is not a settings section")
+        found[point.name] = section
+    return found
+
+
+def known_setting_names() -> dict[str, Any]:
+    """:func:`setting_names` of the shared settings and of every service's section."""
+    names = setting_names(Settings)
+    for name, section in sections().items():
+        env_name = f"{ENV_PREFIX}{name}".upper()
+        names[env_name] = section
+        names.update(setting_names(section, env_name + NESTED_DELIMITER))
+    return names
+
+
 def _closest(name: str, valid: list[str]) -> str | None:
     matches = difflib.get_close_matches(name.upper(), valid, n=1, cutoff=0.6)
     return matches[0] if matches else None
 
 
 def check_environment(environ: Mapping[str, str]) -> None:
-    """Refuse ``HIVEWIRE_*`` variables that name no setting.
+    """Refuse ``HIVEWIRE_*`` variables that name no setting of any section.
 
     Args:
         environ: The environment (``os.environ``).
@@ -259,7 +268,7 @@ def check_environment(environ: Mapping[str, str]) -> None:
     Raises:
         UnknownSettingError: For the first unknown variable (sorted by name).
     """
-    names = setting_names()
+    names = known_setting_names()
     valid = sorted(names)
     for key in sorted(environ):
         upper = key.upper()
@@ -274,20 +283,33 @@ def check_environment(environ: Mapping[str, str]) -> None:
         raise UnknownSettingError(key, _closest(upper, valid))
 
 
-def _unknown_key(exc: ValidationError) -> UnknownSettingError | None:
+def _unknown_key(exc: ValidationError, model: type[BaseModel]) -> UnknownSettingError | None:
     """An ``extra_forbidden`` error (a section as JSON or an override) as an unknown setting."""
     for error in exc.errors():
         if error["type"] == "extra_forbidden":
             path = NESTED_DELIMITER.join(str(part) for part in error["loc"])
             name = f"{ENV_PREFIX}{path}".upper()
-            return UnknownSettingError(name, _closest(name, sorted(setting_names())))
+            return UnknownSettingError(name, _closest(name, sorted(setting_names(model))))
     return None
 
 
-def load_settings(**overrides: Any) -> Settings:
+SettingsT = TypeVar("SettingsT", bound=Settings)
+
+
+@overload
+def load_settings(**overrides: Any) -> Settings: ...
+
+
+@overload
+def load_settings(model: type[SettingsT], /, **overrides: Any) -> SettingsT: ...
+
+
+def load_settings(model: type[Settings] = Settings, /, **overrides: Any) -> Settings:
     """Build the settings from the environment, with explicit overrides on top.
 
     Args:
+        model: The process settings to build: :class:`Settings` or a service's
+            subclass of it with the service's own section(s).
         **overrides: Field values, typically from CLI flags. ``None`` means "flag not
             given" and is ignored, so the environment or default applies. A nested
             section takes a dict and is merged field by field with the environment.
@@ -302,9 +324,9 @@ def load_settings(**overrides: Any) -> Settings:
     """
     check_environment(os.environ)
     try:
-        return Settings(**_drop_none(overrides))
+        return model(**_drop_none(overrides))
     except ValidationError as exc:
-        unknown = _unknown_key(exc)
+        unknown = _unknown_key(exc, model)
         if unknown is not None:
             raise unknown from None
         raise

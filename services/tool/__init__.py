@@ -6,6 +6,7 @@ plugins registered through the ``hivewire.tools`` entry point group with the
 Protocol servers configured in the settings. See docs/tools.md.
 
 This package's ``__init__`` stays import-light on purpose: plugins import
-``hivewire.services.tool.sdk`` and the shared settings import
-``hivewire.services.tool.settings``, neither of which should pull in the service.
+``hivewire.services.tool.sdk`` and every process's settings check loads
+``hivewire.services.tool.settings`` (an entry point), neither of which should pull in
+the service.
 """

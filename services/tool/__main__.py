@@ -23,22 +23,24 @@ from hivewire.services.runtime.bootstrap import (
     registry_from_settings,
     serving,
 )
-from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.events import EventPublisher
 from hivewire.services.runtime.server import ServiceBinding, serve_until_signal
 from hivewire.services.tool.mcp_server import serve_mcp
 from hivewire.services.tool.service import open_tool_service
 from hivewire.services.tool.servicer import SERVICE_NAME, ToolServicer
+from hivewire.services.tool.settings import ToolProcessSettings
 from hivewire.tool.v1 import tool_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-ENTRY = ServiceEntry("tool", title="hivewire tool service", port=TOOL_PORT)
+ENTRY = ServiceEntry(
+    "tool", title="hivewire tool service", port=TOOL_PORT, settings_model=ToolProcessSettings
+)
 SERVICE = "hivewire-tool"
 """Registry name of the tool service."""
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: ToolProcessSettings) -> None:
     """Run the service until SIGTERM or SIGINT."""
     instance_id = new_instance_id("tool")
     async with AsyncExitStack() as stack:

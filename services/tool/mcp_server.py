@@ -36,7 +36,6 @@ from mcp_types.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS
 from mcp_types.version import is_version_at_least
 from starlette.applications import Starlette
 
-from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.errors import HivewireError, InvalidArgument
 from hivewire.services.runtime.https import HttpsServer
 from hivewire.services.runtime.tls import SPIFFE_SCHEME, spiffe_id
@@ -51,6 +50,7 @@ from hivewire.services.tool.domain import (
 )
 from hivewire.services.tool.sdk import arguments_digest, normalize_json
 from hivewire.services.tool.service import ToolService
+from hivewire.services.tool.settings import ToolProcessSettings
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def mcp_caller(identity: str) -> str:
     return spiffe_id(role, name)
 
 
-def serve_mcp(service: ToolService, settings: Settings) -> HttpsServer:
+def serve_mcp(service: ToolService, settings: ToolProcessSettings) -> HttpsServer:
     """The HTTPS server of the MCP endpoint (enter it with ``async with``)."""
     tool = settings.tool
     assert tool.mcp_serve_port is not None

@@ -1,12 +1,13 @@
-"""Settings of the tool service: the ``tool`` section of the shared settings.
+"""Settings of the tool service: the ``tool`` section, and the tool
+service process's settings (the shared ones plus that section).
 
 Every field is set from the environment as ``HIVEWIRE_TOOL__<FIELD>``; lists and the MCP
 server table are JSON (``HIVEWIRE_TOOL__HTTP_ALLOWED_HOSTS='["127.0.0.1"]'``), and plain
 lists of names may also be given comma-separated (``HIVEWIRE_TOOL__PLUGINS=acme,weather``).
 docs/tools.md documents each one.
 
-This module imports nothing but pydantic and pydantic-settings, so the shared
-:mod:`config` can use it.
+This module imports nothing of the service itself (only pydantic and the shared
+settings), so it loads without the service.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import NoDecode
+
+from hivewire.services.runtime.config import Settings
 
 MCP_SERVER_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 """MCP server names prefix their tools (``<server>.<tool>``): short, lower case, no dots."""
@@ -165,3 +168,11 @@ class ToolSettings(BaseModel):
         if duplicates:
             raise ValueError(f"MCP server names must be unique: {', '.join(duplicates)}")
         return self
+
+
+class ToolProcessSettings(Settings):
+    """The tool service process's settings: the shared ones and the ``tool`` section."""
+
+    tool: ToolSettings = Field(
+        default_factory=ToolSettings, description="Tool service (docs/tools.md)."
+    )

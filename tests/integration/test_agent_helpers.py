@@ -17,6 +17,7 @@ from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.common.v1 import common_pb2
 from hivewire.services.agent.sdk import Agent
 from hivewire.services.agent.serve import AgentServer, running_agent
+from hivewire.services.agent.settings import AgentProcessSettings
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.config import Settings, load_settings
 from hivewire.services.runtime.tls import TlsFiles
@@ -28,6 +29,7 @@ def agent_settings(certs_dir: Path, *, identity: str = "agent", **agent: Any) ->
     """Settings of an in-process test agent: port 0, static discovery, no registration."""
     section: dict[str, Any] = {"registration": False, **agent}
     return load_settings(
+        AgentProcessSettings,
         host="127.0.0.1",
         port=0,
         certs_dir=certs_dir,

@@ -11,6 +11,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.discovery import open_registry
 from hivewire.services.coordinator.app import running_coordinator
+from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.events import replay
@@ -28,6 +29,7 @@ async def test_agents_from_the_embedded_registry_and_events_on_nats(
     pki: Pki, tmp_path: Path, nats_server: NatsServer
 ) -> None:
     settings = load_settings(
+        CoordinatorProcessSettings,
         host="127.0.0.1",
         port=0,
         certs_dir=pki.dir,

@@ -17,6 +17,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.discovery.static import StaticRegistry
 from hivewire.services.coordinator.app import running_coordinator
+from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.runtime.config import load_settings
 from tests.conftest import Pki
 from tests.helpers import NatsServer, eventually
@@ -31,6 +32,7 @@ C = coordinator_pb2
 @contextlib.asynccontextmanager
 async def jetstream_mesh(pki: Pki, nats_url: str, registry: StaticRegistry) -> AsyncIterator[Mesh]:
     settings = load_settings(
+        CoordinatorProcessSettings,
         host="127.0.0.1",
         port=0,
         certs_dir=pki.dir,

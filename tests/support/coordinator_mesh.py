@@ -20,6 +20,7 @@ from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.discovery.static import StaticRegistry
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator.app import RunningCoordinator, running_coordinator
+from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.config import Settings, load_settings
 from hivewire.services.runtime.errors import HivewireError
@@ -90,6 +91,7 @@ def coordinator_settings(pki_dir: Path, db_path: Path | str, **coordinator: Any)
     }
     section.update(coordinator)
     return load_settings(
+        CoordinatorProcessSettings,
         host="127.0.0.1",
         port=0,
         certs_dir=pki_dir,

@@ -29,7 +29,9 @@ from hivewire.services.agent import (
     capability,
 )
 from hivewire.services.agent.serve import AgentServer, running_agent, settings_for_agent
+from hivewire.services.agent.settings import AgentProcessSettings
 from hivewire.services.coordinator.app import RunningCoordinator, running_coordinator
+from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.tls import TlsFiles
@@ -98,8 +100,9 @@ async def memory_mesh(
 ) -> AsyncIterator[MemoryMesh]:
     """Start a coordinator and a :class:`MemoryAgent` on ``nats_url``; stop them after."""
 
-    def settings(identity: str, **sections: Any) -> Any:
+    def settings(model: Any, identity: str, **sections: Any) -> Any:
         return load_settings(
+            model,
             host="127.0.0.1",
             port=0,
             certs_dir=pki_dir,
@@ -111,6 +114,7 @@ async def memory_mesh(
         )
 
     coordinator_settings = settings(
+        CoordinatorProcessSettings,
         "coordinator",
         coordinator={
             "db_path": db_path,
@@ -120,7 +124,9 @@ async def memory_mesh(
         },
     )
     agent = MemoryAgent()
-    agent_settings = settings_for_agent(settings("agent", agent={"max_concurrency": 64}), agent)
+    agent_settings = settings_for_agent(
+        settings(AgentProcessSettings, "agent", agent={"max_concurrency": 64}), agent
+    )
     async with (
         running_coordinator(coordinator_settings) as running,
         running_agent(agent, agent_settings) as served,

@@ -26,6 +26,7 @@ from hivewire.services.agent.examples.summarizer import split_sections
 from hivewire.services.agent.runtime import classify
 from hivewire.services.agent.sdk import TaskContext, Usage
 from hivewire.services.agent.serve import AgentLoadError, load_agent, settings_for_agent
+from hivewire.services.agent.settings import AgentProcessSettings
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.errors import InvalidArgument, Unavailable
 
@@ -191,9 +192,14 @@ def test_load_agent_accepts_classes_instances_and_factories() -> None:
 def test_identity_defaults_to_the_agents_certificate(tmp_path: Path) -> None:
     (tmp_path / "agent-calculator.pem").write_text("x")
     agent = load_agent("hivewire.services.agent.examples.calculator:CalculatorAgent")
-    settings = settings_for_agent(load_settings(certs_dir=tmp_path), agent)
+    settings = settings_for_agent(load_settings(AgentProcessSettings, certs_dir=tmp_path), agent)
     assert settings.identity == "agent-calculator"
     other = load_agent("hivewire.services.agent.examples.summarizer:SummarizerAgent")
-    assert settings_for_agent(load_settings(certs_dir=tmp_path), other).identity == "agent"
-    explicit = settings_for_agent(load_settings(certs_dir=tmp_path, identity="x"), agent)
+    assert (
+        settings_for_agent(load_settings(AgentProcessSettings, certs_dir=tmp_path), other).identity
+        == "agent"
+    )
+    explicit = settings_for_agent(
+        load_settings(AgentProcessSettings, certs_dir=tmp_path, identity="x"), agent
+    )
     assert explicit.identity == "x"

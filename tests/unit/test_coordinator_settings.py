@@ -9,7 +9,7 @@ import pydantic
 import pytest
 
 from hivewire.services.coordinator.__main__ import service_settings
-from hivewire.services.coordinator.settings import CoordinatorSettings
+from hivewire.services.coordinator.settings import CoordinatorProcessSettings, CoordinatorSettings
 from hivewire.services.runtime.config import load_settings
 
 
@@ -21,7 +21,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_defaults_of_the_process() -> None:
-    settings = service_settings(load_settings())
+    settings = service_settings(load_settings(CoordinatorProcessSettings))
     assert (settings.identity, settings.port, settings.metrics_port) == (
         "coordinator",
         50051,
@@ -35,7 +35,7 @@ def test_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIVEWIRE_IDENTITY", "coord-2")
     monkeypatch.setenv("HIVEWIRE_COORDINATOR__DB_PATH", "/tmp/x.db")
     monkeypatch.setenv("HIVEWIRE_COORDINATOR__AGING_INTERVAL", "2.5")
-    settings = service_settings(load_settings())
+    settings = service_settings(load_settings(CoordinatorProcessSettings))
     assert (settings.identity, settings.port, settings.metrics_port) == ("coord-2", 0, None)
     assert settings.coordinator.db_path == Path("/tmp/x.db")
     assert settings.coordinator.aging_interval == 2.5
@@ -50,7 +50,7 @@ def test_inconsistent_values_are_refused() -> None:
 
 def test_database_is_an_alias_of_db_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIVEWIRE_COORDINATOR__DATABASE", "/tmp/y.db")
-    assert load_settings().coordinator.db_path == Path("/tmp/y.db")
-    assert load_settings(coordinator={"db_path": "/tmp/z.db"}).coordinator.db_path == Path(
-        "/tmp/z.db"
-    )
+    assert load_settings(CoordinatorProcessSettings).coordinator.db_path == Path("/tmp/y.db")
+    assert load_settings(
+        CoordinatorProcessSettings, coordinator={"db_path": "/tmp/z.db"}
+    ).coordinator.db_path == Path("/tmp/z.db")

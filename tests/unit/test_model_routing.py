@@ -17,7 +17,7 @@ from hivewire.services.model.backends.base import (
 from hivewire.services.model.backends.ollama import _parse_time
 from hivewire.services.model.domain import CallInfo, Completion
 from hivewire.services.model.router import Router
-from hivewire.services.model.settings import ModelSettings
+from hivewire.services.model.settings import ModelProcessSettings, ModelSettings
 from hivewire.services.runtime import errors
 from hivewire.services.runtime.config import load_settings
 
@@ -71,7 +71,7 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIVEWIRE_MODEL__DEFAULT_MODEL", "llama3:8b")
     monkeypatch.setenv("HIVEWIRE_MODEL__OPENAI_URL", "http://gpu-box:8000/v1/")
     monkeypatch.setenv("HIVEWIRE_MODEL__OPENAI_API_KEY", "sk-secret")
-    model = load_settings().model
+    model = load_settings(ModelProcessSettings).model
     assert model.routes["gemma-3-270m"] == "local"
     assert model.openai_url == "http://gpu-box:8000/v1"
     assert "sk-secret" not in repr(model)

@@ -18,8 +18,11 @@ from hivewire.services.runtime.convert import (
 )
 from hivewire.services.runtime.ports import TOOL_PORT, metrics_port_for
 from hivewire.services.tool.domain import ToolFailure
+from hivewire.services.tool.settings import ToolProcessSettings
 
-ENTRY = ServiceEntry("tool", title="hivewire tool service", port=TOOL_PORT)
+ENTRY = ServiceEntry(
+    "tool", title="hivewire tool service", port=TOOL_PORT, settings_model=ToolProcessSettings
+)
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.runtime.config import (
     ENV_PREFIX,
     UnknownSettingError,
@@ -61,7 +62,7 @@ def test_the_documented_queue_limit_never_existed(monkeypatch: pytest.MonkeyPatc
 def test_unknown_keys_of_sections_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIVEWIRE_COORDINATOR", '{"max_timout": 5}')
     with pytest.raises(UnknownSettingError) as err:
-        load_settings()
+        load_settings(CoordinatorProcessSettings)
     assert err.value.name == "HIVEWIRE_COORDINATOR__MAX_TIMOUT"
     assert err.value.suggestion == "HIVEWIRE_COORDINATOR__MAX_TIMEOUT"
     monkeypatch.delenv("HIVEWIRE_COORDINATOR")
@@ -75,7 +76,7 @@ def test_valid_variables_aliases_and_mapping_keys_pass(monkeypatch: pytest.Monke
     monkeypatch.setenv("HIVEWIRE_MODEL__ROUTES__FAST", "ollama")  # a key of a mapping
     monkeypatch.setenv("HIVEWIRE_ENDPOINTS", "/tmp/endpoints.json")  # read by the clients
     monkeypatch.setenv("HIVEWIRE_EVENTS__STREAM__MAX_AGE", "60")
-    settings = load_settings()
+    settings = load_settings(CoordinatorProcessSettings)
     assert settings.coordinator.db_path == Path("tasks.db")
     assert settings.events.stream.max_age == 60
 
