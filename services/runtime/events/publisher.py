@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
@@ -34,18 +34,37 @@ from nats.js.client import JetStreamContext
 from hivewire.discovery.backoff import Backoff
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import Unavailable
-from hivewire.services.runtime.tls import nats_tls_options
+from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
 
 from . import metrics
 from ._nats import TRANSIENT_ERRORS, close_quietly, connect, ensure_streams, stop_tasks
 from .envelope import EventData, build_event, event_headers, event_subject
-from .settings import StreamSettings
+from .settings import EventsSettings, StreamSettings
 
 if TYPE_CHECKING:
     from hivewire.events.v1 import events_pb2
-    from hivewire.services.runtime.config import Settings
 
 logger = logging.getLogger(__name__)
+
+
+class PublisherSettings(Protocol):
+    """What :meth:`EventPublisher.from_settings` reads of a process's settings.
+
+    ``runtime.config.Settings`` is one; a Protocol, because config imports this
+    package's settings and this package must not import config back.
+    """
+
+    @property
+    def nats_url(self) -> str:
+        """The NATS server URL(s)."""
+
+    @property
+    def events(self) -> EventsSettings:
+        """The ``events`` section."""
+
+    def tls_files(self) -> TlsFiles:
+        """This process's certificate files."""
+
 
 __all__ = ["EventPublisher", "ProgressCoalescer"]
 
@@ -231,7 +250,9 @@ class EventPublisher:
         self._outage_logged = False
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, source: str, **kwargs: Any) -> EventPublisher:
+    def from_settings(
+        cls, settings: PublisherSettings, *, source: str, **kwargs: Any
+    ) -> EventPublisher:
         """Build a publisher from the shared settings (``nats_url`` + the ``events`` section).
 
         Args:
