@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from hivewire.coordinator.v1 import coordinator_pb2
-from hivewire.services.coordinator.model import state_name
+from hivewire.services.coordinator.model import TaskRecord, state_name
 from hivewire.services.runtime.breaker import CircuitState
-
-if TYPE_CHECKING:
-    from hivewire.services.coordinator.journal import TaskRuntime
 
 TASKS_SUBMITTED = Counter(
     "hivewire_coordinator_tasks_submitted_total",
@@ -113,7 +110,15 @@ def _entry(counts: Callable[[], dict[str, int]], name: str) -> int:
     return counts().get(name, 0)
 
 
-def task_event_committed(rt: TaskRuntime, event: coordinator_pb2.TaskEvent) -> None:
+class _WithRecord(Protocol):
+    """What the journal listener reads of a task (the journal's ``TaskRuntime``)."""
+
+    @property
+    def record(self) -> TaskRecord:
+        """The task's state."""
+
+
+def task_event_committed(rt: _WithRecord, event: coordinator_pb2.TaskEvent) -> None:
     """Journal listener: the latency of every task that finishes."""
     if event.WhichOneof("kind") != "finished":
         return
