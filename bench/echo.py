@@ -357,7 +357,7 @@ def _run_with_certs(certs: Path | None, durations: Durations) -> dict[str, Any]:
     # Only reached in the main environment: hivewire makes the PKI.
     import tempfile
 
-    from hivewire.services.runtime.pki import init_pki
+    from hivewire.services.mesh.pki import init_pki
 
     with tempfile.TemporaryDirectory(prefix="hivewire-bench-certs-") as tmp:
         init_pki(Path(tmp))

@@ -146,7 +146,7 @@ async def measure(
     pythons = {v: await ensure_env(v, cache) for v in versions}
     with tempfile.TemporaryDirectory(prefix="hivewire-bench-certs-") as tmp:
         if certs is None:
-            from hivewire.services.runtime.pki import init_pki
+            from hivewire.services.mesh.pki import init_pki
 
             certs = Path(tmp)
             init_pki(certs)

@@ -23,8 +23,8 @@ from bench.common import ROOT, free_port
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec, python_module
 from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
+from hivewire.services.mesh.pki import init_pki
 from hivewire.services.runtime.channels import secure_channel
-from hivewire.services.runtime.pki import init_pki
 from hivewire.services.runtime.tls import TlsFiles
 
 AGENT_TARGET = "bench.agent:BenchAgent"

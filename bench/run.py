@@ -46,7 +46,7 @@ from google.protobuf import __version__ as protobuf_version
 
 from bench import echo, events, grpcio_versions, interceptors, mesh, plans, streams
 from bench.common import DEFAULT, QUICK, Durations, Phase
-from hivewire.services.runtime.pki import init_pki
+from hivewire.services.mesh.pki import init_pki
 
 BENCHMARKS = ("echo", "interceptors", "mesh", "plans", "streams", "events")
 OPTIONAL = ("grpcio",)

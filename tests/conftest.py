@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from hivewire.services.runtime import pki as pki_module
+from hivewire.services.mesh import pki as pki_module
 from hivewire.services.runtime.tls import TlsFiles
 from tests.helpers import NatsServer, grpcurl_path
 from tests.helpers import grpcurl as run_grpcurl

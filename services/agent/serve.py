@@ -35,8 +35,8 @@ from hivewire.services.runtime.channels import ChannelPool
 from hivewire.services.runtime.errors import HivewireError, Unavailable
 from hivewire.services.runtime.events import EventPublisher
 from hivewire.services.runtime.eventsink import EventSink as Sink
-from hivewire.services.runtime.pki import TRUST_DOMAIN, CertInfo, describe_cert
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer, serve_until_signal
+from hivewire.services.runtime.tls import TRUST_DOMAIN, CertInfo, describe_cert
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from hivewire.services.cli.output import fail, wide_console
-from hivewire.services.runtime import pki
+from hivewire.services.mesh import pki
 
 T = TypeVar("T")
 

@@ -1,1 +1,3 @@
-"""Running a whole mesh on one machine: the launcher and NATS server behind `hivewire up`."""
+"""Running a whole mesh on one machine: the launcher, the NATS server and the development
+PKI behind `hivewire up` and `hivewire certs`.
+"""

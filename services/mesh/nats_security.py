@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hivewire.services.runtime.pki import describe_cert, list_stems, parse_spiffe_id
-from hivewire.services.runtime.tls import TlsFiles
+from hivewire.services.mesh.pki import list_stems
+from hivewire.services.runtime.tls import TlsFiles, describe_cert, parse_spiffe_id
 
 REGISTRY_BUCKET = "hivewire-registry"
 EVENTS_STREAM = "HIVEWIRE_EVENTS"

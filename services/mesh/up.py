@@ -21,7 +21,7 @@ from pathlib import Path
 from hivewire.services.dashboard.settings import DASHBOARD_PORT
 from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec, python_module
 from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
-from hivewire.services.runtime.pki import init_pki
+from hivewire.services.mesh.pki import init_pki
 from hivewire.services.runtime.ports import (
     A2A_GRPC_PORT,
     A2A_HTTP_PORT,

@@ -8,6 +8,7 @@ certificate is picked up by the next TLS handshake without a restart.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import ssl
 import threading
@@ -259,3 +260,74 @@ def nats_tls_options(nats_url: str, files: TlsFiles) -> dict[str, Any]:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))
     context.load_cert_chain(str(files.cert), str(files.key))
     return {"tls": context}
+
+
+@dataclass(frozen=True, slots=True)
+class CertInfo:
+    """What a certificate file says about itself (see ``describe_cert``).
+
+    Attributes:
+        path: The certificate file.
+        subject: Subject distinguished name (RFC 4514).
+        issuer: Issuer distinguished name (RFC 4514).
+        spiffe_id: The first ``spiffe://`` URI SAN, or None.
+        dns_names: DNS SANs.
+        ip_addresses: IP SANs, as text.
+        not_before: Start of validity (UTC).
+        not_after: End of validity (UTC).
+        serial_number: Serial number.
+        is_ca: Whether basic constraints mark it as a CA.
+    """
+
+    path: Path
+    subject: str
+    issuer: str
+    spiffe_id: str | None
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    not_before: dt.datetime
+    not_after: dt.datetime
+    serial_number: int
+    is_ca: bool
+
+    def is_expired(self, now: dt.datetime | None = None) -> bool:
+        """Whether the certificate's validity ended before ``now`` (default: the current time)."""
+        return (now or dt.datetime.now(dt.UTC)) > self.not_after
+
+
+def describe_cert(path: Path) -> CertInfo:
+    """Read a PEM certificate and say who it is, who issued it and until when it is valid.
+
+    Raises:
+        OSError: The file cannot be read.
+        ValueError: The file is not a PEM certificate.
+    """
+    path = Path(path)
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    uris: list[str] = []
+    dns: list[str] = []
+    ips: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        dns = san.get_values_for_type(x509.DNSName)
+        ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    return CertInfo(
+        path=path,
+        subject=cert.subject.rfc4514_string(),
+        issuer=cert.issuer.rfc4514_string(),
+        spiffe_id=next((uri for uri in uris if uri.startswith("spiffe://")), None),
+        dns_names=tuple(dns),
+        ip_addresses=tuple(ips),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        serial_number=cert.serial_number,
+        is_ca=is_ca,
+    )

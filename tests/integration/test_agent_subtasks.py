@@ -29,7 +29,7 @@ from hivewire.services.agent import (
 )
 from hivewire.services.agent.examples.planner import PlannerAgent
 from hivewire.services.model.settings import ModelSettings
-from hivewire.services.runtime.pki import describe_cert
+from hivewire.services.runtime.tls import describe_cert
 from tests.conftest import Pki
 from tests.helpers import eventually
 from tests.integration.test_agent_helpers import agent_settings, serve_in_process

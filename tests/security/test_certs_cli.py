@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from typer.testing import CliRunner
 
 from hivewire.services.cli.main import app
-from hivewire.services.runtime import pki
+from hivewire.services.mesh import pki
 from hivewire.services.runtime.tls import TlsFiles
 from tests.helpers import grpcurl
 

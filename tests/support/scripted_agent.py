@@ -36,8 +36,8 @@ from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.common.v1 import common_pb2
 from hivewire.discovery import Instance, Registry, new_instance_id
 from hivewire.services.runtime.config import load_settings
-from hivewire.services.runtime.pki import describe_cert
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
+from hivewire.services.runtime.tls import describe_cert
 
 SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 

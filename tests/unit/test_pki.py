@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from hivewire.services.runtime import pki
+from hivewire.services.mesh import pki
+from hivewire.services.runtime.tls import parse_spiffe_id, spiffe_id
 
 EXPECTED_IDS = {
     "coordinator": "spiffe://hivewire.local/coordinator/coordinator",
@@ -279,9 +280,9 @@ def test_check_cert_detects_foreign_ca_and_key_mismatch(tmp_path: Path) -> None:
 )
 def test_names_and_roles_are_validated(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ValueError, match=r"invalid name .*a-z, 0-9 and '-'"):
-        pki.spiffe_id("client", bad)
+        pki.validate_label(bad, what="name")
     with pytest.raises(ValueError, match=r"invalid role"):
-        pki.spiffe_id(bad, "alice")
+        pki.issue_cert(tmp_path, role=bad, name="alice")
     with pytest.raises(ValueError, match=r"invalid name"):
         pki.issue_cert(tmp_path, role="client", name=bad)
     with pytest.raises(ValueError, match=r"invalid stem"):
@@ -290,11 +291,12 @@ def test_names_and_roles_are_validated(tmp_path: Path, bad: str) -> None:
 
 
 def test_valid_labels_and_spiffe_ids() -> None:
-    assert pki.spiffe_id("client", "alice") == "spiffe://hivewire.local/client/alice"
-    assert pki.spiffe_id("agent", "a" * 63).endswith("/" + "a" * 63)
-    assert pki.spiffe_id("x1", "0-a") == "spiffe://hivewire.local/x1/0-a"
-    assert pki.parse_spiffe_id("spiffe://hivewire.local/agent/planner") == ("agent", "planner")
-    assert pki.parse_spiffe_id("spiffe://other.domain/agent/planner") is None
+    for label in ("alice", "a" * 63, "x1", "0-a"):
+        assert pki.validate_label(label, what="name") == label
+    assert spiffe_id("client", "alice") == "spiffe://hivewire.local/client/alice"
+    assert spiffe_id("x1", "0-a") == "spiffe://hivewire.local/x1/0-a"
+    assert parse_spiffe_id("spiffe://hivewire.local/agent/planner") == ("agent", "planner")
+    assert parse_spiffe_id("spiffe://other.domain/agent/planner") is None
 
 
 def test_issue_cert_rejects_bad_validity(tmp_path: Path) -> None:

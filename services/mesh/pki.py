@@ -18,6 +18,12 @@ of the model service).
 
 The functions here are synchronous: they run once from the CLI or a test fixture, before
 any event loop matters; async callers use ``asyncio.to_thread``.
+
+It lives with the launcher (``hivewire up`` and ``hivewire certs`` are its only users in
+the product), not in the runtime every process loads. What a running process needs of
+a certificate (the trust domain, SPIFFE ids, :func:`describe_cert`) is in
+:mod:`hivewire.services.runtime.tls`; this module uses those, and re-exports
+:func:`describe_cert` and :class:`CertInfo` for the scripts that already import them here.
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-logger = logging.getLogger(__name__)
+from hivewire.services.runtime.tls import TRUST_DOMAIN, parse_spiffe_id, spiffe_id
+from hivewire.services.runtime.tls import CertInfo as CertInfo  # re-exported (docstring)
+from hivewire.services.runtime.tls import describe_cert as describe_cert  # re-exported
 
-TRUST_DOMAIN = "hivewire.local"
-"""The SPIFFE trust domain of every identity this PKI issues."""
+logger = logging.getLogger(__name__)
 
 CA_STEM = "ca"
 """File stem of the CA: ``ca.pem`` and ``ca.key``."""
@@ -57,10 +64,6 @@ CA_VALID_DAYS = 3650
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-_SPIFFE = re.compile(
-    rf"spiffe://{re.escape(TRUST_DOMAIN)}/(?P<role>[a-z0-9][a-z0-9-]{{0,62}})"
-    r"/(?P<name>[a-z0-9][a-z0-9-]{0,62})"
-)
 
 _GITIGNORE = """\
 # Written by `hivewire certs init`: private keys and certificates are never committed.
@@ -158,39 +161,6 @@ class IssuedCert:
 
 
 @dataclass(frozen=True, slots=True)
-class CertInfo:
-    """What a certificate file says about itself (see ``describe_cert``).
-
-    Attributes:
-        path: The certificate file.
-        subject: Subject distinguished name (RFC 4514).
-        issuer: Issuer distinguished name (RFC 4514).
-        spiffe_id: The first ``spiffe://`` URI SAN, or None.
-        dns_names: DNS SANs.
-        ip_addresses: IP SANs, as text.
-        not_before: Start of validity (UTC).
-        not_after: End of validity (UTC).
-        serial_number: Serial number.
-        is_ca: Whether basic constraints mark it as a CA.
-    """
-
-    path: Path
-    subject: str
-    issuer: str
-    spiffe_id: str | None
-    dns_names: tuple[str, ...]
-    ip_addresses: tuple[str, ...]
-    not_before: dt.datetime
-    not_after: dt.datetime
-    serial_number: int
-    is_ca: bool
-
-    def is_expired(self, now: dt.datetime | None = None) -> bool:
-        """Whether the certificate's validity ended before ``now`` (default: the current time)."""
-        return (now or _utcnow()) > self.not_after
-
-
-@dataclass(frozen=True, slots=True)
 class PkiReport:
     """What ``init_pki`` did, by file stem (``ca`` for the CA).
 
@@ -257,25 +227,6 @@ def validate_stem(stem: str) -> str:
     if stem == CA_STEM:
         raise ValueError(f"invalid stem {stem!r}: it is reserved for the CA")
     return stem
-
-
-def spiffe_id(role: str, name: str) -> str:
-    """Return the SPIFFE id ``spiffe://hivewire.local/<role>/<name>``.
-
-    Raises:
-        ValueError: If role or name is not a valid label.
-    """
-    validate_label(role, what="role")
-    validate_label(name, what="name")
-    return f"spiffe://{TRUST_DOMAIN}/{role}/{name}"
-
-
-def parse_spiffe_id(value: str) -> tuple[str, str] | None:
-    """Split a hivewire SPIFFE id into ``(role, name)``; None if it is not one of ours."""
-    match = _SPIFFE.fullmatch(value)
-    if match is None:
-        return None
-    return match["role"], match["name"]
 
 
 def default_stem(role: str, name: str) -> str:
@@ -375,7 +326,8 @@ def issue_cert(
         CertExistsError: ``<stem>.pem`` exists and ``force`` was not given.
         PkiError: The CA exists but cannot be used.
     """
-    spiffe_id(role, name)
+    validate_label(role, what="role")
+    validate_label(name, what="name")
     stem = validate_stem(stem if stem is not None else default_stem(role, name))
     if valid_days <= 0:
         raise ValueError(f"invalid validity {valid_days} days: must be at least 1 day")
@@ -404,44 +356,6 @@ def issue_cert(
         ca_path=ca.path,
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
-    )
-
-
-def describe_cert(path: Path) -> CertInfo:
-    """Read a PEM certificate and say who it is, who issued it and until when it is valid.
-
-    Raises:
-        OSError: The file cannot be read.
-        ValueError: The file is not a PEM certificate.
-    """
-    path = Path(path)
-    cert = x509.load_pem_x509_certificate(path.read_bytes())
-    uris: list[str] = []
-    dns: list[str] = []
-    ips: list[str] = []
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        pass
-    else:
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        dns = san.get_values_for_type(x509.DNSName)
-        ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
-    try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    return CertInfo(
-        path=path,
-        subject=cert.subject.rfc4514_string(),
-        issuer=cert.issuer.rfc4514_string(),
-        spiffe_id=next((uri for uri in uris if uri.startswith("spiffe://")), None),
-        dns_names=tuple(dns),
-        ip_addresses=tuple(ips),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        serial_number=cert.serial_number,
-        is_ca=is_ca,
     )
 
 
@@ -777,7 +691,7 @@ def _extra_identities(directory: Path, *, exclude: Iterable[str]) -> Iterator[Id
         except (OSError, ValueError):
             continue
         parsed = parse_spiffe_id(_spiffe_of(cert) or "")
-        if parsed is not None:
+        if parsed is not None and all(_LABEL.fullmatch(label) for label in parsed):
             yield Identity(stem, *parsed)
 
 
