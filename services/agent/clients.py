@@ -14,7 +14,7 @@ The transport is the services' own clients (:class:`ModelClient`, :class:`ToolCl
 on long-lived channels. Errors come back as domain errors: a gRPC failure as the
 :class:`~hivewire.services.runtime.errors.HivewireError` the service raised (so an
 unavailable model is a retryable failure of the task), a tool that ran but failed as
-:class:`ToolError`. Tool calls that need a person's approval ask for it with
+:class:`ToolCallError`. Tool calls that need a person's approval ask for it with
 ``ctx.request_input(kind=APPROVAL)`` and run again with the approval; a denial raises
 the permanent ``TOOL_APPROVAL_DENIED``.
 """
@@ -56,7 +56,6 @@ from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
     ProgressUpdate,
-    ToolFailure,
     ToolInfo,
     ToolOutcome,
 )
@@ -70,6 +69,7 @@ __all__ = [
     "ModelStream",
     "TaskModel",
     "TaskTools",
+    "ToolCallError",
     "ToolError",
     "ToolInfo",
     "ToolOutput",
@@ -128,13 +128,13 @@ ToolOutput = ToolOutcome
 """A tool's result: ``result`` (JSON object), ``text`` (for models), ``truncated``."""
 
 
-class ToolError(AgentError):
-    """A tool ran but could not do the job (its ``ErrorDetail``).
+class ToolCallError(AgentError):
+    """A tool an agent called ran but could not do the job (its ``ErrorDetail``).
 
     Unhandled, it fails the task with the tool's reason; ``retryable`` follows the tool.
     """
 
-    def __init__(self, tool_name: str, detail: ErrorInfo | ToolFailure) -> None:
+    def __init__(self, tool_name: str, detail: ErrorInfo) -> None:
         """Create the error from the tool's classified error."""
         super().__init__(
             detail.reason if valid_reason(detail.reason) else "TOOL_FAILED",
@@ -145,6 +145,12 @@ class ToolError(AgentError):
         self.retryable = detail.retryable
         self.tool_name = tool_name
         self.detail = detail
+
+
+ToolError = ToolCallError
+"""The former name of :class:`ToolCallError`, kept so agents that catch it keep working.
+
+``hivewire.services.tool.sdk.ToolError`` is another thing: what a tool raises."""
 
 
 # --- shared call plumbing -------------------------------------------------------------
@@ -514,7 +520,7 @@ class TaskTools(_Bound):
             The tool's result (``result``, ``text``, ``truncated``).
 
         Raises:
-            ToolError: The tool ran but failed.
+            ToolCallError: The tool ran but failed.
             PermanentError: ``TOOL_APPROVAL_DENIED`` when the person said no.
             HivewireError: The service refused the call (unknown tool, bad arguments,
                 forbidden, unavailable).
@@ -590,8 +596,8 @@ class TaskTools(_Bound):
                         maybe = on_progress(event.fraction, event.step, event.message)
                         if inspect.isawaitable(maybe):
                             await maybe
-                elif isinstance(event, ToolFailure):
-                    raise ToolError(tool_name, event)
+                elif isinstance(event, ErrorInfo):
+                    raise ToolCallError(tool_name, event)
                 else:
                     return event
         finally:

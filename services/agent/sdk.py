@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, cast, overload
 
+from hivewire.services.runtime.errors import ErrorInfo
+
 if TYPE_CHECKING:
     from hivewire.common.v1 import common_pb2
     from hivewire.services.agent.clients import TaskModel, TaskTools
@@ -253,25 +255,6 @@ class InputAnswer:
     def json(self) -> Mapping[str, Any] | None:
         """The answer's JSON object, if any."""
         return self.value.json
-
-
-@dataclass(frozen=True)
-class ErrorInfo:
-    """A classified error as it travels to the coordinator (``common.v1.ErrorDetail``).
-
-    Attributes:
-        code: gRPC status code name, e.g. ``"DEADLINE_EXCEEDED"``.
-        reason: Stable UPPER_SNAKE reason.
-        message: Human-readable explanation.
-        retryable: Whether another attempt may succeed.
-        metadata: Extra string context.
-    """
-
-    code: str
-    reason: str
-    message: str
-    retryable: bool = False
-    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 class ActivityKind(enum.Enum):

@@ -109,7 +109,7 @@ def duration_seconds(value: duration_pb2.Duration) -> float:
 
 
 def error_detail(error: ClassifiedError) -> common_pb2.ErrorDetail:
-    """A classified error (an agent's ``ErrorInfo``, a tool's ``ToolFailure``...) as
+    """A classified error (an :class:`~hivewire.services.runtime.errors.ErrorInfo`...) as
     ``common.v1.ErrorDetail``.
     """
     return common_pb2.ErrorDetail(

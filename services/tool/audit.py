@@ -20,8 +20,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime.convert import duration, error_detail
+from hivewire.services.runtime.errors import ErrorInfo
 from hivewire.services.runtime.eventsink import EventSink
-from hivewire.services.tool.domain import ToolFailure
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class AuditRecord:
     arguments_digest: str
     outcome: str
     duration: float
-    error: ToolFailure | None = None
+    error: ErrorInfo | None = None
     known_tool: bool = True
 
 

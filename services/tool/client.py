@@ -13,7 +13,7 @@ gRPC errors come back as the :class:`HivewireError` subclass the service raised
 (``InvalidArgument`` with field violations, ``NotFound``, ``PermissionDenied``,
 ``DeadlineExceeded``...). A tool that ran and failed (an ``error`` stream message) is
 raised too, as the subclass for its code with its reason and ``metadata["tool_error"]
-== "true"``; :meth:`ToolClient.stream` yields it as a :class:`ToolFailure` value instead.
+== "true"``; :meth:`ToolClient.stream` yields it as a :class:`ErrorInfo` value instead.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime.convert import to_struct
-from hivewire.services.runtime.errors import ERROR_DOMAIN, HivewireError, Internal
+from hivewire.services.runtime.errors import ERROR_DOMAIN, ErrorInfo, HivewireError, Internal
 from hivewire.services.runtime.status import from_rpc_error, from_rpc_status
 from hivewire.services.tool.convert import (
     approval_to_proto,
@@ -39,7 +39,6 @@ from hivewire.services.tool.domain import (
     ApprovalRequest,
     InvokeEvent,
     ProgressUpdate,
-    ToolFailure,
     ToolInfo,
     ToolOutcome,
 )
@@ -54,7 +53,7 @@ DEFAULT_TIMEOUT = 60.0
 ProgressHandler = Callable[[ProgressUpdate], Awaitable[None] | None]
 
 
-def failure_error(failure: ToolFailure, tool_name: str = "") -> HivewireError:
+def failure_error(failure: ErrorInfo, tool_name: str = "") -> HivewireError:
     """The exception for a tool's error result: the class for its code, with its reason.
 
     Args:
@@ -134,7 +133,7 @@ class ToolClient:
             metadata: Extra call metadata.
 
         Yields:
-            ``ProgressUpdate`` values, then one ``ToolOutcome``, ``ToolFailure`` or
+            ``ProgressUpdate`` values, then one ``ToolOutcome``, ``ErrorInfo`` or
             ``ApprovalRequest``.
 
         Raises:
@@ -215,7 +214,7 @@ class ToolClient:
                     if inspect.isawaitable(outcome):
                         await outcome
                 continue
-            if isinstance(event, ToolFailure):
+            if isinstance(event, ErrorInfo):
                 raise failure_error(event, name)
             return event
         raise Internal(

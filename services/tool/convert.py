@@ -8,12 +8,12 @@ from google.protobuf import struct_pb2
 
 from hivewire.common.v1 import common_pb2
 from hivewire.services.runtime.convert import error_detail, struct_to_dict, to_struct
+from hivewire.services.runtime.errors import ErrorInfo
 from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
     InvokeEvent,
     ProgressUpdate,
-    ToolFailure,
     ToolInfo,
     ToolOutcome,
     ToolSource,
@@ -94,9 +94,9 @@ def approval_to_proto(approval: ApprovalGrant) -> tool_pb2.Approval:
     )
 
 
-def failure_from_proto(detail: common_pb2.ErrorDetail) -> ToolFailure:
-    """``ErrorDetail`` -> ``ToolFailure``."""
-    return ToolFailure(
+def failure_from_proto(detail: common_pb2.ErrorDetail) -> ErrorInfo:
+    """``ErrorDetail`` -> ``ErrorInfo``."""
+    return ErrorInfo(
         code=detail.code,
         reason=detail.reason,
         message=detail.message,
@@ -118,7 +118,7 @@ def event_to_proto(event: InvokeEvent, sequence: int) -> tool_pb2.InvokeToolResp
                 result=to_struct(event.result), text=event.text, truncated=event.truncated
             )
         )
-    elif isinstance(event, ToolFailure):
+    elif isinstance(event, ErrorInfo):
         response.error.CopyFrom(error_detail(event))
     else:
         response.approval_required.CopyFrom(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hivewire.common.v1 import common_pb2
+from hivewire.services.runtime.errors import ErrorInfo
 
 
 class ToolSource(enum.Enum):
@@ -119,25 +120,6 @@ class ToolOutcome:
 
 
 @dataclass(frozen=True)
-class ToolFailure:
-    """The tool ran but failed: a classified error result (``common.v1.ErrorDetail``).
-
-    Attributes:
-        code: gRPC status code name that best describes it.
-        reason: Stable UPPER_SNAKE reason.
-        message: Human-readable explanation.
-        retryable: Whether calling again may succeed.
-        metadata: Extra context.
-    """
-
-    code: str
-    reason: str
-    message: str
-    retryable: bool = False
-    metadata: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class ApprovalRequest:
     """The call did not run: it needs an approval first.
 
@@ -152,5 +134,5 @@ class ApprovalRequest:
     prompt: str
 
 
-InvokeEvent = ProgressUpdate | ToolOutcome | ToolFailure | ApprovalRequest
+InvokeEvent = ProgressUpdate | ToolOutcome | ErrorInfo | ApprovalRequest
 """One message of a call's stream; every stream ends with a non-progress event."""

@@ -36,7 +36,7 @@ from mcp_types.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS
 from mcp_types.version import is_version_at_least
 from starlette.applications import Starlette
 
-from hivewire.services.runtime.errors import HivewireError, InvalidArgument
+from hivewire.services.runtime.errors import ErrorInfo, HivewireError, InvalidArgument
 from hivewire.services.runtime.https import HttpsServer
 from hivewire.services.runtime.tls import SPIFFE_SCHEME, spiffe_id
 from hivewire.services.runtime.version import hivewire_version
@@ -44,7 +44,6 @@ from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
     ToolCall,
-    ToolFailure,
     ToolInfo,
     ToolOutcome,
 )
@@ -108,7 +107,7 @@ def _outcome_result(outcome: ToolOutcome) -> types.CallToolResult:
     )
 
 
-def _failure_result(failure: ToolFailure) -> types.CallToolResult:
+def _failure_result(failure: ErrorInfo) -> types.CallToolResult:
     return _text_result(f"{failure.reason}: {failure.message}", error=True)
 
 
@@ -169,7 +168,7 @@ class McpToolServer:
             async for event in self._service.invoke(call):
                 if isinstance(event, ToolOutcome):
                     return _outcome_result(event)
-                if isinstance(event, ToolFailure):
+                if isinstance(event, ErrorInfo):
                     return _failure_result(event)
                 if isinstance(event, ApprovalRequest):
                     return event

@@ -31,6 +31,7 @@ import httpx
 from hivewire.common.v1 import common_pb2
 from hivewire.services.runtime.errors import (
     DeadlineExceeded,
+    ErrorInfo,
     FieldViolation,
     HivewireError,
     InvalidArgument,
@@ -48,7 +49,6 @@ from hivewire.services.tool.domain import (
     InvokeEvent,
     ProgressUpdate,
     ToolCall,
-    ToolFailure,
     ToolInfo,
     ToolOutcome,
     ToolSource,
@@ -79,8 +79,8 @@ _MAX_CRASH_MESSAGE = 1000
 _DONE = object()
 
 
-def _failure_from_error(err: HivewireError) -> ToolFailure:
-    return ToolFailure(
+def _failure_from_error(err: HivewireError) -> ErrorInfo:
+    return ErrorInfo(
         code=err.code.name,
         reason=err.reason,
         message=err.message,
@@ -181,7 +181,7 @@ class ToolService:
 
         Yields:
             :class:`ProgressUpdate` messages, then exactly one :class:`ToolOutcome`,
-            :class:`ToolFailure` or :class:`ApprovalRequest`.
+            :class:`ErrorInfo` or :class:`ApprovalRequest`.
 
         Raises:
             PermissionDenied: Caller not allowed (``TOOL_NOT_ALLOWED``) or the approval
@@ -198,7 +198,7 @@ class ToolService:
         known = name in self.registry
         digest = ""
 
-        def record(outcome: str, error: ToolFailure | None) -> AuditRecord:
+        def record(outcome: str, error: ErrorInfo | None) -> AuditRecord:
             return AuditRecord(
                 call_id=call_id,
                 tool_name=name,
@@ -302,7 +302,7 @@ class ToolService:
         call: ToolCall,
         call_id: str,
         digest: str,
-        record: Callable[[str, ToolFailure | None], AuditRecord],
+        record: Callable[[str, ErrorInfo | None], AuditRecord],
     ) -> AsyncIterator[InvokeEvent]:
         loop = asyncio.get_running_loop()
         limit = self._limit(tool, call.timeout)
@@ -362,7 +362,7 @@ class ToolService:
             finished = True
             event = self._outcome(tool, task)
             outcome = "ok" if isinstance(event, ToolOutcome) else "error"
-            failure = event if isinstance(event, ToolFailure) else None
+            failure = event if isinstance(event, ErrorInfo) else None
             if isinstance(event, HivewireError):
                 self.audit.finished(record("error", _failure_from_error(event)), started=True)
                 raise event
@@ -377,16 +377,16 @@ class ToolService:
                 # is abandoned rather than allowed to hold up the call's end.
                 await asyncio.wait([task], timeout=_CANCEL_GRACE)
             if not finished:
-                cancelled = ToolFailure(
+                cancelled = ErrorInfo(
                     code="CANCELLED", reason="CANCELLED", message="call cancelled"
                 )
                 self.audit.finished(record("error", cancelled), started=True)
 
     def _outcome(
         self, tool: Tool, task: asyncio.Task[tuple[dict[str, Any], str]]
-    ) -> ToolOutcome | ToolFailure | HivewireError:
+    ) -> ToolOutcome | ErrorInfo | HivewireError:
         if task.cancelled():
-            return ToolFailure(
+            return ErrorInfo(
                 code="CANCELLED", reason="TOOL_CANCELLED", message=f"{tool.name} cancelled itself"
             )
         exc = task.exception()
@@ -397,7 +397,7 @@ class ToolService:
             capped_text, cut_text = cap_text(text, max_bytes)
             return ToolOutcome(result=capped, text=capped_text, truncated=cut_result or cut_text)
         if isinstance(exc, ToolError):
-            return ToolFailure(
+            return ErrorInfo(
                 code=exc.code,
                 reason=exc.reason,
                 message=exc.message,
@@ -408,7 +408,7 @@ class ToolService:
             return exc
         logger.warning("tool %s crashed", tool.name, exc_info=exc)
         message = f"{type(exc).__name__}: {exc}"
-        return ToolFailure(
+        return ErrorInfo(
             code="INTERNAL",
             reason="TOOL_CRASHED",
             message=message[:_MAX_CRASH_MESSAGE],

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from hivewire.services.tool.domain import ToolCall, ToolFailure, ToolOutcome, ToolSource
+from hivewire.services.runtime.errors import ErrorInfo
+from hivewire.services.tool.domain import ToolCall, ToolOutcome, ToolSource
 from hivewire.services.tool.service import ToolService, open_tool_service
 from hivewire.services.tool.settings import ToolSettings
 
@@ -73,4 +74,4 @@ async def test_example_plugin_tools(service: ToolService) -> None:
     wrong = await last_event(
         service, "convert_units", {"value": 1, "from_unit": "kg", "to_unit": "ft"}
     )
-    assert isinstance(wrong, ToolFailure) and wrong.reason == "INCOMPATIBLE_UNITS"
+    assert isinstance(wrong, ErrorInfo) and wrong.reason == "INCOMPATIBLE_UNITS"

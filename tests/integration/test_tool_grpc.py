@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.errors import (
     DeadlineExceeded,
+    ErrorInfo,
     HivewireError,
     Internal,
     InvalidArgument,
@@ -40,7 +41,6 @@ from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
     ProgressUpdate,
-    ToolFailure,
     ToolOutcome,
     ToolSource,
 )
@@ -255,7 +255,7 @@ async def test_timeouts(tools: ToolClient, agent_channel: grpc.aio.Channel) -> N
 async def test_crashing_plugin(tools: ToolClient, agent_channel: grpc.aio.Channel) -> None:
     events = [e async for e in tools.stream("explode", {"note": "now"})]
     [failure] = events
-    assert isinstance(failure, ToolFailure)
+    assert isinstance(failure, ErrorInfo)
     assert (failure.code, failure.reason) == ("INTERNAL", "TOOL_CRASHED")
     assert "boom now" in failure.message
     with pytest.raises(Internal) as raised:

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
+from hivewire.services.runtime.errors import ErrorInfo
 from hivewire.services.tool.domain import (
     ProgressUpdate,
     ToolCall,
-    ToolFailure,
     ToolOutcome,
     ToolSource,
 )
@@ -83,7 +83,7 @@ async def test_streamable_http_server(http_mcp_url: str) -> None:
         assert isinstance(done, ToolOutcome) and done.text == "liftoff"
 
         [failed] = await events(service, "remote.fail", {"reason": "x"})
-        assert isinstance(failed, ToolFailure) and failed.reason == "MCP_TOOL_ERROR"
+        assert isinstance(failed, ErrorInfo) and failed.reason == "MCP_TOOL_ERROR"
 
 
 async def test_servers_that_are_down_do_not_stop_the_service(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from hivewire.services.runtime.convert import (
     struct_to_dict,
     to_struct,
 )
+from hivewire.services.runtime.errors import ErrorInfo
 from hivewire.services.runtime.ports import TOOL_PORT, metrics_port_for
-from hivewire.services.tool.domain import ToolFailure
 from hivewire.services.tool.settings import ToolProcessSettings
 
 ENTRY = ServiceEntry(
@@ -87,7 +87,7 @@ def test_structs_carry_json_objects_and_huge_integers() -> None:
 
 
 def test_classified_errors_become_error_details() -> None:
-    failure = ToolFailure(
+    failure = ErrorInfo(
         code="INVALID_ARGUMENT", reason="DIVISION_BY_ZERO", message="nope", metadata={"k": "v"}
     )
     detail = error_detail(failure)

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from hivewire.services.runtime.errors import InvalidArgument
+from hivewire.services.runtime.errors import ErrorInfo, InvalidArgument
 from hivewire.services.tool.builtins.calculator import evaluate
-from hivewire.services.tool.domain import ToolCall, ToolFailure, ToolOutcome
+from hivewire.services.tool.domain import ToolCall, ToolOutcome
 from hivewire.services.tool.sdk import ToolError
 from hivewire.services.tool.service import ToolService, open_tool_service
 from hivewire.services.tool.settings import ToolSettings
@@ -38,9 +38,9 @@ async def result(service: ToolService, name: str, arguments: Mapping[str, Any]) 
     return event
 
 
-async def failure(service: ToolService, name: str, arguments: Mapping[str, Any]) -> ToolFailure:
+async def failure(service: ToolService, name: str, arguments: Mapping[str, Any]) -> ErrorInfo:
     event = await outcome(service, name, arguments)
-    assert isinstance(event, ToolFailure), event
+    assert isinstance(event, ErrorInfo), event
     return event
 
 

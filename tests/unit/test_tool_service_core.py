@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime.errors import (
     DeadlineExceeded,
+    ErrorInfo,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -31,7 +32,6 @@ from hivewire.services.tool.domain import (
     ApprovalRequest,
     ProgressUpdate,
     ToolCall,
-    ToolFailure,
     ToolOutcome,
     ToolSource,
 )
@@ -170,12 +170,12 @@ async def test_crash_is_a_classified_error_and_the_service_carries_on(
     service: ToolService, publisher: RecordingPublisher
 ) -> None:
     [crash] = await run(service, "explode", {"note": "x"}, call_id="c-crash")
-    assert isinstance(crash, ToolFailure)
+    assert isinstance(crash, ErrorInfo)
     assert (crash.code, crash.reason) == ("INTERNAL", "TOOL_CRASHED")
     assert "RuntimeError: boom x" in crash.message
     assert publisher.of("c-crash") == [("tool.invoked", ""), ("tool.failed", "error")]
     [refused] = await run(service, "refuse", {"what": "that"})
-    assert refused == ToolFailure(
+    assert refused == ErrorInfo(
         code="FAILED_PRECONDITION", reason="REFUSED_ON_PURPOSE", message="refusing that"
     )
     [ok] = await run(service, "add_numbers", {"a": 1, "b": 1})
