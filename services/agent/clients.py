@@ -51,11 +51,11 @@ from hivewire.services.model.convert import chat_message, finish_reason_name
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime.errors import HivewireError, Unavailable
 from hivewire.services.runtime.status import from_rpc_error
+from hivewire.services.runtime.values import ProgressUpdate
 from hivewire.services.tool.client import ToolClient
 from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
-    ProgressUpdate,
     ToolInfo,
     ToolOutcome,
 )

@@ -46,6 +46,7 @@ from hivewire.services.runtime.errors import (
     ResourceExhausted,
 )
 from hivewire.services.runtime.logging import bind_correlation_id, bind_task
+from hivewire.services.runtime.values import ProgressUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +76,6 @@ class Started:
 
     agent_id: str
     agent_name: str
-
-
-@dataclass(frozen=True)
-class ProgressUpdate:
-    """The handler reported progress."""
-
-    fraction: float
-    step: str
-    message: str
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, cast, overload
 
-from hivewire.services.runtime.errors import ErrorInfo
+from hivewire.services.runtime.values import ErrorInfo
 
 if TYPE_CHECKING:
     from hivewire.common.v1 import common_pb2

@@ -30,36 +30,13 @@ DataLoss               DATA_LOSS               no
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import grpc
 
 ERROR_DOMAIN = "hivewire"
 """``ErrorInfo.domain`` of every hivewire error."""
-
-
-@dataclass(frozen=True)
-class ErrorInfo:
-    """A classified error as data, as it travels in ``common.v1.ErrorDetail``.
-
-    What an agent's failed task and a tool's failed call carry (the agent SDK exports
-    it as ``hivewire.services.agent.sdk.ErrorInfo``; the tool service streams it as a
-    call's ``error``). Not ``google.rpc.ErrorInfo``, the gRPC status detail.
-
-    Attributes:
-        code: gRPC status code name, e.g. ``"DEADLINE_EXCEEDED"``.
-        reason: Stable UPPER_SNAKE reason.
-        message: Human-readable explanation.
-        retryable: Whether another attempt may succeed.
-        metadata: Extra string context.
-    """
-
-    code: str
-    reason: str
-    message: str
-    retryable: bool = False
-    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime.convert import duration, error_detail
-from hivewire.services.runtime.errors import ErrorInfo
 from hivewire.services.runtime.eventsink import EventSink
+from hivewire.services.runtime.values import ErrorInfo
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ from google.rpc import error_details_pb2, status_pb2
 
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime.convert import to_struct
-from hivewire.services.runtime.errors import ERROR_DOMAIN, ErrorInfo, HivewireError, Internal
+from hivewire.services.runtime.errors import ERROR_DOMAIN, HivewireError, Internal
 from hivewire.services.runtime.status import from_rpc_error, from_rpc_status
+from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 from hivewire.services.tool.convert import (
     approval_to_proto,
     descriptor_from_proto,
@@ -38,7 +39,6 @@ from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
     InvokeEvent,
-    ProgressUpdate,
     ToolInfo,
     ToolOutcome,
 )

@@ -8,12 +8,11 @@ from google.protobuf import struct_pb2
 
 from hivewire.common.v1 import common_pb2
 from hivewire.services.runtime.convert import error_detail, struct_to_dict, to_struct
-from hivewire.services.runtime.errors import ErrorInfo
+from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
     InvokeEvent,
-    ProgressUpdate,
     ToolInfo,
     ToolOutcome,
     ToolSource,

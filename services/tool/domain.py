@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hivewire.common.v1 import common_pb2
-from hivewire.services.runtime.errors import ErrorInfo
+from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 
 
 class ToolSource(enum.Enum):
@@ -87,21 +87,6 @@ class ToolCall:
     correlation_id: str = ""
     approval: ApprovalGrant | None = None
     timeout: float | None = None
-
-
-@dataclass(frozen=True)
-class ProgressUpdate:
-    """The tool made progress.
-
-    Attributes:
-        fraction: Completed fraction in [0, 1].
-        step: Short machine-friendly step name.
-        message: Human-readable note.
-    """
-
-    fraction: float
-    step: str = ""
-    message: str = ""
 
 
 @dataclass(frozen=True)

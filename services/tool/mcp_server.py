@@ -36,9 +36,10 @@ from mcp_types.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS
 from mcp_types.version import is_version_at_least
 from starlette.applications import Starlette
 
-from hivewire.services.runtime.errors import ErrorInfo, HivewireError, InvalidArgument
+from hivewire.services.runtime.errors import HivewireError, InvalidArgument
 from hivewire.services.runtime.https import HttpsServer
 from hivewire.services.runtime.tls import SPIFFE_SCHEME, spiffe_id
+from hivewire.services.runtime.values import ErrorInfo
 from hivewire.services.runtime.version import hivewire_version
 from hivewire.services.tool.domain import (
     ApprovalGrant,

@@ -31,7 +31,6 @@ import httpx
 from hivewire.common.v1 import common_pb2
 from hivewire.services.runtime.errors import (
     DeadlineExceeded,
-    ErrorInfo,
     FieldViolation,
     HivewireError,
     InvalidArgument,
@@ -40,6 +39,7 @@ from hivewire.services.runtime.errors import (
     ResourceExhausted,
 )
 from hivewire.services.runtime.grants import ApprovalVerifier
+from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 from hivewire.services.runtime.version import hivewire_version
 from hivewire.services.tool.audit import AuditRecord, AuditTrail, EventPublisher
 from hivewire.services.tool.builtins import Builtins
@@ -47,7 +47,6 @@ from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
     InvokeEvent,
-    ProgressUpdate,
     ToolCall,
     ToolInfo,
     ToolOutcome,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from hivewire.services.runtime.errors import ErrorInfo
+from hivewire.services.runtime.values import ErrorInfo
 from hivewire.services.tool.domain import ToolCall, ToolOutcome, ToolSource
 from hivewire.services.tool.service import ToolService, open_tool_service
 from hivewire.services.tool.settings import ToolSettings

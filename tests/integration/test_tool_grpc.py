@@ -27,7 +27,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.errors import (
     DeadlineExceeded,
-    ErrorInfo,
     HivewireError,
     Internal,
     InvalidArgument,
@@ -36,11 +35,11 @@ from hivewire.services.runtime.errors import (
     Unavailable,
 )
 from hivewire.services.runtime.grants import ApprovalSigner
+from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 from hivewire.services.tool.client import ToolClient
 from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
-    ProgressUpdate,
     ToolOutcome,
     ToolSource,
 )

@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from hivewire.services.runtime.errors import ErrorInfo
+from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 from hivewire.services.tool.domain import (
-    ProgressUpdate,
     ToolCall,
     ToolOutcome,
     ToolSource,

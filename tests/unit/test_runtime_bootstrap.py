@@ -16,8 +16,8 @@ from hivewire.services.runtime.convert import (
     struct_to_dict,
     to_struct,
 )
-from hivewire.services.runtime.errors import ErrorInfo
 from hivewire.services.runtime.ports import TOOL_PORT, metrics_port_for
+from hivewire.services.runtime.values import ErrorInfo
 from hivewire.services.tool.settings import ToolProcessSettings
 
 ENTRY = ServiceEntry(

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from hivewire.services.runtime.errors import ErrorInfo, InvalidArgument
+from hivewire.services.runtime.errors import InvalidArgument
+from hivewire.services.runtime.values import ErrorInfo
 from hivewire.services.tool.builtins.calculator import evaluate
 from hivewire.services.tool.domain import ToolCall, ToolOutcome
 from hivewire.services.tool.sdk import ToolError

@@ -20,17 +20,16 @@ from prometheus_client import REGISTRY
 from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime.errors import (
     DeadlineExceeded,
-    ErrorInfo,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
 )
 from hivewire.services.runtime.grants import ApprovalSigner
+from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 from hivewire.services.tool.domain import (
     ApprovalGrant,
     ApprovalRequest,
-    ProgressUpdate,
     ToolCall,
     ToolOutcome,
     ToolSource,
