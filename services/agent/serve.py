@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AgentLoadError",
     "AgentServer",
-    "EventSink",
+    "AgentEvents",
     "ServiceEndpoint",
     "load_agent",
     "running_agent",
@@ -195,7 +195,7 @@ class ServiceEndpoint:
             self._current = None
 
 
-EventSink = Sink[Any]
+AgentEvents = Sink[Any]
 """What the agent publishes ``agent.*`` events with (``runtime.events.EventPublisher``)."""
 
 
@@ -246,7 +246,7 @@ async def running_agent(
     agent: Agent,
     settings: AgentProcessSettings,
     *,
-    events: EventSink | None = None,
+    events: AgentEvents | None = None,
 ) -> AsyncIterator[AgentServer]:
     """Start an agent service and stop it when the block ends.
 
@@ -338,7 +338,7 @@ async def running_agent(
 
 
 def _publish_agent_event(
-    events: EventSink | None,
+    events: AgentEvents | None,
     event_type: str,
     instance: Instance,
     card: AgentCardInfo,
@@ -364,7 +364,7 @@ def _publish_agent_event(
 
 
 async def serve_agent(
-    agent: Agent, settings: AgentProcessSettings, *, events: EventSink | None = None
+    agent: Agent, settings: AgentProcessSettings, *, events: AgentEvents | None = None
 ) -> None:
     """Serve an agent until SIGTERM/SIGINT (see the module docstring).
 

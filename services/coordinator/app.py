@@ -16,7 +16,7 @@ from hivewire.services.coordinator import metrics
 from hivewire.services.coordinator.deadletters import DeadLetters
 from hivewire.services.coordinator.dispatch import AgentPool
 from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
-from hivewire.services.coordinator.journal import EventPublisher
+from hivewire.services.coordinator.journal import CoordinatorEvents
 from hivewire.services.coordinator.retention import Retention
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
@@ -71,7 +71,7 @@ async def running_coordinator(
     settings: CoordinatorProcessSettings,
     *,
     registry: Registry | None = None,
-    events: EventPublisher | None = None,
+    events: CoordinatorEvents | None = None,
     register: bool = True,
 ) -> AsyncIterator[RunningCoordinator]:
     """Start a coordinator and stop it (gracefully) when the block ends.
@@ -91,9 +91,9 @@ async def running_coordinator(
     instance_id = new_instance_id("coordinator")
     async with contextlib.AsyncExitStack() as stack:
         if events is None:
-            from hivewire.services.runtime.events import EventPublisher as NatsPublisher
+            from hivewire.services.runtime.events import EventPublisher
 
-            publisher = NatsPublisher.from_settings(settings, source=f"coordinator/{instance_id}")
+            publisher = EventPublisher.from_settings(settings, source=f"coordinator/{instance_id}")
             await stack.enter_async_context(publisher)
             events = publisher
         store: TaskStore

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.events.v1 import events_pb2
-from hivewire.services.coordinator.journal import EventPublisher
+from hivewire.services.coordinator.journal import CoordinatorEvents
 from hivewire.services.coordinator.model import DEAD_LETTERED, Caller, TaskRecord
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.store import TaskStore
@@ -58,7 +58,9 @@ class DeadLetters:
         events: Where ``task.requeued`` is published.
     """
 
-    def __init__(self, coordinator: Coordinator, store: TaskStore, events: EventPublisher) -> None:
+    def __init__(
+        self, coordinator: Coordinator, store: TaskStore, events: CoordinatorEvents
+    ) -> None:
         self._coordinator = coordinator
         self._store = store
         self._events = events

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EventListener",
-    "EventPublisher",
+    "CoordinatorEvents",
     "Journal",
     "NullPublisher",
     "TaskRuntime",
@@ -46,7 +46,7 @@ __all__ = [
 
 TaskEvent = coordinator_pb2.TaskEvent
 
-EventPublisher = EventSink[
+CoordinatorEvents = EventSink[
     events_pb2.TaskEventData
     | events_pb2.WorkflowEventData
     | events_pb2.ProjectEventData
@@ -55,7 +55,7 @@ EventPublisher = EventSink[
 """Where the coordinator's events go besides the store (NATS in production)."""
 
 NullPublisher = NullSink
-"""An :class:`EventPublisher` that drops everything (events off)."""
+"""An :class:`CoordinatorEvents` that drops everything (events off)."""
 
 _EVENT_PAGE = 500
 
@@ -176,7 +176,7 @@ class Journal:
         events: Where events are published once committed.
     """
 
-    def __init__(self, store: TaskStore, tasks: TaskTable, events: EventPublisher) -> None:
+    def __init__(self, store: TaskStore, tasks: TaskTable, events: CoordinatorEvents) -> None:
         self._store = store
         self._tasks = tasks
         self._events = events

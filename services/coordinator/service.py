@@ -62,8 +62,8 @@ from hivewire.services.coordinator.dispatch import (
     Verdict,
 )
 from hivewire.services.coordinator.journal import (
+    CoordinatorEvents,
     EventListener,
-    EventPublisher,
     Journal,
     NullPublisher,
     TaskRuntime,
@@ -110,7 +110,7 @@ from hivewire.services.runtime.tls import parse_spiffe_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Coordinator", "EventPublisher", "NullPublisher"]
+__all__ = ["Coordinator", "CoordinatorEvents", "NullPublisher"]
 
 TaskEvent = coordinator_pb2.TaskEvent
 
@@ -146,7 +146,7 @@ class Coordinator:
         *,
         store: TaskStore,
         pool: AgentPool,
-        events: EventPublisher | None = None,
+        events: CoordinatorEvents | None = None,
         approvals: ApprovalSigner | None = None,
     ) -> None:
         self.settings = settings
@@ -154,7 +154,7 @@ class Coordinator:
         self._quotas = Quotas(settings.quotas)  # per-principal limits (coordinator/quotas.py)
         self._store = store
         self._pool = pool
-        self._events: EventPublisher = events or NullPublisher()
+        self._events: CoordinatorEvents = events or NullPublisher()
         self._queue = TaskQueue(aging_interval=settings.aging_interval)
         self._tasks = TaskTable(
             finished_cache_size=settings.finished_cache_size, on_evict=self._forget

@@ -12,7 +12,7 @@ from hivewire.services.model.backends.local import LocalBackend
 from hivewire.services.model.backends.ollama import OllamaBackend
 from hivewire.services.model.backends.openai import OpenAIBackend
 from hivewire.services.model.router import Router
-from hivewire.services.model.service import EventPublisher, ModelService
+from hivewire.services.model.service import ModelEvents, ModelService
 from hivewire.services.model.settings import AUTO, ModelSettings
 from hivewire.services.runtime.errors import HivewireError
 
@@ -132,7 +132,7 @@ async def warm_up(service: ModelService) -> None:
 def build_service(
     settings: ModelSettings,
     *,
-    events: EventPublisher | None = None,
+    events: ModelEvents | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> ModelService:
     """Create the model service for the settings.

@@ -43,7 +43,7 @@ assistant or tool."""
 StreamItem = str | model_pb2.Completion
 
 
-class ModelStream:
+class CompletionStream:
     """One streaming Chat or Generate call: text chunks, then the final Completion.
 
     Iterate it once. After the iteration, :attr:`completion` holds the Completion.
@@ -146,7 +146,7 @@ class ModelClient:
         correlation_id: str | None = None,
         attempt: int | None = None,
         timeout: float | None = None,
-    ) -> ModelStream:
+    ) -> CompletionStream:
         """Start a Chat call.
 
         Args:
@@ -180,7 +180,7 @@ class ModelClient:
             timeout=timeout if timeout is not None else self._default_timeout,
             metadata=self._metadata(task_id, token_budget, correlation_id, attempt),
         )
-        return ModelStream(call)
+        return CompletionStream(call)
 
     def generate(
         self,
@@ -198,7 +198,7 @@ class ModelClient:
         correlation_id: str | None = None,
         attempt: int | None = None,
         timeout: float | None = None,
-    ) -> ModelStream:
+    ) -> CompletionStream:
         """Start a Generate call (arguments as for :meth:`chat`, plus the prompt and
         optional system text).
         """
@@ -214,7 +214,7 @@ class ModelClient:
             timeout=timeout if timeout is not None else self._default_timeout,
             metadata=self._metadata(task_id, token_budget, correlation_id, attempt),
         )
-        return ModelStream(call)
+        return CompletionStream(call)
 
     async def embed(
         self,

@@ -73,7 +73,7 @@ logger = logging.getLogger(__name__)
 _TIMEOUT_GRACE = 1.0
 
 
-EventPublisher = EventSink[events_pb2.ModelEventData]
+ModelEvents = EventSink[events_pb2.ModelEventData]
 """Where ``model.*`` events go (``runtime.events.EventPublisher`` in a process)."""
 
 
@@ -95,7 +95,7 @@ class ModelService:
         list_timeout: float = 5.0,
         breaker_failure_threshold: int = 5,
         breaker_reset_timeout: float = 30.0,
-        events: EventPublisher | None = None,
+        events: ModelEvents | None = None,
     ) -> None:
         """Create the service.
 

@@ -47,7 +47,7 @@ DURATION = Histogram(
 IN_FLIGHT = Gauge("hivewire_tool_calls_in_flight", "Tool calls running now.")
 
 
-EventPublisher = EventSink[events_pb2.ToolEventData]
+ToolEvents = EventSink[events_pb2.ToolEventData]
 """Where ``tool.*`` events go (``runtime.events.EventPublisher`` in a process)."""
 
 
@@ -82,7 +82,7 @@ class AuditRecord:
 class AuditTrail:
     """Logs, counts and publishes tool calls."""
 
-    def __init__(self, publisher: EventPublisher | None = None) -> None:
+    def __init__(self, publisher: ToolEvents | None = None) -> None:
         """Create the trail.
 
         Args:

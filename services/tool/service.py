@@ -41,7 +41,7 @@ from hivewire.services.runtime.errors import (
 from hivewire.services.runtime.grants import ApprovalVerifier
 from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 from hivewire.services.runtime.version import hivewire_version
-from hivewire.services.tool.audit import AuditRecord, AuditTrail, EventPublisher
+from hivewire.services.tool.audit import AuditRecord, AuditTrail, ToolEvents
 from hivewire.services.tool.builtins import Builtins
 from hivewire.services.tool.domain import (
     ApprovalGrant,
@@ -419,7 +419,7 @@ class ToolService:
 async def open_tool_service(
     settings: ToolSettings,
     *,
-    publisher: EventPublisher | None = None,
+    publisher: ToolEvents | None = None,
     http_transport: httpx.AsyncBaseTransport | None = None,
     mesh_ca: Path | None = None,
 ) -> AsyncIterator[ToolService]:
