@@ -22,8 +22,8 @@ from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.services.agent import convert
 from hivewire.services.agent.runtime import AgentRuntime, Execution
 from hivewire.services.agent.settings import DEFAULT_ALLOWED_CALLERS
+from hivewire.services.runtime.authz import caller_spiffe_id
 from hivewire.services.runtime.errors import FieldViolation, InvalidArgument, PermissionDenied
-from hivewire.services.runtime.tls import peer_spiffe_id
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._allowed = tuple(allowed_callers)
 
     def _authorize(self, context: Context) -> None:
-        caller = peer_spiffe_id(context)
+        caller = caller_spiffe_id(context)
         if caller is None or not any(fnmatch.fnmatchcase(caller, p) for p in self._allowed):
             logger.warning("Execute refused for %s", caller or "a peer without a SPIFFE id")
             raise PermissionDenied(

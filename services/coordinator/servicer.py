@@ -18,9 +18,8 @@ from hivewire.services.coordinator.deadletters import DeadLetters
 from hivewire.services.coordinator.model import Caller
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.webhooks import Webhooks
-from hivewire.services.runtime.authz import current_caller
+from hivewire.services.runtime.authz import caller_spiffe_id
 from hivewire.services.runtime.logging import correlation_id_var
-from hivewire.services.runtime.tls import peer_spiffe_id
 
 __all__ = ["SERVICE_NAME", "CoordinatorServicer", "add_to_server"]
 
@@ -46,10 +45,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._webhooks = webhooks
 
     def _caller(self, context: Context) -> Caller:
-        # The authz interceptor has already read the peer's identity for this call.
-        authorized = current_caller()
-        identity = authorized.spiffe_id if authorized is not None else peer_spiffe_id(context)
-        return self._coordinator.caller(identity)
+        return self._coordinator.caller(caller_spiffe_id(context))
 
     async def SubmitTask(
         self, request: coordinator_pb2.SubmitTaskRequest, context: Context

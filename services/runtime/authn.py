@@ -4,7 +4,7 @@ The transport is always mutual TLS with a mesh certificate; a call may in additi
 ``authorization: Bearer <credential>`` for the person (or program) on whose behalf it is
 made. The credential then decides the caller: the authz interceptor
 (:mod:`hivewire.services.runtime.authz`) checks the policy for, and the servicer reads,
-a :class:`~hivewire.services.runtime.authz.Caller` of the principal
+a :class:`~hivewire.services.runtime.authz.CallerIdentity` of the principal
 ``spiffe://hivewire.local/<role>/<name>`` — the same shape as a certificate identity, so
 the principal owns tasks exactly as a certificate does, policy rules (``client/*``,
 ``admin/*``) apply to it unchanged, and a key named ``alice`` with role ``client`` is the

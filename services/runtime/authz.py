@@ -6,7 +6,7 @@ Every service's server checks each call against one policy before the servicer r
 in its mTLS client certificate; the method is the full gRPC method name,
 ``/package.Service/Method``. A refused call ends ``PERMISSION_DENIED`` with reason
 ``CALLER_NOT_ALLOWED`` and ``caller``/``method`` in the ``ErrorInfo`` metadata. An
-allowed call finds its :class:`Caller` in :data:`caller_var` (:func:`current_caller`).
+allowed call finds its :class:`CallerIdentity` in :data:`caller_var` (:func:`current_caller`).
 
 The policy is a TOML file (``HIVEWIRE_AUTHZ_POLICY_FILE``) in the style of the tool
 policy (docs/tools.md)::
@@ -63,7 +63,12 @@ from hivewire.services.runtime.errors import PermissionDenied, Unauthenticated
 from hivewire.services.runtime.policyfile import globs, load_toml, rule_tables
 from hivewire.services.runtime.revocation import RevocationList
 from hivewire.services.runtime.security import record_denial
-from hivewire.services.runtime.tls import SPIFFE_SCHEME, TRUST_DOMAIN, parse_spiffe_id
+from hivewire.services.runtime.tls import (
+    SPIFFE_SCHEME,
+    TRUST_DOMAIN,
+    parse_spiffe_id,
+    peer_spiffe_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +82,7 @@ __all__ = [
     "AuthzPolicyStore",
     "AuthzRule",
     "AuthzServerInterceptor",
-    "Caller",
+    "CallerIdentity",
     "caller_var",
     "current_caller",
     "load_authz_policy",
@@ -88,7 +93,7 @@ REASON = "CALLER_NOT_ALLOWED"
 """``ErrorInfo.reason`` of a call the policy refuses."""
 
 ANY_PEER = "*"
-"""Caller glob matching every peer the mesh CA authenticated, with or without an id."""
+"""CallerIdentity glob matching every peer the mesh CA authenticated, with or without an id."""
 
 _MESH_PREFIX = f"{SPIFFE_SCHEME}{TRUST_DOMAIN}/"
 _SPIFFE_PREFIX = SPIFFE_SCHEME.encode()
@@ -108,7 +113,7 @@ class AuthzPolicyError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Caller:
+class CallerIdentity:
     """Who is calling, from the peer's mTLS certificate.
 
     Attributes:
@@ -123,7 +128,7 @@ class Caller:
     name: str = ""
 
     @classmethod
-    def from_spiffe_id(cls, spiffe_id: str | None) -> Caller:
+    def from_spiffe_id(cls, spiffe_id: str | None) -> CallerIdentity:
         """Build the caller of a SPIFFE id (None or "" for a peer without one)."""
         if not spiffe_id:
             return ANONYMOUS
@@ -136,20 +141,33 @@ class Caller:
         return self.spiffe_id or "a peer without a SPIFFE id"
 
 
-ANONYMOUS = Caller("")
+ANONYMOUS = CallerIdentity("")
 """A peer whose certificate (signed by the mesh CA) carries no SPIFFE id."""
 
-caller_var: ContextVar[Caller | None] = ContextVar("hivewire_caller", default=None)
+caller_var: ContextVar[CallerIdentity | None] = ContextVar("hivewire_caller", default=None)
 """The authorized caller of the server call being handled (None outside one)."""
 
 
-def current_caller() -> Caller | None:
+def current_caller() -> CallerIdentity | None:
     """Return the caller of the server call being handled, as the authz check saw it.
 
     Returns:
         The caller, or None outside a server call (or on a server without authz).
     """
     return caller_var.get()
+
+
+def caller_spiffe_id(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The SPIFFE id of whoever makes this server call: how every servicer reads it.
+
+    The identity the authz check authorized (the end user's principal where end-user
+    authentication applies), else the peer certificate's URI SAN; None for a peer
+    without one.
+    """
+    authorized = current_caller()
+    if authorized is not None:
+        return authorized.spiffe_id or None
+    return peer_spiffe_id(context)
 
 
 # --- the policy ------------------------------------------------------------------------
@@ -449,9 +467,9 @@ class _Gate:
         self._store = store
         self._authn = authn
         self._revoked = revoked
-        self._callers: dict[bytes, Caller] = {}
+        self._callers: dict[bytes, CallerIdentity] = {}
 
-    def caller(self, context: Context) -> Caller:
+    def caller(self, context: Context) -> CallerIdentity:
         # peer_identities() is the SAN list for our certificates and costs a tenth of
         # auth_context(), which copies every property including the PEM.
         for identity in context.peer_identities() or ():
@@ -460,12 +478,14 @@ class _Gate:
                 if caller is None:
                     if len(self._callers) >= _CACHE_LIMIT:
                         self._callers.clear()
-                    caller = Caller.from_spiffe_id(identity.decode("utf-8", "replace"))
+                    caller = CallerIdentity.from_spiffe_id(identity.decode("utf-8", "replace"))
                     self._callers[identity] = caller
                 return caller
         return ANONYMOUS
 
-    async def check(self, request: Any, context: Context, method: str, streaming: bool) -> Caller:
+    async def check(
+        self, request: Any, context: Context, method: str, streaming: bool
+    ) -> CallerIdentity:
         """The caller, once authenticated and allowed (also set in :data:`caller_var`).
 
         Raises:
@@ -487,7 +507,7 @@ class _Gate:
                 record_denial("authn", err.reason, caller.spiffe_id, method)
                 raise
             if principal is not None:
-                caller = Caller(principal.identity, principal.role, principal.name)
+                caller = CallerIdentity(principal.identity, principal.role, principal.name)
         if not self._store.allows(caller.spiffe_id, method):
             await self.refuse(request, context, method, streaming, caller)
         caller_var.set(caller)
@@ -499,7 +519,7 @@ class _Gate:
         context: Context,
         method: str,
         streaming: bool,
-        caller: Caller | None = None,
+        caller: CallerIdentity | None = None,
     ) -> None:
         await _drain(request, streaming)
         caller = caller or self.caller(context)
@@ -581,7 +601,7 @@ class AuthzServerInterceptor(grpc.aio.ServerInterceptor):
     It sits inside the error-mapping interceptor (see
     :func:`~hivewire.services.runtime.interceptors.server_interceptors`), which turns
     the :class:`PermissionDenied` it raises into ``PERMISSION_DENIED`` with reason
-    ``CALLER_NOT_ALLOWED``. Allowed calls find their :class:`Caller` in
+    ``CALLER_NOT_ALLOWED``. Allowed calls find their :class:`CallerIdentity` in
     :data:`caller_var`.
     """
 

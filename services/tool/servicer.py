@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 
 from hivewire.services.runtime import metadata as md
+from hivewire.services.runtime.authz import caller_spiffe_id
 from hivewire.services.runtime.errors import FieldViolation, InvalidArgument
 from hivewire.services.runtime.logging import correlation_id_var, task_id_var
-from hivewire.services.runtime.tls import peer_spiffe_id
 from hivewire.services.tool.convert import (
     approval_from_proto,
     descriptor_to_proto,
@@ -54,7 +54,7 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
         self, request: tool_pb2.ListToolsRequest, context: Context
     ) -> tool_pb2.ListToolsResponse:
         """List the tools the caller may call."""
-        caller = peer_spiffe_id(context) or ""
+        caller = caller_spiffe_id(context) or ""
         tools = self._service.list_tools(caller, request.name_prefix)
         return tool_pb2.ListToolsResponse(tools=[descriptor_to_proto(info) for info in tools])
 
@@ -75,7 +75,7 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
         call = ToolCall(
             tool_name=request.tool_name,
             arguments=arguments,
-            caller=peer_spiffe_id(context) or "",
+            caller=caller_spiffe_id(context) or "",
             task_id=task_id,
             call_id=request.call_id,
             correlation_id=request.metadata.correlation_id or correlation_id_var.get() or "",

@@ -2,7 +2,7 @@
 
 One ``ServiceServer`` hosts probe servicers registered under the real service names
 (coordinator, agent, model, tool); each probe records that it ran and which
-:class:`Caller` the authz interceptor handed it. Callers use the mesh's real
+:class:`CallerIdentity` the authz interceptor handed it. Callers use the mesh's real
 certificates, so the SPIFFE ids come from the TLS handshake.
 """
 
@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.model.v1 import model_pb2, model_pb2_grpc
-from hivewire.services.runtime.authz import REASON, AuthzPolicyError, Caller, current_caller
+from hivewire.services.runtime.authz import REASON, AuthzPolicyError, CallerIdentity, current_caller
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.config import Settings, load_settings
 from hivewire.services.runtime.errors import PermissionDenied
@@ -41,7 +41,7 @@ TOOL = "hivewire.tool.v1.ToolService"
 class Probe:
     """What the servicers saw: (method, caller) per call that reached them."""
 
-    calls: list[tuple[str, Caller | None]] = field(default_factory=list)
+    calls: list[tuple[str, CallerIdentity | None]] = field(default_factory=list)
 
     def saw(self, method: str) -> None:
         self.calls.append((method, current_caller()))
@@ -269,7 +269,7 @@ async def test_default_policy_per_identity_and_rpc(
         if allowed:
             await call(ch)
             role, _, name = spiffe_id.removeprefix("spiffe://hivewire.local/").partition("/")
-            assert probe.calls == [(rpc, Caller(spiffe_id, role, name))]
+            assert probe.calls == [(rpc, CallerIdentity(spiffe_id, role, name))]
         else:
             await expect_refused(call, ch, spiffe_id, method)
             # Refused before the servicer ran.

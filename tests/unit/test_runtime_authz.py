@@ -14,7 +14,7 @@ from hivewire.services.runtime.authz import (
     DEFAULT_POLICY_TOML,
     AuthzPolicyError,
     AuthzPolicyStore,
-    Caller,
+    CallerIdentity,
     parse_authz_policy,
 )
 from hivewire.services.runtime.config import load_settings
@@ -130,13 +130,13 @@ def test_malformed_policies_are_rejected_with_where(data: dict[str, object], mes
 
 
 def test_caller_parses_mesh_identities() -> None:
-    assert Caller.from_spiffe_id(f"{MESH}/agent/researcher") == Caller(
+    assert CallerIdentity.from_spiffe_id(f"{MESH}/agent/researcher") == CallerIdentity(
         f"{MESH}/agent/researcher", "agent", "researcher"
     )
-    assert Caller.from_spiffe_id("spiffe://elsewhere.example/agent/x") == Caller(
+    assert CallerIdentity.from_spiffe_id("spiffe://elsewhere.example/agent/x") == CallerIdentity(
         "spiffe://elsewhere.example/agent/x"
     )
-    assert Caller.from_spiffe_id(None) == Caller("")
+    assert CallerIdentity.from_spiffe_id(None) == CallerIdentity("")
 
 
 def test_settings_read_the_policy_file_from_the_environment(
