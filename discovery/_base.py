@@ -6,15 +6,16 @@ import abc
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from types import TracebackType
-from typing import ClassVar, Self
+from typing import ClassVar
+
+from hivewire.services.base.lifecycle import StartClose
 
 from .registry import Instance
 
 logger = logging.getLogger(__name__)
 
 
-class RegistryBase(abc.ABC):
+class RegistryBase(StartClose, abc.ABC):
     """Context-manager plumbing and the set of instances this process registered."""
 
     backend: ClassVar[str]
@@ -23,18 +24,6 @@ class RegistryBase(abc.ABC):
         self._instances: dict[str, Instance] = {}
         self._started = False
         self._closed = False
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @property
     def registered(self) -> dict[str, Instance]:

@@ -38,7 +38,8 @@ import consul.aio
 from consul.callback import CB
 from consul.exceptions import ACLDisabled, ACLPermissionDenied, BadRequest, ConsulException
 
-from hivewire.discovery.backoff import Backoff, TokenBucket
+from hivewire.services.base.backoff import Backoff, TokenBucket
+from hivewire.services.base.lifecycle import cancel_and_wait
 
 from . import metrics
 from ._base import RegistryBase
@@ -207,10 +208,7 @@ class ConsulRegistry(RegistryBase):
             return
         self._closed = True
         self._closing.set()
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
+        await cancel_and_wait([self._heartbeat_task])
         for instance_id in list(self._instances):
             await self._deregister_remote(instance_id)
         self._instances.clear()

@@ -27,7 +27,8 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
-from hivewire.discovery.backoff import Backoff
+from hivewire.services.base.backoff import Backoff
+from hivewire.services.base.lifecycle import cancel_and_wait
 
 from . import metrics
 from ._base import RegistryBase
@@ -162,10 +163,7 @@ class EmbeddedRegistry(RegistryBase):
         if self._closed:
             return
         self._closed = True
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
+        await cancel_and_wait([self._heartbeat_task])
         for instance in list(self._instances.values()):
             await self._delete_key(instance)
         self._instances.clear()

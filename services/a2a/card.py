@@ -8,7 +8,6 @@ handler read :attr:`CardSource.card`. A refresh that fails keeps the last card.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from a2a.types import a2a_pb2 as a2a
 from a2a.utils.constants import PROTOCOL_VERSION_1_0, TransportProtocol
 
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from hivewire.services.base.lifecycle import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,4 @@ class CardSource:
 
     async def close(self, task: asyncio.Task[None]) -> None:
         """Stop the refresh task."""
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait([task])

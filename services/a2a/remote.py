@@ -56,6 +56,7 @@ from hivewire.services.agent.sdk import (
     TaskContext,
 )
 from hivewire.services.agent.serve import AgentServer, running_agent, settings_for_agent
+from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.logging import setup_logging
 from hivewire.services.runtime.server import serve_until_signal
@@ -367,9 +368,7 @@ async def serve_remote(settings: A2aProcessSettings) -> None:
             try:
                 await serve_until_signal(running.server)
             finally:
-                monitor.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await monitor
+                await cancel_and_wait([monitor])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,7 +14,6 @@ terminal event must be sent from a task that is not itself being cancelled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -38,6 +37,7 @@ from hivewire.services.agent.sdk import (
     TaskInfo,
     Usage,
 )
+from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import (
     FieldViolation,
@@ -400,9 +400,7 @@ class Execution:
                 logger.info(
                     "task %s: stream ended before the attempt did; cancelling", self.info.task_id
                 )
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
+            await cancel_and_wait([supervisor])
         elif self._handler_task is None:
             self._release_once()
 

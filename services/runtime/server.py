@@ -25,13 +25,13 @@ import signal
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hivewire.services.base.lifecycle import StartStop
 from hivewire.services.runtime.authn import Authenticator
 from hivewire.services.runtime.authz import AuthzPolicyStore, AuthzServerInterceptor
 from hivewire.services.runtime.channels import server_options
@@ -143,7 +143,7 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class ServiceServer:
+class ServiceServer(StartStop):
     """An mTLS gRPC server with health, reflection, metrics and graceful shutdown.
 
     Use as ``async with ServiceServer(settings, bindings) as server:``; entering
@@ -374,18 +374,6 @@ class ServiceServer:
     async def wait_for_termination(self) -> None:
         """Wait until :meth:`stop` has completed."""
         await self._terminated.wait()
-
-    async def __aenter__(self) -> ServiceServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 async def serve_until_signal(server: ServiceServer) -> None:

@@ -17,7 +17,7 @@ from hivewire.discovery import (
     open_registry,
     parse_duration,
 )
-from hivewire.discovery.backoff import Backoff, TokenBucket
+from hivewire.services.base.backoff import Backoff, TokenBucket
 from hivewire.discovery.consul import ConsulRegistry, go_duration
 from hivewire.discovery.embedded import EmbeddedRegistry
 from hivewire.discovery.registry import is_replaced_by

@@ -23,15 +23,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 
-from hivewire.discovery.backoff import Backoff
+from hivewire.services.base.backoff import Backoff
+from hivewire.services.base.lifecycle import StartClose
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
@@ -178,7 +178,7 @@ class _Outgoing:
     queued_at: float = 0.0  # time.monotonic() of publish(), for the publish lag
 
 
-class EventPublisher:
+class EventPublisher(StartClose):
     """Publish ``events.v1.Event`` envelopes to JetStream without ever blocking the caller.
 
     Use it as an async context manager (or call :meth:`start` / :meth:`close`)::
@@ -338,18 +338,6 @@ class EventPublisher:
         await close_quietly(self._nc)
         self._nc = None
         self._js = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- publishing ----------------------------------------------------------------------
 

@@ -36,8 +36,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, Literal, Self, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import nats.errors
 import nats.js.errors
@@ -48,6 +47,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from hivewire.events.v1 import events_pb2
+from hivewire.services.base.lifecycle import StartClose
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import NotFound, Unavailable
 from hivewire.services.runtime.logging import bind_correlation_id
@@ -210,7 +210,7 @@ def _received(msg: Msg, event: events_pb2.Event) -> ReceivedEvent:
     )
 
 
-class Subscription:
+class Subscription(StartClose):
     """A durable, at-least-once event subscription (see the module docstring).
 
     Create it with :func:`subscribe`; run it with ``async with`` (it consumes in the
@@ -350,18 +350,6 @@ class Subscription:
         """Consume until cancelled (or until the consumer task fails)."""
         async with self:
             await asyncio.gather(*self._tasks)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- consumer ------------------------------------------------------------------------
 

@@ -2,9 +2,7 @@
 
 The events publisher (NATS reconnects) and the registry backends (Consul and NATS-KV
 watches, heartbeats) pace their retries with these, so a mesh that lost its NATS or
-Consul does not hammer it when it comes back. It lives in discovery, the lowest
-hand-written layer, so that both discovery and the runtime above it can use it
-(docs/architecture.md).
+Consul does not hammer it when it comes back.
 """
 
 from __future__ import annotations
