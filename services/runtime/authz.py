@@ -46,7 +46,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
@@ -60,7 +59,7 @@ import grpc
 
 from hivewire.services.runtime.authn import Authenticator
 from hivewire.services.runtime.errors import PermissionDenied, Unauthenticated
-from hivewire.services.runtime.policyfile import globs, load_toml, rule_tables
+from hivewire.services.runtime.policyfile import ReloadingPolicy, globs, load_toml, rule_tables
 from hivewire.services.runtime.revocation import RevocationList
 from hivewire.services.runtime.security import record_denial
 from hivewire.services.runtime.tls import (
@@ -373,16 +372,19 @@ class AuthzPolicyStore:
                 from starting rather than silently open or close every method).
             OSError: The file cannot be read.
         """
-        self._path = path
-        self._interval = check_interval
-        self._checked = time.monotonic()
         self._decisions: dict[tuple[str, str], bool] = {}
+        self._file: ReloadingPolicy[AuthzPolicy] | None = None
         if path is None:
             self._policy = policy or DEFAULT_POLICY
-            self._mtime: int | None = None
         else:
-            self._mtime = path.stat().st_mtime_ns
-            self._policy = load_authz_policy(path)
+            self._file = ReloadingPolicy(
+                path,
+                load_authz_policy,
+                errors=(AuthzPolicyError,),
+                name="authz policy",
+                check_interval=check_interval,
+            )
+            self._policy = self._file.policy
         logger.info(
             "authz policy: %d rule(s) from %s", len(self._policy.rules), self._policy.source
         )
@@ -420,30 +422,9 @@ class AuthzPolicyStore:
         return allowed
 
     def _maybe_reload(self) -> None:
-        if self._path is None:
-            return
-        now = time.monotonic()
-        if now - self._checked < self._interval:
-            return
-        self._checked = now
-        try:
-            mtime = self._path.stat().st_mtime_ns
-        except OSError as exc:
-            logger.error("authz policy file unreadable, keeping the previous policy: %s", exc)
-            return
-        if mtime == self._mtime:
-            return
-        # Remember the change even if it fails to parse: one error per edit, not per second.
-        self._mtime = mtime
-        try:
-            policy = load_authz_policy(self._path)
-        except (OSError, AuthzPolicyError) as exc:
-            # A half-written or broken file must not open or close every method.
-            logger.error("authz policy not reloaded, keeping the previous one: %s", exc)
-            return
-        self._policy = policy
-        self._decisions = {}
-        logger.info("authz policy reloaded: %d rule(s) from %s", len(policy.rules), self._path)
+        if self._file is not None and self._file.refresh():
+            self._policy = self._file.policy
+            self._decisions = {}
 
 
 # --- the interceptor -------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """The TOML rule files behind the mesh authorization policy and the tool policy.
 
+:class:`ReloadingPolicy` is the hot reload both stores share: the file is re-read when
+its mtime changes, and a broken edit keeps the policy in force.
+
 Both are ``version = 1`` documents of ``[[rules]]`` tables whose keys are lists of globs
 (a single string is accepted for one glob), with ``callers`` required and an optional
 ``description``. This module reads that shape once; each policy builds its own rules.
@@ -7,10 +10,14 @@ Both are ``version = 1`` documents of ``[[rules]]`` tables whose keys are lists 
 
 from __future__ import annotations
 
+import logging
+import time
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
+
+logger = logging.getLogger(__name__)
 
 
 def globs(value: Any, where: str, error: type[ValueError]) -> tuple[str, ...]:
@@ -66,3 +73,83 @@ def load_toml(path: Path, error: type[ValueError]) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{path}: {exc}") from exc
+
+
+class RuleSet(Protocol):
+    """A policy: what :class:`ReloadingPolicy` reads of one (its rules, for the log)."""
+
+    @property
+    def rules(self) -> Sized:
+        """The policy's rules."""
+
+
+PolicyT = TypeVar("PolicyT", bound=RuleSet)
+
+
+class ReloadingPolicy(Generic[PolicyT]):
+    """A policy file, re-read when it changes (its mtime checked at most once per interval).
+
+    A file that cannot be read or does not parse keeps the policy in force, with one
+    error in the log per edit: a half-written or broken file must not open or close
+    everything by accident.
+
+    Args:
+        path: The policy file.
+        load: Reads and parses it (raising one of ``errors`` or ``OSError``).
+        errors: What ``load`` raises for an invalid file.
+        name: What the log calls it, e.g. ``"tool policy"``.
+        check_interval: Minimum seconds between two checks of the file's mtime.
+
+    Raises:
+        OSError: The file cannot be read at construction.
+        Exception: ``load``'s error for an invalid file at construction (a bad policy
+            must stop the service from starting).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        load: Callable[[Path], PolicyT],
+        *,
+        errors: tuple[type[Exception], ...],
+        name: str,
+        check_interval: float,
+    ) -> None:
+        self.path = path
+        self._load = load
+        self._errors = errors
+        self._name = name
+        self._interval = check_interval
+        self._checked = time.monotonic()
+        self._mtime = path.stat().st_mtime_ns
+        self.policy: PolicyT = load(path)
+        """The policy in force."""
+
+    def refresh(self) -> bool:
+        """Re-read the file if it is time to check and it changed.
+
+        Returns:
+            True when a new policy was loaded (``policy`` changed).
+        """
+        now = time.monotonic()
+        if now - self._checked < self._interval:
+            return False
+        self._checked = now
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError as exc:
+            logger.error("%s file unreadable, keeping the previous policy: %s", self._name, exc)
+            return False
+        if mtime == self._mtime:
+            return False
+        # Remember the change even if it fails to parse: one error per edit, not per second.
+        self._mtime = mtime
+        invalid: tuple[type[BaseException], ...] = (OSError, *self._errors)
+        try:
+            policy = self._load(self.path)
+        except invalid as exc:
+            logger.error("%s not reloaded, keeping the previous one: %s", self._name, exc)
+            return False
+        self.policy = policy
+        logger.info("%s reloaded: %d rule(s) from %s", self._name, len(policy.rules), self.path)
+        return True

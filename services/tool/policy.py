@@ -31,14 +31,13 @@ to parse then is logged and the previous policy stays in force.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from hivewire.services.runtime.policyfile import globs, load_toml, rule_tables
+from hivewire.services.runtime.policyfile import ReloadingPolicy, globs, load_toml, rule_tables
 
 logger = logging.getLogger(__name__)
 
@@ -193,46 +192,23 @@ class PolicyStore:
                 starting rather than silently allow or deny everything).
             OSError: The file cannot be read.
         """
-        self._path = path
-        self._interval = check_interval
-        self._checked = time.monotonic()
+        self._file: ReloadingPolicy[Policy] | None = None
         if path is None:
-            self._policy = DEFAULT_POLICY
-            self._mtime: int | None = None
             logger.info("tool policy: default (agents may call every tool)")
         else:
-            self._mtime = path.stat().st_mtime_ns
-            self._policy = load_policy(path)
-            logger.info("tool policy: %d rule(s) from %s", len(self._policy.rules), path)
+            self._file = ReloadingPolicy(
+                path,
+                load_policy,
+                errors=(PolicyError,),
+                name="tool policy",
+                check_interval=check_interval,
+            )
+            logger.info("tool policy: %d rule(s) from %s", len(self._file.policy.rules), path)
 
     @property
     def policy(self) -> Policy:
         """The current policy (re-read first if the file changed)."""
-        self._maybe_reload()
-        return self._policy
-
-    def _maybe_reload(self) -> None:
-        if self._path is None:
-            return
-        now = time.monotonic()
-        if now - self._checked < self._interval:
-            return
-        self._checked = now
-        try:
-            mtime = self._path.stat().st_mtime_ns
-        except OSError as exc:
-            logger.error("tool policy file unreadable, keeping the previous policy: %s", exc)
-            return
-        if mtime == self._mtime:
-            return
-        # Remember the change even if it fails to parse: one error per edit, not per second.
-        self._mtime = mtime
-        try:
-            policy = load_policy(self._path)
-        except (OSError, PolicyError) as exc:
-            # Keep the policy in force: a half-written or broken file must not open or
-            # close every tool by accident.
-            logger.error("tool policy not reloaded, keeping the previous one: %s", exc)
-            return
-        self._policy = policy
-        logger.info("tool policy reloaded: %d rule(s) from %s", len(policy.rules), self._path)
+        if self._file is None:
+            return DEFAULT_POLICY
+        self._file.refresh()
+        return self._file.policy
