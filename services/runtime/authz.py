@@ -47,7 +47,7 @@ import contextlib
 import inspect
 import logging
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -59,6 +59,7 @@ import grpc
 
 from hivewire.services.runtime.authn import Authenticator
 from hivewire.services.runtime.errors import PermissionDenied, Unauthenticated
+from hivewire.services.runtime.interceptors import HandlerCachingInterceptor
 from hivewire.services.runtime.policyfile import ReloadingPolicy, globs, load_toml, rule_tables
 from hivewire.services.runtime.revocation import RevocationList
 from hivewire.services.runtime.security import record_denial
@@ -576,7 +577,7 @@ def _authorizing(handler: Handler, method: str, gate: _Gate) -> Handler:
     )
 
 
-class AuthzServerInterceptor(grpc.aio.ServerInterceptor):
+class AuthzServerInterceptor(HandlerCachingInterceptor):
     """Refuse calls the policy does not allow, before the servicer runs.
 
     It sits inside the error-mapping interceptor (see
@@ -601,23 +602,10 @@ class AuthzServerInterceptor(grpc.aio.ServerInterceptor):
                 certificates only.
             revoked: Revoked certificates and identities, refused first.
         """
+        super().__init__()
         self.store = store or AuthzPolicyStore()
         self._gate = _Gate(self.store, authn, revoked)
-        self._cache: dict[str, tuple[Handler, Handler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        """Guard the handler of the called method (wrapped once per method)."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = _authorizing(handler, method, self._gate)
-        self._cache[method] = (handler, wrapped)
-        return wrapped
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """Guard ``handler``, the handler of ``method``, with the policy check."""
+        return _authorizing(handler, method, self._gate)

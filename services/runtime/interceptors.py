@@ -247,15 +247,18 @@ def wrap_handler(handler: Handler, scope_for: ScopeFactory, *, counting: bool = 
     )
 
 
-class _WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """Base: wrap each method's handler once and reuse the wrapper."""
+class HandlerCachingInterceptor(grpc.aio.ServerInterceptor):
+    """Base of the server interceptors: wrap each method's handler once, reuse the wrapper.
 
-    counting = False
+    Subclasses say how to wrap in :meth:`wrap`; the wrapper is rebuilt only if the
+    server hands over another handler for the method.
+    """
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[Handler, Handler]] = {}
 
-    def _scope_factory(self, method: str, handler: Handler) -> ScopeFactory:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The wrapper of ``handler``, the handler of ``method`` (subclasses implement it)."""
         raise NotImplementedError
 
     async def intercept_service(
@@ -271,11 +274,22 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
         cached = self._cache.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = wrap_handler(
-            handler, self._scope_factory(method, handler), counting=self.counting
-        )
+        wrapped = self.wrap(method, handler)
         self._cache[method] = (handler, wrapped)
         return wrapped
+
+
+class _WrappingInterceptor(HandlerCachingInterceptor):
+    """Base: wrap each method's handler in a per-call scope."""
+
+    counting = False
+
+    def _scope_factory(self, method: str, handler: Handler) -> ScopeFactory:
+        raise NotImplementedError
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """Wrap ``handler`` in this interceptor's per-call scope."""
+        return wrap_handler(handler, self._scope_factory(method, handler), counting=self.counting)
 
 
 # --- 1. correlation id + call logging ---------------------------------------------
