@@ -37,6 +37,7 @@ __all__ = [
     "ServiceProcess",
     "eventually",
     "free_port",
+    "reserved_port",
     "grpcurl",
     "grpcurl_path",
 ]
@@ -113,8 +114,28 @@ async def eventually(
     )
 
 
+_RESERVED: list[socket.socket] = []
+
+
+def reserved_port() -> int:
+    """A port on 127.0.0.1 that this test process holds and on which nothing listens.
+
+    The socket binds port 0, the port is read back, and the socket stays bound (never
+    listening) until the process exits: no other process can take the port, and a
+    connection to it is refused at once. For addresses nobody answers at (an agent that
+    crashed, a NATS that is down) and for port numbers that are only registered, never
+    served. A server a test starts binds port 0 itself and reports its port instead.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    _RESERVED.append(sock)
+    return int(sock.getsockname()[1])
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (prefer binding port 0)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago: racy, so only where a process
+    must be told a port up front and cannot bind 0 and report it (see the callers).
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -23,7 +23,7 @@ from hivewire.services.agent.examples.summarizer import SECTION_CHARS, Summarize
 from hivewire.services.agent.sdk import Agent
 from hivewire.services.runtime.grants import ApprovalSigner
 from tests.conftest import Pki
-from tests.helpers import ServiceProcess, free_port
+from tests.helpers import ServiceProcess, reserved_port
 from tests.integration.test_agent_helpers import (
     Coordinator,
     Execute,
@@ -264,7 +264,7 @@ async def test_calculator_evaluates_with_the_calculator_tool(
 
 
 async def test_calculator_works_without_a_tool_service(pki: Pki, services: dict[str, str]) -> None:
-    closed = f"127.0.0.1:{free_port()}"
+    closed = f"127.0.0.1:{reserved_port()}"
     async with example(pki, CalculatorAgent(), services, tool_address=closed) as coordinator:
         ex = coordinator.execute()
         await ex.send(assignment("calculate", json={"expressions": ["2 ** 10", "7 // 2"]}))

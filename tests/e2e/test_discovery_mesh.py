@@ -30,7 +30,7 @@ from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.mesh.launcher import Launcher, ProcessSpec, python_module
 from hivewire.services.runtime.channels import secure_channel
 from tests.conftest import Pki
-from tests.helpers import NatsServer, ServiceProcess, eventually, free_port
+from tests.helpers import NatsServer, ServiceProcess, eventually, reserved_port
 from tests.support.consul_standin import AclToken, ConsulStandin, Timing
 from tests.support.coordinator_mesh import spec
 from tests.support.e2e_mesh import (
@@ -274,7 +274,7 @@ async def test_hivewire_discovery_consul_switches_the_services_to_consul(
         "&watch_interval=100ms&wait=2s"
     )
     # Nothing listens there: events are off and discovery must not touch NATS.
-    no_nats = f"nats://127.0.0.1:{free_port()}"
+    no_nats = f"nats://127.0.0.1:{reserved_port()}"
     consul_env = {
         "HIVEWIRE_DISCOVERY": discovery,
         "HIVEWIRE_CONSUL_TOKEN": CONSUL_TOKEN,

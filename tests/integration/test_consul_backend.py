@@ -32,7 +32,7 @@ from hivewire.discovery import (
 )
 from hivewire.services.runtime.tls import server_credentials
 from tests.conftest import Pki
-from tests.helpers import ServiceProcess, eventually, free_port
+from tests.helpers import ServiceProcess, eventually, reserved_port
 from tests.support.consul_agent import RealConsul, consul_binary
 from tests.support.consul_standin import AclToken, ConsulStandin, Timing
 
@@ -76,7 +76,7 @@ def instance(name: str, *, port: int | None = None, meta: dict[str, str] | None 
         service=SERVICE,
         instance_id=new_instance_id(name),
         address="127.0.0.1",
-        port=port or free_port(),
+        port=port or reserved_port(),
         tags=("summarize",),
         meta={META_INSTANCE_NAME: name, **(meta or {})},
     )
@@ -135,7 +135,7 @@ async def test_registering_the_same_id_again_replaces_the_definition(
         service=first.service,
         instance_id=first.instance_id,
         address="127.0.0.1",
-        port=free_port(),
+        port=reserved_port(),
         tags=("summarize", "plan"),
         meta=dict(first.meta),
     )
@@ -283,7 +283,7 @@ async def test_reaper_removes_a_killed_instance(standin: ConsulStandin, tmp_path
         "tests.support.registrant",
         "--discovery", f"consul://{standin.address}",
         "--name", "doomed",
-        "--port", str(free_port()),
+        "--port", str(reserved_port()),
         "--options", json.dumps(OPTIONS),
         workdir=tmp_path,
         env={"PYTHONPATH": str(REPO_ROOT)},

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Pki
-from tests.helpers import eventually, free_port
+from tests.helpers import eventually, reserved_port
 from tests.support.coordinator_mesh import Mesh, start_mesh
 
 pytestmark = pytest.mark.timeout(90)
@@ -111,7 +111,7 @@ async def test_errors_are_one_line_with_code_and_reason(mesh: Mesh) -> None:
     assert invalid.code == 5
     assert invalid.err.startswith("Error: INVALID_ARGUMENT INVALID_ARGUMENT: spec.capability:")
     assert len(invalid.err.splitlines()) == 1
-    down = await cli(mesh, "tasks", address=f"127.0.0.1:{free_port()}")
+    down = await cli(mesh, "tasks", address=f"127.0.0.1:{reserved_port()}")
     assert down.code == 6
     assert down.err.startswith("Error: UNAVAILABLE") and len(down.err.splitlines()) == 1
     usage = await cli(mesh, "submit", "echo", "--priority", "urgent")

@@ -15,7 +15,7 @@ from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.discovery import Instance
 from hivewire.services.runtime import metadata as md
 from tests.conftest import Pki
-from tests.helpers import eventually, free_port
+from tests.helpers import eventually, reserved_port
 from tests.support.coordinator_mesh import Mesh, assert_contiguous, collect, kinds, spec, start_mesh
 
 pytestmark = pytest.mark.timeout(60)
@@ -242,7 +242,7 @@ async def test_an_unreachable_agent_does_not_use_up_attempts(mesh: Mesh) -> None
         service="hivewire-agent",
         instance_id="ghost-00000000",
         address="127.0.0.1",
-        port=free_port(),
+        port=reserved_port(),
         tags=("echo",),
         meta={"name": "ghost", "max_concurrency": "4"},
     )

@@ -7,6 +7,7 @@ Slow (a real model generates the tokens), but part of ``make test``.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from hivewire.services.model.backends.local import bundled_model_path
 from hivewire.services.model.settings import ModelSettings
 from hivewire.services.runtime import errors
 from tests.conftest import Pki
-from tests.helpers import eventually, free_port
+from tests.helpers import eventually
 from tests.support.model_harness import serve_model
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,6 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``python -m llama_cpp.server`` with the bundled model; yields its ``/v1`` URL."""
     pytest.importorskip("llama_cpp.server", reason="the local extra is not installed")
     model = bundled_model_path()
-    port = free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -44,7 +44,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(port),
+                "0",
                 "--chat_format",
                 "gemma",
                 "--n_ctx",
@@ -53,11 +53,18 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    base = f"http://127.0.0.1:{port}/v1"
+    bases: list[str] = []
 
     async def ready() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"llama_cpp.server exited with {proc.returncode}:\n{_tail(log)}")
+        if not bases:
+            # Port 0: uvicorn logs the port it bound.
+            bound = _BOUND.search(log.read_text(errors="replace"))
+            if bound is None:
+                return False
+            bases.append(f"{bound[1]}/v1")
+        base = bases[0]
         try:
             async with httpx.AsyncClient() as client:
                 response = await client.get(f"{base}/models", timeout=2)
@@ -67,7 +74,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     try:
         asyncio.run(eventually(ready, timeout=120, interval=0.2))
-        yield base
+        yield bases[0]
     finally:
         proc.terminate()
         try:
@@ -75,6 +82,9 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+_BOUND = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 
 def _tail(path: Path, lines: int = 30) -> str:

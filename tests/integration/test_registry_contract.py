@@ -27,7 +27,7 @@ from hivewire.discovery import (
     new_instance_id,
     open_registry,
 )
-from tests.helpers import NatsServer, ServiceProcess, eventually, free_port
+from tests.helpers import NatsServer, ServiceProcess, eventually, reserved_port
 from tests.support.consul_agent import RealConsul, consul_binary
 from tests.support.consul_standin import ConsulStandin, Timing
 
@@ -74,7 +74,7 @@ class Backend:
             "--nats-url", self.nats_url,
             "--service", SERVICE,
             "--name", name,
-            "--port", str(port or free_port()),
+            "--port", str(port or reserved_port()),
             "--options", json.dumps({**self.options, **overrides}),
         ]  # fmt: skip
         for tag in tags:
@@ -151,7 +151,7 @@ def instance(name: str, port: int | None = None, *, tags: Iterable[str] = ()) ->
         service=SERVICE,
         instance_id=new_instance_id(name),
         address="127.0.0.1",
-        port=port or free_port(),
+        port=port or reserved_port(),
         tags=tuple(tags),
         meta={META_INSTANCE_NAME: name, "version": "1.0.0", "max_concurrency": "4"},
     )
@@ -343,10 +343,7 @@ async def test_replicas_of_one_agent_on_one_host_coexist_and_a_restart_replaces_
     # explicit instance name, so replicas on one host differ only by port. A long TTL:
     # a stale entry would outlive the test unless the restart replaces it.
     long_ttl = 60.0
-    port_a = free_port()
-    port_b = free_port()
-    while port_b == port_a:
-        port_b = free_port()
+    port_a, port_b = reserved_port(), reserved_port()
 
     def replica(label: str, port: int) -> ServiceProcess:
         return backend.registrant(

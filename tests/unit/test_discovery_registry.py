@@ -17,11 +17,11 @@ from hivewire.discovery import (
     open_registry,
     parse_duration,
 )
-from hivewire.services.base.backoff import Backoff, TokenBucket
 from hivewire.discovery.consul import ConsulRegistry, go_duration
 from hivewire.discovery.embedded import EmbeddedRegistry
 from hivewire.discovery.registry import is_replaced_by
 from hivewire.discovery.static import StaticRegistry
+from hivewire.services.base.backoff import Backoff, TokenBucket
 
 
 def make(**overrides: object) -> Instance:
