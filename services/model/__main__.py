@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
 
-from hivewire.discovery import new_instance_id
 from hivewire.services.model.app import build_service, warm_up
 from hivewire.services.model.servicer import SERVICE_NAME, ModelServicer, add_to_server
 from hivewire.services.model.settings import ModelProcessSettings
@@ -21,11 +19,9 @@ from hivewire.services.runtime.bootstrap import (
     MODEL_PORT,
     Registration,
     ServiceEntry,
-    registry_from_settings,
-    serving,
+    service_process,
 )
-from hivewire.services.runtime.events import EventPublisher
-from hivewire.services.runtime.server import ServiceBinding, serve_until_signal
+from hivewire.services.runtime.server import ServiceBinding
 
 logger = logging.getLogger(__name__)
 
@@ -38,18 +34,14 @@ SERVICE = "hivewire-model"
 
 async def serve(settings: ModelProcessSettings) -> None:
     """Run the service until SIGTERM or SIGINT."""
-    instance_id = new_instance_id("model")
-    async with AsyncExitStack() as stack:
-        events = EventPublisher.from_settings(settings, source=f"model/{instance_id}")
-        await stack.enter_async_context(events)
-        service = build_service(settings.model, events=events)
-        stack.push_async_callback(service.aclose)
+    async with service_process(settings, "model") as process:
+        service = build_service(settings.model, events=process.events)
+        process.stack.push_async_callback(service.aclose)
         await warm_up(service)
-        registry = await stack.enter_async_context(registry_from_settings(settings))
         servicer = ModelServicer(service, max_output_tokens=settings.model.max_output_tokens)
         registration = Registration(
             SERVICE,
-            instance_id,
+            process.instance_id,
             tags=tuple(service.backends),
             meta={
                 "name": "model",
@@ -57,16 +49,9 @@ async def serve(settings: ModelProcessSettings) -> None:
                 "default_model": service.router.default_model,
             },
         )
-        running = await stack.enter_async_context(
-            serving(
-                settings,
-                [ServiceBinding(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
-                registry=registry,
-                registration=registration,
-                events=events,
-            )
+        await process.serve(
+            [ServiceBinding(SERVICE_NAME, lambda s: add_to_server(servicer, s))], registration
         )
-        await serve_until_signal(running.server)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

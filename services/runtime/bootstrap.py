@@ -32,8 +32,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mappin
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from hivewire.discovery import Instance, Registry, open_registry
+from hivewire.discovery import Instance, Registry, new_instance_id, open_registry
 from hivewire.services.runtime.config import Settings, UnknownSettingError, load_settings
+from hivewire.services.runtime.events import EventPublisher
 from hivewire.services.runtime.eventsink import EventSink
 from hivewire.services.runtime.logging import setup_logging
 from hivewire.services.runtime.ports import (
@@ -45,7 +46,12 @@ from hivewire.services.runtime.ports import (
     metrics_port_for,
 )
 from hivewire.services.runtime.security import publish_denials
-from hivewire.services.runtime.server import ServiceBinding, ServiceServer, ShutdownHook
+from hivewire.services.runtime.server import (
+    ServiceBinding,
+    ServiceServer,
+    ShutdownHook,
+    serve_until_signal,
+)
 from hivewire.services.runtime.tls import nats_tls_options
 from hivewire.services.runtime.tracing import setup_tracing
 
@@ -60,8 +66,10 @@ __all__ = [
     "Registration",
     "Serving",
     "ServiceEntry",
+    "ServiceProcess",
     "metrics_port_for",
     "registry_from_settings",
+    "service_process",
     "serving",
     "with_service_defaults",
 ]
@@ -253,6 +261,69 @@ async def serving(
                 registry, server, settings, registration, on_registered, on_deregistered
             )
         yield running
+
+
+@dataclass
+class ServiceProcess:
+    """One service process while it runs: its instance id, events and what it opened.
+
+    What :func:`service_process` yields. The service opens its own parts on
+    ``stack`` (they close in reverse order when the process ends), then calls
+    :meth:`serve` with its gRPC bindings.
+
+    Attributes:
+        settings: The process settings.
+        instance_id: This instance's registry id (``<kind>-<random>``).
+        events: The process's event publisher (disabled when events are off).
+        stack: Closes everything the process opened, last opened first.
+    """
+
+    settings: Settings
+    instance_id: str
+    events: EventPublisher
+    stack: contextlib.AsyncExitStack
+
+    async def serve(
+        self,
+        bindings: Sequence[ServiceBinding],
+        registration: Registration,
+        *,
+        extra_ports: Mapping[str, int] | None = None,
+    ) -> None:
+        """Open the registry, serve ``bindings`` registered as ``registration``, and
+        return after SIGTERM or SIGINT stopped the server gracefully.
+        """
+        registry = await self.stack.enter_async_context(registry_from_settings(self.settings))
+        running = await self.stack.enter_async_context(
+            serving(
+                self.settings,
+                bindings,
+                registry=registry,
+                registration=registration,
+                extra_ports=extra_ports,
+                events=self.events,
+            )
+        )
+        await serve_until_signal(running.server)
+
+
+@contextlib.asynccontextmanager
+async def service_process(settings: Settings, kind: str) -> AsyncIterator[ServiceProcess]:
+    """The wiring every service process shares: an instance id and its event publisher.
+
+    ``async with service_process(settings, "model") as process:`` then open the
+    service's parts on ``process.stack`` and ``await process.serve(...)``.
+
+    Args:
+        settings: The process settings.
+        kind: The service kind, e.g. ``"model"``: the instance id's prefix and the
+            events' source (``model/<instance id>``).
+    """
+    instance_id = new_instance_id(kind)
+    async with contextlib.AsyncExitStack() as stack:
+        events = EventPublisher.from_settings(settings, source=f"{kind}/{instance_id}")
+        await stack.enter_async_context(events)
+        yield ServiceProcess(settings, instance_id, events, stack)
 
 
 async def _register(

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
 
-from hivewire.discovery import new_instance_id
 from hivewire.services.runtime.bootstrap import (
     TOOL_PORT,
     Registration,
     ServiceEntry,
-    registry_from_settings,
-    serving,
+    service_process,
 )
-from hivewire.services.runtime.events import EventPublisher
-from hivewire.services.runtime.server import ServiceBinding, serve_until_signal
+from hivewire.services.runtime.server import ServiceBinding
 from hivewire.services.tool.mcp_server import serve_mcp
 from hivewire.services.tool.service import open_tool_service
 from hivewire.services.tool.servicer import SERVICE_NAME, ToolServicer
@@ -42,39 +38,27 @@ SERVICE = "hivewire-tool"
 
 async def serve(settings: ToolProcessSettings) -> None:
     """Run the service until SIGTERM or SIGINT."""
-    instance_id = new_instance_id("tool")
-    async with AsyncExitStack() as stack:
-        events = EventPublisher.from_settings(settings, source=f"tool/{instance_id}")
-        await stack.enter_async_context(events)
-        service = await stack.enter_async_context(
-            open_tool_service(settings.tool, publisher=events, mesh_ca=settings.tls_files().ca)
+    async with service_process(settings, "tool") as process:
+        service = await process.stack.enter_async_context(
+            open_tool_service(
+                settings.tool, publisher=process.events, mesh_ca=settings.tls_files().ca
+            )
         )
         extra_ports: dict[str, int] = {}
         if settings.tool.mcp_serve_port is not None:
-            mcp = await stack.enter_async_context(serve_mcp(service, settings))
+            mcp = await process.stack.enter_async_context(serve_mcp(service, settings))
             extra_ports["mcp"] = mcp.port
-        registry = await stack.enter_async_context(registry_from_settings(settings))
         servicer = ToolServicer(service)
         binding = ServiceBinding(
             SERVICE_NAME, lambda s: tool_pb2_grpc.add_ToolServiceServicer_to_server(servicer, s)
         )
         registration = Registration(
             SERVICE,
-            instance_id,
+            process.instance_id,
             tags=tuple(tool.name for tool in service.registry.tools()),
             meta={"name": "tool", "identity": settings.identity},
         )
-        running = await stack.enter_async_context(
-            serving(
-                settings,
-                [binding],
-                registry=registry,
-                registration=registration,
-                extra_ports=extra_ports,
-                events=events,
-            )
-        )
-        await serve_until_signal(running.server)
+        await process.serve([binding], registration, extra_ports=extra_ports)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
