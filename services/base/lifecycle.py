@@ -18,51 +18,48 @@ from typing import Any, Self
 __all__ = ["StartClose", "StartStop", "cancel_and_wait"]
 
 
-class StartStop:
-    """``async with`` calls :meth:`start` on entry and :meth:`stop` on exit."""
+class _Entered:
+    """``async with`` calls ``start()`` on entry and :meth:`_leave` on exit."""
 
     async def start(self) -> None:
         """Start the object (subclasses implement it)."""
         raise NotImplementedError
+
+    async def _leave(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._leave()
+
+
+class StartStop(_Entered):
+    """``async with`` calls :meth:`start` on entry and :meth:`stop` on exit."""
 
     async def stop(self) -> None:
         """Stop the object (subclasses implement it)."""
         raise NotImplementedError
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _leave(self) -> None:
         await self.stop()
 
 
-class StartClose:
+class StartClose(_Entered):
     """``async with`` calls :meth:`start` on entry and :meth:`close` on exit."""
-
-    async def start(self) -> None:
-        """Start the object (subclasses implement it)."""
-        raise NotImplementedError
 
     async def close(self) -> None:
         """Close the object (subclasses implement it)."""
         raise NotImplementedError
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _leave(self) -> None:
         await self.close()
 
 
