@@ -144,8 +144,16 @@ async def test_the_gateway_refuses_a_client_without_a_mesh_certificate(mesh: A2a
 
     anonymous = ssl.create_default_context(cafile=str(mesh.client_files.ca))
     async with httpx.AsyncClient(verify=anonymous) as http:
-        with pytest.raises(httpx.HTTPError):
-            await http.get(mesh.card_url)
+        # The card is public (it says how to authenticate); nothing else is.
+        assert (await http.get(mesh.card_url)).status_code == 200
+        request = {"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "x"}}
+        refused = await http.post(mesh.base_url, json=request)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["reason"] == "NO_CREDENTIALS"
+        # Without end-user authentication configured, bearer credentials are no way in.
+        token = await http.post(mesh.base_url, json=request, headers={"Authorization": "Bearer x"})
+        assert token.status_code == 401
+        assert token.json()["error"]["reason"] == "TOKENS_NOT_ACCEPTED"
 
 
 async def test_skills_follow_agents_joining_and_leaving(mesh: A2aMesh, pki: Pki, tmp_path) -> None:
