@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import ssl
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -45,9 +49,12 @@ from hivewire.services.runtime.status import from_rpc_error
 from hivewire.services.runtime.tls import TlsFiles, spiffe_id
 from tests.conftest import Pki
 from tests.support.a2a_mesh import A2aMesh, a2a_mesh, client_ssl_context, grpc_credentials
+from tests.support.e2e_mesh import REPO_ROOT
+from tests.support.node import install_example, run_command
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
+NODE_EXAMPLE = REPO_ROOT / "examples" / "a2a-node"
 ISSUER = "https://idp.hivewire.test"
 AUDIENCE = "hivewire-a2a"
 
@@ -323,3 +330,67 @@ async def test_only_the_gateway_may_act_for_a_client(callers: Callers) -> None:
         assert err.reason == "DELEGATION_NOT_ALLOWED"
     # The gateway may act for a client (that is how certificate callers own their tasks).
     await list_as(callers.pki.files("a2a"), bob)
+
+
+# --- the official JavaScript client with a bearer token -------------------------------
+
+
+@pytest.fixture(scope="module")
+def node_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    files = ("package.json", "package-lock.json", "a2a.mjs")
+    return install_example(tmp_path_factory, NODE_EXAMPLE, files, what="A2A Node.js client")
+
+
+async def run_node(callers: Callers, node_dir: Path, *args: str) -> tuple[int, list[Any], str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
+    code, out, err = await run_command(
+        "node", str(node_dir / "a2a.mjs"), *args,
+        "--url", callers.mesh.base_url, "--ca", str(callers.mesh.client_files.ca),
+        cwd=node_dir, env=env, timeout=90,
+    )  # fmt: skip
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return code, events, f"exit {code}\n{out}\n{err}"
+
+
+async def test_the_javascript_sdk_client_authenticates_with_a_token(
+    callers: Callers, node_dir: Path
+) -> None:
+    code, events, output = await run_node(
+        callers, node_dir, "stream", "spell", "by token", "--token", callers.carol_key
+    )
+    assert code == 0, output
+    assert events[-1]["state"] == "TASK_STATE_COMPLETED", output
+    stored = await callers.mesh.coordinator_stub.GetTask(
+        coordinator_pb2.GetTaskRequest(task_id=events[0]["id"])
+    )
+    assert stored.task.owner == spiffe_id("client", "carol")
+    # Someone else's token does not reach it; a bad token is refused outright.
+    code, _, output = await run_node(
+        callers, node_dir, "get", events[0]["id"], "--token", callers.erin_token
+    )
+    assert code != 0 and "not found" in output, output
+    code, _, output = await run_node(
+        callers, node_dir, "stream", "spell", "x", "--token", "hwk_bad_token"
+    )
+    assert code != 0 and "the API key is not valid" in output, output
+
+
+async def test_the_python_example_streams_with_a_token(callers: Callers, tmp_path: Path) -> None:
+    # The documented command, from a directory laid out like the repository's root.
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "ca.pem").symlink_to(callers.mesh.client_files.ca)
+    (tmp_path / ".hivewire").mkdir()
+    endpoints = {"a2a": {"url": callers.mesh.base_url}}
+    (tmp_path / ".hivewire" / "endpoints.json").write_text(json.dumps(endpoints))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
+    code, out, err = await run_command(
+        sys.executable, str(REPO_ROOT / "examples" / "a2a-python" / "stream.py"), "spell", "a b",
+        cwd=tmp_path, env={**env, "HIVEWIRE_TOKEN": callers.erin_token}, timeout=90,
+    )  # fmt: skip
+    assert code == 0, f"{out}\n{err}"
+    assert "final state: TASK_STATE_COMPLETED" in out
+    task_id = json.loads(out.splitlines()[0].split(" ", 1)[1])["id"]
+    stored = await callers.mesh.coordinator_stub.GetTask(
+        coordinator_pb2.GetTaskRequest(task_id=task_id)
+    )
+    assert stored.task.owner == spiffe_id("client", "erin")
