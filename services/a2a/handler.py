@@ -47,7 +47,7 @@ from a2a.utils.errors import (
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.a2a import convert
-from hivewire.services.a2a.callers import acting
+from hivewire.services.a2a.callers import Acting, acting
 from hivewire.services.a2a.card import CardSource
 from hivewire.services.a2a.settings import A2aSettings
 from hivewire.services.runtime.errors import HivewireError
@@ -198,8 +198,9 @@ class GatewayHandler(RequestHandler):
     # -- messages ----------------------------------------------------------------------
 
     async def _start(
-        self, params: a2a.SendMessageRequest, md: Metadata
+        self, params: a2a.SendMessageRequest, caller: Acting
     ) -> AsyncGenerator[convert.A2aEvent]:
+        md = caller.metadata
         message = params.message
         if message.task_id:
             async for update in self._continue(message, md):
@@ -229,10 +230,34 @@ class GatewayHandler(RequestHandler):
             ),
         )
         task: coordinator_pb2.Task = response.task
-        logger.info("A2A message %s started task %s (%s)", message.message_id, task.task_id,
-                    options.skill)  # fmt: skip
+        if task.owner != caller.identity:
+            await self._disown(task, caller)
+        logger.info("A2A message %s of %s started task %s (%s)", message.message_id,
+                    caller.identity, task.task_id, options.skill)  # fmt: skip
         async for update in self._follow(task, task.last_sequence, md):
             yield update
+
+    async def _disown(self, task: coordinator_pb2.Task, caller: Acting) -> None:
+        """Cancel a task the coordinator gave to someone other than the caller, and fail.
+
+        It happens only when the coordinator ignores the passed-on bearer credential (no
+        end-user authentication configured there, unlike here): the task would belong
+        to the gateway, shared by every bearer caller.
+        """
+        logger.error("task %s belongs to %s, not to the A2A caller %s: is end-user "
+                     "authentication configured on the coordinator as on the gateway?",
+                     task.task_id, task.owner, caller.identity)  # fmt: skip
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._stub.CancelTask(
+                C.CancelTaskRequest(task_id=task.task_id, reason="not owned by its A2A caller"),
+                timeout=_CALL_TIMEOUT,
+                metadata=caller.metadata,
+            )
+        raise InternalError(
+            "the coordinator does not see the A2A caller as the task's owner (its end-user "
+            "authentication settings differ from the gateway's)",
+            {"reason": "A2A_OWNER_MISMATCH", "owner": task.owner, "caller": caller.identity},
+        )
 
     async def _continue(
         self, message: a2a.Message, md: Metadata
@@ -265,8 +290,9 @@ class GatewayHandler(RequestHandler):
     ) -> a2a.Task | a2a.Message:
         """Start or continue a task; wait until it ends or asks for input (unless
         ``configuration.return_immediately``), then return it."""
-        md = acting(context).metadata
-        stream = self._start(params, md)
+        caller = acting(context)
+        md = caller.metadata
+        stream = self._start(params, caller)
         task_id = ""
         try:
             async for update in stream:
@@ -282,7 +308,7 @@ class GatewayHandler(RequestHandler):
         self, params: a2a.SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[convert.A2aEvent]:
         """Start or continue a task and stream it until it ends or asks for input."""
-        stream = self._start(params, acting(context).metadata)
+        stream = self._start(params, acting(context))
         try:
             async for update in stream:
                 yield update
