@@ -35,7 +35,7 @@ from a2a.client.card_resolver import A2ACardResolver, parse_agent_card
 from a2a.client.client import Client
 from a2a.client.errors import A2AClientError
 from a2a.types import a2a_pb2 as a2a
-from a2a.utils.errors import TaskNotFoundError
+from a2a.utils.errors import InvalidRequestError, TaskNotFoundError
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf import json_format
 from jwt.algorithms import RSAAlgorithm
@@ -116,6 +116,9 @@ async def callers(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
     }
     alice = pki.issue(role="client", name="a2a-alice", stem="a2a-alice")
     bob = pki.issue(role="client", name="a2a-bob", stem="a2a-bob")
+    pki.issue(role="client", name="a2a-mallory", stem="a2a-mallory")
+    (workdir / "revoked.txt").write_text(pki.spiffe_id("a2a-mallory") + "\n")
+    env["HIVEWIRE_REVOKED_CERTS_FILE"] = str(workdir / "revoked.txt")
     async with a2a_mesh(pki, workdir, env=env) as mesh:
         yield Callers(mesh, pki, alice, bob, carol_key, erin_token)
 
@@ -227,6 +230,26 @@ async def test_a_request_without_credentials_is_refused(callers: Callers) -> Non
     async with sdk_client(mesh, anonymous, "JSONRPC") as client:
         with pytest.raises(A2AClientError, match="401"):
             await client.get_task(a2a.GetTaskRequest(id="x"))
+
+
+async def test_a_revoked_certificate_is_refused(callers: Callers) -> None:
+    files = callers.pki.files("a2a-mallory")
+    async with httpx.AsyncClient(verify=client_ssl_context(files)) as http:
+        response = await http.post(callers.mesh.base_url, json={})
+    assert response.status_code == 401
+    assert response.json()["error"]["reason"] == "CERT_REVOKED"
+    mallory = Caller("mallory", callers.pki.spiffe_id("a2a-mallory"), files=files)
+    async with sdk_client(callers.mesh, mallory, "GRPC") as client:
+        with pytest.raises(Exception, match="revoked"):
+            await client.get_task(a2a.GetTaskRequest(id="x"))
+
+
+async def test_an_admin_certificate_is_not_acted_for(callers: Callers) -> None:
+    admin = Caller("admin", callers.pki.spiffe_id("admin"), files=callers.pki.files("admin"))
+    async with sdk_client(callers.mesh, admin, "JSONRPC") as client:
+        with pytest.raises(InvalidRequestError) as raised:
+            await client.list_tasks(a2a.ListTasksRequest())
+    assert "DELEGATION_NOT_ALLOWED" in str(raised.value.data), raised.value.data
 
 
 async def test_a_certificate_of_another_ca_is_refused(callers: Callers, foreign_pki: Pki) -> None:
