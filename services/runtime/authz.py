@@ -557,9 +557,12 @@ class _Gate:
     ) -> Caller:
         """The identity ``caller`` acts for, once its ``act_for`` rule allows it."""
         certificate = self.caller(context)
+        parsed = parse_spiffe_id(principal)
         refusal = ""
         if caller != certificate:
             refusal = "a call with a bearer credential may not act for another identity"
+        elif parsed is None or "/" in parsed[1]:
+            refusal = f"{principal!r} is not a mesh identity (spiffe://{TRUST_DOMAIN}/role/name)"
         elif not self._store.may_act_for(caller.spiffe_id, principal):
             refusal = f"{caller} may not act for {principal}"
         elif self._revoked is not None and self._revoked.revoked(principal, lambda: None):

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf import json_format
 from jwt.algorithms import RSAAlgorithm
 
+from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.a2a.handler import AFTER_SEQUENCE_HEADER
 from hivewire.services.runtime.authn import ApiKeyStore
@@ -330,29 +331,52 @@ async def test_each_caller_sees_only_its_own_tasks(
 async def test_only_the_gateway_may_act_for_a_client(callers: Callers) -> None:
     mesh = callers.mesh
     bob = callers.pki.spiffe_id("a2a-bob")
-    request = coordinator_pb2.ListTasksRequest(page_size=1)
+    gateway = callers.pki.files("a2a")
 
-    async def list_as(files: TlsFiles, on_behalf_of: str) -> None:
+    @contextlib.asynccontextmanager
+    async def coordinator(files: TlsFiles) -> AsyncIterator[Any]:
         channel = secure_channel(mesh.coordinator.address, files)
         try:
-            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-            await stub.ListTasks(request, timeout=10, metadata=((ON_BEHALF_OF, on_behalf_of),))
+            yield coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         finally:
             await channel.close()
 
-    # A client cannot pass itself off as another client, nor the gateway as an admin.
-    for files, target in (
-        (callers.alice, bob),
-        (callers.pki.files("a2a"), callers.pki.spiffe_id("admin")),
-        (callers.pki.files("a2a"), spiffe_id("agent", "interop")),
-    ):
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await list_as(files, target)
+    # A client cannot pass itself off as another client, nor the gateway as an admin, an
+    # agent, an identity of another trust domain or a name that is not one; nor may a
+    # call with a bearer credential delegate.
+    refused_cases = [
+        (callers.alice, bob, ()),
+        (gateway, callers.pki.spiffe_id("admin"), ()),
+        (gateway, spiffe_id("agent", "interop"), ()),
+        (gateway, spiffe_id("client", "x/../../admin/root"), ()),
+        (gateway, "spiffe://elsewhere.example/client/bob", ()),
+        (gateway, bob, (("authorization", f"Bearer {callers.carol_key}"),)),
+    ]
+    for files, target, extra in refused_cases:
+        async with coordinator(files) as stub:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListTasks(
+                    coordinator_pb2.ListTasksRequest(page_size=1),
+                    timeout=10,
+                    metadata=((ON_BEHALF_OF, target), *extra),
+                )
         err = from_rpc_error(refused.value)
-        assert err.code == grpc.StatusCode.PERMISSION_DENIED
-        assert err.reason == "DELEGATION_NOT_ALLOWED"
-    # The gateway may act for a client (that is how certificate callers own their tasks).
-    await list_as(callers.pki.files("a2a"), bob)
+        assert err.code == grpc.StatusCode.PERMISSION_DENIED, (target, err)
+        assert err.reason == "DELEGATION_NOT_ALLOWED", (target, err)
+    # The gateway may act for a client: the task is the client's (that is how certificate
+    # callers own their A2A tasks).
+    as_bob = ((ON_BEHALF_OF, bob),)
+    spec = coordinator_pb2.TaskSpec(capability="wait", input=common_pb2.Payload(text="x"))
+    async with coordinator(gateway) as stub:
+        submitted = await stub.SubmitTask(
+            coordinator_pb2.SubmitTaskRequest(spec=spec), timeout=10, metadata=as_bob
+        )
+        assert submitted.task.owner == bob
+        await stub.CancelTask(
+            coordinator_pb2.CancelTaskRequest(task_id=submitted.task.task_id),
+            timeout=10,
+            metadata=as_bob,
+        )
 
 
 # --- the official JavaScript client with a bearer token -------------------------------
