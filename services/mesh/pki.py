@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hivewire.services.runtime.tls import TRUST_DOMAIN, parse_spiffe_id, spiffe_id
+from hivewire.services.runtime.tls import TRUST_DOMAIN, cert_spiffe_id, parse_spiffe_id, spiffe_id
 from hivewire.services.runtime.tls import CertInfo as CertInfo  # re-exported (docstring)
 from hivewire.services.runtime.tls import describe_cert as describe_cert  # re-exported
 
@@ -638,8 +638,8 @@ def _leaf_problem(directory: Path, identity: Identity, ca: _Ca, *, now: dt.datet
     problem = _cert_problem(cert, ca.cert, _key_path(directory, identity.stem), now=now)
     if problem is not None:
         return problem
-    if _spiffe_of(cert) != identity.spiffe_id:
-        return f"carries {_spiffe_of(cert)} instead of {identity.spiffe_id}"
+    if cert_spiffe_id(cert) != identity.spiffe_id:
+        return f"carries {cert_spiffe_id(cert)} instead of {identity.spiffe_id}"
     return None
 
 
@@ -665,21 +665,6 @@ def _cert_problem(
     return None
 
 
-def _spiffe_of(cert: x509.Certificate) -> str | None:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    return next(
-        (
-            u
-            for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.startswith("spiffe://")
-        ),
-        None,
-    )
-
-
 def _extra_identities(directory: Path, *, exclude: Iterable[str]) -> Iterator[Identity]:
     """Leaves in the directory beyond the default set that carry one of our identities."""
     skip = {CA_STEM, *exclude}
@@ -690,7 +675,7 @@ def _extra_identities(directory: Path, *, exclude: Iterable[str]) -> Iterator[Id
             cert = x509.load_pem_x509_certificate(_cert_path(directory, stem).read_bytes())
         except (OSError, ValueError):
             continue
-        parsed = parse_spiffe_id(_spiffe_of(cert) or "")
+        parsed = parse_spiffe_id(cert_spiffe_id(cert) or "")
         if parsed is not None and all(_LABEL.fullmatch(label) for label in parsed):
             yield Identity(stem, *parsed)
 

@@ -331,3 +331,19 @@ def describe_cert(path: Path) -> CertInfo:
         serial_number=cert.serial_number,
         is_ca=is_ca,
     )
+
+
+def cert_spiffe_id(cert: x509.Certificate) -> str | None:
+    """The ``spiffe://`` URI SAN of a certificate, None without one."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    return next(
+        (
+            u
+            for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.startswith("spiffe://")
+        ),
+        None,
+    )
