@@ -58,7 +58,7 @@ import contextlib
 import inspect
 import logging
 import tomllib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -70,7 +70,7 @@ import grpc
 
 from hivewire.services.runtime.authn import Authenticator
 from hivewire.services.runtime.errors import PermissionDenied, Unauthenticated
-from hivewire.services.runtime.interceptors import HandlerCachingInterceptor
+from hivewire.services.runtime.interceptors import HandlerCachingInterceptor, handler_parts
 from hivewire.services.runtime.policyfile import ReloadingPolicy, globs, load_toml, rule_tables
 from hivewire.services.runtime.revocation import RevocationList
 from hivewire.services.runtime.security import record_denial
@@ -621,18 +621,7 @@ async def _drain(request: Any, streaming: bool) -> None:
 
 def _authorizing(handler: Handler, method: str, gate: _Gate) -> Handler:
     """Return ``handler`` guarded by ``gate`` (same kind, same serializers)."""
-    if handler.request_streaming and handler.response_streaming:
-        behavior: Any = handler.stream_stream
-        factory: Callable[..., Handler] = grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        behavior = handler.stream_unary
-        factory = grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        behavior = handler.unary_stream
-        factory = grpc.unary_stream_rpc_method_handler
-    else:
-        behavior = handler.unary_unary
-        factory = grpc.unary_unary_rpc_method_handler
+    behavior, factory = handler_parts(handler)
     streaming_in = handler.request_streaming
     check = gate.check
     wrapped: Any

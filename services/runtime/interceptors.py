@@ -166,6 +166,23 @@ if TYPE_CHECKING:
     ScopeFactory: TypeAlias = Callable[[Context], CallScope]
 
 
+def handler_parts(handler: Handler) -> tuple[Any, Callable[..., Handler]]:
+    """The behavior of ``handler`` and the grpc factory that builds a handler of its kind.
+
+    Returns:
+        ``(behavior, factory)``: e.g. ``(handler.unary_stream,
+        grpc.unary_stream_rpc_method_handler)``; wrap the behavior and pass it, with the
+        handler's serializers, to the factory to get an equivalent handler.
+    """
+    if handler.request_streaming and handler.response_streaming:
+        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    if handler.request_streaming:
+        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    if handler.response_streaming:
+        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+
 def wrap_handler(handler: Handler, scope_for: ScopeFactory, *, counting: bool = False) -> Handler:
     """Return a copy of ``handler`` whose behavior runs inside ``scope_for(context)``.
 
@@ -180,18 +197,7 @@ def wrap_handler(handler: Handler, scope_for: ScopeFactory, *, counting: bool = 
         An equivalent handler. Synchronous behaviors (not used by hivewire's aio
         servicers) are returned unwrapped.
     """
-    if handler.request_streaming and handler.response_streaming:
-        behavior: Any = handler.stream_stream
-        factory: Callable[..., Handler] = grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        behavior = handler.stream_unary
-        factory = grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        behavior = handler.unary_stream
-        factory = grpc.unary_stream_rpc_method_handler
-    else:
-        behavior = handler.unary_unary
-        factory = grpc.unary_unary_rpc_method_handler
+    behavior, factory = handler_parts(handler)
     if behavior is None:
         return handler
 
