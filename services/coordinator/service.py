@@ -931,7 +931,11 @@ class Coordinator:
         if rt is None:
             return
         with bind_task(task_id):
-            logger.warning("task taken over by another coordinator; this one lets it go")
+            logger.info("this coordinator lets the task go (another one may own it now)")
+        self._plans.forget(task_id)
+        if rt.record.project_id:
+            self._projects.task_ended(rt.record.project_id)
+        self._subtasks.pop(task_id, None)
         if rt.deadline_handle is not None:
             rt.deadline_handle.cancel()
             rt.deadline_handle = None
@@ -942,6 +946,13 @@ class Coordinator:
         if self._cluster is not None:
             self._cluster.forget(task_id)
         rt.notify()
+
+    def abandon(self) -> None:
+        """Let go of every task (this coordinator's lease may have lapsed, cluster.py)."""
+        active = list(self._tasks.active)
+        for task_id in active:
+            self.drop(task_id)
+        logger.warning("let go of %d tasks; peers or a later claim take them", len(active))
 
     # -- sessions --------------------------------------------------------------------
 
