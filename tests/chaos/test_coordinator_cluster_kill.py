@@ -45,8 +45,8 @@ C = coordinator_pb2
 BATCH = 300
 SECOND_BATCH = 90
 LEASE_TTL = 3.0
-STEPS, INTERVAL = 4, 1.5
-"""Each task takes about 6 s on its agent, so the whole batch is in flight at once."""
+STEPS, INTERVAL = 4, 3.0
+"""Each task takes about 12 s on its agent, so the whole batch is in flight at once."""
 
 CLUSTER_ENV = {
     "HIVEWIRE_COORDINATOR__STORE": "jetstream",
@@ -127,7 +127,7 @@ async def test_three_coordinators_lose_nothing_when_a_coordinator_or_a_nats_node
             for i in range(3)
         ]
         processes: list[ServiceProcess] = [*coordinators, *agents]
-        await asyncio.gather(*(p.start() for p in processes))
+        await asyncio.gather(*(p.start(timeout=90) for p in processes))
         for process in processes:
             stack.push_async_callback(_stop, process)
         channels = [secure_channel(c.address, pki.files("client")) for c in coordinators]
@@ -191,18 +191,18 @@ async def test_three_coordinators_lose_nothing_when_a_coordinator_or_a_nats_node
         async def taken_over() -> None:
             for task_id in unfinished:
                 task = (await stubs[1].GetTask(C.GetTaskRequest(task_id=task_id))).task
-                assert task.coordinator_id not in ("", dead), task_id
+                assert task.coordinator_id != dead or task.state >= S.TASK_STATE_SUCCEEDED, task_id
 
         await eventually(taken_over, timeout=30, interval=0.05)
         takeover_seconds = loop.time() - killed_at
 
-        # Watchers resume on a survivor where they stopped: no gap, no repeat.
-        for i, task_id in enumerate(followed):
-            last = seen[task_id][-1].sequence
-            rest = await client.events(task_id, survivors[i % 2], after=last)
-            whole = seen[task_id] + rest
-            assert [e.sequence for e in whole] == list(range(1, len(whole) + 1)), task_id
-            assert rest[-1].finished.state == S.TASK_STATE_SUCCEEDED
+        # Watchers resume on a survivor where they stopped (checked below, once finished).
+        resumed = {
+            task_id: asyncio.create_task(
+                client.events(task_id, survivors[i % 2], after=seen[task_id][-1].sequence)
+            )
+            for i, task_id in enumerate(followed)
+        }
 
         # Idempotent resubmission to a survivor returns the task it created.
         for task_id, (spec, via) in keyed.items():
@@ -254,13 +254,19 @@ async def test_three_coordinators_lose_nothing_when_a_coordinator_or_a_nats_node
             interrupted += any(a.error.reason == "COORDINATOR_RESTARTED" for a in task.attempts)
 
         await asyncio.gather(*(verify(n, t) for n, t in enumerate(everything)))
+        # The watchers of the dead coordinator missed nothing and saw nothing twice.
+        for task_id, rest in resumed.items():
+            whole = seen[task_id] + await rest
+            assert [e.sequence for e in whole] == list(range(1, len(whole) + 1)), task_id
+            assert whole[-1].finished.state == S.TASK_STATE_SUCCEEDED
         figures = {
             "submitted": len(everything),
             "succeeded": succeeded,
             "duplicated": duplicated,
             "lost": lost,
-            "interrupted_attempts_rerun": interrupted,
+            "taken_over_and_rerun": interrupted,
             "takeover_seconds": round(takeover_seconds, 2),
+            "watchers_resumed": len(followed),
             "lease_ttl": LEASE_TTL,
             "first_batch_submit_seconds": round(submitted_in, 2),
             "second_batch_half_during_nats_kill_seconds": round(nats_outage_submits, 2),
