@@ -562,8 +562,17 @@ class JetStreamTaskStore:
         """The sequence of a task's latest stored event (0 when none)."""
 
         async def run() -> int:
-            index = await self._journal_index(task_id)
-            return max(index, default=0)
+            index = self._index.get(task_id)
+            if index is not None:
+                return max(index, default=0)
+            # One read of the subject's last message, not a walk of the journal.
+            try:
+                msg = await self._retry(
+                    lambda: self._js.get_last_msg(self.stream, f"{JOURNAL_SUBJECT}.{task_id}")
+                )
+            except js_errors.NotFoundError:
+                return 0
+            return int((msg.headers or {}).get(SEQUENCE_HEADER, "0"))
 
         result: int = await self._submit(run)
         return result
