@@ -164,8 +164,11 @@ class JetStreamTaskStore:
             self._keys = await self._bucket("IDEMPOTENCY")
             self._projects = await self._bucket("PROJECTS")
             self._tombstones = await self._bucket("PURGED")
+            indexed = await self._exists("ACTIVE")
             self._active = await self._bucket("ACTIVE")
             self._members = await self._bucket("COORDINATORS")
+            if not indexed:
+                await self._index_existing()
             await self._js.add_stream(
                 js_api.StreamConfig(
                     name=self.stream,
@@ -181,6 +184,19 @@ class JetStreamTaskStore:
         logger.info(
             "JetStream task store open (prefix %s, replicas %d)", self._prefix, self._replicas
         )
+
+    async def _exists(self, name: str) -> bool:
+        try:
+            await self._js.key_value(f"{self._prefix}_{name}")
+        except js_errors.BucketNotFoundError:
+            return False
+        return True
+
+    async def _index_existing(self) -> None:
+        """Index the unfinished tasks of a store written before the index existed."""
+        for row in await self._all_rows():
+            if row.state not in TERMINAL_STATES:
+                await self._index_active(row)
 
     async def _bucket(self, name: str) -> KeyValue:
         bucket: KeyValue = await self._js.create_key_value(

@@ -324,3 +324,15 @@ async def test_jetstream_ownership_is_claimed_once_and_fences_the_loser(tmp_path
             await winner.put(tasks=[owned("t1", owner, state=5)])
             assert "t1" not in (await a.active_owners()).get(owner, [])
             assert await c.claim("t3", "cc", {"ca"}) is None
+
+
+async def test_jetstream_indexes_the_unfinished_tasks_of_a_store_from_before_the_index(
+    tmp_path: Path,
+) -> None:
+    async with NatsServer(tmp_path / "nats") as server:
+        async with JetStreamTaskStore(server.url) as store:
+            await store.put(tasks=[row("old-1"), row("old-2", state=5)])
+            # As a store written before the index existed: no index bucket.
+            await store.connection.jetstream().delete_key_value("HIVEWIRE_ACTIVE")
+        async with JetStreamTaskStore(server.url) as store:
+            assert [r.task_id for r in await store.active_tasks()] == ["old-1"]
