@@ -916,6 +916,7 @@ class Coordinator:
         if self._closing:
             return
         fresh = [row for row in rows if row.task_id not in self._tasks.active]
+        metrics.TASKS_TAKEN_OVER.inc(len(fresh))
         await self._resume(
             fresh,
             why=f"coordinator {previous} stopped; {self._instance} took the task over",
@@ -930,6 +931,7 @@ class Coordinator:
         rt = self._tasks.drop(task_id)
         if rt is None:
             return
+        metrics.TASKS_LET_GO.inc()
         with bind_task(task_id):
             logger.info("this coordinator lets the task go (another one may own it now)")
         self._plans.forget(task_id)
