@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -19,17 +18,15 @@ import pytest
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.discovery.static import StaticRegistry
-from hivewire.services.coordinator.app import running_coordinator
 from hivewire.services.runtime.channels import secure_channel
-from hivewire.services.runtime.config import load_settings
 from tests.conftest import Pki
 from tests.helpers import NatsServer, eventually
 from tests.support.coordinator_mesh import (
     Mesh,
-    RecordingPublisher,
     assert_contiguous,
     collect,
     error_of,
+    jetstream_mesh,
     spec,
 )
 
@@ -39,39 +36,21 @@ S = common_pb2
 C = coordinator_pb2
 
 
-@contextlib.asynccontextmanager
-async def member(
+def member(
     pki: Pki, nats_url: str, registry: StaticRegistry, workdir: Path
-) -> AsyncIterator[Mesh]:
+) -> contextlib.AbstractAsyncContextManager[Mesh]:
     """One coordinator of the cluster (its own stack, so a test can stop it alone)."""
-    settings = load_settings(
-        host="127.0.0.1",
-        port=0,
-        certs_dir=pki.dir,
-        identity="coordinator",
-        grace_period=0.5,
-        discovery="static",
-        nats_url=nats_url,
-        coordinator={
-            "store": "jetstream",
-            "db_path": workdir.with_suffix(".db"),
-            # Long enough for a loaded machine: takeovers here follow a graceful stop,
-            # which deletes the lease key at once.
-            "lease_ttl": 5.0,
-            "lease_heartbeat": 0.2,
-            "retry_initial_backoff": 0.01,
-            "retry_max_backoff": 0.05,
-            "cancel_grace": 2.0,
-        },
+    return jetstream_mesh(
+        pki.dir,
+        nats_url,
+        registry,
+        db_path=workdir.with_suffix(".db"),
+        # Long enough for a loaded machine: takeovers here follow a graceful stop, which
+        # deletes the lease key at once.
+        lease_ttl=5.0,
+        lease_heartbeat=0.2,
+        cancel_grace=2.0,
     )
-    async with contextlib.AsyncExitStack() as stack:
-        events = RecordingPublisher()
-        running = await stack.enter_async_context(
-            running_coordinator(settings, registry=registry, events=events)
-        )
-        mesh = Mesh(pki.dir, registry, running, events, stack)
-        stack.push_async_callback(mesh.close_channels)
-        yield mesh
 
 
 def instance_of(mesh: Mesh) -> str:

@@ -169,11 +169,47 @@ class Mesh:
 @contextlib.asynccontextmanager
 async def start_mesh(pki_dir: Path, db_path: Path | str, **coordinator: Any) -> AsyncIterator[Mesh]:
     """Run a coordinator (and later agents) until the block ends."""
-    async with contextlib.AsyncExitStack() as stack:
-        registry = StaticRegistry()
-        await stack.enter_async_context(registry)
-        events = RecordingPublisher()
+    async with StaticRegistry() as registry:
         settings = coordinator_settings(pki_dir, db_path, **coordinator)
+        async with _serve(pki_dir, settings, registry) as mesh:
+            yield mesh
+
+
+@contextlib.asynccontextmanager
+async def jetstream_mesh(
+    pki_dir: Path, nats_url: str, registry: StaticRegistry, **coordinator: Any
+) -> AsyncIterator[Mesh]:
+    """Run a coordinator on the JetStream store at ``nats_url`` until the block ends.
+
+    It shares ``registry`` (and the store) with any other coordinator of the test, and
+    has its own stack: a test can stop one coordinator while the others run.
+    """
+    section: dict[str, Any] = {
+        "store": "jetstream",
+        "retry_initial_backoff": 0.01,
+        "retry_max_backoff": 0.05,
+        **coordinator,
+    }
+    settings = load_settings(
+        host="127.0.0.1",
+        port=0,
+        certs_dir=pki_dir,
+        identity="coordinator",
+        grace_period=0.5,
+        discovery="static",
+        nats_url=nats_url,
+        coordinator=section,
+    )
+    async with _serve(pki_dir, settings, registry) as mesh:
+        yield mesh
+
+
+@contextlib.asynccontextmanager
+async def _serve(
+    pki_dir: Path, settings: Settings, registry: StaticRegistry
+) -> AsyncIterator[Mesh]:
+    async with contextlib.AsyncExitStack() as stack:
+        events = RecordingPublisher()
         running = await stack.enter_async_context(
             running_coordinator(settings, registry=registry, events=events)
         )
