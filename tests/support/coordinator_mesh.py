@@ -79,7 +79,9 @@ def spec(
     return result
 
 
-def coordinator_settings(pki_dir: Path, db_path: Path | str, **coordinator: Any) -> Settings:
+def coordinator_settings(
+    pki_dir: Path, db_path: Path | str, *, nats_url: str = "", **coordinator: Any
+) -> Settings:
     """Settings of a test coordinator: ephemeral port, quick retries, events off."""
     section: dict[str, Any] = {
         "db_path": db_path,
@@ -89,6 +91,7 @@ def coordinator_settings(pki_dir: Path, db_path: Path | str, **coordinator: Any)
         "breaker_reset_timeout": 30.0,
     }
     section.update(coordinator)
+    more: dict[str, Any] = {"nats_url": nats_url} if nats_url else {}
     return load_settings(
         host="127.0.0.1",
         port=0,
@@ -97,6 +100,7 @@ def coordinator_settings(pki_dir: Path, db_path: Path | str, **coordinator: Any)
         grace_period=1.0,
         discovery="static",
         coordinator=section,
+        **more,
     )
 
 
@@ -184,21 +188,12 @@ async def jetstream_mesh(
     It shares ``registry`` (and the store) with any other coordinator of the test, and
     has its own stack: a test can stop one coordinator while the others run.
     """
-    section: dict[str, Any] = {
-        "store": "jetstream",
-        "retry_initial_backoff": 0.01,
-        "retry_max_backoff": 0.05,
-        **coordinator,
-    }
-    settings = load_settings(
-        host="127.0.0.1",
-        port=0,
-        certs_dir=pki_dir,
-        identity="coordinator",
-        grace_period=0.5,
-        discovery="static",
+    settings = coordinator_settings(
+        pki_dir,
+        coordinator.pop("db_path", ":memory:"),
         nats_url=nats_url,
-        coordinator=section,
+        store="jetstream",
+        **coordinator,
     )
     async with _serve(pki_dir, settings, registry) as mesh:
         yield mesh
