@@ -192,3 +192,49 @@ async def test_a_stopped_coordinators_tasks_are_taken_over_and_watched_without_a
             assert [a for a in task.attempts if not a.HasField("error")] == [task.attempts[-1]]
         task = (await on_b.GetTask(C.GetTaskRequest(task_id=queued.task_id))).task
         assert task.state == S.TASK_STATE_QUEUED
+
+
+async def test_a_coordinator_that_cannot_heartbeat_lets_go_before_a_peer_takes_over(
+    pki: Pki, tmp_path: Path
+) -> None:
+    async with (
+        NatsServer(tmp_path / "nats") as nats,
+        StaticRegistry() as registry,
+        member(pki, nats.url, registry, tmp_path / "b") as b,
+        member(pki, nats.url, registry, tmp_path / "a") as a,
+    ):
+        agent = await a.agent(capabilities=("echo",), max_concurrency=16)
+        on_a, on_b = a.client(), b.client()
+        ids = []
+        for _ in range(3):
+            held = spec(script={"hold": "h", "steps": 1})
+            ids.append((await on_a.SubmitTask(C.SubmitTaskRequest(spec=held))).task.task_id)
+        await asyncio.wait_for(agent.wait_started(3), 30)
+        assert agent.stats.in_flight == 3
+
+        # A's heartbeats stop reaching NATS (as when it is cut off from it).
+        cluster = a.running.coordinator._cluster
+        assert cluster is not None
+
+        async def unreachable() -> bool:
+            cluster._healthy_since = None
+            return False
+
+        cluster._beat = unreachable  # type: ignore[method-assign]
+
+        async def taken_over() -> None:
+            for task_id in ids:
+                task = (await on_b.GetTask(C.GetTaskRequest(task_id=task_id))).task
+                assert task.coordinator_id == instance_of(b)
+
+        await eventually(taken_over, timeout=30)
+        agent.gate("h").set()
+        for task_id in ids:
+            events = await collect(on_b.WatchTask(C.WatchTaskRequest(task_id=task_id), timeout=30))
+            assert_contiguous(events)
+            assert [e.finished.state for e in events if e.HasField("finished")] == [
+                S.TASK_STATE_SUCCEEDED
+            ]
+        # A stopped its three attempts before B started its own: never six at once.
+        assert agent.stats.max_in_flight == 3
+        assert not a.running.coordinator._tasks.active
