@@ -133,8 +133,6 @@ class Cluster:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._sub: Any = None
         self._checks = 0
-        #: How long the last takeover took, from the peer's death to its tasks resumed.
-        self.takeovers: list[tuple[str, int, float]] = []
 
     @property
     def subject(self) -> str:
@@ -269,7 +267,7 @@ class Cluster:
                 dead.append(name)
                 del self._peers[name]
         for name in dead:
-            await self._take_over(name, lost_at=loop.time())
+            await self._take_over(name)
             with contextlib.suppress(Exception):
                 await members.delete(name)
         self._checks += 1
@@ -289,12 +287,11 @@ class Cluster:
                 claimed += await self._claim_from(previous, resume=resume)
         return claimed
 
-    async def _take_over(self, previous: str, *, lost_at: float) -> None:
+    async def _take_over(self, previous: str) -> None:
         started = asyncio.get_running_loop().time()
         claimed = await self._claim_from(previous, resume=True)
         if claimed:
             took = asyncio.get_running_loop().time() - started
-            self.takeovers.append((previous, len(claimed), took))
             logger.info(
                 "took over %d tasks of coordinator %s in %.2fs", len(claimed), previous, took
             )
