@@ -10,9 +10,9 @@ The scheduler (:mod:`.scheduler`) takes the best queued task (see :mod:`.queue`)
 capability has a free agent (see :mod:`.dispatch`) and starts one attempt, which this
 module runs (see :mod:`.attempts`): an ``Execute`` stream with the task's deadline.
 A retryable failure queues the task again after a jittered exponential backoff, on
-another agent when one fits; when
-``max_attempts`` attempts failed it is dead-lettered. A permanent failure fails it
-at once; the deadline fails it with ``DEADLINE_EXCEEDED`` wherever it is.
+another agent when one fits; when ``max_attempts`` attempts failed it is
+dead-lettered. A permanent failure fails it at once; the deadline fails it with
+``DEADLINE_EXCEEDED`` wherever it is.
 
 Every change is an event of the task's journal (see :mod:`.journal`); validation is
 in :mod:`.validation`, the ``Session`` stream in :mod:`.session`, plans in
