@@ -75,6 +75,8 @@ T = TypeVar("T")
 
 JOURNAL_SUBJECT = "hivewire.journal"
 SEQUENCE_HEADER = "Hivewire-Sequence"
+_SETUP_TIMEOUT = 60.0
+"""Seconds opening the store may take (creating its buckets and stream)."""
 _DROPPED_KEPT = 100_000
 """Tasks let go whose late writes are still recognised and dropped."""
 _INDEX_CACHE = 4096
@@ -163,23 +165,28 @@ class JetStreamTaskStore:
                 servers=self._servers, connect_timeout=5, max_reconnect_attempts=-1, **self._connect
             )
             self._js = self._nc.jetstream()
-            self._tasks = await self._bucket("TASKS")
-            self._keys = await self._bucket("IDEMPOTENCY")
-            self._projects = await self._bucket("PROJECTS")
-            self._tombstones = await self._bucket("PURGED")
-            indexed = await self._exists("ACTIVE")
-            self._active = await self._bucket("ACTIVE")
-            self._members = await self._bucket("COORDINATORS")
-            if not indexed:
-                await self._index_existing()
-            await self._js.add_stream(
-                js_api.StreamConfig(
-                    name=self.stream,
-                    subjects=[f"{JOURNAL_SUBJECT}.>"],
-                    num_replicas=self._replicas,
-                    duplicate_window=120,
+            # A cluster busy creating the same replicated streams for several
+            # coordinators at once answers slowly: setup calls are retried for a while.
+            async with asyncio.timeout(_SETUP_TIMEOUT):
+                self._tasks = await self._retry(lambda: self._bucket("TASKS"))
+                self._keys = await self._retry(lambda: self._bucket("IDEMPOTENCY"))
+                self._projects = await self._retry(lambda: self._bucket("PROJECTS"))
+                self._tombstones = await self._retry(lambda: self._bucket("PURGED"))
+                indexed = await self._retry(lambda: self._exists("ACTIVE"))
+                self._active = await self._retry(lambda: self._bucket("ACTIVE"))
+                self._members = await self._retry(lambda: self._bucket("COORDINATORS"))
+                if not indexed:
+                    await self._index_existing()
+                await self._retry(
+                    lambda: self._js.add_stream(
+                        js_api.StreamConfig(
+                            name=self.stream,
+                            subjects=[f"{JOURNAL_SUBJECT}.>"],
+                            num_replicas=self._replicas,
+                            duplicate_window=120,
+                        )
+                    )
                 )
-            )
         except Exception as exc:
             await self._disconnect()
             raise StoreError(f"cannot open the JetStream task store: {exc}") from exc
