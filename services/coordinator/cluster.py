@@ -246,9 +246,13 @@ class Cluster:
         loop = asyncio.get_running_loop()
         members = self._store.members
         keys = set(await list_keys(members)) - {self.instance_id}
-        dead = [name for name in self._peers if name not in keys]  # deleted: a clean stop
+        # A listing may miss keys (a watcher's end-of-data marker can come early): a
+        # peer is gone (a clean stop) only when a direct read says so.
+        missing = {name for name in self._peers if name not in keys}
+        dead = [name for name in missing if not await self._has_key(name)]
         for name in dead:
             del self._peers[name]
+        keys |= missing - set(dead)
         for name in keys:
             try:
                 entry = await members.get(name)
@@ -283,9 +287,18 @@ class Cluster:
         claimed: list[TaskRow] = []
         for owner in owners:
             previous = "" if owner == "none" else owner
-            if previous not in live:
-                claimed += await self._claim_from(previous, resume=resume)
+            if previous in live or (previous and await self._has_key(previous)):
+                continue
+            claimed += await self._claim_from(previous, resume=resume)
         return claimed
+
+    async def _has_key(self, name: str) -> bool:
+        """Whether a coordinator's heartbeat key exists (a direct read, authoritative)."""
+        try:
+            await self._store.members.get(name)
+        except js_errors.KeyNotFoundError:
+            return False
+        return True
 
     async def _take_over(self, previous: str) -> None:
         started = asyncio.get_running_loop().time()

@@ -271,11 +271,15 @@ class JetStreamTaskStore:
 
     async def _write(self, tasks: Sequence[TaskRow], events: Sequence[EventRow]) -> None:
         assert self._tasks is not None and self._keys is not None
+        dropped = {t.task_id for t in tasks} | {e.task_id for e in events}
+        dropped &= self._dropped.keys()
+        if dropped:
+            # Let go while the write waited: it must fail, never look stored (a submit
+            # answered "accepted" has to be in the store).
+            raise StoreError(f"tasks {sorted(dropped)} were let go; their writes are dropped")
         latest: dict[str, TaskRow] = {}
         for task in tasks:
-            if task.task_id not in self._dropped:
-                latest[task.task_id] = task
-        events = [e for e in events if e.task_id not in self._dropped]
+            latest[task.task_id] = task
         # Idempotency keys first: a task whose key belongs to another task is not stored.
         for task in latest.values():
             if task.idempotency_key and task.task_id not in self._revisions:

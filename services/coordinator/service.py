@@ -95,7 +95,13 @@ from hivewire.services.coordinator.retention import idempotency_expired, purged_
 from hivewire.services.coordinator.scheduler import Scheduler
 from hivewire.services.coordinator.session import Session
 from hivewire.services.coordinator.settings import CoordinatorSettings
-from hivewire.services.coordinator.store import TERMINAL_STATES, TaskQuery, TaskRow, TaskStore
+from hivewire.services.coordinator.store import (
+    TERMINAL_STATES,
+    StoreError,
+    TaskQuery,
+    TaskRow,
+    TaskStore,
+)
 from hivewire.services.coordinator.validation import VALID_STATES, validate_spec
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import (
@@ -398,7 +404,14 @@ class Coordinator:
                 timeout_ns / 1e9,
             )
         # The answer promises durability: wait for the commit.
-        await committed
+        try:
+            await committed
+        except StoreError as exc:
+            # Not stored (say, this coordinator let its tasks go meanwhile): not accepted.
+            raise Unavailable(
+                "the task could not be stored; submit again (with an idempotency key, safely)",
+                retry_after=1.0,
+            ) from exc
         return accepted, False
 
     def _accept(self, record: TaskRecord, *, idempotency_key: str = "") -> TaskRuntime:

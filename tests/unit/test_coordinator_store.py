@@ -316,7 +316,8 @@ async def test_jetstream_ownership_is_claimed_once_and_fences_the_loser(tmp_path
                 await a.put(tasks=[owned("t1", "ca", state=3)])
             assert fenced == ["t1"]
             a.forget("t1")
-            await a.put(tasks=[owned("t1", "ca", state=5)], events=[EventRow("t1", 3, b"x")])
+            with pytest.raises(StoreError, match="let go"):
+                await a.put(tasks=[owned("t1", "ca", state=5)], events=[EventRow("t1", 3, b"x")])
             stored = await b.get_task("t1")
             assert stored is not None and (stored.coordinator, stored.state) == (owner, 2)
             assert [e.data for e in await b.events_after("t1", 0)] == [b"e1", b"e2"]
