@@ -8,8 +8,11 @@ picks it up again. When the task asks for input and standard input is a terminal
 question is asked right there.
 
 The coordinator comes from ``--address`` (default ``HIVEWIRE_COORDINATOR__ADDRESS``,
-127.0.0.1:50051); the client certificate from ``--certs-dir`` and ``--identity``
-(default ``HIVEWIRE_CERTS_DIR`` and the ``client`` identity).
+127.0.0.1:50051): one ``host:port``, several separated by commas (the first that
+connects is used: a dead one is skipped), or ``discovery`` (the coordinators the
+registry of ``HIVEWIRE_DISCOVERY`` lists, on ``HIVEWIRE_NATS_URL``). The client
+certificate comes from ``--certs-dir`` and ``--identity`` (default
+``HIVEWIRE_CERTS_DIR`` and the ``client`` identity).
 
 Exit status:
 
@@ -73,7 +76,12 @@ app = typer.Typer()
 
 AddressOpt = Annotated[
     str | None,
-    typer.Option("--address", "-a", help="Coordinator host:port (HIVEWIRE_COORDINATOR__ADDRESS)."),
+    typer.Option(
+        "--address",
+        "-a",
+        help="Coordinator host:port, several comma-separated (the first that connects),"
+        " or 'discovery' (the registry's coordinators). Default: HIVEWIRE_COORDINATOR__ADDRESS.",
+    ),
 ]
 CertsOpt = Annotated[
     Path | None, typer.Option("--certs-dir", help="Directory of ca.pem and the client cert.")
@@ -90,27 +98,64 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print protobuf JSON, one 
 @dataclass(frozen=True)
 class _Target:
     address: str
+    """As given: ``host:port``, a comma-separated list, or ``discovery``."""
     certs_dir: Path
     identity: str
 
 
 def _target(address: str | None, certs_dir: Path | None, identity: str) -> _Target:
     from hivewire.services.runtime.config import load_settings
+    from hivewire.services.runtime.failover import DISCOVERY, parse_addresses
 
     settings = load_settings(certs_dir=certs_dir)
-    return _Target(address or settings.coordinator.address, settings.certs_dir, identity)
+    given = address or settings.coordinator.address
+    if given.strip() != DISCOVERY:
+        try:
+            parse_addresses(given)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--address") from None
+    return _Target(given, settings.certs_dir, identity)
+
+
+async def _addresses(target: _Target) -> list[str]:
+    """The coordinators to try, in order: the list given, or the registry's."""
+    from hivewire.discovery import RegistryError
+    from hivewire.services.runtime.bootstrap import registry_from_settings
+    from hivewire.services.runtime.config import load_settings
+    from hivewire.services.runtime.failover import (
+        COORDINATOR_SERVICE,
+        DISCOVERY,
+        parse_addresses,
+    )
+
+    if target.address.strip() != DISCOVERY:
+        return parse_addresses(target.address)
+    settings = load_settings(certs_dir=target.certs_dir, identity=target.identity)
+    try:
+        async with registry_from_settings(settings) as registry:
+            found = await registry.resolve(COORDINATOR_SERVICE)
+    except RegistryError as exc:
+        raise _Failure(
+            f"cannot read the registry ({settings.discovery}): {exc}", EXIT_UNREACHABLE
+        ) from exc
+    if not found:
+        raise _Failure(
+            f"the registry ({settings.discovery}) lists no healthy coordinator", EXIT_UNREACHABLE
+        )
+    return [instance.endpoint for instance in found]
 
 
 @contextlib.asynccontextmanager
 async def _connect(
     target: _Target,
 ) -> AsyncIterator[coordinator_pb2_grpc.CoordinatorServiceAsyncStub]:
-    from hivewire.services.runtime.channels import secure_channel
+    from hivewire.services.runtime.failover import connect_first
     from hivewire.services.runtime.tls import TlsFiles
 
-    channel = secure_channel(
-        target.address, TlsFiles.for_identity(target.certs_dir, target.identity)
-    )
+    files = TlsFiles.for_identity(target.certs_dir, target.identity)
+    files.read()  # a missing certificate is reported before any registry or network call
+    connected = await connect_first(await _addresses(target), files)
+    channel = connected.channel
     try:
         stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub = (
             coordinator_pb2_grpc.CoordinatorServiceStub(channel)
