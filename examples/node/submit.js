@@ -4,7 +4,9 @@
 // It loads the contracts at run time from the repository's proto/ directory (no code
 // generation), connects over mutual TLS, calls CoordinatorService/StreamTask and prints
 // one line per streamed event. The address and the certificate paths come from flags,
-// or else from the .hivewire/endpoints.json that `hivewire up` writes.
+// or else from the .hivewire/endpoints.json that `hivewire up` writes. Given several
+// coordinators (a comma-separated --address, or the "coordinators" list of
+// endpoints.json), it uses the first that completes a connection: a dead one is skipped.
 //
 // Run `node submit.js --help` for the flags. Exit codes: 0 the task succeeded; 1 it
 // ended in another state; 2 the call failed (one line: status code name, the mesh's
@@ -34,7 +36,9 @@ const USAGE = `usage: node submit.js (--capability NAME | --plan FILE.json) [--t
                 ({"steps": [{"step_id", "capability", "input", "depends_on"}],
                 "aggregation": "AGGREGATION_ALL"}); step events print as "step ..."
   --text        the input text; --json adds a JSON object input (both may be given)
-  --address     the coordinator; default from endpoints.json, else 127.0.0.1:50051
+  --address     the coordinator, or several comma-separated (the first that connects
+                is used); default from endpoints.json, else 127.0.0.1:50051
+  --connect-timeout  seconds one coordinator of several gets to connect (default 5)
   --ca/--cert/--key  the CA certificate and the client identity (PEM files)
   --endpoints   the endpoints.json to read; default: $HIVEWIRE_ENDPOINTS, then
                 .hivewire/endpoints.json here, then the repository's
@@ -65,6 +69,7 @@ function options() {
       key: { type: "string" },
       endpoints: { type: "string" },
       timeout: { type: "string", default: "120" },
+      "connect-timeout": { type: "string", default: "5" },
       proto: { type: "string", default: path.resolve(__dirname, "..", "..", "proto") },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -94,8 +99,16 @@ function connectionSettings(opts) {
   }
   const endpoints = found ? JSON.parse(fs.readFileSync(found, "utf8")) : {};
   const files = endpoints.tls || {};
+  const listed = endpoints.coordinators?.length
+    ? endpoints.coordinators.join(",")
+    : endpoints.services?.coordinator?.address;
+  const addresses = (opts.address || listed || "127.0.0.1:50051")
+    .split(",")
+    .map((a) => a.trim())
+    .filter(Boolean);
+  if (addresses.length === 0) throw new UsageError("--address names no coordinator");
   const settings = {
-    address: opts.address || endpoints.services?.coordinator?.address || "127.0.0.1:50051",
+    addresses,
     ca: opts.ca || files.ca,
     // A certificate and its key always come from the same place.
     cert: opts.cert || (opts.key ? undefined : files.cert),
@@ -111,7 +124,7 @@ function connectionSettings(opts) {
 }
 
 // Returns the channel credentials and the channel options.
-function credentials({ address, ca, cert, key }) {
+function credentials(address, { ca, cert, key }) {
   const read = (file) => fs.readFileSync(file);
   const host = address.replace(/:\d+$/, "").replace(/^\[(.*)\]$/, "$1");
   // The server certificate is always checked against the host dialled...
@@ -262,12 +275,46 @@ function readPlan(file) {
   };
 }
 
-function submit(opts) {
+// Whether the client's channel completes a connection (TCP and the TLS handshake)
+// before it fails or the deadline passes.
+function connects(client, deadline) {
+  const channel = client.getChannel();
+  const { READY, TRANSIENT_FAILURE, SHUTDOWN } = grpc.connectivityState;
+  return new Promise((resolve) => {
+    const check = () => {
+      const state = channel.getConnectivityState(true);
+      if (state === READY) return resolve(true);
+      if (state === TRANSIENT_FAILURE || state === SHUTDOWN) return resolve(false);
+      channel.watchConnectivityState(state, deadline, (err) => (err ? resolve(false) : check()));
+    };
+    check();
+  });
+}
+
+// A client of the first coordinator that connects, in the order given. With one
+// address nothing is probed; when none connects, the first is used and the call
+// reports the transport's own error.
+async function firstCoordinator(Service, conn, connectSeconds) {
+  const open = (address) => new Service(address, ...credentials(address, conn));
+  if (conn.addresses.length === 1) return open(conn.addresses[0]);
+  for (const address of conn.addresses) {
+    const client = open(address);
+    if (await connects(client, Date.now() + connectSeconds * 1000)) return client;
+    console.error(`coordinator ${address} unreachable; trying the next one`);
+    client.close();
+  }
+  return open(conn.addresses[0]);
+}
+
+async function submit(opts) {
   const conn = connectionSettings(opts);
   const coordinator = loadCoordinator(opts.proto);
-  const client = new coordinator.CoordinatorService(conn.address, ...credentials(conn));
   const seconds = Number(opts.timeout);
   if (!(seconds > 0)) throw new UsageError("--timeout must be a positive number of seconds");
+  const connectSeconds = Number(opts["connect-timeout"]);
+  if (!(connectSeconds > 0)) {
+    throw new UsageError("--connect-timeout must be a positive number of seconds");
+  }
   const input = { text: opts.text };
   if (opts.json !== undefined) input.json = toStruct(JSON.parse(opts.json));
   const spec = {
@@ -281,6 +328,7 @@ function submit(opts) {
     spec.input = input;
   }
 
+  const client = await firstCoordinator(coordinator.CoordinatorService, conn, connectSeconds);
   return new Promise((resolve) => {
     let finished = null;
     let failed = false;
@@ -327,15 +375,14 @@ function submit(opts) {
   });
 }
 
-function main() {
-  let done;
+async function main() {
   try {
-    done = submit(options());
+    return await submit(options());
   } catch (err) {
+    // Bad flags, unreadable files, malformed JSON: everything before the call itself.
     console.error(`error: ${err.message}`);
-    return Promise.resolve(EXIT_USAGE);
+    return EXIT_USAGE;
   }
-  return done;
 }
 
 main().then((code) => {

@@ -155,6 +155,8 @@ async def _connect(
     files = TlsFiles.for_identity(target.certs_dir, target.identity)
     files.read()  # a missing certificate is reported before any registry or network call
     connected = await connect_first(await _addresses(target), files)
+    for skipped in connected.skipped:
+        typer.echo(f"coordinator {skipped} unreachable; trying the next one", err=True)
     channel = connected.channel
     try:
         stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub = (
@@ -192,9 +194,9 @@ def _run(target: _Target, work: Callable[[Any], Awaitable[int]]) -> None:
             err = from_rpc_error(exc)
             status = EXIT_UNREACHABLE if exc.code() in _UNREACHABLE_CODES else EXIT_REFUSED
             if status == EXIT_UNREACHABLE and exc.code() is grpc.StatusCode.UNAVAILABLE:
+                where = ", ".join(target.address.split(","))
                 raise _Failure(
-                    f"{describe_error(err)} (is the coordinator running at {target.address}?)",
-                    status,
+                    f"{describe_error(err)} (is a coordinator running at {where}?)", status
                 ) from exc
             raise _Failure(describe_error(err), status) from exc
         except FileNotFoundError as exc:
