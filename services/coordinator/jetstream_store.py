@@ -21,9 +21,16 @@ deployment the mesh already has:
 Replication is a setting (``replicas=1`` on one server, 3 in a cluster). Writes and
 reads go through one queue processed in order, so a read issued after a write sees it.
 
-Not built yet: listing and recovery scan the task bucket (O(tasks)); several
-coordinators sharing this store through leases and a work queue is the next step
-(README "Not built yet").
+Several coordinators share one store (:mod:`.cluster`): each task row names the
+coordinator that owns it, and every write of a row is a compare-and-set on the
+revision that coordinator last wrote, so a coordinator that lost a task to a takeover
+is fenced off (its next write fails and :attr:`JetStreamTaskStore.on_fenced` is
+called). ``<prefix>_ACTIVE`` indexes unfinished tasks by owner (key
+``<coordinator>.<task id>``): recovery and takeover read it instead of scanning every
+task; ``<prefix>_COORDINATORS`` holds the coordinators' heartbeats.
+
+Not built yet: listings (ListTasks, children, projects, purges) scan the task bucket
+(O(tasks)).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -110,6 +117,12 @@ class JetStreamTaskStore:
         self._specs: dict[str, bytes] = {}
         self._index: OrderedDict[str, dict[int, int]] = OrderedDict()
         self._closed = False
+        self._active: KeyValue | None = None
+        self._members: KeyValue | None = None
+        #: Called with a task's id when a write of it lost to another coordinator's.
+        self.on_fenced: Callable[[str], None] | None = None
+        #: The coordinator instance writing through this store ("" when it is alone).
+        self.instance = ""
 
     @property
     def stream(self) -> str:
@@ -145,6 +158,8 @@ class JetStreamTaskStore:
             self._keys = await self._bucket("IDEMPOTENCY")
             self._projects = await self._bucket("PROJECTS")
             self._tombstones = await self._bucket("PURGED")
+            self._active = await self._bucket("ACTIVE")
+            self._members = await self._bucket("COORDINATORS")
             await self._js.add_stream(
                 js_api.StreamConfig(
                     name=self.stream,
@@ -263,6 +278,10 @@ class JetStreamTaskStore:
         assert self._tasks is not None
         revision = self._revisions.get(task.task_id)
         if revision is None:
+            if task.state not in TERMINAL_STATES:
+                # Indexed before it exists: a crash in between leaves an index entry
+                # without a task (skipped), never a task nobody finds.
+                await self._index_active(task)
             try:
                 self._revisions[task.task_id] = await self._tasks.create(
                     task.task_id, _encode(task)
@@ -276,8 +295,16 @@ class JetStreamTaskStore:
                 if entry.value is None or entry.revision is None:
                     raise StoreError(f"task {task.task_id} vanished while written") from None
                 revision = entry.revision
+                stored = _decode(entry.value)
+                if stored.coordinator != task.coordinator:
+                    # Another coordinator took the task over: this writer is fenced off.
+                    if self.on_fenced is not None:
+                        self.on_fenced(task.task_id)
+                    raise StoreError(
+                        f"task {task.task_id} is owned by {stored.coordinator or 'nobody'}"
+                    ) from None
                 # The spec is written once, never replaced.
-                task = _with_spec(task, _decode(entry.value).spec)
+                task = _with_spec(task, stored.spec)
         else:
             cached = self._specs.get(task.task_id)
             if cached is not None:
@@ -288,9 +315,14 @@ class JetStreamTaskStore:
             )
         except js_errors.KeyWrongLastSequenceError as exc:
             self._revisions.pop(task.task_id, None)
+            self._specs.pop(task.task_id, None)
+            if self.on_fenced is not None:
+                self.on_fenced(task.task_id)
             raise StoreError(
                 f"task {task.task_id} was changed by another writer (revision {revision})"
             ) from exc
+        if task.state in TERMINAL_STATES:
+            await self._unindex_active(task.coordinator, task.task_id)
         self._forget_if_finished(task)
 
     def _forget_if_finished(self, task: TaskRow) -> None:
@@ -309,7 +341,12 @@ class JetStreamTaskStore:
         if entry.value is None:
             return None
         row = _decode(entry.value)
-        if entry.revision is not None and row.state not in TERMINAL_STATES:
+        # Remembered only for the tasks this store's coordinator owns (and writes).
+        if (
+            entry.revision is not None
+            and row.state not in TERMINAL_STATES
+            and row.coordinator == self.instance
+        ):
             self._revisions[task_id] = entry.revision
             self._specs[task_id] = row.spec
         return row
@@ -352,7 +389,9 @@ class JetStreamTaskStore:
         """Every task not in a terminal state, oldest first."""
 
         async def run() -> list[TaskRow]:
-            rows = [r for r in await self._all_rows() if r.state not in TERMINAL_STATES]
+            ids = {task_id for ids in (await self._active_index()).values() for task_id in ids}
+            rows = [r for r in [await self._get_row(i) for i in ids] if r is not None]
+            rows = [r for r in rows if r.state not in TERMINAL_STATES]
             return sorted(rows, key=lambda r: (r.created_ns, r.task_id))
 
         result: list[TaskRow] = await self._submit(run)
@@ -390,7 +429,12 @@ class JetStreamTaskStore:
         return result
 
     async def _journal_index(self, task_id: str) -> dict[int, int]:
-        """Task sequence -> stream sequence of a task's events (cached, built once)."""
+        """Task sequence -> stream sequence of a task's events.
+
+        Cached (and kept current by this store's writes) for the unfinished tasks this
+        store writes; read afresh for others, whose journals another coordinator may
+        be appending to.
+        """
         index = self._index.get(task_id)
         if index is not None:
             self._index.move_to_end(task_id)
@@ -406,6 +450,8 @@ class JetStreamTaskStore:
             headers = msg.headers or {}
             index[int(headers.get(SEQUENCE_HEADER, "0"))] = msg.seq
             seq = msg.seq + 1
+        if task_id not in self._revisions:
+            return index
         self._index[task_id] = index
         while len(self._index) > _INDEX_CACHE:
             self._index.popitem(last=False)
@@ -450,6 +496,149 @@ class JetStreamTaskStore:
 
         result: int = await self._submit(run)
         return result
+
+    # -- several coordinators: ownership, takeover, live journals ----------------------
+
+    @property
+    def members(self) -> KeyValue:
+        """The ``<prefix>_COORDINATORS`` bucket (coordinator heartbeats, see cluster.py)."""
+        if self._members is None:
+            raise StoreError("task store is closed")
+        return self._members
+
+    @property
+    def connection(self) -> Any:
+        """The store's NATS connection (shared by the cluster's requests)."""
+        if self._nc is None:
+            raise StoreError("task store is closed")
+        return self._nc
+
+    async def _index_active(self, task: TaskRow) -> None:
+        assert self._active is not None
+        await self._active.put(_active_key(task.coordinator, task.task_id), b"")
+
+    async def _unindex_active(self, coordinator: str, task_id: str) -> None:
+        assert self._active is not None
+        with contextlib.suppress(js_errors.KeyNotFoundError):
+            await self._active.delete(_active_key(coordinator, task_id))
+
+    async def _active_index(self, coordinator: str = "") -> dict[str, list[str]]:
+        assert self._active is not None
+        pattern = f"{_owner_token(coordinator)}.*" if coordinator else ">"
+        index: dict[str, list[str]] = {}
+        for key in await list_keys(self._active, pattern):
+            owner, _, task_id = key.partition(".")
+            index.setdefault(owner, []).append(task_id)
+        return index
+
+    async def active_owners(self) -> dict[str, list[str]]:
+        """Ids of the unfinished tasks of each owning coordinator ("none" for none)."""
+        result: dict[str, list[str]] = await self._submit(self._active_index)
+        return result
+
+    async def owned_tasks(self, coordinator: str) -> list[TaskRow]:
+        """The unfinished tasks a coordinator owns, oldest first."""
+
+        async def run() -> list[TaskRow]:
+            ids = (await self._active_index(coordinator)).get(_owner_token(coordinator), [])
+            rows = []
+            for task_id in ids:
+                row = await self._get_row(task_id)
+                if row is None or row.state in TERMINAL_STATES:
+                    await self._unindex_active(coordinator, task_id)  # a stale entry
+                elif row.coordinator == coordinator:
+                    rows.append(row)
+            return sorted(rows, key=lambda r: (r.created_ns, r.task_id))
+
+        result: list[TaskRow] = await self._submit(run)
+        return result
+
+    async def claim(
+        self, task_id: str, coordinator: str, previous: Collection[str]
+    ) -> TaskRow | None:
+        """Take an unfinished task over from one of ``previous`` owners (revision CAS).
+
+        Returns:
+            The task's row, now owned by ``coordinator``; None when it finished, is
+            owned by someone else, or another coordinator claimed it first.
+        """
+
+        async def run() -> TaskRow | None:
+            assert self._tasks is not None
+            try:
+                entry = await self._tasks.get(task_id)
+            except js_errors.KeyNotFoundError:
+                return None
+            if entry.value is None or entry.revision is None:
+                return None
+            row = _decode(entry.value)
+            if row.state in TERMINAL_STATES or row.coordinator not in previous:
+                return None
+            fields = asdict(row)
+            fields["coordinator"] = coordinator
+            claimed = TaskRow(**fields)
+            await self._index_active(claimed)
+            try:
+                revision = await self._tasks.update(task_id, _encode(claimed), last=entry.revision)
+            except js_errors.KeyWrongLastSequenceError:
+                await self._unindex_active(coordinator, task_id)
+                return None
+            await self._unindex_active(row.coordinator, task_id)
+            self._revisions[task_id] = revision
+            self._specs[task_id] = row.spec
+            self._index.pop(task_id, None)  # others appended events: re-read the journal
+            return claimed
+
+        result: TaskRow | None = await self._submit(run)
+        return result
+
+    def forget(self, task_id: str) -> None:
+        """Drop what this store remembers of a task another coordinator now owns."""
+        self._revisions.pop(task_id, None)
+        self._specs.pop(task_id, None)
+        self._index.pop(task_id, None)
+
+    async def follow_events(
+        self, task_id: str, after: int, *, idle: float = 1.0
+    ) -> AsyncGenerator[EventRow | None, None]:
+        """A task's stored events after ``after``, then each new one as it is stored.
+
+        Whichever coordinator writes them: this is how a coordinator follows a task
+        another one runs. Yields None after ``idle`` seconds without an event (so the
+        caller can check whether to stop); never ends by itself.
+        """
+        index = await self._submit(lambda: self._journal_index(task_id))
+        start = index.get(after, 0) + 1 if after else 1
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def deliver(msg: Any) -> None:
+            await queue.put(msg)
+
+        sub = await self._js.subscribe(
+            f"{JOURNAL_SUBJECT}.{task_id}",
+            stream=self.stream,
+            cb=deliver,
+            ordered_consumer=True,
+            config=js_api.ConsumerConfig(
+                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            ),
+        )
+        last = after
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), idle)
+                except TimeoutError:
+                    yield None
+                    continue
+                sequence = int((msg.headers or {}).get(SEQUENCE_HEADER, "0"))
+                if sequence <= last:
+                    continue  # an event the caller has (a takeover re-sent it)
+                last = sequence
+                yield EventRow(task_id, sequence, bytes(msg.data or b""))
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     # -- projects --------------------------------------------------------------------
 
@@ -662,6 +851,29 @@ async def _nothing() -> None:
 def _key_name(owner: str, key: str) -> str:
     # KV keys allow a narrow alphabet: hash the (owner, key) pair.
     return hashlib.sha256(f"{owner}\x00{key}".encode()).hexdigest()
+
+
+def _owner_token(coordinator: str) -> str:
+    return coordinator or "none"
+
+
+def _active_key(coordinator: str, task_id: str) -> str:
+    return f"{_owner_token(coordinator)}.{task_id}"
+
+
+async def list_keys(bucket: KeyValue, pattern: str = ">") -> list[str]:
+    """The live keys of a bucket matching a subject pattern (filtered by the server)."""
+    watcher = await bucket.watch(pattern, ignore_deletes=True, meta_only=True)
+    keys = []
+    try:
+        while True:
+            entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
+            if entry is None:
+                break
+            keys.append(entry.key)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return keys
 
 
 def _encode(row: TaskRow) -> bytes:

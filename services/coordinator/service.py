@@ -19,7 +19,9 @@ in :mod:`.validation`, the ``Session`` stream in :mod:`.session`, plans in
 
 After a restart, queued tasks are queued again and tasks that were assigned or
 running are queued as a new attempt (the interrupted attempt does not count against
-``max_attempts``).
+``max_attempts``). With several coordinators on the JetStream store (see
+:mod:`.cluster`), a coordinator recovers the tasks of a dead peer the same way, and
+forwards a cancel, an input or a sub-task of a task another coordinator runs to it.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ import heapq
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
+
+from google.protobuf.message import Message
 
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
@@ -54,6 +58,7 @@ from hivewire.services.coordinator.attempts import (
     counted_failures,
     deadline_error,
 )
+from hivewire.services.coordinator.cluster import Cluster
 from hivewire.services.coordinator.dispatch import (
     AgentLease,
     AgentPool,
@@ -92,7 +97,7 @@ from hivewire.services.coordinator.quotas import Quotas
 from hivewire.services.coordinator.retention import idempotency_expired, purged_or_unknown
 from hivewire.services.coordinator.session import Session
 from hivewire.services.coordinator.settings import CoordinatorSettings
-from hivewire.services.coordinator.store import TaskQuery, TaskStore
+from hivewire.services.coordinator.store import TERMINAL_STATES, TaskQuery, TaskRow, TaskStore
 from hivewire.services.coordinator.validation import VALID_STATES, validate_spec
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import (
@@ -148,6 +153,7 @@ class Coordinator:
         pool: AgentPool,
         events: EventPublisher | None = None,
         approvals: ApprovalSigner | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.settings = settings
         self._approvals = approvals  # signs tool approvals (coordinator/approvals.py)
@@ -173,6 +179,11 @@ class Coordinator:
         self._running = False
         self._closing = False
         self._spec_checks: list[SpecCheck] = []
+        # Several coordinators on one JetStream store (cluster.py); None when alone.
+        self._cluster = cluster
+        self._instance = cluster.instance_id if cluster is not None else ""
+        if cluster is not None:
+            self._journal.remote = cluster
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -234,6 +245,9 @@ class Coordinator:
         await self._projects.stop()
         with contextlib.suppress(Exception):
             await self._store.flush()
+        if self._cluster is not None:
+            # Last: peers take the tasks over as soon as the key is gone.
+            await self._cluster.leave()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -265,6 +279,7 @@ class Coordinator:
         caller: Caller,
         *,
         correlation_id: str | None = None,
+        forward: bool = True,
     ) -> tuple[TaskRecord, bool]:
         """Validate, store and queue a task.
 
@@ -272,6 +287,7 @@ class Coordinator:
             spec: What the client asks for.
             caller: Who asks.
             correlation_id: The call's correlation id, used when the spec has none.
+            forward: Send a sub-task of a task another coordinator runs to that one.
 
         Returns:
             The task and whether it is an earlier task with the same idempotency key.
@@ -293,6 +309,19 @@ class Coordinator:
                 return existing, True
         if normalized.project_id:
             await self._load_project(normalized.project_id, caller, field_name="spec.project_id")
+        owner = await self._parent_elsewhere(normalized.parent_task_id) if forward else ""
+        if owner:
+            # The coordinator running the parent checks and owns the sub-task.
+            assert self._cluster is not None
+            data = await self._cluster.request(
+                owner,
+                "submit",
+                coordinator_pb2.SubmitTaskRequest(spec=spec).SerializeToString(),
+                caller=caller.identity,
+                correlation_id=correlation_id or "",
+            )
+            answer = coordinator_pb2.SubmitTaskResponse.FromString(data)
+            return convert.record_from_task(answer.task), answer.deduplicated
         # Checked after every await above: the parent must still be running now.
         parent = await self._subtask_parent(normalized, caller)
         if parent is not None and parent.record.terminal:
@@ -333,6 +362,7 @@ class Coordinator:
             updated_ns=created,
             deadline_ns=deadline_ns,
             project_id=normalized.project_id,
+            coordinator=self._instance,
         )
         if parent is not None:
             record.parent_task_id = parent.record.task_id
@@ -463,6 +493,7 @@ class Coordinator:
             role=role,
             project_id=p.project_id,
             depth=p.depth + 1,
+            coordinator=self._instance,
         )
         rt = self._accept(record)
         self._journal.emit(
@@ -736,8 +767,12 @@ class Coordinator:
 
     # -- cancel and input ------------------------------------------------------------
 
-    async def cancel(self, task_id: str, caller: Caller, reason: str = "") -> TaskRecord:
+    async def cancel(
+        self, task_id: str, caller: Caller, reason: str = "", *, forward: bool = True
+    ) -> TaskRecord:
         """Cancel a task; cancelling a cancelled task changes nothing.
+
+        A task another coordinator runs is cancelled there (``forward``).
 
         Raises:
             NotFound: No such task visible to the caller.
@@ -747,6 +782,9 @@ class Coordinator:
         if record.state == CANCELLED:
             return record
         rt = self._tasks.active.get(task_id)
+        if rt is None and not record.terminal and self._cluster is not None:
+            request = coordinator_pb2.CancelTaskRequest(task_id=task_id, reason=reason)
+            return await self._on_owner(record, "cancel", request, caller, forward)
         if rt is None or record.terminal:
             raise FailedPrecondition(
                 f"task {task_id} already finished ({state_name(record.state)})",
@@ -766,9 +804,16 @@ class Coordinator:
         return rt.record
 
     async def provide_input(
-        self, task_id: str, response: common_pb2.InputResponse | None, caller: Caller
+        self,
+        task_id: str,
+        response: common_pb2.InputResponse | None,
+        caller: Caller,
+        *,
+        forward: bool = True,
     ) -> TaskRecord:
         """Answer a task's pending input request.
+
+        The answer to a task another coordinator runs goes to that one (``forward``).
 
         Raises:
             InvalidArgument: No task id, no response or no request id.
@@ -781,6 +826,9 @@ class Coordinator:
             raise InvalidArgument(violations=[FieldViolation("response.request_id", "required")])
         record = await self._load(task_id, caller)
         rt = self._tasks.active.get(task_id)
+        if rt is None and not record.terminal and self._cluster is not None:
+            request = coordinator_pb2.ProvideInputRequest(task_id=task_id, response=response)
+            return await self._on_owner(record, "input", request, caller, forward)
         pending = record.pending_input
         if rt is None or record.state != INPUT_REQUIRED or pending is None or rt.attempt is None:
             raise FailedPrecondition(
@@ -812,6 +860,88 @@ class Coordinator:
         await attempt.send(agent_pb2.ExecuteRequest(input=response))
         await committed
         return answered
+
+    # -- several coordinators (cluster.py) ---------------------------------------------
+
+    async def _parent_elsewhere(self, parent_id: str) -> str:
+        """The coordinator running a sub-task's parent when it is another one, else ""."""
+        if not parent_id or self._cluster is None or parent_id in self._tasks.active:
+            return ""
+        row = await self._store.get_task(parent_id)
+        if row is None or row.state in TERMINAL_STATES:
+            return ""
+        return row.coordinator if row.coordinator not in ("", self._instance) else ""
+
+    async def _on_owner(
+        self, record: TaskRecord, op: str, request: Message, caller: Caller, forward: bool
+    ) -> TaskRecord:
+        """Run ``op`` on the coordinator that owns the task; the task it answers."""
+        assert self._cluster is not None
+        owner = record.coordinator
+        if not forward or not owner or owner == self._instance:
+            # Claimed here and not yet resumed, or a forward that found it moved on.
+            raise Unavailable(
+                f"task {record.task_id} is moving between coordinators; retry",
+                retry_after=1.0,
+            )
+        data = await self._cluster.request(
+            owner, op, request.SerializeToString(), caller=caller.identity
+        )
+        return convert.record_from_task(coordinator_pb2.Task.FromString(data))
+
+    async def answer(self, op: str, caller: str, body: bytes, correlation_id: str) -> bytes:
+        """Run a request another coordinator forwarded (cluster.py); its answer."""
+        who = self.caller(caller)
+        if op == "cancel":
+            cancel = coordinator_pb2.CancelTaskRequest.FromString(body)
+            record = await self.cancel(cancel.task_id, who, cancel.reason, forward=False)
+        elif op == "input":
+            given = coordinator_pb2.ProvideInputRequest.FromString(body)
+            response = given.response if given.HasField("response") else None
+            record = await self.provide_input(given.task_id, response, who, forward=False)
+        elif op == "submit":
+            spec = coordinator_pb2.SubmitTaskRequest.FromString(body).spec
+            record, deduplicated = await self.submit(
+                spec, who, correlation_id=correlation_id or None, forward=False
+            )
+            return coordinator_pb2.SubmitTaskResponse(
+                task=convert.task_to_proto(record), deduplicated=deduplicated
+            ).SerializeToString()
+        else:
+            raise InvalidArgument(violations=[FieldViolation("op", f"unknown request {op!r}")])
+        return convert.task_to_proto(record).SerializeToString()
+
+    async def take_over(self, rows: Sequence[TaskRow], previous: str) -> None:
+        """Recover tasks claimed from a coordinator that died (cluster.py)."""
+        if self._closing:
+            return
+        fresh = [row for row in rows if row.task_id not in self._tasks.active]
+        await self._resume(
+            fresh,
+            why=f"coordinator {previous} stopped; {self._instance} took the task over",
+        )
+        self.wake()
+
+    def drop(self, task_id: str) -> None:
+        """Let go of a task another coordinator took over: stop its attempt, forget it.
+
+        Its watchers here go on following it from the store (the journal).
+        """
+        rt = self._tasks.drop(task_id)
+        if rt is None:
+            return
+        with bind_task(task_id):
+            logger.warning("task taken over by another coordinator; this one lets it go")
+        if rt.deadline_handle is not None:
+            rt.deadline_handle.cancel()
+            rt.deadline_handle = None
+        self._queue.remove(task_id)
+        attempt, rt.attempt = rt.attempt, None
+        if attempt is not None and attempt.task is not None and not attempt.task.done():
+            attempt.task.cancel()
+        if self._cluster is not None:
+            self._cluster.forget(task_id)
+        rt.notify()
 
     # -- sessions --------------------------------------------------------------------
 
@@ -892,6 +1022,10 @@ class Coordinator:
                 )
 
     def _dispatch_round(self, waiting: list[QueueEntry]) -> None:
+        if self._cluster is not None and not self._cluster.leased:
+            # Peers may be taking this coordinator's tasks over: start nothing until a
+            # heartbeat succeeds again (it wakes the scheduler).
+            return
         while True:
             entry = self._queue.pop_best(self._pool.has_capacity)
             if entry is None:
@@ -1319,7 +1453,17 @@ class Coordinator:
     # -- recovery --------------------------------------------------------------------
 
     async def _recover(self) -> None:
-        rows = await self._store.active_tasks()
+        if self._cluster is not None:
+            # Only tasks nobody owns: a live peer's are its own, a dead one's are
+            # taken over once its lease expires.
+            rows = await self._cluster.join(self)
+        else:
+            rows = await self._store.active_tasks()
+        await self._resume(rows, why="coordinator restarted; the task runs again as a new attempt")
+
+    async def _resume(self, rows: Sequence[TaskRow], *, why: str) -> None:
+        """Take unfinished tasks into memory: queue them, re-run interrupted attempts
+        as new ones, resume plans."""
         resumed = requeued = 0
         plans: list[TaskRuntime] = []
         for row in rows:
@@ -1346,7 +1490,7 @@ class Coordinator:
                     common_pb2.ErrorDetail(
                         code="UNAVAILABLE",
                         reason=RESTARTED,
-                        message="the coordinator restarted during this attempt",
+                        message=f"the attempt was interrupted: {why}",
                         retryable=True,
                     ),
                 )
@@ -1358,7 +1502,7 @@ class Coordinator:
                     state_changed=coordinator_pb2.StateChange(
                         from_state=previous,  # type: ignore[arg-type]
                         to_state=QUEUED,
-                        reason="coordinator restarted; the task runs again as a new attempt",
+                        reason=why,
                     ),
                 )
                 resumed += 1
@@ -1382,7 +1526,7 @@ class Coordinator:
                 self.cancel_child(child_id, f"parent task {parent_id} ended", code=_PARENT_ENDED)
         if rows:
             logger.info(
-                "recovered %d unfinished tasks: %d queued, %d interrupted attempts re-queued, "
+                "took %d unfinished tasks: %d queued, %d interrupted attempts re-queued, "
                 "%d plans resumed",
                 len(rows),
                 requeued,
