@@ -9,11 +9,8 @@ each). Every round runs each variant, then the bare echo baseline
 (:mod:`bench.echo`), and ratios are taken round by round.
 
 The coordinators' CPU per task gives the sizing figure of docs/deployment.md: tasks/s
-one coordinator core sustains = 1,000,000 / (coordinator CPU µs per task).
-
-Several coordinators on one store need task leases; while the coordinator has none
-(``MULTI_COORDINATOR_SUPPORTED`` in services/mesh/up.py) the 2- and 3-coordinator
-variants are not run and the report says why.
+one coordinator core sustains = 1,000,000 / (coordinator CPU µs per task). Several
+coordinators share the store through task leases (services/coordinator/cluster.py).
 """
 
 from __future__ import annotations
@@ -42,7 +39,6 @@ from bench.common import (
 from bench.echo import echo_server, open_channel, unary_phases
 from bench.mesh import ECHO_CONCURRENCY, run_task
 from bench.meshrun import BenchMesh, bench_mesh, coordinator_stub
-from hivewire.services.mesh.up import MULTI_COORDINATOR_MISSING, MULTI_COORDINATOR_SUPPORTED
 
 AGENTS = 2
 CONCURRENCY = 32
@@ -68,12 +64,6 @@ VARIANTS = (
     Variant("jetstream", 2),
     Variant("jetstream", 3),
 )
-
-
-def runnable(variants: tuple[Variant, ...] = VARIANTS) -> tuple[list[Variant], list[Variant]]:
-    """(the variants this build can run, those it cannot)."""
-    run = [v for v in variants if v.coordinators == 1 or MULTI_COORDINATOR_SUPPORTED]
-    return run, [v for v in variants if v not in run]
 
 
 async def _phase(
@@ -121,15 +111,14 @@ async def measure(
 
     Returns:
         ``{"phases": {name: median Phase}, "rounds": {name: [Phase per round]},
-        "variants": [names run], "not_run": {name: why}, "concurrency": n}``.
+        "variants": [names], "concurrency": n, "agents": n}``.
     """
     task_durations = task_durations or durations
-    run, skipped = runnable(variants)
     rounds: dict[str, list[Phase]] = {}
     async with contextlib.AsyncExitStack() as stack:
         meshes: dict[Variant, tuple[BenchMesh, list[Any]]] = {}
         certs = None
-        for variant in run:
+        for variant in variants:
             mesh = await stack.enter_async_context(
                 bench_mesh(
                     agents=AGENTS,
@@ -168,8 +157,7 @@ async def measure(
     return {
         "phases": {name: median_phase(p) for name, p in rounds.items()},
         "rounds": rounds,
-        "variants": [v.name for v in run],
-        "not_run": {v.name: MULTI_COORDINATOR_MISSING for v in skipped},
+        "variants": [v.name for v in variants],
         "concurrency": concurrency,
         "agents": AGENTS,
     }
@@ -211,8 +199,6 @@ def report(result: dict[str, Any]) -> str:
                 fmt_spread(paired_ratios(base, rounds[name], inverse_rate)),
             ]
         )
-    for name in result["not_run"]:
-        ratio_rows.append([name, "not run: the coordinator has no task leases", "", "", "", ""])
     out.append(
         table(
             f"coordinators vs bare echo (echo: {fmt_rate(phases[ECHO].rate)} at"

@@ -71,6 +71,8 @@ _PRIORITIES = {
     "critical": common_pb2.PRIORITY_CRITICAL,
 }
 _UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+REGISTRY_TIMEOUT = 10.0
+"""Seconds ``--address discovery`` waits for the registry to list the coordinators."""
 
 app = typer.Typer()
 
@@ -132,11 +134,13 @@ async def _addresses(target: _Target) -> list[str]:
         return parse_addresses(target.address)
     settings = load_settings(certs_dir=target.certs_dir, identity=target.identity)
     try:
-        async with registry_from_settings(settings) as registry:
-            found = await registry.resolve(COORDINATOR_SERVICE)
-    except RegistryError as exc:
+        async with asyncio.timeout(REGISTRY_TIMEOUT):
+            async with registry_from_settings(settings) as registry:
+                found = await registry.resolve(COORDINATOR_SERVICE)
+    except (RegistryError, TimeoutError) as exc:
+        why = str(exc) or f"no answer within {REGISTRY_TIMEOUT:.0f}s"
         raise _Failure(
-            f"cannot read the registry ({settings.discovery}): {exc}", EXIT_UNREACHABLE
+            f"cannot read the registry ({settings.discovery}): {why}", EXIT_UNREACHABLE
         ) from exc
     if not found:
         raise _Failure(

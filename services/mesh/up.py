@@ -58,14 +58,6 @@ EXAMPLE_AGENTS: dict[str, str] = {
 
 Store = Literal["sqlite", "jetstream"]
 MAX_COORDINATORS = 5
-MULTI_COORDINATOR_MISSING = (
-    "several coordinators on one store need task leases (each task owned by one coordinator"
-    " at a time), which this build does not have yet: two coordinators would dispatch the"
-    " same tasks twice. Run one coordinator (--coordinators 1); --store jetstream works with it."
-)
-"""Why ``coordinators > 1`` is refused: the missing piece, named."""
-MULTI_COORDINATOR_SUPPORTED = False
-"""Whether the coordinator shares a JetStream store safely with others (task leases)."""
 
 
 class MeshOptionsError(ValueError):
@@ -123,8 +115,6 @@ class MeshOptions:
                 "several coordinators share their tasks through the JetStream store: add"
                 " --store jetstream (a SQLite file belongs to one coordinator)"
             )
-        if self.coordinators > 1 and not MULTI_COORDINATOR_SUPPORTED:
-            raise MeshOptionsError(MULTI_COORDINATOR_MISSING)
 
     @property
     def coordinator_ports(self) -> list[int]:

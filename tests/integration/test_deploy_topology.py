@@ -158,7 +158,7 @@ def test_the_topology_has_the_documented_shape() -> None:
     assert nats["spec"]["replicas"] == 3
     config = kinds[("ConfigMap", "hivewire-nats")]["data"]["nats.conf"]
     assert "jetstream" in config and config.count("nats-route://hivewire-nats-") == 3
-    assert ("Deployment", "hivewire-coordinator") in kinds
+    assert kinds[("Deployment", "hivewire-coordinator")]["spec"]["replicas"] == 3
     for name in ("model", "tool", "agent-summarizer", "agent-researcher", "agent-calculator"):
         assert ("Deployment", f"hivewire-{name}") in kinds, name
     assert ("StatefulSet", "hivewire-consul") in kinds  # optional/consul.yaml

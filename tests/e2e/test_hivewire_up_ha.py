@@ -1,0 +1,158 @@
+"""`hivewire up --coordinators 3 --store jetstream`: the HA shape on one machine.
+
+One mesh per module (real processes: nats-server with JetStream, three coordinators
+on their own ports sharing the JetStream task store, model, tool, the calculator
+agent), driven with the `hivewire` CLI: through each coordinator, through a list whose
+first address is dead, and through the registry (``--address discovery``). A
+coordinator killed with SIGKILL is restarted by the launcher while the others keep
+serving, and finds the tasks of before in JetStream; Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import dead_address, eventually, grpcurl
+from tests.support.up_mesh import HIVEWIRE, RunningMesh, hivewire_up
+
+pytestmark = pytest.mark.timeout(300)
+
+COORDINATORS = 3
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+    args = ["--store", "jetstream", "--coordinators", str(COORDINATORS)]
+    args += ["--agent", "calculator", "--no-demo"]
+    with hivewire_up(tmp_path_factory.mktemp("ha"), args=args) as running:
+        yield running
+
+
+def _endpoints(mesh: RunningMesh) -> dict[str, object]:
+    data: dict[str, object] = json.loads((mesh.state_dir / "endpoints.json").read_text())
+    return data
+
+
+async def _hivewire(mesh: RunningMesh, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {**mesh.clean_env(), "HIVEWIRE_CERTS_DIR": str(mesh.root / "certs"), **env}
+    return await asyncio.to_thread(
+        subprocess.run,
+        [HIVEWIRE, *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+    )
+
+
+def test_endpoints_list_every_coordinator_and_the_store(mesh: RunningMesh) -> None:
+    assert "task store: jetstream" in mesh.output()
+    names = ["coordinator", *(f"coordinator-{i}" for i in range(2, COORDINATORS + 1))]
+    services = mesh.endpoints["services"]
+    assert [n for n in services if n.startswith("coordinator")] == names
+    assert mesh.endpoints["coordinators"] == [services[n]["address"] for n in names]
+    assert mesh.endpoints["store"] == "jetstream"
+    assert len(set(mesh.endpoints["coordinators"])) == COORDINATORS
+
+
+async def test_a_task_submitted_to_one_coordinator_is_watched_through_another(
+    mesh: RunningMesh,
+) -> None:
+    first, second, third = mesh.endpoints["coordinators"]
+    submitted = await _hivewire(
+        mesh, "submit", "--detach", "--address", second, "calculate", "3 * 3"
+    )
+    assert submitted.returncode == 0, submitted
+    task_id = submitted.stdout.strip()
+    watched = await _hivewire(mesh, "watch", task_id, "--address", third)
+    assert watched.returncode == 0, watched
+    assert watched.stdout.strip().endswith("3 * 3 = 9"), watched
+    shown = await _hivewire(mesh, "tasks", "--address", first)
+    assert shown.returncode == 0 and task_id in shown.stdout, shown
+
+
+async def test_the_cli_skips_a_dead_coordinator_of_its_list(mesh: RunningMesh) -> None:
+    with dead_address() as dead:
+        addresses = ",".join([dead, *mesh.endpoints["coordinators"]])
+        result = await _hivewire(mesh, "submit", "--address", addresses, "calculate", "6 * 7")
+    assert result.returncode == 0, result
+    assert result.stdout.strip().endswith("6 * 7 = 42"), result
+    assert result.stderr.startswith(f"coordinator {dead} unreachable; trying the next one\n")
+
+
+async def test_the_cli_finds_the_coordinators_in_the_registry(mesh: RunningMesh) -> None:
+    result = await _hivewire(
+        mesh,
+        "submit", "--address", "discovery", "calculate", "2 + 3",
+        HIVEWIRE_NATS_URL=mesh.endpoints["nats"]["url"],
+        HIVEWIRE_DISCOVERY="nats",
+    )  # fmt: skip
+    assert result.returncode == 0, result
+    assert result.stdout.strip().endswith("2 + 3 = 5"), result
+    # Without a registry to read, the one-line error says so.
+    with dead_address() as dead:
+        unreachable = await _hivewire(
+            mesh,
+            "tasks", "--address", "discovery",
+            HIVEWIRE_NATS_URL=f"tls://{dead}",
+            HIVEWIRE_DISCOVERY="nats",
+        )  # fmt: skip
+    assert unreachable.returncode == 6, unreachable
+    assert unreachable.stderr.startswith("Error: cannot read the registry (nats): "), unreachable
+    assert len(unreachable.stderr.splitlines()) == 1, unreachable
+
+
+async def test_a_killed_coordinator_restarts_and_finds_its_tasks_in_jetstream(
+    mesh: RunningMesh,
+) -> None:
+    before = await _hivewire(mesh, "tasks", "--json", "--address", mesh.address("coordinator"))
+    assert before.returncode == 0, before
+    task_ids = {json.loads(line)["taskId"] for line in before.stdout.splitlines()}
+    assert task_ids, before
+
+    old_pid = mesh.endpoints["services"]["coordinator"]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+
+    async def restarted() -> int:
+        services = _endpoints(mesh)["services"]
+        assert isinstance(services, dict)
+        new_pid = int(services["coordinator"]["pid"])
+        assert new_pid != old_pid
+        health = await grpcurl(
+            "grpc.health.v1.Health/Check",
+            tls=mesh.tls,
+            address=mesh.address("coordinator"),
+            input="{}",
+        )
+        assert health.returncode == 0, health
+        return new_pid
+
+    new_pid = await eventually(restarted, timeout=120, interval=0.2)
+    assert mesh.process.poll() is None, mesh.output()
+    assert f"restarted as pid {new_pid}" in mesh.output()
+    after = await _hivewire(mesh, "tasks", "--json", "--address", mesh.address("coordinator"))
+    assert after.returncode == 0, after
+    assert task_ids <= {json.loads(line)["taskId"] for line in after.stdout.splitlines()}
+    again = await _hivewire(
+        mesh, "submit", "--address", mesh.address("coordinator"), "calculate", "2 ** 10"
+    )
+    assert again.returncode == 0 and again.stdout.strip().endswith("2 ** 10 = 1024"), again
+
+
+def test_ctrl_c_stops_the_mesh(mesh: RunningMesh) -> None:
+    """Runs last in this module."""
+    mesh.process.send_signal(signal.SIGINT)
+    assert mesh.process.wait(timeout=90) == 0, mesh.output()
+    assert "all processes stopped." in mesh.output()
+    pids = [entry["pid"] for entry in json.loads(
+        (mesh.state_dir / "endpoints.json").read_text()
+    )["services"].values()]  # fmt: skip
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
