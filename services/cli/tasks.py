@@ -4,8 +4,10 @@
 event otherwise) until it ends; the task's output goes to standard output, everything
 else to standard error, so ``hivewire submit echo hi > out.txt`` keeps just the output.
 Pressing Ctrl-C stops following, never the task: ``hivewire watch <id> --after <n>``
-picks it up again. When the task asks for input and standard input is a terminal, the
-question is asked right there.
+picks it up again. When the coordinator goes away mid-stream, following resumes on the
+next one that connects (or the same one once it is back), after the last event shown.
+When the task asks for input and standard input is a terminal, the question is asked
+right there.
 
 The coordinator comes from ``--address`` (default ``HIVEWIRE_COORDINATOR__ADDRESS``,
 127.0.0.1:50051): one ``host:port``, several separated by commas (the first that
@@ -71,6 +73,8 @@ _PRIORITIES = {
     "critical": common_pb2.PRIORITY_CRITICAL,
 }
 _UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+RESUME_WITHIN = 60.0
+"""Seconds a followed task waits for a coordinator to come back before giving up."""
 REGISTRY_TIMEOUT = 10.0
 """Seconds ``--address discovery`` waits for the registry to list the coordinators."""
 
@@ -471,6 +475,61 @@ async def follow(
     return view.conclude()
 
 
+async def follow_resuming(
+    target: _Target,
+    stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub,
+    events: AsyncIterable[Any],
+    view: EventView,
+    *,
+    interactive: bool,
+) -> int:
+    """:func:`follow`, resuming on another coordinator when this one goes away.
+
+    A stream that ends with UNAVAILABLE once the task is known (its coordinator died or
+    stopped) goes on with ``WatchTask`` after the last event shown, on the first
+    coordinator of the target that connects: another one of the list, or the same one
+    once it is back. Nothing is shown twice and nothing is skipped.
+    """
+    async with contextlib.AsyncExitStack() as channels:
+        while True:
+            try:
+                return await follow(stub, events, view, interactive=interactive)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE or not view.task_id:
+                    raise
+                why = exc.details() or exc.code().name
+            connected = await _reconnect(target, view)
+            channels.push_async_callback(connected.channel.close)
+            view.err.print(
+                f"lost the coordinator ({why}); following task {view.task_id} on"
+                f" {connected.address} after event #{view.last_sequence}",
+                markup=False,
+                highlight=False,
+            )
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(connected.channel)
+            events = stub.WatchTask(
+                coordinator_pb2.WatchTaskRequest(
+                    task_id=view.task_id,
+                    after_sequence=view.last_sequence,
+                    include_snapshot=False,
+                )
+            )
+
+
+async def _reconnect(target: _Target, view: EventView) -> Any:
+    from hivewire.services.runtime.failover import reconnect
+    from hivewire.services.runtime.tls import TlsFiles
+
+    files = TlsFiles.for_identity(target.certs_dir, target.identity)
+    try:
+        return await reconnect(await _addresses(target), files, within=RESUME_WITHIN)
+    except TimeoutError as exc:
+        raise _Failure(
+            f"{exc}; resume with `hivewire watch {view.task_id} --after {view.last_sequence}`",
+            EXIT_UNREACHABLE,
+        ) from exc
+
+
 async def _answer(
     stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub,
     view: EventView,
@@ -698,7 +757,9 @@ def submit(
             return EXIT_OK
         with _view(json_lines) as view:
             call = stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=spec))
-            return await follow(stub, call, view, interactive=_interactive(no_input))
+            return await follow_resuming(
+                target, stub, call, view, interactive=_interactive(no_input)
+            )
 
     _run(target, work)
 
@@ -732,7 +793,9 @@ def watch(
                     task_id=task_id, after_sequence=after, include_snapshot=True
                 )
             )
-            return await follow(stub, call, view, interactive=_interactive(no_input))
+            return await follow_resuming(
+                target, stub, call, view, interactive=_interactive(no_input)
+            )
 
     _run(target, work)
 

@@ -7,7 +7,8 @@ then the healthy ``hivewire-coordinator`` instances of the registry named by
 first coordinator that completes a connection (TCP and the mutual-TLS handshake), in
 order; an address that refuses or fails is skipped at once, one that stays silent
 after ``connect_timeout``. With one address nothing is probed: the call itself
-reports what went wrong, exactly as before there were lists.
+reports what went wrong, exactly as before there were lists. :func:`reconnect` waits
+for any of them to come back (a stream whose coordinator went away resumes there).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 
+from hivewire.services.runtime.backoff import Backoff
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.tls import TlsFiles
 
@@ -29,6 +32,7 @@ __all__ = [
     "Connected",
     "connect_first",
     "parse_addresses",
+    "reconnect",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,6 +120,48 @@ async def connect_first(
     if len(addresses) == 1:
         channel = secure_channel(addresses[0], files, default_timeout=default_timeout)
         return Connected(addresses[0], channel, [])
+    found = await _first_ready(addresses, files, connect_timeout, default_timeout)
+    if found is not None:
+        return found
+    logger.info("no coordinator of %s connected", ", ".join(addresses))
+    channel = secure_channel(addresses[0], files, default_timeout=default_timeout)
+    return Connected(addresses[0], channel, list(addresses))
+
+
+async def reconnect(
+    addresses: Sequence[str],
+    files: TlsFiles,
+    *,
+    within: float,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    default_timeout: float | None = 30.0,
+) -> Connected:
+    """Wait for any of ``addresses`` to connect again, trying the list over and over.
+
+    For a client whose coordinator went away mid-stream: another one of the list, or the
+    same one once it is back (``hivewire up`` restarts it), takes over.
+
+    Raises:
+        TimeoutError: None connected within ``within`` seconds.
+    """
+    deadline = time.monotonic() + within
+    pause = Backoff(initial=0.2, maximum=2.0)
+    while True:
+        found = await _first_ready(addresses, files, connect_timeout, default_timeout)
+        if found is not None:
+            return found
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no coordinator of {', '.join(addresses)} came back in {within}s")
+        await asyncio.sleep(min(pause.next_delay(), max(0.0, deadline - time.monotonic())))
+
+
+async def _first_ready(
+    addresses: Sequence[str],
+    files: TlsFiles,
+    connect_timeout: float,
+    default_timeout: float | None,
+) -> Connected | None:
+    """A channel to the first address that connects, or None."""
     skipped: list[str] = []
     for address in addresses:
         channel = secure_channel(address, files, default_timeout=default_timeout)
@@ -131,6 +177,4 @@ async def connect_first(
         skipped.append(address)
         with contextlib.suppress(Exception):
             await channel.close()
-    logger.info("no coordinator of %s connected", ", ".join(addresses))
-    channel = secure_channel(addresses[0], files, default_timeout=default_timeout)
-    return Connected(addresses[0], channel, skipped)
+    return None

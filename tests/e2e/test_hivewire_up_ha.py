@@ -17,9 +17,13 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from hivewire.common.v1 import common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from hivewire.services.runtime.channels import secure_channel
 from tests.helpers import dead_address, eventually, grpcurl
 from tests.support.up_mesh import HIVEWIRE, RunningMesh, hivewire_up
 
@@ -77,6 +81,68 @@ async def test_a_task_submitted_to_one_coordinator_is_watched_through_another(
     assert watched.stdout.strip().endswith("3 * 3 = 9"), watched
     shown = await _hivewire(mesh, "tasks", "--address", first)
     assert shown.returncode == 0 and task_id in shown.stdout, shown
+
+
+async def test_a_followed_task_resumes_on_the_next_coordinator_when_its_own_dies(
+    mesh: RunningMesh,
+) -> None:
+    first, second, third = mesh.endpoints["coordinators"]
+    # A task that waits for input (the value of p) stays open while its watcher's
+    # coordinator is killed.
+    submitted = await _hivewire(
+        mesh, "submit", "--detach", "--address", first,
+        "solve", "--input-json", '{"expression": "p * 7"}',
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted
+    task_id = submitted.stdout.strip()
+    env = {**mesh.clean_env(), "HIVEWIRE_CERTS_DIR": str(mesh.root / "certs")}
+    watcher = await asyncio.create_subprocess_exec(
+        HIVEWIRE, "watch", task_id, "--json", "--no-input", "--address", f"{second},{third}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert watcher.stdout is not None
+    shown: list[dict[str, Any]] = []
+    async with asyncio.timeout(60):
+        while not any("inputRequired" in event for event in shown):
+            line = await watcher.stdout.readline()
+            assert line, "the watcher ended before the input request"
+            shown.append(json.loads(line))
+    request_id = shown[-1]["inputRequired"]["requestId"]
+    dead_pid = mesh.endpoints["services"]["coordinator-2"]["pid"]
+    os.kill(dead_pid, signal.SIGKILL)
+
+    channel = secure_channel(first, mesh.tls)
+    try:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        await stub.ProvideInput(
+            coordinator_pb2.ProvideInputRequest(
+                task_id=task_id,
+                response=common_pb2.InputResponse(
+                    request_id=request_id, value=common_pb2.Payload(text="6")
+                ),
+            ),
+            timeout=30,
+        )
+    finally:
+        await channel.close()
+    async with asyncio.timeout(120):
+        rest, errors = await watcher.communicate()
+    assert watcher.returncode == 0, errors.decode()
+    shown += [json.loads(line) for line in rest.decode().splitlines()]
+    assert f"following task {task_id} on {third} after event #" in errors.decode()
+    # Every event once, in order, no gap: the snapshot, then consecutive sequences.
+    assert "snapshot" in shown[0]
+    sequences = [int(event["sequence"]) for event in shown[1:]]
+    assert sequences == list(range(sequences[0], sequences[0] + len(sequences))), sequences
+    assert shown[-1]["finished"]["state"] == "TASK_STATE_SUCCEEDED", shown[-1]
+    assert shown[-1]["finished"]["output"]["text"] == "p * 7 = 42"
+
+    async def restarted() -> None:
+        services = _endpoints(mesh)["services"]
+        assert isinstance(services, dict)
+        assert services["coordinator-2"]["pid"] != dead_pid
+
+    await eventually(restarted, timeout=120, interval=0.2)
 
 
 async def test_the_cli_skips_a_dead_coordinator_of_its_list(mesh: RunningMesh) -> None:
