@@ -19,8 +19,11 @@ plans resume.
 
 One heartbeat key per coordinator rather than one lease key per task keeps the lease
 cost O(coordinators), not O(tasks); the row's revision compare-and-set is the fence.
-A coordinator whose own heartbeats fail for ``lease_ttl`` stops dispatching until they
-succeed again: by then its peers may own its tasks.
+A coordinator cut off from NATS fences itself before its peers can expire it: it stops
+dispatching once its last heartbeat is ``lease_ttl / 2`` old, and at ``0.8 *
+lease_ttl`` it lets go of every task (stops their attempts, drops their pending
+writes). When its heartbeats succeed again it claims back those of its tasks no peer
+took, and runs them as new attempts.
 
 **Requests to the owner.** Each coordinator answers NATS requests on
 ``hivewire.coordinator.<instance id>``: a ``CancelTask``, ``ProvideInput`` or sub-task
@@ -73,6 +76,10 @@ class ClusterHost(Protocol):
         """Let go of a task another coordinator took over (stop its attempt)."""
         ...
 
+    def abandon(self) -> None:
+        """Let go of every task: this coordinator's lease may have expired."""
+        ...
+
     async def answer(self, op: str, caller: str, body: bytes, correlation_id: str) -> bytes:
         """Run a request forwarded by another coordinator; the serialized answer."""
         ...
@@ -118,7 +125,8 @@ class Cluster:
         self._peers: dict[str, _Peer] = {}
         self._healthy_since: float | None = None
         self._last_beat = 0.0
-        self._loop_task: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
+        self._abandoned = False
         self._handlers: set[asyncio.Task[Any]] = set()
         self._sub: Any = None
         self._sweep_due = True
@@ -132,9 +140,9 @@ class Cluster:
 
     @property
     def leased(self) -> bool:
-        """Whether this coordinator's lease is current (its last heartbeat is recent)."""
+        """Whether this coordinator may dispatch: its last heartbeat is recent."""
         loop = asyncio.get_running_loop()
-        return loop.time() - self._last_beat < self._ttl
+        return not self._abandoned and loop.time() - self._last_beat < self._ttl / 2
 
     async def join(self, host: ClusterHost) -> list[TaskRow]:
         """Start heartbeating and answering requests; claim tasks nobody owns.
@@ -146,17 +154,22 @@ class Cluster:
         self._store.on_fenced = host.drop
         await self._beat()
         self._sub = await self._store.connection.subscribe(self.subject, cb=self._on_request)
-        claimed = await self._claim_orphans()
-        self._loop_task = asyncio.create_task(self._run(), name="coordinator-lease")
+        claimed = await self._claim_orphans(resume=False)
+        self._loops = [
+            asyncio.create_task(self._beat_loop(), name="coordinator-heartbeat"),
+            asyncio.create_task(self._peer_loop(), name="coordinator-peers"),
+            asyncio.create_task(self._fence_loop(), name="coordinator-fence"),
+        ]
         return claimed
 
     async def leave(self) -> None:
         """Stop heartbeating and delete this coordinator's key: peers take over at once."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        for loop_task in self._loops:
+            loop_task.cancel()
+        for loop_task in self._loops:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loop_task
-            self._loop_task = None
+                await loop_task
+        self._loops = []
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -168,22 +181,52 @@ class Cluster:
 
     # -- heartbeats and takeover -----------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _beat_loop(self) -> None:
+        # Its own loop: slow peer checks never delay a heartbeat.
         while True:
             await asyncio.sleep(self._heartbeat)
+            await self._beat()
+
+    async def _peer_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            if self._healthy_since is None or self._abandoned:
+                continue
             try:
-                if await self._beat():
-                    await self._check_peers()
+                await self._check_peers()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("lease round failed")
+                logger.exception("checking the other coordinators failed")
+
+    async def _fence_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._heartbeat / 2)
+            silent = loop.time() - self._last_beat
+            if not self._abandoned and silent > 0.8 * self._ttl and self._host is not None:
+                self._abandoned = True
+                logger.error(
+                    "no heartbeat for %.1fs: letting go of every task (peers may take them)",
+                    silent,
+                )
+                self._host.abandon()
+            elif self._abandoned and silent < self._heartbeat * 2:
+                try:
+                    claimed = await self._claim_from(self.instance_id, resume=True)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.exception("claiming back this coordinator's tasks failed")
+                    continue
+                self._abandoned = False
+                logger.info("heartbeats are back: %d tasks claimed back", len(claimed))
 
     async def _beat(self) -> bool:
         loop = asyncio.get_running_loop()
         value = json.dumps({"instance": self.instance_id, "time_ns": now_ns()}).encode()
         try:
-            await self._store.members.put(self.instance_id, value)
+            await asyncio.wait_for(self._store.members.put(self.instance_id, value), self._ttl / 2)
         except Exception as exc:
             if self._healthy_since is not None:
                 logger.warning("coordinator heartbeat failed: %s", exc)
@@ -228,9 +271,9 @@ class Cluster:
                 await members.delete(name)
         if dead or self._sweep_due:
             self._sweep_due = False
-            await self._claim_orphans()
+            await self._claim_orphans(resume=True)
 
-    async def _claim_orphans(self) -> list[TaskRow]:
+    async def _claim_orphans(self, *, resume: bool) -> list[TaskRow]:
         """Claim the tasks of owners with no key (gone for good, or never clustered)."""
         live = set(await list_keys(self._store.members)) | {self.instance_id}
         owners = await self._store.active_owners()
@@ -238,7 +281,7 @@ class Cluster:
         for owner in owners:
             previous = "" if owner == "none" else owner
             if previous not in live:
-                claimed += await self._claim_from(previous, resume=self._loop_task is not None)
+                claimed += await self._claim_from(previous, resume=resume)
         return claimed
 
     async def _take_over(self, previous: str, *, lost_at: float) -> None:

@@ -48,6 +48,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import nats
+import nats.errors
 from nats.js import api as js_api
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
@@ -71,6 +72,8 @@ T = TypeVar("T")
 
 JOURNAL_SUBJECT = "hivewire.journal"
 SEQUENCE_HEADER = "Hivewire-Sequence"
+_DROPPED_KEPT = 100_000
+"""Tasks let go whose late writes are still recognised and dropped."""
 _INDEX_CACHE = 4096
 """Tasks whose journal index (task sequence -> stream sequence) stays in memory."""
 
@@ -123,6 +126,9 @@ class JetStreamTaskStore:
         self.on_fenced: Callable[[str], None] | None = None
         #: The coordinator instance writing through this store ("" when it is alone).
         self.instance = ""
+        # Tasks this coordinator let go (taken over, or its lease lapsed): their queued
+        # and retried writes are dropped, never applied after a peer's.
+        self._dropped: OrderedDict[str, None] = OrderedDict()
 
     @property
     def stream(self) -> str:
@@ -158,8 +164,11 @@ class JetStreamTaskStore:
             self._keys = await self._bucket("IDEMPOTENCY")
             self._projects = await self._bucket("PROJECTS")
             self._tombstones = await self._bucket("PURGED")
+            indexed = await self._exists("ACTIVE")
             self._active = await self._bucket("ACTIVE")
             self._members = await self._bucket("COORDINATORS")
+            if not indexed:
+                await self._index_existing()
             await self._js.add_stream(
                 js_api.StreamConfig(
                     name=self.stream,
@@ -175,6 +184,19 @@ class JetStreamTaskStore:
         logger.info(
             "JetStream task store open (prefix %s, replicas %d)", self._prefix, self._replicas
         )
+
+    async def _exists(self, name: str) -> bool:
+        try:
+            await self._js.key_value(f"{self._prefix}_{name}")
+        except js_errors.BucketNotFoundError:
+            return False
+        return True
+
+    async def _index_existing(self) -> None:
+        """Index the unfinished tasks of a store written before the index existed."""
+        for row in await self._all_rows():
+            if row.state not in TERMINAL_STATES:
+                await self._index_active(row)
 
     async def _bucket(self, name: str) -> KeyValue:
         bucket: KeyValue = await self._js.create_key_value(
@@ -241,19 +263,24 @@ class JetStreamTaskStore:
         assert self._tasks is not None and self._keys is not None
         latest: dict[str, TaskRow] = {}
         for task in tasks:
-            latest[task.task_id] = task
+            if task.task_id not in self._dropped:
+                latest[task.task_id] = task
+        events = [e for e in events if e.task_id not in self._dropped]
         # Idempotency keys first: a task whose key belongs to another task is not stored.
         for task in latest.values():
             if task.idempotency_key and task.task_id not in self._revisions:
                 await self._claim_key(task)
         for event in events:
-            ack = await self._js.publish(
-                f"{JOURNAL_SUBJECT}.{event.task_id}",
-                event.data,
-                headers={
-                    "Nats-Msg-Id": f"{event.task_id}:{event.sequence}",
-                    SEQUENCE_HEADER: str(event.sequence),
-                },
+            ack = await self._retry(
+                task_id=event.task_id,
+                op=lambda event=event: self._js.publish(  # type: ignore[misc]
+                    f"{JOURNAL_SUBJECT}.{event.task_id}",
+                    event.data,
+                    headers={
+                        "Nats-Msg-Id": f"{event.task_id}:{event.sequence}",
+                        SEQUENCE_HEADER: str(event.sequence),
+                    },
+                ),
             )
             index = self._index.get(event.task_id)
             if index is not None:
@@ -265,9 +292,9 @@ class JetStreamTaskStore:
         assert self._keys is not None
         key = _key_name(task.owner, task.idempotency_key)
         try:
-            await self._keys.create(key, task.task_id.encode())
+            await self._retry(lambda: self._keys.create(key, task.task_id.encode()))  # type: ignore[union-attr]
         except js_errors.KeyWrongLastSequenceError:
-            holder = await self._keys.get(key)
+            holder = await self._retry(lambda: self._keys.get(key))  # type: ignore[union-attr]
             if holder.value is None or holder.value.decode() != task.task_id:
                 raise StoreError(
                     f"idempotency key {task.idempotency_key!r} of {task.owner} belongs to "
@@ -283,15 +310,16 @@ class JetStreamTaskStore:
                 # without a task (skipped), never a task nobody finds.
                 await self._index_active(task)
             try:
-                self._revisions[task.task_id] = await self._tasks.create(
-                    task.task_id, _encode(task)
+                self._revisions[task.task_id] = await self._retry(
+                    lambda: self._tasks.create(task.task_id, _encode(task)),  # type: ignore[union-attr]
+                    task_id=task.task_id,
                 )
                 self._specs[task.task_id] = task.spec
                 self._forget_if_finished(task)
                 return
             except js_errors.KeyWrongLastSequenceError:
                 # Written before (by this process before a restart, or another one).
-                entry = await self._tasks.get(task.task_id)
+                entry = await self._retry(lambda: self._tasks.get(task.task_id))  # type: ignore[union-attr]
                 if entry.value is None or entry.revision is None:
                     raise StoreError(f"task {task.task_id} vanished while written") from None
                 revision = entry.revision
@@ -310,8 +338,8 @@ class JetStreamTaskStore:
             if cached is not None:
                 task = _with_spec(task, cached)
         try:
-            self._revisions[task.task_id] = await self._tasks.update(
-                task.task_id, _encode(task), last=revision
+            self._revisions[task.task_id] = await self._update(
+                self._tasks, task.task_id, _encode(task), revision, task_id=task.task_id
             )
         except js_errors.KeyWrongLastSequenceError as exc:
             self._revisions.pop(task.task_id, None)
@@ -325,6 +353,48 @@ class JetStreamTaskStore:
             await self._unindex_active(task.coordinator, task.task_id)
         self._forget_if_finished(task)
 
+    async def _retry(self, op: Callable[[], Awaitable[T]], *, task_id: str = "") -> T:
+        """Run a NATS operation, again while NATS is unreachable or electing a leader.
+
+        Writes are idempotent under retry: journal events carry a ``Nats-Msg-Id``, and a
+        compare-and-set that may have landed before its answer was lost is checked by
+        :meth:`_update`. The store's queue waits meanwhile (its writes stay in order).
+        """
+        delay = 0.05
+        while True:
+            if task_id in self._dropped:
+                raise StoreError(f"task {task_id} was let go; its write is dropped")
+            try:
+                return await op()
+            except _TRANSIENT as exc:
+                if self._closed or self._nc is None or self._nc.is_closed:
+                    raise
+                logger.warning(
+                    "JetStream unavailable (%s); retrying in %.2fs", type(exc).__name__, delay
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _update(
+        self, bucket: KeyValue, key: str, value: bytes, last: int, *, task_id: str = ""
+    ) -> int:
+        """A compare-and-set update, retried; its new revision.
+
+        Raises:
+            KeyWrongLastSequenceError: Another writer changed the key (a retry whose
+                first try had landed is told apart by the value it wrote).
+        """
+        try:
+            revision: int = await self._retry(
+                lambda: bucket.update(key, value, last=last), task_id=task_id
+            )
+        except js_errors.KeyWrongLastSequenceError:
+            entry = await self._retry(lambda: bucket.get(key))
+            if entry.value != value or entry.revision is None:
+                raise
+            revision = entry.revision
+        return revision
+
     def _forget_if_finished(self, task: TaskRow) -> None:
         if task.state in TERMINAL_STATES:
             self._revisions.pop(task.task_id, None)
@@ -335,7 +405,7 @@ class JetStreamTaskStore:
     async def _get_row(self, task_id: str) -> TaskRow | None:
         assert self._tasks is not None
         try:
-            entry = await self._tasks.get(task_id)
+            entry = await self._retry(lambda: self._tasks.get(task_id))  # type: ignore[union-attr]
         except js_errors.KeyNotFoundError:
             return None
         if entry.value is None:
@@ -444,7 +514,11 @@ class JetStreamTaskStore:
         seq = 1
         while True:
             try:
-                msg = await self._js.get_msg(self.stream, seq=seq, subject=subject, next=True)
+                msg = await self._retry(
+                    lambda seq=seq: self._js.get_msg(  # type: ignore[misc]
+                        self.stream, seq=seq, subject=subject, next=True
+                    )
+                )
             except js_errors.NotFoundError:
                 break
             headers = msg.headers or {}
@@ -463,23 +537,58 @@ class JetStreamTaskStore:
         """A task's events with ``after < sequence <= until``, in order."""
 
         async def run() -> list[EventRow]:
+            if task_id not in self._index and task_id not in self._revisions:
+                return await self._read_journal(task_id, after, until, limit)
             index = await self._journal_index(task_id)
             wanted = sorted(n for n in index if n > after and (until is None or n <= until))
             rows = []
             for n in wanted[: max(limit, 0)]:
-                msg = await self._js.get_msg(self.stream, seq=index[n])
+                msg = await self._retry(
+                    lambda n=n: self._js.get_msg(self.stream, seq=index[n])  # type: ignore[misc]
+                )
                 rows.append(EventRow(task_id, n, bytes(msg.data or b"")))
             return rows
 
         result: list[EventRow] = await self._submit(run)
         return result
 
+    async def _read_journal(
+        self, task_id: str, after: int, until: int | None, limit: int
+    ) -> list[EventRow]:
+        """Events of a task this store keeps no index of, read in one pass."""
+        subject = f"{JOURNAL_SUBJECT}.{task_id}"
+        found: dict[int, EventRow] = {}
+        seq = 1
+        while len(found) < limit:
+            try:
+                msg = await self._retry(
+                    lambda seq=seq: self._js.get_msg(  # type: ignore[misc]
+                        self.stream, seq=seq, subject=subject, next=True
+                    )
+                )
+            except js_errors.NotFoundError:
+                break
+            n = int((msg.headers or {}).get(SEQUENCE_HEADER, "0"))
+            if n > after and (until is None or n <= until):
+                found.setdefault(n, EventRow(task_id, n, bytes(msg.data or b"")))
+            seq = msg.seq + 1
+        return [found[n] for n in sorted(found)][: max(limit, 0)]
+
     async def last_sequence(self, task_id: str) -> int:
         """The sequence of a task's latest stored event (0 when none)."""
 
         async def run() -> int:
-            index = await self._journal_index(task_id)
-            return max(index, default=0)
+            index = self._index.get(task_id)
+            if index is not None:
+                return max(index, default=0)
+            # One read of the subject's last message, not a walk of the journal.
+            try:
+                msg = await self._retry(
+                    lambda: self._js.get_last_msg(self.stream, f"{JOURNAL_SUBJECT}.{task_id}")
+                )
+            except js_errors.NotFoundError:
+                return 0
+            return int((msg.headers or {}).get(SEQUENCE_HEADER, "0"))
 
         result: int = await self._submit(run)
         return result
@@ -515,12 +624,14 @@ class JetStreamTaskStore:
 
     async def _index_active(self, task: TaskRow) -> None:
         assert self._active is not None
-        await self._active.put(_active_key(task.coordinator, task.task_id), b"")
+        key = _active_key(task.coordinator, task.task_id)
+        await self._retry(lambda: self._active.put(key, b""))  # type: ignore[union-attr]
 
     async def _unindex_active(self, coordinator: str, task_id: str) -> None:
         assert self._active is not None
         with contextlib.suppress(js_errors.KeyNotFoundError):
-            await self._active.delete(_active_key(coordinator, task_id))
+            key = _active_key(coordinator, task_id)
+            await self._retry(lambda: self._active.delete(key))  # type: ignore[union-attr]
 
     async def _active_index(self, coordinator: str = "") -> dict[str, list[str]]:
         assert self._active is not None
@@ -566,7 +677,7 @@ class JetStreamTaskStore:
         async def run() -> TaskRow | None:
             assert self._tasks is not None
             try:
-                entry = await self._tasks.get(task_id)
+                entry = await self._retry(lambda: self._tasks.get(task_id))  # type: ignore[union-attr]
             except js_errors.KeyNotFoundError:
                 return None
             if entry.value is None or entry.revision is None:
@@ -579,11 +690,15 @@ class JetStreamTaskStore:
             claimed = TaskRow(**fields)
             await self._index_active(claimed)
             try:
-                revision = await self._tasks.update(task_id, _encode(claimed), last=entry.revision)
+                revision = await self._update(
+                    self._tasks, task_id, _encode(claimed), entry.revision
+                )
             except js_errors.KeyWrongLastSequenceError:
                 await self._unindex_active(coordinator, task_id)
                 return None
-            await self._unindex_active(row.coordinator, task_id)
+            if row.coordinator != coordinator:
+                await self._unindex_active(row.coordinator, task_id)
+            self._dropped.pop(task_id, None)
             self._revisions[task_id] = revision
             self._specs[task_id] = row.spec
             self._index.pop(task_id, None)  # others appended events: re-read the journal
@@ -593,7 +708,13 @@ class JetStreamTaskStore:
         return result
 
     def forget(self, task_id: str) -> None:
-        """Drop what this store remembers of a task another coordinator now owns."""
+        """Let go of a task: drop its pending writes and what this store remembers of it.
+
+        Until this coordinator claims it back (:meth:`claim`), writes of it are dropped.
+        """
+        self._dropped[task_id] = None
+        while len(self._dropped) > _DROPPED_KEPT:
+            self._dropped.popitem(last=False)
         self._revisions.pop(task_id, None)
         self._specs.pop(task_id, None)
         self._index.pop(task_id, None)
@@ -851,6 +972,18 @@ async def _nothing() -> None:
 def _key_name(owner: str, key: str) -> str:
     # KV keys allow a narrow alphabet: hash the (owner, key) pair.
     return hashlib.sha256(f"{owner}\x00{key}".encode()).hexdigest()
+
+
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    js_errors.ServiceUnavailableError,
+    js_errors.NoStreamResponseError,
+    TimeoutError,
+)
+"""Errors of a NATS that is reconnecting or electing a stream leader: try again."""
 
 
 def _owner_token(coordinator: str) -> str:

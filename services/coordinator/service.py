@@ -916,6 +916,7 @@ class Coordinator:
         if self._closing:
             return
         fresh = [row for row in rows if row.task_id not in self._tasks.active]
+        metrics.TASKS_TAKEN_OVER.inc(len(fresh))
         await self._resume(
             fresh,
             why=f"coordinator {previous} stopped; {self._instance} took the task over",
@@ -930,8 +931,13 @@ class Coordinator:
         rt = self._tasks.drop(task_id)
         if rt is None:
             return
+        metrics.TASKS_LET_GO.inc()
         with bind_task(task_id):
-            logger.warning("task taken over by another coordinator; this one lets it go")
+            logger.info("this coordinator lets the task go (another one may own it now)")
+        self._plans.forget(task_id)
+        if rt.record.project_id:
+            self._projects.task_ended(rt.record.project_id)
+        self._subtasks.pop(task_id, None)
         if rt.deadline_handle is not None:
             rt.deadline_handle.cancel()
             rt.deadline_handle = None
@@ -942,6 +948,13 @@ class Coordinator:
         if self._cluster is not None:
             self._cluster.forget(task_id)
         rt.notify()
+
+    def abandon(self) -> None:
+        """Let go of every task (this coordinator's lease may have lapsed, cluster.py)."""
+        active = list(self._tasks.active)
+        for task_id in active:
+            self.drop(task_id)
+        logger.warning("let go of %d tasks; peers or a later claim take them", len(active))
 
     # -- sessions --------------------------------------------------------------------
 

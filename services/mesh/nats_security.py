@@ -167,10 +167,16 @@ def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str,
         publish = reads
     else:
         return {"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}}
-    subscribe = ["_INBOX.>"]
+    permissions: dict[str, Any] = {
+        "publish": {"allow": publish},
+        "subscribe": {"allow": ["_INBOX.>"]},
+    }
     if role == "coordinator":
-        subscribe.append(f"{COORDINATOR_REQUESTS}.>")
-    return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
+        # Coordinators answer each other's requests (coordinator/cluster.py): one reply
+        # to the inbox of each request received.
+        permissions["subscribe"]["allow"].append(f"{COORDINATOR_REQUESTS}.>")
+        permissions["allow_responses"] = True
+    return permissions
 
 
 def mesh_identities(certs_dir: Path) -> list[str]:

@@ -55,7 +55,9 @@ async def member(
         coordinator={
             "store": "jetstream",
             "db_path": workdir.with_suffix(".db"),
-            "lease_ttl": 1.0,
+            # Long enough for a loaded machine: takeovers here follow a graceful stop,
+            # which deletes the lease key at once.
+            "lease_ttl": 5.0,
             "lease_heartbeat": 0.2,
             "retry_initial_backoff": 0.01,
             "retry_max_backoff": 0.05,
@@ -94,7 +96,7 @@ async def test_any_coordinator_answers_for_a_task_another_one_runs(
         asked = (await on_a.SubmitTask(C.SubmitTaskRequest(spec=spec(script={"ask": "q?"})))).task
         assert asked.coordinator_id == instance_of(a)
         watcher = asyncio.create_task(
-            collect(on_b.WatchTask(C.WatchTaskRequest(task_id=asked.task_id)))
+            collect(on_b.WatchTask(C.WatchTaskRequest(task_id=asked.task_id), timeout=30))
         )
 
         async def waiting() -> C.Task:
@@ -118,7 +120,7 @@ async def test_any_coordinator_answers_for_a_task_another_one_runs(
 
         # A cancel sent to B reaches the agent through A.
         hung = (await on_a.SubmitTask(C.SubmitTaskRequest(spec=spec(script={"hang": True})))).task
-        await agent.wait_started(2)
+        await asyncio.wait_for(agent.wait_started(2), 30)
         cancelled = await on_b.CancelTask(C.CancelTaskRequest(task_id=hung.task_id, reason="x"))
         assert cancelled.task.state == S.TASK_STATE_CANCELLED
         await eventually(
@@ -138,7 +140,9 @@ async def test_any_coordinator_answers_for_a_task_another_one_runs(
         child = (await on_b.SubmitTask(C.SubmitTaskRequest(spec=child_spec))).task
         assert child.parent_task_id == parent.task_id
         assert child.coordinator_id == instance_of(a)
-        child_events = await collect(on_b.WatchTask(C.WatchTaskRequest(task_id=child.task_id)))
+        child_events = await collect(
+            on_b.WatchTask(C.WatchTaskRequest(task_id=child.task_id), timeout=30)
+        )
         assert child_events[-1].finished.state == S.TASK_STATE_SUCCEEDED
         await on_b.CancelTask(C.CancelTaskRequest(task_id=parent.task_id))
 
@@ -167,7 +171,7 @@ async def test_a_stopped_coordinators_tasks_are_taken_over_and_watched_without_a
                 held = spec(script={"hold": "h", "steps": 1})
                 ids.append((await on_a.SubmitTask(C.SubmitTaskRequest(spec=held))).task.task_id)
             queued = (await on_a.SubmitTask(C.SubmitTaskRequest(spec=spec("nobody")))).task
-            await agent.wait_started(6)
+            await asyncio.wait_for(agent.wait_started(6), 30)
 
             # A client follows the first task on A until A goes away.
             channel = secure_channel(a.address, pki.files("client"))
@@ -194,12 +198,13 @@ async def test_a_stopped_coordinators_tasks_are_taken_over_and_watched_without_a
         agent.gate("h").set()
         rest = await collect(
             on_b.WatchTask(
-                C.WatchTaskRequest(task_id=ids[0], after_sequence=seen[ids[0]][-1].sequence)
+                C.WatchTaskRequest(task_id=ids[0], after_sequence=seen[ids[0]][-1].sequence),
+                timeout=30,
             )
         )
         assert_contiguous(seen[ids[0]] + rest)
         for task_id in ids:
-            events = await collect(on_b.WatchTask(C.WatchTaskRequest(task_id=task_id)))
+            events = await collect(on_b.WatchTask(C.WatchTaskRequest(task_id=task_id), timeout=30))
             assert_contiguous(events)
             assert events[-1].finished.state == S.TASK_STATE_SUCCEEDED
             task = (await on_b.GetTask(C.GetTaskRequest(task_id=task_id))).task
