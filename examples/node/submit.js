@@ -7,6 +7,8 @@
 // or else from the .hivewire/endpoints.json that `hivewire up` writes. Given several
 // coordinators (a comma-separated --address, or the "coordinators" list of
 // endpoints.json), it uses the first that completes a connection: a dead one is skipped.
+// When the coordinator goes away mid-stream, it watches the task on from the last event
+// shown on the next coordinator that connects (or the same one once it is back).
 //
 // Run `node submit.js --help` for the flags. Exit codes: 0 the task succeeded; 1 it
 // ended in another state; 2 the call failed (one line: status code name, the mesh's
@@ -291,19 +293,91 @@ function connects(client, deadline) {
   });
 }
 
-// A client of the first coordinator that connects, in the order given. With one
-// address nothing is probed; when none connects, the first is used and the call
-// reports the transport's own error.
+// The first coordinator that connects, in the order given: { client, address }. With one
+// address nothing is probed; when none connects, the first is used and the call reports
+// the transport's own error.
 async function firstCoordinator(Service, conn, connectSeconds) {
-  const open = (address) => new Service(address, ...credentials(address, conn));
+  const open = (address) => ({ client: new Service(address, ...credentials(address, conn)), address });
   if (conn.addresses.length === 1) return open(conn.addresses[0]);
   for (const address of conn.addresses) {
-    const client = open(address);
-    if (await connects(client, Date.now() + connectSeconds * 1000)) return client;
+    const found = await probe(open(address), connectSeconds);
+    if (found) return found;
     console.error(`coordinator ${address} unreachable; trying the next one`);
-    client.close();
   }
   return open(conn.addresses[0]);
+}
+
+async function probe(candidate, connectSeconds) {
+  if (await connects(candidate.client, Date.now() + connectSeconds * 1000)) return candidate;
+  candidate.client.close();
+  return null;
+}
+
+// After a coordinator went away mid-stream: the first of the list that connects again
+// (another one, or the same once it is back), trying until the deadline; null if none.
+async function reconnectCoordinator(Service, conn, connectSeconds, deadline) {
+  const open = (address) => ({ client: new Service(address, ...credentials(address, conn)), address });
+  while (Date.now() < deadline) {
+    for (const address of conn.addresses) {
+      const found = await probe(open(address), connectSeconds);
+      if (found) return found;
+    }
+    await new Promise((wake) => setTimeout(wake, 500));
+  }
+  return null;
+}
+
+// Prints one call's events. Resolves with the exit code, or with { lost: error } when the
+// stream broke with UNAVAILABLE once the task was known (its coordinator went away).
+function follow(client, call, state, conn) {
+  return new Promise((resolve) => {
+    let failed = false;
+    call.on("data", ({ event }) => {
+      console.log(`#${event.sequence} ${event.kind} ${describe(event)}`.trimEnd());
+      if (event.kind === "snapshot") state.taskId = event.snapshot.task_id;
+      state.lastSequence = Math.max(state.lastSequence, Number(event.sequence));
+      if (event.kind === "finished") state.finished = event.finished;
+    });
+    call.on("error", (err) => {
+      failed = true;
+      client.close();
+      if (err.code === grpc.status.UNAVAILABLE && state.taskId && state.finished === null) {
+        resolve({ lost: err });
+        return;
+      }
+      const code = grpc.status[err.code] || String(err.code);
+      const reason = reasonOf(err);
+      const details = err.details.replace(/\s*Resolution note:\s*$/, "");
+      let hint = "";
+      if (!conn.cert && err.code === grpc.status.UNAVAILABLE) {
+        hint =
+          " (no client certificate was given and the mesh only accepts mutual TLS:" +
+          " get one with `hivewire certs issue --name <you>`)";
+      } else if (/Failed to connect/.test(details)) {
+        // grpc-js says no more when the server ends the TLS handshake.
+        hint =
+          " (the server refused the TLS handshake: is the client certificate from this" +
+          " mesh's CA?)";
+      }
+      console.error(`error: ${code}${reason ? ` ${reason}` : ""}: ${details}${hint}`);
+      resolve(EXIT_RPC_ERROR);
+    });
+    call.on("end", () => {
+      client.close();
+      if (failed) {
+        return; // reported by the error handler
+      } else if (state.finished === null) {
+        console.error("error: the stream ended without a finished event");
+        resolve(EXIT_NOT_SUCCEEDED);
+      } else if (state.finished.state === "TASK_STATE_SUCCEEDED") {
+        const output = payloadText(state.finished.output);
+        if (output) console.log(output);
+        resolve(EXIT_SUCCEEDED);
+      } else {
+        resolve(EXIT_NOT_SUCCEEDED);
+      }
+    });
+  });
 }
 
 async function submit(opts) {
@@ -328,51 +402,33 @@ async function submit(opts) {
     spec.input = input;
   }
 
-  const client = await firstCoordinator(coordinator.CoordinatorService, conn, connectSeconds);
-  return new Promise((resolve) => {
-    let finished = null;
-    let failed = false;
-    const call = client.StreamTask({ spec }, { deadline: Date.now() + seconds * 1000 });
-    call.on("data", ({ event }) => {
-      console.log(`#${event.sequence} ${event.kind} ${describe(event)}`.trimEnd());
-      if (event.kind === "finished") finished = event.finished;
-    });
-    call.on("error", (err) => {
-      failed = true;
-      const code = grpc.status[err.code] || String(err.code);
-      const reason = reasonOf(err);
-      const details = err.details.replace(/\s*Resolution note:\s*$/, "");
-      let hint = "";
-      if (!conn.cert && err.code === grpc.status.UNAVAILABLE) {
-        hint =
-          " (no client certificate was given and the mesh only accepts mutual TLS:" +
-          " get one with `hivewire certs issue --name <you>`)";
-      } else if (/Failed to connect/.test(details)) {
-        // grpc-js says no more when the server ends the TLS handshake.
-        hint =
-          " (the server refused the TLS handshake: is the client certificate from this" +
-          " mesh's CA?)";
-      }
-      console.error(`error: ${code}${reason ? ` ${reason}` : ""}: ${details}${hint}`);
-      client.close();
-      resolve(EXIT_RPC_ERROR);
-    });
-    call.on("end", () => {
-      client.close();
-      if (failed) {
-        return; // reported by the error handler
-      } else if (finished === null) {
-        console.error("error: the stream ended without a finished event");
-        resolve(EXIT_NOT_SUCCEEDED);
-      } else if (finished.state === "TASK_STATE_SUCCEEDED") {
-        const output = payloadText(finished.output);
-        if (output) console.log(output);
-        resolve(EXIT_SUCCEEDED);
-      } else {
-        resolve(EXIT_NOT_SUCCEEDED);
-      }
-    });
-  });
+  const Service = coordinator.CoordinatorService;
+  const deadline = Date.now() + seconds * 1000;
+  const state = { taskId: "", lastSequence: 0, finished: null };
+  let { client, address } = await firstCoordinator(Service, conn, connectSeconds);
+  let call = client.StreamTask({ spec }, { deadline });
+  for (;;) {
+    const outcome = await follow(client, call, state, conn);
+    if (typeof outcome === "number") return outcome;
+    // The coordinator went away mid-stream: watch the task on from the last event shown.
+    const next = await reconnectCoordinator(Service, conn, connectSeconds, deadline);
+    if (next === null) {
+      console.error(
+        `error: UNAVAILABLE: ${address} went away and no coordinator came back before the` +
+          ` deadline (task ${state.taskId}, last event #${state.lastSequence})`,
+      );
+      return EXIT_RPC_ERROR;
+    }
+    ({ client, address } = next);
+    console.error(
+      `lost the coordinator (${outcome.lost.details}); following task ${state.taskId} on` +
+        ` ${address} after event #${state.lastSequence}`,
+    );
+    call = client.WatchTask(
+      { task_id: state.taskId, after_sequence: String(state.lastSequence), include_snapshot: false },
+      { deadline },
+    );
+  }
 }
 
 async function main() {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -25,11 +26,15 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.runtime.channels import secure_channel
 from tests.helpers import dead_address, eventually, grpcurl
+from tests.support.e2e_mesh import REPO_ROOT
+from tests.support.node import install_example
 from tests.support.up_mesh import HIVEWIRE, RunningMesh, hivewire_up
 
 pytestmark = pytest.mark.timeout(300)
 
 COORDINATORS = 3
+NODE_EXAMPLE = REPO_ROOT / "examples" / "node"
+NODE_LINE = re.compile(r"^#(\d+) (\w+) ?(.*)$")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +43,31 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     args += ["--agent", "calculator", "--no-demo"]
     with hivewire_up(tmp_path_factory.mktemp("ha"), args=args) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def node_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    files = ("package.json", "package-lock.json", "submit.js")
+    return install_example(tmp_path_factory, NODE_EXAMPLE, files, what="Node.js client example")
+
+
+async def _provide_input(
+    mesh: RunningMesh, address: str, task_id: str, request_id: str, value: str
+) -> None:
+    channel = secure_channel(address, mesh.tls)
+    try:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        await stub.ProvideInput(
+            coordinator_pb2.ProvideInputRequest(
+                task_id=task_id,
+                response=common_pb2.InputResponse(
+                    request_id=request_id, value=common_pb2.Payload(text=value)
+                ),
+            ),
+            timeout=30,
+        )
+    finally:
+        await channel.close()
 
 
 def _endpoints(mesh: RunningMesh) -> dict[str, object]:
@@ -111,20 +141,7 @@ async def test_a_followed_task_resumes_on_the_next_coordinator_when_its_own_dies
     dead_pid = mesh.endpoints["services"]["coordinator-2"]["pid"]
     os.kill(dead_pid, signal.SIGKILL)
 
-    channel = secure_channel(first, mesh.tls)
-    try:
-        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-        await stub.ProvideInput(
-            coordinator_pb2.ProvideInputRequest(
-                task_id=task_id,
-                response=common_pb2.InputResponse(
-                    request_id=request_id, value=common_pb2.Payload(text="6")
-                ),
-            ),
-            timeout=30,
-        )
-    finally:
-        await channel.close()
+    await _provide_input(mesh, first, task_id, request_id, "6")
     async with asyncio.timeout(120):
         rest, errors = await watcher.communicate()
     assert watcher.returncode == 0, errors.decode()
@@ -143,6 +160,59 @@ async def test_a_followed_task_resumes_on_the_next_coordinator_when_its_own_dies
         assert services["coordinator-2"]["pid"] != dead_pid
 
     await eventually(restarted, timeout=120, interval=0.2)
+
+
+async def test_the_node_client_follows_its_task_through_the_death_of_its_coordinator(
+    mesh: RunningMesh, node_client: Path
+) -> None:
+    """The Node client submits through coordinator-2, which then dies: the task is taken
+    over by another coordinator, and the client follows it there to the end."""
+    first, second, third = mesh.endpoints["coordinators"]
+    tls = mesh.tls
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
+    client = await asyncio.create_subprocess_exec(
+        "node", str(node_client / "submit.js"), "--proto", str(REPO_ROOT / "proto"),
+        "--address", f"{second},{third}",
+        "--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key),
+        "--capability", "solve", "--json", '{"expression": "q * 6"}',
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        cwd=node_client,
+    )  # fmt: skip
+    assert client.stdout is not None
+    lines: list[str] = []
+
+    async def next_input_request() -> str:
+        while True:
+            line = (await client.stdout.readline()).decode()  # type: ignore[union-attr]
+            assert line, f"the client ended early: {lines}"
+            lines.append(line.rstrip("\n"))
+            found = re.search(r" input_required .*request (\S+)\)$", lines[-1])
+            if found:
+                return found[1]
+
+    async with asyncio.timeout(60):
+        first_request = await next_input_request()
+    task_id = lines[0].split()[3]
+    services = _endpoints(mesh)["services"]
+    assert isinstance(services, dict)
+    os.kill(int(services["coordinator-2"]["pid"]), signal.SIGKILL)
+    # Another coordinator takes the task over once coordinator-2's lease expires and runs
+    # it again: the agent asks again, and the client shows it.
+    async with asyncio.timeout(120):
+        second_request = await next_input_request()
+    assert second_request != first_request
+    await _provide_input(mesh, first, task_id, second_request, "7")
+    async with asyncio.timeout(120):
+        rest, errors = await client.communicate()
+    assert client.returncode == 0, (lines, rest.decode(), errors.decode())
+    lines += rest.decode().splitlines()
+    assert f"following task {task_id} on {third} after event #" in errors.decode()
+    assert lines[-1] == "q * 6 = 42", lines
+    events = [NODE_LINE.match(line) for line in lines[:-1]]
+    assert all(events), lines
+    assert events[0][2] == "snapshot" and events[-1][2] == "finished"  # type: ignore[index]
+    sequences = [int(e[1]) for e in events[1:]]  # type: ignore[index]
+    assert sequences == list(range(sequences[0], sequences[0] + len(sequences))), lines
 
 
 async def test_the_cli_skips_a_dead_coordinator_of_its_list(mesh: RunningMesh) -> None:
