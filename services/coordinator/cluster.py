@@ -59,6 +59,9 @@ __all__ = ["CONTROL_SUBJECT", "Cluster", "ClusterHost"]
 CONTROL_SUBJECT = "hivewire.coordinator"
 """Prefix of the subjects coordinators answer requests on (``<prefix>.<instance id>``)."""
 
+_SWEEP_EVERY = 15
+"""Peer checks between two looks for tasks nobody owns."""
+
 _OP = "Hivewire-Op"
 _CALLER = "Hivewire-Caller"
 _CORRELATION = "Hivewire-Correlation-Id"
@@ -129,9 +132,7 @@ class Cluster:
         self._abandoned = False
         self._handlers: set[asyncio.Task[Any]] = set()
         self._sub: Any = None
-        self._sweep_due = True
-        #: How long the last takeover took, from the peer's death to its tasks resumed.
-        self.takeovers: list[tuple[str, int, float]] = []
+        self._checks = 0
 
     @property
     def subject(self) -> str:
@@ -266,11 +267,13 @@ class Cluster:
                 dead.append(name)
                 del self._peers[name]
         for name in dead:
-            await self._take_over(name, lost_at=loop.time())
+            await self._take_over(name)
             with contextlib.suppress(Exception):
                 await members.delete(name)
-        if dead or self._sweep_due:
-            self._sweep_due = False
+        self._checks += 1
+        # Now and then, and after a death: tasks whose owner has no key at all (one
+        # that left between two checks of a coordinator that never saw it, say).
+        if dead or self._checks % _SWEEP_EVERY == 1:
             await self._claim_orphans(resume=True)
 
     async def _claim_orphans(self, *, resume: bool) -> list[TaskRow]:
@@ -284,12 +287,11 @@ class Cluster:
                 claimed += await self._claim_from(previous, resume=resume)
         return claimed
 
-    async def _take_over(self, previous: str, *, lost_at: float) -> None:
+    async def _take_over(self, previous: str) -> None:
         started = asyncio.get_running_loop().time()
         claimed = await self._claim_from(previous, resume=True)
         if claimed:
             took = asyncio.get_running_loop().time() - started
-            self.takeovers.append((previous, len(claimed), took))
             logger.info(
                 "took over %d tasks of coordinator %s in %.2fs", len(claimed), previous, took
             )

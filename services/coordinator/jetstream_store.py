@@ -20,6 +20,9 @@ deployment the mesh already has:
 
 Replication is a setting (``replicas=1`` on one server, 3 in a cluster). Writes and
 reads go through one queue processed in order, so a read issued after a write sees it.
+While NATS reconnects or a stream elects a leader, each operation is retried (the
+queue waits): writes stay idempotent under retry (events by ``Nats-Msg-Id``, a
+compare-and-set whose answer was lost is recognised by the value it wrote).
 
 Several coordinators share one store (:mod:`.cluster`): each task row names the
 coordinator that owns it, and every write of a row is a compare-and-set on the

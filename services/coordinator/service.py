@@ -6,12 +6,13 @@ Lifecycle::
        ^                     |
        +---- retry ----------+--> SUCCEEDED | FAILED | CANCELLED | DEAD_LETTERED
 
-The scheduler takes the best queued task (see :mod:`.queue`) whose capability has a
-free agent (see :mod:`.dispatch`) and runs one attempt (see :mod:`.attempts`): an
-``Execute`` stream with the task's deadline. A retryable failure queues the task
-again after a jittered exponential backoff, on another agent when one fits; when
-``max_attempts`` attempts failed it is dead-lettered. A permanent failure fails it
-at once; the deadline fails it with ``DEADLINE_EXCEEDED`` wherever it is.
+The scheduler (:mod:`.scheduler`) takes the best queued task (see :mod:`.queue`) whose
+capability has a free agent (see :mod:`.dispatch`) and starts one attempt, which this
+module runs (see :mod:`.attempts`): an ``Execute`` stream with the task's deadline.
+A retryable failure queues the task again after a jittered exponential backoff, on
+another agent when one fits; when ``max_attempts`` attempts failed it is
+dead-lettered. A permanent failure fails it at once; the deadline fails it with
+``DEADLINE_EXCEEDED`` wherever it is.
 
 Every change is an event of the task's journal (see :mod:`.journal`); validation is
 in :mod:`.validation`, the ``Session`` stream in :mod:`.session`, plans in
@@ -30,8 +31,6 @@ import asyncio
 import contextlib
 import copy
 import hashlib
-import heapq
-import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -60,7 +59,6 @@ from hivewire.services.coordinator.attempts import (
 )
 from hivewire.services.coordinator.cluster import Cluster
 from hivewire.services.coordinator.dispatch import (
-    AgentLease,
     AgentPool,
     AttemptError,
     ExecuteStream,
@@ -92,9 +90,9 @@ from hivewire.services.coordinator.model import (
 )
 from hivewire.services.coordinator.plans import PLAN_CANCELLED, Plans
 from hivewire.services.coordinator.projects import Projects
-from hivewire.services.coordinator.queue import QueueEntry, TaskQueue
 from hivewire.services.coordinator.quotas import Quotas
 from hivewire.services.coordinator.retention import idempotency_expired, purged_or_unknown
+from hivewire.services.coordinator.scheduler import Scheduler
 from hivewire.services.coordinator.session import Session
 from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.coordinator.store import TERMINAL_STATES, TaskQuery, TaskRow, TaskStore
@@ -161,7 +159,6 @@ class Coordinator:
         self._store = store
         self._pool = pool
         self._events: EventPublisher = events or NullPublisher()
-        self._queue = TaskQueue(aging_interval=settings.aging_interval)
         self._tasks = TaskTable(
             finished_cache_size=settings.finished_cache_size, on_evict=self._forget
         )
@@ -171,11 +168,8 @@ class Coordinator:
         # parent task id -> its active sub-tasks (cancelled when the parent ends)
         self._subtasks: dict[str, set[str]] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
-        self._delayed: list[tuple[int, int, str]] = []
-        self._delay_counter = itertools.count()
-        self._kick = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
-        self._scheduler: asyncio.Task[None] | None = None
+        self._scheduling: asyncio.Task[None] | None = None
         self._running = False
         self._closing = False
         self._spec_checks: list[SpecCheck] = []
@@ -184,6 +178,16 @@ class Coordinator:
         self._instance = cluster.instance_id if cluster is not None else ""
         if cluster is not None:
             self._journal.remote = cluster
+        # The queue and the loop that dispatches it (scheduler.py).
+        self._scheduler = Scheduler(
+            tasks=self._tasks,
+            journal=self._journal,
+            pool=pool,
+            aging_interval=settings.aging_interval,
+            finish=self._finish,
+            run=self._spawn_attempt,
+            may_dispatch=lambda: cluster is None or cluster.leased,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -201,14 +205,14 @@ class Coordinator:
 
     def wake(self) -> None:
         """Ask the scheduler to look at the queue again (agents changed, slots freed)."""
-        self._kick.set()
+        self._scheduler.wake()
 
     async def start(self) -> None:
         """Recover unfinished tasks from the store and start scheduling."""
         self._bind_gauges()
         await self._recover()
         self._running = True
-        self._scheduler = asyncio.create_task(self._schedule_loop(), name="coordinator-scheduler")
+        self._scheduling = asyncio.create_task(self._scheduler.run(), name="coordinator-scheduler")
         self.wake()
 
     async def drain(self) -> None:
@@ -219,8 +223,8 @@ class Coordinator:
         """
         self._closing = True
         self._journal.closing = True
-        if self._scheduler is not None:
-            self._scheduler.cancel()
+        if self._scheduling is not None:
+            self._scheduling.cancel()
         for rt in self._tasks.everything():
             rt.notify()
 
@@ -235,7 +239,7 @@ class Coordinator:
         for rt in self._tasks.active.values():
             if rt.deadline_handle is not None:
                 rt.deadline_handle.cancel()
-        tasks = [t for t in (self._scheduler, *self._background) if t is not None]
+        tasks = [t for t in (self._scheduling, *self._background) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -384,7 +388,7 @@ class Coordinator:
         if record.is_plan:
             self._plans.start(rt)
         else:
-            self._enqueue(rt)
+            self._scheduler.enqueue(rt)
         metrics.TASKS_SUBMITTED.inc()
         with bind_task(record.task_id):
             logger.info(
@@ -506,7 +510,7 @@ class Coordinator:
             ),
         )
         self._arm_deadline(rt)
-        self._enqueue(rt)
+        self._scheduler.enqueue(rt)
         metrics.TASKS_SUBMITTED.inc()
         return rt
 
@@ -713,12 +717,7 @@ class Coordinator:
 
     def queue_depth(self) -> int:
         """How many tasks wait: ready for an agent, or in a retry backoff."""
-        backing_off = {
-            task_id
-            for _, _, task_id in self._delayed
-            if (rt := self._tasks.active.get(task_id)) is not None and rt.record.state == QUEUED
-        }
-        return len(self._queue) + len(backing_off - set(self._queue.task_ids()))
+        return self._scheduler.depth()
 
     # -- watching --------------------------------------------------------------------
 
@@ -941,7 +940,7 @@ class Coordinator:
         if rt.deadline_handle is not None:
             rt.deadline_handle.cancel()
             rt.deadline_handle = None
-        self._queue.remove(task_id)
+        self._scheduler.remove(task_id)
         attempt, rt.attempt = rt.attempt, None
         if attempt is not None and attempt.task is not None and not attempt.task.done():
             attempt.task.cancel()
@@ -975,129 +974,12 @@ class Coordinator:
         """
         return Session(self, caller, correlation_id).run(requests)
 
-    # -- scheduling ------------------------------------------------------------------
+    # -- attempts ------------------------------------------------------------------
 
-    def _enqueue(self, rt: TaskRuntime) -> None:
-        record = rt.record
-        if record.not_before_ns > now_ns():
-            heapq.heappush(
-                self._delayed, (record.not_before_ns, next(self._delay_counter), record.task_id)
-            )
-        else:
-            self._queue.push(
-                record.task_id,
-                capability=record.capability,
-                priority=record.priority,
-                enqueued_at=rt.enqueued_at,
-            )
-            rt.queued_mono = asyncio.get_running_loop().time()
-        self.wake()
-
-    def _promote_due(self) -> None:
-        now = now_ns()
-        while self._delayed and self._delayed[0][0] <= now:
-            _, _, task_id = heapq.heappop(self._delayed)
-            rt = self._tasks.active.get(task_id)
-            if rt is None or rt.record.state != QUEUED:
-                continue
-            rt.record.not_before_ns = 0
-            self._enqueue(rt)
-
-    async def _schedule_loop(self) -> None:
-        while True:
-            self._kick.clear()
-            try:
-                self._promote_due()
-                self._dispatch_ready()
-            except Exception:
-                logger.exception("scheduler round failed")
-            delay = None
-            if self._delayed:
-                delay = max((self._delayed[0][0] - now_ns()) / 1e9, 0.0)
-            try:
-                async with asyncio.timeout(delay):
-                    await self._kick.wait()
-            except TimeoutError:
-                pass
-
-    def _dispatch_ready(self) -> None:
-        waiting: list[QueueEntry] = []
-        try:
-            self._dispatch_round(waiting)
-        finally:
-            # Tasks that wait for a particular agent go back with their place kept.
-            for entry in waiting:
-                self._queue.push(
-                    entry.task_id,
-                    capability=entry.capability,
-                    priority=entry.priority,
-                    enqueued_at=entry.enqueued_at,
-                )
-
-    def _dispatch_round(self, waiting: list[QueueEntry]) -> None:
-        if self._cluster is not None and not self._cluster.leased:
-            # Peers may be taking this coordinator's tasks over: start nothing until a
-            # heartbeat succeeds again (it wakes the scheduler).
-            return
-        while True:
-            entry = self._queue.pop_best(self._pool.has_capacity)
-            if entry is None:
-                return
-            rt = self._tasks.active.get(entry.task_id)
-            if rt is None or rt.record.state != QUEUED:
-                continue
-            record = rt.record
-            budget = record.spec.token_budget
-            if budget and record.usage.total_tokens >= budget:
-                self._finish(
-                    rt,
-                    FAILED,
-                    reason="token budget spent",
-                    error=common_pb2.ErrorDetail(
-                        code="RESOURCE_EXHAUSTED",
-                        reason="TOKEN_BUDGET_EXHAUSTED",
-                        message=f"the task used {record.usage.total_tokens} of {budget} tokens",
-                    ),
-                )
-                continue
-            lease = self._pool.acquire(entry.capability, avoid=rt.avoid)
-            if lease is None:
-                # Only agents it failed on are free: let other tasks go first.
-                waiting.append(entry)
-                continue
-            metrics.QUEUE_WAIT_SECONDS.observe(
-                max(asyncio.get_running_loop().time() - rt.queued_mono, 0.0)
-            )
-            self._start_attempt(rt, lease)
-
-    def _start_attempt(self, rt: TaskRuntime, lease: AgentLease) -> None:
-        record = rt.record
-        record.attempt += 1
-        previous = record.state
-        record.state = ASSIGNED
-        record.agent_id = lease.agent_id
-        record.not_before_ns = 0
-        record.attempts.append(
-            coordinator_pb2.AttemptRecord(
-                attempt=record.attempt,
-                agent_id=lease.agent_id,
-                started_at=convert.timestamp_ns(now_ns()),
-            )
-        )
-        self._journal.emit(
-            rt,
-            publish="task.assigned",
-            state_changed=coordinator_pb2.StateChange(
-                from_state=previous,  # type: ignore[arg-type]
-                to_state=ASSIGNED,
-                reason=f"assigned to agent {lease.agent_id}",
-                agent_id=lease.agent_id,
-            ),
-        )
-        attempt = Attempt(number=record.attempt, lease=lease)
-        rt.attempt = attempt
-        attempt.task = self._spawn(
-            self._run_attempt(rt, attempt), name=f"attempt-{record.task_id}-{attempt.number}"
+    def _spawn_attempt(self, rt: TaskRuntime, attempt: Attempt) -> asyncio.Task[None]:
+        """Run an attempt the scheduler started (scheduler.py) in the background."""
+        return self._spawn(
+            self._run_attempt(rt, attempt), name=f"attempt-{rt.record.task_id}-{attempt.number}"
         )
 
     async def _run_attempt(self, rt: TaskRuntime, attempt: Attempt) -> None:
@@ -1333,7 +1215,7 @@ class Coordinator:
                 record.spec.max_attempts,
                 backoff,
             )
-        self._enqueue(rt)
+        self._scheduler.enqueue(rt)
 
     # -- finishing -------------------------------------------------------------------
 
@@ -1358,7 +1240,7 @@ class Coordinator:
         record.error = error
         record.pending_input = None
         record.not_before_ns = 0
-        self._queue.remove(record.task_id)
+        self._scheduler.remove(record.task_id)
         if record.attempts and not record.attempts[-1].HasField("ended_at"):
             close_attempt(record, record.attempts[-1].attempt, error)
         self._journal.emit(
@@ -1522,7 +1404,7 @@ class Coordinator:
             else:
                 requeued += 1
             self._arm_deadline(rt)
-            self._enqueue(rt)
+            self._scheduler.enqueue(rt)
         for rt in plans:
             children = [
                 convert.record_from_row(r) for r in await self._store.children(rt.record.task_id)
@@ -1572,8 +1454,8 @@ class Coordinator:
             "active_tasks": len(self._tasks.active),
             "finished_cache": self._tasks.finished_count,
             "idempotency_keys": len(self._idempotency),
-            "queue_entries": self._queue.heap_entries,
-            "delayed_retries": len(self._delayed),
+            "queue_entries": self._scheduler.queue.heap_entries,
+            "delayed_retries": len(self._scheduler.delayed),
             "background_tasks": len(self._background),
             "plans_running": len(self._plans),
             "plan_children": self._plans.children_count,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -19,17 +18,15 @@ import pytest
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.discovery.static import StaticRegistry
-from hivewire.services.coordinator.app import running_coordinator
 from hivewire.services.runtime.channels import secure_channel
-from hivewire.services.runtime.config import load_settings
 from tests.conftest import Pki
 from tests.helpers import NatsServer, eventually
 from tests.support.coordinator_mesh import (
     Mesh,
-    RecordingPublisher,
     assert_contiguous,
     collect,
     error_of,
+    jetstream_mesh,
     spec,
 )
 
@@ -39,39 +36,21 @@ S = common_pb2
 C = coordinator_pb2
 
 
-@contextlib.asynccontextmanager
-async def member(
+def member(
     pki: Pki, nats_url: str, registry: StaticRegistry, workdir: Path
-) -> AsyncIterator[Mesh]:
+) -> contextlib.AbstractAsyncContextManager[Mesh]:
     """One coordinator of the cluster (its own stack, so a test can stop it alone)."""
-    settings = load_settings(
-        host="127.0.0.1",
-        port=0,
-        certs_dir=pki.dir,
-        identity="coordinator",
-        grace_period=0.5,
-        discovery="static",
-        nats_url=nats_url,
-        coordinator={
-            "store": "jetstream",
-            "db_path": workdir.with_suffix(".db"),
-            # Long enough for a loaded machine: takeovers here follow a graceful stop,
-            # which deletes the lease key at once.
-            "lease_ttl": 5.0,
-            "lease_heartbeat": 0.2,
-            "retry_initial_backoff": 0.01,
-            "retry_max_backoff": 0.05,
-            "cancel_grace": 2.0,
-        },
+    return jetstream_mesh(
+        pki.dir,
+        nats_url,
+        registry,
+        db_path=workdir.with_suffix(".db"),
+        # Long enough for a loaded machine: takeovers here follow a graceful stop, which
+        # deletes the lease key at once.
+        lease_ttl=5.0,
+        lease_heartbeat=0.2,
+        cancel_grace=2.0,
     )
-    async with contextlib.AsyncExitStack() as stack:
-        events = RecordingPublisher()
-        running = await stack.enter_async_context(
-            running_coordinator(settings, registry=registry, events=events)
-        )
-        mesh = Mesh(pki.dir, registry, running, events, stack)
-        stack.push_async_callback(mesh.close_channels)
-        yield mesh
 
 
 def instance_of(mesh: Mesh) -> str:
@@ -213,3 +192,49 @@ async def test_a_stopped_coordinators_tasks_are_taken_over_and_watched_without_a
             assert [a for a in task.attempts if not a.HasField("error")] == [task.attempts[-1]]
         task = (await on_b.GetTask(C.GetTaskRequest(task_id=queued.task_id))).task
         assert task.state == S.TASK_STATE_QUEUED
+
+
+async def test_a_coordinator_that_cannot_heartbeat_lets_go_before_a_peer_takes_over(
+    pki: Pki, tmp_path: Path
+) -> None:
+    async with (
+        NatsServer(tmp_path / "nats") as nats,
+        StaticRegistry() as registry,
+        member(pki, nats.url, registry, tmp_path / "b") as b,
+        member(pki, nats.url, registry, tmp_path / "a") as a,
+    ):
+        agent = await a.agent(capabilities=("echo",), max_concurrency=16)
+        on_a, on_b = a.client(), b.client()
+        ids = []
+        for _ in range(3):
+            held = spec(script={"hold": "h", "steps": 1})
+            ids.append((await on_a.SubmitTask(C.SubmitTaskRequest(spec=held))).task.task_id)
+        await asyncio.wait_for(agent.wait_started(3), 30)
+        assert agent.stats.in_flight == 3
+
+        # A's heartbeats stop reaching NATS (as when it is cut off from it).
+        cluster = a.running.coordinator._cluster
+        assert cluster is not None
+
+        async def unreachable() -> bool:
+            cluster._healthy_since = None
+            return False
+
+        cluster._beat = unreachable  # type: ignore[method-assign]
+
+        async def taken_over() -> None:
+            for task_id in ids:
+                task = (await on_b.GetTask(C.GetTaskRequest(task_id=task_id))).task
+                assert task.coordinator_id == instance_of(b)
+
+        await eventually(taken_over, timeout=30)
+        agent.gate("h").set()
+        for task_id in ids:
+            events = await collect(on_b.WatchTask(C.WatchTaskRequest(task_id=task_id), timeout=30))
+            assert_contiguous(events)
+            assert [e.finished.state for e in events if e.HasField("finished")] == [
+                S.TASK_STATE_SUCCEEDED
+            ]
+        # A stopped its three attempts before B started its own: never six at once.
+        assert agent.stats.max_in_flight == 3
+        assert not a.running.coordinator._tasks.active
