@@ -202,13 +202,6 @@ def render_security(
     Returns:
         Configuration text (NATS config accepts JSON values).
     """
-    users = []
-    for spiffe_id in identities:
-        user: dict[str, Any] = {"user": spiffe_id}
-        permissions = permissions_for(spiffe_id, names)
-        if permissions is not None:
-            user["permissions"] = permissions
-        users.append(user)
     tls = {
         "cert_file": str(server.cert.resolve()),
         "key_file": str(server.key.resolve()),
@@ -216,7 +209,20 @@ def render_security(
         "verify_and_map": True,
         "timeout": 2,
     }
-    return (
-        f"tls: {json.dumps(tls, indent=2)}\n"
-        f"authorization: {json.dumps({'users': users}, indent=2)}\n"
-    )
+    return f"tls: {json.dumps(tls, indent=2)}\n" + render_authorization(identities, names)
+
+
+def render_authorization(identities: Iterable[str], names: NatsNames = NatsNames()) -> str:
+    """The ``authorization`` block alone: one user per SPIFFE id, with its permissions.
+
+    ``hivewire certs nats-auth`` prints it for servers whose ``tls`` block is written
+    elsewhere (the deploy/ files include it).
+    """
+    users = []
+    for spiffe_id in identities:
+        user: dict[str, Any] = {"user": spiffe_id}
+        permissions = permissions_for(spiffe_id, names)
+        if permissions is not None:
+            user["permissions"] = permissions
+        users.append(user)
+    return f"authorization: {json.dumps({'users': users}, indent=2)}\n"
