@@ -292,6 +292,7 @@ def webhook_registration(row: WebhookRow) -> coordinator_pb2.WebhookRegistration
         owner=row.owner,
         url=row.url,
         created_at=timestamp_ns(row.created_ns),
+        project_id=row.project_id,
     )
 
 
@@ -308,6 +309,7 @@ def webhook_delivery(row: DeliveryRow) -> coordinator_pb2.WebhookDelivery:
         attempts=row.attempts,
         last_error=row.last_error,
         created_at=timestamp_ns(row.created_ns),
+        project_id=row.project_id,
     )
     if row.next_at_ns:
         delivery.next_attempt_at.CopyFrom(timestamp_ns(row.next_at_ns))

@@ -709,6 +709,14 @@ class Coordinator:
     ) -> coordinator_pb2.Project:
         return await self._projects.load(project_id, caller, field_name=field_name)
 
+    async def project_of_owner(self, project_id: str, caller: Caller) -> coordinator_pb2.Project:
+        """A project the caller owns (any project for an admin), without progress.
+
+        Raises:
+            NotFound: No such project, or one the caller does not own.
+        """
+        return await self._projects.load(project_id, caller)
+
     def add_spec_check(self, check: SpecCheck) -> None:
         """Run ``check`` on every valid spec before it is accepted (webhook URLs...)."""
         self._spec_checks.append(check)
