@@ -117,27 +117,43 @@ async def eventually(
 _RESERVED: list[socket.socket] = []
 
 
+def _bound_socket() -> socket.socket:
+    """A socket bound to 127.0.0.1 on a port the kernel picked (port 0), not listening."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 def reserved_port() -> int:
     """A port on 127.0.0.1 that this test process holds and on which nothing listens.
 
     The socket binds port 0, the port is read back, and the socket stays bound (never
     listening) until the process exits: no other process can take the port, and a
-    connection to it is refused at once. For addresses nobody answers at (an agent that
-    crashed, a NATS that is down) and for port numbers that are only registered, never
-    served. A server a test starts binds port 0 itself and reports its port instead.
+    connection to it is refused at once. For port numbers that are only registered,
+    never served (and addresses nobody answers at, see :func:`dead_address`). A server a
+    test starts binds port 0 itself and reports its port instead.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock = _bound_socket()
     _RESERVED.append(sock)
     return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def dead_address() -> Iterator[str]:
+    """``127.0.0.1:port`` where nothing listens: connections to it are refused.
+
+    The port stays bound (never listening) while the context is open, so no other
+    process can start listening on it meanwhile.
+    """
+    with _bound_socket() as sock:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago: racy, so only where a process
     must be told a port up front and cannot bind 0 and report it (see the callers).
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+    with _bound_socket() as sock:
         return int(sock.getsockname()[1])
 
 
