@@ -451,6 +451,7 @@ class Task(_message.Message):
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    COORDINATOR_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id."""
     state: _common_pb2.TaskState.ValueType
@@ -474,6 +475,10 @@ class Task(_message.Message):
     depth: _builtins.int
     """How deep the task is nested: 0 for a task a client submitted, 1 for its
     steps and sub-tasks, and so on.
+    """
+    coordinator_id: _builtins.str
+    """The coordinator instance that owns the task now (holds its lease and runs
+    its attempts); empty on a single coordinator with the SQLite store.
     """
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
@@ -544,10 +549,11 @@ class Task(_message.Message):
         project_id: _builtins.str = ...,
         depth: _builtins.int = ...,
         steps: _abc.Iterable[Global___StepStatus] | None = ...,
+        coordinator_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "error", b"error", "output", b"output", "pending_input", b"pending_input", "progress", b"progress", "spec", b"spec", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "deadline", b"deadline", "depth", b"depth", "error", b"error", "last_sequence", b"last_sequence", "output", b"output", "owner", b"owner", "parent_task_id", b"parent_task_id", "pending_input", b"pending_input", "progress", b"progress", "project_id", b"project_id", "role", b"role", "spec", b"spec", "state", b"state", "step_id", b"step_id", "steps", b"steps", "task_id", b"task_id", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "attempts", b"attempts", "coordinator_id", b"coordinator_id", "created_at", b"created_at", "deadline", b"deadline", "depth", b"depth", "error", b"error", "last_sequence", b"last_sequence", "output", b"output", "owner", b"owner", "parent_task_id", b"parent_task_id", "pending_input", b"pending_input", "progress", b"progress", "project_id", b"project_id", "role", b"role", "spec", b"spec", "state", b"state", "step_id", b"step_id", "steps", b"steps", "task_id", b"task_id", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
