@@ -10,6 +10,7 @@ wall-clock rates: it is the steadier of the two.
     python bench/run.py --quick         # short phases, one round, under a minute
     python bench/run.py --only mesh streams --json results.json
     python bench/run.py --only grpcio   # bench/grpcio_versions.py (builds venvs, needs PyPI)
+    python bench/run.py --only chain --plot chain.png --before before.json
 
 See bench/README.md and docs/performance.md.
 """
@@ -44,11 +45,11 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 from google.protobuf import __version__ as protobuf_version  # noqa: E402
 
-from bench import echo, events, grpcio_versions, interceptors, mesh, plans, streams  # noqa: E402
+from bench import chain, echo, events, grpcio_versions, interceptors, mesh, plans, streams  # noqa: E402
 from bench.common import DEFAULT, QUICK, Durations, Phase  # noqa: E402
 from hivewire.services.runtime.pki import init_pki  # noqa: E402
 
-BENCHMARKS = ("echo", "interceptors", "mesh", "plans", "streams", "events")
+BENCHMARKS = ("chain", "echo", "interceptors", "mesh", "plans", "streams", "events")
 OPTIONAL = ("grpcio",)
 STREAMS_DEFAULT = 2000
 STREAMS_QUICK = 500
@@ -113,6 +114,20 @@ async def run(args: argparse.Namespace) -> int:
         certs = Path(tmp)
         init_pki(certs)
 
+        async def bench_chain() -> str:
+            # The issue's table: a no-op task against the bare 2-hop chain; a plot
+            # needs more than two points on its concurrency axis.
+            result = await chain.measure(
+                durations=durations if args.quick else MESH_TASKS,
+                concurrency=chain.PLOT_CONCURRENCY if args.plot else chain.CONCURRENCY,
+            )
+            results["chain"] = result
+            if args.plot:
+                before = chain.load(args.before) if args.before else None
+                chain.plot(result, args.plot, before=before)
+            text = chain.report(result)
+            return text + (f"\nplot written to {args.plot}" if args.plot else "")
+
         async def bench_echo() -> str:
             result = await echo.measure(certs, durations=durations)
             results["echo"] = result
@@ -157,6 +172,7 @@ async def run(args: argparse.Namespace) -> int:
             return grpcio_versions.report(result)
 
         runners: dict[str, Callable[[], Awaitable[str]]] = {
+            "chain": bench_chain,
             "echo": bench_echo,
             "interceptors": bench_interceptors,
             "mesh": bench_mesh,
@@ -197,6 +213,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--streams", type=int, help="WatchTask streams to open")
     parser.add_argument("--json", type=Path, help="also write every number as JSON here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="chain: also measure c=4 and c=32 and draw rate and p99 against concurrency "
+        "(PNG, matplotlib from the bench extra)",
+    )
+    parser.add_argument(
+        "--before", type=Path, help="chain: an earlier --json run, drawn as 'hivewire before'"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(1 if asyncio.run(run(args)) else 0)
