@@ -522,6 +522,18 @@ class _ClientCallMetrics:
         metrics.CLIENT_HANDLED.labels(*self._labels, code.name).inc()
 
 
+def observe_client_call(call: Any, grpc_type: str, method: str) -> None:
+    """Record the ``grpc_client_*`` metrics of a call made on a channel without interceptors.
+
+    Args:
+        call: The ``grpc.aio`` call, just started.
+        grpc_type: ``unary``, ``server_stream``, ``client_stream`` or ``bidi_stream``.
+        method: The full method name.
+    """
+    m = _ClientCallMetrics(grpc_type, method)
+    call.add_done_callback(lambda c: m.done(finished_call_code(c)))
+
+
 class CorrelationClientInterceptor(
     grpc.aio.UnaryUnaryClientInterceptor,
     grpc.aio.UnaryStreamClientInterceptor,
