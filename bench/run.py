@@ -45,11 +45,32 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 from google.protobuf import __version__ as protobuf_version  # noqa: E402
 
-from bench import chain, echo, events, grpcio_versions, interceptors, mesh, plans, streams  # noqa: E402
+from bench import (  # noqa: E402
+    backlog,
+    chain,
+    echo,
+    events,
+    grpcio_versions,
+    interceptors,
+    mesh,
+    plans,
+    streams,
+    tokens,
+)
 from bench.common import DEFAULT, QUICK, Durations, Phase  # noqa: E402
 from hivewire.services.runtime.pki import init_pki  # noqa: E402
 
-BENCHMARKS = ("chain", "echo", "interceptors", "mesh", "plans", "streams", "events")
+BENCHMARKS = (
+    "chain",
+    "tokens",
+    "backlog",
+    "echo",
+    "interceptors",
+    "mesh",
+    "plans",
+    "streams",
+    "events",
+)
 OPTIONAL = ("grpcio",)
 STREAMS_DEFAULT = 2000
 STREAMS_QUICK = 500
@@ -128,6 +149,19 @@ async def run(args: argparse.Namespace) -> int:
             text = chain.report(result)
             return text + (f"\nplot written to {args.plot}" if args.plot else "")
 
+        async def bench_tokens() -> str:
+            result = await tokens.measure(durations=durations)
+            results["tokens"] = result
+            return tokens.report(result)
+
+        async def bench_backlog() -> str:
+            result = await backlog.measure(
+                rounds=1 if args.quick else backlog.ROUNDS,
+                sizes=args.queue_sizes or (backlog.QUICK_SIZES if args.quick else backlog.SIZES),
+            )
+            results["backlog"] = result
+            return backlog.report(result)
+
         async def bench_echo() -> str:
             result = await echo.measure(certs, durations=durations)
             results["echo"] = result
@@ -173,6 +207,8 @@ async def run(args: argparse.Namespace) -> int:
 
         runners: dict[str, Callable[[], Awaitable[str]]] = {
             "chain": bench_chain,
+            "tokens": bench_tokens,
+            "backlog": bench_backlog,
             "echo": bench_echo,
             "interceptors": bench_interceptors,
             "mesh": bench_mesh,
@@ -212,6 +248,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="run only these (grpcio is never run unless named here)",
     )
     parser.add_argument("--streams", type=int, help="WatchTask streams to open")
+    parser.add_argument(
+        "--queue-sizes",
+        nargs="+",
+        type=int,
+        help="backlog: waiting tasks to compare (smallest first)",
+    )
     parser.add_argument("--json", type=Path, help="also write every number as JSON here")
     parser.add_argument(
         "--plot",
