@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,9 @@ from typing import Self, TypeVar
 __all__ = ["PENDING", "DELIVERED", "DEAD", "DeliveryRow", "SqliteWebhookStore", "WebhookRow"]
 
 T = TypeVar("T")
+
+_CACHED_OWNERS = 1024
+"""Principals whose registrations are kept in memory (least recently used leave)."""
 
 PENDING = 1
 DELIVERED = 2
@@ -100,6 +104,10 @@ class SqliteWebhookStore:
         self._path = str(path)
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        # Registrations by owner, read on every task's end: kept in memory (only this
+        # store writes them) so most tasks cost no trip to the database thread.
+        self._registrations: OrderedDict[str, tuple[WebhookRow, ...]] = OrderedDict()
+        self._generation = 0  # bumped by every change: a read that raced one is not kept
 
     async def __aenter__(self) -> Self:
         await asyncio.to_thread(self._open)
@@ -137,18 +145,32 @@ class SqliteWebhookStore:
 
     # -- registrations ---------------------------------------------------------------
 
+    def _changed(self, owner: str) -> None:
+        self._generation += 1
+        self._registrations.pop(owner, None)
+
     async def add_webhook(self, row: WebhookRow) -> None:
         """Store a registration."""
-        await self._run(
-            lambda c: c.execute(
-                "INSERT INTO webhooks (webhook_id, owner, url, secret, created_ns) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (row.webhook_id, row.owner, row.url, row.secret, row.created_ns),
+        self._changed(row.owner)
+        try:
+            await self._run(
+                lambda c: c.execute(
+                    "INSERT INTO webhooks (webhook_id, owner, url, secret, created_ns) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (row.webhook_id, row.owner, row.url, row.secret, row.created_ns),
+                )
             )
-        )
+        finally:
+            # Again once written: a read that ran meanwhile may have seen either.
+            self._changed(row.owner)
 
     async def webhooks_of(self, owner: str) -> list[WebhookRow]:
         """A principal's registrations, oldest first."""
+        cached = self._registrations.get(owner)
+        if cached is not None:
+            self._registrations.move_to_end(owner)
+            return list(cached)
+        generation = self._generation
 
         def run(c: sqlite3.Connection) -> list[WebhookRow]:
             rows = c.execute(
@@ -158,10 +180,16 @@ class SqliteWebhookStore:
             ).fetchall()
             return [WebhookRow(*r) for r in rows]
 
-        return await self._run(run)
+        rows = await self._run(run)
+        if generation == self._generation:
+            self._registrations[owner] = tuple(rows)
+            while len(self._registrations) > _CACHED_OWNERS:
+                self._registrations.popitem(last=False)
+        return rows
 
     async def delete_webhook(self, owner: str, webhook_id: str) -> bool:
         """Remove a registration; False when the principal has none with that id."""
+        self._changed(owner)
 
         def run(c: sqlite3.Connection) -> bool:
             cursor = c.execute(
@@ -169,7 +197,10 @@ class SqliteWebhookStore:
             )
             return cursor.rowcount > 0
 
-        return await self._run(run)
+        try:
+            return await self._run(run)
+        finally:
+            self._changed(owner)
 
     # -- deliveries ------------------------------------------------------------------
 
