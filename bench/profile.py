@@ -35,6 +35,7 @@ from bench.meshrun import bench_mesh, coordinator_stub  # noqa: E402
 
 # Areas of the code, by the first matching path fragment of a frame (most specific first).
 AREAS: tuple[tuple[str, str], ...] = (
+    ("selectors.py", "event loop: epoll"),
     ("opentelemetry", "tracing (OpenTelemetry)"),
     ("services/runtime/tracing", "tracing (OpenTelemetry)"),
     ("prometheus_client", "metrics (prometheus_client)"),
@@ -83,19 +84,36 @@ def parse(raw: Path) -> list[tuple[list[str], int]]:
     return stacks
 
 
+def owner(frames: Sequence[str]) -> str:
+    """Where one sample's time goes: its thread, else the nearest known area to the leaf."""
+    stack = ";".join(frames)
+    if "Thread.run" in stack:
+        if "sqlite_store.py" in stack:
+            return "SQLite store (its thread)"
+        if "concurrent/futures/thread.py" in stack:
+            return "executor threads (asyncio.to_thread)"
+        return "grpc (its poller thread)"
+    if frames and "Handle._run" in frames[-1]:
+        # A loop callback with no Python frame under it: grpc's Cython/C code.
+        return "grpc (C core, in event-loop callbacks)"
+    for frame in reversed(frames):
+        name = area(frame)
+        if name is not None and name != "asyncio event loop":
+            return name
+    return "asyncio event loop / other"
+
+
 def summarize(stacks: Iterable[tuple[list[str], int]], *, top: int = 25) -> str:
-    """Self time per function and inclusive share per area."""
+    """Share of samples per area (each sample counted once) and self time per function."""
     stacks = list(stacks)
     total = sum(n for _, n in stacks) or 1
     own: collections.Counter[str] = collections.Counter()
     areas: collections.Counter[str] = collections.Counter()
     for frames, n in stacks:
         own[frames[-1] if frames else "?"] += n
-        seen = {a for a in (area(f) for f in frames) if a is not None}
-        for name in seen:
-            areas[name] += n
+        areas[owner(frames)] += n
     lines = [f"  {total} samples of busy threads (py-spy leaves idle ones out)"]
-    lines.append("  inclusive share by area (a sample counts once per area on its stack):")
+    lines.append("  share by area (a sample goes to its thread, else the area nearest its leaf):")
     for name, n in areas.most_common():
         lines.append(f"    {n / total:6.1%}  {name}")
     lines.append(f"  top {top} functions by own samples:")
