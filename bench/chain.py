@@ -269,16 +269,20 @@ def plot(result: Mapping[str, Any], path: Path, *, before: Mapping[str, Any] | N
     import matplotlib.pyplot as plt
 
     fig, (rate_ax, p99_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    series: list[tuple[str, Mapping[str, Any], str, str]] = [
-        ("bare 2-hop chain", result, CHAIN, "tab:gray"),
-        ("hivewire no-op task", result, TASK, "tab:blue"),
+    series: list[tuple[str, Mapping[str, Any], str, str, str]] = [
+        ("bare 2-hop chain", result, CHAIN, "tab:gray", "-"),
+        ("hivewire no-op task", result, TASK, "tab:blue", "-"),
     ]
     if before is not None:
-        series.append(("hivewire before", before, TASK, "tab:red"))
-    for label, data, side, color in series:
+        # Its own chain too: on a shared machine only a run's own baseline compares.
+        series.append(("bare chain, in the earlier run", before, CHAIN, "tab:gray", "--"))
+        series.append(("hivewire, earlier run", before, TASK, "tab:red", "--"))
+    for label, data, side, color, style in series:
         for ax, metric, scale in ((rate_ax, _rate, 1.0), (p99_ax, p99, 1e3)):
             xs, mid, low, high = _curve(data, side, metric)
-            ax.plot(xs, [v * scale for v in mid], marker="o", color=color, label=label)
+            ax.plot(
+                xs, [v * scale for v in mid], marker="o", color=color, linestyle=style, label=label
+            )
             ax.fill_between(
                 xs, [v * scale for v in low], [v * scale for v in high], color=color, alpha=0.15
             )
@@ -287,10 +291,10 @@ def plot(result: Mapping[str, Any], path: Path, *, before: Mapping[str, Any] | N
     p99_ax.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="ms")
     p99_ax.set_title("p99 latency")
     for ax in (rate_ax, p99_ax):
-        ticks = sorted({c for _, data, _, _ in series for c in data["concurrency"]})
+        ticks = sorted({c for _, data, _, _, _ in series for c in data["concurrency"]})
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.grid(True, which="both", alpha=0.3)
-    rate_ax.legend()
+    rate_ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
