@@ -102,9 +102,9 @@ def secure_channel(
         options: Channel options replacing the defaults of :func:`channel_options`.
         default_timeout: Deadline (s) for unary-response calls that set none.
         max_message_bytes: Largest message sent or received.
-        intercepted: False gives a channel without any client interceptor, for a hot
-            path that carries the correlation id, deadline, trace context
-            (:func:`~hivewire.services.runtime.tracing.client_span`) and metrics
+        intercepted: False gives a channel without any client interceptor (``interceptors``
+            included), for a hot path that carries the correlation id, deadline, trace
+            context (:func:`~hivewire.services.runtime.tracing.client_span`) and metrics
             (:func:`~hivewire.services.runtime.interceptors.observe_client_call`) of its
             calls itself: grpc.aio runs every intercepted stream through an extra task
             and queue per call and per message.
