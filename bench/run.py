@@ -48,6 +48,7 @@ from google.protobuf import __version__ as protobuf_version  # noqa: E402
 from bench import (  # noqa: E402
     backlog,
     chain,
+    coordinators,
     echo,
     events,
     grpcio_versions,
@@ -67,6 +68,7 @@ BENCHMARKS = (
     "echo",
     "interceptors",
     "mesh",
+    "coordinators",
     "plans",
     "streams",
     "events",
@@ -178,6 +180,12 @@ async def run(args: argparse.Namespace) -> int:
             results["mesh"] = result
             return mesh.report(result)
 
+        async def bench_coordinators() -> str:
+            task_durations = durations if args.quick else MESH_TASKS
+            result = await coordinators.measure(durations=durations, task_durations=task_durations)
+            results["coordinators"] = result
+            return coordinators.report(result)
+
         async def bench_plans() -> str:
             result = await plans.measure(durations=durations if args.quick else MESH_TASKS)
             results["plans"] = result
@@ -212,6 +220,7 @@ async def run(args: argparse.Namespace) -> int:
             "echo": bench_echo,
             "interceptors": bench_interceptors,
             "mesh": bench_mesh,
+            "coordinators": bench_coordinators,
             "plans": bench_plans,
             "streams": bench_streams,
             "events": bench_events,

@@ -22,9 +22,15 @@ async def test_registrations_follow_adds_and_deletes(tmp_path: Path) -> None:
         await store.add_webhook(row("b", created_ns=2))
         await store.add_webhook(row("x", owner="spiffe://hivewire.local/client/bob"))
         assert [w.webhook_id for w in await store.webhooks_of(OWNER)] == ["a", "b"]
-        assert await store.delete_webhook(OWNER, "a")
+        assert await store.delete_webhook("a")
         assert [w.webhook_id for w in await store.webhooks_of(OWNER)] == ["b"]
-        assert not await store.delete_webhook(OWNER, "a")
+        assert not await store.delete_webhook("a")
+        # A project's registrations are their own list.
+        await store.add_webhook(WebhookRow("p", OWNER, "https://example.com/p", "s", 3, "proj-1"))
+        assert [w.webhook_id for w in await store.webhooks_of("", project_id="proj-1")] == ["p"]
+        assert [w.webhook_id for w in await store.webhooks_of(OWNER)] == ["b"]
+        assert await store.delete_webhook("p")
+        assert await store.webhooks_of("", project_id="proj-1") == []
     # A new store on the same file answers the same (nothing lived only in memory).
     async with SqliteWebhookStore(tmp_path / "c.db") as store:
         assert [w.webhook_id for w in await store.webhooks_of(OWNER)] == ["b"]
