@@ -9,7 +9,6 @@ The command lives with the agent package: ``hivewire`` mounts it as ``agent`` an
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -77,6 +76,7 @@ def serve(
         settings_for_agent,
     )
     from hivewire.services.agent.settings import AgentProcessSettings
+    from hivewire.services.runtime.bootstrap import run_loop
     from hivewire.services.runtime.config import load_settings
     from hivewire.services.runtime.logging import setup_logging
     from hivewire.services.runtime.tracing import setup_tracing
@@ -112,7 +112,7 @@ def serve(
     setup_logging(settings.log_level, settings.log_format)
     setup_tracing("hivewire-agent", otlp_endpoint=settings.otlp_endpoint)
     try:
-        asyncio.run(serve_agent(agent, settings))
+        run_loop(serve_agent(agent, settings), settings.event_loop)
     except FileNotFoundError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from exc
