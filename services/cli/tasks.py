@@ -9,7 +9,11 @@ question is asked right there.
 
 The coordinator comes from ``--address`` (default ``HIVEWIRE_COORDINATOR__ADDRESS``,
 127.0.0.1:50051); the client certificate from ``--certs-dir`` and ``--identity``
-(default ``HIVEWIRE_CERTS_DIR`` and the ``client`` identity).
+(default ``HIVEWIRE_CERTS_DIR`` and the ``client`` identity). An end user acts with
+their own API key or JWT: ``hivewire --api-key <key> ...`` or ``--token <jwt>`` (or
+``HIVEWIRE_API_KEY`` / ``HIVEWIRE_TOKEN``), sent as ``authorization: Bearer`` on every
+call; the coordinator then treats the key's or token's principal as the caller
+(docs/security.md).
 
 Exit status:
 
@@ -92,13 +96,23 @@ class _Target:
     address: str
     certs_dir: Path
     identity: str
+    bearer: str | None = None
+
+
+_bearer: str | None = None
+
+
+def use_credential(credential: str | None) -> None:
+    """Send this API key or JWT with every call of this CLI run (None: only mTLS)."""
+    global _bearer
+    _bearer = credential or None
 
 
 def _target(address: str | None, certs_dir: Path | None, identity: str) -> _Target:
     from hivewire.services.runtime.config import load_settings
 
     settings = load_settings(certs_dir=certs_dir)
-    return _Target(address or settings.coordinator.address, settings.certs_dir, identity)
+    return _Target(address or settings.coordinator.address, settings.certs_dir, identity, _bearer)
 
 
 @contextlib.asynccontextmanager
@@ -109,7 +123,9 @@ async def _connect(
     from hivewire.services.runtime.tls import TlsFiles
 
     channel = secure_channel(
-        target.address, TlsFiles.for_identity(target.certs_dir, target.identity)
+        target.address,
+        TlsFiles.for_identity(target.certs_dir, target.identity),
+        bearer=target.bearer,
     )
     try:
         stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub = (

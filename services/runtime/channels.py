@@ -87,6 +87,7 @@ def secure_channel(
     options: Sequence[ChannelOption] = (),
     default_timeout: float | None = 30.0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    bearer: str | None = None,
 ) -> grpc.aio.Channel:
     """Open an mTLS channel with the standard client interceptor and options.
 
@@ -101,6 +102,8 @@ def secure_channel(
         options: Channel options replacing the defaults of :func:`channel_options`.
         default_timeout: Deadline (s) for unary-response calls that set none.
         max_message_bytes: Largest message sent or received.
+        bearer: An end user's API key or JWT, sent as ``authorization: Bearer <bearer>``
+            on every call (docs/security.md); None sends none.
 
     Returns:
         A ``grpc.aio.Channel``; close it (``await channel.close()``) when done.
@@ -115,9 +118,14 @@ def secure_channel(
         CorrelationClientInterceptor(default_timeout),
     ]
     chain.extend(interceptors)
+    credentials = channel_credentials(files)
+    if bearer:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(bearer)
+        )
     return grpc.aio.secure_channel(
         target,
-        channel_credentials(files),
+        credentials,
         options=merge_options(opts, options),
         interceptors=split_client_interceptors(chain),
     )
