@@ -335,8 +335,16 @@ def tasks_cli(
     mesh: Mesh, pki: Pki, *flags: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(HIVEWIRE), *flags, "tasks", "--json", "--address", mesh.process.address,
-         "--certs-dir", str(pki.dir)],  # fmt: skip
+        [
+            str(HIVEWIRE),
+            *flags,
+            "tasks",
+            "--json",
+            "--address",
+            mesh.process.address,
+            "--certs-dir",
+            str(pki.dir),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=60,
