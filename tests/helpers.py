@@ -29,7 +29,7 @@ from typing import IO, Any, Self
 import httpx
 
 from hivewire.services.mesh.launcher import read_ports_file
-from hivewire.services.mesh.nats_security import NATS_SERVER_STEM, mesh_identities, render_security
+from hivewire.services.mesh.nats_security import render_mesh_security
 from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
 
 __all__ = [
@@ -235,8 +235,7 @@ class NatsServer:
             # The store dir comes from -sd: nats-server rejects it given twice.
             text += f"jetstream {{\n  sync_interval: {self._sync_interval}\n}}\n"
         if self.certs_dir is not None:
-            server = TlsFiles.for_identity(self.certs_dir, NATS_SERVER_STEM)
-            text += render_security(server, mesh_identities(self.certs_dir))
+            text += render_mesh_security(self.certs_dir)
         if text:
             conf = self.workdir / "nats-server.conf"
             conf.write_text(text)

@@ -5,22 +5,25 @@ the mesh CA (``verify_and_map``), and maps each certificate's SPIFFE URI SAN to 
 with its own publish and subscribe permissions:
 
 =================  ==============================================================
-role               may publish (besides JetStream reads and ``_INBOX.>`` replies)
+role               may publish (besides JetStream reads)
 =================  ==============================================================
-``coordinator``    ``hivewire.events.{task,workflow,project}.>``; registry keys
-                   ``hivewire-coordinator.*``; its JetStream task store when used
-``agent``          ``hivewire.events.agent.>``; registry keys ``hivewire-agent.*``
-``model``          ``hivewire.events.model.>``; registry keys ``hivewire-model.*``
-``tool``           ``hivewire.events.tool.>``; registry keys ``hivewire-tool.*``
+``coordinator``    ``hivewire.events.{task,workflow,project}.>``; its registry keys
+                   ``hivewire-coordinator.<name>.>``; its JetStream task store
+``agent``          ``hivewire.events.agent.>``; registry keys ``hivewire-agent.<name>.>``
+``model``          ``hivewire.events.model.>``; registry keys ``hivewire-model.<name>.>``
+``tool``           ``hivewire.events.tool.>``; registry keys ``hivewire-tool.<name>.>``
 ``client``         nothing: reads events and the registry (an event reader)
 ``admin``          everything
 any other role     nothing at all (connects, then every publish and subscribe is denied)
 =================  ==============================================================
 
-So nobody but the coordinator can publish task events, and a service can write only its
-own kind of registry entries: an agent certificate cannot register a fake tool service or
-coordinator. Certificates of other CAs, no certificate, and SPIFFE ids the server does not
-list are refused at connect.
+``<name>`` is the name of the identity (``spiffe://hivewire.local/agent/<name>``): the
+registry writes its entries under it (discovery/embedded.py), so an agent cannot
+overwrite or delete another agent's entry, nor register a fake tool service or
+coordinator. Each identity subscribes only below its own reply prefix
+``_INBOX.<role>.<name>`` (``nats_inbox_prefix``), so nobody reads another's replies.
+Certificates of other CAs, no certificate, and SPIFFE ids the server does not list are
+refused at connect.
 
 nats-server matches users by exact string, so the user list is made from the certificates
 in the certs directory when the server starts (:func:`mesh_identities`); an identity
@@ -31,14 +34,20 @@ the nats-py client's requests (see docs/security.md).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from hivewire.services.runtime.pki import describe_cert, list_stems, parse_spiffe_id
-from hivewire.services.runtime.tls import TlsFiles
+from hivewire.services.runtime.revocation import RevocationList
+from hivewire.services.runtime.tls import TlsFiles, nats_inbox_prefix
 
 REGISTRY_BUCKET = "hivewire-registry"
 EVENTS_STREAM = "HIVEWIRE_EVENTS"
@@ -125,7 +134,7 @@ def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str,
         A ``permissions`` map, or None for admins (no restriction).
     """
     parsed = parse_spiffe_id(spiffe_id)
-    role = parsed[0] if parsed else ""
+    role, name = parsed if parsed else ("", "")
     if role == "admin":
         return None
     kv = f"KV_{names.bucket}"
@@ -143,7 +152,8 @@ def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str,
             *_stream_setup(kv),
             *_stream_setup(names.events_stream),
             *_stream_setup(names.dlq_stream),
-            f"$KV.{names.bucket}.{service}.*",
+            # Its own entries only: the registry writes <service>.<name>.<instance>.
+            f"$KV.{names.bucket}.{service}.{name}.>",
             f"{EVENTS_PREFIX}.{category}.>",
             # Every service reports the calls it refused (runtime/security.py).
             f"{EVENTS_PREFIX}.security.>",
@@ -154,47 +164,126 @@ def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str,
         publish = reads
     else:
         return {"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}}
-    return {"publish": {"allow": publish}, "subscribe": {"allow": ["_INBOX.>"]}}
+    # Replies (JetStream API answers, KV watches) reach it under its own inbox prefix.
+    inbox = f"{nats_inbox_prefix(spiffe_id)}.>"
+    return {"publish": {"allow": publish}, "subscribe": {"allow": [inbox]}}
 
 
-def mesh_identities(certs_dir: Path) -> list[str]:
-    """The SPIFFE ids of every certificate in the certs directory (the CA's excepted)."""
+SYSTEM_ACCOUNT = "SYS"
+"""The account of nats-server's own advisories; only the server's identity is in it."""
+
+
+@dataclass(frozen=True)
+class MeshCert:
+    """One certificate nats-server admits: who it is and its public-key pin."""
+
+    spiffe_id: str
+    pin: str
+    """Hex SHA-256 of the DER public key (nats-server's ``pinned_certs`` form)."""
+
+
+def mesh_certs(certs_dir: Path, revoked_file: Path | None = None) -> list[MeshCert]:
+    """The certificates of the certs directory that are not revoked (the CA's excepted).
+
+    A certificate whose serial or SPIFFE id the deny list names (runtime/revocation.py,
+    the file ``hivewire certs revoke`` writes) is left out, so nats-server refuses it
+    in the handshake once it reloads this configuration.
+    """
+    revoked = RevocationList(revoked_file) if revoked_file is not None else None
     found = []
     for stem in list_stems(certs_dir):
+        pem = (certs_dir / f"{stem}.pem").read_bytes()
         info = describe_cert(certs_dir / f"{stem}.pem")
-        if info.spiffe_id and info.spiffe_id not in found:
-            found.append(info.spiffe_id)
+        if not info.spiffe_id or info.is_ca:
+            continue
+        if revoked is not None and revoked.revoked(info.spiffe_id, partial(bytes, pem)):
+            continue
+        key = x509.load_pem_x509_certificate(pem).public_key()
+        der = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        found.append(MeshCert(info.spiffe_id, hashlib.sha256(der).hexdigest()))
     return found
 
 
-def render_security(
-    server: TlsFiles, identities: Iterable[str], names: NatsNames = NatsNames()
+def mesh_identities(certs_dir: Path, revoked_file: Path | None = None) -> list[str]:
+    """The SPIFFE ids of the certificates nats-server admits, each once."""
+    return list(dict.fromkeys(c.spiffe_id for c in mesh_certs(certs_dir, revoked_file)))
+
+
+def render_mesh_security(
+    certs_dir: Path, *, revoked_file: Path | None = None, names: NatsNames = NatsNames()
 ) -> str:
-    """The ``tls`` and ``authorization`` blocks of nats-server's configuration.
+    """nats-server's security configuration for the mesh of one certs directory.
+
+    Every certificate of the directory that is not revoked may connect (its public key
+    is pinned), as its identity with that identity's permissions; the server's own
+    identity is the system account's user, for the advisories
+    (services/mesh/nats_monitor.py).
+
+    Args:
+        certs_dir: The mesh PKI (``ca.pem``, ``nats.pem``/``.key``, every identity).
+        revoked_file: The deny list (``certs/revoked.txt``), if any.
+        names: The registry bucket and event streams.
+    """
+    server = TlsFiles.for_identity(certs_dir, NATS_SERVER_STEM)
+    certs = mesh_certs(certs_dir, revoked_file)
+    return render_security(
+        server,
+        [c.spiffe_id for c in certs],
+        names,
+        pins=[c.pin for c in certs],
+        system_user=nats_system_identity(certs_dir),
+    )
+
+
+def nats_system_identity(certs_dir: Path) -> str | None:
+    """The SPIFFE id of the server's own certificate (the system account's user)."""
+    path = certs_dir / f"{NATS_SERVER_STEM}.pem"
+    return describe_cert(path).spiffe_id if path.exists() else None
+
+
+def render_security(
+    server: TlsFiles,
+    identities: Iterable[str],
+    names: NatsNames = NatsNames(),
+    *,
+    pins: Iterable[str] | None = None,
+    system_user: str | None = None,
+) -> str:
+    """The ``tls``, ``authorization`` and ``accounts`` blocks of nats-server's configuration.
 
     Args:
         server: The CA bundle clients must chain to, and the server's certificate.
         identities: SPIFFE ids that may connect.
         names: The registry bucket and event streams.
+        pins: Public-key pins of the only certificates admitted (None: any of the CA).
+        system_user: The identity of the system account (None: no system account).
 
     Returns:
         Configuration text (NATS config accepts JSON values).
     """
     users = []
-    for spiffe_id in identities:
+    for spiffe_id in dict.fromkeys(identities):
+        if spiffe_id == system_user:
+            continue
         user: dict[str, Any] = {"user": spiffe_id}
         permissions = permissions_for(spiffe_id, names)
         if permissions is not None:
             user["permissions"] = permissions
         users.append(user)
-    tls = {
+    tls: dict[str, Any] = {
         "cert_file": str(server.cert.resolve()),
         "key_file": str(server.key.resolve()),
         "ca_file": str(server.ca.resolve()),
         "verify_and_map": True,
         "timeout": 2,
     }
-    return (
+    if pins is not None:
+        tls["pinned_certs"] = sorted(set(pins))
+    text = (
         f"tls: {json.dumps(tls, indent=2)}\n"
         f"authorization: {json.dumps({'users': users}, indent=2)}\n"
     )
+    if system_user is not None:
+        system = {SYSTEM_ACCOUNT: {"users": [{"user": system_user}]}}
+        text += f"accounts: {json.dumps(system, indent=2)}\nsystem_account: {SYSTEM_ACCOUNT}\n"
+    return text

@@ -19,12 +19,7 @@ from pathlib import Path
 import httpx
 
 from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec
-from hivewire.services.mesh.nats_security import (
-    NATS_SERVER_STEM,
-    mesh_identities,
-    render_security,
-)
-from hivewire.services.runtime.tls import TlsFiles
+from hivewire.services.mesh.nats_security import render_mesh_security
 
 
 class NatsServerNotFound(RuntimeError):
@@ -56,6 +51,8 @@ class NatsServerConfig:
     max_file_store: str = "1GB"
     certs_dir: Path | None = None
     """The mesh PKI: TLS with client certificates and per-identity permissions (None: open)."""
+    revoked_file: Path | None = None
+    """The deny list of revoked certificates (``hivewire certs revoke``), left out of NATS."""
 
     @property
     def url(self) -> str:
@@ -83,8 +80,7 @@ class NatsServerConfig:
     def _security(self) -> str:
         if self.certs_dir is None:
             return ""
-        server = TlsFiles.for_identity(self.certs_dir, NATS_SERVER_STEM)
-        return render_security(server, mesh_identities(self.certs_dir))
+        return render_mesh_security(self.certs_dir, revoked_file=self.revoked_file)
 
 
 async def start_nats_server(
