@@ -13,6 +13,7 @@ role               may publish (besides JetStream reads)
 ``model``          ``hivewire.events.model.>``; registry keys ``hivewire-model.<name>.>``
 ``tool``           ``hivewire.events.tool.>``; registry keys ``hivewire-tool.<name>.>``
 ``client``         nothing: reads events and the registry (an event reader)
+``nats``           ``hivewire.events.security.>`` (the NATS guard reports refusals)
 ``admin``          everything
 any other role     nothing at all (connects, then every publish and subscribe is denied)
 =================  ==============================================================
@@ -53,6 +54,10 @@ REGISTRY_BUCKET = "hivewire-registry"
 EVENTS_STREAM = "HIVEWIRE_EVENTS"
 DLQ_STREAM = "HIVEWIRE_DLQ"
 EVENTS_PREFIX = "hivewire.events"
+
+SECURITY_FILE = "nats-security.conf"
+"""The file beside nats-server's configuration holding this module's blocks (it is
+included, so the NATS guard can rewrite it alone and reload the server)."""
 
 NATS_SERVER_STEM = "nats"
 """Certificate stem of the NATS server's own identity (``spiffe://…/nats/nats``)."""
@@ -160,6 +165,14 @@ def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str,
         ]
         if role == "coordinator":
             publish += _coordinator_extras(names)
+    elif role == "nats":
+        # The NATS guard (services/mesh/nats_guard.py) reports nats-server's refusals.
+        publish = [
+            *reads,
+            *_stream_setup(names.events_stream),
+            *_stream_setup(names.dlq_stream),
+            f"{EVENTS_PREFIX}.security.>",
+        ]
     elif role == "client":
         publish = reads
     else:
@@ -167,10 +180,6 @@ def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str,
     # Replies (JetStream API answers, KV watches) reach it under its own inbox prefix.
     inbox = f"{nats_inbox_prefix(spiffe_id)}.>"
     return {"publish": {"allow": publish}, "subscribe": {"allow": [inbox]}}
-
-
-SYSTEM_ACCOUNT = "SYS"
-"""The account of nats-server's own advisories; only the server's identity is in it."""
 
 
 @dataclass(frozen=True)
@@ -215,9 +224,7 @@ def render_mesh_security(
     """nats-server's security configuration for the mesh of one certs directory.
 
     Every certificate of the directory that is not revoked may connect (its public key
-    is pinned), as its identity with that identity's permissions; the server's own
-    identity is the system account's user, for the advisories
-    (services/mesh/nats_monitor.py).
+    is pinned), as its identity with that identity's permissions.
 
     Args:
         certs_dir: The mesh PKI (``ca.pem``, ``nats.pem``/``.key``, every identity).
@@ -226,19 +233,7 @@ def render_mesh_security(
     """
     server = TlsFiles.for_identity(certs_dir, NATS_SERVER_STEM)
     certs = mesh_certs(certs_dir, revoked_file)
-    return render_security(
-        server,
-        [c.spiffe_id for c in certs],
-        names,
-        pins=[c.pin for c in certs],
-        system_user=nats_system_identity(certs_dir),
-    )
-
-
-def nats_system_identity(certs_dir: Path) -> str | None:
-    """The SPIFFE id of the server's own certificate (the system account's user)."""
-    path = certs_dir / f"{NATS_SERVER_STEM}.pem"
-    return describe_cert(path).spiffe_id if path.exists() else None
+    return render_security(server, [c.spiffe_id for c in certs], names, pins=[c.pin for c in certs])
 
 
 def render_security(
@@ -247,24 +242,20 @@ def render_security(
     names: NatsNames = NatsNames(),
     *,
     pins: Iterable[str] | None = None,
-    system_user: str | None = None,
 ) -> str:
-    """The ``tls``, ``authorization`` and ``accounts`` blocks of nats-server's configuration.
+    """The ``tls`` and ``authorization`` blocks of nats-server's configuration.
 
     Args:
         server: The CA bundle clients must chain to, and the server's certificate.
         identities: SPIFFE ids that may connect.
         names: The registry bucket and event streams.
         pins: Public-key pins of the only certificates admitted (None: any of the CA).
-        system_user: The identity of the system account (None: no system account).
 
     Returns:
         Configuration text (NATS config accepts JSON values).
     """
     users = []
     for spiffe_id in dict.fromkeys(identities):
-        if spiffe_id == system_user:
-            continue
         user: dict[str, Any] = {"user": spiffe_id}
         permissions = permissions_for(spiffe_id, names)
         if permissions is not None:
@@ -279,11 +270,7 @@ def render_security(
     }
     if pins is not None:
         tls["pinned_certs"] = sorted(set(pins))
-    text = (
+    return (
         f"tls: {json.dumps(tls, indent=2)}\n"
         f"authorization: {json.dumps({'users': users}, indent=2)}\n"
     )
-    if system_user is not None:
-        system = {SYSTEM_ACCOUNT: {"users": [{"user": system_user}]}}
-        text += f"accounts: {json.dumps(system, indent=2)}\nsystem_account: {SYSTEM_ACCOUNT}\n"
-    return text

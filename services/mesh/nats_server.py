@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec
-from hivewire.services.mesh.nats_security import render_mesh_security
+from hivewire.services.mesh.nats_security import SECURITY_FILE, render_mesh_security
 
 
 class NatsServerNotFound(RuntimeError):
@@ -74,10 +74,11 @@ class NatsServerConfig:
             f'  store_dir: "{self.store_dir.resolve()}"\n'
             f"  sync_interval: {self.sync_interval}\n"
             f"  max_file_store: {self.max_file_store}\n"
-            "}\n" + self._security()
+            "}\n" + (f'include "{SECURITY_FILE}"\n' if self.certs_dir is not None else "")
         )
 
-    def _security(self) -> str:
+    def render_security(self) -> str:
+        """The security file the configuration includes (TLS, users, pins), or ""."""
         if self.certs_dir is None:
             return ""
         return render_mesh_security(self.certs_dir, revoked_file=self.revoked_file)
@@ -89,6 +90,8 @@ async def start_nats_server(
     """Start nats-server under ``launcher`` and wait until JetStream is healthy."""
     config.store_dir.mkdir(parents=True, exist_ok=True)
     conf = state_dir / "nats-server.conf"
+    # Beside the configuration, which includes it; the NATS guard rewrites it.
+    (state_dir / SECURITY_FILE).write_text(config.render_security())
     conf.write_text(config.render())
     child = await launcher.start(
         ProcessSpec(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from hivewire.services.dashboard.settings import DASHBOARD_PORT
 from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec, python_module
+from hivewire.services.mesh.nats_security import SECURITY_FILE
 from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
 from hivewire.services.runtime.pki import init_pki
 from hivewire.services.runtime.ports import (
@@ -116,6 +117,7 @@ class Mesh:
             monitor_port=options.nats_monitor_port,
             store_dir=options.state_dir / "nats",
             certs_dir=options.certs_dir.resolve(),
+            revoked_file=options.certs_dir.resolve() / "revoked.txt",
         )
         self.model_backend, self.model_backend_reason = choose_model_backend(options.model_backend)
         self.a2a_url = ""
@@ -175,7 +177,25 @@ class Mesh:
         opts = self.options
         (opts.state_dir / "run").mkdir(parents=True, exist_ok=True)
         init_pki(opts.certs_dir)
-        await start_nats_server(self.launcher, self.nats, state_dir=opts.state_dir)
+        nats = await start_nats_server(self.launcher, self.nats, state_dir=opts.state_dir)
+        # Keeps nats-server's admitted certificates in step with the deny list and the
+        # certs directory, and reports its refusals (docs/security.md "NATS").
+        await self._start_service(
+            "nats-guard",
+            "nats-guard",
+            "nats",
+            0,
+            python_module(
+                "hivewire.services.mesh.nats_guard",
+                "--security-file",
+                str((opts.state_dir / SECURITY_FILE).resolve()),
+                "--server-pid",
+                str(nats.pid),
+                "--server-log",
+                str(nats.spec.log_file.resolve()),
+            ),
+            HIVEWIRE_METRICS_PORT="0",
+        )
         await self._start_service(
             "coordinator",
             "coordinator",
