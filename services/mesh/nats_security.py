@@ -11,7 +11,8 @@ role               may publish (besides JetStream reads)
                    ``hivewire-coordinator.<name>.>``; its JetStream task store
 ``agent``          ``hivewire.events.agent.>``; registry keys ``hivewire-agent.<name>.>``
 ``model``          ``hivewire.events.model.>``; registry keys ``hivewire-model.<name>.>``
-``tool``           ``hivewire.events.tool.>``; registry keys ``hivewire-tool.<name>.>``
+``tool``           ``hivewire.events.tool.>``; registry keys ``hivewire-tool.<name>.>``;
+                   the used-approvals bucket ``HIVEWIRE_GRANTS``
 ``client``         nothing: reads events and the registry (an event reader)
 ``nats``           ``hivewire.events.security.>`` (the NATS guard reports refusals)
 ``admin``          everything
@@ -46,6 +47,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from hivewire.services.runtime.grants import GRANTS_BUCKET
 from hivewire.services.runtime.pki import describe_cert, list_stems, parse_spiffe_id
 from hivewire.services.runtime.revocation import RevocationList
 from hivewire.services.runtime.tls import TlsFiles, nats_inbox_prefix
@@ -86,6 +88,8 @@ class NatsNames:
         "HIVEWIRE_PURGED",
     )
     journal_stream: str = "HIVEWIRE_JOURNAL"
+    # The tool services' used approvals (runtime/grants.py).
+    grants_bucket: str = GRANTS_BUCKET
 
 
 def _stream_reads(stream: str) -> list[str]:
@@ -165,6 +169,11 @@ def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str,
         ]
         if role == "coordinator":
             publish += _coordinator_extras(names)
+        if role == "tool":
+            # Used approvals, shared by every tool service (runtime/grants.py).
+            grants = f"KV_{names.grants_bucket}"
+            publish += [*_stream_reads(grants), *_stream_setup(grants)]
+            publish.append(f"$KV.{names.grants_bucket}.>")
     elif role == "nats":
         # The NATS guard (services/mesh/nats_guard.py) reports nats-server's refusals.
         publish = [
