@@ -68,7 +68,8 @@ def test_up_runs_the_demo_task_live_and_prints_a_grpcurl_command(mesh: RunningMe
 
 def test_endpoints_file_lists_every_service_and_the_client_identity(mesh: RunningMesh) -> None:
     services = mesh.endpoints["services"]
-    assert set(services) == set(SERVICE_NAMES)
+    # And the NATS guard (no RPCs of its own: health and metrics; docs/security.md).
+    assert set(services) == set(SERVICE_NAMES) | {"nats-guard"}
     for entry in services.values():
         host, port = entry["address"].rsplit(":", 1)
         assert host == "127.0.0.1" and int(port) > 0
