@@ -29,6 +29,7 @@ from hivewire.services.runtime.channels import ChannelPool
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.grants import ApprovalSigner
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
+from hivewire.services.runtime.tls import nats_tls_options
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ async def running_coordinator(
                     settings.nats_url,
                     prefix=cfg.jetstream_prefix,
                     replicas=cfg.jetstream_replicas,
+                    # The mesh's NATS takes only this identity's certificate (mTLS).
+                    connect=nats_tls_options(settings.nats_url, settings.tls_files()),
                 )
             )
         else:
