@@ -1,10 +1,11 @@
 """`hivewire up`: the whole mesh on one machine, each service its own process.
 
-Order: dev certificates, nats-server, coordinator, model, tool, agents, the A2A
-gateway. Each
-process gets a fixed port (so the README's grpcurl commands work as written), its
-own certificate, the mesh's NATS URL and the embedded registry. Once every one is
-SERVING the endpoints are written to ``.hivewire/endpoints.json`` for scripts.
+Order: dev certificates, nats-server, the NATS guard (mesh/nats_guard.py: revocation
+and refusals on NATS), coordinator, model, tool, agents, the A2A gateway. Each
+process gets a fixed port (so the README's grpcurl commands work as written; the
+guard any free one), its own certificate, the mesh's NATS URL and the embedded
+registry. Once every one is SERVING the endpoints are written to
+``.hivewire/endpoints.json`` for scripts.
 """
 
 from __future__ import annotations
