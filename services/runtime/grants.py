@@ -23,11 +23,12 @@ rare (one per person's answer), and so a rotated certificate or CA applies at on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import fnmatch
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -158,9 +159,15 @@ def _replayed(tool_name: str) -> PermissionDenied:
 
 
 class GrantLedger(Protocol):
-    """Remembers used grant ids for ``horizon`` seconds, for every process sharing it."""
+    """Remembers used grant ids for a while, for every process sharing it."""
 
-    horizon: float
+    async def horizon(self) -> float:
+        """Seconds a used grant id is remembered.
+
+        Raises:
+            Unavailable: The ledger cannot be reached.
+        """
+        ...
 
     async def claim(self, grant_id: str) -> bool:
         """Use up a grant: True the first time anywhere, False ever after.
@@ -200,7 +207,7 @@ class NatsGrantLedger:
         timeout: float = 5.0,
         nats_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.horizon = horizon
+        self._horizon = horizon
         self._servers = [u.strip() for u in nats_url.split(",") if u.strip()]
         self._bucket = bucket
         self._timeout = timeout
@@ -221,28 +228,46 @@ class NatsGrantLedger:
                 )
                 js = self._nc.jetstream(timeout=self._timeout)
                 try:
-                    self._kv = await js.create_key_value(
-                        bucket=self._bucket, history=1, ttl=self.horizon
+                    kv = await js.create_key_value(
+                        bucket=self._bucket, history=1, ttl=self._horizon
                     )
                 except nats.js.errors.BadRequestError:
-                    self._kv = await js.key_value(self._bucket)  # exists, other settings
+                    # It exists with another TTL (another process chose it): that one holds.
+                    kv = await js.key_value(self._bucket)
+                    self._horizon = (await kv.status()).ttl or self._horizon
+                self._kv = kv
             return self._kv
+
+    async def horizon(self) -> float:
+        """Seconds a used grant id is remembered (the bucket's ``max_age``)."""
+        async with self._reachable():
+            await self._open()
+        return self._horizon
 
     async def claim(self, grant_id: str) -> bool:
         """Use up a grant id: True the first time anywhere in the mesh, False after."""
         try:
-            async with asyncio.timeout(self._timeout):
+            async with self._reachable():
                 kv = await self._open()
                 await kv.create(grant_id, b"")
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _reachable(self) -> AsyncIterator[None]:
+        """Bound a ledger operation; NATS failures become ``Unavailable``."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                yield
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as exc:
             raise Unavailable(
                 f"the ledger of used approvals is unreachable: {exc!r}",
                 retry_after=1.0,
                 reason="APPROVAL_LEDGER_UNAVAILABLE",
             ) from exc
-        return True
 
     async def close(self) -> None:
         """Disconnect."""
@@ -295,11 +320,12 @@ class ApprovalVerifier:
         moment = time.time() if now is None else now
         claims = self._check(signed, task_id, tool_name, arguments_digest, request_id, moment)
         expires = claims.expires_at.ToNanoseconds() / 1e9
-        if expires - moment > self.ledger.horizon:
+        horizon = await self.ledger.horizon()
+        if expires - moment > horizon:
             raise _refused(
                 "APPROVAL_OUTLIVES_LEDGER",
                 f"the approval for {tool_name} stays valid longer than used grants are"
-                f" remembered ({self.ledger.horizon:.0f} s)",
+                f" remembered ({horizon:.0f} s)",
                 tool_name,
             )
         if not await self.ledger.claim(claims.grant_id):
