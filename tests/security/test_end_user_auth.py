@@ -355,7 +355,7 @@ def tasks_cli(
 
 async def test_the_cli_acts_with_an_api_key_or_a_token(mesh: Mesh, pki: Pki) -> None:
     alices = (await submit(mesh, mesh.alice)).task_id
-    carols = (await submit(mesh, mesh.idp.token("carol"))).task_id
+    carols = (await submit(mesh, mesh.idp.token("cli-carol"))).task_id
 
     def listed(result: subprocess.CompletedProcess[str]) -> list[str]:
         assert result.returncode == 0, result.stderr
@@ -369,7 +369,7 @@ async def test_the_cli_acts_with_an_api_key_or_a_token(mesh: Mesh, pki: Pki) -> 
     assert alices not in listed(as_dave) and carols not in listed(as_dave)
     as_alice = await asyncio.to_thread(tasks_cli, mesh, pki, env={"HIVEWIRE_API_KEY": mesh.alice})
     assert alices in listed(as_alice)
-    as_carol = await asyncio.to_thread(tasks_cli, mesh, pki, "--token", mesh.idp.token("carol"))
+    as_carol = await asyncio.to_thread(tasks_cli, mesh, pki, "--token", mesh.idp.token("cli-carol"))
     assert listed(as_carol) == [carols]
     forged = await asyncio.to_thread(tasks_cli, mesh, pki, "--api-key", mesh.alice[:-4] + "AAAA")
     assert forged.returncode == 5 and "UNAUTHENTICATED API_KEY_INVALID" in forged.stderr
