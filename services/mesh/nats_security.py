@@ -278,7 +278,8 @@ def render_security(
         "timeout": 2,
     }
     if pins is not None:
-        tls["pinned_certs"] = sorted(set(pins))
+        # An empty list would turn pinning off: with nothing admitted, pin what no key is.
+        tls["pinned_certs"] = sorted(set(pins)) or ["0" * 64]
     return (
         f"tls: {json.dumps(tls, indent=2)}\n"
         f"authorization: {json.dumps({'users': users}, indent=2)}\n"
