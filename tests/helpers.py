@@ -34,6 +34,7 @@ from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
 
 __all__ = [
     "GrpcurlResult",
+    "assert_nats_refused",
     "NatsServer",
     "ServiceProcess",
     "eventually",
@@ -332,6 +333,31 @@ class NatsServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+async def assert_nats_refused(url: str, **options: Any) -> None:
+    """Connect to NATS at ``url`` and fail unless the server refuses the connection.
+
+    nats-py returns from ``connect()`` without raising when the server closes the
+    connection right after the TLS handshake (TLS 1.3 ends the client's side of the
+    handshake first): such a client never got its PONG, so it is not connected.
+    """
+    import ssl
+
+    import nats
+    import nats.errors
+
+    try:
+        client = await nats.connect(
+            servers=[url], allow_reconnect=False, max_reconnect_attempts=1, connect_timeout=2,
+            **options,
+        )  # fmt: skip
+    except (nats.errors.Error, OSError, ssl.SSLError):
+        return
+    try:
+        assert not client.is_connected, "the server accepted the connection"
+    finally:
+        await client.close()
 
 
 # -- grpcurl ---------------------------------------------------------------------------

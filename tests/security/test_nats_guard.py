@@ -26,7 +26,7 @@ from hivewire.services.runtime.events import replay
 from hivewire.services.runtime.pki import describe_cert
 from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
 from tests.conftest import Pki
-from tests.helpers import NatsServer, ServiceProcess, eventually
+from tests.helpers import NatsServer, ServiceProcess, assert_nats_refused, eventually
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
@@ -77,28 +77,10 @@ async def connect(server: NatsServer, files: TlsFiles, **options: object) -> Nat
         )
     except (nats.errors.Error, OSError, ssl.SSLError) as exc:
         raise AssertionError(f"refused: {exc!r}") from exc
-    if not client.is_connected:  # closed right after the handshake (see refused())
+    if not client.is_connected:  # closed right after the handshake (see assert_nats_refused)
         await client.close()
         raise AssertionError("refused after the handshake")
     return client
-
-
-async def refused(server: NatsServer, **options: object) -> None:
-    try:
-        client = await nats.connect(
-            servers=[server.url],
-            allow_reconnect=False,
-            max_reconnect_attempts=1,
-            connect_timeout=2,
-            **options,  # type: ignore[arg-type]
-        )
-    except (nats.errors.NoServersError, nats.errors.Error, OSError, ssl.SSLError):
-        return
-    # nats-py returns without raising when the server closes right after the handshake.
-    try:
-        assert not client.is_connected, "the server accepted the connection"
-    finally:
-        await client.close()
 
 
 def counted(text: str, kind: str, reason: str) -> float:
@@ -120,11 +102,13 @@ async def test_refusals_are_counted_and_published(
 ) -> None:
     server = guarded.nats
     # No certificate; a certificate of another CA.
-    await refused(server, tls=ssl.create_default_context(cafile=str(pki.dir / "ca.pem")))
+    await assert_nats_refused(
+        server.url, tls=ssl.create_default_context(cafile=str(pki.dir / "ca.pem"))
+    )
     foreign = ssl.create_default_context(cafile=str(pki.dir / "ca.pem"))
     other_ca = foreign_pki.files("agent")
     foreign.load_cert_chain(str(other_ca.cert), str(other_ca.key))
-    await refused(server, tls=foreign)
+    await assert_nats_refused(server.url, tls=foreign)
     # A mesh identity publishing where it may not, writing another agent's registry
     # entry, and listening to another identity's replies.
     agent = await connect(server, pki.files("agent-summarizer"), error_cb=_ignore)
@@ -224,7 +208,7 @@ async def test_a_revoked_certificate_is_cut_off_from_nats(guarded: Guarded, pki:
     guarded.revoked.write_text(f"# leaked\n{serial}\n")
     # The open connection is closed and a new one is refused in the handshake.
     await eventually(lambda: client.is_closed or not client.is_connected, timeout=20)
-    await refused(server, **nats_tls_options(server.url, doomed))
+    await assert_nats_refused(server.url, **nats_tls_options(server.url, doomed))
     with contextlib.suppress(Exception):
         await client.close()
 
@@ -241,4 +225,7 @@ async def test_a_revoked_certificate_is_cut_off_from_nats(guarded: Guarded, pki:
     await again.close()
     # Revoking the identity itself refuses every certificate of it.
     guarded.revoked.write_text("spiffe://hivewire.local/agent/doomed\n")
-    await eventually(lambda: refused(server, **nats_tls_options(server.url, reissued)), timeout=20)
+    await eventually(
+        lambda: assert_nats_refused(server.url, **nats_tls_options(server.url, reissued)),
+        timeout=20,
+    )

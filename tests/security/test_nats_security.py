@@ -32,7 +32,7 @@ from hivewire.services.runtime.tls import (
     registry_owner,
 )
 from tests.conftest import Pki
-from tests.helpers import NatsServer, eventually
+from tests.helpers import NatsServer, assert_nats_refused, eventually
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
 
@@ -85,20 +85,6 @@ async def connected(server: NatsServer, files: TlsFiles) -> AsyncIterator[Connec
         await connection.client.close()
 
 
-async def refused(url: str, **options: object) -> None:
-    try:
-        client = await Connection().connect(url, **options)
-    except (nats.errors.NoServersError, nats.errors.Error, OSError, ssl.SSLError):
-        return
-    # nats-py returns from connect() without raising when the server closes the
-    # connection right after the TLS handshake (TLS 1.3 ends the client's side of the
-    # handshake first): such a client never got its PONG, so it is not connected.
-    try:
-        assert not client.is_connected, "the server accepted the connection"
-    finally:
-        await client.close()
-
-
 def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca))
     if cert is not None:
@@ -112,8 +98,8 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) 
 async def test_plaintext_and_certificateless_clients_are_refused(
     secure_nats: NatsServer, pki: Pki
 ) -> None:
-    await refused(f"nats://127.0.0.1:{secure_nats.port}")
-    await refused(secure_nats.url, tls=client_context(pki.dir / "ca.pem"))
+    await assert_nats_refused(f"nats://127.0.0.1:{secure_nats.port}")
+    await assert_nats_refused(secure_nats.url, tls=client_context(pki.dir / "ca.pem"))
 
 
 async def test_a_certificate_of_another_ca_is_refused(
@@ -121,7 +107,7 @@ async def test_a_certificate_of_another_ca_is_refused(
 ) -> None:
     foreign = foreign_pki.files("coordinator")
     context = client_context(pki.dir / "ca.pem", foreign.cert, foreign.key)
-    await refused(secure_nats.url, tls=context)
+    await assert_nats_refused(secure_nats.url, tls=context)
 
 
 async def test_an_identity_the_server_does_not_list_is_refused(
@@ -129,7 +115,7 @@ async def test_an_identity_the_server_does_not_list_is_refused(
 ) -> None:
     # Issued after the server started: same CA, but no user maps its SPIFFE id.
     late = pki.issue(role="agent", name="latecomer", stem="agent-latecomer")
-    await refused(secure_nats.url, **nats_tls_options(secure_nats.url, late))
+    await assert_nats_refused(secure_nats.url, **nats_tls_options(secure_nats.url, late))
 
 
 # -- what each identity may do -------------------------------------------------------------
