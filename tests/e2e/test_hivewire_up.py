@@ -20,7 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import GrpcurlResult, eventually, grpcurl
+from hivewire.services.runtime.events import replay
+from hivewire.services.runtime.tls import nats_tls_options
+from tests.helpers import GrpcurlResult, assert_nats_refused, eventually, grpcurl
 from tests.support.up_mesh import HIVEWIRE, RunningMesh, hivewire_up
 
 pytestmark = pytest.mark.timeout(300)
@@ -219,6 +221,22 @@ async def test_up_prints_the_dashboard_url_and_it_serves(mesh: RunningMesh) -> N
         page = await http.get(url)
     assert me.status_code == 200 and me.json()["identity"].startswith("spiffe://")
     assert page.status_code == 200 and "<title>hivewire</title>" in page.text
+
+
+async def test_a_refused_nats_connection_becomes_a_security_event(mesh: RunningMesh) -> None:
+    # The NATS guard `hivewire up` runs follows nats-server's log (docs/security.md).
+    url = mesh.endpoints["nats"]["url"]
+    await assert_nats_refused(url, tls=ssl.create_default_context(cafile=str(mesh.tls.ca)))
+    reader = nats_tls_options(url, mesh.tls)
+
+    async def published() -> None:
+        reasons = [
+            r.event.security.reason
+            async for r in replay(url, "security.authn_failed", nats_options=reader)
+        ]
+        assert "NATS_NO_CERTIFICATE" in reasons, reasons
+
+    await eventually(published, timeout=30, interval=0.5)
 
 
 def test_ctrl_c_stops_every_process(mesh: RunningMesh) -> None:
