@@ -44,11 +44,20 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 from google.protobuf import __version__ as protobuf_version  # noqa: E402
 
-from bench import echo, events, grpcio_versions, interceptors, mesh, plans, streams  # noqa: E402
+from bench import (  # noqa: E402
+    coordinators,
+    echo,
+    events,
+    grpcio_versions,
+    interceptors,
+    mesh,
+    plans,
+    streams,
+)
 from bench.common import DEFAULT, QUICK, Durations, Phase  # noqa: E402
 from hivewire.services.runtime.pki import init_pki  # noqa: E402
 
-BENCHMARKS = ("echo", "interceptors", "mesh", "plans", "streams", "events")
+BENCHMARKS = ("echo", "interceptors", "mesh", "coordinators", "plans", "streams", "events")
 OPTIONAL = ("grpcio",)
 STREAMS_DEFAULT = 2000
 STREAMS_QUICK = 500
@@ -129,6 +138,12 @@ async def run(args: argparse.Namespace) -> int:
             results["mesh"] = result
             return mesh.report(result)
 
+        async def bench_coordinators() -> str:
+            task_durations = durations if args.quick else MESH_TASKS
+            result = await coordinators.measure(durations=durations, task_durations=task_durations)
+            results["coordinators"] = result
+            return coordinators.report(result)
+
         async def bench_plans() -> str:
             result = await plans.measure(durations=durations if args.quick else MESH_TASKS)
             results["plans"] = result
@@ -160,6 +175,7 @@ async def run(args: argparse.Namespace) -> int:
             "echo": bench_echo,
             "interceptors": bench_interceptors,
             "mesh": bench_mesh,
+            "coordinators": bench_coordinators,
             "plans": bench_plans,
             "streams": bench_streams,
             "events": bench_events,

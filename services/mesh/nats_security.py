@@ -8,7 +8,9 @@ with its own publish and subscribe permissions:
 role               may publish (besides JetStream reads)
 =================  ==============================================================
 ``coordinator``    ``hivewire.events.{task,workflow,project}.>``; its registry keys
-                   ``hivewire-coordinator.<name>.>``; its JetStream task store
+                   ``hivewire-coordinator.<name>.>``; its JetStream task store when
+                   used; requests to other coordinators ``hivewire.coordinator.>``
+                   (which it also subscribes to)
 ``agent``          ``hivewire.events.agent.>``; registry keys ``hivewire-agent.<name>.>``
 ``model``          ``hivewire.events.model.>``; registry keys ``hivewire-model.<name>.>``
 ``tool``           ``hivewire.events.tool.>``; registry keys ``hivewire-tool.<name>.>``;
@@ -61,6 +63,9 @@ SECURITY_FILE = "nats-security.conf"
 """The file beside nats-server's configuration holding this module's blocks (it is
 included, so the NATS guard can rewrite it alone and reload the server)."""
 
+COORDINATOR_REQUESTS = "hivewire.coordinator"
+"""Subjects coordinators answer each other's requests on (coordinator/cluster.py)."""
+
 NATS_SERVER_STEM = "nats"
 """Certificate stem of the NATS server's own identity (``spiffe://…/nats/nats``)."""
 
@@ -86,6 +91,8 @@ class NatsNames:
         "HIVEWIRE_IDEMPOTENCY",
         "HIVEWIRE_PROJECTS",
         "HIVEWIRE_PURGED",
+        "HIVEWIRE_ACTIVE",
+        "HIVEWIRE_COORDINATORS",
     )
     journal_stream: str = "HIVEWIRE_JOURNAL"
     # The tool services' used approvals (runtime/grants.py).
@@ -116,7 +123,13 @@ def _stream_setup(stream: str) -> list[str]:
 def _coordinator_extras(names: NatsNames) -> list[str]:
     """What only coordinators publish besides task events: plans' and projects' events,
     and the JetStream task store (its KV buckets and journal stream, when used)."""
-    extras = [f"{EVENTS_PREFIX}.workflow.>", f"{EVENTS_PREFIX}.project.>", "hivewire.journal.>"]
+    extras = [
+        f"{EVENTS_PREFIX}.workflow.>",
+        f"{EVENTS_PREFIX}.project.>",
+        "hivewire.journal.>",
+        # Requests between coordinators (cancel/input/sub-task forwarded to the owner).
+        f"{COORDINATOR_REQUESTS}.>",
+    ]
     for bucket in names.store_buckets:
         extras += [
             *_stream_reads(f"KV_{bucket}"),
@@ -187,8 +200,16 @@ def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str,
     else:
         return {"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}}
     # Replies (JetStream API answers, KV watches) reach it under its own inbox prefix.
-    inbox = f"{nats_inbox_prefix(spiffe_id)}.>"
-    return {"publish": {"allow": publish}, "subscribe": {"allow": [inbox]}}
+    permissions: dict[str, Any] = {
+        "publish": {"allow": publish},
+        "subscribe": {"allow": [f"{nats_inbox_prefix(spiffe_id)}.>"]},
+    }
+    if role == "coordinator":
+        # Coordinators answer each other's requests (coordinator/cluster.py): one reply
+        # to the inbox of each request received.
+        permissions["subscribe"]["allow"].append(f"{COORDINATOR_REQUESTS}.>")
+        permissions["allow_responses"] = True
+    return permissions
 
 
 @dataclass(frozen=True)
@@ -263,13 +284,6 @@ def render_security(
     Returns:
         Configuration text (NATS config accepts JSON values).
     """
-    users = []
-    for spiffe_id in dict.fromkeys(identities):
-        user: dict[str, Any] = {"user": spiffe_id}
-        permissions = permissions_for(spiffe_id, names)
-        if permissions is not None:
-            user["permissions"] = permissions
-        users.append(user)
     tls: dict[str, Any] = {
         "cert_file": str(server.cert.resolve()),
         "key_file": str(server.key.resolve()),
@@ -280,7 +294,20 @@ def render_security(
     if pins is not None:
         # An empty list would turn pinning off: with nothing admitted, pin what no key is.
         tls["pinned_certs"] = sorted(set(pins)) or ["0" * 64]
-    return (
-        f"tls: {json.dumps(tls, indent=2)}\n"
-        f"authorization: {json.dumps({'users': users}, indent=2)}\n"
-    )
+    return f"tls: {json.dumps(tls, indent=2)}\n" + render_authorization(identities, names)
+
+
+def render_authorization(identities: Iterable[str], names: NatsNames = NatsNames()) -> str:
+    """The ``authorization`` block alone: one user per SPIFFE id, with its permissions.
+
+    ``hivewire certs nats-auth`` prints it for servers whose ``tls`` block is written
+    elsewhere (the deploy/ files include it).
+    """
+    users = []
+    for spiffe_id in dict.fromkeys(identities):
+        user: dict[str, Any] = {"user": spiffe_id}
+        permissions = permissions_for(spiffe_id, names)
+        if permissions is not None:
+            user["permissions"] = permissions
+        users.append(user)
+    return f"authorization: {json.dumps({'users': users}, indent=2)}\n"
