@@ -8,11 +8,13 @@ samples the agent's RSS and its C heap in use (``hivewire_c_heap_bytes``), and p
 the least-squares slope of each against calls done after ``--warmup`` calls (bytes
 per call and KiB per 1,000 calls).
 
-Without the coordinator, the model or the tool service in the way, a few KiB per 1,000
-calls are measurable in a minute or two; this is how the agent's native leak of the
-soak was found (docs/performance.md, Soak).
+Without the coordinator in the way, a few KiB per 1,000 calls are measurable in a minute
+or two; this is how the agent's native leak of the soak was found (docs/performance.md,
+Soak). ``--capability soak`` also starts the model service (deterministic backend) and
+the tool service, so each call makes a model call and a tool call from the agent.
 
     .venv/bin/python bench/execute_heap.py --calls 20000
+    .venv/bin/python bench/execute_heap.py --calls 20000 --capability soak
 """
 
 from __future__ import annotations
@@ -40,82 +42,134 @@ from hivewire.services.runtime.pki import init_pki
 from hivewire.services.runtime.tls import TlsFiles
 
 
-async def execute_once(stub: agent_pb2_grpc.AgentServiceStub, n: int, capability: str) -> None:
-    """One Execute call, ended like the coordinator ends it."""
+async def execute_once(stub: agent_pb2_grpc.AgentServiceStub, n: int, capability: str) -> bool:
+    """One Execute call, ended like the coordinator ends it; True when it succeeded."""
     call = stub.Execute(timeout=120)
     assignment = agent_pb2.TaskAssignment(
         task_id=f"heap-{n}", attempt=1, capability=capability, input=common_pb2.Payload(text="x")
     )
     await call.write(agent_pb2.ExecuteRequest(assign=assignment))
+    succeeded = False
     while (message := await call.read()) is not grpc.aio.EOF:
         if message.WhichOneof("kind") in ("result", "error"):
+            succeeded = message.WhichOneof("kind") == "result"
             await call.done_writing()
-    await call.code()
+    return succeeded and await call.code() == grpc.StatusCode.OK
+
+
+def _service(state: Path, name: str, argv: list[str], **env: str) -> ProcessSpec:
+    """A service process of this run, under ``state``, with the identity ``name``."""
+    ports_file = state / f"{name}.json"
+    return ProcessSpec(
+        name=name,
+        argv=argv,
+        env={
+            "PYTHONPATH": str(ROOT),
+            "HIVEWIRE_HOST": "127.0.0.1",
+            "HIVEWIRE_PORT": "0",
+            "HIVEWIRE_CERTS_DIR": str(state / "certs"),
+            "HIVEWIRE_IDENTITY": name,
+            "HIVEWIRE_LOG_LEVEL": "WARNING",
+            "HIVEWIRE_EVENTS__ENABLED": "false",
+            "HIVEWIRE_DISCOVERY": "static",
+            "HIVEWIRE_PORTS_FILE": str(ports_file),
+            **env,
+        },
+        ports_file=ports_file,
+        log_file=state / f"{name}.log",
+        ready_timeout=120.0,
+    )
 
 
 async def run(calls: int, warmup: int, concurrency: int, capability: str) -> dict[str, float]:
-    """Drive the agent and return the slopes after the warm-up."""
+    """Start the services, drive the agent and return the slopes after the warm-up."""
     with tempfile.TemporaryDirectory(prefix="hivewire-execute-heap-") as tmp:
         state = Path(tmp)
         init_pki(state / "certs")
-        ports_file = state / "agent.json"
-        metrics_port = free_port()
-        spec = ProcessSpec(
-            name="agent",
-            argv=python_module("hivewire.services.agent", "bench.agent:BenchAgent"),
-            env={
-                "PYTHONPATH": str(ROOT),
-                "HIVEWIRE_HOST": "127.0.0.1",
-                "HIVEWIRE_PORT": "0",
-                "HIVEWIRE_CERTS_DIR": str(state / "certs"),
-                "HIVEWIRE_IDENTITY": "agent",
-                "HIVEWIRE_LOG_LEVEL": "WARNING",
-                "HIVEWIRE_METRICS_PORT": str(metrics_port),
-                "HIVEWIRE_EVENTS__ENABLED": "false",
-                "HIVEWIRE_AGENT__REGISTRATION": "false",
-                "HIVEWIRE_AGENT__MODEL_ADDRESS": "127.0.0.1:9",
-                "HIVEWIRE_AGENT__TOOL_ADDRESS": "127.0.0.1:9",
-                "HIVEWIRE_AGENT__MAX_CONCURRENCY": str(max(64, concurrency)),
-                "HIVEWIRE_PORTS_FILE": str(ports_file),
-            },
-            ports_file=ports_file,
-            log_file=state / "agent.log",
-            ready_timeout=120.0,
-        )
         async with Launcher(grace_period=5.0) as launcher:
-            agent = await launcher.start(spec)
+            model_address = tool_address = "127.0.0.1:9"  # unused by noop
+            if capability == "soak":
+                model = await launcher.start(
+                    _service(
+                        state,
+                        "model",
+                        python_module("hivewire.services.model"),
+                        HIVEWIRE_MODEL__DEFAULT_BACKEND="deterministic",
+                    )
+                )
+                tool = await launcher.start(
+                    _service(state, "tool", python_module("hivewire.services.tool"))
+                )
+                model_address = f"127.0.0.1:{model.ports['grpc']}"
+                tool_address = f"127.0.0.1:{tool.ports['grpc']}"
+            metrics_port = free_port()
+            agent = await launcher.start(
+                _service(
+                    state,
+                    "agent",
+                    python_module("hivewire.services.agent", "bench.agent:BenchAgent"),
+                    HIVEWIRE_METRICS_PORT=str(metrics_port),
+                    HIVEWIRE_AGENT__REGISTRATION="false",
+                    HIVEWIRE_AGENT__MODEL_ADDRESS=model_address,
+                    HIVEWIRE_AGENT__TOOL_ADDRESS=tool_address,
+                    HIVEWIRE_AGENT__MAX_CONCURRENCY=str(max(64, concurrency)),
+                )
+            )
             channel = secure_channel(
                 f"127.0.0.1:{agent.ports['grpc']}",
                 TlsFiles.for_identity(state / "certs", "coordinator"),
             )
-            stub = agent_pb2_grpc.AgentServiceStub(channel)
-            numbers = iter(range(calls))
-            done = 0
-            samples: list[tuple[int, int, int]] = []
+            try:
+                return await _drive(
+                    agent_pb2_grpc.AgentServiceStub(channel),
+                    agent.pid,
+                    metrics_port,
+                    calls=calls,
+                    warmup=warmup,
+                    concurrency=concurrency,
+                    capability=capability,
+                )
+            finally:
+                await channel.close()
 
-            async def worker() -> None:
-                nonlocal done
-                for n in numbers:
-                    await execute_once(stub, n, capability)
-                    done += 1
 
-            async def sampler() -> None:
-                while done < calls:
-                    heap = await asyncio.to_thread(scrape, metrics_port, (C_HEAP_IN_USE,))
-                    samples.append((done, proc_rss(agent.pid), int(heap[C_HEAP_IN_USE])))
-                    await asyncio.sleep(1.0)
+async def _drive(
+    stub: agent_pb2_grpc.AgentServiceStub,
+    pid: int,
+    metrics_port: int,
+    *,
+    calls: int,
+    warmup: int,
+    concurrency: int,
+    capability: str,
+) -> dict[str, float]:
+    numbers = iter(range(calls))
+    done = failed = 0
+    samples: list[tuple[int, int, int]] = []
 
-            began = time.monotonic()
-            sampling = asyncio.create_task(sampler())
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            elapsed = time.monotonic() - began
-            await sampling
-            await channel.close()
+    async def worker() -> None:
+        nonlocal done, failed
+        for n in numbers:
+            failed += not await execute_once(stub, n, capability)
+            done += 1
+
+    async def sampler() -> None:
+        while done < calls:
+            heap = await asyncio.to_thread(scrape, metrics_port, (C_HEAP_IN_USE,))
+            samples.append((done, proc_rss(pid), int(heap[C_HEAP_IN_USE])))
+            await asyncio.sleep(1.0)
+
+    began = time.monotonic()
+    sampling = asyncio.create_task(sampler())
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.monotonic() - began
+    await sampling
     after = [s for s in samples if s[0] >= warmup]
     rss = slope_per_1000([(n, r / 1024) for n, r, _ in after])
     heap = slope_per_1000([(n, h / 1024) for n, _, h in after])
     return {
         "calls": calls,
+        "failed": failed,
         "rate": calls / elapsed,
         "samples": len(after),
         "rss_kib_per_1000": rss,
@@ -130,7 +184,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20_000, help="Execute calls (20,000)")
     parser.add_argument("--warmup", type=int, default=4_000, help="calls before the slope")
     parser.add_argument("--concurrency", type=int, default=4, help="calls in flight (4)")
-    parser.add_argument("--capability", default="noop", help="the agent's capability (noop)")
+    parser.add_argument(
+        "--capability",
+        default="noop",
+        help="noop (Execute only) or soak (also a model and a tool call: starts both services)",
+    )
     args = parser.parse_args()
     if args.warmup >= args.calls:
         parser.error("--warmup must be below --calls")

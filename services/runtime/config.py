@@ -49,6 +49,7 @@ the CLI (``HIVEWIRE_API_KEY`` / ``HIVEWIRE_TOKEN``: the end user's credential)."
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 LogFormat = Literal["text", "json"]
+EventLoop = Literal["asyncio", "uvloop"]
 
 
 class Settings(BaseSettings):
@@ -89,6 +90,9 @@ class Settings(BaseSettings):
     identity: str = Field("service", description="Certificate base name of this process.")
     log_level: str = Field("INFO", description="Root log level.")
     log_format: LogFormat = Field("text", description="text (local) or json (one object a line).")
+    event_loop: EventLoop = Field(
+        "asyncio", description="asyncio (the standard loop) or uvloop (docs/performance.md)."
+    )
     grace_period: float = Field(
         10.0, ge=0, description="Seconds in-flight calls get to finish on shutdown."
     )
