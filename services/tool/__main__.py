@@ -20,7 +20,9 @@ from hivewire.services.runtime.bootstrap import (
     ServiceEntry,
     service_process,
 )
+from hivewire.services.runtime.grants import NatsGrantLedger
 from hivewire.services.runtime.server import ServiceBinding
+from hivewire.services.runtime.tls import nats_tls_options
 from hivewire.services.tool.mcp_server import serve_mcp
 from hivewire.services.tool.service import open_tool_service
 from hivewire.services.tool.servicer import SERVICE_NAME, ToolServicer
@@ -39,9 +41,21 @@ SERVICE = "hivewire-tool"
 async def serve(settings: ToolProcessSettings) -> None:
     """Run the service until SIGTERM or SIGINT."""
     async with service_process(settings, "tool") as process:
+        ledger = None
+        if settings.tool.grant_ledger == "nats":
+            # Approvals are single use across every tool service of the mesh.
+            ledger = NatsGrantLedger(
+                settings.nats_url,
+                horizon=settings.tool.grant_ledger_ttl,
+                nats_options=nats_tls_options(settings.nats_url, settings.tls_files()),
+            )
+            process.stack.push_async_callback(ledger.close)
         service = await process.stack.enter_async_context(
             open_tool_service(
-                settings.tool, publisher=process.events, mesh_ca=settings.tls_files().ca
+                settings.tool,
+                publisher=process.events,
+                mesh_ca=settings.tls_files().ca,
+                grant_ledger=ledger,
             )
         )
         extra_ports: dict[str, int] = {}
