@@ -96,10 +96,12 @@ pytest: relink $(PROMTOOL) chromium node
 
 test: relink lint typecheck buf-lint gen-check pytest
 
-bench: relink
-	$(PY) bench/run.py
+# BENCH_ARGS: e.g. --before before.json (an earlier --json run drawn in the plot).
+BENCH_ARGS ?=
+bench: relink $(VENV)/.bench-installed
+	$(PY) bench/run.py --plot bench-chain.png $(BENCH_ARGS)
 
-# The bench extra (matplotlib, for the soak's plot of memory against tasks).
+# The bench extra (matplotlib: the soak's plot of memory against tasks, make bench's plot).
 $(VENV)/.bench-installed: $(STAMP)
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[bench]' \
 		--config-settings editable_mode=strict

@@ -7,6 +7,7 @@ with the repository root on ``PYTHONPATH``).
 from __future__ import annotations
 
 import asyncio
+import time
 
 from hivewire.services.agent import Agent, Payload, TaskContext, capability
 
@@ -29,6 +30,21 @@ class BenchAgent(Agent):
         await ctx.model.generate(task.text, max_tokens=8)
         await ctx.tools.invoke("calculator", {"expression": "6*7"})
         return task.text
+
+    @capability("tokens", description="Streams N stamped partial chunks ('N' or 'N:gap_ms').")
+    async def tokens(self, task: Payload, ctx: TaskContext) -> str:
+        """A token stream: each chunk is ``time.monotonic_ns()`` when it was sent.
+
+        The clock is the machine's (CLOCK_MONOTONIC), the same in every process, so
+        the client can take a chunk's latency from the agent to itself.
+        """
+        count, _, gap = task.text.partition(":")
+        pause = float(gap or 0) / 1000
+        for _ in range(int(count)):
+            await ctx.partial(str(time.monotonic_ns()))
+            if pause:
+                await asyncio.sleep(pause)
+        return count
 
     @capability("hold", description="Stays running until cancelled (keeps a task open).")
     async def hold(self, task: Payload, ctx: TaskContext) -> str:

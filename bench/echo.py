@@ -15,6 +15,11 @@ Only the standard library, grpcio and protobuf are imported at module level, so
 
     python -m bench.echo run --certs DIR [--quick] [--json]
     python -m bench.echo serve --certs DIR [--variant bare|runtime]
+    python -m bench.echo serve --certs DIR --variant relay --upstream HOST:PORT
+
+The ``relay`` variant is the bare 2-hop chain's middle: a bare server whose ``Echo``
+forwards each call to an upstream echo server over a bare mTLS channel and answers
+with its reply (client -> relay -> echo, what a mesh task's two hops are compared to).
 
 The ``runtime`` variants (hivewire's ``ServiceServer`` and ``secure_channel``) import
 hivewire lazily; :mod:`bench.interceptors` uses them.
@@ -151,6 +156,44 @@ async def serve_bare(certs: Path) -> None:
     await server.stop(0)
 
 
+async def serve_relay(certs: Path, upstream: str) -> None:
+    """A bare server whose ``Echo`` forwards each call to ``upstream`` (the chain's middle hop)."""
+    channel = open_channel(upstream, certs)
+    forward = channel.unary_unary(
+        UNARY,
+        request_serializer=BytesValue.SerializeToString,
+        response_deserializer=BytesValue.FromString,
+    )
+
+    async def echo(request: BytesValue, context: Any) -> BytesValue:
+        reply: BytesValue = await forward(request)
+        return reply
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(
+                echo,
+                request_deserializer=BytesValue.FromString,
+                response_serializer=BytesValue.SerializeToString,
+            )
+        },
+    )
+    ca, cert, key = CertFiles.in_dir(certs, SERVER_STEM).read()
+    creds = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    await server.start()
+    await forward(PAYLOAD, timeout=30, wait_for_ready=True)
+    _announce(port)
+    await _wait_for_parent()
+    await server.stop(0)
+    await channel.close()
+
+
 async def serve_runtime(certs: Path) -> None:
     """The same service hosted by hivewire's ``ServiceServer`` (interceptors, health...)."""
     import logging
@@ -218,9 +261,16 @@ class EchoServer:
 
 @contextlib.asynccontextmanager
 async def echo_server(
-    certs: Path, *, variant: str = "bare", python: str = sys.executable
+    certs: Path, *, variant: str = "bare", python: str = sys.executable, upstream: str = ""
 ) -> AsyncIterator[EchoServer]:
-    """Start ``python -m bench.echo serve`` and stop it when the block ends."""
+    """Start ``python -m bench.echo serve`` and stop it when the block ends.
+
+    Args:
+        certs: The PKI directory.
+        variant: ``bare``, ``runtime`` or ``relay`` (which needs ``upstream``).
+        python: The interpreter.
+        upstream: ``host:port`` of the echo server a relay forwards to.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = await asyncio.create_subprocess_exec(
         python,
@@ -231,6 +281,7 @@ async def echo_server(
         str(certs),
         "--variant",
         variant,
+        *(("--upstream", upstream) if upstream else ()),
         cwd=ROOT,
         env=env,
         stdin=asyncio.subprocess.PIPE,
@@ -370,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run one echo server; prints its port as JSON")
     serve.add_argument("--certs", type=Path, required=True)
-    serve.add_argument("--variant", choices=("bare", "runtime"), default="bare")
+    serve.add_argument("--variant", choices=("bare", "runtime", "relay"), default="bare")
+    serve.add_argument("--upstream", help="host:port of the echo server a relay forwards to")
     run = sub.add_parser("run", help="measure the baseline")
     run.add_argument("--certs", type=Path, help="PKI directory (default: a new one)")
     run.add_argument("--quick", action="store_true", help="short phases, one round")
@@ -379,6 +431,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.command == "serve":
+        if args.variant == "relay":
+            if not args.upstream:
+                parser.error("--variant relay needs --upstream")
+            asyncio.run(serve_relay(args.certs, args.upstream))
+            return
         runner: Callable[[Path], Coroutine[Any, Any, None]] = (
             serve_runtime if args.variant == "runtime" else serve_bare
         )

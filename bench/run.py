@@ -10,6 +10,7 @@ wall-clock rates: it is the steadier of the two.
     python bench/run.py --quick         # short phases, one round, under a minute
     python bench/run.py --only mesh streams --json results.json
     python bench/run.py --only grpcio   # bench/grpcio_versions.py (builds venvs, needs PyPI)
+    python bench/run.py --only chain --plot chain.png --before before.json
 
 See bench/README.md and docs/performance.md.
 """
@@ -45,6 +46,8 @@ import grpc  # noqa: E402
 from google.protobuf import __version__ as protobuf_version  # noqa: E402
 
 from bench import (  # noqa: E402
+    backlog,
+    chain,
     coordinators,
     echo,
     events,
@@ -53,11 +56,23 @@ from bench import (  # noqa: E402
     mesh,
     plans,
     streams,
+    tokens,
 )
 from bench.common import DEFAULT, QUICK, Durations, Phase  # noqa: E402
 from hivewire.services.runtime.pki import init_pki  # noqa: E402
 
-BENCHMARKS = ("echo", "interceptors", "mesh", "coordinators", "plans", "streams", "events")
+BENCHMARKS = (
+    "chain",
+    "tokens",
+    "backlog",
+    "echo",
+    "interceptors",
+    "mesh",
+    "coordinators",
+    "plans",
+    "streams",
+    "events",
+)
 OPTIONAL = ("grpcio",)
 STREAMS_DEFAULT = 2000
 STREAMS_QUICK = 500
@@ -122,6 +137,33 @@ async def run(args: argparse.Namespace) -> int:
         certs = Path(tmp)
         init_pki(certs)
 
+        async def bench_chain() -> str:
+            # The issue's table: a no-op task against the bare 2-hop chain; a plot
+            # needs more than two points on its concurrency axis.
+            result = await chain.measure(
+                durations=durations if args.quick else MESH_TASKS,
+                concurrency=chain.PLOT_CONCURRENCY if args.plot else chain.CONCURRENCY,
+            )
+            results["chain"] = result
+            if args.plot:
+                before = chain.load(args.before) if args.before else None
+                chain.plot(result, args.plot, before=before)
+            text = chain.report(result)
+            return text + (f"\nplot written to {args.plot}" if args.plot else "")
+
+        async def bench_tokens() -> str:
+            result = await tokens.measure(durations=durations)
+            results["tokens"] = result
+            return tokens.report(result)
+
+        async def bench_backlog() -> str:
+            result = await backlog.measure(
+                rounds=1 if args.quick else backlog.ROUNDS,
+                sizes=args.queue_sizes or (backlog.QUICK_SIZES if args.quick else backlog.SIZES),
+            )
+            results["backlog"] = result
+            return backlog.report(result)
+
         async def bench_echo() -> str:
             result = await echo.measure(certs, durations=durations)
             results["echo"] = result
@@ -172,6 +214,9 @@ async def run(args: argparse.Namespace) -> int:
             return grpcio_versions.report(result)
 
         runners: dict[str, Callable[[], Awaitable[str]]] = {
+            "chain": bench_chain,
+            "tokens": bench_tokens,
+            "backlog": bench_backlog,
             "echo": bench_echo,
             "interceptors": bench_interceptors,
             "mesh": bench_mesh,
@@ -212,7 +257,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="run only these (grpcio is never run unless named here)",
     )
     parser.add_argument("--streams", type=int, help="WatchTask streams to open")
+    parser.add_argument(
+        "--queue-sizes",
+        nargs="+",
+        type=int,
+        help="backlog: waiting tasks to compare (smallest first)",
+    )
     parser.add_argument("--json", type=Path, help="also write every number as JSON here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="chain: also measure c=4 and c=32 and draw rate and p99 against concurrency "
+        "(PNG, matplotlib from the bench extra)",
+    )
+    parser.add_argument(
+        "--before", type=Path, help="chain: an earlier --json run, drawn as 'hivewire before'"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(1 if asyncio.run(run(args)) else 0)

@@ -63,6 +63,15 @@ async def _drain(call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
         pass
 
 
+async def _drain_counted(call: grpc.aio.UnaryStreamCall[Any, Any]) -> bool:
+    """Read a stream to its end; False when it ended with an error instead."""
+    try:
+        await _drain(call)
+    except grpc.aio.AioRpcError:
+        return False
+    return True
+
+
 async def measure(*, streams: int) -> dict[str, Any]:
     """Open ``streams`` WatchTask streams, measure memory, then the fan-out of the end.
 
@@ -115,7 +124,9 @@ async def measure(*, streams: int) -> dict[str, Any]:
                     for t in task_ids
                 )
             )
-            await asyncio.gather(*(_drain(c) for c in calls))
+            # A client process holding this many streams may answer the server's
+            # keepalive pings late on a busy machine: such a stream is counted, not fatal.
+            ended = await asyncio.gather(*(_drain_counted(c) for c in calls))
             fanout_seconds = time.perf_counter() - started
             fanout_cpu = proc_cpu(coordinator) - cpu_before
             rss_after = proc_rss(coordinator)
@@ -135,6 +146,7 @@ async def measure(*, streams: int) -> dict[str, Any]:
         "open_cpu": open_cpu,
         "fanout_seconds": fanout_seconds,
         "fanout_cpu": fanout_cpu,
+        "failed": ended.count(False),
     }
 
 
@@ -171,6 +183,7 @@ def report(result: dict[str, Any]) -> str:
             f"fan-out: cancel {result['held_tasks']} tasks -> all {n:,} streams ended",
             fmt_time(result["fanout_seconds"]),
         ],
+        ["streams that ended with an error instead", f"{result.get('failed', 0):,}"],
         ["coordinator CPU per stream ended", f"{result['fanout_cpu'] / n * 1e6:.0f} µs"],
         [
             "coordinator RSS after the streams ended",

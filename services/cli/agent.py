@@ -7,7 +7,6 @@ SIGTERM. Every flag overrides the matching ``HIVEWIRE_*`` variable (docs/agents.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -74,6 +73,7 @@ def serve(
         serve_agent,
         settings_for_agent,
     )
+    from hivewire.services.runtime.bootstrap import run_loop
     from hivewire.services.runtime.config import load_settings
     from hivewire.services.runtime.logging import setup_logging
     from hivewire.services.runtime.tracing import setup_tracing
@@ -108,7 +108,7 @@ def serve(
     setup_logging(settings.log_level, settings.log_format)
     setup_tracing("hivewire-agent", otlp_endpoint=settings.otlp_endpoint)
     try:
-        asyncio.run(serve_agent(agent, settings))
+        run_loop(serve_agent(agent, settings), settings.event_loop)
     except FileNotFoundError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -31,9 +31,11 @@ from hivewire.discovery import Instance, Registry, instance_name
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator import metrics
 from hivewire.services.coordinator.model import AgentView, now_ns
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from hivewire.services.runtime.channels import ChannelPool
 from hivewire.services.runtime.eventsink import EventSink, NullSink
+from hivewire.services.runtime.interceptors import observe_client_call
 from hivewire.services.runtime.status import from_rpc_error
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ META_NAME = "name"
 META_VERSION = "version"
 META_MAX_CONCURRENCY = "max_concurrency"
 META_TLS_SERVER_NAME = "tls_server_name"
+EXECUTE_METHOD = f"/{agent_pb2.DESCRIPTOR.services_by_name['AgentService'].full_name}/Execute"
 
 
 @dataclass
@@ -317,9 +320,11 @@ class AgentPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _channel(self, entry: AgentEntry) -> grpc.aio.Channel:
+    def _channel(self, entry: AgentEntry, *, intercepted: bool = True) -> grpc.aio.Channel:
         server_name = entry.instance.meta.get(META_TLS_SERVER_NAME) or None
-        return self._channels.get(entry.instance.endpoint, server_name=server_name)
+        return self._channels.get(
+            entry.instance.endpoint, server_name=server_name, intercepted=intercepted
+        )
 
     async def _describe(self, entry: AgentEntry) -> None:
         stub: agent_pb2_grpc.AgentServiceAsyncStub = agent_pb2_grpc.AgentServiceStub(
@@ -385,8 +390,10 @@ class AgentPool:
             entry.in_flight += 1
             entry.probing = entry.probing or probe
             self._update_metrics()
+            # Execute calls go on a channel without client interceptors: ExecuteStream
+            # carries their correlation id, deadline, trace and metrics itself.
             stub: agent_pb2_grpc.AgentServiceAsyncStub = agent_pb2_grpc.AgentServiceStub(
-                self._channel(entry)
+                self._channel(entry, intercepted=False)
             )
             return AgentLease(entry=entry, stub=stub, probe=probe)
         return None
@@ -521,6 +528,11 @@ def classify_rpc_error(err: grpc.aio.AioRpcError, agent_id: str) -> AttemptError
 class ExecuteStream:
     """One ``AgentService.Execute`` call: send assignment, cancel and input; read messages.
 
+    The call goes on a channel without client interceptors (one extra task and queue
+    per call and per message in grpc.aio, measured in docs/performance.md): its client
+    span, trace context and ``grpc_client_*`` metrics are made here instead, and
+    ``metadata`` carries the correlation id.
+
     Args:
         lease: The agent slot the call runs on.
         timeout: Seconds until the task's deadline (the call's deadline).
@@ -531,7 +543,12 @@ class ExecuteStream:
         self, lease: AgentLease, *, timeout: float, metadata: Sequence[tuple[str, str]]
     ) -> None:
         self._agent_id = lease.agent_id
-        self._call = lease.stub.Execute(timeout=max(timeout, 0.001), metadata=tuple(metadata))
+        span, headers = tracing.client_span(EXECUTE_METHOD)
+        self._call = lease.stub.Execute(
+            timeout=max(timeout, 0.001), metadata=(*metadata, *headers.items())
+        )
+        tracing.end_with_call(span, self._call)
+        observe_client_call(self._call, "bidi_stream", EXECUTE_METHOD)
         self._write_lock = asyncio.Lock()
         self._half_closed = False
 

@@ -281,9 +281,29 @@ class JetStreamTaskStore:
         for task in tasks:
             latest[task.task_id] = task
         # Idempotency keys first: a task whose key belongs to another task is not stored.
-        for task in latest.values():
-            if task.idempotency_key and task.task_id not in self._revisions:
-                await self._claim_key(task)
+        claimed = [
+            t for t in latest.values() if t.idempotency_key and t.task_id not in self._revisions
+        ]
+        for task in claimed:
+            await self._claim_key(task)
+        try:
+            await self._append(latest, events)
+        except StoreError:
+            # Not stored after all (let go meanwhile): its key must not stay taken by a
+            # task that does not exist.
+            for task in claimed:
+                await self._release_key(task)
+            raise
+
+    async def _release_key(self, task: TaskRow) -> None:
+        assert self._keys is not None
+        name = _key_name(task.owner, task.idempotency_key)
+        with contextlib.suppress(Exception):
+            entry = await self._keys.get(name)
+            if entry.value == task.task_id.encode():
+                await self._keys.delete(name, last=entry.revision)
+
+    async def _append(self, latest: dict[str, TaskRow], events: Sequence[EventRow]) -> None:
         for event in events:
             ack = await self._retry(
                 task_id=event.task_id,

@@ -407,7 +407,11 @@ class Coordinator:
         try:
             await committed
         except StoreError as exc:
-            # Not stored (say, this coordinator let its tasks go meanwhile): not accepted.
+            # Not stored (say, this coordinator let its tasks go meanwhile): not accepted,
+            # and not remembered as if it were.
+            self.drop(record.task_id)
+            if self._idempotency.get((record.owner, key)) == record.task_id:
+                del self._idempotency[(record.owner, key)]
             raise Unavailable(
                 "the task could not be stored; submit again (with an idempotency key, safely)",
                 retry_after=1.0,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ from typing import Self, TypeVar
 __all__ = ["PENDING", "DELIVERED", "DEAD", "DeliveryRow", "SqliteWebhookStore", "WebhookRow"]
 
 T = TypeVar("T")
+
+_CACHED_KEYS = 1024
+"""Principals and projects whose registrations are kept in memory (least recently used leave)."""
 
 PENDING = 1
 DELIVERED = 2
@@ -119,6 +123,11 @@ class SqliteWebhookStore:
         self._path = str(path)
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        # Registrations by (owner, project), read on every task's end: kept in memory
+        # (only this store writes them) so most tasks cost no trip to the database
+        # thread. Any change empties it.
+        self._registrations: OrderedDict[tuple[str, str], tuple[WebhookRow, ...]] = OrderedDict()
+        self._generation = 0  # bumped by every change: a read that raced one is not kept
 
     async def __aenter__(self) -> Self:
         await asyncio.to_thread(self._open)
@@ -162,18 +171,40 @@ class SqliteWebhookStore:
 
     # -- registrations ---------------------------------------------------------------
 
+    def _changed(self) -> None:
+        self._generation += 1
+        self._registrations.clear()
+
     async def add_webhook(self, row: WebhookRow) -> None:
         """Store a registration."""
-        await self._run(
-            lambda c: c.execute(
-                f"INSERT INTO webhooks ({_WEBHOOK_COLUMNS}) "  # noqa: S608
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (row.webhook_id, row.owner, row.url, row.secret, row.created_ns, row.project_id),
+        self._changed()
+        try:
+            await self._run(
+                lambda c: c.execute(
+                    f"INSERT INTO webhooks ({_WEBHOOK_COLUMNS}) "  # noqa: S608
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        row.webhook_id,
+                        row.owner,
+                        row.url,
+                        row.secret,
+                        row.created_ns,
+                        row.project_id,
+                    ),
+                )
             )
-        )
+        finally:
+            # Again once written: a read that ran meanwhile may have seen either.
+            self._changed()
 
     async def webhooks_of(self, owner: str, *, project_id: str = "") -> list[WebhookRow]:
         """A principal's registrations, or with ``project_id`` a project's; oldest first."""
+        key = ("", project_id) if project_id else (owner, "")
+        cached = self._registrations.get(key)
+        if cached is not None:
+            self._registrations.move_to_end(key)
+            return list(cached)
+        generation = self._generation
         if project_id:
             where, value = "project_id = ?", project_id
         else:
@@ -187,7 +218,12 @@ class SqliteWebhookStore:
             ).fetchall()
             return [WebhookRow(*r) for r in rows]
 
-        return await self._run(run)
+        found = await self._run(run)
+        if generation == self._generation:
+            self._registrations[key] = tuple(found)
+            while len(self._registrations) > _CACHED_KEYS:
+                self._registrations.popitem(last=False)
+        return found
 
     async def webhook(self, webhook_id: str) -> WebhookRow | None:
         """One registration by id, or None."""
@@ -208,7 +244,11 @@ class SqliteWebhookStore:
             cursor = c.execute("DELETE FROM webhooks WHERE webhook_id = ?", (webhook_id,))
             return cursor.rowcount > 0
 
-        return await self._run(run)
+        self._changed()
+        try:
+            return await self._run(run)
+        finally:
+            self._changed()
 
     # -- deliveries ------------------------------------------------------------------
 

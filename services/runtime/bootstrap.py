@@ -169,7 +169,28 @@ class ServiceEntry:
         """Set up logging and tracing, and run ``serve(settings)`` until it returns."""
         setup_logging(settings.log_level, settings.log_format)
         setup_tracing(f"hivewire-{self.name}", otlp_endpoint=settings.otlp_endpoint)
-        asyncio.run(serve(settings))
+        run_loop(serve(settings), settings.event_loop)
+
+
+def run_loop(main: Coroutine[Any, Any, None], event_loop: str = "asyncio") -> None:
+    """Run a service's main coroutine on the event loop its settings name.
+
+    Args:
+        main: The coroutine.
+        event_loop: ``asyncio`` or ``uvloop`` (the ``HIVEWIRE_EVENT_LOOP`` setting).
+
+    Raises:
+        SystemExit: ``uvloop`` is asked for and not installed.
+    """
+    if event_loop != "uvloop":
+        asyncio.run(main)
+        return
+    try:
+        import uvloop
+    except ImportError:
+        main.close()
+        raise SystemExit("HIVEWIRE_EVENT_LOOP=uvloop, but uvloop is not installed") from None
+    uvloop.run(main)
 
 
 @dataclass(frozen=True)

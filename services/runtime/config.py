@@ -46,6 +46,7 @@ snapshots of the soak benchmark (``HIVEWIRE_HEAP_DUMP_DIR``, runtime/heapdump.py
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 LogFormat = Literal["text", "json"]
+EventLoop = Literal["asyncio", "uvloop"]
 
 
 class Settings(BaseSettings):
@@ -86,6 +87,9 @@ class Settings(BaseSettings):
     identity: str = Field("service", description="Certificate base name of this process.")
     log_level: str = Field("INFO", description="Root log level.")
     log_format: LogFormat = Field("text", description="text (local) or json (one object a line).")
+    event_loop: EventLoop = Field(
+        "asyncio", description="asyncio (the standard loop) or uvloop (docs/performance.md)."
+    )
     grace_period: float = Field(
         10.0, ge=0, description="Seconds in-flight calls get to finish on shutdown."
     )

@@ -51,7 +51,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SpanKind",
     "client_interceptors",
+    "client_span",
     "current_ids",
+    "end_with_call",
     "extract",
     "inject",
     "resumed",
@@ -219,6 +221,41 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
             )
         interceptors.append(interceptor)
     return interceptors
+
+
+def client_span(method: str) -> tuple[Any, dict[str, str]]:
+    """Start the CLIENT span of a call made on a channel without the OTel interceptors.
+
+    For hot paths that open a call per unit of work (the coordinator's ``Execute``): the
+    span is what the stock interceptor would make (same name, kind and ``rpc.*``
+    attributes, a child of the current span), at a fraction of its cost. End it with
+    :func:`end_with_call`.
+
+    Args:
+        method: The full method, ``/package.Service/Method``.
+
+    Returns:
+        The span, and the W3C headers (``traceparent``...) that carry it to the server.
+    """
+    service, _, name = method.lstrip("/").partition("/")
+    span = tracer.start_span(
+        method,
+        kind=SpanKind.CLIENT,
+        attributes={
+            "rpc.system": "grpc",
+            "rpc.service": service,
+            "rpc.method": name,
+            "rpc.grpc.status_code": grpc.StatusCode.OK.value[0],
+        },
+    )
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return span, carrier
+
+
+def end_with_call(span: Any, call: Any) -> None:
+    """End ``span`` (from :func:`client_span`) with the call's status when the call ends."""
+    call.add_done_callback(lambda done: _end_with_call(span, done))
 
 
 def current_ids() -> tuple[str, str] | None:

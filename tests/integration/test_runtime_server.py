@@ -434,11 +434,30 @@ async def test_server_mints_a_correlation_id_when_the_caller_has_none(
     assert isinstance(error_cid, str) and len(error_cid) == 32 and error_cid != minted
 
 
-async def test_streaming_calls_get_the_correlation_id_up_front(channel: grpc.aio.Channel) -> None:
+async def test_streaming_calls_get_a_minted_correlation_id_up_front(
+    server: ServiceServer, client_files: TlsFiles
+) -> None:
+    # A plain channel sends no id: the server mints one and sends it before any
+    # message (the only message is held back until the test releases it).
+    ca, cert, key = client_files.read()
+    creds = grpc.ssl_channel_credentials(ca, key, cert)
+    async with grpc.aio.secure_channel(server.address, creds) as ch:
+        call = ch.unary_stream(f"/{SERVICE}/Count")(b"wait:1", timeout=5)
+        initial = await call.initial_metadata()
+        call.cancel()
+    minted = initial.get(CORRELATION_ID_KEY) if initial is not None else None
+    assert isinstance(minted, str) and len(minted) == 32
+
+
+async def test_streaming_calls_echo_the_callers_correlation_id(
+    channel: grpc.aio.Channel,
+) -> None:
+    # A caller that sent an id gets it back with the status (it knows it up front).
     with bind_correlation_id("cid-stream-3"):
-        call = channel.unary_stream(f"/{SERVICE}/Count")(b"wait:2")
-    initial = await call.initial_metadata()
-    assert initial is not None and initial.get(CORRELATION_ID_KEY) == "cid-stream-3"
+        call = channel.unary_stream(f"/{SERVICE}/Count")(b"2")
+    assert [m async for m in call] == [b"0", b"1"]
+    trailing = await call.trailing_metadata()
+    assert trailing is not None and trailing.get(CORRELATION_ID_KEY) == "cid-stream-3"
 
 
 async def test_client_cancel_reaches_the_handler_through_the_interceptors(

@@ -85,6 +85,15 @@ def test_invalid_values_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings()
 
 
+def test_event_loop_is_asyncio_unless_uvloop_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().event_loop == "asyncio"
+    monkeypatch.setenv("HIVEWIRE_EVENT_LOOP", "uvloop")
+    assert load_settings().event_loop == "uvloop"
+    monkeypatch.setenv("HIVEWIRE_EVENT_LOOP", "trio")
+    with pytest.raises(ValidationError):
+        load_settings()
+
+
 def test_settings_are_frozen() -> None:
     s = load_settings()
     with pytest.raises(ValidationError):
