@@ -1,6 +1,9 @@
 """Embedded default registry: a JetStream key-value bucket on the mesh's own NATS server.
 
-Each instance is one key ``<service>.<instance_id>`` whose JSON value is the instance. The
+Each instance is one key ``<service>.<instance_id>`` whose JSON value is the instance, or
+``<service>.<owner>.<instance_id>`` when the registry is given an ``owner`` (the name of
+the process's mesh identity: the mesh's NATS lets each identity write only its own
+keys, services/mesh/nats_security.py). The
 bucket's ``max_age`` is the TTL: the owning process re-puts its keys every ``ttl / 3``, so a
 process killed with ``kill -9`` drops out of every resolve within one TTL. The bucket is
 created with ``limit_marker_ttl``, so the server writes a ``PURGE`` marker when a key
@@ -70,6 +73,8 @@ class EmbeddedRegistry(RegistryBase):
         reconnect_wait: Seconds between NATS reconnect attempts.
         backoff_max: Cap of the retry delay after a failed watch round.
         nats_options: Extra keyword arguments for ``nats.connect`` (tls, credentials ...).
+        owner: The key token naming who wrote an entry (the name of this process's mesh
+            identity); None: keys without it.
     """
 
     backend: ClassVar[str] = "embedded"
@@ -85,6 +90,7 @@ class EmbeddedRegistry(RegistryBase):
         reconnect_wait: float = 1.0,
         backoff_max: float = 5.0,
         nats_options: dict[str, Any] | None = None,
+        owner: str | None = None,
     ) -> None:
         super().__init__()
         if ttl < 1:
@@ -97,6 +103,7 @@ class EmbeddedRegistry(RegistryBase):
         self._reconnect_wait = reconnect_wait
         self._backoff_max = backoff_max
         self._nats_options = dict(nats_options or {})
+        self._owner = owner
         self._nc: NatsClient | None = None
         self._kv: KeyValue | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -197,7 +204,7 @@ class EmbeddedRegistry(RegistryBase):
                 history=1,
                 ttl=self._ttl,
                 limit_marker_ttl=self._ttl,
-                description="hivewire service registry: <service>.<instance_id> -> instance JSON",
+                description="hivewire registry: <service>[.<owner>].<instance_id> -> instance",
             )
         except nats.js.errors.KeyValueLimitMarkerTTLNotSupportedError:
             logger.warning(
@@ -251,8 +258,9 @@ class EmbeddedRegistry(RegistryBase):
 
     # -- registration --------------------------------------------------------------------
 
-    @staticmethod
-    def _key(instance: Instance) -> str:
+    def _key(self, instance: Instance) -> str:
+        if self._owner:
+            return f"{instance.service}.{self._owner}.{instance.instance_id}"
         return f"{instance.service}.{instance.instance_id}"
 
     async def register(self, instance: Instance) -> None:
@@ -367,7 +375,7 @@ class EmbeddedRegistry(RegistryBase):
         watcher: KeyValue.KeyWatcher | None = None
         try:
             async with asyncio.timeout(self._request_timeout):
-                watcher = await kv.watch(f"{service}.*")
+                watcher = await kv.watch(f"{service}.>")
                 while (entry := await _next(watcher)) is not None:
                     _apply(found, entry)
         except _WatcherStopped as exc:
@@ -407,7 +415,7 @@ class EmbeddedRegistry(RegistryBase):
                 if kv is None:
                     raise RegistryUnavailableError("bucket not open")
                 async with asyncio.timeout(self._request_timeout):
-                    watcher = await kv.watch(f"{service}.*")
+                    watcher = await kv.watch(f"{service}.>")
             except (*_TRANSIENT, RegistryUnavailableError) as exc:
                 metrics.WATCH_ERRORS.labels(self.backend).inc()
                 logger.warning("registry: watch of %s failed (%r); retrying", service, exc)

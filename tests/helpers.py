@@ -29,11 +29,12 @@ from typing import IO, Any, Self
 import httpx
 
 from hivewire.services.mesh.launcher import read_ports_file
-from hivewire.services.mesh.nats_security import NATS_SERVER_STEM, mesh_identities, render_security
+from hivewire.services.mesh.nats_security import SECURITY_FILE, render_mesh_security
 from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
 
 __all__ = [
     "GrpcurlResult",
+    "assert_nats_refused",
     "NatsServer",
     "ServiceProcess",
     "eventually",
@@ -175,6 +176,7 @@ class NatsServer:
         certs_dir: The mesh PKI: serve TLS with client certificates and per-identity
             permissions, as ``hivewire up`` does (services/mesh/nats_security.py); the
             URL is then ``tls://``. None: plaintext, for tests of the NATS libraries.
+        revoked_file: The deny list whose certificates the server refuses.
     """
 
     binary: Path = Path(sys.executable).parent / "nats-server"
@@ -187,6 +189,7 @@ class NatsServer:
         sync_interval: str | None = None,
         extra_args: Sequence[str] = (),
         certs_dir: Path | None = None,
+        revoked_file: Path | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.store_dir = self.workdir / "js"
@@ -195,6 +198,8 @@ class NatsServer:
         self._sync_interval = sync_interval
         self._extra_args = tuple(extra_args)
         self.certs_dir = certs_dir
+        self.revoked_file = revoked_file
+        self.security_file = self.workdir / SECURITY_FILE
         self._proc: asyncio.subprocess.Process | None = None
         self._port: int | None = None
         self._monitor_url: str | None = None
@@ -247,8 +252,11 @@ class NatsServer:
             # The store dir comes from -sd: nats-server rejects it given twice.
             text += f"jetstream {{\n  sync_interval: {self._sync_interval}\n}}\n"
         if self.certs_dir is not None:
-            server = TlsFiles.for_identity(self.certs_dir, NATS_SERVER_STEM)
-            text += render_security(server, mesh_identities(self.certs_dir))
+            # Included, so a NATS guard can rewrite it and reload (mesh/nats_guard.py).
+            self.security_file.write_text(
+                render_mesh_security(self.certs_dir, revoked_file=self.revoked_file)
+            )
+            text += f'include "{SECURITY_FILE}"\n'
         if text:
             conf = self.workdir / "nats-server.conf"
             conf.write_text(text)
@@ -337,6 +345,31 @@ class NatsServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+async def assert_nats_refused(url: str, **options: Any) -> None:
+    """Connect to NATS at ``url`` and fail unless the server refuses the connection.
+
+    nats-py returns from ``connect()`` without raising when the server closes the
+    connection right after the TLS handshake (TLS 1.3 ends the client's side of the
+    handshake first): such a client never got its PONG, so it is not connected.
+    """
+    import ssl
+
+    import nats
+    import nats.errors
+
+    try:
+        client = await nats.connect(
+            servers=[url], allow_reconnect=False, max_reconnect_attempts=1, connect_timeout=2,
+            **options,
+        )  # fmt: skip
+    except (nats.errors.Error, OSError, ssl.SSLError):
+        return
+    try:
+        assert not client.is_connected, "the server accepted the connection"
+    finally:
+        await client.close()
 
 
 # -- grpcurl ---------------------------------------------------------------------------

@@ -12,16 +12,33 @@
 //                     [--proto DIR]
 //
 // The mesh's NATS (tls://) wants a client certificate of the mesh CA: <certs>/ca.pem,
-// <certs>/<identity>.pem and .key (the client identity may read events, not write them).
+// <certs>/<identity>.pem and .key (the client identity may read events, not write them),
+// and receives replies only under its own inbox prefix, _INBOX.<role>.<name> of the
+// certificate's SPIFFE id.
 // Without --count it follows new events until Ctrl-C.
 "use strict";
 
+const { X509Certificate } = require("node:crypto");
+const fs = require("node:fs");
 const path = require("node:path");
 const { parseArgs } = require("node:util");
 const { connect, DeliverPolicy } = require("nats");
 const protobuf = require("protobufjs");
 
 const STREAM = "HIVEWIRE_EVENTS";
+const TRUST_DOMAIN = "spiffe://hivewire.local/";
+
+// The reply prefix the mesh's NATS lets this identity subscribe to.
+function inboxPrefix(certFile) {
+  const sans = new X509Certificate(fs.readFileSync(certFile)).subjectAltName || "";
+  const uri = sans
+    .split(", ")
+    .map((san) => san.replace(/^URI:/, ""))
+    .find((san) => san.startsWith(TRUST_DOMAIN));
+  if (!uri) return undefined;
+  const [role, name] = uri.slice(TRUST_DOMAIN.length).split("/");
+  return `_INBOX.${role}.${name}`;
+}
 
 function options() {
   const { values } = parseArgs({
@@ -59,11 +76,13 @@ async function main() {
   const connectOptions = { servers, name: "hivewire-node-events" };
   if (servers.some((s) => s.startsWith("tls://"))) {
     connectOptions.servers = servers.map((s) => s.replace(/^tls:\/\//, ""));
+    const certFile = path.join(opts.certs, `${opts.identity}.pem`);
     connectOptions.tls = {
       caFile: path.join(opts.certs, "ca.pem"),
-      certFile: path.join(opts.certs, `${opts.identity}.pem`),
+      certFile,
       keyFile: path.join(opts.certs, `${opts.identity}.key`),
     };
+    connectOptions.inboxPrefix = inboxPrefix(certFile);
   }
   const nc = await connect(connectOptions);
   const js = nc.jetstream();

@@ -106,7 +106,28 @@ def _root(
             "--version", callback=_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="HIVEWIRE_API_KEY",
+            help="Act as the end user of this API key (`hivewire keys create`).",
+            show_envvar=True,
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="HIVEWIRE_TOKEN",
+            help="Act as the end user of this JWT from the identity provider.",
+            show_envvar=True,
+        ),
+    ] = None,
 ) -> None:
+    if api_key and token:
+        raise typer.BadParameter("give --api-key or --token, not both")
+    tasks.use_credential(api_key or token)
     if verbose:
         logging.basicConfig(
             level=logging.DEBUG, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"

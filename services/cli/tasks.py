@@ -14,7 +14,11 @@ The coordinator comes from ``--address`` (default ``HIVEWIRE_COORDINATOR__ADDRES
 connects is used: a dead one is skipped), or ``discovery`` (the coordinators the
 registry of ``HIVEWIRE_DISCOVERY`` lists, on ``HIVEWIRE_NATS_URL``). The client
 certificate comes from ``--certs-dir`` and ``--identity`` (default
-``HIVEWIRE_CERTS_DIR`` and the ``client`` identity).
+``HIVEWIRE_CERTS_DIR`` and the ``client`` identity). An end user acts with their own
+API key or JWT: ``hivewire --api-key <key> ...`` or ``--token <jwt>`` (or
+``HIVEWIRE_API_KEY`` / ``HIVEWIRE_TOKEN``), sent as ``authorization: Bearer`` on every
+call; the coordinator then treats the key's or token's principal as the caller
+(docs/security.md).
 
 Exit status:
 
@@ -107,6 +111,16 @@ class _Target:
     """As given: ``host:port``, a comma-separated list, or ``discovery``."""
     certs_dir: Path
     identity: str
+    bearer: str | None = None
+
+
+_bearer: str | None = None
+
+
+def use_credential(credential: str | None) -> None:
+    """Send this API key or JWT with every call of this CLI run (None: only mTLS)."""
+    global _bearer
+    _bearer = credential or None
 
 
 def _target(address: str | None, certs_dir: Path | None, identity: str) -> _Target:
@@ -120,7 +134,7 @@ def _target(address: str | None, certs_dir: Path | None, identity: str) -> _Targ
             parse_addresses(given)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--address") from None
-    return _Target(given, settings.certs_dir, identity)
+    return _Target(given, settings.certs_dir, identity, _bearer)
 
 
 async def _addresses(target: _Target) -> list[str]:
@@ -162,7 +176,7 @@ async def _connect(
 
     files = TlsFiles.for_identity(target.certs_dir, target.identity)
     files.read()  # a missing certificate is reported before any registry or network call
-    connected = await connect_first(await _addresses(target), files)
+    connected = await connect_first(await _addresses(target), files, bearer=target.bearer)
     for skipped in connected.skipped:
         typer.echo(f"coordinator {skipped} unreachable; trying the next one", err=True)
     channel = connected.channel
@@ -522,7 +536,9 @@ async def _reconnect(target: _Target, view: EventView) -> Any:
 
     files = TlsFiles.for_identity(target.certs_dir, target.identity)
     try:
-        return await reconnect(await _addresses(target), files, within=RESUME_WITHIN)
+        return await reconnect(
+            await _addresses(target), files, within=RESUME_WITHIN, bearer=target.bearer
+        )
     except TimeoutError as exc:
         raise _Failure(
             f"{exc}; resume with `hivewire watch {view.task_id} --after {view.last_sequence}`",

@@ -19,12 +19,7 @@ from pathlib import Path
 import httpx
 
 from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec
-from hivewire.services.mesh.nats_security import (
-    NATS_SERVER_STEM,
-    mesh_identities,
-    render_security,
-)
-from hivewire.services.runtime.tls import TlsFiles
+from hivewire.services.mesh.nats_security import SECURITY_FILE, render_mesh_security
 
 
 class NatsServerNotFound(RuntimeError):
@@ -56,6 +51,8 @@ class NatsServerConfig:
     max_file_store: str = "1GB"
     certs_dir: Path | None = None
     """The mesh PKI: TLS with client certificates and per-identity permissions (None: open)."""
+    revoked_file: Path | None = None
+    """The deny list of revoked certificates (``hivewire certs revoke``), left out of NATS."""
 
     @property
     def url(self) -> str:
@@ -77,14 +74,14 @@ class NatsServerConfig:
             f'  store_dir: "{self.store_dir.resolve()}"\n'
             f"  sync_interval: {self.sync_interval}\n"
             f"  max_file_store: {self.max_file_store}\n"
-            "}\n" + self._security()
+            "}\n" + (f'include "{SECURITY_FILE}"\n' if self.certs_dir is not None else "")
         )
 
-    def _security(self) -> str:
+    def render_security(self) -> str:
+        """The security file the configuration includes (TLS, users, pins), or ""."""
         if self.certs_dir is None:
             return ""
-        server = TlsFiles.for_identity(self.certs_dir, NATS_SERVER_STEM)
-        return render_security(server, mesh_identities(self.certs_dir))
+        return render_mesh_security(self.certs_dir, revoked_file=self.revoked_file)
 
 
 async def start_nats_server(
@@ -93,6 +90,8 @@ async def start_nats_server(
     """Start nats-server under ``launcher`` and wait until JetStream is healthy."""
     config.store_dir.mkdir(parents=True, exist_ok=True)
     conf = state_dir / "nats-server.conf"
+    # Beside the configuration, which includes it; the NATS guard rewrites it.
+    (state_dir / SECURITY_FILE).write_text(config.render_security())
     conf.write_text(config.render())
     child = await launcher.start(
         ProcessSpec(

@@ -1,10 +1,11 @@
 """`hivewire up`: the whole mesh on one machine, each service its own process.
 
-Order: dev certificates, nats-server, the coordinator(s), model, tool, agents, the A2A
-gateway. Each
-process gets a fixed port (so the README's grpcurl commands work as written), its
-own certificate, the mesh's NATS URL and the embedded registry. Once every one is
-SERVING the endpoints are written to ``.hivewire/endpoints.json`` for scripts.
+Order: dev certificates, nats-server, the NATS guard (mesh/nats_guard.py: revocation
+and refusals on NATS), the coordinator(s), model, tool, agents, the A2A gateway. Each
+process gets a fixed port (so the README's grpcurl commands work as written; the
+guard any free one), its own certificate, the mesh's NATS URL and the embedded
+registry. Once every one is SERVING the endpoints are written to
+``.hivewire/endpoints.json`` for scripts.
 
 One coordinator on SQLite by default; ``coordinators=N`` with the JetStream store is
 the highly available shape (N coordinators on their own ports sharing the task state
@@ -33,6 +34,7 @@ from hivewire.services.mesh.launcher import (
     RestartPolicy,
     python_module,
 )
+from hivewire.services.mesh.nats_security import SECURITY_FILE
 from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
 from hivewire.services.runtime.pki import init_pki
 from hivewire.services.runtime.ports import (
@@ -168,6 +170,7 @@ class Mesh:
             monitor_port=options.nats_monitor_port,
             store_dir=options.state_dir / "nats",
             certs_dir=options.certs_dir.resolve(),
+            revoked_file=options.certs_dir.resolve() / "revoked.txt",
         )
         self.model_backend, self.model_backend_reason = choose_model_backend(options.model_backend)
         self.a2a_url = ""
@@ -274,7 +277,25 @@ class Mesh:
         opts.check()
         (opts.state_dir / "run").mkdir(parents=True, exist_ok=True)
         init_pki(opts.certs_dir)
-        await start_nats_server(self.launcher, self.nats, state_dir=opts.state_dir)
+        nats = await start_nats_server(self.launcher, self.nats, state_dir=opts.state_dir)
+        # Keeps nats-server's admitted certificates in step with the deny list and the
+        # certs directory, and reports its refusals (docs/security.md "NATS").
+        await self._start_service(
+            "nats-guard",
+            "nats-guard",
+            "nats",
+            0,
+            python_module(
+                "hivewire.services.mesh.nats_guard",
+                "--security-file",
+                str((opts.state_dir / SECURITY_FILE).resolve()),
+                "--server-pid",
+                str(nats.pid),
+                "--server-log",
+                str(nats.spec.log_file.resolve()),
+            ),
+            HIVEWIRE_METRICS_PORT="0",
+        )
         await self._start_coordinators()
         await self._start_service(
             "model",

@@ -45,7 +45,7 @@ from hivewire.services.runtime.ports import (
 )
 from hivewire.services.runtime.security import publish_denials
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer, ShutdownHook
-from hivewire.services.runtime.tls import nats_tls_options
+from hivewire.services.runtime.tls import nats_identity, nats_tls_options, registry_owner
 from hivewire.services.runtime.tracing import setup_tracing
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,10 @@ def registry_from_settings(settings: Settings) -> Registry:
     options: dict[str, Any] = {}
     tls = nats_tls_options(settings.nats_url, settings.tls_files())
     if tls and settings.discovery.split("?")[0] in ("", "nats", "embedded"):
-        # The embedded registry on the mesh's NATS (TLS with this process's certificate).
+        # The embedded registry on the mesh's NATS (TLS with this process's certificate),
+        # writing keys under its identity's name: the only ones NATS lets it write.
         options["nats_options"] = tls
+        options["owner"] = registry_owner(nats_identity(settings.tls_files()))
     return open_registry(
         settings.discovery,
         nats_url=settings.nats_url,

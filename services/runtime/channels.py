@@ -87,6 +87,7 @@ def secure_channel(
     options: Sequence[ChannelOption] = (),
     default_timeout: float | None = 30.0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    bearer: str | None = None,
     intercepted: bool = True,
 ) -> grpc.aio.Channel:
     """Open an mTLS channel with the standard client interceptor and options.
@@ -102,6 +103,8 @@ def secure_channel(
         options: Channel options replacing the defaults of :func:`channel_options`.
         default_timeout: Deadline (s) for unary-response calls that set none.
         max_message_bytes: Largest message sent or received.
+        bearer: An end user's API key or JWT, sent as ``authorization: Bearer <bearer>``
+            on every call (docs/security.md); None sends none.
         intercepted: False gives a channel without any client interceptor (``interceptors``
             included), for a hot path that carries the correlation id, deadline, trace
             context (:func:`~hivewire.services.runtime.tracing.client_span`) and metrics
@@ -115,10 +118,13 @@ def secure_channel(
     opts = channel_options(max_message_bytes)
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))
-    if not intercepted:
-        return grpc.aio.secure_channel(
-            target, channel_credentials(files), options=merge_options(opts, options)
+    credentials = channel_credentials(files)
+    if bearer:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(bearer)
         )
+    if not intercepted:
+        return grpc.aio.secure_channel(target, credentials, options=merge_options(opts, options))
     # Tracing outermost: the client span covers the whole call, and its context is
     # what the metadata carries.
     chain: list[grpc.aio.ClientInterceptor] = [
@@ -128,7 +134,7 @@ def secure_channel(
     chain.extend(interceptors)
     return grpc.aio.secure_channel(
         target,
-        channel_credentials(files),
+        credentials,
         options=merge_options(opts, options),
         interceptors=split_client_interceptors(chain),
     )

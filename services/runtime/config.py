@@ -39,10 +39,13 @@ from hivewire.services.tool.settings import ToolSettings
 ENV_PREFIX = "HIVEWIRE_"
 NESTED_DELIMITER = "__"
 
-OTHER_VARIABLES = frozenset({"HIVEWIRE_ENDPOINTS", "HIVEWIRE_HEAP_DUMP_DIR"})
+OTHER_VARIABLES = frozenset(
+    {"HIVEWIRE_ENDPOINTS", "HIVEWIRE_HEAP_DUMP_DIR", "HIVEWIRE_API_KEY", "HIVEWIRE_TOKEN"}
+)
 """``HIVEWIRE_*`` variables that are not settings: read by the example clients
-(``HIVEWIRE_ENDPOINTS``: where ``endpoints.json`` is, docs/clients.md) and by the heap
-snapshots of the soak benchmark (``HIVEWIRE_HEAP_DUMP_DIR``, runtime/heapdump.py)."""
+(``HIVEWIRE_ENDPOINTS``: where ``endpoints.json`` is, docs/clients.md), by the heap
+snapshots of the soak benchmark (``HIVEWIRE_HEAP_DUMP_DIR``, runtime/heapdump.py) and by
+the CLI (``HIVEWIRE_API_KEY`` / ``HIVEWIRE_TOKEN``: the end user's credential)."""
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 LogFormat = Literal["text", "json"]

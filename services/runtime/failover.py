@@ -102,6 +102,7 @@ async def connect_first(
     *,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     default_timeout: float | None = 30.0,
+    bearer: str | None = None,
 ) -> Connected:
     """Open an mTLS channel to the first of ``addresses`` that connects.
 
@@ -110,6 +111,7 @@ async def connect_first(
         files: The client identity.
         connect_timeout: Seconds one address gets to complete its handshake.
         default_timeout: Deadline of unary calls that set none.
+        bearer: An end user's API key or JWT sent with every call (``secure_channel``).
 
     Returns:
         The connected channel. When none connects, a channel to the first address:
@@ -118,13 +120,15 @@ async def connect_first(
     if not addresses:
         raise ValueError("no coordinator address given")
     if len(addresses) == 1:
-        channel = secure_channel(addresses[0], files, default_timeout=default_timeout)
+        channel = secure_channel(
+            addresses[0], files, default_timeout=default_timeout, bearer=bearer
+        )
         return Connected(addresses[0], channel, [])
-    found = await _first_ready(addresses, files, connect_timeout, default_timeout)
+    found = await _first_ready(addresses, files, connect_timeout, default_timeout, bearer)
     if found is not None:
         return found
     logger.info("no coordinator of %s connected", ", ".join(addresses))
-    channel = secure_channel(addresses[0], files, default_timeout=default_timeout)
+    channel = secure_channel(addresses[0], files, default_timeout=default_timeout, bearer=bearer)
     return Connected(addresses[0], channel, list(addresses))
 
 
@@ -135,6 +139,7 @@ async def reconnect(
     within: float,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     default_timeout: float | None = 30.0,
+    bearer: str | None = None,
 ) -> Connected:
     """Wait for any of ``addresses`` to connect again, trying the list over and over.
 
@@ -147,7 +152,7 @@ async def reconnect(
     deadline = time.monotonic() + within
     pause = Backoff(initial=0.2, maximum=2.0)
     while True:
-        found = await _first_ready(addresses, files, connect_timeout, default_timeout)
+        found = await _first_ready(addresses, files, connect_timeout, default_timeout, bearer)
         if found is not None:
             return found
         if time.monotonic() >= deadline:
@@ -160,11 +165,12 @@ async def _first_ready(
     files: TlsFiles,
     connect_timeout: float,
     default_timeout: float | None,
+    bearer: str | None = None,
 ) -> Connected | None:
     """A channel to the first address that connects, or None."""
     skipped: list[str] = []
     for address in addresses:
-        channel = secure_channel(address, files, default_timeout=default_timeout)
+        channel = secure_channel(address, files, default_timeout=default_timeout, bearer=bearer)
         try:
             async with asyncio.timeout(connect_timeout):
                 ready = await _connects(channel)

@@ -11,8 +11,10 @@ could make or alter one.
 The tool service verifies, in order: a grant is present, its certificate chains to the
 mesh CA and names an allowed issuer (a coordinator), is valid now, the signature covers
 the claims, the grant is unexpired, it is for this task, tool, argument digest and input
-request, and it was not used before (grants are single use per tool service process).
-Each failure is ``PERMISSION_DENIED`` with its own reason.
+request, and it was not used before. Single use holds across every tool service process
+of the mesh with a :class:`NatsGrantLedger` (a JetStream KV bucket where the first use of
+a grant id creates its key, atomically, and any later use finds it), and within one
+process without one. Each failure is ``PERMISSION_DENIED`` with its own reason.
 
 Both sides read their files (key, certificate, CA bundle) at each use: approvals are
 rare (one per person's answer), and so a rotated certificate or CA applies at once.
@@ -20,22 +22,30 @@ rare (one per person's answer), and so a rotated certificate or CA applies at on
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import fnmatch
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
+import nats
+import nats.errors
+import nats.js.errors
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from google.protobuf import message as protobuf_message
+from nats.aio.client import Client as NatsClient
+from nats.js.kv import KeyValue
 
 from hivewire.common.v1 import common_pb2
-from hivewire.services.runtime.errors import PermissionDenied
+from hivewire.services.runtime.errors import PermissionDenied, Unavailable
 from hivewire.services.runtime.tls import TlsFiles
 
 SIGNING_CONTEXT = b"hivewire.approval.v1\x00"
@@ -142,6 +152,129 @@ def _refused(reason: str, message: str, tool_name: str) -> PermissionDenied:
     return PermissionDenied(message, reason=reason, metadata={"tool": tool_name})
 
 
+def _replayed(tool_name: str) -> PermissionDenied:
+    return _refused(
+        "APPROVAL_REPLAYED", f"the approval for {tool_name} was already used", tool_name
+    )
+
+
+class GrantLedger(Protocol):
+    """Remembers used grant ids for a while, for every process sharing it."""
+
+    async def horizon(self) -> float:
+        """Seconds a used grant id is remembered.
+
+        Raises:
+            Unavailable: The ledger cannot be reached.
+        """
+        ...
+
+    async def claim(self, grant_id: str) -> bool:
+        """Use up a grant: True the first time anywhere, False ever after.
+
+        Raises:
+            Unavailable: The ledger cannot be reached.
+        """
+        ...
+
+
+GRANTS_BUCKET = "HIVEWIRE_GRANTS"
+"""The JetStream KV bucket of used grant ids (key: grant id, value: empty)."""
+
+
+class NatsGrantLedger:
+    """Used grants in a JetStream KV bucket on the mesh's NATS.
+
+    The first use of a grant creates its key (``create`` succeeds only if the key does
+    not exist, atomically in the server), so of two tool services presented the same
+    grant at once exactly one runs the call. Keys expire after ``horizon`` seconds (the
+    bucket's ``max_age``); grants valid longer are refused. Connects at the first claim.
+
+    Args:
+        nats_url: NATS server URL(s), comma separated.
+        horizon: Seconds a used grant id is remembered.
+        bucket: The KV bucket.
+        timeout: Bound of one claim.
+        nats_options: Extra ``nats.connect`` options (TLS: ``nats_tls_options``).
+    """
+
+    def __init__(
+        self,
+        nats_url: str,
+        *,
+        horizon: float = 86400.0,
+        bucket: str = GRANTS_BUCKET,
+        timeout: float = 5.0,
+        nats_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._horizon = horizon
+        self._servers = [u.strip() for u in nats_url.split(",") if u.strip()]
+        self._bucket = bucket
+        self._timeout = timeout
+        self._options = dict(nats_options or {})
+        self._nc: NatsClient | None = None
+        self._kv: KeyValue | None = None
+        self._lock = asyncio.Lock()
+
+    async def _open(self) -> KeyValue:
+        async with self._lock:
+            if self._kv is None:
+                self._nc = await nats.connect(
+                    servers=self._servers,
+                    name="hivewire-grant-ledger",
+                    connect_timeout=max(1, int(self._timeout)),
+                    max_reconnect_attempts=-1,
+                    **self._options,
+                )
+                js = self._nc.jetstream(timeout=self._timeout)
+                try:
+                    kv = await js.create_key_value(
+                        bucket=self._bucket, history=1, ttl=self._horizon
+                    )
+                except nats.js.errors.BadRequestError:
+                    # It exists with another TTL (another process chose it): that one holds.
+                    kv = await js.key_value(self._bucket)
+                    self._horizon = (await kv.status()).ttl or self._horizon
+                self._kv = kv
+            return self._kv
+
+    async def horizon(self) -> float:
+        """Seconds a used grant id is remembered (the bucket's ``max_age``)."""
+        async with self._reachable():
+            await self._open()
+        return self._horizon
+
+    async def claim(self, grant_id: str) -> bool:
+        """Use up a grant id: True the first time anywhere in the mesh, False after."""
+        try:
+            async with self._reachable():
+                kv = await self._open()
+                await kv.create(grant_id, b"")
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _reachable(self) -> AsyncIterator[None]:
+        """Bound a ledger operation; NATS failures become ``Unavailable``."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                yield
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as exc:
+            raise Unavailable(
+                f"the ledger of used approvals is unreachable: {exc!r}",
+                retry_after=1.0,
+                reason="APPROVAL_LEDGER_UNAVAILABLE",
+            ) from exc
+
+    async def close(self) -> None:
+        """Disconnect."""
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
+
+
 @dataclass
 class ApprovalVerifier:
     """Checks signed approvals against the mesh CA, the call and the used grants.
@@ -153,7 +286,51 @@ class ApprovalVerifier:
 
     ca: Path
     issuers: Sequence[str] = DEFAULT_ISSUERS
+    ledger: GrantLedger | None = None
+    """Where grants are used up, for every tool service of the mesh (None: this process)."""
     _used: dict[str, float] = field(default_factory=dict, repr=False)
+
+    async def verify_once(
+        self,
+        signed: common_pb2.SignedApproval | None,
+        *,
+        task_id: str,
+        tool_name: str,
+        arguments_digest: str,
+        request_id: str,
+        now: float | None = None,
+    ) -> common_pb2.ApprovalClaims:
+        """Accept a grant for this call, used up in the ledger (or this process), or refuse it.
+
+        Raises:
+            PermissionDenied: As :meth:`verify`; ``APPROVAL_REPLAYED`` when any tool
+                service of the mesh used the grant before, ``APPROVAL_OUTLIVES_LEDGER``
+                when it would stay valid longer than the ledger remembers grants.
+            Unavailable: The ledger cannot be reached (the grant stays unused).
+        """
+        if self.ledger is None:
+            return self.verify(
+                signed,
+                task_id=task_id,
+                tool_name=tool_name,
+                arguments_digest=arguments_digest,
+                request_id=request_id,
+                now=now,
+            )
+        moment = time.time() if now is None else now
+        claims = self._check(signed, task_id, tool_name, arguments_digest, request_id, moment)
+        expires = claims.expires_at.ToNanoseconds() / 1e9
+        horizon = await self.ledger.horizon()
+        if expires - moment > horizon:
+            raise _refused(
+                "APPROVAL_OUTLIVES_LEDGER",
+                f"the approval for {tool_name} stays valid longer than used grants are"
+                f" remembered ({horizon:.0f} s)",
+                tool_name,
+            )
+        if not await self.ledger.claim(claims.grant_id):
+            raise _replayed(tool_name)
+        return claims
 
     def verify(
         self,
@@ -184,9 +361,26 @@ class ApprovalVerifier:
                 now), ``APPROVAL_SIGNATURE_INVALID``, ``APPROVAL_EXPIRED``,
                 ``APPROVAL_TASK_MISMATCH``, ``APPROVAL_TOOL_MISMATCH``,
                 ``APPROVAL_DIGEST_MISMATCH``, ``APPROVAL_REQUEST_MISMATCH`` or
-                ``APPROVAL_REPLAYED``.
+                ``APPROVAL_REPLAYED`` (used before in this process).
         """
         moment = time.time() if now is None else now
+        claims = self._check(signed, task_id, tool_name, arguments_digest, request_id, moment)
+        self._forget_expired(moment)
+        if claims.grant_id in self._used:
+            raise _replayed(tool_name)
+        self._used[claims.grant_id] = claims.expires_at.ToNanoseconds() / 1e9
+        return claims
+
+    def _check(
+        self,
+        signed: common_pb2.SignedApproval | None,
+        task_id: str,
+        tool_name: str,
+        arguments_digest: str,
+        request_id: str,
+        moment: float,
+    ) -> common_pb2.ApprovalClaims:
+        """Every check but single use."""
         if signed is None or not signed.claims:
             raise _refused(
                 "APPROVAL_UNSIGNED",
@@ -220,12 +414,6 @@ class ApprovalVerifier:
         ):
             if granted != asked:
                 raise _refused(reason, f"the approval for {tool_name} is for {what}", tool_name)
-        self._forget_expired(moment)
-        if claims.grant_id in self._used:
-            raise _refused(
-                "APPROVAL_REPLAYED", f"the approval for {tool_name} was already used", tool_name
-            )
-        self._used[claims.grant_id] = claims.expires_at.ToNanoseconds() / 1e9
         return claims
 
     def _trusted_issuer(self, der: bytes, moment: float, tool_name: str) -> x509.Certificate:

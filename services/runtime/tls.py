@@ -20,6 +20,8 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from hivewire.services.runtime.pki import describe_cert
+
 logger = logging.getLogger(__name__)
 
 TRUST_DOMAIN = "hivewire.local"
@@ -239,23 +241,55 @@ def peer_spiffe_id(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     return spiffe_id_from_auth_context(context.auth_context())
 
 
+NATS_INBOX_ROOT = "_INBOX"
+"""The first token of every reply subject on the mesh's NATS."""
+
+
+def nats_inbox_prefix(spiffe: str) -> str:
+    """The reply-subject prefix of one mesh identity: ``_INBOX.<role>.<name>``.
+
+    The mesh's nats-server lets each identity subscribe only below its own prefix
+    (services/mesh/nats_security.py), so nobody reads another identity's replies.
+    """
+    parsed = parse_spiffe_id(spiffe)
+    if parsed is None:
+        return NATS_INBOX_ROOT
+    role, name = parsed
+    return f"{NATS_INBOX_ROOT}.{role}.{name}"
+
+
 def nats_tls_options(nats_url: str, files: TlsFiles) -> dict[str, Any]:
     """``nats.connect`` options for the mesh's NATS: TLS with this process's certificate.
 
     The mesh's nats-server (services/mesh/nats_security.py) requires a client certificate
-    from the mesh CA and maps its SPIFFE id to that identity's permissions. A ``tls://``
-    URL turns this on; a ``nats://`` URL (a plaintext server, as in library tests) gets
-    no options.
+    from the mesh CA and maps its SPIFFE id to that identity's permissions, among them
+    its own reply subjects (:func:`nats_inbox_prefix`). A ``tls://`` URL turns this on; a
+    ``nats://`` URL (a plaintext server, as in library tests) gets no options.
 
     Args:
         nats_url: Server URL(s), comma separated.
         files: This process's certificate files.
 
     Returns:
-        ``{"tls": ssl_context}`` for ``tls://`` URLs, else ``{}``.
+        ``{"tls": ssl_context, "inbox_prefix": ...}`` for ``tls://`` URLs, else ``{}``.
     """
     if not any(part.strip().lower().startswith("tls://") for part in nats_url.split(",")):
         return {}
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))
     context.load_cert_chain(str(files.cert), str(files.key))
-    return {"tls": context}
+    identity = nats_identity(files)
+    return {"tls": context, "inbox_prefix": nats_inbox_prefix(identity or "")}
+
+
+def registry_owner(spiffe: str | None) -> str | None:
+    """The registry key token of a mesh identity's entries: its name (None: none)."""
+    parsed = parse_spiffe_id(spiffe or "")
+    return parsed[1] if parsed else None
+
+
+def nats_identity(files: TlsFiles) -> str | None:
+    """The SPIFFE id NATS knows this process by (its certificate's), or None."""
+    try:
+        return describe_cert(files.cert).spiffe_id
+    except (OSError, ValueError):
+        return None

@@ -25,7 +25,9 @@ from hivewire.services.runtime.bootstrap import (
 )
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.events import EventPublisher
+from hivewire.services.runtime.grants import NatsGrantLedger
 from hivewire.services.runtime.server import ServiceBinding, serve_until_signal
+from hivewire.services.runtime.tls import nats_tls_options
 from hivewire.services.tool.mcp_server import serve_mcp
 from hivewire.services.tool.service import open_tool_service
 from hivewire.services.tool.servicer import SERVICE_NAME, ToolServicer
@@ -44,8 +46,22 @@ async def serve(settings: Settings) -> None:
     async with AsyncExitStack() as stack:
         events = EventPublisher.from_settings(settings, source=f"tool/{instance_id}")
         await stack.enter_async_context(events)
+        ledger = None
+        if settings.tool.grant_ledger == "nats":
+            # Approvals are single use across every tool service of the mesh.
+            ledger = NatsGrantLedger(
+                settings.nats_url,
+                horizon=settings.tool.grant_ledger_ttl,
+                nats_options=nats_tls_options(settings.nats_url, settings.tls_files()),
+            )
+            stack.push_async_callback(ledger.close)
         service = await stack.enter_async_context(
-            open_tool_service(settings.tool, publisher=events, mesh_ca=settings.tls_files().ca)
+            open_tool_service(
+                settings.tool,
+                publisher=events,
+                mesh_ca=settings.tls_files().ca,
+                grant_ledger=ledger,
+            )
         )
         extra_ports: dict[str, int] = {}
         if settings.tool.mcp_serve_port is not None:

@@ -37,8 +37,9 @@ from hivewire.services.runtime.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
-from hivewire.services.runtime.grants import ApprovalVerifier
+from hivewire.services.runtime.grants import ApprovalVerifier, GrantLedger
 from hivewire.services.runtime.version import hivewire_version
 from hivewire.services.tool.audit import AuditRecord, AuditTrail, EventPublisher
 from hivewire.services.tool.builtins import Builtins
@@ -150,7 +151,7 @@ class ToolService:
             listed.append(info)
         return listed
 
-    def _verify_approval(
+    async def _verify_approval(
         self, approval: ApprovalGrant, call: ToolCall, digest: str
     ) -> common_pb2.ApprovalClaims:
         if self.approvals is None:
@@ -159,7 +160,7 @@ class ToolService:
                 reason="APPROVAL_UNTRUSTED",
                 metadata={"tool": call.tool_name},
             )
-        return self.approvals.verify(
+        return await self.approvals.verify_once(
             approval.signed,
             task_id=call.task_id,
             tool_name=call.tool_name,
@@ -274,9 +275,11 @@ class ToolService:
                 )
             else:
                 try:
-                    claims = self._verify_approval(approval, call, digest)
+                    claims = await self._verify_approval(approval, call, digest)
                 except PermissionDenied as err:
                     raise refuse(err, "denied") from None
+                except Unavailable as err:
+                    raise refuse(err) from None
                 logger.info(
                     "call %s of %s approved by %s (request %s, grant %s)",
                     call_id,
@@ -423,6 +426,7 @@ async def open_tool_service(
     publisher: EventPublisher | None = None,
     http_transport: httpx.AsyncBaseTransport | None = None,
     mesh_ca: Path | None = None,
+    grant_ledger: GrantLedger | None = None,
 ) -> AsyncIterator[ToolService]:
     """Build the service: built-ins, plugins, MCP servers, policy and audit trail.
 
@@ -432,6 +436,8 @@ async def open_tool_service(
         http_transport: Transport for ``http_fetch`` (tests may inject one).
         mesh_ca: The mesh CA bundle that approval grants must chain to (None: tools
             that need approval cannot run).
+        grant_ledger: Where grants are used up for every tool service of the mesh
+            (None: single use within this process only).
 
     Yields:
         The ready service; leaving the block closes HTTP clients and MCP sessions.
@@ -463,7 +469,7 @@ async def open_tool_service(
                 audit=AuditTrail(publisher),
                 bridge=bridge,
                 approvals=(
-                    ApprovalVerifier(mesh_ca, settings.approval_issuers)
+                    ApprovalVerifier(mesh_ca, settings.approval_issuers, ledger=grant_ledger)
                     if mesh_ca is not None
                     else None
                 ),

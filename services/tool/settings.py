@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import NoDecode
@@ -132,6 +132,18 @@ class ToolSettings(BaseModel):
     approval_issuers: NameList = Field(
         default_factory=lambda: ["spiffe://hivewire.local/coordinator/*"],
         description="SPIFFE id globs whose certificates may sign tool approvals.",
+    )
+    grant_ledger: Literal["nats", "process"] = Field(
+        "nats",
+        description=(
+            "Where used approvals are remembered: nats (a KV bucket shared by every tool "
+            "service of the mesh) or process (this process only)."
+        ),
+    )
+    grant_ledger_ttl: float = Field(
+        86400.0,
+        gt=0,
+        description="Seconds a used approval is remembered; longer-lived grants are refused.",
     )
     mcp_servers: list[McpServerSettings] = Field(
         default_factory=list, description="MCP servers whose tools are offered."

@@ -89,6 +89,8 @@ async def services(
         identity="tool",
         env={
             **QUIET,
+            # No NATS here: used approvals are remembered by this process (docs/tools.md).
+            "HIVEWIRE_TOOL__GRANT_LEDGER": "process",
             "HIVEWIRE_TOOL__HTTP_ALLOWED_HOSTS": web,
             "HIVEWIRE_TOOL__POLICY_FILE": str(policy),
         },

@@ -137,7 +137,8 @@ async def test_an_agent_with_a_new_capability_joins_dies_and_comes_back(
     pki: Pki, tmp_path: Path
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        nats = await stack.enter_async_context(NatsServer(tmp_path / "nats"))
+        # The mesh's NATS as `hivewire up` serves it: mTLS and per-identity permissions.
+        nats = await stack.enter_async_context(NatsServer(tmp_path / "nats", certs_dir=pki.dir))
         # The first registry client creates the bucket and fixes its TTL; the others
         # (plain "nats") adopt it.
         discovery = f"nats?ttl={TTL}"

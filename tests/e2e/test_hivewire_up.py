@@ -21,7 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import GrpcurlResult, dead_address, eventually, grpcurl
+from hivewire.services.runtime.events import replay
+from hivewire.services.runtime.tls import nats_tls_options
+from tests.helpers import GrpcurlResult, assert_nats_refused, dead_address, eventually, grpcurl
 from tests.support.up_mesh import HIVEWIRE, RunningMesh, hivewire_up
 
 pytestmark = pytest.mark.timeout(300)
@@ -69,7 +71,8 @@ def test_up_runs_the_demo_task_live_and_prints_a_grpcurl_command(mesh: RunningMe
 
 def test_endpoints_file_lists_every_service_and_the_client_identity(mesh: RunningMesh) -> None:
     services = mesh.endpoints["services"]
-    assert set(services) == set(SERVICE_NAMES)
+    # And the NATS guard (no RPCs of its own: health and metrics; docs/security.md).
+    assert set(services) == set(SERVICE_NAMES) | {"nats-guard"}
     for entry in services.values():
         host, port = entry["address"].rsplit(":", 1)
         assert host == "127.0.0.1" and int(port) > 0
@@ -219,6 +222,22 @@ async def test_up_prints_the_dashboard_url_and_it_serves(mesh: RunningMesh) -> N
         page = await http.get(url)
     assert me.status_code == 200 and me.json()["identity"].startswith("spiffe://")
     assert page.status_code == 200 and "<title>hivewire</title>" in page.text
+
+
+async def test_a_refused_nats_connection_becomes_a_security_event(mesh: RunningMesh) -> None:
+    # The NATS guard `hivewire up` runs follows nats-server's log (docs/security.md).
+    url = mesh.endpoints["nats"]["url"]
+    await assert_nats_refused(url, tls=ssl.create_default_context(cafile=str(mesh.tls.ca)))
+    reader = nats_tls_options(url, mesh.tls)
+
+    async def published() -> None:
+        reasons = [
+            r.event.security.reason
+            async for r in replay(url, "security.authn_failed", nats_options=reader)
+        ]
+        assert "NATS_NO_CERTIFICATE" in reasons, reasons
+
+    await eventually(published, timeout=30, interval=0.5)
 
 
 def test_several_coordinators_on_sqlite_are_refused(tmp_path: Path) -> None:

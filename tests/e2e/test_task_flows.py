@@ -54,7 +54,8 @@ class E2EMesh:
 async def mesh(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[E2EMesh]:
     workdir = tmp_path_factory.mktemp("e2e-tasks")
     async with contextlib.AsyncExitStack() as stack:
-        nats = await stack.enter_async_context(NatsServer(workdir / "nats"))
+        # The mesh's NATS as `hivewire up` serves it: mTLS and per-identity permissions.
+        nats = await stack.enter_async_context(NatsServer(workdir / "nats", certs_dir=pki.dir))
         coordinator = await stack.enter_async_context(
             coordinator_process(
                 workdir, certs_dir=pki.dir, nats_url=nats.url, db_path=workdir / "c.db"

@@ -27,7 +27,11 @@ C = coordinator_pb2
 async def test_a_coordinator_on_jetstream_runs_plans_and_resumes_after_a_restart(
     pki: Pki, tmp_path: Path
 ) -> None:
-    async with NatsServer(tmp_path / "nats") as nats, StaticRegistry() as registry:
+    # The mesh's NATS with mTLS: the coordinator's identity may use its JetStream store.
+    async with (
+        NatsServer(tmp_path / "nats", certs_dir=pki.dir) as nats,
+        StaticRegistry() as registry,
+    ):
         async with jetstream_mesh(pki.dir, nats.url, registry) as mesh:
             agent = await mesh.agent(max_concurrency=4)
             client = mesh.client()

@@ -9,6 +9,7 @@ import pytest
 
 from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime.events import EventPublisher, replay
+from tests.conftest import Pki
 from tests.helpers import NatsServer
 from tests.support.node import install_example, run_command
 
@@ -24,9 +25,22 @@ def node_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def test_node_subscriber_decodes_the_envelope(
-    nats_server: NatsServer, node_example: Path
+    mesh_nats_server: NatsServer, node_example: Path, pki: Pki
 ) -> None:
-    async with EventPublisher(nats_server.url, source="coordinator/node-test") as publisher:
+    # The mesh's NATS (mTLS, per-identity permissions) as the README's command reads it.
+    nats_server = mesh_nats_server
+    async with (
+        EventPublisher(
+            nats_server.url,
+            source="coordinator/node-test",
+            nats_options=nats_server.client_options("coordinator"),
+        ) as publisher,
+        EventPublisher(
+            nats_server.url,
+            source="agent/agent-1",
+            nats_options=nats_server.client_options("agent"),
+        ) as agent,
+    ):
         for i in range(3):
             publisher.publish(
                 "task.created",
@@ -34,11 +48,14 @@ async def test_node_subscriber_decodes_the_envelope(
                 data=events_pb2.TaskEventData(task_id=f"task-{i}", capability="summarize"),
                 task_sequence=1,
             )
-        publisher.publish(
+        assert await publisher.flush(10)
+        # Only an agent may publish agent events.
+        agent.publish(
             "agent.registered",
             subject="agent-1",
             data=events_pb2.AgentEventData(agent_id="agent-1", name="researcher"),
         )
+        assert await agent.flush(10)
         publisher.publish(
             "task.completed",
             subject="task-0",
@@ -46,12 +63,14 @@ async def test_node_subscriber_decodes_the_envelope(
             task_sequence=9,
         )
         assert await publisher.flush(10)
-    stored = [r async for r in replay(nats_server.url)]
+    reader = nats_server.client_options("client")
+    stored = [r async for r in replay(nats_server.url, nats_options=reader)]
+    identity = ("--certs", str(pki.dir), "--identity", "client")
     script = str(node_example / "subscribe.js")
     proto = str(ROOT / "proto")
 
     code, out, err = await run_command(
-        "node", script, "--server", nats_server.url, "--count", "5", "--proto", proto,
+        "node", script, "--server", nats_server.url, *identity, "--count", "5", "--proto", proto,
         cwd=node_example,
         timeout=60,
     )  # fmt: skip
@@ -64,7 +83,8 @@ async def test_node_subscriber_decodes_the_envelope(
     assert out.splitlines() == expected
 
     code, out, err = await run_command(
-        "node", script, "--server", nats_server.url, "--filter", "task.>", "--from-seq", "2",
+        "node", script, "--server", nats_server.url, *identity, "--filter", "task.>",
+        "--from-seq", "2",
         "--count", "3", "--json", "--proto", proto,
         cwd=node_example,
         timeout=60,

@@ -74,6 +74,8 @@ require_approval = ["demo.shout"]
         "PYTHONPATH": pythonpath(site),
         "HIVEWIRE_DISCOVERY": "static",
         "HIVEWIRE_EVENTS__ENABLED": "false",
+        # No NATS here: used approvals are remembered by this process (docs/tools.md).
+        "HIVEWIRE_TOOL__GRANT_LEDGER": "process",
         "HIVEWIRE_TOOL__PLUGINS": "hw_*",
         "HIVEWIRE_TOOL__POLICY_FILE": str(policy),
         "HIVEWIRE_TOOL__MCP_SERVERS": json.dumps(servers),

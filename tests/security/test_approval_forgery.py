@@ -11,6 +11,7 @@ expiry) are each refused with ``PERMISSION_DENIED`` and its reason, published as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -49,8 +50,12 @@ REQUEST = "task-approved-1-input-1"
 
 
 class Mesh:
-    def __init__(self, nats: NatsServer, tool: ServiceProcess, tools: ToolClient) -> None:
+    def __init__(
+        self, nats: NatsServer, tool: ServiceProcess, tools: ToolClient, twin: ToolClient
+    ) -> None:
         self.nats, self.tool, self.tools = nats, tool, tools
+        self.twin = twin
+        """A second tool service process on the same NATS (a replica)."""
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -59,24 +64,29 @@ async def mesh(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
     policy = workdir / "policy.toml"
     policy.write_text(POLICY)
     async with contextlib.AsyncExitStack() as stack:
-        nats = await stack.enter_async_context(NatsServer(workdir / "nats"))
-        tool = await stack.enter_async_context(
-            ServiceProcess(
-                "hivewire.services.tool",
-                workdir=workdir,
-                certs_dir=pki.dir,
-                identity="tool",
-                nats_url=nats.url,
-                env={
-                    "HIVEWIRE_DISCOVERY": "static",
-                    "HIVEWIRE_TOOL__PLUGINS": "",
-                    "HIVEWIRE_TOOL__POLICY_FILE": str(policy),
-                },
+        # The mesh's NATS as `hivewire up` serves it: mTLS, per-identity permissions.
+        nats = await stack.enter_async_context(NatsServer(workdir / "nats", certs_dir=pki.dir))
+        tools = []
+        for name in ("tool", "tool-twin"):
+            tool = await stack.enter_async_context(
+                ServiceProcess(
+                    "hivewire.services.tool",
+                    workdir=workdir,
+                    name=name,
+                    certs_dir=pki.dir,
+                    identity="tool",
+                    nats_url=nats.url,
+                    env={
+                        "HIVEWIRE_DISCOVERY": "static",
+                        "HIVEWIRE_TOOL__PLUGINS": "",
+                        "HIVEWIRE_TOOL__POLICY_FILE": str(policy),
+                    },
+                )
             )
-        )
-        channel = secure_channel(tool.address, pki.files("agent"))
-        stack.push_async_callback(channel.close)
-        yield Mesh(nats, tool, ToolClient(channel))
+            channel = secure_channel(tool.address, pki.files("agent"))
+            stack.push_async_callback(channel.close)
+            tools.append((tool, ToolClient(channel)))
+        yield Mesh(nats, tools[0][0], tools[0][1], tools[1][1])
 
 
 def coordinator_grant(
@@ -114,7 +124,9 @@ async def denied(mesh: Mesh, call_id: str, grant: ApprovalGrant, **call: object)
 
 async def audit(mesh: Mesh, call_id: str) -> list[tuple[str, str, str]]:
     found = []
-    async for received in replay(mesh.nats.url, "tool.*"):
+    async for received in replay(
+        mesh.nats.url, "tool.*", nats_options=mesh.nats.client_options("client")
+    ):
         data = received.event.tool
         if data.call_id == call_id:
             found.append((received.type, data.outcome, data.error.reason))
@@ -220,3 +232,26 @@ async def test_grpc_status_is_permission_denied(mesh: Mesh, pki: Pki) -> None:
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         await channel.close()
+
+
+async def test_a_grant_is_used_once_across_tool_service_processes(mesh: Mesh, pki: Pki) -> None:
+    task, request = "task-twins", "task-twins-1-input-1"
+    signed = coordinator_grant(pki, task_id=task, request_id=request)
+    grant = ApprovalGrant(request, "alice", arguments_digest(ARGS), signed)
+
+    async def use(tools: ToolClient, call_id: str) -> object:
+        try:
+            return await tools.invoke(
+                "calculator", ARGS, task_id=task, approval=grant, call_id=call_id
+            )
+        except PermissionDenied as err:
+            return err.reason
+
+    # The same grant at two replicas at once: exactly one runs the call.
+    both = await asyncio.gather(use(mesh.tools, "twins-a"), use(mesh.twin, "twins-b"))
+    ran = [r for r in both if isinstance(r, ToolOutcome)]
+    assert len(ran) == 1 and ran[0].result["value"] == 42, both
+    assert [r for r in both if not isinstance(r, ToolOutcome)] == ["APPROVAL_REPLAYED"]
+    # And neither takes it again later (a restarted process is one more process).
+    for tools, call_id in ((mesh.tools, "twins-c"), (mesh.twin, "twins-d")):
+        assert await use(tools, call_id) == "APPROVAL_REPLAYED"

@@ -8,6 +8,7 @@ owns its tasks as a certificate identity does; every bad credential is
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -325,3 +326,51 @@ async def test_refusals_are_counted_without_secrets(mesh: Mesh) -> None:
     assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1
     log = mesh.process.stdout_path.read_text() + mesh.process.stderr_path.read_text()
     assert "TOKEN_EXPIRED" in log and expired not in log and mesh.alice not in log
+
+
+# -- the CLI acts for an end user -------------------------------------------------------------
+
+
+def tasks_cli(
+    mesh: Mesh, pki: Pki, *flags: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(HIVEWIRE),
+            *flags,
+            "tasks",
+            "--json",
+            "--address",
+            mesh.process.address,
+            "--certs-dir",
+            str(pki.dir),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
+
+
+async def test_the_cli_acts_with_an_api_key_or_a_token(mesh: Mesh, pki: Pki) -> None:
+    alices = (await submit(mesh, mesh.alice)).task_id
+    carols = (await submit(mesh, mesh.idp.token("cli-carol"))).task_id
+
+    def listed(result: subprocess.CompletedProcess[str]) -> list[str]:
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line)["taskId"] for line in result.stdout.splitlines()]
+
+    # The same client certificate, three end users: each sees only its own tasks.
+    as_alice = await asyncio.to_thread(tasks_cli, mesh, pki, "--api-key", mesh.alice)
+    assert alices in listed(as_alice) and carols not in listed(as_alice)
+    dave = {"HIVEWIRE_TOKEN": mesh.idp.token("dave")}
+    as_dave = await asyncio.to_thread(tasks_cli, mesh, pki, env=dave)
+    assert alices not in listed(as_dave) and carols not in listed(as_dave)
+    as_alice = await asyncio.to_thread(tasks_cli, mesh, pki, env={"HIVEWIRE_API_KEY": mesh.alice})
+    assert alices in listed(as_alice)
+    as_carol = await asyncio.to_thread(tasks_cli, mesh, pki, "--token", mesh.idp.token("cli-carol"))
+    assert listed(as_carol) == [carols]
+    forged = await asyncio.to_thread(tasks_cli, mesh, pki, "--api-key", mesh.alice[:-4] + "AAAA")
+    assert forged.returncode == 5 and "UNAUTHENTICATED API_KEY_INVALID" in forged.stderr
+    assert mesh.alice[:-4] not in forged.stderr + forged.stdout

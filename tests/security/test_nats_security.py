@@ -22,14 +22,19 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 
-from hivewire.discovery import Instance, open_registry
+from hivewire.discovery import Instance, Registry, open_registry
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator.cluster import Cluster
 from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
 from hivewire.services.runtime.events import EventPublisher, replay
-from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
+from hivewire.services.runtime.tls import (
+    TlsFiles,
+    nats_identity,
+    nats_tls_options,
+    registry_owner,
+)
 from tests.conftest import Pki
-from tests.helpers import NatsServer, eventually
+from tests.helpers import NatsServer, assert_nats_refused, eventually
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
 
@@ -82,11 +87,6 @@ async def connected(server: NatsServer, files: TlsFiles) -> AsyncIterator[Connec
         await connection.client.close()
 
 
-async def refused(url: str, **options: object) -> None:
-    with pytest.raises((nats.errors.NoServersError, nats.errors.Error, OSError, ssl.SSLError)):
-        await Connection().connect(url, **options)
-
-
 def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca))
     if cert is not None:
@@ -100,8 +100,8 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) 
 async def test_plaintext_and_certificateless_clients_are_refused(
     secure_nats: NatsServer, pki: Pki
 ) -> None:
-    await refused(f"nats://127.0.0.1:{secure_nats.port}")
-    await refused(secure_nats.url, tls=client_context(pki.dir / "ca.pem"))
+    await assert_nats_refused(f"nats://127.0.0.1:{secure_nats.port}")
+    await assert_nats_refused(secure_nats.url, tls=client_context(pki.dir / "ca.pem"))
 
 
 async def test_a_certificate_of_another_ca_is_refused(
@@ -109,7 +109,7 @@ async def test_a_certificate_of_another_ca_is_refused(
 ) -> None:
     foreign = foreign_pki.files("coordinator")
     context = client_context(pki.dir / "ca.pem", foreign.cert, foreign.key)
-    await refused(secure_nats.url, tls=context)
+    await assert_nats_refused(secure_nats.url, tls=context)
 
 
 async def test_an_identity_the_server_does_not_list_is_refused(
@@ -117,7 +117,7 @@ async def test_an_identity_the_server_does_not_list_is_refused(
 ) -> None:
     # Issued after the server started: same CA, but no user maps its SPIFFE id.
     late = pki.issue(role="agent", name="latecomer", stem="agent-latecomer")
-    await refused(secure_nats.url, **nats_tls_options(secure_nats.url, late))
+    await assert_nats_refused(secure_nats.url, **nats_tls_options(secure_nats.url, late))
 
 
 # -- what each identity may do -------------------------------------------------------------
@@ -148,28 +148,70 @@ async def test_only_the_coordinator_publishes_task_events(
         assert seen == ["real"] and not coordinator.errors
 
 
+def registry_of(server: NatsServer, files: TlsFiles) -> Registry:
+    """The embedded registry as a service opens it: keys under its identity's name."""
+    return open_registry(
+        "nats",
+        nats_url=server.url,
+        nats_options=nats_tls_options(server.url, files),
+        owner=registry_owner(nats_identity(files)),
+    )
+
+
 async def test_a_service_writes_only_its_own_registry_entries(
     secure_nats: NatsServer, pki: Pki
 ) -> None:
-    agent_files = pki.files("agent")
-    # Through the real registry: the agent registers itself (its own kind of entry).
-    async with open_registry(
-        "nats",
-        nats_url=secure_nats.url,
-        nats_options=nats_tls_options(secure_nats.url, agent_files),
-    ) as registry:
+    summarizer, researcher = pki.files("agent-summarizer"), pki.files("agent-researcher")
+    # Through the real registry: each agent registers itself (its own entries).
+    async with (
+        registry_of(secure_nats, summarizer) as registry,
+        registry_of(secure_nats, researcher) as other,
+    ):
         await registry.register(
-            Instance(service="hivewire-agent", instance_id="a-1", address="127.0.0.1", port=1)
+            Instance(service="hivewire-agent", instance_id="s-1", address="127.0.0.1", port=1)
         )
-        assert [i.instance_id for i in await registry.resolve("hivewire-agent")] == ["a-1"]
-        # A forged tool entry (to redirect agents to its own "tool service") is refused.
-        async with connected(secure_nats, agent_files) as agent:
+        await other.register(
+            Instance(service="hivewire-agent", instance_id="r-1", address="127.0.0.1", port=2)
+        )
+        got = [i.instance_id for i in await registry.resolve("hivewire-agent")]
+        assert got == ["r-1", "s-1"]
+        async with connected(secure_nats, summarizer) as agent:
             assert agent.client is not None
-            subject = "$KV.hivewire-registry.hivewire-tool.fake"
-            await agent.client.publish(subject, b'{"service":"hivewire-tool"}')
-            await agent.client.flush()
-            await eventually(lambda: agent.denied(subject), timeout=10)
+            js = agent.client.jetstream(timeout=2)
+            kv = await js.key_value("hivewire-registry")
+            # Overwriting or deleting another agent's entry, a forged tool entry (to
+            # redirect agents to its own "tool service"), an entry outside its name:
+            # all refused.
+            for key in (
+                "hivewire-agent.researcher.r-1",
+                "hivewire-tool.summarizer.fake",
+                "hivewire-agent.fake",
+            ):
+                with pytest.raises((nats.errors.TimeoutError, nats.errors.Error)):
+                    await kv.put(key, b'{"service":"hivewire-agent"}')
+                await eventually(lambda k=key: agent.denied(f"$KV.hivewire-registry.{k}"))  # type: ignore[misc]
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.Error)):
+                await kv.delete("hivewire-agent.researcher.r-1")
+        assert [i.instance_id for i in await other.resolve("hivewire-agent")] == ["r-1", "s-1"]
         assert await registry.resolve("hivewire-tool") == []
+
+
+async def test_nobody_reads_another_identity_replies(secure_nats: NatsServer, pki: Pki) -> None:
+    async with (
+        connected(secure_nats, pki.files("agent")) as agent,
+        connected(secure_nats, pki.files("client")) as client,
+    ):
+        assert agent.client and client.client
+        # Each identity's replies come to its own inbox prefix, and requests work.
+        assert agent.client.new_inbox().startswith("_INBOX.agent.default.")
+        assert client.client.new_inbox().startswith("_INBOX.client.client.")
+        info = await client.client.jetstream(timeout=5).account_info()
+        assert info.streams >= 0
+        # Listening on someone else's replies (or on every inbox) is refused.
+        for subject in ("_INBOX.client.client.>", "_INBOX.>"):
+            await agent.client.subscribe(subject)
+            await agent.client.flush()
+            await eventually(lambda s=subject: agent.denied(s), timeout=10)  # type: ignore[misc]
 
 
 async def test_event_readers_read_and_do_not_write(secure_nats: NatsServer, pki: Pki) -> None:

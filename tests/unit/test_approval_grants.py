@@ -9,9 +9,10 @@ import pytest
 
 from hivewire.common.v1 import common_pb2
 from hivewire.services.coordinator.approvals import endorse
-from hivewire.services.runtime.errors import PermissionDenied
-from hivewire.services.runtime.grants import ApprovalSigner, ApprovalVerifier
+from hivewire.services.runtime.errors import PermissionDenied, Unavailable
+from hivewire.services.runtime.grants import ApprovalSigner, ApprovalVerifier, NatsGrantLedger
 from tests.conftest import Pki
+from tests.helpers import NatsServer, free_port
 
 CLIENT = "spiffe://hivewire.local/client/client"
 CALL = {
@@ -124,3 +125,51 @@ def test_the_coordinator_signs_only_a_yes_to_a_tool_approval(pki: Pki) -> None:
     answer = common_pb2.InputResponse(request_id="r", approved=True)
     answer.signed_approval.CopyFrom(sign(pki, "agent"))
     assert not endorse(signer, "task-1", text, answer, CLIENT).HasField("signed_approval")
+
+
+# -- the mesh-wide ledger of used grants (a real nats-server) ----------------------------
+
+
+async def test_the_ledger_uses_a_grant_once_for_every_verifier(
+    pki: Pki, nats_server: NatsServer
+) -> None:
+    first, second = (NatsGrantLedger(nats_server.url, horizon=3600) for _ in range(2))
+    try:
+        ca = pki.files("coordinator").ca
+        replicas = [ApprovalVerifier(ca, ledger=first), ApprovalVerifier(ca, ledger=second)]
+        signed = sign(pki)
+        claims = await replicas[0].verify_once(signed, **CALL)  # type: ignore[arg-type]
+        assert claims.approved_by == CLIENT
+        for replica in replicas:
+            with pytest.raises(PermissionDenied) as err:
+                await replica.verify_once(signed, **CALL)  # type: ignore[arg-type]
+            assert err.value.reason == "APPROVAL_REPLAYED"
+        # A grant valid longer than used grants are remembered could be replayed later.
+        lasting = ApprovalSigner(pki.files("coordinator"), ttl=7200).sign(
+            **CALL, approved_by=CLIENT
+        )
+        with pytest.raises(PermissionDenied) as err:
+            await replicas[1].verify_once(lasting, **CALL)  # type: ignore[arg-type]
+        assert err.value.reason == "APPROVAL_OUTLIVES_LEDGER"
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_an_unreachable_ledger_is_unavailable_and_uses_nothing(
+    pki: Pki, nats_server: NatsServer
+) -> None:
+    down = NatsGrantLedger(f"nats://127.0.0.1:{free_port()}", timeout=1)
+    verifier = ApprovalVerifier(pki.files("coordinator").ca, ledger=down)
+    signed = sign(pki)
+    with pytest.raises(Unavailable) as err:
+        await verifier.verify_once(signed, **CALL)  # type: ignore[arg-type]
+    assert err.value.reason == "APPROVAL_LEDGER_UNAVAILABLE"
+    # The grant was not used up: it still works once the ledger is reachable.
+    up = NatsGrantLedger(nats_server.url)
+    try:
+        verifier.ledger = up
+        assert (await verifier.verify_once(signed, **CALL)).task_id == "task-1"  # type: ignore[arg-type]
+    finally:
+        await up.close()
+        await down.close()

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # Names of JetStream streams the docs mention, spelt like variables but not settings.
-STREAM_NAMES = {"HIVEWIRE_DLQ"}
+STREAM_NAMES = {"HIVEWIRE_DLQ", "HIVEWIRE_GRANTS"}
+"""NATS streams and buckets the docs name (not settings)."""
 
 
 @pytest.fixture(autouse=True)
