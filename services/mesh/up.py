@@ -248,11 +248,13 @@ class Mesh:
 
     async def _start_coordinators(self) -> None:
         opts = self.options
-        store: dict[str, str] = {"HIVEWIRE_COORDINATOR__STORE": opts.store}
-        if opts.store == "sqlite":
-            db = (opts.state_dir / "coordinator.db").resolve()
-            store["HIVEWIRE_COORDINATOR__DB_PATH"] = str(db)
         for name, port in zip(self._coordinator_names(), opts.coordinator_ports, strict=True):
+            # Each coordinator its own SQLite file: the task store on sqlite, and on
+            # jetstream still its webhook registrations (docs/coordinator.md).
+            store = {
+                "HIVEWIRE_COORDINATOR__STORE": opts.store,
+                "HIVEWIRE_COORDINATOR__DB_PATH": str((opts.state_dir / f"{name}.db").resolve()),
+            }
             await self._start_service(
                 name,
                 "coordinator",

@@ -184,6 +184,11 @@ def test_kubernetes_containers_have_valid_settings_modules_and_certificates(
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         certs = volumes[mounts[env["HIVEWIRE_CERTS_DIR"]]]
         assert certs["secret"]["secretName"] == f"hivewire-tls-{identity}", name
+        if "HIVEWIRE_COORDINATOR__STORE" in env:
+            # The coordinator writes a SQLite file even on JetStream (webhooks): on a
+            # writable volume, since the root filesystem is read-only.
+            db_dir = env["HIVEWIRE_COORDINATOR__DB_PATH"].rsplit("/", 1)[0]
+            assert "emptyDir" in volumes[mounts[db_dir]], name
         seen.append(name)
     assert len(seen) == 6, seen
 
@@ -222,6 +227,9 @@ def test_compose_services_have_valid_settings_and_reach_each_other_by_certificat
         assert_settings_load(env, monkeypatch, name)
         assert_runs_a_module(service["command"], name)
         identity = IDENTITIES[env["HIVEWIRE_IDENTITY"]]
+        if "HIVEWIRE_COORDINATOR__STORE" in env:
+            db_dir = env["HIVEWIRE_COORDINATOR__DB_PATH"].rsplit("/", 1)[0]
+            assert any(v.endswith(f":{db_dir}") for v in service["volumes"]), name
         # The name other containers dial is the one in this identity's certificate.
         cert_host = f"{identity.name}.{identity.role}.{TRUST_DOMAIN}"
         assert env["HIVEWIRE_ADVERTISE_HOST"] == cert_host, name
