@@ -17,6 +17,11 @@ deployment the mesh already has:
   fails when the key exists): of two submissions with the same key, one wins.
 * **Projects** are entries of ``<prefix>_PROJECTS``; purged tasks leave a tombstone in
   ``<prefix>_PURGED``.
+* **The event outbox** is the journal itself: an event's outbox entry rides in its
+  journal message (header ``Hivewire-Outbox``), so it is stored exactly when the event
+  is. The relay reads the journal in stream order through an ephemeral consumer that
+  delivers headers only, and keeps how far it published in ``<prefix>_OUTBOX``
+  (key ``relay``; the position is the journal's stream sequence).
 
 Replication is a setting (``replicas=1`` on one server, 3 in a cluster). Writes and
 reads go through one queue processed in order, so a read issued after a write sees it.
@@ -34,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -41,6 +47,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import nats
+import nats.errors
 from nats.js import api as js_api
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
@@ -48,6 +55,7 @@ from nats.js.kv import KeyValue
 from hivewire.services.coordinator.store import (
     TERMINAL_STATES,
     EventRow,
+    OutboxItem,
     ProjectRow,
     ProjectSummary,
     StoreError,
@@ -64,6 +72,10 @@ T = TypeVar("T")
 
 JOURNAL_SUBJECT = "hivewire.journal"
 SEQUENCE_HEADER = "Hivewire-Sequence"
+OUTBOX_HEADER = "Hivewire-Outbox"
+"""Header of a journal message carrying the event's outbox entry (base64)."""
+_OUTBOX_CURSOR = "relay"
+_OUTBOX_FETCH_WAIT = 5.0
 _INDEX_CACHE = 4096
 """Tasks whose journal index (task sequence -> stream sequence) stays in memory."""
 
@@ -110,6 +122,11 @@ class JetStreamTaskStore:
         self._specs: dict[str, bytes] = {}
         self._index: OrderedDict[str, dict[int, int]] = OrderedDict()
         self._closed = False
+        self._outbox: KeyValue | None = None
+        self._outbox_sub: Any = None
+        self._outbox_consumer = ""
+        self._outbox_last = -1  # the last journal message the consumer delivered
+        self._outbox_returned = -1  # the position of the last item returned
 
     @property
     def stream(self) -> str:
@@ -145,6 +162,7 @@ class JetStreamTaskStore:
             self._keys = await self._bucket("IDEMPOTENCY")
             self._projects = await self._bucket("PROJECTS")
             self._tombstones = await self._bucket("PURGED")
+            self._outbox = await self._bucket("OUTBOX")
             await self._js.add_stream(
                 js_api.StreamConfig(
                     name=self.stream,
@@ -176,6 +194,7 @@ class JetStreamTaskStore:
             await self._queue.put(None)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._worker
+        await self._outbox_unsubscribe()
         await self._disconnect()
 
     async def _disconnect(self) -> None:
@@ -238,6 +257,7 @@ class JetStreamTaskStore:
                 headers={
                     "Nats-Msg-Id": f"{event.task_id}:{event.sequence}",
                     SEQUENCE_HEADER: str(event.sequence),
+                    **_outbox_header(event),
                 },
             )
             index = self._index.get(event.task_id)
@@ -653,6 +673,87 @@ class JetStreamTaskStore:
 
         result: Tombstone | None = await self._submit(run)
         return result
+
+    # -- the event outbox ------------------------------------------------------------
+
+    async def outbox_next(self, after: int, *, limit: int) -> list[OutboxItem]:
+        """Journal messages past stream sequence ``after`` that carry an outbox entry.
+
+        ``after`` 0 starts after the position recorded by :meth:`outbox_done`. Waits
+        until there is at least one.
+        """
+        while True:
+            if self._closed:
+                raise StoreError("task store is closed")
+            try:
+                if self._outbox_sub is None or after not in (
+                    self._outbox_last,
+                    self._outbox_returned,
+                ):
+                    await self._outbox_subscribe(after)
+                msgs = await self._outbox_sub.fetch(limit, timeout=_OUTBOX_FETCH_WAIT)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as exc:
+                # The consumer is gone (a NATS restart): a new one starts where this was.
+                logger.warning("outbox: journal consumer failed (%s); re-creating", exc)
+                await self._outbox_unsubscribe()
+                await asyncio.sleep(0.5)
+                continue
+            items = []
+            for msg in msgs:
+                self._outbox_last = msg.metadata.sequence.stream
+                encoded = (msg.headers or {}).get(OUTBOX_HEADER)
+                if encoded:
+                    items.append(OutboxItem(self._outbox_last, base64.b64decode(encoded)))
+            after = self._outbox_last
+            if items:
+                self._outbox_returned = items[-1].position
+                return items
+
+    async def outbox_done(self, position: int) -> None:
+        """Record the journal position up to which every outbox entry is published."""
+        assert self._outbox is not None
+        await self._outbox.put(_OUTBOX_CURSOR, str(position).encode())
+
+    async def _outbox_subscribe(self, after: int) -> None:
+        await self._outbox_unsubscribe()
+        if after == 0:
+            assert self._outbox is not None
+            with contextlib.suppress(js_errors.KeyNotFoundError):
+                entry = await self._outbox.get(_OUTBOX_CURSOR)
+                after = int((entry.value or b"0").decode())
+        name = f"outbox-{uuid.uuid4().hex}"
+        await self._js.add_consumer(
+            self.stream,
+            js_api.ConsumerConfig(
+                name=name,
+                ack_policy=js_api.AckPolicy.NONE,
+                filter_subject=f"{JOURNAL_SUBJECT}.>",
+                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=after + 1,
+                headers_only=True,
+                inactive_threshold=60.0,
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+        self._outbox_sub = await self._js.pull_subscribe_bind(consumer=name, stream=self.stream)
+        self._outbox_consumer = name
+        self._outbox_last = after
+
+    async def _outbox_unsubscribe(self) -> None:
+        sub, self._outbox_sub = self._outbox_sub, None
+        if sub is None:
+            return
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self._js.delete_consumer(self.stream, self._outbox_consumer)
+
+
+def _outbox_header(event: EventRow) -> dict[str, str]:
+    return {OUTBOX_HEADER: base64.b64encode(event.outbox).decode()} if event.outbox else {}
 
 
 async def _nothing() -> None:

@@ -1,0 +1,228 @@
+"""The event outbox: task events reach NATS exactly once, even across a kill -9.
+
+Publishing after a commit from memory loses the event when the process dies between
+the two. So the journal builds each event's NATS envelopes (the ``task.*`` event and
+the ``workflow.*`` events that report it) *before* the commit and stores them with the
+event (:attr:`~hivewire.services.coordinator.store.EventRow.outbox`): in SQLite a row
+of the ``outbox`` table in the same transaction, on JetStream a header of the event's
+journal message. :class:`OutboxRelay` then reads the committed entries in commit order,
+hands them to the publisher and, once JetStream acknowledged them, records them as
+published (:meth:`TaskStore.outbox_done`).
+
+After a crash the relay starts from the last recorded position, so it may send again
+what was published but not yet recorded. Every envelope has a deterministic id —
+``<task id>:<sequence>`` for the task event, ``<task id>:<sequence>:<type>`` for a
+workflow event reporting it — sent as ``Nats-Msg-Id``: JetStream stores a copy sent
+again within the stream's duplicate window once (docs/events.md, "The outbox").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Literal, Protocol, Self, runtime_checkable
+
+from google.protobuf.message import DecodeError
+
+from hivewire.events.v1 import events_pb2
+from hivewire.services.coordinator.store import StoreError, TaskStore
+from hivewire.services.runtime.backoff import Backoff
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OutboxHold",
+    "OutboxRelay",
+    "OutboxSink",
+    "event_id",
+    "outbox_sink",
+    "pack",
+    "unpack",
+]
+
+_LENGTH = struct.Struct(">I")
+
+OutboxHold = Literal["", "publish", "mark"]
+"""Test-only pauses of the relay: ``publish`` sends nothing, ``mark`` never records
+what was sent (so a restart sends it again). Empty in production."""
+
+
+@runtime_checkable
+class OutboxSink(Protocol):
+    """A publisher that takes ready envelopes and says when JetStream stored them."""
+
+    @property
+    def enabled(self) -> bool:
+        """False when events are off."""
+        ...
+
+    @property
+    def source(self) -> str:
+        """The ``source`` of the envelopes (``coordinator/<instance>``)."""
+        ...
+
+    def send(self, events: Sequence[events_pb2.Event]) -> asyncio.Future[None]:
+        """Queue the envelopes in order; the future resolves once all are stored."""
+        ...
+
+
+def outbox_sink(events: object) -> OutboxSink | None:
+    """``events`` when task events go to it through the outbox: a NATS publisher, on."""
+    if isinstance(events, OutboxSink) and events.enabled:
+        return events
+    return None
+
+
+def event_id(task_id: str, sequence: int, event_type: str = "") -> str:
+    """The deterministic id (and ``Nats-Msg-Id``) of an event reporting a task event.
+
+    ``<task id>:<sequence>`` for the task event itself, ``<task id>:<sequence>:<type>``
+    for another event reporting it (``workflow.step_completed``...).
+    """
+    base = f"{task_id}:{sequence}"
+    return f"{base}:{event_type}" if event_type else base
+
+
+def pack(events: Sequence[events_pb2.Event]) -> bytes:
+    """Encode envelopes as one outbox entry (each length-prefixed, in order)."""
+    parts = []
+    for event in events:
+        data = event.SerializeToString()
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def unpack(entry: bytes) -> list[events_pb2.Event]:
+    """Decode an outbox entry made by :func:`pack`.
+
+    Raises:
+        ValueError: The entry is truncated or an envelope does not decode.
+    """
+    events = []
+    offset = 0
+    while offset < len(entry):
+        if offset + _LENGTH.size > len(entry):
+            raise ValueError("truncated outbox entry")
+        (size,) = _LENGTH.unpack_from(entry, offset)
+        offset += _LENGTH.size
+        if offset + size > len(entry):
+            raise ValueError("truncated outbox entry")
+        try:
+            events.append(events_pb2.Event.FromString(entry[offset : offset + size]))
+        except DecodeError as exc:
+            raise ValueError(f"undecodable outbox envelope: {exc}") from exc
+        offset += size
+    return events
+
+
+class OutboxRelay:
+    """Publishes committed outbox entries in commit order (an async context manager).
+
+    Two loops: one reads committed entries and hands them to the publisher (at most
+    ``in_flight`` reads ahead of the acknowledgements), the other waits for each
+    read's acknowledgement, in order, and records its position as published.
+
+    Args:
+        store: The task store holding the outbox.
+        sink: The publisher.
+        batch: Entries read at a time.
+        in_flight: Reads handed to the publisher and not yet acknowledged, at most.
+        hold: Test-only pause (:data:`OutboxHold`).
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        sink: OutboxSink,
+        *,
+        batch: int = 512,
+        in_flight: int = 8,
+        hold: OutboxHold = "",
+    ) -> None:
+        self._store = store
+        self._sink = sink
+        self._batch = batch
+        self._hold = hold
+        self._acks: asyncio.Queue[tuple[int, int, asyncio.Future[None]]] = asyncio.Queue(
+            maxsize=in_flight
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self.published = 0
+        """Envelopes acknowledged by JetStream since start (copies of earlier ones too)."""
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def start(self) -> None:
+        """Start relaying (what an earlier process left unpublished goes first)."""
+        if self._tasks:
+            return
+        self._tasks = [
+            asyncio.create_task(self._read(), name="outbox-read"),
+            asyncio.create_task(self._mark(), name="outbox-mark"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop relaying; what is not recorded as published is sent after a restart."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _read(self) -> None:
+        if self._hold == "publish":
+            logger.warning("outbox: relay held (test setting): nothing is published")
+            await asyncio.Event().wait()
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        after = 0
+        while True:
+            try:
+                items = await self._store.outbox_next(after, limit=self._batch)
+            except StoreError as exc:
+                logger.warning("outbox: reading failed (%s); retrying", exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            events: list[events_pb2.Event] = []
+            for item in items:
+                try:
+                    events.extend(unpack(item.entry))
+                except ValueError as exc:
+                    logger.error("outbox: entry at %d skipped: %s", item.position, exc)
+            after = items[-1].position
+            await self._acks.put((after, len(events), self._sink.send(events)))
+
+    async def _mark(self) -> None:
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        while True:
+            position, count, future = await self._acks.get()
+            await asyncio.wait([future])
+            if future.cancelled():
+                return  # the publisher closed: the rest goes out after a restart
+            self.published += count
+            if self._hold == "mark":
+                continue
+            while True:
+                try:
+                    await self._store.outbox_done(position)
+                    break
+                except StoreError as exc:
+                    logger.warning("outbox: recording position %d failed (%s)", position, exc)
+                    await asyncio.sleep(backoff.next_delay())
+            backoff.reset()
