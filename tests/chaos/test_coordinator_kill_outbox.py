@@ -101,6 +101,7 @@ async def test_kill_dash_nine_between_commit_and_publish_loses_no_event(
         first = await start("mark")
         early = await first.submit(3)
         await first.cancel(early[0])
+
         # task.created of each, state_changed + task.cancelled of the cancelled one.
         async def first_out() -> None:
             assert len(await on_nats(nats)) == 5
@@ -146,4 +147,3 @@ async def test_kill_dash_nine_between_commit_and_publish_loses_no_event(
             assert [r.type for r in published if r.event.subject == task_id][-1] == (
                 "task.cancelled"
             )
-

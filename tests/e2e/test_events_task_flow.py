@@ -86,9 +86,7 @@ async def test_a_task_produces_its_events_in_order(pki: Pki, tmp_path: Path) -> 
         assert "task.progress" in types
         # Every event of the task is on NATS, once, in order, with its gRPC sequence and
         # its deterministic id: a consumer tells a lost event by a gap.
-        stored = [
-            r.event async for r in client.WatchTask(C.WatchTaskRequest(task_id=task_id))
-        ]
+        stored = [r.event async for r in client.WatchTask(C.WatchTaskRequest(task_id=task_id))]
         stored = [e for e in stored if not e.HasField("snapshot")]
         assert [e.sequence for e in stored] == list(range(1, finished.sequence + 1))
         assert [r.event.task_sequence for r in on_nats] == [e.sequence for e in stored]
