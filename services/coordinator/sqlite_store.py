@@ -139,6 +139,7 @@ class _Write:
     tasks: Sequence[TaskRow]
     events: Sequence[EventRow]
     future: asyncio.Future[None]
+    outbox_done: int = 0  # delete the outbox rows up to this position (0: none)
 
 
 @dataclass
@@ -577,12 +578,14 @@ class SqliteTaskStore:
             await self._outbox_committed.wait()
 
     async def outbox_done(self, position: int) -> None:
-        """Delete the outbox entries up to ``position``: they are published."""
+        """Delete the outbox entries up to ``position``: they are published.
 
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM outbox WHERE position <= ?", (position,))
-
-        await self._read(run)
+        A write like the others: it joins the next group commit.
+        """
+        loop = self._require_open()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.put(_Write((), (), future, outbox_done=position))
+        await future
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -715,6 +718,7 @@ class SqliteTaskStore:
                 latest[task.task_id] = task
             events.extend((e.task_id, e.sequence, e.data) for e in write.events)
         outbox = [(e.outbox,) for write in batch for e in write.events if e.outbox]
+        published = max((write.outbox_done for write in batch), default=0)
         conn.execute("BEGIN IMMEDIATE")
         try:
             if latest:
@@ -724,6 +728,8 @@ class SqliteTaskStore:
             if outbox:
                 # In the events' transaction: an event is never committed without it.
                 conn.executemany("INSERT INTO outbox (entry) VALUES (?)", outbox)
+            if published:
+                conn.execute("DELETE FROM outbox WHERE position <= ?", (published,))
         except BaseException:
             conn.execute("ROLLBACK")
             raise

@@ -70,6 +70,7 @@ class NatsNames:
         "HIVEWIRE_IDEMPOTENCY",
         "HIVEWIRE_PROJECTS",
         "HIVEWIRE_PURGED",
+        "HIVEWIRE_OUTBOX",  # how far the event outbox's relay published (outbox.py)
     )
     journal_stream: str = "HIVEWIRE_JOURNAL"
 
