@@ -44,11 +44,20 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 from google.protobuf import __version__ as protobuf_version  # noqa: E402
 
-from bench import echo, events, grpcio_versions, interceptors, mesh, plans, streams  # noqa: E402
+from bench import (  # noqa: E402
+    echo,
+    events,
+    grpcio_versions,
+    interceptors,
+    mesh,
+    outbox,
+    plans,
+    streams,
+)
 from bench.common import DEFAULT, QUICK, Durations, Phase  # noqa: E402
 from hivewire.services.runtime.pki import init_pki  # noqa: E402
 
-BENCHMARKS = ("echo", "interceptors", "mesh", "plans", "streams", "events")
+BENCHMARKS = ("echo", "interceptors", "mesh", "plans", "streams", "events", "outbox")
 OPTIONAL = ("grpcio",)
 STREAMS_DEFAULT = 2000
 STREAMS_QUICK = 500
@@ -148,6 +157,12 @@ async def run(args: argparse.Namespace) -> int:
                 out.append(events.report(result))
             return "\n".join(out)
 
+        async def bench_outbox() -> str:
+            tasks, rounds = (500, 1) if args.quick else (2000, 5)
+            result = await outbox.measure(tasks=tasks, rounds=rounds)
+            results["outbox"] = result
+            return outbox.report(result, tasks)
+
         async def bench_grpcio() -> str:
             rounds = 2 if args.quick else 5
             result = await grpcio_versions.measure(
@@ -163,6 +178,7 @@ async def run(args: argparse.Namespace) -> int:
             "plans": bench_plans,
             "streams": bench_streams,
             "events": bench_events,
+            "outbox": bench_outbox,
             "grpcio": bench_grpcio,
         }
         total = time.perf_counter()

@@ -127,6 +127,7 @@ class JetStreamTaskStore:
         self._outbox_consumer = ""
         self._outbox_last = -1  # the last journal message the consumer delivered
         self._outbox_returned = -1  # the position of the last item returned
+        self._outbox_expected = 1  # the consumer sequence of the next message
 
     @property
     def stream(self) -> str:
@@ -691,9 +692,12 @@ class JetStreamTaskStore:
                     self._outbox_returned,
                 ):
                     await self._outbox_subscribe(after)
-                msgs = await self._outbox_sub.fetch(limit, timeout=_OUTBOX_FETCH_WAIT)
-            except nats.errors.TimeoutError:
-                continue
+                try:
+                    msgs = await self._outbox_sub.fetch(limit, timeout=_OUTBOX_FETCH_WAIT)
+                except nats.errors.TimeoutError:
+                    # Nothing new, or the consumer is gone (a NATS restart): ask.
+                    await self._outbox_sub.consumer_info()
+                    continue
             except Exception as exc:
                 # The consumer is gone (a NATS restart): a new one starts where this was.
                 logger.warning("outbox: journal consumer failed (%s); re-creating", exc)
@@ -702,6 +706,11 @@ class JetStreamTaskStore:
                 continue
             items = []
             for msg in msgs:
+                if msg.metadata.sequence.consumer != self._outbox_expected:
+                    # The server lost the consumer's place: resume after the last one seen.
+                    await self._outbox_unsubscribe()
+                    break
+                self._outbox_expected += 1
                 self._outbox_last = msg.metadata.sequence.stream
                 encoded = (msg.headers or {}).get(OUTBOX_HEADER)
                 if encoded:
@@ -712,9 +721,24 @@ class JetStreamTaskStore:
                 return items
 
     async def outbox_done(self, position: int) -> None:
-        """Record the journal position up to which every outbox entry is published."""
+        """Record the journal position up to which every outbox entry is published.
+
+        The position only moves forward: with several coordinators (each relays the
+        whole journal) one that lags behind never moves it back. Compare-and-set; a
+        lost race is left to the next call.
+        """
         assert self._outbox is not None
-        await self._outbox.put(_OUTBOX_CURSOR, str(position).encode())
+        value = str(position).encode()
+        try:
+            entry = await self._outbox.get(_OUTBOX_CURSOR)
+        except js_errors.KeyNotFoundError:
+            with contextlib.suppress(js_errors.KeyWrongLastSequenceError):
+                await self._outbox.create(_OUTBOX_CURSOR, value)
+            return
+        if int((entry.value or b"0").decode()) >= position:
+            return
+        with contextlib.suppress(js_errors.KeyWrongLastSequenceError):
+            await self._outbox.update(_OUTBOX_CURSOR, value, last=entry.revision)
 
     async def _outbox_subscribe(self, after: int) -> None:
         await self._outbox_unsubscribe()
@@ -741,6 +765,7 @@ class JetStreamTaskStore:
         self._outbox_sub = await self._js.pull_subscribe_bind(consumer=name, stream=self.stream)
         self._outbox_consumer = name
         self._outbox_last = after
+        self._outbox_expected = 1
 
     async def _outbox_unsubscribe(self) -> None:
         sub, self._outbox_sub = self._outbox_sub, None
