@@ -267,6 +267,7 @@ class Journal:
         if self._outbox is not None:
             outbox = self._envelopes(record, event.sequence, stamp, published)
             published = []
+            metrics.OUTBOX_WRITTEN.inc()
         future = self._store.put(
             tasks=rows,
             events=[

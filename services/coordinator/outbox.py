@@ -29,6 +29,7 @@ from typing import Literal, Protocol, Self, runtime_checkable
 from google.protobuf.message import DecodeError
 
 from hivewire.events.v1 import events_pb2
+from hivewire.services.coordinator import metrics
 from hivewire.services.coordinator.store import StoreError, TaskStore
 from hivewire.services.runtime.backoff import Backoff
 
@@ -148,7 +149,8 @@ class OutboxRelay:
         self._sink = sink
         self._batch = batch
         self._hold = hold
-        self._acks: asyncio.Queue[tuple[int, int, asyncio.Future[None]]] = asyncio.Queue(
+        # (position, entries, envelopes, acknowledged) of each read handed to the sink
+        self._acks: asyncio.Queue[tuple[int, int, int, asyncio.Future[None]]] = asyncio.Queue(
             maxsize=in_flight
         )
         self._tasks: list[asyncio.Task[None]] = []
@@ -206,12 +208,12 @@ class OutboxRelay:
                 except ValueError as exc:
                     logger.error("outbox: entry at %d skipped: %s", item.position, exc)
             after = items[-1].position
-            await self._acks.put((after, len(events), self._sink.send(events)))
+            await self._acks.put((after, len(items), len(events), self._sink.send(events)))
 
     async def _mark(self) -> None:
         backoff = Backoff(initial=0.1, maximum=5.0)
         while True:
-            position, count, future = await self._acks.get()
+            position, entries, count, future = await self._acks.get()
             await asyncio.wait([future])
             if future.cancelled():
                 return  # the publisher closed: the rest goes out after a restart
@@ -221,6 +223,7 @@ class OutboxRelay:
             while True:
                 try:
                     await self._store.outbox_done(position)
+                    metrics.OUTBOX_RELAYED.inc(entries)
                     break
                 except StoreError as exc:
                     logger.warning("outbox: recording position %d failed (%s)", position, exc)

@@ -15,7 +15,9 @@ import contextlib
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.runtime.channels import secure_channel
@@ -69,6 +71,19 @@ class Phase:
                 break
         call.cancel()
         return events
+
+    async def metric(self, name: str) -> float:
+        """A counter of the process's own metrics."""
+        async with httpx.AsyncClient(timeout=5) as client:
+            port = self.process.metrics_port
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+        values = [
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name
+        ]
+        return sum(values)
 
     async def kill(self) -> None:
         await self.channel.close()
@@ -143,6 +158,15 @@ async def test_kill_dash_nine_between_commit_and_publish_loses_no_event(
             assert [r.event.task_sequence for r in mine] == [e.sequence for e in stored], task_id
             assert [r.event.task.event for r in mine] == stored
             assert [r.event.id for r in mine] == [f"{task_id}:{e.sequence}" for e in stored]
+        # Its relay published every entry the other two left, then its own.
+        everything = sum([len(await third.stored(t)) for t in [*early, *late, sentinel]])
+
+        async def relayed() -> None:
+            written = await third.metric("hivewire_coordinator_outbox_written_total")
+            assert written == len(await third.stored(sentinel))
+            assert await third.metric("hivewire_coordinator_outbox_relayed_total") == everything
+
+        await eventually(relayed, timeout=30)
         for task_id in (early[0], early[1], late[0], sentinel):
             assert [r.type for r in published if r.event.subject == task_id][-1] == (
                 "task.cancelled"
