@@ -171,3 +171,46 @@ async def test_kill_dash_nine_between_commit_and_publish_loses_no_event(
             assert [r.type for r in published if r.event.subject == task_id][-1] == (
                 "task.cancelled"
             )
+
+
+async def test_events_committed_while_nats_is_down_survive_a_kill(pki: Pki, tmp_path: Path) -> None:
+    """No test setting: NATS is down, so nothing committed can have been published."""
+    async with contextlib.AsyncExitStack() as stack:
+        nats = await stack.enter_async_context(NatsServer(tmp_path / "nats"))
+
+        async def start() -> Phase:
+            process = coordinator_process(
+                tmp_path, certs_dir=pki.dir, nats_url=nats.url, db_path=tmp_path / "c.db"
+            )
+            await process.start()
+            stack.push_async_callback(process.terminate)
+            return Phase(process, pki)
+
+        first = await start()
+        before = await first.submit(2)
+
+        async def published(task_ids: list[str], count: int) -> list[ReceivedEvent]:
+            found = [r for r in await on_nats(nats) if r.event.subject in task_ids]
+            assert len(found) == count
+            return found
+
+        await eventually(lambda: published(before, 2), timeout=30)
+        await nats.stop()
+        during = await first.submit(3)
+        await first.cancel(during[0])
+        await first.cancel(before[0])
+        for task_id in (during[0], before[0]):
+            assert (await first.stored(task_id))[-1].HasField("finished")
+        await first.kill()
+
+        await nats.start()
+        second = await start()
+        stack.push_async_callback(second.channel.close)
+        everything = [*before, *during]
+        stored = {t: await second.stored(t) for t in everything}
+        total = sum(len(events) for events in stored.values())
+        found = await eventually(lambda: published(everything, total), timeout=30)
+        for task_id, events in stored.items():
+            mine = [r.event for r in found if r.event.subject == task_id]
+            assert [e.task.event for e in mine] == events
+            assert [e.id for e in mine] == [f"{task_id}:{e.sequence}" for e in events]
