@@ -134,6 +134,8 @@ class OutboxRelay:
         batch: Entries read at a time.
         in_flight: Reads handed to the publisher and not yet acknowledged, at most.
         hold: Test-only pause (:data:`OutboxHold`).
+        stop_timeout: Seconds :meth:`stop` waits for what is in flight to be acknowledged
+            and recorded (what is not is sent again after a restart).
     """
 
     def __init__(
@@ -144,14 +146,17 @@ class OutboxRelay:
         batch: int = 512,
         in_flight: int = 8,
         hold: OutboxHold = "",
+        stop_timeout: float = 5.0,
     ) -> None:
         self._store = store
         self._sink = sink
         self._batch = batch
         self._hold = hold
-        # (position, entries, envelopes, acknowledged) of each read handed to the sink
-        self._acks: asyncio.Queue[tuple[int, int, int, asyncio.Future[None]]] = asyncio.Queue(
-            maxsize=in_flight
+        self._stop_timeout = stop_timeout
+        # (position, entries, envelopes, acknowledged) of each read handed to the sink;
+        # None asks the recording loop to stop once it has recorded what came before.
+        self._acks: asyncio.Queue[tuple[int, int, int, asyncio.Future[None]] | None] = (
+            asyncio.Queue(maxsize=in_flight)
         )
         self._tasks: list[asyncio.Task[None]] = []
         self.published = 0
@@ -179,13 +184,27 @@ class OutboxRelay:
         ]
 
     async def stop(self) -> None:
-        """Stop relaying; what is not recorded as published is sent after a restart."""
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        """Stop reading, record what is in flight once acknowledged (up to the timeout).
+
+        What is not recorded as published by then is sent again after a restart.
+        """
+        if not self._tasks:
+            return
+        (reader, marker), self._tasks = self._tasks, []
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
+        try:
+            async with asyncio.timeout(self._stop_timeout):
+                await self._acks.put(None)
+                await marker
+        except TimeoutError:
+            logger.info("outbox: stopping with events not yet acknowledged; sent after restart")
+        except Exception:
+            logger.exception("outbox: recording failed while stopping")
+        marker.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await marker
 
     async def _read(self) -> None:
         if self._hold == "publish":
@@ -213,7 +232,10 @@ class OutboxRelay:
     async def _mark(self) -> None:
         backoff = Backoff(initial=0.1, maximum=5.0)
         while True:
-            position, entries, count, future = await self._acks.get()
+            read = await self._acks.get()
+            if read is None:
+                return
+            position, entries, count, future = read
             await asyncio.wait([future])
             if future.cancelled():
                 return  # the publisher closed: the rest goes out after a restart

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
 import pytest
 
 from hivewire.events.v1 import events_pb2
-from hivewire.services.coordinator.outbox import event_id, pack, unpack
+from hivewire.services.coordinator.outbox import OutboxRelay, event_id, pack, unpack
+from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
+from hivewire.services.coordinator.store import EventRow
+from tests.helpers import eventually
 
 
 def test_an_entry_holds_its_envelopes_in_order() -> None:
@@ -28,3 +35,60 @@ def test_a_truncated_entry_is_refused(cut: int) -> None:
     entry = pack([events_pb2.Event(id="t:1", type="task.created")])
     with pytest.raises(ValueError, match="truncated"):
         unpack(entry[:-cut] if cut < len(entry) - 4 else entry[:3])
+
+
+class HeldSink:
+    """Acknowledges what it is sent only when told to."""
+
+    enabled = True
+    source = "coordinator/test"
+
+    def __init__(self) -> None:
+        self.sent: list[events_pb2.Event] = []
+        self.pending: list[asyncio.Future[None]] = []
+        self.got = asyncio.Event()
+
+    def send(self, events: Sequence[events_pb2.Event]) -> asyncio.Future[None]:
+        self.sent.extend(events)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        self.got.set()
+        return future
+
+
+async def test_stop_records_what_is_acknowledged_while_it_waits(tmp_path: Path) -> None:
+    entry = pack([events_pb2.Event(id="t:1", type="task.created", subject="t")])
+    async with SqliteTaskStore(tmp_path / "c.db") as store:
+        await store.put(events=[EventRow("t", 1, b"e", outbox=entry)])
+        sink = HeldSink()
+        relay = OutboxRelay(store, sink, stop_timeout=30)
+        relay.start()
+        await sink.got.wait()
+        reader = relay._tasks[0]
+        stopping = asyncio.ensure_future(relay.stop())
+        # Acknowledged once the relay stopped reading and waits for what is in flight.
+        await eventually(reader.done)
+        assert not stopping.done()
+        sink.pending[0].set_result(None)
+        await stopping
+        assert relay.published == 1
+    async with SqliteTaskStore(tmp_path / "c.db") as store:
+        # Recorded: a restarted relay would not send it again.
+        waiting = asyncio.ensure_future(store.outbox_next(0, limit=10))
+        await store.put(events=[EventRow("t", 2, b"e", outbox=b"")])
+        await store.put(events=[EventRow("u", 1, b"e", outbox=entry)])
+        assert [i.entry for i in await asyncio.wait_for(waiting, 30)] == [entry]
+        assert len(await store.outbox_next(0, limit=10)) == 1
+
+
+async def test_stop_leaves_what_is_never_acknowledged_for_a_restart(tmp_path: Path) -> None:
+    entry = pack([events_pb2.Event(id="t:1", type="task.created", subject="t")])
+    async with SqliteTaskStore(tmp_path / "c.db") as store:
+        await store.put(events=[EventRow("t", 1, b"e", outbox=entry)])
+        sink = HeldSink()
+        relay = OutboxRelay(store, sink, stop_timeout=0.01)
+        relay.start()
+        await sink.got.wait()
+        await relay.stop()  # NATS never answered
+        assert relay.published == 0
+        assert [i.entry for i in await store.outbox_next(0, limit=10)] == [entry]
