@@ -66,6 +66,9 @@ EventData = events_pb2.TaskEventData | events_pb2.WorkflowEventData
 
 _EVENT_PAGE = 500
 
+EVENT_COPY_MAX = 64 * 1024
+"""Bytes of a gRPC event copied whole into its NATS event (larger: payloads left out)."""
+
 #: Called with a task and each event once it has committed (plans follow their steps).
 EventListener = Callable[["TaskRuntime", TaskEvent], None]
 
@@ -260,7 +263,7 @@ class Journal:
         published: list[tuple[str, EventData, str]] = []
         if self._outbox is not None or self._direct:
             data = task_event_data(record, publish_extra or {})
-            data.event.CopyFrom(event)
+            copy_event(data, event)
             published.append((publish or _KIND_TYPES[next(iter(kind))], data, ""))
             published.extend((event_type, report, event_type) for event_type, report in reports)
         outbox = b""
@@ -423,6 +426,33 @@ class Journal:
             rt.record.task_id, after, until=min(rt.base, upto), limit=_EVENT_PAGE
         )
         return [TaskEvent.FromString(row.data) for row in rows]
+
+
+def copy_event(data: events_pb2.TaskEventData, event: TaskEvent) -> None:
+    """Put the gRPC event in its NATS data, without its payloads when it is large.
+
+    A task's output or an agent's partial can be megabytes; an event on NATS stays
+    under :data:`EVENT_COPY_MAX` (NATS refuses messages over its ``max_payload``, 1 MiB
+    by default, and one refused event would hold up every later one).
+    """
+    data.event.CopyFrom(event)
+    if data.event.ByteSize() <= EVENT_COPY_MAX:
+        return
+    copied = data.event
+    kind = copied.WhichOneof("kind")
+    if kind == "finished":
+        copied.finished.ClearField("output")
+    elif kind == "partial":
+        copied.partial.ClearField("content")
+    elif kind == "step":
+        copied.step.ClearField("output")
+        copied.step.ClearField("partial")
+    data.event_payloads_omitted = True
+    if copied.ByteSize() > EVENT_COPY_MAX:
+        # Something else is huge (an error message): only the position is kept.
+        data.event.CopyFrom(
+            TaskEvent(task_id=event.task_id, sequence=event.sequence, attempt=event.attempt)
+        )
 
 
 def task_event_data(record: TaskRecord, extra: dict[str, Message]) -> events_pb2.TaskEventData:

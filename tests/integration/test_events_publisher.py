@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import nats
@@ -333,3 +334,30 @@ async def test_close_cancels_what_send_could_not_deliver(tmp_path: Path) -> None
     assert sent.cancelled()
     assert metric("hivewire_events_dropped_total", reason="shutdown") == lost_before
     assert publisher.send([]).done()
+
+
+async def test_an_event_nats_cannot_take_is_dropped_not_retried_for_ever(
+    nats_server: NatsServer,
+) -> None:
+    """One event over NATS's max_payload (1 MiB) must not hold up the ones after it."""
+    too_large_before = metric("hivewire_events_dropped_total", reason="too_large")
+
+    def envelope(n: int, text: str = "") -> events_pb2.Event:
+        data = task_data("task-1")
+        data.error.message = text
+        return events_pb2.Event(
+            id=f"task-1:{n}",
+            type="task.failed",
+            subject="task-1",
+            task_sequence=n,
+            task=data,
+        )
+
+    async with EventPublisher(nats_server.url, source="coordinator/c-1") as publisher:
+        first = publisher.send([envelope(1)])
+        huge = publisher.send([envelope(2, "x" * (2 * 1024 * 1024))])
+        after = publisher.send([envelope(3)])
+        await asyncio.wait_for(asyncio.gather(first, huge, after), 30)
+    stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
+    assert stored == ["task-1:1", "task-1:3"]
+    assert metric("hivewire_events_dropped_total", reason="too_large") == too_large_before + 1

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from hivewire.common.v1 import common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.events.v1 import events_pb2
+from hivewire.services.coordinator.journal import EVENT_COPY_MAX, copy_event
 from hivewire.services.coordinator.outbox import OutboxRelay, event_id, pack, unpack
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.coordinator.store import EventRow
@@ -92,3 +95,35 @@ async def test_stop_leaves_what_is_never_acknowledged_for_a_restart(tmp_path: Pa
         await relay.stop()  # NATS never answered
         assert relay.published == 0
         assert [i.entry for i in await store.outbox_next(0, limit=10)] == [entry]
+
+
+def test_a_large_event_reaches_nats_without_its_payloads() -> None:
+    big = common_pb2.Payload(text="x" * (EVENT_COPY_MAX + 1))
+    finished = coordinator_pb2.TaskEvent(
+        task_id="t",
+        sequence=9,
+        finished=coordinator_pb2.TaskFinished(state=common_pb2.TASK_STATE_SUCCEEDED, output=big),
+    )
+    data = events_pb2.TaskEventData()
+    copy_event(data, finished)
+    assert data.event_payloads_omitted
+    assert data.event.finished.state == common_pb2.TASK_STATE_SUCCEEDED
+    assert not data.event.finished.HasField("output")
+    assert finished.finished.HasField("output")  # the stored event keeps it
+    chunk = common_pb2.PartialResult(content=common_pb2.Payload(text="hi"))
+    small = coordinator_pb2.TaskEvent(task_id="t", sequence=3, partial=chunk)
+    data = events_pb2.TaskEventData()
+    copy_event(data, small)
+    assert data.event == small and not data.event_payloads_omitted
+    # Large for another reason: only the event's place is kept.
+    huge_error = coordinator_pb2.TaskEvent(
+        task_id="t",
+        sequence=4,
+        retry=coordinator_pb2.TaskRetry(
+            error=common_pb2.ErrorDetail(message="e" * (EVENT_COPY_MAX + 1))
+        ),
+    )
+    data = events_pb2.TaskEventData()
+    copy_event(data, huge_error)
+    assert data.event == coordinator_pb2.TaskEvent(task_id="t", sequence=4)
+    assert data.event_payloads_omitted

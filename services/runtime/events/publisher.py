@@ -27,9 +27,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import PubAck
@@ -622,6 +624,10 @@ class EventPublisher:
                     wait_stall=self._timeout,
                     headers=dict(item.headers),
                 )
+            except nats.errors.MaxPayloadError:
+                # Never accepted, however often it is sent: it must not hold up the rest.
+                self._drop_too_large(item)
+                continue
             except TRANSIENT_ERRORS as exc:
                 self._failed(item, exc)
                 ok = False
@@ -642,16 +648,39 @@ class EventPublisher:
                 # after this one and JetStream drops the copies (same Nats-Msg-Id).
                 break
             acked = item
-            if item.done is not None and not item.done.done():
-                item.done.set_result(None)
             self._published += 1
             metrics.PUBLISHED.labels(item.category).inc()
             metrics.PUBLISH_LAG.labels(item.category).observe(max(now - item.queued_at, 0.0))
         if acked is not None:
             while self._buffer and self._buffer[0].seq <= acked.seq:
-                self._buffer.popleft()
+                stored = self._buffer.popleft()
+                if stored.done is not None and not stored.done.done():
+                    stored.done.set_result(None)
                 metrics.BUFFERED.dec()
         return ok
+
+    def _drop_too_large(self, item: _Outgoing) -> None:
+        index = self._buffer.index(item)
+        del self._buffer[index]
+        metrics.DROPPED.labels("too_large").inc()
+        metrics.BUFFERED.dec()
+        logger.error(
+            "events: %s %s dropped: %d bytes, more than NATS accepts in one message",
+            item.event_type,
+            item.event_id,
+            len(item.payload),
+        )
+        if item.done is None:
+            return
+        # Its send() resolves once what came before it is stored.
+        previous = self._buffer[index - 1] if index > 0 else None
+        if previous is None:
+            if not item.done.done():
+                item.done.set_result(None)
+        elif previous.done is None:
+            self._buffer[index - 1] = replace(previous, done=item.done)
+        else:
+            previous.done.add_done_callback(partial(_follow, item.done))
 
     def _failed(self, item: _Outgoing, exc: BaseException) -> None:
         metrics.PUBLISH_FAILED.labels(item.category).inc()
@@ -684,3 +713,13 @@ class EventPublisher:
     async def _on_closed(self) -> None:
         # Wake the sender so it replaces the connection at once.
         self._kick.set()
+
+
+def _follow(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:
+    """Settle ``target`` like ``source`` (acknowledged, or cancelled on close)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    else:
+        target.set_result(None)

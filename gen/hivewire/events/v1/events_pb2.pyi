@@ -153,6 +153,7 @@ class TaskEventData(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     REQUEUED_AS_TASK_ID_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENT_PAYLOADS_OMITTED_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id."""
     state: _common_pb2.TaskState.ValueType
@@ -171,6 +172,12 @@ class TaskEventData(_message.Message):
     """For task.requeued: who asked (SPIFFE id)."""
     requeued_as_task_id: _builtins.str
     """For task.requeued: the new task that runs the dead letter again."""
+    event_payloads_omitted: _builtins.bool
+    """True when event's payloads (a finished task's output, a partial's content,
+    a step's output or partial) were left out because the event was larger
+    than 64 KiB: WatchTask and GetTask have them. Events stay small enough
+    for NATS whatever the agents return.
+    """
     @_builtins.property
     def progress(self) -> _common_pb2.Progress:
         """For task.progress: the latest progress (coalesced: not every step is sent)."""
@@ -217,10 +224,11 @@ class TaskEventData(_message.Message):
         actor: _builtins.str = ...,
         requeued_as_task_id: _builtins.str = ...,
         event: _coordinator_pb2.TaskEvent | None = ...,
+        event_payloads_omitted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error", "event", b"event", "input_request", b"input_request", "progress", b"progress", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "agent_id", b"agent_id", "attempt", b"attempt", "backoff", b"backoff", "capability", b"capability", "error", b"error", "event", b"event", "input_request", b"input_request", "owner", b"owner", "priority", b"priority", "progress", b"progress", "requeued_as_task_id", b"requeued_as_task_id", "state", b"state", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "agent_id", b"agent_id", "attempt", b"attempt", "backoff", b"backoff", "capability", b"capability", "error", b"error", "event", b"event", "event_payloads_omitted", b"event_payloads_omitted", "input_request", b"input_request", "owner", b"owner", "priority", b"priority", "progress", b"progress", "requeued_as_task_id", b"requeued_as_task_id", "state", b"state", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
