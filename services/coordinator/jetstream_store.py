@@ -730,15 +730,18 @@ class JetStreamTaskStore:
         assert self._outbox is not None
         value = str(position).encode()
         try:
-            entry = await self._outbox.get(_OUTBOX_CURSOR)
-        except js_errors.KeyNotFoundError:
+            try:
+                entry = await self._outbox.get(_OUTBOX_CURSOR)
+            except js_errors.KeyNotFoundError:
+                with contextlib.suppress(js_errors.KeyWrongLastSequenceError):
+                    await self._outbox.create(_OUTBOX_CURSOR, value)
+                return
+            if int((entry.value or b"0").decode()) >= position:
+                return
             with contextlib.suppress(js_errors.KeyWrongLastSequenceError):
-                await self._outbox.create(_OUTBOX_CURSOR, value)
-            return
-        if int((entry.value or b"0").decode()) >= position:
-            return
-        with contextlib.suppress(js_errors.KeyWrongLastSequenceError):
-            await self._outbox.update(_OUTBOX_CURSOR, value, last=entry.revision)
+                await self._outbox.update(_OUTBOX_CURSOR, value, last=entry.revision)
+        except (nats.errors.Error, js_errors.Error, TimeoutError) as exc:
+            raise StoreError(f"cannot record the outbox position: {exc}") from exc
 
     async def _outbox_subscribe(self, after: int) -> None:
         await self._outbox_unsubscribe()

@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator import metrics
-from hivewire.services.coordinator.store import StoreError, TaskStore
+from hivewire.services.coordinator.store import TaskStore
 from hivewire.services.runtime.backoff import Backoff
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class OutboxRelay:
         while True:
             try:
                 items = await self._store.outbox_next(after, limit=self._batch)
-            except StoreError as exc:
+            except Exception as exc:  # the relay outlives any one failure
                 logger.warning("outbox: reading failed (%s); retrying", exc)
                 await asyncio.sleep(backoff.next_delay())
                 continue
@@ -247,7 +247,7 @@ class OutboxRelay:
                     await self._store.outbox_done(position)
                     metrics.OUTBOX_RELAYED.inc(entries)
                     break
-                except StoreError as exc:
+                except Exception as exc:  # the relay outlives any one failure
                     logger.warning("outbox: recording position %d failed (%s)", position, exc)
                     await asyncio.sleep(backoff.next_delay())
             backoff.reset()
