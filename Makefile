@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv relink gen gen-check lint typecheck buf-lint pytest fmt bench soak soak-quick clean promtool chromium
+.PHONY: run test venv relink gen gen-check lint typecheck buf-lint pytest fmt bench soak soak-quick clean promtool chromium node
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,7 +76,22 @@ chromium:
 		|| { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
 		|| { echo "chromium: cannot install Debian's chromium package" >&2; exit 1; }; }
 
-pytest: relink $(PROMTOOL) chromium
+# Debian's Node.js and npm, and the locked npm packages of the Node examples (their tests
+# use them; `npm ci` again only when a package-lock.json is newer than its install).
+NODE_EXAMPLES := examples/node examples/node-events examples/a2a-node
+node:
+	@{ command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; } || { \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null 2>&1 \
+		|| { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; } \
+		|| { echo "node: cannot install Debian's nodejs and npm packages" >&2; exit 1; }; }
+	@for dir in $(NODE_EXAMPLES); do \
+		test $$dir/node_modules/.package-lock.json -nt $$dir/package-lock.json && continue; \
+		echo "npm ci in $$dir"; \
+		(cd $$dir && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error) || exit 1; \
+	done
+
+pytest: relink $(PROMTOOL) chromium node
 	$(BIN)/pytest -q
 
 test: relink lint typecheck buf-lint gen-check pytest

@@ -9,6 +9,8 @@
 //
 // Options: --url https://127.0.0.1:50055/ (the gateway; default from .hivewire/endpoints.json)
 //          --ca certs/ca.pem --cert certs/client.pem --key certs/client.key (mutual TLS)
+//          --token hwk_... (an API key or a JWT, sent as "Authorization: Bearer"; then no client
+//          certificate is presented unless --cert is given; default: $HIVEWIRE_TOKEN)
 // Every event is printed as one JSON line: {"event": "task"|"statusUpdate"|"artifactUpdate", ...}.
 
 import { readFileSync, existsSync } from "node:fs";
@@ -21,6 +23,7 @@ import {
   ClientFactoryOptions,
   DefaultAgentCardResolver,
   JsonRpcTransportFactory,
+  createAuthenticatingFetchWithRetry,
 } from "@a2a-js/sdk/client";
 
 const { values: opts, positionals } = parseArgs({
@@ -28,8 +31,9 @@ const { values: opts, positionals } = parseArgs({
   options: {
     url: { type: "string" },
     ca: { type: "string", default: "certs/ca.pem" },
-    cert: { type: "string", default: "certs/client.pem" },
-    key: { type: "string", default: "certs/client.key" },
+    cert: { type: "string" },
+    key: { type: "string" },
+    token: { type: "string", default: process.env.HIVEWIRE_TOKEN },
     "after-sequence": { type: "string" },
   },
 });
@@ -41,15 +45,23 @@ function gatewayUrl() {
   return "https://127.0.0.1:50055/";
 }
 
-// Node's fetch with the mesh CA and a client certificate: the gateway only speaks mTLS.
+// Node's fetch with the mesh CA and a client certificate (the default without a token), and
+// the SDK's authenticating fetch adding the bearer token when one is given.
+const certFile = opts.cert ?? (opts.token ? undefined : "certs/client.pem");
+const keyFile = opts.key ?? (opts.token ? undefined : "certs/client.key");
 const dispatcher = new Agent({
   connect: {
     ca: readFileSync(opts.ca),
-    cert: readFileSync(opts.cert),
-    key: readFileSync(opts.key),
+    ...(certFile ? { cert: readFileSync(certFile), key: readFileSync(keyFile) } : {}),
   },
 });
-const mtlsFetch = (input, init = {}) => undiciFetch(input, { ...init, dispatcher });
+const tlsFetch = (input, init = {}) => undiciFetch(input, { ...init, dispatcher });
+const gatewayFetch = opts.token
+  ? createAuthenticatingFetchWithRetry(tlsFetch, {
+      headers: async () => ({ Authorization: `Bearer ${opts.token}` }),
+      shouldRetryWithHeaders: async () => undefined,
+    })
+  : tlsFetch;
 
 const print = (value) => console.log(JSON.stringify(value));
 const stateName = (state) => TaskState[state] ?? String(state);
@@ -111,8 +123,8 @@ function describe(response) {
 async function client() {
   const factory = new ClientFactory(
     ClientFactoryOptions.createFrom(ClientFactoryOptions.default, {
-      transports: [new JsonRpcTransportFactory({ fetchImpl: mtlsFetch })],
-      cardResolver: new DefaultAgentCardResolver({ fetchImpl: mtlsFetch }),
+      transports: [new JsonRpcTransportFactory({ fetchImpl: gatewayFetch })],
+      cardResolver: new DefaultAgentCardResolver({ fetchImpl: gatewayFetch }),
     }),
   );
   return factory.createFromUrl(gatewayUrl());
@@ -135,7 +147,7 @@ async function stream(a2a, request, onEvent = async () => {}) {
 async function main() {
   const [command, ...args] = positionals;
   if (command === "card") {
-    const response = await mtlsFetch(new URL(".well-known/agent-card.json", gatewayUrl()));
+    const response = await gatewayFetch(new URL(".well-known/agent-card.json", gatewayUrl()));
     const json = await response.json();
     // The SDK's own codec: every field must survive a round trip through its AgentCard type.
     const card = AgentCard.fromJSON(json);

@@ -2,8 +2,9 @@
 
 It serves the mesh to Agent2Agent clients: JSON-RPC with SSE streaming over HTTPS
 (default port 50055, the agent card at ``/.well-known/agent-card.json``) and the A2A
-gRPC binding (default port 50054), both with the mesh certificates (identity ``a2a``)
-and a client certificate required. It is a client of the coordinator
+gRPC binding (default port 50054), both with the mesh certificates (identity ``a2a``);
+callers present a client certificate or a bearer credential and own their tasks. It is
+a client of the coordinator
 (``HIVEWIRE_A2A__COORDINATOR_ADDRESS``, default 127.0.0.1:50051). SIGTERM stops it.
 See docs/interop.md.
 """

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 MTLS_SCHEME = "mtls"
 """Name of the mutual-TLS security scheme in the card."""
 
+BEARER_SCHEME = "bearer"
+"""Name of the bearer-credential (API key or JWT) security scheme in the card."""
+
 INPUT_MODES = ("text/plain", "application/json", "application/octet-stream")
 OUTPUT_MODES = ("text/plain", "application/json", "application/octet-stream")
 _SERVING = (coordinator_pb2.AGENT_HEALTH_HEALTHY, coordinator_pb2.AGENT_HEALTH_UNSPECIFIED)
@@ -38,6 +41,8 @@ class CardIdentity:
     version: str
     jsonrpc_url: str
     grpc_url: str
+    bearer: bool = False
+    """Whether bearer credentials (API keys, JWT) are accepted, besides mTLS."""
 
 
 def skills_of(agents: Sequence[coordinator_pb2.AgentStatus]) -> list[a2a.AgentSkill]:
@@ -71,7 +76,11 @@ def skills_of(agents: Sequence[coordinator_pb2.AgentStatus]) -> list[a2a.AgentSk
 
 
 def build_card(identity: CardIdentity, skills: Sequence[a2a.AgentSkill]) -> a2a.AgentCard:
-    """The agent card: both bindings, streaming, mTLS, and ``skills``."""
+    """The agent card: both bindings, streaming, the security schemes, and ``skills``.
+
+    Each scheme is a requirement of its own (either suffices): ``mtls`` always,
+    ``bearer`` when the gateway accepts API keys or JWT.
+    """
     card = a2a.AgentCard(
         name=identity.name,
         description=identity.description,
@@ -100,8 +109,16 @@ def build_card(identity: CardIdentity, skills: Sequence[a2a.AgentSkill]) -> a2a.
     ].mtls_security_scheme.description = (
         "Mutual TLS: a client certificate issued by the mesh CA (hivewire certs issue)."
     )
-    requirement = card.security_requirements.add()
-    requirement.schemes[MTLS_SCHEME].SetInParent()
+    card.security_requirements.add().schemes[MTLS_SCHEME].SetInParent()
+    if identity.bearer:
+        bearer = card.security_schemes[BEARER_SCHEME].http_auth_security_scheme
+        bearer.scheme = "Bearer"
+        bearer.bearer_format = "hivewire API key (hwk_...) or JWT"
+        bearer.description = (
+            "Authorization: Bearer <credential>: an API key made by `hivewire keys create`, "
+            "or a JWT of the configured identity provider. The principal owns its tasks."
+        )
+        card.security_requirements.add().schemes[BEARER_SCHEME].SetInParent()
     card.skills.extend(skills)
     return card
 

@@ -4,15 +4,17 @@ It implements the ``a2a-sdk`` :class:`~a2a.server.request_handlers.RequestHandle
 (the SDK's JSON-RPC/SSE routes and its gRPC servicer call it) over the coordinator's
 public ``CoordinatorService``, holding no task state of its own: an A2A task *is* a
 hivewire task (same id), so tasks survive a gateway restart and any gateway instance
-can serve any task.
+can serve any task. Every coordinator call is made for the A2A caller
+(:mod:`.callers`): its tasks are its own, and another caller's task is
+``TaskNotFoundError``.
 
 - ``SendMessage`` / ``SendStreamingMessage`` without a task id submit a task for the
   skill the message names; with the id of a task waiting for input they answer its
   pending input request (``ProvideInput``). The stream is the task snapshot, then the
   task's events mapped by :mod:`.convert`, until a terminal or input-required status.
 - ``GetTask`` is the coordinator's task, with its artifacts rebuilt from the stored
-  partial results; ``CancelTask`` is ``CancelTask``; ``ListTasks`` lists the tasks
-  started through A2A (the gateway's own).
+  partial results; ``CancelTask`` is ``CancelTask``; ``ListTasks`` lists the caller's
+  tasks.
 - ``SubscribeToTask`` is ``WatchTask``: a client that sends the header
   ``Hivewire-After-Sequence: N`` (the ``metadata.hivewire.sequence`` of the last
   event it saw) gets exactly the events after N, replayed from the coordinator's
@@ -35,6 +37,7 @@ from a2a.utils.errors import (
     A2AError,
     InternalError,
     InvalidParamsError,
+    InvalidRequestError,
     PushNotificationNotSupportedError,
     TaskNotCancelableError,
     TaskNotFoundError,
@@ -44,6 +47,7 @@ from a2a.utils.errors import (
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.a2a import convert
+from hivewire.services.a2a.callers import Acting, acting
 from hivewire.services.a2a.card import CardSource
 from hivewire.services.a2a.settings import A2aSettings
 from hivewire.services.runtime.errors import HivewireError
@@ -56,6 +60,7 @@ AFTER_SEQUENCE_HEADER = "hivewire-after-sequence"
 
 C = coordinator_pb2
 _CALL_TIMEOUT = 30.0
+Metadata = tuple[tuple[str, str], ...]
 
 
 def a2a_error(err: HivewireError, *, task_id: str = "") -> A2AError:
@@ -67,6 +72,8 @@ def a2a_error(err: HivewireError, *, task_id: str = "") -> A2AError:
         return InvalidParamsError(err.message, data)
     if err.code == grpc.StatusCode.FAILED_PRECONDITION:
         return UnsupportedOperationError(err.message, data)
+    if err.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return InvalidRequestError(err.message, data)
     return InternalError(f"{err.code.name} {err.reason}: {err.message}", data)
 
 
@@ -103,7 +110,8 @@ class GatewayHandler(RequestHandler):
         """Create the handler.
 
         Args:
-            stub: The coordinator client (an mTLS channel of the gateway's identity).
+            stub: The coordinator client (an mTLS channel of the gateway's identity;
+                each call carries the A2A caller's metadata).
             cards: The card source (which skills exist).
             settings: The gateway's settings (default skill, task timeout).
         """
@@ -119,22 +127,24 @@ class GatewayHandler(RequestHandler):
         except grpc.aio.AioRpcError as exc:
             raise a2a_error(from_rpc_error(exc), task_id=task_id) from None
 
-    async def _get(self, task_id: str) -> coordinator_pb2.Task:
+    async def _get(self, task_id: str, md: Metadata) -> coordinator_pb2.Task:
         if not task_id:
             raise InvalidParamsError("the task id is required")
         response = await self._call(
             task_id,
-            lambda: self._stub.GetTask(C.GetTaskRequest(task_id=task_id), timeout=_CALL_TIMEOUT),
+            lambda: self._stub.GetTask(
+                C.GetTaskRequest(task_id=task_id), timeout=_CALL_TIMEOUT, metadata=md
+            ),
         )
         task: coordinator_pb2.Task = response.task
         return task
 
     async def _events(
-        self, task_id: str, after_sequence: int
+        self, task_id: str, after_sequence: int, md: Metadata
     ) -> AsyncIterator[coordinator_pb2.TaskEvent]:
         """The task's stored events after ``after_sequence``, then live ones."""
         call = self._stub.WatchTask(
-            C.WatchTaskRequest(task_id=task_id, after_sequence=after_sequence)
+            C.WatchTaskRequest(task_id=task_id, after_sequence=after_sequence), metadata=md
         )
         try:
             async for response in call:
@@ -145,7 +155,7 @@ class GatewayHandler(RequestHandler):
             call.cancel()
 
     async def _follow(
-        self, task: coordinator_pb2.Task, after_sequence: int
+        self, task: coordinator_pb2.Task, after_sequence: int, md: Metadata
     ) -> AsyncGenerator[convert.A2aEvent]:
         """The task's snapshot, then its mapped events after the cursor, until final."""
         snapshot = convert.task_to_a2a(task)
@@ -153,7 +163,7 @@ class GatewayHandler(RequestHandler):
         if convert.is_final(snapshot) and after_sequence >= task.last_sequence:
             return
         context_id = convert.context_of(task)
-        events = self._events(task.task_id, after_sequence)
+        events = self._events(task.task_id, after_sequence, md)
         try:
             async for event in events:
                 for update in convert.event_to_a2a(event, context_id):
@@ -163,13 +173,13 @@ class GatewayHandler(RequestHandler):
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
-    async def _artifacts(self, task: coordinator_pb2.Task) -> list[a2a.Artifact]:
+    async def _artifacts(self, task: coordinator_pb2.Task, md: Metadata) -> list[a2a.Artifact]:
         """The task's artifacts, rebuilt from its stored partial results."""
         fold = convert.ArtifactFold()
         if task.last_sequence == 0:
             return []
         context_id = convert.context_of(task)
-        events = self._events(task.task_id, 0)
+        events = self._events(task.task_id, 0, md)
         try:
             async for event in events:
                 if event.HasField("partial") or event.HasField("finished"):
@@ -182,15 +192,18 @@ class GatewayHandler(RequestHandler):
             await events.aclose()  # type: ignore[attr-defined]
         return fold.artifacts
 
-    async def _view(self, task: coordinator_pb2.Task) -> a2a.Task:
-        return convert.task_to_a2a(task, await self._artifacts(task))
+    async def _view(self, task: coordinator_pb2.Task, md: Metadata) -> a2a.Task:
+        return convert.task_to_a2a(task, await self._artifacts(task, md))
 
     # -- messages ----------------------------------------------------------------------
 
-    async def _start(self, params: a2a.SendMessageRequest) -> AsyncGenerator[convert.A2aEvent]:
+    async def _start(
+        self, params: a2a.SendMessageRequest, caller: Acting
+    ) -> AsyncGenerator[convert.A2aEvent]:
+        md = caller.metadata
         message = params.message
         if message.task_id:
-            async for update in self._continue(message):
+            async for update in self._continue(message, md):
                 yield update
             return
         try:
@@ -212,17 +225,45 @@ class GatewayHandler(RequestHandler):
         )
         response = await self._call(
             "",
-            lambda: self._stub.SubmitTask(C.SubmitTaskRequest(spec=spec), timeout=_CALL_TIMEOUT),
+            lambda: self._stub.SubmitTask(
+                C.SubmitTaskRequest(spec=spec), timeout=_CALL_TIMEOUT, metadata=md
+            ),
         )
         task: coordinator_pb2.Task = response.task
-        logger.info("A2A message %s started task %s (%s)", message.message_id, task.task_id,
-                    options.skill)  # fmt: skip
-        async for update in self._follow(task, task.last_sequence):
+        if task.owner != caller.identity:
+            await self._disown(task, caller)
+        logger.info("A2A message %s of %s started task %s (%s)", message.message_id,
+                    caller.identity, task.task_id, options.skill)  # fmt: skip
+        async for update in self._follow(task, task.last_sequence, md):
             yield update
 
-    async def _continue(self, message: a2a.Message) -> AsyncGenerator[convert.A2aEvent]:
+    async def _disown(self, task: coordinator_pb2.Task, caller: Acting) -> None:
+        """Cancel a task the coordinator gave to someone other than the caller, and fail.
+
+        It happens only when the coordinator ignores the passed-on bearer credential (no
+        end-user authentication configured there, unlike here): the task would belong
+        to the gateway, shared by every bearer caller.
+        """
+        logger.error("task %s belongs to %s, not to the A2A caller %s: is end-user "
+                     "authentication configured on the coordinator as on the gateway?",
+                     task.task_id, task.owner, caller.identity)  # fmt: skip
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._stub.CancelTask(
+                C.CancelTaskRequest(task_id=task.task_id, reason="not owned by its A2A caller"),
+                timeout=_CALL_TIMEOUT,
+                metadata=caller.metadata,
+            )
+        raise InternalError(
+            "the coordinator does not see the A2A caller as the task's owner (its end-user "
+            "authentication settings differ from the gateway's)",
+            {"reason": "A2A_OWNER_MISMATCH", "owner": task.owner, "caller": caller.identity},
+        )
+
+    async def _continue(
+        self, message: a2a.Message, md: Metadata
+    ) -> AsyncGenerator[convert.A2aEvent]:
         """Answer the pending input request of the task the message names, then follow it."""
-        task = await self._get(message.task_id)
+        task = await self._get(message.task_id, md)
         if task.state != common_pb2.TASK_STATE_INPUT_REQUIRED or not task.HasField("pending_input"):
             raise UnsupportedOperationError(
                 f"task {task.task_id} is {common_pb2.TaskState.Name(task.state)}: only a task "
@@ -234,12 +275,14 @@ class GatewayHandler(RequestHandler):
         response = await self._call(
             task.task_id,
             lambda: self._stub.ProvideInput(
-                C.ProvideInputRequest(task_id=task.task_id, response=answer), timeout=_CALL_TIMEOUT
+                C.ProvideInputRequest(task_id=task.task_id, response=answer),
+                timeout=_CALL_TIMEOUT,
+                metadata=md,
             ),
         )
         logger.info("A2A message %s answered input %s of task %s", message.message_id,
                     answer.request_id, task.task_id)  # fmt: skip
-        async for update in self._follow(response.task, cursor):
+        async for update in self._follow(response.task, cursor, md):
             yield update
 
     async def on_message_send(
@@ -247,7 +290,9 @@ class GatewayHandler(RequestHandler):
     ) -> a2a.Task | a2a.Message:
         """Start or continue a task; wait until it ends or asks for input (unless
         ``configuration.return_immediately``), then return it."""
-        stream = self._start(params)
+        caller = acting(context)
+        md = caller.metadata
+        stream = self._start(params, caller)
         task_id = ""
         try:
             async for update in stream:
@@ -257,13 +302,13 @@ class GatewayHandler(RequestHandler):
                         return update
         finally:
             await stream.aclose()
-        return await self._view(await self._get(task_id))
+        return await self._view(await self._get(task_id, md), md)
 
     async def on_message_send_stream(
         self, params: a2a.SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[convert.A2aEvent]:
         """Start or continue a task and stream it until it ends or asks for input."""
-        stream = self._start(params)
+        stream = self._start(params, acting(context))
         try:
             async for update in stream:
                 yield update
@@ -276,12 +321,13 @@ class GatewayHandler(RequestHandler):
         self, params: a2a.GetTaskRequest, context: ServerCallContext
     ) -> a2a.Task | None:
         """The task, its status message and its artifacts."""
-        return await self._view(await self._get(params.id))
+        md = acting(context).metadata
+        return await self._view(await self._get(params.id, md), md)
 
     async def on_list_tasks(
         self, params: a2a.ListTasksRequest, context: ServerCallContext
     ) -> a2a.ListTasksResponse:
-        """The gateway's tasks, newest first (filtered by context and state)."""
+        """The caller's tasks, newest first (filtered by context and state)."""
         request = C.ListTasksRequest(
             page_size=params.page_size if params.HasField("page_size") else 50,
             page_token=params.page_token,
@@ -291,7 +337,10 @@ class GatewayHandler(RequestHandler):
                 if mapped == params.status:
                     request.states.append(state)  # type: ignore[arg-type]
         response = await self._call(
-            "", lambda: self._stub.ListTasks(request, timeout=_CALL_TIMEOUT)
+            "",
+            lambda: self._stub.ListTasks(
+                request, timeout=_CALL_TIMEOUT, metadata=acting(context).metadata
+            ),
         )
         tasks = [
             convert.task_to_a2a(task)
@@ -309,17 +358,19 @@ class GatewayHandler(RequestHandler):
         task_id = params.id
         if not task_id:
             raise InvalidParamsError("the task id is required")
+        md = acting(context).metadata
         try:
             response = await self._stub.CancelTask(
                 C.CancelTaskRequest(task_id=task_id, reason="cancelled over A2A"),
                 timeout=_CALL_TIMEOUT,
+                metadata=md,
             )
         except grpc.aio.AioRpcError as exc:
             err = from_rpc_error(exc)
             if err.code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise TaskNotCancelableError(err.message, {"reason": err.reason}) from None
             raise a2a_error(err, task_id=task_id) from None
-        return await self._view(response.task)
+        return await self._view(response.task, md)
 
     async def on_subscribe_to_task(
         self, params: a2a.SubscribeToTaskRequest, context: ServerCallContext
@@ -327,8 +378,9 @@ class GatewayHandler(RequestHandler):
         """Follow a task: its snapshot, then the events after the client's cursor (the
         ``Hivewire-After-Sequence`` header; none: only new events)."""
         after = _after_sequence(context)
-        task = await self._get(params.id)
-        stream = self._follow(task, task.last_sequence if after is None else after)
+        md = acting(context).metadata
+        task = await self._get(params.id, md)
+        stream = self._follow(task, task.last_sequence if after is None else after, md)
         try:
             async for update in stream:
                 yield update

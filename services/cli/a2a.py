@@ -2,7 +2,8 @@
 
 ``hivewire a2a --coordinator 127.0.0.1:50051`` serves the mesh to Agent2Agent clients:
 JSON-RPC with SSE over HTTPS (the agent card at ``/.well-known/agent-card.json``) and
-the A2A gRPC binding, both with the mesh's mTLS. Every flag overrides the matching
+the A2A gRPC binding, both with the mesh's TLS (callers: a client certificate or a bearer
+credential). Every flag overrides the matching
 ``HIVEWIRE_*`` variable. ``hivewire up`` starts it with the rest of the mesh.
 """
 

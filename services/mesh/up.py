@@ -218,6 +218,8 @@ class Mesh:
             python_module("hivewire.services.a2a"),
             HIVEWIRE_A2A__COORDINATOR_ADDRESS=f"{opts.host}:{opts.coordinator_port}",
             HIVEWIRE_A2A__HTTP_PORT=str(opts.a2a_http_port),
+            # The same API keys as the coordinator: A2A callers may use them (docs/interop.md).
+            HIVEWIRE_AUTH__API_KEYS_FILE=str((opts.state_dir / "api-keys.json").resolve()),
         )
         self.a2a_url = f"https://{opts.host}:{gateway.ports.get('http', opts.a2a_http_port)}/"
         await self._start_dashboard()

@@ -23,6 +23,17 @@ policy (docs/tools.md)::
     callers = ["client/kiosk"]
     deny = ["hivewire.coordinator.v1.CoordinatorService/CancelTask"]
 
+A rule may also say whom its callers may **act for** (``act_for``, globs like
+``callers``): a gateway that authenticated its own caller (the A2A gateway does) sends
+the metadata ``hivewire-on-behalf-of: <SPIFFE id>`` and the call then runs as that
+identity (the policy is checked for it, the servicer sees it: it owns the tasks). Only
+an explicit ``act_for`` grants this (``allow = ["*"]`` does not), a revoked identity is
+never acted for, and a call that also carries a bearer credential may not delegate::
+
+    [[rules]]
+    callers = ["client/a2a"]
+    act_for = ["client/*"]
+
 Callers are globs over SPIFFE ids: ``spiffe://...`` as written, ``*`` for any peer the
 mesh CA authenticated (even one whose certificate carries no SPIFFE id), anything else
 relative to the mesh trust domain (``client/*`` is ``spiffe://hivewire.local/client/*``).
@@ -71,6 +82,7 @@ __all__ = [
     "ANY_PEER",
     "DEFAULT_POLICY",
     "DEFAULT_POLICY_TOML",
+    "ON_BEHALF_OF",
     "REASON",
     "AuthzPolicy",
     "AuthzPolicyError",
@@ -87,12 +99,18 @@ __all__ = [
 REASON = "CALLER_NOT_ALLOWED"
 """``ErrorInfo.reason`` of a call the policy refuses."""
 
+ON_BEHALF_OF = "hivewire-on-behalf-of"
+"""Metadata naming the SPIFFE id a delegating caller acts for (see ``act_for``)."""
+
+DELEGATION_REASON = "DELEGATION_NOT_ALLOWED"
+"""``ErrorInfo.reason`` of a refused ``hivewire-on-behalf-of``."""
+
 ANY_PEER = "*"
 """Caller glob matching every peer the mesh CA authenticated, with or without an id."""
 
 _MESH_PREFIX = f"{SPIFFE_SCHEME}{TRUST_DOMAIN}/"
 _SPIFFE_PREFIX = SPIFFE_SCHEME.encode()
-_RULE_KEYS = frozenset({"callers", "allow", "deny", "description"})
+_RULE_KEYS = frozenset({"callers", "allow", "deny", "act_for", "description"})
 _CACHE_LIMIT = 4096
 """Cached decisions kept before the cache starts over (ids are bounded by the CA)."""
 
@@ -178,12 +196,14 @@ class AuthzRule:
         allow: Method globs (``package.Service/Method``, no leading ``/``) it allows.
         deny: Method globs it refuses (deny wins over any allow).
         description: Free text for people reading the policy.
+        act_for: Full SPIFFE id globs of the identities its callers may act for.
     """
 
     callers: tuple[str, ...]
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     description: str = ""
+    act_for: tuple[str, ...] = ()
 
     def applies_to(self, spiffe_id: str) -> bool:
         """Whether the rule covers a caller ("" for a peer without an id)."""
@@ -220,6 +240,14 @@ class AuthzPolicy:
             return False
         return any(_matches(name, rule.allow) for rule in rules)
 
+    def may_act_for(self, spiffe_id: str, principal: str) -> bool:
+        """Whether a caller may act for ``principal`` (an explicit ``act_for`` says so)."""
+        return bool(spiffe_id and principal) and any(
+            rule.applies_to(spiffe_id) and _matches(principal, rule.act_for)
+            for rule in self.rules
+            if ANY_PEER not in rule.callers
+        )
+
 
 def _method_globs(value: Any, where: str) -> tuple[str, ...]:
     methods = tuple(_method_glob(glob) for glob in globs(value, where, AuthzPolicyError))
@@ -254,6 +282,11 @@ def parse_authz_policy(data: Mapping[str, Any], source: str = "<memory>") -> Aut
             allow=_method_globs(raw.get("allow", []), f"{where}.allow"),
             deny=_method_globs(raw.get("deny", []), f"{where}.deny"),
             description=description,
+            act_for=tuple(
+                _caller_glob(glob)
+                for glob in globs(raw.get("act_for", []), f"{where}.act_for", AuthzPolicyError)
+                if glob != ANY_PEER
+            ),
         )
         for where, raw, description in rule_tables(
             data, source, rule_keys=_RULE_KEYS, error=AuthzPolicyError
@@ -284,6 +317,11 @@ allow = ["hivewire.coordinator.v1.CoordinatorService/*"]
 description = "clients and admins may use the A2A gateway's gRPC binding"
 callers = ["client/*", "admin/*"]
 allow = ["lf.a2a.v1.A2AService/*"]
+
+[[rules]]
+description = "the A2A gateway acts for the clients it authenticated (they own their tasks)"
+callers = ["client/a2a"]
+act_for = ["client/*"]
 
 [[rules]]
 description = "dead letters are the operators' business: admins only"
@@ -401,6 +439,18 @@ class AuthzPolicyStore:
                 )
         return allowed
 
+    def may_act_for(self, spiffe_id: str, principal: str) -> bool:
+        """Whether ``spiffe_id`` may act for ``principal`` (an ``act_for`` rule; cached)."""
+        self._maybe_reload()
+        key = (spiffe_id, f"\x00act_for {principal}")
+        allowed = self._decisions.get(key)
+        if allowed is None:
+            allowed = self._policy.may_act_for(spiffe_id, principal)
+            if len(self._decisions) >= _CACHE_LIMIT:
+                self._decisions.clear()
+            self._decisions[key] = allowed
+        return allowed
+
     def _maybe_reload(self) -> None:
         if self._path is None:
             return
@@ -488,10 +538,44 @@ class _Gate:
                 raise
             if principal is not None:
                 caller = Caller(principal.identity, principal.role, principal.name)
+        delegated = _metadata_value(context, ON_BEHALF_OF)
+        if delegated is not None:
+            caller = await self._delegate(request, context, method, streaming, caller, delegated)
         if not self._store.allows(caller.spiffe_id, method):
             await self.refuse(request, context, method, streaming, caller)
         caller_var.set(caller)
         return caller
+
+    async def _delegate(
+        self,
+        request: Any,
+        context: Context,
+        method: str,
+        streaming: bool,
+        caller: Caller,
+        principal: str,
+    ) -> Caller:
+        """The identity ``caller`` acts for, once its ``act_for`` rule allows it."""
+        certificate = self.caller(context)
+        parsed = parse_spiffe_id(principal)
+        refusal = ""
+        if caller != certificate:
+            refusal = "a call with a bearer credential may not act for another identity"
+        elif parsed is None or "/" in parsed[1]:
+            refusal = f"{principal!r} is not a mesh identity (spiffe://{TRUST_DOMAIN}/role/name)"
+        elif not self._store.may_act_for(caller.spiffe_id, principal):
+            refusal = f"{caller} may not act for {principal}"
+        elif self._revoked is not None and self._revoked.revoked(principal, lambda: None):
+            refusal = f"{principal} is revoked"
+        if refusal:
+            await _drain(request, streaming)
+            record_denial("authz", DELEGATION_REASON, caller.spiffe_id, method)
+            raise PermissionDenied(
+                refusal,
+                reason=DELEGATION_REASON,
+                metadata={"caller": caller.spiffe_id, "onBehalfOf": principal, "method": method},
+            )
+        return Caller.from_spiffe_id(principal)
 
     async def refuse(
         self,
@@ -509,6 +593,13 @@ class _Gate:
             reason=REASON,
             metadata={"caller": caller.spiffe_id, "method": method},
         )
+
+
+def _metadata_value(context: Context, key: str) -> str | None:
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
 
 
 def _peer_pem(context: Context) -> bytes | None:

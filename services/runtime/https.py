@@ -3,10 +3,16 @@
 The gRPC services use :class:`~hivewire.services.runtime.server.ServiceServer`; the
 few HTTP endpoints (the A2A gateway, the tool service's MCP endpoint) run an ASGI app
 under uvicorn with the same certificates: the identity's certificate, the mesh CA,
-and a client certificate required (``ssl.CERT_REQUIRED``)::
+and a client certificate required (``ssl.CERT_REQUIRED``), or verified when presented
+(``ssl.CERT_OPTIONAL``) for an app that authenticates its callers itself (bearer
+tokens: :mod:`~hivewire.services.runtime.httpauth`)::
 
     async with HttpsServer(app, files, host="127.0.0.1", port=0) as server:
         print(server.url)
+
+Every request's scope carries the ASGI TLS extension (``scope["extensions"]["tls"]``,
+``client_cert_chain``: the client's certificate as PEM), which uvicorn does not provide
+itself: :class:`TlsScopeProtocol` adds it.
 
 Signals stay with the process's own handler (``serve_until_signal``): uvicorn's are
 not installed.
@@ -24,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from hivewire.services.runtime.tls import TlsFiles
 
@@ -38,6 +45,39 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+
+def tls_extension(ssl_object: ssl.SSLObject | None) -> dict[str, Any]:
+    """The ASGI TLS extension of a connection: its verified client certificate, if any."""
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return {
+        "server_cert": None,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+        "client_cert_name": None,
+        "client_cert_error": None,
+        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or "") if ssl_object else None,
+        "cipher_suite": None,
+    }
+
+
+class TlsScopeProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP protocol, adding the ASGI TLS extension to every request's scope."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Read the connection's TLS details once, and wrap the app to hand them on."""
+        super().connection_made(transport)
+        tls = tls_extension(transport.get_extra_info("ssl_object"))
+        protocol: Any = self  # uvicorn's protocols keep the app untyped
+        app = protocol.app
+
+        async def with_tls(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
+            await app(scope, receive, send)
+
+        protocol.app = with_tls
 
 
 def _hostport(host: str, port: int) -> str:
@@ -64,7 +104,9 @@ class HttpsServer:
             files: The serving identity's CA, certificate and key.
             host: Interface to bind.
             port: Port to bind; 0 picks a free one (read :attr:`port` after start).
-            require_client_cert: Refuse clients without a certificate of the mesh CA.
+            require_client_cert: Refuse clients without a certificate of the mesh CA;
+                False: verify one when presented, accept clients without one (the app
+                then authenticates them).
             grace: Seconds open requests (streams) get to finish on shutdown.
         """
         files.read()  # fail early, with the hint, when a file is missing
@@ -76,7 +118,8 @@ class HttpsServer:
             ssl_certfile=str(files.cert),
             ssl_keyfile=str(files.key),
             ssl_ca_certs=str(files.ca),
-            ssl_cert_reqs=ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL,
+            http=TlsScopeProtocol,
             log_config=None,
             access_log=False,
             lifespan="on",

@@ -724,8 +724,8 @@ def _leaf_problem(directory: Path, identity: Identity, ca: _Ca, *, now: dt.datet
     problem = _cert_problem(cert, ca.cert, _key_path(directory, identity.stem), now=now)
     if problem is not None:
         return problem
-    if _spiffe_of(cert) != identity.spiffe_id:
-        return f"carries {_spiffe_of(cert)} instead of {identity.spiffe_id}"
+    if cert_spiffe_id(cert) != identity.spiffe_id:
+        return f"carries {cert_spiffe_id(cert)} instead of {identity.spiffe_id}"
     return None
 
 
@@ -751,7 +751,8 @@ def _cert_problem(
     return None
 
 
-def _spiffe_of(cert: x509.Certificate) -> str | None:
+def cert_spiffe_id(cert: x509.Certificate) -> str | None:
+    """The ``spiffe://`` URI SAN of a certificate, None without one."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -776,7 +777,7 @@ def _extra_identities(directory: Path, *, exclude: Iterable[str]) -> Iterator[Id
             cert = x509.load_pem_x509_certificate(_cert_path(directory, stem).read_bytes())
         except (OSError, ValueError):
             continue
-        parsed = parse_spiffe_id(_spiffe_of(cert) or "")
+        parsed = parse_spiffe_id(cert_spiffe_id(cert) or "")
         if parsed is not None:
             yield Identity(stem, *parsed)
 

@@ -3,16 +3,18 @@
 MCP-speaking assistants call hivewire's tools through the same domain code as gRPC
 callers (:class:`~hivewire.services.tool.service.ToolService`), so the policy, the
 approvals, the limits and the audit trail apply unchanged. Every MCP client acts as
-one configured mesh identity (``HIVEWIRE_TOOL__MCP_SERVE_IDENTITY``, default
-``client/mcp``): ``tools/list`` shows exactly the tools the policy allows it, each with
-its JSON Schema, and ``tools/call`` runs as that caller.
+its own identity: its client certificate's SPIFFE id, or the principal of its
+``Authorization: Bearer`` API key or JWT when end-user authentication is configured
+(:mod:`~hivewire.services.runtime.httpauth`; a request with neither is ``401``).
+``tools/list`` shows exactly the tools the policy allows that caller, each with its JSON
+Schema, and ``tools/call`` runs as that caller.
 
 - Arguments that break a tool's schema, an unknown or forbidden tool: MCP error
   ``-32602`` (invalid params), with hivewire's reason and field violations in ``data``.
 - A tool that fails: a result with ``isError`` and ``REASON: message`` as its text.
 - A tool that needs a person's approval: the server asks the MCP client's user with a
   form elicitation (``approve: boolean``) and runs the call only on an accepted yes,
-  with the approval recorded as coming from this MCP identity. A client that cannot
+  with the approval recorded as coming from the caller's identity. A client that cannot
   elicit, or a "no", gets an ``isError`` result (``APPROVAL_REQUIRED`` /
   ``APPROVAL_DENIED``) and the tool does not run.
 
@@ -38,8 +40,8 @@ from starlette.applications import Starlette
 
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.errors import HivewireError, InvalidArgument
+from hivewire.services.runtime.httpauth import HttpCaller, RequireCaller, http_authenticator
 from hivewire.services.runtime.https import HttpsServer
-from hivewire.services.runtime.tls import SPIFFE_SCHEME, spiffe_id
 from hivewire.services.runtime.version import hivewire_version
 from hivewire.services.tool.domain import (
     ApprovalGrant,
@@ -112,19 +114,25 @@ def _failure_result(failure: ToolFailure) -> types.CallToolResult:
     return _text_result(f"{failure.reason}: {failure.message}", error=True)
 
 
+def _caller(ctx: ServerRequestContext[Any]) -> str:
+    """The SPIFFE id of the request's caller (:class:`RequireCaller` put it in the scope)."""
+    user = ctx.request.scope.get("user") if ctx.request is not None else None
+    if not isinstance(user, HttpCaller):
+        raise MCPError(INTERNAL_ERROR, "the request carries no authenticated caller")
+    return user.caller.spiffe_id
+
+
 class McpToolServer:
     """``tools/list`` and ``tools/call`` of the MCP protocol over a :class:`ToolService`."""
 
-    def __init__(self, service: ToolService, *, caller: str, version: str = "") -> None:
+    def __init__(self, service: ToolService, *, version: str = "") -> None:
         """Create the server.
 
         Args:
             service: The tool service's domain.
-            caller: The SPIFFE id every MCP client acts as (policy, audit).
             version: The server version reported at initialization.
         """
         self._service = service
-        self.caller = caller
         self.server: Server[Any] = Server(
             "hivewire-tools",
             version=version,
@@ -141,7 +149,7 @@ class McpToolServer:
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         return types.ListToolsResult(
-            tools=[_tool(info) for info in self._service.list_tools(self.caller)]
+            tools=[_tool(info) for info in self._service.list_tools(_caller(ctx))]
         )
 
     async def _call_tool(
@@ -151,12 +159,13 @@ class McpToolServer:
             arguments = normalize_json(dict(params.arguments or {}))
         except (TypeError, ValueError) as exc:
             raise MCPError(INVALID_PARAMS, f"arguments are not JSON: {exc}") from None
+        caller = _caller(ctx)
         call = ToolCall(
             tool_name=params.name,
             arguments=arguments,
-            caller=self.caller,
+            caller=caller,
             call_id=uuid.uuid4().hex,
-            approval=self._answered_approval(params, arguments),
+            approval=self._answered_approval(params, arguments, caller),
         )
         outcome = await self._run(call)
         if isinstance(outcome, ApprovalRequest):
@@ -178,7 +187,7 @@ class McpToolServer:
         raise MCPError(INTERNAL_ERROR, f"tool {call.tool_name} ended without a result")
 
     def _answered_approval(
-        self, params: types.CallToolRequestParams, arguments: Any
+        self, params: types.CallToolRequestParams, arguments: Any, caller: str
     ) -> ApprovalGrant | None:
         """The approval carried by a retried call (protocol 2026-07-28), if any."""
         responses = params.input_responses or {}
@@ -187,12 +196,12 @@ class McpToolServer:
             return None
         if answer.action != "accept" or not (answer.content or {}).get("approve"):
             return None
-        return self._grant(arguments)
+        return self._grant(arguments, caller)
 
-    def _grant(self, arguments: Any) -> ApprovalGrant:
+    def _grant(self, arguments: Any, caller: str) -> ApprovalGrant:
         return ApprovalGrant(
             request_id=f"mcp-{uuid.uuid4().hex}",
-            approved_by=f"{self.caller} (MCP elicitation)",
+            approved_by=f"{caller} (MCP elicitation)",
             arguments_digest=arguments_digest(arguments),
             in_process=True,
         )
@@ -207,7 +216,7 @@ class McpToolServer:
         message = request.prompt or f"Run {request.tool_name}?"
         if is_version_at_least(ctx.protocol_version, _INPUT_REQUIRED_VERSION):
             if params.input_responses and APPROVAL_KEY in params.input_responses:
-                return self._refused(request)
+                return self._refused(request, call.caller)
             ask = types.ElicitRequest(
                 params=types.ElicitRequestFormParams(
                     message=message, requested_schema=_APPROVAL_SCHEMA
@@ -228,39 +237,30 @@ class McpToolServer:
                 error=True,
             )
         if answer.action != "accept" or not (answer.content or {}).get("approve"):
-            return self._refused(request)
-        outcome = await self._run(dataclasses.replace(call, approval=self._grant(call.arguments)))
+            return self._refused(request, call.caller)
+        grant = self._grant(call.arguments, call.caller)
+        outcome = await self._run(dataclasses.replace(call, approval=grant))
         if isinstance(outcome, ApprovalRequest):
             raise MCPError(INTERNAL_ERROR, f"the approval of {call.tool_name} was not accepted")
         return outcome
 
-    def _refused(self, request: ApprovalRequest) -> types.CallToolResult:
-        logger.info("MCP call of %s refused by the approver (%s)", request.tool_name, self.caller)
+    def _refused(self, request: ApprovalRequest, caller: str) -> types.CallToolResult:
+        logger.info("MCP call of %s refused by the approver (%s)", request.tool_name, caller)
         return _text_result(
             f"APPROVAL_DENIED: the call of {request.tool_name} was not approved", error=True
         )
-
-
-def mcp_caller(identity: str) -> str:
-    """The SPIFFE id of ``HIVEWIRE_TOOL__MCP_SERVE_IDENTITY`` (``role/name`` or a full id)."""
-    if identity.startswith(SPIFFE_SCHEME):
-        return identity
-    role, sep, name = identity.partition("/")
-    if not sep or not role or not name:
-        raise ValueError(f"MCP identity {identity!r}: write role/name or a spiffe:// id")
-    return spiffe_id(role, name)
 
 
 def serve_mcp(service: ToolService, settings: Settings) -> HttpsServer:
     """The HTTPS server of the MCP endpoint (enter it with ``async with``)."""
     tool = settings.tool
     assert tool.mcp_serve_port is not None
-    server = McpToolServer(
-        service, caller=mcp_caller(tool.mcp_serve_identity), version=hivewire_version()
-    )
+    server = McpToolServer(service, version=hivewire_version())
+    app = RequireCaller(server.app(settings.host), http_authenticator(settings))
     return HttpsServer(
-        server.app(settings.host),
+        app,
         settings.tls_files(),
         host=settings.host,
         port=tool.mcp_serve_port,
+        require_client_cert=False,
     )

@@ -141,15 +141,9 @@ class ToolSettings(BaseModel):
         ge=0,
         le=65535,
         description=(
-            "HTTPS port of the service's own MCP server (streamable HTTP at /mcp, mTLS); "
+            "HTTPS port of the service's own MCP server (streamable HTTP at /mcp, TLS; "
+            "callers: a mesh client certificate or a bearer credential); "
             "unset = no MCP server, 0 = any free port (docs/interop.md)."
-        ),
-    )
-    mcp_serve_identity: str = Field(
-        "client/mcp",
-        description=(
-            "The mesh identity every MCP client acts as, for the policy and the audit: "
-            "role/name in the mesh trust domain, or a full spiffe:// id."
         ),
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -144,8 +145,16 @@ async def test_the_gateway_refuses_a_client_without_a_mesh_certificate(mesh: A2a
 
     anonymous = ssl.create_default_context(cafile=str(mesh.client_files.ca))
     async with httpx.AsyncClient(verify=anonymous) as http:
-        with pytest.raises(httpx.HTTPError):
-            await http.get(mesh.card_url)
+        # The card is public (it says how to authenticate); nothing else is.
+        assert (await http.get(mesh.card_url)).status_code == 200
+        request = {"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "x"}}
+        refused = await http.post(mesh.base_url, json=request)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["reason"] == "NO_CREDENTIALS"
+        # Without end-user authentication configured, bearer credentials are no way in.
+        token = await http.post(mesh.base_url, json=request, headers={"Authorization": "Bearer x"})
+        assert token.status_code == 401
+        assert token.json()["error"]["reason"] == "TOKENS_NOT_ACCEPTED"
 
 
 async def test_skills_follow_agents_joining_and_leaving(mesh: A2aMesh, pki: Pki, tmp_path) -> None:
@@ -363,3 +372,51 @@ async def test_lists_the_tasks_of_a_context(mesh: A2aMesh, http: httpx.AsyncClie
         a2a.ListTasksRequest(context_id=context_id, status=a2a.TASK_STATE_WORKING)
     )
     assert list(completed.tasks) == []
+
+
+async def test_a_gateway_whose_tokens_the_coordinator_ignores_starts_nothing(
+    mesh: A2aMesh, pki: Pki, tmp_path: Path
+) -> None:
+    # A misconfiguration: API keys on the gateway, none on this mesh's coordinator, which
+    # then ignores the passed-on token and would make the gateway the owner of every
+    # bearer caller's task. The gateway cancels such a task and says why.
+    from a2a.client.auth.credentials import CredentialService
+    from a2a.client.auth.interceptor import AuthInterceptor
+    from a2a.utils.errors import InternalError
+
+    from hivewire.services.runtime.authn import ApiKeyStore
+    from tests.support.e2e_mesh import mesh_process
+
+    key, _ = ApiKeyStore(tmp_path / "keys.json").create("mallory")
+
+    class Token(CredentialService):
+        async def get_credentials(self, scheme: str, context: ClientCallContext | None) -> str:
+            return key
+
+    async with mesh_process(
+        "hivewire.services.a2a",
+        workdir=tmp_path,
+        name="a2a-keys",
+        certs_dir=pki.dir,
+        identity="a2a",
+        nats_url=mesh.nats.url,
+        env={
+            "HIVEWIRE_A2A__COORDINATOR_ADDRESS": mesh.coordinator.address,
+            "HIVEWIRE_A2A__HTTP_PORT": "0",
+            "HIVEWIRE_AUTH__API_KEYS_FILE": str(tmp_path / "keys.json"),
+        },
+    ) as gateway:
+        url = f"https://127.0.0.1:{gateway.ports['http']}/"
+        async with httpx.AsyncClient(verify=client_ssl_context(mesh.client_files)) as http:
+            card = await A2ACardResolver(http, url).get_agent_card()
+            client = ClientFactory(ClientConfig(httpx_client=http)).create(
+                card, interceptors=[AuthInterceptor(Token())]
+            )
+            with pytest.raises(InternalError) as raised:
+                await collect(client.send_message(a2a.SendMessageRequest(message=message("wait"))))
+    assert "A2A_OWNER_MISMATCH" in str(raised.value.data), raised.value.data
+    listed = await mesh.coordinator_stub.ListTasks(
+        coordinator_pb2.ListTasksRequest(states=[common_pb2.TASK_STATE_CANCELLED])
+    )
+    reasons = {t.task_id: t.error.message for t in listed.tasks}
+    assert "not owned by its A2A caller" in " ".join(reasons.values()), reasons

@@ -1,9 +1,11 @@
 """The tool service as an MCP server, used by the official ``mcp`` client SDK.
 
 Real processes over mTLS: nats-server (the tool service's audit events) and the tool
-service with ``HIVEWIRE_TOOL__MCP_SERVE_PORT`` set and a policy for the MCP identity
-(``client/mcp``). The client is the SDK's ``mcp.Client`` over streamable HTTP with a
-client certificate of the mesh CA.
+service with ``HIVEWIRE_TOOL__MCP_SERVE_PORT`` set, an API key file, and a policy giving
+three callers different tools: the certificates ``client/mcp`` and ``client/mcp-reader``
+and the API key of ``client/ops-bot``. The client is the SDK's ``mcp.Client`` over
+streamable HTTP, with a client certificate of the mesh CA or a bearer API key; each
+caller is its own identity for the policy and the audit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types.jsonrpc import INVALID_PARAMS
 
+from hivewire.services.runtime.authn import ApiKeyStore
 from hivewire.services.runtime.events import replay
 from hivewire.services.tool.sdk import arguments_digest
 from tests.conftest import Pki
@@ -32,6 +35,8 @@ from tests.support.tool_mesh import tool_process
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
 MCP_IDENTITY = "spiffe://hivewire.local/client/mcp"
+READER_IDENTITY = "spiffe://hivewire.local/client/mcp-reader"
+BOT_IDENTITY = "spiffe://hivewire.local/client/ops-bot"
 POLICY = """\
 version = 1
 
@@ -45,6 +50,16 @@ description = "MCP assistants: arithmetic freely, JSON queries with a person's y
 callers = ["spiffe://hivewire.local/client/mcp"]
 allow = ["calculator", "json_query"]
 require_approval = ["json_query"]
+
+[[rules]]
+description = "a reader assistant: text only"
+callers = ["spiffe://hivewire.local/client/mcp-reader"]
+allow = ["text"]
+
+[[rules]]
+description = "an operations bot with an API key: arithmetic and text"
+callers = ["spiffe://hivewire.local/client/ops-bot"]
+allow = ["calculator", "text"]
 """
 
 
@@ -53,13 +68,21 @@ class McpMesh:
     nats: NatsServer
     tool: ServiceProcess
     ssl: ssl.SSLContext
+    reader_ssl: ssl.SSLContext
+    anonymous_ssl: ssl.SSLContext
+    bot_key: str
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.tool.ports['mcp']}/mcp"
 
-    def client(self, **kwargs: Any) -> Client:
-        http = httpx2.AsyncClient(verify=self.ssl, timeout=httpx2.Timeout(30, read=120))
+    def client(
+        self, *, tls: ssl.SSLContext | None = None, token: str = "", **kwargs: Any
+    ) -> Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        http = httpx2.AsyncClient(
+            verify=tls or self.ssl, headers=headers, timeout=httpx2.Timeout(30, read=120)
+        )
         return Client(streamable_http_client(self.url, http_client=http), **kwargs)
 
 
@@ -68,6 +91,8 @@ async def mesh(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
     workdir = tmp_path_factory.mktemp("e2e-mcp")
     policy = workdir / "tool-policy.toml"
     policy.write_text(POLICY)
+    bot_key, _ = ApiKeyStore(workdir / "api-keys.json").create("ops-bot")
+    reader = pki.issue(role="client", name="mcp-reader", stem="mcp-reader")
     async with contextlib.AsyncExitStack() as stack:
         nats = await stack.enter_async_context(NatsServer(workdir / "nats"))
         tool = await stack.enter_async_context(
@@ -76,10 +101,21 @@ async def mesh(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
                 certs_dir=pki.dir,
                 nats_url=nats.url,
                 policy_file=policy,
-                env={"HIVEWIRE_TOOL__MCP_SERVE_PORT": "0"},
+                env={
+                    "HIVEWIRE_TOOL__MCP_SERVE_PORT": "0",
+                    "HIVEWIRE_AUTH__API_KEYS_FILE": str(workdir / "api-keys.json"),
+                },
             )
         )
-        yield McpMesh(nats, tool, client_ssl_context(pki.files("client")))
+        anonymous = ssl.create_default_context(cafile=str(pki.files("mcp").ca))
+        yield McpMesh(
+            nats,
+            tool,
+            client_ssl_context(pki.files("mcp")),
+            client_ssl_context(reader),
+            anonymous,
+            bot_key,
+        )
 
 
 async def tool_events(mesh: McpMesh, digest: str) -> list[tuple[str, str]]:
@@ -208,10 +244,73 @@ async def test_without_elicitation_the_tool_does_not_run(mesh: McpMesh, mode: st
     assert seen == ["tool.approval_requested"], seen
 
 
-async def test_a_client_without_a_mesh_certificate_is_refused(mesh: McpMesh) -> None:
-    plain = ssl.create_default_context()
-    plain.check_hostname = False
-    plain.verify_mode = ssl.CERT_NONE
-    async with httpx2.AsyncClient(verify=plain) as http:
+async def test_each_caller_gets_the_tools_the_policy_allows_it(mesh: McpMesh) -> None:
+    callers: dict[str, Client] = {
+        "mcp certificate": mesh.client(),
+        "reader certificate": mesh.client(tls=mesh.reader_ssl),
+        "bot API key, no certificate": mesh.client(tls=mesh.anonymous_ssl, token=mesh.bot_key),
+    }
+    listed: dict[str, set[str]] = {}
+    for name, client in callers.items():
+        async with client:
+            listed[name] = {tool.name for tool in (await client.list_tools()).tools}
+    assert listed == {
+        "mcp certificate": {"calculator", "json_query"},
+        "reader certificate": {"text"},
+        "bot API key, no certificate": {"calculator", "text"},
+    }
+    async with mesh.client(tls=mesh.reader_ssl) as reader:
+        with pytest.raises(MCPError) as raised:
+            await reader.call_tool("calculator", {"expression": "1 + 1"})
+        assert raised.value.data["reason"] == "TOOL_NOT_ALLOWED"
+        text = await reader.call_tool("text", {"text": "two words", "operation": "count"})
+        assert not text.is_error, text
+    arguments = {"expression": "40 + 2 + 0 * 1"}
+    async with mesh.client(tls=mesh.anonymous_ssl, token=mesh.bot_key) as bot:
+        result = await bot.call_tool("calculator", arguments)
+        assert result.structured_content == {"value": 42, "expression": arguments["expression"]}
+        with pytest.raises(MCPError) as raised:
+            await bot.call_tool("json_query", {"document": {}, "query": "a"})
+        assert raised.value.data["reason"] == "TOOL_NOT_ALLOWED"
+
+    async def audited() -> None:
+        seen = await tool_events(mesh, arguments_digest(arguments))
+        assert ("tool.completed", BOT_IDENTITY) in seen, seen
+
+    await eventually(audited, timeout=20, interval=0.2)
+
+
+async def test_a_client_without_credentials_is_refused(
+    mesh: McpMesh, pki: Pki, foreign_pki: Pki
+) -> None:
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    async with httpx2.AsyncClient(verify=mesh.anonymous_ssl) as http:
+        refused = await http.post(mesh.url, json=initialize)
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"] == 'Bearer realm="hivewire"'
+        assert refused.json()["error"]["reason"] == "NO_CREDENTIALS"
+        bad = await http.post(
+            mesh.url, json=initialize, headers={"Authorization": "Bearer hwk_nope_nope"}
+        )
+        assert bad.status_code == 401
+        assert bad.json()["error"]["reason"] == "API_KEY_INVALID"
+    # The SDK client is refused too.
+    with pytest.raises(BaseException) as raised:
+        async with mesh.client(tls=mesh.anonymous_ssl) as client:
+            await client.list_tools()
+    # (the SDK reports the 401 as an error response without its status)
+    assert any(isinstance(leaf, MCPError) for leaf in leaves(raised.value)), raised.value
+    # A certificate of another CA does not get through the TLS handshake.
+    foreign = ssl.create_default_context(cafile=str(pki.files("mcp").ca))
+    files = foreign_pki.files("client")
+    foreign.load_cert_chain(str(files.cert), str(files.key))
+    async with httpx2.AsyncClient(verify=foreign) as http:
         with pytest.raises(httpx2.HTTPError):
-            await http.post(mesh.url, json={})
+            await http.post(mesh.url, json=initialize)
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]

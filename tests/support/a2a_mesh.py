@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,13 +67,22 @@ def grpc_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
 
 
 @contextlib.asynccontextmanager
-async def a2a_mesh(pki: Pki, workdir: Path) -> AsyncIterator[A2aMesh]:
-    """Start the mesh and wait until the gateway's card lists every test skill."""
+async def a2a_mesh(
+    pki: Pki, workdir: Path, *, env: Mapping[str, str] | None = None
+) -> AsyncIterator[A2aMesh]:
+    """Start the mesh and wait until the gateway's card lists every test skill.
+
+    ``env`` goes to the coordinator and the gateway (end-user authentication, say).
+    """
     async with contextlib.AsyncExitStack() as stack:
         nats = await stack.enter_async_context(NatsServer(workdir / "nats"))
         coordinator = await stack.enter_async_context(
             coordinator_process(
-                workdir, certs_dir=pki.dir, nats_url=nats.url, db_path=workdir / "c.db"
+                workdir,
+                certs_dir=pki.dir,
+                nats_url=nats.url,
+                db_path=workdir / "c.db",
+                env=env,
             )
         )
         await stack.enter_async_context(
@@ -93,6 +102,7 @@ async def a2a_mesh(pki: Pki, workdir: Path) -> AsyncIterator[A2aMesh]:
                     "HIVEWIRE_A2A__COORDINATOR_ADDRESS": coordinator.address,
                     "HIVEWIRE_A2A__HTTP_PORT": "0",
                     "HIVEWIRE_A2A__CARD_REFRESH": "0.5",
+                    **(env or {}),
                 },
             )
         )

@@ -196,3 +196,28 @@ def test_store_refuses_to_start_on_a_broken_file(tmp_path: Path) -> None:
     path.write_text('[[rules]]\ncallers = ["*"]\nallow = ["nomethod"]\n', encoding="utf-8")
     with pytest.raises(AuthzPolicyError, match="names no method"):
         AuthzPolicyStore(path)
+
+
+def test_only_an_explicit_act_for_lets_a_caller_act_for_another_identity() -> None:
+    mesh = "spiffe://hivewire.local/"
+    policy = parse_authz_policy(
+        {
+            "rules": [
+                {"callers": ["client/a2a"], "act_for": ["client/*"]},
+                {"callers": ["admin/*"], "allow": ["*"]},
+                {"callers": ["*"], "act_for": ["client/*"]},
+                {"callers": ["client/wild"], "act_for": "*"},
+            ]
+        }
+    )
+    gateway = mesh + "client/a2a"
+    assert policy.may_act_for(gateway, mesh + "client/alice")
+    assert not policy.may_act_for(gateway, mesh + "admin/root")
+    assert not policy.may_act_for(gateway, mesh + "agent/researcher")
+    assert not policy.may_act_for(gateway, "")
+    # allow = ["*"] is not a delegation, a rule for every peer grants none, nor does "*".
+    assert not policy.may_act_for(mesh + "admin/root", mesh + "client/alice")
+    assert not policy.may_act_for(mesh + "client/alice", mesh + "client/bob")
+    assert not policy.may_act_for(mesh + "client/wild", mesh + "client/bob")
+    assert DEFAULT_POLICY.may_act_for(gateway, mesh + "client/bob")
+    assert not DEFAULT_POLICY.may_act_for(mesh + "client/bob", mesh + "client/alice")
