@@ -16,27 +16,34 @@ is sent at once (``outbox``), so what is measured is the coordinator's side; NAT
 side is ``bench/events.py``. CPU of this process per task, variants interleaved round
 by round, median and spread of the per-round ratios.
 
-    .venv/bin/python -m bench.outbox [--tasks 2000] [--rounds 5]
+    .venv/bin/python -m bench.outbox [--tasks 2000] [--rounds 5] [--store jetstream]
+
+With ``--store jetstream`` the store is the JetStream one on a throwaway nats-server
+(``sync_interval: always``) and nats-server's CPU is counted too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import tempfile
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.common import cpu_snapshot
+from bench.events import nats_server
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2 as C
 from hivewire.events.v1 import events_pb2
+from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
 from hivewire.services.coordinator.journal import Journal, TaskRuntime, TaskTable
 from hivewire.services.coordinator.model import TaskRecord, now_ns
 from hivewire.services.coordinator.outbox import OutboxRelay
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
+from hivewire.services.coordinator.store import TaskStore
 from hivewire.services.runtime.events import build_traced_event
 from hivewire.services.runtime.eventsink import NullSink
 
@@ -128,49 +135,67 @@ async def run_tasks(journal: Journal, tasks: int) -> None:
     await asyncio.gather(*futures)
 
 
-async def one_phase(variant: str, tasks: int, workdir: Path) -> float:
-    """CPU seconds of this process per task for one variant."""
-    path = workdir / f"{variant}-{uuid.uuid4().hex}.db"
-    async with SqliteTaskStore(path) as store:
+async def one_phase(variant: str, tasks: int, store: str, workdir: Path) -> float:
+    """CPU seconds per task for one variant: this process and nats-server (if any).
+
+    Each phase has a store of its own (on JetStream a nats-server of its own: the
+    journal's subjects are global, and the relay would scan the other phases' events).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        pids: dict[str, int] = {}
+        opened: TaskStore
+        if store == "jetstream":
+            url, process = await stack.enter_async_context(nats_server("always"))
+            pids["nats"] = process.pid
+            opened = await stack.enter_async_context(JetStreamTaskStore(url))
+        else:
+            opened = await stack.enter_async_context(
+                SqliteTaskStore(workdir / f"{uuid.uuid4().hex}.db")
+            )
         table = TaskTable(finished_cache_size=0, on_evict=lambda rt: None)
         sink: object = NullSink()
         if variant == "direct":
             sink = DirectSink()
         elif variant == "outbox":
             sink = AckingSink(5 * tasks)
-        journal = Journal(store, table, sink)  # type: ignore[arg-type]
-        start = time.process_time()
+        journal = Journal(opened, table, sink)  # type: ignore[arg-type]
+        before = cpu_snapshot(pids)
         if isinstance(sink, AckingSink):
-            async with OutboxRelay(store, sink):
+            async with OutboxRelay(opened, sink):
                 await run_tasks(journal, tasks)
                 # Until the relay has handed out every envelope (5 per task).
                 await sink.all_sent.wait()
-                await store.flush()
+                await opened.flush()
         else:
             await run_tasks(journal, tasks)
-        return (time.process_time() - start) / tasks
+        after = cpu_snapshot(pids)
+        return sum(after[k] - before[k] for k in after) / tasks
 
 
 VARIANTS = {"events off": "off", "direct": "direct", "outbox": "outbox"}
 
 
-async def measure(*, tasks: int = 2000, rounds: int = 5) -> dict[str, list[float]]:
+async def measure(
+    *, tasks: int = 2000, rounds: int = 5, store: str = "sqlite"
+) -> dict[str, list[float]]:
     """CPU seconds per task of each variant, one value per round (interleaved)."""
     results: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="hivewire-bench-outbox-") as tmp:
-        await one_phase("outbox", max(tasks // 4, 1), Path(tmp))  # warm-up
+        await one_phase("outbox", max(tasks // 4, 1), store, Path(tmp))  # warm-up
         for _ in range(rounds):
             for variant, key in VARIANTS.items():
-                results[variant].append(await one_phase(key, tasks, Path(tmp)))
+                results[variant].append(await one_phase(key, tasks, store, Path(tmp)))
     return results
 
 
-def report(results: dict[str, list[float]], tasks: int) -> str:
+def report(results: dict[str, list[float]], tasks: int, store: str = "sqlite") -> str:
     """The table of :func:`measure`'s results."""
     rounds = len(results["direct"])
+    where = "SQLite" if store == "sqlite" else "JetStream (sync_interval: always)"
+    cpu = "this process" if store == "sqlite" else "this process + nats-server"
     lines = [
-        f"\noutbox: the coordinator's journal, {tasks} tasks x 5 events, SQLite, "
-        f"{rounds} round(s) (CPU of this process per task)\n",
+        f"\noutbox: the coordinator's journal, {tasks} tasks x 5 events, {where}, "
+        f"{rounds} round(s) (CPU of {cpu} per task)\n",
         "| variant    | CPU µs/task (median) | vs direct, per round: median (min-max) |",
         "|------------|---------------------:|----------------------------------------|",
     ]
@@ -187,5 +212,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--store", choices=("sqlite", "jetstream"), default="sqlite")
     args = parser.parse_args()
-    print(report(asyncio.run(measure(tasks=args.tasks, rounds=args.rounds)), args.tasks))
+    result = asyncio.run(measure(tasks=args.tasks, rounds=args.rounds, store=args.store))
+    print(report(result, args.tasks, args.store))

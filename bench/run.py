@@ -158,10 +158,14 @@ async def run(args: argparse.Namespace) -> int:
             return "\n".join(out)
 
         async def bench_outbox() -> str:
-            tasks, rounds = (500, 1) if args.quick else (2000, 5)
-            result = await outbox.measure(tasks=tasks, rounds=rounds)
-            results["outbox"] = result
-            return outbox.report(result, tasks)
+            out = []
+            for store, tasks, rounds in (("sqlite", 2000, 5), ("jetstream", 500, 3)):
+                if args.quick:
+                    tasks, rounds = tasks // 4, 1
+                result = await outbox.measure(tasks=tasks, rounds=rounds, store=store)
+                results[f"outbox_{store}"] = result
+                out.append(outbox.report(result, tasks, store))
+            return "\n".join(out)
 
         async def bench_grpcio() -> str:
             rounds = 2 if args.quick else 5

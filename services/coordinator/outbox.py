@@ -136,6 +136,9 @@ class OutboxRelay:
         hold: Test-only pause (:data:`OutboxHold`).
         stop_timeout: Seconds :meth:`stop` waits for what is in flight to be acknowledged
             and recorded (what is not is sent again after a restart).
+        record_interval: Seconds between two records of the position published, at most
+            (also how long after the last acknowledgement an idle relay records it).
+        record_every: Entries acknowledged that are recorded at once.
     """
 
     def __init__(
@@ -147,12 +150,16 @@ class OutboxRelay:
         in_flight: int = 8,
         hold: OutboxHold = "",
         stop_timeout: float = 5.0,
+        record_interval: float = 0.5,
+        record_every: int = 512,
     ) -> None:
         self._store = store
         self._sink = sink
         self._batch = batch
         self._hold = hold
         self._stop_timeout = stop_timeout
+        self._record_interval = record_interval
+        self._record_every = record_every
         # (position, entries, envelopes, acknowledged) of each read handed to the sink;
         # None asks the recording loop to stop once it has recorded what came before.
         self._acks: asyncio.Queue[tuple[int, int, int, asyncio.Future[None]] | None] = (
@@ -230,11 +237,26 @@ class OutboxRelay:
             await self._acks.put((after, len(items), len(events), self._sink.send(events)))
 
     async def _mark(self) -> None:
-        backoff = Backoff(initial=0.1, maximum=5.0)
+        # Recording is throttled (the JetStream store writes a KV entry per record): at
+        # most every record_interval seconds or record_every entries, and when idle.
+        # A crash sends again what was not recorded; Nats-Msg-Id makes that harmless.
+        pending: tuple[int, int] | None = None  # (position, entries) acknowledged, unrecorded
+        last = asyncio.get_running_loop().time()
         while True:
-            read = await self._acks.get()
+            idle = False
+            read = None
+            try:
+                async with asyncio.timeout(self._record_interval if pending else None):
+                    read = await self._acks.get()
+            except TimeoutError:
+                idle = True  # nothing new for a while: record what is acknowledged
             if read is None:
-                return
+                if pending is not None:
+                    await self._record(*pending)
+                    pending, last = None, asyncio.get_running_loop().time()
+                if idle:
+                    continue
+                return  # stop() asked, after what came before
             position, entries, count, future = read
             await asyncio.wait([future])
             if future.cancelled():
@@ -242,12 +264,19 @@ class OutboxRelay:
             self.published += count
             if self._hold == "mark":
                 continue
-            while True:
-                try:
-                    await self._store.outbox_done(position)
-                    metrics.OUTBOX_RELAYED.inc(entries)
-                    break
-                except Exception as exc:  # the relay outlives any one failure
-                    logger.warning("outbox: recording position %d failed (%s)", position, exc)
-                    await asyncio.sleep(backoff.next_delay())
-            backoff.reset()
+            pending = (position, entries + (pending[1] if pending else 0))
+            now = asyncio.get_running_loop().time()
+            if pending[1] >= self._record_every or now - last >= self._record_interval:
+                await self._record(*pending)
+                pending, last = None, now
+
+    async def _record(self, position: int, entries: int) -> None:
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        while True:
+            try:
+                await self._store.outbox_done(position)
+                metrics.OUTBOX_RELAYED.inc(entries)
+                return
+            except Exception as exc:  # the relay outlives any one failure
+                logger.warning("outbox: recording position %d failed (%s)", position, exc)
+                await asyncio.sleep(backoff.next_delay())
