@@ -159,7 +159,7 @@ async def run(args: argparse.Namespace) -> int:
 
         async def bench_outbox() -> str:
             out = []
-            for store, tasks, rounds in (("sqlite", 2000, 5), ("jetstream", 500, 3)):
+            for store, tasks, rounds in (("sqlite", 2000, 5), ("jetstream", 200, 3)):
                 if args.quick:
                     tasks, rounds = tasks // 4, 1
                 result = await outbox.measure(tasks=tasks, rounds=rounds, store=store)
