@@ -60,11 +60,25 @@ class BenchMesh:
     agents: list[ManagedProcess]
     address: str
     services: list[ManagedProcess] = field(default_factory=list)
+    more_coordinators: list[ManagedProcess] = field(default_factory=list)
+    """Coordinators after the first (``coordinator-2``...), sharing its JetStream store."""
+
+    @property
+    def coordinators(self) -> list[ManagedProcess]:
+        """Every coordinator, the first one first."""
+        return [self.coordinator, *self.more_coordinators]
+
+    @property
+    def addresses(self) -> list[str]:
+        """``host:port`` of every coordinator."""
+        return [f"127.0.0.1:{c.ports['grpc']}" for c in self.coordinators]
 
     @property
     def pids(self) -> dict[str, int]:
-        """Process ids by name: ``coordinator``, ``nats``, ``model``, ``tool``, ``agent-0``..."""
-        pids = {"coordinator": self.coordinator.pid, "nats": self.nats.pid}
+        """Process ids by name: ``coordinator``, ``coordinator-2``..., ``nats``, ``model``,
+        ``tool``, ``agent-0``..."""
+        pids = {c.spec.name: c.pid for c in self.coordinators}
+        pids["nats"] = self.nats.pid
         pids.update({s.spec.name: s.pid for s in self.services})
         pids.update({a.spec.name: a.pid for a in self.agents})
         return pids
@@ -79,15 +93,16 @@ class BenchMesh:
                 ports[child.spec.name] = int(port)
         return ports
 
-    def channel(self, **options: int | str) -> grpc.aio.Channel:
-        """A client channel to the coordinator (client certificate).
+    def channel(self, address: str | None = None, **options: int | str) -> grpc.aio.Channel:
+        """A client channel to a coordinator (client certificate).
 
         Args:
+            address: Which coordinator (default: the first).
             **options: Extra channel arguments (a distinct value gives a distinct
                 connection).
         """
         return secure_channel(
-            self.address,
+            address or self.address,
             TlsFiles.for_identity(self.certs, "client"),
             options=list(options.items()),
             default_timeout=120.0,
@@ -95,24 +110,29 @@ class BenchMesh:
 
 
 async def _wait_for_agents(mesh: BenchMesh, count: int, *, within: float = 60.0) -> None:
-    """Poll ListAgents until ``count`` healthy agents are routable."""
-    channel = mesh.channel()
-    stub = coordinator_stub(channel)
+    """Poll ListAgents on every coordinator until ``count`` healthy agents are routable."""
     deadline = time.monotonic() + within
-    healthy = 0
-    try:
-        while True:
-            response = await stub.ListAgents(coordinator_pb2.ListAgentsRequest(capability="noop"))
-            healthy = sum(
-                1 for a in response.agents if a.health == coordinator_pb2.AGENT_HEALTH_HEALTHY
-            )
-            if healthy >= count:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {healthy} of {count} agents routable after {within}s")
-            await asyncio.sleep(0.1)
-    finally:
-        await channel.close()
+    for address in mesh.addresses:
+        channel = mesh.channel(address)
+        stub = coordinator_stub(channel)
+        healthy = 0
+        try:
+            while True:
+                response = await stub.ListAgents(
+                    coordinator_pb2.ListAgentsRequest(capability="noop")
+                )
+                healthy = sum(
+                    1 for a in response.agents if a.health == coordinator_pb2.AGENT_HEALTH_HEALTHY
+                )
+                if healthy >= count:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"only {healthy} of {count} agents routable at {address} after {within}s"
+                    )
+                await asyncio.sleep(0.1)
+        finally:
+            await channel.close()
 
 
 @contextlib.asynccontextmanager
@@ -127,6 +147,7 @@ async def bench_mesh(
     coordinator_env: dict[str, str] | None = None,
     service_env: dict[str, str] | None = None,
     ready_timeout: float = 60.0,
+    coordinators: int = 1,
 ) -> AsyncIterator[BenchMesh]:
     """Start nats-server, a coordinator and ``agents`` benchmark agents; stop them after.
 
@@ -141,6 +162,8 @@ async def bench_mesh(
         coordinator_env: Extra environment of the coordinator (settings).
         service_env: Extra environment of every service (coordinator, agents, model, tool).
         ready_timeout: Seconds each service gets to start serving.
+        coordinators: Coordinator processes; more than one needs the JetStream store
+            (``coordinator_env={"HIVEWIRE_COORDINATOR__STORE": "jetstream"}``).
     """
     with tempfile.TemporaryDirectory(prefix="hivewire-bench-") as tmp:
         state = Path(tmp)
@@ -178,15 +201,22 @@ async def bench_mesh(
                     ready_timeout=ready_timeout,
                 )
 
-            coordinator = await launcher.start(
-                spec(
-                    "coordinator",
-                    python_module("hivewire.services.coordinator"),
-                    HIVEWIRE_IDENTITY="coordinator",
-                    HIVEWIRE_COORDINATOR__DB_PATH=str(state / "coordinator.db"),
-                    **(coordinator_env or {}),
+            started_coordinators = [
+                await launcher.start(
+                    spec(
+                        name,
+                        python_module("hivewire.services.coordinator"),
+                        HIVEWIRE_IDENTITY="coordinator",
+                        HIVEWIRE_COORDINATOR__DB_PATH=str(state / f"{name}.db"),
+                        **(coordinator_env or {}),
+                    )
                 )
-            )
+                for name in [
+                    "coordinator",
+                    *(f"coordinator-{i}" for i in range(2, coordinators + 1)),
+                ]
+            ]
+            coordinator = started_coordinators[0]
             services: list[ManagedProcess] = []
             agent_env: dict[str, str] = {}
             if model_and_tool:
@@ -227,6 +257,7 @@ async def bench_mesh(
                 agents=list(started),
                 services=services,
                 address=f"127.0.0.1:{coordinator.ports['grpc']}",
+                more_coordinators=started_coordinators[1:],
             )
             await _wait_for_agents(mesh, agents)
             yield mesh

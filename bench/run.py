@@ -45,6 +45,7 @@ import grpc  # noqa: E402
 from google.protobuf import __version__ as protobuf_version  # noqa: E402
 
 from bench import (  # noqa: E402
+    coordinators,
     echo,
     events,
     grpcio_versions,
@@ -57,7 +58,7 @@ from bench import (  # noqa: E402
 from bench.common import DEFAULT, QUICK, Durations, Phase  # noqa: E402
 from hivewire.services.runtime.pki import init_pki  # noqa: E402
 
-BENCHMARKS = ("echo", "interceptors", "mesh", "plans", "streams", "events", "outbox")
+BENCHMARKS = ("echo", "interceptors", "mesh", "coordinators", "plans", "streams", "events", "outbox")
 OPTIONAL = ("grpcio",)
 STREAMS_DEFAULT = 2000
 STREAMS_QUICK = 500
@@ -138,6 +139,12 @@ async def run(args: argparse.Namespace) -> int:
             results["mesh"] = result
             return mesh.report(result)
 
+        async def bench_coordinators() -> str:
+            task_durations = durations if args.quick else MESH_TASKS
+            result = await coordinators.measure(durations=durations, task_durations=task_durations)
+            results["coordinators"] = result
+            return coordinators.report(result)
+
         async def bench_plans() -> str:
             result = await plans.measure(durations=durations if args.quick else MESH_TASKS)
             results["plans"] = result
@@ -179,6 +186,7 @@ async def run(args: argparse.Namespace) -> int:
             "echo": bench_echo,
             "interceptors": bench_interceptors,
             "mesh": bench_mesh,
+            "coordinators": bench_coordinators,
             "plans": bench_plans,
             "streams": bench_streams,
             "events": bench_events,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -52,10 +53,12 @@ from bench.common import fmt_rate, fmt_time, percentile, proc_rss, table
 from bench.meshrun import BenchMesh, bench_mesh, coordinator_stub
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.runtime.heapdump import HEAP_DUMP_DIR_ENV
 
 SAMPLE_SECONDS = 5.0
 WARMUP_SECONDS = 60.0
+CACHE_SIZE_ENV = "HIVEWIRE_COORDINATOR__FINISHED_CACHE_SIZE"
 GAUGE_PREFIXES = ("hivewire_asyncio_tasks", "hivewire_coordinator_memory_")
 """Metrics read from each service at start and end."""
 
@@ -70,6 +73,7 @@ class Sample:
         rss: Resident set size per process, bytes.
         fds: Open file descriptors per process.
         db: Bytes of the coordinator's SQLite files (database and WAL).
+        c_heap: Bytes the C heap holds allocated per service (``hivewire_c_heap_bytes``).
     """
 
     t: float
@@ -77,6 +81,7 @@ class Sample:
     rss: dict[str, int]
     fds: dict[str, int]
     db: int = 0
+    c_heap: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,16 +124,30 @@ def slope_per_1000(points: Sequence[tuple[float, float]]) -> float:
     return sxy / sxx * 1000
 
 
-def scrape(port: int) -> dict[str, float]:
-    """The ``GAUGE_PREFIXES`` series of one Prometheus endpoint."""
+def scrape(port: int, prefixes: tuple[str, ...] = GAUGE_PREFIXES) -> dict[str, float]:
+    """The series of one Prometheus endpoint whose names start with ``prefixes``."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # noqa: S310 - loopback
         text = response.read().decode()
     values: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith(GAUGE_PREFIXES):
+        if line.startswith(prefixes):
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+C_HEAP_IN_USE = 'hivewire_c_heap_bytes{kind="in_use"}'
+
+
+async def c_heap_all(ports: Mapping[str, int]) -> dict[str, int]:
+    """Bytes of C heap in use per service (none where it is not reported)."""
+    out: dict[str, int] = {}
+    for name, port in ports.items():
+        with contextlib.suppress(OSError):
+            value = (await asyncio.to_thread(scrape, port, (C_HEAP_IN_USE,))).get(C_HEAP_IN_USE)
+            if value is not None:
+                out[name] = int(value)
+    return out
 
 
 async def scrape_all(ports: Mapping[str, int]) -> dict[str, dict[str, float]]:
@@ -180,6 +199,11 @@ async def soak(
     if heap_dir:
         service_env.update(PYTHONTRACEMALLOC=str(HEAP_FRAMES), **{HEAP_DUMP_DIR_ENV: str(heap_dir)})
     heap_marks: list[int] = []
+    cache_size = int(
+        (coordinator_env or {}).get(
+            CACHE_SIZE_ENV, CoordinatorSettings.model_fields["finished_cache_size"].default
+        )
+    )
     async with bench_mesh(
         agents=1,
         agent_concurrency=max(64, concurrency),
@@ -197,6 +221,9 @@ async def soak(
         latencies: list[list[float]] = []
         errors: list[int] = []
         done = 0
+        cache_full = asyncio.Event()
+        if cache_size <= 0:
+            cache_full.set()
         start = time.monotonic()
         end = start + minutes * 60
 
@@ -222,6 +249,8 @@ async def soak(
                 if ok:
                     latencies[minute].append(time.monotonic() - began)
                     done += 1
+                    if done >= cache_size:
+                        cache_full.set()
                 else:
                     errors[minute] += 1
 
@@ -234,6 +263,7 @@ async def soak(
                         rss={k: proc_rss(p) for k, p in pids.items()},
                         fds={k: open_fds(p) for k, p in pids.items()},
                         db=sum(_db_sizes(mesh).values()),
+                        c_heap=await c_heap_all(mesh.metrics_ports),
                     )
                 )
                 if time.monotonic() >= end:
@@ -244,6 +274,11 @@ async def soak(
 
         async def gauges_after_warmup() -> None:
             await asyncio.sleep(min(warmup, minutes * 60))
+            # The coordinator's finished-task cache fills with its first tasks (a bound by
+            # design, about 10 KiB a task): the warm-up lasts until it is full too.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cache_full.wait(), max(end - time.monotonic(), 0))
+            result.warmup = time.monotonic() - start
             result.gauges_start = await scrape_all(mesh.metrics_ports)
             if heap_dir:
                 heap_marks.append(done)
@@ -369,6 +404,7 @@ def process_rows(result: SoakResult) -> list[list[str]]:
         start_tasks = result.gauges_start.get(name, {}).get("hivewire_asyncio_tasks")
         end_tasks = result.gauges_end.get(name, {}).get("hivewire_asyncio_tasks")
         floors = minute_floors(after, name)
+        heap = [(s.tasks, s.c_heap[name] / 1024) for s in after if name in s.c_heap]
         rows.append(
             [
                 name,
@@ -377,6 +413,7 @@ def process_rows(result: SoakResult) -> list[list[str]]:
                 f"{growth:+.1f} %",
                 f"{slope_per_1000(points):+.1f}",
                 f"{slope_per_1000(floors):+.1f}",
+                f"{slope_per_1000(heap):+.1f}" if len(heap) > 1 else "-",
                 f"{first.fds[name]} → {last.fds[name]}",
                 "-" if start_tasks is None else f"{start_tasks:.0f} → {end_tasks or 0:.0f}",
             ]
@@ -391,11 +428,11 @@ def report(result: SoakResult) -> str:
     out = [
         f"soak: {result.minutes:g} min, concurrency {result.concurrency}, capability "
         f"{result.capability!r}; {result.tasks:,} tasks ({fmt_rate(result.tasks / total_s)} "
-        f"mean), {result.errors} errors; warm-up {result.warmup:g} s",
+        f"mean), {result.errors} errors; warm-up {result.warmup:.0f} s",
         table(
             "per process (start = end of the warm-up; slope = least squares of RSS "
             "against tasks done after the warm-up; floor = the same over each minute's "
-            "lowest RSS)",
+            "lowest RSS; C heap = the same of the C heap in use, hivewire_c_heap_bytes)",
             [
                 "process",
                 "RSS start",
@@ -403,6 +440,7 @@ def report(result: SoakResult) -> str:
                 "growth",
                 "KiB / 1,000 tasks",
                 "floor KiB / 1,000",
+                "C heap KiB / 1,000",
                 "open fds",
                 "asyncio tasks",
             ],
@@ -503,7 +541,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="load duration (10)")
     parser.add_argument("--quick", action="store_true", help="2 minutes, 30 s warm-up")
-    parser.add_argument("--warmup", type=float, default=None, help="seconds (60)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds (60), and until the coordinator's finished-task cache is full",
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="tasks in flight (4)")
     parser.add_argument(
         "--capability", default="soak", help="soak (model + tool call) or noop (agent only)"

@@ -25,6 +25,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from hivewire.services.runtime.backoff import Backoff
@@ -181,7 +182,17 @@ class EmbeddedRegistry(RegistryBase):
         assert self._nc is not None
         js = self._nc.jetstream(timeout=self._request_timeout)
         try:
-            kv = await js.create_key_value(
+            # Join the bucket when it exists: that needs only read permissions, so a
+            # reader (a client resolving coordinators) never tries to create it.
+            kv = await self._join(js)
+        except nats.js.errors.BucketNotFoundError:
+            kv = await self._create(js)
+        self._kv = kv
+        return kv
+
+    async def _create(self, js: JetStreamContext) -> KeyValue:
+        try:
+            return await js.create_key_value(
                 bucket=self._bucket_name,
                 history=1,
                 ttl=self._ttl,
@@ -194,21 +205,28 @@ class EmbeddedRegistry(RegistryBase):
                 "killed instances leave until they rebuild"
             )
             self._markers = False
-            kv = await js.create_key_value(bucket=self._bucket_name, history=1, ttl=self._ttl)
+            return await js.create_key_value(bucket=self._bucket_name, history=1, ttl=self._ttl)
         except nats.js.errors.BadRequestError:
-            # The bucket exists with another configuration (another process chose another
+            # Created meanwhile by another process with another configuration (another
             # TTL): join it as it is, the first creator wins.
-            kv = await js.key_value(self._bucket_name)
-            status = await kv.status()
-            if status.ttl and status.ttl != self._ttl:
-                logger.warning(
-                    "registry: bucket %s already exists with ttl %.1fs; using it instead of %.1fs",
-                    self._bucket_name,
-                    status.ttl,
-                    self._ttl,
-                )
-                self._ttl = status.ttl
-        self._kv = kv
+            return await self._join(js)
+
+    async def _join(self, js: JetStreamContext) -> KeyValue:
+        """Bind to the existing bucket and take its TTL.
+
+        Raises:
+            nats.js.errors.BucketNotFoundError: There is none yet.
+        """
+        kv = await js.key_value(self._bucket_name)
+        status = await kv.status()
+        if status.ttl and status.ttl != self._ttl:
+            logger.warning(
+                "registry: bucket %s already exists with ttl %.1fs; using it instead of %.1fs",
+                self._bucket_name,
+                status.ttl,
+                self._ttl,
+            )
+            self._ttl = status.ttl
         return kv
 
     # -- NATS callbacks ------------------------------------------------------------------

@@ -121,6 +121,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextlib.contextmanager
+def dead_address() -> Iterator[str]:
+    """``127.0.0.1:port`` where nothing listens: connections to it are refused.
+
+    The port stays bound (never listening) while the context is open, so no other
+    process can start listening on it meanwhile.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
 def _tail(path: Path, lines: int) -> str:
     try:
         text = path.read_text(errors="replace")

@@ -4,7 +4,11 @@
 // It loads the contracts at run time from the repository's proto/ directory (no code
 // generation), connects over mutual TLS, calls CoordinatorService/StreamTask and prints
 // one line per streamed event. The address and the certificate paths come from flags,
-// or else from the .hivewire/endpoints.json that `hivewire up` writes.
+// or else from the .hivewire/endpoints.json that `hivewire up` writes. Given several
+// coordinators (a comma-separated --address, or the "coordinators" list of
+// endpoints.json), it uses the first that completes a connection: a dead one is skipped.
+// When the coordinator goes away mid-stream, it watches the task on from the last event
+// shown on the next coordinator that connects (or the same one once it is back).
 //
 // Run `node submit.js --help` for the flags. Exit codes: 0 the task succeeded; 1 it
 // ended in another state; 2 the call failed (one line: status code name, the mesh's
@@ -34,7 +38,9 @@ const USAGE = `usage: node submit.js (--capability NAME | --plan FILE.json) [--t
                 ({"steps": [{"step_id", "capability", "input", "depends_on"}],
                 "aggregation": "AGGREGATION_ALL"}); step events print as "step ..."
   --text        the input text; --json adds a JSON object input (both may be given)
-  --address     the coordinator; default from endpoints.json, else 127.0.0.1:50051
+  --address     the coordinator, or several comma-separated (the first that connects
+                is used); default from endpoints.json, else 127.0.0.1:50051
+  --connect-timeout  seconds one coordinator of several gets to connect (default 5)
   --ca/--cert/--key  the CA certificate and the client identity (PEM files)
   --endpoints   the endpoints.json to read; default: $HIVEWIRE_ENDPOINTS, then
                 .hivewire/endpoints.json here, then the repository's
@@ -65,6 +71,7 @@ function options() {
       key: { type: "string" },
       endpoints: { type: "string" },
       timeout: { type: "string", default: "120" },
+      "connect-timeout": { type: "string", default: "5" },
       proto: { type: "string", default: path.resolve(__dirname, "..", "..", "proto") },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -94,8 +101,16 @@ function connectionSettings(opts) {
   }
   const endpoints = found ? JSON.parse(fs.readFileSync(found, "utf8")) : {};
   const files = endpoints.tls || {};
+  const listed = endpoints.coordinators?.length
+    ? endpoints.coordinators.join(",")
+    : endpoints.services?.coordinator?.address;
+  const addresses = (opts.address || listed || "127.0.0.1:50051")
+    .split(",")
+    .map((a) => a.trim())
+    .filter(Boolean);
+  if (addresses.length === 0) throw new UsageError("--address names no coordinator");
   const settings = {
-    address: opts.address || endpoints.services?.coordinator?.address || "127.0.0.1:50051",
+    addresses,
     ca: opts.ca || files.ca,
     // A certificate and its key always come from the same place.
     cert: opts.cert || (opts.key ? undefined : files.cert),
@@ -111,7 +126,7 @@ function connectionSettings(opts) {
 }
 
 // Returns the channel credentials and the channel options.
-function credentials({ address, ca, cert, key }) {
+function credentials(address, { ca, cert, key }) {
   const read = (file) => fs.readFileSync(file);
   const host = address.replace(/:\d+$/, "").replace(/^\[(.*)\]$/, "$1");
   // The server certificate is always checked against the host dialled...
@@ -262,35 +277,74 @@ function readPlan(file) {
   };
 }
 
-function submit(opts) {
-  const conn = connectionSettings(opts);
-  const coordinator = loadCoordinator(opts.proto);
-  const client = new coordinator.CoordinatorService(conn.address, ...credentials(conn));
-  const seconds = Number(opts.timeout);
-  if (!(seconds > 0)) throw new UsageError("--timeout must be a positive number of seconds");
-  const input = { text: opts.text };
-  if (opts.json !== undefined) input.json = toStruct(JSON.parse(opts.json));
-  const spec = {
-    timeout: { seconds: Math.floor(seconds), nanos: Math.round((seconds % 1) * 1e9) },
-  };
-  if (opts.plan) {
-    spec.plan = readPlan(opts.plan);
-    if (opts.text || opts.json !== undefined) spec.input = input;
-  } else {
-    spec.capability = opts.capability;
-    spec.input = input;
-  }
-
+// Whether the client's channel completes a connection (TCP and the TLS handshake)
+// before it fails or the deadline passes.
+function connects(client, deadline) {
+  const channel = client.getChannel();
+  const { READY, TRANSIENT_FAILURE, SHUTDOWN } = grpc.connectivityState;
   return new Promise((resolve) => {
-    let finished = null;
+    const check = () => {
+      const state = channel.getConnectivityState(true);
+      if (state === READY) return resolve(true);
+      if (state === TRANSIENT_FAILURE || state === SHUTDOWN) return resolve(false);
+      channel.watchConnectivityState(state, deadline, (err) => (err ? resolve(false) : check()));
+    };
+    check();
+  });
+}
+
+// The first coordinator that connects, in the order given: { client, address }. With one
+// address nothing is probed; when none connects, the first is used and the call reports
+// the transport's own error.
+async function firstCoordinator(Service, conn, connectSeconds) {
+  const open = (address) => ({ client: new Service(address, ...credentials(address, conn)), address });
+  if (conn.addresses.length === 1) return open(conn.addresses[0]);
+  for (const address of conn.addresses) {
+    const found = await probe(open(address), connectSeconds);
+    if (found) return found;
+    console.error(`coordinator ${address} unreachable; trying the next one`);
+  }
+  return open(conn.addresses[0]);
+}
+
+async function probe(candidate, connectSeconds) {
+  if (await connects(candidate.client, Date.now() + connectSeconds * 1000)) return candidate;
+  candidate.client.close();
+  return null;
+}
+
+// After a coordinator went away mid-stream: the first of the list that connects again
+// (another one, or the same once it is back), trying until the deadline; null if none.
+async function reconnectCoordinator(Service, conn, connectSeconds, deadline) {
+  const open = (address) => ({ client: new Service(address, ...credentials(address, conn)), address });
+  while (Date.now() < deadline) {
+    for (const address of conn.addresses) {
+      const found = await probe(open(address), connectSeconds);
+      if (found) return found;
+    }
+    await new Promise((wake) => setTimeout(wake, 500));
+  }
+  return null;
+}
+
+// Prints one call's events. Resolves with the exit code, or with { lost: error } when the
+// stream broke with UNAVAILABLE once the task was known (its coordinator went away).
+function follow(client, call, state, conn) {
+  return new Promise((resolve) => {
     let failed = false;
-    const call = client.StreamTask({ spec }, { deadline: Date.now() + seconds * 1000 });
     call.on("data", ({ event }) => {
       console.log(`#${event.sequence} ${event.kind} ${describe(event)}`.trimEnd());
-      if (event.kind === "finished") finished = event.finished;
+      if (event.kind === "snapshot") state.taskId = event.snapshot.task_id;
+      state.lastSequence = Math.max(state.lastSequence, Number(event.sequence));
+      if (event.kind === "finished") state.finished = event.finished;
     });
     call.on("error", (err) => {
       failed = true;
+      client.close();
+      if (err.code === grpc.status.UNAVAILABLE && state.taskId && state.finished === null) {
+        resolve({ lost: err });
+        return;
+      }
       const code = grpc.status[err.code] || String(err.code);
       const reason = reasonOf(err);
       const details = err.details.replace(/\s*Resolution note:\s*$/, "");
@@ -306,18 +360,17 @@ function submit(opts) {
           " mesh's CA?)";
       }
       console.error(`error: ${code}${reason ? ` ${reason}` : ""}: ${details}${hint}`);
-      client.close();
       resolve(EXIT_RPC_ERROR);
     });
     call.on("end", () => {
       client.close();
       if (failed) {
         return; // reported by the error handler
-      } else if (finished === null) {
+      } else if (state.finished === null) {
         console.error("error: the stream ended without a finished event");
         resolve(EXIT_NOT_SUCCEEDED);
-      } else if (finished.state === "TASK_STATE_SUCCEEDED") {
-        const output = payloadText(finished.output);
+      } else if (state.finished.state === "TASK_STATE_SUCCEEDED") {
+        const output = payloadText(state.finished.output);
         if (output) console.log(output);
         resolve(EXIT_SUCCEEDED);
       } else {
@@ -327,15 +380,65 @@ function submit(opts) {
   });
 }
 
-function main() {
-  let done;
-  try {
-    done = submit(options());
-  } catch (err) {
-    console.error(`error: ${err.message}`);
-    return Promise.resolve(EXIT_USAGE);
+async function submit(opts) {
+  const conn = connectionSettings(opts);
+  const coordinator = loadCoordinator(opts.proto);
+  const seconds = Number(opts.timeout);
+  if (!(seconds > 0)) throw new UsageError("--timeout must be a positive number of seconds");
+  const connectSeconds = Number(opts["connect-timeout"]);
+  if (!(connectSeconds > 0)) {
+    throw new UsageError("--connect-timeout must be a positive number of seconds");
   }
-  return done;
+  const input = { text: opts.text };
+  if (opts.json !== undefined) input.json = toStruct(JSON.parse(opts.json));
+  const spec = {
+    timeout: { seconds: Math.floor(seconds), nanos: Math.round((seconds % 1) * 1e9) },
+  };
+  if (opts.plan) {
+    spec.plan = readPlan(opts.plan);
+    if (opts.text || opts.json !== undefined) spec.input = input;
+  } else {
+    spec.capability = opts.capability;
+    spec.input = input;
+  }
+
+  const Service = coordinator.CoordinatorService;
+  const deadline = Date.now() + seconds * 1000;
+  const state = { taskId: "", lastSequence: 0, finished: null };
+  let { client, address } = await firstCoordinator(Service, conn, connectSeconds);
+  let call = client.StreamTask({ spec }, { deadline });
+  for (;;) {
+    const outcome = await follow(client, call, state, conn);
+    if (typeof outcome === "number") return outcome;
+    // The coordinator went away mid-stream: watch the task on from the last event shown.
+    const next = await reconnectCoordinator(Service, conn, connectSeconds, deadline);
+    if (next === null) {
+      console.error(
+        `error: UNAVAILABLE: ${address} went away and no coordinator came back before the` +
+          ` deadline (task ${state.taskId}, last event #${state.lastSequence})`,
+      );
+      return EXIT_RPC_ERROR;
+    }
+    ({ client, address } = next);
+    console.error(
+      `lost the coordinator (${outcome.lost.details}); following task ${state.taskId} on` +
+        ` ${address} after event #${state.lastSequence}`,
+    );
+    call = client.WatchTask(
+      { task_id: state.taskId, after_sequence: String(state.lastSequence), include_snapshot: false },
+      { deadline },
+    );
+  }
+}
+
+async function main() {
+  try {
+    return await submit(options());
+  } catch (err) {
+    // Bad flags, unreadable files, malformed JSON: everything before the call itself.
+    console.error(`error: ${err.message}`);
+    return EXIT_USAGE;
+  }
 }
 
 main().then((code) => {

@@ -5,6 +5,13 @@ the runtime's events go out as ``ExecuteResponse`` messages while a reader task 
 the coordinator's later messages (cancel, input answers) to the execution. Errors
 before the stream starts are raised as domain errors; the shared interceptor maps
 them to rich statuses.
+
+After the last message the reader is left to end by itself at the coordinator's
+half-close (it half-closes right after the result), and is cancelled only if that does
+not come within :data:`HALF_CLOSE_WAIT`. Cancelling a task that awaits a grpc.aio read
+leaks the read's native batch (a ``gpr_malloc``'d op array that is freed only when the
+awaiting coroutine sees the batch complete; grpc/grpc#43360): cancelling the reader of
+every finished attempt cost the agent about 80 bytes of native heap per task.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ SERVICE_NAME: str = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_n
 """``hivewire.agent.v1.AgentService``."""
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+HALF_CLOSE_WAIT = 2.0
+"""Seconds a finished attempt waits for the caller's half-close before it stops reading."""
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -78,12 +88,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             first.assign, call_time_remaining=context.time_remaining()
         )
         task_input = convert.payload_from_proto(first.assign.input)
-        async with (
-            self._runtime.execute(info, task_input) as execution,
-            _forward_requests(request_iterator, execution),
-        ):
-            async for out in execution.events():
-                yield convert.response_to_proto(info.task_id, out)
+        reader: asyncio.Task[None] | None = None
+        finished = False
+        try:
+            async with self._runtime.execute(info, task_input) as execution:
+                reader = asyncio.create_task(
+                    _forward_requests(request_iterator, execution),
+                    name=f"agent-requests-{info.task_id}",
+                )
+                async for out in execution.events():
+                    yield convert.response_to_proto(info.task_id, out)
+            finished = True
+        finally:
+            # The slot is free already (the execution block has ended).
+            if reader is not None:
+                await _stop_reading(reader, wait=HALF_CLOSE_WAIT if finished else 0.0)
 
     async def Describe(
         self, request: agent_pb2.DescribeRequest, context: Context
@@ -92,28 +111,26 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return convert.describe_to_proto(self._runtime.describe())
 
 
-@contextlib.asynccontextmanager
 async def _forward_requests(
     requests: AsyncIterator[agent_pb2.ExecuteRequest], execution: Execution
-) -> AsyncIterator[None]:
-    """Feed the coordinator's later messages to the execution while the block runs."""
+) -> None:
+    """Feed the coordinator's later messages to the execution until it half-closes."""
+    async for request in requests:
+        kind = request.WhichOneof("kind")
+        if kind == "cancel":
+            execution.cancel(request.cancel.reason)
+        elif kind == "input":
+            execution.answer(convert.answer_from_proto(request.input))
+        else:
+            logger.warning("task %s: unexpected %s message ignored", execution.info.task_id, kind)
 
-    async def pump() -> None:
-        async for request in requests:
-            kind = request.WhichOneof("kind")
-            if kind == "cancel":
-                execution.cancel(request.cancel.reason)
-            elif kind == "input":
-                execution.answer(convert.answer_from_proto(request.input))
-            else:
-                logger.warning(
-                    "task %s: unexpected %s message ignored", execution.info.task_id, kind
-                )
 
-    task = asyncio.create_task(pump(), name=f"agent-requests-{execution.info.task_id}")
+async def _stop_reading(reader: asyncio.Task[None], *, wait: float) -> None:
+    """Let ``reader`` end at the half-close for up to ``wait`` seconds, then cancel it."""
     try:
-        yield
+        if wait > 0 and not reader.done():
+            await asyncio.wait({reader}, timeout=wait)
     finally:
-        task.cancel()
+        reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, grpc.RpcError, grpc.aio.UsageError):
-            await task
+            await reader

@@ -189,3 +189,29 @@ def _identity_of(path: Path) -> str:
     except (OSError, ValueError):
         return ""
     return info.spiffe_id or info.subject
+
+
+@app.command("nats-auth")
+def nats_auth(
+    directory: DirOption = Path("certs"),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write it to this file instead of stdout.")
+    ] = None,
+) -> None:
+    """Print nats-server's authorization block: one user per certificate, with permissions.
+
+    For a NATS server set up outside `hivewire up` (deploy/): its configuration includes
+    the output next to its own tls block (docs/deployment.md). Only the public
+    certificates (*.pem) are read.
+    """
+    from hivewire.services.mesh.nats_security import mesh_identities, render_authorization
+
+    if not directory.is_dir() or not pki.list_stems(directory):
+        fail(f"no certificates in {directory}; run 'hivewire certs init --dir {directory}'")
+    text = render_authorization(mesh_identities(directory))
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    typer.echo(f"wrote the authorization of {len(mesh_identities(directory))} identities to {out}")

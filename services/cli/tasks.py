@@ -4,12 +4,17 @@
 event otherwise) until it ends; the task's output goes to standard output, everything
 else to standard error, so ``hivewire submit echo hi > out.txt`` keeps just the output.
 Pressing Ctrl-C stops following, never the task: ``hivewire watch <id> --after <n>``
-picks it up again. When the task asks for input and standard input is a terminal, the
-question is asked right there.
+picks it up again. When the coordinator goes away mid-stream, following resumes on the
+next one that connects (or the same one once it is back), after the last event shown.
+When the task asks for input and standard input is a terminal, the question is asked
+right there.
 
 The coordinator comes from ``--address`` (default ``HIVEWIRE_COORDINATOR__ADDRESS``,
-127.0.0.1:50051); the client certificate from ``--certs-dir`` and ``--identity``
-(default ``HIVEWIRE_CERTS_DIR`` and the ``client`` identity).
+127.0.0.1:50051): one ``host:port``, several separated by commas (the first that
+connects is used: a dead one is skipped), or ``discovery`` (the coordinators the
+registry of ``HIVEWIRE_DISCOVERY`` lists, on ``HIVEWIRE_NATS_URL``). The client
+certificate comes from ``--certs-dir`` and ``--identity`` (default
+``HIVEWIRE_CERTS_DIR`` and the ``client`` identity).
 
 Exit status:
 
@@ -68,12 +73,21 @@ _PRIORITIES = {
     "critical": common_pb2.PRIORITY_CRITICAL,
 }
 _UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+RESUME_WITHIN = 60.0
+"""Seconds a followed task waits for a coordinator to come back before giving up."""
+REGISTRY_TIMEOUT = 10.0
+"""Seconds ``--address discovery`` waits for the registry to list the coordinators."""
 
 app = typer.Typer()
 
 AddressOpt = Annotated[
     str | None,
-    typer.Option("--address", "-a", help="Coordinator host:port (HIVEWIRE_COORDINATOR__ADDRESS)."),
+    typer.Option(
+        "--address",
+        "-a",
+        help="Coordinator host:port, several comma-separated (the first that connects),"
+        " or 'discovery' (the registry's coordinators). Default: HIVEWIRE_COORDINATOR__ADDRESS.",
+    ),
 ]
 CertsOpt = Annotated[
     Path | None, typer.Option("--certs-dir", help="Directory of ca.pem and the client cert.")
@@ -90,27 +104,68 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print protobuf JSON, one 
 @dataclass(frozen=True)
 class _Target:
     address: str
+    """As given: ``host:port``, a comma-separated list, or ``discovery``."""
     certs_dir: Path
     identity: str
 
 
 def _target(address: str | None, certs_dir: Path | None, identity: str) -> _Target:
     from hivewire.services.runtime.config import load_settings
+    from hivewire.services.runtime.failover import DISCOVERY, parse_addresses
 
     settings = load_settings(certs_dir=certs_dir)
-    return _Target(address or settings.coordinator.address, settings.certs_dir, identity)
+    given = address or settings.coordinator.address
+    if given.strip() != DISCOVERY:
+        try:
+            parse_addresses(given)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--address") from None
+    return _Target(given, settings.certs_dir, identity)
+
+
+async def _addresses(target: _Target) -> list[str]:
+    """The coordinators to try, in order: the list given, or the registry's."""
+    from hivewire.discovery import RegistryError
+    from hivewire.services.runtime.bootstrap import registry_from_settings
+    from hivewire.services.runtime.config import load_settings
+    from hivewire.services.runtime.failover import (
+        COORDINATOR_SERVICE,
+        DISCOVERY,
+        parse_addresses,
+    )
+
+    if target.address.strip() != DISCOVERY:
+        return parse_addresses(target.address)
+    settings = load_settings(certs_dir=target.certs_dir, identity=target.identity)
+    try:
+        async with asyncio.timeout(REGISTRY_TIMEOUT):
+            async with registry_from_settings(settings) as registry:
+                found = await registry.resolve(COORDINATOR_SERVICE)
+    except (RegistryError, TimeoutError) as exc:
+        why = str(exc) or f"no answer within {REGISTRY_TIMEOUT:.0f}s"
+        raise _Failure(
+            f"cannot read the registry ({settings.discovery}): {why}", EXIT_UNREACHABLE
+        ) from exc
+    if not found:
+        raise _Failure(
+            f"the registry ({settings.discovery}) lists no healthy coordinator", EXIT_UNREACHABLE
+        )
+    return [instance.endpoint for instance in found]
 
 
 @contextlib.asynccontextmanager
 async def _connect(
     target: _Target,
 ) -> AsyncIterator[coordinator_pb2_grpc.CoordinatorServiceAsyncStub]:
-    from hivewire.services.runtime.channels import secure_channel
+    from hivewire.services.runtime.failover import connect_first
     from hivewire.services.runtime.tls import TlsFiles
 
-    channel = secure_channel(
-        target.address, TlsFiles.for_identity(target.certs_dir, target.identity)
-    )
+    files = TlsFiles.for_identity(target.certs_dir, target.identity)
+    files.read()  # a missing certificate is reported before any registry or network call
+    connected = await connect_first(await _addresses(target), files)
+    for skipped in connected.skipped:
+        typer.echo(f"coordinator {skipped} unreachable; trying the next one", err=True)
+    channel = connected.channel
     try:
         stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub = (
             coordinator_pb2_grpc.CoordinatorServiceStub(channel)
@@ -147,9 +202,9 @@ def _run(target: _Target, work: Callable[[Any], Awaitable[int]]) -> None:
             err = from_rpc_error(exc)
             status = EXIT_UNREACHABLE if exc.code() in _UNREACHABLE_CODES else EXIT_REFUSED
             if status == EXIT_UNREACHABLE and exc.code() is grpc.StatusCode.UNAVAILABLE:
+                where = ", ".join(target.address.split(","))
                 raise _Failure(
-                    f"{describe_error(err)} (is the coordinator running at {target.address}?)",
-                    status,
+                    f"{describe_error(err)} (is a coordinator running at {where}?)", status
                 ) from exc
             raise _Failure(describe_error(err), status) from exc
         except FileNotFoundError as exc:
@@ -420,6 +475,61 @@ async def follow(
     return view.conclude()
 
 
+async def follow_resuming(
+    target: _Target,
+    stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub,
+    events: AsyncIterable[Any],
+    view: EventView,
+    *,
+    interactive: bool,
+) -> int:
+    """:func:`follow`, resuming on another coordinator when this one goes away.
+
+    A stream that ends with UNAVAILABLE once the task is known (its coordinator died or
+    stopped) goes on with ``WatchTask`` after the last event shown, on the first
+    coordinator of the target that connects: another one of the list, or the same one
+    once it is back. Nothing is shown twice and nothing is skipped.
+    """
+    async with contextlib.AsyncExitStack() as channels:
+        while True:
+            try:
+                return await follow(stub, events, view, interactive=interactive)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE or not view.task_id:
+                    raise
+                why = exc.details() or exc.code().name
+            connected = await _reconnect(target, view)
+            channels.push_async_callback(connected.channel.close)
+            view.err.print(
+                f"lost the coordinator ({why}); following task {view.task_id} on"
+                f" {connected.address} after event #{view.last_sequence}",
+                markup=False,
+                highlight=False,
+            )
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(connected.channel)
+            events = stub.WatchTask(
+                coordinator_pb2.WatchTaskRequest(
+                    task_id=view.task_id,
+                    after_sequence=view.last_sequence,
+                    include_snapshot=False,
+                )
+            )
+
+
+async def _reconnect(target: _Target, view: EventView) -> Any:
+    from hivewire.services.runtime.failover import reconnect
+    from hivewire.services.runtime.tls import TlsFiles
+
+    files = TlsFiles.for_identity(target.certs_dir, target.identity)
+    try:
+        return await reconnect(await _addresses(target), files, within=RESUME_WITHIN)
+    except TimeoutError as exc:
+        raise _Failure(
+            f"{exc}; resume with `hivewire watch {view.task_id} --after {view.last_sequence}`",
+            EXIT_UNREACHABLE,
+        ) from exc
+
+
 async def _answer(
     stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub,
     view: EventView,
@@ -647,7 +757,9 @@ def submit(
             return EXIT_OK
         with _view(json_lines) as view:
             call = stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=spec))
-            return await follow(stub, call, view, interactive=_interactive(no_input))
+            return await follow_resuming(
+                target, stub, call, view, interactive=_interactive(no_input)
+            )
 
     _run(target, work)
 
@@ -681,7 +793,9 @@ def watch(
                     task_id=task_id, after_sequence=after, include_snapshot=True
                 )
             )
-            return await follow(stub, call, view, interactive=_interactive(no_input))
+            return await follow_resuming(
+                target, stub, call, view, interactive=_interactive(no_input)
+            )
 
     _run(target, work)
 

@@ -5,6 +5,11 @@ all of them are SERVING, the endpoints go to ``.hivewire/endpoints.json``, a dem
 runs with live progress, and a copy-pasteable grpcurl command is printed. Ctrl-C (or
 SIGTERM) stops every process, agents first, nats-server last; children also die with
 this process if it is killed, so nothing is left behind.
+
+One coordinator on SQLite by default; ``--coordinators N --store jetstream`` runs N
+coordinators on their own ports over the mesh's NATS JetStream. A coordinator that
+dies is started again; a crash loop, or any other process dying, stops the mesh with
+the reason.
 """
 
 from __future__ import annotations
@@ -24,13 +29,21 @@ from rich.table import Table
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.cli.tasks import EventView, follow
-from hivewire.services.mesh.launcher import Launcher, LaunchError
-from hivewire.services.mesh.up import EXAMPLE_AGENTS, Mesh, MeshOptions
+from hivewire.services.mesh.launcher import Launcher, LaunchError, ManagedProcess
+from hivewire.services.mesh.up import (
+    EXAMPLE_AGENTS,
+    MAX_COORDINATORS,
+    Mesh,
+    MeshOptions,
+    MeshOptionsError,
+    Store,
+)
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.ports import (
     A2A_GRPC_PORT,
     A2A_HTTP_PORT,
     COORDINATOR_PORT,
+    EXTRA_COORDINATOR_PORT,
     FIRST_AGENT_PORT,
     MODEL_PORT,
     TOOL_PORT,
@@ -52,6 +65,7 @@ DEMO_INPUT: dict[str, Any] = {
     ],
 }
 EXIT_START_FAILED = 1
+EXIT_USAGE = 2
 
 
 async def _run_demo(mesh: Mesh, console: Console) -> int:
@@ -83,14 +97,17 @@ def _endpoint_table(mesh: Mesh) -> Table:
     table.add_column("metrics")
     table.add_column("identity")
     table.add_column("pid", justify="right")
-    table.add_row("nats-server", mesh.nats.url, mesh.nats.monitor_url, "", "")
+    table.add_row("nats-server", mesh.nats.url, mesh.nats.monitor_url, "JetStream", "")
     for e in mesh.endpoints:
         table.add_row(e.name, e.address, e.metrics or "", e.identity, str(e.pid))
     return table
 
 
-async def _wait_for_stop(launcher: Launcher) -> str:
-    """Wait for SIGINT/SIGTERM, or for a child to die on its own; say which."""
+async def _wait_for_stop(mesh: Mesh, console: Console) -> str:
+    """Wait for SIGINT/SIGTERM, or for the launcher to give up on a child; say which.
+
+    Meanwhile the launcher restarts coordinators that die (and says so here).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reason = "stopped"
@@ -100,22 +117,31 @@ async def _wait_for_stop(launcher: Launcher) -> str:
         reason = f"{name} received"
         stop.set()
 
+    def on_restart(dead: ManagedProcess, replacement: ManagedProcess) -> None:
+        mesh.restarted(dead, replacement)
+        console.print(
+            f"{dead.spec.name} (pid {dead.pid}) exited with {dead.process.returncode};"
+            f" restarted as pid {replacement.pid}",
+            markup=False,
+            highlight=False,
+        )
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
-    waits = [asyncio.ensure_future(c.process.wait()) for c in launcher.children]
+    supervisor = asyncio.ensure_future(mesh.launcher.supervise(on_restart=on_restart))
     stopper = asyncio.ensure_future(stop.wait())
     try:
-        done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([stopper, supervisor], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for fut in [stopper, *waits]:
+        for fut in (stopper, supervisor):
             fut.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     if stopper in done:
         return reason
-    dead = [c for c in launcher.children if not c.running]
-    names = ", ".join(f"{c.spec.name} (exit {c.process.returncode})" for c in dead)
-    return f"{names} exited unexpectedly"
+    return supervisor.result()
 
 
 async def _up(options: MeshOptions, *, demo: bool, console: Console) -> int:
@@ -124,7 +150,13 @@ async def _up(options: MeshOptions, *, demo: bool, console: Console) -> int:
         console.print(
             f"model backend: [bold]{mesh.model_backend}[/bold] ({mesh.model_backend_reason})"
         )
-        console.print("starting nats-server, coordinator, model, tool, agents and A2A gateway...")
+        coordinators = (
+            "coordinator" if options.coordinators == 1 else f"{options.coordinators} coordinators"
+        )
+        console.print(f"task store: [bold]{options.store}[/bold]")
+        console.print(
+            f"starting nats-server, {coordinators}, model, tool, agents and A2A gateway..."
+        )
         try:
             await mesh.start()
         except (LaunchError, RuntimeError, OSError) as exc:
@@ -151,7 +183,7 @@ async def _up(options: MeshOptions, *, demo: bool, console: Console) -> int:
             soft_wrap=True,
         )
         console.print("\nmesh is running; press Ctrl-C to stop it.")
-        reason = await _wait_for_stop(launcher)
+        reason = await _wait_for_stop(mesh, console)
         console.print(f"{reason}; stopping every process...")
     console.print("all processes stopped.")
     return 0
@@ -170,9 +202,24 @@ def up(
         ),
     ] = None,
     demo: Annotated[bool, typer.Option(help="Run a demo task once the mesh is up.")] = True,
-    coordinator_port: Annotated[int, typer.Option(help="Coordinator gRPC port.")] = (
+    coordinators: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=MAX_COORDINATORS,
+            help="Coordinators to run (more than one needs --store jetstream).",
+        ),
+    ] = 1,
+    store: Annotated[
+        Store,
+        typer.Option(help="Task store: sqlite (one coordinator) or jetstream (the mesh's NATS)."),
+    ] = "sqlite",
+    coordinator_port: Annotated[int, typer.Option(help="(First) coordinator gRPC port.")] = (
         COORDINATOR_PORT
     ),
+    extra_coordinator_port: Annotated[
+        int, typer.Option(help="Port of the second coordinator; the next ones follow it.")
+    ] = EXTRA_COORDINATOR_PORT,
     model_port: Annotated[int, typer.Option(help="Model service gRPC port.")] = MODEL_PORT,
     tool_port: Annotated[int, typer.Option(help="Tool service gRPC port.")] = TOOL_PORT,
     first_agent_port: Annotated[int, typer.Option(help="Port of the first agent.")] = (
@@ -200,7 +247,10 @@ def up(
         console.width = 160
     options = MeshOptions(
         agents=tuple(agent or EXAMPLE_AGENTS),
+        coordinators=coordinators,
+        store=store,
         coordinator_port=coordinator_port,
+        extra_coordinator_port=extra_coordinator_port,
         model_port=model_port,
         tool_port=tool_port,
         first_agent_port=first_agent_port,
@@ -213,6 +263,11 @@ def up(
         certs_dir=certs_dir,
         model_backend=model_backend,
     )
+    try:
+        options.check()
+    except MeshOptionsError as exc:
+        console.print(f"Error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
     state_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(KeyboardInterrupt):
         status = asyncio.run(_up(options, demo=demo, console=console))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from hivewire.discovery import Instance, Registry, new_instance_id
 from hivewire.services.coordinator import metrics
+from hivewire.services.coordinator.cluster import Cluster
 from hivewire.services.coordinator.deadletters import DeadLetters
 from hivewire.services.coordinator.dispatch import AgentPool
 from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
@@ -30,6 +31,7 @@ from hivewire.services.runtime.channels import ChannelPool
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.grants import ApprovalSigner
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
+from hivewire.services.runtime.tls import nats_tls_options
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +100,24 @@ async def running_coordinator(
             await stack.enter_async_context(publisher)
             events = publisher
         store: TaskStore
+        cluster: Cluster | None = None
         if cfg.store == "jetstream":
-            store = await stack.enter_async_context(
+            shared = await stack.enter_async_context(
                 JetStreamTaskStore(
-                    settings.nats_url,
+                    [url.strip() for url in settings.nats_url.split(",") if url.strip()],
                     prefix=cfg.jetstream_prefix,
                     replicas=cfg.jetstream_replicas,
+                    connect=nats_tls_options(settings.nats_url, settings.tls_files()),
                 )
+            )
+            store = shared
+            # Any number of coordinators share the store: leases (cluster.py).
+            cluster = Cluster(
+                shared,
+                instance_id,
+                lease_ttl=cfg.lease_ttl,
+                heartbeat=cfg.lease_heartbeat,
+                request_timeout=cfg.forward_timeout,
             )
         else:
             store = await stack.enter_async_context(
@@ -136,6 +149,7 @@ async def running_coordinator(
             pool=pool,
             events=events,
             approvals=ApprovalSigner(settings.tls_files(), ttl=cfg.approval_ttl),
+            cluster=cluster,
         )
         coordinator.listen(metrics.task_event_committed)
         wake.append(coordinator)

@@ -21,6 +21,7 @@ from hivewire.services.runtime import metadata as md
 
 __all__ = [
     "NOT_COUNTED",
+    "OVERLOADED",
     "RESTARTED",
     "UNREACHABLE",
     "Attempt",
@@ -35,8 +36,11 @@ __all__ = [
 
 RESTARTED = "COORDINATOR_RESTARTED"
 UNREACHABLE = "AGENT_UNREACHABLE"
+OVERLOADED = "AGENT_OVERLOADED"
 #: Attempt errors that are not the task's fault and do not count against max_attempts.
-NOT_COUNTED = frozenset({RESTARTED, UNREACHABLE})
+#: (An agent full of other coordinators' work refuses before it starts: with several
+#: coordinators sharing agents, each only knows the slots it uses itself.)
+NOT_COUNTED = frozenset({RESTARTED, UNREACHABLE, OVERLOADED})
 
 
 @dataclass

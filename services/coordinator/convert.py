@@ -71,6 +71,7 @@ def _dynamic_part(record: TaskRecord) -> coordinator_pb2.Task:
         project_id=record.project_id,
         depth=record.depth,
         steps=record.steps,
+        coordinator_id=record.coordinator,
     )
     if record.progress is not None:
         task.progress.CopyFrom(record.progress)
@@ -113,6 +114,7 @@ def record_to_row(record: TaskRecord, spec_bytes: bytes) -> TaskRow:
         data=_dynamic_part(record).SerializeToString(),
         parent_task_id=record.parent_task_id,
         project_id=record.project_id,
+        coordinator=record.coordinator,
     )
 
 
@@ -144,6 +146,32 @@ def record_from_row(row: TaskRow) -> TaskRecord:
         project_id=task.project_id,
         depth=task.depth,
         steps=list(task.steps),
+        coordinator=row.coordinator or task.coordinator_id,
+    )
+
+
+def record_from_task(task: coordinator_pb2.Task) -> TaskRecord:
+    """Rebuild a record from a whole ``Task`` (the answer of another coordinator)."""
+    dynamic = coordinator_pb2.Task()
+    dynamic.CopyFrom(task)
+    dynamic.ClearField("spec")
+    return record_from_row(
+        TaskRow(
+            task_id=task.task_id,
+            owner=task.owner,
+            capability=task.spec.capability,
+            state=task.state,
+            priority=task.spec.priority,
+            created_ns=ns_from_timestamp(task.created_at),
+            updated_ns=ns_from_timestamp(task.updated_at),
+            deadline_ns=ns_from_timestamp(task.deadline),
+            idempotency_key=task.spec.idempotency_key,
+            not_before_ns=0,
+            last_sequence=task.last_sequence,
+            spec=task.spec.SerializeToString(),
+            data=dynamic.SerializeToString(),
+            coordinator=task.coordinator_id,
+        )
     )
 
 
@@ -264,6 +292,7 @@ def webhook_registration(row: WebhookRow) -> coordinator_pb2.WebhookRegistration
         owner=row.owner,
         url=row.url,
         created_at=timestamp_ns(row.created_ns),
+        project_id=row.project_id,
     )
 
 
@@ -280,6 +309,7 @@ def webhook_delivery(row: DeliveryRow) -> coordinator_pb2.WebhookDelivery:
         attempts=row.attempts,
         last_error=row.last_error,
         created_at=timestamp_ns(row.created_ns),
+        project_id=row.project_id,
     )
     if row.next_at_ns:
         delivery.next_attempt_at.CopyFrom(timestamp_ns(row.next_at_ns))

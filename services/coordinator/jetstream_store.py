@@ -25,10 +25,20 @@ deployment the mesh already has:
 
 Replication is a setting (``replicas=1`` on one server, 3 in a cluster). Writes and
 reads go through one queue processed in order, so a read issued after a write sees it.
+While NATS reconnects or a stream elects a leader, each operation is retried (the
+queue waits): writes stay idempotent under retry (events by ``Nats-Msg-Id``, a
+compare-and-set whose answer was lost is recognised by the value it wrote).
 
-Not built yet: listing and recovery scan the task bucket (O(tasks)); several
-coordinators sharing this store through leases and a work queue is the next step
-(README "Not built yet").
+Several coordinators share one store (:mod:`.cluster`): each task row names the
+coordinator that owns it, and every write of a row is a compare-and-set on the
+revision that coordinator last wrote, so a coordinator that lost a task to a takeover
+is fenced off (its next write fails and :attr:`JetStreamTaskStore.on_fenced` is
+called). ``<prefix>_ACTIVE`` indexes unfinished tasks by owner (key
+``<coordinator>.<task id>``): recovery and takeover read it instead of scanning every
+task; ``<prefix>_COORDINATORS`` holds the coordinators' heartbeats.
+
+Not built yet: listings (ListTasks, children, projects, purges) scan the task bucket
+(O(tasks)).
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -72,6 +82,10 @@ T = TypeVar("T")
 
 JOURNAL_SUBJECT = "hivewire.journal"
 SEQUENCE_HEADER = "Hivewire-Sequence"
+_SETUP_TIMEOUT = 60.0
+"""Seconds opening the store may take (creating its buckets and stream)."""
+_DROPPED_KEPT = 100_000
+"""Tasks let go whose late writes are still recognised and dropped."""
 OUTBOX_HEADER = "Hivewire-Outbox"
 """Header of a journal message carrying the event's outbox entry (base64)."""
 _OUTBOX_CURSOR = "relay"
@@ -122,6 +136,15 @@ class JetStreamTaskStore:
         self._specs: dict[str, bytes] = {}
         self._index: OrderedDict[str, dict[int, int]] = OrderedDict()
         self._closed = False
+        self._active: KeyValue | None = None
+        self._members: KeyValue | None = None
+        #: Called with a task's id when a write of it lost to another coordinator's.
+        self.on_fenced: Callable[[str], None] | None = None
+        #: The coordinator instance writing through this store ("" when it is alone).
+        self.instance = ""
+        # Tasks this coordinator let go (taken over, or its lease lapsed): their queued
+        # and retried writes are dropped, never applied after a peer's.
+        self._dropped: OrderedDict[str, None] = OrderedDict()
         self._outbox: KeyValue | None = None
         self._outbox_sub: Any = None
         self._outbox_consumer = ""
@@ -159,19 +182,29 @@ class JetStreamTaskStore:
                 servers=self._servers, connect_timeout=5, max_reconnect_attempts=-1, **self._connect
             )
             self._js = self._nc.jetstream()
-            self._tasks = await self._bucket("TASKS")
-            self._keys = await self._bucket("IDEMPOTENCY")
-            self._projects = await self._bucket("PROJECTS")
-            self._tombstones = await self._bucket("PURGED")
-            self._outbox = await self._bucket("OUTBOX")
-            await self._js.add_stream(
-                js_api.StreamConfig(
-                    name=self.stream,
-                    subjects=[f"{JOURNAL_SUBJECT}.>"],
-                    num_replicas=self._replicas,
-                    duplicate_window=120,
+            # A cluster busy creating the same replicated streams for several
+            # coordinators at once answers slowly: setup calls are retried for a while.
+            async with asyncio.timeout(_SETUP_TIMEOUT):
+                self._tasks = await self._retry(lambda: self._bucket("TASKS"))
+                self._keys = await self._retry(lambda: self._bucket("IDEMPOTENCY"))
+                self._projects = await self._retry(lambda: self._bucket("PROJECTS"))
+                self._tombstones = await self._retry(lambda: self._bucket("PURGED"))
+                self._outbox = await self._retry(lambda: self._bucket("OUTBOX"))
+                indexed = await self._retry(lambda: self._exists("ACTIVE"))
+                self._active = await self._retry(lambda: self._bucket("ACTIVE"))
+                self._members = await self._retry(lambda: self._bucket("COORDINATORS"))
+                if not indexed:
+                    await self._index_existing()
+                await self._retry(
+                    lambda: self._js.add_stream(
+                        js_api.StreamConfig(
+                            name=self.stream,
+                            subjects=[f"{JOURNAL_SUBJECT}.>"],
+                            num_replicas=self._replicas,
+                            duplicate_window=120,
+                        )
+                    )
                 )
-            )
         except Exception as exc:
             await self._disconnect()
             raise StoreError(f"cannot open the JetStream task store: {exc}") from exc
@@ -179,6 +212,19 @@ class JetStreamTaskStore:
         logger.info(
             "JetStream task store open (prefix %s, replicas %d)", self._prefix, self._replicas
         )
+
+    async def _exists(self, name: str) -> bool:
+        try:
+            await self._js.key_value(f"{self._prefix}_{name}")
+        except js_errors.BucketNotFoundError:
+            return False
+        return True
+
+    async def _index_existing(self) -> None:
+        """Index the unfinished tasks of a store written before the index existed."""
+        for row in await self._all_rows():
+            if row.state not in TERMINAL_STATES:
+                await self._index_active(row)
 
     async def _bucket(self, name: str) -> KeyValue:
         bucket: KeyValue = await self._js.create_key_value(
@@ -244,6 +290,12 @@ class JetStreamTaskStore:
 
     async def _write(self, tasks: Sequence[TaskRow], events: Sequence[EventRow]) -> None:
         assert self._tasks is not None and self._keys is not None
+        dropped = {t.task_id for t in tasks} | {e.task_id for e in events}
+        dropped &= self._dropped.keys()
+        if dropped:
+            # Let go while the write waited: it must fail, never look stored (a submit
+            # answered "accepted" has to be in the store).
+            raise StoreError(f"tasks {sorted(dropped)} were let go; their writes are dropped")
         latest: dict[str, TaskRow] = {}
         for task in tasks:
             latest[task.task_id] = task
@@ -252,14 +304,17 @@ class JetStreamTaskStore:
             if task.idempotency_key and task.task_id not in self._revisions:
                 await self._claim_key(task)
         for event in events:
-            ack = await self._js.publish(
-                f"{JOURNAL_SUBJECT}.{event.task_id}",
-                event.data,
-                headers={
-                    "Nats-Msg-Id": f"{event.task_id}:{event.sequence}",
-                    SEQUENCE_HEADER: str(event.sequence),
-                    **_outbox_header(event),
-                },
+            ack = await self._retry(
+                task_id=event.task_id,
+                op=lambda event=event: self._js.publish(  # type: ignore[misc]
+                    f"{JOURNAL_SUBJECT}.{event.task_id}",
+                    event.data,
+                    headers={
+                        "Nats-Msg-Id": f"{event.task_id}:{event.sequence}",
+                        SEQUENCE_HEADER: str(event.sequence),
+                        **_outbox_header(event),
+                    },
+                ),
             )
             index = self._index.get(event.task_id)
             if index is not None:
@@ -271,9 +326,9 @@ class JetStreamTaskStore:
         assert self._keys is not None
         key = _key_name(task.owner, task.idempotency_key)
         try:
-            await self._keys.create(key, task.task_id.encode())
+            await self._retry(lambda: self._keys.create(key, task.task_id.encode()))  # type: ignore[union-attr]
         except js_errors.KeyWrongLastSequenceError:
-            holder = await self._keys.get(key)
+            holder = await self._retry(lambda: self._keys.get(key))  # type: ignore[union-attr]
             if holder.value is None or holder.value.decode() != task.task_id:
                 raise StoreError(
                     f"idempotency key {task.idempotency_key!r} of {task.owner} belongs to "
@@ -284,35 +339,95 @@ class JetStreamTaskStore:
         assert self._tasks is not None
         revision = self._revisions.get(task.task_id)
         if revision is None:
+            if task.state not in TERMINAL_STATES:
+                # Indexed before it exists: a crash in between leaves an index entry
+                # without a task (skipped), never a task nobody finds.
+                await self._index_active(task)
             try:
-                self._revisions[task.task_id] = await self._tasks.create(
-                    task.task_id, _encode(task)
+                self._revisions[task.task_id] = await self._retry(
+                    lambda: self._tasks.create(task.task_id, _encode(task)),  # type: ignore[union-attr]
+                    task_id=task.task_id,
                 )
                 self._specs[task.task_id] = task.spec
                 self._forget_if_finished(task)
                 return
             except js_errors.KeyWrongLastSequenceError:
                 # Written before (by this process before a restart, or another one).
-                entry = await self._tasks.get(task.task_id)
+                entry = await self._retry(lambda: self._tasks.get(task.task_id))  # type: ignore[union-attr]
                 if entry.value is None or entry.revision is None:
                     raise StoreError(f"task {task.task_id} vanished while written") from None
                 revision = entry.revision
+                stored = _decode(entry.value)
+                if stored.coordinator != task.coordinator:
+                    # Another coordinator took the task over: this writer is fenced off.
+                    if self.on_fenced is not None:
+                        self.on_fenced(task.task_id)
+                    raise StoreError(
+                        f"task {task.task_id} is owned by {stored.coordinator or 'nobody'}"
+                    ) from None
                 # The spec is written once, never replaced.
-                task = _with_spec(task, _decode(entry.value).spec)
+                task = _with_spec(task, stored.spec)
         else:
             cached = self._specs.get(task.task_id)
             if cached is not None:
                 task = _with_spec(task, cached)
         try:
-            self._revisions[task.task_id] = await self._tasks.update(
-                task.task_id, _encode(task), last=revision
+            self._revisions[task.task_id] = await self._update(
+                self._tasks, task.task_id, _encode(task), revision, task_id=task.task_id
             )
         except js_errors.KeyWrongLastSequenceError as exc:
             self._revisions.pop(task.task_id, None)
+            self._specs.pop(task.task_id, None)
+            if self.on_fenced is not None:
+                self.on_fenced(task.task_id)
             raise StoreError(
                 f"task {task.task_id} was changed by another writer (revision {revision})"
             ) from exc
+        if task.state in TERMINAL_STATES:
+            await self._unindex_active(task.coordinator, task.task_id)
         self._forget_if_finished(task)
+
+    async def _retry(self, op: Callable[[], Awaitable[T]], *, task_id: str = "") -> T:
+        """Run a NATS operation, again while NATS is unreachable or electing a leader.
+
+        Writes are idempotent under retry: journal events carry a ``Nats-Msg-Id``, and a
+        compare-and-set that may have landed before its answer was lost is checked by
+        :meth:`_update`. The store's queue waits meanwhile (its writes stay in order).
+        """
+        delay = 0.05
+        while True:
+            if task_id in self._dropped:
+                raise StoreError(f"task {task_id} was let go; its write is dropped")
+            try:
+                return await op()
+            except _TRANSIENT as exc:
+                if self._closed or self._nc is None or self._nc.is_closed:
+                    raise
+                logger.warning(
+                    "JetStream unavailable (%s); retrying in %.2fs", type(exc).__name__, delay
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _update(
+        self, bucket: KeyValue, key: str, value: bytes, last: int, *, task_id: str = ""
+    ) -> int:
+        """A compare-and-set update, retried; its new revision.
+
+        Raises:
+            KeyWrongLastSequenceError: Another writer changed the key (a retry whose
+                first try had landed is told apart by the value it wrote).
+        """
+        try:
+            revision: int = await self._retry(
+                lambda: bucket.update(key, value, last=last), task_id=task_id
+            )
+        except js_errors.KeyWrongLastSequenceError:
+            entry = await self._retry(lambda: bucket.get(key))
+            if entry.value != value or entry.revision is None:
+                raise
+            revision = entry.revision
+        return revision
 
     def _forget_if_finished(self, task: TaskRow) -> None:
         if task.state in TERMINAL_STATES:
@@ -324,13 +439,18 @@ class JetStreamTaskStore:
     async def _get_row(self, task_id: str) -> TaskRow | None:
         assert self._tasks is not None
         try:
-            entry = await self._tasks.get(task_id)
+            entry = await self._retry(lambda: self._tasks.get(task_id))  # type: ignore[union-attr]
         except js_errors.KeyNotFoundError:
             return None
         if entry.value is None:
             return None
         row = _decode(entry.value)
-        if entry.revision is not None and row.state not in TERMINAL_STATES:
+        # Remembered only for the tasks this store's coordinator owns (and writes).
+        if (
+            entry.revision is not None
+            and row.state not in TERMINAL_STATES
+            and row.coordinator == self.instance
+        ):
             self._revisions[task_id] = entry.revision
             self._specs[task_id] = row.spec
         return row
@@ -373,7 +493,9 @@ class JetStreamTaskStore:
         """Every task not in a terminal state, oldest first."""
 
         async def run() -> list[TaskRow]:
-            rows = [r for r in await self._all_rows() if r.state not in TERMINAL_STATES]
+            ids = {task_id for ids in (await self._active_index()).values() for task_id in ids}
+            rows = [r for r in [await self._get_row(i) for i in ids] if r is not None]
+            rows = [r for r in rows if r.state not in TERMINAL_STATES]
             return sorted(rows, key=lambda r: (r.created_ns, r.task_id))
 
         result: list[TaskRow] = await self._submit(run)
@@ -411,7 +533,12 @@ class JetStreamTaskStore:
         return result
 
     async def _journal_index(self, task_id: str) -> dict[int, int]:
-        """Task sequence -> stream sequence of a task's events (cached, built once)."""
+        """Task sequence -> stream sequence of a task's events.
+
+        Cached (and kept current by this store's writes) for the unfinished tasks this
+        store writes; read afresh for others, whose journals another coordinator may
+        be appending to.
+        """
         index = self._index.get(task_id)
         if index is not None:
             self._index.move_to_end(task_id)
@@ -421,12 +548,18 @@ class JetStreamTaskStore:
         seq = 1
         while True:
             try:
-                msg = await self._js.get_msg(self.stream, seq=seq, subject=subject, next=True)
+                msg = await self._retry(
+                    lambda seq=seq: self._js.get_msg(  # type: ignore[misc]
+                        self.stream, seq=seq, subject=subject, next=True
+                    )
+                )
             except js_errors.NotFoundError:
                 break
             headers = msg.headers or {}
             index[int(headers.get(SEQUENCE_HEADER, "0"))] = msg.seq
             seq = msg.seq + 1
+        if task_id not in self._revisions:
+            return index
         self._index[task_id] = index
         while len(self._index) > _INDEX_CACHE:
             self._index.popitem(last=False)
@@ -438,23 +571,58 @@ class JetStreamTaskStore:
         """A task's events with ``after < sequence <= until``, in order."""
 
         async def run() -> list[EventRow]:
+            if task_id not in self._index and task_id not in self._revisions:
+                return await self._read_journal(task_id, after, until, limit)
             index = await self._journal_index(task_id)
             wanted = sorted(n for n in index if n > after and (until is None or n <= until))
             rows = []
             for n in wanted[: max(limit, 0)]:
-                msg = await self._js.get_msg(self.stream, seq=index[n])
+                msg = await self._retry(
+                    lambda n=n: self._js.get_msg(self.stream, seq=index[n])  # type: ignore[misc]
+                )
                 rows.append(EventRow(task_id, n, bytes(msg.data or b"")))
             return rows
 
         result: list[EventRow] = await self._submit(run)
         return result
 
+    async def _read_journal(
+        self, task_id: str, after: int, until: int | None, limit: int
+    ) -> list[EventRow]:
+        """Events of a task this store keeps no index of, read in one pass."""
+        subject = f"{JOURNAL_SUBJECT}.{task_id}"
+        found: dict[int, EventRow] = {}
+        seq = 1
+        while len(found) < limit:
+            try:
+                msg = await self._retry(
+                    lambda seq=seq: self._js.get_msg(  # type: ignore[misc]
+                        self.stream, seq=seq, subject=subject, next=True
+                    )
+                )
+            except js_errors.NotFoundError:
+                break
+            n = int((msg.headers or {}).get(SEQUENCE_HEADER, "0"))
+            if n > after and (until is None or n <= until):
+                found.setdefault(n, EventRow(task_id, n, bytes(msg.data or b"")))
+            seq = msg.seq + 1
+        return [found[n] for n in sorted(found)][: max(limit, 0)]
+
     async def last_sequence(self, task_id: str) -> int:
         """The sequence of a task's latest stored event (0 when none)."""
 
         async def run() -> int:
-            index = await self._journal_index(task_id)
-            return max(index, default=0)
+            index = self._index.get(task_id)
+            if index is not None:
+                return max(index, default=0)
+            # One read of the subject's last message, not a walk of the journal.
+            try:
+                msg = await self._retry(
+                    lambda: self._js.get_last_msg(self.stream, f"{JOURNAL_SUBJECT}.{task_id}")
+                )
+            except js_errors.NotFoundError:
+                return 0
+            return int((msg.headers or {}).get(SEQUENCE_HEADER, "0"))
 
         result: int = await self._submit(run)
         return result
@@ -471,6 +639,161 @@ class JetStreamTaskStore:
 
         result: int = await self._submit(run)
         return result
+
+    # -- several coordinators: ownership, takeover, live journals ----------------------
+
+    @property
+    def members(self) -> KeyValue:
+        """The ``<prefix>_COORDINATORS`` bucket (coordinator heartbeats, see cluster.py)."""
+        if self._members is None:
+            raise StoreError("task store is closed")
+        return self._members
+
+    @property
+    def connection(self) -> Any:
+        """The store's NATS connection (shared by the cluster's requests)."""
+        if self._nc is None:
+            raise StoreError("task store is closed")
+        return self._nc
+
+    async def _index_active(self, task: TaskRow) -> None:
+        assert self._active is not None
+        key = _active_key(task.coordinator, task.task_id)
+        await self._retry(lambda: self._active.put(key, b""))  # type: ignore[union-attr]
+
+    async def _unindex_active(self, coordinator: str, task_id: str) -> None:
+        assert self._active is not None
+        with contextlib.suppress(js_errors.KeyNotFoundError):
+            key = _active_key(coordinator, task_id)
+            await self._retry(lambda: self._active.delete(key))  # type: ignore[union-attr]
+
+    async def _active_index(self, coordinator: str = "") -> dict[str, list[str]]:
+        assert self._active is not None
+        pattern = f"{_owner_token(coordinator)}.*" if coordinator else ">"
+        index: dict[str, list[str]] = {}
+        for key in await list_keys(self._active, pattern):
+            owner, _, task_id = key.partition(".")
+            index.setdefault(owner, []).append(task_id)
+        return index
+
+    async def active_owners(self) -> dict[str, list[str]]:
+        """Ids of the unfinished tasks of each owning coordinator ("none" for none)."""
+        result: dict[str, list[str]] = await self._submit(self._active_index)
+        return result
+
+    async def owned_tasks(self, coordinator: str) -> list[TaskRow]:
+        """The unfinished tasks a coordinator owns, oldest first."""
+
+        async def run() -> list[TaskRow]:
+            ids = (await self._active_index(coordinator)).get(_owner_token(coordinator), [])
+            rows = []
+            for task_id in ids:
+                row = await self._get_row(task_id)
+                if row is None or row.state in TERMINAL_STATES:
+                    await self._unindex_active(coordinator, task_id)  # a stale entry
+                elif row.coordinator == coordinator:
+                    rows.append(row)
+            return sorted(rows, key=lambda r: (r.created_ns, r.task_id))
+
+        result: list[TaskRow] = await self._submit(run)
+        return result
+
+    async def claim(
+        self, task_id: str, coordinator: str, previous: Collection[str]
+    ) -> TaskRow | None:
+        """Take an unfinished task over from one of ``previous`` owners (revision CAS).
+
+        Returns:
+            The task's row, now owned by ``coordinator``; None when it finished, is
+            owned by someone else, or another coordinator claimed it first.
+        """
+
+        async def run() -> TaskRow | None:
+            assert self._tasks is not None
+            try:
+                entry = await self._retry(lambda: self._tasks.get(task_id))  # type: ignore[union-attr]
+            except js_errors.KeyNotFoundError:
+                return None
+            if entry.value is None or entry.revision is None:
+                return None
+            row = _decode(entry.value)
+            if row.state in TERMINAL_STATES or row.coordinator not in previous:
+                return None
+            fields = asdict(row)
+            fields["coordinator"] = coordinator
+            claimed = TaskRow(**fields)
+            await self._index_active(claimed)
+            try:
+                revision = await self._update(
+                    self._tasks, task_id, _encode(claimed), entry.revision
+                )
+            except js_errors.KeyWrongLastSequenceError:
+                await self._unindex_active(coordinator, task_id)
+                return None
+            if row.coordinator != coordinator:
+                await self._unindex_active(row.coordinator, task_id)
+            self._dropped.pop(task_id, None)
+            self._revisions[task_id] = revision
+            self._specs[task_id] = row.spec
+            self._index.pop(task_id, None)  # others appended events: re-read the journal
+            return claimed
+
+        result: TaskRow | None = await self._submit(run)
+        return result
+
+    def forget(self, task_id: str) -> None:
+        """Let go of a task: drop its pending writes and what this store remembers of it.
+
+        Until this coordinator claims it back (:meth:`claim`), writes of it are dropped.
+        """
+        self._dropped[task_id] = None
+        while len(self._dropped) > _DROPPED_KEPT:
+            self._dropped.popitem(last=False)
+        self._revisions.pop(task_id, None)
+        self._specs.pop(task_id, None)
+        self._index.pop(task_id, None)
+
+    async def follow_events(
+        self, task_id: str, after: int, *, idle: float = 1.0
+    ) -> AsyncGenerator[EventRow | None, None]:
+        """A task's stored events after ``after``, then each new one as it is stored.
+
+        Whichever coordinator writes them: this is how a coordinator follows a task
+        another one runs. Yields None after ``idle`` seconds without an event (so the
+        caller can check whether to stop); never ends by itself.
+        """
+        index = await self._submit(lambda: self._journal_index(task_id))
+        start = index.get(after, 0) + 1 if after else 1
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def deliver(msg: Any) -> None:
+            await queue.put(msg)
+
+        sub = await self._js.subscribe(
+            f"{JOURNAL_SUBJECT}.{task_id}",
+            stream=self.stream,
+            cb=deliver,
+            ordered_consumer=True,
+            config=js_api.ConsumerConfig(
+                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            ),
+        )
+        last = after
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), idle)
+                except TimeoutError:
+                    yield None
+                    continue
+                sequence = int((msg.headers or {}).get(SEQUENCE_HEADER, "0"))
+                if sequence <= last:
+                    continue  # an event the caller has (a takeover re-sent it)
+                last = sequence
+                yield EventRow(task_id, sequence, bytes(msg.data or b""))
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     # -- projects --------------------------------------------------------------------
 
@@ -791,6 +1114,41 @@ async def _nothing() -> None:
 def _key_name(owner: str, key: str) -> str:
     # KV keys allow a narrow alphabet: hash the (owner, key) pair.
     return hashlib.sha256(f"{owner}\x00{key}".encode()).hexdigest()
+
+
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    js_errors.ServiceUnavailableError,
+    js_errors.NoStreamResponseError,
+    TimeoutError,
+)
+"""Errors of a NATS that is reconnecting or electing a stream leader: try again."""
+
+
+def _owner_token(coordinator: str) -> str:
+    return coordinator or "none"
+
+
+def _active_key(coordinator: str, task_id: str) -> str:
+    return f"{_owner_token(coordinator)}.{task_id}"
+
+
+async def list_keys(bucket: KeyValue, pattern: str = ">") -> list[str]:
+    """The live keys of a bucket matching a subject pattern (filtered by the server)."""
+    watcher = await bucket.watch(pattern, ignore_deletes=True, meta_only=True)
+    keys = []
+    try:
+        while True:
+            entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
+            if entry is None:
+                break
+            keys.append(entry.key)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return keys
 
 
 def _encode(row: TaskRow) -> bytes:

@@ -20,8 +20,9 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from functools import partial
+from typing import Protocol
 
 from google.protobuf.message import Message
 
@@ -32,7 +33,7 @@ from hivewire.services.coordinator import convert, metrics
 from hivewire.services.coordinator.attempts import Attempt
 from hivewire.services.coordinator.model import TaskRecord, now_ns
 from hivewire.services.coordinator.outbox import OutboxSink, event_id, outbox_sink, pack
-from hivewire.services.coordinator.store import EventRow, TaskStore
+from hivewire.services.coordinator.store import TERMINAL_STATES, EventRow, TaskStore
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.events.envelope import build_traced_event
@@ -85,6 +86,14 @@ _KIND_TYPES = {
     "retry": "task.retried",
     "step": "task.step",
 }
+
+
+class RemoteEvents(Protocol):
+    """Events of tasks another coordinator runs (cluster.py, on the JetStream store)."""
+
+    def follow_events(self, task_id: str, after: int) -> AsyncGenerator[EventRow | None, None]:
+        """Stored events after ``after``, then each new one; None now and then when idle."""
+        ...
 
 
 class TaskRuntime:
@@ -181,6 +190,10 @@ class TaskTable:
         else:
             self._on_evict(rt)
 
+    def drop(self, task_id: str) -> TaskRuntime | None:
+        """Drop an active task from memory (another coordinator took it over)."""
+        return self.active.pop(task_id, None)
+
     def discard(self, task_id: str) -> TaskRuntime | None:
         """Drop a finished task from memory (it was deleted from the store)."""
         return self._finished.pop(task_id, None)
@@ -206,6 +219,8 @@ class Journal:
         self._events = events
         self._listeners: list[EventListener] = []
         self.closing = False
+        #: Where events of tasks other coordinators run are followed (None: alone).
+        self.remote: RemoteEvents | None = None
         # Where task events go: the outbox (a NATS publisher that is on), nowhere (events
         # off), or straight to ``events.publish`` once committed (any other sink).
         self._outbox = outbox_sink(events)
@@ -398,6 +413,17 @@ class Journal:
                         "coordinator is shutting down; resume with WatchTask", retry_after=1.0
                     )
                 rt = self._tasks.get(task_id)
+                if rt is None and self.remote is not None:
+                    stored_row = await self._store.get_task(task_id)
+                    if stored_row is not None and stored_row.state not in TERMINAL_STATES:
+                        # Another coordinator runs it: follow its journal as it grows.
+                        async for stored in self._follow_remote(task_id, last):
+                            event = TaskEvent.FromString(stored.data)
+                            yield event
+                            last = event.sequence
+                            if event.HasField("finished"):
+                                return
+                        continue
                 if rt is None:
                     # Finished and no longer in memory: the store has every event.
                     rows = await self._store.events_after(task_id, last, limit=_EVENT_PAGE)
@@ -417,6 +443,20 @@ class Journal:
                 await rt.changed()
         finally:
             metrics.WATCHERS.dec()
+
+    async def _follow_remote(self, task_id: str, after: int) -> AsyncIterator[EventRow]:
+        """Events another coordinator stores, until this coordinator closes or runs the
+        task itself (a takeover: then the local path goes on from the last one)."""
+        assert self.remote is not None
+        events = self.remote.follow_events(task_id, after)
+        try:
+            async for stored in events:
+                if stored is not None:
+                    yield stored
+                if self.closing or self._tasks.get(task_id) is not None:
+                    return
+        finally:
+            await events.aclose()
 
     async def _committed_events(self, rt: TaskRuntime, after: int) -> list[TaskEvent]:
         upto = rt.committed

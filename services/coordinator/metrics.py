@@ -44,6 +44,15 @@ ATTEMPTS = Counter(
     ("outcome",),
 )
 RETRIES = Counter("hivewire_coordinator_retries_total", "Attempts retried after a failure.")
+TASKS_TAKEN_OVER = Counter(
+    "hivewire_coordinator_tasks_taken_over_total",
+    "Tasks claimed from another coordinator whose lease expired (or from this one's, "
+    "after it let them go).",
+)
+TASKS_LET_GO = Counter(
+    "hivewire_coordinator_tasks_let_go_total",
+    "Tasks this coordinator let go: another one took them over, or its lease lapsed.",
+)
 QUEUE_WAIT_SECONDS = Histogram(
     "hivewire_coordinator_queue_wait_seconds",
     "Time from a task's (re)queueing to its dispatch.",

@@ -98,6 +98,8 @@ class TaskRecord:
         project_id: The project the task belongs to, "" for none.
         depth: 0 for a client's task, parent's depth + 1 for steps and sub-tasks.
         steps: For a plan: each step's status, in plan order.
+        coordinator: The coordinator instance that owns the task (its lease), "" on a
+            single coordinator.
     """
 
     task_id: str
@@ -123,6 +125,7 @@ class TaskRecord:
     project_id: str = ""
     depth: int = 0
     steps: list[coordinator_pb2.StepStatus] = field(default_factory=list)
+    coordinator: str = ""
 
     @property
     def is_plan(self) -> bool:

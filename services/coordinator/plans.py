@@ -196,6 +196,11 @@ class Plans:
         """Steps, compensations and aggregators being followed (for memory gauges)."""
         return len(self._children)
 
+    def forget(self, task_id: str) -> None:
+        """Stop following a plan or step another coordinator took over."""
+        self._runs.pop(task_id, None)
+        self._children.pop(task_id, None)
+
     def owns(self, task_id: str) -> bool:
         """Whether a task is a plan this coordinator runs."""
         return task_id in self._runs

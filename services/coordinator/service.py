@@ -6,12 +6,13 @@ Lifecycle::
        ^                     |
        +---- retry ----------+--> SUCCEEDED | FAILED | CANCELLED | DEAD_LETTERED
 
-The scheduler takes the best queued task (see :mod:`.queue`) whose capability has a
-free agent (see :mod:`.dispatch`) and runs one attempt (see :mod:`.attempts`): an
-``Execute`` stream with the task's deadline. A retryable failure queues the task
-again after a jittered exponential backoff, on another agent when one fits; when
-``max_attempts`` attempts failed it is dead-lettered. A permanent failure fails it
-at once; the deadline fails it with ``DEADLINE_EXCEEDED`` wherever it is.
+The scheduler (:mod:`.scheduler`) takes the best queued task (see :mod:`.queue`) whose
+capability has a free agent (see :mod:`.dispatch`) and starts one attempt, which this
+module runs (see :mod:`.attempts`): an ``Execute`` stream with the task's deadline.
+A retryable failure queues the task again after a jittered exponential backoff, on
+another agent when one fits; when ``max_attempts`` attempts failed it is
+dead-lettered. A permanent failure fails it at once; the deadline fails it with
+``DEADLINE_EXCEEDED`` wherever it is.
 
 Every change is an event of the task's journal (see :mod:`.journal`); validation is
 in :mod:`.validation`, the ``Session`` stream in :mod:`.session`, plans in
@@ -19,7 +20,9 @@ in :mod:`.validation`, the ``Session`` stream in :mod:`.session`, plans in
 
 After a restart, queued tasks are queued again and tasks that were assigned or
 running are queued as a new attempt (the interrupted attempt does not count against
-``max_attempts``).
+``max_attempts``). With several coordinators on the JetStream store (see
+:mod:`.cluster`), a coordinator recovers the tasks of a dead peer the same way, and
+forwards a cancel, an input or a sub-task of a task another coordinator runs to it.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ import asyncio
 import contextlib
 import copy
 import hashlib
-import heapq
-import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
+
+from google.protobuf.message import Message
 
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
@@ -54,8 +57,8 @@ from hivewire.services.coordinator.attempts import (
     counted_failures,
     deadline_error,
 )
+from hivewire.services.coordinator.cluster import Cluster
 from hivewire.services.coordinator.dispatch import (
-    AgentLease,
     AgentPool,
     AttemptError,
     ExecuteStream,
@@ -88,12 +91,18 @@ from hivewire.services.coordinator.model import (
 )
 from hivewire.services.coordinator.plans import PLAN_CANCELLED, Plans
 from hivewire.services.coordinator.projects import Projects
-from hivewire.services.coordinator.queue import QueueEntry, TaskQueue
 from hivewire.services.coordinator.quotas import Quotas
 from hivewire.services.coordinator.retention import idempotency_expired, purged_or_unknown
+from hivewire.services.coordinator.scheduler import Scheduler
 from hivewire.services.coordinator.session import Session
 from hivewire.services.coordinator.settings import CoordinatorSettings
-from hivewire.services.coordinator.store import TaskQuery, TaskStore
+from hivewire.services.coordinator.store import (
+    TERMINAL_STATES,
+    StoreError,
+    TaskQuery,
+    TaskRow,
+    TaskStore,
+)
 from hivewire.services.coordinator.validation import VALID_STATES, validate_spec
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import (
@@ -149,6 +158,7 @@ class Coordinator:
         pool: AgentPool,
         events: EventPublisher | None = None,
         approvals: ApprovalSigner | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.settings = settings
         self._approvals = approvals  # signs tool approvals (coordinator/approvals.py)
@@ -156,7 +166,6 @@ class Coordinator:
         self._store = store
         self._pool = pool
         self._events: EventPublisher = events or NullPublisher()
-        self._queue = TaskQueue(aging_interval=settings.aging_interval)
         self._tasks = TaskTable(
             finished_cache_size=settings.finished_cache_size, on_evict=self._forget
         )
@@ -166,14 +175,26 @@ class Coordinator:
         # parent task id -> its active sub-tasks (cancelled when the parent ends)
         self._subtasks: dict[str, set[str]] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
-        self._delayed: list[tuple[int, int, str]] = []
-        self._delay_counter = itertools.count()
-        self._kick = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
-        self._scheduler: asyncio.Task[None] | None = None
+        self._scheduling: asyncio.Task[None] | None = None
         self._running = False
         self._closing = False
         self._spec_checks: list[SpecCheck] = []
+        # Several coordinators on one JetStream store (cluster.py); None when alone.
+        self._cluster = cluster
+        self._instance = cluster.instance_id if cluster is not None else ""
+        if cluster is not None:
+            self._journal.remote = cluster
+        # The queue and the loop that dispatches it (scheduler.py).
+        self._scheduler = Scheduler(
+            tasks=self._tasks,
+            journal=self._journal,
+            pool=pool,
+            aging_interval=settings.aging_interval,
+            finish=self._finish,
+            run=self._spawn_attempt,
+            may_dispatch=lambda: cluster is None or cluster.leased,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -191,14 +212,14 @@ class Coordinator:
 
     def wake(self) -> None:
         """Ask the scheduler to look at the queue again (agents changed, slots freed)."""
-        self._kick.set()
+        self._scheduler.wake()
 
     async def start(self) -> None:
         """Recover unfinished tasks from the store and start scheduling."""
         self._bind_gauges()
         await self._recover()
         self._running = True
-        self._scheduler = asyncio.create_task(self._schedule_loop(), name="coordinator-scheduler")
+        self._scheduling = asyncio.create_task(self._scheduler.run(), name="coordinator-scheduler")
         self.wake()
 
     async def drain(self) -> None:
@@ -209,8 +230,8 @@ class Coordinator:
         """
         self._closing = True
         self._journal.closing = True
-        if self._scheduler is not None:
-            self._scheduler.cancel()
+        if self._scheduling is not None:
+            self._scheduling.cancel()
         for rt in self._tasks.everything():
             rt.notify()
 
@@ -225,7 +246,7 @@ class Coordinator:
         for rt in self._tasks.active.values():
             if rt.deadline_handle is not None:
                 rt.deadline_handle.cancel()
-        tasks = [t for t in (self._scheduler, *self._background) if t is not None]
+        tasks = [t for t in (self._scheduling, *self._background) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -235,6 +256,9 @@ class Coordinator:
         await self._projects.stop()
         with contextlib.suppress(Exception):
             await self._store.flush()
+        if self._cluster is not None:
+            # Last: peers take the tasks over as soon as the key is gone.
+            await self._cluster.leave()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -266,6 +290,7 @@ class Coordinator:
         caller: Caller,
         *,
         correlation_id: str | None = None,
+        forward: bool = True,
     ) -> tuple[TaskRecord, bool]:
         """Validate, store and queue a task.
 
@@ -273,6 +298,7 @@ class Coordinator:
             spec: What the client asks for.
             caller: Who asks.
             correlation_id: The call's correlation id, used when the spec has none.
+            forward: Send a sub-task of a task another coordinator runs to that one.
 
         Returns:
             The task and whether it is an earlier task with the same idempotency key.
@@ -294,6 +320,19 @@ class Coordinator:
                 return existing, True
         if normalized.project_id:
             await self._load_project(normalized.project_id, caller, field_name="spec.project_id")
+        owner = await self._parent_elsewhere(normalized.parent_task_id) if forward else ""
+        if owner:
+            # The coordinator running the parent checks and owns the sub-task.
+            assert self._cluster is not None
+            data = await self._cluster.request(
+                owner,
+                "submit",
+                coordinator_pb2.SubmitTaskRequest(spec=spec).SerializeToString(),
+                caller=caller.identity,
+                correlation_id=correlation_id or "",
+            )
+            answer = coordinator_pb2.SubmitTaskResponse.FromString(data)
+            return convert.record_from_task(answer.task), answer.deduplicated
         # Checked after every await above: the parent must still be running now.
         parent = await self._subtask_parent(normalized, caller)
         if parent is not None and parent.record.terminal:
@@ -334,6 +373,7 @@ class Coordinator:
             updated_ns=created,
             deadline_ns=deadline_ns,
             project_id=normalized.project_id,
+            coordinator=self._instance,
         )
         if parent is not None:
             record.parent_task_id = parent.record.task_id
@@ -355,7 +395,7 @@ class Coordinator:
         if record.is_plan:
             self._plans.start(rt)
         else:
-            self._enqueue(rt)
+            self._scheduler.enqueue(rt)
         metrics.TASKS_SUBMITTED.inc()
         with bind_task(record.task_id):
             logger.info(
@@ -365,7 +405,14 @@ class Coordinator:
                 timeout_ns / 1e9,
             )
         # The answer promises durability: wait for the commit.
-        await committed
+        try:
+            await committed
+        except StoreError as exc:
+            # Not stored (say, this coordinator let its tasks go meanwhile): not accepted.
+            raise Unavailable(
+                "the task could not be stored; submit again (with an idempotency key, safely)",
+                retry_after=1.0,
+            ) from exc
         return accepted, False
 
     def _accept(self, record: TaskRecord, *, idempotency_key: str = "") -> TaskRuntime:
@@ -464,6 +511,7 @@ class Coordinator:
             role=role,
             project_id=p.project_id,
             depth=p.depth + 1,
+            coordinator=self._instance,
         )
         rt = self._accept(record)
         self._journal.emit(
@@ -476,7 +524,7 @@ class Coordinator:
             ),
         )
         self._arm_deadline(rt)
-        self._enqueue(rt)
+        self._scheduler.enqueue(rt)
         metrics.TASKS_SUBMITTED.inc()
         return rt
 
@@ -663,6 +711,14 @@ class Coordinator:
     ) -> coordinator_pb2.Project:
         return await self._projects.load(project_id, caller, field_name=field_name)
 
+    async def project_of_owner(self, project_id: str, caller: Caller) -> coordinator_pb2.Project:
+        """A project the caller owns (any project for an admin), without progress.
+
+        Raises:
+            NotFound: No such project, or one the caller does not own.
+        """
+        return await self._projects.load(project_id, caller)
+
     def add_spec_check(self, check: SpecCheck) -> None:
         """Run ``check`` on every valid spec before it is accepted (webhook URLs...)."""
         self._spec_checks.append(check)
@@ -684,12 +740,7 @@ class Coordinator:
 
     def queue_depth(self) -> int:
         """How many tasks wait: ready for an agent, or in a retry backoff."""
-        backing_off = {
-            task_id
-            for _, _, task_id in self._delayed
-            if (rt := self._tasks.active.get(task_id)) is not None and rt.record.state == QUEUED
-        }
-        return len(self._queue) + len(backing_off - set(self._queue.task_ids()))
+        return self._scheduler.depth()
 
     # -- watching --------------------------------------------------------------------
 
@@ -738,8 +789,12 @@ class Coordinator:
 
     # -- cancel and input ------------------------------------------------------------
 
-    async def cancel(self, task_id: str, caller: Caller, reason: str = "") -> TaskRecord:
+    async def cancel(
+        self, task_id: str, caller: Caller, reason: str = "", *, forward: bool = True
+    ) -> TaskRecord:
         """Cancel a task; cancelling a cancelled task changes nothing.
+
+        A task another coordinator runs is cancelled there (``forward``).
 
         Raises:
             NotFound: No such task visible to the caller.
@@ -749,6 +804,9 @@ class Coordinator:
         if record.state == CANCELLED:
             return record
         rt = self._tasks.active.get(task_id)
+        if rt is None and not record.terminal and self._cluster is not None:
+            request = coordinator_pb2.CancelTaskRequest(task_id=task_id, reason=reason)
+            return await self._on_owner(record, "cancel", request, caller, forward)
         if rt is None or record.terminal:
             raise FailedPrecondition(
                 f"task {task_id} already finished ({state_name(record.state)})",
@@ -768,9 +826,16 @@ class Coordinator:
         return rt.record
 
     async def provide_input(
-        self, task_id: str, response: common_pb2.InputResponse | None, caller: Caller
+        self,
+        task_id: str,
+        response: common_pb2.InputResponse | None,
+        caller: Caller,
+        *,
+        forward: bool = True,
     ) -> TaskRecord:
         """Answer a task's pending input request.
+
+        The answer to a task another coordinator runs goes to that one (``forward``).
 
         Raises:
             InvalidArgument: No task id, no response or no request id.
@@ -783,6 +848,9 @@ class Coordinator:
             raise InvalidArgument(violations=[FieldViolation("response.request_id", "required")])
         record = await self._load(task_id, caller)
         rt = self._tasks.active.get(task_id)
+        if rt is None and not record.terminal and self._cluster is not None:
+            request = coordinator_pb2.ProvideInputRequest(task_id=task_id, response=response)
+            return await self._on_owner(record, "input", request, caller, forward)
         pending = record.pending_input
         if rt is None or record.state != INPUT_REQUIRED or pending is None or rt.attempt is None:
             raise FailedPrecondition(
@@ -815,6 +883,101 @@ class Coordinator:
         await committed
         return answered
 
+    # -- several coordinators (cluster.py) ---------------------------------------------
+
+    async def _parent_elsewhere(self, parent_id: str) -> str:
+        """The coordinator running a sub-task's parent when it is another one, else ""."""
+        if not parent_id or self._cluster is None or parent_id in self._tasks.active:
+            return ""
+        row = await self._store.get_task(parent_id)
+        if row is None or row.state in TERMINAL_STATES:
+            return ""
+        return row.coordinator if row.coordinator not in ("", self._instance) else ""
+
+    async def _on_owner(
+        self, record: TaskRecord, op: str, request: Message, caller: Caller, forward: bool
+    ) -> TaskRecord:
+        """Run ``op`` on the coordinator that owns the task; the task it answers."""
+        assert self._cluster is not None
+        owner = record.coordinator
+        if not forward or not owner or owner == self._instance:
+            # Claimed here and not yet resumed, or a forward that found it moved on.
+            raise Unavailable(
+                f"task {record.task_id} is moving between coordinators; retry",
+                retry_after=1.0,
+            )
+        data = await self._cluster.request(
+            owner, op, request.SerializeToString(), caller=caller.identity
+        )
+        return convert.record_from_task(coordinator_pb2.Task.FromString(data))
+
+    async def answer(self, op: str, caller: str, body: bytes, correlation_id: str) -> bytes:
+        """Run a request another coordinator forwarded (cluster.py); its answer."""
+        who = self.caller(caller)
+        if op == "cancel":
+            cancel = coordinator_pb2.CancelTaskRequest.FromString(body)
+            record = await self.cancel(cancel.task_id, who, cancel.reason, forward=False)
+        elif op == "input":
+            given = coordinator_pb2.ProvideInputRequest.FromString(body)
+            response = given.response if given.HasField("response") else None
+            record = await self.provide_input(given.task_id, response, who, forward=False)
+        elif op == "submit":
+            spec = coordinator_pb2.SubmitTaskRequest.FromString(body).spec
+            record, deduplicated = await self.submit(
+                spec, who, correlation_id=correlation_id or None, forward=False
+            )
+            return coordinator_pb2.SubmitTaskResponse(
+                task=convert.task_to_proto(record), deduplicated=deduplicated
+            ).SerializeToString()
+        else:
+            raise InvalidArgument(violations=[FieldViolation("op", f"unknown request {op!r}")])
+        return convert.task_to_proto(record).SerializeToString()
+
+    async def take_over(self, rows: Sequence[TaskRow], previous: str) -> None:
+        """Recover tasks claimed from a coordinator that died (cluster.py)."""
+        if self._closing:
+            return
+        fresh = [row for row in rows if row.task_id not in self._tasks.active]
+        metrics.TASKS_TAKEN_OVER.inc(len(fresh))
+        await self._resume(
+            fresh,
+            why=f"coordinator {previous} stopped; {self._instance} took the task over",
+        )
+        self.wake()
+
+    def drop(self, task_id: str) -> None:
+        """Let go of a task another coordinator took over: stop its attempt, forget it.
+
+        Its watchers here go on following it from the store (the journal).
+        """
+        rt = self._tasks.drop(task_id)
+        if rt is None:
+            return
+        metrics.TASKS_LET_GO.inc()
+        with bind_task(task_id):
+            logger.info("this coordinator lets the task go (another one may own it now)")
+        self._plans.forget(task_id)
+        if rt.record.project_id:
+            self._projects.task_ended(rt.record.project_id)
+        self._subtasks.pop(task_id, None)
+        if rt.deadline_handle is not None:
+            rt.deadline_handle.cancel()
+            rt.deadline_handle = None
+        self._scheduler.remove(task_id)
+        attempt, rt.attempt = rt.attempt, None
+        if attempt is not None and attempt.task is not None and not attempt.task.done():
+            attempt.task.cancel()
+        if self._cluster is not None:
+            self._cluster.forget(task_id)
+        rt.notify()
+
+    def abandon(self) -> None:
+        """Let go of every task (this coordinator's lease may have lapsed, cluster.py)."""
+        active = list(self._tasks.active)
+        for task_id in active:
+            self.drop(task_id)
+        logger.warning("let go of %d tasks; peers or a later claim take them", len(active))
+
     # -- sessions --------------------------------------------------------------------
 
     def session(
@@ -834,125 +997,12 @@ class Coordinator:
         """
         return Session(self, caller, correlation_id).run(requests)
 
-    # -- scheduling ------------------------------------------------------------------
+    # -- attempts ------------------------------------------------------------------
 
-    def _enqueue(self, rt: TaskRuntime) -> None:
-        record = rt.record
-        if record.not_before_ns > now_ns():
-            heapq.heappush(
-                self._delayed, (record.not_before_ns, next(self._delay_counter), record.task_id)
-            )
-        else:
-            self._queue.push(
-                record.task_id,
-                capability=record.capability,
-                priority=record.priority,
-                enqueued_at=rt.enqueued_at,
-            )
-            rt.queued_mono = asyncio.get_running_loop().time()
-        self.wake()
-
-    def _promote_due(self) -> None:
-        now = now_ns()
-        while self._delayed and self._delayed[0][0] <= now:
-            _, _, task_id = heapq.heappop(self._delayed)
-            rt = self._tasks.active.get(task_id)
-            if rt is None or rt.record.state != QUEUED:
-                continue
-            rt.record.not_before_ns = 0
-            self._enqueue(rt)
-
-    async def _schedule_loop(self) -> None:
-        while True:
-            self._kick.clear()
-            try:
-                self._promote_due()
-                self._dispatch_ready()
-            except Exception:
-                logger.exception("scheduler round failed")
-            delay = None
-            if self._delayed:
-                delay = max((self._delayed[0][0] - now_ns()) / 1e9, 0.0)
-            try:
-                async with asyncio.timeout(delay):
-                    await self._kick.wait()
-            except TimeoutError:
-                pass
-
-    def _dispatch_ready(self) -> None:
-        waiting: list[QueueEntry] = []
-        try:
-            self._dispatch_round(waiting)
-        finally:
-            # Tasks that wait for a particular agent go back with their place kept.
-            for entry in waiting:
-                self._queue.push(
-                    entry.task_id,
-                    capability=entry.capability,
-                    priority=entry.priority,
-                    enqueued_at=entry.enqueued_at,
-                )
-
-    def _dispatch_round(self, waiting: list[QueueEntry]) -> None:
-        while True:
-            entry = self._queue.pop_best(self._pool.has_capacity)
-            if entry is None:
-                return
-            rt = self._tasks.active.get(entry.task_id)
-            if rt is None or rt.record.state != QUEUED:
-                continue
-            record = rt.record
-            budget = record.spec.token_budget
-            if budget and record.usage.total_tokens >= budget:
-                self._finish(
-                    rt,
-                    FAILED,
-                    reason="token budget spent",
-                    error=common_pb2.ErrorDetail(
-                        code="RESOURCE_EXHAUSTED",
-                        reason="TOKEN_BUDGET_EXHAUSTED",
-                        message=f"the task used {record.usage.total_tokens} of {budget} tokens",
-                    ),
-                )
-                continue
-            lease = self._pool.acquire(entry.capability, avoid=rt.avoid)
-            if lease is None:
-                # Only agents it failed on are free: let other tasks go first.
-                waiting.append(entry)
-                continue
-            metrics.QUEUE_WAIT_SECONDS.observe(
-                max(asyncio.get_running_loop().time() - rt.queued_mono, 0.0)
-            )
-            self._start_attempt(rt, lease)
-
-    def _start_attempt(self, rt: TaskRuntime, lease: AgentLease) -> None:
-        record = rt.record
-        record.attempt += 1
-        previous = record.state
-        record.state = ASSIGNED
-        record.agent_id = lease.agent_id
-        record.not_before_ns = 0
-        record.attempts.append(
-            coordinator_pb2.AttemptRecord(
-                attempt=record.attempt,
-                agent_id=lease.agent_id,
-                started_at=convert.timestamp_ns(now_ns()),
-            )
-        )
-        self._journal.emit(
-            rt,
-            publish="task.assigned",
-            state_changed=coordinator_pb2.StateChange(
-                from_state=previous,  # type: ignore[arg-type]
-                to_state=ASSIGNED,
-                reason=f"assigned to agent {lease.agent_id}",
-                agent_id=lease.agent_id,
-            ),
-        )
-        attempt = Attempt(number=record.attempt, lease=lease)
-        rt.attempt = attempt
-        attempt.task = self._spawn(
-            self._run_attempt(rt, attempt), name=f"attempt-{record.task_id}-{attempt.number}"
+    def _spawn_attempt(self, rt: TaskRuntime, attempt: Attempt) -> asyncio.Task[None]:
+        """Run an attempt the scheduler started (scheduler.py) in the background."""
+        return self._spawn(
+            self._run_attempt(rt, attempt), name=f"attempt-{rt.record.task_id}-{attempt.number}"
         )
 
     async def _run_attempt(self, rt: TaskRuntime, attempt: Attempt) -> None:
@@ -1188,7 +1238,7 @@ class Coordinator:
                 record.spec.max_attempts,
                 backoff,
             )
-        self._enqueue(rt)
+        self._scheduler.enqueue(rt)
 
     # -- finishing -------------------------------------------------------------------
 
@@ -1214,7 +1264,7 @@ class Coordinator:
         record.error = error
         record.pending_input = None
         record.not_before_ns = 0
-        self._queue.remove(record.task_id)
+        self._scheduler.remove(record.task_id)
         if record.attempts and not record.attempts[-1].HasField("ended_at"):
             close_attempt(record, record.attempts[-1].attempt, error)
         self._journal.emit(
@@ -1324,7 +1374,17 @@ class Coordinator:
     # -- recovery --------------------------------------------------------------------
 
     async def _recover(self) -> None:
-        rows = await self._store.active_tasks()
+        if self._cluster is not None:
+            # Only tasks nobody owns: a live peer's are its own, a dead one's are
+            # taken over once its lease expires.
+            rows = await self._cluster.join(self)
+        else:
+            rows = await self._store.active_tasks()
+        await self._resume(rows, why="coordinator restarted; the task runs again as a new attempt")
+
+    async def _resume(self, rows: Sequence[TaskRow], *, why: str) -> None:
+        """Take unfinished tasks into memory: queue them, re-run interrupted attempts
+        as new ones, resume plans."""
         resumed = requeued = 0
         plans: list[TaskRuntime] = []
         for row in rows:
@@ -1351,7 +1411,7 @@ class Coordinator:
                     common_pb2.ErrorDetail(
                         code="UNAVAILABLE",
                         reason=RESTARTED,
-                        message="the coordinator restarted during this attempt",
+                        message=f"the attempt was interrupted: {why}",
                         retryable=True,
                     ),
                 )
@@ -1363,14 +1423,14 @@ class Coordinator:
                     state_changed=coordinator_pb2.StateChange(
                         from_state=previous,  # type: ignore[arg-type]
                         to_state=QUEUED,
-                        reason="coordinator restarted; the task runs again as a new attempt",
+                        reason=why,
                     ),
                 )
                 resumed += 1
             else:
                 requeued += 1
             self._arm_deadline(rt)
-            self._enqueue(rt)
+            self._scheduler.enqueue(rt)
         for rt in plans:
             children = [
                 convert.record_from_row(r) for r in await self._store.children(rt.record.task_id)
@@ -1387,7 +1447,7 @@ class Coordinator:
                 self.cancel_child(child_id, f"parent task {parent_id} ended", code=_PARENT_ENDED)
         if rows:
             logger.info(
-                "recovered %d unfinished tasks: %d queued, %d interrupted attempts re-queued, "
+                "took %d unfinished tasks: %d queued, %d interrupted attempts re-queued, "
                 "%d plans resumed",
                 len(rows),
                 requeued,
@@ -1420,8 +1480,8 @@ class Coordinator:
             "active_tasks": len(self._tasks.active),
             "finished_cache": self._tasks.finished_count,
             "idempotency_keys": len(self._idempotency),
-            "queue_entries": self._queue.heap_entries,
-            "delayed_retries": len(self._delayed),
+            "queue_entries": self._scheduler.queue.heap_entries,
+            "delayed_retries": len(self._scheduler.delayed),
             "background_tasks": len(self._background),
             "plans_running": len(self._plans),
             "plan_children": self._plans.children_count,

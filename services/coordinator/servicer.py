@@ -238,9 +238,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def RegisterWebhook(
         self, request: coordinator_pb2.RegisterWebhookRequest, context: Context
     ) -> coordinator_pb2.RegisterWebhookResponse:
-        """Register a webhook for the caller's tasks."""
+        """Register a webhook for the caller's tasks, or a project's."""
         row = await self._webhooks.register(
-            self._caller(context), request.webhook if request.HasField("webhook") else None
+            self._caller(context),
+            request.webhook if request.HasField("webhook") else None,
+            project_id=request.project_id,
         )
         return coordinator_pb2.RegisterWebhookResponse(
             registration=convert.webhook_registration(row)
@@ -249,8 +251,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def ListWebhooks(
         self, request: coordinator_pb2.ListWebhooksRequest, context: Context
     ) -> coordinator_pb2.ListWebhooksResponse:
-        """The caller's webhooks."""
-        rows = await self._webhooks.registrations(self._caller(context))
+        """The caller's webhooks, or a project's."""
+        rows = await self._webhooks.registrations(
+            self._caller(context), project_id=request.project_id
+        )
         return coordinator_pb2.ListWebhooksResponse(
             registrations=[convert.webhook_registration(r) for r in rows]
         )
@@ -271,6 +275,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             state=request.state,
             task_id=request.task_id,
             page_size=request.page_size,
+            project_id=request.project_id,
         )
         return coordinator_pb2.ListWebhookDeliveriesResponse(
             deliveries=[convert.webhook_delivery(r) for r in rows]

@@ -80,8 +80,8 @@ class CoordinatorSettings(BaseModel):
     )
     store: Literal["sqlite", "jetstream"] = Field(
         "sqlite",
-        description="Where tasks and journals live: the embedded SQLite file (db_path), or "
-        "NATS JetStream at nats_url (one coordinator at a time until leases exist).",
+        description="Where tasks and journals live: the embedded SQLite file (db_path, one "
+        "coordinator), or NATS JetStream at nats_url (any number of coordinators).",
     )
     jetstream_replicas: int = Field(
         1, ge=1, le=5, description="JetStream replicas of the store (3 in a cluster)."
@@ -90,6 +90,24 @@ class CoordinatorSettings(BaseModel):
         "HIVEWIRE",
         pattern=r"^[A-Z][A-Z0-9_]{0,31}$",
         description="Name prefix of the store's KV buckets and journal stream.",
+    )
+    lease_ttl: float = Field(
+        10.0,
+        gt=0,
+        description="JetStream store: seconds a coordinator's heartbeat may be missing before "
+        "its peers take its tasks over.",
+    )
+    lease_heartbeat: float = Field(
+        2.0,
+        gt=0,
+        description="JetStream store: seconds between two heartbeats of a coordinator "
+        "(well below lease_ttl).",
+    )
+    forward_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="JetStream store: seconds a cancel, input or sub-task forwarded to the "
+        "coordinator running the task may take.",
     )
     agent_service: str = Field("hivewire-agent", description="Registry name of agents.")
     default_timeout: float = Field(300.0, gt=0, description="Task timeout (s) when none is given.")
@@ -198,4 +216,6 @@ class CoordinatorSettings(BaseModel):
             raise ValueError("default_max_attempts exceeds max_attempts_limit")
         if self.default_timeout > self.max_timeout:
             raise ValueError("default_timeout exceeds max_timeout")
+        if self.lease_heartbeat >= self.lease_ttl:
+            raise ValueError("lease_heartbeat must be shorter than lease_ttl")
         return self

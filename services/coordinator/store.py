@@ -69,6 +69,8 @@ class TaskRow:
         data: The serialized ``coordinator.v1.Task`` without its spec.
         parent_task_id: The plan or task this one is a step or sub-task of, "" for none.
         project_id: The project the task belongs to, "" for none.
+        coordinator: The coordinator instance that owns the task (JetStream store with
+            several coordinators), "" for none.
     """
 
     task_id: str
@@ -86,6 +88,7 @@ class TaskRow:
     data: bytes
     parent_task_id: str = ""
     project_id: str = ""
+    coordinator: str = ""
 
 
 @dataclass(frozen=True)

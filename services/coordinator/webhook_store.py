@@ -3,6 +3,10 @@
 The outbox lives in the coordinator's database file (its own tables, its own
 connection), so deliveries that were due when the coordinator stopped are made after
 it starts again. Every method is a short SQLite statement run off the event loop.
+
+A registration is a principal's (``project_id`` empty: every task ``owner`` submits) or
+a project's (every task of ``project_id``; ``owner`` is the project's owner). Files
+written before project webhooks existed get the ``project_id`` columns when opened.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ CREATE TABLE IF NOT EXISTS webhooks (
     owner TEXT NOT NULL,
     url TEXT NOT NULL,
     secret TEXT NOT NULL,
-    created_ns INTEGER NOT NULL
+    created_ns INTEGER NOT NULL,
+    project_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS webhooks_owner ON webhooks (owner, created_ns);
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
@@ -48,7 +53,8 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     attempts INTEGER NOT NULL,
     last_error TEXT NOT NULL,
     created_ns INTEGER NOT NULL,
-    next_at_ns INTEGER NOT NULL
+    next_at_ns INTEGER NOT NULL,
+    project_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (next_at_ns)
     WHERE state = 1;
@@ -56,21 +62,33 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_owner
     ON webhook_deliveries (owner, created_ns DESC);
 """
 
+# Columns added after the first release: (table, column); created in files that lack them.
+_ADDED_COLUMNS = (("webhooks", "project_id"), ("webhook_deliveries", "project_id"))
+
+# Indexes over added columns (made once the columns exist).
+_ADDED_INDEXES = """
+CREATE INDEX IF NOT EXISTS webhooks_project ON webhooks (project_id, created_ns);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_project
+    ON webhook_deliveries (project_id, created_ns DESC);
+"""
+
 _DELIVERY_COLUMNS = (
     "delivery_id, webhook_id, owner, task_id, sequence, event_type, url, secret, body, "
-    "state, attempts, last_error, created_ns, next_at_ns"
+    "state, attempts, last_error, created_ns, next_at_ns, project_id"
 )
+_WEBHOOK_COLUMNS = "webhook_id, owner, url, secret, created_ns, project_id"
 
 
 @dataclass(frozen=True)
 class WebhookRow:
-    """A principal's registered webhook."""
+    """A registered webhook: a principal's, or a project's when ``project_id`` is set."""
 
     webhook_id: str
     owner: str
     url: str
     secret: str
     created_ns: int
+    project_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,7 @@ class DeliveryRow:
     last_error: str
     created_ns: int
     next_at_ns: int
+    project_id: str = ""
 
 
 class SqliteWebhookStore:
@@ -123,6 +142,12 @@ class SqliteWebhookStore:
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(_SCHEMA)
+        for table, column in _ADDED_COLUMNS:
+            # Only constant names are formatted in.
+            present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+        conn.executescript(_ADDED_INDEXES)
         self._conn = conn
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -141,32 +166,46 @@ class SqliteWebhookStore:
         """Store a registration."""
         await self._run(
             lambda c: c.execute(
-                "INSERT INTO webhooks (webhook_id, owner, url, secret, created_ns) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (row.webhook_id, row.owner, row.url, row.secret, row.created_ns),
+                f"INSERT INTO webhooks ({_WEBHOOK_COLUMNS}) "  # noqa: S608
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (row.webhook_id, row.owner, row.url, row.secret, row.created_ns, row.project_id),
             )
         )
 
-    async def webhooks_of(self, owner: str) -> list[WebhookRow]:
-        """A principal's registrations, oldest first."""
+    async def webhooks_of(self, owner: str, *, project_id: str = "") -> list[WebhookRow]:
+        """A principal's registrations, or with ``project_id`` a project's; oldest first."""
+        if project_id:
+            where, value = "project_id = ?", project_id
+        else:
+            where, value = "owner = ? AND project_id = ''", owner
 
         def run(c: sqlite3.Connection) -> list[WebhookRow]:
             rows = c.execute(
-                "SELECT webhook_id, owner, url, secret, created_ns FROM webhooks "
-                "WHERE owner = ? ORDER BY created_ns, webhook_id",
-                (owner,),
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE {where} "  # noqa: S608
+                "ORDER BY created_ns, webhook_id",
+                (value,),
             ).fetchall()
             return [WebhookRow(*r) for r in rows]
 
         return await self._run(run)
 
-    async def delete_webhook(self, owner: str, webhook_id: str) -> bool:
-        """Remove a registration; False when the principal has none with that id."""
+    async def webhook(self, webhook_id: str) -> WebhookRow | None:
+        """One registration by id, or None."""
+
+        def run(c: sqlite3.Connection) -> WebhookRow | None:
+            row = c.execute(
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE webhook_id = ?",  # noqa: S608
+                (webhook_id,),
+            ).fetchone()
+            return None if row is None else WebhookRow(*row)
+
+        return await self._run(run)
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        """Remove a registration; False when there is none with that id."""
 
         def run(c: sqlite3.Connection) -> bool:
-            cursor = c.execute(
-                "DELETE FROM webhooks WHERE owner = ? AND webhook_id = ?", (owner, webhook_id)
-            )
+            cursor = c.execute("DELETE FROM webhooks WHERE webhook_id = ?", (webhook_id,))
             return cursor.rowcount > 0
 
         return await self._run(run)
@@ -191,6 +230,7 @@ class SqliteWebhookStore:
                 r.last_error,
                 r.created_ns,
                 r.next_at_ns,
+                r.project_id,
             )
             for r in rows
         ]
@@ -198,7 +238,7 @@ class SqliteWebhookStore:
             lambda c: c.executemany(
                 # Only constant column names are formatted in; values are parameters.
                 f"INSERT OR IGNORE INTO webhook_deliveries ({_DELIVERY_COLUMNS}) "  # noqa: S608
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 params,
             )
         )
@@ -240,11 +280,13 @@ class SqliteWebhookStore:
         )
 
     async def deliveries(
-        self, *, owner: str, state: int, task_id: str, limit: int
+        self, *, owner: str, state: int, task_id: str, limit: int, project_id: str = ""
     ) -> list[DeliveryRow]:
         """Deliveries newest first; "" / 0 filters mean all (owner "" = every owner)."""
-        where, params = [], []
-        for column, value in (("owner", owner), ("task_id", task_id), ("state", state)):
+        where: list[str] = []
+        params: list[str | int] = []
+        filters = (("owner", owner), ("task_id", task_id), ("state", state))
+        for column, value in (*filters, ("project_id", project_id)):
             if value:
                 where.append(f"{column} = ?")
                 params.append(value)

@@ -1,7 +1,9 @@
 """Webhooks: a task's terminal and input-required events POSTed to HTTP endpoints.
 
-Where they come from: the webhooks of the task's spec (``TaskSpec.webhooks``) plus
-those its owner registered (``RegisterWebhook``). When such an event commits (a
+Where they come from: the webhooks of the task's spec (``TaskSpec.webhooks``), those
+its owner registered (``RegisterWebhook``) and those registered for its project
+(``RegisterWebhook`` with ``project_id``; only the project's owner or an admin may
+register, list or delete them). When such an event commits (a
 journal listener), one delivery per webhook goes into the durable outbox
 (:mod:`.webhook_store`, in the coordinator's database); a background loop sends what is
 due. A delivery is a POST of a JSON body with::
@@ -212,39 +214,85 @@ class Webhooks:
 
     # -- registrations ---------------------------------------------------------------
 
-    async def register(self, caller: Caller, webhook: coordinator_pb2.Webhook | None) -> WebhookRow:
-        """Register a webhook for every task of the caller."""
+    async def _project_owner(self, caller: Caller, project_id: str) -> str:
+        """The owner of a project the caller may manage webhooks of (its owner, an admin).
+
+        Raises:
+            NotFound: No such project, or the caller neither owns it nor is an admin.
+        """
+        project = await self._coordinator.project_of_owner(project_id, caller)
+        return project.owner
+
+    async def register(
+        self, caller: Caller, webhook: coordinator_pb2.Webhook | None, *, project_id: str = ""
+    ) -> WebhookRow:
+        """Register a webhook for every task of the caller, or of ``project_id``.
+
+        Raises:
+            InvalidArgument: No webhook, or a bad URL or secret.
+            NotFound: The project does not exist or the caller may not manage it.
+        """
         if webhook is None:
             raise InvalidArgument(violations=[FieldViolation("webhook", "required")])
         violations = await self._check(webhook, "webhook")
         if violations:
             raise InvalidArgument(violations=violations, reason="WEBHOOK_INVALID")
-        row = WebhookRow(uuid.uuid4().hex, caller.identity, webhook.url, webhook.secret, now_ns())
+        owner = await self._project_owner(caller, project_id) if project_id else caller.identity
+        row = WebhookRow(uuid.uuid4().hex, owner, webhook.url, webhook.secret, now_ns(), project_id)
         await self._store.add_webhook(row)
-        logger.info("webhook %s registered for %s: %s", row.webhook_id, row.owner, row.url)
+        logger.info(
+            "webhook %s registered for %s by %s: %s",
+            row.webhook_id,
+            f"project {project_id}" if project_id else owner,
+            caller.identity,
+            row.url,
+        )
         return row
 
-    async def registrations(self, caller: Caller) -> list[WebhookRow]:
-        """The caller's registrations."""
-        return await self._store.webhooks_of(caller.identity)
+    async def registrations(self, caller: Caller, *, project_id: str = "") -> list[WebhookRow]:
+        """The caller's registrations, or those of ``project_id``."""
+        if project_id:
+            await self._project_owner(caller, project_id)
+        return await self._store.webhooks_of(caller.identity, project_id=project_id)
 
     async def unregister(self, caller: Caller, webhook_id: str) -> None:
-        """Remove one of the caller's registrations."""
+        """Remove one of the caller's registrations, or of a project the caller manages."""
         if not webhook_id:
             raise InvalidArgument(violations=[FieldViolation("webhook_id", "required")])
-        if not await self._store.delete_webhook(caller.identity, webhook_id):
+        row = await self._store.webhook(webhook_id)
+        if (
+            row is None
+            or not await self._may_manage(caller, row)
+            or not await self._store.delete_webhook(webhook_id)
+        ):
             raise NotFound("webhook", webhook_id, reason="WEBHOOK_NOT_FOUND")
 
+    async def _may_manage(self, caller: Caller, row: WebhookRow) -> bool:
+        if not row.project_id:
+            return row.owner == caller.identity
+        try:
+            await self._project_owner(caller, row.project_id)
+        except NotFound:
+            return False
+        return True
+
     async def deliveries(
-        self, caller: Caller, *, state: int, task_id: str, page_size: int
+        self, caller: Caller, *, state: int, task_id: str, page_size: int, project_id: str = ""
     ) -> list[DeliveryRow]:
-        """Deliveries of the caller's tasks (every task's for an admin), newest first."""
+        """Deliveries of the caller's tasks (every task's for an admin), newest first.
+
+        With ``project_id``: the deliveries to that project's webhooks, whoever owns the
+        tasks (for the project's owner or an admin).
+        """
         size = 50 if page_size <= 0 else min(page_size, 500)
+        if project_id:
+            await self._project_owner(caller, project_id)
         return await self._store.deliveries(
-            owner="" if caller.admin else caller.identity,
+            owner="" if caller.admin or project_id else caller.identity,
             state=state,
             task_id=task_id,
             limit=size,
+            project_id=project_id,
         )
 
     # -- from events to deliveries ---------------------------------------------------
@@ -263,10 +311,11 @@ class Webhooks:
         self, record: TaskRecord, event: coordinator_pb2.TaskEvent, event_type: str
     ) -> None:
         try:
-            targets = [("", w.url, w.secret) for w in record.spec.webhooks]
-            targets += [
-                (r.webhook_id, r.url, r.secret) for r in await self._store.webhooks_of(record.owner)
-            ]
+            targets = [("", "", w.url, w.secret) for w in record.spec.webhooks]
+            registered = await self._store.webhooks_of(record.owner)
+            if record.project_id:
+                registered += await self._store.webhooks_of("", project_id=record.project_id)
+            targets += [(r.webhook_id, r.project_id, r.url, r.secret) for r in registered]
             if not targets:
                 return
             body = json.dumps(
@@ -278,6 +327,7 @@ class Webhooks:
                         "capability": record.capability,
                         "owner": record.owner,
                         "attempt": record.attempt,
+                        "project_id": record.project_id,
                     },
                     "event": json_format.MessageToDict(event, preserving_proto_field_name=True),
                 },
@@ -286,7 +336,7 @@ class Webhooks:
             ).encode()
             stamp = now_ns()
             rows = []
-            for webhook_id, url, secret in targets:
+            for webhook_id, project_id, url, secret in targets:
                 key = f"{record.task_id}:{event.sequence}:{webhook_id}:{url}"
                 rows.append(
                     DeliveryRow(
@@ -304,6 +354,7 @@ class Webhooks:
                         last_error="",
                         created_ns=stamp,
                         next_at_ns=stamp,
+                        project_id=project_id,
                     )
                 )
             await self._store.add_deliveries(rows)

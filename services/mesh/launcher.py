@@ -4,6 +4,11 @@ Used by ``hivewire up`` (and the end-to-end tests). Each child is its own proces
 with its own port; it reports readiness by writing its ports file (the runtime's
 ``ServiceServer`` does that once it is SERVING). Children die with the launcher
 (``PR_SET_PDEATHSIG``), so even a ``kill -9`` of ``hivewire up`` leaves no orphans.
+
+:meth:`Launcher.supervise` watches the children: one started with a
+:class:`RestartPolicy` (the coordinators) is started again when it dies, on the same
+port with the same settings; a crash loop (too many restarts within the policy's
+window) or the death of any other child ends the supervision with the reason.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +48,25 @@ class LaunchError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class RestartPolicy:
+    """When a child that died is started again instead of stopping the mesh.
+
+    Attributes:
+        max_restarts: Restarts allowed within ``window``; one more is a crash loop,
+            which ends :meth:`Launcher.supervise` with the reason.
+        window: Seconds over which restarts are counted.
+        initial_delay: Seconds before the first restart; doubled for each restart
+            still inside the window (a crashing process is not restarted in a hot loop).
+        max_delay: Longest wait before a restart.
+    """
+
+    max_restarts: int = 5
+    window: float = 60.0
+    initial_delay: float = 0.2
+    max_delay: float = 5.0
+
+
+@dataclass(frozen=True)
 class ProcessSpec:
     """How to start one mesh process.
 
@@ -53,6 +78,7 @@ class ProcessSpec:
             process is ready as soon as ``ready_check`` passes.
         log_file: Where stdout and stderr go.
         ready_timeout: Seconds to wait for readiness.
+        restart: Start it again when it dies (None: its death stops the supervision).
     """
 
     name: str
@@ -61,6 +87,7 @@ class ProcessSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     ports_file: Path | None = None
     ready_timeout: float = 60.0
+    restart: RestartPolicy | None = None
 
 
 @dataclass
@@ -108,12 +135,17 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+RestartHook = Callable[[ManagedProcess, ManagedProcess], None]
+"""Called with (the child that died, its replacement) once the replacement is ready."""
+
+
 class Launcher:
     """Owns a set of child processes; stops them in reverse start order on exit."""
 
     def __init__(self, *, grace_period: float = 10.0) -> None:
         self._grace = grace_period
         self._children: list[ManagedProcess] = []
+        self._restarts: dict[str, deque[float]] = {}
 
     async def __aenter__(self) -> Launcher:
         return self
@@ -138,6 +170,10 @@ class Launcher:
             LaunchError: It exited early or was not ready within ``ready_timeout``;
                 the message carries the end of its log.
         """
+        return await self._spawn(spec, len(self._children))
+
+    async def _spawn(self, spec: ProcessSpec, index: int) -> ManagedProcess:
+        """Start ``spec`` at ``index`` of the start order (a restart keeps its place)."""
         if spec.ports_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 spec.ports_file.unlink()
@@ -153,7 +189,7 @@ class Launcher:
                 preexec_fn=_die_with_parent,
             )
         child = ManagedProcess(spec=spec, process=process)
-        self._children.append(child)
+        self._children.insert(index, child)
         logger.debug("started %s (pid %d): %s", spec.name, process.pid, " ".join(spec.argv))
         if spec.ports_file is not None:
             child.ports = await self._wait_for_ports(child)
@@ -179,6 +215,72 @@ class Launcher:
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.25)
+
+    async def supervise(self, *, on_restart: RestartHook | None = None) -> str:
+        """Watch the children until one stops for good; return why, in one sentence.
+
+        A child with a :class:`RestartPolicy` that dies is started again (same spec:
+        same port, same settings) after a short delay, unless it already restarted
+        ``max_restarts`` times within the policy's window: that crash loop ends the
+        supervision. Any other child that dies ends it at once. Cancel the call to
+        stop watching (the children keep running until :meth:`stop_all`).
+
+        Args:
+            on_restart: Called with the dead child and its ready replacement.
+        """
+        while True:
+            children = self.children
+            if not children:
+                return "no process left to supervise"
+            waits = {asyncio.ensure_future(c.process.wait()): c for c in children}
+            try:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for fut in waits:
+                    fut.cancel()
+            dead = [waits[fut] for fut in done]
+            for child in dead:
+                reason = await self._restart_or_give_up(child, on_restart)
+                if reason is not None:
+                    return reason
+
+    async def _restart_or_give_up(
+        self, child: ManagedProcess, on_restart: RestartHook | None
+    ) -> str | None:
+        """Restart a dead child; return the reason to stop instead, if any."""
+        spec, code = child.spec, child.process.returncode
+        policy = spec.restart
+        if policy is None:
+            return f"{spec.name} (exit {code}) exited unexpectedly"
+        now = time.monotonic()
+        recent = self._restarts.setdefault(spec.name, deque())
+        while recent and now - recent[0] > policy.window:
+            recent.popleft()
+        if len(recent) >= policy.max_restarts:
+            return (
+                f"{spec.name} is crash-looping: it died {len(recent) + 1} times within"
+                f" {policy.window:.0f}s (last exit {code}); last log lines:\n{child.log_tail()}"
+            )
+        delay = min(policy.initial_delay * 2 ** len(recent), policy.max_delay)
+        recent.append(now)
+        logger.warning(
+            "%s (pid %d) exited with %s; restarting it in %.1fs (%d of %d within %.0fs)",
+            spec.name, child.pid, code, delay, len(recent), policy.max_restarts, policy.window,
+        )  # fmt: skip
+        index = self._children.index(child) if child in self._children else len(self._children)
+        with contextlib.suppress(ValueError):
+            self._children.remove(child)
+        await asyncio.sleep(delay)
+        try:
+            replacement = await self._spawn(spec, index)
+        except LaunchError as exc:
+            # Counted like any death: the next round restarts it again or gives up.
+            logger.warning("restarting %s failed: %s", spec.name, exc)
+            return None
+        logger.warning("%s restarted (pid %d)", spec.name, replacement.pid)
+        if on_restart is not None:
+            on_restart(child, replacement)
+        return None
 
     async def stop(self, child: ManagedProcess, *, grace: float | None = None) -> int | None:
         """SIGTERM a child, wait for it within the grace period, then SIGKILL it."""

@@ -8,7 +8,9 @@ with its own publish and subscribe permissions:
 role               may publish (besides JetStream reads and ``_INBOX.>`` replies)
 =================  ==============================================================
 ``coordinator``    ``hivewire.events.{task,workflow,project}.>``; registry keys
-                   ``hivewire-coordinator.*``; its JetStream task store when used
+                   ``hivewire-coordinator.*``; its JetStream task store when used;
+                   requests to other coordinators ``hivewire.coordinator.>`` (which
+                   it also subscribes to)
 ``agent``          ``hivewire.events.agent.>``; registry keys ``hivewire-agent.*``
 ``model``          ``hivewire.events.model.>``; registry keys ``hivewire-model.*``
 ``tool``           ``hivewire.events.tool.>``; registry keys ``hivewire-tool.*``
@@ -45,6 +47,9 @@ EVENTS_STREAM = "HIVEWIRE_EVENTS"
 DLQ_STREAM = "HIVEWIRE_DLQ"
 EVENTS_PREFIX = "hivewire.events"
 
+COORDINATOR_REQUESTS = "hivewire.coordinator"
+"""Subjects coordinators answer each other's requests on (coordinator/cluster.py)."""
+
 NATS_SERVER_STEM = "nats"
 """Certificate stem of the NATS server's own identity (``spiffe://…/nats/nats``)."""
 
@@ -70,6 +75,8 @@ class NatsNames:
         "HIVEWIRE_IDEMPOTENCY",
         "HIVEWIRE_PROJECTS",
         "HIVEWIRE_PURGED",
+        "HIVEWIRE_ACTIVE",
+        "HIVEWIRE_COORDINATORS",
         "HIVEWIRE_OUTBOX",  # how far the event outbox's relay published (outbox.py)
     )
     journal_stream: str = "HIVEWIRE_JOURNAL"
@@ -99,7 +106,13 @@ def _stream_setup(stream: str) -> list[str]:
 def _coordinator_extras(names: NatsNames) -> list[str]:
     """What only coordinators publish besides task events: plans' and projects' events,
     and the JetStream task store (its KV buckets and journal stream, when used)."""
-    extras = [f"{EVENTS_PREFIX}.workflow.>", f"{EVENTS_PREFIX}.project.>", "hivewire.journal.>"]
+    extras = [
+        f"{EVENTS_PREFIX}.workflow.>",
+        f"{EVENTS_PREFIX}.project.>",
+        "hivewire.journal.>",
+        # Requests between coordinators (cancel/input/sub-task forwarded to the owner).
+        f"{COORDINATOR_REQUESTS}.>",
+    ]
     for bucket in names.store_buckets:
         extras += [
             *_stream_reads(f"KV_{bucket}"),
@@ -155,7 +168,16 @@ def permissions_for(spiffe_id: str, names: NatsNames = NatsNames()) -> dict[str,
         publish = reads
     else:
         return {"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}}
-    return {"publish": {"allow": publish}, "subscribe": {"allow": ["_INBOX.>"]}}
+    permissions: dict[str, Any] = {
+        "publish": {"allow": publish},
+        "subscribe": {"allow": ["_INBOX.>"]},
+    }
+    if role == "coordinator":
+        # Coordinators answer each other's requests (coordinator/cluster.py): one reply
+        # to the inbox of each request received.
+        permissions["subscribe"]["allow"].append(f"{COORDINATOR_REQUESTS}.>")
+        permissions["allow_responses"] = True
+    return permissions
 
 
 def mesh_identities(certs_dir: Path) -> list[str]:
@@ -181,13 +203,6 @@ def render_security(
     Returns:
         Configuration text (NATS config accepts JSON values).
     """
-    users = []
-    for spiffe_id in identities:
-        user: dict[str, Any] = {"user": spiffe_id}
-        permissions = permissions_for(spiffe_id, names)
-        if permissions is not None:
-            user["permissions"] = permissions
-        users.append(user)
     tls = {
         "cert_file": str(server.cert.resolve()),
         "key_file": str(server.key.resolve()),
@@ -195,7 +210,20 @@ def render_security(
         "verify_and_map": True,
         "timeout": 2,
     }
-    return (
-        f"tls: {json.dumps(tls, indent=2)}\n"
-        f"authorization: {json.dumps({'users': users}, indent=2)}\n"
-    )
+    return f"tls: {json.dumps(tls, indent=2)}\n" + render_authorization(identities, names)
+
+
+def render_authorization(identities: Iterable[str], names: NatsNames = NatsNames()) -> str:
+    """The ``authorization`` block alone: one user per SPIFFE id, with its permissions.
+
+    ``hivewire certs nats-auth`` prints it for servers whose ``tls`` block is written
+    elsewhere (the deploy/ files include it).
+    """
+    users = []
+    for spiffe_id in identities:
+        user: dict[str, Any] = {"user": spiffe_id}
+        permissions = permissions_for(spiffe_id, names)
+        if permissions is not None:
+            user["permissions"] = permissions
+        users.append(user)
+    return f"authorization: {json.dumps({'users': users}, indent=2)}\n"

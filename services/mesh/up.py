@@ -1,14 +1,20 @@
 """`hivewire up`: the whole mesh on one machine, each service its own process.
 
-Order: dev certificates, nats-server, coordinator, model, tool, agents, the A2A
+Order: dev certificates, nats-server, the coordinator(s), model, tool, agents, the A2A
 gateway. Each
 process gets a fixed port (so the README's grpcurl commands work as written), its
 own certificate, the mesh's NATS URL and the embedded registry. Once every one is
 SERVING the endpoints are written to ``.hivewire/endpoints.json`` for scripts.
+
+One coordinator on SQLite by default; ``coordinators=N`` with the JetStream store is
+the highly available shape (N coordinators on their own ports sharing the task state
+in the mesh's NATS JetStream). Coordinators are restarted by the launcher when they
+die (:class:`~hivewire.services.mesh.launcher.RestartPolicy`); endpoints.json follows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -17,15 +23,23 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from hivewire.services.dashboard.settings import DASHBOARD_PORT
-from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec, python_module
+from hivewire.services.mesh.launcher import (
+    Launcher,
+    ManagedProcess,
+    ProcessSpec,
+    RestartPolicy,
+    python_module,
+)
 from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
 from hivewire.services.runtime.pki import init_pki
 from hivewire.services.runtime.ports import (
     A2A_GRPC_PORT,
     A2A_HTTP_PORT,
     COORDINATOR_PORT,
+    EXTRA_COORDINATOR_PORT,
     FIRST_AGENT_PORT,
     MODEL_PORT,
     TOOL_PORT,
@@ -40,6 +54,14 @@ EXAMPLE_AGENTS: dict[str, str] = {
     "researcher": "hivewire.services.agent.examples.researcher:ResearcherAgent",
     "calculator": "hivewire.services.agent.examples.calculator:CalculatorAgent",
 }
+
+
+Store = Literal["sqlite", "jetstream"]
+MAX_COORDINATORS = 5
+
+
+class MeshOptionsError(ValueError):
+    """A combination of options `hivewire up` cannot run."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,11 @@ class MeshOptions:
     agents: Sequence[str] = tuple(EXAMPLE_AGENTS)
     host: str = "127.0.0.1"
     coordinator_port: int = COORDINATOR_PORT
+    coordinators: int = 1
+    extra_coordinator_port: int = EXTRA_COORDINATOR_PORT
+    """Port of the second coordinator; the third takes the next one, and so on."""
+    store: Store = "sqlite"
+    coordinator_restart: RestartPolicy = RestartPolicy()
     model_port: int = MODEL_PORT
     tool_port: int = TOOL_PORT
     first_agent_port: int = FIRST_AGENT_PORT
@@ -74,6 +101,31 @@ class MeshOptions:
     model_backend: str | None = None
     log_level: str = "INFO"
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Refuse combinations that cannot run.
+
+        Raises:
+            MeshOptionsError: The reason, in words a user can act on.
+        """
+        if not 1 <= self.coordinators <= MAX_COORDINATORS:
+            raise MeshOptionsError(f"--coordinators must be between 1 and {MAX_COORDINATORS}")
+        if self.coordinators > 1 and self.store != "jetstream":
+            raise MeshOptionsError(
+                "several coordinators share their tasks through the JetStream store: add"
+                " --store jetstream (a SQLite file belongs to one coordinator)"
+            )
+
+    @property
+    def coordinator_ports(self) -> list[int]:
+        """The gRPC port of each coordinator, first one first."""
+        extra = [self.extra_coordinator_port + i for i in range(self.coordinators - 1)]
+        return [self.coordinator_port, *extra]
+
+    @property
+    def coordinator_addresses(self) -> list[str]:
+        """``host:port`` of each coordinator, the way clients list them."""
+        return [f"{self.host}:{port}" for port in self.coordinator_ports]
 
 
 def grpcurl_binary() -> str:
@@ -153,39 +205,75 @@ class Mesh:
         )
 
     async def _start_service(
-        self, name: str, kind: str, identity: str, port: int, argv: list[str], **env: str
+        self,
+        name: str,
+        kind: str,
+        identity: str,
+        port: int,
+        argv: list[str],
+        *,
+        restart: RestartPolicy | None = None,
+        **env: str,
     ) -> ManagedProcess:
         full_env = {**self._env(identity=identity, port=port, name=name), **env}
-        child = await self.launcher.start(self._spec(name, argv, full_env))
-        metrics = child.ports.get("metrics")
-        self.endpoints.append(
-            Endpoint(
-                name=name,
-                kind=kind,
-                address=f"{self.options.host}:{child.ports.get('grpc', port)}",
-                metrics=f"{self.options.host}:{metrics}" if metrics else None,
-                identity=identity,
-                pid=child.pid,
-            )
-        )
+        spec = dataclasses.replace(self._spec(name, argv, full_env), restart=restart)
+        child = await self.launcher.start(spec)
+        self.endpoints.append(self._endpoint(child, kind=kind, identity=identity, port=port))
         return child
 
-    async def start(self) -> None:
-        """Bring up every process, in dependency order, and write endpoints.json."""
+    def _endpoint(self, child: ManagedProcess, *, kind: str, identity: str, port: int) -> Endpoint:
+        metrics = child.ports.get("metrics")
+        return Endpoint(
+            name=child.spec.name,
+            kind=kind,
+            address=f"{self.options.host}:{child.ports.get('grpc', port)}",
+            metrics=f"{self.options.host}:{metrics}" if metrics else None,
+            identity=identity,
+            pid=child.pid,
+        )
+
+    def restarted(self, dead: ManagedProcess, replacement: ManagedProcess) -> None:
+        """Record a restarted process (its new pid) and rewrite endpoints.json."""
+        for i, old in enumerate(self.endpoints):
+            if old.name == dead.spec.name:
+                self.endpoints[i] = dataclasses.replace(old, pid=replacement.pid)
+        self.write_endpoints()
+
+    def _coordinator_names(self) -> list[str]:
+        count = self.options.coordinators
+        return ["coordinator", *(f"coordinator-{i}" for i in range(2, count + 1))]
+
+    async def _start_coordinators(self) -> None:
         opts = self.options
+        store: dict[str, str] = {"HIVEWIRE_COORDINATOR__STORE": opts.store}
+        if opts.store == "sqlite":
+            db = (opts.state_dir / "coordinator.db").resolve()
+            store["HIVEWIRE_COORDINATOR__DB_PATH"] = str(db)
+        for name, port in zip(self._coordinator_names(), opts.coordinator_ports, strict=True):
+            await self._start_service(
+                name,
+                "coordinator",
+                "coordinator",
+                port,
+                python_module("hivewire.services.coordinator"),
+                restart=opts.coordinator_restart,
+                # End-user API keys made by `hivewire keys create` (docs/security.md).
+                HIVEWIRE_AUTH__API_KEYS_FILE=str((opts.state_dir / "api-keys.json").resolve()),
+                **store,
+            )
+
+    async def start(self) -> None:
+        """Bring up every process, in dependency order, and write endpoints.json.
+
+        Raises:
+            MeshOptionsError: The options cannot run (nothing was started).
+        """
+        opts = self.options
+        opts.check()
         (opts.state_dir / "run").mkdir(parents=True, exist_ok=True)
         init_pki(opts.certs_dir)
         await start_nats_server(self.launcher, self.nats, state_dir=opts.state_dir)
-        await self._start_service(
-            "coordinator",
-            "coordinator",
-            "coordinator",
-            opts.coordinator_port,
-            python_module("hivewire.services.coordinator"),
-            HIVEWIRE_COORDINATOR__DB_PATH=str((opts.state_dir / "coordinator.db").resolve()),
-            # End-user API keys made by `hivewire keys create` (docs/security.md).
-            HIVEWIRE_AUTH__API_KEYS_FILE=str((opts.state_dir / "api-keys.json").resolve()),
-        )
+        await self._start_coordinators()
         await self._start_service(
             "model",
             "model",
@@ -264,6 +352,9 @@ class Mesh:
                 }
                 for e in self.endpoints
             },
+            # Every coordinator, for clients that fail over (docs/deployment.md).
+            "coordinators": self.options.coordinator_addresses,
+            "store": self.options.store,
             "nats": {"url": self.nats.url, "monitoring": self.nats.monitor_url},
             "tls": self.tls_paths(),
             "a2a": {"url": self.a2a_url, "card": self.a2a_card_url},

@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     grace_period: float = Field(
         10.0, ge=0, description="Seconds in-flight calls get to finish on shutdown."
     )
+    malloc_trim_interval: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds between returns of the C heap's free pages to the system "
+        "(glibc malloc_trim); 0 = never.",
+    )
     nats_url: str = Field(
         "tls://127.0.0.1:4222",
         description="NATS server URL(s); tls:// connects with this identity's certificate.",

@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from hivewire.services.runtime.heaptrim import c_heap
 from hivewire.services.runtime.tls import TlsFiles
 
 logger = logging.getLogger(__name__)
@@ -39,9 +40,11 @@ __all__ = [
     "SERVER_MSG_SENT",
     "SERVER_STARTED",
     "ASYNCIO_TASKS",
+    "C_HEAP",
     "BoundedLabel",
     "MetricsServer",
     "start_metrics_server",
+    "watch_c_heap",
     "watch_event_loop",
 ]
 
@@ -120,6 +123,27 @@ ASYNCIO_TASKS = Gauge(
     "Unfinished asyncio tasks of the service's event loop (a leak shows as steady growth).",
     registry=REGISTRY,
 )
+
+
+C_HEAP = Gauge(
+    "hivewire_c_heap_bytes",
+    "The C heap (glibc malloc, all arenas): in_use = allocated, free = freed but kept "
+    "by malloc. Native memory kept per request shows in in_use; RSS minus both is "
+    "mostly Python's own allocator and mapped files.",
+    ("kind",),
+    registry=REGISTRY,
+)
+
+
+def watch_c_heap() -> None:
+    """Report the C heap (:func:`~hivewire.services.runtime.heaptrim.c_heap`) when scraped.
+
+    Nothing is reported on a C library without ``mallinfo2``.
+    """
+    if c_heap() is None:
+        return
+    C_HEAP.labels("in_use").set_function(lambda: getattr(c_heap(), "in_use", 0))
+    C_HEAP.labels("free").set_function(lambda: getattr(c_heap(), "free", 0))
 
 
 def watch_event_loop(loop: asyncio.AbstractEventLoop) -> None:

@@ -37,11 +37,13 @@ from hivewire.services.runtime.authz import AuthzPolicyStore, AuthzServerInterce
 from hivewire.services.runtime.channels import server_options
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.heapdump import install_heap_dump
+from hivewire.services.runtime.heaptrim import trim_heap_periodically
 from hivewire.services.runtime.interceptors import server_interceptors
 from hivewire.services.runtime.metrics import (
     MetricsServer,
     metrics_tls_context,
     start_metrics_server,
+    watch_c_heap,
     watch_event_loop,
 )
 from hivewire.services.runtime.revocation import RevocationList
@@ -197,6 +199,7 @@ class ServiceServer:
         self._metrics: MetricsServer | None = None
         self._ports_file_written: Path | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        self._trim_task: asyncio.Task[None] | None = None
         self._terminated = asyncio.Event()
 
     @property
@@ -276,6 +279,7 @@ class ServiceServer:
                 )
                 self.metrics_port = self._metrics.port
                 watch_event_loop(asyncio.get_running_loop())
+                watch_c_heap()
             await self.set_serving(True)
             if settings.ports_file is not None:
                 await asyncio.to_thread(self._write_ports_file, settings.ports_file)
@@ -284,6 +288,10 @@ class ServiceServer:
             if self._metrics is not None:
                 await asyncio.to_thread(self._metrics.close)
             raise
+        # Freed C heap back to the system now and then (runtime/heaptrim.py).
+        self._trim_task = asyncio.create_task(
+            trim_heap_periodically(settings.malloc_trim_interval), name="malloc-trim"
+        )
         logger.info(
             "serving %s on %s (metrics %s)",
             ", ".join(self.service_names) or "health only",
@@ -365,6 +373,8 @@ class ServiceServer:
                     logger.exception("shutdown hook %r failed", hook)
             await server.stop(grace)
         finally:
+            if self._trim_task is not None:
+                self._trim_task.cancel()
             if self._metrics is not None:
                 await asyncio.to_thread(self._metrics.close)
             await asyncio.to_thread(self._remove_ports_file)

@@ -10,6 +10,7 @@ endpoints, the CLI and Ctrl-C are exercised against it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import ssl
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import GrpcurlResult, eventually, grpcurl
+from tests.helpers import GrpcurlResult, dead_address, eventually, grpcurl
 from tests.support.up_mesh import HIVEWIRE, RunningMesh, hivewire_up
 
 pytestmark = pytest.mark.timeout(300)
@@ -220,9 +221,78 @@ async def test_up_prints_the_dashboard_url_and_it_serves(mesh: RunningMesh) -> N
     assert page.status_code == 200 and "<title>hivewire</title>" in page.text
 
 
+def test_several_coordinators_on_sqlite_are_refused(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
+    result = subprocess.run(
+        [HIVEWIRE, "up", "--coordinators", "2", "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("Error: several coordinators share their tasks through")
+    assert "add --store jetstream" in result.stderr, result
+    assert not (tmp_path / "state").exists()  # refused before anything started
+
+
+async def test_a_killed_coordinator_is_restarted_and_the_mesh_keeps_running(
+    mesh: RunningMesh,
+) -> None:
+    old_pid = mesh.endpoints["services"]["coordinator"]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+
+    async def restarted() -> int:
+        services = json.loads((mesh.state_dir / "endpoints.json").read_text())["services"]
+        new_pid = int(services["coordinator"]["pid"])
+        assert new_pid != old_pid and _alive(new_pid)
+        health = await grpcurl(
+            "grpc.health.v1.Health/Check",
+            tls=mesh.tls,
+            address=mesh.address("coordinator"),
+            input="{}",
+        )
+        assert health.returncode == 0, health
+        return new_pid
+
+    new_pid = await eventually(restarted, timeout=120, interval=0.2)
+    assert mesh.process.poll() is None, mesh.output()
+    assert f"coordinator (pid {old_pid}) exited with -9; restarted as pid {new_pid}" in (
+        mesh.output()
+    )
+    # The restarted coordinator runs tasks, reached through a list whose first entry
+    # is dead (the CLI skips it); the SQLite file kept the tasks of before the kill.
+    common = ["--certs-dir", str(mesh.root / "certs")]
+    with dead_address() as dead:
+        address = ["--address", f"{dead},{mesh.address('coordinator')}"]
+        submitted = await asyncio.to_thread(
+            subprocess.run,
+            [HIVEWIRE, "submit", *address, *common, "calculate", "6 * 7"],
+            capture_output=True,
+            text=True,
+            env=mesh.clean_env(),
+            timeout=120,
+        )
+    assert submitted.returncode == 0, submitted
+    assert submitted.stdout.strip().endswith("6 * 7 = 42"), submitted
+    assert f"coordinator {dead} unreachable" in submitted.stderr
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [HIVEWIRE, "tasks", "--address", mesh.address("coordinator"), *common],
+        capture_output=True,
+        text=True,
+        env=mesh.clean_env(),
+        timeout=60,
+    )
+    assert listed.returncode == 0 and "research" in listed.stdout, listed
+
+
 def test_ctrl_c_stops_every_process(mesh: RunningMesh) -> None:
     """Runs last in this module: SIGINT (Ctrl-C) leaves no mesh process behind."""
-    pids = [entry["pid"] for entry in mesh.endpoints["services"].values()]
+    # endpoints.json as it is now (a restarted coordinator has a new pid).
+    endpoints = json.loads((mesh.state_dir / "endpoints.json").read_text())
+    pids = [entry["pid"] for entry in endpoints["services"].values()]
     assert all(_alive(pid) for pid in pids)
     mesh.process.send_signal(signal.SIGINT)
     assert mesh.process.wait(timeout=90) == 0, mesh.output()

@@ -23,7 +23,7 @@ from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.tls import TlsFiles
 from tests.conftest import Pki
-from tests.helpers import NatsServer, ServiceProcess
+from tests.helpers import NatsServer, ServiceProcess, dead_address
 from tests.support.e2e_mesh import (
     CALCULATOR,
     REPO_ROOT,
@@ -194,6 +194,62 @@ async def test_reads_address_and_certificates_from_endpoints_json(
     )  # fmt: skip
     assert result.returncode == 0, result
     assert result.stdout.splitlines()[-1] == "2 ** 10 = 1024", result
+
+
+async def test_fails_over_from_a_dead_coordinator_to_the_next(
+    mesh: Mesh, node_client: NodeClient
+) -> None:
+    with dead_address() as dead:
+        result = await node_client.run(
+            "--address", f"{dead},{mesh.address}", *mesh.tls_flags(mesh.pki.files("client")),
+            "--capability", "calculate", "--text", "6 * 7",
+        )  # fmt: skip
+    assert result.returncode == 0, result
+    assert result.stderr == f"coordinator {dead} unreachable; trying the next one\n", result
+    assert result.events()[-1][1:] == ("finished", "SUCCEEDED"), result
+    assert result.stdout.splitlines()[-1] == "6 * 7 = 42", result
+
+
+async def test_takes_the_coordinator_list_of_endpoints_json(
+    mesh: Mesh, node_client: NodeClient, tmp_path: Path
+) -> None:
+    files = mesh.pki.files("client")
+    with dead_address() as dead:
+        (tmp_path / "endpoints.json").write_text(
+            json.dumps(
+                {
+                    "services": {"coordinator": {"address": dead}},
+                    "coordinators": [dead, mesh.address],
+                    "tls": {"ca": str(files.ca), "cert": str(files.cert), "key": str(files.key)},
+                }
+            )
+        )
+        result = await node_client.run(
+            "--endpoints", str(tmp_path / "endpoints.json"),
+            "--capability", "calculate", "--text", "2 + 2",
+        )  # fmt: skip
+    assert result.returncode == 0, result
+    assert f"coordinator {dead} unreachable" in result.stderr, result
+    assert result.stdout.splitlines()[-1] == "2 + 2 = 4", result
+
+
+async def test_when_no_coordinator_connects_the_call_says_unavailable(
+    mesh: Mesh, node_client: NodeClient
+) -> None:
+    before = await mesh.task_count()
+    with dead_address() as first, dead_address() as second:
+        result = await node_client.run(
+            "--address", f"{first},{second}", *mesh.tls_flags(mesh.pki.files("client")),
+            "--capability", "calculate", "--text", "1 + 1",
+        )  # fmt: skip
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert lines[:2] == [
+        f"coordinator {first} unreachable; trying the next one",
+        f"coordinator {second} unreachable; trying the next one",
+    ], result
+    assert len(lines) == 3 and lines[2].startswith("error: UNAVAILABLE"), result
+    assert await mesh.task_count() == before
 
 
 async def test_a_failed_task_exits_non_zero(mesh: Mesh, node_client: NodeClient) -> None:

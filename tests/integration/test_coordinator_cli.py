@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Pki
-from tests.helpers import eventually, free_port
+from tests.helpers import dead_address, eventually, free_port
 from tests.support.coordinator_mesh import Mesh, start_mesh
 
 pytestmark = pytest.mark.timeout(90)
@@ -236,3 +236,33 @@ async def test_projects_from_the_cli(mesh: Mesh, tmp_path: Path) -> None:
     assert "tasks: 4 (0 active): succeeded 4" in shown.out
     missing = await cli(mesh, "projects", "show", "nope")
     assert missing.code == 5 and "PROJECT_NOT_FOUND" in missing.err
+
+
+async def test_a_list_of_coordinators_skips_a_dead_one(mesh: Mesh) -> None:
+    await mesh.agent()
+    with dead_address() as dead:
+        result = await cli(mesh, "submit", "echo", "hello", address=f"{dead},{mesh.address}")
+        assert result.code == 0, result
+        assert result.out == "done:hello\n"
+        lines = result.err.splitlines()
+        assert lines[0] == f"coordinator {dead} unreachable; trying the next one", result
+        assert lines[1].startswith("#1 task ") and lines[-1].endswith("finished: succeeded")
+        # The live one first: nothing is skipped, nothing is said.
+        listed = await cli(mesh, "tasks", address=f"{mesh.address}, {dead}")
+        assert listed.code == 0 and listed.err == "", listed
+        assert "succeeded" in listed.out
+
+
+async def test_no_coordinator_of_the_list_connects(mesh: Mesh) -> None:
+    with dead_address() as first, dead_address() as second:
+        down = await cli(mesh, "tasks", address=f"{first},{second}")
+    assert down.code == 6, down
+    lines = down.err.splitlines()
+    assert lines[:2] == [
+        f"coordinator {first} unreachable; trying the next one",
+        f"coordinator {second} unreachable; trying the next one",
+    ], down
+    assert lines[2].startswith("Error: UNAVAILABLE") and len(lines) == 3, down
+    assert f"(is a coordinator running at {first}, {second}?)" in lines[2], down
+    malformed = await cli(mesh, "tasks", address=f"{mesh.address},nohost")
+    assert malformed.code == 2 and "'nohost' is not host:port" in malformed.err, malformed

@@ -7,8 +7,6 @@ the work up from the same buckets and stream.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,11 +14,9 @@ import pytest
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.discovery.static import StaticRegistry
-from hivewire.services.coordinator.app import running_coordinator
-from hivewire.services.runtime.config import load_settings
 from tests.conftest import Pki
 from tests.helpers import NatsServer, eventually
-from tests.support.coordinator_mesh import Mesh, RecordingPublisher, assert_contiguous, collect
+from tests.support.coordinator_mesh import assert_contiguous, collect, jetstream_mesh
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -28,37 +24,11 @@ S = common_pb2
 C = coordinator_pb2
 
 
-@contextlib.asynccontextmanager
-async def jetstream_mesh(pki: Pki, nats_url: str, registry: StaticRegistry) -> AsyncIterator[Mesh]:
-    settings = load_settings(
-        host="127.0.0.1",
-        port=0,
-        certs_dir=pki.dir,
-        identity="coordinator",
-        grace_period=1.0,
-        discovery="static",
-        nats_url=nats_url,
-        coordinator={
-            "store": "jetstream",
-            "retry_initial_backoff": 0.01,
-            "retry_max_backoff": 0.05,
-        },
-    )
-    async with contextlib.AsyncExitStack() as stack:
-        events = RecordingPublisher()
-        running = await stack.enter_async_context(
-            running_coordinator(settings, registry=registry, events=events)
-        )
-        mesh = Mesh(pki.dir, registry, running, events, stack)
-        stack.push_async_callback(mesh.close_channels)
-        yield mesh
-
-
 async def test_a_coordinator_on_jetstream_runs_plans_and_resumes_after_a_restart(
     pki: Pki, tmp_path: Path
 ) -> None:
     async with NatsServer(tmp_path / "nats") as nats, StaticRegistry() as registry:
-        async with jetstream_mesh(pki, nats.url, registry) as mesh:
+        async with jetstream_mesh(pki.dir, nats.url, registry) as mesh:
             agent = await mesh.agent(max_concurrency=4)
             client = mesh.client()
             done = await collect(
@@ -93,7 +63,7 @@ async def test_a_coordinator_on_jetstream_runs_plans_and_resumes_after_a_restart
             await mesh.running.coordinator.stop()
         assert len(agent.stats.executions) == 3
 
-        async with jetstream_mesh(pki, nats.url, registry) as mesh:
+        async with jetstream_mesh(pki.dir, nats.url, registry) as mesh:
             agent = await mesh.agent(max_concurrency=4)
             agent.gate("never").set()
             client = mesh.client()

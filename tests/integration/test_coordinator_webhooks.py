@@ -22,7 +22,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2 as C
 from tests.conftest import Pki
 from tests.helpers import eventually
-from tests.support.coordinator_mesh import Mesh, error_of, spec, start_mesh
+from tests.support.coordinator_mesh import Mesh, collect, error_of, spec, start_mesh
 from tests.support.webhook_receiver import WebhookReceiver
 
 SECRET = "s3cret-s3cret-s3cret"
@@ -230,3 +230,163 @@ async def test_a_pending_delivery_survives_a_coordinator_restart(pki: Pki, tmp_p
         assert delivery.attempts == failed + 1
         assert len({r.headers["x-hivewire-delivery"] for r in receiver.received}) == 1
         verify(receiver.received[-1])
+
+
+# -- webhooks per project ------------------------------------------------------------
+
+
+async def new_project(mesh: Mesh) -> str:
+    created = await mesh.client().CreateProject(C.CreateProjectRequest(name="launch", goal="ship"))
+    return created.project.project_id
+
+
+def in_project(project_id: str, **kwargs: Any) -> C.TaskSpec:
+    task = spec(**kwargs)
+    task.project_id = project_id
+    return task
+
+
+async def project_deliveries(mesh: Mesh, project_id: str) -> list[C.WebhookDelivery]:
+    response = await mesh.client().ListWebhookDeliveries(
+        C.ListWebhookDeliveriesRequest(project_id=project_id)
+    )
+    return list(response.deliveries)
+
+
+async def test_a_project_webhook_gets_every_task_of_the_project(mesh: Mesh) -> None:
+    await mesh.agent()
+    client, admin, other = mesh.client(), mesh.client("admin"), mesh.client("mcp")
+    project_id = await new_project(mesh)
+    hook = C.Webhook(url="http://127.0.0.1:9/hooks", secret=SECRET)
+    # Only the project's owner or an admin manages its webhooks.
+    for call in (
+        other.RegisterWebhook(C.RegisterWebhookRequest(webhook=hook, project_id=project_id)),
+        other.ListWebhooks(C.ListWebhooksRequest(project_id=project_id)),
+        other.ListWebhookDeliveries(C.ListWebhookDeliveriesRequest(project_id=project_id)),
+        client.RegisterWebhook(C.RegisterWebhookRequest(webhook=hook, project_id="nope")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_of(caught.value).reason == "PROJECT_NOT_FOUND"
+
+    # A task outside the project, finished before the webhook exists: never delivered.
+    outside = await client.SubmitTask(C.SubmitTaskRequest(spec=spec(text="outside")))
+    async with WebhookReceiver(statuses=[503, 503]) as receiver:
+        registered = await client.RegisterWebhook(
+            C.RegisterWebhookRequest(
+                webhook=C.Webhook(url=receiver.url, secret=SECRET), project_id=project_id
+            )
+        )
+        registration = registered.registration
+        assert registration.project_id == project_id
+        assert registration.owner.endswith("/client")
+        listed = await client.ListWebhooks(C.ListWebhooksRequest(project_id=project_id))
+        assert [r.webhook_id for r in listed.registrations] == [registration.webhook_id]
+        assert SECRET not in str(listed)
+        # Not one of the principal's webhooks: those are for every task it submits.
+        assert not (await client.ListWebhooks(C.ListWebhooksRequest())).registrations
+        by_admin = await admin.ListWebhooks(C.ListWebhooksRequest(project_id=project_id))
+        assert [r.webhook_id for r in by_admin.registrations] == [registration.webhook_id]
+
+        await collect(client.StreamTask(C.StreamTaskRequest(spec=spec(text="also outside"))))
+        # The owner's task and an admin's task in the project both go to the webhook.
+        mine = await client.SubmitTask(
+            C.SubmitTaskRequest(spec=in_project(project_id, text="mine"))
+        )
+        theirs = await admin.SubmitTask(
+            C.SubmitTaskRequest(spec=in_project(project_id, text="theirs"))
+        )
+        project_tasks = {mine.task.task_id, theirs.task.task_id}
+
+        async def both_delivered() -> list[C.WebhookDelivery]:
+            found = await project_deliveries(mesh, project_id)
+            assert {d.task_id for d in found} == project_tasks
+            assert all(d.state == DELIVERED for d in found), found
+            return found
+
+        delivered = await eventually(both_delivered, timeout=30)
+        # The first two attempts failed (503) and were retried.
+        assert sum(d.attempts for d in delivered) == 4
+        assert {d.webhook_id for d in delivered} == {registration.webhook_id}
+        assert {d.project_id for d in delivered} == {project_id}
+        assert len(receiver.received) == 4
+        bodies = [r.json() for r in receiver.received]
+        assert {b["task"]["task_id"] for b in bodies} == project_tasks
+        assert {b["task"]["project_id"] for b in bodies} == {project_id}
+        assert {b["type"] for b in bodies} == {"task.completed"}
+        for received in receiver.received:
+            verify(received)
+        assert not await deliveries(mesh, outside.task.task_id)
+
+        # Another principal may not delete it; an admin may.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await other.DeleteWebhook(C.DeleteWebhookRequest(webhook_id=registration.webhook_id))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        await admin.DeleteWebhook(C.DeleteWebhookRequest(webhook_id=registration.webhook_id))
+        listed = await client.ListWebhooks(C.ListWebhooksRequest(project_id=project_id))
+        assert not listed.registrations
+
+
+async def test_a_project_webhook_that_keeps_failing_is_dead_lettered(
+    pki: Pki, tmp_path: Path
+) -> None:
+    settings = {**FAST, "allowed_hosts": ["127.0.0.1"], "max_attempts": 2}
+    async with (
+        start_mesh(pki.dir, tmp_path / "c.db", webhooks=settings) as mesh,
+        WebhookReceiver(default=500) as receiver,
+    ):
+        await mesh.agent()
+        project_id = await new_project(mesh)
+        await mesh.client().RegisterWebhook(
+            C.RegisterWebhookRequest(
+                webhook=C.Webhook(url=receiver.url, secret=SECRET), project_id=project_id
+            )
+        )
+        task = await mesh.client().SubmitTask(C.SubmitTaskRequest(spec=in_project(project_id)))
+
+        async def dead() -> C.WebhookDelivery:
+            found = await project_deliveries(mesh, project_id)
+            assert len(found) == 1 and found[0].state == DEAD, found
+            return found[0]
+
+        delivery = await eventually(dead, timeout=30)
+        assert delivery.task_id == task.task.task_id
+        assert delivery.attempts == 2 and delivery.last_error == "HTTP 500"
+        assert len(receiver.received) == 2
+
+
+async def test_a_project_webhook_survives_a_coordinator_restart(pki: Pki, tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    settings = {"initial_backoff": 0.5, "max_backoff": 0.5, "allowed_hosts": ["127.0.0.1"]}
+    async with WebhookReceiver(default=503) as receiver:
+        async with start_mesh(pki.dir, db, webhooks=settings) as mesh:
+            await mesh.agent()
+            project_id = await new_project(mesh)
+            await mesh.client().RegisterWebhook(
+                C.RegisterWebhookRequest(
+                    webhook=C.Webhook(url=receiver.url, secret=SECRET), project_id=project_id
+                )
+            )
+            first = await mesh.client().SubmitTask(
+                C.SubmitTaskRequest(spec=in_project(project_id, text="before"))
+            )
+            async with asyncio.timeout(30):
+                await receiver.wait_for(1)
+        # Stopped with the delivery pending; the receiver recovers.
+        receiver.default = 200
+        async with start_mesh(pki.dir, db, webhooks=settings) as mesh:
+            await mesh.agent()
+            # The registration is still there: a task after the restart is delivered too.
+            second = await mesh.client().SubmitTask(
+                C.SubmitTaskRequest(spec=in_project(project_id, text="after"))
+            )
+
+            async def both_delivered() -> None:
+                found = await project_deliveries(mesh, project_id)
+                assert {d.task_id for d in found} == {first.task.task_id, second.task.task_id}
+                assert all(d.state == DELIVERED for d in found), found
+
+            await eventually(both_delivered, timeout=30)
+        for received in receiver.received:
+            verify(received)

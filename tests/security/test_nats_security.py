@@ -24,6 +24,8 @@ from nats.aio.client import Client as NatsClient
 
 from hivewire.discovery import Instance, open_registry
 from hivewire.events.v1 import events_pb2
+from hivewire.services.coordinator.cluster import Cluster
+from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
 from hivewire.services.runtime.events import EventPublisher, replay
 from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
 from tests.conftest import Pki
@@ -201,3 +203,50 @@ async def test_a_denied_request_times_out_rather_than_succeeds(
             await js.publish("hivewire.events.task.created", b"x")
         ok = await js.publish("hivewire.events.model.request_completed", b"x")
         assert ok.stream == "HIVEWIRE_EVENTS"
+
+
+class _EchoHost:
+    """The coordinator side of the cluster reduced to an echo (the NATS side is real)."""
+
+    async def take_over(self, rows: object, previous: str) -> None:
+        return None
+
+    def drop(self, task_id: str) -> None:
+        return None
+
+    def abandon(self) -> None:
+        return None
+
+    def wake(self) -> None:
+        return None
+
+    async def answer(self, op: str, caller: str, body: bytes, correlation_id: str) -> bytes:
+        return f"{op}:{caller}:".encode() + body
+
+
+async def test_coordinators_share_the_store_and_answer_each_other(
+    secure_nats: NatsServer, pki: Pki
+) -> None:
+    # Two coordinators' clusters on the secured server: the store's buckets (leases,
+    # the active-task index) and the request subjects are theirs to use.
+    options = nats_tls_options(secure_nats.url, pki.files("coordinator"))
+    async with contextlib.AsyncExitStack() as stack:
+        clusters = []
+        for name in ("coordinator-a", "coordinator-b"):
+            store = await stack.enter_async_context(
+                JetStreamTaskStore(secure_nats.url, connect=options)
+            )
+            cluster = Cluster(store, name, lease_ttl=5.0, heartbeat=0.5, request_timeout=5.0)
+            await cluster.join(_EchoHost())
+            stack.push_async_callback(cluster.leave)
+            clusters.append(cluster)
+        answer = await clusters[0].request(
+            "coordinator-b", "ping", b"x", caller="spiffe://hivewire.local/client/c"
+        )
+        assert answer == b"ping:spiffe://hivewire.local/client/c:x"
+    # Nobody else may listen to (or answer for) a coordinator.
+    async with connected(secure_nats, pki.files("agent")) as agent:
+        assert agent.client is not None
+        await agent.client.subscribe("hivewire.coordinator.coordinator-a")
+        await agent.client.flush()
+        await eventually(lambda: agent.denied("hivewire.coordinator.coordinator-a"), timeout=10)

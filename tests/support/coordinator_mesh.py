@@ -79,7 +79,9 @@ def spec(
     return result
 
 
-def coordinator_settings(pki_dir: Path, db_path: Path | str, **coordinator: Any) -> Settings:
+def coordinator_settings(
+    pki_dir: Path, db_path: Path | str, *, nats_url: str = "", **coordinator: Any
+) -> Settings:
     """Settings of a test coordinator: ephemeral port, quick retries, events off."""
     section: dict[str, Any] = {
         "db_path": db_path,
@@ -89,6 +91,7 @@ def coordinator_settings(pki_dir: Path, db_path: Path | str, **coordinator: Any)
         "breaker_reset_timeout": 30.0,
     }
     section.update(coordinator)
+    more: dict[str, Any] = {"nats_url": nats_url} if nats_url else {}
     return load_settings(
         host="127.0.0.1",
         port=0,
@@ -97,6 +100,7 @@ def coordinator_settings(pki_dir: Path, db_path: Path | str, **coordinator: Any)
         grace_period=1.0,
         discovery="static",
         coordinator=section,
+        **more,
     )
 
 
@@ -169,11 +173,38 @@ class Mesh:
 @contextlib.asynccontextmanager
 async def start_mesh(pki_dir: Path, db_path: Path | str, **coordinator: Any) -> AsyncIterator[Mesh]:
     """Run a coordinator (and later agents) until the block ends."""
-    async with contextlib.AsyncExitStack() as stack:
-        registry = StaticRegistry()
-        await stack.enter_async_context(registry)
-        events = RecordingPublisher()
+    async with StaticRegistry() as registry:
         settings = coordinator_settings(pki_dir, db_path, **coordinator)
+        async with _serve(pki_dir, settings, registry) as mesh:
+            yield mesh
+
+
+@contextlib.asynccontextmanager
+async def jetstream_mesh(
+    pki_dir: Path, nats_url: str, registry: StaticRegistry, **coordinator: Any
+) -> AsyncIterator[Mesh]:
+    """Run a coordinator on the JetStream store at ``nats_url`` until the block ends.
+
+    It shares ``registry`` (and the store) with any other coordinator of the test, and
+    has its own stack: a test can stop one coordinator while the others run.
+    """
+    settings = coordinator_settings(
+        pki_dir,
+        coordinator.pop("db_path", ":memory:"),
+        nats_url=nats_url,
+        store="jetstream",
+        **coordinator,
+    )
+    async with _serve(pki_dir, settings, registry) as mesh:
+        yield mesh
+
+
+@contextlib.asynccontextmanager
+async def _serve(
+    pki_dir: Path, settings: Settings, registry: StaticRegistry
+) -> AsyncIterator[Mesh]:
+    async with contextlib.AsyncExitStack() as stack:
+        events = RecordingPublisher()
         running = await stack.enter_async_context(
             running_coordinator(settings, registry=registry, events=events)
         )

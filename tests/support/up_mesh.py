@@ -48,9 +48,9 @@ class RunningMesh:
         return {k: v for k, v in os.environ.items() if not k.startswith("HIVEWIRE_")}
 
 
-_BLOCK = 11  # coordinator, model, tool, three agents, NATS, NATS monitoring, A2A gRPC, HTTPS,
-# dashboard
-_WITH_METRICS = (0, 1, 2, 3, 4, 5, 8)  # offsets of the services with a metrics port
+_BLOCK = 15  # coordinator, model, tool, three agents, NATS, NATS monitoring, A2A gRPC, HTTPS,
+# dashboard, four more coordinators (--coordinators up to 5)
+_WITH_METRICS = (0, 1, 2, 3, 4, 5, 8, 11, 12, 13, 14)  # offsets of services with metrics
 
 
 def _bindable(port: int) -> bool:
@@ -63,7 +63,7 @@ def _bindable(port: int) -> bool:
 
 
 def free_port_block() -> int:
-    """A base port whose block of 11, and the metrics ports 1000 above, are all free.
+    """A base port whose block of 15, and the metrics ports 1000 above, are all free.
 
     `hivewire up` puts each service's metrics on its gRPC port + 1000, so both must be
     free. The block is drawn below Linux's ephemeral range (32768+), where the kernel
@@ -109,6 +109,7 @@ def hivewire_up(
             "--a2a-port",
             "--a2a-http-port",
             "--dashboard-port",
+            "--extra-coordinator-port",  # base+11, base+12...
         )
     ):
         argv += [flag, str(base + (offset if offset < 4 else offset + 2))]  # agents take 3

@@ -46,6 +46,8 @@ def test_inconsistent_values_are_refused() -> None:
         CoordinatorSettings(default_max_attempts=20, max_attempts_limit=10)
     with pytest.raises(pydantic.ValidationError):
         CoordinatorSettings(aging_interval=0)
+    with pytest.raises(pydantic.ValidationError, match="lease_heartbeat"):
+        CoordinatorSettings(lease_ttl=2.0, lease_heartbeat=2.0)
 
 
 def test_database_is_an_alias_of_db_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,9 +8,11 @@ backend's own mechanics (SQLite's WAL and schema version).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -279,6 +281,62 @@ async def test_jetstream_updates_are_compare_and_set(tmp_path: Path) -> None:
             await first.put(events=[EventRow("t1", 1, b"a")])
             await second.put(events=[EventRow("t1", 1, b"a")])
             assert [e.sequence for e in await first.events_after("t1", 0)] == [1]
+
+
+def owned(task_id: str, coordinator: str, **fields: Any) -> TaskRow:
+    return dataclasses.replace(row(task_id, **fields), coordinator=coordinator)
+
+
+async def test_jetstream_ownership_is_claimed_once_and_fences_the_loser(tmp_path: Path) -> None:
+    async with NatsServer(tmp_path / "nats") as server:
+        async with (
+            JetStreamTaskStore(server.url) as a,
+            JetStreamTaskStore(server.url) as b,
+            JetStreamTaskStore(server.url) as c,
+        ):
+            a.instance, b.instance, c.instance = "ca", "cb", "cc"
+            fenced: list[str] = []
+            a.on_fenced = fenced.append
+            await a.put(tasks=[owned("t1", "ca"), owned("t2", "ca"), owned("t3", "cb")])
+            await a.put(events=[EventRow("t1", 1, b"e1")])
+            assert await b.active_owners() == {"ca": ["t1", "t2"], "cb": ["t3"]}
+            assert [r.task_id for r in await b.owned_tasks("ca")] == ["t1", "t2"]
+            # Two coordinators race for a dead one's task: one claim wins.
+            won = await asyncio.gather(b.claim("t1", "cb", {"ca"}), c.claim("t1", "cc", {"ca"}))
+            winners = [r for r in won if r is not None]
+            assert len(winners) == 1
+            winner, owner = (b, "cb") if won[0] is not None else (c, "cc")
+            assert (await a.active_owners())["ca"] == ["t2"]
+            # The winner goes on from the journal as the loser left it.
+            assert await winner.last_sequence("t1") == 1
+            await winner.put(tasks=[owned("t1", owner, state=2)], events=[EventRow("t1", 2, b"e2")])
+            # The old owner's next write is refused and reported; it lets the task go,
+            # and its later writes of it are dropped (the journal keeps the winner's).
+            with pytest.raises(StoreError):
+                await a.put(tasks=[owned("t1", "ca", state=3)])
+            assert fenced == ["t1"]
+            a.forget("t1")
+            with pytest.raises(StoreError, match="let go"):
+                await a.put(tasks=[owned("t1", "ca", state=5)], events=[EventRow("t1", 3, b"x")])
+            stored = await b.get_task("t1")
+            assert stored is not None and (stored.coordinator, stored.state) == (owner, 2)
+            assert [e.data for e in await b.events_after("t1", 0)] == [b"e1", b"e2"]
+            # A finished task leaves the index; a task already taken cannot be claimed.
+            await winner.put(tasks=[owned("t1", owner, state=5)])
+            assert "t1" not in (await a.active_owners()).get(owner, [])
+            assert await c.claim("t3", "cc", {"ca"}) is None
+
+
+async def test_jetstream_indexes_the_unfinished_tasks_of_a_store_from_before_the_index(
+    tmp_path: Path,
+) -> None:
+    async with NatsServer(tmp_path / "nats") as server:
+        async with JetStreamTaskStore(server.url) as store:
+            await store.put(tasks=[row("old-1"), row("old-2", state=5)])
+            # As a store written before the index existed: no index bucket.
+            await store.connection.jetstream().delete_key_value("HIVEWIRE_ACTIVE")
+        async with JetStreamTaskStore(server.url) as store:
+            assert [r.task_id for r in await store.active_tasks()] == ["old-1"]
 
 
 # -- the event outbox (coordinator/outbox.py) ---------------------------------------------

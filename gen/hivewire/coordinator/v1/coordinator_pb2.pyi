@@ -451,6 +451,7 @@ class Task(_message.Message):
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    COORDINATOR_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id."""
     state: _common_pb2.TaskState.ValueType
@@ -474,6 +475,10 @@ class Task(_message.Message):
     depth: _builtins.int
     """How deep the task is nested: 0 for a task a client submitted, 1 for its
     steps and sub-tasks, and so on.
+    """
+    coordinator_id: _builtins.str
+    """The coordinator instance that owns the task now (holds its lease and runs
+    its attempts); empty on a single coordinator with the SQLite store.
     """
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
@@ -544,10 +549,11 @@ class Task(_message.Message):
         project_id: _builtins.str = ...,
         depth: _builtins.int = ...,
         steps: _abc.Iterable[Global___StepStatus] | None = ...,
+        coordinator_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "error", b"error", "output", b"output", "pending_input", b"pending_input", "progress", b"progress", "spec", b"spec", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "deadline", b"deadline", "depth", b"depth", "error", b"error", "last_sequence", b"last_sequence", "output", b"output", "owner", b"owner", "parent_task_id", b"parent_task_id", "pending_input", b"pending_input", "progress", b"progress", "project_id", b"project_id", "role", b"role", "spec", b"spec", "state", b"state", "step_id", b"step_id", "steps", b"steps", "task_id", b"task_id", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "attempts", b"attempts", "coordinator_id", b"coordinator_id", "created_at", b"created_at", "deadline", b"deadline", "depth", b"depth", "error", b"error", "last_sequence", b"last_sequence", "output", b"output", "owner", b"owner", "parent_task_id", b"parent_task_id", "pending_input", b"pending_input", "progress", b"progress", "project_id", b"project_id", "role", b"role", "spec", b"spec", "state", b"state", "step_id", b"step_id", "steps", b"steps", "task_id", b"task_id", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2166,12 +2172,18 @@ class WebhookRegistration(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
     webhook_id: _builtins.str
     """The registration's id."""
     owner: _builtins.str
     """The principal whose tasks it receives (SPIFFE id)."""
     url: _builtins.str
     """Where the events go."""
+    project_id: _builtins.str
+    """The project whose tasks it receives; empty for a principal's webhook
+    (then owner says whose tasks). For a project's webhook, owner is the
+    project's owner.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it was registered."""
@@ -2183,10 +2195,11 @@ class WebhookRegistration(_message.Message):
         owner: _builtins.str = ...,
         url: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "owner", b"owner", "url", b"url", "webhook_id", b"webhook_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "owner", b"owner", "project_id", b"project_id", "url", b"url", "webhook_id", b"webhook_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2209,6 +2222,7 @@ class WebhookDelivery(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """The delivery's id, also the X-Hivewire-Delivery header."""
     webhook_id: _builtins.str
@@ -2229,6 +2243,10 @@ class WebhookDelivery(_message.Message):
     """Attempts made so far."""
     last_error: _builtins.str
     """What went wrong on the last failed attempt."""
+    project_id: _builtins.str
+    """The project of the registration it is for; empty for a principal's or a
+    task spec's webhook.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it was created."""
@@ -2251,10 +2269,11 @@ class WebhookDelivery(_message.Message):
         last_error: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "next_attempt_at", b"next_attempt_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "delivery_id", b"delivery_id", "event_type", b"event_type", "last_error", b"last_error", "next_attempt_at", b"next_attempt_at", "sequence", b"sequence", "state", b"state", "task_id", b"task_id", "url", b"url", "webhook_id", b"webhook_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "delivery_id", b"delivery_id", "event_type", b"event_type", "last_error", b"last_error", "next_attempt_at", b"next_attempt_at", "project_id", b"project_id", "sequence", b"sequence", "state", b"state", "task_id", b"task_id", "url", b"url", "webhook_id", b"webhook_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2267,6 +2286,11 @@ class RegisterWebhookRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WEBHOOK_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """Register it for every task of this project instead of the caller's
+    tasks. The caller must own the project or be an admin.
+    """
     @_builtins.property
     def webhook(self) -> Global___Webhook:
         """The webhook."""
@@ -2275,10 +2299,11 @@ class RegisterWebhookRequest(_message.Message):
         self,
         *,
         webhook: Global___Webhook | None = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2310,16 +2335,23 @@ Global___RegisterWebhookResponse: _TypeAlias = RegisterWebhookResponse  # noqa: 
 
 @_typing.final
 class ListWebhooksRequest(_message.Message):
-    """ListWebhooksRequest asks for the caller's webhooks."""
+    """ListWebhooksRequest asks for the caller's webhooks, or a project's."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """A project's webhooks instead of the caller's. The caller must own the
+    project or be an admin.
+    """
     def __init__(
         self,
+        *,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2397,22 +2429,28 @@ class ListWebhookDeliveriesRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
     state: Global___WebhookDeliveryState.ValueType
     """Only deliveries in this state; unspecified means all."""
     task_id: _builtins.str
     """Only deliveries of this task; empty means all."""
     page_size: _builtins.int
     """At most this many; 0 means 50, values over 500 are lowered to 500."""
+    project_id: _builtins.str
+    """Only deliveries to this project's webhooks, whoever owns the tasks. The
+    caller must own the project or be an admin.
+    """
     def __init__(
         self,
         *,
         state: Global___WebhookDeliveryState.ValueType = ...,
         task_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "project_id", b"project_id", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

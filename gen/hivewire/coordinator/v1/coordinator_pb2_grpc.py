@@ -261,22 +261,25 @@ class CoordinatorServiceServicer(object):
 
     def RegisterWebhook(self, request, context):
         """RegisterWebhook registers a webhook for every task of the caller (its
-        principal): their terminal and input-required events are POSTed to it.
+        principal), or, with project_id, for every task of that project: their
+        terminal and input-required events are POSTed to it. Only the project's
+        owner or an admin may register, list and delete a project's webhooks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListWebhooks(self, request, context):
-        """ListWebhooks lists the caller's registered webhooks (secrets are never
-        returned).
+        """ListWebhooks lists the caller's registered webhooks, or a project's
+        (secrets are never returned).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteWebhook(self, request, context):
-        """DeleteWebhook removes one of the caller's registered webhooks.
+        """DeleteWebhook removes one of the caller's registered webhooks, or one of
+        a project the caller owns (any project's for an admin).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

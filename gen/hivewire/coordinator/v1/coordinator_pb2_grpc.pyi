@@ -93,14 +93,18 @@ class CoordinatorServiceStub:
     """
     RegisterWebhook: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RegisterWebhookRequest, _coordinator_pb2.RegisterWebhookResponse]
     """RegisterWebhook registers a webhook for every task of the caller (its
-    principal): their terminal and input-required events are POSTed to it.
+    principal), or, with project_id, for every task of that project: their
+    terminal and input-required events are POSTed to it. Only the project's
+    owner or an admin may register, list and delete a project's webhooks.
     """
     ListWebhooks: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListWebhooksRequest, _coordinator_pb2.ListWebhooksResponse]
-    """ListWebhooks lists the caller's registered webhooks (secrets are never
-    returned).
+    """ListWebhooks lists the caller's registered webhooks, or a project's
+    (secrets are never returned).
     """
     DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.DeleteWebhookRequest, _coordinator_pb2.DeleteWebhookResponse]
-    """DeleteWebhook removes one of the caller's registered webhooks."""
+    """DeleteWebhook removes one of the caller's registered webhooks, or one of
+    a project the caller owns (any project's for an admin).
+    """
     ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListWebhookDeliveriesRequest, _coordinator_pb2.ListWebhookDeliveriesResponse]
     """ListWebhookDeliveries lists deliveries of the caller's tasks' events,
     newest first: pending ones, delivered ones, and the dead-lettered ones that
@@ -172,14 +176,18 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """
     RegisterWebhook: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RegisterWebhookRequest, _coordinator_pb2.RegisterWebhookResponse]  # type: ignore[assignment]
     """RegisterWebhook registers a webhook for every task of the caller (its
-    principal): their terminal and input-required events are POSTed to it.
+    principal), or, with project_id, for every task of that project: their
+    terminal and input-required events are POSTed to it. Only the project's
+    owner or an admin may register, list and delete a project's webhooks.
     """
     ListWebhooks: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListWebhooksRequest, _coordinator_pb2.ListWebhooksResponse]  # type: ignore[assignment]
-    """ListWebhooks lists the caller's registered webhooks (secrets are never
-    returned).
+    """ListWebhooks lists the caller's registered webhooks, or a project's
+    (secrets are never returned).
     """
     DeleteWebhook: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.DeleteWebhookRequest, _coordinator_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
-    """DeleteWebhook removes one of the caller's registered webhooks."""
+    """DeleteWebhook removes one of the caller's registered webhooks, or one of
+    a project the caller owns (any project's for an admin).
+    """
     ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListWebhookDeliveriesRequest, _coordinator_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
     """ListWebhookDeliveries lists deliveries of the caller's tasks' events,
     newest first: pending ones, delivered ones, and the dead-lettered ones that
@@ -344,7 +352,9 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.RegisterWebhookResponse, _abc.Awaitable[_coordinator_pb2.RegisterWebhookResponse]]:
         """RegisterWebhook registers a webhook for every task of the caller (its
-        principal): their terminal and input-required events are POSTed to it.
+        principal), or, with project_id, for every task of that project: their
+        terminal and input-required events are POSTed to it. Only the project's
+        owner or an admin may register, list and delete a project's webhooks.
         """
 
     @_abc_1.abstractmethod
@@ -353,8 +363,8 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.ListWebhooksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ListWebhooksResponse, _abc.Awaitable[_coordinator_pb2.ListWebhooksResponse]]:
-        """ListWebhooks lists the caller's registered webhooks (secrets are never
-        returned).
+        """ListWebhooks lists the caller's registered webhooks, or a project's
+        (secrets are never returned).
         """
 
     @_abc_1.abstractmethod
@@ -363,7 +373,9 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.DeleteWebhookRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.DeleteWebhookResponse, _abc.Awaitable[_coordinator_pb2.DeleteWebhookResponse]]:
-        """DeleteWebhook removes one of the caller's registered webhooks."""
+        """DeleteWebhook removes one of the caller's registered webhooks, or one of
+        a project the caller owns (any project's for an admin).
+        """
 
     @_abc_1.abstractmethod
     def ListWebhookDeliveries(
