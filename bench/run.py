@@ -58,7 +58,16 @@ from bench import (  # noqa: E402
 from bench.common import DEFAULT, QUICK, Durations, Phase  # noqa: E402
 from hivewire.services.runtime.pki import init_pki  # noqa: E402
 
-BENCHMARKS = ("echo", "interceptors", "mesh", "coordinators", "plans", "streams", "events", "outbox")
+BENCHMARKS = (
+    "echo",
+    "interceptors",
+    "mesh",
+    "coordinators",
+    "plans",
+    "streams",
+    "events",
+    "outbox",
+)
 OPTIONAL = ("grpcio",)
 STREAMS_DEFAULT = 2000
 STREAMS_QUICK = 500
