@@ -54,6 +54,7 @@ from bench import (
     grpcio_versions,
     interceptors,
     mesh,
+    outbox,
     plans,
     streams,
     tokens,
@@ -72,6 +73,7 @@ BENCHMARKS = (
     "plans",
     "streams",
     "events",
+    "outbox",
 )
 OPTIONAL = ("grpcio",)
 STREAMS_DEFAULT = 2000
@@ -205,6 +207,16 @@ async def run(args: argparse.Namespace) -> int:
                 out.append(events.report(result))
             return "\n".join(out)
 
+        async def bench_outbox() -> str:
+            out = []
+            for store, tasks, rounds in (("sqlite", 2000, 5), ("jetstream", 200, 3)):
+                if args.quick:
+                    tasks, rounds = tasks // 4, 1
+                result = await outbox.measure(tasks=tasks, rounds=rounds, store=store)
+                results[f"outbox_{store}"] = result
+                out.append(outbox.report(result, tasks, store))
+            return "\n".join(out)
+
         async def bench_grpcio() -> str:
             rounds = 2 if args.quick else 5
             result = await grpcio_versions.measure(
@@ -224,6 +236,7 @@ async def run(args: argparse.Namespace) -> int:
             "plans": bench_plans,
             "streams": bench_streams,
             "events": bench_events,
+            "outbox": bench_outbox,
             "grpcio": bench_grpcio,
         }
         total = time.perf_counter()

@@ -89,6 +89,25 @@ def _error(message: Any) -> list[str]:
     return [f"error={reason}: {detail.message}" if detail.message else f"error={reason}"]
 
 
+def _kind(task: events_pb2.TaskEventData) -> list[str]:
+    """What the coordinator's event adds for the kinds without fields of their own."""
+    event = task.event
+    kind = event.WhichOneof("kind")
+    if kind == "state_changed" and event.state_changed.reason:
+        return [f"reason={event.state_changed.reason!r}"]
+    if kind == "partial":
+        partial = event.partial
+        return [f"artifact={partial.artifact_id or '-'} chunk={partial.content.ByteSize()}B"]
+    if kind == "activity":
+        activity = event.activity
+        called = common_pb2.ActivityKind.Name(activity.kind).removeprefix("ACTIVITY_KIND_")
+        done = " done" if activity.done else ""
+        return [f"activity={called.lower()}:{activity.name}{done}"]
+    if kind == "step":
+        return [f"step={event.step.step_id}"]
+    return []
+
+
 def _details(event: events_pb2.Event) -> list[str]:
     which = event.WhichOneof("data")
     parts: list[str] = []
@@ -107,7 +126,7 @@ def _details(event: events_pb2.Event) -> list[str]:
             parts.append(text)
         if task.HasField("input_request"):
             parts.append(f"input={task.input_request.prompt or task.input_request.tool_name!r}")
-        parts += _tokens(task) + _error(task)
+        parts += _tokens(task) + _error(task) + _kind(task)
     elif which == "agent":
         agent = event.agent
         parts += [f"name={agent.name}", f"healthy={str(agent.healthy).lower()}"]

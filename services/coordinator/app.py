@@ -18,6 +18,7 @@ from hivewire.services.coordinator.deadletters import DeadLetters
 from hivewire.services.coordinator.dispatch import AgentPool
 from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
 from hivewire.services.coordinator.journal import CoordinatorEvents
+from hivewire.services.coordinator.outbox import OutboxRelay, outbox_sink
 from hivewire.services.coordinator.retention import Retention
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
@@ -122,6 +123,11 @@ async def running_coordinator(
             store = await stack.enter_async_context(
                 SqliteTaskStore(cfg.db_path, batch_max=cfg.write_batch_max)
             )
+        sink = outbox_sink(events)
+        if sink is not None:
+            # Task events go out through the store's outbox: what an earlier process
+            # committed and did not publish goes first (docs/events.md, "The outbox").
+            await stack.enter_async_context(OutboxRelay(store, sink, hold=cfg.outbox_hold))
         if registry is None:
             registry = await stack.enter_async_context(registry_from_settings(settings))
         channels = await stack.enter_async_context(ChannelPool.from_settings(settings))

@@ -17,6 +17,11 @@ deployment the mesh already has:
   fails when the key exists): of two submissions with the same key, one wins.
 * **Projects** are entries of ``<prefix>_PROJECTS``; purged tasks leave a tombstone in
   ``<prefix>_PURGED``.
+* **The event outbox** is the journal itself: an event's outbox entry rides in its
+  journal message (header ``Hivewire-Outbox``), so it is stored exactly when the event
+  is. The relay reads the journal in stream order through an ephemeral consumer that
+  delivers headers only, and keeps how far it published in ``<prefix>_OUTBOX``
+  (key ``relay``; the position is the journal's stream sequence).
 
 Replication is a setting (``replicas=1`` on one server, 3 in a cluster). Writes and
 reads go through one queue processed in order, so a read issued after a write sees it.
@@ -44,6 +49,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
@@ -59,6 +65,7 @@ from nats.js.kv import KeyValue
 from hivewire.services.coordinator.store import (
     TERMINAL_STATES,
     EventRow,
+    OutboxItem,
     ProjectRow,
     ProjectSummary,
     StoreError,
@@ -79,6 +86,10 @@ _SETUP_TIMEOUT = 60.0
 """Seconds opening the store may take (creating its buckets and stream)."""
 _DROPPED_KEPT = 100_000
 """Tasks let go whose late writes are still recognised and dropped."""
+OUTBOX_HEADER = "Hivewire-Outbox"
+"""Header of a journal message carrying the event's outbox entry (base64)."""
+_OUTBOX_CURSOR = "relay"
+_OUTBOX_FETCH_WAIT = 5.0
 _INDEX_CACHE = 4096
 """Tasks whose journal index (task sequence -> stream sequence) stays in memory."""
 
@@ -134,6 +145,12 @@ class JetStreamTaskStore:
         # Tasks this coordinator let go (taken over, or its lease lapsed): their queued
         # and retried writes are dropped, never applied after a peer's.
         self._dropped: OrderedDict[str, None] = OrderedDict()
+        self._outbox: KeyValue | None = None
+        self._outbox_sub: Any = None
+        self._outbox_consumer = ""
+        self._outbox_last = -1  # the last journal message the consumer delivered
+        self._outbox_returned = -1  # the position of the last item returned
+        self._outbox_expected = 1  # the consumer sequence of the next message
 
     @property
     def stream(self) -> str:
@@ -172,6 +189,7 @@ class JetStreamTaskStore:
                 self._keys = await self._retry(lambda: self._bucket("IDEMPOTENCY"))
                 self._projects = await self._retry(lambda: self._bucket("PROJECTS"))
                 self._tombstones = await self._retry(lambda: self._bucket("PURGED"))
+                self._outbox = await self._retry(lambda: self._bucket("OUTBOX"))
                 indexed = await self._retry(lambda: self._exists("ACTIVE"))
                 self._active = await self._retry(lambda: self._bucket("ACTIVE"))
                 self._members = await self._retry(lambda: self._bucket("COORDINATORS"))
@@ -223,6 +241,7 @@ class JetStreamTaskStore:
             await self._queue.put(None)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._worker
+        await self._outbox_unsubscribe()
         await self._disconnect()
 
     async def _disconnect(self) -> None:
@@ -313,6 +332,7 @@ class JetStreamTaskStore:
                     headers={
                         "Nats-Msg-Id": f"{event.task_id}:{event.sequence}",
                         SEQUENCE_HEADER: str(event.sequence),
+                        **_outbox_header(event),
                     },
                 ),
             )
@@ -997,6 +1017,114 @@ class JetStreamTaskStore:
 
         result: Tombstone | None = await self._submit(run)
         return result
+
+    # -- the event outbox ------------------------------------------------------------
+
+    async def outbox_next(self, after: int, *, limit: int) -> list[OutboxItem]:
+        """Journal messages past stream sequence ``after`` that carry an outbox entry.
+
+        ``after`` 0 starts after the position recorded by :meth:`outbox_done`. Waits
+        until there is at least one.
+        """
+        while True:
+            if self._closed:
+                raise StoreError("task store is closed")
+            try:
+                if self._outbox_sub is None or after not in (
+                    self._outbox_last,
+                    self._outbox_returned,
+                ):
+                    await self._outbox_subscribe(after)
+                try:
+                    msgs = await self._outbox_sub.fetch(limit, timeout=_OUTBOX_FETCH_WAIT)
+                except nats.errors.TimeoutError:
+                    # Nothing new, or the consumer is gone (a NATS restart): ask.
+                    await self._outbox_sub.consumer_info()
+                    continue
+            except Exception as exc:
+                # The consumer is gone (a NATS restart): a new one starts where this was.
+                logger.warning("outbox: journal consumer failed (%s); re-creating", exc)
+                await self._outbox_unsubscribe()
+                await asyncio.sleep(0.5)
+                continue
+            items = []
+            for msg in msgs:
+                if msg.metadata.sequence.consumer != self._outbox_expected:
+                    # The server lost the consumer's place: resume after the last one seen.
+                    await self._outbox_unsubscribe()
+                    break
+                self._outbox_expected += 1
+                self._outbox_last = msg.metadata.sequence.stream
+                encoded = (msg.headers or {}).get(OUTBOX_HEADER)
+                if encoded:
+                    items.append(OutboxItem(self._outbox_last, base64.b64decode(encoded)))
+            after = self._outbox_last
+            if items:
+                self._outbox_returned = items[-1].position
+                return items
+
+    async def outbox_done(self, position: int) -> None:
+        """Record the journal position up to which every outbox entry is published.
+
+        The position only moves forward: with several coordinators (each relays the
+        whole journal) one that lags behind never moves it back. Compare-and-set; a
+        lost race is left to the next call.
+        """
+        assert self._outbox is not None
+        value = str(position).encode()
+        try:
+            try:
+                entry = await self._outbox.get(_OUTBOX_CURSOR)
+            except js_errors.KeyNotFoundError:
+                with contextlib.suppress(js_errors.KeyWrongLastSequenceError):
+                    await self._outbox.create(_OUTBOX_CURSOR, value)
+                return
+            if int((entry.value or b"0").decode()) >= position:
+                return
+            with contextlib.suppress(js_errors.KeyWrongLastSequenceError):
+                await self._outbox.update(_OUTBOX_CURSOR, value, last=entry.revision)
+        except (nats.errors.Error, js_errors.Error, TimeoutError) as exc:
+            raise StoreError(f"cannot record the outbox position: {exc}") from exc
+
+    async def _outbox_subscribe(self, after: int) -> None:
+        await self._outbox_unsubscribe()
+        if after == 0:
+            assert self._outbox is not None
+            with contextlib.suppress(js_errors.KeyNotFoundError):
+                entry = await self._outbox.get(_OUTBOX_CURSOR)
+                after = int((entry.value or b"0").decode())
+        name = f"outbox-{uuid.uuid4().hex}"
+        await self._js.add_consumer(
+            self.stream,
+            js_api.ConsumerConfig(
+                name=name,
+                ack_policy=js_api.AckPolicy.NONE,
+                filter_subject=f"{JOURNAL_SUBJECT}.>",
+                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=after + 1,
+                headers_only=True,
+                inactive_threshold=60.0,
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+        self._outbox_sub = await self._js.pull_subscribe_bind(consumer=name, stream=self.stream)
+        self._outbox_consumer = name
+        self._outbox_last = after
+        self._outbox_expected = 1
+
+    async def _outbox_unsubscribe(self) -> None:
+        sub, self._outbox_sub = self._outbox_sub, None
+        if sub is None:
+            return
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self._js.delete_consumer(self.stream, self._outbox_consumer)
+
+
+def _outbox_header(event: EventRow) -> dict[str, str]:
+    return {OUTBOX_HEADER: base64.b64encode(event.outbox).decode()} if event.outbox else {}
 
 
 async def _nothing() -> None:

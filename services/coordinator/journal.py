@@ -2,7 +2,10 @@
 
 A task is stored durably before ``submit`` answers. From then on every change is an
 event with the task's next sequence number (1, 2, 3... without gaps), written to
-the store and, once committed, fanned out to every watcher and published on NATS.
+the store and, once committed, fanned out to every watcher. Every event is also
+published on NATS with the same sequence: with a NATS publisher, through the outbox
+(``outbox.py``), whose entry commits with the event, so a crash between the commit
+and the publish loses nothing.
 Watchers read committed events only, so what a client has seen is never lost or
 renumbered by a crash: a client that reconnects with ``after_sequence`` gets each
 event exactly once, in order.
@@ -17,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -29,9 +32,11 @@ from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator import convert, metrics
 from hivewire.services.coordinator.attempts import Attempt
 from hivewire.services.coordinator.model import TaskRecord, now_ns
+from hivewire.services.coordinator.outbox import OutboxSink, event_id, outbox_sink, pack
 from hivewire.services.coordinator.store import TERMINAL_STATES, EventRow, TaskStore
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import Unavailable
+from hivewire.services.runtime.events.envelope import build_traced_event
 from hivewire.services.runtime.eventsink import EventSink, NullSink
 
 logger = logging.getLogger(__name__)
@@ -58,10 +63,29 @@ CoordinatorEvents = EventSink[
 NullPublisher = NullSink
 """An :class:`CoordinatorEvents` that drops everything (events off)."""
 
+EventData = events_pb2.TaskEventData | events_pb2.WorkflowEventData
+
 _EVENT_PAGE = 500
+
+EVENT_COPY_MAX = 64 * 1024
+"""Bytes of a gRPC event copied whole into its NATS event (larger: payloads left out)."""
 
 #: Called with a task and each event once it has committed (plans follow their steps).
 EventListener = Callable[["TaskRuntime", TaskEvent], None]
+
+#: A ``workflow.*`` event reporting a task event: published with it, never before it.
+Report = tuple[str, events_pb2.WorkflowEventData]
+
+#: The NATS type of each ``TaskEvent`` kind when the emitter names none.
+_KIND_TYPES = {
+    "state_changed": "task.state_changed",
+    "progress": "task.progress",
+    "partial": "task.partial",
+    "input_required": "task.input_required",
+    "activity": "task.activity",
+    "retry": "task.retried",
+    "step": "task.step",
+}
 
 
 class RemoteEvents(Protocol):
@@ -197,6 +221,15 @@ class Journal:
         self.closing = False
         #: Where events of tasks other coordinators run are followed (None: alone).
         self.remote: RemoteEvents | None = None
+        # Where task events go: the outbox (a NATS publisher that is on), nowhere (events
+        # off), or straight to ``events.publish`` once committed (any other sink).
+        self._outbox = outbox_sink(events)
+        self._direct = not isinstance(events, NullSink | OutboxSink)
+
+    @property
+    def outbox(self) -> OutboxSink | None:
+        """The publisher events reach through the outbox, None when they do not."""
+        return self._outbox
 
     def listen(self, listener: EventListener) -> None:
         """Call ``listener`` with every event once it has committed."""
@@ -208,15 +241,20 @@ class Journal:
         *,
         publish: str | None = None,
         publish_extra: dict[str, Message] | None = None,
+        reports: Sequence[Report] = (),
         write_row: bool = True,
         **kind: Message,
     ) -> asyncio.Future[None]:
         """Append the task's next event: store it, then fan it out once committed.
 
+        Every event is published on NATS; with an outbox its envelopes commit with it.
+
         Args:
             rt: The task.
-            publish: The ``task.*`` event type to publish on NATS, if any.
+            publish: Its ``task.*`` type on NATS when not the kind's own
+                (``task.created``, ``task.completed``...).
             publish_extra: Extra fields of the published ``TaskEventData``.
+            reports: ``workflow.*`` events reporting this one, published right after it.
             write_row: Also store the task's row (False for events that change no
                 stored field, such as partials).
             kind: The event's one ``TaskEvent.kind`` field.
@@ -237,13 +275,52 @@ class Journal:
         )
         rt.events.append(event)
         rows = [convert.record_to_row(record, rt.spec_bytes)] if write_row else []
-        data = task_event_data(record, publish_extra or {}) if publish else None
+        published: list[tuple[str, EventData, str]] = []
+        if self._outbox is not None or self._direct:
+            data = task_event_data(record, publish_extra or {})
+            copy_event(data, event)
+            published.append((publish or _KIND_TYPES[next(iter(kind))], data, ""))
+            published.extend((event_type, report, event_type) for event_type, report in reports)
+        outbox = b""
+        if self._outbox is not None:
+            outbox = self._envelopes(record, event.sequence, stamp, published)
+            published = []
+            metrics.OUTBOX_WRITTEN.inc()
         future = self._store.put(
             tasks=rows,
-            events=[EventRow(record.task_id, event.sequence, event.SerializeToString())],
+            events=[
+                EventRow(record.task_id, event.sequence, event.SerializeToString(), outbox=outbox)
+            ],
         )
-        future.add_done_callback(partial(self._committed, rt, event, publish, data))
+        future.add_done_callback(partial(self._committed, rt, event, published))
         return future
+
+    def _envelopes(
+        self,
+        record: TaskRecord,
+        sequence: int,
+        stamp: int,
+        published: list[tuple[str, EventData, str]],
+    ) -> bytes:
+        """The outbox entry of an event: its envelopes, with deterministic ids."""
+        assert self._outbox is not None
+        # Events of the task belong to its trace, whoever emitted them.
+        with tracing.resumed(record.spec.metadata):
+            return pack(
+                [
+                    build_traced_event(
+                        event_type,
+                        source=self._outbox.source,
+                        subject=record.task_id,
+                        data=data,
+                        task_sequence=sequence,
+                        correlation_id=record.correlation_id or None,
+                        event_id=event_id(record.task_id, sequence, suffix),
+                        time_ns=stamp,
+                    )[0]
+                    for event_type, data, suffix in published
+                ]
+            )
 
     def publish(
         self,
@@ -276,8 +353,7 @@ class Journal:
         self,
         rt: TaskRuntime,
         event: TaskEvent,
-        publish: str | None,
-        data: events_pb2.TaskEventData | None,
+        published: list[tuple[str, EventData, str]],
         future: asyncio.Future[None],
     ) -> None:
         sequence = event.sequence
@@ -291,19 +367,19 @@ class Journal:
         if sequence > rt.committed:
             rt.committed = sequence
         rt.notify()
-        if publish and data is not None:
+        for event_type, data, _ in published:
+            # Without an outbox (a sink of another kind): straight to it, once committed.
             try:
-                # Events of the task belong to its trace, whoever emitted them.
                 with tracing.resumed(rt.record.spec.metadata):
                     self._events.publish(
-                        publish,
+                        event_type,
                         subject=rt.record.task_id,
                         data=data,
                         task_sequence=sequence,
                         correlation_id=rt.record.correlation_id or None,
                     )
             except Exception:
-                logger.exception("publishing %s failed", publish)
+                logger.exception("publishing %s failed", event_type)
         for listener in self._listeners:
             try:
                 listener(rt, event)
@@ -391,6 +467,33 @@ class Journal:
             rt.record.task_id, after, until=min(rt.base, upto), limit=_EVENT_PAGE
         )
         return [TaskEvent.FromString(row.data) for row in rows]
+
+
+def copy_event(data: events_pb2.TaskEventData, event: TaskEvent) -> None:
+    """Put the gRPC event in its NATS data, without its payloads when it is large.
+
+    A task's output or an agent's partial can be megabytes; an event on NATS stays
+    under :data:`EVENT_COPY_MAX` (NATS refuses messages over its ``max_payload``, 1 MiB
+    by default, and one refused event would hold up every later one).
+    """
+    data.event.CopyFrom(event)
+    if data.event.ByteSize() <= EVENT_COPY_MAX:
+        return
+    copied = data.event
+    kind = copied.WhichOneof("kind")
+    if kind == "finished":
+        copied.finished.ClearField("output")
+    elif kind == "partial":
+        copied.partial.ClearField("content")
+    elif kind == "step":
+        copied.step.ClearField("output")
+        copied.step.ClearField("partial")
+    data.event_payloads_omitted = True
+    if copied.ByteSize() > EVENT_COPY_MAX:
+        # Something else is huge (an error message): only the position is kept.
+        data.event.CopyFrom(
+            TaskEvent(task_id=event.task_id, sequence=event.sequence, attempt=event.attempt)
+        )
 
 
 def task_event_data(record: TaskRecord, extra: dict[str, Message]) -> events_pb2.TaskEventData:

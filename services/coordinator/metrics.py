@@ -133,3 +133,16 @@ def task_event_committed(rt: _WithRecord, event: coordinator_pb2.TaskEvent) -> N
         return
     seconds = (event.time.ToNanoseconds() - rt.record.created_ns) / 1e9
     TASK_SECONDS.labels(state_name(rt.record.state)).observe(max(seconds, 0.0))
+
+
+# -- the event outbox (outbox.py) ---------------------------------------------------------
+
+OUTBOX_WRITTEN = Counter(
+    "hivewire_coordinator_outbox_written_total",
+    "Task events stored with their NATS envelopes in the event outbox.",
+)
+OUTBOX_RELAYED = Counter(
+    "hivewire_coordinator_outbox_relayed_total",
+    "Outbox entries JetStream acknowledged and the relay recorded as published (what a "
+    "restart sends again included): written minus relayed is the backlog.",
+)

@@ -50,7 +50,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator.attempts import add_usage, deadline_error
-from hivewire.services.coordinator.journal import Journal, TaskRuntime
+from hivewire.services.coordinator.journal import Journal, Report, TaskRuntime
 from hivewire.services.coordinator.model import (
     CANCELLED,
     FAILED,
@@ -110,8 +110,12 @@ class PlanHost(Protocol):
         reason: str,
         output: common_pb2.Payload | None = None,
         error: common_pb2.ErrorDetail | None = None,
+        reports: Sequence[Report] = (),
     ) -> asyncio.Future[None]:
-        """End a task (the parent) in a terminal state; the future resolves on commit."""
+        """End a task (the parent) in a terminal state; the future resolves on commit.
+
+        ``reports`` are published with its last event (``workflow.completed``...).
+        """
         ...
 
 
@@ -209,15 +213,15 @@ class Plans:
         record.steps = [C.StepStatus(step_id=step.step_id) for step in record.spec.plan.steps]
         run = self._run_for(rt)
         record.state = RUNNING
-        committed = self._journal.emit(
+        self._journal.emit(
             rt,
+            reports=[("workflow.started", _workflow_data(run.record, RUNNING))],
             state_changed=C.StateChange(
                 from_state=QUEUED,
                 to_state=RUNNING,
                 reason=f"plan of {len(record.steps)} steps started",
             ),
         )
-        self._publish(run, "workflow.started", committed)
         self._advance(run)
 
     def _run_for(self, rt: TaskRuntime) -> _Run:
@@ -635,14 +639,15 @@ class Plans:
             error = run.record.error or common_pb2.ErrorDetail()
             state = CANCELLED if error.reason == "CANCELLED" else FAILED
             compensated = [s for s in run.steps.values() if s.status.compensation_task_id]
-            committed = self._host.finish(
+            self._host.finish(
                 run.rt,
                 state,
                 reason=f"plan {'cancelled' if state == CANCELLED else 'failed'} "
                 f"({error.reason}); {len(compensated)} compensation(s) ran",
                 error=error,
+                reports=[("workflow.failed", _workflow_data(run.record, state, error))],
             )
-            self._ended(run, "workflow.failed", committed)
+            self._ended(run)
             return
         step = max(pending, key=lambda s: s.finished_ns)
         payload = common_pb2.Payload()
@@ -698,15 +703,26 @@ class Plans:
     # -- ending -----------------------------------------------------------------------
 
     def _complete(self, run: _Run, output: common_pb2.Payload, reason: str) -> None:
-        committed = self._host.finish(run.rt, SUCCEEDED, reason=reason, output=output)
-        self._ended(run, "workflow.completed", committed)
+        self._host.finish(
+            run.rt,
+            SUCCEEDED,
+            reason=reason,
+            output=output,
+            reports=[("workflow.completed", _workflow_data(run.record, SUCCEEDED))],
+        )
+        self._ended(run)
 
     def _finish_failed(self, run: _Run, error: common_pb2.ErrorDetail) -> None:
-        committed = self._host.finish(run.rt, FAILED, reason=error.message, error=error)
-        self._ended(run, "workflow.failed", committed)
+        self._host.finish(
+            run.rt,
+            FAILED,
+            reason=error.message,
+            error=error,
+            reports=[("workflow.failed", _workflow_data(run.record, FAILED, error))],
+        )
+        self._ended(run)
 
-    def _ended(self, run: _Run, event_type: str, committed: asyncio.Future[None]) -> None:
-        self._publish(run, event_type, committed)
+    def _ended(self, run: _Run) -> None:
         self._runs.pop(run.record.task_id, None)
 
     # -- events -----------------------------------------------------------------------
@@ -721,8 +737,8 @@ class Plans:
         step: _Step | None = None,
         error: common_pb2.ErrorDetail | None = None,
     ) -> None:
-        committed = self._journal.emit(run.rt, write_row=write_row, step=event)
         if not workflow:
+            self._journal.emit(run.rt, write_row=write_row, step=event)
             return
         data = events_pb2.WorkflowEventData(
             task_id=run.record.task_id,
@@ -736,44 +752,8 @@ class Plans:
         failure = error if error is not None else (event.error if event.HasField("error") else None)
         if failure is not None:
             data.error.CopyFrom(failure)
-        self._after(committed, run, workflow, data, run.record.last_sequence)
-
-    def _publish(self, run: _Run, event_type: str, committed: asyncio.Future[None]) -> None:
-        data = events_pb2.WorkflowEventData(
-            task_id=run.record.task_id,
-            state=run.record.state,  # type: ignore[arg-type]
-            owner=run.record.owner,
-        )
-        if run.record.error is not None and run.record.terminal:
-            data.error.CopyFrom(run.record.error)
-        self._after(committed, run, event_type, data, run.record.last_sequence)
-
-    def _after(
-        self,
-        committed: asyncio.Future[None],
-        run: _Run,
-        event_type: str,
-        data: events_pb2.WorkflowEventData,
-        sequence: int,
-    ) -> None:
-        """Publish a workflow event once the parent event it reports has committed."""
-        correlation_id = run.record.correlation_id
-        subject = run.record.task_id
-        metadata = run.record.spec.metadata
-
-        def publish(future: asyncio.Future[None]) -> None:
-            if future.cancelled() or future.exception() is not None:
-                return
-            self._journal.publish(
-                event_type,
-                data,
-                subject=subject,
-                sequence=sequence,
-                correlation_id=correlation_id,
-                trace=metadata,
-            )
-
-        committed.add_done_callback(publish)
+        # Published with the step event, never before it has committed.
+        self._journal.emit(run.rt, write_row=write_row, reports=[(workflow, data)], step=event)
 
     # -- recovery ---------------------------------------------------------------------
 
@@ -876,6 +856,20 @@ class Plans:
 
 def _by_plan(step: _Step) -> bool:
     return step.status.error.reason == PLAN_CANCELLED
+
+
+def _workflow_data(
+    record: TaskRecord, state: int, error: common_pb2.ErrorDetail | None = None
+) -> events_pb2.WorkflowEventData:
+    """The data of a plan-wide ``workflow.*`` event: the plan in ``state``."""
+    data = events_pb2.WorkflowEventData(
+        task_id=record.task_id,
+        state=state,  # type: ignore[arg-type]
+        owner=record.owner,
+    )
+    if error is not None:
+        data.error.CopyFrom(error)
+    return data
 
 
 def _aggregator_status(run: _Run) -> C.StepStatus | None:

@@ -69,6 +69,7 @@ from hivewire.services.coordinator.journal import (
     EventListener,
     Journal,
     NullPublisher,
+    Report,
     TaskRuntime,
     TaskTable,
 )
@@ -559,9 +560,10 @@ class Coordinator:
         reason: str,
         output: common_pb2.Payload | None = None,
         error: common_pb2.ErrorDetail | None = None,
+        reports: Sequence[Report] = (),
     ) -> asyncio.Future[None]:
         """End a task in a terminal state (plans end their parent with it)."""
-        return self._finish(rt, state, reason=reason, output=output, error=error)
+        return self._finish(rt, state, reason=reason, output=output, error=error, reports=reports)
 
     async def _find_idempotent(self, owner: str, key: str) -> TaskRecord | None:
         task_id = self._idempotency.get((owner, key))
@@ -1252,6 +1254,7 @@ class Coordinator:
         reason: str,
         output: common_pb2.Payload | None = None,
         error: common_pb2.ErrorDetail | None = None,
+        reports: Sequence[Report] = (),
     ) -> asyncio.Future[None]:
         record = rt.record
         if record.terminal:
@@ -1282,7 +1285,9 @@ class Coordinator:
             finished.output.CopyFrom(output)
         if error is not None:
             finished.error.CopyFrom(error)
-        committed = self._journal.emit(rt, publish=_FINISHED_TYPES[state], finished=finished)
+        committed = self._journal.emit(
+            rt, publish=_FINISHED_TYPES[state], reports=reports, finished=finished
+        )
         if rt.deadline_handle is not None:
             rt.deadline_handle.cancel()
             rt.deadline_handle = None

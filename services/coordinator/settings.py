@@ -206,6 +206,12 @@ class CoordinatorSettings(BaseModel):
     webhooks: WebhookSettings = Field(
         default_factory=WebhookSettings, description="Webhook delivery."
     )
+    outbox_hold: Literal["", "publish", "mark"] = Field(
+        "",
+        description="TEST ONLY: pause the event outbox relay ('publish': send nothing; "
+        "'mark': send but never record it sent), so a test can kill the coordinator "
+        "between a commit and its publish. Leave empty.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorSettings:

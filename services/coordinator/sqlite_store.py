@@ -34,6 +34,7 @@ from typing import Any, Self, TypeVar
 
 from hivewire.services.coordinator.store import (
     EventRow,
+    OutboxItem,
     ProjectRow,
     ProjectSummary,
     StoreError,
@@ -49,7 +50,7 @@ __all__ = ["SqliteTaskStore"]
 T = TypeVar("T")
 
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 _WAL_SIZE_LIMIT = 16 * 1024 * 1024
 """Bytes of the WAL file kept after a checkpoint."""
 _SCHEMA = """
@@ -106,6 +107,14 @@ CREATE TABLE IF NOT EXISTS purged_tasks (
 CREATE INDEX IF NOT EXISTS purged_tasks_age ON purged_tasks (purged_ns);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (updated_ns) WHERE state IN (5, 6, 7, 8);
 """
+# Schema version 4: the event outbox (coordinator/outbox.py). AUTOINCREMENT: a position
+# is never reused, even after the table was emptied, so "after position" stays right.
+_SCHEMA_V4 = """
+CREATE TABLE IF NOT EXISTS outbox (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    entry    BLOB NOT NULL
+);
+"""
 _MIGRATE_V1 = (
     "ALTER TABLE tasks ADD COLUMN parent_task_id TEXT NOT NULL DEFAULT ''",
     "ALTER TABLE tasks ADD COLUMN project_id TEXT NOT NULL DEFAULT ''",
@@ -130,6 +139,7 @@ class _Write:
     tasks: Sequence[TaskRow]
     events: Sequence[EventRow]
     future: asyncio.Future[None]
+    outbox_done: int = 0  # delete the outbox rows up to this position (0: none)
 
 
 @dataclass
@@ -156,6 +166,7 @@ class SqliteTaskStore:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._outbox_committed = asyncio.Event()
 
     @property
     def path(self) -> str:
@@ -543,6 +554,39 @@ class SqliteTaskStore:
         result: list[str] = await self._read(run)
         return result
 
+    # -- the event outbox ------------------------------------------------------------
+
+    async def outbox_next(self, after: int, *, limit: int) -> list[OutboxItem]:
+        """Committed outbox entries with a position past ``after``, oldest first.
+
+        Waits until there is at least one (the storage thread signals each commit that
+        wrote outbox rows).
+        """
+
+        def run(conn: sqlite3.Connection) -> list[OutboxItem]:
+            rows = conn.execute(
+                "SELECT position, entry FROM outbox WHERE position > ? ORDER BY position LIMIT ?",
+                (after, limit),
+            ).fetchall()
+            return [OutboxItem(int(position), bytes(entry)) for position, entry in rows]
+
+        while True:
+            self._outbox_committed.clear()
+            items: list[OutboxItem] = await self._read(run)
+            if items:
+                return items
+            await self._outbox_committed.wait()
+
+    async def outbox_done(self, position: int) -> None:
+        """Delete the outbox entries up to ``position``: they are published.
+
+        A write like the others: it joins the next group commit.
+        """
+        loop = self._require_open()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.put(_Write((), (), future, outbox_done=position))
+        await future
+
     # -- plumbing --------------------------------------------------------------------
 
     def _require_open(self) -> asyncio.AbstractEventLoop:
@@ -581,6 +625,7 @@ class SqliteTaskStore:
         conn.executescript(_SCHEMA)
         conn.executescript(_SCHEMA_V2_INDEXES)
         conn.executescript(_SCHEMA_V3)
+        conn.executescript(_SCHEMA_V4)
         conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         return conn
 
@@ -659,6 +704,8 @@ class SqliteTaskStore:
                     errors.append(StoreError(str(exc)))
         futures = [w.future for w in batch]
         loop.call_soon_threadsafe(_settle_all, futures, errors)
+        if any(e.outbox for w in batch for e in w.events):
+            loop.call_soon_threadsafe(self._outbox_committed.set)
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, batch: list[_Write]) -> None:
@@ -670,12 +717,19 @@ class SqliteTaskStore:
                 latest.pop(task.task_id, None)
                 latest[task.task_id] = task
             events.extend((e.task_id, e.sequence, e.data) for e in write.events)
+        outbox = [(e.outbox,) for write in batch for e in write.events if e.outbox]
+        published = max((write.outbox_done for write in batch), default=0)
         conn.execute("BEGIN IMMEDIATE")
         try:
             if latest:
                 conn.executemany(_UPSERT_TASK, [_row_params(t) for t in latest.values()])
             if events:
                 conn.executemany(_INSERT_EVENT, events)
+            if outbox:
+                # In the events' transaction: an event is never committed without it.
+                conn.executemany("INSERT INTO outbox (entry) VALUES (?)", outbox)
+            if published:
+                conn.execute("DELETE FROM outbox WHERE position <= ?", (published,))
         except BaseException:
             conn.execute("ROLLBACK")
             raise

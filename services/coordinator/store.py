@@ -14,6 +14,9 @@ checks them):
 * A read issued after a write sees it.
 * Several updates of one task in one batch collapse into the last one; events are
   only ever inserted.
+* An event's outbox entry (:attr:`EventRow.outbox`) commits with the event, and
+  :meth:`TaskStore.outbox_next` hands entries out in commit order until
+  :meth:`TaskStore.outbox_done` records them published (``coordinator/outbox.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Protocol, Self
 
 __all__ = [
     "EventRow",
+    "OutboxItem",
     "ProjectRow",
     "ProjectSummary",
     "StoreError",
@@ -95,11 +99,28 @@ class EventRow:
         task_id: The task it belongs to.
         sequence: Its position in the task's history, from 1 without gaps.
         data: The serialized ``coordinator.v1.TaskEvent``.
+        outbox: Its outbox entry: the encoded NATS events that report it, to publish
+            once committed (``coordinator/outbox.py``); empty for none.
     """
 
     task_id: str
     sequence: int
     data: bytes
+    outbox: bytes = b""
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One committed outbox entry not yet recorded as published.
+
+    Attributes:
+        position: Its place in the store's commit order (increasing; the store's own
+            numbering, only meaningful to :meth:`TaskStore.outbox_done`).
+        entry: :attr:`EventRow.outbox` as committed.
+    """
+
+    position: int
+    entry: bytes
 
 
 @dataclass(frozen=True)
@@ -275,4 +296,18 @@ class TaskStore(Protocol):
 
     async def tombstone(self, task_id: str) -> Tombstone | None:
         """The tombstone of a purged task, or None."""
+        ...
+
+    # -- the event outbox (coordinator/outbox.py) -------------------------------------
+
+    async def outbox_next(self, after: int, *, limit: int) -> list[OutboxItem]:
+        """Committed outbox entries past ``after``, oldest first; waits for one.
+
+        ``after`` is 0 on the first call of a process (everything not yet marked
+        done), then the position of the last item returned before.
+        """
+        ...
+
+    async def outbox_done(self, position: int) -> None:
+        """Record every outbox entry up to ``position`` as published."""
         ...

@@ -98,6 +98,7 @@ class NatsNames:
         "HIVEWIRE_PURGED",
         "HIVEWIRE_ACTIVE",
         "HIVEWIRE_COORDINATORS",
+        "HIVEWIRE_OUTBOX",  # how far the event outbox's relay published (outbox.py)
     )
     journal_stream: str = "HIVEWIRE_JOURNAL"
     # The tool services' used approvals (runtime/grants.py).

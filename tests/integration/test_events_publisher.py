@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import nats
@@ -277,3 +278,86 @@ async def test_from_settings_uses_the_events_section(
         await client.close()
     monkeypatch.setenv("HIVEWIRE_EVENTS__ENABLED", "false")
     assert not EventPublisher.from_settings(load_settings(), source="svc/1").enabled
+
+
+async def test_sent_envelopes_are_never_dropped_and_resolve_once_stored(tmp_path: Path) -> None:
+    """send(): the outbox's way in. A full buffer drops other events, never these."""
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    try:
+        async with EventPublisher(server.url, source="coordinator/c-1", max_buffer=4) as publisher:
+            await server.stop()
+            ready = [
+                events_pb2.Event(
+                    id=f"task-1:{n}",
+                    type="task.state_changed",
+                    source="coordinator/c-1",
+                    subject="task-1",
+                    task_sequence=n,
+                    task=task_data("task-1"),
+                )
+                for n in range(1, 7)
+            ]
+            sent = publisher.send(ready)
+            for i in range(10):
+                publisher.publish(
+                    "tool.invoked", subject=f"call-{i}", data=events_pb2.ToolEventData()
+                )
+            # The six envelopes stay; only the ordinary events made room for each other.
+            assert publisher.buffered == 6 + 1
+            assert not sent.done()
+            await server.start()
+            await sent
+            # The same envelopes again (a restarted relay): JetStream stores them once.
+            await publisher.send(ready)
+            assert await publisher.flush(20)
+        stored = [
+            (r.event.id, r.headers[HEADER_MSG_ID]) async for r in replay(server.url, "task.*")
+        ]
+    finally:
+        await server.stop()
+    assert stored == [(f"task-1:{n}", f"task-1:{n}") for n in range(1, 7)]
+
+
+async def test_close_cancels_what_send_could_not_deliver(tmp_path: Path) -> None:
+    lost_before = metric("hivewire_events_dropped_total", reason="shutdown")
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    await server.stop()
+    publisher = EventPublisher(server.url, source="coordinator/c-1", close_timeout=0.2)
+    await publisher.start()
+    sent = publisher.send(
+        [events_pb2.Event(id="t:1", type="task.created", subject="t", task=task_data("t"))]
+    )
+    await publisher.close()
+    # Its store keeps it and sends it again: not counted as lost here.
+    assert sent.cancelled()
+    assert metric("hivewire_events_dropped_total", reason="shutdown") == lost_before
+    assert publisher.send([]).done()
+
+
+async def test_an_event_nats_cannot_take_is_dropped_not_retried_for_ever(
+    nats_server: NatsServer,
+) -> None:
+    """One event over NATS's max_payload (1 MiB) must not hold up the ones after it."""
+    too_large_before = metric("hivewire_events_dropped_total", reason="too_large")
+
+    def envelope(n: int, text: str = "") -> events_pb2.Event:
+        data = task_data("task-1")
+        data.error.message = text
+        return events_pb2.Event(
+            id=f"task-1:{n}",
+            type="task.failed",
+            subject="task-1",
+            task_sequence=n,
+            task=data,
+        )
+
+    async with EventPublisher(nats_server.url, source="coordinator/c-1") as publisher:
+        first = publisher.send([envelope(1)])
+        huge = publisher.send([envelope(2, "x" * (2 * 1024 * 1024))])
+        after = publisher.send([envelope(3)])
+        await asyncio.wait_for(asyncio.gather(first, huge, after), 30)
+    stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
+    assert stored == ["task-1:1", "task-1:3"]
+    assert metric("hivewire_events_dropped_total", reason="too_large") == too_large_before + 1

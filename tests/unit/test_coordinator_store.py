@@ -337,3 +337,34 @@ async def test_jetstream_indexes_the_unfinished_tasks_of_a_store_from_before_the
             await store.connection.jetstream().delete_key_value("HIVEWIRE_ACTIVE")
         async with JetStreamTaskStore(server.url) as store:
             assert [r.task_id for r in await store.active_tasks()] == ["old-1"]
+
+
+# -- the event outbox (coordinator/outbox.py) ---------------------------------------------
+
+
+async def test_outbox_entries_commit_with_their_events_in_order(
+    open_store: StoreFactory,
+) -> None:
+    async with open_store() as store:
+        store.put(
+            tasks=[row("t1")],
+            events=[EventRow("t1", 1, b"e1", outbox=b"o1"), EventRow("t1", 2, b"e2")],
+        )
+        await store.put(events=[EventRow("t2", 1, b"x", outbox=b"o2")])
+        items = await store.outbox_next(0, limit=10)
+        # Events without an entry have none; the order is commit order.
+        assert [i.entry for i in items] == [b"o1", b"o2"]
+        assert items[0].position < items[1].position
+        assert await store.outbox_next(items[0].position, limit=10) == items[1:]
+        await store.outbox_done(items[0].position)
+    # A restarted relay starts after what was recorded published, not before.
+    async with open_store() as store:
+        again = await store.outbox_next(0, limit=10)
+        assert [i.entry for i in again] == [b"o2"]
+        # It waits for the next commit when everything was handed out.
+        waiting = asyncio.ensure_future(store.outbox_next(again[-1].position, limit=10))
+        await store.put(events=[EventRow("t3", 1, b"y", outbox=b"o3")])
+        assert [i.entry for i in await asyncio.wait_for(waiting, 30)] == [b"o3"]
+        await store.outbox_done(again[-1].position)
+    async with open_store() as store:
+        assert [i.entry for i in await store.outbox_next(0, limit=10)] == [b"o3"]

@@ -11,6 +11,7 @@ import typer
 from opentelemetry import context as otel_context
 
 from hivewire.common.v1 import common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.events.v1 import events_pb2
 from hivewire.services.cli.events import format_event, parse_since
 from hivewire.services.runtime import tracing
@@ -263,3 +264,21 @@ def test_format_event_shows_the_key_fields() -> None:
         ),
     )
     assert "tool=calculator outcome=error error=TOOL_TIMEOUT: too slow" in format_event(failed, 1)
+    # The coordinator's other kinds show what their event adds.
+    activity = build_event(
+        "task.activity",
+        source="coordinator/c",
+        subject="task-9",
+        data=events_pb2.TaskEventData(
+            task_id="task-9",
+            event=coordinator_pb2.TaskEvent(
+                task_id="task-9",
+                sequence=5,
+                activity=common_pb2.Activity(
+                    kind=common_pb2.ACTIVITY_KIND_TOOL_CALL, name="calculator", done=True
+                ),
+            ),
+        ),
+        task_sequence=5,
+    )
+    assert "activity=tool_call:calculator done" in format_event(activity, 2)

@@ -32,6 +32,7 @@ __all__ = [
     "HEADER_TRACESTATE",
     "EventData",
     "build_event",
+    "build_traced_event",
     "category_of",
     "dlq_subject_for",
     "event_headers",
@@ -79,6 +80,11 @@ EVENT_TYPES: Final[Mapping[str, frozenset[str]]] = {
             "retried",
             "dead_lettered",
             "requeued",
+            # The coordinator's other task events (TaskEventData.event carries them).
+            "state_changed",
+            "partial",
+            "activity",
+            "step",
         }
     ),
     "agent": frozenset({"registered", "deregistered", "health_changed"}),
@@ -238,6 +244,52 @@ def build_event(
         event.time.FromNanoseconds(time_ns)
     getattr(event, field).CopyFrom(data)
     return event
+
+
+def build_traced_event(
+    event_type: str,
+    *,
+    source: str,
+    subject: str,
+    data: EventData,
+    task_sequence: int = 0,
+    correlation_id: str | None = None,
+    event_id: str | None = None,
+    time_ns: int | None = None,
+) -> tuple[events_pb2.Event, dict[str, str]]:
+    """Build an envelope inside its PRODUCER span (a child of the current span).
+
+    The span's W3C context becomes the envelope's ``traceparent``; the arguments are
+    those of :func:`build_event`.
+
+    Returns:
+        The envelope and the span's W3C headers (for :func:`event_headers`).
+    """
+    nats_subject = event_subject(event_type)
+    with tracing.tracer.start_as_current_span(
+        f"{nats_subject} publish",
+        kind=tracing.SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.operation.type": "publish",
+            "messaging.destination.name": nats_subject,
+        },
+    ) as span:
+        carrier: dict[str, str] = {}
+        tracing.inject(carrier)
+        event = build_event(
+            event_type,
+            source=source,
+            subject=subject,
+            data=data,
+            task_sequence=task_sequence,
+            correlation_id=correlation_id,
+            traceparent=carrier.get(HEADER_TRACEPARENT, ""),
+            event_id=event_id,
+            time_ns=time_ns,
+        )
+        span.set_attribute("messaging.message.id", event.id)
+    return event, carrier
 
 
 def event_headers(

@@ -11,6 +11,10 @@ once even when an ack was lost. While NATS is unreachable the buffer grows up to
 state of the mesh is worth more than its oldest history.
 
 ``task.progress`` events are coalesced per task (see :class:`ProgressCoalescer`).
+
+:meth:`EventPublisher.send` is the other way in, for events that are already durable
+elsewhere (the coordinator's outbox): ready envelopes, never coalesced, never dropped
+when the buffer is full, and a future that resolves once JetStream stored them.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import PubAck
@@ -32,13 +38,12 @@ from nats.js.client import JetStreamContext
 
 from hivewire.services.base.backoff import Backoff
 from hivewire.services.base.lifecycle import StartClose
-from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
 
 from . import metrics
 from ._nats import TRANSIENT_ERRORS, close_quietly, connect, ensure_streams, stop_tasks
-from .envelope import EventData, build_event, event_headers, event_subject
+from .envelope import EventData, build_event, build_traced_event, event_headers, event_subject
 from .settings import EventsSettings, StreamSettings
 
 if TYPE_CHECKING:
@@ -176,6 +181,8 @@ class _Outgoing:
     payload: bytes
     headers: Mapping[str, str]
     queued_at: float = 0.0  # time.monotonic() of publish(), for the publish lag
+    durable: bool = False  # from send(): kept elsewhere, never dropped here
+    done: asyncio.Future[None] | None = None  # resolved once this one (and all before) is acked
 
 
 class EventPublisher(StartClose):
@@ -314,7 +321,9 @@ class EventPublisher(StartClose):
         """Send what is buffered (up to ``close_timeout``), then stop and disconnect.
 
         Events still unsent when the time is up are dropped with a warning and counted
-        in ``hivewire_events_dropped_total{reason="shutdown"}``.
+        in ``hivewire_events_dropped_total{reason="shutdown"}`` (those given to
+        :meth:`send` are not: their futures are cancelled and their store sends them
+        again).
         """
         if self._closed:
             return
@@ -325,8 +334,15 @@ class EventPublisher(StartClose):
         if self._task is not None:
             await stop_tasks([self._task])
             self._task = None
-        if self._buffer:
-            lost = len(self._buffer)
+        kept = [item for item in self._buffer if item.durable]
+        for item in kept:
+            if item.done is not None:
+                item.done.cancel()
+        if kept:
+            logger.info("events: %d event(s) left to the outbox for after a restart", len(kept))
+            metrics.BUFFERED.dec(len(kept))
+        lost = len(self._buffer) - len(kept)
+        if lost:
             logger.warning(
                 "events: %d event(s) not published before shutdown (NATS at %s unreachable)",
                 lost,
@@ -334,7 +350,7 @@ class EventPublisher(StartClose):
             )
             metrics.DROPPED.labels("shutdown").inc(lost)
             metrics.BUFFERED.dec(lost)
-            self._buffer.clear()
+        self._buffer.clear()
         await close_quietly(self._nc)
         self._nc = None
         self._js = None
@@ -366,35 +382,25 @@ class EventPublisher(StartClose):
             ValueError: Unknown event type or data of the wrong type (a programming
                 error, raised whether or not events are enabled).
         """
-
-        def envelope(traceparent: str) -> events_pb2.Event:
-            return build_event(
+        if self._url is None:
+            # Still built: a wrong event type is a bug whether or not events are on.
+            build_event(
                 event_type,
                 source=self._source,
                 subject=subject,
                 data=data,
                 task_sequence=task_sequence,
-                correlation_id=correlation_id,
-                traceparent=traceparent,
             )
-
-        if self._url is None:
-            envelope("")  # still built: a wrong event type is a bug whether or not events are on
             return
+        event, carrier = build_traced_event(
+            event_type,
+            source=self._source,
+            subject=subject,
+            data=data,
+            task_sequence=task_sequence,
+            correlation_id=correlation_id,
+        )
         nats_subject = event_subject(event_type)
-        with tracing.tracer.start_as_current_span(
-            f"{nats_subject} publish",
-            kind=tracing.SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.operation.type": "publish",
-                "messaging.destination.name": nats_subject,
-            },
-        ) as span:
-            carrier: dict[str, str] = {}
-            tracing.inject(carrier)
-            event = envelope(carrier.get("traceparent", ""))
-            span.set_attribute("messaging.message.id", event.id)
         if self._closed:
             logger.debug("events: publisher closed; dropping %s %s", event_type, event.id)
             metrics.DROPPED.labels("shutdown").inc()
@@ -416,6 +422,45 @@ class EventPublisher(StartClose):
             # progress are both kept.
             self._coalescer.flush(subject)
             self._enqueue(outgoing)
+
+    def send(self, events: Sequence[events_pb2.Event]) -> asyncio.Future[None]:
+        """Queue ready envelopes, in order, behind everything queued before.
+
+        For events another store keeps until they are published (the coordinator's
+        outbox): they are not coalesced, never dropped when the buffer is full, and
+        go out with their own ids as ``Nats-Msg-Id``.
+
+        Returns:
+            A future that resolves once JetStream acknowledged every one of them
+            (at once when events are off or ``events`` is empty). It is cancelled
+            if the publisher closes first: the caller sends them again later.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._url is None or not events:
+            future.set_result(None)
+            return future
+        if self._closed:
+            future.cancel()
+            return future
+        now = time.monotonic()
+        last = len(events) - 1
+        for i, event in enumerate(events):
+            self._coalescer.flush(event.subject)
+            self._enqueue(
+                _Outgoing(
+                    seq=0,
+                    event_id=event.id,
+                    event_type=event.type,
+                    subject=event_subject(event.type),
+                    category=event.type.partition(".")[0],
+                    payload=event.SerializeToString(),
+                    headers=event_headers(event),
+                    queued_at=now,
+                    durable=True,
+                    done=future if i == last else None,
+                )
+            )
+        return future
 
     async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait until every event published so far is acknowledged by JetStream.
@@ -441,26 +486,24 @@ class EventPublisher(StartClose):
         return True
 
     def _enqueue(self, outgoing: _Outgoing) -> None:
-        if len(self._buffer) >= self._max_buffer:
-            dropped = self._buffer.popleft()
-            metrics.DROPPED.labels("buffer_full").inc()
-            metrics.BUFFERED.dec()
-            self._log_drop(dropped)
-        self._buffer.append(
-            _Outgoing(
-                seq=next(self._seq),
-                event_id=outgoing.event_id,
-                event_type=outgoing.event_type,
-                subject=outgoing.subject,
-                category=outgoing.category,
-                payload=outgoing.payload,
-                headers=outgoing.headers,
-                queued_at=outgoing.queued_at,
-            )
-        )
+        if len(self._buffer) >= self._max_buffer and not outgoing.durable:
+            dropped = self._drop_oldest()
+            if dropped is not None:
+                metrics.DROPPED.labels("buffer_full").inc()
+                metrics.BUFFERED.dec()
+                self._log_drop(dropped)
+        self._buffer.append(replace(outgoing, seq=next(self._seq)))
         metrics.BUFFERED.inc()
         self._idle.clear()
         self._wake.set()
+
+    def _drop_oldest(self) -> _Outgoing | None:
+        """Take the oldest event that is not durable elsewhere out of the buffer."""
+        for i, item in enumerate(self._buffer):
+            if not item.durable:
+                del self._buffer[i]
+                return item
+        return None
 
     def _log_drop(self, dropped: _Outgoing) -> None:
         self._dropped_since_log += 1
@@ -589,6 +632,10 @@ class EventPublisher(StartClose):
                     wait_stall=self._timeout,
                     headers=dict(item.headers),
                 )
+            except nats.errors.MaxPayloadError:
+                # Never accepted, however often it is sent: it must not hold up the rest.
+                self._drop_too_large(item)
+                continue
             except TRANSIENT_ERRORS as exc:
                 self._failed(item, exc)
                 ok = False
@@ -614,9 +661,34 @@ class EventPublisher(StartClose):
             metrics.PUBLISH_LAG.labels(item.category).observe(max(now - item.queued_at, 0.0))
         if acked is not None:
             while self._buffer and self._buffer[0].seq <= acked.seq:
-                self._buffer.popleft()
+                stored = self._buffer.popleft()
+                if stored.done is not None and not stored.done.done():
+                    stored.done.set_result(None)
                 metrics.BUFFERED.dec()
         return ok
+
+    def _drop_too_large(self, item: _Outgoing) -> None:
+        index = self._buffer.index(item)
+        del self._buffer[index]
+        metrics.DROPPED.labels("too_large").inc()
+        metrics.BUFFERED.dec()
+        logger.error(
+            "events: %s %s dropped: %d bytes, more than NATS accepts in one message",
+            item.event_type,
+            item.event_id,
+            len(item.payload),
+        )
+        if item.done is None:
+            return
+        # Its send() resolves once what came before it is stored.
+        previous = self._buffer[index - 1] if index > 0 else None
+        if previous is None:
+            if not item.done.done():
+                item.done.set_result(None)
+        elif previous.done is None:
+            self._buffer[index - 1] = replace(previous, done=item.done)
+        else:
+            previous.done.add_done_callback(partial(_follow, item.done))
 
     def _failed(self, item: _Outgoing, exc: BaseException) -> None:
         metrics.PUBLISH_FAILED.labels(item.category).inc()
@@ -649,3 +721,13 @@ class EventPublisher(StartClose):
     async def _on_closed(self) -> None:
         # Wake the sender so it replaces the connection at once.
         self._kick.set()
+
+
+def _follow(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:
+    """Settle ``target`` like ``source`` (acknowledged, or cancelled on close)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    else:
+        target.set_result(None)

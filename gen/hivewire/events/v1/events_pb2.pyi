@@ -11,6 +11,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from hivewire.common.v1 import common_pb2 as _common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2 as _coordinator_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -131,7 +132,8 @@ Global___Event: _TypeAlias = Event  # noqa: Y015
 class TaskEventData(_message.Message):
     """TaskEventData is the data of task.created, task.assigned, task.started,
     task.progress, task.input_required, task.completed, task.failed,
-    task.cancelled, task.retried, task.dead_lettered and task.requeued.
+    task.cancelled, task.retried, task.dead_lettered, task.requeued,
+    task.state_changed, task.partial, task.activity and task.step.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -150,6 +152,8 @@ class TaskEventData(_message.Message):
     BACKOFF_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     REQUEUED_AS_TASK_ID_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    EVENT_PAYLOADS_OMITTED_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id."""
     state: _common_pb2.TaskState.ValueType
@@ -168,6 +172,12 @@ class TaskEventData(_message.Message):
     """For task.requeued: who asked (SPIFFE id)."""
     requeued_as_task_id: _builtins.str
     """For task.requeued: the new task that runs the dead letter again."""
+    event_payloads_omitted: _builtins.bool
+    """True when event's payloads (a finished task's output, a partial's content,
+    a step's output or partial) were left out because the event was larger
+    than 64 KiB: WatchTask and GetTask have them. Events stay small enough
+    for NATS whatever the agents return.
+    """
     @_builtins.property
     def progress(self) -> _common_pb2.Progress:
         """For task.progress: the latest progress (coalesced: not every step is sent)."""
@@ -188,6 +198,14 @@ class TaskEventData(_message.Message):
     def backoff(self) -> _duration_pb2.Duration:
         """For task.retried: the wait before the next attempt."""
 
+    @_builtins.property
+    def event(self) -> _coordinator_pb2.TaskEvent:
+        """The coordinator's event this message reports, exactly as WatchTask and
+        StreamTask carry it (same sequence, same kind): every kind of task event
+        reaches NATS, including the ones without a field of their own above
+        (task.state_changed, task.partial, task.activity, task.step).
+        """
+
     def __init__(
         self,
         *,
@@ -205,10 +223,12 @@ class TaskEventData(_message.Message):
         backoff: _duration_pb2.Duration | None = ...,
         actor: _builtins.str = ...,
         requeued_as_task_id: _builtins.str = ...,
+        event: _coordinator_pb2.TaskEvent | None = ...,
+        event_payloads_omitted: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error", "input_request", b"input_request", "progress", b"progress", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error", "event", b"event", "input_request", b"input_request", "progress", b"progress", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "agent_id", b"agent_id", "attempt", b"attempt", "backoff", b"backoff", "capability", b"capability", "error", b"error", "input_request", b"input_request", "owner", b"owner", "priority", b"priority", "progress", b"progress", "requeued_as_task_id", b"requeued_as_task_id", "state", b"state", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "agent_id", b"agent_id", "attempt", b"attempt", "backoff", b"backoff", "capability", b"capability", "error", b"error", "event", b"event", "event_payloads_omitted", b"event_payloads_omitted", "input_request", b"input_request", "owner", b"owner", "priority", b"priority", "progress", b"progress", "requeued_as_task_id", b"requeued_as_task_id", "state", b"state", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,282 @@
+"""The event outbox: task events reach NATS exactly once, even across a kill -9.
+
+Publishing after a commit from memory loses the event when the process dies between
+the two. So the journal builds each event's NATS envelopes (the ``task.*`` event and
+the ``workflow.*`` events that report it) *before* the commit and stores them with the
+event (:attr:`~hivewire.services.coordinator.store.EventRow.outbox`): in SQLite a row
+of the ``outbox`` table in the same transaction, on JetStream a header of the event's
+journal message. :class:`OutboxRelay` then reads the committed entries in commit order,
+hands them to the publisher and, once JetStream acknowledged them, records them as
+published (:meth:`TaskStore.outbox_done`).
+
+After a crash the relay starts from the last recorded position, so it may send again
+what was published but not yet recorded. Every envelope has a deterministic id —
+``<task id>:<sequence>`` for the task event, ``<task id>:<sequence>:<type>`` for a
+workflow event reporting it — sent as ``Nats-Msg-Id``: JetStream stores a copy sent
+again within the stream's duplicate window once (docs/events.md, "The outbox").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Literal, Protocol, Self, runtime_checkable
+
+from google.protobuf.message import DecodeError
+
+from hivewire.events.v1 import events_pb2
+from hivewire.services.base.backoff import Backoff
+from hivewire.services.coordinator import metrics
+from hivewire.services.coordinator.store import TaskStore
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OutboxHold",
+    "OutboxRelay",
+    "OutboxSink",
+    "event_id",
+    "outbox_sink",
+    "pack",
+    "unpack",
+]
+
+_LENGTH = struct.Struct(">I")
+
+OutboxHold = Literal["", "publish", "mark"]
+"""Test-only pauses of the relay: ``publish`` sends nothing, ``mark`` never records
+what was sent (so a restart sends it again). Empty in production."""
+
+
+@runtime_checkable
+class OutboxSink(Protocol):
+    """A publisher that takes ready envelopes and says when JetStream stored them."""
+
+    @property
+    def enabled(self) -> bool:
+        """False when events are off."""
+        ...
+
+    @property
+    def source(self) -> str:
+        """The ``source`` of the envelopes (``coordinator/<instance>``)."""
+        ...
+
+    def send(self, events: Sequence[events_pb2.Event]) -> asyncio.Future[None]:
+        """Queue the envelopes in order; the future resolves once all are stored."""
+        ...
+
+
+def outbox_sink(events: object) -> OutboxSink | None:
+    """``events`` when task events go to it through the outbox: a NATS publisher, on."""
+    if isinstance(events, OutboxSink) and events.enabled:
+        return events
+    return None
+
+
+def event_id(task_id: str, sequence: int, event_type: str = "") -> str:
+    """The deterministic id (and ``Nats-Msg-Id``) of an event reporting a task event.
+
+    ``<task id>:<sequence>`` for the task event itself, ``<task id>:<sequence>:<type>``
+    for another event reporting it (``workflow.step_completed``...).
+    """
+    base = f"{task_id}:{sequence}"
+    return f"{base}:{event_type}" if event_type else base
+
+
+def pack(events: Sequence[events_pb2.Event]) -> bytes:
+    """Encode envelopes as one outbox entry (each length-prefixed, in order)."""
+    parts = []
+    for event in events:
+        data = event.SerializeToString()
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def unpack(entry: bytes) -> list[events_pb2.Event]:
+    """Decode an outbox entry made by :func:`pack`.
+
+    Raises:
+        ValueError: The entry is truncated or an envelope does not decode.
+    """
+    events = []
+    offset = 0
+    while offset < len(entry):
+        if offset + _LENGTH.size > len(entry):
+            raise ValueError("truncated outbox entry")
+        (size,) = _LENGTH.unpack_from(entry, offset)
+        offset += _LENGTH.size
+        if offset + size > len(entry):
+            raise ValueError("truncated outbox entry")
+        try:
+            events.append(events_pb2.Event.FromString(entry[offset : offset + size]))
+        except DecodeError as exc:
+            raise ValueError(f"undecodable outbox envelope: {exc}") from exc
+        offset += size
+    return events
+
+
+class OutboxRelay:
+    """Publishes committed outbox entries in commit order (an async context manager).
+
+    Two loops: one reads committed entries and hands them to the publisher (at most
+    ``in_flight`` reads ahead of the acknowledgements), the other waits for each
+    read's acknowledgement, in order, and records its position as published.
+
+    Args:
+        store: The task store holding the outbox.
+        sink: The publisher.
+        batch: Entries read at a time.
+        in_flight: Reads handed to the publisher and not yet acknowledged, at most.
+        hold: Test-only pause (:data:`OutboxHold`).
+        stop_timeout: Seconds :meth:`stop` waits for what is in flight to be acknowledged
+            and recorded (what is not is sent again after a restart).
+        record_interval: Seconds between two records of the position published, at most
+            (also how long after the last acknowledgement an idle relay records it).
+        record_every: Entries acknowledged that are recorded at once.
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        sink: OutboxSink,
+        *,
+        batch: int = 512,
+        in_flight: int = 8,
+        hold: OutboxHold = "",
+        stop_timeout: float = 5.0,
+        record_interval: float = 0.5,
+        record_every: int = 512,
+    ) -> None:
+        self._store = store
+        self._sink = sink
+        self._batch = batch
+        self._hold = hold
+        self._stop_timeout = stop_timeout
+        self._record_interval = record_interval
+        self._record_every = record_every
+        # (position, entries, envelopes, acknowledged) of each read handed to the sink;
+        # None asks the recording loop to stop once it has recorded what came before.
+        self._acks: asyncio.Queue[tuple[int, int, int, asyncio.Future[None]] | None] = (
+            asyncio.Queue(maxsize=in_flight)
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self.published = 0
+        """Envelopes acknowledged by JetStream since start (copies of earlier ones too)."""
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def start(self) -> None:
+        """Start relaying (what an earlier process left unpublished goes first)."""
+        if self._tasks:
+            return
+        self._tasks = [
+            asyncio.create_task(self._read(), name="outbox-read"),
+            asyncio.create_task(self._mark(), name="outbox-mark"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop reading, record what is in flight once acknowledged (up to the timeout).
+
+        What is not recorded as published by then is sent again after a restart.
+        """
+        if not self._tasks:
+            return
+        (reader, marker), self._tasks = self._tasks, []
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
+        try:
+            async with asyncio.timeout(self._stop_timeout):
+                await self._acks.put(None)
+                await marker
+        except TimeoutError:
+            logger.info("outbox: stopping with events not yet acknowledged; sent after restart")
+        except Exception:
+            logger.exception("outbox: recording failed while stopping")
+        marker.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await marker
+
+    async def _read(self) -> None:
+        if self._hold == "publish":
+            logger.warning("outbox: relay held (test setting): nothing is published")
+            await asyncio.Event().wait()
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        after = 0
+        while True:
+            try:
+                items = await self._store.outbox_next(after, limit=self._batch)
+            except Exception as exc:  # the relay outlives any one failure
+                logger.warning("outbox: reading failed (%s); retrying", exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            events: list[events_pb2.Event] = []
+            for item in items:
+                try:
+                    events.extend(unpack(item.entry))
+                except ValueError as exc:
+                    logger.error("outbox: entry at %d skipped: %s", item.position, exc)
+            after = items[-1].position
+            await self._acks.put((after, len(items), len(events), self._sink.send(events)))
+
+    async def _mark(self) -> None:
+        # Recording is throttled (the JetStream store writes a KV entry per record): at
+        # most every record_interval seconds or record_every entries, and when idle.
+        # A crash sends again what was not recorded; Nats-Msg-Id makes that harmless.
+        pending: tuple[int, int] | None = None  # (position, entries) acknowledged, unrecorded
+        last = asyncio.get_running_loop().time()
+        while True:
+            idle = False
+            read = None
+            try:
+                async with asyncio.timeout(self._record_interval if pending else None):
+                    read = await self._acks.get()
+            except TimeoutError:
+                idle = True  # nothing new for a while: record what is acknowledged
+            if read is None:
+                if pending is not None:
+                    await self._record(*pending)
+                    pending, last = None, asyncio.get_running_loop().time()
+                if idle:
+                    continue
+                return  # stop() asked, after what came before
+            position, entries, count, future = read
+            await asyncio.wait([future])
+            if future.cancelled():
+                return  # the publisher closed: the rest goes out after a restart
+            self.published += count
+            if self._hold == "mark":
+                continue
+            pending = (position, entries + (pending[1] if pending else 0))
+            now = asyncio.get_running_loop().time()
+            if pending[1] >= self._record_every or now - last >= self._record_interval:
+                await self._record(*pending)
+                pending, last = None, now
+
+    async def _record(self, position: int, entries: int) -> None:
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        while True:
+            try:
+                await self._store.outbox_done(position)
+                metrics.OUTBOX_RELAYED.inc(entries)
+                return
+            except Exception as exc:  # the relay outlives any one failure
+                logger.warning("outbox: recording position %d failed (%s)", position, exc)
+                await asyncio.sleep(backoff.next_delay())

@@ -1,0 +1,129 @@
+"""The outbox entry format and the deterministic event ids (coordinator/outbox.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from hivewire.common.v1 import common_pb2
+from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.events.v1 import events_pb2
+from hivewire.services.coordinator.journal import EVENT_COPY_MAX, copy_event
+from hivewire.services.coordinator.outbox import OutboxRelay, event_id, pack, unpack
+from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
+from hivewire.services.coordinator.store import EventRow
+from tests.helpers import eventually
+
+
+def test_an_entry_holds_its_envelopes_in_order() -> None:
+    events = [
+        events_pb2.Event(id=event_id("t", 7), type="task.step", subject="t", task_sequence=7),
+        events_pb2.Event(
+            id=event_id("t", 7, "workflow.step_completed"),
+            type="workflow.step_completed",
+            subject="t",
+            task_sequence=7,
+        ),
+    ]
+    assert unpack(pack(events)) == events
+    assert [e.id for e in events] == ["t:7", "t:7:workflow.step_completed"]
+    assert unpack(b"") == []
+
+
+@pytest.mark.parametrize("cut", [1, 3, 5])
+def test_a_truncated_entry_is_refused(cut: int) -> None:
+    entry = pack([events_pb2.Event(id="t:1", type="task.created")])
+    with pytest.raises(ValueError, match="truncated"):
+        unpack(entry[:-cut] if cut < len(entry) - 4 else entry[:3])
+
+
+class HeldSink:
+    """Acknowledges what it is sent only when told to."""
+
+    enabled = True
+    source = "coordinator/test"
+
+    def __init__(self) -> None:
+        self.sent: list[events_pb2.Event] = []
+        self.pending: list[asyncio.Future[None]] = []
+        self.got = asyncio.Event()
+
+    def send(self, events: Sequence[events_pb2.Event]) -> asyncio.Future[None]:
+        self.sent.extend(events)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        self.got.set()
+        return future
+
+
+async def test_stop_records_what_is_acknowledged_while_it_waits(tmp_path: Path) -> None:
+    entry = pack([events_pb2.Event(id="t:1", type="task.created", subject="t")])
+    async with SqliteTaskStore(tmp_path / "c.db") as store:
+        await store.put(events=[EventRow("t", 1, b"e", outbox=entry)])
+        sink = HeldSink()
+        relay = OutboxRelay(store, sink, stop_timeout=30)
+        relay.start()
+        await sink.got.wait()
+        reader = relay._tasks[0]
+        stopping = asyncio.ensure_future(relay.stop())
+        # Acknowledged once the relay stopped reading and waits for what is in flight.
+        await eventually(reader.done)
+        assert not stopping.done()
+        sink.pending[0].set_result(None)
+        await stopping
+        assert relay.published == 1
+    async with SqliteTaskStore(tmp_path / "c.db") as store:
+        # Recorded: a restarted relay would not send it again.
+        waiting = asyncio.ensure_future(store.outbox_next(0, limit=10))
+        await store.put(events=[EventRow("t", 2, b"e", outbox=b"")])
+        await store.put(events=[EventRow("u", 1, b"e", outbox=entry)])
+        assert [i.entry for i in await asyncio.wait_for(waiting, 30)] == [entry]
+        assert len(await store.outbox_next(0, limit=10)) == 1
+
+
+async def test_stop_leaves_what_is_never_acknowledged_for_a_restart(tmp_path: Path) -> None:
+    entry = pack([events_pb2.Event(id="t:1", type="task.created", subject="t")])
+    async with SqliteTaskStore(tmp_path / "c.db") as store:
+        await store.put(events=[EventRow("t", 1, b"e", outbox=entry)])
+        sink = HeldSink()
+        relay = OutboxRelay(store, sink, stop_timeout=0.01)
+        relay.start()
+        await sink.got.wait()
+        await relay.stop()  # NATS never answered
+        assert relay.published == 0
+        assert [i.entry for i in await store.outbox_next(0, limit=10)] == [entry]
+
+
+def test_a_large_event_reaches_nats_without_its_payloads() -> None:
+    big = common_pb2.Payload(text="x" * (EVENT_COPY_MAX + 1))
+    finished = coordinator_pb2.TaskEvent(
+        task_id="t",
+        sequence=9,
+        finished=coordinator_pb2.TaskFinished(state=common_pb2.TASK_STATE_SUCCEEDED, output=big),
+    )
+    data = events_pb2.TaskEventData()
+    copy_event(data, finished)
+    assert data.event_payloads_omitted
+    assert data.event.finished.state == common_pb2.TASK_STATE_SUCCEEDED
+    assert not data.event.finished.HasField("output")
+    assert finished.finished.HasField("output")  # the stored event keeps it
+    chunk = common_pb2.PartialResult(content=common_pb2.Payload(text="hi"))
+    small = coordinator_pb2.TaskEvent(task_id="t", sequence=3, partial=chunk)
+    data = events_pb2.TaskEventData()
+    copy_event(data, small)
+    assert data.event == small and not data.event_payloads_omitted
+    # Large for another reason: only the event's place is kept.
+    huge_error = coordinator_pb2.TaskEvent(
+        task_id="t",
+        sequence=4,
+        retry=coordinator_pb2.TaskRetry(
+            error=common_pb2.ErrorDetail(message="e" * (EVENT_COPY_MAX + 1))
+        ),
+    )
+    data = events_pb2.TaskEventData()
+    copy_event(data, huge_error)
+    assert data.event == coordinator_pb2.TaskEvent(task_id="t", sequence=4)
+    assert data.event_payloads_omitted
