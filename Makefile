@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv relink gen gen-check lint typecheck imports buf-lint buf-breaking pytest fmt bench soak soak-quick clean promtool chromium node
+.PHONY: run test venv relink gen gen-check lint typecheck imports buf-lint buf-breaking buf-baseline pytest fmt bench soak soak-quick clean promtool chromium node
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ buf-lint: $(STAMP)
 # the previous commit (scripts/buf_breaking.py says why; BUF_BREAKING_BASE=<rev> overrides).
 buf-breaking: $(STAMP)
 	$(PY) scripts/buf_breaking.py
+
+# The image buf-breaking compares with where git has no base (refresh it at a release).
+buf-baseline: $(STAMP)
+	$(VENV)/bin/buf build -o scripts/proto_baseline.binpb
 
 # promtool (checks the deploy/prometheus files and every service's /metrics in the tests)
 # comes from Debian's prometheus package: only the static promtool binary is taken out of
