@@ -23,13 +23,13 @@ import contextlib
 import logging
 import struct
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Literal, Protocol, Self, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from google.protobuf.message import DecodeError
 
 from hivewire.events.v1 import events_pb2
 from hivewire.services.base.backoff import Backoff
+from hivewire.services.base.lifecycle import StartStop
 from hivewire.services.coordinator import metrics
 from hivewire.services.coordinator.store import TaskStore
 
@@ -121,7 +121,7 @@ def unpack(entry: bytes) -> list[events_pb2.Event]:
     return events
 
 
-class OutboxRelay:
+class OutboxRelay(StartStop):
     """Publishes committed outbox entries in commit order (an async context manager).
 
     Two loops: one reads committed entries and hands them to the publisher (at most
@@ -169,19 +169,7 @@ class OutboxRelay:
         self.published = 0
         """Envelopes acknowledged by JetStream since start (copies of earlier ones too)."""
 
-    async def __aenter__(self) -> Self:
-        self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    def start(self) -> None:
+    async def start(self) -> None:
         """Start relaying (what an earlier process left unpublished goes first)."""
         if self._tasks:
             return

@@ -65,7 +65,7 @@ async def test_stop_records_what_is_acknowledged_while_it_waits(tmp_path: Path) 
         await store.put(events=[EventRow("t", 1, b"e", outbox=entry)])
         sink = HeldSink()
         relay = OutboxRelay(store, sink, stop_timeout=30)
-        relay.start()
+        await relay.start()
         await sink.got.wait()
         reader = relay._tasks[0]
         stopping = asyncio.ensure_future(relay.stop())
@@ -90,7 +90,7 @@ async def test_stop_leaves_what_is_never_acknowledged_for_a_restart(tmp_path: Pa
         await store.put(events=[EventRow("t", 1, b"e", outbox=entry)])
         sink = HeldSink()
         relay = OutboxRelay(store, sink, stop_timeout=0.01)
-        relay.start()
+        await relay.start()
         await sink.got.wait()
         await relay.stop()  # NATS never answered
         assert relay.published == 0
