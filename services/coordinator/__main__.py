@@ -16,9 +16,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from hivewire.services.coordinator.app import running_coordinator
+from hivewire.services.coordinator.app import start_coordinator
 from hivewire.services.coordinator.settings import CoordinatorProcessSettings
-from hivewire.services.runtime.bootstrap import COORDINATOR_PORT, ServiceEntry
+from hivewire.services.runtime.bootstrap import COORDINATOR_PORT, ServiceEntry, service_process
 from hivewire.services.runtime.server import serve_until_signal
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ def service_settings(settings: CoordinatorProcessSettings) -> CoordinatorProcess
 
 async def serve(settings: CoordinatorProcessSettings) -> None:
     """Run the coordinator until SIGTERM or SIGINT."""
-    async with running_coordinator(settings) as running:
+    async with service_process(settings, "coordinator") as process:
+        running = await start_coordinator(process, settings)
         await serve_until_signal(running.server)
 
 

@@ -1,7 +1,10 @@
 """Wiring of a coordinator process: store, registry, agent pool, domain, gRPC server.
 
-:func:`running_coordinator` is what ``python -m hivewire.services.coordinator`` runs,
-and what tests use to run a real coordinator in-process.
+Like every service process, the coordinator runs inside
+:func:`~hivewire.services.runtime.bootstrap.service_process` (instance id, event
+publisher, registry, serving): :func:`start_coordinator` opens its parts on that
+process. ``python -m hivewire.services.coordinator`` runs it until a signal;
+:func:`running_coordinator` is the same for tests, in-process.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from hivewire.discovery import Instance, Registry, new_instance_id
+from hivewire.discovery import Instance, Registry
 from hivewire.services.coordinator import metrics
 from hivewire.services.coordinator.cluster import Cluster
 from hivewire.services.coordinator.deadletters import DeadLetters
@@ -27,7 +30,7 @@ from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.coordinator.store import TaskStore
 from hivewire.services.coordinator.webhook_store import SqliteWebhookStore
 from hivewire.services.coordinator.webhooks import Webhooks
-from hivewire.services.runtime.bootstrap import Registration, registry_from_settings, serving
+from hivewire.services.runtime.bootstrap import Registration, ServiceProcess, service_process
 from hivewire.services.runtime.channels import ChannelPool
 from hivewire.services.runtime.grants import ApprovalSigner
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
@@ -35,7 +38,7 @@ from hivewire.services.runtime.tls import nats_tls_options
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REGISTRY_SERVICE", "RunningCoordinator", "running_coordinator"]
+__all__ = ["REGISTRY_SERVICE", "RunningCoordinator", "running_coordinator", "start_coordinator"]
 
 REGISTRY_SERVICE = "hivewire-coordinator"
 """Registry name of coordinators."""
@@ -90,95 +93,97 @@ async def running_coordinator(
     Yields:
         The running coordinator.
     """
-    cfg = settings.coordinator
-    instance_id = new_instance_id("coordinator")
-    async with contextlib.AsyncExitStack() as stack:
-        if events is None:
-            from hivewire.services.runtime.events import EventPublisher
+    async with service_process(
+        settings, "coordinator", events=events, registry=registry
+    ) as process:
+        yield await start_coordinator(process, settings, register=register)
 
-            publisher = EventPublisher.from_settings(settings, source=f"coordinator/{instance_id}")
-            await stack.enter_async_context(publisher)
-            events = publisher
-        store: TaskStore
-        cluster: Cluster | None = None
-        if cfg.store == "jetstream":
-            shared = await stack.enter_async_context(
-                JetStreamTaskStore(
-                    [url.strip() for url in settings.nats_url.split(",") if url.strip()],
-                    prefix=cfg.jetstream_prefix,
-                    replicas=cfg.jetstream_replicas,
-                    connect=nats_tls_options(settings.nats_url, settings.tls_files()),
-                )
-            )
-            store = shared
-            # Any number of coordinators share the store: leases (cluster.py).
-            cluster = Cluster(
-                shared,
-                instance_id,
-                lease_ttl=cfg.lease_ttl,
-                heartbeat=cfg.lease_heartbeat,
-                request_timeout=cfg.forward_timeout,
-            )
-        else:
-            store = await stack.enter_async_context(
-                SqliteTaskStore(cfg.db_path, batch_max=cfg.write_batch_max)
-            )
-        sink = outbox_sink(events)
-        if sink is not None:
-            # Task events go out through the store's outbox: what an earlier process
-            # committed and did not publish goes first (docs/events.md, "The outbox").
-            await stack.enter_async_context(OutboxRelay(store, sink, hold=cfg.outbox_hold))
-        if registry is None:
-            registry = await stack.enter_async_context(registry_from_settings(settings))
-        channels = await stack.enter_async_context(ChannelPool.from_settings(settings))
-        wake: list[Coordinator] = []
-        pool = AgentPool(
-            registry,
-            channels,
-            service=cfg.agent_service,
-            default_concurrency=cfg.default_agent_concurrency,
-            failure_threshold=cfg.breaker_failure_threshold,
-            reset_timeout=cfg.breaker_reset_timeout,
-            describe_timeout=cfg.describe_timeout,
-            on_change=lambda: wake[0].wake() if wake else None,
-            events=events,
-        )
-        coordinator = Coordinator(
-            cfg,
-            store=store,
-            pool=pool,
-            events=events,
-            approvals=ApprovalSigner(settings.tls_files(), ttl=cfg.approval_ttl),
-            cluster=cluster,
-        )
-        coordinator.listen(metrics.task_event_committed)
-        wake.append(coordinator)
-        # Before the coordinator starts: events of recovered tasks reach webhooks too.
-        webhook_store = await stack.enter_async_context(SqliteWebhookStore(cfg.db_path))
-        webhooks = await stack.enter_async_context(
-            Webhooks(cfg.webhooks, webhook_store, coordinator)
-        )
-        await stack.enter_async_context(coordinator)
-        await stack.enter_async_context(pool)
-        retention = await stack.enter_async_context(Retention(store, cfg))
-        servicer = CoordinatorServicer(
-            coordinator, DeadLetters(coordinator, store, events), webhooks
-        )
-        registration = Registration(
-            REGISTRY_SERVICE,
-            instance_id,
-            meta={"name": "coordinator", "identity": settings.identity},
-        )
-        started = await stack.enter_async_context(
-            serving(
-                settings,
-                [ServiceBinding(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
-                registry=registry,
-                registration=registration if register else None,
-                on_shutdown=[coordinator.drain],
-                events=events,
+
+async def start_coordinator(
+    process: ServiceProcess, settings: CoordinatorProcessSettings, *, register: bool = True
+) -> RunningCoordinator:
+    """Open the coordinator's parts on the process's stack and start serving.
+
+    Everything it opens closes with ``process.stack``, the server first.
+
+    Args:
+        process: The coordinator process (:func:`service_process`).
+        settings: Its settings (``process.settings``, typed).
+        register: Register as ``hivewire-coordinator`` in the registry.
+    """
+    cfg = settings.coordinator
+    stack = process.stack
+    events: CoordinatorEvents = process.events
+    store: TaskStore
+    cluster: Cluster | None = None
+    if cfg.store == "jetstream":
+        shared = await stack.enter_async_context(
+            JetStreamTaskStore(
+                [url.strip() for url in settings.nats_url.split(",") if url.strip()],
+                prefix=cfg.jetstream_prefix,
+                replicas=cfg.jetstream_replicas,
+                connect=nats_tls_options(settings.nats_url, settings.tls_files()),
             )
         )
-        yield RunningCoordinator(
-            settings, coordinator, started.server, pool, store, started.instance, retention
+        store = shared
+        # Any number of coordinators share the store: leases (cluster.py).
+        cluster = Cluster(
+            shared,
+            process.instance_id,
+            lease_ttl=cfg.lease_ttl,
+            heartbeat=cfg.lease_heartbeat,
+            request_timeout=cfg.forward_timeout,
         )
+    else:
+        store = await stack.enter_async_context(
+            SqliteTaskStore(cfg.db_path, batch_max=cfg.write_batch_max)
+        )
+    sink = outbox_sink(events)
+    if sink is not None:
+        # Task events go out through the store's outbox: what an earlier process
+        # committed and did not publish goes first (docs/events.md, "The outbox").
+        await stack.enter_async_context(OutboxRelay(store, sink, hold=cfg.outbox_hold))
+    registry = await process.registry()
+    channels = await stack.enter_async_context(ChannelPool.from_settings(settings))
+    wake: list[Coordinator] = []
+    pool = AgentPool(
+        registry,
+        channels,
+        service=cfg.agent_service,
+        default_concurrency=cfg.default_agent_concurrency,
+        failure_threshold=cfg.breaker_failure_threshold,
+        reset_timeout=cfg.breaker_reset_timeout,
+        describe_timeout=cfg.describe_timeout,
+        on_change=lambda: wake[0].wake() if wake else None,
+        events=events,
+    )
+    coordinator = Coordinator(
+        cfg,
+        store=store,
+        pool=pool,
+        events=events,
+        approvals=ApprovalSigner(settings.tls_files(), ttl=cfg.approval_ttl),
+        cluster=cluster,
+    )
+    coordinator.listen(metrics.task_event_committed)
+    wake.append(coordinator)
+    # Before the coordinator starts: events of recovered tasks reach webhooks too.
+    webhook_store = await stack.enter_async_context(SqliteWebhookStore(cfg.db_path))
+    webhooks = await stack.enter_async_context(Webhooks(cfg.webhooks, webhook_store, coordinator))
+    await stack.enter_async_context(coordinator)
+    await stack.enter_async_context(pool)
+    retention = await stack.enter_async_context(Retention(store, cfg))
+    servicer = CoordinatorServicer(coordinator, DeadLetters(coordinator, store, events), webhooks)
+    registration = Registration(
+        REGISTRY_SERVICE,
+        process.instance_id,
+        meta={"name": "coordinator", "identity": settings.identity},
+    )
+    started = await process.start(
+        [ServiceBinding(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
+        registration if register else None,
+        on_shutdown=[coordinator.drain],
+    )
+    return RunningCoordinator(
+        settings, coordinator, started.server, pool, store, started.instance, retention
+    )

@@ -292,7 +292,7 @@ class ServiceProcess:
 
     What :func:`service_process` yields. The service opens its own parts on
     ``stack`` (they close in reverse order when the process ends), then calls
-    :meth:`serve` with its gRPC bindings.
+    :meth:`serve` with its gRPC bindings (or :meth:`start`, to go on with the server).
 
     Attributes:
         settings: The process settings.
@@ -303,8 +303,46 @@ class ServiceProcess:
 
     settings: Settings
     instance_id: str
-    events: EventPublisher
+    events: EventSink[Any]
     stack: contextlib.AsyncExitStack
+    _registry: Registry | None = None
+
+    async def registry(self) -> Registry:
+        """The process's registry: ``settings.discovery``, opened on the stack on first use."""
+        if self._registry is None:
+            self._registry = await self.stack.enter_async_context(
+                registry_from_settings(self.settings)
+            )
+        return self._registry
+
+    async def start(
+        self,
+        bindings: Sequence[ServiceBinding],
+        registration: Registration | None,
+        *,
+        extra_ports: Mapping[str, int] | None = None,
+        on_shutdown: Iterable[ShutdownHook] = (),
+    ) -> Serving:
+        """Serve ``bindings`` (until the stack closes) registered as ``registration``.
+
+        Args:
+            bindings: The gRPC services to host.
+            registration: What to register as; None registers nothing.
+            extra_ports: More ports of the process for its ports file.
+            on_shutdown: Hooks run first on shutdown (drain work...).
+        """
+        registry = await self.registry()
+        return await self.stack.enter_async_context(
+            serving(
+                self.settings,
+                bindings,
+                registry=registry,
+                registration=registration,
+                on_shutdown=on_shutdown,
+                extra_ports=extra_ports,
+                events=self.events,
+            )
+        )
 
     async def serve(
         self,
@@ -316,22 +354,18 @@ class ServiceProcess:
         """Open the registry, serve ``bindings`` registered as ``registration``, and
         return after SIGTERM or SIGINT stopped the server gracefully.
         """
-        registry = await self.stack.enter_async_context(registry_from_settings(self.settings))
-        running = await self.stack.enter_async_context(
-            serving(
-                self.settings,
-                bindings,
-                registry=registry,
-                registration=registration,
-                extra_ports=extra_ports,
-                events=self.events,
-            )
-        )
+        running = await self.start(bindings, registration, extra_ports=extra_ports)
         await serve_until_signal(running.server)
 
 
 @contextlib.asynccontextmanager
-async def service_process(settings: Settings, kind: str) -> AsyncIterator[ServiceProcess]:
+async def service_process(
+    settings: Settings,
+    kind: str,
+    *,
+    events: EventSink[Any] | None = None,
+    registry: Registry | None = None,
+) -> AsyncIterator[ServiceProcess]:
     """The wiring every service process shares: an instance id and its event publisher.
 
     ``async with service_process(settings, "model") as process:`` then open the
@@ -341,12 +375,18 @@ async def service_process(settings: Settings, kind: str) -> AsyncIterator[Servic
         settings: The process settings.
         kind: The service kind, e.g. ``"model"``: the instance id's prefix and the
             events' source (``model/<instance id>``).
+        events: Where the process's events go (tests); by default an
+            ``EventPublisher`` on ``settings.nats_url``, closed with the process.
+        registry: A started registry to use (tests); by default the one
+            ``settings.discovery`` names, opened when first needed.
     """
     instance_id = new_instance_id(kind)
     async with contextlib.AsyncExitStack() as stack:
-        events = EventPublisher.from_settings(settings, source=f"{kind}/{instance_id}")
-        await stack.enter_async_context(events)
-        yield ServiceProcess(settings, instance_id, events, stack)
+        if events is None:
+            publisher = EventPublisher.from_settings(settings, source=f"{kind}/{instance_id}")
+            await stack.enter_async_context(publisher)
+            events = publisher
+        yield ServiceProcess(settings, instance_id, events, stack, registry)
 
 
 async def _register(
