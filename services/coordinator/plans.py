@@ -262,14 +262,25 @@ class Plans:
         step.budget = child.record.spec.token_budget
         step.status.task_id = child.record.task_id
         step.status.state = QUEUED
-        self._children[child.record.task_id] = (run.record.task_id, step.spec.step_id, STEP)
+        self._child_started(run, child, step.spec.step_id, STEP, C.STEP_EVENT_KIND_STARTED)
+
+    def _child_started(
+        self,
+        run: _Run,
+        child: TaskRuntime,
+        step_id: str,
+        role: int,
+        kind: C.StepEventKind.ValueType,
+    ) -> None:
+        """Follow a step, aggregator or compensation task just queued, and say so."""
+        self._children[child.record.task_id] = (run.record.task_id, step_id, role)
         self._step_event(
             run,
             C.StepEvent(
-                step_id=step.spec.step_id,
+                step_id=step_id,
                 task_id=child.record.task_id,
-                kind=C.STEP_EVENT_KIND_STARTED,
-                role=STEP,
+                kind=kind,
+                role=role,  # type: ignore[arg-type]
                 state=QUEUED,
             ),
         )
@@ -333,19 +344,9 @@ class Plans:
             step.output = child.output
         if child.error is not None:
             step.status.error.CopyFrom(child.error)
-        event = C.StepEvent(
-            step_id=step.spec.step_id,
-            task_id=child.task_id,
-            kind=C.STEP_EVENT_KIND_FINISHED,
-            role=STEP,
-            state=child.state,  # type: ignore[arg-type]
-            step_sequence=sequence,
-            agent_id=child.agent_id,
+        event = _finished_event(
+            child, step.spec.step_id, C.STEP_EVENT_KIND_FINISHED, STEP, sequence
         )
-        if child.output is not None:
-            event.output.CopyFrom(child.output)
-        if child.error is not None:
-            event.error.CopyFrom(child.error)
         by_plan = child.task_id in run.cancelled_by_plan or _by_plan(step)
         self._step_event(
             run,
@@ -527,17 +528,7 @@ class Plans:
         run.record.steps.append(
             C.StepStatus(step_id=AGGREGATOR_STEP_ID, task_id=child.record.task_id, state=QUEUED)
         )
-        self._children[child.record.task_id] = (run.record.task_id, AGGREGATOR_STEP_ID, AGGREGATOR)
-        self._step_event(
-            run,
-            C.StepEvent(
-                step_id=AGGREGATOR_STEP_ID,
-                task_id=child.record.task_id,
-                kind=C.STEP_EVENT_KIND_STARTED,
-                role=AGGREGATOR,
-                state=QUEUED,
-            ),
-        )
+        self._child_started(run, child, AGGREGATOR_STEP_ID, AGGREGATOR, C.STEP_EVENT_KIND_STARTED)
 
     def _aggregator_finished(self, run: _Run, child: TaskRecord, sequence: int) -> None:
         status = _aggregator_status(run)
@@ -545,19 +536,9 @@ class Plans:
             status.state = child.state  # type: ignore[assignment]
             if child.error is not None:
                 status.error.CopyFrom(child.error)
-        event = C.StepEvent(
-            step_id=AGGREGATOR_STEP_ID,
-            task_id=child.task_id,
-            kind=C.STEP_EVENT_KIND_FINISHED,
-            role=AGGREGATOR,
-            state=child.state,  # type: ignore[arg-type]
-            step_sequence=sequence,
-            agent_id=child.agent_id,
+        event = _finished_event(
+            child, AGGREGATOR_STEP_ID, C.STEP_EVENT_KIND_FINISHED, AGGREGATOR, sequence
         )
-        if child.output is not None:
-            event.output.CopyFrom(child.output)
-        if child.error is not None:
-            event.error.CopyFrom(child.error)
         self._step_event(run, event)
         self._aggregator_outcome(run, child)
 
@@ -670,33 +651,22 @@ class Plans:
         )
         step.status.compensation_task_id = child.record.task_id
         step.status.compensation_state = QUEUED
-        self._children[child.record.task_id] = (run.record.task_id, step.spec.step_id, COMPENSATION)
-        self._step_event(
-            run,
-            C.StepEvent(
-                step_id=step.spec.step_id,
-                task_id=child.record.task_id,
-                kind=C.STEP_EVENT_KIND_COMPENSATION_STARTED,
-                role=COMPENSATION,
-                state=QUEUED,
-            ),
+        self._child_started(
+            run, child, step.spec.step_id, COMPENSATION, C.STEP_EVENT_KIND_COMPENSATION_STARTED
         )
 
     def _compensation_finished(
         self, run: _Run, step: _Step, child: TaskRecord, sequence: int
     ) -> None:
         step.status.compensation_state = child.state  # type: ignore[assignment]
-        event = C.StepEvent(
-            step_id=step.spec.step_id,
-            task_id=child.task_id,
-            kind=C.STEP_EVENT_KIND_COMPENSATION_FINISHED,
-            role=COMPENSATION,
-            state=child.state,  # type: ignore[arg-type]
-            step_sequence=sequence,
-            agent_id=child.agent_id,
+        event = _finished_event(
+            child,
+            step.spec.step_id,
+            C.STEP_EVENT_KIND_COMPENSATION_FINISHED,
+            COMPENSATION,
+            sequence,
+            with_output=False,
         )
-        if child.error is not None:
-            event.error.CopyFrom(child.error)
         self._step_event(run, event, workflow="workflow.compensated", step=step, error=child.error)
         self._compensate_next(run)
 
@@ -870,6 +840,32 @@ def _workflow_data(
     if error is not None:
         data.error.CopyFrom(error)
     return data
+
+
+def _finished_event(
+    child: TaskRecord,
+    step_id: str,
+    kind: C.StepEventKind.ValueType,
+    role: int,
+    sequence: int,
+    *,
+    with_output: bool = True,
+) -> C.StepEvent:
+    """The step event saying a plan's task ended (its output only ``with_output``)."""
+    event = C.StepEvent(
+        step_id=step_id,
+        task_id=child.task_id,
+        kind=kind,
+        role=role,  # type: ignore[arg-type]
+        state=child.state,  # type: ignore[arg-type]
+        step_sequence=sequence,
+        agent_id=child.agent_id,
+    )
+    if with_output and child.output is not None:
+        event.output.CopyFrom(child.output)
+    if child.error is not None:
+        event.error.CopyFrom(child.error)
+    return event
 
 
 def _aggregator_status(run: _Run) -> C.StepStatus | None:

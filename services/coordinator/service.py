@@ -364,21 +364,15 @@ class Coordinator:
             normalized.token_budget = _remaining_budget(
                 parent.record, normalized.token_budget, held=self._held_by_subtasks(parent)
             )
-        record = TaskRecord(
-            task_id=uuid.uuid4().hex,
-            spec=normalized,
-            owner=caller.identity,
-            state=QUEUED,
-            created_ns=created,
-            updated_ns=created,
-            deadline_ns=deadline_ns,
-            project_id=normalized.project_id,
-            coordinator=self._instance,
+        record = self._new_record(
+            normalized,
+            caller.identity,
+            created,
+            deadline_ns,
+            parent=parent.record if parent is not None else None,
+            role=coordinator_pb2.TASK_ROLE_SUBTASK,
         )
         if parent is not None:
-            record.parent_task_id = parent.record.task_id
-            record.role = coordinator_pb2.TASK_ROLE_SUBTASK
-            record.depth = parent.record.depth + 1
             self._subtasks.setdefault(parent.record.task_id, set()).add(record.task_id)
         rt = self._accept(record, idempotency_key=key)
         committed = self._journal.emit(
@@ -502,20 +496,8 @@ class Coordinator:
         created = now_ns()
         deadline = deadline_ns if deadline_ns is not None else p.deadline_ns
         spec.timeout.CopyFrom(convert.duration(max(deadline - created, 0) / 1e9))
-        record = TaskRecord(
-            task_id=uuid.uuid4().hex,
-            spec=spec,
-            owner=p.owner,
-            state=QUEUED,
-            created_ns=created,
-            updated_ns=created,
-            deadline_ns=deadline,
-            parent_task_id=p.task_id,
-            step_id=step_id,
-            role=role,
-            project_id=p.project_id,
-            depth=p.depth + 1,
-            coordinator=self._instance,
+        record = self._new_record(
+            spec, p.owner, created, deadline, parent=p, role=role, step_id=step_id
         )
         rt = self._accept(record)
         self._journal.emit(
@@ -531,6 +513,36 @@ class Coordinator:
         self._scheduler.enqueue(rt)
         metrics.TASKS_SUBMITTED.inc()
         return rt
+
+    def _new_record(
+        self,
+        spec: coordinator_pb2.TaskSpec,
+        owner: str,
+        created: int,
+        deadline_ns: int,
+        *,
+        parent: TaskRecord | None = None,
+        role: int = 0,
+        step_id: str = "",
+    ) -> TaskRecord:
+        """A new queued task of this coordinator; with a parent, one level below it."""
+        record = TaskRecord(
+            task_id=uuid.uuid4().hex,
+            spec=spec,
+            owner=owner,
+            state=QUEUED,
+            created_ns=created,
+            updated_ns=created,
+            deadline_ns=deadline_ns,
+            project_id=spec.project_id,
+            coordinator=self._instance,
+        )
+        if parent is not None:
+            record.parent_task_id = parent.task_id
+            record.step_id = step_id
+            record.role = role
+            record.depth = parent.depth + 1
+        return record
 
     def cancel_child(self, task_id: str, reason: str, *, code: str = PLAN_CANCELLED) -> None:
         """Cancel a task its parent no longer needs (no-op once it finished).

@@ -25,8 +25,9 @@ __all__ = [
 ]
 
 CAPABILITY_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_CAPABILITY_RE = CAPABILITY_RE
 _STEP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_CAPABILITY_RULE = "must be lower-case letters, digits and dashes (at most 63 characters)"
+_STEP_ID_RULE = "must be letters, digits, '_', '.' and '-' (at most 63 characters)"
 _MAX_IDEMPOTENCY_KEY = 256
 _MAX_LABELS = 64
 _MAX_LABEL_KEY = 63
@@ -64,15 +65,8 @@ def validate_spec(
             violations.append(
                 FieldViolation(f"{p}.capability", "must be empty when a plan is given")
             )
-    elif not spec.capability:
-        violations.append(FieldViolation(f"{p}.capability", "required"))
-    elif not _CAPABILITY_RE.match(spec.capability):
-        violations.append(
-            FieldViolation(
-                f"{p}.capability",
-                "must be lower-case letters, digits and dashes (at most 63 characters)",
-            )
-        )
+    else:
+        violations.extend(_capability_violations(f"{p}.capability", spec.capability))
     if spec.priority not in _VALID_PRIORITIES:
         violations.append(FieldViolation(f"{p}.priority", f"unknown priority {spec.priority}"))
     timeout = s.default_timeout
@@ -170,15 +164,11 @@ def plan_violations(
     seen: dict[str, int] = {}
     for i, step in enumerate(steps):
         sp = f"{p}.steps[{i}]"
-        if not step.step_id:
-            violations.append(FieldViolation(f"{sp}.step_id", "required"))
-        elif not _STEP_ID_RE.match(step.step_id):
-            violations.append(
-                FieldViolation(
-                    f"{sp}.step_id",
-                    "must be letters, digits, '_', '.' and '-' (at most 63 characters)",
-                )
-            )
+        step_id_problems = _name_violations(
+            f"{sp}.step_id", step.step_id, _STEP_ID_RE, _STEP_ID_RULE
+        )
+        if step_id_problems:
+            violations.extend(step_id_problems)
         elif step.step_id in seen:
             violations.append(
                 FieldViolation(
@@ -188,22 +178,12 @@ def plan_violations(
             )
         else:
             seen[step.step_id] = i
-        if not step.capability:
-            violations.append(FieldViolation(f"{sp}.capability", "required"))
-        elif not CAPABILITY_RE.match(step.capability):
-            violations.append(
-                FieldViolation(
-                    f"{sp}.capability",
-                    "must be lower-case letters, digits and dashes (at most 63 characters)",
-                )
+        violations.extend(_capability_violations(f"{sp}.capability", step.capability))
+        violations.extend(
+            _capability_violations(
+                f"{sp}.compensation_capability", step.compensation_capability, required=""
             )
-        if step.compensation_capability and not CAPABILITY_RE.match(step.compensation_capability):
-            violations.append(
-                FieldViolation(
-                    f"{sp}.compensation_capability",
-                    "must be lower-case letters, digits and dashes (at most 63 characters)",
-                )
-            )
+        )
         if step.HasField("input"):
             violations.extend(_payload_violations(step.input, settings, f"{sp}.input"))
         for j, dep in enumerate(step.depends_on):
@@ -221,18 +201,40 @@ def plan_violations(
             FieldViolation(f"{p}.aggregation", f"unknown aggregation {plan.aggregation}")
         )
     if plan.aggregation == coordinator_pb2.AGGREGATION_AGGREGATOR:
-        if not plan.aggregator_capability:
-            violations.append(
-                FieldViolation(f"{p}.aggregator_capability", "required for AGGREGATION_AGGREGATOR")
+        violations.extend(
+            _capability_violations(
+                f"{p}.aggregator_capability",
+                plan.aggregator_capability,
+                required="required for AGGREGATION_AGGREGATOR",
             )
-        elif not CAPABILITY_RE.match(plan.aggregator_capability):
-            violations.append(
-                FieldViolation(
-                    f"{p}.aggregator_capability",
-                    "must be lower-case letters, digits and dashes (at most 63 characters)",
-                )
-            )
+        )
     return violations
+
+
+def _name_violations(
+    field: str, value: str, pattern: re.Pattern[str], rule: str, *, required: str = "required"
+) -> list[FieldViolation]:
+    """The problem of a name field, if any: missing or not matching ``pattern``.
+
+    Args:
+        field: The field's path.
+        value: Its value.
+        pattern: What a well-formed value matches.
+        rule: The violation of a malformed value (the pattern in words).
+        required: The violation of an empty value; "" when the field is optional.
+    """
+    if not value:
+        return [FieldViolation(field, required)] if required else []
+    if not pattern.match(value):
+        return [FieldViolation(field, rule)]
+    return []
+
+
+def _capability_violations(
+    field: str, value: str, *, required: str = "required"
+) -> list[FieldViolation]:
+    """The problem of a capability name, if any (see :func:`_name_violations`)."""
+    return _name_violations(field, value, CAPABILITY_RE, _CAPABILITY_RULE, required=required)
 
 
 def find_cycle(plan: coordinator_pb2.Plan) -> list[str]:
