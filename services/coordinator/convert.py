@@ -7,6 +7,7 @@ import binascii
 import json
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
@@ -25,6 +26,7 @@ from hivewire.services.runtime.errors import (
 
 __all__ = [
     "agent_status",
+    "copy_present",
     "decode_page_token",
     "duration",
     "duration_seconds",
@@ -47,6 +49,13 @@ def timestamp_ns(value_ns: int) -> timestamp_pb2.Timestamp:
 def ns_from_timestamp(value: timestamp_pb2.Timestamp) -> int:
     """A Timestamp as nanoseconds since the epoch."""
     return value.seconds * 1_000_000_000 + value.nanos
+
+
+def copy_present(message: Message, **fields: Message | None) -> None:
+    """Set the named message fields of ``message`` to the values given (None: left unset)."""
+    for name, value in fields.items():
+        if value is not None:
+            getattr(message, name).CopyFrom(value)
 
 
 # -- tasks -------------------------------------------------------------------------------
@@ -73,14 +82,13 @@ def _dynamic_part(record: TaskRecord) -> coordinator_pb2.Task:
         steps=record.steps,
         coordinator_id=record.coordinator,
     )
-    if record.progress is not None:
-        task.progress.CopyFrom(record.progress)
-    if record.output is not None:
-        task.output.CopyFrom(record.output)
-    if record.error is not None:
-        task.error.CopyFrom(record.error)
-    if record.pending_input is not None:
-        task.pending_input.CopyFrom(record.pending_input)
+    copy_present(
+        task,
+        progress=record.progress,
+        output=record.output,
+        error=record.error,
+        pending_input=record.pending_input,
+    )
     return task
 
 

@@ -507,14 +507,12 @@ def task_event_data(record: TaskRecord, extra: dict[str, Message]) -> events_pb2
         attempt=record.attempt,
         owner=record.owner,
     )
-    if record.progress is not None:
-        data.progress.CopyFrom(record.progress)
-    if record.error is not None:
-        data.error.CopyFrom(record.error)
-    if record.terminal:
-        data.usage.CopyFrom(record.usage)
-    if record.pending_input is not None:
-        data.input_request.CopyFrom(record.pending_input)
-    for name, value in extra.items():
-        getattr(data, name).CopyFrom(value)
+    convert.copy_present(
+        data,
+        progress=record.progress,
+        error=record.error,
+        usage=record.usage if record.terminal else None,
+        input_request=record.pending_input,
+    )
+    convert.copy_present(data, **extra)
     return data

@@ -50,6 +50,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator.attempts import add_usage, deadline_error
+from hivewire.services.coordinator.convert import copy_present
 from hivewire.services.coordinator.journal import Journal, Report, TaskRuntime
 from hivewire.services.coordinator.model import (
     CANCELLED,
@@ -861,10 +862,7 @@ def _finished_event(
         step_sequence=sequence,
         agent_id=child.agent_id,
     )
-    if with_output and child.output is not None:
-        event.output.CopyFrom(child.output)
-    if child.error is not None:
-        event.error.CopyFrom(child.error)
+    copy_present(event, output=child.output if with_output else None, error=child.error)
     return event
 
 

@@ -86,16 +86,9 @@ class Projects:
         logger.info("project %s (%s) created by %s", project.project_id, name, caller.identity)
         return project
 
-    async def get(
-        self, project_id: str, caller: Caller, *, field_name: str = "project_id"
-    ) -> coordinator_pb2.Project:
-        """A project visible to the caller, with its tasks' aggregate progress.
-
-        Raises:
-            InvalidArgument: No project id.
-            NotFound: No such project visible to the caller.
-        """
-        project = await self.load(project_id, caller, field_name=field_name)
+    async def get(self, project_id: str, caller: Caller) -> coordinator_pb2.Project:
+        """:meth:`load`, with the aggregate progress of the project's tasks."""
+        project = await self.load(project_id, caller)
         summary = await self._store.project_summary(project_id)
         progress = coordinator_pb2.ProjectProgress()
         for state, count in sorted(summary.tasks_by_state.items()):
