@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from hivewire.services.runtime.config import Settings
+from hivewire.services.runtime.sections import BreakerFailureThreshold, BreakerResetTimeout
 
 
 class QuotaLimits(BaseModel):
@@ -132,12 +133,9 @@ class CoordinatorSettings(BaseModel):
     default_agent_concurrency: int = Field(
         4, ge=1, description="Concurrency of an agent that advertises none."
     )
-    breaker_failure_threshold: int = Field(
-        5, ge=1, description="Consecutive transport failures that open an agent's circuit."
-    )
-    breaker_reset_timeout: float = Field(
-        10.0, ge=0, description="Seconds an agent's open circuit waits before a probe."
-    )
+    # An agent's circuit: opened by consecutive transport failures.
+    breaker_failure_threshold: BreakerFailureThreshold = 5
+    breaker_reset_timeout: BreakerResetTimeout = 10.0
     cancel_grace: float = Field(
         5.0, ge=0, description="Seconds an agent gets to acknowledge a cancel before the call ends."
     )

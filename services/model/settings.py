@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from hivewire.services.runtime.config import Settings
+from hivewire.services.runtime.sections import BreakerFailureThreshold, BreakerResetTimeout
 
 BackendName = Literal["ollama", "openai", "local", "deterministic"]
 """The backends the service knows."""
@@ -117,12 +118,9 @@ class ModelSettings(BaseModel):
         8192, ge=1, description="Largest max_tokens a request may ask for."
     )
 
-    breaker_failure_threshold: int = Field(
-        5, ge=1, description="Consecutive backend failures that open its circuit."
-    )
-    breaker_reset_timeout: float = Field(
-        30.0, ge=0, description="Seconds an open circuit waits before a half-open probe."
-    )
+    # A backend's circuit: opened by consecutive failures of the backend.
+    breaker_failure_threshold: BreakerFailureThreshold = 5
+    breaker_reset_timeout: BreakerResetTimeout = 30.0
     retry_after: float = Field(
         2.0, ge=0, description="RetryInfo delay suggested when a backend is down."
     )

@@ -1,0 +1,32 @@
+"""What several services' settings sections declare alike, declared once.
+
+A service's section is a frozen pydantic model in its own ``settings.py``
+(docs/runtime.md, "Adding a section for your service"). A setting two sections mean
+the same way (the circuit breaker over a dependency) takes its type, bounds and
+description from here; its name and its default stay the section's own, so each
+variable (``HIVEWIRE_<SECTION>__<FIELD>``) and default is the service's::
+
+    class CoordinatorSettings(BaseModel):
+        breaker_failure_threshold: BreakerFailureThreshold = 5
+        breaker_reset_timeout: BreakerResetTimeout = 10.0
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+__all__ = ["BreakerFailureThreshold", "BreakerResetTimeout"]
+
+BreakerFailureThreshold = Annotated[
+    int,
+    Field(ge=1, description="Consecutive failures of a dependency that open its circuit."),
+]
+"""The ``failure_threshold`` of a :class:`~hivewire.services.runtime.breaker.CircuitBreaker`."""
+
+BreakerResetTimeout = Annotated[
+    float,
+    Field(ge=0, description="Seconds an open circuit waits before a half-open probe."),
+]
+"""The ``reset_timeout`` of a :class:`~hivewire.services.runtime.breaker.CircuitBreaker`."""
