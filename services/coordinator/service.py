@@ -191,7 +191,7 @@ class Coordinator:
             journal=self._journal,
             pool=pool,
             aging_interval=settings.aging_interval,
-            finish=self._finish,
+            finish=self.finish,
             run=self._spawn_attempt,
             may_dispatch=lambda: cluster is None or cluster.leased,
         )
@@ -557,25 +557,12 @@ class Coordinator:
             # A plan (say, a sub-task whose parent ended) stops with its saga.
             self._plans.cancel(rt, reason)
             return
-        self._finish(
+        self.finish(
             rt,
             CANCELLED,
             reason=reason,
             error=common_pb2.ErrorDetail(code="CANCELLED", reason=code, message=reason),
         )
-
-    def finish(
-        self,
-        rt: TaskRuntime,
-        state: int,
-        *,
-        reason: str,
-        output: common_pb2.Payload | None = None,
-        error: common_pb2.ErrorDetail | None = None,
-        reports: Sequence[Report] = (),
-    ) -> asyncio.Future[None]:
-        """End a task in a terminal state (plans end their parent with it)."""
-        return self._finish(rt, state, reason=reason, output=output, error=error, reports=reports)
 
     async def _find_idempotent(self, owner: str, key: str) -> TaskRecord | None:
         task_id = self._idempotency.get((owner, key))
@@ -838,7 +825,7 @@ class Coordinator:
             self._plans.cancel(rt, message)
             await self._store.flush()
             return rt.record
-        await self._finish(rt, CANCELLED, reason=reason or "cancelled by client", error=error)
+        await self.finish(rt, CANCELLED, reason=reason or "cancelled by client", error=error)
         return rt.record
 
     async def provide_input(
@@ -1158,7 +1145,7 @@ class Coordinator:
         elif kind == "result":
             add_usage(record.usage, message.result.usage)
             close_attempt(record, attempt.number, None)
-            self._finish(
+            self.finish(
                 rt, SUCCEEDED, reason="the agent returned a result", output=message.result.output
             )
         elif kind == "error":
@@ -1179,11 +1166,11 @@ class Coordinator:
         record = rt.record
         close_attempt(record, attempt.number, error)
         if error.code == "DEADLINE_EXCEEDED" or error.reason == "DEADLINE_EXCEEDED":
-            self._finish(rt, FAILED, reason="deadline exceeded", error=deadline_error())
+            self.finish(rt, FAILED, reason="deadline exceeded", error=deadline_error())
         elif error.retryable:
             self._retry(rt, attempt, error)
         else:
-            self._finish(rt, FAILED, reason=f"the agent failed: {error.reason}", error=error)
+            self.finish(rt, FAILED, reason=f"the agent failed: {error.reason}", error=error)
 
     def _attempt_broken(
         self, rt: TaskRuntime, attempt: Attempt, error: common_pb2.ErrorDetail
@@ -1207,7 +1194,7 @@ class Coordinator:
         record = rt.record
         failures = counted_failures(record)
         if failures >= record.spec.max_attempts:
-            self._finish(
+            self.finish(
                 rt,
                 DEAD_LETTERED,
                 reason=f"{failures} attempts failed; the last with {error.reason}",
@@ -1258,7 +1245,7 @@ class Coordinator:
 
     # -- finishing -------------------------------------------------------------------
 
-    def _finish(
+    def finish(
         self,
         rt: TaskRuntime,
         state: int,
@@ -1268,6 +1255,10 @@ class Coordinator:
         error: common_pb2.ErrorDetail | None = None,
         reports: Sequence[Report] = (),
     ) -> asyncio.Future[None]:
+        """End a task in a terminal state; the future resolves once it has committed.
+
+        Plans end their parent with it (``reports`` go out with its last event).
+        """
         record = rt.record
         if record.terminal:
             # Two endings raced (say, the deadline and the agent's answer): the first wins.
@@ -1293,10 +1284,7 @@ class Coordinator:
             ),
         )
         finished = coordinator_pb2.TaskFinished(state=state, usage=record.usage)  # type: ignore[arg-type]
-        if output is not None:
-            finished.output.CopyFrom(output)
-        if error is not None:
-            finished.error.CopyFrom(error)
+        convert.copy_present(finished, output=output, error=error)
         committed = self._journal.emit(
             rt, publish=_FINISHED_TYPES[state], reports=reports, finished=finished
         )
@@ -1385,7 +1373,7 @@ class Coordinator:
         if rt.record.is_plan:
             self._plans.deadline_passed(rt)
             return
-        self._finish(rt, FAILED, reason="deadline exceeded", error=deadline_error())
+        self.finish(rt, FAILED, reason="deadline exceeded", error=deadline_error())
 
     # -- recovery --------------------------------------------------------------------
 
