@@ -7,9 +7,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hivewire.discovery import Instance
 from hivewire.discovery.static import StaticRegistry
-from hivewire.services.runtime.bootstrap import Registration, serving
+from hivewire.services.runtime.bootstrap import Registration, service_process, serving
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.config import Settings, load_settings
+from hivewire.services.runtime.events import EventPublisher
+from hivewire.services.runtime.eventsink import NullSink
 from tests.conftest import Pki
 
 
@@ -72,3 +74,50 @@ async def test_a_server_that_fails_to_start_registers_nothing(pki: Pki) -> None:
             ):
                 pass
         assert registry.registered == {}
+
+
+async def test_a_service_process_serves_on_the_registry_it_is_given(pki: Pki) -> None:
+    calls: list[str] = []
+
+    async def drain() -> None:
+        calls.append("drain")
+        assert await registry.resolve("hivewire-test"), "deregistered before draining"
+
+    sink = NullSink()
+    async with StaticRegistry() as registry:
+        async with service_process(_settings(pki), "test", events=sink, registry=registry) as p:
+            assert p.instance_id.startswith("test-")
+            assert p.events is sink
+            assert await p.registry() is registry
+            running = await p.start(
+                [], Registration("hivewire-test", p.instance_id), on_shutdown=[drain]
+            )
+            [found] = await registry.resolve("hivewire-test")
+            assert found == running.instance
+            assert found.instance_id == p.instance_id
+        assert calls == ["drain"]
+        assert await registry.resolve("hivewire-test") == []
+        # The registry it was given is the caller's: still open after the process ended.
+        await registry.register(found)
+        assert await registry.resolve("hivewire-test") == [found]
+
+
+async def test_a_service_process_opens_its_own_registry_and_publisher_once(pki: Pki) -> None:
+    settings = load_settings(
+        host="127.0.0.1",
+        port=0,
+        certs_dir=pki.dir,
+        identity="tool",
+        grace_period=1.0,
+        discovery="static",
+        events={"enabled": False},
+    )
+    async with service_process(settings, "test") as process:
+        assert isinstance(process.events, EventPublisher)
+        assert not process.events.enabled
+        registry = await process.registry()
+        assert isinstance(registry, StaticRegistry)
+        assert await process.registry() is registry
+        running = await process.start([], None)
+        assert running.instance is None
+        assert running.server.port > 0
