@@ -15,8 +15,9 @@ dead-lettered. A permanent failure fails it at once; the deadline fails it with
 ``DEADLINE_EXCEEDED`` wherever it is.
 
 Every change is an event of the task's journal (see :mod:`.journal`); validation is
-in :mod:`.validation`, the ``Session`` stream in :mod:`.session`, plans in
-:mod:`.plans`, and storage behind :class:`~.store.TaskStore`.
+in :mod:`.validation`, plans in :mod:`.plans`, and storage behind
+:class:`~.store.TaskStore`. The ``Session`` stream (:mod:`.session`) is an adapter
+above this module, like the servicer.
 
 After a restart, queued tasks are queued again and tasks that were assigned or
 running are queued as a new attempt (the interrupted attempt does not count against
@@ -94,7 +95,6 @@ from hivewire.services.coordinator.projects import Projects
 from hivewire.services.coordinator.quotas import Quotas
 from hivewire.services.coordinator.retention import idempotency_expired, purged_or_unknown
 from hivewire.services.coordinator.scheduler import Scheduler
-from hivewire.services.coordinator.session import Session
 from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.coordinator.store import (
     TERMINAL_STATES,
@@ -980,25 +980,6 @@ class Coordinator:
         for task_id in active:
             self.drop(task_id)
         logger.warning("let go of %d tasks; peers or a later claim take them", len(active))
-
-    # -- sessions --------------------------------------------------------------------
-
-    def session(
-        self,
-        caller: Caller,
-        requests: AsyncIterator[coordinator_pb2.SessionRequest],
-        *,
-        correlation_id: str | None = None,
-    ) -> AsyncIterator[coordinator_pb2.SessionResponse]:
-        """Run one Session: start, cancel, answer and watch tasks over one stream.
-
-        The responses interleave ``accepted``/``rejected`` answers with the events of
-        every task started or watched in the session. A bad request gets a
-        ``rejected`` answer and the session goes on. The stream ends once the client
-        has half-closed and every followed task has finished. Disconnecting cancels
-        no task.
-        """
-        return Session(self, caller, correlation_id).run(requests)
 
     # -- attempts ------------------------------------------------------------------
 

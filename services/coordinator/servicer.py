@@ -17,6 +17,7 @@ from hivewire.services.coordinator import convert
 from hivewire.services.coordinator.deadletters import DeadLetters
 from hivewire.services.coordinator.model import Caller
 from hivewire.services.coordinator.service import Coordinator
+from hivewire.services.coordinator.session import Session
 from hivewire.services.coordinator.webhooks import Webhooks
 from hivewire.services.runtime.authz import caller_spiffe_id
 from hivewire.services.runtime.logging import correlation_id_var
@@ -139,10 +140,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         context: Context,
     ) -> AsyncIterator[coordinator_pb2.SessionResponse]:
         """Many tasks over one bidirectional stream."""
-        caller = self._caller(context)
-        async for response in self._coordinator.session(
-            caller, request_iterator, correlation_id=correlation_id_var.get()
-        ):
+        session = Session(self._coordinator, self._caller(context), correlation_id_var.get())
+        async for response in session.run(request_iterator):
             yield response
 
     async def ListAgents(

@@ -1,8 +1,9 @@
 """The ``Session`` stream: many tasks started, cancelled, answered and watched over one call.
 
 The session is an adapter over the coordinator's public operations (submit, cancel,
-provide input, watch, follow): it owns no task state, only which tasks this stream
-follows and how far each has been sent.
+provide input, watch, follow), a layer above :mod:`.service` like the servicer that
+runs it: it owns no task state, only which tasks this stream follows and how far each
+has been sent.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Protocol
 
-from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator import convert
-from hivewire.services.coordinator.model import Caller, TaskRecord
+from hivewire.services.coordinator.model import Caller
+from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.runtime.errors import (
     FieldViolation,
     HivewireError,
@@ -27,7 +27,7 @@ from hivewire.services.runtime.errors import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Session", "SessionHost"]
+__all__ = ["Session"]
 
 _SENT_KEPT = 1024
 """Finished tasks of one session whose sent position is remembered (deduplicated starts)."""
@@ -35,50 +35,17 @@ _SENT_KEPT = 1024
 TaskEvent = coordinator_pb2.TaskEvent
 
 
-class SessionHost(Protocol):
-    """The coordinator operations a session drives."""
-
-    async def submit(
-        self,
-        spec: coordinator_pb2.TaskSpec | None,
-        caller: Caller,
-        *,
-        correlation_id: str | None = None,
-    ) -> tuple[TaskRecord, bool]:
-        """Submit a task."""
-        ...
-
-    async def cancel(self, task_id: str, caller: Caller, reason: str = "") -> TaskRecord:
-        """Cancel a task."""
-        ...
-
-    async def provide_input(
-        self, task_id: str, response: common_pb2.InputResponse | None, caller: Caller
-    ) -> TaskRecord:
-        """Answer a task's input request."""
-        ...
-
-    async def watch(
-        self,
-        task_id: str,
-        caller: Caller,
-        *,
-        after_sequence: int = 0,
-        include_snapshot: bool = False,
-    ) -> AsyncIterator[TaskEvent]:
-        """Open a task's event stream (checked for access)."""
-        ...
-
-    def follow(self, task_id: str, after: int) -> AsyncIterator[TaskEvent]:
-        """A task's events after ``after`` (no access check)."""
-        ...
-
-
 class Session:
-    """One ``Session`` stream: requests in, answers and events of many tasks out."""
+    """One ``Session`` stream: start, cancel, answer and watch tasks over one call.
+
+    The responses interleave ``accepted``/``rejected`` answers with the events of
+    every task started or watched in the session. A bad request gets a ``rejected``
+    answer and the session goes on. The stream ends once the client has half-closed
+    and every followed task has finished. Disconnecting cancels no task.
+    """
 
     def __init__(
-        self, coordinator: SessionHost, caller: Caller, correlation_id: str | None
+        self, coordinator: Coordinator, caller: Caller, correlation_id: str | None
     ) -> None:
         self._coordinator = coordinator
         self._caller = caller
