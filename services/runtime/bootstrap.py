@@ -292,7 +292,7 @@ class ServiceProcess:
 
     What :func:`service_process` yields. The service opens its own parts on
     ``stack`` (they close in reverse order when the process ends), then calls
-    :meth:`serve` with its gRPC bindings (or :meth:`start`, to go on with the server).
+    :meth:`serve` with its gRPC bindings.
 
     Attributes:
         settings: The process settings.
@@ -305,14 +305,13 @@ class ServiceProcess:
     instance_id: str
     events: EventSink[Any]
     stack: contextlib.AsyncExitStack
-    _registry: Registry | None = None
+    _registry: Registry | None = field(default=None, repr=False)
 
     async def registry(self) -> Registry:
-        """The process's registry: ``settings.discovery``, opened on the stack on first use."""
+        """The registry of the settings, opened on the stack the first time it is asked for."""
         if self._registry is None:
-            self._registry = await self.stack.enter_async_context(
-                registry_from_settings(self.settings)
-            )
+            opened = registry_from_settings(self.settings)
+            self._registry = await self.stack.enter_async_context(opened)
         return self._registry
 
     async def start(
@@ -322,16 +321,16 @@ class ServiceProcess:
         *,
         extra_ports: Mapping[str, int] | None = None,
         on_shutdown: Iterable[ShutdownHook] = (),
+        on_registered: InstanceCallback | None = None,
+        on_deregistered: InstanceCallback | None = None,
     ) -> Serving:
-        """Serve ``bindings`` (until the stack closes) registered as ``registration``.
+        """Serve ``bindings`` (see :func:`serving`) until the process ends.
 
-        Args:
-            bindings: The gRPC services to host.
-            registration: What to register as; None registers nothing.
-            extra_ports: More ports of the process for its ports file.
-            on_shutdown: Hooks run first on shutdown (drain work...).
+        Given a registration, the instance registers in :meth:`registry` once SERVING;
+        None registers nothing. ``on_shutdown`` hooks run first on shutdown (drain
+        work...), before the deregistration.
         """
-        registry = await self.registry()
+        registry = await self.registry() if registration is not None else self._registry
         return await self.stack.enter_async_context(
             serving(
                 self.settings,
@@ -339,6 +338,8 @@ class ServiceProcess:
                 registry=registry,
                 registration=registration,
                 on_shutdown=on_shutdown,
+                on_registered=on_registered,
+                on_deregistered=on_deregistered,
                 extra_ports=extra_ports,
                 events=self.events,
             )
@@ -369,23 +370,23 @@ async def service_process(
     """The wiring every service process shares: an instance id and its event publisher.
 
     ``async with service_process(settings, "model") as process:`` then open the
-    service's parts on ``process.stack`` and ``await process.serve(...)``.
+    service's parts on ``process.stack`` and ``await process.serve(...)`` (or
+    ``await process.start(...)`` to keep the block open while serving).
 
     Args:
         settings: The process settings.
         kind: The service kind, e.g. ``"model"``: the instance id's prefix and the
             events' source (``model/<instance id>``).
-        events: Where the process's events go (tests); by default an
-            ``EventPublisher`` on ``settings.nats_url``, closed with the process.
-        registry: A started registry to use (tests); by default the one
-            ``settings.discovery`` names, opened when first needed.
+        events: Where the process publishes events; by default a publisher built from
+            the settings, closed when the process ends (one given stays open).
+        registry: A started registry the process uses (tests; it stays open); by
+            default the one the settings name, opened when first needed.
     """
     instance_id = new_instance_id(kind)
     async with contextlib.AsyncExitStack() as stack:
         if events is None:
-            publisher = EventPublisher.from_settings(settings, source=f"{kind}/{instance_id}")
-            await stack.enter_async_context(publisher)
-            events = publisher
+            events = EventPublisher.from_settings(settings, source=f"{kind}/{instance_id}")
+            await stack.enter_async_context(events)
         yield ServiceProcess(settings, instance_id, events, stack, registry)
 
 
