@@ -270,7 +270,7 @@ class Plans:
         run: _Run,
         child: TaskRuntime,
         step_id: str,
-        role: int,
+        role: C.TaskRole.ValueType,
         kind: C.StepEventKind.ValueType,
     ) -> None:
         """Follow a step, aggregator or compensation task just queued, and say so."""
@@ -281,7 +281,7 @@ class Plans:
                 step_id=step_id,
                 task_id=child.record.task_id,
                 kind=kind,
-                role=role,  # type: ignore[arg-type]
+                role=role,
                 state=QUEUED,
             ),
         )
@@ -847,7 +847,7 @@ def _finished_event(
     child: TaskRecord,
     step_id: str,
     kind: C.StepEventKind.ValueType,
-    role: int,
+    role: C.TaskRole.ValueType,
     sequence: int,
     *,
     with_output: bool = True,
@@ -857,7 +857,7 @@ def _finished_event(
         step_id=step_id,
         task_id=child.task_id,
         kind=kind,
-        role=role,  # type: ignore[arg-type]
+        role=role,
         state=child.state,  # type: ignore[arg-type]
         step_sequence=sequence,
         agent_id=child.agent_id,
