@@ -8,18 +8,17 @@ Environment variables use the nested form ``HIVEWIRE_AGENT__<FIELD>``, for examp
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from hivewire.services.runtime.config import Settings
+from hivewire.services.runtime.sections import Section
 
 DEFAULT_ALLOWED_CALLERS = ("spiffe://hivewire.local/coordinator/*",)
 """Only the coordinator may run tasks on an agent (DESIGN.md section 6)."""
 
 
-class AgentSettings(BaseModel):
+class AgentSettings(Section):
     """How an agent process serves, whom it obeys and where its model and tools are."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str | None = Field(
         None, description="Overrides the agent card's name (and so the default identity)."

@@ -13,13 +13,15 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from hivewire.services.runtime.config import Settings
-from hivewire.services.runtime.sections import BreakerFailureThreshold, BreakerResetTimeout
+from hivewire.services.runtime.sections import (
+    BreakerFailureThreshold,
+    BreakerResetTimeout,
+    Section,
+)
 
 
-class QuotaLimits(BaseModel):
+class QuotaLimits(Section):
     """Limits of one principal (0 = no limit)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     submit_rate: float = Field(0.0, ge=0, description="Submissions per second (0: no limit).")
     submit_burst: int = Field(0, ge=0, description="Bucket size (0: max(1, submit_rate)).")
@@ -68,10 +70,8 @@ class WebhookSettings(BaseModel):
     max_per_task: int = Field(4, ge=0, description="Most webhooks one task spec may carry.")
 
 
-class CoordinatorSettings(BaseModel):
+class CoordinatorSettings(Section):
     """Tuning of the coordinator (scheduling, retries, limits, storage)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     db_path: Path = Field(
         Path(".hivewire/coordinator.db"),

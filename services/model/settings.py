@@ -16,10 +16,14 @@ import importlib.util
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from hivewire.services.runtime.config import Settings
-from hivewire.services.runtime.sections import BreakerFailureThreshold, BreakerResetTimeout
+from hivewire.services.runtime.sections import (
+    BreakerFailureThreshold,
+    BreakerResetTimeout,
+    Section,
+)
 
 BackendName = Literal["ollama", "openai", "local", "deterministic"]
 """The backends the service knows."""
@@ -41,10 +45,8 @@ def local_extra_installed() -> bool:
     )
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
     """The model service's section (``HIVEWIRE_MODEL__*``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     routes: dict[str, str] = Field(
         default_factory=dict,

@@ -1,12 +1,14 @@
 """What several services' settings sections declare alike, declared once.
 
-A service's section is a frozen pydantic model in its own ``settings.py``
-(docs/runtime.md, "Adding a section for your service"). A setting two sections mean
+A service's section is a :class:`Section` in its own ``settings.py`` (docs/runtime.md,
+"Adding a section for your service"): frozen, and refusing a key it does not declare,
+which is how a misspelt setting given as JSON or as an override is caught
+(:func:`~hivewire.services.runtime.config.load_settings`). A setting two sections mean
 the same way (the circuit breaker over a dependency) takes its type, bounds and
 description from here; its name and its default stay the section's own, so each
 variable (``HIVEWIRE_<SECTION>__<FIELD>``) and default is the service's::
 
-    class CoordinatorSettings(BaseModel):
+    class CoordinatorSettings(Section):
         breaker_failure_threshold: BreakerFailureThreshold = 5
         breaker_reset_timeout: BreakerResetTimeout = 10.0
 """
@@ -15,9 +17,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["BreakerFailureThreshold", "BreakerResetTimeout"]
+__all__ = ["BreakerFailureThreshold", "BreakerResetTimeout", "Section"]
+
+
+class Section(BaseModel):
+    """A settings section: frozen, and an undeclared key is refused (``extra="forbid"``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
 
 BreakerFailureThreshold = Annotated[
     int,

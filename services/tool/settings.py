@@ -16,10 +16,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from hivewire.services.runtime.config import Settings
+from hivewire.services.runtime.sections import Section
 
 MCP_SERVER_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 """MCP server names prefix their tools (``<server>.<tool>``): short, lower case, no dots."""
@@ -38,14 +39,12 @@ def _split_names(value: object) -> object:
 NameList = Annotated[list[str], NoDecode]
 
 
-class McpServerSettings(BaseModel):
+class McpServerSettings(Section):
     """One Model Context Protocol server whose tools the service offers.
 
     Exactly one of ``command`` (a stdio server the service starts as a child process)
     and ``url`` (a streamable-HTTP server that already runs) is set.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(
         pattern=MCP_SERVER_NAME_PATTERN,
@@ -75,10 +74,8 @@ class McpServerSettings(BaseModel):
         return self
 
 
-class ToolSettings(BaseModel):
+class ToolSettings(Section):
     """The ``tool`` section: limits, policy, plugins, built-in options and MCP servers."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     policy_file: Path | None = Field(
         None,

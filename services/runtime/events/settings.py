@@ -8,7 +8,9 @@ or ``HIVEWIRE_EVENTS__MAX_BUFFER=50000``.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from hivewire.services.runtime.sections import Section
 
 __all__ = [
     "DEFAULT_DLQ_STREAM",
@@ -27,7 +29,7 @@ DLQ_SUBJECT_PREFIX = "hivewire.dlq"
 _DAY = 86_400.0
 
 
-class StreamSettings(BaseModel):
+class StreamSettings(Section):
     """Limits of the JetStream event store and of its dead-letter stream.
 
     Both streams use file storage and ``limits`` retention: events are kept until the
@@ -35,8 +37,6 @@ class StreamSettings(BaseModel):
     discarded. The defaults fit comfortably inside the 1 GB ``max_file_store`` that
     ``make run`` gives nats-server.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(DEFAULT_EVENTS_STREAM, description="Event stream name.")
     max_age: float = Field(7 * _DAY, gt=0, description="Seconds an event is kept.")
@@ -60,10 +60,8 @@ class StreamSettings(BaseModel):
     )
 
 
-class EventsSettings(BaseModel):
+class EventsSettings(Section):
     """How a service publishes events (``Settings.events``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = Field(True, description="Publish events on NATS; false turns them off.")
     stream: StreamSettings = Field(default_factory=StreamSettings)
