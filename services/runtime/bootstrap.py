@@ -321,8 +321,6 @@ class ServiceProcess:
         *,
         extra_ports: Mapping[str, int] | None = None,
         on_shutdown: Iterable[ShutdownHook] = (),
-        on_registered: InstanceCallback | None = None,
-        on_deregistered: InstanceCallback | None = None,
     ) -> Serving:
         """Serve ``bindings`` (see :func:`serving`) until the process ends.
 
@@ -338,8 +336,6 @@ class ServiceProcess:
                 registry=registry,
                 registration=registration,
                 on_shutdown=on_shutdown,
-                on_registered=on_registered,
-                on_deregistered=on_deregistered,
                 extra_ports=extra_ports,
                 events=self.events,
             )
