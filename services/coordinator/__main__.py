@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from hivewire.services.coordinator.app import running_coordinator
+from hivewire.services.coordinator.app import freeze_start_up_heap, running_coordinator
 from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.runtime.bootstrap import COORDINATOR_PORT, ServiceEntry
 from hivewire.services.runtime.server import serve_until_signal
@@ -39,6 +39,8 @@ def service_settings(settings: CoordinatorProcessSettings) -> CoordinatorProcess
 async def serve(settings: CoordinatorProcessSettings) -> None:
     """Run the coordinator until SIGTERM or SIGINT."""
     async with running_coordinator(settings) as running:
+        frozen = freeze_start_up_heap()
+        logger.debug("%d start-up objects frozen out of the garbage collector's view", frozen)
         await serve_until_signal(running.server)
 
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterator, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -118,27 +118,50 @@ class TaskRuntime:
         self.committed = record.last_sequence
         self.attempt: Attempt | None = None
         self.deadline_handle: asyncio.TimerHandle | None = None
-        self.avoid: set[str] = set()
         self.enqueued_at = record.created_ns / 1e9
         self.queued_mono = 0.0
-        self._waiters: list[asyncio.Future[None]] = []
+        # Made on first use: a waiting task holds as few objects as it can (100,000 of
+        # them are walked by every full collection of the garbage collector).
+        self._avoid: set[str] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    @property
+    def avoid(self) -> Collection[str]:
+        """Agents a retry should not go to."""
+        return self._avoid if self._avoid is not None else ()
+
+    def avoid_agent(self, agent_id: str) -> None:
+        """Send later attempts elsewhere than ``agent_id`` while others fit."""
+        if self._avoid is None:
+            self._avoid = set()
+        self._avoid.add(agent_id)
+
+    @property
+    def watching(self) -> int:
+        """Watchers waiting for the next event now."""
+        return len(self._waiters) if self._waiters is not None else 0
 
     def notify(self) -> None:
         """Wake every watcher waiting for the next event."""
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
 
     async def changed(self) -> None:
         """Wait for the next committed event (or a shutdown)."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
         self._waiters.append(waiter)
         try:
             await waiter
         finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+            waiters = self._waiters
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    self._waiters = None
 
     @property
     def settled(self) -> bool:
@@ -406,6 +429,8 @@ class Journal:
         try:
             if first is not None:
                 yield first
+                # A stream can last hours: it does not keep its snapshot (a whole task).
+                first = None
             last = after
             while True:
                 if self.closing:

@@ -1211,7 +1211,7 @@ class Coordinator:
         )
         previous = record.state
         rt.attempt = None
-        rt.avoid.add(attempt.lease.agent_id)
+        rt.avoid_agent(attempt.lease.agent_id)
         record.state = QUEUED
         record.agent_id = ""
         record.pending_input = None

@@ -536,6 +536,7 @@ def server_interceptors(
     extra: Iterable[grpc.aio.ServerInterceptor] = (),
     *,
     authz: grpc.aio.ServerInterceptor | None = None,
+    untraced: Iterable[str] = (),
 ) -> list[grpc.aio.ServerInterceptor]:
     """The standard server chain, outermost first, followed by ``extra``.
 
@@ -545,9 +546,11 @@ def server_interceptors(
             (:class:`~hivewire.services.runtime.authz.AuthzServerInterceptor`), placed
             inside error mapping so its refusals become rich statuses, and before
             ``extra`` so a refused caller costs no limit.
+        untraced: Full method names that get no OTel server span
+            (:func:`~hivewire.services.runtime.tracing.server_interceptor`).
     """
     return [
-        tracing.server_interceptor(),
+        tracing.server_interceptor(untraced),
         StandardServerInterceptor(),
         *((authz,) if authz is not None else ()),
         *extra,
