@@ -36,7 +36,7 @@ from hivewire.services.coordinator.outbox import OutboxSink, event_id, outbox_si
 from hivewire.services.coordinator.store import TERMINAL_STATES, EventRow, TaskStore
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import Unavailable
-from hivewire.services.runtime.events.envelope import build_traced_event
+from hivewire.services.runtime.events.envelope import build_event, build_traced_event
 from hivewire.services.runtime.eventsink import EventSink, NullSink
 
 logger = logging.getLogger(__name__)
@@ -306,7 +306,9 @@ class Journal:
             published.extend((event_type, report, event_type) for event_type, report in reports)
         outbox = b""
         if self._outbox is not None:
-            outbox = self._envelopes(record, event.sequence, stamp, published)
+            outbox = self._envelopes(
+                record, event.sequence, stamp, published, traced="partial" not in kind
+            )
             published = []
             metrics.OUTBOX_WRITTEN.inc()
         future = self._store.put(
@@ -324,9 +326,33 @@ class Journal:
         sequence: int,
         stamp: int,
         published: list[tuple[str, EventData, str]],
+        *,
+        traced: bool = True,
     ) -> bytes:
-        """The outbox entry of an event: its envelopes, with deterministic ids."""
+        """The outbox entry of an event: its envelopes, with deterministic ids.
+
+        ``traced=False`` (partial output: one event per token, thousands per task)
+        builds them without a PRODUCER span each; they carry the task's own
+        ``traceparent``, so consumers still join the task's trace.
+        """
         assert self._outbox is not None
+        if not traced:
+            return pack(
+                [
+                    build_event(
+                        event_type,
+                        source=self._outbox.source,
+                        subject=record.task_id,
+                        data=data,
+                        task_sequence=sequence,
+                        correlation_id=record.correlation_id or None,
+                        traceparent=record.spec.metadata.traceparent,
+                        event_id=event_id(record.task_id, sequence, suffix),
+                        time_ns=stamp,
+                    )
+                    for event_type, data, suffix in published
+                ]
+            )
         # Events of the task belong to its trace, whoever emitted them.
         with tracing.resumed(record.spec.metadata):
             return pack(

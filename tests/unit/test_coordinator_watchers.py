@@ -1,8 +1,9 @@
-"""What an open event stream and a waiting task hold in the coordinator (not timed).
+"""What an open event stream, a waiting task and a token cost the coordinator (not timed).
 
 A journal over a real SQLite store: a watcher that goes away leaves no waiter behind,
 a stream does not keep its snapshot once sent, a waiting task makes its retry and
-watcher bookkeeping only when used, and start-up's heap is frozen without garbage.
+watcher bookkeeping only when used, start-up's heap is frozen without garbage, and a
+partial output's outbox envelope carries the task's trace without a span of its own.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator.app import freeze_start_up_heap
 from hivewire.services.coordinator.journal import Journal, NullPublisher, TaskRuntime, TaskTable
 from hivewire.services.coordinator.model import TaskRecord, now_ns
+from hivewire.services.coordinator.outbox import unpack
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
+from hivewire.services.runtime.events.publisher import EventPublisher
 from hivewire.services.runtime.metrics import REGISTRY
 from tests.helpers import eventually
 
@@ -135,3 +139,38 @@ def test_start_up_heap_is_frozen_after_its_garbage_is_collected() -> None:
     finally:
         gc.unfreeze()
     assert any(o is kept for o in gc.get_objects())
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def test_a_partial_envelope_carries_the_task_trace_without_a_span_of_its_own(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    # A publisher that is on (never started here): task events go through the outbox.
+    publisher = EventPublisher("nats://127.0.0.1:1", source="coordinator/test")
+    async with SqliteTaskStore(tmp_path / "coordinator.db") as store:
+        tasks = TaskTable(finished_cache_size=8, on_evict=lambda rt: None)
+        events = Journal(store, tasks, publisher)
+        assert events.outbox is publisher
+        rt = _runtime()
+        rt.record.spec.metadata.traceparent = TRACEPARENT
+        tasks.add(rt)
+        await events.emit(
+            rt,
+            publish="task.created",
+            state_changed=coordinator_pb2.StateChange(to_state=S.TASK_STATE_QUEUED),
+        )
+        await events.emit(rt, write_row=False, partial=S.PartialResult(artifact_id="a"))
+        entries = [unpack(item.entry) for item in await store.outbox_next(0, limit=10)]
+    created, partial = (envelopes[0] for envelopes in entries)
+    assert (created.type, partial.type) == ("task.created", "task.partial")
+    assert [created.task_sequence, partial.task_sequence] == [1, 2]
+    assert partial.id == "t-1:2"
+    # One PRODUCER span for the state change (its envelope carries that span), none for
+    # the token: its envelope carries the task's own trace context.
+    producers = [s for s in spans.get_finished_spans() if s.name.endswith(" publish")]
+    assert len(producers) == 1
+    assert created.traceparent.split("-")[1] == TRACEPARENT.split("-")[1]
+    assert created.traceparent != TRACEPARENT
+    assert partial.traceparent == TRACEPARENT
