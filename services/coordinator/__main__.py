@@ -1,7 +1,9 @@
 """``python -m hivewire.services.coordinator``: run the coordinator.
 
 Startup: settings, logging, events, the SQLite store (recovering unfinished tasks),
-discovery, the gRPC server (SERVING), registration as ``hivewire-coordinator``.
+discovery, the gRPC server (SERVING), registration as ``hivewire-coordinator``; then
+what start-up made, recovered tasks included, is frozen out of the garbage collector's
+view (``gc.freeze``: full collections no longer walk it; docs/performance.md).
 SIGTERM reverses it: NOT_SERVING, deregister, open task streams end with
 UNAVAILABLE (clients resume with WatchTask), in-flight calls get the grace period,
 running attempts are cancelled and stay recorded as running, so the next start
