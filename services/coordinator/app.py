@@ -202,9 +202,10 @@ def freeze_start_up_heap() -> int:
     Called once the coordinator serves: modules, settings, the server, and every task
     recovered from the store. A full collection walks every tracked object; with
     100,000 waiting tasks recovered that is about 1.5 million objects (1.3 s with the
-    event loop stopped, measured), in every full collection. Frozen objects are still freed when
-    nothing refers to them; only a reference cycle among them would outlive its use
-    (bounded by what existed at start-up). Garbage is collected first, so none is frozen.
+    event loop stopped, measured), in every full collection. Frozen objects are still
+    freed when nothing refers to them; only a reference cycle among them would outlive
+    its use (bounded by what existed at start-up). Garbage is collected first, so none
+    is frozen.
 
     Returns:
         How many objects were frozen.

@@ -77,6 +77,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         )
         async for event in events:
             yield coordinator_pb2.StreamTaskResponse(event=event)
+            del event  # not held while the stream waits (the first is a snapshot)
 
     async def WatchTask(
         self, request: coordinator_pb2.WatchTaskRequest, context: Context
