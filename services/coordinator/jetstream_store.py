@@ -53,8 +53,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -62,6 +61,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
+from hivewire.services.base.lifecycle import OpenClose
 from hivewire.services.coordinator.store import (
     TERMINAL_STATES,
     EventRow,
@@ -100,7 +100,7 @@ class _Item:
     future: asyncio.Future[Any]
 
 
-class JetStreamTaskStore:
+class JetStreamTaskStore(OpenClose):
     """The JetStream task store (an async context manager).
 
     Args:
@@ -156,18 +156,6 @@ class JetStreamTaskStore:
     def stream(self) -> str:
         """The journal stream's name."""
         return f"{self._prefix}_JOURNAL"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Connect, create the buckets and the stream if needed, start the worker.
@@ -484,14 +472,8 @@ class JetStreamTaskStore:
         """The task an owner submitted with an idempotency key, if any."""
 
         async def run() -> TaskRow | None:
-            assert self._keys is not None
-            try:
-                entry = await self._keys.get(_key_name(owner, key))
-            except js_errors.KeyNotFoundError:
-                return None
-            if entry.value is None:
-                return None
-            return await self._get_row(entry.value.decode())
+            value = await _value(self._keys, _key_name(owner, key))
+            return None if value is None else await self._get_row(value.decode())
 
         result: TaskRow | None = await self._submit(run)
         return result
@@ -849,12 +831,8 @@ class JetStreamTaskStore:
         """A project's row, or None."""
 
         async def run() -> ProjectRow | None:
-            assert self._projects is not None
-            try:
-                entry = await self._projects.get(project_id)
-            except js_errors.KeyNotFoundError:
-                return None
-            return _project(entry.value) if entry.value is not None else None
+            value = await _value(self._projects, project_id)
+            return None if value is None else _project(value)
 
         result: ProjectRow | None = await self._submit(run)
         return result
@@ -1005,14 +983,10 @@ class JetStreamTaskStore:
         """The tombstone of a purged task, or None."""
 
         async def run() -> Tombstone | None:
-            assert self._tombstones is not None
-            try:
-                entry = await self._tombstones.get(task_id)
-            except js_errors.KeyNotFoundError:
+            value = await _value(self._tombstones, task_id)
+            if value is None:
                 return None
-            if entry.value is None:
-                return None
-            fields = json.loads(entry.value)
+            fields = json.loads(value)
             return Tombstone(task_id, fields["owner"], int(fields["purged_ns"]))
 
         result: Tombstone | None = await self._submit(run)
@@ -1154,6 +1128,16 @@ def _owner_token(coordinator: str) -> str:
 
 def _active_key(coordinator: str, task_id: str) -> str:
     return f"{_owner_token(coordinator)}.{task_id}"
+
+
+async def _value(bucket: KeyValue | None, key: str) -> bytes | None:
+    """A key's value in an open bucket, or None when the key is missing or deleted."""
+    assert bucket is not None
+    try:
+        entry = await bucket.get(key)
+    except js_errors.KeyNotFoundError:
+        return None
+    return entry.value
 
 
 async def list_keys(bucket: KeyValue, pattern: str = ">") -> list[str]:

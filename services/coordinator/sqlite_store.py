@@ -29,9 +29,9 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
+from hivewire.services.base.lifecycle import OpenClose
 from hivewire.services.coordinator.store import (
     EventRow,
     OutboxItem,
@@ -45,7 +45,7 @@ from hivewire.services.coordinator.store import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SqliteTaskStore"]
+__all__ = ["SqliteTaskStore", "first_row"]
 
 T = TypeVar("T")
 
@@ -151,7 +151,7 @@ class _Read:
 _STOP = object()
 
 
-class SqliteTaskStore:
+class SqliteTaskStore(OpenClose):
     """The embedded SQLite task store (an async context manager).
 
     Args:
@@ -172,18 +172,6 @@ class SqliteTaskStore:
     def path(self) -> str:
         """The database path."""
         return self._path
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Create or open the database and start the storage thread.
@@ -246,30 +234,16 @@ class SqliteTaskStore:
 
     async def get_task(self, task_id: str) -> TaskRow | None:
         """Return a task's row, or None when it does not exist."""
-
-        def run(conn: sqlite3.Connection) -> TaskRow | None:
-            row = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?",  # noqa: S608
-                (task_id,),
-            ).fetchone()
-            return _row_from_db(row) if row else None
-
-        result: TaskRow | None = await self._read(run)
-        return result
+        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?"  # noqa: S608
+        return await self._read_one(_row_from_db, sql, task_id)
 
     async def find_by_idempotency_key(self, owner: str, key: str) -> TaskRow | None:
         """Return the task an owner submitted with an idempotency key, if any."""
-
-        def run(conn: sqlite3.Connection) -> TaskRow | None:
-            row = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
-                "WHERE owner = ? AND idempotency_key = ?",
-                (owner, key),
-            ).fetchone()
-            return _row_from_db(row) if row else None
-
-        result: TaskRow | None = await self._read(run)
-        return result
+        sql = (
+            f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
+            "WHERE owner = ? AND idempotency_key = ?"
+        )
+        return await self._read_one(_row_from_db, sql, owner, key)
 
     async def active_tasks(self) -> list[TaskRow]:
         """Every task not in a terminal state, oldest first (for recovery)."""
@@ -348,16 +322,8 @@ class SqliteTaskStore:
 
     async def get_project(self, project_id: str) -> ProjectRow | None:
         """A project's row, or None."""
-
-        def run(conn: sqlite3.Connection) -> ProjectRow | None:
-            row = conn.execute(
-                "SELECT project_id, owner, created_ns, data FROM projects WHERE project_id = ?",
-                (project_id,),
-            ).fetchone()
-            return ProjectRow(row[0], row[1], row[2], bytes(row[3])) if row else None
-
-        result: ProjectRow | None = await self._read(run)
-        return result
+        sql = "SELECT project_id, owner, created_ns, data FROM projects WHERE project_id = ?"
+        return await self._read_one(_project_from_db, sql, project_id)
 
     async def list_projects(
         self, *, owner: str, before: tuple[int, str] | None, limit: int
@@ -379,10 +345,7 @@ class SqliteTaskStore:
         params.append(max(limit, 0))
 
         def run(conn: sqlite3.Connection) -> list[ProjectRow]:
-            return [
-                ProjectRow(r[0], r[1], r[2], bytes(r[3]))
-                for r in conn.execute(sql, params).fetchall()
-            ]
+            return [_project_from_db(r) for r in conn.execute(sql, params).fetchall()]
 
         result: list[ProjectRow] = await self._read(run)
         return result
@@ -518,16 +481,8 @@ class SqliteTaskStore:
 
     async def tombstone(self, task_id: str) -> Tombstone | None:
         """The tombstone of a purged task, or None."""
-
-        def run(conn: sqlite3.Connection) -> Tombstone | None:
-            row = conn.execute(
-                "SELECT task_id, owner, purged_ns FROM purged_tasks WHERE task_id = ?",
-                (task_id,),
-            ).fetchone()
-            return Tombstone(row[0], row[1], row[2]) if row else None
-
-        result: Tombstone | None = await self._read(run)
-        return result
+        sql = "SELECT task_id, owner, purged_ns FROM purged_tasks WHERE task_id = ?"
+        return await self._read_one(lambda row: Tombstone(*row), sql, task_id)
 
     async def delete_finished(self, task_ids: Sequence[str]) -> list[str]:
         """Delete finished tasks and their events (durably); returns the ids deleted."""
@@ -599,6 +554,11 @@ class SqliteTaskStore:
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Read(fn, future))
         return await future
+
+    async def _read_one(
+        self, build: Callable[[Sequence[Any]], T], sql: str, *args: object
+    ) -> T | None:
+        return await self._read(lambda conn: first_row(conn, build, sql, *args))
 
     def _connect(self) -> sqlite3.Connection:
         if self._path != ":memory:":
@@ -773,6 +733,18 @@ def _row_params(row: TaskRow) -> tuple[Any, ...]:
         row.parent_task_id,
         row.project_id,
     )
+
+
+def first_row(
+    conn: sqlite3.Connection, build: Callable[[Sequence[Any]], T], sql: str, *args: object
+) -> T | None:
+    """The first row a query returns, made into a value by ``build``; None when there is none."""
+    row = conn.execute(sql, args).fetchone()
+    return None if row is None else build(row)
+
+
+def _project_from_db(row: Sequence[Any]) -> ProjectRow:
+    return ProjectRow(row[0], row[1], row[2], bytes(row[3]))
 
 
 def _row_from_db(row: Sequence[Any]) -> TaskRow:

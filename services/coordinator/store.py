@@ -24,8 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol
 
 __all__ = [
     "EventRow",
@@ -192,18 +191,16 @@ class Tombstone:
 
 
 class TaskStore(Protocol):
-    """What the coordinator needs from its durable store (an async context manager)."""
+    """What the coordinator needs from its durable store.
 
-    async def __aenter__(self) -> Self:
+    The stores are also async context managers (``async with`` opens and closes them).
+    """
+
+    async def open(self) -> None:
         """Open the store."""
         ...
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
         """Commit what is queued and close."""
         ...
 

@@ -18,8 +18,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import TypeVar
+
+from hivewire.services.base.lifecycle import OpenClose
+from hivewire.services.coordinator.sqlite_store import first_row
 
 __all__ = ["PENDING", "DELIVERED", "DEAD", "DeliveryRow", "SqliteWebhookStore", "WebhookRow"]
 
@@ -116,7 +118,7 @@ class DeliveryRow:
     project_id: str = ""
 
 
-class SqliteWebhookStore:
+class SqliteWebhookStore(OpenClose):
     """Webhook registrations and deliveries in the coordinator's SQLite file."""
 
     def __init__(self, path: Path | str) -> None:
@@ -129,16 +131,12 @@ class SqliteWebhookStore:
         self._registrations: OrderedDict[tuple[str, str], tuple[WebhookRow, ...]] = OrderedDict()
         self._generation = 0  # bumped by every change: a read that raced one is not kept
 
-    async def __aenter__(self) -> Self:
+    async def open(self) -> None:
+        """Open the database file (made if missing) and create its tables."""
         await asyncio.to_thread(self._open)
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
+        """Close the connection (idempotent)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             with self._lock:
@@ -227,15 +225,10 @@ class SqliteWebhookStore:
 
     async def webhook(self, webhook_id: str) -> WebhookRow | None:
         """One registration by id, or None."""
-
-        def run(c: sqlite3.Connection) -> WebhookRow | None:
-            row = c.execute(
-                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE webhook_id = ?",  # noqa: S608
-                (webhook_id,),
-            ).fetchone()
-            return None if row is None else WebhookRow(*row)
-
-        return await self._run(run)
+        sql = f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE webhook_id = ?"  # noqa: S608
+        return await self._run(
+            lambda c: first_row(c, lambda row: WebhookRow(*row), sql, webhook_id)
+        )
 
     async def delete_webhook(self, webhook_id: str) -> bool:
         """Remove a registration; False when there is none with that id."""
