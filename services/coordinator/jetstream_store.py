@@ -72,6 +72,8 @@ from hivewire.services.coordinator.store import (
     TaskQuery,
     TaskRow,
     Tombstone,
+    consume_exception,
+    settle,
 )
 
 logger = logging.getLogger(__name__)
@@ -255,12 +257,12 @@ class JetStreamTaskStore(OpenClose):
             try:
                 result = await item.run()
             except StoreError as exc:
-                _settle(item.future, None, exc)
+                settle(item.future, None, exc)
             except Exception as exc:
                 logger.exception("JetStream task store operation failed")
-                _settle(item.future, None, StoreError(str(exc)))
+                settle(item.future, None, StoreError(str(exc)))
             else:
-                _settle(item.future, result, None)
+                settle(item.future, result, None)
 
     # -- writes ----------------------------------------------------------------------
 
@@ -269,7 +271,7 @@ class JetStreamTaskStore(OpenClose):
     ) -> asyncio.Future[None]:
         """Queue task upserts and event appends; the future resolves once stored."""
         future: asyncio.Future[None] = self._submit(lambda: self._write(tasks, events))
-        future.add_done_callback(_consume_exception)
+        future.add_done_callback(consume_exception)
         return future
 
     async def flush(self) -> None:
@@ -479,13 +481,8 @@ class JetStreamTaskStore(OpenClose):
         return result
 
     async def _all_rows(self) -> list[TaskRow]:
-        assert self._tasks is not None
-        try:
-            keys = await self._tasks.keys()
-        except js_errors.NoKeysError:
-            return []
         rows = []
-        for key in keys:
+        for key in await _keys(self._tasks):
             row = await self._get_row(key)
             if row is not None:
                 rows.append(row)
@@ -546,20 +543,9 @@ class JetStreamTaskStore(OpenClose):
             self._index.move_to_end(task_id)
             return index
         index = {}
-        subject = f"{JOURNAL_SUBJECT}.{task_id}"
-        seq = 1
-        while True:
-            try:
-                msg = await self._retry(
-                    lambda seq=seq: self._js.get_msg(  # type: ignore[misc]
-                        self.stream, seq=seq, subject=subject, next=True
-                    )
-                )
-            except js_errors.NotFoundError:
-                break
+        async for msg in self._journal(task_id):
             headers = msg.headers or {}
             index[int(headers.get(SEQUENCE_HEADER, "0"))] = msg.seq
-            seq = msg.seq + 1
         if task_id not in self._revisions:
             return index
         self._index[task_id] = index
@@ -592,10 +578,22 @@ class JetStreamTaskStore(OpenClose):
         self, task_id: str, after: int, until: int | None, limit: int
     ) -> list[EventRow]:
         """Events of a task this store keeps no index of, read in one pass."""
-        subject = f"{JOURNAL_SUBJECT}.{task_id}"
         found: dict[int, EventRow] = {}
+        if limit > 0:
+            async with contextlib.aclosing(self._journal(task_id)) as messages:
+                async for msg in messages:
+                    n = int((msg.headers or {}).get(SEQUENCE_HEADER, "0"))
+                    if n > after and (until is None or n <= until):
+                        found.setdefault(n, EventRow(task_id, n, bytes(msg.data or b"")))
+                    if len(found) >= limit:
+                        break
+        return [found[n] for n in sorted(found)][: max(limit, 0)]
+
+    async def _journal(self, task_id: str) -> AsyncGenerator[Any, None]:
+        """The journal messages of one task, in stream order."""
+        subject = f"{JOURNAL_SUBJECT}.{task_id}"
         seq = 1
-        while len(found) < limit:
+        while True:
             try:
                 msg = await self._retry(
                     lambda seq=seq: self._js.get_msg(  # type: ignore[misc]
@@ -603,12 +601,9 @@ class JetStreamTaskStore(OpenClose):
                     )
                 )
             except js_errors.NotFoundError:
-                break
-            n = int((msg.headers or {}).get(SEQUENCE_HEADER, "0"))
-            if n > after and (until is None or n <= until):
-                found.setdefault(n, EventRow(task_id, n, bytes(msg.data or b"")))
+                return
+            yield msg
             seq = msg.seq + 1
-        return [found[n] for n in sorted(found)][: max(limit, 0)]
 
     async def last_sequence(self, task_id: str) -> int:
         """The sequence of a task's latest stored event (0 when none)."""
@@ -633,11 +628,7 @@ class JetStreamTaskStore(OpenClose):
         """How many tasks are stored."""
 
         async def run() -> int:
-            assert self._tasks is not None
-            try:
-                return len(await self._tasks.keys())
-            except js_errors.NoKeysError:
-                return 0
+            return len(await _keys(self._tasks))
 
         result: int = await self._submit(run)
         return result
@@ -816,12 +807,8 @@ class JetStreamTaskStore(OpenClose):
 
     async def _projects_all(self) -> list[ProjectRow]:
         assert self._projects is not None
-        try:
-            keys = await self._projects.keys()
-        except js_errors.NoKeysError:
-            return []
         rows = []
-        for key in keys:
+        for key in await _keys(self._projects):
             entry = await self._projects.get(key)
             if entry.value is not None:
                 rows.append(_project(entry.value))
@@ -960,12 +947,8 @@ class JetStreamTaskStore(OpenClose):
 
         async def run() -> int:
             assert self._tombstones is not None
-            try:
-                keys = await self._tombstones.keys()
-            except js_errors.NoKeysError:
-                return 0
             old = []
-            for key in keys:
+            for key in await _keys(self._tombstones):
                 entry = await self._tombstones.get(key)
                 if entry.value is not None:
                     purged = int(json.loads(entry.value)["purged_ns"])
@@ -1130,6 +1113,16 @@ def _active_key(coordinator: str, task_id: str) -> str:
     return f"{_owner_token(coordinator)}.{task_id}"
 
 
+async def _keys(bucket: KeyValue | None) -> list[str]:
+    """The keys of an open bucket ([] when it has none)."""
+    assert bucket is not None
+    try:
+        keys: list[str] = await bucket.keys()
+    except js_errors.NoKeysError:
+        return []
+    return keys
+
+
 async def _value(bucket: KeyValue | None, key: str) -> bytes | None:
     """A key's value in an open bucket, or None when the key is missing or deleted."""
     assert bucket is not None
@@ -1179,17 +1172,3 @@ def _project(value: bytes) -> ProjectRow:
     fields = json.loads(value)
     fields["data"] = base64.b64decode(fields["data"])
     return ProjectRow(**fields)
-
-
-def _consume_exception(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -41,11 +41,13 @@ from hivewire.services.coordinator.store import (
     TaskQuery,
     TaskRow,
     Tombstone,
+    consume_exception,
+    settle,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SqliteTaskStore", "first_row"]
+__all__ = ["SqliteTaskStore", "all_rows", "first_row"]
 
 T = TypeVar("T")
 
@@ -222,7 +224,7 @@ class SqliteTaskStore(OpenClose):
         future: asyncio.Future[None] = loop.create_future()
         # A write nobody awaits must not log "exception never retrieved" on failure:
         # failures are logged by the storage thread already.
-        future.add_done_callback(_consume_exception)
+        future.add_done_callback(consume_exception)
         self._queue.put(_Write(tasks, events, future))
         return future
 
@@ -247,16 +249,11 @@ class SqliteTaskStore(OpenClose):
 
     async def active_tasks(self) -> list[TaskRow]:
         """Every task not in a terminal state, oldest first (for recovery)."""
-
-        def run(conn: sqlite3.Connection) -> list[TaskRow]:
-            rows = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
-                "WHERE state NOT IN (5, 6, 7, 8) ORDER BY created_ns, task_id"
-            ).fetchall()
-            return [_row_from_db(r) for r in rows]
-
-        result: list[TaskRow] = await self._read(run)
-        return result
+        sql = (
+            f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
+            "WHERE state NOT IN (5, 6, 7, 8) ORDER BY created_ns, task_id"
+        )
+        return await self._read_all(_row_from_db, sql)
 
     async def list_tasks(self, query: TaskQuery) -> list[TaskRow]:
         """Tasks matching a query, newest first."""
@@ -265,18 +262,15 @@ class SqliteTaskStore(OpenClose):
         if query.states:
             clauses.append(f"state IN ({', '.join('?' * len(query.states))})")
             params.extend(query.states)
-        if query.capability:
-            clauses.append("capability = ?")
-            params.append(query.capability)
-        if query.owner:
-            clauses.append("owner = ?")
-            params.append(query.owner)
-        if query.parent_task_id:
-            clauses.append("parent_task_id = ?")
-            params.append(query.parent_task_id)
-        if query.project_id:
-            clauses.append("project_id = ?")
-            params.append(query.project_id)
+        for column, value in (
+            ("capability", query.capability),
+            ("owner", query.owner),
+            ("parent_task_id", query.parent_task_id),
+            ("project_id", query.project_id),
+        ):
+            if value:
+                clauses.append(f"{column} = ?")
+                params.append(value)
         if query.before is not None:
             clauses.append("(created_ns < ? OR (created_ns = ? AND task_id < ?))")
             params.extend((query.before[0], query.before[0], query.before[1]))
@@ -285,27 +279,15 @@ class SqliteTaskStore(OpenClose):
             f"SELECT {_TASK_COLUMNS} FROM tasks {where} "  # noqa: S608 - placeholders only
             "ORDER BY created_ns DESC, task_id DESC LIMIT ?"
         )
-        params.append(max(query.limit, 0))
-
-        def run(conn: sqlite3.Connection) -> list[TaskRow]:
-            return [_row_from_db(r) for r in conn.execute(sql, params).fetchall()]
-
-        result: list[TaskRow] = await self._read(run)
-        return result
+        return await self._read_all(_row_from_db, sql, *params, max(query.limit, 0))
 
     async def children(self, parent_task_id: str) -> list[TaskRow]:
         """Every step and sub-task of a task, oldest first."""
-
-        def run(conn: sqlite3.Connection) -> list[TaskRow]:
-            rows = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
-                "WHERE parent_task_id = ? ORDER BY created_ns, task_id",
-                (parent_task_id,),
-            ).fetchall()
-            return [_row_from_db(r) for r in rows]
-
-        result: list[TaskRow] = await self._read(run)
-        return result
+        sql = (
+            f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
+            "WHERE parent_task_id = ? ORDER BY created_ns, task_id"
+        )
+        return await self._read_all(_row_from_db, sql, parent_task_id)
 
     # -- projects --------------------------------------------------------------------
 
@@ -342,13 +324,7 @@ class SqliteTaskStore(OpenClose):
             f"SELECT project_id, owner, created_ns, data FROM projects {where} "  # noqa: S608
             "ORDER BY created_ns DESC, project_id DESC LIMIT ?"
         )
-        params.append(max(limit, 0))
-
-        def run(conn: sqlite3.Connection) -> list[ProjectRow]:
-            return [_project_from_db(r) for r in conn.execute(sql, params).fetchall()]
-
-        result: list[ProjectRow] = await self._read(run)
-        return result
+        return await self._read_all(_project_from_db, sql, *params, max(limit, 0))
 
     async def project_summary(self, project_id: str) -> ProjectSummary:
         """Aggregates over a project's tasks."""
@@ -384,17 +360,14 @@ class SqliteTaskStore(OpenClose):
             until: Inclusive upper bound; None means no bound.
             limit: At most this many events.
         """
-
-        def run(conn: sqlite3.Connection) -> list[EventRow]:
-            rows = conn.execute(
-                "SELECT sequence, data FROM events WHERE task_id = ? AND sequence > ? "
-                "AND sequence <= ? ORDER BY sequence LIMIT ?",
-                (task_id, after, until if until is not None else 2**62, limit),
-            ).fetchall()
-            return [EventRow(task_id, seq, bytes(data)) for seq, data in rows]
-
-        result: list[EventRow] = await self._read(run)
-        return result
+        sql = (
+            "SELECT sequence, data FROM events WHERE task_id = ? AND sequence > ? "
+            "AND sequence <= ? ORDER BY sequence LIMIT ?"
+        )
+        bound = until if until is not None else 2**62
+        return await self._read_all(
+            lambda row: EventRow(task_id, row[0], bytes(row[1])), sql, task_id, after, bound, limit
+        )
 
     async def last_sequence(self, task_id: str) -> int:
         """The sequence of a task's latest stored event (0 when it has none)."""
@@ -560,6 +533,11 @@ class SqliteTaskStore(OpenClose):
     ) -> T | None:
         return await self._read(lambda conn: first_row(conn, build, sql, *args))
 
+    async def _read_all(
+        self, build: Callable[[Sequence[Any]], T], sql: str, *args: object
+    ) -> list[T]:
+        return await self._read(lambda conn: all_rows(conn, build, sql, *args))
+
     def _connect(self) -> sqlite3.Connection:
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
@@ -600,9 +578,9 @@ class SqliteTaskStore(OpenClose):
                 if isinstance(exc, StoreError)
                 else StoreError(f"cannot open {self._path}: {exc}")
             )
-            loop.call_soon_threadsafe(_settle, ready, None, err)
+            loop.call_soon_threadsafe(settle, ready, None, err)
             return
-        loop.call_soon_threadsafe(_settle, ready, None, None)
+        loop.call_soon_threadsafe(settle, ready, None, None)
         try:
             self._serve(conn, loop)
         finally:
@@ -639,9 +617,9 @@ class SqliteTaskStore(OpenClose):
             result = item.fn(conn)
         except sqlite3.Error as exc:
             logger.exception("task store read failed")
-            loop.call_soon_threadsafe(_settle, item.future, None, StoreError(str(exc)))
+            loop.call_soon_threadsafe(settle, item.future, None, StoreError(str(exc)))
             return
-        loop.call_soon_threadsafe(_settle, item.future, result, None)
+        loop.call_soon_threadsafe(settle, item.future, result, None)
 
     def _commit(
         self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, batch: list[_Write]
@@ -696,23 +674,9 @@ class SqliteTaskStore(OpenClose):
         conn.execute("COMMIT")
 
 
-def _consume_exception(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
 def _settle_all(futures: list[asyncio.Future[None]], errors: list[BaseException | None]) -> None:
     for future, error in zip(futures, errors, strict=True):
-        _settle(future, None, error)
+        settle(future, None, error)
 
 
 def _row_params(row: TaskRow) -> tuple[Any, ...]:
@@ -741,6 +705,13 @@ def first_row(
     """The first row a query returns, made into a value by ``build``; None when there is none."""
     row = conn.execute(sql, args).fetchone()
     return None if row is None else build(row)
+
+
+def all_rows(
+    conn: sqlite3.Connection, build: Callable[[Sequence[Any]], T], sql: str, *args: object
+) -> list[T]:
+    """Every row a query returns, each made into a value by ``build``."""
+    return [build(row) for row in conn.execute(sql, args).fetchall()]
 
 
 def _project_from_db(row: Sequence[Any]) -> ProjectRow:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "EventRow",
@@ -37,6 +37,8 @@ __all__ = [
     "TaskRow",
     "TaskStore",
     "Tombstone",
+    "consume_exception",
+    "settle",
 ]
 
 #: ``TaskState`` values a task never leaves (succeeded, failed, cancelled, dead-lettered).
@@ -308,3 +310,22 @@ class TaskStore(Protocol):
     async def outbox_done(self, position: int) -> None:
         """Record every outbox entry up to ``position`` as published."""
         ...
+
+
+# -- what both stores' worker queues use ----------------------------------------------
+
+
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Resolve a caller's future with a result or an error (not if it is done already)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def consume_exception(future: asyncio.Future[None]) -> None:
+    """Done callback of a write nobody awaits: its failure is already logged."""
+    if not future.cancelled():
+        future.exception()
