@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -26,7 +27,7 @@ from jsonschema.exceptions import SchemaError
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.types import CONNECTION_CLOSED
 
-from hivewire.services.base.lifecycle import StartStop, cancel_and_wait
+from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.tool.domain import ToolInfo, ToolSource
 from hivewire.services.tool.registry import Tool, ToolRegistry
@@ -269,7 +270,7 @@ class McpTool(Tool):
         return await self._connection.call(self.remote_name, arguments, ctx)
 
 
-class McpBridge(StartStop):
+class McpBridge:
     """Every configured MCP server, connected for the service's lifetime."""
 
     def __init__(self, servers: list[McpServerSettings], registry: ToolRegistry) -> None:
@@ -282,8 +283,7 @@ class McpBridge(StartStop):
         self.connections = [McpConnection(config, registry) for config in servers]
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
-        """Connect to every server; wait for each one's first attempt (bounded)."""
+    async def __aenter__(self) -> McpBridge:
         for connection in self.connections:
             self._tasks.append(asyncio.create_task(connection.run(), name=f"mcp-{connection.name}"))
         # Wait for each server's first attempt, bounded by its connect timeout, so that a
@@ -297,8 +297,13 @@ class McpBridge(StartStop):
         ):
             if isinstance(outcome, BaseException):
                 logger.warning("MCP server %s: no answer at startup; retrying", connection.name)
+        return self
 
-    async def stop(self) -> None:
-        """Disconnect from every server."""
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await cancel_and_wait(self._tasks, suppress=(Exception,))
         self._tasks.clear()
