@@ -2,9 +2,9 @@
 
 A long-lived object (a server, a publisher, a registry, a store) has a start method and
 a stop method, and ``async with obj:`` runs them. Subclass :class:`StartStop` (``start``
-and ``stop``), :class:`StartClose` (``start`` and ``close``), :class:`OpenClose`
-(``open`` and ``close``) or :class:`Closing` (``close`` only) and define those methods
-instead of writing ``__aenter__``/``__aexit__`` again. :func:`cancel_and_wait` is the
+and ``stop``), :class:`StartClose` (``start`` and ``close``) or :class:`OpenClose`
+(``open`` and ``close``) and define those methods instead of writing
+``__aenter__``/``__aexit__`` again. :func:`cancel_and_wait` is the
 "cancel every background task, then wait for each and swallow its cancellation" loop of
 a stop method.
 """
@@ -17,21 +17,20 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-__all__ = ["Closing", "OpenClose", "StartClose", "StartStop", "cancel_and_wait"]
+__all__ = ["OpenClose", "StartClose", "StartStop", "cancel_and_wait"]
 
 
 class _Entered:
     """``async with`` awaits the method named ``_ENTER`` on entry and ``_LEAVE`` on exit.
 
-    The subclass defines those methods; an empty ``_ENTER`` means nothing to do on entry.
+    The subclass defines those methods.
     """
 
-    _ENTER: ClassVar[str] = ""
+    _ENTER: ClassVar[str] = "start"
     _LEAVE: ClassVar[str] = "close"
 
     async def __aenter__(self) -> Self:
-        if self._ENTER:
-            await getattr(self, self._ENTER)()
+        await getattr(self, self._ENTER)()
         return self
 
     async def __aexit__(
@@ -46,23 +45,17 @@ class _Entered:
 class StartStop(_Entered):
     """``async with`` calls ``start()`` on entry and ``stop()`` on exit."""
 
-    _ENTER, _LEAVE = "start", "stop"
+    _LEAVE = "stop"
 
 
 class StartClose(_Entered):
     """``async with`` calls ``start()`` on entry and ``close()`` on exit."""
-
-    _ENTER = "start"
 
 
 class OpenClose(_Entered):
     """``async with`` calls ``open()`` on entry and ``close()`` on exit."""
 
     _ENTER = "open"
-
-
-class Closing(_Entered):
-    """``async with`` does nothing on entry and calls ``close()`` on exit."""
 
 
 async def cancel_and_wait(

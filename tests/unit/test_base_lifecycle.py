@@ -7,13 +7,7 @@ from typing import Any
 
 import pytest
 
-from hivewire.services.base.lifecycle import (
-    Closing,
-    OpenClose,
-    StartClose,
-    StartStop,
-    cancel_and_wait,
-)
+from hivewire.services.base.lifecycle import OpenClose, StartClose, StartStop, cancel_and_wait
 
 
 class _Calls:
@@ -45,18 +39,12 @@ class _Store(OpenClose, _Calls):
         self.calls.append("close")
 
 
-class _Pool(Closing, _Calls):
-    async def close(self) -> None:
-        self.calls.append("close")
-
-
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
         (_Service, ["start", "body", "stop"]),
         (_Publisher, ["start", "body", "close"]),
         (_Store, ["open", "body", "close"]),
-        (_Pool, ["body", "close"]),
     ],
 )
 async def test_async_with_calls_the_methods_around_the_block(
