@@ -49,6 +49,7 @@ from hivewire.services.agent.sdk import (
     Usage,
     valid_reason,
 )
+from hivewire.services.base.keywords import check_keywords
 from hivewire.services.model.client import CallScope, CompletionStream, ModelClient
 from hivewire.services.model.convert import chat_message, finish_reason_name
 from hivewire.services.model.domain import Sampling
@@ -235,6 +236,7 @@ class TaskModel(_Bound):
         Returns:
             A :class:`ModelStream` of text chunks.
         """
+        check_keywords("TaskModel.stream", sampling, Sampling.__optional_keys__)
 
         def start(client: ModelClient) -> CompletionStream:
             return client.generate(prompt, system=system, **sampling, **self._scope())
@@ -257,6 +259,7 @@ class TaskModel(_Bound):
         Raises:
             ValueError: A message has an unknown role.
         """
+        check_keywords("TaskModel.stream_chat", sampling, Sampling.__optional_keys__)
         converted = [_chat_message(m) for m in messages]
 
         def start(client: ModelClient) -> CompletionStream:

@@ -29,6 +29,7 @@ from typing import Any, TypedDict, Unpack
 import grpc
 
 from hivewire.model.v1 import model_pb2, model_pb2_grpc
+from hivewire.services.base.keywords import check_keywords
 from hivewire.services.model.convert import chat_message, generation_params
 from hivewire.services.model.domain import Sampling
 from hivewire.services.runtime import metadata as md
@@ -157,6 +158,7 @@ class ModelClient:
         Returns:
             The stream; iterate it for text chunks and the final Completion.
         """
+        check_keywords("ModelClient.chat", options, CallOptions.__optional_keys__)
         converted = [
             m if isinstance(m, model_pb2.ChatMessage) else chat_message(*m) for m in messages
         ]
@@ -174,6 +176,7 @@ class ModelClient:
         """Start a Generate call (options as for :meth:`chat`, plus the prompt and
         optional system text).
         """
+        check_keywords("ModelClient.generate", options, CallOptions.__optional_keys__)
         request = model_pb2.GenerateRequest(
             model=options.get("model", ""),
             prompt=prompt,
@@ -196,6 +199,7 @@ class ModelClient:
         Raises:
             HivewireError: What the service raised.
         """
+        check_keywords("ModelClient.embed", scope, CallScope.__optional_keys__)
         request = model_pb2.EmbedRequest(
             model=model, inputs=list(inputs), task_id=scope.get("task_id", "")
         )

@@ -25,6 +25,7 @@ from typing import Any, TypedDict, Unpack
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from hivewire.services.base.keywords import check_keywords
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime.convert import to_struct
 from hivewire.services.runtime.errors import ERROR_DOMAIN, HivewireError, Internal
@@ -150,6 +151,7 @@ class ToolClient:
         Raises:
             HivewireError: The call was refused or failed (gRPC status).
         """
+        check_keywords("ToolClient.stream", options, InvokeOptions.__optional_keys__)
         task_id = options.get("task_id", "")
         request = tool_pb2.InvokeToolRequest(
             tool_name=name,
@@ -208,6 +210,7 @@ class ToolClient:
             HivewireError: The call was refused, timed out, or the tool failed (then the
                 class for the failure's code, ``metadata["tool_error"] == "true"``).
         """
+        check_keywords("ToolClient.invoke", options, InvokeOptions.__optional_keys__)
         async for event in self.stream(name, arguments, **options):
             if isinstance(event, ProgressUpdate):
                 if on_progress is not None:

@@ -41,6 +41,8 @@ from typing import Any, TypedDict, TypeVar, Unpack, get_type_hints, overload
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
+from hivewire.services.base.keywords import check_keywords
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "TOOL_NAME_PATTERN",
@@ -546,6 +548,7 @@ def tool(func: F | None = None, /, **options: Unpack[ToolOptions]) -> F | Callab
         TypeError: The signature cannot be a tool (``*args``, generators...).
         ValueError: Invalid name or timeout.
     """
+    check_keywords("tool", options, ToolOptions.__optional_keys__)
 
     def decorate(fn: F) -> F:
         definition = _build_definition(fn, options)
