@@ -589,6 +589,28 @@ def observe_client_call(call: Any, grpc_type: str, method: str) -> None:
     call.add_done_callback(lambda c: m.done(finished_call_code(c)))
 
 
+if TYPE_CHECKING:
+    _Continuation: TypeAlias = Callable[[ClientCallDetails, Any], Awaitable[Any]]
+
+
+def _intercepting(grpc_type: str) -> Any:
+    """The ``intercept_*`` method of one call kind: ``_intercept`` with the kind's name.
+
+    Typed ``Any``: each kind's stub signature differs in its generic call types only.
+    """
+
+    async def intercept(
+        self: CorrelationClientInterceptor,
+        continuation: _Continuation,
+        client_call_details: ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await self._intercept(grpc_type, continuation, client_call_details, request)
+
+    intercept.__doc__ = f"Intercept a {grpc_type} call."
+    return intercept
+
+
 class CorrelationClientInterceptor(
     grpc.aio.UnaryUnaryClientInterceptor,
     grpc.aio.UnaryStreamClientInterceptor,
@@ -655,69 +677,31 @@ class CorrelationClientInterceptor(
             call.add_done_callback(lambda c: m.done(finished_call_code(c)))
         return call
 
-    async def intercept_unary_unary(
+    async def _intercept(
         self,
-        continuation: Callable[[ClientCallDetails, Any], Awaitable[Any]],
+        grpc_type: str,
+        continuation: _Continuation,
         client_call_details: ClientCallDetails,
         request: Any,
     ) -> Any:
-        """Intercept a unary-unary call."""
-        details = self._details(client_call_details, unary_response=True)
+        unary_response = grpc_type in ("unary", "client_stream")
+        details = self._details(client_call_details, unary_response=unary_response)
         m = (
-            _ClientCallMetrics("unary", _method_name(details.method))
+            _ClientCallMetrics(grpc_type, _method_name(details.method))
             if self._record_metrics
             else None
         )
         call = await continuation(details, request)
-        return await self._finish_unary(call, m)
-
-    async def intercept_unary_stream(
-        self,
-        continuation: Callable[[ClientCallDetails, Any], Awaitable[Any]],
-        client_call_details: ClientCallDetails,
-        request: Any,
-    ) -> Any:
-        """Intercept a server-streaming call."""
-        details = self._details(client_call_details, unary_response=False)
-        m = (
-            _ClientCallMetrics("server_stream", _method_name(details.method))
-            if self._record_metrics
-            else None
-        )
-        return self._watch_stream(await continuation(details, request), m)
-
-    async def intercept_stream_unary(
-        self,
-        continuation: Callable[[ClientCallDetails, Any], Awaitable[Any]],
-        client_call_details: ClientCallDetails,
-        request_iterator: Any,
-    ) -> Any:
-        """Intercept a client-streaming call."""
-        details = self._details(client_call_details, unary_response=True)
-        m = (
-            _ClientCallMetrics("client_stream", _method_name(details.method))
-            if self._record_metrics
-            else None
-        )
-        call = await continuation(details, request_iterator)
-        # Waiting for the response here would hold back the caller's own writes
-        # (call.write()), so client-streaming calls are observed like streams.
+        if grpc_type == "unary":
+            return await self._finish_unary(call, m)
+        # Waiting for the response of a client-streaming call here would hold back the
+        # caller's own writes (call.write()), so it is observed like the streams.
         return self._watch_stream(call, m)
 
-    async def intercept_stream_stream(
-        self,
-        continuation: Callable[[ClientCallDetails, Any], Awaitable[Any]],
-        client_call_details: ClientCallDetails,
-        request_iterator: Any,
-    ) -> Any:
-        """Intercept a bidirectional-streaming call."""
-        details = self._details(client_call_details, unary_response=False)
-        m = (
-            _ClientCallMetrics("bidi_stream", _method_name(details.method))
-            if self._record_metrics
-            else None
-        )
-        return self._watch_stream(await continuation(details, request_iterator), m)
+    intercept_unary_unary = _intercepting("unary")
+    intercept_unary_stream = _intercepting("server_stream")
+    intercept_stream_unary = _intercepting("client_stream")
+    intercept_stream_stream = _intercepting("bidi_stream")
 
 
 # grpc.aio files each client interceptor under the FIRST of the four kinds it
@@ -726,55 +710,39 @@ class CorrelationClientInterceptor(
 # per kind instead.
 
 
-class _UnaryUnaryAdapter(grpc.aio.UnaryUnaryClientInterceptor):
+class _KindAdapter:
+    """Base of the single-kind adapters: hands each call to the interceptor it wraps."""
+
     def __init__(self, inner: Any) -> None:
         self._inner = inner
 
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: ClientCallDetails, request: Any
+
+def _single_kind_adapter(
+    kind: type[grpc.aio.ClientInterceptor], method: str
+) -> type[grpc.aio.ClientInterceptor]:
+    """An interceptor class of ``kind`` alone whose ``method`` calls the wrapped one's."""
+
+    async def forward(
+        self: _KindAdapter, continuation: Any, client_call_details: ClientCallDetails, request: Any
     ) -> Any:
-        return await self._inner.intercept_unary_unary(continuation, client_call_details, request)
+        return await getattr(self._inner, method)(continuation, client_call_details, request)
 
-
-class _UnaryStreamAdapter(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: ClientCallDetails, request: Any
-    ) -> Any:
-        return await self._inner.intercept_unary_stream(continuation, client_call_details, request)
-
-
-class _StreamUnaryAdapter(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: ClientCallDetails, request_iterator: Any
-    ) -> Any:
-        return await self._inner.intercept_stream_unary(
-            continuation, client_call_details, request_iterator
-        )
-
-
-class _StreamStreamAdapter(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: ClientCallDetails, request_iterator: Any
-    ) -> Any:
-        return await self._inner.intercept_stream_stream(
-            continuation, client_call_details, request_iterator
-        )
+    name = f"_{kind.__name__.removesuffix('ClientInterceptor')}Adapter"
+    return cast(
+        type[grpc.aio.ClientInterceptor], type(name, (_KindAdapter, kind), {method: forward})
+    )
 
 
 _ADAPTERS: tuple[tuple[type[grpc.aio.ClientInterceptor], type[grpc.aio.ClientInterceptor]], ...] = (
-    (grpc.aio.UnaryUnaryClientInterceptor, _UnaryUnaryAdapter),
-    (grpc.aio.UnaryStreamClientInterceptor, _UnaryStreamAdapter),
-    (grpc.aio.StreamUnaryClientInterceptor, _StreamUnaryAdapter),
-    (grpc.aio.StreamStreamClientInterceptor, _StreamStreamAdapter),
+    tuple(
+        (kind, _single_kind_adapter(kind, method))
+        for kind, method in (
+            (grpc.aio.UnaryUnaryClientInterceptor, "intercept_unary_unary"),
+            (grpc.aio.UnaryStreamClientInterceptor, "intercept_unary_stream"),
+            (grpc.aio.StreamUnaryClientInterceptor, "intercept_stream_unary"),
+            (grpc.aio.StreamStreamClientInterceptor, "intercept_stream_stream"),
+        )
+    )
 )
 
 
