@@ -30,7 +30,6 @@ import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 import grpc
@@ -117,16 +116,18 @@ def final_code(context: Context, exc: BaseException | None) -> grpc.StatusCode:
 
 
 class CallScope(Protocol):
-    """What an interceptor runs around one server call (an async context manager)."""
+    """What an interceptor runs around one server call.
 
-    async def __aenter__(self) -> None: ...
+    ``enter`` runs before the handler, ``exit`` after it with what the handler raised
+    (None when it returned); ``exit`` may raise another exception in its place (an
+    abort, for example), as an ``__aexit__`` may.
+    """
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None: ...
+    async def enter(self) -> None:
+        """Start of the call."""
+
+    async def exit(self, exc: BaseException | None) -> None:
+        """End of the call: ``exc`` is what the handler raised, None when it returned."""
 
 
 class _Counters(Protocol):
@@ -188,7 +189,7 @@ def wrap_handler(handler: Handler, scope_for: ScopeFactory, *, counting: bool = 
 
     Args:
         handler: The handler the continuation returned.
-        scope_for: Builds the per-call scope; its ``__aexit__`` sees the handler's
+        scope_for: Builds the per-call scope; its ``exit`` sees the handler's
             exception and may replace it (for example with an abort).
         counting: Also report each message to the scope (it must then implement
             ``received()`` and ``sent()``).
@@ -222,7 +223,8 @@ def wrap_handler(handler: Handler, scope_for: ScopeFactory, *, counting: bool = 
 
         async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
             scope = scope_for(context)
-            async with scope:
+            await scope.enter()
+            try:
                 request, ctx = prepare(request, context, scope)
                 # aclosing: when grpc closes this wrapper, the handler's own finally
                 # blocks run now, not whenever the garbage collector gets to them.
@@ -231,18 +233,27 @@ def wrap_handler(handler: Handler, scope_for: ScopeFactory, *, counting: bool = 
                         yield response
                         if counting:
                             cast(_Counters, scope).sent()
+            except BaseException as exc:
+                await scope.exit(exc)
+                raise
+            await scope.exit(None)
 
     elif inspect.iscoroutinefunction(behavior):
         streaming_out = handler.response_streaming
 
         async def wrapped(request: Any, context: Context) -> Any:
             scope = scope_for(context)
-            async with scope:
+            await scope.enter()
+            try:
                 request, ctx = prepare(request, context, scope)
                 response = await behavior(request, ctx)
                 if counting and not streaming_out and response is not None:
                     cast(_Counters, scope).sent()
-                return response
+            except BaseException as exc:
+                await scope.exit(exc)
+                raise
+            await scope.exit(None)
+            return response
 
     else:
         return handler
@@ -309,7 +320,7 @@ class _CorrelationScope:
         self._method = method
         self._streaming = streaming
 
-    async def __aenter__(self) -> None:
+    async def enter(self) -> None:
         invocation = self._context.invocation_metadata()
         incoming = incoming_correlation_id(invocation)
         cid = incoming or new_correlation_id()
@@ -325,12 +336,7 @@ class _CorrelationScope:
         if self._streaming and incoming is None:
             await self._context.send_initial_metadata(echo)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
+    async def exit(self, exc: BaseException | None) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "%s %s %.2f ms",
@@ -344,7 +350,6 @@ class _CorrelationScope:
             # An async generator may be finalized from another context; the call's
             # own context dies with its task anyway.
             pass
-        return None
 
 
 # --- 2. metrics ---------------------------------------------------------------------
@@ -383,19 +388,13 @@ class _MetricsScope:
     def sent(self) -> None:
         self._m.sent.inc()
 
-    async def __aenter__(self) -> None:
+    async def enter(self) -> None:
         self._m.started.inc()
         self._start = time.perf_counter()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
+    async def exit(self, exc: BaseException | None) -> None:
         self._m.seconds.observe(time.perf_counter() - self._start)
         self._m.handled(final_code(self._context, exc)).inc()
-        return None
 
 
 # --- 3. error mapping ---------------------------------------------------------------
@@ -411,17 +410,12 @@ class _ErrorScope:
         self._context = context
         self._method = method
 
-    async def __aenter__(self) -> None:
+    async def enter(self) -> None:
         return None
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
+    async def exit(self, exc: BaseException | None) -> None:
         if exc is None or isinstance(exc, _PASS_THROUGH) or not isinstance(exc, Exception):
-            return None
+            return
         err = self._to_domain_error(exc)
         if isinstance(err, Internal) and err is not exc:
             logger.error("%s failed unexpectedly", self._method, exc_info=exc)
@@ -437,7 +431,6 @@ class _ErrorScope:
         cid = correlation_id_var.get()
         echo = ((CORRELATION_ID_KEY, cid),) if cid else ()
         await self._context.abort_with_status(to_grpc_status(err, trailing_metadata=echo))
-        return None  # abort_with_status raises; never reached
 
     def _to_domain_error(self, exc: Exception) -> HivewireError:
         if isinstance(exc, HivewireError):
@@ -478,29 +471,21 @@ class _StandardScope:
     def sent(self) -> None:
         self._metrics.sent()
 
-    async def __aenter__(self) -> None:
-        await self._correlation.__aenter__()
-        await self._metrics.__aenter__()
+    async def enter(self) -> None:
+        await self._correlation.enter()
+        await self._metrics.enter()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        # Innermost first; an abort raised by error mapping is what the outer two see.
-        try:
+    async def exit(self, exc: BaseException | None) -> None:
+        # Innermost first; an exception one raises in place of ``exc`` (the abort of
+        # error mapping) is what the outer ones see, and what the call ends with.
+        raised: BaseException | None = None
+        for scope in (self._errors, self._metrics, self._correlation):
             try:
-                await self._errors.__aexit__(exc_type, exc, tb)
+                await scope.exit(exc)
             except BaseException as replaced:
-                await self._metrics.__aexit__(type(replaced), replaced, replaced.__traceback__)
-                raise
-            await self._metrics.__aexit__(exc_type, exc, tb)
-        except BaseException as replaced:
-            await self._correlation.__aexit__(type(replaced), replaced, replaced.__traceback__)
-            raise
-        await self._correlation.__aexit__(exc_type, exc, tb)
-        return None
+                exc = raised = replaced
+        if raised is not None:
+            raise raised
 
 
 class StandardServerInterceptor(_WrappingInterceptor):
