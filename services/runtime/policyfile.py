@@ -11,11 +11,12 @@ Both are ``version = 1`` documents of ``[[rules]]`` tables whose keys are lists 
 from __future__ import annotations
 
 import logging
-import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
+
+from hivewire.services.runtime.filewatch import FileWatch
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,8 @@ class ReloadingPolicy(Generic[PolicyT]):
         self._load = load
         self._errors = errors
         self._name = name
-        self._interval = check_interval
-        self._checked = time.monotonic()
-        self._mtime = path.stat().st_mtime_ns
+        self._watch = FileWatch(path, check_interval=check_interval)
+        self._watch.mark()
         self.policy: PolicyT = load(path)
         """The policy in force."""
 
@@ -131,19 +131,15 @@ class ReloadingPolicy(Generic[PolicyT]):
         Returns:
             True when a new policy was loaded (``policy`` changed).
         """
-        now = time.monotonic()
-        if now - self._checked < self._interval:
-            return False
-        self._checked = now
         try:
-            mtime = self.path.stat().st_mtime_ns
+            stamp = self._watch.changed()
         except OSError as exc:
             logger.error("%s file unreadable, keeping the previous policy: %s", self._name, exc)
             return False
-        if mtime == self._mtime:
+        if stamp is None:
             return False
         # Remember the change even if it fails to parse: one error per edit, not per second.
-        self._mtime = mtime
+        self._watch.mark(stamp)
         invalid: tuple[type[BaseException], ...] = (OSError, *self._errors)
         try:
             policy = self._load(self.path)
