@@ -36,14 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hivewire.services.runtime.policyfile import (
-    GlobPolicy,
-    GlobRule,
-    PolicyKind,
-    ReloadingPolicy,
-    globs,
-    matches,
-)
+from hivewire.services.runtime import policyfile
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +51,7 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True)
-class Rule(GlobRule):
+class Rule(policyfile.GlobRule):
     """One ``[[rules]]`` entry.
 
     Attributes:
@@ -85,7 +78,7 @@ class Decision:
     requires_approval: bool = False
 
 
-class Policy(GlobPolicy[Rule]):
+class Policy(policyfile.GlobPolicy[Rule]):
     """A parsed tool policy: which caller may call which tool, and with whose approval."""
 
     def decide(self, caller: str, tool_name: str) -> Decision:
@@ -103,7 +96,7 @@ class Policy(GlobPolicy[Rule]):
         rules = self.applying(caller)
         if not self.permits(rules, tool_name):
             return Decision(False)
-        approval = any(matches(tool_name, rule.require_approval) for rule in rules)
+        approval = any(policyfile.matches(tool_name, rule.require_approval) for rule in rules)
         return Decision(True, approval)
 
 
@@ -122,11 +115,13 @@ DEFAULT_POLICY = Policy(
 
 def _rule(where: str, raw: Mapping[str, Any], description: str) -> Rule:
     lists = ("callers", "allow", "deny", "require_approval")
-    found = {key: globs(raw.get(key, []), f"{where}.{key}", PolicyError) for key in lists}
+    found = {
+        key: policyfile.globs(raw.get(key, []), f"{where}.{key}", PolicyError) for key in lists
+    }
     return Rule(**found, description=description)
 
 
-TOOL_POLICY_FILE = PolicyKind("tool policy", PolicyError, _RULE_KEYS, _rule, Policy)
+TOOL_POLICY_FILE = policyfile.PolicyKind("tool policy", PolicyError, _RULE_KEYS, _rule, Policy)
 """The tool policy file: how it is read (:class:`PolicyStore` reloads it).
 
 Its errors are :class:`PolicyError`: unknown keys, wrong types or a rule without callers.
@@ -154,7 +149,7 @@ class PolicyStore:
                 starting rather than silently allow or deny everything).
             OSError: The file cannot be read.
         """
-        self._file = ReloadingPolicy(
+        self._file = policyfile.ReloadingPolicy(
             TOOL_POLICY_FILE, path, default=DEFAULT_POLICY, check_interval=check_interval
         )
         if path is None:
