@@ -15,21 +15,12 @@ from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.logging import correlation_id_var
 
+from .headers import HEADER_CORRELATION_ID, HEADER_MSG_ID, HEADER_TRACEPARENT, HEADER_TRACESTATE
 from .settings import DLQ_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX
 
 __all__ = [
     "CATEGORIES",
     "EVENT_TYPES",
-    "HEADER_CONSUMER",
-    "HEADER_CORRELATION_ID",
-    "HEADER_DELIVERY_COUNT",
-    "HEADER_LAST_ERROR",
-    "HEADER_MSG_ID",
-    "HEADER_ORIGINAL_SEQUENCE",
-    "HEADER_ORIGINAL_STREAM",
-    "HEADER_ORIGINAL_SUBJECT",
-    "HEADER_TRACEPARENT",
-    "HEADER_TRACESTATE",
     "EventData",
     "build_event",
     "build_traced_event",
@@ -98,19 +89,6 @@ EVENT_TYPES: Final[Mapping[str, frozenset[str]]] = {
     "security": frozenset({"authn_failed", "authz_denied"}),
 }
 """The events of each category (DESIGN.md section 5); ``project`` is open-ended."""
-
-# Headers of every event message.
-HEADER_MSG_ID: Final = "Nats-Msg-Id"
-HEADER_CORRELATION_ID: Final = "X-Correlation-Id"
-HEADER_TRACEPARENT: Final = "traceparent"
-HEADER_TRACESTATE: Final = "tracestate"
-# Extra headers of a dead letter.
-HEADER_ORIGINAL_SUBJECT: Final = "X-Hivewire-Original-Subject"
-HEADER_ORIGINAL_STREAM: Final = "X-Hivewire-Original-Stream"
-HEADER_ORIGINAL_SEQUENCE: Final = "X-Hivewire-Original-Sequence"
-HEADER_DELIVERY_COUNT: Final = "X-Hivewire-Delivery-Count"
-HEADER_LAST_ERROR: Final = "X-Hivewire-Last-Error"
-HEADER_CONSUMER: Final = "X-Hivewire-Consumer"
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _TOKEN = re.compile(r"^([a-z0-9_]+|\*|>)$")

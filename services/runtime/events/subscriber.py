@@ -61,7 +61,8 @@ from ._nats import (
     stop_tasks,
     stream_exists,
 )
-from .envelope import (
+from .envelope import dlq_subject_for, filter_subject, header_value
+from .headers import (
     HEADER_CONSUMER,
     HEADER_CORRELATION_ID,
     HEADER_DELIVERY_COUNT,
@@ -72,9 +73,6 @@ from .envelope import (
     HEADER_ORIGINAL_SUBJECT,
     HEADER_TRACEPARENT,
     HEADER_TRACESTATE,
-    dlq_subject_for,
-    filter_subject,
-    header_value,
 )
 from .settings import StreamSettings
 
