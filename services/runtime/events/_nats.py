@@ -124,38 +124,45 @@ async def connect(
     return client
 
 
-def events_stream_config(settings: StreamSettings) -> StreamConfig:
-    """The configuration of the event stream (``hivewire.events.>``)."""
+def _stream_config(
+    settings: StreamSettings,
+    name: str,
+    description: str,
+    prefix: str,
+    limits: tuple[float, int, int],
+) -> StreamConfig:
+    """A file-backed stream of ``<prefix>.>`` dropping its oldest messages at its limits.
+
+    ``limits`` is ``(max_age, max_bytes, max_msgs)``.
+    """
+    max_age, max_bytes, max_msgs = limits
     return StreamConfig(
-        name=settings.name,
-        description="hivewire events (events.v1.Event protobufs), the mesh's event store",
-        subjects=[f"{EVENTS_SUBJECT_PREFIX}.>"],
+        name=name,
+        description=description,
+        subjects=[f"{prefix}.>"],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
-        max_age=settings.max_age,
-        max_bytes=settings.max_bytes,
-        max_msgs=settings.max_msgs,
+        max_age=max_age,
+        max_bytes=max_bytes,
+        max_msgs=max_msgs,
         duplicate_window=settings.duplicate_window,
         num_replicas=settings.replicas,
     )
+
+
+def events_stream_config(settings: StreamSettings) -> StreamConfig:
+    """The configuration of the event stream (``hivewire.events.>``)."""
+    description = "hivewire events (events.v1.Event protobufs), the mesh's event store"
+    limits = (settings.max_age, settings.max_bytes, settings.max_msgs)
+    return _stream_config(settings, settings.name, description, EVENTS_SUBJECT_PREFIX, limits)
 
 
 def dlq_stream_config(settings: StreamSettings) -> StreamConfig:
     """The configuration of the dead-letter stream (``hivewire.dlq.>``)."""
-    return StreamConfig(
-        name=settings.dlq_name,
-        description="hivewire dead letters: events whose subscriber exhausted its deliveries",
-        subjects=[f"{DLQ_SUBJECT_PREFIX}.>"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        max_age=settings.dlq_max_age,
-        max_bytes=settings.dlq_max_bytes,
-        max_msgs=-1,
-        duplicate_window=settings.duplicate_window,
-        num_replicas=settings.replicas,
-    )
+    description = "hivewire dead letters: events whose subscriber exhausted its deliveries"
+    limits = (settings.dlq_max_age, settings.dlq_max_bytes, -1)
+    return _stream_config(settings, settings.dlq_name, description, DLQ_SUBJECT_PREFIX, limits)
 
 
 _MANAGED = ("subjects", "max_age", "max_bytes", "max_msgs", "duplicate_window", "num_replicas")
