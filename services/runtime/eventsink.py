@@ -35,13 +35,5 @@ class EventSink(Protocol[DataT]):
 class NullSink:
     """An :class:`EventSink` that drops everything (events off)."""
 
-    def publish(
-        self,
-        event_type: str,
-        *,
-        subject: str,
-        data: object,
-        task_sequence: int = 0,
-        correlation_id: str | None = None,
-    ) -> None:
-        """Drop the event."""
+    def publish(self, event_type: str, **fields: object) -> None:
+        """Drop the event (``fields`` are those of :meth:`EventSink.publish`)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
-from typing import Final, TypeAlias
+from typing import Final, Required, TypeAlias, TypedDict, Unpack
 
 from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime import tracing
@@ -224,16 +224,20 @@ def build_event(
     return event
 
 
+class EventFields(TypedDict, total=False):
+    """The keyword arguments of :func:`build_event` but ``traceparent``."""
+
+    source: Required[str]
+    subject: Required[str]
+    data: Required[EventData]
+    task_sequence: int
+    correlation_id: str | None
+    event_id: str | None
+    time_ns: int | None
+
+
 def build_traced_event(
-    event_type: str,
-    *,
-    source: str,
-    subject: str,
-    data: EventData,
-    task_sequence: int = 0,
-    correlation_id: str | None = None,
-    event_id: str | None = None,
-    time_ns: int | None = None,
+    event_type: str, **fields: Unpack[EventFields]
 ) -> tuple[events_pb2.Event, dict[str, str]]:
     """Build an envelope inside its PRODUCER span (a child of the current span).
 
@@ -255,17 +259,7 @@ def build_traced_event(
     ) as span:
         carrier: dict[str, str] = {}
         tracing.inject(carrier)
-        event = build_event(
-            event_type,
-            source=source,
-            subject=subject,
-            data=data,
-            task_sequence=task_sequence,
-            correlation_id=correlation_id,
-            traceparent=carrier.get(HEADER_TRACEPARENT, ""),
-            event_id=event_id,
-            time_ns=time_ns,
-        )
+        event = build_event(event_type, traceparent=carrier.get(HEADER_TRACEPARENT, ""), **fields)
         span.set_attribute("messaging.message.id", event.id)
     return event, carrier
 
