@@ -39,10 +39,9 @@ from consul.callback import CB
 from consul.exceptions import ACLDisabled, ACLPermissionDenied, BadRequest, ConsulException
 
 from hivewire.services.base.backoff import Backoff, TokenBucket
-from hivewire.services.base.lifecycle import cancel_and_wait
 
 from . import metrics
-from ._base import RegistryBase
+from ._base import RemoteRegistryBase
 from .registry import (
     Instance,
     RegistryError,
@@ -89,7 +88,7 @@ class _UnavailableError(Exception):
     """Consul could not be reached or answered 5xx."""
 
 
-class ConsulRegistry(RegistryBase):
+class ConsulRegistry(RemoteRegistryBase):
     """Registry on a Consul agent.
 
     Args:
@@ -115,6 +114,7 @@ class ConsulRegistry(RegistryBase):
     """
 
     backend: ClassVar[str] = "consul"
+    _heartbeat_task_name = "hivewire-consul-heartbeat"
 
     def __init__(
         self,
@@ -162,11 +162,9 @@ class ConsulRegistry(RegistryBase):
         self._request_timeout = request_timeout
         self._backoff_max = backoff_max
         self._client: consul.aio.Consul | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
         # Instances the agent is known to hold; the others are (re-)registered by heartbeats.
         self._on_agent: set[str] = set()
         self._kick = asyncio.Event()
-        self._closing = asyncio.Event()
 
     @property
     def address(self) -> str:
@@ -175,10 +173,8 @@ class ConsulRegistry(RegistryBase):
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Create the HTTP client and start heartbeats (Consul need not be up yet)."""
-        if self._started:
-            return
+    async def _connect(self) -> None:
+        """Create the HTTP client (Consul need not be up yet)."""
         self._client = consul.aio.Consul(
             host=self._host,
             port=self._port,
@@ -190,10 +186,8 @@ class ConsulRegistry(RegistryBase):
         if self._token is not None:
             # py-consul lets CONSUL_HTTP_TOKEN override token=; the configured one must win.
             self._client.token = self._token
-        self._started = True
-        self._heartbeat_task = asyncio.create_task(
-            self._heartbeat_loop(), name="hivewire-consul-heartbeat"
-        )
+
+    def _log_started(self) -> None:
         logger.info(
             "registry: consul at %s (checks %s, ttl %.1fs, deregister critical after %.0fs)",
             self.address,
@@ -202,16 +196,10 @@ class ConsulRegistry(RegistryBase):
             self._deregister_after,
         )
 
-    async def close(self) -> None:
-        """Deregister this process's instances, end watches and close the HTTP client."""
-        if self._closed:
-            return
-        self._closed = True
-        self._closing.set()
-        await cancel_and_wait([self._heartbeat_task])
-        for instance_id in list(self._instances):
-            await self._deregister_remote(instance_id)
-        self._instances.clear()
+    async def _forget(self, instance: Instance) -> None:
+        await self._deregister_remote(instance.instance_id)
+
+    async def _disconnect(self) -> None:
         if self._client is not None:
             await self._client.close()
 
