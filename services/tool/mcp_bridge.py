@@ -27,6 +27,7 @@ from jsonschema.exceptions import SchemaError
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.types import CONNECTION_CLOSED
 
+from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.tool.domain import ToolInfo, ToolSource
 from hivewire.services.tool.registry import Tool, ToolRegistry
@@ -304,9 +305,5 @@ class McpBridge:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks, suppress=(Exception,))
         self._tasks.clear()
