@@ -23,14 +23,16 @@ __all__ = ["OpenClose", "StartClose", "StartStop", "cancel_and_wait"]
 class _Entered:
     """``async with`` awaits the method named ``_ENTER`` on entry and ``_LEAVE`` on exit.
 
-    The subclass defines those methods.
+    The subclass defines those methods; an empty ``_ENTER`` means nothing to do on entry
+    (an object that is ready once built and only needs stopping).
     """
 
     _ENTER: ClassVar[str] = "start"
     _LEAVE: ClassVar[str] = "close"
 
     async def __aenter__(self) -> Self:
-        await getattr(self, self._ENTER)()
+        if self._ENTER:
+            await getattr(self, self._ENTER)()
         return self
 
     async def __aexit__(

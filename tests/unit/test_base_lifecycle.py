@@ -111,3 +111,22 @@ async def test_cancel_and_wait_raises_a_failure_unless_told_to_suppress_it() -> 
     task = await started()
     await cancel_and_wait([task], suppress=(ValueError,))
     assert task.done() and isinstance(task.exception(), ValueError)
+
+
+class _Owner(StartStop, _Calls):
+    """Ready once built (``start`` is something else): only stops on exit."""
+
+    _ENTER = ""
+    _LEAVE = "stop_all"
+
+    async def start(self, what: str) -> None:
+        self.calls.append(f"start {what}")
+
+    async def stop_all(self) -> None:
+        self.calls.append("stop_all")
+
+
+async def test_an_empty_enter_method_calls_nothing_on_entry() -> None:
+    async with _Owner() as owner:
+        await owner.start("child")
+    assert owner.calls == ["start child", "stop_all"]
