@@ -10,6 +10,7 @@ process. ``python -m hivewire.services.coordinator`` runs it until a signal;
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,7 +25,12 @@ from hivewire.services.coordinator.journal import CoordinatorEvents
 from hivewire.services.coordinator.outbox import OutboxRelay, outbox_sink
 from hivewire.services.coordinator.retention import Retention
 from hivewire.services.coordinator.service import Coordinator
-from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
+from hivewire.services.coordinator.servicer import (
+    SERVICE_NAME,
+    UNTRACED_METHODS,
+    CoordinatorServicer,
+    add_to_server,
+)
 from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.coordinator.store import TaskStore
@@ -38,7 +44,13 @@ from hivewire.services.runtime.tls import nats_tls_options
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REGISTRY_SERVICE", "RunningCoordinator", "running_coordinator", "start_coordinator"]
+__all__ = [
+    "REGISTRY_SERVICE",
+    "RunningCoordinator",
+    "freeze_start_up_heap",
+    "running_coordinator",
+    "start_coordinator",
+]
 
 REGISTRY_SERVICE = "hivewire-coordinator"
 """Registry name of coordinators."""
@@ -180,10 +192,35 @@ async def start_coordinator(
         meta={"name": "coordinator", "identity": settings.identity},
     )
     started = await process.start(
-        [ServiceBinding(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
+        [
+            ServiceBinding(
+                SERVICE_NAME,
+                lambda s: add_to_server(servicer, s),
+                untraced_methods=UNTRACED_METHODS,
+            )
+        ],
         registration if register else None,
         on_shutdown=[coordinator.drain],
     )
     return RunningCoordinator(
         settings, coordinator, started.server, pool, store, started.instance, retention
     )
+
+
+def freeze_start_up_heap() -> int:
+    """Take what start-up made out of the garbage collector's view (``gc.freeze()``).
+
+    Called once the coordinator serves: modules, settings, the server, and every task
+    recovered from the store. A full collection walks every tracked object; with
+    100,000 waiting tasks recovered that is about 1.5 million objects (1.3 s with the
+    event loop stopped, measured), in every full collection. Frozen objects are still
+    freed when nothing refers to them; only a reference cycle among them would outlive
+    its use (bounded by what existed at start-up). Garbage is collected first, so none
+    is frozen.
+
+    Returns:
+        How many objects were frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

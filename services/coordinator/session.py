@@ -9,12 +9,12 @@ has been sent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.coordinator import convert
 from hivewire.services.coordinator.model import Caller
 from hivewire.services.coordinator.service import Coordinator
@@ -74,12 +74,7 @@ class Session:
                 raise reader.exception()  # type: ignore[misc]
         finally:
             self._closed = True
-            tasks = [reader, *self._pumps.values()]
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait([reader, *self._pumps.values()], suppress=(Exception,))
 
     async def _read(self, requests: AsyncIterator[coordinator_pb2.SessionRequest]) -> None:
         try:
