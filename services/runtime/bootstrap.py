@@ -303,8 +303,44 @@ class ServiceProcess:
 
     settings: Settings
     instance_id: str
-    events: EventPublisher
+    events: EventSink[Any]
     stack: contextlib.AsyncExitStack
+    _registry: Registry | None = field(default=None, init=False, repr=False)
+
+    async def registry(self) -> Registry:
+        """The registry of the settings, opened on the stack the first time it is asked for."""
+        if self._registry is None:
+            opened = registry_from_settings(self.settings)
+            self._registry = await self.stack.enter_async_context(opened)
+        return self._registry
+
+    async def start(
+        self,
+        bindings: Sequence[ServiceBinding],
+        registration: Registration | None,
+        *,
+        extra_ports: Mapping[str, int] | None = None,
+        on_registered: InstanceCallback | None = None,
+        on_deregistered: InstanceCallback | None = None,
+    ) -> Serving:
+        """Serve ``bindings`` (see :func:`serving`) until the process ends.
+
+        Given a registration, the instance registers in :meth:`registry` once SERVING;
+        None registers nothing.
+        """
+        registry = await self.registry() if registration is not None else self._registry
+        return await self.stack.enter_async_context(
+            serving(
+                self.settings,
+                bindings,
+                registry=registry,
+                registration=registration,
+                on_registered=on_registered,
+                on_deregistered=on_deregistered,
+                extra_ports=extra_ports,
+                events=self.events,
+            )
+        )
 
     async def serve(
         self,
@@ -316,36 +352,37 @@ class ServiceProcess:
         """Open the registry, serve ``bindings`` registered as ``registration``, and
         return after SIGTERM or SIGINT stopped the server gracefully.
         """
-        registry = await self.stack.enter_async_context(registry_from_settings(self.settings))
-        running = await self.stack.enter_async_context(
-            serving(
-                self.settings,
-                bindings,
-                registry=registry,
-                registration=registration,
-                extra_ports=extra_ports,
-                events=self.events,
-            )
-        )
+        running = await self.start(bindings, registration, extra_ports=extra_ports)
         await serve_until_signal(running.server)
 
 
 @contextlib.asynccontextmanager
-async def service_process(settings: Settings, kind: str) -> AsyncIterator[ServiceProcess]:
+async def service_process(
+    settings: Settings,
+    kind: str,
+    *,
+    name: str | None = None,
+    events: EventSink[Any] | None = None,
+) -> AsyncIterator[ServiceProcess]:
     """The wiring every service process shares: an instance id and its event publisher.
 
     ``async with service_process(settings, "model") as process:`` then open the
-    service's parts on ``process.stack`` and ``await process.serve(...)``.
+    service's parts on ``process.stack`` and ``await process.serve(...)`` (or
+    ``await process.start(...)`` to keep the block open while serving).
 
     Args:
         settings: The process settings.
-        kind: The service kind, e.g. ``"model"``: the instance id's prefix and the
-            events' source (``model/<instance id>``).
+        kind: The service kind, e.g. ``"model"``: the events' source
+            (``model/<instance id>``).
+        name: The instance id's prefix (default: ``kind``; an agent's name).
+        events: Where the process publishes events; by default a publisher built from
+            the settings, closed when the process ends (one given stays open).
     """
-    instance_id = new_instance_id(kind)
+    instance_id = new_instance_id(name or kind)
     async with contextlib.AsyncExitStack() as stack:
-        events = EventPublisher.from_settings(settings, source=f"{kind}/{instance_id}")
-        await stack.enter_async_context(events)
+        if events is None:
+            events = EventPublisher.from_settings(settings, source=f"{kind}/{instance_id}")
+            await stack.enter_async_context(events)
         yield ServiceProcess(settings, instance_id, events, stack)
 
 
