@@ -23,5 +23,6 @@ setup(
     package_data={
         "": ["py.typed", "*.pyi", "*.proto"],
         "hivewire.services.dashboard": ["index.html"],
+        "hivewire.services.runtime": ["default_authz_policy.toml"],
     },
 )

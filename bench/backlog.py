@@ -9,7 +9,9 @@ coordinator stays idle):
 1. **fill**: with no agent known, the short queue gets ``sizes[0]`` ``noop`` tasks and
    the long one ``sizes[-1]`` (16 submissions at a time); they wait;
 2. **memory**: this process's RSS after the long fill minus before it, per queued task
-   (the task in memory, its queue entry, the SQLite page cache up to its bound);
+   (the task in memory, its queue entry, the SQLite page cache up to its bound), the
+   objects the garbage collector tracks per queued task, and how long one full
+   collection takes before and after the long fill (the event loop stops for it);
 3. **submit**: ``ROUNDS`` rounds, each timing ``SAMPLE / ROUNDS`` submissions one after
    another into the short queue, then as many into the long one (CPU of this process
    and wall time per ``Coordinator.submit``: validation, the durable write, the enqueue);
@@ -148,6 +150,13 @@ async def _timed_dispatch(
     return result
 
 
+def _full_collection() -> float:
+    """Seconds of one full collection of the garbage collector (the loop stops for it)."""
+    started = time.perf_counter()
+    gc.collect()
+    return time.perf_counter() - started
+
+
 async def measure(
     *, sizes: Sequence[int] = SIZES, sample: int = SAMPLE, rounds: int = ROUNDS
 ) -> dict[str, Any]:
@@ -168,11 +177,15 @@ async def measure(
             await _submit_many(small[0], small_size)
             gc.collect()
             rss_before = proc_rss(os.getpid())
+            objects_before = len(gc.get_objects())
+            pause_before = _full_collection()
             started = time.perf_counter()
             await _submit_many(large[0], large_size)
             fill_seconds = time.perf_counter() - started
             gc.collect()
             rss_per_task = (proc_rss(os.getpid()) - rss_before) / large_size
+            objects_per_task = (len(gc.get_objects()) - objects_before) / large_size
+            pause_after = _full_collection()
             for _ in range(rounds):
                 submits["small"].append(await _timed_submits(small[0], per_round))
                 submits["large"].append(await _timed_submits(large[0], per_round))
@@ -188,6 +201,8 @@ async def measure(
         "depth": depth,
         "fill_rate": large_size / fill_seconds,
         "rss_per_task": rss_per_task,
+        "gc_objects_per_task": objects_per_task,
+        "full_collection": [pause_before, pause_after],
         "submits": submits,
         "dispatch": dispatch,
         "sample": sample,
@@ -241,6 +256,13 @@ def report(result: dict[str, Any]) -> str:
     return out + (
         f"\nfill: {result['fill_rate']:,.0f} submissions/s into the long queue; "
         f"memory per queued task: {result['rss_per_task'] / 1024:.2f} KiB of RSS"
+        + (
+            f", {result['gc_objects_per_task']:.1f} objects the garbage collector tracks; "
+            f"one full collection: {fmt_time(result['full_collection'][0])} before the long "
+            f"fill, {fmt_time(result['full_collection'][1])} after it"
+            if "full_collection" in result
+            else ""
+        )
     )
 
 

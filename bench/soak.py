@@ -98,6 +98,7 @@ class SoakResult:
     minute_rows: list[dict[str, float]] = field(default_factory=list)
     gauges_start: dict[str, dict[str, float]] = field(default_factory=dict)
     gauges_end: dict[str, dict[str, float]] = field(default_factory=dict)
+    gauges_settled: dict[str, dict[str, float]] = field(default_factory=dict)
     db_bytes: dict[str, int] = field(default_factory=dict)
     heap_growth: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -291,6 +292,7 @@ async def soak(
                 for _ in range(concurrency):
                     tg.create_task(worker())
             result.gauges_end = await scrape_all(mesh.metrics_ports)
+            result.gauges_settled = await settled_gauges(mesh.metrics_ports)
             result.db_bytes = _db_sizes(mesh)
             if heap_dir and heap_marks:
                 heap_marks.append(done)
@@ -316,6 +318,33 @@ async def soak(
                 }
             )
     return result
+
+
+SETTLE_SECONDS = 30.0
+"""How long the end of a run waits for the services' work in flight to wind down."""
+
+
+async def settled_gauges(ports: Mapping[str, int]) -> dict[str, dict[str, float]]:
+    """The gauges once the last tasks' work has wound down, or after ``SETTLE_SECONDS``.
+
+    Right after the load stops the services still hold the last tasks' calls (an
+    ``Execute`` waiting for its status, events on their way to NATS): asyncio tasks
+    counted then are in flight, not kept. Settled means two scrapes a second apart
+    that agree on every service's asyncio task count.
+    """
+    deadline = time.monotonic() + SETTLE_SECONDS
+    previous = await scrape_all(ports)
+    while True:
+        await asyncio.sleep(1.0)
+        current = await scrape_all(ports)
+        same = all(
+            current.get(name, {}).get("hivewire_asyncio_tasks")
+            == previous.get(name, {}).get("hivewire_asyncio_tasks")
+            for name in current
+        )
+        if same or time.monotonic() >= deadline:
+            return current
+        previous = current
 
 
 HEAP_FRAMES = 12
@@ -403,6 +432,10 @@ def process_rows(result: SoakResult) -> list[list[str]]:
         growth = (end_rss - start_rss) / start_rss * 100 if start_rss else math.nan
         start_tasks = result.gauges_start.get(name, {}).get("hivewire_asyncio_tasks")
         end_tasks = result.gauges_end.get(name, {}).get("hivewire_asyncio_tasks")
+        settled_tasks = result.gauges_settled.get(name, {}).get("hivewire_asyncio_tasks")
+        # The second half of the run alone: what is left once slow fills (caches,
+        # retention reaching its steady state) are behind.
+        half = [p for s, p in zip(after, points, strict=True) if s.t >= (first.t + last.t) / 2]
         floors = minute_floors(after, name)
         heap = [(s.tasks, s.c_heap[name] / 1024) for s in after if name in s.c_heap]
         rows.append(
@@ -412,10 +445,14 @@ def process_rows(result: SoakResult) -> list[list[str]]:
                 f"{end_rss / 2**20:.1f} MB",
                 f"{growth:+.1f} %",
                 f"{slope_per_1000(points):+.1f}",
+                f"{slope_per_1000(half):+.1f}" if len(half) > 1 else "-",
                 f"{slope_per_1000(floors):+.1f}",
                 f"{slope_per_1000(heap):+.1f}" if len(heap) > 1 else "-",
                 f"{first.fds[name]} → {last.fds[name]}",
-                "-" if start_tasks is None else f"{start_tasks:.0f} → {end_tasks or 0:.0f}",
+                "-"
+                if start_tasks is None
+                else f"{start_tasks:.0f} → {end_tasks or 0:.0f}"
+                + ("" if settled_tasks is None else f" → {settled_tasks:.0f}"),
             ]
         )
     return rows
@@ -431,14 +468,17 @@ def report(result: SoakResult) -> str:
         f"mean), {result.errors} errors; warm-up {result.warmup:.0f} s",
         table(
             "per process (start = end of the warm-up; slope = least squares of RSS "
-            "against tasks done after the warm-up; floor = the same over each minute's "
-            "lowest RSS; C heap = the same of the C heap in use, hivewire_c_heap_bytes)",
+            "against tasks done after the warm-up; 2nd half = the same over the second "
+            "half of the run; floor = the same over each minute's lowest RSS; C heap = the "
+            "same of the C heap in use, hivewire_c_heap_bytes; asyncio tasks at the end of "
+            "the warm-up, at the end of the load, and once the last tasks wound down)",
             [
                 "process",
                 "RSS start",
                 "RSS end",
                 "growth",
                 "KiB / 1,000 tasks",
+                "2nd half KiB / 1,000",
                 "floor KiB / 1,000",
                 "C heap KiB / 1,000",
                 "open fds",
@@ -583,6 +623,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="do not run: plot and print earlier --json results",
     )
     args = parser.parse_args(argv)
+    if args.plot:
+        try:  # before a run of many minutes, not after it
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: the bench extra (make soak installs it)")
     if args.compare:
         results = {}
         for item in args.compare:

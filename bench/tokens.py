@@ -6,6 +6,8 @@ on the machine). The client follows the task with ``StreamTask`` and takes:
 
 * **relay rate**: partial events received per second over one task's stream, the agent
   sending as fast as the stream takes them (first to last chunk at the client);
+* **CPU per event**: the coordinator's and the agent's CPU over the rate phase, per
+  chunk (steadier than the rate on a shared machine);
 * **token -> client latency**: when a chunk reached the client minus when the agent
   sent it, at c=1 with the agent pacing chunks (``GAP_MS`` apart, like a model
   streaming tokens), p50 and p99.
@@ -31,6 +33,7 @@ from bench.common import (
     fmt_rate,
     fmt_time,
     p50,
+    proc_cpu,
     summarize,
     table,
 )
@@ -93,6 +96,7 @@ async def measure(*, durations: Durations) -> dict[str, Any]:
     rates: list[float] = []
     latency_rounds: list[Stats] = []
     chain_rounds: list[Phase] = []
+    cpu_per_event: dict[str, list[float]] = {"coordinator": [], "agent": []}
     async with bench_mesh(agents=1) as mesh, relay_chain(mesh.certs) as chain:
         channel = mesh.channel()
         chain_channel = open_channel(chain.target, mesh.certs)
@@ -109,9 +113,13 @@ async def measure(*, durations: Durations) -> dict[str, Any]:
             async def chain_op() -> None:
                 await call(PAYLOAD)
 
+            pids = {"coordinator": mesh.coordinator.pid, "agent": mesh.agents[0].pid}
             for _ in range(durations.rounds):
+                cpu = {name: proc_cpu(pid) for name, pid in pids.items()}
                 rate, _ = await stream_tokens(stub, flood)
                 rates.append(rate)
+                for name, pid in pids.items():
+                    cpu_per_event[name].append((proc_cpu(pid) - cpu[name]) / flood)
                 _, latencies = await stream_tokens(stub, PACED, GAP_MS)
                 latency_rounds.append(summarize(latencies))
                 chain_rounds.append(
@@ -133,12 +141,14 @@ async def measure(*, durations: Durations) -> dict[str, Any]:
         "rates": rates,
         "latency": latency_rounds,
         "chain": chain_rounds,
+        "cpu_per_event": cpu_per_event,
     }
 
 
 def report(result: dict[str, Any]) -> str:
     """Per round: relay rate, token latency p50/p99, and p50 ÷ one bare chain call."""
     rows = []
+    cpu = result.get("cpu_per_event") or {"coordinator": [], "agent": []}
     for i, (rate, lat, chain) in enumerate(
         zip(result["rates"], result["latency"], result["chain"], strict=True), start=1
     ):
@@ -146,6 +156,10 @@ def report(result: dict[str, Any]) -> str:
             [
                 f"round {i}",
                 fmt_rate(rate, " events/s"),
+                *(
+                    f"{cpu[name][i - 1] * 1e6:.0f} µs" if len(cpu[name]) >= i else "-"
+                    for name in ("coordinator", "agent")
+                ),
                 fmt_time(lat.p50),
                 fmt_time(lat.p99),
                 fmt_time(p50(chain)),
@@ -156,6 +170,15 @@ def report(result: dict[str, Any]) -> str:
         f"token relay over one task's StreamTask: {result['flood_chunks']:,} chunks back to "
         f"back (rate), {result['paced_chunks']} chunks {result['gap_ms']} ms apart at c=1 "
         "(latency agent -> coordinator -> client, one machine clock)",
-        ["round", "relay rate", "token p50", "token p99", "chain call p50", "p50 / chain"],
+        [
+            "round",
+            "relay rate",
+            "coordinator CPU/event",
+            "agent CPU/event",
+            "token p50",
+            "token p99",
+            "chain call p50",
+            "p50 / chain",
+        ],
         rows,
     )

@@ -15,29 +15,12 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any
 
-from .registry import (
-    META_INSTANCE_NAME,
-    Instance,
-    Registry,
-    RegistryError,
-    RegistryUnavailableError,
-    instance_name,
-    new_instance_id,
-    sort_instances,
-)
+from . import registry
+from .registry import *  # noqa: F403 (the protocol and its values, registry.__all__)
+from .registry import META_INSTANCE_NAME, Registry
 
-__all__ = [
-    "META_INSTANCE_NAME",
-    "Instance",
-    "Registry",
-    "RegistryError",
-    "RegistryUnavailableError",
-    "instance_name",
-    "new_instance_id",
-    "open_registry",
-    "parse_duration",
-    "sort_instances",
-]
+__all__ = ["META_INSTANCE_NAME", "open_registry", "parse_duration"]
+__all__ += registry.__all__
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import aiohttp
@@ -39,10 +40,9 @@ from consul.callback import CB
 from consul.exceptions import ACLDisabled, ACLPermissionDenied, BadRequest, ConsulException
 
 from hivewire.services.base.backoff import Backoff, TokenBucket
-from hivewire.services.base.lifecycle import cancel_and_wait
 
 from . import metrics
-from ._base import RegistryBase
+from ._base import RemoteRegistryBase
 from .registry import (
     Instance,
     RegistryError,
@@ -89,17 +89,17 @@ class _UnavailableError(Exception):
     """Consul could not be reached or answered 5xx."""
 
 
-class ConsulRegistry(RegistryBase):
-    """Registry on a Consul agent.
+@dataclass(frozen=True, kw_only=True)
+class ConsulOptions:
+    """How a :class:`ConsulRegistry` uses its agent: the registry's keyword arguments.
 
-    Args:
-        host: Consul agent HTTP address.
-        port: Consul agent HTTP port.
+    Attributes:
         scheme: ``"http"`` or ``"https"``.
         token: ACL token (``X-Consul-Token``); overrides ``CONSUL_HTTP_TOKEN``.
         verify: TLS verification for https: a CA bundle path or a bool.
         cert: Client certificate for https: a path or ``(cert, key)`` paths.
-        checks: Health checks per instance, any of ``"ttl"`` and ``"grpc"``.
+        checks: Health checks per instance, any of ``"ttl"`` and ``"grpc"`` (a tuple
+            without repeats once built).
         ttl: TTL of the ``ttl`` check, seconds.
         heartbeat_interval: Seconds between TTL passes (default ``ttl / 3``).
         grpc_interval: Interval of the ``grpc`` check, seconds.
@@ -112,106 +112,94 @@ class ConsulRegistry(RegistryBase):
             query per interval under churn).
         request_timeout: Bound of every non-blocking request, seconds.
         backoff_max: Cap of the retry delay while Consul is unreachable, seconds.
+
+    Raises:
+        ValueError: ``checks`` empty or unknown, or ``watch_wait`` too long.
     """
 
-    backend: ClassVar[str] = "consul"
+    scheme: str = "http"
+    token: str | None = None
+    verify: bool | str = True
+    cert: str | tuple[str, str] | None = None
+    checks: Sequence[str] = ("ttl",)
+    ttl: float = 15.0
+    heartbeat_interval: float | None = None
+    grpc_interval: float = 5.0
+    grpc_timeout: float = 2.0
+    deregister_critical_after: float = 60.0
+    watch_wait: float = 55.0
+    watch_burst: int = 2
+    watch_interval: float = 15.0
+    request_timeout: float = 10.0
+    backoff_max: float = 30.0
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 8500,
-        *,
-        scheme: str = "http",
-        token: str | None = None,
-        verify: bool | str = True,
-        cert: str | tuple[str, str] | None = None,
-        checks: Sequence[str] = ("ttl",),
-        ttl: float = 15.0,
-        heartbeat_interval: float | None = None,
-        grpc_interval: float = 5.0,
-        grpc_timeout: float = 2.0,
-        deregister_critical_after: float = 60.0,
-        watch_wait: float = 55.0,
-        watch_burst: int = 2,
-        watch_interval: float = 15.0,
-        request_timeout: float = 10.0,
-        backoff_max: float = 30.0,
-    ) -> None:
-        super().__init__()
-        kinds = tuple(dict.fromkeys(checks))
+    def __post_init__(self) -> None:
+        kinds = tuple(dict.fromkeys(self.checks))
         unknown = set(kinds) - CHECK_KINDS
         if unknown or not kinds:
             raise ValueError(f"checks must be a non-empty subset of {sorted(CHECK_KINDS)}")
-        if watch_wait * 17 / 16 + request_timeout >= _AIOHTTP_TOTAL_TIMEOUT:
+        if self.watch_wait * 17 / 16 + self.request_timeout >= _AIOHTTP_TOTAL_TIMEOUT:
             raise ValueError("watch_wait must stay well under aiohttp's 300 s total timeout")
+        object.__setattr__(self, "checks", kinds)
+
+
+class ConsulRegistry(RemoteRegistryBase):
+    """Registry on a Consul agent.
+
+    Args:
+        host: Consul agent HTTP address.
+        port: Consul agent HTTP port.
+        **options: :class:`ConsulOptions` (scheme, token, TLS, checks, TTL, watch pacing).
+    """
+
+    backend: ClassVar[str] = "consul"
+    _heartbeat_task_name = "hivewire-consul-heartbeat"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8500, **options: Any) -> None:
+        super().__init__()
         self._host = host
         self._port = port
-        self._scheme = scheme
-        self._token = token
-        self._verify = verify
-        self._cert = cert
-        self._checks = kinds
-        self._ttl = ttl
-        self._heartbeat_interval = heartbeat_interval or ttl / 3
-        self._grpc_interval = grpc_interval
-        self._grpc_timeout = grpc_timeout
-        self._deregister_after = deregister_critical_after
-        self._watch_wait = watch_wait
-        self._watch_burst = watch_burst
-        self._watch_interval = watch_interval
-        self._request_timeout = request_timeout
-        self._backoff_max = backoff_max
+        self._o = ConsulOptions(**options)
+        self._heartbeat_interval = self._o.heartbeat_interval or self._o.ttl / 3
         self._client: consul.aio.Consul | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
         # Instances the agent is known to hold; the others are (re-)registered by heartbeats.
         self._on_agent: set[str] = set()
         self._kick = asyncio.Event()
-        self._closing = asyncio.Event()
 
     @property
     def address(self) -> str:
         """The agent's HTTP address, ``scheme://host:port``."""
-        return f"{self._scheme}://{self._host}:{self._port}"
+        return f"{self._o.scheme}://{self._host}:{self._port}"
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Create the HTTP client and start heartbeats (Consul need not be up yet)."""
-        if self._started:
-            return
+    async def _connect(self) -> None:
+        """Create the HTTP client (Consul need not be up yet)."""
         self._client = consul.aio.Consul(
             host=self._host,
             port=self._port,
-            scheme=self._scheme,
-            verify=self._verify,
-            cert=self._cert,
-            token=self._token,
+            scheme=self._o.scheme,
+            verify=self._o.verify,
+            cert=self._o.cert,
+            token=self._o.token,
         )
-        if self._token is not None:
+        if self._o.token is not None:
             # py-consul lets CONSUL_HTTP_TOKEN override token=; the configured one must win.
-            self._client.token = self._token
-        self._started = True
-        self._heartbeat_task = asyncio.create_task(
-            self._heartbeat_loop(), name="hivewire-consul-heartbeat"
-        )
+            self._client.token = self._o.token
+
+    def _log_started(self) -> None:
         logger.info(
             "registry: consul at %s (checks %s, ttl %.1fs, deregister critical after %.0fs)",
             self.address,
-            "+".join(self._checks),
-            self._ttl,
-            self._deregister_after,
+            "+".join(self._o.checks),
+            self._o.ttl,
+            self._o.deregister_critical_after,
         )
 
-    async def close(self) -> None:
-        """Deregister this process's instances, end watches and close the HTTP client."""
-        if self._closed:
-            return
-        self._closed = True
-        self._closing.set()
-        await cancel_and_wait([self._heartbeat_task])
-        for instance_id in list(self._instances):
-            await self._deregister_remote(instance_id)
-        self._instances.clear()
+    async def _forget(self, instance: Instance) -> None:
+        await self._deregister_remote(instance.instance_id)
+
+    async def _disconnect(self) -> None:
         if self._client is not None:
             await self._client.close()
 
@@ -229,7 +217,7 @@ class ConsulRegistry(RegistryBase):
         ``BadRequest`` and ``ACLPermissionDenied`` pass through: they are not outages.
         """
         try:
-            async with asyncio.timeout(limit or self._request_timeout):
+            async with asyncio.timeout(limit or self._o.request_timeout):
                 return await coro
         except _REJECTED:
             raise
@@ -240,21 +228,21 @@ class ConsulRegistry(RegistryBase):
 
     def _check_definitions(self, instance: Instance) -> list[dict[str, Any]]:
         iid = instance.instance_id
-        deregister = go_duration(max(self._deregister_after, 1.0))
+        deregister = go_duration(max(self._o.deregister_critical_after, 1.0))
         checks: list[dict[str, Any]] = []
-        if "ttl" in self._checks:
+        if "ttl" in self._o.checks:
             checks.append(
                 {
                     "CheckID": f"ttl:{iid}",
                     "Name": f"{instance.service} {iid} heartbeat",
                     "Notes": "TTL passed by the hivewire service itself",
-                    "TTL": go_duration(self._ttl),
+                    "TTL": go_duration(self._o.ttl),
                     # Passing at once: the process registers only once it serves.
                     "Status": "passing",
                     "DeregisterCriticalServiceAfter": deregister,
                 }
             )
-        if "grpc" in self._checks:
+        if "grpc" in self._o.checks:
             target = instance.endpoint
             health_service = instance.meta.get(META_HEALTH_SERVICE, "")
             if health_service:
@@ -265,8 +253,8 @@ class ConsulRegistry(RegistryBase):
                 "GRPC": target,
                 "GRPCUseTLS": True,
                 "TLSSkipVerify": False,
-                "Interval": go_duration(self._grpc_interval),
-                "Timeout": go_duration(self._grpc_timeout),
+                "Interval": go_duration(self._o.grpc_interval),
+                "Timeout": go_duration(self._o.grpc_timeout),
                 "DeregisterCriticalServiceAfter": deregister,
             }
             server_name = instance.meta.get(META_TLS_SERVER_NAME)
@@ -382,7 +370,7 @@ class ConsulRegistry(RegistryBase):
             metrics.REREGISTRATIONS.labels(self.backend).inc()
             logger.info("registry: %s registered with consul again", iid)
             return
-        if "ttl" in self._checks:
+        if "ttl" in self._o.checks:
             alive = await self._call(self._c.agent.check.ttl_pass(f"ttl:{iid}"))
         else:
             found = await self._call(
@@ -403,7 +391,7 @@ class ConsulRegistry(RegistryBase):
         metrics.HEARTBEATS.labels(self.backend).inc()
 
     async def _heartbeat_loop(self) -> None:
-        backoff = Backoff(initial=min(1.0, self._heartbeat_interval), maximum=self._backoff_max)
+        backoff = Backoff(initial=min(1.0, self._heartbeat_interval), maximum=self._o.backoff_max)
         failing = False
         delay = self._heartbeat_interval
         while True:
@@ -439,12 +427,12 @@ class ConsulRegistry(RegistryBase):
         kwargs: dict[str, Any] = {"passing": True}
         if tag is not None:
             kwargs["tag"] = tag
-        limit = self._request_timeout
+        limit = self._o.request_timeout
         if index > 0 and wait is not None:
             kwargs["index"] = str(index)
             kwargs["wait"] = go_duration(wait)
             # The agent may hold the request for wait + wait/16 of jitter.
-            limit = wait * 17 / 16 + self._request_timeout
+            limit = wait * 17 / 16 + self._o.request_timeout
         raw_index, entries = await self._call(
             self._c.health.service(service, **kwargs), limit=limit
         )
@@ -483,14 +471,14 @@ class ConsulRegistry(RegistryBase):
         the registry is closed.
         """
         self._require_started()
-        bucket = TokenBucket(burst=self._watch_burst, interval=self._watch_interval)
-        backoff = Backoff(initial=0.2, maximum=self._backoff_max)
+        bucket = TokenBucket(burst=self._o.watch_burst, interval=self._o.watch_interval)
+        backoff = Backoff(initial=0.2, maximum=self._o.backoff_max)
         index = 0
         last: list[Instance] | None = None
         while not self._closed:
             await bucket.acquire()
             query = asyncio.ensure_future(
-                self._health(service, tag=None, index=index, wait=self._watch_wait)
+                self._health(service, tag=None, index=index, wait=self._o.watch_wait)
             )
             closing = asyncio.ensure_future(self._closing.wait())
             try:

@@ -32,10 +32,9 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from hivewire.services.base.backoff import Backoff
-from hivewire.services.base.lifecycle import cancel_and_wait
 
 from . import metrics
-from ._base import RegistryBase
+from ._base import RemoteRegistryBase
 from .registry import (
     Instance,
     RegistryUnavailableError,
@@ -60,7 +59,7 @@ _TRANSIENT = (
 )
 
 
-class EmbeddedRegistry(RegistryBase):
+class EmbeddedRegistry(RemoteRegistryBase):
     """Registry on a NATS JetStream key-value bucket.
 
     Args:
@@ -79,6 +78,7 @@ class EmbeddedRegistry(RegistryBase):
     """
 
     backend: ClassVar[str] = "embedded"
+    _heartbeat_task_name = "hivewire-registry-heartbeat"
 
     def __init__(
         self,
@@ -107,7 +107,6 @@ class EmbeddedRegistry(RegistryBase):
         self._owner = owner
         self._nc: NatsClient | None = None
         self._kv: KeyValue | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
         # Live KV watchers of watch() generators; stopped on reconnect so they rebuild.
         self._watchers: set[KeyValue.KeyWatcher] = set()
@@ -125,14 +124,12 @@ class EmbeddedRegistry(RegistryBase):
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Connect to NATS, create or bind the bucket and start heartbeats.
+    async def _connect(self) -> None:
+        """Connect to NATS, create or bind the bucket.
 
         Raises:
             RegistryUnavailableError: NATS could not be reached.
         """
-        if self._started:
-            return
         try:
             self._nc = await nats.connect(
                 servers=self._servers,
@@ -155,10 +152,8 @@ class EmbeddedRegistry(RegistryBase):
             raise RegistryUnavailableError(
                 f"cannot open KV bucket {self._bucket_name}: {exc}"
             ) from exc
-        self._started = True
-        self._heartbeat_task = asyncio.create_task(
-            self._heartbeat_loop(), name="hivewire-registry-heartbeat"
-        )
+
+    def _log_started(self) -> None:
         logger.info(
             "registry: embedded on NATS bucket %s (ttl %.1fs, heartbeat every %.1fs)",
             self._bucket_name,
@@ -166,15 +161,10 @@ class EmbeddedRegistry(RegistryBase):
             self.heartbeat_interval,
         )
 
-    async def close(self) -> None:
-        """Deregister this process's instances, end watches and disconnect."""
-        if self._closed:
-            return
-        self._closed = True
-        await cancel_and_wait([self._heartbeat_task])
-        for instance in list(self._instances.values()):
-            await self._delete_key(instance)
-        self._instances.clear()
+    async def _forget(self, instance: Instance) -> None:
+        await self._delete_key(instance)
+
+    async def _disconnect(self) -> None:
         await self._stop_watchers()
         if self._nc is not None and not self._nc.is_closed:
             try:

@@ -37,7 +37,8 @@ __all__ = [
     "NatsServer",
     "ServiceProcess",
     "eventually",
-    "free_port",
+    "held_socket",
+    "hold",
     "reserved_port",
     "grpcurl",
     "grpcurl_path",
@@ -118,25 +119,46 @@ async def eventually(
 _RESERVED: list[socket.socket] = []
 
 
-def _bound_socket() -> socket.socket:
-    """A socket bound to 127.0.0.1 on a port the kernel picked (port 0), not listening."""
+def held_socket(port: int = 0) -> socket.socket:
+    """A socket bound to ``127.0.0.1:port`` (0: a port the kernel picks), not listening.
+
+    It sets ``SO_REUSEADDR``: while it is bound, the kernel gives its port to nobody
+    else (not as a client's ephemeral port, not to another port-0 bind, not to a bind
+    without that option), yet a server told the port may still listen on it, since
+    servers bind with ``SO_REUSEADDR`` (nats-server and consul, grpc, asyncio and
+    ``socketserver`` do).
+
+    Raises:
+        OSError: ``port`` is taken.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
     return sock
+
+
+def hold(sock: socket.socket) -> int:
+    """Keep ``sock`` bound until the test process exits; its port."""
+    _RESERVED.append(sock)
+    return int(sock.getsockname()[1])
 
 
 def reserved_port() -> int:
     """A port on 127.0.0.1 that this test process holds and on which nothing listens.
 
     The socket binds port 0, the port is read back, and the socket stays bound (never
-    listening) until the process exits: no other process can take the port, and a
-    connection to it is refused at once. For port numbers that are only registered,
-    never served (and addresses nobody answers at, see :func:`dead_address`). A server a
-    test starts binds port 0 itself and reports its port instead.
+    listening) until the process exits (:func:`held_socket`). A connection to the port
+    is refused at once: for port numbers that are only registered, never served (and
+    addresses nobody answers at, see :func:`dead_address`). It is also the port to tell
+    a process that must know its port before it starts and cannot bind port 0 and
+    report it (a consul agent): the process listens on it, nobody else can take it. A
+    server that can report its port binds port 0 itself instead.
     """
-    sock = _bound_socket()
-    _RESERVED.append(sock)
-    return int(sock.getsockname()[1])
+    return hold(held_socket())
 
 
 @contextlib.contextmanager
@@ -146,16 +168,8 @@ def dead_address() -> Iterator[str]:
     The port stays bound (never listening) while the context is open, so no other
     process can start listening on it meanwhile.
     """
-    with _bound_socket() as sock:
+    with held_socket() as sock:
         yield f"127.0.0.1:{sock.getsockname()[1]}"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago: racy, so only where a process
-    must be told a port up front and cannot bind 0 and report it (see the callers).
-    """
-    with _bound_socket() as sock:
-        return int(sock.getsockname()[1])
 
 
 def _tail(path: Path, lines: int) -> str:

@@ -26,9 +26,8 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
 import grpc
 
@@ -39,15 +38,21 @@ from hivewire.services.agent.sdk import (
     Activity,
     ActivityKind,
     AgentError,
+    ChatInput,
+    ChatTurn,
     ErrorInfo,
+    Generation,
     InputKind,
+    ModelStream,
     PermanentError,
     TaskContext,
     Usage,
     valid_reason,
 )
-from hivewire.services.model.client import ModelClient
+from hivewire.services.base.keywords import check_keywords
+from hivewire.services.model.client import CallScope, CompletionStream, ModelClient
 from hivewire.services.model.convert import chat_message, finish_reason_name
+from hivewire.services.model.domain import Sampling
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime.errors import HivewireError, Unavailable
 from hivewire.services.runtime.status import from_rpc_error
@@ -94,34 +99,6 @@ class Endpoint(Protocol):
 
 
 # --- values -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Generation:
-    """A finished model answer.
-
-    Attributes:
-        text: The generated text.
-        finish_reason: ``stop``, ``length``, ``cancelled``, ``budget`` or ``unknown``.
-        usage: What the call consumed.
-        model: The model that answered, as the backend names it.
-        backend: The backend that served it.
-    """
-
-    text: str
-    finish_reason: str
-    usage: Usage
-    model: str = ""
-    backend: str = ""
-
-
-@dataclass(frozen=True)
-class ChatTurn:
-    """One chat message: ``role`` is system, user, assistant or tool."""
-
-    role: str
-    content: str
-    name: str = ""
 
 
 ToolOutput = ToolOutcome
@@ -222,38 +199,6 @@ class _Bound:
 # --- model ----------------------------------------------------------------------------
 
 
-class ModelStream:
-    """Tokens of one model call as they arrive; :attr:`result` once the stream ended.
-
-    ``async for text in ctx.model.stream(prompt): ...`` -- iterate once. Leaving the
-    loop early and calling :meth:`aclose` (or cancelling the task) cancels the call.
-    """
-
-    def __init__(self, start: Callable[[ModelStream], AsyncIterator[str]]) -> None:
-        self._start = start
-        self._iterator: AsyncIterator[str] | None = None
-        self.result: Generation | None = None
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        if self._iterator is not None:
-            raise RuntimeError("a model stream can be iterated only once")
-        self._iterator = self._start(self)
-        return self._iterator
-
-    async def aclose(self) -> None:
-        """Stop a stream that is no longer needed (cancels the call at once)."""
-        closer = getattr(self._iterator, "aclose", None)
-        if closer is not None:
-            await closer()
-
-    async def collect(self) -> Generation:
-        """Consume the whole stream and return the finished generation."""
-        async for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
-
-
 class TaskModel(_Bound):
     """``ctx.model``: the model service (:class:`ModelClient`), bound to one task attempt."""
 
@@ -267,72 +212,46 @@ class TaskModel(_Bound):
             )
         return remaining
 
-    def _call_options(self) -> dict[str, Any]:
+    def _scope(self) -> CallScope:
         info = self._ctx.info
-        return {
-            "task_id": info.task_id,
-            "token_budget": self._ctx.tokens_remaining(),
-            "correlation_id": info.correlation_id or None,
-            "attempt": info.attempt,
-            "timeout": self._timeout(),
-        }
+        return CallScope(
+            task_id=info.task_id,
+            token_budget=self._ctx.tokens_remaining(),
+            correlation_id=info.correlation_id or None,
+            attempt=info.attempt,
+            timeout=self._timeout(),
+        )
 
-    def stream(
-        self,
-        prompt: str,
-        *,
-        model: str = "",
-        system: str = "",
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_tokens: int = 0,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-    ) -> ModelStream:
+    def stream(self, prompt: str, *, system: str = "", **sampling: Unpack[Sampling]) -> ModelStream:
         """Complete a prompt, yielding text as it is generated.
 
         Args:
             prompt: The prompt.
-            model: Model name; empty means the service's default.
             system: Optional system instructions.
-            temperature: Sampling temperature.
-            top_p: Nucleus sampling.
-            max_tokens: Maximum tokens to produce (0: backend default).
-            stop: Stop sequences.
-            seed: Seed for reproducible sampling.
+            **sampling: The model and how to sample
+                (:class:`~hivewire.services.model.domain.Sampling`): ``model`` (""
+                means the service's default), ``temperature``, ``top_p``,
+                ``max_tokens`` (0: backend default), ``stop``, ``seed``.
 
         Returns:
             A :class:`ModelStream` of text chunks.
         """
-        params = _sampling(model, temperature, top_p, max_tokens, stop, seed)
+        check_keywords("TaskModel.stream", sampling, Sampling.__optional_keys__)
 
-        def start(client: ModelClient) -> Any:
-            return client.generate(prompt, system=system, **params, **self._call_options())
+        def start(client: ModelClient) -> CompletionStream:
+            return client.generate(prompt, system=system, **sampling, **self._scope())
 
-        return ModelStream(lambda holder: self._run(start, "generate", model, holder))
+        return ModelStream(lambda holder: self._run(start, "generate", sampling, holder))
 
     def stream_chat(
-        self,
-        messages: Sequence[ChatTurn | tuple[str, str] | Mapping[str, str]],
-        *,
-        model: str = "",
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_tokens: int = 0,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
+        self, messages: Sequence[ChatInput], **sampling: Unpack[Sampling]
     ) -> ModelStream:
         """Continue a conversation, yielding the reply as it is generated.
 
         Args:
             messages: The conversation: :class:`ChatTurn`, ``(role, content)`` pairs or
                 ``{"role": ..., "content": ...}`` mappings.
-            model: Model name; empty means the default.
-            temperature: Sampling temperature.
-            top_p: Nucleus sampling.
-            max_tokens: Maximum tokens to produce.
-            stop: Stop sequences.
-            seed: Seed for reproducible sampling.
+            **sampling: The model and how to sample, as for :meth:`stream`.
 
         Returns:
             A :class:`ModelStream` of text chunks.
@@ -340,23 +259,23 @@ class TaskModel(_Bound):
         Raises:
             ValueError: A message has an unknown role.
         """
+        check_keywords("TaskModel.stream_chat", sampling, Sampling.__optional_keys__)
         converted = [_chat_message(m) for m in messages]
-        params = _sampling(model, temperature, top_p, max_tokens, stop, seed)
 
-        def start(client: ModelClient) -> Any:
-            return client.chat(converted, **params, **self._call_options())
+        def start(client: ModelClient) -> CompletionStream:
+            return client.chat(converted, **sampling, **self._scope())
 
-        return ModelStream(lambda holder: self._run(start, "chat", model, holder))
+        return ModelStream(lambda holder: self._run(start, "chat", sampling, holder))
 
-    async def generate(self, prompt: str, **options: Any) -> Generation:
-        """Complete a prompt and return the whole answer (see :meth:`stream` for options)."""
-        return await self.stream(prompt, **options).collect()
-
-    async def chat(
-        self, messages: Sequence[ChatTurn | tuple[str, str] | Mapping[str, str]], **options: Any
+    async def generate(
+        self, prompt: str, *, system: str = "", **sampling: Unpack[Sampling]
     ) -> Generation:
+        """Complete a prompt and return the whole answer (see :meth:`stream`)."""
+        return await self.stream(prompt, system=system, **sampling).collect()
+
+    async def chat(self, messages: Sequence[ChatInput], **sampling: Unpack[Sampling]) -> Generation:
         """Continue a conversation and return the whole reply (see :meth:`stream_chat`)."""
-        return await self.stream_chat(messages, **options).collect()
+        return await self.stream_chat(messages, **sampling).collect()
 
     async def embed(self, inputs: Sequence[str], *, model: str = "") -> list[list[float]]:
         """Embed texts.
@@ -372,7 +291,7 @@ class TaskModel(_Bound):
         summary = f"embed {len(inputs)} text(s)"
         async with self._reported(ActivityKind.MODEL_CALL, name, summary) as started:
             client = ModelClient(await self._endpoint.channel())
-            response = await client.embed(inputs, model=model, **self._call_options())
+            response = await client.embed(inputs, model=model, **self._scope())
         usage = convert.usage_from_proto(response.usage)
         self._ctx.usage.add_model_call(usage)
         await self._activity(
@@ -387,13 +306,14 @@ class TaskModel(_Bound):
 
     async def _run(
         self,
-        start: Callable[[ModelClient], Any],
+        start: Callable[[ModelClient], CompletionStream],
         summary: str,
-        model: str,
+        sampling: Sampling,
         holder: ModelStream,
     ) -> AsyncIterator[str]:
         self._check_budget()
         t0 = time.monotonic()
+        model = sampling.get("model", "")
         name = model or "default"
         parts: list[str] = []
         first_token: float | None = None
@@ -433,26 +353,7 @@ class TaskModel(_Bound):
         )
 
 
-def _sampling(
-    model: str,
-    temperature: float | None,
-    top_p: float | None,
-    max_tokens: int,
-    stop: Sequence[str],
-    seed: int | None,
-) -> dict[str, Any]:
-    """The sampling keywords :class:`ModelClient` takes, for both kinds of call."""
-    return {
-        "model": model,
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_tokens": max_tokens,
-        "stop": stop,
-        "seed": seed,
-    }
-
-
-def _chat_message(message: ChatTurn | tuple[str, str] | Mapping[str, str]) -> model_pb2.ChatMessage:
+def _chat_message(message: ChatInput) -> model_pb2.ChatMessage:
     if isinstance(message, ChatTurn):
         role, content, name = message.role, message.content, message.name
     elif isinstance(message, tuple):

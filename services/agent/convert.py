@@ -12,7 +12,6 @@ from hivewire.services.agent.sdk import (
     Activity,
     ActivityKind,
     AgentCardInfo,
-    ErrorInfo,
     InputAnswer,
     InputKind,
     Payload,
@@ -94,17 +93,6 @@ def usage_from_proto(message: common_pb2.Usage) -> Usage:
         else 0.0,
         model_calls=message.model_calls,
         tool_calls=message.tool_calls,
-    )
-
-
-def error_from_proto(message: common_pb2.ErrorDetail) -> ErrorInfo:
-    """``common.v1.ErrorDetail`` as domain error info."""
-    return ErrorInfo(
-        code=message.code or "UNKNOWN",
-        reason=message.reason or "UNKNOWN",
-        message=message.message,
-        retryable=message.retryable,
-        metadata=dict(message.metadata),
     )
 
 

@@ -20,8 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self, TypeAlias
+from typing import Any, TypeAlias
 
 from hivewire.services.agent import metrics as agent_metrics
 from hivewire.services.agent.sdk import (
@@ -37,7 +36,7 @@ from hivewire.services.agent.sdk import (
     TaskInfo,
     Usage,
 )
-from hivewire.services.base.lifecycle import cancel_and_wait
+from hivewire.services.base.lifecycle import StartClose, cancel_and_wait
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import (
     FieldViolation,
@@ -195,7 +194,7 @@ def _deadline_exceeded() -> ErrorInfo:
 # --- runtime --------------------------------------------------------------------------
 
 
-class AgentRuntime:
+class AgentRuntime(StartClose):
     """Runs one agent's handlers under a concurrency limit.
 
     Use as an async context manager around serving: entering runs the agent's
@@ -259,17 +258,9 @@ class AgentRuntime:
         """The agent card and how many tasks run now."""
         return AgentDescription(self.card, self.agent_id, self._in_flight)
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
+        """Run the agent's setup (``async with`` does)."""
         await self.agent.setup()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Cancel handlers that outlived their stream and run the agent's teardown."""
@@ -334,7 +325,7 @@ class AgentRuntime:
         task.add_done_callback(self._stragglers.discard)
 
 
-class Execution:
+class Execution(StartClose):
     """One attempt of one task: an async context manager streaming :class:`Outgoing` events.
 
     ``async with runtime.execute(info, input) as execution:`` starts the handler;
@@ -376,21 +367,13 @@ class Execution:
 
     # --- lifecycle ----------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
+        """Start the attempt's supervisor (``async with`` does)."""
         loop = asyncio.get_running_loop()
         self._interrupt = loop.create_future()
         self._supervisor = asyncio.create_task(
             self._supervise(), name=f"agent-execution-{self.info.task_id}"
         )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Stop the attempt (if it still runs) and free its slot once the handler ends."""

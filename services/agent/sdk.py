@@ -34,16 +34,17 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, cast, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, Unpack, overload
 
+from hivewire.services.model.domain import Sampling
 from hivewire.services.runtime.values import ErrorInfo
+from hivewire.services.tool.domain import ToolInfo, ToolOutcome
 
 if TYPE_CHECKING:
     from hivewire.common.v1 import common_pb2
-    from hivewire.services.agent.clients import TaskModel, TaskTools
 
 __all__ = [
     "Activity",
@@ -52,22 +53,29 @@ __all__ = [
     "AgentCardInfo",
     "AgentError",
     "CapabilitySpec",
+    "ChatInput",
+    "ChatTurn",
     "ErrorInfo",
     "ExecutionSink",
+    "Generation",
     "Handler",
     "InputAnswer",
     "InputKind",
     "InputRequestSpec",
+    "ModelCalls",
+    "ModelStream",
     "Output",
     "Payload",
     "PermanentError",
     "RetryableError",
+    "Sampling",
     "SubtaskError",
     "SubtaskRequest",
     "SubtaskResult",
     "SubtaskRunner",
     "TaskContext",
     "TaskInfo",
+    "ToolCalls",
     "Usage",
     "capability",
     "valid_reason",
@@ -424,6 +432,127 @@ class SubtaskRunner(Protocol):
 
 
 # ---------------------------------------------------------------------------------------
+# Model and tool calls (``ctx.model``, ``ctx.tools``)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished model answer.
+
+    Attributes:
+        text: The generated text.
+        finish_reason: ``stop``, ``length``, ``cancelled``, ``budget`` or ``unknown``.
+        usage: What the call consumed.
+        model: The model that answered, as the backend names it.
+        backend: The backend that served it.
+    """
+
+    text: str
+    finish_reason: str
+    usage: Usage
+    model: str = ""
+    backend: str = ""
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One chat message: ``role`` is system, user, assistant or tool."""
+
+    role: str
+    content: str
+    name: str = ""
+
+
+ChatInput: TypeAlias = "ChatTurn | tuple[str, str] | Mapping[str, str]"
+"""A chat message as a handler may give it: a :class:`ChatTurn`, a ``(role, content)``
+pair or a ``{"role": ..., "content": ...}`` mapping."""
+
+
+class ModelStream:
+    """Tokens of one model call as they arrive; :attr:`result` once the stream ended.
+
+    ``async for text in ctx.model.stream(prompt): ...`` -- iterate once. Leaving the
+    loop early and calling :meth:`aclose` (or cancelling the task) cancels the call.
+    """
+
+    def __init__(self, start: Callable[[ModelStream], AsyncIterator[str]]) -> None:
+        self._start = start
+        self._iterator: AsyncIterator[str] | None = None
+        self.result: Generation | None = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        if self._iterator is not None:
+            raise RuntimeError("a model stream can be iterated only once")
+        self._iterator = self._start(self)
+        return self._iterator
+
+    async def aclose(self) -> None:
+        """Stop a stream that is no longer needed (cancels the call at once)."""
+        closer = getattr(self._iterator, "aclose", None)
+        if closer is not None:
+            await closer()
+
+    async def collect(self) -> Generation:
+        """Consume the whole stream and return the finished generation."""
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class ModelCalls(Protocol):
+    """What a handler can ask the model service through ``ctx.model``.
+
+    The sampling keywords are those of
+    :class:`~hivewire.services.model.domain.Sampling`: ``model``, ``temperature``,
+    ``top_p``, ``max_tokens``, ``stop``, ``seed``.
+    """
+
+    def stream(self, prompt: str, *, system: str = "", **sampling: Unpack[Sampling]) -> ModelStream:
+        """Complete a prompt, yielding text as it is generated."""
+        ...
+
+    def stream_chat(
+        self, messages: Sequence[ChatInput], **sampling: Unpack[Sampling]
+    ) -> ModelStream:
+        """Continue a conversation, yielding the reply as it is generated."""
+        ...
+
+    async def generate(
+        self, prompt: str, *, system: str = "", **sampling: Unpack[Sampling]
+    ) -> Generation:
+        """Complete a prompt and return the whole answer."""
+        ...
+
+    async def chat(self, messages: Sequence[ChatInput], **sampling: Unpack[Sampling]) -> Generation:
+        """Continue a conversation and return the whole reply."""
+        ...
+
+    async def embed(self, inputs: Sequence[str], *, model: str = "") -> list[list[float]]:
+        """Embed texts: one vector per input, in order."""
+        ...
+
+
+class ToolCalls(Protocol):
+    """What a handler can ask the tool service through ``ctx.tools``."""
+
+    async def invoke(
+        self,
+        tool_name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        on_progress: Callable[[float, str, str], Any] | None = None,
+    ) -> ToolOutcome:
+        """Run a tool and return its result."""
+        ...
+
+    async def list(self, name_prefix: str = "") -> list[ToolInfo]:
+        """The tools this agent may call."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------
 # Capabilities and the Agent base class
 # ---------------------------------------------------------------------------------------
 
@@ -724,8 +853,8 @@ class TaskContext:
         sink: ExecutionSink,
         *,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
-        model: TaskModel | None = None,
-        tools: TaskTools | None = None,
+        model: ModelCalls | None = None,
+        tools: ToolCalls | None = None,
     ) -> None:
         """Create the context (the runtime does this for each attempt).
 
@@ -752,7 +881,7 @@ class TaskContext:
         self._request_seq = 0
 
     @property
-    def model(self) -> TaskModel:
+    def model(self) -> ModelCalls:
         """The model service client; every call carries this task's deadline and budget.
 
         Raises:
@@ -763,7 +892,7 @@ class TaskContext:
         return self._model
 
     @property
-    def tools(self) -> TaskTools:
+    def tools(self) -> ToolCalls:
         """The tool service client; every call carries this task's deadline and ids.
 
         Raises:
@@ -773,17 +902,15 @@ class TaskContext:
             raise RuntimeError("this agent runs without a tool service (no tool client)")
         return self._tools
 
-    def bind_clients(self, *, model: object, tools: object) -> None:
+    def bind_clients(self, *, model: ModelCalls | None, tools: ToolCalls | None) -> None:
         """Attach the task-bound clients (the runtime does this once).
 
         Args:
-            model: A ``clients.TaskModel`` or None.
-            tools: A ``clients.TaskTools`` or None.
+            model: The model client (``clients.TaskModel``) or None.
+            tools: The tool client (``clients.TaskTools``) or None.
         """
-        # Typed loosely: clients.py builds these, and importing its classes here at
-        # run time would be circular.
-        self._model = cast("TaskModel | None", model)
-        self._tools = cast("TaskTools | None", tools)
+        self._model = model
+        self._tools = tools
 
     def bind_subtasks(self, runner: SubtaskRunner | None) -> None:
         """Attach the coordinator client that runs sub-tasks (the runtime does this)."""

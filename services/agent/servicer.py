@@ -17,7 +17,6 @@ every finished attempt cost the agent about 80 bytes of native heap per task.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -29,6 +28,7 @@ from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.services.agent import convert
 from hivewire.services.agent.runtime import AgentRuntime, Execution
 from hivewire.services.agent.settings import DEFAULT_ALLOWED_CALLERS
+from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.runtime.authz import caller_spiffe_id
 from hivewire.services.runtime.errors import FieldViolation, InvalidArgument, PermissionDenied
 
@@ -131,6 +131,4 @@ async def _stop_reading(reader: asyncio.Task[None], *, wait: float) -> None:
         if wait > 0 and not reader.done():
             await asyncio.wait({reader}, timeout=wait)
     finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, grpc.RpcError, grpc.aio.UsageError):
-            await reader
+        await cancel_and_wait([reader], suppress=(grpc.RpcError, grpc.aio.UsageError))

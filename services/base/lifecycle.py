@@ -2,9 +2,11 @@
 
 A long-lived object (a server, a publisher, a registry, a store) has a start method and
 a stop method, and ``async with obj:`` runs them. Subclass :class:`StartStop` (``start``
-and ``stop``) or :class:`StartClose` (``start`` and ``close``) instead of writing
-``__aenter__``/``__aexit__`` again. :func:`cancel_and_wait` is the "cancel every
-background task, then wait for each and swallow its cancellation" loop of a stop method.
+and ``stop``), :class:`StartClose` (``start`` and ``close``) or :class:`OpenClose`
+(``open`` and ``close``) and define those methods instead of writing
+``__aenter__``/``__aexit__`` again. :func:`cancel_and_wait` is the
+"cancel every background task, then wait for each and swallow its cancellation" loop of
+a stop method.
 """
 
 from __future__ import annotations
@@ -13,23 +15,24 @@ import asyncio
 import contextlib
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
-__all__ = ["StartClose", "StartStop", "cancel_and_wait"]
+__all__ = ["OpenClose", "StartClose", "StartStop", "cancel_and_wait"]
 
 
 class _Entered:
-    """``async with`` calls ``start()`` on entry and :meth:`_leave` on exit."""
+    """``async with`` awaits the method named ``_ENTER`` on entry and ``_LEAVE`` on exit.
 
-    async def start(self) -> None:
-        """Start the object (subclasses implement it)."""
-        raise NotImplementedError
+    The subclass defines those methods; an empty ``_ENTER`` means nothing to do on entry
+    (an object that is ready once built and only needs stopping).
+    """
 
-    async def _leave(self) -> None:
-        raise NotImplementedError
+    _ENTER: ClassVar[str] = "start"
+    _LEAVE: ClassVar[str] = "close"
 
     async def __aenter__(self) -> Self:
-        await self.start()
+        if self._ENTER:
+            await getattr(self, self._ENTER)()
         return self
 
     async def __aexit__(
@@ -38,29 +41,23 @@ class _Entered:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._leave()
+        await getattr(self, self._LEAVE)()
 
 
 class StartStop(_Entered):
-    """``async with`` calls :meth:`start` on entry and :meth:`stop` on exit."""
+    """``async with`` calls ``start()`` on entry and ``stop()`` on exit."""
 
-    async def stop(self) -> None:
-        """Stop the object (subclasses implement it)."""
-        raise NotImplementedError
-
-    async def _leave(self) -> None:
-        await self.stop()
+    _LEAVE = "stop"
 
 
 class StartClose(_Entered):
-    """``async with`` calls :meth:`start` on entry and :meth:`close` on exit."""
+    """``async with`` calls ``start()`` on entry and ``close()`` on exit."""
 
-    async def close(self) -> None:
-        """Close the object (subclasses implement it)."""
-        raise NotImplementedError
 
-    async def _leave(self) -> None:
-        await self.close()
+class OpenClose(_Entered):
+    """``async with`` calls ``open()`` on entry and ``close()`` on exit."""
+
+    _ENTER = "open"
 
 
 async def cancel_and_wait(

@@ -1,7 +1,9 @@
 """``python -m hivewire.services.coordinator``: run the coordinator.
 
 Startup: settings, logging, events, the SQLite store (recovering unfinished tasks),
-discovery, the gRPC server (SERVING), registration as ``hivewire-coordinator``.
+discovery, the gRPC server (SERVING), registration as ``hivewire-coordinator``; then
+what start-up made, recovered tasks included, is frozen out of the garbage collector's
+view (``gc.freeze``: full collections no longer walk it; docs/performance.md).
 SIGTERM reverses it: NOT_SERVING, deregister, open task streams end with
 UNAVAILABLE (clients resume with WatchTask), in-flight calls get the grace period,
 running attempts are cancelled and stay recorded as running, so the next start
@@ -16,7 +18,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from hivewire.services.coordinator.app import running_coordinator
+from hivewire.services.coordinator.app import freeze_start_up_heap, running_coordinator
 from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.runtime.bootstrap import COORDINATOR_PORT, ServiceEntry
 from hivewire.services.runtime.server import serve_until_signal
@@ -39,6 +41,8 @@ def service_settings(settings: CoordinatorProcessSettings) -> CoordinatorProcess
 async def serve(settings: CoordinatorProcessSettings) -> None:
     """Run the coordinator until SIGTERM or SIGINT."""
     async with running_coordinator(settings) as running:
+        frozen = freeze_start_up_heap()
+        logger.debug("%d start-up objects frozen out of the garbage collector's view", frozen)
         await serve_until_signal(running.server)
 
 

@@ -7,6 +7,7 @@ and what tests use to run a real coordinator in-process.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,7 +22,12 @@ from hivewire.services.coordinator.journal import CoordinatorEvents
 from hivewire.services.coordinator.outbox import OutboxRelay, outbox_sink
 from hivewire.services.coordinator.retention import Retention
 from hivewire.services.coordinator.service import Coordinator
-from hivewire.services.coordinator.servicer import SERVICE_NAME, CoordinatorServicer, add_to_server
+from hivewire.services.coordinator.servicer import (
+    SERVICE_NAME,
+    UNTRACED_METHODS,
+    CoordinatorServicer,
+    add_to_server,
+)
 from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.coordinator.store import TaskStore
@@ -35,7 +41,7 @@ from hivewire.services.runtime.tls import nats_tls_options
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REGISTRY_SERVICE", "RunningCoordinator", "running_coordinator"]
+__all__ = ["REGISTRY_SERVICE", "RunningCoordinator", "freeze_start_up_heap", "running_coordinator"]
 
 REGISTRY_SERVICE = "hivewire-coordinator"
 """Registry name of coordinators."""
@@ -172,7 +178,13 @@ async def running_coordinator(
         started = await stack.enter_async_context(
             serving(
                 settings,
-                [ServiceBinding(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
+                [
+                    ServiceBinding(
+                        SERVICE_NAME,
+                        lambda s: add_to_server(servicer, s),
+                        untraced_methods=UNTRACED_METHODS,
+                    )
+                ],
                 registry=registry,
                 registration=registration if register else None,
                 on_shutdown=[coordinator.drain],
@@ -182,3 +194,22 @@ async def running_coordinator(
         yield RunningCoordinator(
             settings, coordinator, started.server, pool, store, started.instance, retention
         )
+
+
+def freeze_start_up_heap() -> int:
+    """Take what start-up made out of the garbage collector's view (``gc.freeze()``).
+
+    Called once the coordinator serves: modules, settings, the server, and every task
+    recovered from the store. A full collection walks every tracked object; with
+    100,000 waiting tasks recovered that is about 1.5 million objects (1.3 s with the
+    event loop stopped, measured), in every full collection. Frozen objects are still
+    freed when nothing refers to them; only a reference cycle among them would outlive
+    its use (bounded by what existed at start-up). Garbage is collected first, so none
+    is frozen.
+
+    Returns:
+        How many objects were frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -46,6 +46,7 @@ import nats.errors
 from google.rpc import status_pb2
 from nats.js import errors as js_errors
 
+from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore, list_keys
 from hivewire.services.coordinator.model import now_ns
 from hivewire.services.coordinator.store import EventRow, TaskRow
@@ -165,11 +166,7 @@ class Cluster:
 
     async def leave(self) -> None:
         """Stop heartbeating and delete this coordinator's key: peers take over at once."""
-        for loop_task in self._loops:
-            loop_task.cancel()
-        for loop_task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await loop_task
+        await cancel_and_wait(self._loops, suppress=(Exception,))
         self._loops = []
         if self._sub is not None:
             with contextlib.suppress(Exception):

@@ -20,8 +20,7 @@ import logging
 import random
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import grpc
 
@@ -29,6 +28,7 @@ from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.common.v1 import common_pb2
 from hivewire.discovery import Instance, Registry, instance_name
 from hivewire.events.v1 import events_pb2
+from hivewire.services.base.lifecycle import StartStop, cancel_and_wait
 from hivewire.services.coordinator import metrics
 from hivewire.services.coordinator.model import AgentView, now_ns
 from hivewire.services.runtime import tracing
@@ -121,7 +121,7 @@ class AgentLease:
         return self.entry.agent_id
 
 
-class AgentPool:
+class AgentPool(StartStop):
     """Agents from discovery, their load and health (an async context manager).
 
     Args:
@@ -166,18 +166,6 @@ class AgentPool:
         self._first_view = asyncio.Event()
         self._stopped = False
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     async def start(self) -> None:
         """Start following the registry."""
         self._watch_task = asyncio.create_task(self._watch(), name="agent-pool-watch")
@@ -185,12 +173,7 @@ class AgentPool:
     async def stop(self) -> None:
         """Stop following the registry and background Describe calls."""
         self._stopped = True
-        tasks = [t for t in (self._watch_task, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait((self._watch_task, *self._tasks), suppress=(Exception,))
         self._tasks.clear()
 
     async def wait_ready(self) -> None:

@@ -53,8 +53,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -62,6 +61,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
+from hivewire.services.base.lifecycle import OpenClose
 from hivewire.services.coordinator.store import (
     TERMINAL_STATES,
     EventRow,
@@ -72,6 +72,8 @@ from hivewire.services.coordinator.store import (
     TaskQuery,
     TaskRow,
     Tombstone,
+    consume_exception,
+    settle,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ class _Item:
     future: asyncio.Future[Any]
 
 
-class JetStreamTaskStore:
+class JetStreamTaskStore(OpenClose):
     """The JetStream task store (an async context manager).
 
     Args:
@@ -156,18 +158,6 @@ class JetStreamTaskStore:
     def stream(self) -> str:
         """The journal stream's name."""
         return f"{self._prefix}_JOURNAL"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Connect, create the buckets and the stream if needed, start the worker.
@@ -267,12 +257,12 @@ class JetStreamTaskStore:
             try:
                 result = await item.run()
             except StoreError as exc:
-                _settle(item.future, None, exc)
+                settle(item.future, None, exc)
             except Exception as exc:
                 logger.exception("JetStream task store operation failed")
-                _settle(item.future, None, StoreError(str(exc)))
+                settle(item.future, None, StoreError(str(exc)))
             else:
-                _settle(item.future, result, None)
+                settle(item.future, result, None)
 
     # -- writes ----------------------------------------------------------------------
 
@@ -281,7 +271,7 @@ class JetStreamTaskStore:
     ) -> asyncio.Future[None]:
         """Queue task upserts and event appends; the future resolves once stored."""
         future: asyncio.Future[None] = self._submit(lambda: self._write(tasks, events))
-        future.add_done_callback(_consume_exception)
+        future.add_done_callback(consume_exception)
         return future
 
     async def flush(self) -> None:
@@ -484,26 +474,15 @@ class JetStreamTaskStore:
         """The task an owner submitted with an idempotency key, if any."""
 
         async def run() -> TaskRow | None:
-            assert self._keys is not None
-            try:
-                entry = await self._keys.get(_key_name(owner, key))
-            except js_errors.KeyNotFoundError:
-                return None
-            if entry.value is None:
-                return None
-            return await self._get_row(entry.value.decode())
+            value = await _value(self._keys, _key_name(owner, key))
+            return None if value is None else await self._get_row(value.decode())
 
         result: TaskRow | None = await self._submit(run)
         return result
 
     async def _all_rows(self) -> list[TaskRow]:
-        assert self._tasks is not None
-        try:
-            keys = await self._tasks.keys()
-        except js_errors.NoKeysError:
-            return []
         rows = []
-        for key in keys:
+        for key in await _keys(self._tasks):
             row = await self._get_row(key)
             if row is not None:
                 rows.append(row)
@@ -564,20 +543,9 @@ class JetStreamTaskStore:
             self._index.move_to_end(task_id)
             return index
         index = {}
-        subject = f"{JOURNAL_SUBJECT}.{task_id}"
-        seq = 1
-        while True:
-            try:
-                msg = await self._retry(
-                    lambda seq=seq: self._js.get_msg(  # type: ignore[misc]
-                        self.stream, seq=seq, subject=subject, next=True
-                    )
-                )
-            except js_errors.NotFoundError:
-                break
+        async for msg in self._journal(task_id):
             headers = msg.headers or {}
             index[int(headers.get(SEQUENCE_HEADER, "0"))] = msg.seq
-            seq = msg.seq + 1
         if task_id not in self._revisions:
             return index
         self._index[task_id] = index
@@ -610,10 +578,22 @@ class JetStreamTaskStore:
         self, task_id: str, after: int, until: int | None, limit: int
     ) -> list[EventRow]:
         """Events of a task this store keeps no index of, read in one pass."""
-        subject = f"{JOURNAL_SUBJECT}.{task_id}"
         found: dict[int, EventRow] = {}
+        if limit > 0:
+            async with contextlib.aclosing(self._journal(task_id)) as messages:
+                async for msg in messages:
+                    n = int((msg.headers or {}).get(SEQUENCE_HEADER, "0"))
+                    if n > after and (until is None or n <= until):
+                        found.setdefault(n, EventRow(task_id, n, bytes(msg.data or b"")))
+                    if len(found) >= limit:
+                        break
+        return [found[n] for n in sorted(found)][: max(limit, 0)]
+
+    async def _journal(self, task_id: str) -> AsyncGenerator[Any, None]:
+        """The journal messages of one task, in stream order."""
+        subject = f"{JOURNAL_SUBJECT}.{task_id}"
         seq = 1
-        while len(found) < limit:
+        while True:
             try:
                 msg = await self._retry(
                     lambda seq=seq: self._js.get_msg(  # type: ignore[misc]
@@ -621,12 +601,9 @@ class JetStreamTaskStore:
                     )
                 )
             except js_errors.NotFoundError:
-                break
-            n = int((msg.headers or {}).get(SEQUENCE_HEADER, "0"))
-            if n > after and (until is None or n <= until):
-                found.setdefault(n, EventRow(task_id, n, bytes(msg.data or b"")))
+                return
+            yield msg
             seq = msg.seq + 1
-        return [found[n] for n in sorted(found)][: max(limit, 0)]
 
     async def last_sequence(self, task_id: str) -> int:
         """The sequence of a task's latest stored event (0 when none)."""
@@ -651,11 +628,7 @@ class JetStreamTaskStore:
         """How many tasks are stored."""
 
         async def run() -> int:
-            assert self._tasks is not None
-            try:
-                return len(await self._tasks.keys())
-            except js_errors.NoKeysError:
-                return 0
+            return len(await _keys(self._tasks))
 
         result: int = await self._submit(run)
         return result
@@ -834,12 +807,8 @@ class JetStreamTaskStore:
 
     async def _projects_all(self) -> list[ProjectRow]:
         assert self._projects is not None
-        try:
-            keys = await self._projects.keys()
-        except js_errors.NoKeysError:
-            return []
         rows = []
-        for key in keys:
+        for key in await _keys(self._projects):
             entry = await self._projects.get(key)
             if entry.value is not None:
                 rows.append(_project(entry.value))
@@ -849,12 +818,8 @@ class JetStreamTaskStore:
         """A project's row, or None."""
 
         async def run() -> ProjectRow | None:
-            assert self._projects is not None
-            try:
-                entry = await self._projects.get(project_id)
-            except js_errors.KeyNotFoundError:
-                return None
-            return _project(entry.value) if entry.value is not None else None
+            value = await _value(self._projects, project_id)
+            return None if value is None else _project(value)
 
         result: ProjectRow | None = await self._submit(run)
         return result
@@ -982,12 +947,8 @@ class JetStreamTaskStore:
 
         async def run() -> int:
             assert self._tombstones is not None
-            try:
-                keys = await self._tombstones.keys()
-            except js_errors.NoKeysError:
-                return 0
             old = []
-            for key in keys:
+            for key in await _keys(self._tombstones):
                 entry = await self._tombstones.get(key)
                 if entry.value is not None:
                     purged = int(json.loads(entry.value)["purged_ns"])
@@ -1005,14 +966,10 @@ class JetStreamTaskStore:
         """The tombstone of a purged task, or None."""
 
         async def run() -> Tombstone | None:
-            assert self._tombstones is not None
-            try:
-                entry = await self._tombstones.get(task_id)
-            except js_errors.KeyNotFoundError:
+            value = await _value(self._tombstones, task_id)
+            if value is None:
                 return None
-            if entry.value is None:
-                return None
-            fields = json.loads(entry.value)
+            fields = json.loads(value)
             return Tombstone(task_id, fields["owner"], int(fields["purged_ns"]))
 
         result: Tombstone | None = await self._submit(run)
@@ -1156,6 +1113,26 @@ def _active_key(coordinator: str, task_id: str) -> str:
     return f"{_owner_token(coordinator)}.{task_id}"
 
 
+async def _keys(bucket: KeyValue | None) -> list[str]:
+    """The keys of an open bucket ([] when it has none)."""
+    assert bucket is not None
+    try:
+        keys: list[str] = await bucket.keys()
+    except js_errors.NoKeysError:
+        return []
+    return keys
+
+
+async def _value(bucket: KeyValue | None, key: str) -> bytes | None:
+    """A key's value in an open bucket, or None when the key is missing or deleted."""
+    assert bucket is not None
+    try:
+        entry = await bucket.get(key)
+    except js_errors.KeyNotFoundError:
+        return None
+    return entry.value
+
+
 async def list_keys(bucket: KeyValue, pattern: str = ">") -> list[str]:
     """The live keys of a bucket matching a subject pattern (filtered by the server)."""
     watcher = await bucket.watch(pattern, ignore_deletes=True, meta_only=True)
@@ -1195,17 +1172,3 @@ def _project(value: bytes) -> ProjectRow:
     fields = json.loads(value)
     fields["data"] = base64.b64decode(fields["data"])
     return ProjectRow(**fields)
-
-
-def _consume_exception(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterator, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -36,7 +36,7 @@ from hivewire.services.coordinator.outbox import OutboxSink, event_id, outbox_si
 from hivewire.services.coordinator.store import TERMINAL_STATES, EventRow, TaskStore
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import Unavailable
-from hivewire.services.runtime.events.envelope import build_traced_event
+from hivewire.services.runtime.events.envelope import build_event, build_traced_event
 from hivewire.services.runtime.eventsink import EventSink, NullSink
 
 logger = logging.getLogger(__name__)
@@ -118,27 +118,50 @@ class TaskRuntime:
         self.committed = record.last_sequence
         self.attempt: Attempt | None = None
         self.deadline_handle: asyncio.TimerHandle | None = None
-        self.avoid: set[str] = set()
         self.enqueued_at = record.created_ns / 1e9
         self.queued_mono = 0.0
-        self._waiters: list[asyncio.Future[None]] = []
+        # Made on first use: a waiting task holds as few objects as it can (100,000 of
+        # them are walked by every full collection of the garbage collector).
+        self._avoid: set[str] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    @property
+    def avoid(self) -> Collection[str]:
+        """Agents a retry should not go to."""
+        return self._avoid if self._avoid is not None else ()
+
+    def avoid_agent(self, agent_id: str) -> None:
+        """Send later attempts elsewhere than ``agent_id`` while others fit."""
+        if self._avoid is None:
+            self._avoid = set()
+        self._avoid.add(agent_id)
+
+    @property
+    def watching(self) -> int:
+        """Watchers waiting for the next event now."""
+        return len(self._waiters) if self._waiters is not None else 0
 
     def notify(self) -> None:
         """Wake every watcher waiting for the next event."""
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
 
     async def changed(self) -> None:
         """Wait for the next committed event (or a shutdown)."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
         self._waiters.append(waiter)
         try:
             await waiter
         finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+            waiters = self._waiters
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    self._waiters = None
 
     @property
     def settled(self) -> bool:
@@ -283,7 +306,9 @@ class Journal:
             published.extend((event_type, report, event_type) for event_type, report in reports)
         outbox = b""
         if self._outbox is not None:
-            outbox = self._envelopes(record, event.sequence, stamp, published)
+            outbox = self._envelopes(
+                record, event.sequence, stamp, published, traced="partial" not in kind
+            )
             published = []
             metrics.OUTBOX_WRITTEN.inc()
         future = self._store.put(
@@ -301,9 +326,33 @@ class Journal:
         sequence: int,
         stamp: int,
         published: list[tuple[str, EventData, str]],
+        *,
+        traced: bool = True,
     ) -> bytes:
-        """The outbox entry of an event: its envelopes, with deterministic ids."""
+        """The outbox entry of an event: its envelopes, with deterministic ids.
+
+        ``traced=False`` (partial output: one event per token, thousands per task)
+        builds them without a PRODUCER span each; they carry the task's own
+        ``traceparent``, so consumers still join the task's trace.
+        """
         assert self._outbox is not None
+        if not traced:
+            return pack(
+                [
+                    build_event(
+                        event_type,
+                        source=self._outbox.source,
+                        subject=record.task_id,
+                        data=data,
+                        task_sequence=sequence,
+                        correlation_id=record.correlation_id or None,
+                        traceparent=record.spec.metadata.traceparent,
+                        event_id=event_id(record.task_id, sequence, suffix),
+                        time_ns=stamp,
+                    )
+                    for event_type, data, suffix in published
+                ]
+            )
         # Events of the task belong to its trace, whoever emitted them.
         with tracing.resumed(record.spec.metadata):
             return pack(
@@ -406,6 +455,8 @@ class Journal:
         try:
             if first is not None:
                 yield first
+                # A stream can last hours: it does not keep its snapshot (a whole task).
+                first = None
             last = after
             while True:
                 if self.closing:

@@ -19,7 +19,6 @@ again within the stream's duplicate window once (docs/events.md, "The outbox").
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from google.protobuf.message import DecodeError
 
 from hivewire.events.v1 import events_pb2
 from hivewire.services.base.backoff import Backoff
-from hivewire.services.base.lifecycle import StartStop
+from hivewire.services.base.lifecycle import StartStop, cancel_and_wait
 from hivewire.services.coordinator import metrics
 from hivewire.services.coordinator.store import TaskStore
 
@@ -186,9 +185,7 @@ class OutboxRelay(StartStop):
         if not self._tasks:
             return
         (reader, marker), self._tasks = self._tasks, []
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await reader
+        await cancel_and_wait([reader], suppress=(Exception,))
         try:
             async with asyncio.timeout(self._stop_timeout):
                 await self._acks.put(None)
@@ -197,9 +194,7 @@ class OutboxRelay(StartStop):
             logger.info("outbox: stopping with events not yet acknowledged; sent after restart")
         except Exception:
             logger.exception("outbox: recording failed while stopping")
-        marker.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await marker
+        await cancel_and_wait([marker], suppress=(Exception,))
 
     async def _read(self) -> None:
         if self._hold == "publish":

@@ -18,14 +18,12 @@ the event loop never waits for it and writes of running tasks go in between batc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 from prometheus_client import Counter
 
+from hivewire.services.base.lifecycle import StartStop, cancel_and_wait
 from hivewire.services.coordinator.model import Caller, TaskRecord, now_ns
 from hivewire.services.coordinator.settings import CoordinatorSettings
 from hivewire.services.coordinator.store import TaskStore
@@ -76,7 +74,7 @@ class PurgeResult:
     tombstones: int = 0
 
 
-class Retention:
+class Retention(StartStop):
     """The background purge of finished tasks (an async context manager).
 
     Args:
@@ -91,22 +89,15 @@ class Retention:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
+        """Start the purge loop (none when ``task_retention`` is 0: tasks are kept)."""
         if self._settings.task_retention > 0:
             self._task = asyncio.create_task(self._loop(), name="coordinator-retention")
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def stop(self) -> None:
+        """Stop the purge loop."""
+        await cancel_and_wait([self._task])
+        self._task = None
 
     async def purge_once(self, *, now: int | None = None) -> PurgeResult:
         """Delete every task finished before the retention, batch by batch, now.

@@ -35,14 +35,14 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from functools import partial
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from google.protobuf.message import Message
 
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.services.base.lifecycle import StartStop, cancel_and_wait
 from hivewire.services.coordinator import convert, metrics
 from hivewire.services.coordinator.approvals import endorse
 from hivewire.services.coordinator.attempts import (
@@ -140,7 +140,7 @@ SpecCheck = Callable[[coordinator_pb2.TaskSpec], Awaitable[None]]
 """A check of a valid spec that raises a domain error to refuse it."""
 
 
-class Coordinator:
+class Coordinator(StartStop):
     """The coordinator's domain service (an async context manager).
 
     Args:
@@ -198,18 +198,6 @@ class Coordinator:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     def wake(self) -> None:
         """Ask the scheduler to look at the queue again (agents changed, slots freed)."""
         self._scheduler.wake()
@@ -246,12 +234,7 @@ class Coordinator:
         for rt in self._tasks.active.values():
             if rt.deadline_handle is not None:
                 rt.deadline_handle.cancel()
-        tasks = [t for t in (self._scheduling, *self._background) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait((self._scheduling, *self._background), suppress=(Exception,))
         self._background.clear()
         await self._projects.stop()
         with contextlib.suppress(Exception):
@@ -1211,7 +1194,7 @@ class Coordinator:
         )
         previous = record.state
         rt.attempt = None
-        rt.avoid.add(attempt.lease.agent_id)
+        rt.avoid_agent(attempt.lease.agent_id)
         record.state = QUEUED
         record.agent_id = ""
         record.pending_input = None

@@ -8,7 +8,6 @@ follows and how far each has been sent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ from typing import Protocol
 
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.coordinator import convert
 from hivewire.services.coordinator.model import Caller, TaskRecord
 from hivewire.services.runtime.errors import (
@@ -107,12 +107,7 @@ class Session:
                 raise reader.exception()  # type: ignore[misc]
         finally:
             self._closed = True
-            tasks = [reader, *self._pumps.values()]
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait([reader, *self._pumps.values()], suppress=(Exception,))
 
     async def _read(self, requests: AsyncIterator[coordinator_pb2.SessionRequest]) -> None:
         try:

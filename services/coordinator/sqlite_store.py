@@ -29,9 +29,9 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
+from hivewire.services.base.lifecycle import OpenClose
 from hivewire.services.coordinator.store import (
     EventRow,
     OutboxItem,
@@ -41,11 +41,13 @@ from hivewire.services.coordinator.store import (
     TaskQuery,
     TaskRow,
     Tombstone,
+    consume_exception,
+    settle,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SqliteTaskStore"]
+__all__ = ["SqliteTaskStore", "all_rows", "first_row"]
 
 T = TypeVar("T")
 
@@ -151,7 +153,7 @@ class _Read:
 _STOP = object()
 
 
-class SqliteTaskStore:
+class SqliteTaskStore(OpenClose):
     """The embedded SQLite task store (an async context manager).
 
     Args:
@@ -172,18 +174,6 @@ class SqliteTaskStore:
     def path(self) -> str:
         """The database path."""
         return self._path
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Create or open the database and start the storage thread.
@@ -234,7 +224,7 @@ class SqliteTaskStore:
         future: asyncio.Future[None] = loop.create_future()
         # A write nobody awaits must not log "exception never retrieved" on failure:
         # failures are logged by the storage thread already.
-        future.add_done_callback(_consume_exception)
+        future.add_done_callback(consume_exception)
         self._queue.put(_Write(tasks, events, future))
         return future
 
@@ -246,43 +236,24 @@ class SqliteTaskStore:
 
     async def get_task(self, task_id: str) -> TaskRow | None:
         """Return a task's row, or None when it does not exist."""
-
-        def run(conn: sqlite3.Connection) -> TaskRow | None:
-            row = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?",  # noqa: S608
-                (task_id,),
-            ).fetchone()
-            return _row_from_db(row) if row else None
-
-        result: TaskRow | None = await self._read(run)
-        return result
+        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?"  # noqa: S608
+        return await self._read_one(_row_from_db, sql, task_id)
 
     async def find_by_idempotency_key(self, owner: str, key: str) -> TaskRow | None:
         """Return the task an owner submitted with an idempotency key, if any."""
-
-        def run(conn: sqlite3.Connection) -> TaskRow | None:
-            row = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
-                "WHERE owner = ? AND idempotency_key = ?",
-                (owner, key),
-            ).fetchone()
-            return _row_from_db(row) if row else None
-
-        result: TaskRow | None = await self._read(run)
-        return result
+        sql = (
+            f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
+            "WHERE owner = ? AND idempotency_key = ?"
+        )
+        return await self._read_one(_row_from_db, sql, owner, key)
 
     async def active_tasks(self) -> list[TaskRow]:
         """Every task not in a terminal state, oldest first (for recovery)."""
-
-        def run(conn: sqlite3.Connection) -> list[TaskRow]:
-            rows = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
-                "WHERE state NOT IN (5, 6, 7, 8) ORDER BY created_ns, task_id"
-            ).fetchall()
-            return [_row_from_db(r) for r in rows]
-
-        result: list[TaskRow] = await self._read(run)
-        return result
+        sql = (
+            f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
+            "WHERE state NOT IN (5, 6, 7, 8) ORDER BY created_ns, task_id"
+        )
+        return await self._read_all(_row_from_db, sql)
 
     async def list_tasks(self, query: TaskQuery) -> list[TaskRow]:
         """Tasks matching a query, newest first."""
@@ -291,18 +262,15 @@ class SqliteTaskStore:
         if query.states:
             clauses.append(f"state IN ({', '.join('?' * len(query.states))})")
             params.extend(query.states)
-        if query.capability:
-            clauses.append("capability = ?")
-            params.append(query.capability)
-        if query.owner:
-            clauses.append("owner = ?")
-            params.append(query.owner)
-        if query.parent_task_id:
-            clauses.append("parent_task_id = ?")
-            params.append(query.parent_task_id)
-        if query.project_id:
-            clauses.append("project_id = ?")
-            params.append(query.project_id)
+        for column, value in (
+            ("capability", query.capability),
+            ("owner", query.owner),
+            ("parent_task_id", query.parent_task_id),
+            ("project_id", query.project_id),
+        ):
+            if value:
+                clauses.append(f"{column} = ?")
+                params.append(value)
         if query.before is not None:
             clauses.append("(created_ns < ? OR (created_ns = ? AND task_id < ?))")
             params.extend((query.before[0], query.before[0], query.before[1]))
@@ -311,27 +279,15 @@ class SqliteTaskStore:
             f"SELECT {_TASK_COLUMNS} FROM tasks {where} "  # noqa: S608 - placeholders only
             "ORDER BY created_ns DESC, task_id DESC LIMIT ?"
         )
-        params.append(max(query.limit, 0))
-
-        def run(conn: sqlite3.Connection) -> list[TaskRow]:
-            return [_row_from_db(r) for r in conn.execute(sql, params).fetchall()]
-
-        result: list[TaskRow] = await self._read(run)
-        return result
+        return await self._read_all(_row_from_db, sql, *params, max(query.limit, 0))
 
     async def children(self, parent_task_id: str) -> list[TaskRow]:
         """Every step and sub-task of a task, oldest first."""
-
-        def run(conn: sqlite3.Connection) -> list[TaskRow]:
-            rows = conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
-                "WHERE parent_task_id = ? ORDER BY created_ns, task_id",
-                (parent_task_id,),
-            ).fetchall()
-            return [_row_from_db(r) for r in rows]
-
-        result: list[TaskRow] = await self._read(run)
-        return result
+        sql = (
+            f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
+            "WHERE parent_task_id = ? ORDER BY created_ns, task_id"
+        )
+        return await self._read_all(_row_from_db, sql, parent_task_id)
 
     # -- projects --------------------------------------------------------------------
 
@@ -348,16 +304,8 @@ class SqliteTaskStore:
 
     async def get_project(self, project_id: str) -> ProjectRow | None:
         """A project's row, or None."""
-
-        def run(conn: sqlite3.Connection) -> ProjectRow | None:
-            row = conn.execute(
-                "SELECT project_id, owner, created_ns, data FROM projects WHERE project_id = ?",
-                (project_id,),
-            ).fetchone()
-            return ProjectRow(row[0], row[1], row[2], bytes(row[3])) if row else None
-
-        result: ProjectRow | None = await self._read(run)
-        return result
+        sql = "SELECT project_id, owner, created_ns, data FROM projects WHERE project_id = ?"
+        return await self._read_one(_project_from_db, sql, project_id)
 
     async def list_projects(
         self, *, owner: str, before: tuple[int, str] | None, limit: int
@@ -376,16 +324,7 @@ class SqliteTaskStore:
             f"SELECT project_id, owner, created_ns, data FROM projects {where} "  # noqa: S608
             "ORDER BY created_ns DESC, project_id DESC LIMIT ?"
         )
-        params.append(max(limit, 0))
-
-        def run(conn: sqlite3.Connection) -> list[ProjectRow]:
-            return [
-                ProjectRow(r[0], r[1], r[2], bytes(r[3]))
-                for r in conn.execute(sql, params).fetchall()
-            ]
-
-        result: list[ProjectRow] = await self._read(run)
-        return result
+        return await self._read_all(_project_from_db, sql, *params, max(limit, 0))
 
     async def project_summary(self, project_id: str) -> ProjectSummary:
         """Aggregates over a project's tasks."""
@@ -421,17 +360,14 @@ class SqliteTaskStore:
             until: Inclusive upper bound; None means no bound.
             limit: At most this many events.
         """
-
-        def run(conn: sqlite3.Connection) -> list[EventRow]:
-            rows = conn.execute(
-                "SELECT sequence, data FROM events WHERE task_id = ? AND sequence > ? "
-                "AND sequence <= ? ORDER BY sequence LIMIT ?",
-                (task_id, after, until if until is not None else 2**62, limit),
-            ).fetchall()
-            return [EventRow(task_id, seq, bytes(data)) for seq, data in rows]
-
-        result: list[EventRow] = await self._read(run)
-        return result
+        sql = (
+            "SELECT sequence, data FROM events WHERE task_id = ? AND sequence > ? "
+            "AND sequence <= ? ORDER BY sequence LIMIT ?"
+        )
+        bound = until if until is not None else 2**62
+        return await self._read_all(
+            lambda row: EventRow(task_id, row[0], bytes(row[1])), sql, task_id, after, bound, limit
+        )
 
     async def last_sequence(self, task_id: str) -> int:
         """The sequence of a task's latest stored event (0 when it has none)."""
@@ -518,16 +454,8 @@ class SqliteTaskStore:
 
     async def tombstone(self, task_id: str) -> Tombstone | None:
         """The tombstone of a purged task, or None."""
-
-        def run(conn: sqlite3.Connection) -> Tombstone | None:
-            row = conn.execute(
-                "SELECT task_id, owner, purged_ns FROM purged_tasks WHERE task_id = ?",
-                (task_id,),
-            ).fetchone()
-            return Tombstone(row[0], row[1], row[2]) if row else None
-
-        result: Tombstone | None = await self._read(run)
-        return result
+        sql = "SELECT task_id, owner, purged_ns FROM purged_tasks WHERE task_id = ?"
+        return await self._read_one(lambda row: Tombstone(*row), sql, task_id)
 
     async def delete_finished(self, task_ids: Sequence[str]) -> list[str]:
         """Delete finished tasks and their events (durably); returns the ids deleted."""
@@ -600,6 +528,16 @@ class SqliteTaskStore:
         self._queue.put(_Read(fn, future))
         return await future
 
+    async def _read_one(
+        self, build: Callable[[Sequence[Any]], T], sql: str, *args: object
+    ) -> T | None:
+        return await self._read(lambda conn: first_row(conn, build, sql, *args))
+
+    async def _read_all(
+        self, build: Callable[[Sequence[Any]], T], sql: str, *args: object
+    ) -> list[T]:
+        return await self._read(lambda conn: all_rows(conn, build, sql, *args))
+
     def _connect(self) -> sqlite3.Connection:
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
@@ -640,9 +578,9 @@ class SqliteTaskStore:
                 if isinstance(exc, StoreError)
                 else StoreError(f"cannot open {self._path}: {exc}")
             )
-            loop.call_soon_threadsafe(_settle, ready, None, err)
+            loop.call_soon_threadsafe(settle, ready, None, err)
             return
-        loop.call_soon_threadsafe(_settle, ready, None, None)
+        loop.call_soon_threadsafe(settle, ready, None, None)
         try:
             self._serve(conn, loop)
         finally:
@@ -679,9 +617,9 @@ class SqliteTaskStore:
             result = item.fn(conn)
         except sqlite3.Error as exc:
             logger.exception("task store read failed")
-            loop.call_soon_threadsafe(_settle, item.future, None, StoreError(str(exc)))
+            loop.call_soon_threadsafe(settle, item.future, None, StoreError(str(exc)))
             return
-        loop.call_soon_threadsafe(_settle, item.future, result, None)
+        loop.call_soon_threadsafe(settle, item.future, result, None)
 
     def _commit(
         self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, batch: list[_Write]
@@ -736,23 +674,9 @@ class SqliteTaskStore:
         conn.execute("COMMIT")
 
 
-def _consume_exception(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
 def _settle_all(futures: list[asyncio.Future[None]], errors: list[BaseException | None]) -> None:
     for future, error in zip(futures, errors, strict=True):
-        _settle(future, None, error)
+        settle(future, None, error)
 
 
 def _row_params(row: TaskRow) -> tuple[Any, ...]:
@@ -773,6 +697,25 @@ def _row_params(row: TaskRow) -> tuple[Any, ...]:
         row.parent_task_id,
         row.project_id,
     )
+
+
+def first_row(
+    conn: sqlite3.Connection, build: Callable[[Sequence[Any]], T], sql: str, *args: object
+) -> T | None:
+    """The first row a query returns, made into a value by ``build``; None when there is none."""
+    row = conn.execute(sql, args).fetchone()
+    return None if row is None else build(row)
+
+
+def all_rows(
+    conn: sqlite3.Connection, build: Callable[[Sequence[Any]], T], sql: str, *args: object
+) -> list[T]:
+    """Every row a query returns, each made into a value by ``build``."""
+    return [build(row) for row in conn.execute(sql, args).fetchall()]
+
+
+def _project_from_db(row: Sequence[Any]) -> ProjectRow:
+    return ProjectRow(row[0], row[1], row[2], bytes(row[3]))
 
 
 def _row_from_db(row: Sequence[Any]) -> TaskRow:

@@ -24,8 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol
 
 __all__ = [
     "EventRow",
@@ -38,6 +37,8 @@ __all__ = [
     "TaskRow",
     "TaskStore",
     "Tombstone",
+    "consume_exception",
+    "settle",
 ]
 
 #: ``TaskState`` values a task never leaves (succeeded, failed, cancelled, dead-lettered).
@@ -192,18 +193,16 @@ class Tombstone:
 
 
 class TaskStore(Protocol):
-    """What the coordinator needs from its durable store (an async context manager)."""
+    """What the coordinator needs from its durable store.
 
-    async def __aenter__(self) -> Self:
+    The stores are also async context managers (``async with`` opens and closes them).
+    """
+
+    async def open(self) -> None:
         """Open the store."""
         ...
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
         """Commit what is queued and close."""
         ...
 
@@ -311,3 +310,22 @@ class TaskStore(Protocol):
     async def outbox_done(self, position: int) -> None:
         """Record every outbox entry up to ``position`` as published."""
         ...
+
+
+# -- what both stores' worker queues use ----------------------------------------------
+
+
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Resolve a caller's future with a result or an error (not if it is done already)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def consume_exception(future: asyncio.Future[None]) -> None:
+    """Done callback of a write nobody awaits: its failure is already logged."""
+    if not future.cancelled():
+        future.exception()

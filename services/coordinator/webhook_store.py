@@ -18,8 +18,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, TypeVar
+
+from hivewire.services.base.lifecycle import OpenClose
+from hivewire.services.coordinator.sqlite_store import all_rows, first_row
 
 __all__ = ["PENDING", "DELIVERED", "DEAD", "DeliveryRow", "SqliteWebhookStore", "WebhookRow"]
 
@@ -116,7 +118,7 @@ class DeliveryRow:
     project_id: str = ""
 
 
-class SqliteWebhookStore:
+class SqliteWebhookStore(OpenClose):
     """Webhook registrations and deliveries in the coordinator's SQLite file."""
 
     def __init__(self, path: Path | str) -> None:
@@ -129,16 +131,12 @@ class SqliteWebhookStore:
         self._registrations: OrderedDict[tuple[str, str], tuple[WebhookRow, ...]] = OrderedDict()
         self._generation = 0  # bumped by every change: a read that raced one is not kept
 
-    async def __aenter__(self) -> Self:
+    async def open(self) -> None:
+        """Open the database file (made if missing) and create its tables."""
         await asyncio.to_thread(self._open)
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
+        """Close the connection (idempotent)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             with self._lock:
@@ -210,15 +208,11 @@ class SqliteWebhookStore:
         else:
             where, value = "owner = ? AND project_id = ''", owner
 
-        def run(c: sqlite3.Connection) -> list[WebhookRow]:
-            rows = c.execute(
-                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE {where} "  # noqa: S608
-                "ORDER BY created_ns, webhook_id",
-                (value,),
-            ).fetchall()
-            return [WebhookRow(*r) for r in rows]
-
-        found = await self._run(run)
+        sql = (
+            f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE {where} "  # noqa: S608
+            "ORDER BY created_ns, webhook_id"
+        )
+        found = await self._run(lambda c: all_rows(c, _webhook, sql, value))
         if generation == self._generation:
             self._registrations[key] = tuple(found)
             while len(self._registrations) > _CACHED_KEYS:
@@ -227,15 +221,8 @@ class SqliteWebhookStore:
 
     async def webhook(self, webhook_id: str) -> WebhookRow | None:
         """One registration by id, or None."""
-
-        def run(c: sqlite3.Connection) -> WebhookRow | None:
-            row = c.execute(
-                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE webhook_id = ?",  # noqa: S608
-                (webhook_id,),
-            ).fetchone()
-            return None if row is None else WebhookRow(*row)
-
-        return await self._run(run)
+        sql = f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE webhook_id = ?"  # noqa: S608
+        return await self._run(lambda c: first_row(c, _webhook, sql, webhook_id))
 
     async def delete_webhook(self, webhook_id: str) -> bool:
         """Remove a registration; False when there is none with that id."""
@@ -285,16 +272,11 @@ class SqliteWebhookStore:
 
     async def due(self, now_ns: int, limit: int) -> list[DeliveryRow]:
         """Pending deliveries whose next attempt is due, the most overdue first."""
-
-        def run(c: sqlite3.Connection) -> list[DeliveryRow]:
-            rows = c.execute(
-                f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries "  # noqa: S608
-                "WHERE state = 1 AND next_at_ns <= ? ORDER BY next_at_ns LIMIT ?",
-                (now_ns, limit),
-            ).fetchall()
-            return [DeliveryRow(*r) for r in rows]
-
-        return await self._run(run)
+        sql = (
+            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries "  # noqa: S608
+            "WHERE state = 1 AND next_at_ns <= ? ORDER BY next_at_ns LIMIT ?"
+        )
+        return await self._run(lambda c: all_rows(c, _delivery, sql, now_ns, limit))
 
     async def next_due_ns(self) -> int | None:
         """When the next pending delivery is due, or None when none is pending."""
@@ -332,12 +314,16 @@ class SqliteWebhookStore:
                 params.append(value)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
 
-        def run(c: sqlite3.Connection) -> list[DeliveryRow]:
-            rows = c.execute(
-                f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries {clause}"  # noqa: S608
-                "ORDER BY created_ns DESC, delivery_id LIMIT ?",
-                (*params, limit),
-            ).fetchall()
-            return [DeliveryRow(*r) for r in rows]
+        sql = (
+            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries {clause}"  # noqa: S608
+            "ORDER BY created_ns DESC, delivery_id LIMIT ?"
+        )
+        return await self._run(lambda c: all_rows(c, _delivery, sql, *params, limit))
 
-        return await self._run(run)
+
+def _webhook(row: Sequence[Any]) -> WebhookRow:
+    return WebhookRow(*row)
+
+
+def _delivery(row: Sequence[Any]) -> DeliveryRow:
+    return DeliveryRow(*row)

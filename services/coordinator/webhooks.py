@@ -37,8 +37,6 @@ import random
 import socket
 import time
 import uuid
-from types import TracebackType
-from typing import Self
 from urllib.parse import urlsplit
 
 import httpx
@@ -46,6 +44,7 @@ from google.protobuf import json_format
 from prometheus_client import Counter
 
 from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.services.base.lifecycle import StartStop, cancel_and_wait
 from hivewire.services.coordinator.journal import TaskRuntime
 from hivewire.services.coordinator.model import Caller, TaskRecord, now_ns, state_name
 from hivewire.services.coordinator.service import Coordinator
@@ -100,7 +99,7 @@ def _event_type(event: coordinator_pb2.TaskEvent) -> str | None:
     return None
 
 
-class Webhooks:
+class Webhooks(StartStop):
     """Registrations, URL checks and the delivery loop (an async context manager).
 
     Args:
@@ -129,24 +128,17 @@ class Webhooks:
         self._loop_task: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
+        """Follow the coordinator's task events and start the delivery loop."""
         self._coordinator.listen(self._on_event)
         self._coordinator.add_spec_check(self.check_spec)
         self._loop_task = asyncio.create_task(self._deliver_forever(), name="webhooks")
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def stop(self) -> None:
+        """Let outbox writes in flight finish (5 s at most), stop delivering, close HTTP."""
         if self._writes:
             await asyncio.wait(set(self._writes), timeout=5)
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        await cancel_and_wait([self._loop_task])
         await self._client.aclose()
 
     # -- validation ------------------------------------------------------------------

@@ -26,8 +26,9 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+
+from hivewire.services.base.lifecycle import StartStop
 
 logger = logging.getLogger(__name__)
 
@@ -140,24 +141,16 @@ RestartHook = Callable[[ManagedProcess, ManagedProcess], None]
 """Called with (the child that died, its replacement) once the replacement is ready."""
 
 
-class Launcher:
+class Launcher(StartStop):
     """Owns a set of child processes; stops them in reverse start order on exit."""
+
+    _ENTER = ""  # ready once built: start() starts one child, with its spec
+    _LEAVE = "stop_all"
 
     def __init__(self, *, grace_period: float = 10.0) -> None:
         self._grace = grace_period
         self._children: list[ManagedProcess] = []
         self._restarts: dict[str, deque[float]] = {}
-
-    async def __aenter__(self) -> Launcher:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop_all()
 
     @property
     def children(self) -> list[ManagedProcess]:

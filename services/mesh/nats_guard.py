@@ -46,6 +46,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.mesh.nats_security import render_mesh_security
 from hivewire.services.runtime.bootstrap import ServiceEntry, serving
 from hivewire.services.runtime.config import Settings
@@ -247,13 +248,7 @@ async def serve(settings: Settings, args: argparse.Namespace) -> None:
         await stack.enter_async_context(events)
         running = await stack.enter_async_context(serving(settings, [], events=events))
         task = asyncio.create_task(guard.run(), name="nats-guard")
-
-        async def stop() -> None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-        stack.push_async_callback(stop)
+        stack.push_async_callback(cancel_and_wait, [task])
         await serve_until_signal(running.server)
 
 

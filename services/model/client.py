@@ -23,13 +23,15 @@ backend's generation.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any, TypedDict, Unpack
 
 import grpc
 
 from hivewire.model.v1 import model_pb2, model_pb2_grpc
-from hivewire.services.model.convert import chat_message
+from hivewire.services.base.keywords import check_keywords
+from hivewire.services.model.convert import chat_message, generation_params
+from hivewire.services.model.domain import Sampling
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime.logging import correlation_id_var
 from hivewire.services.runtime.status import from_rpc_error
@@ -55,7 +57,7 @@ class CompletionStream:
         self.completion: model_pb2.Completion | None = None
         """The final Completion, once received."""
 
-    def __aiter__(self) -> AsyncIterator[StreamItem]:
+    def __aiter__(self) -> AsyncGenerator[StreamItem, None]:
         """Iterate text chunks (``str``) and, last, the ``Completion``."""
         return self._iterate()
 
@@ -85,6 +87,30 @@ class CompletionStream:
         self._call.cancel()
 
 
+class CallScope(TypedDict, total=False):
+    """The task a call is made for and its limits, sent as call metadata and deadline.
+
+    Attributes:
+        task_id: The task the call is for.
+        token_budget: Tokens the task may still spend (absent or None: no limit).
+        correlation_id: Defaults to the current correlation id.
+        attempt: The task attempt, if known.
+        timeout: Seconds the call may take (pass the task's remaining time).
+    """
+
+    task_id: str
+    token_budget: int | None
+    correlation_id: str | None
+    attempt: int | None
+    timeout: float | None
+
+
+class CallOptions(Sampling, CallScope, total=False):
+    """The keywords of :meth:`ModelClient.chat` and :meth:`ModelClient.generate`:
+    a :class:`~hivewire.services.model.domain.Sampling` and a :class:`CallScope`.
+    """
+
+
 class ModelClient:
     """Typed calls to ``hivewire.model.v1.ModelService`` over one channel."""
 
@@ -98,146 +124,88 @@ class ModelClient:
         self._stub = model_pb2_grpc.ModelServiceStub(channel)
         self._default_timeout = default_timeout
 
-    @staticmethod
-    def _metadata(
-        task_id: str, token_budget: int | None, correlation_id: str | None, attempt: int | None
-    ) -> list[tuple[str, str]]:
+    def _call_arguments(self, scope: CallScope) -> dict[str, Any]:
+        """The deadline and metadata of a call made for ``scope``."""
         metadata: list[tuple[str, str]] = []
-        cid = correlation_id or correlation_id_var.get()
+        cid = scope.get("correlation_id") or correlation_id_var.get()
         if cid:
             metadata.append((md.CORRELATION_ID, cid))
+        task_id = scope.get("task_id", "")
         if task_id:
             metadata.append((md.TASK_ID, task_id))
+        attempt = scope.get("attempt")
         if attempt is not None:
             metadata.append((md.ATTEMPT, str(attempt)))
+        token_budget = scope.get("token_budget")
         if token_budget is not None:
             metadata.append((md.TOKEN_BUDGET, str(max(token_budget, 0))))
-        return metadata
+        timeout = scope.get("timeout")
+        return {
+            "timeout": timeout if timeout is not None else self._default_timeout,
+            "metadata": metadata,
+        }
 
-    @staticmethod
-    def _params(
-        temperature: float | None,
-        top_p: float | None,
-        max_tokens: int,
-        stop: Sequence[str],
-        seed: int | None,
-    ) -> model_pb2.GenerationParams:
-        params = model_pb2.GenerationParams(max_tokens=max_tokens, stop=list(stop))
-        if temperature is not None:
-            params.temperature = temperature
-        if top_p is not None:
-            params.top_p = top_p
-        if seed is not None:
-            params.seed = seed
-        return params
-
-    def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        model: str = "",
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_tokens: int = 0,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        task_id: str = "",
-        token_budget: int | None = None,
-        correlation_id: str | None = None,
-        attempt: int | None = None,
-        timeout: float | None = None,
-    ) -> CompletionStream:
+    def chat(self, messages: Sequence[Message], **options: Unpack[CallOptions]) -> CompletionStream:
         """Start a Chat call.
 
         Args:
             messages: The conversation.
-            model: Model name; "" for the service's default.
-            temperature: Sampling temperature in [0, 2].
-            top_p: Nucleus sampling in (0, 1].
-            max_tokens: Most tokens to produce; 0 for the backend's default.
-            stop: Stop sequences.
-            seed: Sampling seed.
-            task_id: The task the call is for.
-            token_budget: Tokens the task may still spend (None: no limit).
-            correlation_id: Defaults to the current correlation id.
-            attempt: The task attempt, if known.
-            timeout: Seconds the call may take (pass the task's remaining time).
+            **options: The model and sampling (:class:`~hivewire.services.model.domain.Sampling`:
+                ``model``, ``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``)
+                and the call's scope (:class:`CallScope`: ``task_id``, ``token_budget``,
+                ``correlation_id``, ``attempt``, ``timeout``).
 
         Returns:
             The stream; iterate it for text chunks and the final Completion.
         """
+        check_keywords("ModelClient.chat", options, CallOptions.__optional_keys__)
         converted = [
             m if isinstance(m, model_pb2.ChatMessage) else chat_message(*m) for m in messages
         ]
         request = model_pb2.ChatRequest(
-            model=model,
+            model=options.get("model", ""),
             messages=converted,
-            params=self._params(temperature, top_p, max_tokens, stop, seed),
-            task_id=task_id,
+            params=generation_params(options),
+            task_id=options.get("task_id", ""),
         )
-        call = self._stub.Chat(
-            request,
-            timeout=timeout if timeout is not None else self._default_timeout,
-            metadata=self._metadata(task_id, token_budget, correlation_id, attempt),
-        )
-        return CompletionStream(call)
+        return CompletionStream(self._stub.Chat(request, **self._call_arguments(options)))
 
     def generate(
-        self,
-        prompt: str,
-        *,
-        system: str = "",
-        model: str = "",
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_tokens: int = 0,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        task_id: str = "",
-        token_budget: int | None = None,
-        correlation_id: str | None = None,
-        attempt: int | None = None,
-        timeout: float | None = None,
+        self, prompt: str, *, system: str = "", **options: Unpack[CallOptions]
     ) -> CompletionStream:
-        """Start a Generate call (arguments as for :meth:`chat`, plus the prompt and
+        """Start a Generate call (options as for :meth:`chat`, plus the prompt and
         optional system text).
         """
+        check_keywords("ModelClient.generate", options, CallOptions.__optional_keys__)
         request = model_pb2.GenerateRequest(
-            model=model,
+            model=options.get("model", ""),
             prompt=prompt,
             system=system,
-            params=self._params(temperature, top_p, max_tokens, stop, seed),
-            task_id=task_id,
+            params=generation_params(options),
+            task_id=options.get("task_id", ""),
         )
-        call = self._stub.Generate(
-            request,
-            timeout=timeout if timeout is not None else self._default_timeout,
-            metadata=self._metadata(task_id, token_budget, correlation_id, attempt),
-        )
-        return CompletionStream(call)
+        return CompletionStream(self._stub.Generate(request, **self._call_arguments(options)))
 
     async def embed(
-        self,
-        inputs: Sequence[str],
-        *,
-        model: str = "",
-        task_id: str = "",
-        token_budget: int | None = None,
-        correlation_id: str | None = None,
-        attempt: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline of the call
+        self, inputs: Sequence[str], *, model: str = "", **scope: Unpack[CallScope]
     ) -> model_pb2.EmbedResponse:
         """Embed texts; returns one vector per input (``response.embeddings[i].values``).
+
+        Args:
+            inputs: The texts.
+            model: Embedding model; "" for the service's default.
+            **scope: The call's scope (:class:`CallScope`).
 
         Raises:
             HivewireError: What the service raised.
         """
-        request = model_pb2.EmbedRequest(model=model, inputs=list(inputs), task_id=task_id)
+        check_keywords("ModelClient.embed", scope, CallScope.__optional_keys__)
+        request = model_pb2.EmbedRequest(
+            model=model, inputs=list(inputs), task_id=scope.get("task_id", "")
+        )
         try:
             response: model_pb2.EmbedResponse = await self._stub.Embed(
-                request,
-                timeout=timeout if timeout is not None else self._default_timeout,
-                metadata=self._metadata(task_id, token_budget, correlation_id, attempt),
+                request, **self._call_arguments(scope)
             )
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
@@ -257,8 +225,7 @@ class ModelClient:
         try:
             response: model_pb2.ListModelsResponse = await self._stub.ListModels(
                 model_pb2.ListModelsRequest(backend=backend),
-                timeout=timeout if timeout is not None else self._default_timeout,
-                metadata=self._metadata("", None, None, None),
+                **self._call_arguments({"timeout": timeout}),
             )
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None

@@ -17,6 +17,7 @@ from hivewire.services.model.domain import (
     Embeddings,
     GenerationCall,
     ModelListing,
+    Sampling,
     Usage,
 )
 from hivewire.services.runtime import metadata as md
@@ -308,6 +309,23 @@ def model_event(
             )
         )
     return data
+
+
+def generation_params(sampling: Sampling) -> model_pb2.GenerationParams:
+    """The GenerationParams of a request (the ``model`` key goes on the request itself)."""
+    params = model_pb2.GenerationParams(
+        max_tokens=sampling.get("max_tokens", 0), stop=list(sampling.get("stop", ()))
+    )
+    temperature = sampling.get("temperature")
+    if temperature is not None:
+        params.temperature = temperature
+    top_p = sampling.get("top_p")
+    if top_p is not None:
+        params.top_p = top_p
+    seed = sampling.get("seed")
+    if seed is not None:
+        params.seed = seed
+    return params
 
 
 def chat_message(role: str, content: str, name: str = "") -> model_pb2.ChatMessage:

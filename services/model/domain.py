@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypedDict
 
 from hivewire.services.model.backends.base import ChatTurn, ModelEntry, SamplingParams
 from hivewire.services.runtime.errors import HivewireError
 
 FinishReason = Literal["stop", "length", "budget", "cancelled"]
 Operation = Literal["chat", "generate"]
+
+
+class Sampling(TypedDict, total=False):
+    """What a caller asks a Chat or Generate call for: the model and how to sample.
+
+    Every key is optional; an absent one leaves the service's or the backend's default.
+    The callers' signatures take these as keywords (``client.chat(messages,
+    temperature=0.2)``, ``ctx.model.stream(prompt, max_tokens=200)``) or, gathered,
+    as one value (``ctx.model.stream(prompt, **sampling)``). The service validates
+    them into :class:`GenerationCall` (model) and ``SamplingParams`` (the rest).
+
+    Attributes:
+        model: Model name; "" for the service's default.
+        temperature: Sampling temperature in [0, 2].
+        top_p: Nucleus sampling in (0, 1].
+        max_tokens: Most tokens to produce; 0 for the backend's default.
+        stop: Stop sequences.
+        seed: Sampling seed, for reproducible answers.
+    """
+
+    model: str
+    temperature: float | None
+    top_p: float | None
+    max_tokens: int
+    stop: Sequence[str]
+    seed: int | None
 
 
 @dataclass(frozen=True)

@@ -183,29 +183,22 @@ class ModelService:
         remaining = info.token_budget
         if remaining is None:
             return _Budget(limit=None, capped_by_budget=False)
-        subject = f"task:{info.task_id}" if info.task_id else "task"
         if requested is not None and prompt_estimate + requested > remaining:
-            raise ResourceExhausted(
+            raise _budget_exceeded(
                 f"request needs up to {prompt_estimate + requested} tokens "
                 f"(prompt ~{prompt_estimate} + max_tokens {requested}); "
                 f"the task has {remaining} left",
-                [QuotaViolation(subject, f"token budget: {remaining} tokens remaining")],
-                reason="TOKEN_BUDGET_EXCEEDED",
-                metadata={
-                    "remaining_tokens": str(remaining),
-                    "prompt_tokens_estimate": str(prompt_estimate),
-                },
+                info,
+                remaining,
+                prompt_estimate,
             )
         if requested is None and prompt_estimate >= remaining:
-            raise ResourceExhausted(
+            raise _budget_exceeded(
                 f"the prompt alone (~{prompt_estimate} tokens) uses up the task's "
                 f"remaining {remaining} tokens",
-                [QuotaViolation(subject, f"token budget: {remaining} tokens remaining")],
-                reason="TOKEN_BUDGET_EXCEEDED",
-                metadata={
-                    "remaining_tokens": str(remaining),
-                    "prompt_tokens_estimate": str(prompt_estimate),
-                },
+                info,
+                remaining,
+                prompt_estimate,
             )
         allowance = remaining - prompt_estimate
         if requested is not None and requested <= allowance:
@@ -504,3 +497,19 @@ class ModelService:
                 for entry in entries
             )
         return ModelListing(models=models, backends=states)
+
+
+def _budget_exceeded(
+    message: str, info: CallInfo, remaining: int, prompt_estimate: int
+) -> ResourceExhausted:
+    """The ``TOKEN_BUDGET_EXCEEDED`` error of a call the task's budget cannot pay for."""
+    subject = f"task:{info.task_id}" if info.task_id else "task"
+    return ResourceExhausted(
+        message,
+        [QuotaViolation(subject, f"token budget: {remaining} tokens remaining")],
+        reason="TOKEN_BUDGET_EXCEEDED",
+        metadata={
+            "remaining_tokens": str(remaining),
+            "prompt_tokens_estimate": str(prompt_estimate),
+        },
+    )

@@ -7,16 +7,16 @@ error-mapping interceptor; nothing here catches them.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from hivewire.common.v1 import common_pb2
 from hivewire.model.v1 import model_pb2, model_pb2_grpc
 from hivewire.services.model import convert
-from hivewire.services.model.domain import CallInfo
+from hivewire.services.model.domain import CallInfo, Completion, GenerationCall
 from hivewire.services.model.service import ModelService
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime.logging import correlation_id_var
@@ -27,6 +27,7 @@ SERVICE_NAME: str = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_n
 """``hivewire.model.v1.ModelService``."""
 
 Context = grpc.aio.ServicerContext[Any, Any]
+ResponseT = TypeVar("ResponseT", model_pb2.GenerateResponse, model_pb2.ChatResponse)
 
 
 def call_info(
@@ -71,26 +72,34 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     ) -> AsyncIterator[model_pb2.GenerateResponse]:
         """Stream a completion of a prompt."""
         call = convert.generate_from_proto(request, max_output_tokens=self._max_output_tokens)
-        info = call_info(context, request.task_id, request.metadata)
-        sequence = 0
-        # aclosing: a cancelled call closes the domain stream (and the backend) at once.
-        async with aclosing(self._service.stream(call, info)) as items:
-            async for item in items:
-                sequence += 1
-                yield convert.generate_response(sequence, item)
+        async with aclosing(self._stream(call, request, context, convert.generate_response)) as out:
+            async for response in out:
+                yield response
 
     async def Chat(
         self, request: model_pb2.ChatRequest, context: Context
     ) -> AsyncIterator[model_pb2.ChatResponse]:
         """Stream the assistant's next message."""
         call = convert.chat_from_proto(request, max_output_tokens=self._max_output_tokens)
+        async with aclosing(self._stream(call, request, context, convert.chat_response)) as out:
+            async for response in out:
+                yield response
+
+    async def _stream(
+        self,
+        call: GenerationCall,
+        request: model_pb2.GenerateRequest | model_pb2.ChatRequest,
+        context: Context,
+        respond: Callable[[int, str | Completion], ResponseT],
+    ) -> AsyncGenerator[ResponseT, None]:
+        """Run a validated Generate or Chat call, numbering its responses from 1."""
         info = call_info(context, request.task_id, request.metadata)
         sequence = 0
         # aclosing: a cancelled call closes the domain stream (and the backend) at once.
         async with aclosing(self._service.stream(call, info)) as items:
             async for item in items:
                 sequence += 1
-                yield convert.chat_response(sequence, item)
+                yield respond(sequence, item)
 
     async def Embed(
         self, request: model_pb2.EmbedRequest, context: Context

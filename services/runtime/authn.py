@@ -46,6 +46,7 @@ import jwt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hivewire.services.runtime.errors import Unauthenticated
+from hivewire.services.runtime.filewatch import FileWatch
 from hivewire.services.runtime.tls import spiffe_id
 
 logger = logging.getLogger(__name__)
@@ -172,18 +173,17 @@ class ApiKeyStore:
         self.path = path
         self.roles = tuple(roles)
         self._keys: dict[str, ApiKey] = {}
-        self._mtime: int | None = None
+        self._watch = FileWatch(path, missing_ok=True)
 
     def _load(self) -> dict[str, ApiKey]:
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            self._keys, self._mtime = {}, None
-            return self._keys
-        if mtime != self._mtime:
-            data = json.loads(self.path.read_text())
-            self._keys = {k["key_id"]: ApiKey(**k) for k in data.get("keys", [])}
-            self._mtime = mtime
+        stamp = self._watch.changed()
+        if stamp is not None:
+            keys: dict[str, ApiKey] = {}
+            if stamp[0] is not None:
+                data = json.loads(self.path.read_text())
+                keys = {k["key_id"]: ApiKey(**k) for k in data.get("keys", [])}
+            self._keys = keys
+            self._watch.mark(stamp)
         return self._keys
 
     def _save(self, keys: Iterable[ApiKey]) -> None:
@@ -194,7 +194,7 @@ class ApiKeyStore:
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
         os.replace(tmp, self.path)
-        self._mtime = None
+        self._watch.forget()
 
     def keys(self) -> list[ApiKey]:
         """Every key, revoked ones included, oldest first."""
@@ -270,15 +270,15 @@ class JwtVerifier:
                 settings.jwt_jwks_url, cache_keys=True, lifespan=int(settings.jwt_jwks_ttl)
             )
         self._file_keys: jwt.PyJWKSet | None = None
-        self._file_mtime: int | None = None
+        self._file_watch = FileWatch(settings.jwt_jwks_file) if settings.jwt_jwks_file else None
 
     def _file_key(self, kid: str | None) -> Any:
         path = self.settings.jwt_jwks_file
-        assert path is not None
-        mtime = path.stat().st_mtime_ns
-        if mtime != self._file_mtime or self._file_keys is None:
+        assert path is not None and self._file_watch is not None
+        stamp = self._file_watch.changed()
+        if stamp is not None or self._file_keys is None:
             self._file_keys = jwt.PyJWKSet.from_json(path.read_text())
-            self._file_mtime = mtime
+            self._file_watch.mark(stamp)
         for key in self._file_keys.keys:
             if kid is None or key.key_id == kid:
                 return key.key

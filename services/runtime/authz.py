@@ -58,11 +58,11 @@ import contextlib
 import inspect
 import logging
 import tomllib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -71,7 +71,14 @@ import grpc
 from hivewire.services.runtime.authn import Authenticator
 from hivewire.services.runtime.errors import PermissionDenied, Unauthenticated
 from hivewire.services.runtime.interceptors import HandlerCachingInterceptor, handler_parts
-from hivewire.services.runtime.policyfile import ReloadingPolicy, globs, load_toml, rule_tables
+from hivewire.services.runtime.policyfile import (
+    GlobPolicy,
+    GlobRule,
+    PolicyKind,
+    ReloadingPolicy,
+    globs,
+    matches,
+)
 from hivewire.services.runtime.revocation import RevocationList
 from hivewire.services.runtime.security import record_denial
 from hivewire.services.runtime.tls import (
@@ -201,12 +208,8 @@ def _method_glob(glob: str) -> str:
     return glob.removeprefix("/")
 
 
-def _matches(value: str, globs: Sequence[str]) -> bool:
-    return any(fnmatchcase(value, glob) for glob in globs)
-
-
 @dataclass(frozen=True)
-class AuthzRule:
+class AuthzRule(GlobRule):
     """One ``[[rules]]`` entry, globs already normalized.
 
     Attributes:
@@ -217,30 +220,17 @@ class AuthzRule:
         act_for: Full SPIFFE id globs of the identities its callers may act for.
     """
 
-    callers: tuple[str, ...]
-    allow: tuple[str, ...] = ()
-    deny: tuple[str, ...] = ()
-    description: str = ""
     act_for: tuple[str, ...] = ()
 
-    def applies_to(self, spiffe_id: str) -> bool:
+    def applies_to(self, caller: str) -> bool:
         """Whether the rule covers a caller ("" for a peer without an id)."""
         if ANY_PEER in self.callers:
             return True
-        return bool(spiffe_id) and _matches(spiffe_id, self.callers)
+        return bool(caller) and super().applies_to(caller)
 
 
-@dataclass(frozen=True)
-class AuthzPolicy:
-    """A parsed policy: rules, in file order.
-
-    Attributes:
-        rules: The rules.
-        source: Where it came from (a path, or ``default``).
-    """
-
-    rules: tuple[AuthzRule, ...]
-    source: str = "default"
+class AuthzPolicy(GlobPolicy[AuthzRule]):
+    """A parsed authz policy: which caller may call which method, act for whom."""
 
     def allows(self, spiffe_id: str, method: str) -> bool:
         """Whether a caller may call a method.
@@ -252,16 +242,12 @@ class AuthzPolicy:
         Returns:
             True when a matching rule allows the method and none denies it.
         """
-        name = method.removeprefix("/")
-        rules = [rule for rule in self.rules if rule.applies_to(spiffe_id)]
-        if any(_matches(name, rule.deny) for rule in rules):
-            return False
-        return any(_matches(name, rule.allow) for rule in rules)
+        return self.permits(self.applying(spiffe_id), method.removeprefix("/"))
 
     def may_act_for(self, spiffe_id: str, principal: str) -> bool:
         """Whether a caller may act for ``principal`` (an explicit ``act_for`` says so)."""
         return bool(spiffe_id and principal) and any(
-            rule.applies_to(spiffe_id) and _matches(principal, rule.act_for)
+            rule.applies_to(spiffe_id) and matches(principal, rule.act_for)
             for rule in self.rules
             if ANY_PEER not in rule.callers
         )
@@ -277,113 +263,42 @@ def _method_globs(value: Any, where: str) -> tuple[str, ...]:
     return methods
 
 
-def parse_authz_policy(data: Mapping[str, Any], source: str = "<memory>") -> AuthzPolicy:
-    """Build a policy from parsed TOML.
-
-    Args:
-        data: The TOML document (``{"version": 1, "rules": [...]}``).
-        source: Name used in error messages and logs.
-
-    Returns:
-        The policy.
-
-    Raises:
-        AuthzPolicyError: Unknown keys, wrong types, a rule without callers or a
-            method glob that names no method.
-    """
-    rules = [
-        AuthzRule(
-            callers=tuple(
-                _caller_glob(glob)
-                for glob in globs(raw["callers"], f"{where}.callers", AuthzPolicyError)
-            ),
-            allow=_method_globs(raw.get("allow", []), f"{where}.allow"),
-            deny=_method_globs(raw.get("deny", []), f"{where}.deny"),
-            description=description,
-            act_for=tuple(
-                _caller_glob(glob)
-                for glob in globs(raw.get("act_for", []), f"{where}.act_for", AuthzPolicyError)
-                if glob != ANY_PEER
-            ),
-        )
-        for where, raw, description in rule_tables(
-            data, source, rule_keys=_RULE_KEYS, error=AuthzPolicyError
-        )
-    ]
-    return AuthzPolicy(rules=tuple(rules), source=source)
+def _rule(where: str, raw: Mapping[str, Any], description: str) -> AuthzRule:
+    return AuthzRule(
+        callers=tuple(
+            _caller_glob(glob)
+            for glob in globs(raw["callers"], f"{where}.callers", AuthzPolicyError)
+        ),
+        allow=_method_globs(raw.get("allow", []), f"{where}.allow"),
+        deny=_method_globs(raw.get("deny", []), f"{where}.deny"),
+        description=description,
+        act_for=tuple(
+            _caller_glob(glob)
+            for glob in globs(raw.get("act_for", []), f"{where}.act_for", AuthzPolicyError)
+            if glob != ANY_PEER
+        ),
+    )
 
 
-def load_authz_policy(path: Path) -> AuthzPolicy:
-    """Read and parse a policy file.
+AUTHZ_POLICY_FILE = PolicyKind("authz policy", AuthzPolicyError, _RULE_KEYS, _rule, AuthzPolicy)
+"""The authz policy file: how it is read (:class:`~.policyfile.ReloadingPolicy` reloads it).
 
-    Raises:
-        AuthzPolicyError: The file is not valid TOML or not a valid policy.
-        OSError: The file cannot be read.
-    """
-    return parse_authz_policy(load_toml(path, AuthzPolicyError), str(path))
-
-
-DEFAULT_POLICY_TOML = """\
-version = 1
-
-[[rules]]
-description = "clients and admins may call the coordinator"
-callers = ["client/*", "admin/*"]
-allow = ["hivewire.coordinator.v1.CoordinatorService/*"]
-
-[[rules]]
-description = "clients and admins may use the A2A gateway's gRPC binding"
-callers = ["client/*", "admin/*"]
-allow = ["lf.a2a.v1.A2AService/*"]
-
-[[rules]]
-description = "the A2A gateway acts for the clients it authenticated (they own their tasks)"
-callers = ["client/a2a"]
-act_for = ["client/*"]
-
-[[rules]]
-description = "dead letters are the operators' business: admins only"
-callers = ["client/*", "agent/*"]
-deny = [
-  "hivewire.coordinator.v1.CoordinatorService/ListDeadLetters",
-  "hivewire.coordinator.v1.CoordinatorService/RequeueTask",
-  "hivewire.coordinator.v1.CoordinatorService/PurgeDeadLetters",
-]
-
-[[rules]]
-description = "only the coordinator may call agents"
-callers = ["coordinator/*"]
-allow = ["hivewire.agent.v1.AgentService/*"]
-
-[[rules]]
-description = "agents think, act, and start and follow their own sub-tasks"
-callers = ["agent/*"]
-allow = [
-  "hivewire.model.v1.ModelService/*",
-  "hivewire.tool.v1.ToolService/*",
-  "hivewire.coordinator.v1.CoordinatorService/SubmitTask",
-  "hivewire.coordinator.v1.CoordinatorService/StreamTask",
-  "hivewire.coordinator.v1.CoordinatorService/WatchTask",
-  "hivewire.coordinator.v1.CoordinatorService/GetTask",
-  "hivewire.coordinator.v1.CoordinatorService/CancelTask",
-  "hivewire.coordinator.v1.CoordinatorService/ProvideInput",
-]
-
-[[rules]]
-description = "admins may call everything"
-callers = ["admin/*"]
-allow = ["*"]
-
-[[rules]]
-description = "every identity of the mesh CA may check health and use reflection"
-callers = ["*"]
-allow = [
-  "grpc.health.v1.Health/*",
-  "grpc.reflection.v1alpha.ServerReflection/*",
-  "grpc.reflection.v1.ServerReflection/*",
-]
+Its errors are :class:`AuthzPolicyError`: unknown keys, wrong types, a rule without
+callers or a method glob that names no method.
 """
-"""The built-in policy as a file would say it (a starting point for your own)."""
+
+parse_authz_policy = AUTHZ_POLICY_FILE.parse
+"""Build a policy from a parsed TOML document (``{"version": 1, "rules": [...]}``)."""
+
+load_authz_policy = AUTHZ_POLICY_FILE.load
+"""Read and parse a policy file (:class:`AuthzPolicyError`, ``OSError``)."""
+
+
+DEFAULT_POLICY_TOML = (
+    resources.files(__package__).joinpath("default_authz_policy.toml").read_text("utf-8")
+)
+"""The built-in policy as a file would say it (a starting point for your own): the
+package's ``default_authz_policy.toml``."""
 
 DEFAULT_POLICY = parse_authz_policy(tomllib.loads(DEFAULT_POLICY_TOML), "default")
 """The policy in force when ``authz_policy_file`` is not set (DESIGN.md section 6)."""
@@ -412,27 +327,16 @@ class AuthzPolicyStore:
             OSError: The file cannot be read.
         """
         self._decisions: dict[tuple[str, str], bool] = {}
-        self._file: ReloadingPolicy[AuthzPolicy] | None = None
-        if path is None:
-            self._policy = policy or DEFAULT_POLICY
-        else:
-            self._file = ReloadingPolicy(
-                path,
-                load_authz_policy,
-                errors=(AuthzPolicyError,),
-                name="authz policy",
-                check_interval=check_interval,
-            )
-            self._policy = self._file.policy
-        logger.info(
-            "authz policy: %d rule(s) from %s", len(self._policy.rules), self._policy.source
+        self._file = ReloadingPolicy(
+            AUTHZ_POLICY_FILE, path, default=policy or DEFAULT_POLICY, check_interval=check_interval
         )
+        logger.info("authz policy: %d rule(s) from %s", len(self.policy.rules), self.policy.source)
 
     @property
     def policy(self) -> AuthzPolicy:
         """The current policy (re-read first if the file changed)."""
         self._maybe_reload()
-        return self._policy
+        return self._file.policy
 
     def allows(self, spiffe_id: str, method: str) -> bool:
         """Whether ``spiffe_id`` may call ``method`` under the current policy (cached).
@@ -441,40 +345,39 @@ class AuthzPolicyStore:
             spiffe_id: The caller's SPIFFE id ("" for a peer without one).
             method: Full gRPC method name, ``/package.Service/Method``.
         """
-        self._maybe_reload()
-        key = (spiffe_id, method)
-        allowed = self._decisions.get(key)
-        if allowed is None:
-            allowed = self._policy.allows(spiffe_id, method)
-            if len(self._decisions) >= _CACHE_LIMIT:
-                self._decisions.clear()
-            self._decisions[key] = allowed
-            if not allowed:
-                # Once per (caller, method) and policy: a refused caller retrying in a
-                # loop must not flood the log.
-                logger.warning(
-                    "authz: %s may not call %s (policy %s)",
-                    spiffe_id or "a peer without a SPIFFE id",
-                    method,
-                    self._policy.source,
-                )
+        allowed, fresh = self._decide((spiffe_id, method), AuthzPolicy.allows, spiffe_id, method)
+        if fresh and not allowed:
+            # Once per (caller, method) and policy: a refused caller retrying in a
+            # loop must not flood the log.
+            logger.warning(
+                "authz: %s may not call %s (policy %s)",
+                spiffe_id or "a peer without a SPIFFE id",
+                method,
+                self._file.policy.source,
+            )
         return allowed
 
     def may_act_for(self, spiffe_id: str, principal: str) -> bool:
         """Whether ``spiffe_id`` may act for ``principal`` (an ``act_for`` rule; cached)."""
-        self._maybe_reload()
         key = (spiffe_id, f"\x00act_for {principal}")
+        return self._decide(key, AuthzPolicy.may_act_for, spiffe_id, principal)[0]
+
+    def _decide(
+        self, key: tuple[str, str], decide: Callable[[AuthzPolicy, str, str], bool], *args: str
+    ) -> tuple[bool, bool]:
+        """``decide(policy, *args)``, cached under ``key``; and whether it was just made."""
+        self._maybe_reload()
         allowed = self._decisions.get(key)
-        if allowed is None:
-            allowed = self._policy.may_act_for(spiffe_id, principal)
-            if len(self._decisions) >= _CACHE_LIMIT:
-                self._decisions.clear()
-            self._decisions[key] = allowed
-        return allowed
+        if allowed is not None:
+            return allowed, False
+        allowed = decide(self._file.policy, *args)
+        if len(self._decisions) >= _CACHE_LIMIT:
+            self._decisions.clear()
+        self._decisions[key] = allowed
+        return allowed, True
 
     def _maybe_reload(self) -> None:
-        if self._file is not None and self._file.refresh():
-            self._policy = self._file.policy
+        if self._file.refresh():
             self._decisions = {}
 
 

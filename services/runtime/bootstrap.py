@@ -11,9 +11,13 @@ settings defaults and the run loop from it::
         args = ENTRY.parser().parse_args(argv)
         ENTRY.run(serve, ENTRY.settings(args))
 
-Its ``serve`` opens what it needs and hosts its servicer with :func:`serving`, which
-starts the :class:`~hivewire.services.runtime.server.ServiceServer`, registers the
-instance in discovery once it is SERVING and deregisters it first thing on shutdown::
+A service that is one process wired the shared way gets its ``serve`` from
+``ENTRY.hosting(open_parts)``: ``open_parts(process, settings)`` opens the service's
+parts on ``process.stack`` and returns a :class:`Hosting` (bindings, registry tags and
+metadata). Otherwise its ``serve`` opens what it needs and hosts its servicer with
+:func:`serving`, which starts the
+:class:`~hivewire.services.runtime.server.ServiceServer`, registers the instance in
+discovery once it is SERVING and deregisters it first thing on shutdown::
 
     async with serving(settings, [binding], registry=registry,
                        registration=Registration("hivewire-model", instance_id)) as running:
@@ -28,7 +32,15 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -63,6 +75,7 @@ __all__ = [
     "METRICS_OFFSET",
     "MODEL_PORT",
     "TOOL_PORT",
+    "Hosting",
     "Registration",
     "Serving",
     "ServiceEntry",
@@ -189,6 +202,30 @@ class ServiceEntry(Generic[SettingsT]):
         setup_tracing(f"hivewire-{self.name}", otlp_endpoint=settings.otlp_endpoint)
         run_loop(serve(settings), settings.event_loop)
 
+    def hosting(
+        self, open_parts: Callable[[ServiceProcess, SettingsT], Awaitable[Hosting]]
+    ) -> Callable[[SettingsT], Coroutine[Any, Any, None]]:
+        """The ``serve`` of a service that is one process wired the shared way.
+
+        ``serve(settings)`` opens :func:`service_process`, awaits ``open_parts(process,
+        settings)`` (which opens the service's parts on ``process.stack``), then serves
+        what it returned, registered as ``hivewire-<name>`` with the metadata ``name``
+        and ``identity`` besides its own, until SIGTERM or SIGINT.
+        """
+
+        async def serve(settings: SettingsT) -> None:
+            async with service_process(settings, self.name) as process:
+                hosted = await open_parts(process, settings)
+                registration = Registration(
+                    f"hivewire-{self.name}",
+                    process.instance_id,
+                    tags=tuple(hosted.tags),
+                    meta={"name": self.name, "identity": settings.identity, **hosted.meta},
+                )
+                await process.serve(hosted.bindings, registration, extra_ports=hosted.extra_ports)
+
+        return serve
+
 
 def run_loop(main: Coroutine[Any, Any, None], event_loop: str = "asyncio") -> None:
     """Run a service's main coroutine on the event loop its settings name.
@@ -226,6 +263,23 @@ class Registration:
     instance_id: str
     tags: Sequence[str] = ()
     meta: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hosting:
+    """What a service process hosts once its parts are open (:meth:`ServiceEntry.hosting`).
+
+    Attributes:
+        bindings: The gRPC services to host.
+        tags: Registry tags (tool names, backend names...).
+        meta: Registry metadata besides ``name`` and ``identity``.
+        extra_ports: More ports of the process for its ports file (``{"mcp": 8443}``).
+    """
+
+    bindings: Sequence[ServiceBinding]
+    tags: Sequence[str] = ()
+    meta: Mapping[str, str] = field(default_factory=dict)
+    extra_ports: Mapping[str, int] | None = None
 
 
 @dataclass

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import grpc
 
+from hivewire.services.base.lifecycle import StartClose
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, Settings
 from hivewire.services.runtime.interceptors import (
@@ -140,7 +140,7 @@ def secure_channel(
     )
 
 
-class ChannelPool:
+class ChannelPool(StartClose):
     """One long-lived channel per target, closed together.
 
     Use as an async context manager owned by a service's lifecycle::
@@ -247,13 +247,5 @@ class ChannelPool:
         for channel in channels:
             await channel.close(grace)
 
-    async def __aenter__(self) -> ChannelPool:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+    async def start(self) -> None:
+        """Nothing to start: each channel opens when first asked for (:meth:`get`)."""

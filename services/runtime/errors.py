@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 
@@ -85,8 +85,9 @@ class HivewireError(Exception):
 
     Attributes:
         code: The gRPC status code the error travels as (class-level).
-        reason: Stable UPPER_SNAKE identifier clients branch on; a class default that
-            one instance may refine (``NotFound(..., reason="TASK_NOT_FOUND")``).
+        reason: Stable UPPER_SNAKE identifier clients branch on; a class default (the
+            code's name unless a subclass says otherwise) that one instance may refine
+            (``NotFound(..., reason="TASK_NOT_FOUND")``).
         retryable: Whether retrying the same call later may succeed (class-level).
         message: Human-readable text for logs and developers.
         metadata: Extra string key/values carried in ``ErrorInfo.metadata``.
@@ -95,6 +96,22 @@ class HivewireError(Exception):
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
     reason: str = "UNKNOWN"
     retryable: ClassVar[bool] = False
+
+    def __init_subclass__(
+        cls, *, code: grpc.StatusCode | None = None, retryable: bool | None = None, **kwargs: Any
+    ) -> None:
+        """Set a subclass's code and retryability: ``class Aborted(HivewireError, code=...)``.
+
+        A subclass with a code of its own gets the code's name as its default reason
+        unless it sets ``reason`` itself.
+        """
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+        if retryable is not None:
+            cls.retryable = retryable
+        if "code" in cls.__dict__ and "reason" not in cls.__dict__:
+            cls.reason = cls.code.name
 
     def __init__(
         self,
@@ -123,16 +140,27 @@ class HivewireError(Exception):
         return f"{type(self).__name__}(reason={self.reason!r}, message={self.message!r})"
 
 
-class InvalidArgument(HivewireError):
-    """A request field is missing or invalid."""
+ViolationT = TypeVar("ViolationT", FieldViolation, PreconditionViolation, QuotaViolation)
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "INVALID_ARGUMENT"
+
+def _violations(kind: type[Any], items: Iterable[Any]) -> list[Any]:
+    """``items`` as a list of ``kind``, each given as one or as the tuple of its fields."""
+    return [item if isinstance(item, kind) else kind(*item) for item in items]
+
+
+class _ViolationsError(HivewireError, Generic[ViolationT]):
+    """Shared shape of the errors that list what was violated, next after the message.
+
+    A violation is given as its dataclass or as the tuple of its fields.
+    """
+
+    violation_type: ClassVar[type[Any]]
+    """The dataclass of one violation."""
 
     def __init__(
         self,
         message: str = "",
-        violations: Iterable[FieldViolation] = (),
+        violations: Iterable[ViolationT | tuple[str, ...]] = (),
         *,
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
@@ -140,19 +168,32 @@ class InvalidArgument(HivewireError):
         """Create the error.
 
         Args:
-            message: Summary; defaults to the violations joined.
-            violations: Each bad field and why.
-            reason: Instance reason override.
+            message: Human text; :meth:`_summary` of the violations when empty.
+            violations: What was violated: the dataclasses, or tuples of their fields.
+            reason: Instance reason override (``TASK_ALREADY_FINISHED``...).
             metadata: ``ErrorInfo`` metadata.
         """
-        self.violations: list[FieldViolation] = list(violations)
-        if not message and self.violations:
-            message = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
-        super().__init__(message, reason=reason, metadata=metadata)
+        self.violations: list[ViolationT] = _violations(self.violation_type, violations)
+        super().__init__(message or self._summary(), reason=reason, metadata=metadata)
+
+    def _summary(self) -> str:
+        return ""
+
+
+class InvalidArgument(_ViolationsError[FieldViolation], code=grpc.StatusCode.INVALID_ARGUMENT):
+    """A request field is missing or invalid (``violations``: each bad field and why)."""
+
+    violation_type = FieldViolation
+
+    def _summary(self) -> str:
+        return "; ".join(f"{v.field}: {v.description}" for v in self.violations)
 
 
 class ResourceError(HivewireError):
     """Shared shape of errors about one named resource (``ResourceInfo``)."""
+
+    _what: ClassVar[str] = ""
+    """What happened to the resource, in the default message (``not found``)."""
 
     def __init__(
         self,
@@ -177,149 +218,51 @@ class ResourceError(HivewireError):
         self.resource_type = resource_type
         self.resource_name = resource_name
         self.owner = owner
-        super().__init__(
-            message or self._default_message(resource_type, resource_name),
-            reason=reason,
-            metadata=metadata,
-        )
-
-    @staticmethod
-    def _default_message(resource_type: str, resource_name: str) -> str:
-        return f"{resource_type} {resource_name!r}"
+        default = f"{resource_type} {resource_name!r} {self._what}".rstrip()
+        super().__init__(message or default, reason=reason, metadata=metadata)
 
 
-class NotFound(ResourceError):
+class NotFound(ResourceError, code=grpc.StatusCode.NOT_FOUND):
     """A task, agent, tool or model does not exist."""
 
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "NOT_FOUND"
-
-    @staticmethod
-    def _default_message(resource_type: str, resource_name: str) -> str:
-        return f"{resource_type} {resource_name!r} not found"
+    _what = "not found"
 
 
-class AlreadyExists(ResourceError):
+class AlreadyExists(ResourceError, code=grpc.StatusCode.ALREADY_EXISTS):
     """Registering something whose id or name is taken."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "ALREADY_EXISTS"
-
-    @staticmethod
-    def _default_message(resource_type: str, resource_name: str) -> str:
-        return f"{resource_type} {resource_name!r} already exists"
+    _what = "already exists"
 
 
-class FailedPrecondition(HivewireError):
-    """The system is not in a state that allows the operation (do not retry as is)."""
+class FailedPrecondition(
+    _ViolationsError[PreconditionViolation], code=grpc.StatusCode.FAILED_PRECONDITION
+):
+    """The system is not in a state that allows the operation (do not retry as is).
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "FAILED_PRECONDITION"
+    ``violations``: ``PreconditionViolation`` or ``(type, subject, description)``.
+    """
 
-    def __init__(
-        self,
-        message: str = "",
-        violations: Iterable[PreconditionViolation | tuple[str, str, str]] = (),
-        *,
-        reason: str | None = None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> None:
-        """Create the error.
-
-        Args:
-            message: Human text.
-            violations: ``PreconditionViolation`` or ``(type, subject, description)``.
-            reason: Instance reason override (``TASK_ALREADY_FINISHED``...).
-            metadata: ``ErrorInfo`` metadata.
-        """
-        self.violations: list[PreconditionViolation] = [
-            v if isinstance(v, PreconditionViolation) else PreconditionViolation(*v)
-            for v in violations
-        ]
-        super().__init__(message, reason=reason, metadata=metadata)
+    violation_type = PreconditionViolation
 
 
-class Aborted(HivewireError):
+class Aborted(HivewireError, code=grpc.StatusCode.ABORTED, retryable=True):
     """Lost a concurrent-update race; retry the whole read-modify-write."""
 
-    code = grpc.StatusCode.ABORTED
-    reason = "ABORTED"
-    retryable = True
 
-
-class OutOfRange(HivewireError):
+class OutOfRange(HivewireError, code=grpc.StatusCode.OUT_OF_RANGE):
     """A value is past the valid range (for example a sequence beyond the end)."""
 
-    code = grpc.StatusCode.OUT_OF_RANGE
-    reason = "OUT_OF_RANGE"
 
-
-class Unauthenticated(HivewireError):
+class Unauthenticated(HivewireError, code=grpc.StatusCode.UNAUTHENTICATED):
     """No or bad credentials."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "UNAUTHENTICATED"
 
-
-class PermissionDenied(HivewireError):
+class PermissionDenied(HivewireError, code=grpc.StatusCode.PERMISSION_DENIED):
     """The caller's identity is not allowed to do this."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
-    reason = "PERMISSION_DENIED"
 
-
-class _RetryAfterError(HivewireError):
+class _RetryLater(HivewireError):
     """Shared ``retry_after`` handling (``RetryInfo.retry_delay``)."""
-
-    def __init__(
-        self,
-        message: str = "",
-        *,
-        retry_after: float | None = None,
-        reason: str | None = None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> None:
-        self.retry_after = retry_after
-        super().__init__(message, reason=reason, metadata=metadata)
-
-
-class ResourceExhausted(_RetryAfterError):
-    """A rate limit, size limit or budget was hit."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "RESOURCE_EXHAUSTED"
-    retryable = True
-
-    def __init__(
-        self,
-        message: str = "",
-        quota_violations: Iterable[QuotaViolation | tuple[str, str]] = (),
-        retry_after: float | None = None,
-        *,
-        reason: str | None = None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> None:
-        """Create the error.
-
-        Args:
-            message: Human text.
-            quota_violations: ``QuotaViolation`` or ``(subject, description)``.
-            retry_after: Seconds the client should wait before retrying.
-            reason: Instance reason override (``RATE_LIMITED``...).
-            metadata: ``ErrorInfo`` metadata.
-        """
-        self.quota_violations: list[QuotaViolation] = [
-            v if isinstance(v, QuotaViolation) else QuotaViolation(*v) for v in quota_violations
-        ]
-        super().__init__(message, retry_after=retry_after, reason=reason, metadata=metadata)
-
-
-class Unavailable(_RetryAfterError):
-    """A dependency is down or no healthy instance exists; retry later."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = "UNAVAILABLE"
-    retryable = True
 
     def __init__(
         self,
@@ -337,49 +280,58 @@ class Unavailable(_RetryAfterError):
             reason: Instance reason override (``NO_HEALTHY_AGENT``...).
             metadata: ``ErrorInfo`` metadata.
         """
-        super().__init__(message, retry_after=retry_after, reason=reason, metadata=metadata)
+        self.retry_after = retry_after
+        super().__init__(message, reason=reason, metadata=metadata)
 
 
-class DeadlineExceeded(HivewireError):
+class ResourceExhausted(_RetryLater, code=grpc.StatusCode.RESOURCE_EXHAUSTED, retryable=True):
+    """A rate limit, size limit or budget was hit."""
+
+    def __init__(
+        self,
+        message: str = "",
+        quota_violations: Iterable[QuotaViolation | tuple[str, str]] = (),
+        retry_after: float | None = None,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Create the error: the arguments of :class:`Unavailable`, and the quotas.
+
+        Args:
+            quota_violations: ``QuotaViolation`` or ``(subject, description)``.
+            reason: Instance reason override (``RATE_LIMITED``...).
+        """
+        self.quota_violations: list[QuotaViolation] = _violations(QuotaViolation, quota_violations)
+        super().__init__(message, retry_after, reason=reason, metadata=metadata)
+
+
+class Unavailable(_RetryLater, code=grpc.StatusCode.UNAVAILABLE, retryable=True):
+    """A dependency is down or no healthy instance exists; retry later."""
+
+
+class DeadlineExceeded(HivewireError, code=grpc.StatusCode.DEADLINE_EXCEEDED):
     """The deadline passed before the work finished."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    reason = "DEADLINE_EXCEEDED"
 
-
-class Cancelled(HivewireError):
+class Cancelled(HivewireError, code=grpc.StatusCode.CANCELLED):
     """The work was cancelled."""
 
-    code = grpc.StatusCode.CANCELLED
-    reason = "CANCELLED"
 
-
-class Unimplemented(HivewireError):
+class Unimplemented(HivewireError, code=grpc.StatusCode.UNIMPLEMENTED):
     """The operation is not built (yet) or not supported by this backend."""
 
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "UNIMPLEMENTED"
 
-
-class Internal(HivewireError):
+class Internal(HivewireError, code=grpc.StatusCode.INTERNAL):
     """A bug or broken invariant; details stay in the server log."""
 
-    code = grpc.StatusCode.INTERNAL
-    reason = "INTERNAL"
 
-
-class Unknown(HivewireError):
+class Unknown(HivewireError, code=grpc.StatusCode.UNKNOWN):
     """An error of unknown origin (a peer answered UNKNOWN)."""
 
-    code = grpc.StatusCode.UNKNOWN
-    reason = "UNKNOWN"
 
-
-class DataLoss(HivewireError):
+class DataLoss(HivewireError, code=grpc.StatusCode.DATA_LOSS):
     """Unrecoverable data loss or corruption."""
-
-    code = grpc.StatusCode.DATA_LOSS
-    reason = "DATA_LOSS"
 
 
 ERROR_CLASSES: Mapping[grpc.StatusCode, type[HivewireError]] = {

@@ -8,7 +8,7 @@ publish stay import-light.
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, Required, TypedDict, TypeVar, Unpack
 
 __all__ = ["EventSink", "NullSink"]
 
@@ -16,18 +16,26 @@ DataT = TypeVar("DataT", contravariant=True)
 """The typed ``data`` message of the events a service publishes (``TaskEventData``...)."""
 
 
+class PublishFields(TypedDict, Generic[DataT], total=False):
+    """What an event says besides its type: the keyword arguments of ``publish``.
+
+    Attributes:
+        subject: The id of what the event is about (task, agent, call, project id).
+        data: The typed data.
+        task_sequence: The task's event sequence number (task and workflow events).
+        correlation_id: Defaults to the current correlation id.
+    """
+
+    subject: Required[str]
+    data: Required[DataT]
+    task_sequence: int
+    correlation_id: str | None
+
+
 class EventSink(Protocol[DataT]):
     """Publishes events without blocking: it buffers and sends in the background."""
 
-    def publish(
-        self,
-        event_type: str,
-        *,
-        subject: str,
-        data: DataT,
-        task_sequence: int = 0,
-        correlation_id: str | None = None,
-    ) -> None:
+    def publish(self, event_type: str, **fields: Unpack[PublishFields[DataT]]) -> None:
         """Queue one event of ``event_type`` (``"task.completed"``) about ``subject``."""
         ...
 
@@ -35,13 +43,5 @@ class EventSink(Protocol[DataT]):
 class NullSink:
     """An :class:`EventSink` that drops everything (events off)."""
 
-    def publish(
-        self,
-        event_type: str,
-        *,
-        subject: str,
-        data: object,
-        task_sequence: int = 0,
-        correlation_id: str | None = None,
-    ) -> None:
-        """Drop the event."""
+    def publish(self, event_type: str, **fields: object) -> None:
+        """Drop the event (``fields`` are those of :meth:`EventSink.publish`)."""

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import nats
 import nats.errors
@@ -275,6 +275,22 @@ class NatsGrantLedger:
             await self._nc.close()
 
 
+class GrantedCall(TypedDict):
+    """The call an approval must be for (keyword arguments of the verifier's checks).
+
+    Attributes:
+        task_id: The task the call claims to be for.
+        tool_name: The tool being called.
+        arguments_digest: The digest of the call's arguments.
+        request_id: The input request the caller says was answered.
+    """
+
+    task_id: str
+    tool_name: str
+    arguments_digest: str
+    request_id: str
+
+
 @dataclass
 class ApprovalVerifier:
     """Checks signed approvals against the mesh CA, the call and the used grants.
@@ -294,11 +310,8 @@ class ApprovalVerifier:
         self,
         signed: common_pb2.SignedApproval | None,
         *,
-        task_id: str,
-        tool_name: str,
-        arguments_digest: str,
-        request_id: str,
         now: float | None = None,
+        **call: Unpack[GrantedCall],
     ) -> common_pb2.ApprovalClaims:
         """Accept a grant for this call, used up in the ledger (or this process), or refuse it.
 
@@ -309,16 +322,10 @@ class ApprovalVerifier:
             Unavailable: The ledger cannot be reached (the grant stays unused).
         """
         if self.ledger is None:
-            return self.verify(
-                signed,
-                task_id=task_id,
-                tool_name=tool_name,
-                arguments_digest=arguments_digest,
-                request_id=request_id,
-                now=now,
-            )
+            return self.verify(signed, now=now, **call)
         moment = time.time() if now is None else now
-        claims = self._check(signed, task_id, tool_name, arguments_digest, request_id, moment)
+        claims = self._check(signed, call, moment)
+        tool_name = call["tool_name"]
         expires = claims.expires_at.ToNanoseconds() / 1e9
         horizon = await self.ledger.horizon()
         if expires - moment > horizon:
@@ -336,21 +343,16 @@ class ApprovalVerifier:
         self,
         signed: common_pb2.SignedApproval | None,
         *,
-        task_id: str,
-        tool_name: str,
-        arguments_digest: str,
-        request_id: str,
         now: float | None = None,
+        **call: Unpack[GrantedCall],
     ) -> common_pb2.ApprovalClaims:
         """Accept a grant for this call (once), or refuse it.
 
         Args:
             signed: The grant the caller sent (None or empty: none).
-            task_id: The task the call claims to be for.
-            tool_name: The tool being called.
-            arguments_digest: The digest of the call's arguments.
-            request_id: The input request the caller says was answered.
             now: The time (seconds since the epoch); defaults to now.
+            **call: The call (:class:`GrantedCall`): ``task_id``, ``tool_name``,
+                ``arguments_digest`` and ``request_id``.
 
         Returns:
             The verified claims (``approved_by`` says who approved).
@@ -364,23 +366,18 @@ class ApprovalVerifier:
                 ``APPROVAL_REPLAYED`` (used before in this process).
         """
         moment = time.time() if now is None else now
-        claims = self._check(signed, task_id, tool_name, arguments_digest, request_id, moment)
+        claims = self._check(signed, call, moment)
         self._forget_expired(moment)
         if claims.grant_id in self._used:
-            raise _replayed(tool_name)
+            raise _replayed(call["tool_name"])
         self._used[claims.grant_id] = claims.expires_at.ToNanoseconds() / 1e9
         return claims
 
     def _check(
-        self,
-        signed: common_pb2.SignedApproval | None,
-        task_id: str,
-        tool_name: str,
-        arguments_digest: str,
-        request_id: str,
-        moment: float,
+        self, signed: common_pb2.SignedApproval | None, call: GrantedCall, moment: float
     ) -> common_pb2.ApprovalClaims:
         """Every check but single use."""
+        tool_name = call["tool_name"]
         if signed is None or not signed.claims:
             raise _refused(
                 "APPROVAL_UNSIGNED",
@@ -402,15 +399,20 @@ class ApprovalVerifier:
                 "APPROVAL_EXPIRED", f"the approval for {tool_name} has expired", tool_name
             )
         for reason, granted, asked, what in (
-            ("APPROVAL_TASK_MISMATCH", claims.task_id, task_id, "another task"),
+            ("APPROVAL_TASK_MISMATCH", claims.task_id, call["task_id"], "another task"),
             ("APPROVAL_TOOL_MISMATCH", claims.tool_name, tool_name, "another tool"),
             (
                 "APPROVAL_DIGEST_MISMATCH",
                 claims.arguments_digest,
-                arguments_digest,
+                call["arguments_digest"],
                 "other arguments",
             ),
-            ("APPROVAL_REQUEST_MISMATCH", claims.request_id, request_id, "another input request"),
+            (
+                "APPROVAL_REQUEST_MISMATCH",
+                claims.request_id,
+                call["request_id"],
+                "another input request",
+            ),
         ):
             if granted != asked:
                 raise _refused(reason, f"the approval for {tool_name} is for {what}", tool_name)

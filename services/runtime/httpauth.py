@@ -69,13 +69,10 @@ class HttpCaller(BaseUser):
 
     @property
     def display_name(self) -> str:
-        """The SPIFFE id."""
+        """The SPIFFE id (Starlette's ``identity`` too)."""
         return self.caller.spiffe_id
 
-    @property
-    def identity(self) -> str:
-        """The SPIFFE id."""
-        return self.caller.spiffe_id
+    identity = display_name
 
 
 class HttpAuthenticator:

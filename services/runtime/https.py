@@ -26,12 +26,12 @@ import logging
 import socket
 import ssl
 from collections.abc import Generator
-from types import TracebackType
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from hivewire.services.base.lifecycle import StartStop
 from hivewire.services.runtime.tls import TlsFiles
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class HttpsServer:
+class HttpsServer(StartStop):
     """An ASGI app served over mutual TLS on one port until the block ends."""
 
     def __init__(
@@ -138,7 +138,8 @@ class HttpsServer:
         """``https://host:port``."""
         return f"https://{self.address}"
 
-    async def __aenter__(self) -> HttpsServer:
+    async def start(self) -> None:
+        """Listen; return once the server accepts connections."""
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
         async with asyncio.timeout(_STARTUP_TIMEOUT):
             while not self._server.started:
@@ -147,14 +148,9 @@ class HttpsServer:
                     raise RuntimeError("the HTTPS server stopped during startup")
                 await asyncio.sleep(0.01)
         logger.info("serving HTTPS on %s", self.address)
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def stop(self) -> None:
+        """Stop serving (open requests get the grace period) and close the socket."""
         self._server.should_exit = True
         if self._task is not None:
             try:

@@ -30,7 +30,6 @@ import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 import grpc
@@ -117,16 +116,18 @@ def final_code(context: Context, exc: BaseException | None) -> grpc.StatusCode:
 
 
 class CallScope(Protocol):
-    """What an interceptor runs around one server call (an async context manager)."""
+    """What an interceptor runs around one server call.
 
-    async def __aenter__(self) -> None: ...
+    ``enter`` runs before the handler, ``exit`` after it with what the handler raised
+    (None when it returned); ``exit`` may raise another exception in its place (an
+    abort, for example), as an ``__aexit__`` may.
+    """
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None: ...
+    async def enter(self) -> None:
+        """Start of the call."""
+
+    async def exit(self, exc: BaseException | None) -> None:
+        """End of the call: ``exc`` is what the handler raised, None when it returned."""
 
 
 class _Counters(Protocol):
@@ -188,7 +189,7 @@ def wrap_handler(handler: Handler, scope_for: ScopeFactory, *, counting: bool = 
 
     Args:
         handler: The handler the continuation returned.
-        scope_for: Builds the per-call scope; its ``__aexit__`` sees the handler's
+        scope_for: Builds the per-call scope; its ``exit`` sees the handler's
             exception and may replace it (for example with an abort).
         counting: Also report each message to the scope (it must then implement
             ``received()`` and ``sent()``).
@@ -222,7 +223,8 @@ def wrap_handler(handler: Handler, scope_for: ScopeFactory, *, counting: bool = 
 
         async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
             scope = scope_for(context)
-            async with scope:
+            await scope.enter()
+            try:
                 request, ctx = prepare(request, context, scope)
                 # aclosing: when grpc closes this wrapper, the handler's own finally
                 # blocks run now, not whenever the garbage collector gets to them.
@@ -231,18 +233,27 @@ def wrap_handler(handler: Handler, scope_for: ScopeFactory, *, counting: bool = 
                         yield response
                         if counting:
                             cast(_Counters, scope).sent()
+            except BaseException as exc:
+                await scope.exit(exc)
+                raise
+            await scope.exit(None)
 
     elif inspect.iscoroutinefunction(behavior):
         streaming_out = handler.response_streaming
 
         async def wrapped(request: Any, context: Context) -> Any:
             scope = scope_for(context)
-            async with scope:
+            await scope.enter()
+            try:
                 request, ctx = prepare(request, context, scope)
                 response = await behavior(request, ctx)
                 if counting and not streaming_out and response is not None:
                     cast(_Counters, scope).sent()
-                return response
+            except BaseException as exc:
+                await scope.exit(exc)
+                raise
+            await scope.exit(None)
+            return response
 
     else:
         return handler
@@ -309,7 +320,7 @@ class _CorrelationScope:
         self._method = method
         self._streaming = streaming
 
-    async def __aenter__(self) -> None:
+    async def enter(self) -> None:
         invocation = self._context.invocation_metadata()
         incoming = incoming_correlation_id(invocation)
         cid = incoming or new_correlation_id()
@@ -325,12 +336,7 @@ class _CorrelationScope:
         if self._streaming and incoming is None:
             await self._context.send_initial_metadata(echo)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
+    async def exit(self, exc: BaseException | None) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "%s %s %.2f ms",
@@ -344,7 +350,6 @@ class _CorrelationScope:
             # An async generator may be finalized from another context; the call's
             # own context dies with its task anyway.
             pass
-        return None
 
 
 # --- 2. metrics ---------------------------------------------------------------------
@@ -383,19 +388,13 @@ class _MetricsScope:
     def sent(self) -> None:
         self._m.sent.inc()
 
-    async def __aenter__(self) -> None:
+    async def enter(self) -> None:
         self._m.started.inc()
         self._start = time.perf_counter()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
+    async def exit(self, exc: BaseException | None) -> None:
         self._m.seconds.observe(time.perf_counter() - self._start)
         self._m.handled(final_code(self._context, exc)).inc()
-        return None
 
 
 # --- 3. error mapping ---------------------------------------------------------------
@@ -411,17 +410,12 @@ class _ErrorScope:
         self._context = context
         self._method = method
 
-    async def __aenter__(self) -> None:
+    async def enter(self) -> None:
         return None
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
+    async def exit(self, exc: BaseException | None) -> None:
         if exc is None or isinstance(exc, _PASS_THROUGH) or not isinstance(exc, Exception):
-            return None
+            return
         err = self._to_domain_error(exc)
         if isinstance(err, Internal) and err is not exc:
             logger.error("%s failed unexpectedly", self._method, exc_info=exc)
@@ -437,7 +431,6 @@ class _ErrorScope:
         cid = correlation_id_var.get()
         echo = ((CORRELATION_ID_KEY, cid),) if cid else ()
         await self._context.abort_with_status(to_grpc_status(err, trailing_metadata=echo))
-        return None  # abort_with_status raises; never reached
 
     def _to_domain_error(self, exc: Exception) -> HivewireError:
         if isinstance(exc, HivewireError):
@@ -478,29 +471,21 @@ class _StandardScope:
     def sent(self) -> None:
         self._metrics.sent()
 
-    async def __aenter__(self) -> None:
-        await self._correlation.__aenter__()
-        await self._metrics.__aenter__()
+    async def enter(self) -> None:
+        await self._correlation.enter()
+        await self._metrics.enter()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        # Innermost first; an abort raised by error mapping is what the outer two see.
-        try:
+    async def exit(self, exc: BaseException | None) -> None:
+        # Innermost first; an exception one raises in place of ``exc`` (the abort of
+        # error mapping) is what the outer ones see, and what the call ends with.
+        raised: BaseException | None = None
+        for scope in (self._errors, self._metrics, self._correlation):
             try:
-                await self._errors.__aexit__(exc_type, exc, tb)
+                await scope.exit(exc)
             except BaseException as replaced:
-                await self._metrics.__aexit__(type(replaced), replaced, replaced.__traceback__)
-                raise
-            await self._metrics.__aexit__(exc_type, exc, tb)
-        except BaseException as replaced:
-            await self._correlation.__aexit__(type(replaced), replaced, replaced.__traceback__)
-            raise
-        await self._correlation.__aexit__(exc_type, exc, tb)
-        return None
+                exc = raised = replaced
+        if raised is not None:
+            raise raised
 
 
 class StandardServerInterceptor(_WrappingInterceptor):
@@ -536,6 +521,7 @@ def server_interceptors(
     extra: Iterable[grpc.aio.ServerInterceptor] = (),
     *,
     authz: grpc.aio.ServerInterceptor | None = None,
+    untraced: Iterable[str] = (),
 ) -> list[grpc.aio.ServerInterceptor]:
     """The standard server chain, outermost first, followed by ``extra``.
 
@@ -545,9 +531,11 @@ def server_interceptors(
             (:class:`~hivewire.services.runtime.authz.AuthzServerInterceptor`), placed
             inside error mapping so its refusals become rich statuses, and before
             ``extra`` so a refused caller costs no limit.
+        untraced: Full method names that get no OTel server span
+            (:func:`~hivewire.services.runtime.tracing.server_interceptor`).
     """
     return [
-        tracing.server_interceptor(),
+        tracing.server_interceptor(untraced),
         StandardServerInterceptor(),
         *((authz,) if authz is not None else ()),
         *extra,
@@ -587,6 +575,28 @@ def observe_client_call(call: Any, grpc_type: str, method: str) -> None:
     """
     m = _ClientCallMetrics(grpc_type, method)
     call.add_done_callback(lambda c: m.done(finished_call_code(c)))
+
+
+if TYPE_CHECKING:
+    _Continuation: TypeAlias = Callable[[ClientCallDetails, Any], Awaitable[Any]]
+
+
+def _intercepting(grpc_type: str) -> Any:
+    """The ``intercept_*`` method of one call kind: ``_intercept`` with the kind's name.
+
+    Typed ``Any``: each kind's stub signature differs in its generic call types only.
+    """
+
+    async def intercept(
+        self: CorrelationClientInterceptor,
+        continuation: _Continuation,
+        client_call_details: ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await self._intercept(grpc_type, continuation, client_call_details, request)
+
+    intercept.__doc__ = f"Intercept a {grpc_type} call."
+    return intercept
 
 
 class CorrelationClientInterceptor(
@@ -655,69 +665,31 @@ class CorrelationClientInterceptor(
             call.add_done_callback(lambda c: m.done(finished_call_code(c)))
         return call
 
-    async def intercept_unary_unary(
+    async def _intercept(
         self,
-        continuation: Callable[[ClientCallDetails, Any], Awaitable[Any]],
+        grpc_type: str,
+        continuation: _Continuation,
         client_call_details: ClientCallDetails,
         request: Any,
     ) -> Any:
-        """Intercept a unary-unary call."""
-        details = self._details(client_call_details, unary_response=True)
+        unary_response = grpc_type in ("unary", "client_stream")
+        details = self._details(client_call_details, unary_response=unary_response)
         m = (
-            _ClientCallMetrics("unary", _method_name(details.method))
+            _ClientCallMetrics(grpc_type, _method_name(details.method))
             if self._record_metrics
             else None
         )
         call = await continuation(details, request)
-        return await self._finish_unary(call, m)
-
-    async def intercept_unary_stream(
-        self,
-        continuation: Callable[[ClientCallDetails, Any], Awaitable[Any]],
-        client_call_details: ClientCallDetails,
-        request: Any,
-    ) -> Any:
-        """Intercept a server-streaming call."""
-        details = self._details(client_call_details, unary_response=False)
-        m = (
-            _ClientCallMetrics("server_stream", _method_name(details.method))
-            if self._record_metrics
-            else None
-        )
-        return self._watch_stream(await continuation(details, request), m)
-
-    async def intercept_stream_unary(
-        self,
-        continuation: Callable[[ClientCallDetails, Any], Awaitable[Any]],
-        client_call_details: ClientCallDetails,
-        request_iterator: Any,
-    ) -> Any:
-        """Intercept a client-streaming call."""
-        details = self._details(client_call_details, unary_response=True)
-        m = (
-            _ClientCallMetrics("client_stream", _method_name(details.method))
-            if self._record_metrics
-            else None
-        )
-        call = await continuation(details, request_iterator)
-        # Waiting for the response here would hold back the caller's own writes
-        # (call.write()), so client-streaming calls are observed like streams.
+        if grpc_type == "unary":
+            return await self._finish_unary(call, m)
+        # Waiting for the response of a client-streaming call here would hold back the
+        # caller's own writes (call.write()), so it is observed like the streams.
         return self._watch_stream(call, m)
 
-    async def intercept_stream_stream(
-        self,
-        continuation: Callable[[ClientCallDetails, Any], Awaitable[Any]],
-        client_call_details: ClientCallDetails,
-        request_iterator: Any,
-    ) -> Any:
-        """Intercept a bidirectional-streaming call."""
-        details = self._details(client_call_details, unary_response=False)
-        m = (
-            _ClientCallMetrics("bidi_stream", _method_name(details.method))
-            if self._record_metrics
-            else None
-        )
-        return self._watch_stream(await continuation(details, request_iterator), m)
+    intercept_unary_unary = _intercepting("unary")
+    intercept_unary_stream = _intercepting("server_stream")
+    intercept_stream_unary = _intercepting("client_stream")
+    intercept_stream_stream = _intercepting("bidi_stream")
 
 
 # grpc.aio files each client interceptor under the FIRST of the four kinds it
@@ -726,55 +698,39 @@ class CorrelationClientInterceptor(
 # per kind instead.
 
 
-class _UnaryUnaryAdapter(grpc.aio.UnaryUnaryClientInterceptor):
+class _KindAdapter:
+    """Base of the single-kind adapters: hands each call to the interceptor it wraps."""
+
     def __init__(self, inner: Any) -> None:
         self._inner = inner
 
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: ClientCallDetails, request: Any
+
+def _single_kind_adapter(
+    kind: type[grpc.aio.ClientInterceptor], method: str
+) -> type[grpc.aio.ClientInterceptor]:
+    """An interceptor class of ``kind`` alone whose ``method`` calls the wrapped one's."""
+
+    async def forward(
+        self: _KindAdapter, continuation: Any, client_call_details: ClientCallDetails, request: Any
     ) -> Any:
-        return await self._inner.intercept_unary_unary(continuation, client_call_details, request)
+        return await getattr(self._inner, method)(continuation, client_call_details, request)
 
-
-class _UnaryStreamAdapter(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: ClientCallDetails, request: Any
-    ) -> Any:
-        return await self._inner.intercept_unary_stream(continuation, client_call_details, request)
-
-
-class _StreamUnaryAdapter(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: ClientCallDetails, request_iterator: Any
-    ) -> Any:
-        return await self._inner.intercept_stream_unary(
-            continuation, client_call_details, request_iterator
-        )
-
-
-class _StreamStreamAdapter(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: ClientCallDetails, request_iterator: Any
-    ) -> Any:
-        return await self._inner.intercept_stream_stream(
-            continuation, client_call_details, request_iterator
-        )
+    name = f"_{kind.__name__.removesuffix('ClientInterceptor')}Adapter"
+    return cast(
+        type[grpc.aio.ClientInterceptor], type(name, (_KindAdapter, kind), {method: forward})
+    )
 
 
 _ADAPTERS: tuple[tuple[type[grpc.aio.ClientInterceptor], type[grpc.aio.ClientInterceptor]], ...] = (
-    (grpc.aio.UnaryUnaryClientInterceptor, _UnaryUnaryAdapter),
-    (grpc.aio.UnaryStreamClientInterceptor, _UnaryStreamAdapter),
-    (grpc.aio.StreamUnaryClientInterceptor, _StreamUnaryAdapter),
-    (grpc.aio.StreamStreamClientInterceptor, _StreamStreamAdapter),
+    tuple(
+        (kind, _single_kind_adapter(kind, method))
+        for kind, method in (
+            (grpc.aio.UnaryUnaryClientInterceptor, "intercept_unary_unary"),
+            (grpc.aio.UnaryStreamClientInterceptor, "intercept_unary_stream"),
+            (grpc.aio.StreamUnaryClientInterceptor, "intercept_stream_unary"),
+            (grpc.aio.StreamStreamClientInterceptor, "intercept_stream_stream"),
+        )
+    )
 )
 
 

@@ -72,21 +72,29 @@ _BUCKETS = (
     300.0,
 )
 
-SERVER_STARTED = Counter(
-    "grpc_server_started_total", "RPCs started on the server.", _CALL_LABELS, registry=REGISTRY
-)
-SERVER_HANDLED = Counter(
-    "grpc_server_handled_total",
-    "RPCs completed on the server, by status code.",
-    (*_CALL_LABELS, "grpc_code"),
-    registry=REGISTRY,
-)
-SERVER_HANDLING_SECONDS = Histogram(
-    "grpc_server_handling_seconds",
-    "Time from the start of an RPC to its status on the server.",
-    _CALL_LABELS,
-    buckets=_BUCKETS,
-    registry=REGISTRY,
+
+def _call_metrics(side: str, started_help: str) -> tuple[Counter, Counter, Histogram]:
+    """The started, handled and handling-time metrics of one side (``server``, ``client``)."""
+    return (
+        Counter(f"grpc_{side}_started_total", started_help, _CALL_LABELS, registry=REGISTRY),
+        Counter(
+            f"grpc_{side}_handled_total",
+            f"RPCs completed on the {side}, by status code.",
+            (*_CALL_LABELS, "grpc_code"),
+            registry=REGISTRY,
+        ),
+        Histogram(
+            f"grpc_{side}_handling_seconds",
+            f"Time from the start of an RPC to its status on the {side}.",
+            _CALL_LABELS,
+            buckets=_BUCKETS,
+            registry=REGISTRY,
+        ),
+    )
+
+
+SERVER_STARTED, SERVER_HANDLED, SERVER_HANDLING_SECONDS = _call_metrics(
+    "server", "RPCs started on the server."
 )
 SERVER_MSG_RECEIVED = Counter(
     "grpc_server_msg_received_total",
@@ -100,21 +108,8 @@ SERVER_MSG_SENT = Counter(
     _CALL_LABELS,
     registry=REGISTRY,
 )
-CLIENT_STARTED = Counter(
-    "grpc_client_started_total", "RPCs started by clients.", _CALL_LABELS, registry=REGISTRY
-)
-CLIENT_HANDLED = Counter(
-    "grpc_client_handled_total",
-    "RPCs completed on the client, by status code.",
-    (*_CALL_LABELS, "grpc_code"),
-    registry=REGISTRY,
-)
-CLIENT_HANDLING_SECONDS = Histogram(
-    "grpc_client_handling_seconds",
-    "Time from the start of an RPC to its status on the client.",
-    _CALL_LABELS,
-    buckets=_BUCKETS,
-    registry=REGISTRY,
+CLIENT_STARTED, CLIENT_HANDLED, CLIENT_HANDLING_SECONDS = _call_metrics(
+    "client", "RPCs started by clients."
 )
 
 

@@ -5,19 +5,78 @@ its mtime changes, and a broken edit keeps the policy in force.
 
 Both are ``version = 1`` documents of ``[[rules]]`` tables whose keys are lists of globs
 (a single string is accepted for one glob), with ``callers`` required and an optional
-``description``. This module reads that shape once; each policy builds its own rules.
+``description``. This module reads that shape once; each policy builds its own rules,
+on :class:`GlobRule` (callers, allow, deny), and decides on :class:`GlobPolicy`: every
+rule whose callers match applies, a name is allowed when one of them allows it and none
+denies it (deny wins).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from hivewire.services.runtime.filewatch import FileWatch
+
 logger = logging.getLogger(__name__)
+
+
+def matches(value: str, patterns: Sequence[str]) -> bool:
+    """Whether ``value`` matches one of the shell-style globs ``patterns``."""
+    return any(fnmatchcase(value, glob) for glob in patterns)
+
+
+@dataclass(frozen=True)
+class GlobRule:
+    """What every ``[[rules]]`` entry says: whom it covers, what it allows and denies.
+
+    Attributes:
+        callers: SPIFFE id globs the rule applies to.
+        allow: Globs of the names (methods, tools) it allows.
+        deny: Globs of the names it refuses (deny wins over any allow).
+        description: Free text for people reading the policy.
+    """
+
+    callers: tuple[str, ...]
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    description: str = ""
+
+    def applies_to(self, caller: str) -> bool:
+        """Whether the rule covers ``caller``."""
+        return matches(caller, self.callers)
+
+
+RuleT = TypeVar("RuleT", bound=GlobRule)
+
+
+@dataclass(frozen=True)
+class GlobPolicy(Generic[RuleT]):
+    """A parsed policy: rules, in file order.
+
+    Attributes:
+        rules: The rules.
+        source: Where it came from (a path, or ``default``).
+    """
+
+    rules: tuple[RuleT, ...]
+    source: str = "default"
+
+    def applying(self, caller: str) -> list[RuleT]:
+        """The rules that cover ``caller``."""
+        return [rule for rule in self.rules if rule.applies_to(caller)]
+
+    @staticmethod
+    def permits(rules: Sequence[RuleT], name: str) -> bool:
+        """Whether one of ``rules`` allows ``name`` and none denies it."""
+        if any(matches(name, rule.deny) for rule in rules):
+            return False
+        return any(matches(name, rule.allow) for rule in rules)
 
 
 def globs(value: Any, where: str, error: type[ValueError]) -> tuple[str, ...]:
@@ -86,70 +145,105 @@ class RuleSet(Protocol):
 PolicyT = TypeVar("PolicyT", bound=RuleSet)
 
 
-class ReloadingPolicy(Generic[PolicyT]):
-    """A policy file, re-read when it changes (its mtime checked at most once per interval).
+@dataclass(frozen=True)
+class PolicyKind(Generic[PolicyT]):
+    """One kind of policy file: its rules' keys, how one rule and the policy are built.
 
-    A file that cannot be read or does not parse keeps the policy in force, with one
-    error in the log per edit: a half-written or broken file must not open or close
-    everything by accident.
+    Attributes:
+        name: What the log calls it, e.g. ``"tool policy"``.
+        error: What an invalid file raises (a ``ValueError`` naming the place).
+        rule_keys: The keys a rule may have.
+        rule: Builds one rule from ``(where, rule table, description)``, raising ``error``.
+        policy: Builds the policy from ``rules=`` and ``source=`` (the policy class).
+    """
+
+    name: str
+    error: type[ValueError]
+    rule_keys: frozenset[str]
+    rule: Callable[[str, Mapping[str, Any], str], Any]
+    policy: Callable[..., PolicyT]
+
+    def parse(self, data: Mapping[str, Any], source: str = "<memory>") -> PolicyT:
+        """Build a policy from a parsed TOML document.
+
+        Raises:
+            ValueError: ``error``: unknown keys, wrong types, a rule without callers or
+                another rule the kind refuses.
+        """
+        tables = rule_tables(data, source, rule_keys=self.rule_keys, error=self.error)
+        rules = tuple(self.rule(where, raw, description) for where, raw, description in tables)
+        return self.policy(rules=rules, source=source)
+
+    def load(self, path: Path) -> PolicyT:
+        """Read and parse a policy file.
+
+        Raises:
+            ValueError: ``error``: the file is not valid TOML or not a valid policy.
+            OSError: The file cannot be read.
+        """
+        return self.parse(load_toml(path, self.error), str(path))
+
+
+class ReloadingPolicy(Generic[PolicyT]):
+    """The policy in force: a default, or a file re-read when it changes.
+
+    The file's mtime is checked at most once per interval. A file that cannot be read or
+    does not parse keeps the policy in force, with one error in the log per edit: a
+    half-written or broken file must not open or close everything by accident.
 
     Args:
-        path: The policy file.
-        load: Reads and parses it (raising one of ``errors`` or ``OSError``).
-        errors: What ``load`` raises for an invalid file.
-        name: What the log calls it, e.g. ``"tool policy"``.
+        kind: What the file is.
+        path: The policy file; None for ``default``.
+        default: The policy without a file.
         check_interval: Minimum seconds between two checks of the file's mtime.
 
     Raises:
         OSError: The file cannot be read at construction.
-        Exception: ``load``'s error for an invalid file at construction (a bad policy
-            must stop the service from starting).
+        ValueError: The kind's error, for an invalid file at construction (a bad
+            policy must stop the service from starting).
     """
 
     def __init__(
         self,
-        path: Path,
-        load: Callable[[Path], PolicyT],
+        kind: PolicyKind[PolicyT],
+        path: Path | None,
         *,
-        errors: tuple[type[Exception], ...],
-        name: str,
+        default: PolicyT,
         check_interval: float,
     ) -> None:
+        self.kind = kind
         self.path = path
-        self._load = load
-        self._errors = errors
-        self._name = name
-        self._interval = check_interval
-        self._checked = time.monotonic()
-        self._mtime = path.stat().st_mtime_ns
-        self.policy: PolicyT = load(path)
+        self._watch: FileWatch | None = None
+        self.policy: PolicyT = default
         """The policy in force."""
+        if path is not None:
+            self._watch = FileWatch(path, check_interval=check_interval)
+            self._watch.mark()
+            self.policy = kind.load(path)
 
     def refresh(self) -> bool:
-        """Re-read the file if it is time to check and it changed.
+        """Re-read the file if there is one, it is time to check and it changed.
 
         Returns:
             True when a new policy was loaded (``policy`` changed).
         """
-        now = time.monotonic()
-        if now - self._checked < self._interval:
+        if self._watch is None or self.path is None:
             return False
-        self._checked = now
+        name = self.kind.name
         try:
-            mtime = self.path.stat().st_mtime_ns
+            stamp = self._watch.changed()
         except OSError as exc:
-            logger.error("%s file unreadable, keeping the previous policy: %s", self._name, exc)
+            logger.error("%s file unreadable, keeping the previous policy: %s", name, exc)
             return False
-        if mtime == self._mtime:
+        if stamp is None:
             return False
         # Remember the change even if it fails to parse: one error per edit, not per second.
-        self._mtime = mtime
-        invalid: tuple[type[BaseException], ...] = (OSError, *self._errors)
+        self._watch.mark(stamp)
         try:
-            policy = self._load(self.path)
-        except invalid as exc:
-            logger.error("%s not reloaded, keeping the previous one: %s", self._name, exc)
+            policy = self.kind.load(self.path)
+        except (OSError, self.kind.error) as exc:
+            logger.error("%s not reloaded, keeping the previous one: %s", name, exc)
             return False
         self.policy = policy
-        logger.info("%s reloaded: %d rule(s) from %s", self._name, len(policy.rules), self.path)
+        logger.info("%s reloaded: %d rule(s) from %s", name, len(policy.rules), self.path)
         return True

@@ -20,11 +20,12 @@ list names serials, and is cached per certificate.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
+
+from hivewire.services.runtime.filewatch import FileWatch
 
 logger = logging.getLogger(__name__)
 
@@ -41,31 +42,23 @@ class RevocationList:
     def __init__(self, path: Path, *, check_interval: float = 1.0) -> None:
         """Read the file (a missing file is an empty list)."""
         self.path = path
-        self._interval = check_interval
-        self._checked = float("-inf")
-        self._mtime: int | None = None
+        self._watch = FileWatch(path, check_interval=check_interval, missing_ok=True)
         self.serials: frozenset[str] = frozenset()
         self.identities: frozenset[str] = frozenset()
         self._serial_of: dict[bytes, str] = {}
         self._refresh()
 
     def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked < self._interval:
-            return
-        self._checked = now
         try:
-            mtime = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            mtime = None
+            stamp = self._watch.changed()
         except OSError as exc:
             logger.error("revocation list unreadable, keeping the previous one: %s", exc)
             return
-        if mtime == self._mtime:
+        if stamp is None:
             return
-        self._mtime = mtime
+        self._watch.mark(stamp)
         serials, identities = set(), set()
-        if mtime is not None:
+        if stamp[0] is not None:
             for raw in self.path.read_text().splitlines():
                 entry = raw.split("#", 1)[0].strip()
                 if entry.startswith("spiffe://"):

@@ -67,10 +67,14 @@ class ServiceBinding:
             (used for health status and reflection).
         add_to_server: Registers the servicer, e.g.
             ``lambda s: add_CoordinatorServiceServicer_to_server(servicer, s)``.
+        untraced_methods: Method names (``WatchTask``) of the service whose calls get
+            no OTel server span: long-lived streams that only follow, where a span held
+            for the life of each stream costs several KiB per stream.
     """
 
     name: str
     add_to_server: Callable[[grpc.aio.Server], None]
+    untraced_methods: tuple[str, ...] = ()
 
 
 class HealthServicer(health.aio.HealthServicer):
@@ -253,7 +257,11 @@ class ServiceServer(StartStop):
         )
         self.authz = AuthzServerInterceptor(store, authn=authn, revoked=revoked)
         server = grpc.aio.server(
-            interceptors=server_interceptors(self._extra_interceptors, authz=self.authz),
+            interceptors=server_interceptors(
+                self._extra_interceptors,
+                authz=self.authz,
+                untraced=[f"/{b.name}/{m}" for b in self._bindings for m in b.untraced_methods],
+            ),
             options=server_options(settings.max_message_bytes),
         )
         self._server = server

@@ -12,12 +12,14 @@ on the status code alone.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, fields
 from typing import Any, cast
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from google.rpc.error_details_pb2 import BadRequest, PreconditionFailure, QuotaFailure
 from grpc_status import rpc_status
 
 from hivewire.services.runtime.convert import duration
@@ -49,6 +51,17 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
+_VIOLATION_DETAILS: tuple[tuple[type[HivewireError], str, type[Any], Any, str], ...] = (
+    (InvalidArgument, "violations", FieldViolation, BadRequest, "field_violations"),
+    (FailedPrecondition, "violations", PreconditionViolation, PreconditionFailure, "violations"),
+    (ResourceExhausted, "quota_violations", QuotaViolation, QuotaFailure, "violations"),
+)
+"""The errors that list violations: (error class, its list attribute, the violation
+dataclass, the detail message carrying them, its list field). A violation dataclass has
+the fields of the detail's list element, by name.
+"""
+
+
 def to_rpc_status(err: HivewireError) -> status_pb2.Status:
     """Build the ``google.rpc.Status`` message for a domain error.
 
@@ -65,20 +78,7 @@ def to_rpc_status(err: HivewireError) -> status_pb2.Status:
             )
         )
     ]
-    if isinstance(err, InvalidArgument) and err.violations:
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
-                        )
-                        for v in err.violations
-                    ]
-                )
-            )
-        )
-    elif isinstance(err, NotFound | AlreadyExists):
+    if isinstance(err, NotFound | AlreadyExists):
         details.append(
             _pack(
                 error_details_pb2.ResourceInfo(
@@ -89,32 +89,13 @@ def to_rpc_status(err: HivewireError) -> status_pb2.Status:
                 )
             )
         )
-    elif isinstance(err, FailedPrecondition) and err.violations:
-        details.append(
-            _pack(
-                error_details_pb2.PreconditionFailure(
-                    violations=[
-                        error_details_pb2.PreconditionFailure.Violation(
-                            type=v.type, subject=v.subject, description=v.description
-                        )
-                        for v in err.violations
-                    ]
-                )
-            )
-        )
-    if isinstance(err, ResourceExhausted) and err.quota_violations:
-        details.append(
-            _pack(
-                error_details_pb2.QuotaFailure(
-                    violations=[
-                        error_details_pb2.QuotaFailure.Violation(
-                            subject=v.subject, description=v.description
-                        )
-                        for v in err.quota_violations
-                    ]
-                )
-            )
-        )
+    for cls, attribute, _, detail, field in _VIOLATION_DETAILS:
+        violations = getattr(err, attribute) if isinstance(err, cls) else None
+        if violations:
+            message = detail()
+            for violation in violations:
+                getattr(message, field).add(**asdict(violation))
+            details.append(_pack(message))
     if isinstance(err, ResourceExhausted | Unavailable) and err.retry_after is not None:
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration(err.retry_after))))
     return status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
@@ -147,6 +128,14 @@ def _unpack(packed: any_pb2.Any, message: Any) -> bool:
     return False
 
 
+_DETAIL_TYPES: tuple[type[Any], ...] = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.RetryInfo,
+    *(detail for *_, detail, _ in _VIOLATION_DETAILS),
+)
+
+
 def from_rpc_status(status: status_pb2.Status) -> HivewireError:
     """Rebuild the domain error from a ``google.rpc.Status``.
 
@@ -158,66 +147,44 @@ def from_rpc_status(status: status_pb2.Status) -> HivewireError:
     """
     code = _code_from_int(status.code)
     cls = error_class_for(code)
-    info: error_details_pb2.ErrorInfo | None = None
-    bad_request: error_details_pb2.BadRequest | None = None
-    resource: error_details_pb2.ResourceInfo | None = None
-    precondition: error_details_pb2.PreconditionFailure | None = None
-    quota: error_details_pb2.QuotaFailure | None = None
-    retry_after: float | None = None
+    found: dict[type[Any], Any] = {}
     for packed in status.details:
-        if info is None and _unpack(packed, m := error_details_pb2.ErrorInfo()):
-            info = m
-        elif _unpack(packed, br := error_details_pb2.BadRequest()):
-            bad_request = br
-        elif _unpack(packed, ri := error_details_pb2.ResourceInfo()):
-            resource = ri
-        elif _unpack(packed, pf := error_details_pb2.PreconditionFailure()):
-            precondition = pf
-        elif _unpack(packed, qf := error_details_pb2.QuotaFailure()):
-            quota = qf
-        elif _unpack(packed, rt := error_details_pb2.RetryInfo()):
-            retry_after = rt.retry_delay.seconds + rt.retry_delay.nanos / 1e9
+        for detail in _DETAIL_TYPES:
+            if _unpack(packed, message := detail()):
+                # The first ErrorInfo counts; of the others, the last one.
+                if detail is not error_details_pb2.ErrorInfo or detail not in found:
+                    found[detail] = message
+                break
+    info = found.get(error_details_pb2.ErrorInfo)
+    resource = found.get(error_details_pb2.ResourceInfo)
+    retry = found.get(error_details_pb2.RetryInfo)
+    retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9 if retry else None
+    violations = [
+        violation(**{f.name: getattr(item, f.name) for f in fields(violation)})
+        for error, _, violation, detail, field in _VIOLATION_DETAILS
+        if cls is error and detail in found
+        for item in getattr(found[detail], field)
+    ]
     # Only a refined reason becomes an instance attribute; the default stays on the class.
     reason = info.reason if info is not None and info.reason not in ("", cls.reason) else None
     metadata = dict(info.metadata) if info is not None else {}
     message = status.message
     kw: dict[str, Any] = {"reason": reason, "metadata": metadata}
 
-    err: HivewireError
-    if cls is InvalidArgument:
-        violations: Iterable[FieldViolation] = (
-            [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
-            if bad_request is not None
-            else []
-        )
-        err = InvalidArgument(message, violations, **kw)
-    elif issubclass(cls, ResourceError):
+    if issubclass(cls, ResourceError):
         rtype = resource.resource_type if resource is not None else ""
         rname = resource.resource_name if resource is not None else ""
         owner = resource.owner if resource is not None else ""
-        err = cls(rtype, rname, message, owner=owner, **kw)
-    elif cls is FailedPrecondition:
-        pviolations = (
-            [
-                PreconditionViolation(v.type, v.subject, v.description)
-                for v in precondition.violations
-            ]
-            if precondition is not None
-            else []
-        )
-        err = FailedPrecondition(message, pviolations, **kw)
-    elif cls is ResourceExhausted:
-        qviolations = (
-            [QuotaViolation(v.subject, v.description) for v in quota.violations]
-            if quota is not None
-            else []
-        )
-        err = ResourceExhausted(message, qviolations, retry_after, **kw)
-    elif cls is Unavailable:
-        err = Unavailable(message, retry_after, **kw)
-    else:
-        err = cls(message, **kw)
-    return err
+        return cls(rtype, rname, message, owner=owner, **kw)
+    if cls is ResourceExhausted:
+        return ResourceExhausted(message, violations, retry_after, **kw)
+    if cls is Unavailable:
+        return Unavailable(message, retry_after, **kw)
+    if cls is InvalidArgument:
+        return InvalidArgument(message, violations, **kw)
+    if cls is FailedPrecondition:
+        return FailedPrecondition(message, violations, **kw)
+    return cls(message, **kw)
 
 
 def _code_from_int(value: int) -> grpc.StatusCode:

@@ -21,6 +21,8 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from hivewire.services.runtime.filewatch import FileWatch
+
 logger = logging.getLogger(__name__)
 
 TRUST_DOMAIN = "hivewire.local"
@@ -107,14 +109,6 @@ class TlsFiles:
                 "or point HIVEWIRE_CERTS_DIR at the directory that has it"
             ) from exc
 
-    def mtimes(self) -> tuple[int, int, int]:
-        """Modification times (ns) of the three files, used to notice rotation."""
-        return (
-            self.ca.stat().st_mtime_ns,
-            self.cert.stat().st_mtime_ns,
-            self.key.stat().st_mtime_ns,
-        )
-
 
 def _check_pair(cert_pem: bytes, key_pem: bytes) -> None:
     """Reject a certificate/key pair that does not belong together.
@@ -139,10 +133,11 @@ class _ReloadingServerConfig:
 
     def __init__(self, files: TlsFiles) -> None:
         self._files = files
+        self._watch = FileWatch(files.ca, files.cert, files.key)
         self._lock = threading.Lock()
         ca, cert, key = files.read()
         _check_pair(cert, key)
-        self._mtimes = files.mtimes()
+        self._watch.mark()
         self.initial = grpc.ssl_server_certificate_configuration(
             [(key, cert)], root_certificates=ca
         )
@@ -150,8 +145,8 @@ class _ReloadingServerConfig:
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         with self._lock:
             try:
-                mtimes = self._files.mtimes()
-                if mtimes == self._mtimes:
+                stamp = self._watch.changed()
+                if stamp is None:
                     return None
                 ca, cert, key = self._files.read()
                 _check_pair(cert, key)
@@ -160,7 +155,7 @@ class _ReloadingServerConfig:
                 # not take the service down.
                 logger.warning("TLS reload from %s skipped: %s", self._files.cert.parent, exc)
                 return None
-            self._mtimes = mtimes
+            self._watch.mark(stamp)
             logger.info("TLS certificate reloaded from %s", self._files.cert)
             return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 

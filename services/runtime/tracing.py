@@ -25,7 +25,7 @@ import importlib
 import inspect
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -121,11 +121,29 @@ class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):
         return super()._intercept_aio_server_stream(behavior, handler_call_details)  # type: ignore[no-untyped-call]
 
 
-def server_interceptor() -> grpc.aio.ServerInterceptor:
-    """The OTel server interceptor (outermost in every server chain)."""
-    stock = aio_server_interceptor(filter_=_UNTRACED)  # type: ignore[no-untyped-call]
+def server_interceptor(untraced: Iterable[str] = ()) -> grpc.aio.ServerInterceptor:
+    """The OTel server interceptor (outermost in every server chain).
+
+    Args:
+        untraced: Full method names (``/package.Service/Method``) that get no server
+            span: long-lived streams that only follow (``WatchTask``), where a span
+            held open for the life of each stream is several KiB per stream.
+    """
+    methods = frozenset(untraced)
+    untraced_filter: Any = (
+        filters.negate(
+            filters.any_of(
+                filters.health_check(),
+                filters.service_prefix("grpc.reflection"),
+                lambda details: details.method in methods,
+            )
+        )
+        if methods
+        else _UNTRACED
+    )
+    stock = aio_server_interceptor(filter_=untraced_filter)  # type: ignore[no-untyped-call]
     interceptor: grpc.aio.ServerInterceptor = _ServerInterceptor(  # type: ignore[no-untyped-call]
-        stock._tracer, filter_=_UNTRACED
+        stock._tracer, filter_=untraced_filter
     )
     return interceptor
 

@@ -11,15 +11,9 @@ identity ``tool``, port 50053, metrics on port 51053.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
-from hivewire.services.runtime.bootstrap import (
-    TOOL_PORT,
-    Registration,
-    ServiceEntry,
-    service_process,
-)
+from hivewire.services.runtime.bootstrap import TOOL_PORT, Hosting, ServiceEntry, ServiceProcess
 from hivewire.services.runtime.grants import NatsGrantLedger
 from hivewire.services.runtime.server import ServiceBinding
 from hivewire.services.runtime.tls import nats_tls_options
@@ -29,50 +23,49 @@ from hivewire.services.tool.servicer import SERVICE_NAME, ToolServicer
 from hivewire.services.tool.settings import ToolProcessSettings
 from hivewire.tool.v1 import tool_pb2_grpc
 
-logger = logging.getLogger(__name__)
-
 ENTRY = ServiceEntry(
     "tool", title="hivewire tool service", port=TOOL_PORT, settings_model=ToolProcessSettings
 )
-SERVICE = "hivewire-tool"
-"""Registry name of the tool service."""
 
 
-async def serve(settings: ToolProcessSettings) -> None:
-    """Run the service until SIGTERM or SIGINT."""
-    async with service_process(settings, "tool") as process:
-        ledger = None
-        if settings.tool.grant_ledger == "nats":
-            # Approvals are single use across every tool service of the mesh.
-            ledger = NatsGrantLedger(
-                settings.nats_url,
-                horizon=settings.tool.grant_ledger_ttl,
-                nats_options=nats_tls_options(settings.nats_url, settings.tls_files()),
-            )
-            process.stack.push_async_callback(ledger.close)
-        service = await process.stack.enter_async_context(
-            open_tool_service(
-                settings.tool,
-                publisher=process.events,
-                mesh_ca=settings.tls_files().ca,
-                grant_ledger=ledger,
-            )
+async def open_tool(process: ServiceProcess, settings: ToolProcessSettings) -> Hosting:
+    """Open the grant ledger, the tools and the MCP server (closed when the process
+    ends) and the servicer over them; the tool names are the registry tags.
+    """
+    ledger = None
+    if settings.tool.grant_ledger == "nats":
+        # Approvals are single use across every tool service of the mesh.
+        ledger = NatsGrantLedger(
+            settings.nats_url,
+            horizon=settings.tool.grant_ledger_ttl,
+            nats_options=nats_tls_options(settings.nats_url, settings.tls_files()),
         )
-        extra_ports: dict[str, int] = {}
-        if settings.tool.mcp_serve_port is not None:
-            mcp = await process.stack.enter_async_context(serve_mcp(service, settings))
-            extra_ports["mcp"] = mcp.port
-        servicer = ToolServicer(service)
-        binding = ServiceBinding(
-            SERVICE_NAME, lambda s: tool_pb2_grpc.add_ToolServiceServicer_to_server(servicer, s)
+        process.stack.push_async_callback(ledger.close)
+    service = await process.stack.enter_async_context(
+        open_tool_service(
+            settings.tool,
+            publisher=process.events,
+            mesh_ca=settings.tls_files().ca,
+            grant_ledger=ledger,
         )
-        registration = Registration(
-            SERVICE,
-            process.instance_id,
-            tags=tuple(tool.name for tool in service.registry.tools()),
-            meta={"name": "tool", "identity": settings.identity},
-        )
-        await process.serve([binding], registration, extra_ports=extra_ports)
+    )
+    extra_ports: dict[str, int] = {}
+    if settings.tool.mcp_serve_port is not None:
+        mcp = await process.stack.enter_async_context(serve_mcp(service, settings))
+        extra_ports["mcp"] = mcp.port
+    servicer = ToolServicer(service)
+    binding = ServiceBinding(
+        SERVICE_NAME, lambda s: tool_pb2_grpc.add_ToolServiceServicer_to_server(servicer, s)
+    )
+    return Hosting(
+        [binding],
+        tags=tuple(tool.name for tool in service.registry.tools()),
+        extra_ports=extra_ports,
+    )
+
+
+serve = ENTRY.hosting(open_tool)
+"""Run the service until SIGTERM or SIGINT (registered as ``hivewire-tool``)."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:

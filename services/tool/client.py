@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from hivewire.services.base.keywords import check_keywords
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime.convert import to_struct
 from hivewire.services.runtime.errors import ERROR_DOMAIN, HivewireError, Internal
@@ -45,12 +46,31 @@ from hivewire.services.tool.domain import (
 from hivewire.services.tool.sdk import normalize_json
 from hivewire.tool.v1 import tool_pb2, tool_pb2_grpc
 
-__all__ = ["DEFAULT_TIMEOUT", "ToolClient", "failure_error"]
+__all__ = ["DEFAULT_TIMEOUT", "InvokeOptions", "ToolClient", "failure_error"]
 
 DEFAULT_TIMEOUT = 60.0
 """Deadline (s) of a tool call that gives none."""
 
 ProgressHandler = Callable[[ProgressUpdate], Awaitable[None] | None]
+
+
+class InvokeOptions(TypedDict, total=False):
+    """The options of one tool call (:meth:`ToolClient.stream`, :meth:`ToolClient.invoke`).
+
+    Attributes:
+        task_id: The task the call is for.
+        call_id: An id for the call (the service mints one when empty).
+        approval: The approval, for tools that need one.
+        timeout: Deadline in seconds (pass the task's remaining time; absent:
+            :data:`DEFAULT_TIMEOUT`, None: the channel's).
+        metadata: Extra call metadata.
+    """
+
+    task_id: str
+    call_id: str
+    approval: ApprovalGrant | None
+    timeout: float | None
+    metadata: Sequence[tuple[str, str]]
 
 
 def failure_error(failure: ErrorInfo, tool_name: str = "") -> HivewireError:
@@ -114,23 +134,15 @@ class ToolClient:
         self,
         name: str,
         arguments: Mapping[str, Any] | None = None,
-        *,
-        task_id: str = "",
-        call_id: str = "",
-        approval: ApprovalGrant | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - the gRPC deadline
-        metadata: Sequence[tuple[str, str]] = (),
+        **options: Unpack[InvokeOptions],
     ) -> AsyncIterator[InvokeEvent]:
         """Invoke a tool and yield every message of its stream as a value.
 
         Args:
             name: The tool.
             arguments: Its arguments (a JSON object).
-            task_id: The task the call is for.
-            call_id: An id for the call (the service mints one when empty).
-            approval: The approval, for tools that need one.
-            timeout: Deadline in seconds (pass the task's remaining time).
-            metadata: Extra call metadata.
+            **options: The call's options (:class:`InvokeOptions`: ``task_id``,
+                ``call_id``, ``approval``, ``timeout``, ``metadata``).
 
         Yields:
             ``ProgressUpdate`` values, then one ``ToolOutcome``, ``ErrorInfo`` or
@@ -139,18 +151,25 @@ class ToolClient:
         Raises:
             HivewireError: The call was refused or failed (gRPC status).
         """
+        check_keywords("ToolClient.stream", options, InvokeOptions.__optional_keys__)
+        task_id = options.get("task_id", "")
         request = tool_pb2.InvokeToolRequest(
             tool_name=name,
             arguments=to_struct(normalize_json(dict(arguments or {}))),
             task_id=task_id,
-            call_id=call_id,
+            call_id=options.get("call_id", ""),
         )
+        approval = options.get("approval")
         if approval is not None:
             request.approval.CopyFrom(approval_to_proto(approval))
-        call_metadata = list(metadata)
+        call_metadata = list(options.get("metadata", ()))
         if task_id:
             call_metadata.append((md.TASK_ID, task_id))
-        call = self._stub.InvokeTool(request, timeout=timeout, metadata=call_metadata or None)
+        call = self._stub.InvokeTool(
+            request,
+            timeout=options.get("timeout", DEFAULT_TIMEOUT),
+            metadata=call_metadata or None,
+        )
         try:
             async for response in call:
                 event = event_from_proto(response)
@@ -173,24 +192,16 @@ class ToolClient:
         name: str,
         arguments: Mapping[str, Any] | None = None,
         *,
-        task_id: str = "",
-        call_id: str = "",
-        approval: ApprovalGrant | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - the gRPC deadline
         on_progress: ProgressHandler | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
+        **options: Unpack[InvokeOptions],
     ) -> ToolOutcome | ApprovalRequest:
         """Invoke a tool and wait for its result.
 
         Args:
             name: The tool.
             arguments: Its arguments (a JSON object).
-            task_id: The task the call is for.
-            call_id: An id for the call.
-            approval: The approval, for tools that need one.
-            timeout: Deadline in seconds (pass the task's remaining time).
             on_progress: Called with each progress report (sync or async).
-            metadata: Extra call metadata.
+            **options: The call's options, as for :meth:`stream`.
 
         Returns:
             The result, or the approval request when the tool needs an approval first.
@@ -199,15 +210,8 @@ class ToolClient:
             HivewireError: The call was refused, timed out, or the tool failed (then the
                 class for the failure's code, ``metadata["tool_error"] == "true"``).
         """
-        async for event in self.stream(
-            name,
-            arguments,
-            task_id=task_id,
-            call_id=call_id,
-            approval=approval,
-            timeout=timeout,
-            metadata=metadata,
-        ):
+        check_keywords("ToolClient.invoke", options, InvokeOptions.__optional_keys__)
+        async for event in self.stream(name, arguments, **options):
             if isinstance(event, ProgressUpdate):
                 if on_progress is not None:
                     outcome = on_progress(event)

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -27,6 +26,7 @@ from jsonschema.exceptions import SchemaError
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.types import CONNECTION_CLOSED
 
+from hivewire.services.base.lifecycle import StartStop, cancel_and_wait
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.tool.domain import ToolInfo, ToolSource
 from hivewire.services.tool.registry import Tool, ToolRegistry
@@ -269,7 +269,7 @@ class McpTool(Tool):
         return await self._connection.call(self.remote_name, arguments, ctx)
 
 
-class McpBridge:
+class McpBridge(StartStop):
     """Every configured MCP server, connected for the service's lifetime."""
 
     def __init__(self, servers: list[McpServerSettings], registry: ToolRegistry) -> None:
@@ -282,7 +282,8 @@ class McpBridge:
         self.connections = [McpConnection(config, registry) for config in servers]
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def __aenter__(self) -> McpBridge:
+    async def start(self) -> None:
+        """Connect to every server; wait for each one's first attempt."""
         for connection in self.connections:
             self._tasks.append(asyncio.create_task(connection.run(), name=f"mcp-{connection.name}"))
         # Wait for each server's first attempt, bounded by its connect timeout, so that a
@@ -296,17 +297,8 @@ class McpBridge:
         ):
             if isinstance(outcome, BaseException):
                 logger.warning("MCP server %s: no answer at startup; retrying", connection.name)
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    async def stop(self) -> None:
+        """Stop every server's connection loop."""
+        await cancel_and_wait(self._tasks, suppress=(Exception,))
         self._tasks.clear()

@@ -31,13 +31,12 @@ to parse then is logged and the previous policy stays in force.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from hivewire.services.runtime.policyfile import ReloadingPolicy, globs, load_toml, rule_tables
+from hivewire.services.runtime import policyfile
 
 logger = logging.getLogger(__name__)
 
@@ -52,26 +51,18 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True)
-class Rule:
+class Rule(policyfile.GlobRule):
     """One ``[[rules]]`` entry.
 
     Attributes:
         callers: SPIFFE id globs the rule applies to.
         allow: Tool name globs it allows.
         deny: Tool name globs it forbids (deny wins over any allow).
-        require_approval: Tool name globs whose calls need an approval.
         description: Free text for people reading the file.
+        require_approval: Tool name globs whose calls need an approval.
     """
 
-    callers: tuple[str, ...]
-    allow: tuple[str, ...] = ()
-    deny: tuple[str, ...] = ()
     require_approval: tuple[str, ...] = ()
-    description: str = ""
-
-    def applies_to(self, caller: str) -> bool:
-        """Whether the rule covers ``caller``."""
-        return any(fnmatchcase(caller, glob) for glob in self.callers)
 
 
 @dataclass(frozen=True)
@@ -87,21 +78,8 @@ class Decision:
     requires_approval: bool = False
 
 
-def _matches(name: str, globs: Sequence[str]) -> bool:
-    return any(fnmatchcase(name, glob) for glob in globs)
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A parsed policy: an ordered list of rules.
-
-    Attributes:
-        rules: The rules.
-        source: Where it came from (a path, or ``default``).
-    """
-
-    rules: tuple[Rule, ...]
-    source: str = "default"
+class Policy(policyfile.GlobPolicy[Rule]):
+    """A parsed tool policy: which caller may call which tool, and with whose approval."""
 
     def decide(self, caller: str, tool_name: str) -> Decision:
         """Whether ``caller`` may call ``tool_name``, and whether it needs approval.
@@ -115,12 +93,10 @@ class Policy:
         """
         if not caller:
             return Decision(False)
-        rules = [rule for rule in self.rules if rule.applies_to(caller)]
-        if any(_matches(tool_name, rule.deny) for rule in rules):
+        rules = self.applying(caller)
+        if not self.permits(rules, tool_name):
             return Decision(False)
-        if not any(_matches(tool_name, rule.allow) for rule in rules):
-            return Decision(False)
-        approval = any(_matches(tool_name, rule.require_approval) for rule in rules)
+        approval = any(policyfile.matches(tool_name, rule.require_approval) for rule in rules)
         return Decision(True, approval)
 
 
@@ -137,44 +113,25 @@ DEFAULT_POLICY = Policy(
 """The policy in force when no file is configured."""
 
 
-def parse_policy(data: Mapping[str, Any], source: str = "<memory>") -> Policy:
-    """Build a policy from parsed TOML.
-
-    Args:
-        data: The TOML document (``{"rules": [...]}``).
-        source: Name used in error messages.
-
-    Returns:
-        The policy.
-
-    Raises:
-        PolicyError: Unknown keys, wrong types or a rule without callers.
-    """
-    rules = [
-        Rule(
-            callers=globs(raw["callers"], f"{where}.callers", PolicyError),
-            allow=globs(raw.get("allow", []), f"{where}.allow", PolicyError),
-            deny=globs(raw.get("deny", []), f"{where}.deny", PolicyError),
-            require_approval=globs(
-                raw.get("require_approval", []), f"{where}.require_approval", PolicyError
-            ),
-            description=description,
-        )
-        for where, raw, description in rule_tables(
-            data, source, rule_keys=_RULE_KEYS, error=PolicyError
-        )
-    ]
-    return Policy(rules=tuple(rules), source=source)
+def _rule(where: str, raw: Mapping[str, Any], description: str) -> Rule:
+    lists = ("callers", "allow", "deny", "require_approval")
+    found = {
+        key: policyfile.globs(raw.get(key, []), f"{where}.{key}", PolicyError) for key in lists
+    }
+    return Rule(**found, description=description)
 
 
-def load_policy(path: Path) -> Policy:
-    """Read and parse a policy file.
+TOOL_POLICY_FILE = policyfile.PolicyKind("tool policy", PolicyError, _RULE_KEYS, _rule, Policy)
+"""The tool policy file: how it is read (:class:`PolicyStore` reloads it).
 
-    Raises:
-        PolicyError: The file is not valid TOML or not a valid policy.
-        OSError: The file cannot be read.
-    """
-    return parse_policy(load_toml(path, PolicyError), str(path))
+Its errors are :class:`PolicyError`: unknown keys, wrong types or a rule without callers.
+"""
+
+parse_policy = TOOL_POLICY_FILE.parse
+"""Build a policy from a parsed TOML document (``{"rules": [...]}``)."""
+
+load_policy = TOOL_POLICY_FILE.load
+"""Read and parse a policy file (:class:`PolicyError`, ``OSError``)."""
 
 
 class PolicyStore:
@@ -192,23 +149,16 @@ class PolicyStore:
                 starting rather than silently allow or deny everything).
             OSError: The file cannot be read.
         """
-        self._file: ReloadingPolicy[Policy] | None = None
+        self._file = policyfile.ReloadingPolicy(
+            TOOL_POLICY_FILE, path, default=DEFAULT_POLICY, check_interval=check_interval
+        )
         if path is None:
             logger.info("tool policy: default (agents may call every tool)")
         else:
-            self._file = ReloadingPolicy(
-                path,
-                load_policy,
-                errors=(PolicyError,),
-                name="tool policy",
-                check_interval=check_interval,
-            )
             logger.info("tool policy: %d rule(s) from %s", len(self._file.policy.rules), path)
 
     @property
     def policy(self) -> Policy:
         """The current policy (re-read first if the file changed)."""
-        if self._file is None:
-            return DEFAULT_POLICY
         self._file.refresh()
         return self._file.policy

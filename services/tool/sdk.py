@@ -36,10 +36,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, TypeVar, get_type_hints, overload
+from typing import Any, TypedDict, TypeVar, Unpack, get_type_hints, overload
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 from pydantic_core import PydanticUndefined, to_jsonable_python
+
+from hivewire.services.base.keywords import check_keywords
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -48,6 +50,7 @@ __all__ = [
     "ToolContext",
     "ToolDefinition",
     "ToolError",
+    "ToolOptions",
     "ToolOutput",
     "arguments_digest",
     "canonical_json",
@@ -424,25 +427,38 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
     return summary, params
 
 
-def _build_definition(
-    func: Callable[..., Any],
-    *,
-    name: str | None,
-    description: str | None,
-    requires_approval: bool,
-    timeout: float | None,
-    version: str,
-    approval_prompt: str | None,
-) -> ToolDefinition:
+class ToolOptions(TypedDict, total=False):
+    """What ``@tool(...)`` takes besides the function (every key optional).
+
+    Attributes:
+        name: Tool name; defaults to the function's name.
+        description: What it does; defaults to the docstring's first paragraph.
+        requires_approval: Whether each call needs a person's approval first (False).
+        timeout: Cap (s) on one call; None uses the service's default.
+        version: The tool's version; plugins default to their distribution's.
+        approval_prompt: ``str.format`` template over the arguments for the approval
+            question (``"Delete {path}?"``).
+    """
+
+    name: str | None
+    description: str | None
+    requires_approval: bool
+    timeout: float | None
+    version: str
+    approval_prompt: str | None
+
+
+def _build_definition(func: Callable[..., Any], options: ToolOptions) -> ToolDefinition:
     if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
         raise TypeError(f"{func.__qualname__}: generator functions cannot be tools")
     if not callable(func):
         raise TypeError(f"{func!r} is not callable")
-    tool_name = name or func.__name__
+    tool_name = options.get("name") or func.__name__
     if not TOOL_NAME_PATTERN.match(tool_name):
         raise ValueError(
             f"invalid tool name {tool_name!r}: use letters, digits, '_', '.', '-' (max 128)"
         )
+    timeout = options.get("timeout")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"tool {tool_name}: timeout must be positive")
     summary, param_docs = _parse_docstring(inspect.getdoc(func) or "")
@@ -490,14 +506,14 @@ def _build_definition(
                 output_schema["$defs"] = defs
     return ToolDefinition(
         name=tool_name,
-        description=(description or summary or tool_name).strip(),
+        description=(options.get("description") or summary or tool_name).strip(),
         func=func,
         input_schema=input_schema,
         output_schema=output_schema,
-        requires_approval=requires_approval,
+        requires_approval=options.get("requires_approval", False),
         timeout=timeout,
-        version=version,
-        approval_prompt=approval_prompt,
+        version=options.get("version", ""),
+        approval_prompt=options.get("approval_prompt"),
         is_async=inspect.iscoroutinefunction(func),
         context_parameter=context_parameter,
         arguments_model=arguments_model,
@@ -511,28 +527,10 @@ def tool(func: F, /) -> F: ...
 
 
 @overload
-def tool(
-    *,
-    name: str | None = None,
-    description: str | None = None,
-    requires_approval: bool = False,
-    timeout: float | None = None,
-    version: str = "",
-    approval_prompt: str | None = None,
-) -> Callable[[F], F]: ...
+def tool(**options: Unpack[ToolOptions]) -> Callable[[F], F]: ...
 
 
-def tool(
-    func: F | None = None,
-    /,
-    *,
-    name: str | None = None,
-    description: str | None = None,
-    requires_approval: bool = False,
-    timeout: float | None = None,
-    version: str = "",
-    approval_prompt: str | None = None,
-) -> F | Callable[[F], F]:
+def tool(func: F | None = None, /, **options: Unpack[ToolOptions]) -> F | Callable[[F], F]:
     """Make a function a tool (``@tool`` or ``@tool(name=..., ...)``).
 
     The function is returned unchanged (so it stays directly callable and testable),
@@ -540,13 +538,8 @@ def tool(
 
     Args:
         func: The function, when used without parentheses.
-        name: Tool name; defaults to the function's name.
-        description: What it does; defaults to the docstring's first paragraph.
-        requires_approval: Whether each call needs a person's approval first.
-        timeout: Cap (s) on one call; None uses the service's default.
-        version: The tool's version; plugins default to their distribution's.
-        approval_prompt: ``str.format`` template over the arguments for the approval
-            question (``"Delete {path}?"``).
+        **options: :class:`ToolOptions`: ``name``, ``description``,
+            ``requires_approval``, ``timeout``, ``version``, ``approval_prompt``.
 
     Returns:
         The function (or a decorator that returns it).
@@ -555,17 +548,10 @@ def tool(
         TypeError: The signature cannot be a tool (``*args``, generators...).
         ValueError: Invalid name or timeout.
     """
+    check_keywords("tool", options, ToolOptions.__optional_keys__)
 
     def decorate(fn: F) -> F:
-        definition = _build_definition(
-            fn,
-            name=name,
-            description=description,
-            requires_approval=requires_approval,
-            timeout=timeout,
-            version=version,
-            approval_prompt=approval_prompt,
-        )
+        definition = _build_definition(fn, options)
         setattr(fn, _ATTRIBUTE, definition)
         return fn
 

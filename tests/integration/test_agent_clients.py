@@ -15,6 +15,7 @@ import pytest
 from hivewire.common.v1 import common_pb2
 from hivewire.model.v1 import model_pb2, model_pb2_grpc
 from hivewire.services.agent import Agent, Payload, TaskContext, capability
+from hivewire.services.agent.sdk import Sampling
 from hivewire.services.agent.serve import AgentServer
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.errors import Unavailable
@@ -145,6 +146,14 @@ class ServicesAgent(Agent):
         assert tokens.result is not None
         return {"text": tokens.result.text, "finish": tokens.result.finish_reason}
 
+    @capability("sampled")
+    async def sampled(self, task: Payload, ctx: TaskContext) -> str:
+        sampling = Sampling(
+            model="echo", temperature=0.5, top_p=0.25, max_tokens=7, stop=["\n"], seed=42
+        )
+        reply = await ctx.model.generate(task.text, system="be brief", **sampling)
+        return reply.text
+
     @capability("chat")
     async def chat(self, task: Payload, ctx: TaskContext) -> str:
         reply = await ctx.model.chat(
@@ -257,6 +266,25 @@ async def test_model_stream_carries_task_identity_deadline_and_budget(
     assert call.time_remaining is not None and 0 < call.time_remaining <= 20
     assert call.request.task_id == "t-model"
     assert call.request.model == "echo" and call.request.params.max_tokens == 10
+
+
+async def test_a_gathered_sampling_value_reaches_the_model(
+    coordinator: Coordinator, downstream: tuple[str, RecordingModel, RecordingTools]
+) -> None:
+    _, model, _ = downstream
+    ex = coordinator.execute()
+    await ex.send(assignment("sampled", text="hi"))
+    final = await ex.finish()
+    assert final.result.output.text == "Hello!"
+    (call,) = model.calls
+    assert (call.method, call.request.model, call.request.system) == (
+        "Generate",
+        "echo",
+        "be brief",
+    )
+    params = call.request.params
+    assert (params.temperature, params.top_p, params.max_tokens) == (0.5, 0.25, 7)
+    assert (list(params.stop), params.seed) == (["\n"], 42)
 
 
 async def test_chat_and_embed_add_up_usage(

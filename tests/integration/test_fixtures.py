@@ -16,7 +16,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from tests.conftest import Pki
-from tests.helpers import NatsServer, ServiceProcess, eventually, free_port, grpcurl_path
+from tests.helpers import NatsServer, ServiceProcess, eventually, grpcurl_path, reserved_port
 
 # -- eventually ------------------------------------------------------------------------
 
@@ -136,7 +136,7 @@ async def test_nats_server_restart_keeps_port_and_store(tmp_path: Path) -> None:
 
 
 async def test_nats_server_on_a_chosen_port_with_sync_always(tmp_path: Path) -> None:
-    port = free_port()
+    port = reserved_port()
     async with NatsServer(tmp_path / "nats", port=port, sync_interval="always") as server:
         assert server.port == port
         async with httpx.AsyncClient() as client:

@@ -159,3 +159,41 @@ async def test_a_malformed_traceparent_starts_a_new_trace(
     assert first_server.parent is None
     assert first_seen[0][0][0] == f"{first_server.context.trace_id:032x}"
     assert second_seen[0][1]["traceparent"] != "not-a-trace"
+
+
+async def test_untraced_methods_get_no_server_span(
+    pki: Pki, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """A binding's ``untraced_methods`` (long-lived follow streams) make no server span;
+    its other methods still do, and the handler runs either way.
+    """
+    authz = tmp_path / "authz.toml"
+    authz.write_text(AUTHZ_POLICY, encoding="utf-8")
+    settings = load_settings(
+        host="127.0.0.1", port=0, certs_dir=pki.dir, identity="tool", authz_policy_file=authz
+    )
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        "hw.test.Quiet",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo),
+            "Follow": grpc.unary_unary_rpc_method_handler(echo),
+        },
+    )
+    binding = ServiceBinding(
+        "hw.test.Quiet",
+        lambda server: server.add_generic_rpc_handlers((handler,)),
+        untraced_methods=("Follow",),
+    )
+    async with ServiceServer(settings, [binding]) as server:
+        async with grpc.aio.secure_channel(
+            server.address, channel_credentials(pki.files("client"))
+        ) as bare:
+            assert bytes(await bare.unary_unary("/hw.test.Quiet/Follow")(b"a")) == b"a"
+            assert bytes(await bare.unary_unary("/hw.test.Quiet/Echo")(b"b")) == b"b"
+    names = [s.name for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert "/hw.test.Quiet/Echo" in names
+    assert not [n for n in names if n.endswith("/Follow")]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import eventually, free_port
+from tests.helpers import eventually, reserved_port
 
 __all__ = ["RealConsul", "consul_binary"]
 
@@ -35,7 +35,7 @@ class RealConsul:
     def __init__(self, workdir: Path, *, hcl: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.hcl = hcl
-        self.http_port = free_port()
+        self.http_port = reserved_port()
         self.log_path = workdir / "consul.log"
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -57,9 +57,9 @@ class RealConsul:
             "-http-port", str(self.http_port),
             "-dns-port", "-1",
             "-grpc-port", "-1",
-            "-serf-lan-port", str(free_port()),
-            "-serf-wan-port", str(free_port()),
-            "-server-port", str(free_port()),
+            "-serf-lan-port", str(reserved_port()),
+            "-serf-wan-port", str(reserved_port()),
+            "-server-port", str(reserved_port()),
             "-hcl", "ports { grpc_tls = -1 }",
         ]  # fmt: skip
         for line in self.hcl:

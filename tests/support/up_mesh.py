@@ -18,6 +18,7 @@ from typing import Any
 
 from hivewire.services.runtime.ports import METRICS_OFFSET
 from hivewire.services.runtime.tls import TlsFiles
+from tests.helpers import held_socket, hold
 
 HIVEWIRE = str(Path(sys.executable).parent / "hivewire")
 
@@ -53,29 +54,31 @@ _BLOCK = 15  # coordinator, model, tool, three agents, NATS, NATS monitoring, A2
 _WITH_METRICS = (0, 1, 2, 3, 4, 5, 8, 11, 12, 13, 14)  # offsets of services with metrics
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def reserved_port_block() -> int:
+    """A base port whose block of 15, and the metrics ports 1000 above, this process holds.
 
-
-def free_port_block() -> int:
-    """A base port whose block of 15, and the metrics ports 1000 above, are all free.
-
-    `hivewire up` puts each service's metrics on its gRPC port + 1000, so both must be
-    free. The block is drawn below Linux's ephemeral range (32768+), where the kernel
-    never hands out client ports, so other tests' connections cannot take them.
+    `hivewire up` is told its ports before it starts (a consecutive block: the agents
+    take three in a row, each service's metrics sit on its gRPC port + 1000), so they
+    cannot come from port 0. Each one is held instead, like :func:`reserved_port`'s,
+    until the test process exits: its services listen on them, nobody else can take
+    them. The block is drawn below Linux's ephemeral range (32768+).
     """
     for _ in range(500):
         base = random.randrange(20000, 31000 - METRICS_OFFSET)
         ports = [base + i for i in range(_BLOCK)] + [
             base + i + METRICS_OFFSET for i in _WITH_METRICS
         ]
-        if all(_bindable(port) for port in ports):
-            return base
+        held: list[socket.socket] = []
+        try:
+            for port in ports:
+                held.append(held_socket(port))
+        except OSError:  # one is taken: try another block
+            for sock in held:
+                sock.close()
+            continue
+        for sock in held:
+            hold(sock)
+        return base
     raise RuntimeError("no free block of ports below 32768")
 
 
@@ -97,7 +100,7 @@ def hivewire_up(
     state = state_dir or root / ".hivewire"
     log = root / "up.log"
     argv = [HIVEWIRE, "up", "--model-backend", "deterministic", *args]
-    base = free_port_block()
+    base = reserved_port_block()
     for offset, flag in enumerate(
         (
             "--coordinator-port",

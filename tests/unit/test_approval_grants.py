@@ -12,7 +12,7 @@ from hivewire.services.coordinator.approvals import endorse
 from hivewire.services.runtime.errors import PermissionDenied, Unavailable
 from hivewire.services.runtime.grants import ApprovalSigner, ApprovalVerifier, NatsGrantLedger
 from tests.conftest import Pki
-from tests.helpers import NatsServer, free_port
+from tests.helpers import NatsServer, reserved_port
 
 CLIENT = "spiffe://hivewire.local/client/client"
 CALL = {
@@ -159,7 +159,7 @@ async def test_the_ledger_uses_a_grant_once_for_every_verifier(
 async def test_an_unreachable_ledger_is_unavailable_and_uses_nothing(
     pki: Pki, nats_server: NatsServer
 ) -> None:
-    down = NatsGrantLedger(f"nats://127.0.0.1:{free_port()}", timeout=1)
+    down = NatsGrantLedger(f"nats://127.0.0.1:{reserved_port()}", timeout=1)
     verifier = ApprovalVerifier(pki.files("coordinator").ca, ledger=down)
     signed = sign(pki)
     with pytest.raises(Unavailable) as err:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,6 +14,8 @@ import httpx
 
 from hivewire.services.model.backends.base import (
     BackendUnavailable,
+    EmbedResult,
+    ModelEntry,
     SamplingParams,
     http_error,
     timeouts,
@@ -128,34 +130,18 @@ class HttpClient:
         except httpx.TransportError as exc:
             raise transport_error(self.backend, exc, retry_after=self._retry_after) from exc
 
-    async def request_json(
-        self,
-        method: str,
-        path: str,
-        *,
-        model: str,
-        time_limit: float,
-        body: Any = None,
-    ) -> Any:
-        """Make a request and return its JSON body.
+    async def read_json(self, response: httpx.Response, path: str) -> Any:
+        """Read the whole body of a :meth:`stream` response (inside its block) as JSON.
 
         Raises:
-            HivewireError: As for :meth:`stream`, and ``BackendUnavailable`` when the
-                body is not JSON.
+            BackendUnavailable: The body is not JSON (or, through :meth:`stream`, the
+                connection broke off while it was read).
         """
-        async with self.stream(
-            method, path, model=model, time_limit=time_limit, body=body
-        ) as response:
-            try:
-                raw = await response.aread()
-            except httpx.TransportError as exc:
-                raise transport_error(self.backend, exc, retry_after=self._retry_after) from exc
+        raw = await response.aread()
         try:
             return json.loads(raw)
         except ValueError as exc:
-            raise transport_error(
-                self.backend, ValueError(f"invalid JSON from {path}"), retry_after=self._retry_after
-            ) from exc
+            raise self.broken(f"invalid JSON from {path}") from exc
 
     def broken(self, message: str) -> BackendUnavailable:
         """The error for a response that is not what the backend's API promises."""
@@ -236,41 +222,69 @@ class HttpBackend:
         )
 
     async def _listing(
-        self, path: str, key: str, *, name_key: str, time_limit: float
-    ) -> list[dict[str, Any]]:
-        """GET a model listing: the objects of the body's ``key`` list that have a name.
+        self,
+        path: str,
+        key: str,
+        *,
+        name_key: str,
+        time_limit: float,
+        entry: Callable[[str, dict[str, Any]], ModelEntry],
+    ) -> list[ModelEntry]:
+        """GET a model listing: ``entry(name, item)`` for each object of the body's
+        ``key`` list that has a name under ``name_key``.
 
         Raises:
             BackendUnavailable: The body has no such list.
         """
-        data = await self._http.request_json("GET", path, model="", time_limit=time_limit)
+        async with self._http.stream("GET", path, model="", time_limit=time_limit) as response:
+            data = await self._http.read_json(response, path)
         items = data.get(key) if isinstance(data, dict) else None
         if not isinstance(items, list):
             raise self._http.broken(f"{path} returned no {key} list")
-        return [item for item in items if isinstance(item, dict) and item.get(name_key)]
+        return [
+            entry(str(item[name_key]), item)
+            for item in items
+            if isinstance(item, dict) and item.get(name_key)
+        ]
 
     async def _embeddings(
-        self, path: str, key: str, model: str, inputs: Sequence[str], *, time_limit: float
-    ) -> tuple[dict[str, Any], list[Any]]:
+        self,
+        path: str,
+        key: str,
+        model: str,
+        inputs: Sequence[str],
+        *,
+        time_limit: float,
+        vectors: Callable[[list[Any]], Iterable[Iterable[Any]]],
+        prompt_tokens: Callable[[dict[str, Any]], object],
+    ) -> EmbedResult:
         """POST ``{"model", "input"}`` to an embedding API.
 
-        Returns:
-            The body and its ``key`` list, one entry per input.
+        Args:
+            path: The API path.
+            key: The body's list with one entry per input.
+            model: Upstream model name.
+            inputs: The texts.
+            time_limit: Seconds left for the call.
+            vectors: The vectors, in input order, from that list.
+            prompt_tokens: The body's count of the tokens read.
 
         Raises:
             BackendUnavailable: The body has no such list, or not one entry per input.
         """
-        data = await self._http.request_json(
-            "POST",
-            path,
-            model=model,
-            time_limit=time_limit,
-            body={"model": model, "input": list(inputs)},
-        )
+        body = {"model": model, "input": list(inputs)}
+        async with self._http.stream(
+            "POST", path, model=model, time_limit=time_limit, body=body
+        ) as response:
+            data = await self._http.read_json(response, path)
         items = data.get(key) if isinstance(data, dict) else None
         if not isinstance(items, list) or len(items) != len(inputs):
             raise self._http.broken(f"{path} returned no {key} or the wrong number")
-        return data, items
+        return EmbedResult(
+            vectors=[[float(x) for x in vector] for vector in vectors(items)],
+            model=str(data.get("model") or model),
+            prompt_tokens=token_count(prompt_tokens(data)),
+        )
 
     async def aclose(self) -> None:
         """Close the connection pool."""

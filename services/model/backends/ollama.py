@@ -101,27 +101,28 @@ class OllamaBackend(HttpBackend):
 
     async def embed(self, model: str, inputs: Sequence[str], *, time_limit: float) -> EmbedResult:
         """Embed through ``/api/embed``."""
-        data, vectors = await self._embeddings(
-            "/api/embed", "embeddings", model, inputs, time_limit=time_limit
-        )
-        return EmbedResult(
-            vectors=[[float(x) for x in vector] for vector in vectors],
-            model=str(data.get("model") or model),
-            prompt_tokens=token_count(data.get("prompt_eval_count")),
+        return await self._embeddings(
+            "/api/embed",
+            "embeddings",
+            model,
+            inputs,
+            time_limit=time_limit,
+            vectors=lambda items: items,
+            prompt_tokens=lambda data: data.get("prompt_eval_count"),
         )
 
     async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
         """List local models through ``/api/tags``."""
-        items = await self._listing("/api/tags", "models", name_key="name", time_limit=time_limit)
-        entries = []
-        for item in items:
-            size = item.get("size")
-            entries.append(
-                ModelEntry(
-                    name=str(item["name"]),
-                    supports_embeddings=True,
-                    modified_at=_parse_time(item.get("modified_at")),
-                    size_bytes=size if isinstance(size, int) and size >= 0 else None,
-                )
-            )
-        return entries
+        return await self._listing(
+            "/api/tags", "models", name_key="name", time_limit=time_limit, entry=_entry
+        )
+
+
+def _entry(name: str, item: dict[str, Any]) -> ModelEntry:
+    size = item.get("size")
+    return ModelEntry(
+        name=name,
+        supports_embeddings=True,
+        modified_at=_parse_time(item.get("modified_at")),
+        size_bytes=size if isinstance(size, int) and size >= 0 else None,
+    )

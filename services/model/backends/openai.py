@@ -138,35 +138,44 @@ class OpenAIBackend(HttpBackend):
 
     async def embed(self, model: str, inputs: Sequence[str], *, time_limit: float) -> EmbedResult:
         """Embed through ``/embeddings``."""
-        data, items = await self._embeddings(
-            "/embeddings", "data", model, inputs, time_limit=time_limit
-        )
-        ordered = sorted(
-            (item for item in items if isinstance(item, dict)),
-            key=lambda item: item.get("index", 0),
-        )
-        reported = data.get("usage")
-        usage: dict[str, Any] = reported if isinstance(reported, dict) else {}
-        return EmbedResult(
-            vectors=[[float(x) for x in item.get("embedding", [])] for item in ordered],
-            model=str(data.get("model") or model),
-            prompt_tokens=token_count(usage.get("prompt_tokens")),
+        return await self._embeddings(
+            "/embeddings",
+            "data",
+            model,
+            inputs,
+            time_limit=time_limit,
+            vectors=_vectors,
+            prompt_tokens=_prompt_tokens,
         )
 
     async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
         """List models through ``/models``."""
-        items = await self._listing("/models", "data", name_key="id", time_limit=time_limit)
-        entries = []
-        for item in items:
-            created = item.get("created")
-            entries.append(
-                ModelEntry(
-                    name=str(item["id"]),
-                    modified_at=(
-                        datetime.fromtimestamp(created, UTC)
-                        if isinstance(created, int | float) and created > 0
-                        else None
-                    ),
-                )
-            )
-        return entries
+        return await self._listing(
+            "/models", "data", name_key="id", time_limit=time_limit, entry=_entry
+        )
+
+
+def _vectors(items: list[Any]) -> list[Any]:
+    # Each item carries its input's index; servers need not answer in order.
+    ordered = sorted(
+        (item for item in items if isinstance(item, dict)),
+        key=lambda item: item.get("index", 0),
+    )
+    return [item.get("embedding", []) for item in ordered]
+
+
+def _prompt_tokens(data: dict[str, Any]) -> object:
+    usage = data.get("usage")
+    return usage.get("prompt_tokens") if isinstance(usage, dict) else None
+
+
+def _entry(name: str, item: dict[str, Any]) -> ModelEntry:
+    created = item.get("created")
+    return ModelEntry(
+        name=name,
+        modified_at=(
+            datetime.fromtimestamp(created, UTC)
+            if isinstance(created, int | float) and created > 0
+            else None
+        ),
+    )

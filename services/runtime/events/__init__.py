@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import headers
+from .headers import *  # noqa: F403 (the header names, cheap to load)
 from .settings import (
     DEFAULT_DLQ_STREAM,
     DEFAULT_EVENTS_STREAM,
@@ -33,16 +35,6 @@ if TYPE_CHECKING:
     from .envelope import (
         CATEGORIES,
         EVENT_TYPES,
-        HEADER_CONSUMER,
-        HEADER_CORRELATION_ID,
-        HEADER_DELIVERY_COUNT,
-        HEADER_LAST_ERROR,
-        HEADER_MSG_ID,
-        HEADER_ORIGINAL_SEQUENCE,
-        HEADER_ORIGINAL_STREAM,
-        HEADER_ORIGINAL_SUBJECT,
-        HEADER_TRACEPARENT,
-        HEADER_TRACESTATE,
         EventData,
         build_event,
         build_traced_event,
@@ -71,16 +63,6 @@ _LAZY: dict[str, str] = {
     "ensure_stream": "._nats",
     "CATEGORIES": ".envelope",
     "EVENT_TYPES": ".envelope",
-    "HEADER_CONSUMER": ".envelope",
-    "HEADER_CORRELATION_ID": ".envelope",
-    "HEADER_DELIVERY_COUNT": ".envelope",
-    "HEADER_LAST_ERROR": ".envelope",
-    "HEADER_MSG_ID": ".envelope",
-    "HEADER_ORIGINAL_SEQUENCE": ".envelope",
-    "HEADER_ORIGINAL_STREAM": ".envelope",
-    "HEADER_ORIGINAL_SUBJECT": ".envelope",
-    "HEADER_TRACEPARENT": ".envelope",
-    "HEADER_TRACESTATE": ".envelope",
     "EventData": ".envelope",
     "build_event": ".envelope",
     "build_traced_event": ".envelope",
@@ -119,16 +101,6 @@ __all__ = [
     "DLQ_SUBJECT_PREFIX",
     "EVENTS_SUBJECT_PREFIX",
     "EVENT_TYPES",
-    "HEADER_CONSUMER",
-    "HEADER_CORRELATION_ID",
-    "HEADER_DELIVERY_COUNT",
-    "HEADER_LAST_ERROR",
-    "HEADER_MSG_ID",
-    "HEADER_ORIGINAL_SEQUENCE",
-    "HEADER_ORIGINAL_STREAM",
-    "HEADER_ORIGINAL_SUBJECT",
-    "HEADER_TRACEPARENT",
-    "HEADER_TRACESTATE",
     "DeliverFrom",
     "EventData",
     "EventPublisher",
@@ -150,3 +122,4 @@ __all__ = [
     "replay",
     "subscribe",
 ]
+__all__ += headers.__all__

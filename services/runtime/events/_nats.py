@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import nats
 import nats.errors
@@ -30,6 +30,20 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 """Errors that mean "NATS is not reachable right now", as opposed to a bug."""
 
 Callback = Callable[[], Awaitable[None]]
+
+
+class ConnectionCallbacks(TypedDict, total=False):
+    """What :func:`connect` calls as the connection changes (``nats.connect``'s names).
+
+    Attributes:
+        disconnected_cb: Called when the connection drops.
+        reconnected_cb: Called when it is back.
+        closed_cb: Called when the client is closed for good.
+    """
+
+    disconnected_cb: Callback | None
+    reconnected_cb: Callback | None
+    closed_cb: Callback | None
 
 
 async def stop_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
@@ -61,12 +75,10 @@ async def connect(
     name: str,
     fail_fast: bool,
     reconnect: bool = True,
-    disconnected_cb: Callback | None = None,
-    reconnected_cb: Callback | None = None,
-    closed_cb: Callback | None = None,
     reconnect_wait: float = 0.5,
     connect_timeout: float = 2.0,
     options: Mapping[str, Any] | None = None,
+    **callbacks: Unpack[ConnectionCallbacks],
 ) -> NatsClient:
     """Connect to NATS; afterwards the client reconnects forever (unless ``reconnect``).
 
@@ -76,12 +88,10 @@ async def connect(
         fail_fast: Raise :class:`Unavailable` after two failed attempts instead of
             retrying until the server appears.
         reconnect: False: a dropped connection is closed instead of re-established.
-        disconnected_cb: Called when the connection drops.
-        reconnected_cb: Called when it is back.
-        closed_cb: Called when the client is closed for good.
         reconnect_wait: Seconds between attempts.
         connect_timeout: Seconds one attempt may take.
         options: More ``nats.connect`` keyword arguments (tls, credentials...).
+        **callbacks: :class:`ConnectionCallbacks` (None: not wanted).
 
     Raises:
         Unavailable: ``fail_fast`` and no server answered.
@@ -102,12 +112,7 @@ async def connect(
         "connect_timeout": max(1, round(connect_timeout)),
         "error_cb": on_error,
     }
-    if disconnected_cb is not None:
-        kwargs["disconnected_cb"] = disconnected_cb
-    if reconnected_cb is not None:
-        kwargs["reconnected_cb"] = reconnected_cb
-    if closed_cb is not None:
-        kwargs["closed_cb"] = closed_cb
+    kwargs.update({key: cb for key, cb in callbacks.items() if cb is not None})
     kwargs.update(options or {})
     try:
         client = await nats.connect(**kwargs)
@@ -124,38 +129,45 @@ async def connect(
     return client
 
 
-def events_stream_config(settings: StreamSettings) -> StreamConfig:
-    """The configuration of the event stream (``hivewire.events.>``)."""
+def _stream_config(
+    settings: StreamSettings,
+    name: str,
+    description: str,
+    prefix: str,
+    limits: tuple[float, int, int],
+) -> StreamConfig:
+    """A file-backed stream of ``<prefix>.>`` dropping its oldest messages at its limits.
+
+    ``limits`` is ``(max_age, max_bytes, max_msgs)``.
+    """
+    max_age, max_bytes, max_msgs = limits
     return StreamConfig(
-        name=settings.name,
-        description="hivewire events (events.v1.Event protobufs), the mesh's event store",
-        subjects=[f"{EVENTS_SUBJECT_PREFIX}.>"],
+        name=name,
+        description=description,
+        subjects=[f"{prefix}.>"],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
-        max_age=settings.max_age,
-        max_bytes=settings.max_bytes,
-        max_msgs=settings.max_msgs,
+        max_age=max_age,
+        max_bytes=max_bytes,
+        max_msgs=max_msgs,
         duplicate_window=settings.duplicate_window,
         num_replicas=settings.replicas,
     )
+
+
+def events_stream_config(settings: StreamSettings) -> StreamConfig:
+    """The configuration of the event stream (``hivewire.events.>``)."""
+    description = "hivewire events (events.v1.Event protobufs), the mesh's event store"
+    limits = (settings.max_age, settings.max_bytes, settings.max_msgs)
+    return _stream_config(settings, settings.name, description, EVENTS_SUBJECT_PREFIX, limits)
 
 
 def dlq_stream_config(settings: StreamSettings) -> StreamConfig:
     """The configuration of the dead-letter stream (``hivewire.dlq.>``)."""
-    return StreamConfig(
-        name=settings.dlq_name,
-        description="hivewire dead letters: events whose subscriber exhausted its deliveries",
-        subjects=[f"{DLQ_SUBJECT_PREFIX}.>"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        max_age=settings.dlq_max_age,
-        max_bytes=settings.dlq_max_bytes,
-        max_msgs=-1,
-        duplicate_window=settings.duplicate_window,
-        num_replicas=settings.replicas,
-    )
+    description = "hivewire dead letters: events whose subscriber exhausted its deliveries"
+    limits = (settings.dlq_max_age, settings.dlq_max_bytes, -1)
+    return _stream_config(settings, settings.dlq_name, description, DLQ_SUBJECT_PREFIX, limits)
 
 
 _MANAGED = ("subjects", "max_age", "max_bytes", "max_msgs", "duplicate_window", "num_replicas")

@@ -9,27 +9,18 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
-from typing import Final, TypeAlias
+from typing import Final, Required, TypeAlias, TypedDict, Unpack
 
 from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.logging import correlation_id_var
 
+from .headers import HEADER_CORRELATION_ID, HEADER_MSG_ID, HEADER_TRACEPARENT, HEADER_TRACESTATE
 from .settings import DLQ_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX
 
 __all__ = [
     "CATEGORIES",
     "EVENT_TYPES",
-    "HEADER_CONSUMER",
-    "HEADER_CORRELATION_ID",
-    "HEADER_DELIVERY_COUNT",
-    "HEADER_LAST_ERROR",
-    "HEADER_MSG_ID",
-    "HEADER_ORIGINAL_SEQUENCE",
-    "HEADER_ORIGINAL_STREAM",
-    "HEADER_ORIGINAL_SUBJECT",
-    "HEADER_TRACEPARENT",
-    "HEADER_TRACESTATE",
     "EventData",
     "build_event",
     "build_traced_event",
@@ -98,19 +89,6 @@ EVENT_TYPES: Final[Mapping[str, frozenset[str]]] = {
     "security": frozenset({"authn_failed", "authz_denied"}),
 }
 """The events of each category (DESIGN.md section 5); ``project`` is open-ended."""
-
-# Headers of every event message.
-HEADER_MSG_ID: Final = "Nats-Msg-Id"
-HEADER_CORRELATION_ID: Final = "X-Correlation-Id"
-HEADER_TRACEPARENT: Final = "traceparent"
-HEADER_TRACESTATE: Final = "tracestate"
-# Extra headers of a dead letter.
-HEADER_ORIGINAL_SUBJECT: Final = "X-Hivewire-Original-Subject"
-HEADER_ORIGINAL_STREAM: Final = "X-Hivewire-Original-Stream"
-HEADER_ORIGINAL_SEQUENCE: Final = "X-Hivewire-Original-Sequence"
-HEADER_DELIVERY_COUNT: Final = "X-Hivewire-Delivery-Count"
-HEADER_LAST_ERROR: Final = "X-Hivewire-Last-Error"
-HEADER_CONSUMER: Final = "X-Hivewire-Consumer"
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _TOKEN = re.compile(r"^([a-z0-9_]+|\*|>)$")
@@ -246,16 +224,20 @@ def build_event(
     return event
 
 
+class EventFields(TypedDict, total=False):
+    """The keyword arguments of :func:`build_event` but ``traceparent``."""
+
+    source: Required[str]
+    subject: Required[str]
+    data: Required[EventData]
+    task_sequence: int
+    correlation_id: str | None
+    event_id: str | None
+    time_ns: int | None
+
+
 def build_traced_event(
-    event_type: str,
-    *,
-    source: str,
-    subject: str,
-    data: EventData,
-    task_sequence: int = 0,
-    correlation_id: str | None = None,
-    event_id: str | None = None,
-    time_ns: int | None = None,
+    event_type: str, **fields: Unpack[EventFields]
 ) -> tuple[events_pb2.Event, dict[str, str]]:
     """Build an envelope inside its PRODUCER span (a child of the current span).
 
@@ -277,17 +259,7 @@ def build_traced_event(
     ) as span:
         carrier: dict[str, str] = {}
         tracing.inject(carrier)
-        event = build_event(
-            event_type,
-            source=source,
-            subject=subject,
-            data=data,
-            task_sequence=task_sequence,
-            correlation_id=correlation_id,
-            traceparent=carrier.get(HEADER_TRACEPARENT, ""),
-            event_id=event_id,
-            time_ns=time_ns,
-        )
+        event = build_event(event_type, traceparent=carrier.get(HEADER_TRACEPARENT, ""), **fields)
         span.set_attribute("messaging.message.id", event.id)
     return event, carrier
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._nats import TRANSIENT_ERRORS, close_quietly, connect
-from .envelope import (
+from .headers import (
     HEADER_CONSUMER,
     HEADER_CORRELATION_ID,
     HEADER_MSG_ID,

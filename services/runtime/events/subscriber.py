@@ -61,7 +61,8 @@ from ._nats import (
     stop_tasks,
     stream_exists,
 )
-from .envelope import (
+from .envelope import dlq_subject_for, filter_subject, header_value
+from .headers import (
     HEADER_CONSUMER,
     HEADER_CORRELATION_ID,
     HEADER_DELIVERY_COUNT,
@@ -72,9 +73,6 @@ from .envelope import (
     HEADER_ORIGINAL_SUBJECT,
     HEADER_TRACEPARENT,
     HEADER_TRACESTATE,
-    dlq_subject_for,
-    filter_subject,
-    header_value,
 )
 from .settings import StreamSettings
 
@@ -587,15 +585,7 @@ class Subscription(StartClose):
 
 
 def subscribe(
-    nats_url: str,
-    pattern: str,
-    handler: Handler,
-    *,
-    durable: str,
-    max_deliver: int = 5,
-    backoff: Sequence[float] = DEFAULT_BACKOFF,
-    deliver_from: DeliverFrom = None,
-    **options: Any,
+    nats_url: str, pattern: str, handler: Handler, *, durable: str, **options: Any
 ) -> Subscription:
     """Subscribe ``handler`` to events matching ``pattern`` through a durable consumer.
 
@@ -612,25 +602,17 @@ def subscribe(
         pattern: ``"task.*"``, ``"task.completed"``, ``"*.failed"``, ``">"``...
         handler: Async callable; return to acknowledge, raise to retry.
         durable: Consumer name (``[A-Za-z0-9_-]``); keeps its position across restarts.
-        max_deliver: Deliveries before the event goes to the dead-letter stream.
-        backoff: Redelivery delays in seconds after each failure (the last repeats).
-        deliver_from: Start of a new durable: a datetime, a timedelta ago, a stream
-            sequence, or None for the whole retained history.
-        **options: More :class:`Subscription` options (``ack_wait``, ``batch``...).
+        **options: The other :class:`Subscription` options: ``max_deliver``
+            (deliveries before the event goes to the dead-letter stream, default 5),
+            ``backoff`` (redelivery delays in seconds after each failure, the last
+            repeats), ``deliver_from`` (start of a new durable: a datetime, a timedelta
+            ago, a stream sequence, or None for the whole retained history),
+            ``ack_wait``, ``batch``...
 
     Returns:
         The (not yet started) subscription.
     """
-    return Subscription(
-        nats_url,
-        pattern,
-        handler,
-        durable=durable,
-        max_deliver=max_deliver,
-        backoff=backoff,
-        deliver_from=deliver_from,
-        **options,
-    )
+    return Subscription(nats_url, pattern, handler, durable=durable, **options)
 
 
 @dataclass

@@ -7,10 +7,10 @@ HTTP client of ``http_fetch``), so the service opens it once and closes it on sh
 from __future__ import annotations
 
 import logging
-from types import TracebackType
 
 import httpx
 
+from hivewire.services.base.lifecycle import StartClose
 from hivewire.services.tool.builtins.calculator import calculator
 from hivewire.services.tool.builtins.http_fetch import make_http_fetch_tool
 from hivewire.services.tool.builtins.json_query import json_query
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Builtins"]
 
 
-class Builtins:
+class Builtins(StartClose):
     """The built-in tools and their shared resources (an async context manager)."""
 
     def __init__(
@@ -52,7 +52,8 @@ class Builtins:
         tools.append(make_text_tool(self._settings))
         return tools
 
-    async def __aenter__(self) -> Builtins:
+    async def start(self) -> None:
+        """Open the HTTP client of ``http_fetch``."""
         self._client = httpx.AsyncClient(
             transport=self._transport,
             trust_env=False,
@@ -63,14 +64,9 @@ class Builtins:
         )
         if not self._settings.http_allowed_hosts:
             logger.info("http_fetch: no allowed hosts configured, every URL will be refused")
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
+        """Close the HTTP client."""
         if self._client is not None:
             await self._client.aclose()
             self._client = None

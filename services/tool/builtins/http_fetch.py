@@ -120,6 +120,23 @@ async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, boo
     return b"".join(chunks), False
 
 
+def _unreachable(url: str, exc: Exception, timeout: float) -> ToolError:
+    """The retryable error of a fetch that timed out or could not reach the server."""
+    if isinstance(exc, TimeoutError):
+        message = f"{url} did not answer within {timeout:g}s"
+    elif isinstance(exc, httpx.TimeoutException):
+        message = f"{url}: {type(exc).__name__}"
+    else:
+        message = f"{url}: {type(exc).__name__}: {exc}"
+    timed_out = isinstance(exc, TimeoutError | httpx.TimeoutException)
+    return ToolError(
+        message,
+        reason="UPSTREAM_TIMEOUT" if timed_out else "UPSTREAM_UNAVAILABLE",
+        code="DEADLINE_EXCEEDED" if timed_out else "UNAVAILABLE",
+        retryable=True,
+    )
+
+
 def make_http_fetch_tool(
     settings: ToolSettings, client: Callable[[], httpx.AsyncClient]
 ) -> ToolDefinition:
@@ -171,27 +188,8 @@ def make_http_fetch_tool(
                     finally:
                         await response.aclose()
                     return _render(response, current, body, truncated)
-        except TimeoutError:
-            raise ToolError(
-                f"{url} did not answer within {settings.http_timeout:g}s",
-                reason="UPSTREAM_TIMEOUT",
-                code="DEADLINE_EXCEEDED",
-                retryable=True,
-            ) from None
-        except httpx.TimeoutException as exc:
-            raise ToolError(
-                f"{url}: {type(exc).__name__}",
-                reason="UPSTREAM_TIMEOUT",
-                code="DEADLINE_EXCEEDED",
-                retryable=True,
-            ) from None
-        except httpx.TransportError as exc:
-            raise ToolError(
-                f"{url}: {type(exc).__name__}: {exc}",
-                reason="UPSTREAM_UNAVAILABLE",
-                code="UNAVAILABLE",
-                retryable=True,
-            ) from None
+        except (TimeoutError, httpx.TransportError) as exc:
+            raise _unreachable(url, exc, settings.http_timeout) from None
         raise ToolError(
             f"more than {settings.http_max_redirects} redirects",
             reason="TOO_MANY_REDIRECTS",
