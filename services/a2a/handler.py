@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import grpc
@@ -141,7 +141,7 @@ class GatewayHandler(RequestHandler):
 
     async def _events(
         self, task_id: str, after_sequence: int, md: Metadata
-    ) -> AsyncIterator[coordinator_pb2.TaskEvent]:
+    ) -> AsyncGenerator[coordinator_pb2.TaskEvent]:
         """The task's stored events after ``after_sequence``, then live ones."""
         call = self._stub.WatchTask(
             C.WatchTaskRequest(task_id=task_id, after_sequence=after_sequence), metadata=md
@@ -163,15 +163,12 @@ class GatewayHandler(RequestHandler):
         if convert.is_final(snapshot) and after_sequence >= task.last_sequence:
             return
         context_id = convert.context_of(task)
-        events = self._events(task.task_id, after_sequence, md)
-        try:
+        async with contextlib.aclosing(self._events(task.task_id, after_sequence, md)) as events:
             async for event in events:
                 for update in convert.event_to_a2a(event, context_id):
                     yield update
                     if convert.is_final(update):
                         return
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
 
     async def _artifacts(self, task: coordinator_pb2.Task, md: Metadata) -> list[a2a.Artifact]:
         """The task's artifacts, rebuilt from its stored partial results."""
@@ -179,8 +176,7 @@ class GatewayHandler(RequestHandler):
         if task.last_sequence == 0:
             return []
         context_id = convert.context_of(task)
-        events = self._events(task.task_id, 0, md)
-        try:
+        async with contextlib.aclosing(self._events(task.task_id, 0, md)) as events:
             async for event in events:
                 if event.HasField("partial") or event.HasField("finished"):
                     for update in convert.event_to_a2a(event, context_id):
@@ -188,8 +184,6 @@ class GatewayHandler(RequestHandler):
                             fold.add(update)
                 if event.sequence >= task.last_sequence:
                     break
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
         return fold.artifacts
 
     async def _view(self, task: coordinator_pb2.Task, md: Metadata) -> a2a.Task:
@@ -293,28 +287,22 @@ class GatewayHandler(RequestHandler):
         """
         caller = acting(context)
         md = caller.metadata
-        stream = self._start(params, caller)
         task_id = ""
-        try:
+        async with contextlib.aclosing(self._start(params, caller)) as stream:
             async for update in stream:
                 if isinstance(update, a2a.Task):
                     task_id = update.id
                     if params.configuration.return_immediately or convert.is_final(update):
                         return update
-        finally:
-            await stream.aclose()
         return await self._view(await self._get(task_id, md), md)
 
     async def on_message_send_stream(
         self, params: a2a.SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[convert.A2aEvent]:
         """Start or continue a task and stream it until it ends or asks for input."""
-        stream = self._start(params, acting(context))
-        try:
+        async with contextlib.aclosing(self._start(params, acting(context))) as stream:
             async for update in stream:
                 yield update
-        finally:
-            await stream.aclose()
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -382,12 +370,10 @@ class GatewayHandler(RequestHandler):
         after = _after_sequence(context)
         md = acting(context).metadata
         task = await self._get(params.id, md)
-        stream = self._follow(task, task.last_sequence if after is None else after, md)
-        try:
+        cursor = task.last_sequence if after is None else after
+        async with contextlib.aclosing(self._follow(task, cursor, md)) as stream:
             async for update in stream:
                 yield update
-        finally:
-            await stream.aclose()
 
     # -- not offered -------------------------------------------------------------------
 

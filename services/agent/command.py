@@ -10,11 +10,15 @@ The command lives with the agent package: ``hivewire`` mounts it as ``agent`` an
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from hivewire.services.runtime.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +27,12 @@ app = typer.Typer(
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+HostOpt = Annotated[str | None, typer.Option(help="Interface to bind.")]
+CertsDirOpt = Annotated[Path | None, typer.Option(help="Directory of ca.pem and certificates.")]
+LogLevelOpt = Annotated[str | None, typer.Option(help="Log level (INFO, DEBUG...).")]
+"""The flags a service command shares (``hivewire agent serve``, ``hivewire a2a``)."""
 
 
 @app.callback()
@@ -38,15 +48,13 @@ def serve(
     port: Annotated[
         int | None, typer.Option("--port", "-p", help="gRPC port (0: any free port).")
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    host: HostOpt = None,
     name: Annotated[str | None, typer.Option(help="Override the agent card's name.")] = None,
     identity: Annotated[
         str | None,
         typer.Option(help="Certificate stem in the certs dir (default: agent-<name>, else agent)."),
     ] = None,
-    certs_dir: Annotated[
-        Path | None, typer.Option(help="Directory of ca.pem and certificates.")
-    ] = None,
+    certs_dir: CertsDirOpt = None,
     max_concurrency: Annotated[
         int | None, typer.Option(min=1, help="Override the agent's max_concurrency.")
     ] = None,
@@ -66,7 +74,7 @@ def serve(
     register: Annotated[
         bool | None, typer.Option("--register/--no-register", help="Register in discovery.")
     ] = None,
-    log_level: Annotated[str | None, typer.Option(help="Log level (INFO, DEBUG...).")] = None,
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Serve an agent over mTLS and register it in discovery until SIGTERM."""
     from hivewire.services.agent.serve import (
@@ -77,7 +85,6 @@ def serve(
     )
     from hivewire.services.agent.settings import AgentProcessSettings
     from hivewire.services.runtime.bootstrap import run_loop
-    from hivewire.services.runtime.config import load_settings
     from hivewire.services.runtime.logging import setup_logging
     from hivewire.services.runtime.tracing import setup_tracing
 
@@ -92,38 +99,57 @@ def serve(
         "tool_address": tool_address,
         "registration": register,
     }
-    try:
-        settings = load_settings(
-            AgentProcessSettings,
-            host=host,
-            port=port,
-            identity=identity,
-            certs_dir=certs_dir,
-            discovery=discovery,
-            nats_url=nats_url,
-            metrics_port=metrics_port,
-            log_level=log_level,
-            agent=section,
-        )
-    except ValidationError as exc:
-        raise typer.BadParameter(_first_error(exc)) from exc
-    settings = settings_for_agent(settings, agent)
+    loaded = command_settings(
+        AgentProcessSettings,
+        host=host,
+        port=port,
+        identity=identity,
+        certs_dir=certs_dir,
+        discovery=discovery,
+        nats_url=nats_url,
+        metrics_port=metrics_port,
+        log_level=log_level,
+        agent=section,
+    )
+    settings = settings_for_agent(loaded, agent)
     _drop_basic_config_handlers()
     setup_logging(settings.log_level, settings.log_format)
     setup_tracing("hivewire-agent", otlp_endpoint=settings.otlp_endpoint)
+    run_service(lambda: run_loop(serve_agent(agent, settings), settings.event_loop))
+
+
+SettingsT = TypeVar("SettingsT", bound="Settings")
+
+
+def command_settings(model: type[SettingsT], **overrides: Any) -> SettingsT:
+    """A service command's settings: the environment, then its flags (``overrides``).
+
+    Raises:
+        typer.BadParameter: A value is invalid (its setting and why, on one line).
+    """
+    from hivewire.services.runtime.config import load_settings
+
     try:
-        run_loop(serve_agent(agent, settings), settings.event_loop)
+        return load_settings(model, **overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        raise typer.BadParameter(f"{where}: {err.get('msg', 'invalid value')}") from exc
+
+
+def run_service(run: Callable[[], None]) -> None:
+    """Run a service command's process until it stops.
+
+    A missing certificate (or other file) is one ``Error:`` line and exit status 1;
+    Ctrl-C exits with 130.
+    """
+    try:
+        run()
     except FileNotFoundError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from exc
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ()))
-    return f"{where}: {err.get('msg', 'invalid value')}"
 
 
 def _drop_basic_config_handlers() -> None:

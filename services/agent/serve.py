@@ -17,23 +17,22 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 
 from hivewire.agent.v1 import agent_pb2_grpc
-from hivewire.discovery import Instance, Registry, new_instance_id
+from hivewire.discovery import Instance, Registry
 from hivewire.services.agent.clients import bind_clients
 from hivewire.services.agent.delegation import bind_subtasks
 from hivewire.services.agent.runtime import AgentRuntime
 from hivewire.services.agent.sdk import Agent, AgentCardInfo, TaskContext
 from hivewire.services.agent.servicer import SERVICE_NAME, AgentServicer
 from hivewire.services.agent.settings import AgentProcessSettings
-from hivewire.services.runtime.bootstrap import Registration, registry_from_settings, serving
+from hivewire.services.runtime.bootstrap import Registration, service_process
 from hivewire.services.runtime.channels import ChannelPool
 from hivewire.services.runtime.errors import HivewireError, Unavailable
-from hivewire.services.runtime.events import EventPublisher
 from hivewire.services.runtime.eventsink import EventSink as Sink
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer, serve_until_signal
 from hivewire.services.runtime.tls import TRUST_DOMAIN, CertInfo, describe_cert
@@ -121,37 +120,32 @@ def settings_for_agent(settings: AgentSettingsT, agent: Agent) -> AgentSettingsT
     return settings.model_copy(update={"identity": identity})
 
 
+@dataclass(eq=False)
 class ServiceEndpoint:
     """Where a downstream service is: a fixed address or the registry's healthy instances.
 
     Resolved lazily (the service may start after the agent) and re-resolved after a
     call failed with UNAVAILABLE; channels come from the shared pool, so a TLS
     handshake happens once per instance, not per call.
+
+    Attributes:
+        pool: The process's channel pool.
+        service: Registry name, e.g. ``hivewire-model``.
+        address: Fixed ``host:port``; when set the registry is not asked.
+        registry: Where to resolve ``service`` when no address is given.
     """
 
-    def __init__(
-        self,
-        pool: ChannelPool,
-        *,
-        service: str,
-        address: str | None = None,
-        registry: Registry | None = None,
-    ) -> None:
-        """Create the endpoint.
+    pool: ChannelPool
+    _: KW_ONLY
+    service: str
+    address: str | None = None
+    registry: Registry | None = None
+    _current: str | None = field(init=False, repr=False, default=None)
+    _lock: asyncio.Lock = field(init=False, repr=False, default_factory=asyncio.Lock)
+    _turn: int = field(init=False, repr=False, default=0)
 
-        Args:
-            pool: The process's channel pool.
-            service: Registry name, e.g. ``hivewire-model``.
-            address: Fixed ``host:port``; when set the registry is not asked.
-            registry: Where to resolve ``service`` when no address is given.
-        """
-        self._pool = pool
-        self._service = service
-        self._address = address
-        self._registry = registry
-        self._current: str | None = address
-        self._lock = asyncio.Lock()
-        self._turn = 0
+    def __post_init__(self) -> None:
+        self._current = self.address
 
     async def channel(self) -> grpc.aio.Channel:
         """A channel to a healthy instance.
@@ -160,37 +154,37 @@ class ServiceEndpoint:
             Unavailable: No instance is known (``<SERVICE>_UNAVAILABLE``).
         """
         if self._current is not None:
-            return self._pool.get(self._current)
+            return self.pool.get(self._current)
         async with self._lock:
             if self._current is None:
                 self._current = await self._resolve()
-            return self._pool.get(self._current)
+            return self.pool.get(self._current)
 
     async def _resolve(self) -> str:
-        reason = self._service.removeprefix("hivewire-").upper().replace("-", "_") + "_UNAVAILABLE"
-        if self._registry is None:
-            raise Unavailable(f"no address configured for {self._service}", reason=reason)
+        reason = self.service.removeprefix("hivewire-").upper().replace("-", "_") + "_UNAVAILABLE"
+        if self.registry is None:
+            raise Unavailable(f"no address configured for {self.service}", reason=reason)
         try:
-            instances = await self._registry.resolve(self._service)
+            instances = await self.registry.resolve(self.service)
         except Exception as exc:
             raise Unavailable(
-                f"cannot resolve {self._service}: {exc}", retry_after=1.0, reason=reason
+                f"cannot resolve {self.service}: {exc}", retry_after=1.0, reason=reason
             ) from exc
         if not instances:
             raise Unavailable(
-                f"no healthy {self._service} instance is registered", retry_after=1.0, reason=reason
+                f"no healthy {self.service} instance is registered", retry_after=1.0, reason=reason
             )
         # Spread agents of one process over instances; the pool keeps each channel.
         self._turn += 1
         chosen = instances[self._turn % len(instances)]
-        logger.info("using %s at %s", self._service, chosen.endpoint)
+        logger.info("using %s at %s", self.service, chosen.endpoint)
         return chosen.endpoint
 
     def failed(self, err: HivewireError) -> None:
         """Forget the resolved instance after an UNAVAILABLE call (fixed addresses stay)."""
-        if self._address is None and self._current is not None:
+        if self.address is None and self._current is not None:
             logger.info(
-                "%s at %s failed (%s); resolving again", self._service, self._current, err.reason
+                "%s at %s failed (%s); resolving again", self.service, self._current, err.reason
             )
             self._current = None
 
@@ -260,7 +254,6 @@ async def running_agent(
         The running service.
     """
     cfg = settings.agent
-    instance_id = new_instance_id(cfg.name or agent.agent_name())
     try:
         cert: CertInfo | None = describe_cert(settings.tls_files().cert)
     except (OSError, ValueError):
@@ -268,14 +261,10 @@ async def running_agent(
     # The coordinator is resolved through the registry too when one is open anyway;
     # without one (and without coordinator_address) ctx.subtask answers UNAVAILABLE.
     needs_registry = cfg.registration or cfg.model_address is None or cfg.tool_address is None
-    async with contextlib.AsyncExitStack() as stack:
-        if events is None:
-            publisher = EventPublisher.from_settings(settings, source=f"agent/{instance_id}")
-            events = await stack.enter_async_context(publisher)
-        registry: Registry | None = None
-        if needs_registry:
-            registry = await stack.enter_async_context(registry_from_settings(settings))
-        pool = await stack.enter_async_context(ChannelPool.from_settings(settings))
+    name = cfg.name or agent.agent_name()
+    async with service_process(settings, "agent", name=name, events=events) as process:
+        registry = await process.registry() if needs_registry else None
+        pool = await process.stack.enter_async_context(ChannelPool.from_settings(settings))
         clients = bind_clients(
             model=ServiceEndpoint(
                 pool, service=cfg.model_service, address=cfg.model_address, registry=registry
@@ -301,38 +290,33 @@ async def running_agent(
 
         runtime = AgentRuntime(
             agent,
-            agent_id=instance_id,
+            agent_id=process.instance_id,
             max_concurrency=cfg.max_concurrency,
             name=cfg.name,
             bind_clients=binder,
             cancel_grace=cfg.cancel_grace,
         )
         card = runtime.card
-        await stack.enter_async_context(runtime)
+        await process.stack.enter_async_context(runtime)
         servicer = AgentServicer(runtime, allowed_callers=cfg.allowed_callers)
         binding = ServiceBinding(
             SERVICE_NAME, lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, s)
         )
         registration = Registration(
             cfg.service_name,
-            instance_id,
+            process.instance_id,
             tags=card.capability_names,
             meta=_instance_meta(card, cert),
         )
-        started = await stack.enter_async_context(
-            serving(
-                settings,
-                [binding],
-                registry=registry,
-                registration=registration if cfg.registration else None,
-                on_registered=lambda instance: _publish_agent_event(
-                    events, "agent.registered", instance, card, healthy=True
-                ),
-                on_deregistered=lambda instance: _publish_agent_event(
-                    events, "agent.deregistered", instance, card, healthy=False
-                ),
-                events=events,
-            )
+        started = await process.start(
+            [binding],
+            registration if cfg.registration else None,
+            on_registered=lambda instance: _publish_agent_event(
+                process.events, "agent.registered", instance, card, healthy=True
+            ),
+            on_deregistered=lambda instance: _publish_agent_event(
+                process.events, "agent.deregistered", instance, card, healthy=False
+            ),
         )
         yield AgentServer(settings, runtime, started.server, started.instance, registry=registry)
 

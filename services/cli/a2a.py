@@ -9,11 +9,11 @@ credential). Every flag overrides the matching
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
+
+from hivewire.services.agent.command import CertsDirOpt, HostOpt, LogLevelOpt
 
 app = typer.Typer()
 
@@ -29,46 +29,33 @@ def a2a(
     http_port: Annotated[
         int | None, typer.Option(help="A2A JSON-RPC HTTPS port (default 50055; 0: any).")
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    host: HostOpt = None,
     identity: Annotated[
         str | None, typer.Option(help="Certificate stem in the certs dir (default a2a).")
     ] = None,
-    certs_dir: Annotated[
-        Path | None, typer.Option(help="Directory of ca.pem and certificates.")
-    ] = None,
+    certs_dir: CertsDirOpt = None,
     default_skill: Annotated[
         str | None, typer.Option(help="Skill of messages that name none.")
     ] = None,
-    log_level: Annotated[str | None, typer.Option(help="Log level (INFO, DEBUG...).")] = None,
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Serve the mesh to A2A clients (JSON-RPC/SSE and gRPC, mTLS) until SIGTERM."""
     from hivewire.services.a2a.__main__ import ENTRY, serve
     from hivewire.services.a2a.settings import A2aProcessSettings
-    from hivewire.services.runtime.config import load_settings
+    from hivewire.services.agent.command import command_settings, run_service
 
     section = {
         "coordinator_address": coordinator,
         "http_port": http_port,
         "default_skill": default_skill,
     }
-    try:
-        settings = load_settings(
-            A2aProcessSettings,
-            host=host,
-            port=port,
-            identity=identity,
-            certs_dir=certs_dir,
-            log_level=log_level,
-            a2a=section,
-        )
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        raise typer.BadParameter(f"{where}: {err.get('msg', 'invalid value')}") from exc
-    try:
-        ENTRY.run(serve, ENTRY.defaults(settings))
-    except FileNotFoundError as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    settings = command_settings(
+        A2aProcessSettings,
+        host=host,
+        port=port,
+        identity=identity,
+        certs_dir=certs_dir,
+        log_level=log_level,
+        a2a=section,
+    )
+    run_service(lambda: ENTRY.run(serve, ENTRY.defaults(settings)))

@@ -13,17 +13,16 @@ from typing import Annotated
 import typer
 from google.protobuf import timestamp_pb2
 
-from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.cli.events import parse_since
-from hivewire.services.cli.output import echo_json
+from hivewire.services.cli.output import echo_json, echo_result
 from hivewire.services.cli.tasks import (
     EXIT_OK,
-    AddressOpt,
-    CertsOpt,
-    IdentityOpt,
+    Coordinator,
     JsonOpt,
-    _run,
-    _target,
+    Work,
+    coordinator_command,
+    paged,
 )
 
 app = typer.Typer(help="Dead-lettered tasks: list them, run them again, delete them.")
@@ -35,7 +34,7 @@ def _error_of(task: coordinator_pb2.Task) -> str:
     return f"{task.error.reason or task.error.code}: {task.error.message}"
 
 
-@app.command("list")
+@coordinator_command(app, "list", identity="admin")
 def list_dead_letters(
     capability: Annotated[str, typer.Option("--capability", "-c", help="Only this one.")] = "",
     include_requeued: Annotated[
@@ -43,71 +42,49 @@ def list_dead_letters(
     ] = False,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Most shown.")] = 50,
     json_lines: JsonOpt = False,
-    address: AddressOpt = None,
-    certs_dir: CertsOpt = None,
-    identity: IdentityOpt = "admin",
-) -> None:
+) -> Work:
     """List dead-lettered tasks, newest first: id, capability, attempts, last error."""
-    target = _target(address, certs_dir, identity)
 
-    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
-        shown = 0
-        token = ""
-        while shown < limit:
-            response = await stub.ListDeadLetters(
-                coordinator_pb2.ListDeadLettersRequest(
-                    capability=capability,
-                    include_requeued=include_requeued,
-                    page_size=min(limit - shown, 500),
-                    page_token=token,
-                )
-            )
-            for letter in response.dead_letters:
-                if json_lines:
-                    echo_json(letter)
-                else:
-                    task = letter.task
-                    line = f"{task.task_id} {task.spec.capability} attempts={len(task.attempts)}"
-                    if letter.requeued_as_task_id:
-                        line += f" requeued_as={letter.requeued_as_task_id}"
-                    line += f" {_error_of(task)}"
-                    typer.echo(line.rstrip())
-                shown += 1
-            token = response.next_page_token
-            if not token:
-                break
+    async def work(coordinator: Coordinator) -> int:
+        request = coordinator_pb2.ListDeadLettersRequest(
+            capability=capability, include_requeued=include_requeued
+        )
+        pages = paged(coordinator.stub.ListDeadLetters, request, "dead_letters", limit)
+        async for letter in pages:
+            if json_lines:
+                echo_json(letter)
+            else:
+                task = letter.task
+                line = f"{task.task_id} {task.spec.capability} attempts={len(task.attempts)}"
+                if letter.requeued_as_task_id:
+                    line += f" requeued_as={letter.requeued_as_task_id}"
+                line += f" {_error_of(task)}"
+                typer.echo(line.rstrip())
         return EXIT_OK
 
-    _run(target, work)
+    return work
 
 
-@app.command("requeue")
+@coordinator_command(app, "requeue", identity="admin")
 def requeue(
     task_id: Annotated[str, typer.Argument(help="The dead-lettered task.")],
     reason: Annotated[str, typer.Option("--reason", "-r", help="Recorded in the audit.")] = "",
     json_lines: JsonOpt = False,
-    address: AddressOpt = None,
-    certs_dir: CertsOpt = None,
-    identity: IdentityOpt = "admin",
-) -> None:
+) -> Work:
     """Run a dead letter again: prints the id of the new task."""
-    target = _target(address, certs_dir, identity)
 
-    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
-        response = await stub.RequeueTask(
+    async def work(coordinator: Coordinator) -> int:
+        response = await coordinator.stub.RequeueTask(
             coordinator_pb2.RequeueTaskRequest(task_id=task_id, reason=reason)
         )
-        if json_lines:
-            echo_json(response)
-        else:
-            note = " (requeued before)" if response.already_requeued else ""
-            typer.echo(f"{response.task.task_id}{note}")
+        note = " (requeued before)" if response.already_requeued else ""
+        echo_result(response, f"{response.task.task_id}{note}", json_lines=json_lines)
         return EXIT_OK
 
-    _run(target, work)
+    return work
 
 
-@app.command("purge")
+@coordinator_command(app, "purge", identity="admin")
 def purge(
     task_ids: Annotated[
         list[str] | None, typer.Argument(help="The dead letters to delete.")
@@ -118,10 +95,7 @@ def purge(
     ] = None,
     everything: Annotated[bool, typer.Option("--all", help="Every dead letter.")] = False,
     json_lines: JsonOpt = False,
-    address: AddressOpt = None,
-    certs_dir: CertsOpt = None,
-    identity: IdentityOpt = "admin",
-) -> None:
+) -> Work:
     """Delete dead letters (and their events) from the coordinator's store."""
     request = coordinator_pb2.PurgeDeadLettersRequest(task_ids=task_ids or [], all=everything)
     if older_than is not None:
@@ -132,10 +106,9 @@ def purge(
         request.dead_before.CopyFrom(stamp)
     if sum([bool(task_ids), older_than is not None, everything]) != 1:
         raise typer.BadParameter("give task ids, --older-than or --all (one of them)")
-    target = _target(address, certs_dir, identity)
 
-    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
-        response = await stub.PurgeDeadLetters(request)
+    async def work(coordinator: Coordinator) -> int:
+        response = await coordinator.stub.PurgeDeadLetters(request)
         if json_lines:
             echo_json(response)
         else:
@@ -144,4 +117,4 @@ def purge(
             typer.echo(f"purged {len(response.task_ids)} dead letter(s)", err=True)
         return EXIT_OK
 
-    _run(target, work)
+    return work

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from hivewire.common.v1 import common_pb2
 
-__all__ = ["echo_json", "fail", "state_label"]
+__all__ = ["echo_json", "echo_result", "fail", "state_label"]
 
 
 def fail(message: str, status: int = 1) -> NoReturn:
@@ -28,6 +28,14 @@ def fail(message: str, status: int = 1) -> NoReturn:
 def echo_json(message: Message) -> None:
     """Print a message as one protobuf-JSON object on its own line."""
     typer.echo(json_format.MessageToJson(message, indent=None))
+
+
+def echo_result(message: Message, text: str, *, json_lines: bool) -> None:
+    """Print a command's result: ``message`` as one JSON line with ``--json``, else ``text``."""
+    if json_lines:
+        echo_json(message)
+    else:
+        typer.echo(text)
 
 
 def state_label(state: int) -> str:

@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import json
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Annotated, Any, TypeVar
+from typing import IO, Annotated, Any, Protocol, TypeVar
 
 import grpc
 import typer
@@ -55,7 +57,7 @@ from rich.table import Table
 
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
-from hivewire.services.cli.output import echo_json, fail, state_label
+from hivewire.services.cli.output import echo_json, echo_result, fail, state_label
 from hivewire.services.cli.plans import PlanFileError, load_plan
 from hivewire.services.runtime.errors import HivewireError, InvalidArgument
 from hivewire.services.runtime.status import from_rpc_error
@@ -208,11 +210,76 @@ def describe_error(err: HivewireError) -> str:
     return text
 
 
-def _run(target: _Target, work: Callable[[Any], Awaitable[int]]) -> None:
+@dataclass(frozen=True)
+class Coordinator:
+    """The coordinator a command's work runs against.
+
+    Attributes:
+        stub: The connected stub to call.
+        target: How it was reached (what following a task reconnects through).
+    """
+
+    stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub
+    target: _Target
+
+
+Work = Callable[[Coordinator], Awaitable[int]]
+"""A command's calls on the connected coordinator; returns the exit status."""
+
+
+def coordinator_command(
+    typer_app: typer.Typer, name: str | None = None, *, identity: str = "client"
+) -> Callable[[Callable[..., Work]], Callable[..., None]]:
+    """Register a command that calls the coordinator.
+
+    The decorated function takes the command's own arguments, checks them and returns
+    its :data:`Work`. The command adds the options every such command takes
+    (``--address``, ``--certs-dir`` and ``--identity``, by default ``identity``); once
+    the function returned, it connects and runs the work, which turns RPC errors into
+    one line on stderr and the exit statuses of the module docstring.
+
+    Args:
+        typer_app: The Typer app the command belongs to.
+        name: The command's name (default: the function's).
+        identity: The default client certificate stem.
+    """
+    default_identity = identity
+
+    def register(build: Callable[..., Work]) -> Callable[..., None]:
+        @functools.wraps(build)
+        def command(
+            *args: Any, address: str | None, certs_dir: Path | None, identity: str, **kwargs: Any
+        ) -> None:
+            work = build(*args, **kwargs)
+            _run(_target(address, certs_dir, identity), work)
+
+        # Typer reads a command's options from its signature: the function's own
+        # parameters, then the connection options.
+        own = inspect.signature(build, eval_str=True)
+        connection = [
+            inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=hint)
+            for param, hint, value in (
+                ("address", AddressOpt, None),
+                ("certs_dir", CertsOpt, None),
+                ("identity", IdentityOpt, default_identity),
+            )
+        ]
+        signature = own.replace(
+            parameters=[*own.parameters.values(), *connection], return_annotation=None
+        )
+        command.__signature__ = signature  # type: ignore[attr-defined]  # read by inspect
+        command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+        typer_app.command(name)(command)
+        return command
+
+    return register
+
+
+def _run(target: _Target, work: Work) -> None:
     async def main() -> int:
         try:
             async with _connect(target) as stub:
-                return await work(stub)
+                return await work(Coordinator(stub, target))
         except grpc.aio.AioRpcError as exc:
             err = from_rpc_error(exc)
             status = EXIT_UNREACHABLE if exc.code() in _UNREACHABLE_CODES else EXIT_REFUSED
@@ -491,8 +558,7 @@ async def follow(
 
 
 async def follow_resuming(
-    target: _Target,
-    stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub,
+    coordinator: Coordinator,
     events: AsyncIterable[Any],
     view: EventView,
     *,
@@ -505,6 +571,7 @@ async def follow_resuming(
     coordinator of the target that connects: another one of the list, or the same one
     once it is back. Nothing is shown twice and nothing is skipped.
     """
+    stub, target = coordinator.stub, coordinator.target
     async with contextlib.AsyncExitStack() as channels:
         while True:
             try:
@@ -600,6 +667,36 @@ def _listing(
     return EXIT_OK
 
 
+class _PageRequest(Protocol):
+    page_size: int
+    page_token: str
+
+
+PageRequestT = TypeVar("PageRequestT", bound=_PageRequest)
+PAGE_SIZE = 500
+"""The most items a list command asks for in one call."""
+
+
+async def paged(
+    rpc: Callable[[PageRequestT], Awaitable[Any]], request: PageRequestT, items: str, limit: int
+) -> AsyncIterator[Any]:
+    """The first ``limit`` items of a paged list RPC (its response's ``items`` field).
+
+    Pages hold at most :data:`PAGE_SIZE` items; the next page is asked for only while
+    more items are wanted and the last response named one.
+    """
+    shown = 0
+    while shown < limit:
+        request.page_size = min(limit - shown, PAGE_SIZE)
+        response = await rpc(request)
+        for item in getattr(response, items):
+            yield item
+            shown += 1
+        request.page_token = response.next_page_token
+        if not request.page_token:
+            break
+
+
 def _task_row(task: coordinator_pb2.Task) -> Sequence[str]:
     return (
         task.task_id,
@@ -683,7 +780,7 @@ def build_spec(
     return spec
 
 
-@app.command()
+@coordinator_command(app)
 def submit(
     capability: Annotated[
         str | None, typer.Argument(help="The capability to run, e.g. summarize.")
@@ -731,10 +828,7 @@ def submit(
         bool, typer.Option("--no-input", help="Never prompt when the task asks for input.")
     ] = False,
     json_lines: JsonOpt = False,
-    address: AddressOpt = None,
-    certs_dir: CertsOpt = None,
-    identity: IdentityOpt = "client",
-) -> None:
+) -> Work:
     """Submit a task (or a plan) and follow it live until it ends (output on stdout)."""
     if (capability is None) == (plan is None):
         raise typer.BadParameter(
@@ -762,30 +856,28 @@ def submit(
             spec.ClearField("input")
     if project:
         spec.project_id = project
-    target = _target(address, certs_dir, identity)
 
-    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+    async def work(coordinator: Coordinator) -> int:
         if detach:
-            response = await stub.SubmitTask(coordinator_pb2.SubmitTaskRequest(spec=spec))
-            if json_lines:
-                echo_json(response)
-            else:
-                typer.echo(response.task.task_id)
+            response = await coordinator.stub.SubmitTask(
+                coordinator_pb2.SubmitTaskRequest(spec=spec)
+            )
+            echo_result(response, response.task.task_id, json_lines=json_lines)
             return EXIT_OK
         with _view(json_lines) as view:
-            call = stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=spec))
+            call = coordinator.stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=spec))
             return await follow_resuming(
-                target, stub, call, view, interactive=_interactive(no_input)
+                coordinator, call, view, interactive=_interactive(no_input)
             )
 
-    _run(target, work)
+    return work
 
 
 def _interactive(no_input: bool) -> bool:
     return not no_input and sys.stdin.isatty()
 
 
-@app.command()
+@coordinator_command(app)
 def watch(
     task_id: Annotated[str, typer.Argument(help="The task to follow.")],
     after: Annotated[
@@ -795,54 +887,45 @@ def watch(
         bool, typer.Option("--no-input", help="Never prompt when the task asks for input.")
     ] = False,
     json_lines: JsonOpt = False,
-    address: AddressOpt = None,
-    certs_dir: CertsOpt = None,
-    identity: IdentityOpt = "client",
-) -> None:
+) -> Work:
     """Follow a task: replay its events (after --after), then live until it ends."""
-    target = _target(address, certs_dir, identity)
 
-    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+    async def work(coordinator: Coordinator) -> int:
         with _view(json_lines) as view:
             view.last_sequence = after
-            call = stub.WatchTask(
+            call = coordinator.stub.WatchTask(
                 coordinator_pb2.WatchTaskRequest(
                     task_id=task_id, after_sequence=after, include_snapshot=True
                 )
             )
             return await follow_resuming(
-                target, stub, call, view, interactive=_interactive(no_input)
+                coordinator, call, view, interactive=_interactive(no_input)
             )
 
-    _run(target, work)
+    return work
 
 
-@app.command()
+@coordinator_command(app)
 def cancel(
     task_id: Annotated[str, typer.Argument(help="The task to cancel.")],
     reason: Annotated[str, typer.Option("--reason", "-r", help="Recorded with the task.")] = "",
     json_lines: JsonOpt = False,
-    address: AddressOpt = None,
-    certs_dir: CertsOpt = None,
-    identity: IdentityOpt = "client",
-) -> None:
+) -> Work:
     """Cancel a task (cancelling a cancelled task is fine)."""
-    target = _target(address, certs_dir, identity)
 
-    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
-        response = await stub.CancelTask(
+    async def work(coordinator: Coordinator) -> int:
+        response = await coordinator.stub.CancelTask(
             coordinator_pb2.CancelTaskRequest(task_id=task_id, reason=reason)
         )
-        if json_lines:
-            echo_json(response)
-        else:
-            typer.echo(f"{task_id} {state_label(response.task.state)}")
+        echo_result(
+            response, f"{task_id} {state_label(response.task.state)}", json_lines=json_lines
+        )
         return EXIT_OK
 
-    _run(target, work)
+    return work
 
 
-@app.command("tasks")
+@coordinator_command(app, "tasks")
 def list_tasks(
     task_ids: Annotated[
         list[str] | None,
@@ -864,10 +947,7 @@ def list_tasks(
     project: Annotated[str, typer.Option("--project", help="Only tasks of this project.")] = "",
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Most tasks shown.")] = 20,
     json_lines: JsonOpt = False,
-    address: AddressOpt = None,
-    certs_dir: CertsOpt = None,
-    identity: IdentityOpt = "client",
-) -> None:
+) -> Work:
     """List tasks, newest first, or show the tasks given by id."""
     states = []
     for name in state or []:
@@ -875,30 +955,22 @@ def list_tasks(
         if key not in common_pb2.TaskState.keys() or key == "TASK_STATE_UNSPECIFIED":
             raise typer.BadParameter(f"unknown state {name!r}", param_hint="--state")
         states.append(common_pb2.TaskState.Value(key))
-    target = _target(address, certs_dir, identity)
 
-    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+    async def work(coordinator: Coordinator) -> int:
         found: list[coordinator_pb2.Task] = []
-        token = ""
         for task_id in task_ids or ():
-            shown = await stub.GetTask(coordinator_pb2.GetTaskRequest(task_id=task_id))
+            shown = await coordinator.stub.GetTask(coordinator_pb2.GetTaskRequest(task_id=task_id))
             found.append(shown.task)
-        while not task_ids and len(found) < limit:
-            response = await stub.ListTasks(
-                coordinator_pb2.ListTasksRequest(
-                    states=states,
-                    capability=capability,
-                    owner=owner,
-                    parent_task_id=parent,
-                    project_id=project,
-                    page_size=min(limit - len(found), 500),
-                    page_token=token,
-                )
+        if not task_ids:
+            request = coordinator_pb2.ListTasksRequest(
+                states=states,
+                capability=capability,
+                owner=owner,
+                parent_task_id=parent,
+                project_id=project,
             )
-            found.extend(response.tasks)
-            token = response.next_page_token
-            if not token:
-                break
+            pages = paged(coordinator.stub.ListTasks, request, "tasks", limit)
+            found = [task async for task in pages]
         return _listing(
             found,
             ("TASK", "STATE", "CAPABILITY", "PRIORITY", "ATTEMPT", "CREATED", "PROGRESS"),
@@ -907,22 +979,20 @@ def list_tasks(
             width=160,
         )
 
-    _run(target, work)
+    return work
 
 
-@app.command()
+@coordinator_command(app)
 def agents(
     capability: Annotated[str, typer.Option("--capability", "-c", help="Only this one.")] = "",
     json_lines: JsonOpt = False,
-    address: AddressOpt = None,
-    certs_dir: CertsOpt = None,
-    identity: IdentityOpt = "client",
-) -> None:
+) -> Work:
     """List the agents the coordinator routes to: capabilities, health, load."""
-    target = _target(address, certs_dir, identity)
 
-    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
-        response = await stub.ListAgents(coordinator_pb2.ListAgentsRequest(capability=capability))
+    async def work(coordinator: Coordinator) -> int:
+        response = await coordinator.stub.ListAgents(
+            coordinator_pb2.ListAgentsRequest(capability=capability)
+        )
         return _listing(
             response.agents,
             ("AGENT", "NAME", "VERSION", "HEALTH", "LOAD", "CIRCUIT", "ADDRESS", "CAPABILITIES"),
@@ -931,7 +1001,7 @@ def agents(
             width=200,
         )
 
-    _run(target, work)
+    return work
 
 
 # -- projects ----------------------------------------------------------------------------
@@ -948,7 +1018,7 @@ def _project_row(project: coordinator_pb2.Project) -> Sequence[str]:
     )
 
 
-@projects_app.command("create")
+@coordinator_command(projects_app, "create")
 def create_project(
     name: Annotated[str, typer.Argument(help="A short name.")],
     goal: Annotated[str, typer.Option("--goal", "-g", help="What the project is for.")] = "",
@@ -956,10 +1026,7 @@ def create_project(
         list[str] | None, typer.Option("--attribute", help="key=value, repeatable.")
     ] = None,
     json_lines: JsonOpt = False,
-    address: AddressOpt = None,
-    certs_dir: CertsOpt = None,
-    identity: IdentityOpt = "client",
-) -> None:
+) -> Work:
     """Create a project and print its id."""
     attributes: dict[str, str] = {}
     for item in attribute or []:
@@ -967,70 +1034,50 @@ def create_project(
         if not sep or not key:
             raise typer.BadParameter(f"{item!r} is not key=value", param_hint="--attribute")
         attributes[key] = value
-    target = _target(address, certs_dir, identity)
 
-    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
-        response = await stub.CreateProject(
+    async def work(coordinator: Coordinator) -> int:
+        response = await coordinator.stub.CreateProject(
             coordinator_pb2.CreateProjectRequest(name=name, goal=goal, attributes=attributes)
         )
-        if json_lines:
-            echo_json(response.project)
-        else:
-            typer.echo(response.project.project_id)
+        echo_result(response.project, response.project.project_id, json_lines=json_lines)
         return EXIT_OK
 
-    _run(target, work)
+    return work
 
 
-@projects_app.command("list")
+@coordinator_command(projects_app, "list")
 def list_projects(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Most shown.")] = 20,
     json_lines: JsonOpt = False,
-    address: AddressOpt = None,
-    certs_dir: CertsOpt = None,
-    identity: IdentityOpt = "client",
-) -> None:
+) -> Work:
     """List your projects, newest first."""
-    target = _target(address, certs_dir, identity)
 
-    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
-        found: list[coordinator_pb2.Project] = []
-        token = ""
-        while len(found) < limit:
-            response = await stub.ListProjects(
-                coordinator_pb2.ListProjectsRequest(
-                    page_size=min(limit - len(found), 500), page_token=token
-                )
-            )
-            found.extend(response.projects)
-            token = response.next_page_token
-            if not token:
-                break
+    async def work(coordinator: Coordinator) -> int:
+        request = coordinator_pb2.ListProjectsRequest()
+        pages = paged(coordinator.stub.ListProjects, request, "projects", limit)
         return _listing(
-            found,
+            [project async for project in pages],
             ("PROJECT", "NAME", "CREATED", "GOAL"),
             _project_row,
             json_lines=json_lines,
             width=160,
         )
 
-    _run(target, work)
+    return work
 
 
-@projects_app.command("show")
+@coordinator_command(projects_app, "show")
 def show_project(
     project_id: Annotated[str, typer.Argument(help="The project's id.")],
     json_lines: JsonOpt = False,
-    address: AddressOpt = None,
-    certs_dir: CertsOpt = None,
-    identity: IdentityOpt = "client",
-) -> None:
+) -> Work:
     """A project and the progress of its tasks."""
-    target = _target(address, certs_dir, identity)
 
-    async def work(stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub) -> int:
+    async def work(coordinator: Coordinator) -> int:
         project = (
-            await stub.GetProject(coordinator_pb2.GetProjectRequest(project_id=project_id))
+            await coordinator.stub.GetProject(
+                coordinator_pb2.GetProjectRequest(project_id=project_id)
+            )
         ).project
         if json_lines:
             echo_json(project)
@@ -1050,4 +1097,4 @@ def show_project(
         )
         return EXIT_OK
 
-    _run(target, work)
+    return work

@@ -39,15 +39,6 @@ from hivewire.services.mesh.up import (
     Store,
 )
 from hivewire.services.runtime.channels import secure_channel
-from hivewire.services.runtime.ports import (
-    A2A_GRPC_PORT,
-    A2A_HTTP_PORT,
-    COORDINATOR_PORT,
-    EXTRA_COORDINATOR_PORT,
-    FIRST_AGENT_PORT,
-    MODEL_PORT,
-    TOOL_PORT,
-)
 from hivewire.services.runtime.tls import TlsFiles
 
 app = typer.Typer()
@@ -189,6 +180,10 @@ async def _up(options: MeshOptions, *, demo: bool, console: Console) -> int:
     return 0
 
 
+_DEFAULTS = MeshOptions()
+"""``hivewire up``'s defaults are the launcher's."""
+
+
 @app.command()
 def up(
     agent: Annotated[
@@ -209,31 +204,39 @@ def up(
             max=MAX_COORDINATORS,
             help="Coordinators to run (more than one needs --store jetstream).",
         ),
-    ] = 1,
+    ] = _DEFAULTS.coordinators,
     store: Annotated[
         Store,
         typer.Option(help="Task store: sqlite (one coordinator) or jetstream (the mesh's NATS)."),
-    ] = "sqlite",
+    ] = _DEFAULTS.store,
     coordinator_port: Annotated[int, typer.Option(help="(First) coordinator gRPC port.")] = (
-        COORDINATOR_PORT
+        _DEFAULTS.coordinator_port
     ),
     extra_coordinator_port: Annotated[
         int, typer.Option(help="Port of the second coordinator; the next ones follow it.")
-    ] = EXTRA_COORDINATOR_PORT,
-    model_port: Annotated[int, typer.Option(help="Model service gRPC port.")] = MODEL_PORT,
-    tool_port: Annotated[int, typer.Option(help="Tool service gRPC port.")] = TOOL_PORT,
-    first_agent_port: Annotated[int, typer.Option(help="Port of the first agent.")] = (
-        FIRST_AGENT_PORT
+    ] = _DEFAULTS.extra_coordinator_port,
+    model_port: Annotated[int, typer.Option(help="Model service gRPC port.")] = (
+        _DEFAULTS.model_port
     ),
-    a2a_port: Annotated[int, typer.Option(help="A2A gateway gRPC port.")] = A2A_GRPC_PORT,
-    a2a_http_port: Annotated[int, typer.Option(help="A2A gateway HTTPS port.")] = (A2A_HTTP_PORT),
-    nats_port: Annotated[int, typer.Option(help="NATS client port.")] = 4222,
-    nats_monitor_port: Annotated[int, typer.Option(help="NATS monitoring port.")] = 8222,
-    dashboard_port: Annotated[int, typer.Option(help="Web dashboard HTTPS port.")] = 8443,
+    tool_port: Annotated[int, typer.Option(help="Tool service gRPC port.")] = _DEFAULTS.tool_port,
+    first_agent_port: Annotated[int, typer.Option(help="Port of the first agent.")] = (
+        _DEFAULTS.first_agent_port
+    ),
+    a2a_port: Annotated[int, typer.Option(help="A2A gateway gRPC port.")] = _DEFAULTS.a2a_port,
+    a2a_http_port: Annotated[int, typer.Option(help="A2A gateway HTTPS port.")] = (
+        _DEFAULTS.a2a_http_port
+    ),
+    nats_port: Annotated[int, typer.Option(help="NATS client port.")] = _DEFAULTS.nats_port,
+    nats_monitor_port: Annotated[int, typer.Option(help="NATS monitoring port.")] = (
+        _DEFAULTS.nats_monitor_port
+    ),
+    dashboard_port: Annotated[int, typer.Option(help="Web dashboard HTTPS port.")] = (
+        _DEFAULTS.dashboard_port
+    ),
     state_dir: Annotated[
         Path, typer.Option(help="Logs, NATS data, the task database, endpoints.json.")
-    ] = Path(".hivewire"),
-    certs_dir: Annotated[Path, typer.Option(help="Dev PKI directory.")] = Path("certs"),
+    ] = _DEFAULTS.state_dir,
+    certs_dir: Annotated[Path, typer.Option(help="Dev PKI directory.")] = _DEFAULTS.certs_dir,
     model_backend: Annotated[
         str | None,
         typer.Option(help="local, deterministic, ollama or openai. Default: local if installed."),

@@ -375,6 +375,8 @@ class ServiceProcess:
         *,
         extra_ports: Mapping[str, int] | None = None,
         on_shutdown: Iterable[ShutdownHook] = (),
+        on_registered: InstanceCallback | None = None,
+        on_deregistered: InstanceCallback | None = None,
     ) -> Serving:
         """Serve ``bindings`` (see :func:`serving`) until the process ends.
 
@@ -390,6 +392,8 @@ class ServiceProcess:
                 registry=registry,
                 registration=registration,
                 on_shutdown=on_shutdown,
+                on_registered=on_registered,
+                on_deregistered=on_deregistered,
                 extra_ports=extra_ports,
                 events=self.events,
             )
@@ -414,6 +418,7 @@ async def service_process(
     settings: Settings,
     kind: str,
     *,
+    name: str | None = None,
     events: EventSink[Any] | None = None,
     registry: Registry | None = None,
 ) -> AsyncIterator[ServiceProcess]:
@@ -425,14 +430,15 @@ async def service_process(
 
     Args:
         settings: The process settings.
-        kind: The service kind, e.g. ``"model"``: the instance id's prefix and the
-            events' source (``model/<instance id>``).
+        kind: The service kind, e.g. ``"model"``: the events' source
+            (``model/<instance id>``).
+        name: The instance id's prefix (default: ``kind``; an agent's name).
         events: Where the process publishes events; by default a publisher built from
             the settings, closed when the process ends (one given stays open).
         registry: A started registry the process uses (tests; it stays open); by
             default the one the settings name, opened when first needed.
     """
-    instance_id = new_instance_id(kind)
+    instance_id = new_instance_id(name or kind)
     async with contextlib.AsyncExitStack() as stack:
         if events is None:
             events = EventPublisher.from_settings(settings, source=f"{kind}/{instance_id}")
