@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+import asyncio
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -17,6 +21,55 @@ from hivewire.services.mesh import pki as pki_module
 from hivewire.services.runtime.tls import TlsFiles
 from tests.helpers import NatsServer, grpcurl_path
 from tests.helpers import grpcurl as run_grpcurl
+
+# pytest-timeout's signal raises its failure out of the event loop's select(): the test's
+# coroutine is abandoned mid-``async with``, then pytest-asyncio cancels it together with
+# every task its cleanup needs (NATS read loops, gRPC servers) and waits for them with no
+# deadline left, so a hung test hung (or crashed) in teardown instead of failing. An
+# async test therefore gets its own deadline inside the loop first, at this share of
+# its pytest-timeout: the coroutine is cancelled where it waits, its cleanup runs with
+# the mesh still alive, and it fails with a TimeoutError pointing at the wait.
+_IN_LOOP_SHARE = 0.75
+
+
+def _timeout_of(item: pytest.Item) -> float | None:
+    """The item's pytest-timeout in seconds (its marker, else --timeout / the ini value)."""
+    marker = item.get_closest_marker("timeout")
+    if marker is not None:
+        value = marker.args[0] if marker.args else marker.kwargs.get("timeout")
+    else:
+        value = item.config.getoption("timeout", None) or item.config.getini("timeout")
+    seconds = float(value) if value not in (None, "") else 0.0
+    return seconds if seconds > 0 else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    seconds = _timeout_of(item)
+    test = getattr(item, "obj", None)
+    # Plain coroutine tests only (a hypothesis test wraps its coroutine itself).
+    if seconds is None or not pytest_asyncio.is_async_test(item):
+        return (yield)
+    if not inspect.iscoroutinefunction(test) or hasattr(test, "hypothesis"):
+        return (yield)
+    budget = seconds * _IN_LOOP_SHARE
+
+    @functools.wraps(test)
+    async def bounded(*args: Any, **kwargs: Any) -> Any:
+        deadline = asyncio.timeout(budget)
+        try:
+            async with deadline:
+                return await test(*args, **kwargs)
+        except TimeoutError:
+            if deadline.expired():
+                pytest.fail(f"Timeout (>{budget:g}s in the event loop, of {seconds:g}s)")
+            raise
+
+    item.obj = bounded
+    try:
+        return (yield)
+    finally:
+        item.obj = test
 
 
 @dataclass(frozen=True)
