@@ -19,20 +19,21 @@ async def test_every_push_notification_operation_is_refused() -> None:
     async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         handler = GatewayHandler(stub, CardSource(stub, interval=1.0), A2aSettings())
-        context = ServerCallContext()
-        with pytest.raises(PushNotificationNotSupportedError):
-            await handler.on_create_task_push_notification_config(
-                a2a.TaskPushNotificationConfig(), context
-            )
-        with pytest.raises(PushNotificationNotSupportedError):
-            await handler.on_get_task_push_notification_config(
-                a2a.GetTaskPushNotificationConfigRequest(), context
-            )
-        with pytest.raises(PushNotificationNotSupportedError):
-            await handler.on_list_task_push_notification_configs(
-                a2a.ListTaskPushNotificationConfigsRequest(), context
-            )
-        with pytest.raises(PushNotificationNotSupportedError):
-            await handler.on_delete_task_push_notification_config(
-                a2a.DeleteTaskPushNotificationConfigRequest(), context
-            )
+        refusals = [
+            (handler.on_create_task_push_notification_config, a2a.TaskPushNotificationConfig()),
+            (
+                handler.on_get_task_push_notification_config,
+                a2a.GetTaskPushNotificationConfigRequest(),
+            ),
+            (
+                handler.on_list_task_push_notification_configs,
+                a2a.ListTaskPushNotificationConfigsRequest(),
+            ),
+            (
+                handler.on_delete_task_push_notification_config,
+                a2a.DeleteTaskPushNotificationConfigRequest(),
+            ),
+        ]
+        for operation, request in refusals:
+            with pytest.raises(PushNotificationNotSupportedError):
+                await operation(request, ServerCallContext())
