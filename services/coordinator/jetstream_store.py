@@ -94,6 +94,9 @@ _OUTBOX_CURSOR = "relay"
 _OUTBOX_FETCH_WAIT = 5.0
 _INDEX_CACHE = 4096
 """Tasks whose journal index (task sequence -> stream sequence) stays in memory."""
+# Listing keys: messages per fetch; seconds before an abandoned listing consumer goes.
+_KEYS_BATCH = 256
+_KEYS_INACTIVE = 30.0
 
 
 @dataclass
@@ -1116,11 +1119,7 @@ def _active_key(coordinator: str, task_id: str) -> str:
 async def _keys(bucket: KeyValue | None) -> list[str]:
     """The keys of an open bucket ([] when it has none)."""
     assert bucket is not None
-    try:
-        keys: list[str] = await bucket.keys()
-    except js_errors.NoKeysError:
-        return []
-    return keys
+    return await list_keys(bucket)
 
 
 async def _value(bucket: KeyValue | None, key: str) -> bytes | None:
@@ -1134,18 +1133,61 @@ async def _value(bucket: KeyValue | None, key: str) -> bytes | None:
 
 
 async def list_keys(bucket: KeyValue, pattern: str = ">") -> list[str]:
-    """The live keys of a bucket matching a subject pattern (filtered by the server)."""
-    watcher = await bucket.watch(pattern, ignore_deletes=True, meta_only=True)
-    keys = []
+    """The live keys of a bucket matching a subject pattern, as stored when called.
+
+    Not ``KeyValue.keys()`` nor a watch: their "initial values done" marker can come
+    before values the server already sent (the watcher compares the consumer's pending
+    count with what it has processed, not with what is still in flight: nats.py issue
+    #842), so under load they answer with too few keys, or none. An ephemeral pull
+    consumer sends nothing until asked, and the reply that creates it counts the
+    latest message of each matching key: reading exactly that many lists the bucket.
+    """
+    # nats-py keeps the bucket's stream, subject prefix and JetStream context private.
+    js, stream, prefix = bucket._js, bucket._stream, bucket._pre
+    info = await js.add_consumer(
+        stream,
+        js_api.ConsumerConfig(
+            name=f"keys-{uuid.uuid4().hex}",
+            deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=js_api.AckPolicy.NONE,
+            filter_subject=f"{prefix}{pattern}",
+            headers_only=True,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=_KEYS_INACTIVE,
+        ),
+    )
+    keys: list[str] = []
+    remaining = info.num_pending
     try:
-        while True:
-            entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
-            if entry is None:
-                break
-            keys.append(entry.key)
+        if remaining:
+            psub = await js.pull_subscribe_bind(consumer=info.name, stream=stream)
+            try:
+                while remaining > 0:
+                    try:
+                        msgs = await psub.fetch(min(remaining, _KEYS_BATCH), timeout=5.0)
+                    except nats.errors.TimeoutError:
+                        # A counted key was removed before it was sent: done if
+                        # nothing is left to send.
+                        if (await psub.consumer_info()).num_pending == 0:
+                            break
+                        continue
+                    for msg in msgs:
+                        remaining -= 1
+                        if not _is_removal(msg.headers or {}):
+                            keys.append(msg.subject[len(prefix) :])
+            finally:
+                with contextlib.suppress(nats.errors.Error, TimeoutError, ValueError):
+                    await psub.unsubscribe()
     finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await js.delete_consumer(stream, info.name)
     return keys
+
+
+def _is_removal(headers: dict[str, str]) -> bool:
+    """Whether a KV message marks its key deleted or purged (by a client or by age)."""
+    return headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers
 
 
 def _encode(row: TaskRow) -> bytes:

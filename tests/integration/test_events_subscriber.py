@@ -291,6 +291,57 @@ async def test_replay_follow_sees_new_events(nats_server: NatsServer) -> None:
         await events.aclose()
 
 
+async def test_one_cancel_always_stops_a_follow_even_as_events_arrive(
+    nats_server: NatsServer,
+) -> None:
+    """``hivewire events --follow`` once ignored Ctrl-C: nats-py lost the one cancel.
+
+    A cancel that lands while a fetched message is arriving is swallowed inside
+    nats-py (Python 3.11's ``asyncio.wait_for`` returns the result instead), which
+    happened in about one stop in three here before replay checked for it. Each round
+    cancels a following replay once, at a different point of the event flow, and the
+    replay must end every time.
+    """
+    await publish_tasks(nats_server.url, 1)
+    pumping = True
+
+    async def pump() -> None:
+        # Events keep arriving at the followers; flushing each paces the loop.
+        async with EventPublisher(nats_server.url, source="coordinator/test") as publisher:
+            for i in itertools.count():
+                if not pumping:
+                    return
+                publisher.publish(
+                    "task.created",
+                    subject=f"task-{i}",
+                    data=events_pb2.TaskEventData(task_id=f"task-{i}"),
+                )
+                assert await publisher.flush(10)
+
+    async def follow(receiving: asyncio.Event) -> None:
+        async for _ in replay(nats_server.url, "task.*", start="new", follow=True):
+            receiving.set()
+
+    pumper = asyncio.create_task(pump())
+    try:
+        for round_number in range(40):
+            receiving = asyncio.Event()
+            follower = asyncio.create_task(follow(receiving))
+            await asyncio.wait_for(receiving.wait(), 20)
+            for _ in range(round_number % 5):
+                await asyncio.sleep(0)  # move the cancel along the loop's steps
+            follower.cancel()  # once, as asyncio.run does on Ctrl-C
+            done, _ = await asyncio.wait({follower}, timeout=20)
+            if not done:
+                follower.cancel()
+                await asyncio.wait({follower}, timeout=20)
+            assert done, f"round {round_number}: the replay ignored its cancellation"
+            assert follower.cancelled()
+    finally:
+        pumping = False
+        await pumper
+
+
 async def test_subscriber_lag_metric_follows_the_backlog(nats_server: NatsServer) -> None:
     await publish_tasks(nats_server.url, 20)
     release = asyncio.Event()

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 
-from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
+from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore, list_keys
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.coordinator.store import (
     EventRow,
@@ -281,6 +282,35 @@ async def test_jetstream_updates_are_compare_and_set(tmp_path: Path) -> None:
             await first.put(events=[EventRow("t1", 1, b"a")])
             await second.put(events=[EventRow("t1", 1, b"a")])
             assert [e.sequence for e in await first.events_after("t1", 0)] == [1]
+
+
+async def test_jetstream_key_listings_see_every_live_key_written_before_them(
+    tmp_path: Path,
+) -> None:
+    """A listing never ends early (purge and the cluster read every key through it).
+
+    nats-py's ``keys()`` and watch could report "no more keys" while values were still
+    on their way, under load: the JetStream purge then found no finished task at all.
+    """
+    async with NatsServer(tmp_path / "nats") as server:
+        client = await nats.connect(server.url)
+        try:
+            js = client.jetstream()
+            bucket = await js.create_key_value(bucket="LISTING", history=1)
+            assert await list_keys(bucket) == []
+            for i in range(40):
+                await bucket.put(f"a.k{i:02}", b"v" * 200)
+            await bucket.put("b.other", b"v")
+            await bucket.delete("a.k00")
+            await bucket.purge("a.k01")
+            live = {f"a.k{i:02}" for i in range(2, 40)}
+            for _ in range(100):
+                assert set(await list_keys(bucket, "a.>")) == live
+            assert set(await list_keys(bucket)) == live | {"b.other"}
+            # Each listing removes its consumer: none is left on the bucket's stream.
+            assert (await js.stream_info("KV_LISTING")).state.consumer_count == 0
+        finally:
+            await client.close()
 
 
 def owned(task_id: str, coordinator: str, **fields: Any) -> TaskRow:

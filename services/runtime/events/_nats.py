@@ -61,6 +61,21 @@ async def stop_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
         _, pending = await asyncio.wait(pending, timeout=1.0)
 
 
+def honour_cancellation() -> None:
+    """Raise ``CancelledError`` if the running task was cancelled and the cancel got lost.
+
+    A cancellation that lands in nats-py while a message is arriving can vanish: on
+    Python 3.11 ``asyncio.wait_for`` (inside ``next_msg``, so inside every ``fetch``)
+    returns the result when its inner future finished at the moment it was cancelled,
+    and the task carries on with ``cancelling()`` still set. A loop around nats-py calls
+    checks here so that one ``cancel()`` (Ctrl-C under ``asyncio.run``, a closed HTTP
+    stream) always ends it.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def split_servers(nats_url: str) -> list[str]:
     """``"nats://a:4222,nats://b:4222"`` -> the list of server URLs."""
     servers = [part.strip() for part in nats_url.split(",") if part.strip()]

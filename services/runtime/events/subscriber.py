@@ -58,6 +58,7 @@ from ._nats import (
     close_quietly,
     connect,
     ensure_streams,
+    honour_cancellation,
     stop_tasks,
     stream_exists,
 )
@@ -719,6 +720,7 @@ async def replay(
         position = _Ordered(stream=stream_name, subject=subject, start=start_config)
         failures = 0
         while True:
+            honour_cancellation()
             if psub is None:
                 try:
                     created = await js.add_consumer(stream_name, position.config(inactive))
@@ -773,7 +775,9 @@ async def replay(
                 if not follow and meta.num_pending == 0:
                     return
     finally:
-        if psub is not None and position is not None:
+        # Disconnected: no waiting out a request timeout; the server drops the idle
+        # ephemeral consumer after its inactive threshold anyway.
+        if psub is not None and position is not None and client.is_connected:
             with contextlib.suppress(*TRANSIENT_ERRORS):
                 await js.delete_consumer(position.stream, position.name)
         await close_quietly(client)
