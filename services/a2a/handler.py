@@ -27,7 +27,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from a2a.server.context import ServerCallContext
@@ -377,29 +377,16 @@ class GatewayHandler(RequestHandler):
 
     # -- not offered -------------------------------------------------------------------
 
-    async def on_create_task_push_notification_config(
-        self, params: a2a.TaskPushNotificationConfig, context: ServerCallContext
-    ) -> a2a.TaskPushNotificationConfig:
+    async def _push_notifications_not_offered(
+        self, params: object, context: ServerCallContext
+    ) -> NoReturn:
         """Push notifications are not offered (the card says so)."""
         raise PushNotificationNotSupportedError()
 
-    async def on_get_task_push_notification_config(
-        self, params: a2a.GetTaskPushNotificationConfigRequest, context: ServerCallContext
-    ) -> a2a.TaskPushNotificationConfig:
-        """Push notifications are not offered."""
-        raise PushNotificationNotSupportedError()
-
-    async def on_list_task_push_notification_configs(
-        self, params: a2a.ListTaskPushNotificationConfigsRequest, context: ServerCallContext
-    ) -> a2a.ListTaskPushNotificationConfigsResponse:
-        """Push notifications are not offered."""
-        raise PushNotificationNotSupportedError()
-
-    async def on_delete_task_push_notification_config(
-        self, params: a2a.DeleteTaskPushNotificationConfigRequest, context: ServerCallContext
-    ) -> None:
-        """Push notifications are not offered."""
-        raise PushNotificationNotSupportedError()
+    on_create_task_push_notification_config = _push_notifications_not_offered
+    on_get_task_push_notification_config = _push_notifications_not_offered
+    on_list_task_push_notification_configs = _push_notifications_not_offered
+    on_delete_task_push_notification_config = _push_notifications_not_offered
 
     async def on_get_extended_agent_card(
         self, params: a2a.GetExtendedAgentCardRequest, context: ServerCallContext

@@ -38,6 +38,7 @@ from hivewire.services.agent.sdk import (
 )
 from hivewire.services.base.lifecycle import StartClose, cancel_and_wait
 from hivewire.services.runtime import tracing
+from hivewire.services.runtime.convert import error_info
 from hivewire.services.runtime.errors import (
     FieldViolation,
     HivewireError,
@@ -170,7 +171,7 @@ def classify(exc: BaseException) -> ErrorInfo:
         retryability; anything else is a permanent ``HANDLER_FAILED`` with the message.
     """
     if isinstance(exc, AgentError):
-        return ErrorInfo(exc.code, exc.reason, exc.message, exc.retryable, exc.metadata)
+        return error_info(exc)
     if isinstance(exc, HivewireError):
         return ErrorInfo(exc.code.name, exc.reason, exc.message, exc.retryable, exc.metadata)
     text = str(exc) or type(exc).__name__

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from hivewire.discovery import Instance, Registry
 from hivewire.services.coordinator import metrics
-from hivewire.services.coordinator.cluster import Cluster
+from hivewire.services.coordinator.cluster import Cluster, ClusterOptions
 from hivewire.services.coordinator.deadletters import DeadLetters
 from hivewire.services.coordinator.dispatch import AgentPool
 from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
@@ -139,13 +139,12 @@ async def start_coordinator(
         )
         store = shared
         # Any number of coordinators share the store: leases (cluster.py).
-        cluster = Cluster(
-            shared,
-            process.instance_id,
+        options = ClusterOptions(
             lease_ttl=cfg.lease_ttl,
             heartbeat=cfg.lease_heartbeat,
             request_timeout=cfg.forward_timeout,
         )
+        cluster = Cluster(shared, process.instance_id, options=options)
     else:
         store = await stack.enter_async_context(
             SqliteTaskStore(cfg.db_path, batch_max=cfg.write_batch_max)
@@ -163,8 +162,7 @@ async def start_coordinator(
         channels,
         service=cfg.agent_service,
         default_concurrency=cfg.default_agent_concurrency,
-        failure_threshold=cfg.breaker_failure_threshold,
-        reset_timeout=cfg.breaker_reset_timeout,
+        breaker=cfg.breaker,
         describe_timeout=cfg.describe_timeout,
         on_change=lambda: wake[0].wake() if wake else None,
         events=events,

@@ -55,7 +55,7 @@ from hivewire.services.runtime.status import from_rpc_status, to_rpc_status
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONTROL_SUBJECT", "Cluster", "ClusterHost"]
+__all__ = ["CONTROL_SUBJECT", "Cluster", "ClusterHost", "ClusterOptions"]
 
 CONTROL_SUBJECT = "hivewire.coordinator"
 """Prefix of the subjects coordinators answer requests on (``<prefix>.<instance id>``)."""
@@ -99,32 +99,37 @@ class _Peer:
     seen: float
 
 
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Timings of a :class:`Cluster` (the ``lease_*`` and ``forward_timeout`` settings).
+
+    Attributes:
+        lease_ttl: Seconds without a heartbeat after which a coordinator is dead.
+        heartbeat: Seconds between two heartbeats (well below ``lease_ttl``).
+        request_timeout: Seconds a request to the owner may take.
+    """
+
+    lease_ttl: float
+    heartbeat: float
+    request_timeout: float
+
+
 class Cluster:
     """This coordinator's membership of the coordinators sharing a JetStream store.
 
     Args:
         store: The open JetStream store.
         instance_id: This coordinator's instance id (also its registry id).
-        lease_ttl: Seconds without a heartbeat after which a coordinator is dead.
-        heartbeat: Seconds between two heartbeats (well below ``lease_ttl``).
-        request_timeout: Seconds a request to the owner may take.
+        options: Its lease's timings and how long a request to a peer may take.
     """
 
     def __init__(
-        self,
-        store: JetStreamTaskStore,
-        instance_id: str,
-        *,
-        lease_ttl: float,
-        heartbeat: float,
-        request_timeout: float,
+        self, store: JetStreamTaskStore, instance_id: str, *, options: ClusterOptions
     ) -> None:
         self._store = store
         store.instance = instance_id
         self.instance_id = instance_id
-        self._ttl = lease_ttl
-        self._heartbeat = heartbeat
-        self._request_timeout = request_timeout
+        self._options = options
         self._host: ClusterHost | None = None
         self._peers: dict[str, _Peer] = {}
         self._healthy_since: float | None = None
@@ -144,7 +149,7 @@ class Cluster:
     def leased(self) -> bool:
         """Whether this coordinator may dispatch: its last heartbeat is recent."""
         loop = asyncio.get_running_loop()
-        return not self._abandoned and loop.time() - self._last_beat < self._ttl / 2
+        return not self._abandoned and loop.time() - self._last_beat < self._options.lease_ttl / 2
 
     async def join(self, host: ClusterHost) -> list[TaskRow]:
         """Start heartbeating and answering requests; claim tasks nobody owns.
@@ -182,12 +187,12 @@ class Cluster:
     async def _beat_loop(self) -> None:
         # Its own loop: slow peer checks never delay a heartbeat.
         while True:
-            await asyncio.sleep(self._heartbeat)
+            await asyncio.sleep(self._options.heartbeat)
             await self._beat()
 
     async def _peer_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._heartbeat)
+            await asyncio.sleep(self._options.heartbeat)
             if self._healthy_since is None or self._abandoned:
                 continue
             try:
@@ -200,16 +205,20 @@ class Cluster:
     async def _fence_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self._heartbeat / 2)
+            await asyncio.sleep(self._options.heartbeat / 2)
             silent = loop.time() - self._last_beat
-            if not self._abandoned and silent > 0.8 * self._ttl and self._host is not None:
+            if (
+                not self._abandoned
+                and silent > 0.8 * self._options.lease_ttl
+                and self._host is not None
+            ):
                 self._abandoned = True
                 logger.error(
                     "no heartbeat for %.1fs: letting go of every task (peers may take them)",
                     silent,
                 )
                 self._host.abandon()
-            elif self._abandoned and silent < self._heartbeat * 2:
+            elif self._abandoned and silent < self._options.heartbeat * 2:
                 try:
                     claimed = await self._claim_from(self.instance_id, resume=True)
                 except asyncio.CancelledError:
@@ -224,7 +233,9 @@ class Cluster:
         loop = asyncio.get_running_loop()
         value = json.dumps({"instance": self.instance_id, "time_ns": now_ns()}).encode()
         try:
-            await asyncio.wait_for(self._store.members.put(self.instance_id, value), self._ttl / 2)
+            await asyncio.wait_for(
+                self._store.members.put(self.instance_id, value), self._options.lease_ttl / 2
+            )
         except Exception as exc:
             if self._healthy_since is not None:
                 logger.warning("coordinator heartbeat failed: %s", exc)
@@ -263,7 +274,7 @@ class Cluster:
                 self._peers[name] = _Peer(revision, now)
                 continue
             silent = now - max(peer.seen, self._healthy_since or now)
-            if silent > self._ttl:
+            if silent > self._options.lease_ttl:
                 logger.warning("coordinator %s missed its lease (%.1fs silent)", name, silent)
                 dead.append(name)
                 del self._peers[name]
@@ -356,12 +367,15 @@ class Cluster:
         headers = {_OP: op, _CALLER: caller, _CORRELATION: correlation_id}
         try:
             reply = await self._store.connection.request(
-                f"{CONTROL_SUBJECT}.{owner}", body, timeout=self._request_timeout, headers=headers
+                f"{CONTROL_SUBJECT}.{owner}",
+                body,
+                timeout=self._options.request_timeout,
+                headers=headers,
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
             raise Unavailable(
                 f"coordinator {owner}, which runs the task, did not answer; retry",
-                retry_after=self._ttl,
+                retry_after=self._options.lease_ttl,
             ) from exc
         if (reply.headers or {}).get(_ERROR):
             raise from_rpc_status(status_pb2.Status.FromString(reply.data))

@@ -32,7 +32,12 @@ from hivewire.services.base.lifecycle import StartStop, cancel_and_wait
 from hivewire.services.coordinator import metrics
 from hivewire.services.coordinator.model import AgentView, now_ns
 from hivewire.services.runtime import tracing
-from hivewire.services.runtime.breaker import CircuitBreaker, CircuitOpenError, CircuitState
+from hivewire.services.runtime.breaker import (
+    BreakerOptions,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+)
 from hivewire.services.runtime.channels import ChannelPool
 from hivewire.services.runtime.eventsink import EventSink, NullSink
 from hivewire.services.runtime.interceptors import observe_client_call
@@ -121,6 +126,10 @@ class AgentLease:
         return self.entry.agent_id
 
 
+_AGENT_BREAKER = BreakerOptions(failure_threshold=5, reset_timeout=10.0)
+"""An agent's circuit when none is given."""
+
+
 class AgentPool(StartStop):
     """Agents from discovery, their load and health (an async context manager).
 
@@ -129,8 +138,7 @@ class AgentPool(StartStop):
         channels: Long-lived channels to agents (one per agent address).
         service: Registry name of agents.
         default_concurrency: Concurrency of an agent that advertises none.
-        failure_threshold: Consecutive transport failures that open an agent's circuit.
-        reset_timeout: Seconds an open circuit waits before a probe.
+        breaker: Each agent's circuit: opened by consecutive transport failures.
         describe_timeout: Deadline of the ``Describe`` call made when an agent appears.
         on_change: Called (synchronously) when agents appear or slots free up.
         events: Where ``agent.health_changed`` is published: when an agent leaves or
@@ -144,8 +152,7 @@ class AgentPool(StartStop):
         *,
         service: str = "hivewire-agent",
         default_concurrency: int = 4,
-        failure_threshold: int = 5,
-        reset_timeout: float = 10.0,
+        breaker: BreakerOptions = _AGENT_BREAKER,
         describe_timeout: float = 3.0,
         on_change: Callable[[], None] | None = None,
         events: EventSink[events_pb2.AgentEventData] | None = None,
@@ -155,8 +162,7 @@ class AgentPool(StartStop):
         self._channels = channels
         self._service = service
         self._default_concurrency = default_concurrency
-        self._failure_threshold = failure_threshold
-        self._reset_timeout = reset_timeout
+        self._breaker = breaker
         self._describe_timeout = describe_timeout
         self._on_change = on_change or (lambda: None)
         self._agents: dict[str, AgentEntry] = {}
@@ -210,8 +216,8 @@ class AgentPool(StartStop):
                     max_concurrency=self._concurrency_of(instance),
                     breaker=CircuitBreaker(
                         f"agent:{instance.instance_id}",
-                        failure_threshold=self._failure_threshold,
-                        reset_timeout=self._reset_timeout,
+                        failure_threshold=self._breaker.failure_threshold,
+                        reset_timeout=self._breaker.reset_timeout,
                         on_state_change=self._breaker_changed,
                     ),
                 )

@@ -36,7 +36,11 @@ from hivewire.services.coordinator.outbox import OutboxSink, event_id, outbox_si
 from hivewire.services.coordinator.store import TERMINAL_STATES, EventRow, TaskStore
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import Unavailable
-from hivewire.services.runtime.events.envelope import build_event, build_traced_event
+from hivewire.services.runtime.events.envelope import (
+    EventFields,
+    build_event,
+    build_traced_event,
+)
 from hivewire.services.runtime.eventsink import EventSink, NullSink
 
 logger = logging.getLogger(__name__)
@@ -336,20 +340,24 @@ class Journal:
         ``traceparent``, so consumers still join the task's trace.
         """
         assert self._outbox is not None
+        source = self._outbox.source
+
+        def fields(data: EventData, suffix: str) -> EventFields:
+            return EventFields(
+                source=source,
+                subject=record.task_id,
+                data=data,
+                task_sequence=sequence,
+                correlation_id=record.correlation_id or None,
+                event_id=event_id(record.task_id, sequence, suffix),
+                time_ns=stamp,
+            )
+
         if not traced:
+            traceparent = record.spec.metadata.traceparent
             return pack(
                 [
-                    build_event(
-                        event_type,
-                        source=self._outbox.source,
-                        subject=record.task_id,
-                        data=data,
-                        task_sequence=sequence,
-                        correlation_id=record.correlation_id or None,
-                        traceparent=record.spec.metadata.traceparent,
-                        event_id=event_id(record.task_id, sequence, suffix),
-                        time_ns=stamp,
-                    )
+                    build_event(event_type, traceparent=traceparent, **fields(data, suffix))
                     for event_type, data, suffix in published
                 ]
             )
@@ -357,16 +365,7 @@ class Journal:
         with tracing.resumed(record.spec.metadata):
             return pack(
                 [
-                    build_traced_event(
-                        event_type,
-                        source=self._outbox.source,
-                        subject=record.task_id,
-                        data=data,
-                        task_sequence=sequence,
-                        correlation_id=record.correlation_id or None,
-                        event_id=event_id(record.task_id, sequence, suffix),
-                        time_ns=stamp,
-                    )[0]
+                    build_traced_event(event_type, **fields(data, suffix))[0]
                     for event_type, data, suffix in published
                 ]
             )

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from google.protobuf.message import DecodeError
@@ -38,6 +39,7 @@ __all__ = [
     "OutboxHold",
     "OutboxRelay",
     "OutboxSink",
+    "RelayOptions",
     "event_id",
     "outbox_sink",
     "pack",
@@ -120,6 +122,30 @@ def unpack(entry: bytes) -> list[events_pb2.Event]:
     return events
 
 
+@dataclass(frozen=True)
+class RelayOptions:
+    """Tuning of an :class:`OutboxRelay`.
+
+    Attributes:
+        batch: Entries read at a time.
+        in_flight: Reads handed to the publisher and not yet acknowledged, at most.
+        stop_timeout: Seconds :meth:`OutboxRelay.stop` waits for what is in flight to be
+            acknowledged and recorded (what is not is sent again after a restart).
+        record_interval: Seconds between two records of the position published, at most
+            (also how long after the last acknowledgement an idle relay records it).
+        record_every: Entries acknowledged that are recorded at once.
+    """
+
+    batch: int = 512
+    in_flight: int = 8
+    stop_timeout: float = 5.0
+    record_interval: float = 0.5
+    record_every: int = 512
+
+
+_DEFAULT_OPTIONS = RelayOptions()
+
+
 class OutboxRelay(StartStop):
     """Publishes committed outbox entries in commit order (an async context manager).
 
@@ -130,14 +156,8 @@ class OutboxRelay(StartStop):
     Args:
         store: The task store holding the outbox.
         sink: The publisher.
-        batch: Entries read at a time.
-        in_flight: Reads handed to the publisher and not yet acknowledged, at most.
+        options: How much it reads and keeps in flight, and how it records and stops.
         hold: Test-only pause (:data:`OutboxHold`).
-        stop_timeout: Seconds :meth:`stop` waits for what is in flight to be acknowledged
-            and recorded (what is not is sent again after a restart).
-        record_interval: Seconds between two records of the position published, at most
-            (also how long after the last acknowledgement an idle relay records it).
-        record_every: Entries acknowledged that are recorded at once.
     """
 
     def __init__(
@@ -145,24 +165,17 @@ class OutboxRelay(StartStop):
         store: TaskStore,
         sink: OutboxSink,
         *,
-        batch: int = 512,
-        in_flight: int = 8,
+        options: RelayOptions = _DEFAULT_OPTIONS,
         hold: OutboxHold = "",
-        stop_timeout: float = 5.0,
-        record_interval: float = 0.5,
-        record_every: int = 512,
     ) -> None:
         self._store = store
         self._sink = sink
-        self._batch = batch
+        self._options = options
         self._hold = hold
-        self._stop_timeout = stop_timeout
-        self._record_interval = record_interval
-        self._record_every = record_every
         # (position, entries, envelopes, acknowledged) of each read handed to the sink;
         # None asks the recording loop to stop once it has recorded what came before.
         self._acks: asyncio.Queue[tuple[int, int, int, asyncio.Future[None]] | None] = (
-            asyncio.Queue(maxsize=in_flight)
+            asyncio.Queue(maxsize=options.in_flight)
         )
         self._tasks: list[asyncio.Task[None]] = []
         self.published = 0
@@ -187,7 +200,7 @@ class OutboxRelay(StartStop):
         (reader, marker), self._tasks = self._tasks, []
         await cancel_and_wait([reader], suppress=(Exception,))
         try:
-            async with asyncio.timeout(self._stop_timeout):
+            async with asyncio.timeout(self._options.stop_timeout):
                 await self._acks.put(None)
                 await marker
         except TimeoutError:
@@ -204,7 +217,7 @@ class OutboxRelay(StartStop):
         after = 0
         while True:
             try:
-                items = await self._store.outbox_next(after, limit=self._batch)
+                items = await self._store.outbox_next(after, limit=self._options.batch)
             except Exception as exc:  # the relay outlives any one failure
                 logger.warning("outbox: reading failed (%s); retrying", exc)
                 await asyncio.sleep(backoff.next_delay())
@@ -223,13 +236,14 @@ class OutboxRelay(StartStop):
         # Recording is throttled (the JetStream store writes a KV entry per record): at
         # most every record_interval seconds or record_every entries, and when idle.
         # A crash sends again what was not recorded; Nats-Msg-Id makes that harmless.
+        options = self._options
         pending: tuple[int, int] | None = None  # (position, entries) acknowledged, unrecorded
         last = asyncio.get_running_loop().time()
         while True:
             idle = False
             read = None
             try:
-                async with asyncio.timeout(self._record_interval if pending else None):
+                async with asyncio.timeout(options.record_interval if pending else None):
                     read = await self._acks.get()
             except TimeoutError:
                 idle = True  # nothing new for a while: record what is acknowledged
@@ -249,7 +263,7 @@ class OutboxRelay(StartStop):
                 continue
             pending = (position, entries + (pending[1] if pending else 0))
             now = asyncio.get_running_loop().time()
-            if pending[1] >= self._record_every or now - last >= self._record_interval:
+            if pending[1] >= options.record_every or now - last >= options.record_interval:
                 await self._record(*pending)
                 pending, last = None, now
 

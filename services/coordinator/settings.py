@@ -13,11 +13,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from hivewire.services.runtime.config import Settings
-from hivewire.services.runtime.sections import (
-    BreakerFailureThreshold,
-    BreakerResetTimeout,
-    Section,
-)
+from hivewire.services.runtime.sections import BreakerSection, Section
 
 
 class QuotaLimits(Section):
@@ -70,8 +66,12 @@ class WebhookSettings(BaseModel):
     max_per_task: int = Field(4, ge=0, description="Most webhooks one task spec may carry.")
 
 
-class CoordinatorSettings(Section):
-    """Tuning of the coordinator (scheduling, retries, limits, storage)."""
+class CoordinatorSettings(BreakerSection):
+    """Tuning of the coordinator (scheduling, retries, limits, storage).
+
+    An agent's circuit (``breaker_*``, from :class:`BreakerSection`) is opened by
+    consecutive transport failures.
+    """
 
     db_path: Path = Field(
         Path(".hivewire/coordinator.db"),
@@ -133,9 +133,6 @@ class CoordinatorSettings(Section):
     default_agent_concurrency: int = Field(
         4, ge=1, description="Concurrency of an agent that advertises none."
     )
-    # An agent's circuit: opened by consecutive transport failures.
-    breaker_failure_threshold: BreakerFailureThreshold = 5
-    breaker_reset_timeout: BreakerResetTimeout = 10.0
     cancel_grace: float = Field(
         5.0, ge=0, description="Seconds an agent gets to acknowledge a cancel before the call ends."
     )

@@ -154,7 +154,6 @@ def build_service(
         router,
         request_timeout=settings.request_timeout,
         list_timeout=settings.list_timeout,
-        breaker_failure_threshold=settings.breaker_failure_threshold,
-        breaker_reset_timeout=settings.breaker_reset_timeout,
+        breaker=settings.breaker,
         events=events,
     )

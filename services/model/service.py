@@ -53,7 +53,12 @@ from hivewire.services.model.domain import (
     Usage,
 )
 from hivewire.services.model.router import Route, Router
-from hivewire.services.runtime.breaker import CircuitBreaker, CircuitOpenError, CircuitState
+from hivewire.services.runtime.breaker import (
+    BreakerOptions,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+)
 from hivewire.services.runtime.errors import (
     DeadlineExceeded,
     HivewireError,
@@ -83,6 +88,10 @@ class _Budget:
     capped_by_budget: bool  # whether that cap is tighter than the caller's max_tokens
 
 
+_BACKEND_BREAKER = BreakerOptions(failure_threshold=5, reset_timeout=30.0)
+"""A backend's circuit when none is given."""
+
+
 class ModelService:
     """Serves generation, embedding and listing calls over a set of backends."""
 
@@ -93,8 +102,7 @@ class ModelService:
         *,
         request_timeout: float = 300.0,
         list_timeout: float = 5.0,
-        breaker_failure_threshold: int = 5,
-        breaker_reset_timeout: float = 30.0,
+        breaker: BreakerOptions = _BACKEND_BREAKER,
         events: ModelEvents | None = None,
     ) -> None:
         """Create the service.
@@ -104,8 +112,7 @@ class ModelService:
             router: Routes model names to them.
             request_timeout: Seconds a call may take when the caller sets no deadline.
             list_timeout: Seconds each backend gets to answer ListModels.
-            breaker_failure_threshold: Consecutive failures that open a backend's circuit.
-            breaker_reset_timeout: Seconds before an open circuit lets a probe through.
+            breaker: Each backend's circuit: opened by consecutive failures.
             events: Where ``model.*`` events go; None publishes nothing.
         """
         self._backends = dict(backends)
@@ -116,8 +123,8 @@ class ModelService:
         self.breakers = {
             name: CircuitBreaker(
                 name,
-                failure_threshold=breaker_failure_threshold,
-                reset_timeout=breaker_reset_timeout,
+                failure_threshold=breaker.failure_threshold,
+                reset_timeout=breaker.reset_timeout,
                 on_state_change=m.record_circuit_state,
             )
             for name in self._backends

@@ -19,11 +19,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from hivewire.services.runtime.config import Settings
-from hivewire.services.runtime.sections import (
-    BreakerFailureThreshold,
-    BreakerResetTimeout,
-    Section,
-)
+from hivewire.services.runtime.sections import BreakerResetTimeout, BreakerSection
 
 BackendName = Literal["ollama", "openai", "local", "deterministic"]
 """The backends the service knows."""
@@ -45,7 +41,7 @@ def local_extra_installed() -> bool:
     )
 
 
-class ModelSettings(Section):
+class ModelSettings(BreakerSection):
     """The model service's section (``HIVEWIRE_MODEL__*``)."""
 
     routes: dict[str, str] = Field(
@@ -120,8 +116,8 @@ class ModelSettings(Section):
         8192, ge=1, description="Largest max_tokens a request may ask for."
     )
 
-    # A backend's circuit: opened by consecutive failures of the backend.
-    breaker_failure_threshold: BreakerFailureThreshold = 5
+    # A backend's circuit (breaker_*, from BreakerSection): opened by consecutive
+    # failures of the backend, and open longer than an agent's.
     breaker_reset_timeout: BreakerResetTimeout = 30.0
     retry_after: float = Field(
         2.0, ge=0, description="RetryInfo delay suggested when a backend is down."

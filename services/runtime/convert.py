@@ -15,12 +15,14 @@ from typing import Any, Protocol
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from hivewire.common.v1 import common_pb2
+from hivewire.services.runtime.values import ErrorInfo
 
 __all__ = [
     "ClassifiedError",
     "duration",
     "duration_seconds",
     "error_detail",
+    "error_info",
     "struct_to_dict",
     "timestamp",
     "to_struct",
@@ -113,6 +115,19 @@ def error_detail(error: ClassifiedError) -> common_pb2.ErrorDetail:
     ``common.v1.ErrorDetail``.
     """
     return common_pb2.ErrorDetail(
+        code=error.code,
+        reason=error.reason,
+        message=error.message,
+        retryable=error.retryable,
+        metadata=dict(error.metadata),
+    )
+
+
+def error_info(error: ClassifiedError) -> ErrorInfo:
+    """A classified error (a ``common.v1.ErrorDetail``, a tool's ``ToolError``, an agent's
+    ``AgentError``...) as the plain :class:`~hivewire.services.runtime.values.ErrorInfo`.
+    """
+    return ErrorInfo(
         code=error.code,
         reason=error.reason,
         message=error.message,

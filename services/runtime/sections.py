@@ -4,13 +4,15 @@ A service's section is a :class:`Section` in its own ``settings.py`` (docs/runti
 "Adding a section for your service"): frozen, and refusing a key it does not declare,
 which is how a misspelt setting given as JSON or as an override is caught
 (:func:`~hivewire.services.runtime.config.load_settings`). A setting two sections mean
-the same way (the circuit breaker over a dependency) takes its type, bounds and
-description from here; its name and its default stay the section's own, so each
-variable (``HIVEWIRE_<SECTION>__<FIELD>``) and default is the service's::
+the same way takes its type, bounds and description from here; its name stays the
+section's own, so each variable (``HIVEWIRE_<SECTION>__<FIELD>``) is the service's. A
+section whose service guards dependencies with circuit breakers is a
+:class:`BreakerSection`: it has both breaker fields and hands them to the service as one
+:class:`~hivewire.services.runtime.breaker.BreakerOptions`; a section whose default
+differs declares the field again with its own default::
 
-    class CoordinatorSettings(Section):
-        breaker_failure_threshold: BreakerFailureThreshold = 5
-        breaker_reset_timeout: BreakerResetTimeout = 10.0
+    class ModelSettings(BreakerSection):
+        breaker_reset_timeout: BreakerResetTimeout = 30.0
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["BreakerFailureThreshold", "BreakerResetTimeout", "Section"]
+from hivewire.services.runtime.breaker import BreakerOptions
+
+__all__ = ["BreakerFailureThreshold", "BreakerResetTimeout", "BreakerSection", "Section"]
 
 
 class Section(BaseModel):
@@ -39,3 +43,15 @@ BreakerResetTimeout = Annotated[
     Field(ge=0, description="Seconds an open circuit waits before a half-open probe."),
 ]
 """The ``reset_timeout`` of a :class:`~hivewire.services.runtime.breaker.CircuitBreaker`."""
+
+
+class BreakerSection(Section):
+    """A section of a service whose dependencies each sit behind a circuit breaker."""
+
+    breaker_failure_threshold: BreakerFailureThreshold = 5
+    breaker_reset_timeout: BreakerResetTimeout = 10.0
+
+    @property
+    def breaker(self) -> BreakerOptions:
+        """The breaker fields as the runtime's breaker takes them."""
+        return BreakerOptions(self.breaker_failure_threshold, self.breaker_reset_timeout)

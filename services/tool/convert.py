@@ -7,7 +7,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from hivewire.common.v1 import common_pb2
-from hivewire.services.runtime.convert import error_detail, struct_to_dict, to_struct
+from hivewire.services.runtime.convert import error_detail, error_info, struct_to_dict, to_struct
 from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 from hivewire.services.tool.domain import (
     ApprovalGrant,
@@ -93,17 +93,6 @@ def approval_to_proto(approval: ApprovalGrant) -> tool_pb2.Approval:
     )
 
 
-def failure_from_proto(detail: common_pb2.ErrorDetail) -> ErrorInfo:
-    """``ErrorDetail`` -> ``ErrorInfo``."""
-    return ErrorInfo(
-        code=detail.code,
-        reason=detail.reason,
-        message=detail.message,
-        retryable=detail.retryable,
-        metadata=dict(detail.metadata),
-    )
-
-
 def event_to_proto(event: InvokeEvent, sequence: int) -> tool_pb2.InvokeToolResponse:
     """One stream event as an ``InvokeToolResponse``."""
     response = tool_pb2.InvokeToolResponse(sequence=sequence)
@@ -140,7 +129,7 @@ def event_from_proto(response: tool_pb2.InvokeToolResponse) -> InvokeEvent | Non
         r = response.result
         return ToolOutcome(result=from_struct(r.result), text=r.text, truncated=r.truncated)
     if kind == "error":
-        return failure_from_proto(response.error)
+        return error_info(response.error)
     if kind == "approval_required":
         a = response.approval_required
         return ApprovalRequest(

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from hivewire.common.v1 import common_pb2
+from hivewire.services.runtime.convert import error_info
 from hivewire.services.runtime.errors import (
     DeadlineExceeded,
     FieldViolation,
@@ -399,13 +400,7 @@ class ToolService:
             capped_text, cut_text = cap_text(text, max_bytes)
             return ToolOutcome(result=capped, text=capped_text, truncated=cut_result or cut_text)
         if isinstance(exc, ToolError):
-            return ErrorInfo(
-                code=exc.code,
-                reason=exc.reason,
-                message=exc.message,
-                retryable=exc.retryable,
-                metadata=exc.metadata,
-            )
+            return error_info(exc)
         if isinstance(exc, HivewireError):
             return exc
         logger.warning("tool %s crashed", tool.name, exc_info=exc)

@@ -24,7 +24,7 @@ from nats.aio.client import Client as NatsClient
 
 from hivewire.discovery import Instance, Registry, open_registry
 from hivewire.events.v1 import events_pb2
-from hivewire.services.coordinator.cluster import Cluster
+from hivewire.services.coordinator.cluster import Cluster, ClusterOptions
 from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
 from hivewire.services.runtime.events import EventPublisher, replay
 from hivewire.services.runtime.tls import (
@@ -278,7 +278,11 @@ async def test_coordinators_share_the_store_and_answer_each_other(
             store = await stack.enter_async_context(
                 JetStreamTaskStore(secure_nats.url, connect=options)
             )
-            cluster = Cluster(store, name, lease_ttl=5.0, heartbeat=0.5, request_timeout=5.0)
+            cluster = Cluster(
+                store,
+                name,
+                options=ClusterOptions(lease_ttl=5.0, heartbeat=0.5, request_timeout=5.0),
+            )
             await cluster.join(_EchoHost())
             stack.push_async_callback(cluster.leave)
             clusters.append(cluster)

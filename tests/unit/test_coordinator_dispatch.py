@@ -10,6 +10,7 @@ from hivewire.discovery import Instance
 from hivewire.discovery.static import StaticRegistry
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator.dispatch import AgentPool
+from hivewire.services.runtime.breaker import BreakerOptions
 from hivewire.services.runtime.channels import ChannelPool
 from tests.conftest import Pki
 from tests.helpers import eventually
@@ -30,7 +31,7 @@ def agent(name: str, *caps: str, concurrency: int = 2, port: int = 1) -> Instanc
 async def pool(pki: Pki) -> AsyncIterator[AgentPool]:
     async with ChannelPool(pki.files("coordinator")) as channels:
         # Not started: the tests feed discovery views themselves.
-        p = AgentPool(StaticRegistry(), channels, failure_threshold=2, reset_timeout=60)
+        p = AgentPool(StaticRegistry(), channels, breaker=BreakerOptions(2, 60))
         yield p
         await p.stop()
 
@@ -125,9 +126,7 @@ class HealthEvents:
 async def test_health_changes_are_published(pki: Pki) -> None:
     events = HealthEvents()
     async with ChannelPool(pki.files("coordinator")) as channels:
-        pool = AgentPool(
-            StaticRegistry(), channels, failure_threshold=2, reset_timeout=0.05, events=events
-        )
+        pool = AgentPool(StaticRegistry(), channels, breaker=BreakerOptions(2, 0.05), events=events)
         pool.apply([agent("a", "echo", "sum", concurrency=4)])
         assert events.published == []  # joining is agent.registered, not a health change
         for _ in range(2):

@@ -12,7 +12,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator.journal import EVENT_COPY_MAX, copy_event
-from hivewire.services.coordinator.outbox import OutboxRelay, event_id, pack, unpack
+from hivewire.services.coordinator.outbox import OutboxRelay, RelayOptions, event_id, pack, unpack
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.coordinator.store import EventRow
 from tests.helpers import eventually
@@ -64,7 +64,7 @@ async def test_stop_records_what_is_acknowledged_while_it_waits(tmp_path: Path) 
     async with SqliteTaskStore(tmp_path / "c.db") as store:
         await store.put(events=[EventRow("t", 1, b"e", outbox=entry)])
         sink = HeldSink()
-        relay = OutboxRelay(store, sink, stop_timeout=30)
+        relay = OutboxRelay(store, sink, options=RelayOptions(stop_timeout=30))
         await relay.start()
         await sink.got.wait()
         reader = relay._tasks[0]
@@ -89,7 +89,7 @@ async def test_stop_leaves_what_is_never_acknowledged_for_a_restart(tmp_path: Pa
     async with SqliteTaskStore(tmp_path / "c.db") as store:
         await store.put(events=[EventRow("t", 1, b"e", outbox=entry)])
         sink = HeldSink()
-        relay = OutboxRelay(store, sink, stop_timeout=0.01)
+        relay = OutboxRelay(store, sink, options=RelayOptions(stop_timeout=0.01))
         await relay.start()
         await sink.got.wait()
         await relay.stop()  # NATS never answered

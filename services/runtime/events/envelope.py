@@ -22,6 +22,7 @@ __all__ = [
     "CATEGORIES",
     "EVENT_TYPES",
     "EventData",
+    "EventFields",
     "build_event",
     "build_traced_event",
     "category_of",
