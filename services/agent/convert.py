@@ -181,7 +181,13 @@ def task_info_from_proto(
     current = now or datetime.now(UTC)
     deadline: datetime | None = None
     if assign.HasField("deadline") and (assign.deadline.seconds or assign.deadline.nanos):
-        deadline = assign.deadline.ToDatetime(tzinfo=UTC)
+        try:
+            deadline = assign.deadline.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError) as exc:  # nanos out of range, year out of range
+            violation = FieldViolation("assign.deadline", f"not a valid timestamp: {exc}")
+            raise InvalidArgument(
+                "invalid task assignment", [violation], reason="INVALID_ASSIGNMENT"
+            ) from None
     if call_time_remaining is not None and math.isfinite(call_time_remaining):
         call_deadline = current + timedelta(seconds=max(0.0, call_time_remaining))
         deadline = call_deadline if deadline is None else min(deadline, call_deadline)

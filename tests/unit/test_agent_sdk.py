@@ -153,6 +153,17 @@ def test_task_info_takes_the_earlier_deadline_and_validates() -> None:
     assert [v.field for v in caught.value.violations] == ["assign.task_id", "assign.capability"]
 
 
+@pytest.mark.parametrize(
+    ("seconds", "nanos"), [(0, -1), (1, 1_000_000_000), (10**15, 0), (-(10**15), 0)]
+)
+def test_an_assignment_with_an_impossible_deadline_is_invalid(seconds: int, nanos: int) -> None:
+    assign = agent_pb2.TaskAssignment(task_id="t", capability="c")
+    assign.deadline.seconds, assign.deadline.nanos = seconds, nanos
+    with pytest.raises(InvalidArgument) as caught:
+        convert.task_info_from_proto(assign)
+    assert [v.field for v in caught.value.violations] == ["assign.deadline"]
+
+
 def test_calculator_expressions() -> None:
     assert evaluate_locally(parse("2 ^ 10 + sqrt(16)")) == 1028.0
     assert free_variables(parse("price * qty + max(price, pi)")) == ["price", "qty"]
