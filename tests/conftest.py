@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import signal
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,13 @@ from hivewire.services.mesh import pki as pki_module
 from hivewire.services.runtime.tls import TlsFiles
 from tests.helpers import NatsServer, grpcurl_path
 from tests.helpers import grpcurl as run_grpcurl
+
+# A suite started in the background by a non-interactive shell (`make test &`, nohup, some
+# CI runners) inherits SIGINT ignored, and so does every process a test starts: a command
+# that ignored SIGINT at start-up never turns Ctrl-C into KeyboardInterrupt. The tests that
+# press Ctrl-C on a command need SIGINT as a terminal gives it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # pytest-timeout's signal raises its failure out of the event loop's select(): the test's
 # coroutine is abandoned mid-``async with``, then pytest-asyncio cancels it together with
