@@ -300,7 +300,10 @@ async def running_agent(
         await process.stack.enter_async_context(runtime)
         servicer = AgentServicer(runtime, allowed_callers=cfg.allowed_callers)
         binding = ServiceBinding(
-            SERVICE_NAME, lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, s)
+            SERVICE_NAME,
+            lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, s),
+            # A Link lives as long as its coordinator: each attempt on it has its own span.
+            untraced_methods=("Link",),
         )
         registration = Registration(
             cfg.service_name,

@@ -4,7 +4,8 @@
 the runtime's events go out as ``ExecuteResponse`` messages while a reader task feeds
 the coordinator's later messages (cancel, input answers) to the execution. Errors
 before the stream starts are raised as domain errors; the shared interceptor maps
-them to rich statuses.
+them to rich statuses. ``Link`` is the same per attempt, for many attempts over one
+stream (:mod:`.link`), with the same authorization.
 
 After the last message the reader is left to end by itself at the coordinator's
 half-close (it half-closes right after the result), and is cancelled only if that does
@@ -26,6 +27,7 @@ import grpc
 
 from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.services.agent import convert
+from hivewire.services.agent.link import LinkSession
 from hivewire.services.agent.runtime import AgentRuntime, Execution
 from hivewire.services.agent.settings import DEFAULT_ALLOWED_CALLERS
 from hivewire.services.base.lifecycle import cancel_and_wait
@@ -53,7 +55,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
         Args:
             runtime: The runtime that runs the handlers.
-            allowed_callers: SPIFFE id patterns (``fnmatch``) allowed to call Execute.
+            allowed_callers: SPIFFE id patterns (``fnmatch``) allowed to call Execute and Link.
         """
         self._runtime = runtime
         self._allowed = tuple(allowed_callers)
@@ -61,7 +63,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def _authorize(self, context: Context) -> None:
         caller = caller_spiffe_id(context)
         if caller is None or not any(fnmatch.fnmatchcase(caller, p) for p in self._allowed):
-            logger.warning("Execute refused for %s", caller or "a peer without a SPIFFE id")
+            logger.warning("call refused for %s", caller or "a peer without a SPIFFE id")
             raise PermissionDenied(
                 f"{caller or 'this caller'} may not run tasks on this agent",
                 reason="CALLER_NOT_ALLOWED",
@@ -104,6 +106,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if reader is not None:
                 await _stop_reading(reader, wait=HALF_CLOSE_WAIT if finished else 0.0)
 
+    async def Link(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.LinkRequest],
+        context: Context,
+    ) -> AsyncIterator[agent_pb2.LinkResponse]:
+        """Run many attempts over one stream (see agent.proto and :mod:`.link`)."""
+        # As in Execute: read the first message before refusing anything.
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        self._authorize(context)
+        if first is None:
+            return
+        session = LinkSession(self._runtime)
+        reader = asyncio.create_task(session.read(_prepend(first, requests)), name="agent-link")
+        try:
+            async for response in session.responses():
+                yield response
+        finally:
+            await session.close()
+            await cancel_and_wait([reader], suppress=(grpc.RpcError, grpc.aio.UsageError))
+
     async def Describe(
         self, request: agent_pb2.DescribeRequest, context: Context
     ) -> agent_pb2.DescribeResponse:
@@ -123,6 +146,14 @@ async def _forward_requests(
             execution.answer(convert.answer_from_proto(request.input))
         else:
             logger.warning("task %s: unexpected %s message ignored", execution.info.task_id, kind)
+
+
+async def _prepend(
+    first: agent_pb2.LinkRequest, rest: AsyncIterator[agent_pb2.LinkRequest]
+) -> AsyncIterator[agent_pb2.LinkRequest]:
+    yield first
+    async for request in rest:
+        yield request
 
 
 async def _stop_reading(reader: asyncio.Task[None], *, wait: float) -> None:

@@ -28,7 +28,7 @@ class AgentSettings(Section):
     )
     allowed_callers: tuple[str, ...] = Field(
         DEFAULT_ALLOWED_CALLERS,
-        description="SPIFFE ids (shell-style patterns) allowed to call Execute.",
+        description="SPIFFE ids (shell-style patterns) allowed to call Execute and Link.",
     )
     model_address: str | None = Field(
         None, description="host:port of the model service; unset = resolve hivewire-model."

@@ -1,6 +1,7 @@
 """Attempts: one try of a task on one agent, and the rules around them.
 
-An attempt is an ``Execute`` stream with the task's deadline. Its bookkeeping (the
+An attempt is an ``Execute`` stream with the task's deadline, or the same carried on
+the agent's ``Link`` (link.py). Its bookkeeping (the
 attempt records in the task, usage summed over attempts, which failures count
 against ``max_attempts``, the retry backoff) is here as plain functions; the
 scheduler in :mod:`.service` runs attempts and applies what they report.
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
 from hivewire.services.coordinator import convert
-from hivewire.services.coordinator.dispatch import AgentLease, ExecuteStream
+from hivewire.services.coordinator.dispatch import AgentLease
+from hivewire.services.coordinator.link import AttemptStream
 from hivewire.services.coordinator.model import TaskRecord, now_ns
 from hivewire.services.runtime import metadata as md
 
@@ -49,7 +51,7 @@ class Attempt:
 
     number: int
     lease: AgentLease
-    stream: ExecuteStream | None = None
+    stream: AttemptStream | None = None
     task: asyncio.Task[None] | None = None
     pending: list[agent_pb2.ExecuteRequest] = field(default_factory=list)
     cancelling: bool = False

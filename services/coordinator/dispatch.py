@@ -20,7 +20,7 @@ import logging
 import random
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -39,6 +39,7 @@ from hivewire.services.runtime.breaker import (
     CircuitState,
 )
 from hivewire.services.runtime.channels import ChannelPool
+from hivewire.services.runtime.errors import HivewireError
 from hivewire.services.runtime.eventsink import EventSink, NullSink
 from hivewire.services.runtime.interceptors import observe_client_call
 from hivewire.services.runtime.status import from_rpc_error
@@ -50,9 +51,11 @@ __all__ = [
     "AgentLease",
     "AgentPool",
     "AttemptError",
+    "Closable",
     "ExecuteStream",
     "Verdict",
     "classify_rpc_error",
+    "classify_status",
 ]
 
 META_NAME = "name"
@@ -60,6 +63,13 @@ META_VERSION = "version"
 META_MAX_CONCURRENCY = "max_concurrency"
 META_TLS_SERVER_NAME = "tls_server_name"
 EXECUTE_METHOD = f"/{agent_pb2.DESCRIPTOR.services_by_name['AgentService'].full_name}/Execute"
+
+
+class Closable(Protocol):
+    """What the pool keeps per agent besides its state: its ``Link`` (link.py)."""
+
+    def close(self) -> None:
+        """End it (the agent left the pool, or the pool stops)."""
 
 
 @dataclass
@@ -74,6 +84,16 @@ class AgentEntry:
     probing: bool = False
     last_seen_ns: int = field(default_factory=now_ns)
     card: agent_pb2.AgentCard | None = None
+    link: Closable | None = None
+    """The open ``Link`` stream to the agent, opened by the first attempt (link.py)."""
+    link_unsupported: bool = False
+    """The agent answered UNIMPLEMENTED for ``Link``: it gets one Execute call per attempt."""
+
+    def close_link(self) -> None:
+        """End the agent's ``Link`` if one is open."""
+        link, self.link = self.link, None
+        if link is not None:
+            link.close()
 
     @property
     def agent_id(self) -> str:
@@ -179,6 +199,8 @@ class AgentPool(StartStop):
     async def stop(self) -> None:
         """Stop following the registry and background Describe calls."""
         self._stopped = True
+        for entry in self._agents.values():
+            entry.close_link()
         await cancel_and_wait((self._watch_task, *self._tasks), suppress=(Exception,))
         self._tasks.clear()
 
@@ -297,6 +319,7 @@ class AgentPool(StartStop):
         if entry.present or entry.in_flight > 0:
             return
         self._agents.pop(entry.agent_id, None)
+        entry.close_link()
         metrics.forget_circuit(entry.breaker.name)
         endpoint = entry.instance.endpoint
         if self._stopped:
@@ -491,8 +514,15 @@ _RPC_CLASSES: dict[grpc.StatusCode, tuple[bool, Verdict]] = {
 
 def classify_rpc_error(err: grpc.aio.AioRpcError, agent_id: str) -> AttemptError:
     """Turn a failed Execute call into a classified attempt error."""
-    domain = from_rpc_error(err)
-    code = err.code()
+    return classify_status(err.code(), from_rpc_error(err), agent_id)
+
+
+def classify_status(code: grpc.StatusCode, domain: HivewireError, agent_id: str) -> AttemptError:
+    """Classify an attempt that ended with status ``code`` (the server's error ``domain``).
+
+    One place for an ``Execute`` call's status and for the same status carried for
+    one attempt on a ``Link`` (link.py), so both end an attempt alike.
+    """
     retryable, verdict = _RPC_CLASSES.get(code, (False, "success"))
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         reason, message = "DEADLINE_EXCEEDED", "the task's deadline passed while the agent ran it"

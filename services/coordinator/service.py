@@ -62,7 +62,6 @@ from hivewire.services.coordinator.cluster import Cluster
 from hivewire.services.coordinator.dispatch import (
     AgentPool,
     AttemptError,
-    ExecuteStream,
     Verdict,
 )
 from hivewire.services.coordinator.journal import (
@@ -74,6 +73,7 @@ from hivewire.services.coordinator.journal import (
     TaskRuntime,
     TaskTable,
 )
+from hivewire.services.coordinator.link import AttemptStream, open_stream
 from hivewire.services.coordinator.model import (
     ACTIVE_DISPATCH_STATES,
     ASSIGNED,
@@ -975,7 +975,7 @@ class Coordinator(StartStop):
     async def _run_attempt(self, rt: TaskRuntime, attempt: Attempt) -> None:
         record = rt.record
         verdict: Verdict = "none"
-        stream: ExecuteStream | None = None
+        stream: AttemptStream | None = None
         with (
             bind_task(record.task_id),
             tracing.resumed(
@@ -985,10 +985,11 @@ class Coordinator(StartStop):
             ),
         ):
             try:
-                stream = ExecuteStream(
+                stream = open_stream(
                     attempt.lease,
                     timeout=(record.deadline_ns - now_ns()) / 1e9,
                     metadata=call_metadata(record, attempt.number),
+                    link=self.settings.agent_link,
                 )
                 await stream.send(
                     agent_pb2.ExecuteRequest(assign=assignment(record, attempt.number))

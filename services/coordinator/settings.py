@@ -137,6 +137,11 @@ class CoordinatorSettings(BreakerSection):
         5.0, ge=0, description="Seconds an agent gets to acknowledge a cancel before the call ends."
     )
     describe_timeout: float = Field(3.0, gt=0, description="Deadline (s) of Describe calls.")
+    agent_link: bool = Field(
+        True,
+        description="Carry attempts on one long-lived Link stream per agent instead of an "
+        "Execute call each (agents without Link get Execute calls anyway).",
+    )
     finished_cache_size: int = Field(
         2000, ge=0, description="Finished tasks kept in memory for fast watch and get."
     )

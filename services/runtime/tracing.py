@@ -58,6 +58,7 @@ __all__ = [
     "inject",
     "resumed",
     "server_interceptor",
+    "server_span",
     "setup_tracing",
     "stamp",
     "tracer",
@@ -269,6 +270,40 @@ def client_span(method: str) -> tuple[Any, dict[str, str]]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(span))
     return span, carrier
+
+
+@contextmanager
+def server_span(
+    method: str,
+    traceparent: str,
+    tracestate: str = "",
+    *,
+    attributes: Mapping[str, str | int] | None = None,
+) -> Iterator[Any]:
+    """A SERVER span for work that arrives inside a long-lived stream, not as a call.
+
+    For the attempts an agent runs on one ``Link`` stream: each is what an ``Execute``
+    call would be, so it gets the server span the OTel interceptor would make, a child
+    of the context the frame carried (a new trace when it carried none).
+
+    Args:
+        method: The full method the span is named after, ``/package.Service/Method``.
+        traceparent: The W3C ``traceparent`` the work carried ("" for none).
+        tracestate: The W3C ``tracestate`` that goes with it.
+        attributes: Extra span attributes.
+    """
+    headers = {"traceparent": traceparent} if traceparent else {}
+    if tracestate:
+        headers["tracestate"] = tracestate
+    service, _, name = method.lstrip("/").partition("/")
+    with tracer.start_as_current_span(
+        method,
+        context=propagate.extract(headers) if headers else otel_context.Context(),
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        | dict(attributes or {}),
+    ) as span:
+        yield span
 
 
 def end_with_call(span: Any, call: Any) -> None:

@@ -391,10 +391,13 @@ class ExecuteResponse(_message.Message):
     ACTIVITY_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id, repeated on every message."""
     sequence: _builtins.int
     """Position of this message within the attempt, starting at 1."""
+    attempt: _builtins.int
+    """The attempt the message belongs to (set on Link streams, which carry many)."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the agent produced the message."""
@@ -440,10 +443,11 @@ class ExecuteResponse(_message.Message):
         activity: _common_pb2.Activity | None = ...,
         result: Global___ExecutionResult | None = ...,
         error: Global___ExecutionError | None = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "error", b"error", "input_required", b"input_required", "kind", b"kind", "partial", b"partial", "progress", b"progress", "result", b"result", "started", b"started", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "error", b"error", "input_required", b"input_required", "kind", b"kind", "partial", b"partial", "progress", b"progress", "result", b"result", "sequence", b"sequence", "started", b"started", "task_id", b"task_id", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "attempt", b"attempt", "error", b"error", "input_required", b"input_required", "kind", b"kind", "partial", b"partial", "progress", b"progress", "result", b"result", "sequence", b"sequence", "started", b"started", "task_id", b"task_id", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["started", "progress", "partial", "input_required", "activity", "result", "error"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -499,3 +503,146 @@ class DescribeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeResponse: _TypeAlias = DescribeResponse  # noqa: Y015
+
+@_typing.final
+class LinkFrame(_message.Message):
+    """LinkFrame is one message of one attempt on a Link stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TRACESTATE_FIELD_NUMBER: _builtins.int
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task the attempt belongs to."""
+    attempt: _builtins.int
+    """The attempt number (with task_id: the attempt's key on the link)."""
+    traceparent: _builtins.str
+    """The W3C trace context of the attempt (Execute carries it as call metadata)."""
+    tracestate: _builtins.str
+    """The W3C trace state that goes with traceparent."""
+    correlation_id: _builtins.str
+    """The correlation id of the attempt (Execute carries it as call metadata)."""
+    close: _builtins.bool
+    """The coordinator stopped following the attempt (it ended, or its deadline
+    passed): the agent stops it without answering, as when an Execute call is
+    cancelled.
+    """
+    @_builtins.property
+    def request(self) -> Global___ExecuteRequest:
+        """What an Execute stream would carry: the assignment first, then a cancel or
+        an input answer. Unset when close is set.
+        """
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        request: Global___ExecuteRequest | None = ...,
+        traceparent: _builtins.str = ...,
+        tracestate: _builtins.str = ...,
+        correlation_id: _builtins.str = ...,
+        close: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "close", b"close", "correlation_id", b"correlation_id", "request", b"request", "task_id", b"task_id", "traceparent", b"traceparent", "tracestate", b"tracestate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkFrame: _TypeAlias = LinkFrame  # noqa: Y015
+
+@_typing.final
+class LinkRequest(_message.Message):
+    """LinkRequest is one message from the coordinator on a Link stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkFrame]:
+        """Frames of one or more attempts, in the order they were sent."""
+
+    def __init__(
+        self,
+        *,
+        frames: _abc.Iterable[Global___LinkFrame] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkRequest: _TypeAlias = LinkRequest  # noqa: Y015
+
+@_typing.final
+class LinkRefusal(_message.Message):
+    """LinkRefusal says an attempt never started: what an Execute call would have
+    ended with as its status (an invalid assignment, an agent at its maximum).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task of the refused attempt."""
+    attempt: _builtins.int
+    """The refused attempt's number."""
+    @_builtins.property
+    def error(self) -> _common_pb2.ErrorDetail:
+        """The error; code is the gRPC status code name an Execute call would carry."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        error: _common_pb2.ErrorDetail | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkRefusal: _TypeAlias = LinkRefusal  # noqa: Y015
+
+@_typing.final
+class LinkResponse(_message.Message):
+    """LinkResponse is one message from the agent on a Link stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    REFUSALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecuteResponse]:
+        """Messages of one or more attempts, each naming its attempt; one attempt's
+        messages are in order.
+        """
+
+    @_builtins.property
+    def refusals(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkRefusal]:
+        """Attempts that were refused before they started."""
+
+    def __init__(
+        self,
+        *,
+        responses: _abc.Iterable[Global___ExecuteResponse] | None = ...,
+        refusals: _abc.Iterable[Global___LinkRefusal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refusals", b"refusals", "responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkResponse: _TypeAlias = LinkResponse  # noqa: Y015

@@ -46,6 +46,11 @@ class AgentServiceStub(object):
                 request_serializer=hivewire_dot_agent_dot_v1_dot_agent__pb2.DescribeRequest.SerializeToString,
                 response_deserializer=hivewire_dot_agent_dot_v1_dot_agent__pb2.DescribeResponse.FromString,
                 _registered_method=True)
+        self.Link = channel.stream_stream(
+                '/hivewire.agent.v1.AgentService/Link',
+                request_serializer=hivewire_dot_agent_dot_v1_dot_agent__pb2.LinkRequest.SerializeToString,
+                response_deserializer=hivewire_dot_agent_dot_v1_dot_agent__pb2.LinkResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer(object):
@@ -70,6 +75,19 @@ class AgentServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Link(self, request_iterator, context):
+        """Link is one long-lived stream from a coordinator to this agent instance that
+        carries many attempts at once. Each frame names its attempt (task id and
+        attempt number) and carries what an Execute stream would: an assignment
+        first, later a cancel or an input answer. The agent answers with the
+        attempts' ExecuteResponse messages, each naming its attempt, interleaved.
+        Ending the stream (or its breaking) stops every attempt still running on it.
+        An agent that answers UNIMPLEMENTED gets one Execute call per attempt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +100,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=hivewire_dot_agent_dot_v1_dot_agent__pb2.DescribeRequest.FromString,
                     response_serializer=hivewire_dot_agent_dot_v1_dot_agent__pb2.DescribeResponse.SerializeToString,
+            ),
+            'Link': grpc.stream_stream_rpc_method_handler(
+                    servicer.Link,
+                    request_deserializer=hivewire_dot_agent_dot_v1_dot_agent__pb2.LinkRequest.FromString,
+                    response_serializer=hivewire_dot_agent_dot_v1_dot_agent__pb2.LinkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +163,33 @@ class AgentService(object):
             '/hivewire.agent.v1.AgentService/Describe',
             hivewire_dot_agent_dot_v1_dot_agent__pb2.DescribeRequest.SerializeToString,
             hivewire_dot_agent_dot_v1_dot_agent__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Link(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hivewire.agent.v1.AgentService/Link',
+            hivewire_dot_agent_dot_v1_dot_agent__pb2.LinkRequest.SerializeToString,
+            hivewire_dot_agent_dot_v1_dot_agent__pb2.LinkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,15 @@ class AgentServiceStub:
     """
     Describe: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DescribeRequest, _agent_pb2.DescribeResponse]
     """Describe returns the agent card."""
+    Link: _grpc.StreamStreamMultiCallable[_agent_pb2.LinkRequest, _agent_pb2.LinkResponse]
+    """Link is one long-lived stream from a coordinator to this agent instance that
+    carries many attempts at once. Each frame names its attempt (task id and
+    attempt number) and carries what an Execute stream would: an assignment
+    first, later a cancel or an input answer. The agent answers with the
+    attempts' ExecuteResponse messages, each naming its attempt, interleaved.
+    Ending the stream (or its breaking) stops every attempt still running on it.
+    An agent that answers UNIMPLEMENTED gets one Execute call per attempt.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -59,6 +68,15 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     Describe: _aio.UnaryUnaryMultiCallable[_agent_pb2.DescribeRequest, _agent_pb2.DescribeResponse]  # type: ignore[assignment]
     """Describe returns the agent card."""
+    Link: _aio.StreamStreamMultiCallable[_agent_pb2.LinkRequest, _agent_pb2.LinkResponse]  # type: ignore[assignment]
+    """Link is one long-lived stream from a coordinator to this agent instance that
+    carries many attempts at once. Each frame names its attempt (task id and
+    attempt number) and carries what an Execute stream would: an assignment
+    first, later a cancel or an input answer. The agent answers with the
+    attempts' ExecuteResponse messages, each naming its attempt, interleaved.
+    Ending the stream (or its breaking) stops every attempt still running on it.
+    An agent that answers UNIMPLEMENTED gets one Execute call per attempt.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService is what the coordinator calls on every agent. Only the
@@ -84,5 +102,20 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.DescribeResponse, _abc.Awaitable[_agent_pb2.DescribeResponse]]:
         """Describe returns the agent card."""
+
+    @_abc_1.abstractmethod
+    def Link(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.LinkRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.LinkResponse], _abc.AsyncIterator[_agent_pb2.LinkResponse]]:
+        """Link is one long-lived stream from a coordinator to this agent instance that
+        carries many attempts at once. Each frame names its attempt (task id and
+        attempt number) and carries what an Execute stream would: an assignment
+        first, later a cancel or an input answer. The agent answers with the
+        attempts' ExecuteResponse messages, each naming its attempt, interleaved.
+        Ending the stream (or its breaking) stops every attempt still running on it.
+        An agent that answers UNIMPLEMENTED gets one Execute call per attempt.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,251 @@
+"""The agent's side of a ``Link`` stream: many attempts over one long-lived stream.
+
+:class:`LinkSession` is what one ``Link`` call runs on the agent. Each frame from the
+coordinator names an attempt by ``(task_id, attempt)``; an assignment starts that
+attempt in a task of its own (``runtime.execute``, exactly as an ``Execute`` call
+would), cancel and input frames are routed to it, and a ``close`` frame stops it
+without an answer (what cancelling an ``Execute`` call does). Every attempt's events
+go into one queue that :meth:`LinkSession.responses` drains: whatever has piled up
+goes out in one ``LinkResponse``, and it never waits for more to batch.
+
+Bad frames:
+
+* no attempt key (empty ``task_id`` or attempt 0) or an assignment for an attempt
+  that still runs: the coordinator lost track of the link, so the stream ends with
+  ``INVALID_ARGUMENT`` (``LINK_FRAME_INVALID`` / ``ATTEMPT_ALREADY_RUNNING``) and
+  every attempt on it stops;
+* an invalid assignment (missing fields, bad deadline, unknown capability) or an
+  agent at its maximum: a :class:`LinkRefusal` for that attempt, carrying what an
+  ``Execute`` call would have ended with;
+* input (or an empty frame) for an attempt that is not running: a refusal
+  ``INVALID_ARGUMENT`` / ``ASSIGNMENT_REQUIRED``; cancel and close frames for such an
+  attempt are dropped (they cross the attempt's last message in normal operation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from hivewire.agent.v1 import agent_pb2
+from hivewire.common.v1 import common_pb2
+from hivewire.services.agent import convert
+from hivewire.services.agent.runtime import AgentRuntime, Execution
+from hivewire.services.base.lifecycle import cancel_and_wait
+from hivewire.services.runtime import tracing
+from hivewire.services.runtime.errors import FieldViolation, HivewireError, InvalidArgument
+from hivewire.services.runtime.logging import bind_correlation_id
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EXECUTE_METHOD", "LinkSession"]
+
+_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+EXECUTE_METHOD = f"/{_SERVICE}/Execute"
+"""What each attempt's server span is named after (it is an Execute, carried on a Link)."""
+
+MAX_BATCH = 256
+"""Most messages one ``LinkResponse`` carries."""
+
+Key = tuple[str, int]
+
+
+@dataclass
+class _Running:
+    execution: Execution
+    task: asyncio.Task[None]
+
+
+class _End:
+    """Marks the end of the response queue."""
+
+
+_END = _End()
+_Outgoing = agent_pb2.ExecuteResponse | agent_pb2.LinkRefusal | _End
+
+
+class LinkSession:
+    """The attempts of one ``Link`` stream on this agent.
+
+    Args:
+        runtime: Runs the attempts.
+        queue_size: Messages buffered for the stream before attempts wait for it to
+            drain (back-pressure, like each attempt's own outbox).
+    """
+
+    def __init__(self, runtime: AgentRuntime, *, queue_size: int = 1024) -> None:
+        self._runtime = runtime
+        self._running: dict[Key, _Running] = {}
+        self._out: asyncio.Queue[_Outgoing] = asyncio.Queue(queue_size)
+        self._failure: HivewireError | None = None
+        self._closed = False
+
+    @property
+    def running(self) -> int:
+        """Attempts running on this link now."""
+        return len(self._running)
+
+    # -- frames from the coordinator ------------------------------------------------
+
+    async def read(self, requests: AsyncIterator[agent_pb2.LinkRequest]) -> None:
+        """Apply every frame of ``requests``; at their end stop what still runs.
+
+        A frame that makes the stream invalid ends it (see the module doc); the
+        error is raised by :meth:`responses`.
+        """
+        try:
+            async for request in requests:
+                for frame in request.frames:
+                    await self.handle(frame)
+        except HivewireError as err:
+            self._failure = err
+        finally:
+            await self.close()
+            await self._out.put(_END)
+
+    async def handle(self, frame: agent_pb2.LinkFrame) -> None:
+        """Apply one frame.
+
+        Raises:
+            InvalidArgument: The frame names no attempt, or assigns one that runs.
+        """
+        if not frame.task_id or frame.attempt == 0:
+            raise InvalidArgument(
+                "every Link frame must name its attempt",
+                [FieldViolation("frames.task_id", "task_id and attempt are required")],
+                reason="LINK_FRAME_INVALID",
+            )
+        key = (frame.task_id, frame.attempt)
+        running = self._running.get(key)
+        kind = frame.request.WhichOneof("kind") if frame.HasField("request") else None
+        if frame.close:
+            if running is not None:
+                running.task.cancel()
+            return
+        if kind == "assign":
+            if running is not None:
+                raise InvalidArgument(
+                    f"attempt {frame.attempt} of task {frame.task_id} already runs on this link",
+                    [FieldViolation("frames.request.assign", "the attempt already runs")],
+                    reason="ATTEMPT_ALREADY_RUNNING",
+                )
+            await self._start(key, frame)
+        elif running is None:
+            if kind == "cancel":
+                logger.debug("cancel of attempt %s not running here; dropped", key)
+                return
+            await self._refuse(
+                key,
+                InvalidArgument(
+                    "the first message of an attempt must be an assignment",
+                    [FieldViolation("assign", "the first message must carry assign")],
+                    reason="ASSIGNMENT_REQUIRED",
+                ),
+            )
+        elif kind == "cancel":
+            running.execution.cancel(frame.request.cancel.reason)
+        elif kind == "input":
+            running.execution.answer(convert.answer_from_proto(frame.request.input))
+        else:
+            logger.warning("task %s: empty Link frame ignored", frame.task_id)
+
+    async def _start(self, key: Key, frame: agent_pb2.LinkFrame) -> None:
+        assign = frame.request.assign
+        try:
+            if assign.task_id != frame.task_id or max(1, assign.attempt) != frame.attempt:
+                raise InvalidArgument(
+                    "the assignment names another attempt than its frame",
+                    [FieldViolation("assign.attempt", "must match the frame's task and attempt")],
+                    reason="INVALID_ASSIGNMENT",
+                )
+            # The deadline is the assignment's own: there is no call deadline per attempt.
+            info = convert.task_info_from_proto(assign)
+            if not info.correlation_id and frame.correlation_id:
+                info = dataclasses.replace(info, correlation_id=frame.correlation_id)
+            task_input = convert.payload_from_proto(assign.input)
+            execution = self._runtime.execute(info, task_input)
+        except HivewireError as err:
+            await self._refuse(key, err)
+            return
+        task = asyncio.create_task(
+            self._run(key, execution, frame), name=f"agent-link-{key[0]}-{key[1]}"
+        )
+        self._running[key] = _Running(execution, task)
+
+    async def _refuse(self, key: Key, err: HivewireError) -> None:
+        logger.info("attempt %s refused: %s %s", key, err.code.name, err.reason)
+        await self._out.put(
+            agent_pb2.LinkRefusal(
+                task_id=key[0],
+                attempt=key[1],
+                error=common_pb2.ErrorDetail(
+                    code=err.code.name,
+                    reason=err.reason,
+                    message=err.message,
+                    retryable=err.retryable,
+                    metadata=err.metadata,
+                ),
+            )
+        )
+
+    async def _run(self, key: Key, execution: Execution, frame: agent_pb2.LinkFrame) -> None:
+        task_id, attempt = key
+        try:
+            with (
+                bind_correlation_id(execution.info.correlation_id or None),
+                tracing.server_span(
+                    EXECUTE_METHOD,
+                    frame.traceparent,
+                    frame.tracestate,
+                    attributes={"hivewire.task_id": task_id, "hivewire.attempt": attempt},
+                ),
+            ):
+                async with execution:
+                    async for out in execution.events():
+                        message = convert.response_to_proto(task_id, out)
+                        message.attempt = attempt
+                        await self._out.put(message)
+        finally:
+            self._running.pop(key, None)
+
+    async def close(self) -> None:
+        """Stop every attempt still running (the link ended or broke)."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [r.task for r in self._running.values()]
+        if tasks:
+            logger.info("link ended with %d attempts running; stopping them", len(tasks))
+        await cancel_and_wait(tasks, suppress=(Exception,))
+
+    # -- messages to the coordinator ------------------------------------------------
+
+    async def responses(self) -> AsyncIterator[agent_pb2.LinkResponse]:
+        """The stream's messages: whatever piled up per message, until the link ends.
+
+        Raises:
+            InvalidArgument: A frame made the stream invalid.
+        """
+        out = self._out
+        ended = False
+        while not ended:
+            item = await out.get()
+            response = agent_pb2.LinkResponse()
+            while True:
+                if isinstance(item, agent_pb2.ExecuteResponse):
+                    response.responses.append(item)
+                elif isinstance(item, agent_pb2.LinkRefusal):
+                    response.refusals.append(item)
+                else:
+                    ended = True
+                    break
+                if out.empty() or len(response.responses) >= MAX_BATCH:
+                    break
+                item = out.get_nowait()
+            if response.responses or response.refusals:
+                yield response
+        if self._failure is not None:
+            raise self._failure

@@ -1,0 +1,361 @@
+"""One long-lived ``Link`` stream per agent instance, carrying many attempts.
+
+Opening an ``Execute`` call per attempt costs both processes a call's setup, its
+metadata, status and interceptors every time (docs/performance.md). :class:`AgentLink`
+is one ``AgentService.Link`` stream to one agent instance, opened by the first
+attempt sent there, reused by every later one and closed when the agent leaves the
+pool (dispatch.py). :class:`LinkAttempt` is one attempt on it, with the interface of
+:class:`~.dispatch.ExecuteStream` (send / close_sending / receive / finish / cancel),
+so the attempt code in service.py does not care which it has: :func:`open_stream`
+picks.
+
+What an ``Execute`` call did by itself is done here per attempt:
+
+* the deadline: :meth:`LinkAttempt.receive` stops waiting at the task's deadline,
+  tells the agent to stop the attempt and fails it with the error a
+  ``DEADLINE_EXCEEDED`` call gets;
+* the trace: a CLIENT span per attempt whose context travels in the frame (the agent
+  opens the server span from it), and the correlation id in the frame;
+* a refusal before the attempt started (an invalid assignment, an agent at its
+  maximum) comes as a ``LinkRefusal`` with the status the call would have ended with,
+  classified exactly the same (:func:`~.dispatch.classify_status`);
+* a link that breaks fails every attempt open on it as a broken call fails its one
+  attempt (:func:`~.dispatch.classify_rpc_error`); one that the agent ends without an
+  error ends them as a call that closed without a result.
+
+The reader of the stream hands each message to its attempt's own queue, so it never
+waits for one slow attempt. An agent that answers ``UNIMPLEMENTED`` before any message
+(it serves only ``Execute``) is remembered as such; the attempts that were on the way
+are sent again as ``Execute`` calls, which is safe because the agent never saw them.
+``PERMISSION_DENIED`` before any message is taken the same way (an authorization
+policy that names only ``Execute``, or a servicer that inherits the generated stub's
+``Link``, which the authz interceptor refuses): if ``Execute`` is refused too, the
+attempt fails exactly as it does without links.
+
+``grpc_client_*`` metrics count the ``Link`` call (one per agent), not attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import grpc
+from opentelemetry.trace import Status, StatusCode
+
+from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
+from hivewire.services.coordinator.dispatch import (
+    EXECUTE_METHOD,
+    AgentEntry,
+    AgentLease,
+    AttemptError,
+    ExecuteStream,
+    classify_rpc_error,
+    classify_status,
+)
+from hivewire.services.runtime import metadata as md
+from hivewire.services.runtime import tracing
+from hivewire.services.runtime.errors import DeadlineExceeded, error_class_for
+from hivewire.services.runtime.interceptors import observe_client_call
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LINK_METHOD", "AgentLink", "AttemptStream", "LinkAttempt", "open_stream"]
+
+LINK_METHOD = f"/{agent_pb2.DESCRIPTOR.services_by_name['AgentService'].full_name}/Link"
+
+Key = tuple[str, int]
+
+
+class _Fallback:
+    """Queued to attempts of a link the agent does not serve: go by Execute instead."""
+
+
+_FALLBACK = _Fallback()
+_NO_LINK = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
+"""How an agent without ``Link`` answers: not served at all, or (a servicer that
+inherits the generated stub, or a policy that lists only ``Execute``) refused."""
+_Item = agent_pb2.ExecuteResponse | AttemptError | _Fallback | None
+
+
+class AgentLink:
+    """One ``Link`` stream to one agent instance (opened at once, used by many attempts).
+
+    Args:
+        entry: The agent (its ``link_unsupported`` is set when it answers UNIMPLEMENTED).
+        stub: A stub on the agent's channel without client interceptors.
+    """
+
+    def __init__(self, entry: AgentEntry, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
+        self._entry = entry
+        self._agent_id = entry.agent_id
+        self._attempts: dict[Key, LinkAttempt] = {}
+        self._frames: list[agent_pb2.LinkFrame] = []
+        self._wake = asyncio.Event()
+        self._answered = False
+        self.closed = False
+        self._call = stub.Link()
+        observe_client_call(self._call, "bidi_stream", LINK_METHOD)
+        self._writer = asyncio.create_task(self._write(), name=f"link-writer-{self._agent_id}")
+        self._reader = asyncio.create_task(self._read(), name=f"link-reader-{self._agent_id}")
+
+    @property
+    def attempts(self) -> int:
+        """Attempts open on the link."""
+        return len(self._attempts)
+
+    def attach(self, key: Key, attempt: LinkAttempt) -> None:
+        """Route the messages of attempt ``key`` to ``attempt``."""
+        self._attempts[key] = attempt
+
+    def detach(self, key: Key) -> None:
+        """Stop routing messages of attempt ``key`` (late ones are dropped)."""
+        self._attempts.pop(key, None)
+
+    def post(self, frame: agent_pb2.LinkFrame) -> bool:
+        """Queue a frame for the agent; False when the link is over."""
+        if self.closed:
+            return False
+        self._frames.append(frame)
+        self._wake.set()
+        return True
+
+    def close(self) -> None:
+        """End the link; attempts still open on it fail as on a cancelled call."""
+        if self.closed:
+            return
+        self.closed = True
+        self._writer.cancel()
+        self._call.cancel()
+
+    async def _write(self) -> None:
+        call = self._call
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            frames, self._frames = self._frames, []
+            try:
+                # Whatever piled up while the last write was under way goes in one message.
+                await call.write(agent_pb2.LinkRequest(frames=frames))
+            except (
+                grpc.aio.AioRpcError,
+                grpc.aio.UsageError,
+                asyncio.InvalidStateError,
+                RuntimeError,
+            ) as exc:
+                # The reader reports why the link ended.
+                logger.debug("write to agent %s failed: %r", self._agent_id, exc)
+                return
+
+    async def _read(self) -> None:
+        call = self._call
+        ending: _Item = None
+        try:
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    break
+                assert isinstance(message, agent_pb2.LinkResponse)
+                self._answered = True
+                attempts = self._attempts
+                for response in message.responses:
+                    attempt = attempts.get((response.task_id, response.attempt))
+                    if attempt is not None:
+                        attempt.deliver(response)
+                for refusal in message.refusals:
+                    attempt = attempts.get((refusal.task_id, refusal.attempt))
+                    if attempt is not None:
+                        attempt.deliver(_refusal_error(refusal, self._agent_id))
+        except grpc.aio.AioRpcError as err:
+            if err.code() in _NO_LINK and not self._answered:
+                logger.info(
+                    "agent %s refuses Link (%s); it gets an Execute call per attempt",
+                    self._agent_id,
+                    err.code().name,
+                )
+                self._entry.link_unsupported = True
+                ending = _FALLBACK
+            else:
+                if not self.closed:
+                    logger.info("link to agent %s broke: %s", self._agent_id, err.code().name)
+                ending = classify_rpc_error(err, self._agent_id)
+        finally:
+            self.closed = True
+            self._writer.cancel()
+            if self._entry.link is self:
+                self._entry.link = None
+            attempts, self._attempts = self._attempts, {}
+            for attempt in attempts.values():
+                attempt.deliver(ending)
+
+
+def _refusal_error(refusal: agent_pb2.LinkRefusal, agent_id: str) -> AttemptError:
+    error = refusal.error
+    try:
+        code = grpc.StatusCode[error.code]
+    except KeyError:
+        code = grpc.StatusCode.UNKNOWN
+    domain = error_class_for(code)(error.message, reason=error.reason, metadata=error.metadata)
+    return classify_status(code, domain, agent_id)
+
+
+class LinkAttempt:
+    """One attempt on an :class:`AgentLink`, used like an :class:`~.dispatch.ExecuteStream`.
+
+    Args:
+        link: The agent's link.
+        lease: The agent slot the attempt runs on (for the Execute fallback).
+        timeout: Seconds until the task's deadline.
+        metadata: What an Execute call would carry (task id, attempt, correlation id).
+    """
+
+    def __init__(
+        self,
+        link: AgentLink,
+        lease: AgentLease,
+        *,
+        timeout: float,
+        metadata: Sequence[tuple[str, str]],
+    ) -> None:
+        values = dict(metadata)
+        self._link = link
+        self._lease = lease
+        self._metadata = metadata
+        self._key: Key = (values.get(md.TASK_ID, ""), int(values.get(md.ATTEMPT, "0") or 0))
+        self._correlation_id = values.get(md.CORRELATION_ID, "")
+        self._deadline = asyncio.get_running_loop().time() + timeout
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._span, headers = tracing.client_span(EXECUTE_METHOD)
+        self._span.set_attribute("hivewire.link", True)
+        self._traceparent = headers.get(md.TRACEPARENT, "")
+        self._tracestate = headers.get(md.TRACESTATE, "")
+        # Kept until the link answers: replayed on an Execute call if it never does.
+        self._sent: list[agent_pb2.ExecuteRequest] | None = []
+        self._fallback: ExecuteStream | None = None
+        self._over = False
+        self._first = True
+        link.attach(self._key, self)
+
+    def deliver(self, item: _Item) -> None:
+        """Called by the link's reader: a message, an error, or the link's end."""
+        self._queue.put_nowait(item)
+
+    async def send(self, request: agent_pb2.ExecuteRequest) -> bool:
+        """Send one message; returns False when the attempt is already over."""
+        if self._fallback is not None:
+            return await self._fallback.send(request)
+        if self._over:
+            return False
+        if self._sent is not None:
+            self._sent.append(request)
+        frame = agent_pb2.LinkFrame(task_id=self._key[0], attempt=self._key[1], request=request)
+        if self._first:
+            self._first = False
+            frame.traceparent = self._traceparent
+            frame.tracestate = self._tracestate
+            frame.correlation_id = self._correlation_id
+        return self._link.post(frame)
+
+    async def close_sending(self) -> None:
+        """Nothing more will be sent (the agent forgets the attempt after its last message)."""
+        if self._fallback is not None:
+            await self._fallback.close_sending()
+
+    async def receive(self) -> agent_pb2.ExecuteResponse | None:
+        """The attempt's next message; None when the agent ended the link without a result.
+
+        Raises:
+            AttemptError: The link broke, the agent refused the attempt, or the
+                task's deadline passed.
+        """
+        if self._fallback is not None:
+            return await self._fallback.receive()
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                item = await self._queue.get()
+        except TimeoutError:
+            self._stop(grpc.StatusCode.DEADLINE_EXCEEDED)
+            err = DeadlineExceeded("Deadline Exceeded")
+            raise classify_status(err.code, err, self._lease.agent_id) from None
+        if isinstance(item, agent_pb2.ExecuteResponse):
+            self._sent = None
+            if item.WhichOneof("kind") in ("result", "error"):
+                self._end(grpc.StatusCode.OK)
+            return item
+        if isinstance(item, _Fallback):
+            return await self._go_execute()
+        self._end(grpc.StatusCode.UNAVAILABLE)
+        if item is None:
+            return None
+        raise item
+
+    async def _go_execute(self) -> agent_pb2.ExecuteResponse | None:
+        self._end(grpc.StatusCode.UNIMPLEMENTED)
+        remaining = self._deadline - asyncio.get_running_loop().time()
+        stream = self._fallback = ExecuteStream(
+            self._lease, timeout=remaining, metadata=self._metadata
+        )
+        for request in self._sent or ():
+            await stream.send(request)
+        self._sent = None
+        return await stream.receive()
+
+    async def finish(self, within: float) -> None:
+        """Wait for an Execute fallback's status; a link attempt is over at its last message."""
+        if self._fallback is not None:
+            await self._fallback.finish(within)
+
+    def cancel(self) -> None:
+        """Stop following the attempt; the agent stops it if it still runs."""
+        if self._fallback is not None:
+            self._fallback.cancel()
+            return
+        self._stop(grpc.StatusCode.CANCELLED)
+
+    def _stop(self, code: grpc.StatusCode) -> None:
+        if self._over:
+            return
+        self._link.post(agent_pb2.LinkFrame(task_id=self._key[0], attempt=self._key[1], close=True))
+        self._end(code)
+
+    def _end(self, code: grpc.StatusCode) -> None:
+        if self._over:
+            return
+        self._over = True
+        self._link.detach(self._key)
+        span = self._span
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code is not grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end()
+
+
+AttemptStream = ExecuteStream | LinkAttempt
+"""What an attempt talks to its agent through."""
+
+
+def open_stream(
+    lease: AgentLease,
+    *,
+    timeout: float,
+    metadata: Sequence[tuple[str, str]],
+    link: bool,
+) -> AttemptStream:
+    """Start an attempt's conversation with its agent: on the agent's Link, or an Execute.
+
+    Args:
+        lease: The agent slot.
+        timeout: Seconds until the task's deadline.
+        metadata: Task id, attempt, correlation id (and the token budget for Execute).
+        link: Use the agent's ``Link`` (setting ``agent_link``) unless it has none.
+    """
+    entry = lease.entry
+    if not link or entry.link_unsupported:
+        return ExecuteStream(lease, timeout=timeout, metadata=metadata)
+    current = entry.link
+    if not isinstance(current, AgentLink) or current.closed:
+        current = AgentLink(entry, lease.stub)
+        entry.link = current
+    return LinkAttempt(current, lease, timeout=timeout, metadata=metadata)
