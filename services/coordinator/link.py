@@ -72,11 +72,16 @@ class _Fallback:
     """Queued to attempts of a link the agent does not serve: go by Execute instead."""
 
 
+class _Deadline:
+    """Queued to an attempt when the task's deadline passes."""
+
+
 _FALLBACK = _Fallback()
+_DEADLINE = _Deadline()
 _NO_LINK = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
 """How an agent without ``Link`` answers: not served at all, or (a servicer that
 inherits the generated stub, or a policy that lists only ``Execute``) refused."""
-_Item = agent_pb2.ExecuteResponse | AttemptError | _Fallback | None
+_Item = agent_pb2.ExecuteResponse | AttemptError | _Fallback | _Deadline | None
 
 
 class AgentLink:
@@ -94,6 +99,7 @@ class AgentLink:
         self._frames: list[agent_pb2.LinkFrame] = []
         self._wake = asyncio.Event()
         self._answered = False
+        self._confirmed = asyncio.Event()
         self.closed = False
         self._call = stub.Link()
         observe_client_call(self._call, "bidi_stream", LINK_METHOD)
@@ -138,6 +144,11 @@ class AgentLink:
             try:
                 # Whatever piled up while the last write was under way goes in one message.
                 await call.write(agent_pb2.LinkRequest(frames=frames))
+                if not self._confirmed.is_set():
+                    # Nothing more until the agent answered: a write under way when a
+                    # refusal (UNIMPLEMENTED, PERMISSION_DENIED) arrives turns the call's
+                    # status into INTERNAL, and the refusal is what says "use Execute".
+                    await self._confirmed.wait()
             except (
                 grpc.aio.AioRpcError,
                 grpc.aio.UsageError,
@@ -157,7 +168,9 @@ class AgentLink:
                 if message is grpc.aio.EOF:
                     break
                 assert isinstance(message, agent_pb2.LinkResponse)
-                self._answered = True
+                if not self._answered:
+                    self._answered = True
+                    self._confirmed.set()
                 attempts = self._attempts
                 for response in message.responses:
                     attempt = attempts.get((response.task_id, response.attempt))
@@ -168,13 +181,24 @@ class AgentLink:
                     if attempt is not None:
                         attempt.deliver(_refusal_error(refusal, self._agent_id))
         except grpc.aio.AioRpcError as err:
-            if err.code() in _NO_LINK and not self._answered:
-                logger.info(
-                    "agent %s refuses Link (%s); it gets an Execute call per attempt",
-                    self._agent_id,
-                    err.code().name,
-                )
-                self._entry.link_unsupported = True
+            if not self._answered and not self.closed:
+                # The agent never answered on this link, so none of its attempts ran
+                # (its end of a link that breaks stops them): they go by Execute.
+                if err.code() in _NO_LINK:
+                    logger.info(
+                        "agent %s refuses Link (%s); it gets an Execute call per attempt",
+                        self._agent_id,
+                        err.code().name,
+                    )
+                    self._entry.link_unsupported = True
+                else:
+                    logger.info(
+                        "link to agent %s failed before its first answer (%s): %d attempts "
+                        "go by Execute",
+                        self._agent_id,
+                        err.code().name,
+                        len(self._attempts),
+                    )
                 ending = _FALLBACK
             else:
                 if not self.closed:
@@ -224,8 +248,11 @@ class LinkAttempt:
         self._metadata = metadata
         self._key: Key = (values.get(md.TASK_ID, ""), int(values.get(md.ATTEMPT, "0") or 0))
         self._correlation_id = values.get(md.CORRELATION_ID, "")
-        self._deadline = asyncio.get_running_loop().time() + timeout
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + timeout
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        # One timer per attempt (cheaper than a timeout around every receive).
+        self._timer = loop.call_at(self._deadline, self._queue.put_nowait, _DEADLINE)
         self._span, headers = tracing.client_span(EXECUTE_METHOD)
         self._span.set_attribute("hivewire.link", True)
         self._traceparent = headers.get(md.TRACEPARENT, "")
@@ -271,18 +298,16 @@ class LinkAttempt:
         """
         if self._fallback is not None:
             return await self._fallback.receive()
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                item = await self._queue.get()
-        except TimeoutError:
-            self._stop(grpc.StatusCode.DEADLINE_EXCEEDED)
-            err = DeadlineExceeded("Deadline Exceeded")
-            raise classify_status(err.code, err, self._lease.agent_id) from None
+        item = await self._queue.get()
         if isinstance(item, agent_pb2.ExecuteResponse):
             self._sent = None
             if item.WhichOneof("kind") in ("result", "error"):
                 self._end(grpc.StatusCode.OK)
             return item
+        if isinstance(item, _Deadline):
+            self._stop(grpc.StatusCode.DEADLINE_EXCEEDED)
+            err = DeadlineExceeded("Deadline Exceeded")
+            raise classify_status(err.code, err, self._lease.agent_id)
         if isinstance(item, _Fallback):
             return await self._go_execute()
         self._end(grpc.StatusCode.UNAVAILABLE)
@@ -323,6 +348,7 @@ class LinkAttempt:
         if self._over:
             return
         self._over = True
+        self._timer.cancel()
         self._link.detach(self._key)
         span = self._span
         if span.is_recording():
