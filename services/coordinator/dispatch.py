@@ -63,6 +63,8 @@ META_VERSION = "version"
 META_MAX_CONCURRENCY = "max_concurrency"
 META_TLS_SERVER_NAME = "tls_server_name"
 EXECUTE_METHOD = f"/{agent_pb2.DESCRIPTOR.services_by_name['AgentService'].full_name}/Execute"
+WRITE_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError)
+"""What a write on a stream to an agent raises once the call is over (the read side says why)."""
 
 
 class Closable(Protocol):
@@ -578,12 +580,7 @@ class ExecuteStream:
                 return False
             try:
                 await self._call.write(request)
-            except (
-                grpc.aio.AioRpcError,
-                grpc.aio.UsageError,
-                asyncio.InvalidStateError,
-                RuntimeError,
-            ) as exc:
+            except WRITE_ERRORS as exc:
                 # The read side reports why the call ended; a lost write is not news.
                 logger.debug("write to agent %s failed: %r", self._agent_id, exc)
                 return False
@@ -595,9 +592,7 @@ class ExecuteStream:
             if self._half_closed or self._call.done():
                 return
             self._half_closed = True
-            with contextlib.suppress(
-                grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, RuntimeError
-            ):
+            with contextlib.suppress(*WRITE_ERRORS):
                 await self._call.done_writing()
 
     async def receive(self) -> agent_pb2.ExecuteResponse | None:

@@ -47,6 +47,7 @@ from opentelemetry.trace import Status, StatusCode
 from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.services.coordinator.dispatch import (
     EXECUTE_METHOD,
+    WRITE_ERRORS,
     AgentEntry,
     AgentLease,
     AttemptError,
@@ -149,12 +150,7 @@ class AgentLink:
                     # refusal (UNIMPLEMENTED, PERMISSION_DENIED) arrives turns the call's
                     # status into INTERNAL, and the refusal is what says "use Execute".
                     await self._confirmed.wait()
-            except (
-                grpc.aio.AioRpcError,
-                grpc.aio.UsageError,
-                asyncio.InvalidStateError,
-                RuntimeError,
-            ) as exc:
+            except WRITE_ERRORS as exc:
                 # The reader reports why the link ended.
                 logger.debug("write to agent %s failed: %r", self._agent_id, exc)
                 return

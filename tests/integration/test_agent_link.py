@@ -110,6 +110,14 @@ class Link:
         return self.by_key[(task_id, attempt)][-1]
 
 
+async def start(link: Link, agent: GateAgent, *task_ids: str) -> None:
+    """Assign ``task_ids`` (attempt 1) on ``link`` and wait until each handler runs."""
+    for task_id in task_ids:
+        await link.assign(task_id)
+    for task_id in task_ids:
+        await asyncio.wait_for(agent.has_started(task_id).wait(), 10)
+
+
 def started_calls(method: str) -> float:
     return metrics.SERVER_STARTED.labels("bidi_stream", SERVICE, method)._value.get()
 
@@ -164,10 +172,7 @@ async def test_cancel_one_attempt_leaves_the_others_running(
     client: Coordinator, agent: GateAgent, served: AgentServer
 ) -> None:
     link = Link(client)
-    await link.assign("x")
-    await link.assign("y")
-    await asyncio.wait_for(agent.has_started("x").wait(), 10)
-    await asyncio.wait_for(agent.has_started("y").wait(), 10)
+    await start(link, agent, "x", "y")
     await link.send(
         agent_pb2.LinkFrame(
             task_id="x",
@@ -191,10 +196,7 @@ async def test_close_frame_stops_an_attempt_without_an_answer(
     client: Coordinator, agent: GateAgent, served: AgentServer
 ) -> None:
     link = Link(client)
-    await link.assign("quiet")
-    await link.assign("other")
-    await asyncio.wait_for(agent.has_started("quiet").wait(), 10)
-    await asyncio.wait_for(agent.has_started("other").wait(), 10)
+    await start(link, agent, "quiet", "other")
     await link.send(agent_pb2.LinkFrame(task_id="quiet", attempt=1, close=True))
     await eventually(lambda: "quiet" in agent.cancelled, timeout=10)
     agent.gate("other").set()
@@ -208,9 +210,7 @@ async def test_a_broken_link_stops_every_attempt_on_it(
     client: Coordinator, agent: GateAgent, served: AgentServer
 ) -> None:
     link = Link(client)
-    for task_id in ("p", "q"):
-        await link.assign(task_id)
-        await asyncio.wait_for(agent.has_started(task_id).wait(), 10)
+    await start(link, agent, "p", "q")
     assert served.runtime.in_flight == 2
     link.call.cancel()
     await eventually(lambda: agent.cancelled == {"p", "q"}, timeout=10)
@@ -221,8 +221,7 @@ async def test_half_close_stops_what_runs_and_ends_the_stream(
     client: Coordinator, agent: GateAgent, served: AgentServer
 ) -> None:
     link = Link(client)
-    await link.assign("h")
-    await asyncio.wait_for(agent.has_started("h").wait(), 10)
+    await start(link, agent, "h")
     await link.call.done_writing()
     async with asyncio.timeout(10):
         while (message := await link.call.read()) is not grpc.aio.EOF:
@@ -325,8 +324,7 @@ async def test_frames_that_break_the_protocol_end_the_stream(
     reason: str,
 ) -> None:
     link = Link(client)
-    await link.assign("dup")
-    await asyncio.wait_for(agent.has_started("dup").wait(), 10)
+    await start(link, agent, "dup")
     await link.send(second)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await link.until(lambda: False)

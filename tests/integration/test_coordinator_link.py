@@ -235,6 +235,18 @@ def _metadata(task_id: str) -> list[tuple[str, str]]:
     return [(md.TASK_ID, task_id), (md.ATTEMPT, "1"), (md.CORRELATION_ID, "cid-1")]
 
 
+def assert_deadline_error(err: AttemptError) -> None:
+    """What an attempt past the task's deadline fails with, on Execute and on a Link."""
+    detail = err.detail
+    assert (detail.code, detail.reason, detail.retryable) == (
+        "DEADLINE_EXCEEDED",
+        "DEADLINE_EXCEEDED",
+        False,
+    )
+    assert detail.message == "the task's deadline passed while the agent ran it"
+    assert err.verdict == "none"
+
+
 async def test_the_coordinator_enforces_each_attempts_deadline(pki: Pki) -> None:
     worker = Worker()
     async with (
@@ -251,14 +263,7 @@ async def test_the_coordinator_enforces_each_attempts_deadline(pki: Pki) -> None
         with pytest.raises(AttemptError) as caught:
             while await slow.receive():
                 pass
-        detail = caught.value.detail
-        assert (detail.code, detail.reason, detail.retryable) == (
-            "DEADLINE_EXCEEDED",
-            "DEADLINE_EXCEEDED",
-            False,
-        )
-        assert detail.message == "the task's deadline passed while the agent ran it"
-        assert caught.value.verdict == "none"
+        assert_deadline_error(caught.value)
         # The agent was told to stop it; the other attempt on the link runs on.
         await eventually(lambda: "slow" in worker.cancelled, timeout=10)
         assert worker.running == {"other"}
@@ -284,13 +289,7 @@ async def test_an_execute_deadline_is_classified_the_same(pki: Pki) -> None:
             while await stream.receive():
                 pass
         stream.cancel()
-        detail = caught.value.detail
-        assert (detail.code, detail.reason, detail.retryable) == (
-            "DEADLINE_EXCEEDED",
-            "DEADLINE_EXCEEDED",
-            False,
-        )
-        assert detail.message == "the task's deadline passed while the agent ran it"
+        assert_deadline_error(caught.value)
 
 
 async def test_a_refused_attempt_fails_like_a_refused_execute_call(pki: Pki) -> None:
