@@ -90,7 +90,7 @@ from hivewire.services.coordinator.model import (
     now_ns,
     state_name,
 )
-from hivewire.services.coordinator.plans import PLAN_CANCELLED, Plans
+from hivewire.services.coordinator.plans import PLAN_CANCELLED, ChildSpec, Plans
 from hivewire.services.coordinator.projects import Projects
 from hivewire.services.coordinator.quotas import Quotas
 from hivewire.services.coordinator.retention import idempotency_expired, purged_or_unknown
@@ -446,41 +446,30 @@ class Coordinator(StartStop):
 
     # -- plan steps (the plans' host) --------------------------------------------------
 
-    def start_child(
-        self,
-        parent: TaskRuntime,
-        *,
-        capability: str,
-        payload: common_pb2.Payload,
-        role: int,
-        step_id: str,
-        deadline_ns: int | None = None,
-        token_budget: int | None = None,
-    ) -> TaskRuntime:
+    def start_child(self, parent: TaskRuntime, child: ChildSpec) -> TaskRuntime:
         """Create, store and queue a plan's step, compensation or aggregator task.
 
         The task inherits the plan's owner, priority, attempts, labels, correlation id,
         project and remaining token budget; it ends no later than the plan (or, for a
-        compensation, than ``deadline_ns``).
+        compensation, than ``child.deadline_ns``).
         """
         p = parent.record
+        budget = child.token_budget
         spec = coordinator_pb2.TaskSpec(
-            capability=capability,
-            input=payload,
+            capability=child.capability,
+            input=child.payload,
             priority=p.spec.priority,
             max_attempts=p.spec.max_attempts,
-            token_budget=(
-                token_budget if token_budget is not None else _remaining_budget(p, 0, held=0)
-            ),
+            token_budget=budget if budget is not None else _remaining_budget(p, 0, held=0),
             labels=p.spec.labels,
             metadata=p.spec.metadata,
             project_id=p.project_id,
         )
         created = now_ns()
-        deadline = deadline_ns if deadline_ns is not None else p.deadline_ns
+        deadline = child.deadline_ns if child.deadline_ns is not None else p.deadline_ns
         spec.timeout.CopyFrom(convert.duration(max(deadline - created, 0) / 1e9))
         record = self._new_record(
-            spec, p.owner, created, deadline, parent=p, role=role, step_id=step_id
+            spec, p.owner, created, deadline, parent=p, role=child.role, step_id=child.step_id
         )
         rt = self._accept(record)
         self._journal.emit(
@@ -489,7 +478,7 @@ class Coordinator(StartStop):
             state_changed=coordinator_pb2.StateChange(
                 from_state=common_pb2.TASK_STATE_UNSPECIFIED,
                 to_state=QUEUED,
-                reason=f"step {step_id} of plan {p.task_id}",
+                reason=f"step {child.step_id} of plan {p.task_id}",
             ),
         )
         self._arm_deadline(rt)
