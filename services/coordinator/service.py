@@ -43,7 +43,7 @@ from google.protobuf.message import Message
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
-from hivewire.services.base.lifecycle import StartStop, cancel_and_wait
+from hivewire.services.base.lifecycle import StartStop, cancel_and_wait, ended_within
 from hivewire.services.coordinator import convert, metrics
 from hivewire.services.coordinator.approvals import endorse
 from hivewire.services.coordinator.attempts import (
@@ -1303,10 +1303,7 @@ class Coordinator(StartStop):
             agent_pb2.ExecuteRequest(cancel=agent_pb2.CancelExecution(reason=reason))
         )
         task = attempt.task
-        if task is None or task.done():
-            return
-        done, _ = await asyncio.wait({task}, timeout=self.settings.cancel_grace)
-        if not done:
+        if task is not None and not await ended_within(task, self.settings.cancel_grace):
             logger.warning(
                 "agent %s did not stop within %.1fs; ending the call",
                 attempt.lease.agent_id,
