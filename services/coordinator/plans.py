@@ -41,7 +41,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol
 
 from google.protobuf import json_format, struct_pb2
@@ -96,6 +96,7 @@ class ChildSpec:
     step_id: str
     capability: str
     payload: common_pb2.Payload
+    _: KW_ONLY
     deadline_ns: int | None = None
     token_budget: int | None = None
 
