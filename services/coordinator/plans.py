@@ -42,7 +42,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
 from google.protobuf import json_format, struct_pb2
 
@@ -51,7 +51,7 @@ from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator.attempts import add_usage, deadline_error
 from hivewire.services.coordinator.convert import copy_present
-from hivewire.services.coordinator.journal import Journal, Report, TaskRuntime
+from hivewire.services.coordinator.journal import Ending, Journal, TaskRuntime
 from hivewire.services.coordinator.model import (
     CANCELLED,
     FAILED,
@@ -113,19 +113,9 @@ class PlanHost(Protocol):
         ...
 
     def finish(
-        self,
-        rt: TaskRuntime,
-        state: int,
-        *,
-        reason: str,
-        output: common_pb2.Payload | None = None,
-        error: common_pb2.ErrorDetail | None = None,
-        reports: Sequence[Report] = (),
+        self, rt: TaskRuntime, state: int, *, reason: str, **ending: Unpack[Ending]
     ) -> asyncio.Future[None]:
-        """End a task (the parent) in a terminal state; the future resolves on commit.
-
-        ``reports`` are published with its last event (``workflow.completed``...).
-        """
+        """End a task (the parent) in a terminal state; the future resolves on commit."""
         ...
 
 

@@ -36,7 +36,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Unpack
 
 from google.protobuf.message import Message
 
@@ -68,10 +68,10 @@ from hivewire.services.coordinator.dispatch import (
 )
 from hivewire.services.coordinator.journal import (
     CoordinatorEvents,
+    Ending,
     EventListener,
     Journal,
     NullPublisher,
-    Report,
     TaskRuntime,
     TaskTable,
 )
@@ -1197,19 +1197,13 @@ class Coordinator(StartStop):
     # -- finishing -------------------------------------------------------------------
 
     def finish(
-        self,
-        rt: TaskRuntime,
-        state: int,
-        *,
-        reason: str,
-        output: common_pb2.Payload | None = None,
-        error: common_pb2.ErrorDetail | None = None,
-        reports: Sequence[Report] = (),
+        self, rt: TaskRuntime, state: int, *, reason: str, **ending: Unpack[Ending]
     ) -> asyncio.Future[None]:
         """End a task in a terminal state; the future resolves once it has committed.
 
         Plans end their parent with it (``reports`` go out with its last event).
         """
+        output, error = ending.get("output"), ending.get("error")
         record = rt.record
         if record.terminal:
             # Two endings raced (say, the deadline and the agent's answer): the first wins.
@@ -1237,7 +1231,7 @@ class Coordinator(StartStop):
         finished = coordinator_pb2.TaskFinished(state=state, usage=record.usage)  # type: ignore[arg-type]
         convert.copy_present(finished, output=output, error=error)
         committed = self._journal.emit(
-            rt, publish=_FINISHED_TYPES[state], reports=reports, finished=finished
+            rt, publish=_FINISHED_TYPES[state], reports=ending.get("reports", ()), finished=finished
         )
         self._deadlines.disarm(rt.record.task_id)
         attempt = rt.attempt
