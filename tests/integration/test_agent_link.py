@@ -14,6 +14,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.services.agent import Agent, Payload, TaskContext, capability
 from hivewire.services.agent.serve import AgentServer
 from hivewire.services.runtime import metrics
+from hivewire.services.runtime.authz import DEFAULT_POLICY
 from hivewire.services.runtime.status import from_rpc_error
 from tests.conftest import Pki
 from tests.helpers import eventually
@@ -344,3 +345,12 @@ async def test_only_the_coordinator_may_link(pki: Pki, served: AgentServer) -> N
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         await other.close()
+
+
+@pytest.mark.parametrize(
+    ("role", "allowed"), [("coordinator", True), ("client", False), ("agent", False)]
+)
+def test_the_shipped_policy_allows_link_to_whoever_may_execute(role: str, allowed: bool) -> None:
+    caller = f"spiffe://hivewire.local/{role}/x"
+    for method in ("Execute", "Link"):
+        assert DEFAULT_POLICY.allows(caller, f"/{SERVICE}/{method}") is allowed
