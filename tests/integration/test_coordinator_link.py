@@ -206,6 +206,23 @@ async def test_an_agent_without_link_gets_execute_calls(mesh: Mesh) -> None:
     assert started_calls("Link") - links == 1
 
 
+async def test_an_agent_built_before_link_gets_execute_calls(mesh: Mesh) -> None:
+    async with mesh.temporary_agent("older", without_link=True) as older:
+        client = mesh.client()
+        tasks = []
+        for text in ("a", "b", "c"):
+            submitted = await client.SubmitTask(C.SubmitTaskRequest(spec=spec(text=text)))
+            await collect(client.WatchTask(C.WatchTaskRequest(task_id=submitted.task.task_id)))
+            tasks.append(
+                (await client.GetTask(C.GetTaskRequest(task_id=submitted.task.task_id))).task
+            )
+        assert [t.state for t in tasks] == [S.TASK_STATE_SUCCEEDED] * 3
+        assert [len(t.attempts) for t in tasks] == [1, 1, 1]
+        assert len(older.stats.executions) == 3
+        entry = next(e for e in mesh.running.pool._agents.values() if e.agent_id == older.agent_id)
+        assert entry.link_unsupported and entry.link is None
+
+
 # -- the attempt handle, against a real agent ------------------------------------------
 
 

@@ -261,6 +261,22 @@ class ScriptedAgent(agent_pb2_grpc.AgentServiceServicer):
                 await reader
 
 
+def _add_without_link(agent: ScriptedAgent, server: grpc.aio.Server) -> None:
+    handlers = {
+        "Execute": grpc.stream_stream_rpc_method_handler(
+            agent.Execute,
+            request_deserializer=agent_pb2.ExecuteRequest.FromString,
+            response_serializer=agent_pb2.ExecuteResponse.SerializeToString,
+        ),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            agent.Describe,
+            request_deserializer=agent_pb2.DescribeRequest.FromString,
+            response_serializer=agent_pb2.DescribeResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
 @contextlib.asynccontextmanager
 async def serve_scripted_agent(
     registry: Registry,
@@ -272,8 +288,14 @@ async def serve_scripted_agent(
     identity: str = "agent",
     register: bool = True,
     script: dict[str, Any] | None = None,
+    without_link: bool = False,
 ) -> AsyncIterator[tuple[ScriptedAgent, ServiceServer]]:
-    """Serve a scripted agent over mTLS on 127.0.0.1 and register it while the block runs."""
+    """Serve a scripted agent over mTLS on 127.0.0.1 and register it while the block runs.
+
+    With ``without_link`` only ``Execute`` and ``Describe`` are served, as by an agent
+    built before ``Link`` existed (``Link`` answers UNIMPLEMENTED); otherwise ``Link`` is
+    the generated stub's, which the authz interceptor refuses (PERMISSION_DENIED).
+    """
     agent = ScriptedAgent(
         name, capabilities=capabilities, max_concurrency=max_concurrency, script=script
     )
@@ -284,7 +306,10 @@ async def serve_scripted_agent(
         settings,
         [
             ServiceBinding(
-                SERVICE, lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(agent, s)
+                SERVICE,
+                (lambda s: _add_without_link(agent, s))
+                if without_link
+                else (lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(agent, s)),
             )
         ],
     )
