@@ -83,11 +83,6 @@ class LinkSession:
         self._failure: HivewireError | None = None
         self._closed = False
 
-    @property
-    def running(self) -> int:
-        """Attempts running on this link now."""
-        return len(self._running)
-
     # -- frames from the coordinator ------------------------------------------------
 
     async def read(self, requests: AsyncIterator[agent_pb2.LinkRequest]) -> None:

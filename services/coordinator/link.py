@@ -30,7 +30,11 @@ are sent again as ``Execute`` calls, which is safe because the agent never saw t
 ``PERMISSION_DENIED`` before any message is taken the same way (an authorization
 policy that names only ``Execute``, or a servicer that inherits the generated stub's
 ``Link``, which the authz interceptor refuses): if ``Execute`` is refused too, the
-attempt fails exactly as it does without links.
+attempt fails exactly as it does without links. A link that fails in any other way
+before its first answer sends its attempts by ``Execute`` too, without remembering
+anything: each then fails or succeeds as its own call would. Until that first answer
+nothing more is written on the link (a write under way when the status arrives turns
+it into ``INTERNAL`` in grpc.aio, hiding the refusal).
 
 ``grpc_client_*`` metrics count the ``Link`` call (one per agent), not attempts.
 """
@@ -89,7 +93,7 @@ class AgentLink:
     """One ``Link`` stream to one agent instance (opened at once, used by many attempts).
 
     Args:
-        entry: The agent (its ``link_unsupported`` is set when it answers UNIMPLEMENTED).
+        entry: The agent (its ``link_unsupported`` is set when it refuses ``Link``).
         stub: A stub on the agent's channel without client interceptors.
     """
 
@@ -106,11 +110,6 @@ class AgentLink:
         observe_client_call(self._call, "bidi_stream", LINK_METHOD)
         self._writer = asyncio.create_task(self._write(), name=f"link-writer-{self._agent_id}")
         self._reader = asyncio.create_task(self._read(), name=f"link-reader-{self._agent_id}")
-
-    @property
-    def attempts(self) -> int:
-        """Attempts open on the link."""
-        return len(self._attempts)
 
     def attach(self, key: Key, attempt: LinkAttempt) -> None:
         """Route the messages of attempt ``key`` to ``attempt``."""
