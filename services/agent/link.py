@@ -20,6 +20,11 @@ Bad frames:
 * input (or an empty frame) for an attempt that is not running: a refusal
   ``INVALID_ARGUMENT`` / ``ASSIGNMENT_REQUIRED``; cancel and close frames for such an
   attempt are dropped (they cross the attempt's last message in normal operation).
+
+When the agent shuts down, :meth:`LinkSession.drain` refuses new assignments
+(``UNAVAILABLE`` / ``AGENT_SHUTTING_DOWN``, what a stopping server answers a new
+``Execute`` call) and ends the stream once the attempts on it have ended, so the
+server's grace period is not spent waiting for a link that carries nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +41,12 @@ from hivewire.services.agent import convert
 from hivewire.services.agent.runtime import AgentRuntime, Execution
 from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.runtime import tracing
-from hivewire.services.runtime.errors import FieldViolation, HivewireError, InvalidArgument
+from hivewire.services.runtime.errors import (
+    FieldViolation,
+    HivewireError,
+    InvalidArgument,
+    Unavailable,
+)
 from hivewire.services.runtime.logging import bind_correlation_id
 
 logger = logging.getLogger(__name__)
@@ -82,6 +92,8 @@ class LinkSession:
         self._out: asyncio.Queue[_Outgoing] = asyncio.Queue(queue_size)
         self._failure: HivewireError | None = None
         self._closed = False
+        self._draining = False
+        self._ending: set[asyncio.Task[None]] = set()
 
     # -- frames from the coordinator ------------------------------------------------
 
@@ -150,6 +162,8 @@ class LinkSession:
     async def _start(self, key: Key, frame: agent_pb2.LinkFrame) -> None:
         assign = frame.request.assign
         try:
+            if self._draining:
+                raise Unavailable("the agent is shutting down", reason="AGENT_SHUTTING_DOWN")
             if assign.task_id != frame.task_id or max(1, assign.attempt) != frame.attempt:
                 raise InvalidArgument(
                     "the assignment names another attempt than its frame",
@@ -205,6 +219,19 @@ class LinkSession:
                         await self._out.put(message)
         finally:
             self._running.pop(key, None)
+            if self._draining and not self._running:
+                self._end_soon()
+
+    def drain(self) -> None:
+        """Take no new attempts; end the stream once the running ones have ended."""
+        self._draining = True
+        if not self._running:
+            self._end_soon()
+
+    def _end_soon(self) -> None:
+        task = asyncio.create_task(self._out.put(_END))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     async def close(self) -> None:
         """Stop every attempt still running (the link ended or broke)."""

@@ -203,6 +203,7 @@ class AgentServer:
         server: The gRPC server.
         instance: The registered instance, if registered.
         registry: The registry it is registered in, if any (to report its health).
+        servicer: The AgentService servicer.
     """
 
     settings: AgentProcessSettings
@@ -211,6 +212,7 @@ class AgentServer:
     instance: Instance | None = None
     meta: Mapping[str, str] = field(default_factory=dict)
     registry: Registry | None = None
+    servicer: AgentServicer | None = None
 
     @property
     def port(self) -> int:
@@ -321,7 +323,16 @@ async def running_agent(
                 process.events, "agent.deregistered", instance, card, healthy=False
             ),
         )
-        yield AgentServer(settings, runtime, started.server, started.instance, registry=registry)
+        # After deregistering: links end once their attempts have, not at the grace's end.
+        started.server.add_shutdown_hook(servicer.drain)
+        yield AgentServer(
+            settings,
+            runtime,
+            started.server,
+            started.instance,
+            registry=registry,
+            servicer=servicer,
+        )
 
 
 def _publish_agent_event(

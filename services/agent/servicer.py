@@ -59,6 +59,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         """
         self._runtime = runtime
         self._allowed = tuple(allowed_callers)
+        self._links: set[LinkSession] = set()
+        self._draining = False
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` ran (the agent is shutting down)."""
+        return self._draining
+
+    async def drain(self) -> None:
+        """Shutting down: links take no new attempts and end once theirs have (a hook)."""
+        self._draining = True
+        for session in self._links:
+            session.drain()
 
     def _authorize(self, context: Context) -> None:
         caller = caller_spiffe_id(context)
@@ -119,11 +132,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if first is None:
             return
         session = LinkSession(self._runtime)
+        if self._draining:
+            session.drain()
+        self._links.add(session)
         reader = asyncio.create_task(session.read(_prepend(first, requests)), name="agent-link")
         try:
             async for response in session.responses():
                 yield response
         finally:
+            self._links.discard(session)
             await session.close()
             await cancel_and_wait([reader], suppress=(grpc.RpcError, grpc.aio.UsageError))
 

@@ -354,3 +354,34 @@ def test_the_shipped_policy_allows_link_to_whoever_may_execute(role: str, allowe
     caller = f"spiffe://hivewire.local/{role}/x"
     for method in ("Execute", "Link"):
         assert DEFAULT_POLICY.allows(caller, f"/{SERVICE}/{method}") is allowed
+
+
+async def test_shutdown_ends_the_link_once_its_attempts_have(pki: Pki, agent: GateAgent) -> None:
+    # A grace period far longer than the test's timeout: the link must end by itself.
+    settings = agent_settings(pki.dir).model_copy(update={"grace_period": 600.0})
+    async with serve_in_process(agent, settings) as running:
+        client = Coordinator(f"127.0.0.1:{running.port}", pki.files("coordinator"))
+        try:
+            link = Link(client)
+            await start(link, agent, "last")
+            stopping = asyncio.create_task(running.server.stop())
+            assert running.servicer is not None
+            servicer = running.servicer
+            await eventually(lambda: servicer.draining, timeout=10)
+            await link.assign("late")
+            await link.until(lambda: ("late", 1) in link.refusals)
+            refused = link.refusals[("late", 1)].error
+            assert (refused.code, refused.reason, refused.retryable) == (
+                "UNAVAILABLE",
+                "AGENT_SHUTTING_DOWN",
+                True,
+            )
+            agent.gate("last").set()
+            await link.until(lambda: link.ended("last"))
+            assert link.last("last").result.output.text == "done last"
+            async with asyncio.timeout(15):
+                assert await link.call.read() is grpc.aio.EOF
+                assert await link.call.code() == grpc.StatusCode.OK
+                await stopping
+        finally:
+            await client.close()
