@@ -84,18 +84,12 @@ class AgentEntry:
     in_flight: int = 0
     present: bool = True
     probing: bool = False
-    last_seen_ns: int = field(default_factory=now_ns)
-    card: agent_pb2.AgentCard | None = None
     link: Closable | None = None
     """The open ``Link`` stream to the agent, opened by the first attempt (link.py)."""
     link_unsupported: bool = False
-    """The agent answered UNIMPLEMENTED for ``Link``: it gets one Execute call per attempt."""
-
-    def close_link(self) -> None:
-        """End the agent's ``Link`` if one is open."""
-        link, self.link = self.link, None
-        if link is not None:
-            link.close()
+    """The agent refused ``Link`` (UNIMPLEMENTED...): it gets an Execute call per attempt."""
+    last_seen_ns: int = field(default_factory=now_ns)
+    card: agent_pb2.AgentCard | None = None
 
     @property
     def agent_id(self) -> str:
@@ -127,6 +121,12 @@ class AgentEntry:
             and capability in self.instance.tags
             and self.admits()
         )
+
+    def close_link(self) -> None:
+        """End the agent's ``Link`` if one is open."""
+        link, self.link = self.link, None
+        if link is not None:
+            link.close()
 
 
 Verdict = str
