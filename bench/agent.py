@@ -33,15 +33,17 @@ class BenchAgent(Agent):
 
     @capability("tokens", description="Streams N stamped partial chunks ('N' or 'N:gap_ms').")
     async def tokens(self, task: Payload, ctx: TaskContext) -> str:
-        """A token stream: each chunk is ``time.monotonic_ns()`` when it was sent.
+        """A token stream: each chunk is ``time.monotonic_ns()`` when it was sent, then a space.
 
         The clock is the machine's (CLOCK_MONOTONIC), the same in every process, so
-        the client can take a chunk's latency from the agent to itself.
+        the client can take a token's latency from the agent to itself. Chunks queued
+        together may reach the client as one partial event (coalesced); the space
+        keeps each token's stamp apart.
         """
         count, _, gap = task.text.partition(":")
         pause = float(gap or 0) / 1000
         for _ in range(int(count)):
-            await ctx.partial(str(time.monotonic_ns()))
+            await ctx.partial(f"{time.monotonic_ns()} ")
             if pause:
                 await asyncio.sleep(pause)
         return count

@@ -65,6 +65,8 @@ __all__ = [
     "ProgressUpdate",
     "Started",
     "classify",
+    "coalesce",
+    "continues",
 ]
 
 # --- events -------------------------------------------------------------------------
@@ -142,6 +144,69 @@ class Outgoing:
     def terminal(self) -> bool:
         """Whether this is the attempt's last event."""
         return isinstance(self.event, Finished | Failed)
+
+
+_Queued: TypeAlias = tuple[datetime, Event]
+"""An event waiting in an attempt's outbox, with when it was produced."""
+
+COALESCE_MAX = 8 * 1024
+"""Most characters (text) or bytes (data) one coalesced partial chunk carries.
+
+Even all 4-byte UTF-8, it stays under the 64 KiB an event's NATS copy carries whole
+(``coordinator/journal.py``).
+"""
+
+
+def continues(head: PartialChunk, last: PartialChunk, then: PartialChunk) -> bool:
+    """Whether ``then`` can be sent in one chunk with the run ``head`` .. ``last``.
+
+    It can when it appends to the same artifact (same id and name) that ``last`` did
+    not end, and the run and ``then`` carry only text, or only bytes of one content
+    type (JSON never merges).
+    """
+    kind = _mergeable_kind(head.content)
+    return (
+        then.append
+        and not last.last_chunk
+        and then.artifact_id == head.artifact_id
+        and then.name == head.name
+        and kind is not None
+        and kind == _mergeable_kind(then.content)
+        and then.content.content_type == head.content.content_type
+    )
+
+
+def _mergeable_kind(content: Payload) -> str | None:
+    """``"text"`` or ``"data"`` for a payload that is only that, None otherwise."""
+    if content.json is not None or (content.text and content.data):
+        return None
+    return "data" if content.data else "text"
+
+
+def coalesce(run: list[PartialChunk]) -> PartialChunk:
+    """One chunk for a run of chunks that :func:`continues` allows to join.
+
+    Its content is the run's contents in order; it replaces or appends as the first
+    chunk did, and ends the artifact when the last one does. What a reader rebuilds
+    from it is byte for byte what it rebuilds from the run.
+    """
+    if len(run) == 1:
+        return run[0]
+    head = run[0]
+    content = head.content
+    if content.data:
+        merged = Payload(
+            data=b"".join(c.content.data for c in run), content_type=content.content_type
+        )
+    else:
+        merged = Payload(
+            text="".join(c.content.text for c in run), content_type=content.content_type
+        )
+    return PartialChunk(merged, head.artifact_id, head.append, run[-1].last_chunk, head.name)
+
+
+def _content_size(content: Payload) -> int:
+    return len(content.text) + len(content.data)
 
 
 @dataclass(frozen=True)
@@ -346,7 +411,7 @@ class Execution(StartClose):
         self.info = info
         self._input = task_input
         self._handler = handler
-        self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue(runtime._outbox_size)
+        self._outbox: asyncio.Queue[_Queued] = asyncio.Queue(runtime._outbox_size)
         self._sequence = 0
         self._pending: dict[str, asyncio.Future[InputAnswer]] = {}
         self._interrupt: asyncio.Future[str] | None = None
@@ -429,18 +494,45 @@ class Execution(StartClose):
         return True
 
     async def events(self) -> AsyncIterator[Outgoing]:
-        """Yield the attempt's events in order, ending with the terminal one."""
+        """Yield the attempt's events in order, ending with the terminal one.
+
+        Partial chunks that piled up while the previous event was being sent are sent
+        as one (:func:`coalesce`): only what is queued already, so a lone chunk goes out
+        at once. ``sequence`` numbers what is yielded (1, 2, 3... without gaps).
+        """
+        held: _Queued | None = None
         while True:
-            out = await self._outbox.get()
+            if held is None:
+                stamp, event = await self._outbox.get()
+            else:
+                (stamp, event), held = held, None
+            if isinstance(event, PartialChunk) and not self._outbox.empty():
+                event, held = self._coalesce_queued(event)
+            self._sequence += 1
+            out = Outgoing(self._sequence, stamp, event)
             yield out
             if out.terminal:
                 return
 
+    def _coalesce_queued(self, first: PartialChunk) -> tuple[PartialChunk, _Queued | None]:
+        """``first`` with the queued chunks that continue it; the next event, if taken."""
+        run = [first]
+        size = _content_size(first.content)
+        while not self._outbox.empty():
+            queued = self._outbox.get_nowait()
+            then = queued[1]
+            if not isinstance(then, PartialChunk) or not continues(run[0], run[-1], then):
+                return coalesce(run), queued
+            size += _content_size(then.content)
+            if size > COALESCE_MAX:
+                return coalesce(run), queued
+            run.append(then)
+        return coalesce(run), None
+
     # --- ExecutionSink (called from the handler's TaskContext) ----------------------
 
     async def _emit(self, event: Event) -> None:
-        self._sequence += 1
-        await self._outbox.put(Outgoing(self._sequence, datetime.now(UTC), event))
+        await self._outbox.put((datetime.now(UTC), event))
 
     async def send_progress(self, fraction: float, step: str, message: str) -> None:
         """Queue a progress event."""
