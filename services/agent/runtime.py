@@ -277,6 +277,7 @@ class AgentRuntime(StartClose):
         bind_clients: ClientBinder | None = None,
         cancel_grace: float = 1.0,
         outbox_size: int = 256,
+        coalesce_partials: bool = True,
     ) -> None:
         """Create the runtime.
 
@@ -290,6 +291,8 @@ class AgentRuntime(StartClose):
                 is reported ended anyway.
             outbox_size: Events buffered per attempt before the handler waits for the
                 coordinator to read (back-pressure).
+            coalesce_partials: Send partial chunks queued behind a busy stream as one
+                (:func:`coalesce`); False sends one message per chunk.
         """
         self.agent = agent
         self.agent_id = agent_id
@@ -300,6 +303,7 @@ class AgentRuntime(StartClose):
         self._bind_clients = bind_clients
         self._cancel_grace = cancel_grace
         self._outbox_size = outbox_size
+        self._coalesce = coalesce_partials
         self._in_flight = 0
         self._stragglers: set[asyncio.Task[object]] = set()
         self._closed = False
@@ -506,7 +510,11 @@ class Execution(StartClose):
                 stamp, event = await self._outbox.get()
             else:
                 (stamp, event), held = held, None
-            if isinstance(event, PartialChunk) and not self._outbox.empty():
+            if (
+                isinstance(event, PartialChunk)
+                and self._runtime._coalesce
+                and not self._outbox.empty()
+            ):
                 event, held = self._coalesce_queued(event)
             self._sequence += 1
             out = Outgoing(self._sequence, stamp, event)
