@@ -194,3 +194,18 @@ async def test_resume_by_sequence_after_coalesced_events(mesh: Mesh, streamer: S
         )
         assert replay == [e for e in events[1:] if e.sequence > resume.sequence]
     await mesh.close_channels()
+
+
+async def test_coalescing_can_be_turned_off(pki: Pki, streamer: Streamer) -> None:
+    settings = agent_settings(pki.dir, coalesce_partials=False)
+    async with serve_in_process(streamer, settings) as served:
+        client = Coordinator(f"127.0.0.1:{served.port}", pki.files("coordinator"))
+        try:
+            ex = client.execute()
+            await ex.send(assignment("burst"))
+            await ex.finish()
+        finally:
+            await client.close()
+    partials = [m.partial for m in ex.received if m.WhichOneof("kind") == "partial"]
+    assert len(partials) == chunks_sent()
+    assert rebuild(partials) == expected_artifacts()
