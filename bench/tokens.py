@@ -9,8 +9,11 @@ client counts both. It follows the task with ``StreamTask`` and takes:
 * **tokens per second** (the target is read on this) and **events per second**: what
   reached the client over one task's stream, the agent sending as fast as the stream
   takes them, from the first token's sending to the last token's arrival;
-* **CPU per token and per event**: the coordinator's and the agent's CPU over the rate
-  phase (steadier than the rate on a shared machine);
+* **CPU per token**: the coordinator's and the agent's CPU over the rate phase
+  (steadier than the rate on a shared machine);
+* **yielding**: the rate again with the handler giving the event loop a turn after
+  each token, as a handler relaying a model's stream does (it awaits each token):
+  fewer tokens pile up, so fewer travel together;
 * **token -> client latency**: when a token reached the client minus when the agent
   sent it, at c=1 with the agent pacing tokens (``GAP_MS`` apart, like a model
   streaming), p50 and p99.
@@ -69,18 +72,22 @@ GAP_MS = 5
 """Pause between paced tokens (a fast model: 200 tokens/s)."""
 
 
-def tokens_spec(count: int, gap_ms: float = 0) -> coordinator_pb2.TaskSpec:
-    """A ``tokens`` task: ``count`` tokens, ``gap_ms`` apart."""
+def tokens_spec(
+    count: int, gap_ms: float = 0, *, yielding: bool = False
+) -> coordinator_pb2.TaskSpec:
+    """A ``tokens`` task: ``count`` tokens, ``gap_ms`` apart (or a loop turn apart)."""
     spec = coordinator_pb2.TaskSpec(
         capability="tokens",
-        input=common_pb2.Payload(text=f"{count}:{gap_ms}"),
+        input=common_pb2.Payload(text=f"{count}:{gap_ms}" + (":yield" if yielding else "")),
         metadata=common_pb2.RequestMetadata(source="hivewire-bench"),
     )
     spec.timeout.FromSeconds(120)
     return spec
 
 
-async def stream_tokens(stub: CoordinatorStub, count: int, gap_ms: float = 0) -> dict[str, Any]:
+async def stream_tokens(
+    stub: CoordinatorStub, count: int, gap_ms: float = 0, *, yielding: bool = False
+) -> dict[str, Any]:
     """Run one ``tokens`` task.
 
     Returns:
@@ -92,7 +99,9 @@ async def stream_tokens(stub: CoordinatorStub, count: int, gap_ms: float = 0) ->
     events = 0
     first_sent = last = 0
     finished = None
-    call = stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=tokens_spec(count, gap_ms)))
+    call = stub.StreamTask(
+        coordinator_pb2.StreamTaskRequest(spec=tokens_spec(count, gap_ms, yielding=yielding))
+    )
     async for response in call:
         event = response.event
         kind = event.WhichOneof("kind")
@@ -135,6 +144,8 @@ async def measure(
             "tokens_per_s": [],
             "events_per_s": [],
             "tokens_per_event": [],
+            "yielding_tokens_per_s": [],
+            "yielding_tokens_per_event": [],
             "latency": [],
             "chain": [],
             "cpu_per_token": {"coordinator": [], "agent": []},
@@ -174,6 +185,9 @@ async def measure(
                 out["tokens_per_s"].append(rate["tokens_per_s"])
                 out["events_per_s"].append(rate["events_per_s"])
                 out["tokens_per_event"].append(flood / rate["events"])
+                relay = await stream_tokens(stub, flood, yielding=True)
+                out["yielding_tokens_per_s"].append(relay["tokens_per_s"])
+                out["yielding_tokens_per_event"].append(flood / relay["events"])
                 paced = await stream_tokens(stub, PACED, GAP_MS)
                 out["latency"].append(summarize(paced["latencies"]))
                 out["chain"].append(
@@ -204,11 +218,17 @@ def report(result: dict[str, Any]) -> str:
     summary = []
     for name, out in result["variants"].items():
         cpu = out["cpu_per_token"]
-        for i, (tokens_rate, events_rate, per_event, lat, chain) in enumerate(
+        yielding = out.get("yielding_tokens_per_s") or [float("nan")] * len(out["tokens_per_s"])
+        yielding_per_event = out.get("yielding_tokens_per_event") or [float("nan")] * len(
+            out["tokens_per_s"]
+        )
+        for i, (tokens_rate, events_rate, per_event, y_rate, y_per_event, lat, chain) in enumerate(
             zip(
                 out["tokens_per_s"],
                 out["events_per_s"],
                 out["tokens_per_event"],
+                yielding,
+                yielding_per_event,
                 out["latency"],
                 out["chain"],
                 strict=True,
@@ -222,6 +242,8 @@ def report(result: dict[str, Any]) -> str:
                     fmt_rate(events_rate, " events/s"),
                     f"{per_event:.1f}",
                     *(f"{cpu[proc][i - 1] * 1e6:.0f} µs" for proc in ("coordinator", "agent")),
+                    fmt_rate(y_rate, " tokens/s"),
+                    f"{y_per_event:.1f}",
                     fmt_time(lat.p50),
                     fmt_time(lat.p99),
                     fmt_time(p50(chain)),
@@ -236,6 +258,8 @@ def report(result: dict[str, Any]) -> str:
                 _spread(out["tokens_per_event"], "{:.1f}"),
                 _spread([c * 1e6 for c in cpu["coordinator"]]),
                 _spread([c * 1e6 for c in cpu["agent"]]),
+                _spread(yielding),
+                _spread(yielding_per_event, "{:.1f}"),
                 _spread([lat.p50 * 1e3 for lat in out["latency"]], "{:.2f}") + " ms",
                 _spread([lat.p99 * 1e3 for lat in out["latency"]], "{:.1f}") + " ms",
             ]
@@ -247,6 +271,8 @@ def report(result: dict[str, Any]) -> str:
         "tokens/event",
         "coordinator CPU/token",
         "agent CPU/token",
+        "yielding: tokens/s",
+        "tokens/event",
         "token p50",
         "token p99",
         "chain call p50",
@@ -254,7 +280,8 @@ def report(result: dict[str, Any]) -> str:
     ]
     title = (
         f"token relay over one task's StreamTask: {result['flood_tokens']:,} tokens back to "
-        f"back (rate), {result['paced_tokens']} tokens {result['gap_ms']} ms apart at c=1 "
+        "back (rate, CPU), the same with a loop turn after each token (yielding), "
+        f"{result['paced_tokens']} tokens {result['gap_ms']} ms apart at c=1 "
         "(latency agent -> coordinator -> client, one machine clock)"
     )
     return "\n".join(
@@ -269,6 +296,8 @@ def report(result: dict[str, Any]) -> str:
                     "tokens/event",
                     "coordinator CPU",
                     "agent CPU",
+                    "yielding: tokens/s",
+                    "tokens/event",
                     "token p50",
                     "token p99",
                 ],
