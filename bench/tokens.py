@@ -49,6 +49,7 @@ from bench.chain import relay_chain
 from bench.common import (
     Durations,
     closed_loop,
+    env_pairs,
     fmt_rate,
     fmt_time,
     p50,
@@ -309,13 +310,7 @@ def report(result: dict[str, Any]) -> str:
 
 def _variant(words: Sequence[str]) -> tuple[str, dict[str, str]]:
     name, *pairs = words
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"not KEY=VALUE: {pair}")
-        env[key] = value
-    return name, env
+    return name, env_pairs(pairs)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
