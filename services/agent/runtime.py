@@ -37,7 +37,7 @@ from hivewire.services.agent.sdk import (
     Usage,
 )
 from hivewire.services.base.lifecycle import StartClose, cancel_and_wait, ended_within
-from hivewire.services.runtime import tracing
+from hivewire.services.runtime import partials, tracing
 from hivewire.services.runtime.convert import error_info
 from hivewire.services.runtime.errors import (
     FieldViolation,
@@ -149,38 +149,22 @@ class Outgoing:
 _Queued: TypeAlias = tuple[datetime, Event]
 """An event waiting in an attempt's outbox, with when it was produced."""
 
-COALESCE_MAX = 8 * 1024
-"""Most characters (text) or bytes (data) one coalesced partial chunk carries.
-
-Even all 4-byte UTF-8, it stays under the 64 KiB an event's NATS copy carries whole
-(``coordinator/journal.py``).
-"""
-
 
 def continues(head: PartialChunk, last: PartialChunk, then: PartialChunk) -> bool:
     """Whether ``then`` can be sent in one chunk with the run ``head`` .. ``last``.
 
-    It can when it appends to the same artifact (same id and name) that ``last`` did
-    not end, and the run and ``then`` carry only text, or only bytes of one content
-    type (JSON never merges).
+    The rule of :mod:`hivewire.services.runtime.partials`: it appends to the same
+    artifact (same id and name) that ``last`` did not end, and the run and ``then``
+    carry only text, or only bytes of one content type (JSON never merges).
     """
-    kind = _mergeable_kind(head.content)
-    return (
-        then.append
-        and not last.last_chunk
-        and then.artifact_id == head.artifact_id
-        and then.name == head.name
-        and kind is not None
-        and kind == _mergeable_kind(then.content)
-        and then.content.content_type == head.content.content_type
+    return partials.continues(head, last, then, _content_key)
+
+
+def _content_key(chunk: PartialChunk) -> partials.ContentKey | None:
+    content = chunk.content
+    return partials.content_key(
+        content.text, content.data, content.content_type, has_json=content.json is not None
     )
-
-
-def _mergeable_kind(content: Payload) -> str | None:
-    """``"text"`` or ``"data"`` for a payload that is only that, None otherwise."""
-    if content.json is not None or (content.text and content.data):
-        return None
-    return "data" if content.data else "text"
 
 
 def coalesce(run: list[PartialChunk]) -> PartialChunk:
@@ -532,7 +516,7 @@ class Execution(StartClose):
             if not isinstance(then, PartialChunk) or not continues(run[0], run[-1], then):
                 return coalesce(run), queued
             size += _content_size(then.content)
-            if size > COALESCE_MAX:
+            if size > partials.COALESCE_MAX:
                 return coalesce(run), queued
             run.append(then)
         return coalesce(run), None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from hivewire.services.agent import Payload
-from hivewire.services.agent.runtime import COALESCE_MAX, PartialChunk, coalesce, continues
+from hivewire.services.agent.runtime import PartialChunk, coalesce, continues
+from hivewire.services.runtime.partials import COALESCE_MAX
 
 
 def chunk(
