@@ -301,81 +301,15 @@ class Journal:
             reports: ``workflow.*`` events reporting this one, published right after it.
             write_row: Also store the task's row (False for events that change no
                 stored field, such as partials).
-            kind: The event's one ``TaskEvent.kind`` field.
+            kind: The event's one ``TaskEvent.kind`` field (an agent's partial result
+                goes through :meth:`partial`).
 
         Returns:
             The commit future.
         """
-        if self._partials:
+        if self._partials and "partial" not in kind:
+            # Partial results still waiting (see partial) go first: the agent's order.
             self._flush_partials(rt)
-        return self._append(
-            rt,
-            publish=publish,
-            publish_extra=publish_extra,
-            reports=reports,
-            write_row=write_row,
-            **kind,
-        )
-
-    def partial(self, rt: TaskRuntime, chunk: common_pb2.PartialResult) -> None:
-        """Append a partial result of the task's running attempt.
-
-        Stored at once, unless the task's previous partial event is still being
-        committed: then it waits for that commit (never longer) together with the
-        chunks that arrive meanwhile, and those that continue each other
-        (:mod:`hivewire.services.runtime.partials`) become one event. An event of any
-        other kind sends what waits first, so the order is the agent's.
-        """
-        task_id = rt.record.task_id
-        stream = self._partials.get(task_id)
-        if stream is None:
-            self._send_partials(rt, [chunk])
-            return
-        held = stream.held
-        if held and not (
-            partials.continues(held[0], held[-1], chunk, _content_key)
-            and stream.size + _size(chunk) <= partials.COALESCE_MAX
-        ):
-            # It cannot join what waits: that goes now, and this one waits behind it.
-            self._send_partials(rt, held)
-            stream = self._partials[task_id]
-        stream.held.append(chunk)
-        stream.size += _size(chunk)
-
-    def _send_partials(self, rt: TaskRuntime, run: list[common_pb2.PartialResult]) -> None:
-        future = self._append(rt, write_row=False, partial=_joined(run))
-        stream = _PartialStream(future)
-        self._partials[rt.record.task_id] = stream
-        future.add_done_callback(partial(self._partial_committed, rt, stream))
-
-    def _partial_committed(
-        self, rt: TaskRuntime, stream: _PartialStream, _future: asyncio.Future[None]
-    ) -> None:
-        task_id = rt.record.task_id
-        if self._partials.get(task_id) is not stream:
-            return  # what waited behind it went already (another event came)
-        if stream.held:
-            self._send_partials(rt, stream.held)
-        else:
-            del self._partials[task_id]
-
-    def _flush_partials(self, rt: TaskRuntime) -> None:
-        """Send the task's waiting partial chunks now (an event of another kind comes)."""
-        stream = self._partials.get(rt.record.task_id)
-        if stream is not None and stream.held:
-            self._send_partials(rt, stream.held)
-
-    def _append(
-        self,
-        rt: TaskRuntime,
-        *,
-        publish: str | None = None,
-        publish_extra: dict[str, Message] | None = None,
-        reports: Sequence[Report] = (),
-        write_row: bool = True,
-        **kind: Message,
-    ) -> asyncio.Future[None]:
-        """Give the task's next event its sequence and hand it to the store (see emit)."""
         record = rt.record
         record.last_sequence += 1
         stamp = now_ns()
@@ -410,6 +344,54 @@ class Journal:
         )
         future.add_done_callback(partial(self._committed, rt, event, published))
         return future
+
+    def partial(self, rt: TaskRuntime, chunk: common_pb2.PartialResult) -> None:
+        """Append a partial result of the task's running attempt.
+
+        Stored at once, unless the task's previous partial event is still being
+        committed: then it waits for that commit (never longer) together with the
+        chunks that arrive meanwhile, and those that continue each other
+        (:mod:`hivewire.services.runtime.partials`) become one event. An event of any
+        other kind sends what waits first, so the order is the agent's.
+        """
+        task_id = rt.record.task_id
+        stream = self._partials.get(task_id)
+        if stream is None:
+            self._send_partials(rt, [chunk])
+            return
+        held = stream.held
+        if held and not (
+            partials.continues(held[0], held[-1], chunk, _content_key)
+            and stream.size + _size(chunk) <= partials.COALESCE_MAX
+        ):
+            # It cannot join what waits: that goes now, and this one waits behind it.
+            self._send_partials(rt, held)
+            stream = self._partials[task_id]
+        stream.held.append(chunk)
+        stream.size += _size(chunk)
+
+    def _send_partials(self, rt: TaskRuntime, run: list[common_pb2.PartialResult]) -> None:
+        future = self.emit(rt, write_row=False, partial=_joined(run))
+        stream = _PartialStream(future)
+        self._partials[rt.record.task_id] = stream
+        future.add_done_callback(partial(self._partial_committed, rt, stream))
+
+    def _partial_committed(
+        self, rt: TaskRuntime, stream: _PartialStream, _future: asyncio.Future[None]
+    ) -> None:
+        task_id = rt.record.task_id
+        if self._partials.get(task_id) is not stream:
+            return  # what waited behind it went already (another event came)
+        if stream.held:
+            self._send_partials(rt, stream.held)
+        else:
+            del self._partials[task_id]
+
+    def _flush_partials(self, rt: TaskRuntime) -> None:
+        """Send the task's waiting partial chunks now (an event of another kind comes)."""
+        stream = self._partials.get(rt.record.task_id)
+        if stream is not None and stream.held:
+            self._send_partials(rt, stream.held)
 
     def _envelopes(
         self,

@@ -16,26 +16,11 @@ import pytest
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator.journal import Journal, NullPublisher, TaskRuntime, TaskTable
-from hivewire.services.coordinator.model import TaskRecord, now_ns
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
+from tests.unit.test_coordinator_watchers import _runtime
 
 S = common_pb2
 TaskEvent = coordinator_pb2.TaskEvent
-
-
-def _runtime(task_id: str = "t-1") -> TaskRuntime:
-    spec = coordinator_pb2.TaskSpec(capability="stream")
-    now = now_ns()
-    record = TaskRecord(
-        task_id=task_id,
-        spec=spec,
-        owner="spiffe://hivewire.local/client/test",
-        state=S.TASK_STATE_RUNNING,
-        created_ns=now,
-        updated_ns=now,
-        deadline_ns=now + 60 * 10**9,
-    )
-    return TaskRuntime(record, spec.SerializeToString())
 
 
 @pytest.fixture
