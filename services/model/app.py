@@ -8,7 +8,7 @@ import httpx
 
 from hivewire.services.model.backends.base import Backend
 from hivewire.services.model.backends.deterministic import DeterministicBackend
-from hivewire.services.model.backends.local import LocalBackend
+from hivewire.services.model.backends.local import LocalBackend, LocalModelOptions
 from hivewire.services.model.backends.ollama import OllamaBackend
 from hivewire.services.model.backends.openai import OpenAIBackend
 from hivewire.services.model.router import Router
@@ -50,11 +50,13 @@ def build_backends(
             )
         elif name == "local":
             backends[name] = LocalBackend(
-                model_name=settings.local_model_name,
-                model_path=settings.local_model_path,
-                chat_format=settings.local_chat_format,
-                context_tokens=settings.local_context_tokens,
-                threads=settings.local_threads,
+                LocalModelOptions(
+                    model_name=settings.local_model_name,
+                    model_path=settings.local_model_path,
+                    chat_format=settings.local_chat_format,
+                    context_tokens=settings.local_context_tokens,
+                    threads=settings.local_threads,
+                )
             )
         else:
             backends[name] = DeterministicBackend(

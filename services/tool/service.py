@@ -90,37 +90,28 @@ def _failure_from_error(err: HivewireError) -> ErrorInfo:
     )
 
 
+@dataclasses.dataclass(eq=False)
 class ToolService:
-    """Lists tools and runs calls against the registry, the policy and the limits."""
+    """Lists tools and runs calls against the registry, the policy and the limits.
 
-    def __init__(
-        self,
-        settings: ToolSettings,
-        *,
-        registry: ToolRegistry,
-        policy: PolicyStore,
-        audit: AuditTrail,
-        bridge: McpBridge | None = None,
-        approvals: ApprovalVerifier | None = None,
-    ) -> None:
-        """Create the service over a filled registry.
+    Attributes:
+        settings: Limits and timeouts.
+        registry: The tools (filled before the service is created).
+        policy: Who may call what.
+        audit: Where calls are logged, counted and published.
+        bridge: The MCP bridge, if any (for status only).
+        approvals: Verifies the coordinator's signed approvals (None: every
+            approval is refused).
+    """
 
-        Args:
-            settings: Limits and timeouts.
-            registry: The tools.
-            policy: Who may call what.
-            audit: Where calls are logged, counted and published.
-            bridge: The MCP bridge, if any (for status only).
-            approvals: Verifies the coordinator's signed approvals (None: every
-                approval is refused).
-        """
-        self.settings = settings
-        self.registry = registry
-        self.policy = policy
-        self.audit = audit
-        self.bridge = bridge
-        self.approvals = approvals
-        self._running = 0
+    settings: ToolSettings
+    _: dataclasses.KW_ONLY
+    registry: ToolRegistry
+    policy: PolicyStore
+    audit: AuditTrail
+    bridge: McpBridge | None = None
+    approvals: ApprovalVerifier | None = None
+    _running: int = dataclasses.field(default=0, init=False, repr=False)
 
     @property
     def running(self) -> int:
