@@ -21,9 +21,9 @@ from hivewire.services.agent.sdk import (
 from hivewire.services.runtime.convert import (
     duration,
     error_detail,
-    struct_to_dict,
+    optional_struct,
+    optional_struct_dict,
     timestamp,
-    to_struct,
 )
 from hivewire.services.runtime.errors import FieldViolation, InvalidArgument
 
@@ -42,19 +42,19 @@ _ACTIVITY_KINDS = {
 
 def payload_to_proto(payload: Payload) -> common_pb2.Payload:
     """The domain payload as ``common.v1.Payload``."""
-    message = common_pb2.Payload(
-        text=payload.text, data=payload.data, content_type=payload.content_type
+    return common_pb2.Payload(
+        text=payload.text,
+        json=optional_struct(payload.json),
+        data=payload.data,
+        content_type=payload.content_type,
     )
-    if payload.json is not None:
-        message.json.CopyFrom(to_struct(payload.json))
-    return message
 
 
 def payload_from_proto(message: common_pb2.Payload) -> Payload:
     """``common.v1.Payload`` as the domain payload."""
     return Payload(
         text=message.text,
-        json=struct_to_dict(message.json) if message.HasField("json") else None,
+        json=optional_struct_dict(message, "json"),
         data=bytes(message.data),
         content_type=message.content_type,
     )
@@ -125,16 +125,14 @@ def card_to_proto(card: AgentCardInfo) -> agent_pb2.AgentCard:
         labels=dict(card.labels),
     )
     for spec in card.capabilities:
-        cap = message.capabilities.add(
+        message.capabilities.add(
             name=spec.name,
             description=spec.description,
             input_description=spec.input_description,
             output_description=spec.output_description,
+            input_schema=optional_struct(spec.input_schema),
+            output_schema=optional_struct(spec.output_schema),
         )
-        if spec.input_schema is not None:
-            cap.input_schema.CopyFrom(to_struct(spec.input_schema))
-        if spec.output_schema is not None:
-            cap.output_schema.CopyFrom(to_struct(spec.output_schema))
     return message
 
 
@@ -222,16 +220,14 @@ def answer_from_proto(message: common_pb2.InputResponse) -> InputAnswer:
 def input_request_to_proto(event: rt.InputNeeded) -> common_pb2.InputRequest:
     """A domain input request as ``common.v1.InputRequest``."""
     spec = event.request
-    message = common_pb2.InputRequest(
+    return common_pb2.InputRequest(
         request_id=spec.request_id,
         kind=_INPUT_KINDS[spec.kind],
         prompt=spec.prompt,
         tool_name=spec.tool_name,
         arguments_digest=spec.arguments_digest,
+        schema=optional_struct(spec.schema),
     )
-    if spec.schema is not None:
-        message.schema.CopyFrom(to_struct(spec.schema))
-    return message
 
 
 def response_to_proto(task_id: str, out: rt.Outgoing) -> agent_pb2.ExecuteResponse:

@@ -49,15 +49,14 @@ def build_backends(
                 transport=transport,
             )
         elif name == "local":
-            backends[name] = LocalBackend(
-                LocalModelOptions(
-                    model_name=settings.local_model_name,
-                    model_path=settings.local_model_path,
-                    chat_format=settings.local_chat_format,
-                    context_tokens=settings.local_context_tokens,
-                    threads=settings.local_threads,
-                )
+            options = LocalModelOptions(
+                model_name=settings.local_model_name,
+                model_path=settings.local_model_path,
+                chat_format=settings.local_chat_format,
+                context_tokens=settings.local_context_tokens,
+                threads=settings.local_threads,
             )
+            backends[name] = LocalBackend(options)
         else:
             backends[name] = DeterministicBackend(
                 model_name=settings.deterministic_model,
