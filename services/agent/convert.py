@@ -24,6 +24,7 @@ from hivewire.services.runtime.convert import (
     optional_struct,
     optional_struct_dict,
     timestamp,
+    to_struct,
 )
 from hivewire.services.runtime.errors import FieldViolation, InvalidArgument
 
@@ -125,14 +126,16 @@ def card_to_proto(card: AgentCardInfo) -> agent_pb2.AgentCard:
         labels=dict(card.labels),
     )
     for spec in card.capabilities:
-        message.capabilities.add(
+        cap = message.capabilities.add(
             name=spec.name,
             description=spec.description,
             input_description=spec.input_description,
             output_description=spec.output_description,
-            input_schema=optional_struct(spec.input_schema),
-            output_schema=optional_struct(spec.output_schema),
         )
+        if spec.input_schema is not None:
+            cap.input_schema.CopyFrom(to_struct(spec.input_schema))
+        if spec.output_schema is not None:
+            cap.output_schema.CopyFrom(to_struct(spec.output_schema))
     return message
 
 
