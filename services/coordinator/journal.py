@@ -109,7 +109,6 @@ class TaskRuntime:
         events: Its events not yet evicted; ``events[i]`` has sequence ``base + 1 + i``.
         committed: The highest sequence the store has committed.
         attempt: The running attempt, if any.
-        deadline_handle: The timer that fails the task at its deadline.
         avoid: Agents a retry should not go to.
     """
 
@@ -121,7 +120,6 @@ class TaskRuntime:
         self.events: list[TaskEvent] = []
         self.committed = record.last_sequence
         self.attempt: Attempt | None = None
-        self.deadline_handle: asyncio.TimerHandle | None = None
         self.enqueued_at = record.created_ns / 1e9
         self.queued_mono = 0.0
         # Made on first use: a waiting task holds as few objects as it can (100,000 of

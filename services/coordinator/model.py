@@ -70,7 +70,7 @@ class Caller:
         return self.admin or self.identity == owner
 
 
-@dataclass
+@dataclass(slots=True)
 class TaskRecord:
     """The coordinator's state of one task.
 

@@ -59,6 +59,7 @@ from hivewire.services.coordinator.attempts import (
     deadline_error,
 )
 from hivewire.services.coordinator.cluster import Cluster
+from hivewire.services.coordinator.deadlines import Deadlines
 from hivewire.services.coordinator.dispatch import (
     AgentPool,
     AttemptError,
@@ -170,6 +171,7 @@ class Coordinator(StartStop):
             finished_cache_size=settings.finished_cache_size, on_evict=self._forget
         )
         self._journal = Journal(store, self._tasks, self._events)
+        self._deadlines = Deadlines(self._deadline_passed)
         self._plans = Plans(self, self._journal, compensation_timeout=settings.compensation_timeout)
         self._projects = Projects(store, self._journal)
         # parent task id -> its active sub-tasks (cancelled when the parent ends)
@@ -231,9 +233,7 @@ class Coordinator(StartStop):
         """
         await self.drain()
         self._running = False
-        for rt in self._tasks.active.values():
-            if rt.deadline_handle is not None:
-                rt.deadline_handle.cancel()
+        self._deadlines.clear()
         await cancel_and_wait((self._scheduling, *self._background), suppress=(Exception,))
         self._background.clear()
         await self._projects.stop()
@@ -946,9 +946,7 @@ class Coordinator(StartStop):
         if rt.record.project_id:
             self._projects.task_ended(rt.record.project_id)
         self._subtasks.pop(task_id, None)
-        if rt.deadline_handle is not None:
-            rt.deadline_handle.cancel()
-            rt.deadline_handle = None
+        self._deadlines.disarm(rt.record.task_id)
         self._scheduler.remove(task_id)
         attempt, rt.attempt = rt.attempt, None
         if attempt is not None and attempt.task is not None and not attempt.task.done():
@@ -1252,9 +1250,7 @@ class Coordinator(StartStop):
         committed = self._journal.emit(
             rt, publish=_FINISHED_TYPES[state], reports=reports, finished=finished
         )
-        if rt.deadline_handle is not None:
-            rt.deadline_handle.cancel()
-            rt.deadline_handle = None
+        self._deadlines.disarm(rt.record.task_id)
         attempt = rt.attempt
         if attempt is not None:
             rt.attempt = None
@@ -1326,13 +1322,11 @@ class Coordinator(StartStop):
             task.cancel()
 
     def _arm_deadline(self, rt: TaskRuntime) -> None:
-        loop = asyncio.get_running_loop()
-        delay = max((rt.record.deadline_ns - now_ns()) / 1e9, 0.0)
-        rt.deadline_handle = loop.call_later(delay, self._deadline_passed, rt)
+        self._deadlines.arm(rt.record.task_id, rt.record.deadline_ns)
 
-    def _deadline_passed(self, rt: TaskRuntime) -> None:
-        rt.deadline_handle = None
-        if rt.record.terminal or self._closing:
+    def _deadline_passed(self, task_id: str) -> None:
+        rt = self._tasks.active.get(task_id)
+        if rt is None or rt.record.terminal or self._closing:
             return
         if rt.record.is_plan:
             self._plans.deadline_passed(rt)
