@@ -83,9 +83,11 @@ def _params(
     )
 
 
-def _model_name(model: str, bad: list[FieldViolation]) -> None:
+def _model_violations(model: str) -> list[FieldViolation]:
+    """The violations list of a request, started with its model name's."""
     if len(model) > MAX_MODEL_NAME:
-        bad.append(FieldViolation("model", f"at most {MAX_MODEL_NAME} characters"))
+        return [FieldViolation("model", f"at most {MAX_MODEL_NAME} characters")]
+    return []
 
 
 def chat_from_proto(request: model_pb2.ChatRequest, *, max_output_tokens: int) -> GenerationCall:
@@ -94,8 +96,7 @@ def chat_from_proto(request: model_pb2.ChatRequest, *, max_output_tokens: int) -
     Raises:
         InvalidArgument: With one field violation per problem.
     """
-    bad: list[FieldViolation] = []
-    _model_name(request.model, bad)
+    bad = _model_violations(request.model)
     if not request.messages:
         bad.append(FieldViolation("messages", "at least one message is required"))
     turns: list[ChatTurn] = []
@@ -123,8 +124,7 @@ def generate_from_proto(
     Raises:
         InvalidArgument: With one field violation per problem.
     """
-    bad: list[FieldViolation] = []
-    _model_name(request.model, bad)
+    bad = _model_violations(request.model)
     if not request.prompt.strip():
         bad.append(FieldViolation("prompt", "is required"))
     params = _params(request.params, "params", max_output_tokens, bad)
@@ -148,8 +148,7 @@ def embed_from_proto(request: model_pb2.EmbedRequest) -> list[str]:
     Raises:
         InvalidArgument: With one field violation per problem.
     """
-    bad: list[FieldViolation] = []
-    _model_name(request.model, bad)
+    bad = _model_violations(request.model)
     if not request.inputs:
         bad.append(FieldViolation("inputs", "at least one input is required"))
     if len(request.inputs) > MAX_EMBED_INPUTS:
