@@ -36,7 +36,7 @@ from hivewire.services.agent.sdk import (
     TaskInfo,
     Usage,
 )
-from hivewire.services.base.lifecycle import StartClose, cancel_and_wait
+from hivewire.services.base.lifecycle import StartClose, cancel_and_wait, ended_within
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.convert import error_info
 from hivewire.services.runtime.errors import (
@@ -536,8 +536,7 @@ class Execution(StartClose):
         if task is None or task.done():
             return
         task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=self._runtime._cancel_grace)
-        if not done:
+        if not await ended_within(task, self._runtime._cancel_grace):
             logger.warning(
                 "task %s: handler ignored cancellation for %.1fs; reporting the attempt ended",
                 self.info.task_id,

@@ -6,7 +6,7 @@ and ``stop``), :class:`StartClose` (``start`` and ``close``) or :class:`OpenClos
 (``open`` and ``close``) and define those methods instead of writing
 ``__aenter__``/``__aexit__`` again. :func:`cancel_and_wait` is the
 "cancel every background task, then wait for each and swallow its cancellation" loop of
-a stop method.
+a stop method; :func:`ended_within` is the grace period a task asked to stop gets.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-__all__ = ["OpenClose", "StartClose", "StartStop", "cancel_and_wait"]
+__all__ = ["OpenClose", "StartClose", "StartStop", "cancel_and_wait", "ended_within"]
 
 
 class _Entered:
@@ -79,3 +79,15 @@ async def cancel_and_wait(
     for task in started:
         with contextlib.suppress(asyncio.CancelledError, *suppress):
             await task
+
+
+async def ended_within(task: asyncio.Future[Any], seconds: float) -> bool:
+    """Whether ``task`` has ended, or ends within ``seconds``.
+
+    It is neither cancelled nor awaited (what it raised stays in it): the grace period a
+    task asked to stop gets before its owner gives up on it.
+    """
+    if task.done():
+        return True
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    return bool(done)

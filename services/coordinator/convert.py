@@ -15,7 +15,7 @@ from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator.model import AgentView, TaskRecord
 from hivewire.services.coordinator.store import TaskRow
 from hivewire.services.coordinator.webhook_store import DeliveryRow, WebhookRow
-from hivewire.services.runtime.convert import duration, duration_seconds
+from hivewire.services.runtime.convert import duration, duration_seconds, same_named
 from hivewire.services.runtime.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -60,25 +60,41 @@ def copy_present(message: Message, **fields: Message | None) -> None:
 
 # -- tasks -------------------------------------------------------------------------------
 
+#: What a task's store row keeps under its record's names (read back into the record).
+_ROW_FIELDS = (
+    "task_id",
+    "owner",
+    "state",
+    "created_ns",
+    "updated_ns",
+    "deadline_ns",
+    "not_before_ns",
+    "last_sequence",
+)
+#: What its ``Task`` message (the row's data) keeps under its record's names.
+_TASK_FIELDS = (
+    "attempt",
+    "agent_id",
+    "usage",
+    "parent_task_id",
+    "step_id",
+    "role",
+    "project_id",
+    "depth",
+)
+
 
 def _dynamic_part(record: TaskRecord) -> coordinator_pb2.Task:
     task = coordinator_pb2.Task(
+        **same_named(record, _TASK_FIELDS),
         task_id=record.task_id,
         state=record.state,  # type: ignore[arg-type]
         owner=record.owner,
         created_at=timestamp_ns(record.created_ns),
         updated_at=timestamp_ns(record.updated_ns),
         deadline=timestamp_ns(record.deadline_ns),
-        attempt=record.attempt,
-        agent_id=record.agent_id,
-        usage=record.usage,
         last_sequence=record.last_sequence,
         attempts=record.attempts,
-        parent_task_id=record.parent_task_id,
-        step_id=record.step_id,
-        role=record.role,  # type: ignore[arg-type]
-        project_id=record.project_id,
-        depth=record.depth,
         steps=record.steps,
         coordinator_id=record.coordinator,
     )
@@ -107,17 +123,10 @@ def record_to_row(record: TaskRecord, spec_bytes: bytes) -> TaskRow:
         spec_bytes: ``record.spec`` serialized (cached by the caller: it never changes).
     """
     return TaskRow(
-        task_id=record.task_id,
-        owner=record.owner,
+        **same_named(record, _ROW_FIELDS),
         capability=record.capability,
-        state=record.state,
         priority=record.priority,
-        created_ns=record.created_ns,
-        updated_ns=record.updated_ns,
-        deadline_ns=record.deadline_ns,
         idempotency_key=record.spec.idempotency_key,
-        not_before_ns=record.not_before_ns,
-        last_sequence=record.last_sequence,
         spec=spec_bytes,
         data=_dynamic_part(record).SerializeToString(),
         parent_task_id=record.parent_task_id,
@@ -129,30 +138,15 @@ def record_to_row(record: TaskRecord, spec_bytes: bytes) -> TaskRow:
 def record_from_row(row: TaskRow) -> TaskRecord:
     """Rebuild a record from its store row."""
     task = coordinator_pb2.Task.FromString(row.data)
-    spec = coordinator_pb2.TaskSpec.FromString(row.spec)
     return TaskRecord(
-        task_id=row.task_id,
-        spec=spec,
-        owner=row.owner,
-        state=row.state,
-        created_ns=row.created_ns,
-        updated_ns=row.updated_ns,
-        deadline_ns=row.deadline_ns,
-        attempt=task.attempt,
-        agent_id=task.agent_id,
+        **same_named(row, _ROW_FIELDS),
+        **same_named(task, _TASK_FIELDS),
+        spec=coordinator_pb2.TaskSpec.FromString(row.spec),
         progress=task.progress if task.HasField("progress") else None,
         output=task.output if task.HasField("output") else None,
         error=task.error if task.HasField("error") else None,
-        usage=task.usage,
         pending_input=task.pending_input if task.HasField("pending_input") else None,
-        last_sequence=row.last_sequence,
         attempts=list(task.attempts),
-        not_before_ns=row.not_before_ns,
-        parent_task_id=task.parent_task_id,
-        step_id=task.step_id,
-        role=task.role,
-        project_id=task.project_id,
-        depth=task.depth,
         steps=list(task.steps),
         coordinator=row.coordinator or task.coordinator_id,
     )
@@ -293,31 +287,28 @@ def decode_page_token(token: str, fingerprint: str) -> tuple[int, str]:
     return int(data["c"]), str(data["t"])
 
 
+def _scalar_fields(message_type: type[Message]) -> tuple[str, ...]:
+    """The names of a message's fields that are neither messages nor lists of them."""
+    return tuple(f.name for f in message_type.DESCRIPTOR.fields if f.message_type is None)
+
+
+# What the API shows of a webhook and a delivery: each scalar field of its message is the
+# row's column of that name (a secret is never one of them); the times are converted.
+_REGISTRATION_FIELDS = _scalar_fields(coordinator_pb2.WebhookRegistration)
+_DELIVERY_FIELDS = _scalar_fields(coordinator_pb2.WebhookDelivery)
+
+
 def webhook_registration(row: WebhookRow) -> coordinator_pb2.WebhookRegistration:
     """A registered webhook as the API shows it (never with its secret)."""
     return coordinator_pb2.WebhookRegistration(
-        webhook_id=row.webhook_id,
-        owner=row.owner,
-        url=row.url,
-        created_at=timestamp_ns(row.created_ns),
-        project_id=row.project_id,
+        **same_named(row, _REGISTRATION_FIELDS), created_at=timestamp_ns(row.created_ns)
     )
 
 
 def webhook_delivery(row: DeliveryRow) -> coordinator_pb2.WebhookDelivery:
     """One webhook delivery as the API shows it."""
     delivery = coordinator_pb2.WebhookDelivery(
-        delivery_id=row.delivery_id,
-        webhook_id=row.webhook_id,
-        task_id=row.task_id,
-        sequence=row.sequence,
-        event_type=row.event_type,
-        url=row.url,
-        state=row.state,  # type: ignore[arg-type]
-        attempts=row.attempts,
-        last_error=row.last_error,
-        created_at=timestamp_ns(row.created_ns),
-        project_id=row.project_id,
+        **same_named(row, _DELIVERY_FIELDS), created_at=timestamp_ns(row.created_ns)
     )
     if row.next_at_ns:
         delivery.next_attempt_at.CopyFrom(timestamp_ns(row.next_at_ns))

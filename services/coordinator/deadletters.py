@@ -49,24 +49,22 @@ class DeadLetter:
     requeued_as: str = ""
 
 
+@dataclass(frozen=True, eq=False)
 class DeadLetters:
     """List, requeue and purge dead-lettered tasks.
 
-    Args:
+    Attributes:
         coordinator: The coordinator (submit, listing and access rules).
         store: Its store (for the purge and to find requeued tasks).
         events: Where ``task.requeued`` is published.
     """
 
-    def __init__(
-        self, coordinator: Coordinator, store: TaskStore, events: CoordinatorEvents
-    ) -> None:
-        self._coordinator = coordinator
-        self._store = store
-        self._events = events
+    coordinator: Coordinator
+    store: TaskStore
+    events: CoordinatorEvents
 
     async def _requeued_as(self, record: TaskRecord) -> str:
-        row = await self._store.find_by_idempotency_key(
+        row = await self.store.find_by_idempotency_key(
             record.owner, REQUEUE_KEY_PREFIX + record.task_id
         )
         return row.task_id if row is not None else ""
@@ -86,7 +84,7 @@ class DeadLetters:
             The dead letters and the next page's token ("" on the last page). A page
             may hold fewer than ``page_size`` when requeued ones are left out.
         """
-        records, token = await self._coordinator.list_tasks(
+        records, token = await self.coordinator.list_tasks(
             caller,
             states=[DEAD_LETTERED],
             capability=capability,
@@ -113,7 +111,7 @@ class DeadLetters:
             NotFound: No such task visible to the caller.
             FailedPrecondition: The task is not dead-lettered.
         """
-        dead = await self._coordinator.get(task_id, caller)
+        dead = await self.coordinator.get(task_id, caller)
         if dead.state != DEAD_LETTERED:
             raise FailedPrecondition(
                 f"task {task_id} is {common_pb2.TaskState.Name(dead.state)}, not dead-lettered",  # type: ignore[arg-type]
@@ -124,7 +122,7 @@ class DeadLetters:
         spec.CopyFrom(dead.spec)
         spec.idempotency_key = REQUEUE_KEY_PREFIX + dead.task_id
         # The new task belongs to the dead letter's owner, so they see and follow it.
-        record, existed = await self._coordinator.submit(
+        record, existed = await self.coordinator.submit(
             spec, Caller(identity=dead.owner), correlation_id=dead.correlation_id or None
         )
         if not existed:
@@ -135,7 +133,7 @@ class DeadLetters:
                 caller.identity,
                 f": {reason}" if reason else "",
             )
-            self._events.publish(
+            self.events.publish(
                 "task.requeued",
                 subject=dead.task_id,
                 data=events_pb2.TaskEventData(
@@ -189,7 +187,7 @@ class DeadLetters:
         victims: list[str] = []
         if task_ids:
             for task_id in task_ids:
-                record = await self._coordinator.get(task_id, caller)
+                record = await self.coordinator.get(task_id, caller)
                 if record.state != DEAD_LETTERED:
                     raise FailedPrecondition(
                         f"task {task_id} is not dead-lettered",
@@ -200,7 +198,7 @@ class DeadLetters:
         else:
             token = ""
             while True:
-                records, token = await self._coordinator.list_tasks(
+                records, token = await self.coordinator.list_tasks(
                     caller, states=[DEAD_LETTERED], page_size=_PURGE_PAGE, page_token=token
                 )
                 victims += [
@@ -208,8 +206,8 @@ class DeadLetters:
                 ]
                 if not token:
                     break
-        deleted = await self._store.delete_finished(victims)
-        self._coordinator.discard_finished(deleted)
+        deleted = await self.store.delete_finished(victims)
+        self.coordinator.discard_finished(deleted)
         if deleted:
             logger.info("%d dead letter(s) purged by %s", len(deleted), caller.identity)
         return deleted

@@ -22,7 +22,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterator, Sequence
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 from google.protobuf.message import Message
 
@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EventListener",
     "CoordinatorEvents",
+    "Ending",
     "Journal",
     "NullPublisher",
     "TaskRuntime",
@@ -79,6 +80,21 @@ EventListener = Callable[["TaskRuntime", TaskEvent], None]
 
 #: A ``workflow.*`` event reporting a task event: published with it, never before it.
 Report = tuple[str, events_pb2.WorkflowEventData]
+
+
+class Ending(TypedDict, total=False):
+    """What a task ends with besides its state and reason (``Coordinator.finish``).
+
+    Attributes:
+        output: The result of a task that succeeded.
+        error: Why it failed, was cancelled or dead-lettered.
+        reports: Published with its last event (``workflow.completed``...).
+    """
+
+    output: common_pb2.Payload | None
+    error: common_pb2.ErrorDetail | None
+    reports: Sequence[Report]
+
 
 #: The NATS type of each ``TaskEvent`` kind when the emitter names none.
 _KIND_TYPES = {

@@ -41,8 +41,8 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any, Protocol, Unpack
 
 from google.protobuf import json_format, struct_pb2
 
@@ -51,7 +51,7 @@ from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator.attempts import add_usage, deadline_error
 from hivewire.services.coordinator.convert import copy_present
-from hivewire.services.coordinator.journal import Journal, Report, TaskRuntime
+from hivewire.services.coordinator.journal import Ending, Journal, TaskRuntime
 from hivewire.services.coordinator.model import (
     CANCELLED,
     FAILED,
@@ -65,7 +65,7 @@ from hivewire.services.coordinator.model import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PLAN_CANCELLED", "PlanHost", "Plans", "payload_value"]
+__all__ = ["PLAN_CANCELLED", "ChildSpec", "PlanHost", "Plans", "payload_value"]
 
 C = coordinator_pb2
 STEP = C.TASK_ROLE_STEP
@@ -79,24 +79,33 @@ _MIRRORED = {"progress": C.STEP_EVENT_KIND_PROGRESS, "partial": C.STEP_EVENT_KIN
 PLAN_CANCELLED = "PLAN_STEP_CANCELLED"
 
 
+@dataclass(frozen=True)
+class ChildSpec:
+    """A task a plan starts: one of its steps, a step's compensation or the aggregator.
+
+    Attributes:
+        role: ``STEP``, ``COMPENSATION`` or ``AGGREGATOR``.
+        step_id: The step it is for (the aggregator's is ``AGGREGATOR_STEP_ID``).
+        capability: The capability it runs.
+        payload: Its input.
+        deadline_ns: When it must end; None: when the plan must.
+        token_budget: None gives the task what the plan has left; 0 means no limit.
+    """
+
+    role: C.TaskRole.ValueType
+    step_id: str
+    capability: str
+    payload: common_pb2.Payload
+    _: KW_ONLY
+    deadline_ns: int | None = None
+    token_budget: int | None = None
+
+
 class PlanHost(Protocol):
     """What plans need from the coordinator: start, cancel and finish tasks."""
 
-    def start_child(
-        self,
-        parent: TaskRuntime,
-        *,
-        capability: str,
-        payload: common_pb2.Payload,
-        role: int,
-        step_id: str,
-        deadline_ns: int | None = None,
-        token_budget: int | None = None,
-    ) -> TaskRuntime:
-        """Create, store and queue a step, compensation or aggregator task.
-
-        ``token_budget`` None gives the task what the plan has left; 0 means no limit.
-        """
+    def start_child(self, parent: TaskRuntime, child: ChildSpec) -> TaskRuntime:
+        """Create, store and queue a step, compensation or aggregator task."""
         ...
 
     def cancel_child(self, task_id: str, reason: str, *, code: str = ...) -> None:
@@ -104,19 +113,9 @@ class PlanHost(Protocol):
         ...
 
     def finish(
-        self,
-        rt: TaskRuntime,
-        state: int,
-        *,
-        reason: str,
-        output: common_pb2.Payload | None = None,
-        error: common_pb2.ErrorDetail | None = None,
-        reports: Sequence[Report] = (),
+        self, rt: TaskRuntime, state: int, *, reason: str, **ending: Unpack[Ending]
     ) -> asyncio.Future[None]:
-        """End a task (the parent) in a terminal state; the future resolves on commit.
-
-        ``reports`` are published with its last event (``workflow.completed``...).
-        """
+        """End a task (the parent) in a terminal state; the future resolves on commit."""
         ...
 
 
@@ -252,36 +251,27 @@ class Plans:
     def _launch(self, run: _Run, step: _Step) -> None:
         payload = _step_input(step.spec, run.steps)
         share = self._share(run)
-        child = self._host.start_child(
-            run.rt,
-            capability=step.spec.capability,
-            payload=payload,
-            role=STEP,
-            step_id=step.spec.step_id,
-            token_budget=share,
+        child_spec = ChildSpec(
+            STEP, step.spec.step_id, step.spec.capability, payload, token_budget=share
         )
+        child = self._host.start_child(run.rt, child_spec)
         step.budget = child.record.spec.token_budget
         step.status.task_id = child.record.task_id
         step.status.state = QUEUED
-        self._child_started(run, child, step.spec.step_id, STEP, C.STEP_EVENT_KIND_STARTED)
+        self._child_started(run, child, child_spec, C.STEP_EVENT_KIND_STARTED)
 
     def _child_started(
-        self,
-        run: _Run,
-        child: TaskRuntime,
-        step_id: str,
-        role: C.TaskRole.ValueType,
-        kind: C.StepEventKind.ValueType,
+        self, run: _Run, child: TaskRuntime, spec: ChildSpec, kind: C.StepEventKind.ValueType
     ) -> None:
         """Follow a step, aggregator or compensation task just queued, and say so."""
-        self._children[child.record.task_id] = (run.record.task_id, step_id, role)
+        self._children[child.record.task_id] = (run.record.task_id, spec.step_id, spec.role)
         self._step_event(
             run,
             C.StepEvent(
-                step_id=step_id,
+                step_id=spec.step_id,
                 task_id=child.record.task_id,
                 kind=kind,
-                role=role,
+                role=spec.role,
                 state=QUEUED,
             ),
         )
@@ -517,19 +507,16 @@ class Plans:
             )
         payload = common_pb2.Payload()
         payload.json.update({"outputs": outputs})
-        child = self._host.start_child(
-            run.rt,
-            capability=run.plan.aggregator_capability,
-            payload=payload,
-            role=AGGREGATOR,
-            step_id=AGGREGATOR_STEP_ID,
+        child_spec = ChildSpec(
+            AGGREGATOR, AGGREGATOR_STEP_ID, run.plan.aggregator_capability, payload
         )
+        child = self._host.start_child(run.rt, child_spec)
         run.aggregator_task_id = child.record.task_id
         # Recorded like a step, so a restart knows whether its end was applied.
         run.record.steps.append(
             C.StepStatus(step_id=AGGREGATOR_STEP_ID, task_id=child.record.task_id, state=QUEUED)
         )
-        self._child_started(run, child, AGGREGATOR_STEP_ID, AGGREGATOR, C.STEP_EVENT_KIND_STARTED)
+        self._child_started(run, child, child_spec, C.STEP_EVENT_KIND_STARTED)
 
     def _aggregator_finished(self, run: _Run, child: TaskRecord, sequence: int) -> None:
         status = _aggregator_status(run)
@@ -640,21 +627,19 @@ class Plans:
                 "output": payload_value(step.output),
             }
         )
-        child = self._host.start_child(
-            run.rt,
-            capability=step.spec.compensation_capability,
-            payload=payload,
-            role=COMPENSATION,
-            step_id=step.spec.step_id,
+        child_spec = ChildSpec(
+            COMPENSATION,
+            step.spec.step_id,
+            step.spec.compensation_capability,
+            payload,
             deadline_ns=now_ns() + int(self._compensation_timeout * 1e9),
             # Undoing must not fail for want of tokens the failed plan spent.
             token_budget=0,
         )
+        child = self._host.start_child(run.rt, child_spec)
         step.status.compensation_task_id = child.record.task_id
         step.status.compensation_state = QUEUED
-        self._child_started(
-            run, child, step.spec.step_id, COMPENSATION, C.STEP_EVENT_KIND_COMPENSATION_STARTED
-        )
+        self._child_started(run, child, child_spec, C.STEP_EVENT_KIND_COMPENSATION_STARTED)
 
     def _compensation_finished(
         self, run: _Run, step: _Step, child: TaskRecord, sequence: int

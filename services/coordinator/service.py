@@ -36,14 +36,14 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Unpack
 
 from google.protobuf.message import Message
 
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
-from hivewire.services.base.lifecycle import StartStop, cancel_and_wait
+from hivewire.services.base.lifecycle import StartStop, cancel_and_wait, ended_within
 from hivewire.services.coordinator import convert, metrics
 from hivewire.services.coordinator.approvals import endorse
 from hivewire.services.coordinator.attempts import (
@@ -68,10 +68,10 @@ from hivewire.services.coordinator.dispatch import (
 )
 from hivewire.services.coordinator.journal import (
     CoordinatorEvents,
+    Ending,
     EventListener,
     Journal,
     NullPublisher,
-    Report,
     TaskRuntime,
     TaskTable,
 )
@@ -91,7 +91,7 @@ from hivewire.services.coordinator.model import (
     now_ns,
     state_name,
 )
-from hivewire.services.coordinator.plans import PLAN_CANCELLED, Plans
+from hivewire.services.coordinator.plans import PLAN_CANCELLED, ChildSpec, Plans
 from hivewire.services.coordinator.projects import Projects
 from hivewire.services.coordinator.quotas import Quotas
 from hivewire.services.coordinator.retention import idempotency_expired, purged_or_unknown
@@ -446,41 +446,30 @@ class Coordinator(StartStop):
 
     # -- plan steps (the plans' host) --------------------------------------------------
 
-    def start_child(
-        self,
-        parent: TaskRuntime,
-        *,
-        capability: str,
-        payload: common_pb2.Payload,
-        role: int,
-        step_id: str,
-        deadline_ns: int | None = None,
-        token_budget: int | None = None,
-    ) -> TaskRuntime:
+    def start_child(self, parent: TaskRuntime, child: ChildSpec) -> TaskRuntime:
         """Create, store and queue a plan's step, compensation or aggregator task.
 
         The task inherits the plan's owner, priority, attempts, labels, correlation id,
         project and remaining token budget; it ends no later than the plan (or, for a
-        compensation, than ``deadline_ns``).
+        compensation, than ``child.deadline_ns``).
         """
         p = parent.record
+        budget = child.token_budget
         spec = coordinator_pb2.TaskSpec(
-            capability=capability,
-            input=payload,
+            capability=child.capability,
+            input=child.payload,
             priority=p.spec.priority,
             max_attempts=p.spec.max_attempts,
-            token_budget=(
-                token_budget if token_budget is not None else _remaining_budget(p, 0, held=0)
-            ),
+            token_budget=budget if budget is not None else _remaining_budget(p, 0, held=0),
             labels=p.spec.labels,
             metadata=p.spec.metadata,
             project_id=p.project_id,
         )
         created = now_ns()
-        deadline = deadline_ns if deadline_ns is not None else p.deadline_ns
+        deadline = child.deadline_ns if child.deadline_ns is not None else p.deadline_ns
         spec.timeout.CopyFrom(convert.duration(max(deadline - created, 0) / 1e9))
         record = self._new_record(
-            spec, p.owner, created, deadline, parent=p, role=role, step_id=step_id
+            spec, p.owner, created, deadline, parent=p, role=child.role, step_id=child.step_id
         )
         rt = self._accept(record)
         self._journal.emit(
@@ -489,7 +478,7 @@ class Coordinator(StartStop):
             state_changed=coordinator_pb2.StateChange(
                 from_state=common_pb2.TASK_STATE_UNSPECIFIED,
                 to_state=QUEUED,
-                reason=f"step {step_id} of plan {p.task_id}",
+                reason=f"step {child.step_id} of plan {p.task_id}",
             ),
         )
         self._arm_deadline(rt)
@@ -1208,19 +1197,13 @@ class Coordinator(StartStop):
     # -- finishing -------------------------------------------------------------------
 
     def finish(
-        self,
-        rt: TaskRuntime,
-        state: int,
-        *,
-        reason: str,
-        output: common_pb2.Payload | None = None,
-        error: common_pb2.ErrorDetail | None = None,
-        reports: Sequence[Report] = (),
+        self, rt: TaskRuntime, state: int, *, reason: str, **ending: Unpack[Ending]
     ) -> asyncio.Future[None]:
         """End a task in a terminal state; the future resolves once it has committed.
 
         Plans end their parent with it (``reports`` go out with its last event).
         """
+        output, error = ending.get("output"), ending.get("error")
         record = rt.record
         if record.terminal:
             # Two endings raced (say, the deadline and the agent's answer): the first wins.
@@ -1248,7 +1231,7 @@ class Coordinator(StartStop):
         finished = coordinator_pb2.TaskFinished(state=state, usage=record.usage)  # type: ignore[arg-type]
         convert.copy_present(finished, output=output, error=error)
         committed = self._journal.emit(
-            rt, publish=_FINISHED_TYPES[state], reports=reports, finished=finished
+            rt, publish=_FINISHED_TYPES[state], reports=ending.get("reports", ()), finished=finished
         )
         self._deadlines.disarm(rt.record.task_id)
         attempt = rt.attempt
@@ -1310,10 +1293,7 @@ class Coordinator(StartStop):
             agent_pb2.ExecuteRequest(cancel=agent_pb2.CancelExecution(reason=reason))
         )
         task = attempt.task
-        if task is None or task.done():
-            return
-        done, _ = await asyncio.wait({task}, timeout=self.settings.cancel_grace)
-        if not done:
+        if task is not None and not await ended_within(task, self.settings.cancel_grace):
             logger.warning(
                 "agent %s did not stop within %.1fs; ending the call",
                 attempt.lease.agent_id,

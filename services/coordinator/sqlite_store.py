@@ -32,18 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hivewire.services.base.lifecycle import OpenClose
-from hivewire.services.coordinator.store import (
-    EventRow,
-    OutboxItem,
-    ProjectRow,
-    ProjectSummary,
-    StoreError,
-    TaskQuery,
-    TaskRow,
-    Tombstone,
-    consume_exception,
-    settle,
-)
+from hivewire.services.coordinator import store
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +127,8 @@ _INSERT_EVENT = "INSERT INTO events (task_id, sequence, data) VALUES (?, ?, ?)"
 
 @dataclass
 class _Write:
-    tasks: Sequence[TaskRow]
-    events: Sequence[EventRow]
+    tasks: Sequence[store.TaskRow]
+    events: Sequence[store.EventRow]
     future: asyncio.Future[None]
     outbox_done: int = 0  # delete the outbox rows up to this position (0: none)
 
@@ -182,7 +171,7 @@ class SqliteTaskStore(OpenClose):
             StoreError: The database cannot be opened or has a newer schema.
         """
         if self._thread is not None:
-            raise StoreError("store already open")
+            raise store.StoreError("store already open")
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(
@@ -205,7 +194,7 @@ class SqliteTaskStore(OpenClose):
     # -- writes ----------------------------------------------------------------------
 
     def put(
-        self, *, tasks: Sequence[TaskRow] = (), events: Sequence[EventRow] = ()
+        self, *, tasks: Sequence[store.TaskRow] = (), events: Sequence[store.EventRow] = ()
     ) -> asyncio.Future[None]:
         """Queue task upserts and event inserts for the next transaction.
 
@@ -224,7 +213,7 @@ class SqliteTaskStore(OpenClose):
         future: asyncio.Future[None] = loop.create_future()
         # A write nobody awaits must not log "exception never retrieved" on failure:
         # failures are logged by the storage thread already.
-        future.add_done_callback(consume_exception)
+        future.add_done_callback(store.consume_exception)
         self._queue.put(_Write(tasks, events, future))
         return future
 
@@ -234,12 +223,12 @@ class SqliteTaskStore(OpenClose):
 
     # -- reads -----------------------------------------------------------------------
 
-    async def get_task(self, task_id: str) -> TaskRow | None:
+    async def get_task(self, task_id: str) -> store.TaskRow | None:
         """Return a task's row, or None when it does not exist."""
         sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?"  # noqa: S608
         return await self._read_one(_row_from_db, sql, task_id)
 
-    async def find_by_idempotency_key(self, owner: str, key: str) -> TaskRow | None:
+    async def find_by_idempotency_key(self, owner: str, key: str) -> store.TaskRow | None:
         """Return the task an owner submitted with an idempotency key, if any."""
         sql = (
             f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
@@ -247,7 +236,7 @@ class SqliteTaskStore(OpenClose):
         )
         return await self._read_one(_row_from_db, sql, owner, key)
 
-    async def active_tasks(self) -> list[TaskRow]:
+    async def active_tasks(self) -> list[store.TaskRow]:
         """Every task not in a terminal state, oldest first (for recovery)."""
         sql = (
             f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
@@ -255,7 +244,7 @@ class SqliteTaskStore(OpenClose):
         )
         return await self._read_all(_row_from_db, sql)
 
-    async def list_tasks(self, query: TaskQuery) -> list[TaskRow]:
+    async def list_tasks(self, query: store.TaskQuery) -> list[store.TaskRow]:
         """Tasks matching a query, newest first."""
         clauses: list[str] = []
         params: list[Any] = []
@@ -281,7 +270,7 @@ class SqliteTaskStore(OpenClose):
         )
         return await self._read_all(_row_from_db, sql, *params, max(query.limit, 0))
 
-    async def children(self, parent_task_id: str) -> list[TaskRow]:
+    async def children(self, parent_task_id: str) -> list[store.TaskRow]:
         """Every step and sub-task of a task, oldest first."""
         sql = (
             f"SELECT {_TASK_COLUMNS} FROM tasks "  # noqa: S608
@@ -291,7 +280,7 @@ class SqliteTaskStore(OpenClose):
 
     # -- projects --------------------------------------------------------------------
 
-    async def put_project(self, project: ProjectRow) -> None:
+    async def put_project(self, project: store.ProjectRow) -> None:
         """Store a new project (durably)."""
 
         def run(conn: sqlite3.Connection) -> None:
@@ -302,14 +291,14 @@ class SqliteTaskStore(OpenClose):
 
         await self._read(run)
 
-    async def get_project(self, project_id: str) -> ProjectRow | None:
+    async def get_project(self, project_id: str) -> store.ProjectRow | None:
         """A project's row, or None."""
         sql = "SELECT project_id, owner, created_ns, data FROM projects WHERE project_id = ?"
         return await self._read_one(_project_from_db, sql, project_id)
 
     async def list_projects(
         self, *, owner: str, before: tuple[int, str] | None, limit: int
-    ) -> list[ProjectRow]:
+    ) -> list[store.ProjectRow]:
         """Projects newest first, of one owner ("" for all)."""
         clauses: list[str] = []
         params: list[Any] = []
@@ -326,10 +315,10 @@ class SqliteTaskStore(OpenClose):
         )
         return await self._read_all(_project_from_db, sql, *params, max(limit, 0))
 
-    async def project_summary(self, project_id: str) -> ProjectSummary:
+    async def project_summary(self, project_id: str) -> store.ProjectSummary:
         """Aggregates over a project's tasks."""
 
-        def run(conn: sqlite3.Connection) -> ProjectSummary:
+        def run(conn: sqlite3.Connection) -> store.ProjectSummary:
             counts = {
                 int(state): int(n)
                 for state, n in conn.execute(
@@ -344,14 +333,14 @@ class SqliteTaskStore(OpenClose):
                 "WHERE project_id = ? AND parent_task_id = '' ORDER BY created_ns",
                 (project_id,),
             ).fetchall()
-            return ProjectSummary(counts, [_row_from_db(r) for r in rows])
+            return store.ProjectSummary(counts, [_row_from_db(r) for r in rows])
 
-        result: ProjectSummary = await self._read(run)
+        result: store.ProjectSummary = await self._read(run)
         return result
 
     async def events_after(
         self, task_id: str, after: int, *, until: int | None = None, limit: int = 1000
-    ) -> list[EventRow]:
+    ) -> list[store.EventRow]:
         """A task's events with ``after < sequence <= until``, in order.
 
         Args:
@@ -365,9 +354,11 @@ class SqliteTaskStore(OpenClose):
             "AND sequence <= ? ORDER BY sequence LIMIT ?"
         )
         bound = until if until is not None else 2**62
-        return await self._read_all(
-            lambda row: EventRow(task_id, row[0], bytes(row[1])), sql, task_id, after, bound, limit
-        )
+
+        def event(row: Sequence[Any]) -> store.EventRow:
+            return store.EventRow(task_id, row[0], bytes(row[1]))
+
+        return await self._read_all(event, sql, task_id, after, bound, limit)
 
     async def last_sequence(self, task_id: str) -> int:
         """The sequence of a task's latest stored event (0 when it has none)."""
@@ -452,10 +443,10 @@ class SqliteTaskStore(OpenClose):
         result: int = await self._read(run)
         return result
 
-    async def tombstone(self, task_id: str) -> Tombstone | None:
+    async def tombstone(self, task_id: str) -> store.Tombstone | None:
         """The tombstone of a purged task, or None."""
         sql = "SELECT task_id, owner, purged_ns FROM purged_tasks WHERE task_id = ?"
-        return await self._read_one(lambda row: Tombstone(*row), sql, task_id)
+        return await self._read_one(lambda row: store.Tombstone(*row), sql, task_id)
 
     async def delete_finished(self, task_ids: Sequence[str]) -> list[str]:
         """Delete finished tasks and their events (durably); returns the ids deleted."""
@@ -484,23 +475,23 @@ class SqliteTaskStore(OpenClose):
 
     # -- the event outbox ------------------------------------------------------------
 
-    async def outbox_next(self, after: int, *, limit: int) -> list[OutboxItem]:
+    async def outbox_next(self, after: int, *, limit: int) -> list[store.OutboxItem]:
         """Committed outbox entries with a position past ``after``, oldest first.
 
         Waits until there is at least one (the storage thread signals each commit that
         wrote outbox rows).
         """
 
-        def run(conn: sqlite3.Connection) -> list[OutboxItem]:
+        def run(conn: sqlite3.Connection) -> list[store.OutboxItem]:
             rows = conn.execute(
                 "SELECT position, entry FROM outbox WHERE position > ? ORDER BY position LIMIT ?",
                 (after, limit),
             ).fetchall()
-            return [OutboxItem(int(position), bytes(entry)) for position, entry in rows]
+            return [store.OutboxItem(int(position), bytes(entry)) for position, entry in rows]
 
         while True:
             self._outbox_committed.clear()
-            items: list[OutboxItem] = await self._read(run)
+            items: list[store.OutboxItem] = await self._read(run)
             if items:
                 return items
             await self._outbox_committed.wait()
@@ -519,7 +510,7 @@ class SqliteTaskStore(OpenClose):
 
     def _require_open(self) -> asyncio.AbstractEventLoop:
         if self._closed or self._loop is None:
-            raise StoreError("task store is closed")
+            raise store.StoreError("task store is closed")
         return self._loop
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -553,7 +544,7 @@ class SqliteTaskStore(OpenClose):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > _SCHEMA_VERSION:
             conn.close()
-            raise StoreError(
+            raise store.StoreError(
                 f"{self._path} has schema version {version}; this coordinator knows "
                 f"{_SCHEMA_VERSION}"
             )
@@ -572,15 +563,15 @@ class SqliteTaskStore(OpenClose):
         assert loop is not None
         try:
             conn = self._connect()
-        except (sqlite3.Error, OSError, StoreError) as exc:
+        except (sqlite3.Error, OSError, store.StoreError) as exc:
             err = (
                 exc
-                if isinstance(exc, StoreError)
-                else StoreError(f"cannot open {self._path}: {exc}")
+                if isinstance(exc, store.StoreError)
+                else store.StoreError(f"cannot open {self._path}: {exc}")
             )
-            loop.call_soon_threadsafe(settle, ready, None, err)
+            loop.call_soon_threadsafe(store.settle, ready, None, err)
             return
-        loop.call_soon_threadsafe(settle, ready, None, None)
+        loop.call_soon_threadsafe(store.settle, ready, None, None)
         try:
             self._serve(conn, loop)
         finally:
@@ -617,9 +608,9 @@ class SqliteTaskStore(OpenClose):
             result = item.fn(conn)
         except sqlite3.Error as exc:
             logger.exception("task store read failed")
-            loop.call_soon_threadsafe(settle, item.future, None, StoreError(str(exc)))
+            loop.call_soon_threadsafe(store.settle, item.future, None, store.StoreError(str(exc)))
             return
-        loop.call_soon_threadsafe(settle, item.future, result, None)
+        loop.call_soon_threadsafe(store.settle, item.future, result, None)
 
     def _commit(
         self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, batch: list[_Write]
@@ -639,7 +630,7 @@ class SqliteTaskStore(OpenClose):
                     errors.append(None)
                 except sqlite3.Error as exc:
                     logger.error("task store write failed: %s", exc)
-                    errors.append(StoreError(str(exc)))
+                    errors.append(store.StoreError(str(exc)))
         futures = [w.future for w in batch]
         loop.call_soon_threadsafe(_settle_all, futures, errors)
         if any(e.outbox for w in batch for e in w.events):
@@ -648,7 +639,7 @@ class SqliteTaskStore(OpenClose):
     @staticmethod
     def _apply(conn: sqlite3.Connection, batch: list[_Write]) -> None:
         # Several updates of one task in a batch collapse into the last one.
-        latest: dict[str, TaskRow] = {}
+        latest: dict[str, store.TaskRow] = {}
         events: list[tuple[str, int, bytes]] = []
         for write in batch:
             for task in write.tasks:
@@ -676,10 +667,10 @@ class SqliteTaskStore(OpenClose):
 
 def _settle_all(futures: list[asyncio.Future[None]], errors: list[BaseException | None]) -> None:
     for future, error in zip(futures, errors, strict=True):
-        settle(future, None, error)
+        store.settle(future, None, error)
 
 
-def _row_params(row: TaskRow) -> tuple[Any, ...]:
+def _row_params(row: store.TaskRow) -> tuple[Any, ...]:
     return (
         row.task_id,
         row.owner,
@@ -714,12 +705,12 @@ def all_rows(
     return [build(row) for row in conn.execute(sql, args).fetchall()]
 
 
-def _project_from_db(row: Sequence[Any]) -> ProjectRow:
-    return ProjectRow(row[0], row[1], row[2], bytes(row[3]))
+def _project_from_db(row: Sequence[Any]) -> store.ProjectRow:
+    return store.ProjectRow(row[0], row[1], row[2], bytes(row[3]))
 
 
-def _row_from_db(row: Sequence[Any]) -> TaskRow:
-    return TaskRow(
+def _row_from_db(row: Sequence[Any]) -> store.TaskRow:
+    return store.TaskRow(
         task_id=row[0],
         owner=row[1],
         capability=row[2],

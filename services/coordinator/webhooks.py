@@ -45,18 +45,11 @@ from prometheus_client import Counter
 
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.base.lifecycle import StartStop, cancel_and_wait
+from hivewire.services.coordinator import webhook_store
 from hivewire.services.coordinator.journal import TaskRuntime
 from hivewire.services.coordinator.model import Caller, TaskRecord, now_ns, state_name
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.settings import WebhookSettings
-from hivewire.services.coordinator.webhook_store import (
-    DEAD,
-    DELIVERED,
-    PENDING,
-    DeliveryRow,
-    SqliteWebhookStore,
-    WebhookRow,
-)
 from hivewire.services.runtime.errors import FieldViolation, InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
@@ -112,7 +105,7 @@ class Webhooks(StartStop):
     def __init__(
         self,
         settings: WebhookSettings,
-        store: SqliteWebhookStore,
+        store: webhook_store.SqliteWebhookStore,
         coordinator: Coordinator,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -217,7 +210,7 @@ class Webhooks(StartStop):
 
     async def register(
         self, caller: Caller, webhook: coordinator_pb2.Webhook | None, *, project_id: str = ""
-    ) -> WebhookRow:
+    ) -> webhook_store.WebhookRow:
         """Register a webhook for every task of the caller, or of ``project_id``.
 
         Raises:
@@ -230,7 +223,9 @@ class Webhooks(StartStop):
         if violations:
             raise InvalidArgument(violations=violations, reason="WEBHOOK_INVALID")
         owner = await self._project_owner(caller, project_id) if project_id else caller.identity
-        row = WebhookRow(uuid.uuid4().hex, owner, webhook.url, webhook.secret, now_ns(), project_id)
+        row = webhook_store.WebhookRow(
+            uuid.uuid4().hex, owner, webhook.url, webhook.secret, now_ns(), project_id
+        )
         await self._store.add_webhook(row)
         logger.info(
             "webhook %s registered for %s by %s: %s",
@@ -241,7 +236,9 @@ class Webhooks(StartStop):
         )
         return row
 
-    async def registrations(self, caller: Caller, *, project_id: str = "") -> list[WebhookRow]:
+    async def registrations(
+        self, caller: Caller, *, project_id: str = ""
+    ) -> list[webhook_store.WebhookRow]:
         """The caller's registrations, or those of ``project_id``."""
         if project_id:
             await self._project_owner(caller, project_id)
@@ -259,7 +256,7 @@ class Webhooks(StartStop):
         ):
             raise NotFound("webhook", webhook_id, reason="WEBHOOK_NOT_FOUND")
 
-    async def _may_manage(self, caller: Caller, row: WebhookRow) -> bool:
+    async def _may_manage(self, caller: Caller, row: webhook_store.WebhookRow) -> bool:
         if not row.project_id:
             return row.owner == caller.identity
         try:
@@ -270,7 +267,7 @@ class Webhooks(StartStop):
 
     async def deliveries(
         self, caller: Caller, *, state: int, task_id: str, page_size: int, project_id: str = ""
-    ) -> list[DeliveryRow]:
+    ) -> list[webhook_store.DeliveryRow]:
         """Deliveries of the caller's tasks (every task's for an admin), newest first.
 
         With ``project_id``: the deliveries to that project's webhooks, whoever owns the
@@ -331,7 +328,7 @@ class Webhooks(StartStop):
             for webhook_id, project_id, url, secret in targets:
                 key = f"{record.task_id}:{event.sequence}:{webhook_id}:{url}"
                 rows.append(
-                    DeliveryRow(
+                    webhook_store.DeliveryRow(
                         delivery_id=hashlib.sha256(key.encode()).hexdigest()[:32],
                         webhook_id=webhook_id,
                         owner=record.owner,
@@ -341,7 +338,7 @@ class Webhooks(StartStop):
                         url=url,
                         secret=secret,
                         body=body,
-                        state=PENDING,
+                        state=webhook_store.PENDING,
                         attempts=0,
                         last_error="",
                         created_ns=stamp,
@@ -375,11 +372,11 @@ class Webhooks(StartStop):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
 
-    async def _attempt(self, row: DeliveryRow) -> None:
+    async def _attempt(self, row: webhook_store.DeliveryRow) -> None:
         attempts = row.attempts + 1
         error, retry = await self._post(row)
         if error is None:
-            state, next_at = DELIVERED, 0
+            state, next_at = webhook_store.DELIVERED, 0
             DELIVERIES.labels("delivered").inc()
             logger.info("webhook %s delivered to %s", row.event_type, row.url)
         elif retry and attempts < self._settings.max_attempts:
@@ -387,14 +384,14 @@ class Webhooks(StartStop):
                 self._settings.max_backoff,
                 self._settings.initial_backoff * 2 ** (attempts - 1),
             )
-            state = PENDING
+            state = webhook_store.PENDING
             next_at = now_ns() + int(random.uniform(bound / 2, bound) * 1e9)
             DELIVERIES.labels("retry").inc()
             logger.info(
                 "webhook %s to %s failed (attempt %d): %s", row.event_type, row.url, attempts, error
             )
         else:
-            state, next_at = DEAD, 0
+            state, next_at = webhook_store.DEAD, 0
             DELIVERIES.labels("dead_lettered").inc()
             logger.warning(
                 "webhook %s to %s dead-lettered after %d attempt(s): %s",
@@ -411,7 +408,7 @@ class Webhooks(StartStop):
             next_at_ns=next_at,
         )
 
-    async def _post(self, row: DeliveryRow) -> tuple[str | None, bool]:
+    async def _post(self, row: webhook_store.DeliveryRow) -> tuple[str | None, bool]:
         """POST once; returns (error or None, whether a retry may help)."""
         refusal = await self._refusal(row.url)
         if refusal is not None:

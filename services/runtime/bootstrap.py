@@ -42,9 +42,10 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 from hivewire.discovery import Instance, Registry, new_instance_id, open_registry
+from hivewire.services.base.keywords import check_keywords
 from hivewire.services.runtime.config import Settings, UnknownSettingError, load_settings
 from hivewire.services.runtime.events import EventPublisher
 from hivewire.services.runtime.eventsink import EventSink
@@ -78,6 +79,7 @@ __all__ = [
     "Hosting",
     "Registration",
     "Serving",
+    "ServingHooks",
     "ServiceEntry",
     "ServiceProcess",
     "metrics_port_for",
@@ -293,6 +295,22 @@ class Serving:
 InstanceCallback = Callable[[Instance], None]
 
 
+class ServingHooks(TypedDict, total=False):
+    """The optional keyword arguments of :func:`serving` and :meth:`ServiceProcess.start`.
+
+    Attributes:
+        on_shutdown: Hooks run first on shutdown (drain work...).
+        on_registered: Called with the instance after it registered.
+        on_deregistered: Called with the instance after it deregistered.
+        extra_ports: More ports of the process for its ports file (``{"mcp": 8443}``).
+    """
+
+    on_shutdown: Iterable[ShutdownHook]
+    on_registered: InstanceCallback | None
+    on_deregistered: InstanceCallback | None
+    extra_ports: Mapping[str, int] | None
+
+
 @contextlib.asynccontextmanager
 async def serving(
     settings: Settings,
@@ -300,11 +318,8 @@ async def serving(
     *,
     registry: Registry | None = None,
     registration: Registration | None = None,
-    on_shutdown: Iterable[ShutdownHook] = (),
-    on_registered: InstanceCallback | None = None,
-    on_deregistered: InstanceCallback | None = None,
-    extra_ports: Mapping[str, int] | None = None,
     events: EventSink[Any] | None = None,
+    **hooks: Unpack[ServingHooks],
 ) -> AsyncIterator[Serving]:
     """Serve ``bindings`` and, given a registry and a registration, register the instance.
 
@@ -318,24 +333,31 @@ async def serving(
         bindings: The gRPC services to host.
         registry: A started registry; None registers nothing.
         registration: What to register as; None registers nothing.
-        on_shutdown: Hooks run first on shutdown (drain work...).
-        on_registered: Called with the instance after it registered.
-        on_deregistered: Called with the instance after it deregistered.
-        extra_ports: More ports of the process for its ports file (``{"mcp": 8443}``).
         events: Where refused calls go as ``security.*`` events (None: metrics and
             logs only).
+        **hooks: :class:`ServingHooks`: ``on_shutdown``, ``on_registered``,
+            ``on_deregistered`` and ``extra_ports``.
 
     Yields:
         The server and its registry entry.
     """
+    check_keywords("serving", hooks, ServingHooks.__optional_keys__)
     publish_denials(events)
     async with ServiceServer(
-        settings, bindings, on_shutdown=list(on_shutdown), extra_ports=extra_ports
+        settings,
+        bindings,
+        on_shutdown=list(hooks.get("on_shutdown", ())),
+        extra_ports=hooks.get("extra_ports"),
     ) as server:
         running = Serving(server)
         if registry is not None and registration is not None:
             running.instance = await _register(
-                registry, server, settings, registration, on_registered, on_deregistered
+                registry,
+                server,
+                settings,
+                registration,
+                hooks.get("on_registered"),
+                hooks.get("on_deregistered"),
             )
         yield running
 
@@ -372,11 +394,7 @@ class ServiceProcess:
         self,
         bindings: Sequence[ServiceBinding],
         registration: Registration | None,
-        *,
-        extra_ports: Mapping[str, int] | None = None,
-        on_shutdown: Iterable[ShutdownHook] = (),
-        on_registered: InstanceCallback | None = None,
-        on_deregistered: InstanceCallback | None = None,
+        **hooks: Unpack[ServingHooks],
     ) -> Serving:
         """Serve ``bindings`` (see :func:`serving`) until the process ends.
 
@@ -391,11 +409,8 @@ class ServiceProcess:
                 bindings,
                 registry=registry,
                 registration=registration,
-                on_shutdown=on_shutdown,
-                on_registered=on_registered,
-                on_deregistered=on_deregistered,
-                extra_ports=extra_ports,
                 events=self.events,
+                **hooks,
             )
         )
 

@@ -8,7 +8,7 @@ own ``convert.py`` keeps only the conversions of its own messages.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ __all__ = [
     "error_info",
     "optional_struct",
     "optional_struct_dict",
+    "same_named",
     "struct_to_dict",
     "timestamp",
     "to_struct",
@@ -62,6 +63,16 @@ class ClassifiedError(Protocol):
     def metadata(self) -> Mapping[str, str]:
         """Extra string context."""
         ...
+
+
+def same_named(source: object, names: Iterable[str]) -> dict[str, Any]:
+    """The attributes ``names`` of ``source``, by name, to pass on as keywords.
+
+    For the fields a message and a domain value (or store row) call the same:
+    ``Task(**same_named(record, FIELDS), created_at=...)``. The names are listed, never
+    taken from the source, so only the fields named are copied.
+    """
+    return {name: getattr(source, name) for name in names}
 
 
 def _representable(value: Any) -> Any:

@@ -91,6 +91,22 @@ def _spiffe_ids(cert: x509.Certificate) -> list[str]:
     return [str(uri) for uri in san.value.get_values_for_type(_URI_SAN)]
 
 
+class GrantedCall(TypedDict):
+    """The call an approval is for (keyword arguments of the signer and the verifier's checks).
+
+    Attributes:
+        task_id: The task the call claims to be for.
+        tool_name: The tool being called.
+        arguments_digest: The digest of the call's arguments.
+        request_id: The input request the caller says was answered.
+    """
+
+    task_id: str
+    tool_name: str
+    arguments_digest: str
+    request_id: str
+
+
 @dataclass(frozen=True)
 class ApprovalSigner:
     """Signs approvals with a coordinator's mesh certificate key.
@@ -105,36 +121,22 @@ class ApprovalSigner:
     ttl: float = 300.0
 
     def sign(
-        self,
-        *,
-        task_id: str,
-        tool_name: str,
-        arguments_digest: str,
-        request_id: str,
-        approved_by: str,
-        now: float | None = None,
+        self, *, approved_by: str, now: float | None = None, **call: Unpack[GrantedCall]
     ) -> common_pb2.SignedApproval:
         """Issue a grant for one tool call.
 
         Args:
-            task_id: The task the call is made for.
-            tool_name: The tool.
-            arguments_digest: The digest of the approved arguments.
-            request_id: The input request that was answered.
             approved_by: The identity of the client that approved.
             now: The issue time (seconds since the epoch); defaults to now.
+            **call: The call approved (:class:`GrantedCall`): ``task_id``, ``tool_name``,
+                ``arguments_digest`` and ``request_id``.
 
         Returns:
             The signed grant.
         """
         issued = time.time() if now is None else now
         claims = common_pb2.ApprovalClaims(
-            grant_id=uuid.uuid4().hex,
-            task_id=task_id,
-            tool_name=tool_name,
-            arguments_digest=arguments_digest,
-            request_id=request_id,
-            approved_by=approved_by,
+            grant_id=uuid.uuid4().hex, approved_by=approved_by, **call
         )
         claims.issued_at.FromNanoseconds(int(issued * 1e9))
         claims.expires_at.FromNanoseconds(int((issued + self.ttl) * 1e9))
@@ -273,22 +275,6 @@ class NatsGrantLedger:
         """Disconnect."""
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()
-
-
-class GrantedCall(TypedDict):
-    """The call an approval must be for (keyword arguments of the verifier's checks).
-
-    Attributes:
-        task_id: The task the call claims to be for.
-        tool_name: The tool being called.
-        arguments_digest: The digest of the call's arguments.
-        request_id: The input request the caller says was answered.
-    """
-
-    task_id: str
-    tool_name: str
-    arguments_digest: str
-    request_id: str
 
 
 @dataclass

@@ -76,6 +76,20 @@ async def test_a_server_that_fails_to_start_registers_nothing(pki: Pki) -> None:
         assert registry.registered == {}
 
 
+async def test_a_misspelt_hook_is_refused_before_anything_serves(pki: Pki) -> None:
+    async with StaticRegistry() as registry:
+        with pytest.raises(TypeError, match="unexpected keyword argument 'on_shutdwn'"):
+            async with serving(
+                _settings(pki),
+                [],
+                registry=registry,
+                registration=Registration("hivewire-x", "x-1"),
+                on_shutdwn=[],  # type: ignore[call-arg]
+            ):
+                pass
+        assert registry.registered == {}
+
+
 async def test_a_service_process_serves_on_the_registry_it_is_given(pki: Pki) -> None:
     calls: list[str] = []
 

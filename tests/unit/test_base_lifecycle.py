@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from hivewire.services.base.lifecycle import OpenClose, StartClose, StartStop, cancel_and_wait
+from hivewire.services.base.lifecycle import (
+    OpenClose,
+    StartClose,
+    StartStop,
+    cancel_and_wait,
+    ended_within,
+)
 
 
 class _Calls:
@@ -130,3 +136,22 @@ async def test_an_empty_enter_method_calls_nothing_on_entry() -> None:
     async with _Owner() as owner:
         await owner.start("child")
     assert owner.calls == ["start child", "stop_all"]
+
+
+async def test_ended_within_waits_for_a_task_up_to_its_grace() -> None:
+    release = asyncio.Event()
+
+    async def held() -> None:
+        await release.wait()
+        raise RuntimeError("ended badly")
+
+    task = asyncio.create_task(held())
+    # Still running after a grace of 0: not ended, and neither cancelled nor awaited.
+    assert not await ended_within(task, 0)
+    assert not task.done()
+    release.set()
+    # Ends within the grace: what it raised stays in the task.
+    assert await ended_within(task, 60)
+    assert isinstance(task.exception(), RuntimeError)
+    # Already done: True at once.
+    assert await ended_within(task, 0)
