@@ -23,8 +23,8 @@ from hivewire.services.runtime.convert import (
     error_detail,
     optional_struct,
     optional_struct_dict,
+    same_named,
     timestamp,
-    to_struct,
 )
 from hivewire.services.runtime.errors import FieldViolation, InvalidArgument
 
@@ -61,15 +61,14 @@ def payload_from_proto(message: common_pb2.Payload) -> Payload:
     )
 
 
+#: The counts domain usage and ``common.v1.Usage`` both keep under these names (and
+#: ``total_tokens``, which falls back to the sum when a message lacks it).
+_USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "model_calls", "tool_calls")
+
+
 def usage_to_proto(usage: Usage) -> common_pb2.Usage:
     """Domain usage as ``common.v1.Usage``."""
-    message = common_pb2.Usage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
-        model_calls=usage.model_calls,
-        tool_calls=usage.tool_calls,
-    )
+    message = common_pb2.Usage(**same_named(usage, _USAGE_COUNTS), total_tokens=usage.total_tokens)
     if usage.time_to_first_token is not None:
         message.time_to_first_token.CopyFrom(duration(usage.time_to_first_token))
     if usage.total_time:
@@ -85,15 +84,12 @@ def usage_from_proto(message: common_pb2.Usage) -> Usage:
         else None
     )
     return Usage(
-        prompt_tokens=message.prompt_tokens,
-        completion_tokens=message.completion_tokens,
+        **same_named(message, _USAGE_COUNTS),
         total_tokens=message.total_tokens or message.prompt_tokens + message.completion_tokens,
         time_to_first_token=ttft,
         total_time=message.total_time.ToTimedelta().total_seconds()
         if message.HasField("total_time")
         else 0.0,
-        model_calls=message.model_calls,
-        tool_calls=message.tool_calls,
     )
 
 
@@ -116,26 +112,21 @@ def activity_to_proto(activity: Activity) -> common_pb2.Activity:
 # --- agent card -------------------------------------------------------------------------
 
 
+#: What :class:`AgentCardInfo` and ``agent.v1.AgentCard`` call the same.
+_CARD_FIELDS = ("name", "version", "description", "max_concurrency")
+#: What :class:`CapabilitySpec` and ``agent.v1.Capability`` call the same.
+_CAPABILITY_FIELDS = ("name", "description", "input_description", "output_description")
+
+
 def card_to_proto(card: AgentCardInfo) -> agent_pb2.AgentCard:
     """The agent card as ``agent.v1.AgentCard``."""
-    message = agent_pb2.AgentCard(
-        name=card.name,
-        version=card.version,
-        description=card.description,
-        max_concurrency=card.max_concurrency,
-        labels=dict(card.labels),
-    )
+    message = agent_pb2.AgentCard(**same_named(card, _CARD_FIELDS), labels=dict(card.labels))
     for spec in card.capabilities:
-        cap = message.capabilities.add(
-            name=spec.name,
-            description=spec.description,
-            input_description=spec.input_description,
-            output_description=spec.output_description,
+        message.capabilities.add(
+            **same_named(spec, _CAPABILITY_FIELDS),
+            input_schema=optional_struct(spec.input_schema),
+            output_schema=optional_struct(spec.output_schema),
         )
-        if spec.input_schema is not None:
-            cap.input_schema.CopyFrom(to_struct(spec.input_schema))
-        if spec.output_schema is not None:
-            cap.output_schema.CopyFrom(to_struct(spec.output_schema))
     return message
 
 

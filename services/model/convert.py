@@ -21,7 +21,7 @@ from hivewire.services.model.domain import (
     Usage,
 )
 from hivewire.services.runtime import metadata as md
-from hivewire.services.runtime.convert import duration
+from hivewire.services.runtime.convert import duration, same_named
 from hivewire.services.runtime.errors import FieldViolation, HivewireError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -197,12 +197,14 @@ def metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str)
 # -- responses ----------------------------------------------------------------------------
 
 
+#: The token counts a call's usage and ``common.v1.Usage`` call the same.
+_TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
 def usage_to_proto(usage: Usage, *, model_calls: int = 1) -> common_pb2.Usage:
     """The common Usage message for one call."""
     message = common_pb2.Usage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
+        **same_named(usage, _TOKEN_COUNTS),
         total_time=duration(usage.total_time),
         model_calls=model_calls,
     )

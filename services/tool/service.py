@@ -43,7 +43,7 @@ from hivewire.services.runtime.errors import (
 from hivewire.services.runtime.grants import ApprovalVerifier, GrantLedger
 from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 from hivewire.services.runtime.version import hivewire_version
-from hivewire.services.tool.audit import AuditRecord, AuditTrail, ToolEvents
+from hivewire.services.tool.audit import AuditedCall, AuditRecord, AuditTrail, ToolEvents
 from hivewire.services.tool.builtins import Builtins
 from hivewire.services.tool.domain import (
     ApprovalGrant,
@@ -192,11 +192,7 @@ class ToolService:
 
         def record(outcome: str, error: ErrorInfo | None) -> AuditRecord:
             return AuditRecord(
-                call_id=call_id,
-                tool_name=name,
-                caller=call.caller,
-                task_id=call.task_id,
-                arguments_digest=digest,
+                AuditedCall(call_id, name, call.caller, call.task_id, digest),
                 outcome=outcome,
                 duration=time.monotonic() - started,
                 error=error,
@@ -324,13 +320,7 @@ class ToolService:
             on_progress=on_progress,
         )
         self._running += 1
-        self.audit.invoked(
-            call_id=call_id,
-            tool_name=tool.name,
-            caller=call.caller,
-            task_id=call.task_id,
-            arguments_digest=digest,
-        )
+        self.audit.invoked(AuditedCall(call_id, tool.name, call.caller, call.task_id, digest))
         task = asyncio.create_task(tool.call(call.arguments, ctx), name=f"tool-{tool.name}")
         task.add_done_callback(lambda _: queue.put_nowait(_DONE))
         finished = False
