@@ -514,12 +514,18 @@ class Execution(StartClose):
             queued = self._outbox.get_nowait()
             then = queued[1]
             if not isinstance(then, PartialChunk) or not continues(run[0], run[-1], then):
-                return coalesce(run), queued
+                return self._joined(run), queued
             size += _content_size(then.content)
             if size > partials.COALESCE_MAX:
-                return coalesce(run), queued
+                return self._joined(run), queued
             run.append(then)
-        return coalesce(run), None
+        return self._joined(run), None
+
+    @staticmethod
+    def _joined(run: list[PartialChunk]) -> PartialChunk:
+        if len(run) > 1:
+            agent_metrics.PARTIALS_JOINED.inc(len(run) - 1)
+        return coalesce(run)
 
     # --- ExecutionSink (called from the handler's TaskContext) ----------------------
 

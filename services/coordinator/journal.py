@@ -371,6 +371,8 @@ class Journal:
         stream.size += _size(chunk)
 
     def _send_partials(self, rt: TaskRuntime, run: list[common_pb2.PartialResult]) -> None:
+        if len(run) > 1:
+            metrics.PARTIALS_JOINED.inc(len(run) - 1)
         future = self.emit(rt, write_row=False, partial=_joined(run))
         stream = _PartialStream(future)
         self._partials[rt.record.task_id] = stream

@@ -17,6 +17,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.agent import Agent, Payload, TaskContext, capability
 from hivewire.services.agent.serve import AgentServer
+from hivewire.services.runtime.metrics import REGISTRY
 from tests.conftest import Pki
 from tests.integration.test_agent_helpers import (
     Coordinator,
@@ -117,7 +118,12 @@ async def agent(pki: Pki, streamer: Streamer) -> AsyncIterator[Coordinator]:
             await client.close()
 
 
+def _joined() -> float:
+    return REGISTRY.get_sample_value("hivewire_agent_partials_joined_total") or 0.0
+
+
 async def test_queued_chunks_go_out_as_one_with_every_byte_in_order(agent: Coordinator) -> None:
+    joined = _joined()
     ex = agent.execute()
     await ex.send(assignment("burst"))
     final = await ex.finish()
@@ -127,6 +133,7 @@ async def test_queued_chunks_go_out_as_one_with_every_byte_in_order(agent: Coord
     assert rebuild(partials) == expected_artifacts()
     # The handler queued them without pausing: they were coalesced.
     assert len(partials) < chunks_sent()
+    assert _joined() - joined == chunks_sent() - len(partials)
     # Nothing crossed the progress event: every chunk before it, before it.
     kinds = [m.WhichOneof("kind") for m in ex.received]
     at = kinds.index("progress")

@@ -17,6 +17,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator.journal import Journal, NullPublisher, TaskRuntime, TaskTable
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
+from hivewire.services.runtime.metrics import REGISTRY
 from tests.unit.test_coordinator_watchers import _runtime
 
 S = common_pb2
@@ -69,10 +70,13 @@ async def test_partials_behind_an_uncommitted_one_become_one_event(
     setup: tuple[Journal, SqliteTaskStore, TaskRuntime],
 ) -> None:
     journal, store, rt = setup
+    joined = REGISTRY.get_sample_value("hivewire_coordinator_partials_joined_total") or 0.0
     sent = [chunk(f"t{i} ") for i in range(50)]
     for c in sent:
         journal.partial(rt, c)  # all before the first one can commit
     events = await stored(store, rt)
+    after = REGISTRY.get_sample_value("hivewire_coordinator_partials_joined_total")
+    assert after == joined + 48  # 49 chunks in the second event
     assert [e.sequence for e in events] == [1, 2]
     assert [e.partial.content.text for e in events] == [
         "t0 ",
