@@ -34,7 +34,7 @@ from hivewire.services.coordinator import convert, metrics
 from hivewire.services.coordinator.attempts import Attempt
 from hivewire.services.coordinator.model import TaskRecord, now_ns
 from hivewire.services.coordinator.outbox import OutboxSink, event_id, outbox_sink, pack
-from hivewire.services.coordinator.store import TERMINAL_STATES, EventRow, TaskStore
+from hivewire.services.coordinator.store import TERMINAL_STATES, EventRow, StoreError, TaskStore
 from hivewire.services.runtime import partials, tracing
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.events.envelope import (
@@ -384,10 +384,16 @@ class Journal:
         task_id = rt.record.task_id
         if self._partials.get(task_id) is not stream:
             return  # what waited behind it went already (another event came)
-        if stream.held:
-            self._send_partials(rt, stream.held)
-        else:
+        if not stream.held:
             del self._partials[task_id]
+            return
+        try:
+            self._send_partials(rt, stream.held)
+        except StoreError as exc:
+            # The store closed under a stopping coordinator: the attempt did not end
+            # here, so a later one (or a takeover) runs the task again.
+            del self._partials[task_id]
+            logger.warning("partial results of task %s not stored: %s", task_id, exc)
 
     def _flush_partials(self, rt: TaskRuntime) -> None:
         """Send the task's waiting partial chunks now (an event of another kind comes)."""
