@@ -374,7 +374,7 @@ class Journal:
         if len(run) > 1:
             metrics.PARTIALS_JOINED.inc(len(run) - 1)
         future = self.emit(rt, write_row=False, partial=_joined(run))
-        stream = _PartialStream(future)
+        stream = _PartialStream()
         self._partials[rt.record.task_id] = stream
         future.add_done_callback(partial(self._partial_committed, rt, stream))
 
@@ -647,9 +647,8 @@ def task_event_data(record: TaskRecord, extra: dict[str, Message]) -> events_pb2
 
 @dataclass
 class _PartialStream:
-    """A task's latest partial event, not committed yet, and the chunks held behind it."""
+    """The chunks held behind a task's latest partial event while it commits."""
 
-    in_flight: asyncio.Future[None]
     held: list[common_pb2.PartialResult] = field(default_factory=list)
     size: int = 0
 
