@@ -6,7 +6,10 @@ attempt in a task of its own (``runtime.execute``, exactly as an ``Execute`` cal
 would), cancel and input frames are routed to it, and a ``close`` frame stops it
 without an answer (what cancelling an ``Execute`` call does). Every attempt's events
 go into one queue that :meth:`LinkSession.responses` drains: whatever has piled up
-goes out in one ``LinkResponse``, and it never waits for more to batch.
+goes out in one ``LinkResponse``, and it never waits for more to batch. Like an
+``Execute`` stream, an attempt takes its next event only once the stream has sent the
+previous one, so the partial chunks that pile up meanwhile are joined into one message
+(``Execution.events()``).
 
 Bad frames:
 
@@ -94,6 +97,9 @@ class LinkSession:
         self._closed = False
         self._draining = False
         self._ending: set[asyncio.Task[None]] = set()
+        # Set (and replaced) each time the stream has sent a message. An Event, not a
+        # shared future: cancelling one waiter must not cancel the others' wait.
+        self._sent = asyncio.Event()
 
     # -- frames from the coordinator ------------------------------------------------
 
@@ -217,6 +223,11 @@ class LinkSession:
                         message = convert.response_to_proto(task_id, out)
                         message.attempt = attempt
                         await self._out.put(message)
+                        if not out.terminal:
+                            # Take the next event once the stream has sent this one, as
+                            # Execute does: what piles up meanwhile goes as one
+                            # (partial chunks are joined by ``events()``).
+                            await self._sent.wait()
         finally:
             self._running.pop(key, None)
             if self._draining and not self._running:
@@ -269,5 +280,7 @@ class LinkSession:
                 item = out.get_nowait()
             if response.responses or response.refusals:
                 yield response
+                sent, self._sent = self._sent, asyncio.Event()
+                sent.set()
         if self._failure is not None:
             raise self._failure
