@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.common.v1 import common_pb2
@@ -28,6 +30,7 @@ from hivewire.services.runtime.breaker import CircuitBreaker
 from hivewire.services.runtime.channels import secure_channel
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.tls import TlsFiles
+from hivewire.services.runtime.tracing import tracer
 from tests.conftest import Pki
 from tests.helpers import eventually
 from tests.integration.test_agent_helpers import agent_settings, assignment, serve_in_process
@@ -336,3 +339,43 @@ def test_the_switch_is_a_coordinator_setting(monkeypatch: pytest.MonkeyPatch) ->
     assert load_settings(CoordinatorProcessSettings).coordinator.agent_link is True
     monkeypatch.setenv("HIVEWIRE_COORDINATOR__AGENT_LINK", "false")
     assert load_settings(CoordinatorProcessSettings).coordinator.agent_link is False
+
+
+async def test_each_attempt_on_a_link_has_its_spans_in_the_task_trace(
+    pki: Pki, spans: InMemorySpanExporter
+) -> None:
+    async with (
+        serve_in_process(Worker(open_all=True), agent_settings(pki.dir)) as running,
+        lease_on(pki, running) as lease,
+    ):
+        for task_id in ("first", "second"):
+            with tracer.start_as_current_span(f"attempt {task_id}"):
+                stream = open_stream(lease, timeout=10, metadata=_metadata(task_id), link=True)
+                await stream.send(assignment("wait", text=task_id, task_id=task_id))
+                while (message := await stream.receive()) is not None:
+                    if message.WhichOneof("kind") == "result":
+                        break
+                stream.cancel()
+    finished = spans.get_finished_spans()
+    method = "/hivewire.agent.v1.AgentService/Execute"
+    for task_id in ("first", "second"):
+        root = next(s for s in finished if s.name == f"attempt {task_id}")
+        trace_id = root.context.trace_id
+        client = next(
+            s
+            for s in finished
+            if s.name == method and s.kind is SpanKind.CLIENT and s.context.trace_id == trace_id
+        )
+        server = next(
+            s
+            for s in finished
+            if s.name == method and s.kind is SpanKind.SERVER and s.context.trace_id == trace_id
+        )
+        handler = next(
+            s for s in finished if s.name == "handle wait" and s.context.trace_id == trace_id
+        )
+        assert client.parent is not None and client.parent.span_id == root.context.span_id
+        assert server.parent is not None and server.parent.span_id == client.context.span_id
+        assert server.attributes is not None
+        assert server.attributes["hivewire.task_id"] == task_id
+        assert handler.parent is not None and handler.parent.span_id == server.context.span_id
