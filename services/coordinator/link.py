@@ -100,6 +100,8 @@ class AgentLink:
     def __init__(self, entry: AgentEntry, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
         self._entry = entry
         self._agent_id = entry.agent_id
+        self.endpoint = entry.instance.endpoint
+        self._retiring = False
         self._attempts: dict[Key, LinkAttempt] = {}
         self._frames: list[agent_pb2.LinkFrame] = []
         self._wake = asyncio.Event()
@@ -118,6 +120,14 @@ class AgentLink:
     def detach(self, key: Key) -> None:
         """Stop routing messages of attempt ``key`` (late ones are dropped)."""
         self._attempts.pop(key, None)
+        if self._retiring and not self._attempts:
+            self.close()
+
+    def retire(self) -> None:
+        """Take no new attempts; close once the open ones have ended."""
+        self._retiring = True
+        if not self._attempts:
+            self.close()
 
     def post(self, frame: agent_pb2.LinkFrame) -> bool:
         """Queue a frame for the agent; False when the link is over."""
@@ -376,6 +386,10 @@ def open_stream(
     if not link or entry.link_unsupported:
         return ExecuteStream(lease, timeout=timeout, metadata=metadata)
     current = entry.link
+    if isinstance(current, AgentLink) and current.endpoint != entry.instance.endpoint:
+        # The agent registered again at another address: new attempts go there.
+        current.retire()
+        current = None
     if not isinstance(current, AgentLink) or current.closed:
         current = AgentLink(entry, lease.stub)
         entry.link = current

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from hivewire.discovery import Instance
 from hivewire.services.agent import Agent, Payload, TaskContext, capability
 from hivewire.services.agent.serve import AgentServer
 from hivewire.services.coordinator.dispatch import AgentEntry, AgentLease, AttemptError
-from hivewire.services.coordinator.link import LinkAttempt, open_stream
+from hivewire.services.coordinator.link import AgentLink, AttemptStream, LinkAttempt, open_stream
 from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime import metrics
@@ -379,3 +380,44 @@ async def test_each_attempt_on_a_link_has_its_spans_in_the_task_trace(
         assert server.attributes is not None
         assert server.attributes["hivewire.task_id"] == task_id
         assert handler.parent is not None and handler.parent.span_id == server.context.span_id
+
+
+async def test_an_agent_registered_again_elsewhere_gets_a_new_link(pki: Pki) -> None:
+    before, after = Worker(), Worker(open_all=True)
+    async with (
+        serve_in_process(before, agent_settings(pki.dir)) as old,
+        serve_in_process(after, agent_settings(pki.dir)) as new,
+        lease_on(pki, old) as lease,
+    ):
+        running = open_stream(lease, timeout=10, metadata=_metadata("running"), link=True)
+        await running.send(assignment("wait", text="running", task_id="running"))
+        await eventually(lambda: before.running == {"running"}, timeout=10)
+        old_link = lease.entry.link
+        assert isinstance(old_link, AgentLink)
+        # Same instance id, another address (as the pool applies a new registration).
+        lease.entry.instance = dataclasses.replace(lease.entry.instance, port=new.port)
+        channel = secure_channel(
+            f"127.0.0.1:{new.port}", TlsFiles.for_identity(pki.dir, "coordinator")
+        )
+        try:
+            moved = AgentLease(
+                entry=lease.entry, stub=agent_pb2_grpc.AgentServiceStub(channel), probe=False
+            )
+            later = open_stream(moved, timeout=10, metadata=_metadata("later"), link=True)
+            await later.send(assignment("wait", text="later", task_id="later"))
+            assert await until_end(later) == "done later"
+            assert lease.entry.link is not old_link and not old_link.closed
+            before.gate("running").set()
+            assert await until_end(running) == "done running"
+            assert old_link.closed
+        finally:
+            lease.entry.close_link()
+            await channel.close()
+
+
+async def until_end(stream: AttemptStream) -> str:
+    """Read an attempt to its end; its output text."""
+    while (message := await stream.receive()) is not None:
+        if message.WhichOneof("kind") == "result":
+            return message.result.output.text
+    raise AssertionError("the attempt ended without a result")
