@@ -1,10 +1,10 @@
 """Attempts: one try of a task on one agent, and the rules around them.
 
 An attempt is an ``Execute`` stream with the task's deadline, or the same carried on
-the agent's ``Link`` (link.py). Its bookkeeping (the
-attempt records in the task, usage summed over attempts, which failures count
-against ``max_attempts``, the retry backoff) is here as plain functions; the
-scheduler in :mod:`.service` runs attempts and applies what they report.
+the agent's ``Link`` (link.py). Its bookkeeping (the attempt records in the task,
+usage summed over attempts, which failures count against ``max_attempts``, the retry
+backoff) is here as plain functions; the scheduler in :mod:`.service` runs attempts
+and applies what they report.
 """
 
 from __future__ import annotations
