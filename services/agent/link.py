@@ -125,6 +125,8 @@ class LinkSession:
         Raises:
             InvalidArgument: The frame names no attempt, or assigns one that runs.
         """
+        if self._closed:
+            return  # the link is ending: nothing starts or changes any more
         if not frame.task_id or frame.attempt == 0:
             raise InvalidArgument(
                 "every Link frame must name its attempt",
