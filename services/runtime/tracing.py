@@ -56,9 +56,11 @@ __all__ = [
     "end_with_call",
     "extract",
     "inject",
+    "resume_context",
     "resumed",
     "server_interceptor",
     "setup_tracing",
+    "span_headers",
     "stamp",
     "tracer",
 ]
@@ -329,6 +331,45 @@ def stored_context(carrier: TraceCarrier) -> otel_context.Context | None:
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 
 
+def resume_context(carrier: TraceCarrier) -> otel_context.Context | None:
+    """The parent :func:`resumed` gives work on ``carrier``'s trace; None: the current one.
+
+    A current span of the stored trace is kept (it is the closer parent); otherwise the
+    stored context is the parent. For ``tracer.start_span(..., context=...)`` where
+    attaching the context for a block would cost more than the span itself.
+    """
+    stored = stored_context(carrier)
+    if stored is None:
+        return None
+    current = trace.get_current_span().get_span_context()
+    if (
+        current.is_valid
+        and current.trace_id == trace.get_current_span(stored).get_span_context().trace_id
+    ):
+        return None
+    return stored
+
+
+def span_headers(span: Any) -> dict[str, str]:
+    """The W3C headers (``traceparent``, ``tracestate``) naming ``span`` as the parent.
+
+    What ``propagate.inject`` writes for a current ``span``, without making it current
+    and without running every configured propagator.
+    """
+    span_context = span.get_span_context()
+    if not span_context.is_valid:
+        return {}
+    headers = {
+        "traceparent": (
+            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
+            f"-{span_context.trace_flags:02x}"
+        )
+    }
+    if span_context.trace_state:
+        headers["tracestate"] = span_context.trace_state.to_header()
+    return headers
+
+
 @contextmanager
 def resumed(
     carrier: TraceCarrier,
@@ -346,14 +387,8 @@ def resumed(
         name: Open a span with this name inside the resumed context.
         attributes: Attributes of that span.
     """
-    stored = stored_context(carrier)
-    current = trace.get_current_span().get_span_context()
-    token = None
-    if stored is not None and (
-        not current.is_valid
-        or current.trace_id != trace.get_current_span(stored).get_span_context().trace_id
-    ):
-        token = otel_context.attach(stored)
+    stored = resume_context(carrier)
+    token = otel_context.attach(stored) if stored is not None else None
     try:
         if name is None:
             yield
