@@ -21,6 +21,7 @@ Where the context travels:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -324,10 +325,18 @@ def stored_context(carrier: TraceCarrier) -> otel_context.Context | None:
     """The context :func:`stamp` stored, or None when there is none."""
     if not carrier.traceparent:
         return None
-    headers = {"traceparent": carrier.traceparent}
-    if carrier.tracestate:
-        headers["tracestate"] = carrier.tracestate
-    ctx = propagate.extract(headers)
+    return _extracted(carrier.traceparent, carrier.tracestate)
+
+
+@functools.lru_cache(maxsize=1024)
+def _extracted(traceparent: str, tracestate: str) -> otel_context.Context | None:
+    # Cached: a task's events and hops resume its one stored context again and again,
+    # and a Context is immutable. Extracted into an empty context, not the current one:
+    # a cached value must not carry what the first caller's context held.
+    headers = {"traceparent": traceparent}
+    if tracestate:
+        headers["tracestate"] = tracestate
+    ctx = propagate.extract(headers, context=otel_context.Context())
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 
 
