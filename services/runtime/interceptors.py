@@ -24,6 +24,7 @@ OTel client interceptors in front of it (``runtime/channels.py``) carry the trac
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import re
@@ -549,20 +550,41 @@ def _method_name(method: str | bytes) -> str:
     return method.decode() if isinstance(method, bytes) else method
 
 
-class _ClientCallMetrics:
-    __slots__ = ("_labels", "_start")
+class _ClientMethodMetrics:
+    """A method's ``grpc_client_*`` label children, resolved once (:func:`_client_metrics`)."""
+
+    __slots__ = ("_handled", "labels", "seconds", "started")
 
     def __init__(self, grpc_type: str, method: str) -> None:
         service, name = metrics.split_method(method)
-        self._labels = (grpc_type, service, name)
-        metrics.CLIENT_STARTED.labels(*self._labels).inc()
+        self.labels = (grpc_type, service, name)
+        self.started = metrics.CLIENT_STARTED.labels(*self.labels)
+        self.seconds = metrics.CLIENT_HANDLING_SECONDS.labels(*self.labels)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = metrics.CLIENT_HANDLED.labels(*self.labels, code.name)
+        return child
+
+
+@functools.lru_cache(maxsize=512)
+def _client_metrics(grpc_type: str, method: str) -> _ClientMethodMetrics:
+    return _ClientMethodMetrics(grpc_type, method)
+
+
+class _ClientCallMetrics:
+    __slots__ = ("_m", "_start")
+
+    def __init__(self, grpc_type: str, method: str) -> None:
+        self._m = _client_metrics(grpc_type, method)
+        self._m.started.inc()
         self._start = time.perf_counter()
 
     def done(self, code: grpc.StatusCode) -> None:
-        metrics.CLIENT_HANDLING_SECONDS.labels(*self._labels).observe(
-            time.perf_counter() - self._start
-        )
-        metrics.CLIENT_HANDLED.labels(*self._labels, code.name).inc()
+        self._m.seconds.observe(time.perf_counter() - self._start)
+        self._m.handled(code).inc()
 
 
 def observe_client_call(call: Any, grpc_type: str, method: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -663,8 +664,9 @@ class EventPublisher(StartClose):
                 break
             acked = item
             self._published += 1
-            metrics.PUBLISHED.labels(item.category).inc()
-            metrics.PUBLISH_LAG.labels(item.category).observe(max(now - item.queued_at, 0.0))
+            published, lag = _acked_metrics(item.category)
+            published.inc()
+            lag.observe(max(now - item.queued_at, 0.0))
         if acked is not None:
             while self._buffer and self._buffer[0].seq <= acked.seq:
                 stored = self._buffer.popleft()
@@ -737,6 +739,12 @@ def _follow(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:
         target.cancel()
     else:
         target.set_result(None)
+
+
+@functools.cache
+def _acked_metrics(category: str) -> tuple[Any, Any]:
+    """The ``published`` and ``publish_lag`` children of a category (one of a few)."""
+    return metrics.PUBLISHED.labels(category), metrics.PUBLISH_LAG.labels(category)
 
 
 def _publish_error(future: asyncio.Future[PubAck]) -> BaseException | None:
