@@ -27,6 +27,7 @@ from bench.common import (
     closed_loop,
     cpu_of,
     cpu_total,
+    env_pairs,
     fmt_spread,
     inverse_rate,
     median_phase,
@@ -42,23 +43,13 @@ from bench.meshrun import bench_mesh, coordinator_stub
 PROCS = ("client", "coordinator", "agent-0", "nats")
 
 
-def _env(pairs: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"not KEY=VALUE: {pair}")
-        out[key] = value
-    return out
-
-
 async def run(args: argparse.Namespace) -> str:
     """Start both meshes, alternate their phases, report B / A."""
     durations = Durations(args.warmup, args.seconds, args.rounds)
     rounds: dict[str, list[Phase]] = {}
     async with contextlib.AsyncExitStack() as stack:
         meshes = {}
-        for name, env in (("A", _env(args.a_env)), ("B", _env(args.b_env))):
+        for name, env in (("A", env_pairs(args.a_env)), ("B", env_pairs(args.b_env))):
             mesh = await stack.enter_async_context(bench_mesh(agents=1, service_env=env))
             channel = mesh.channel()
             stack.push_async_callback(channel.close)

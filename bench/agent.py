@@ -31,19 +31,27 @@ class BenchAgent(Agent):
         await ctx.tools.invoke("calculator", {"expression": "6*7"})
         return task.text
 
-    @capability("tokens", description="Streams N stamped partial chunks ('N' or 'N:gap_ms').")
+    @capability(
+        "tokens", description="Streams N stamped partial chunks ('N', 'N:gap_ms' or 'N:0:yield')."
+    )
     async def tokens(self, task: Payload, ctx: TaskContext) -> str:
-        """A token stream: each chunk is ``time.monotonic_ns()`` when it was sent.
+        """A token stream: each chunk is ``time.monotonic_ns()`` when it was sent, then a space.
 
         The clock is the machine's (CLOCK_MONOTONIC), the same in every process, so
-        the client can take a chunk's latency from the agent to itself.
+        the client can take a token's latency from the agent to itself. Chunks queued
+        together may reach the client as one partial event (coalesced); the space
+        keeps each token's stamp apart. ``yield`` gives the event loop a turn after
+        each token, as a handler relaying a model's stream does (it awaits each token).
         """
-        count, _, gap = task.text.partition(":")
+        count, _, rest = task.text.partition(":")
+        gap, _, mode = rest.partition(":")
         pause = float(gap or 0) / 1000
         for _ in range(int(count)):
-            await ctx.partial(str(time.monotonic_ns()))
+            await ctx.partial(f"{time.monotonic_ns()} ")
             if pause:
                 await asyncio.sleep(pause)
+            elif mode == "yield":
+                await asyncio.sleep(0)
         return count
 
     @capability("hold", description="Stays running until cancelled (keeps a task open).")

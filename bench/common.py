@@ -305,6 +305,17 @@ def cpu_of(process: str) -> Callable[[Phase], float]:
     return lambda phase: phase.cpu_us.get(process, math.nan)
 
 
+def env_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` words of a command line as an environment."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"not KEY=VALUE: {pair}")
+        out[key] = value
+    return out
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (for servers that need a fixed port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -21,9 +21,10 @@ from hivewire.services.agent.sdk import (
 from hivewire.services.runtime.convert import (
     duration,
     error_detail,
-    struct_to_dict,
+    optional_struct,
+    optional_struct_dict,
+    same_named,
     timestamp,
-    to_struct,
 )
 from hivewire.services.runtime.errors import FieldViolation, InvalidArgument
 
@@ -42,33 +43,32 @@ _ACTIVITY_KINDS = {
 
 def payload_to_proto(payload: Payload) -> common_pb2.Payload:
     """The domain payload as ``common.v1.Payload``."""
-    message = common_pb2.Payload(
-        text=payload.text, data=payload.data, content_type=payload.content_type
+    return common_pb2.Payload(
+        text=payload.text,
+        json=optional_struct(payload.json),
+        data=payload.data,
+        content_type=payload.content_type,
     )
-    if payload.json is not None:
-        message.json.CopyFrom(to_struct(payload.json))
-    return message
 
 
 def payload_from_proto(message: common_pb2.Payload) -> Payload:
     """``common.v1.Payload`` as the domain payload."""
     return Payload(
         text=message.text,
-        json=struct_to_dict(message.json) if message.HasField("json") else None,
+        json=optional_struct_dict(message, "json"),
         data=bytes(message.data),
         content_type=message.content_type,
     )
 
 
+#: The counts domain usage and ``common.v1.Usage`` both keep under these names (and
+#: ``total_tokens``, which falls back to the sum when a message lacks it).
+_USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "model_calls", "tool_calls")
+
+
 def usage_to_proto(usage: Usage) -> common_pb2.Usage:
     """Domain usage as ``common.v1.Usage``."""
-    message = common_pb2.Usage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
-        model_calls=usage.model_calls,
-        tool_calls=usage.tool_calls,
-    )
+    message = common_pb2.Usage(**same_named(usage, _USAGE_COUNTS), total_tokens=usage.total_tokens)
     if usage.time_to_first_token is not None:
         message.time_to_first_token.CopyFrom(duration(usage.time_to_first_token))
     if usage.total_time:
@@ -84,15 +84,12 @@ def usage_from_proto(message: common_pb2.Usage) -> Usage:
         else None
     )
     return Usage(
-        prompt_tokens=message.prompt_tokens,
-        completion_tokens=message.completion_tokens,
+        **same_named(message, _USAGE_COUNTS),
         total_tokens=message.total_tokens or message.prompt_tokens + message.completion_tokens,
         time_to_first_token=ttft,
         total_time=message.total_time.ToTimedelta().total_seconds()
         if message.HasField("total_time")
         else 0.0,
-        model_calls=message.model_calls,
-        tool_calls=message.tool_calls,
     )
 
 
@@ -115,26 +112,21 @@ def activity_to_proto(activity: Activity) -> common_pb2.Activity:
 # --- agent card -------------------------------------------------------------------------
 
 
+#: What :class:`AgentCardInfo` and ``agent.v1.AgentCard`` call the same.
+_CARD_FIELDS = ("name", "version", "description", "max_concurrency")
+#: What :class:`CapabilitySpec` and ``agent.v1.Capability`` call the same.
+_CAPABILITY_FIELDS = ("name", "description", "input_description", "output_description")
+
+
 def card_to_proto(card: AgentCardInfo) -> agent_pb2.AgentCard:
     """The agent card as ``agent.v1.AgentCard``."""
-    message = agent_pb2.AgentCard(
-        name=card.name,
-        version=card.version,
-        description=card.description,
-        max_concurrency=card.max_concurrency,
-        labels=dict(card.labels),
-    )
+    message = agent_pb2.AgentCard(**same_named(card, _CARD_FIELDS), labels=dict(card.labels))
     for spec in card.capabilities:
-        cap = message.capabilities.add(
-            name=spec.name,
-            description=spec.description,
-            input_description=spec.input_description,
-            output_description=spec.output_description,
+        message.capabilities.add(
+            **same_named(spec, _CAPABILITY_FIELDS),
+            input_schema=optional_struct(spec.input_schema),
+            output_schema=optional_struct(spec.output_schema),
         )
-        if spec.input_schema is not None:
-            cap.input_schema.CopyFrom(to_struct(spec.input_schema))
-        if spec.output_schema is not None:
-            cap.output_schema.CopyFrom(to_struct(spec.output_schema))
     return message
 
 
@@ -222,16 +214,14 @@ def answer_from_proto(message: common_pb2.InputResponse) -> InputAnswer:
 def input_request_to_proto(event: rt.InputNeeded) -> common_pb2.InputRequest:
     """A domain input request as ``common.v1.InputRequest``."""
     spec = event.request
-    message = common_pb2.InputRequest(
+    return common_pb2.InputRequest(
         request_id=spec.request_id,
         kind=_INPUT_KINDS[spec.kind],
         prompt=spec.prompt,
         tool_name=spec.tool_name,
         arguments_digest=spec.arguments_digest,
+        schema=optional_struct(spec.schema),
     )
-    if spec.schema is not None:
-        message.schema.CopyFrom(to_struct(spec.schema))
-    return message
 
 
 def response_to_proto(task_id: str, out: rt.Outgoing) -> agent_pb2.ExecuteResponse:

@@ -17,3 +17,8 @@ REJECTED = Counter(
     "hivewire_agent_rejected_total",
     "Assignments refused because max_concurrency tasks were running.",
 )
+PARTIALS_JOINED = Counter(
+    "hivewire_agent_partials_joined_total",
+    "Partial chunks sent inside the message of the chunk before them (they queued up "
+    "behind a busy stream and were coalesced).",
+)

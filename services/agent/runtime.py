@@ -37,7 +37,7 @@ from hivewire.services.agent.sdk import (
     Usage,
 )
 from hivewire.services.base.lifecycle import StartClose, cancel_and_wait, ended_within
-from hivewire.services.runtime import tracing
+from hivewire.services.runtime import partials, tracing
 from hivewire.services.runtime.convert import error_info
 from hivewire.services.runtime.errors import (
     FieldViolation,
@@ -65,6 +65,8 @@ __all__ = [
     "ProgressUpdate",
     "Started",
     "classify",
+    "coalesce",
+    "continues",
 ]
 
 # --- events -------------------------------------------------------------------------
@@ -144,6 +146,53 @@ class Outgoing:
         return isinstance(self.event, Finished | Failed)
 
 
+_Queued: TypeAlias = tuple[datetime, Event]
+"""An event waiting in an attempt's outbox, with when it was produced."""
+
+
+def continues(head: PartialChunk, last: PartialChunk, then: PartialChunk) -> bool:
+    """Whether ``then`` can be sent in one chunk with the run ``head`` .. ``last``.
+
+    The rule of :mod:`hivewire.services.runtime.partials`: it appends to the same
+    artifact (same id and name) that ``last`` did not end, and the run and ``then``
+    carry only text, or only bytes of one content type (JSON never merges).
+    """
+    return partials.continues(head, last, then, _content_key)
+
+
+def _content_key(chunk: PartialChunk) -> partials.ContentKey | None:
+    content = chunk.content
+    return partials.content_key(
+        content.text, content.data, content.content_type, has_json=content.json is not None
+    )
+
+
+def coalesce(run: list[PartialChunk]) -> PartialChunk:
+    """One chunk for a run of chunks that :func:`continues` allows to join.
+
+    Its content is the run's contents in order; it replaces or appends as the first
+    chunk did, and ends the artifact when the last one does. What a reader rebuilds
+    from it is byte for byte what it rebuilds from the run.
+    """
+    if len(run) == 1:
+        return run[0]
+    head = run[0]
+    content = head.content
+    if content.data:
+        merged = Payload(
+            data=b"".join(c.content.data for c in run), content_type=content.content_type
+        )
+    else:
+        merged = Payload(
+            text="".join(c.content.text for c in run), content_type=content.content_type
+        )
+    return PartialChunk(merged, head.artifact_id, head.append, run[-1].last_chunk, head.name)
+
+
+def _content_size(content: Payload) -> int:
+    return len(content.text) + len(content.data)
+
+
 @dataclass(frozen=True)
 class AgentDescription:
     """The agent card plus live state (``Describe``)."""
@@ -212,6 +261,7 @@ class AgentRuntime(StartClose):
         bind_clients: ClientBinder | None = None,
         cancel_grace: float = 1.0,
         outbox_size: int = 256,
+        coalesce_partials: bool = True,
     ) -> None:
         """Create the runtime.
 
@@ -225,6 +275,8 @@ class AgentRuntime(StartClose):
                 is reported ended anyway.
             outbox_size: Events buffered per attempt before the handler waits for the
                 coordinator to read (back-pressure).
+            coalesce_partials: Send partial chunks queued behind a busy stream as one
+                (:func:`coalesce`); False sends one message per chunk.
         """
         self.agent = agent
         self.agent_id = agent_id
@@ -235,6 +287,7 @@ class AgentRuntime(StartClose):
         self._bind_clients = bind_clients
         self._cancel_grace = cancel_grace
         self._outbox_size = outbox_size
+        self._coalesce = coalesce_partials
         self._in_flight = 0
         self._stragglers: set[asyncio.Task[object]] = set()
         self._closed = False
@@ -346,7 +399,7 @@ class Execution(StartClose):
         self.info = info
         self._input = task_input
         self._handler = handler
-        self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue(runtime._outbox_size)
+        self._outbox: asyncio.Queue[_Queued] = asyncio.Queue(runtime._outbox_size)
         self._sequence = 0
         self._pending: dict[str, asyncio.Future[InputAnswer]] = {}
         self._interrupt: asyncio.Future[str] | None = None
@@ -429,18 +482,55 @@ class Execution(StartClose):
         return True
 
     async def events(self) -> AsyncIterator[Outgoing]:
-        """Yield the attempt's events in order, ending with the terminal one."""
+        """Yield the attempt's events in order, ending with the terminal one.
+
+        Partial chunks that piled up while the previous event was being sent are sent
+        as one (:func:`coalesce`): only what is queued already, so a lone chunk goes out
+        at once. ``sequence`` numbers what is yielded (1, 2, 3... without gaps).
+        """
+        held: _Queued | None = None
         while True:
-            out = await self._outbox.get()
+            if held is None:
+                stamp, event = await self._outbox.get()
+            else:
+                (stamp, event), held = held, None
+            if (
+                isinstance(event, PartialChunk)
+                and self._runtime._coalesce
+                and not self._outbox.empty()
+            ):
+                event, held = self._coalesce_queued(event)
+            self._sequence += 1
+            out = Outgoing(self._sequence, stamp, event)
             yield out
             if out.terminal:
                 return
 
+    def _coalesce_queued(self, first: PartialChunk) -> tuple[PartialChunk, _Queued | None]:
+        """``first`` with the queued chunks that continue it; the next event, if taken."""
+        run = [first]
+        size = _content_size(first.content)
+        while not self._outbox.empty():
+            queued = self._outbox.get_nowait()
+            then = queued[1]
+            if not isinstance(then, PartialChunk) or not continues(run[0], run[-1], then):
+                return self._joined(run), queued
+            size += _content_size(then.content)
+            if size > partials.COALESCE_MAX:
+                return self._joined(run), queued
+            run.append(then)
+        return self._joined(run), None
+
+    @staticmethod
+    def _joined(run: list[PartialChunk]) -> PartialChunk:
+        if len(run) > 1:
+            agent_metrics.PARTIALS_JOINED.inc(len(run) - 1)
+        return coalesce(run)
+
     # --- ExecutionSink (called from the handler's TaskContext) ----------------------
 
     async def _emit(self, event: Event) -> None:
-        self._sequence += 1
-        await self._outbox.put(Outgoing(self._sequence, datetime.now(UTC), event))
+        await self._outbox.put((datetime.now(UTC), event))
 
     async def send_progress(self, fraction: float, step: str, message: str) -> None:
         """Queue a progress event."""

@@ -295,6 +295,7 @@ async def running_agent(
             name=cfg.name,
             bind_clients=binder,
             cancel_grace=cfg.cancel_grace,
+            coalesce_partials=cfg.coalesce_partials,
         )
         card = runtime.card
         await process.stack.enter_async_context(runtime)

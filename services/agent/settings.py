@@ -50,6 +50,11 @@ class AgentSettings(Section):
     cancel_grace: float = Field(
         1.0, ge=0, description="Seconds a cancelled handler gets before the attempt ends anyway."
     )
+    coalesce_partials: bool = Field(
+        True,
+        description="Send partial chunks that queued up behind a busy stream as one "
+        "(never waits for more; off: one message per chunk).",
+    )
     registration: bool = Field(
         True, description="Register in discovery (off for tests and debugging)."
     )

@@ -21,6 +21,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol, TypedDict
 
@@ -33,8 +34,8 @@ from hivewire.services.coordinator import convert, metrics
 from hivewire.services.coordinator.attempts import Attempt
 from hivewire.services.coordinator.model import TaskRecord, now_ns
 from hivewire.services.coordinator.outbox import OutboxSink, event_id, outbox_sink, pack
-from hivewire.services.coordinator.store import TERMINAL_STATES, EventRow, TaskStore
-from hivewire.services.runtime import tracing
+from hivewire.services.coordinator.store import TERMINAL_STATES, EventRow, StoreError, TaskStore
+from hivewire.services.runtime import partials, tracing
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.events.envelope import (
     EventFields,
@@ -266,6 +267,8 @@ class Journal:
         # off), or straight to ``events.publish`` once committed (any other sink).
         self._outbox = outbox_sink(events)
         self._direct = not isinstance(events, NullSink | OutboxSink)
+        # Tasks whose latest partial event is not committed yet, by task id.
+        self._partials: dict[str, _PartialStream] = {}
 
     @property
     def outbox(self) -> OutboxSink | None:
@@ -298,11 +301,15 @@ class Journal:
             reports: ``workflow.*`` events reporting this one, published right after it.
             write_row: Also store the task's row (False for events that change no
                 stored field, such as partials).
-            kind: The event's one ``TaskEvent.kind`` field.
+            kind: The event's one ``TaskEvent.kind`` field (an agent's partial result
+                goes through :meth:`partial`).
 
         Returns:
             The commit future.
         """
+        if self._partials and "partial" not in kind:
+            # Partial results still waiting (see partial) go first: the agent's order.
+            self._flush_partials(rt)
         record = rt.record
         record.last_sequence += 1
         stamp = now_ns()
@@ -337,6 +344,62 @@ class Journal:
         )
         future.add_done_callback(partial(self._committed, rt, event, published))
         return future
+
+    def partial(self, rt: TaskRuntime, chunk: common_pb2.PartialResult) -> None:
+        """Append a partial result of the task's running attempt.
+
+        Stored at once, unless the task's previous partial event is still being
+        committed: then it waits for that commit (never longer) together with the
+        chunks that arrive meanwhile, and those that continue each other
+        (:mod:`hivewire.services.runtime.partials`) become one event. An event of any
+        other kind sends what waits first, so the order is the agent's.
+        """
+        task_id = rt.record.task_id
+        stream = self._partials.get(task_id)
+        if stream is None:
+            self._send_partials(rt, [chunk])
+            return
+        held = stream.held
+        if held and not (
+            partials.continues(held[0], held[-1], chunk, _content_key)
+            and stream.size + _size(chunk) <= partials.COALESCE_MAX
+        ):
+            # It cannot join what waits: that goes now, and this one waits behind it.
+            self._send_partials(rt, held)
+            stream = self._partials[task_id]
+        stream.held.append(chunk)
+        stream.size += _size(chunk)
+
+    def _send_partials(self, rt: TaskRuntime, run: list[common_pb2.PartialResult]) -> None:
+        if len(run) > 1:
+            metrics.PARTIALS_JOINED.inc(len(run) - 1)
+        future = self.emit(rt, write_row=False, partial=_joined(run))
+        stream = _PartialStream()
+        self._partials[rt.record.task_id] = stream
+        future.add_done_callback(partial(self._partial_committed, rt, stream))
+
+    def _partial_committed(
+        self, rt: TaskRuntime, stream: _PartialStream, _future: asyncio.Future[None]
+    ) -> None:
+        task_id = rt.record.task_id
+        if self._partials.get(task_id) is not stream:
+            return  # what waited behind it went already (another event came)
+        if not stream.held:
+            del self._partials[task_id]
+            return
+        try:
+            self._send_partials(rt, stream.held)
+        except StoreError as exc:
+            # The store closed under a stopping coordinator: the attempt did not end
+            # here, so a later one (or a takeover) runs the task again.
+            del self._partials[task_id]
+            logger.warning("partial results of task %s not stored: %s", task_id, exc)
+
+    def _flush_partials(self, rt: TaskRuntime) -> None:
+        """Send the task's waiting partial chunks now (an event of another kind comes)."""
+        stream = self._partials.get(rt.record.task_id)
+        if stream is not None and stream.held:
+            self._send_partials(rt, stream.held)
 
     def _envelopes(
         self,
@@ -580,3 +643,41 @@ def task_event_data(record: TaskRecord, extra: dict[str, Message]) -> events_pb2
     )
     convert.copy_present(data, **extra)
     return data
+
+
+@dataclass
+class _PartialStream:
+    """The chunks held behind a task's latest partial event while it commits."""
+
+    held: list[common_pb2.PartialResult] = field(default_factory=list)
+    size: int = 0
+
+
+def _content_key(chunk: common_pb2.PartialResult) -> partials.ContentKey | None:
+    content = chunk.content
+    return partials.content_key(
+        content.text, content.data, content.content_type, has_json=content.HasField("json")
+    )
+
+
+def _size(chunk: common_pb2.PartialResult) -> int:
+    return len(chunk.content.text) + len(chunk.content.data)
+
+
+def _joined(run: list[common_pb2.PartialResult]) -> common_pb2.PartialResult:
+    """One chunk for a run that :func:`partials.continues` allows to join."""
+    if len(run) == 1:
+        return run[0]
+    head = run[0]
+    content = common_pb2.Payload(content_type=head.content.content_type)
+    if head.content.data:
+        content.data = b"".join(c.content.data for c in run)
+    else:
+        content.text = "".join(c.content.text for c in run)
+    return common_pb2.PartialResult(
+        artifact_id=head.artifact_id,
+        content=content,
+        append=head.append,
+        last_chunk=run[-1].last_chunk,
+        name=head.name,
+    )

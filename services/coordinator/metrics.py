@@ -146,3 +146,8 @@ OUTBOX_RELAYED = Counter(
     "Outbox entries JetStream acknowledged and the relay recorded as published (what a "
     "restart sends again included): written minus relayed is the backlog.",
 )
+PARTIALS_JOINED = Counter(
+    "hivewire_coordinator_partials_joined_total",
+    "Partial results stored inside the event of the one before them (they arrived while "
+    "the task's previous partial event was being committed).",
+)

@@ -1072,7 +1072,7 @@ class Coordinator(StartStop):
             self._journal.emit(rt, publish="task.progress", progress=message.progress)
         elif kind == "partial":
             self._ensure_running(rt, attempt)
-            self._journal.emit(rt, write_row=False, partial=message.partial)
+            self._journal.partial(rt, message.partial)
         elif kind == "activity":
             self._ensure_running(rt, attempt)
             self._journal.emit(rt, write_row=False, activity=message.activity)

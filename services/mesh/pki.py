@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hivewire.services.runtime.tls import TRUST_DOMAIN, cert_spiffe_id, parse_spiffe_id, spiffe_id
+from hivewire.services.runtime.tls import TRUST_DOMAIN, MeshName, cert_spiffe_id, parse_spiffe_id
 from hivewire.services.runtime.tls import CertInfo as CertInfo  # re-exported (docstring)
 from hivewire.services.runtime.tls import describe_cert as describe_cert  # re-exported
 
@@ -95,38 +95,30 @@ class CertExistsError(PkiError, FileExistsError):
 
 
 @dataclass(frozen=True, slots=True)
-class Identity:
-    """One mesh identity and the file stem its certificate and key are stored under.
+class Identity(MeshName):
+    """One mesh identity (its role and name make the URI SAN, :attr:`spiffe_id`) and
+    the file stem its certificate and key are stored under.
 
     Attributes:
         stem: File stem in the PKI directory (``<stem>.pem`` / ``<stem>.key``).
-        role: The identity's role (``coordinator``, ``agent``, ``client``...).
-        name: The identity's name within its role.
     """
 
     stem: str
-    role: str
-    name: str
-
-    @property
-    def spiffe_id(self) -> str:
-        """The identity's URI SAN, ``spiffe://hivewire.local/<role>/<name>``."""
-        return spiffe_id(self.role, self.name)
 
 
 DEFAULT_IDENTITIES: tuple[Identity, ...] = (
     Identity("coordinator", "coordinator", "coordinator"),
     Identity("model", "model", "model"),
     Identity("tool", "tool", "tool"),
-    Identity("agent", "agent", "default"),
-    Identity("agent-summarizer", "agent", "summarizer"),
-    Identity("agent-researcher", "agent", "researcher"),
-    Identity("agent-calculator", "agent", "calculator"),
-    Identity("agent-planner", "agent", "planner"),
+    Identity("agent", "default", "agent"),
+    Identity("agent", "summarizer", "agent-summarizer"),
+    Identity("agent", "researcher", "agent-researcher"),
+    Identity("agent", "calculator", "agent-calculator"),
+    Identity("agent", "planner", "agent-planner"),
     Identity("client", "client", "client"),
     Identity("admin", "admin", "admin"),
-    Identity("a2a", "client", "a2a"),
-    Identity("mcp", "client", "mcp"),
+    Identity("client", "a2a", "a2a"),
+    Identity("client", "mcp", "mcp"),
     Identity("nats", "nats", "nats"),
 )
 """The identities ``init_pki`` creates: one per service, the example agents, a client, an admin,
@@ -344,7 +336,7 @@ def issue_cert(
         raise ValueError(f"empty validity window: not_after {end} is not after {start}")
     _ensure_dir(directory)
     ca, _ = _load_or_create_ca(directory, force=False, outcome=_Outcome())
-    identity = Identity(stem, role, name)
+    identity = Identity(role, name, stem)
     cert = _write_leaf(directory, identity, ca, not_before=start, not_after=end)
     return IssuedCert(
         stem=stem,
@@ -673,7 +665,7 @@ def _extra_identities(directory: Path, *, exclude: Iterable[str]) -> Iterator[Id
             continue
         parsed = parse_spiffe_id(cert_spiffe_id(cert) or "")
         if parsed is not None and all(_LABEL.fullmatch(label) for label in parsed):
-            yield Identity(stem, *parsed)
+            yield Identity(*parsed, stem)
 
 
 def _describe_existing(cert_path: Path) -> str:

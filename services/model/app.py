@@ -8,7 +8,7 @@ import httpx
 
 from hivewire.services.model.backends.base import Backend
 from hivewire.services.model.backends.deterministic import DeterministicBackend
-from hivewire.services.model.backends.local import LocalBackend
+from hivewire.services.model.backends.local import LocalBackend, LocalModelOptions
 from hivewire.services.model.backends.ollama import OllamaBackend
 from hivewire.services.model.backends.openai import OpenAIBackend
 from hivewire.services.model.router import Router
@@ -49,13 +49,14 @@ def build_backends(
                 transport=transport,
             )
         elif name == "local":
-            backends[name] = LocalBackend(
+            options = LocalModelOptions(
                 model_name=settings.local_model_name,
                 model_path=settings.local_model_path,
                 chat_format=settings.local_chat_format,
                 context_tokens=settings.local_context_tokens,
                 threads=settings.local_threads,
             )
+            backends[name] = LocalBackend(options)
         else:
             backends[name] = DeterministicBackend(
                 model_name=settings.deterministic_model,

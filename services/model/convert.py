@@ -21,7 +21,7 @@ from hivewire.services.model.domain import (
     Usage,
 )
 from hivewire.services.runtime import metadata as md
-from hivewire.services.runtime.convert import duration
+from hivewire.services.runtime.convert import duration, same_named
 from hivewire.services.runtime.errors import FieldViolation, HivewireError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -83,9 +83,11 @@ def _params(
     )
 
 
-def _model_name(model: str, bad: list[FieldViolation]) -> None:
+def _model_violations(model: str) -> list[FieldViolation]:
+    """The violations list of a request, started with its model name's."""
     if len(model) > MAX_MODEL_NAME:
-        bad.append(FieldViolation("model", f"at most {MAX_MODEL_NAME} characters"))
+        return [FieldViolation("model", f"at most {MAX_MODEL_NAME} characters")]
+    return []
 
 
 def chat_from_proto(request: model_pb2.ChatRequest, *, max_output_tokens: int) -> GenerationCall:
@@ -94,8 +96,7 @@ def chat_from_proto(request: model_pb2.ChatRequest, *, max_output_tokens: int) -
     Raises:
         InvalidArgument: With one field violation per problem.
     """
-    bad: list[FieldViolation] = []
-    _model_name(request.model, bad)
+    bad = _model_violations(request.model)
     if not request.messages:
         bad.append(FieldViolation("messages", "at least one message is required"))
     turns: list[ChatTurn] = []
@@ -123,8 +124,7 @@ def generate_from_proto(
     Raises:
         InvalidArgument: With one field violation per problem.
     """
-    bad: list[FieldViolation] = []
-    _model_name(request.model, bad)
+    bad = _model_violations(request.model)
     if not request.prompt.strip():
         bad.append(FieldViolation("prompt", "is required"))
     params = _params(request.params, "params", max_output_tokens, bad)
@@ -148,8 +148,7 @@ def embed_from_proto(request: model_pb2.EmbedRequest) -> list[str]:
     Raises:
         InvalidArgument: With one field violation per problem.
     """
-    bad: list[FieldViolation] = []
-    _model_name(request.model, bad)
+    bad = _model_violations(request.model)
     if not request.inputs:
         bad.append(FieldViolation("inputs", "at least one input is required"))
     if len(request.inputs) > MAX_EMBED_INPUTS:
@@ -198,12 +197,14 @@ def metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str)
 # -- responses ----------------------------------------------------------------------------
 
 
+#: The token counts a call's usage and ``common.v1.Usage`` call the same.
+_TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
 def usage_to_proto(usage: Usage, *, model_calls: int = 1) -> common_pb2.Usage:
     """The common Usage message for one call."""
     message = common_pb2.Usage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
+        **same_named(usage, _TOKEN_COUNTS),
         total_time=duration(usage.total_time),
         model_calls=model_calls,
     )

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hivewire.services.runtime.errors import Unauthenticated
 from hivewire.services.runtime.filewatch import FileWatch
-from hivewire.services.runtime.tls import spiffe_id
+from hivewire.services.runtime.tls import MeshName
 
 logger = logging.getLogger(__name__)
 
@@ -104,24 +104,16 @@ class AuthSettings(BaseModel):
         return self.jwt_enabled or self.api_keys_file is not None
 
 
-@dataclass(frozen=True)
-class Principal:
-    """Who a credential names.
+@dataclass(frozen=True, slots=True)
+class Principal(MeshName):
+    """Who a credential names: a policy role (``client``, ``admin``...) and a name
+    within it, whose SPIFFE id is :attr:`spiffe_id`.
 
     Attributes:
-        role: The policy role (``client``, ``admin``...).
-        name: The principal's name within the role.
         via: ``api_key`` or ``jwt``.
     """
 
-    role: str
-    name: str
     via: str
-
-    @property
-    def identity(self) -> str:
-        """``spiffe://hivewire.local/<role>/<name>``."""
-        return spiffe_id(self.role, self.name)
 
 
 def _refuse(reason: str, message: str) -> Unauthenticated:

@@ -442,7 +442,7 @@ class _Gate:
                 record_denial("authn", err.reason, caller.spiffe_id, method)
                 raise
             if principal is not None:
-                caller = CallerIdentity(principal.identity, principal.role, principal.name)
+                caller = CallerIdentity(principal.spiffe_id, principal.role, principal.name)
         delegated = _metadata_value(context, ON_BEHALF_OF)
         if delegated is not None:
             caller = await self._delegate(request, context, method, streaming, caller, delegated)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from hivewire.common.v1 import common_pb2
 from hivewire.services.runtime.values import ErrorInfo
@@ -23,6 +24,8 @@ __all__ = [
     "duration_seconds",
     "error_detail",
     "error_info",
+    "optional_struct",
+    "optional_struct_dict",
     "same_named",
     "struct_to_dict",
     "timestamp",
@@ -101,6 +104,16 @@ def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
     """A ``google.protobuf.Struct`` as a JSON object (numbers come back as floats)."""
     result: dict[str, Any] = json_format.MessageToDict(struct)
     return result
+
+
+def optional_struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    """:func:`to_struct` for an optional ``Struct`` field: None leaves the field unset."""
+    return None if value is None else to_struct(value)
+
+
+def optional_struct_dict(message: Message, field: str) -> dict[str, Any] | None:
+    """The JSON object of a message's optional ``Struct`` field, None when it is unset."""
+    return struct_to_dict(getattr(message, field)) if message.HasField(field) else None
 
 
 def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:

@@ -133,7 +133,7 @@ class HttpAuthenticator:
             principal = await self.authn.authenticate([("authorization", authorization)])
             assert principal is not None
             return HttpCaller(
-                CallerIdentity(principal.identity, principal.role, principal.name),
+                CallerIdentity(principal.spiffe_id, principal.role, principal.name),
                 via=principal.via,
                 authorization=authorization,
             )

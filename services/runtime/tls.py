@@ -44,6 +44,24 @@ def spiffe_id(role: str, name: str) -> str:
     return f"{SPIFFE_SCHEME}{TRUST_DOMAIN}/{role}/{name}"
 
 
+@dataclass(frozen=True, slots=True)
+class MeshName:
+    """A mesh identity's role and name: what its SPIFFE id is made of.
+
+    Attributes:
+        role: What the identity is (``coordinator``, ``agent``, ``client``...).
+        name: The instance or principal name within that role.
+    """
+
+    role: str
+    name: str
+
+    @property
+    def spiffe_id(self) -> str:
+        """The identity's SPIFFE id, ``spiffe://hivewire.local/<role>/<name>``."""
+        return spiffe_id(self.role, self.name)
+
+
 def parse_spiffe_id(value: str) -> tuple[str, str] | None:
     """Split a hivewire SPIFFE id into ``(role, name)``.
 

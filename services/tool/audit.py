@@ -13,6 +13,7 @@ Prometheus. With an event publisher, calls are also published:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -52,8 +53,8 @@ ToolEvents = EventSink[events_pb2.ToolEventData]
 
 
 @dataclass(frozen=True)
-class AuditRecord:
-    """What is known about a call when it ends (or pauses for approval).
+class AuditedCall:
+    """Which call an audit entry is about: what every ``tool.*`` event starts with.
 
     Attributes:
         call_id: The call's id.
@@ -61,11 +62,6 @@ class AuditRecord:
         caller: The caller's SPIFFE id.
         task_id: The task, if any.
         arguments_digest: Digest of the arguments ("" when they could not be read).
-        outcome: ``ok``, ``error`` (also for cancelled calls, with reason ``CANCELLED``),
-            ``denied``, ``timeout`` or ``approval_required``.
-        duration: Seconds since the call started.
-        error: The error, for calls that did not return a result.
-        known_tool: Whether ``tool_name`` is a tool (else metrics use a fixed label).
     """
 
     call_id: str
@@ -73,6 +69,26 @@ class AuditRecord:
     caller: str
     task_id: str
     arguments_digest: str
+
+    def event_data(self) -> events_pb2.ToolEventData:
+        """The event data naming this call (its fields are the message's, by name)."""
+        return events_pb2.ToolEventData(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """What is known about a call when it ends (or pauses for approval).
+
+    Attributes:
+        call: Which call.
+        outcome: ``ok``, ``error`` (also for cancelled calls, with reason ``CANCELLED``),
+            ``denied``, ``timeout`` or ``approval_required``.
+        duration: Seconds since the call started.
+        error: The error, for calls that did not return a result.
+        known_tool: Whether ``call.tool_name`` is a tool (else metrics use a fixed label).
+    """
+
+    call: AuditedCall
     outcome: str
     duration: float
     error: ErrorInfo | None = None
@@ -99,21 +115,10 @@ class AuditTrail:
             # Events are best effort here: a broken publisher must not fail tool calls.
             logger.exception("could not publish %s for call %s", event_type, data.call_id)
 
-    def invoked(
-        self, *, call_id: str, tool_name: str, caller: str, task_id: str, arguments_digest: str
-    ) -> None:
+    def invoked(self, call: AuditedCall) -> None:
         """Record that the tool started running."""
         IN_FLIGHT.inc()
-        self._publish(
-            "tool.invoked",
-            events_pb2.ToolEventData(
-                call_id=call_id,
-                tool_name=tool_name,
-                caller=caller,
-                task_id=task_id,
-                arguments_digest=arguments_digest,
-            ),
-        )
+        self._publish("tool.invoked", call.event_data())
 
     def finished(self, record: AuditRecord, *, started: bool) -> None:
         """Record the end of a call (or its pause for approval).
@@ -124,7 +129,8 @@ class AuditTrail:
         """
         if started:
             IN_FLIGHT.dec()
-        label = record.tool_name if record.known_tool else UNKNOWN_TOOL_LABEL
+        call = record.call
+        label = call.tool_name if record.known_tool else UNKNOWN_TOOL_LABEL
         CALLS.labels(label, record.outcome).inc()
         DURATION.labels(label).observe(record.duration)
         if record.error is not None:
@@ -132,23 +138,17 @@ class AuditTrail:
         reason = f" reason={record.error.reason}" if record.error is not None else ""
         logger.info(
             "tool call call_id=%s caller=%s tool=%s digest=%s outcome=%s duration=%.3fs%s",
-            record.call_id,
-            record.caller or "-",
-            record.tool_name,
-            record.arguments_digest or "-",
+            call.call_id,
+            call.caller or "-",
+            call.tool_name,
+            call.arguments_digest or "-",
             record.outcome,
             record.duration,
             reason,
         )
-        data = events_pb2.ToolEventData(
-            call_id=record.call_id,
-            tool_name=record.tool_name,
-            caller=record.caller,
-            task_id=record.task_id,
-            arguments_digest=record.arguments_digest,
-            outcome=record.outcome,
-            duration=duration(record.duration),
-        )
+        data = call.event_data()
+        data.outcome = record.outcome
+        data.duration.CopyFrom(duration(record.duration))
         if record.error is not None:
             data.error.CopyFrom(error_detail(record.error))
         if record.outcome == "ok":

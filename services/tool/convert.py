@@ -7,7 +7,14 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from hivewire.common.v1 import common_pb2
-from hivewire.services.runtime.convert import error_detail, error_info, struct_to_dict, to_struct
+from hivewire.services.runtime.convert import (
+    error_detail,
+    error_info,
+    optional_struct,
+    optional_struct_dict,
+    struct_to_dict,
+    to_struct,
+)
 from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 from hivewire.services.tool.domain import (
     ApprovalGrant,
@@ -40,17 +47,15 @@ def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
 
 def descriptor_to_proto(info: ToolInfo) -> tool_pb2.ToolDescriptor:
     """``ToolInfo`` -> ``ToolDescriptor``."""
-    descriptor = tool_pb2.ToolDescriptor(
+    return tool_pb2.ToolDescriptor(
         name=info.name,
         description=info.description,
         input_schema=to_struct(info.input_schema),
+        output_schema=optional_struct(info.output_schema),
         requires_approval=info.requires_approval,
         source=_SOURCES[info.source],
         version=info.version,
     )
-    if info.output_schema is not None:
-        descriptor.output_schema.CopyFrom(to_struct(info.output_schema))
-    return descriptor
 
 
 def descriptor_from_proto(descriptor: tool_pb2.ToolDescriptor) -> ToolInfo:
@@ -59,11 +64,7 @@ def descriptor_from_proto(descriptor: tool_pb2.ToolDescriptor) -> ToolInfo:
         name=descriptor.name,
         description=descriptor.description,
         input_schema=struct_to_dict(descriptor.input_schema),
-        output_schema=(
-            struct_to_dict(descriptor.output_schema)
-            if descriptor.HasField("output_schema")
-            else None
-        ),
+        output_schema=optional_struct_dict(descriptor, "output_schema"),
         requires_approval=descriptor.requires_approval,
         source=_SOURCES_BACK.get(descriptor.source, ToolSource.BUILTIN),
         version=descriptor.version,

@@ -34,7 +34,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from types import ModuleType
 from typing import Any, TypedDict, TypeVar, Unpack, get_type_hints, overload
 
@@ -214,41 +214,33 @@ class ToolOutput:
 ProgressCallback = Callable[[float, str, str], None]
 
 
+@dataclass(kw_only=True, eq=False)
 class ToolContext:
     """What a tool may know and do about the call it serves.
 
     Declare a parameter annotated ``ToolContext`` (any name) to receive it; it is not
     part of the arguments schema. Every method is safe to call from a tool's thread.
+    The service creates one for every call.
+
+    Attributes:
+        tool_name: The tool being called.
+        call_id: The caller's id for this call.
+        task_id: The task the call is made for.
+        caller: The caller's SPIFFE id.
+        correlation_id: Correlation id of the work.
+        deadline: ``time.monotonic()`` value the call must end by, if any.
+        on_progress: Receives ``(fraction, step, message)`` for each report.
     """
 
-    def __init__(
-        self,
-        *,
-        tool_name: str,
-        call_id: str = "",
-        task_id: str = "",
-        caller: str = "",
-        correlation_id: str = "",
-        deadline: float | None = None,
-        on_progress: ProgressCallback | None = None,
-    ) -> None:
-        """Create a context (the service does this for every call).
+    tool_name: str
+    call_id: str = ""
+    task_id: str = ""
+    caller: str = ""
+    correlation_id: str = ""
+    deadline: float | None = None
+    on_progress: InitVar[ProgressCallback | None] = None
 
-        Args:
-            tool_name: The tool being called.
-            call_id: The caller's id for this call.
-            task_id: The task the call is made for.
-            caller: The caller's SPIFFE id.
-            correlation_id: Correlation id of the work.
-            deadline: ``time.monotonic()`` value the call must end by, if any.
-            on_progress: Receives ``(fraction, step, message)`` for each report.
-        """
-        self.tool_name = tool_name
-        self.call_id = call_id
-        self.task_id = task_id
-        self.caller = caller
-        self.correlation_id = correlation_id
-        self.deadline = deadline
+    def __post_init__(self, on_progress: ProgressCallback | None) -> None:
         self._on_progress = on_progress
         self._cancelled = threading.Event()
 

@@ -43,7 +43,7 @@ from hivewire.services.runtime.errors import (
 from hivewire.services.runtime.grants import ApprovalVerifier, GrantLedger
 from hivewire.services.runtime.values import ErrorInfo, ProgressUpdate
 from hivewire.services.runtime.version import hivewire_version
-from hivewire.services.tool.audit import AuditRecord, AuditTrail, ToolEvents
+from hivewire.services.tool.audit import AuditedCall, AuditRecord, AuditTrail, ToolEvents
 from hivewire.services.tool.builtins import Builtins
 from hivewire.services.tool.domain import (
     ApprovalGrant,
@@ -90,37 +90,28 @@ def _failure_from_error(err: HivewireError) -> ErrorInfo:
     )
 
 
+@dataclasses.dataclass(eq=False)
 class ToolService:
-    """Lists tools and runs calls against the registry, the policy and the limits."""
+    """Lists tools and runs calls against the registry, the policy and the limits.
 
-    def __init__(
-        self,
-        settings: ToolSettings,
-        *,
-        registry: ToolRegistry,
-        policy: PolicyStore,
-        audit: AuditTrail,
-        bridge: McpBridge | None = None,
-        approvals: ApprovalVerifier | None = None,
-    ) -> None:
-        """Create the service over a filled registry.
+    Attributes:
+        settings: Limits and timeouts.
+        registry: The tools (filled before the service is created).
+        policy: Who may call what.
+        audit: Where calls are logged, counted and published.
+        bridge: The MCP bridge, if any (for status only).
+        approvals: Verifies the coordinator's signed approvals (None: every
+            approval is refused).
+    """
 
-        Args:
-            settings: Limits and timeouts.
-            registry: The tools.
-            policy: Who may call what.
-            audit: Where calls are logged, counted and published.
-            bridge: The MCP bridge, if any (for status only).
-            approvals: Verifies the coordinator's signed approvals (None: every
-                approval is refused).
-        """
-        self.settings = settings
-        self.registry = registry
-        self.policy = policy
-        self.audit = audit
-        self.bridge = bridge
-        self.approvals = approvals
-        self._running = 0
+    settings: ToolSettings
+    _: dataclasses.KW_ONLY
+    registry: ToolRegistry
+    policy: PolicyStore
+    audit: AuditTrail
+    bridge: McpBridge | None = None
+    approvals: ApprovalVerifier | None = None
+    _running: int = dataclasses.field(default=0, init=False, repr=False)
 
     @property
     def running(self) -> int:
@@ -201,11 +192,7 @@ class ToolService:
 
         def record(outcome: str, error: ErrorInfo | None) -> AuditRecord:
             return AuditRecord(
-                call_id=call_id,
-                tool_name=name,
-                caller=call.caller,
-                task_id=call.task_id,
-                arguments_digest=digest,
+                AuditedCall(call_id, name, call.caller, call.task_id, digest),
                 outcome=outcome,
                 duration=time.monotonic() - started,
                 error=error,
@@ -333,13 +320,7 @@ class ToolService:
             on_progress=on_progress,
         )
         self._running += 1
-        self.audit.invoked(
-            call_id=call_id,
-            tool_name=tool.name,
-            caller=call.caller,
-            task_id=call.task_id,
-            arguments_digest=digest,
-        )
+        self.audit.invoked(AuditedCall(call_id, tool.name, call.caller, call.task_id, digest))
         task = asyncio.create_task(tool.call(call.arguments, ctx), name=f"tool-{tool.name}")
         task.add_done_callback(lambda _: queue.put_nowait(_DONE))
         finished = False

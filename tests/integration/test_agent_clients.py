@@ -246,7 +246,8 @@ async def test_model_stream_carries_task_identity_deadline_and_budget(
 
     assert final.result.output.json == {"text": "Hello!", "finish": "stop"}
     partials = [m.partial.content.text for m in ex.received if m.WhichOneof("kind") == "partial"]
-    assert partials == ["Hel", "lo", "!"]
+    # Relayed chunk by chunk; chunks that queue up behind a busy stream travel together.
+    assert "".join(partials) == "Hello!" and 1 <= len(partials) <= 3
     usage = final.result.usage
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (5, 3, 8)
     assert usage.model_calls == 1 and usage.HasField("time_to_first_token")

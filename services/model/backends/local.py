@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -80,37 +81,40 @@ class _Stop:
         self.error = error
 
 
+@dataclass(frozen=True)
+class LocalModelOptions:
+    """Which GGUF model the local backend runs, and how.
+
+    Attributes:
+        model_name: The name it answers to and lists.
+        model_path: GGUF file; None uses the bundled Gemma 3 270M.
+        chat_format: llama.cpp chat format.
+        context_tokens: Context window.
+        threads: CPU threads for llama.cpp; None lets it choose.
+        default_max_tokens: Tokens to produce when a request sets no limit.
+    """
+
+    model_name: str = "gemma-3-270m"
+    model_path: Path | None = None
+    chat_format: str = "gemma"
+    context_tokens: int = 2048
+    threads: int | None = None
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+
+
 class LocalBackend:
     """Runs one GGUF model in-process with llama-cpp-python."""
 
     name = "local"
 
-    def __init__(
-        self,
-        *,
-        model_name: str = "gemma-3-270m",
-        model_path: Path | None = None,
-        chat_format: str = "gemma",
-        context_tokens: int = 2048,
-        threads: int | None = None,
-        default_max_tokens: int = DEFAULT_MAX_TOKENS,
-    ) -> None:
+    def __init__(self, options: LocalModelOptions | None = None) -> None:
         """Create the backend; the model loads on first use.
 
         Args:
-            model_name: The name it answers to and lists.
-            model_path: GGUF file; None uses the bundled Gemma 3 270M.
-            chat_format: llama.cpp chat format.
-            context_tokens: Context window.
-            threads: CPU threads for llama.cpp; None lets it choose.
-            default_max_tokens: Tokens to produce when a request sets no limit.
+            options: The model and how to run it (None: the bundled model's defaults).
         """
-        self.model_name = model_name
-        self._model_path = model_path
-        self._chat_format = chat_format
-        self._context_tokens = context_tokens
-        self._threads = threads
-        self._default_max_tokens = default_max_tokens
+        self._options = options or LocalModelOptions()
+        self.model_name = self._options.model_name
         # One worker: llama.cpp contexts are not re-entrant, and queued requests must
         # not each hold a thread.
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -131,7 +135,8 @@ class LocalBackend:
             return self._active
 
     def _path(self) -> Path:
-        return self._model_path if self._model_path is not None else bundled_model_path()
+        path = self._options.model_path
+        return path if path is not None else bundled_model_path()
 
     def _build(self, *, embedding: bool) -> Any:
         try:
@@ -147,15 +152,15 @@ class LocalBackend:
         )
         kwargs: dict[str, Any] = {
             "model_path": str(path),
-            "n_ctx": self._context_tokens,
+            "n_ctx": self._options.context_tokens,
             "verbose": False,
         }
-        if self._threads is not None:
-            kwargs["n_threads"] = self._threads
+        if self._options.threads is not None:
+            kwargs["n_threads"] = self._options.threads
         if embedding:
             kwargs.update(embedding=True, pooling_type=LLAMA_POOLING_TYPE_MEAN)
         else:
-            kwargs["chat_format"] = self._chat_format
+            kwargs["chat_format"] = self._options.chat_format
         return Llama(**kwargs)
 
     async def _model(self, *, embedding: bool = False) -> Any:
@@ -230,7 +235,7 @@ class LocalBackend:
             kwargs: dict[str, Any] = {
                 "messages": messages,
                 "stream": True,
-                "max_tokens": params.max_tokens or self._default_max_tokens,
+                "max_tokens": params.max_tokens or self._options.default_max_tokens,
             }
             if params.temperature is not None:
                 kwargs["temperature"] = params.temperature
@@ -324,7 +329,7 @@ class LocalBackend:
 
     async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
         """The one model this backend serves (its file need not be loaded yet)."""
-        path = self._model_path
+        path = self._options.model_path
         size = modified = None
         if path is not None and path.exists():
             stat = path.stat()

@@ -400,7 +400,10 @@ Global___Progress: _TypeAlias = Progress  # noqa: Y015
 @_typing.final
 class PartialResult(_message.Message):
     """PartialResult is a chunk of output produced before the work finishes, for
-    example streamed model tokens or one of several files.
+    example streamed model tokens or one of several files. Adjacent chunks of one
+    artifact may be sent as one (their contents concatenated, text with text or
+    bytes of one content_type with bytes; never JSON): a reader rebuilds the same
+    artifact either way, and one chunk may hold several model tokens.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

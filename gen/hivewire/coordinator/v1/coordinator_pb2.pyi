@@ -828,7 +828,9 @@ class TaskEvent(_message.Message):
 
     @_builtins.property
     def partial(self) -> _common_pb2.PartialResult:
-        """A chunk of output before the end."""
+        """A chunk of output before the end. One event may carry several chunks
+        (model tokens) the agent sent together; count text, not events.
+        """
 
     @_builtins.property
     def input_required(self) -> _common_pb2.InputRequest:
