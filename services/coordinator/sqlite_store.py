@@ -146,6 +146,8 @@ _STOP = object()
 _OUTBOX_RECENT_MAX = 10_000
 """Committed outbox entries kept in memory for the relay; a relay further behind (NATS
 away) reads the rest from the table."""
+_OUTBOX_RECENT_BYTES = 16 * 1024 * 1024
+"""The same bound in bytes of entries (an entry holds up to 64 KiB of event copy)."""
 
 
 class SqliteTaskStore(OpenClose):
@@ -168,6 +170,7 @@ class SqliteTaskStore(OpenClose):
         # thread hands them over: the relay takes them from here, not by a query per
         # round. Its own thread's count of positions: _outbox_position.
         self._outbox_recent: deque[store.OutboxItem] = deque()
+        self._outbox_recent_bytes = 0
         self._outbox_floor = 0
         self._outbox_position = 0
 
@@ -507,7 +510,7 @@ class SqliteTaskStore(OpenClose):
             if after >= self._outbox_floor:
                 recent = self._outbox_recent
                 while recent and recent[0].position <= after:
-                    recent.popleft()
+                    self._outbox_recent_bytes -= len(recent.popleft().entry)
                 self._outbox_floor = after
                 if recent:
                     return list(itertools.islice(recent, limit))
@@ -521,10 +524,12 @@ class SqliteTaskStore(OpenClose):
         """Take the outbox entries a commit wrote (on the loop, in commit order)."""
         recent = self._outbox_recent
         recent.extend(items)
-        if len(recent) > _OUTBOX_RECENT_MAX:
+        self._outbox_recent_bytes += sum(len(item.entry) for item in items)
+        if len(recent) > _OUTBOX_RECENT_MAX or self._outbox_recent_bytes > _OUTBOX_RECENT_BYTES:
             # The relay is far behind: it reads up to here from the table.
             self._outbox_floor = recent[-1].position
             recent.clear()
+            self._outbox_recent_bytes = 0
         self._outbox_committed.set()
 
     async def outbox_done(self, position: int) -> None:

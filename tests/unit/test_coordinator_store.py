@@ -400,13 +400,15 @@ async def test_outbox_entries_commit_with_their_events_in_order(
         assert [i.entry for i in await store.outbox_next(0, limit=10)] == [b"o3"]
 
 
+@pytest.mark.parametrize(("bound", "value"), [("MAX", 5), ("BYTES", 14)])
 async def test_sqlite_outbox_hands_out_every_entry_once_in_order_from_memory_or_table(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bound: str, value: int
 ) -> None:
     """Entries committed since the store opened come from memory; a relay far behind, or
     one starting over, reads the table: either way every entry, in order, no gaps.
     """
-    monkeypatch.setattr("hivewire.services.coordinator.sqlite_store._OUTBOX_RECENT_MAX", 5)
+    # What the memory holds is bounded in entries and in bytes: either bound, made small.
+    monkeypatch.setattr(f"hivewire.services.coordinator.sqlite_store._OUTBOX_RECENT_{bound}", value)
     path = tmp_path / "c.db"
     async with SqliteTaskStore(path) as store:
         await store.put(events=[EventRow("t0", 1, b"x", outbox=b"o0")])
