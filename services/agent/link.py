@@ -6,7 +6,9 @@ attempt in a task of its own (``runtime.execute``, exactly as an ``Execute`` cal
 would), cancel and input frames are routed to it, and a ``close`` frame stops it
 without an answer (what cancelling an ``Execute`` call does). Every attempt's events
 go into one queue that :meth:`LinkSession.responses` drains: whatever has piled up
-goes out in one ``LinkResponse``, and it never waits for more to batch. Like an
+goes out in one ``LinkResponse`` (up to ``LINK_BATCH_BYTES``, so that two results that
+each fit a message do not make one too big to send), and it never waits for more to
+batch. Like an
 ``Execute`` stream, an attempt takes its next event only once the stream has sent the
 previous one, so the partial chunks that pile up meanwhile are joined into one message
 (``Execution.events()``).
@@ -44,6 +46,7 @@ from hivewire.services.agent import convert
 from hivewire.services.agent.runtime import AgentRuntime, Execution
 from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.runtime import tracing
+from hivewire.services.runtime.config import LINK_BATCH_BYTES
 from hivewire.services.runtime.errors import (
     FieldViolation,
     HivewireError,
@@ -266,14 +269,22 @@ class LinkSession:
         """
         out = self._out
         ended = False
+        held: _Outgoing | None = None
         while not ended:
-            item = await out.get()
+            item, held = (held, None) if held is not None else (await out.get(), None)
             response = agent_pb2.LinkResponse()
+            size = 0
             while True:
-                if isinstance(item, agent_pb2.ExecuteResponse):
-                    response.responses.append(item)
-                elif isinstance(item, agent_pb2.LinkRefusal):
-                    response.refusals.append(item)
+                if isinstance(item, agent_pb2.ExecuteResponse | agent_pb2.LinkRefusal):
+                    # At most LINK_BATCH_BYTES per message, unless one message is bigger.
+                    size += item.ByteSize()
+                    if size > LINK_BATCH_BYTES and (response.responses or response.refusals):
+                        held = item
+                        break
+                    if isinstance(item, agent_pb2.ExecuteResponse):
+                        response.responses.append(item)
+                    else:
+                        response.refusals.append(item)
                 else:
                     ended = True
                     break

@@ -61,6 +61,7 @@ from hivewire.services.coordinator.dispatch import (
 )
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime import tracing
+from hivewire.services.runtime.config import LINK_BATCH_BYTES
 from hivewire.services.runtime.errors import DeadlineExceeded, error_class_for
 from hivewire.services.runtime.interceptors import observe_client_call
 
@@ -150,9 +151,9 @@ class AgentLink:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            frames, self._frames = self._frames, []
+            frames = self._batch()
             try:
-                # Whatever piled up while the last write was under way goes in one message.
+                # What piled up while the last write was under way goes in one message.
                 await call.write(agent_pb2.LinkRequest(frames=frames))
                 if not self._confirmed.is_set():
                     # Nothing more until the agent answered: a write under way when a
@@ -163,6 +164,20 @@ class AgentLink:
                 # The reader reports why the link ended.
                 logger.debug("write to agent %s failed: %r", self._agent_id, exc)
                 return
+
+    def _batch(self) -> list[agent_pb2.LinkFrame]:
+        """The queued frames up to :data:`LINK_BATCH_BYTES` (at least one); the rest wait."""
+        frames = self._frames
+        size = count = 0
+        for frame in frames:
+            size += frame.ByteSize()
+            if count and size > LINK_BATCH_BYTES:
+                break
+            count += 1
+        batch, self._frames = frames[:count], frames[count:]
+        if self._frames:
+            self._wake.set()
+        return batch
 
     async def _read(self) -> None:
         call = self._call
