@@ -194,6 +194,7 @@ class LinkSession:
             self._run(key, execution, frame), name=f"agent-link-{key[0]}-{key[1]}"
         )
         self._running[key] = _Running(execution, task)
+        task.add_done_callback(lambda _task: self._ended(key, execution, task))
 
     async def _refuse(self, key: Key, err: HivewireError) -> None:
         logger.info("attempt %s refused: %s %s", key, err.code.name, err.reason)
@@ -213,30 +214,39 @@ class LinkSession:
 
     async def _run(self, key: Key, execution: Execution, frame: agent_pb2.LinkFrame) -> None:
         task_id, attempt = key
-        try:
-            with (
-                bind_correlation_id(execution.info.correlation_id or None),
-                tracing.server_span(
-                    EXECUTE_METHOD,
-                    frame.traceparent,
-                    frame.tracestate,
-                    attributes={"hivewire.task_id": task_id, "hivewire.attempt": attempt},
-                ),
-            ):
-                async with execution:
-                    async for out in execution.events():
-                        message = convert.response_to_proto(task_id, out)
-                        message.attempt = attempt
-                        await self._out.put(message)
-                        if not out.terminal:
-                            # Take the next event once the stream has sent this one, as
-                            # Execute does: what piles up meanwhile goes as one
-                            # (partial chunks are joined by ``events()``).
-                            await self._sent.wait()
-        finally:
-            self._running.pop(key, None)
-            if self._draining and not self._running:
-                self._end_soon()
+        with (
+            bind_correlation_id(execution.info.correlation_id or None),
+            tracing.server_span(
+                EXECUTE_METHOD,
+                frame.traceparent,
+                frame.tracestate,
+                attributes={"hivewire.task_id": task_id, "hivewire.attempt": attempt},
+            ),
+        ):
+            async with execution:
+                async for out in execution.events():
+                    message = convert.response_to_proto(task_id, out)
+                    message.attempt = attempt
+                    await self._out.put(message)
+                    if not out.terminal:
+                        # Take the next event once the stream has sent this one, as
+                        # Execute does: what piles up meanwhile goes as one
+                        # (partial chunks are joined by ``events()``).
+                        await self._sent.wait()
+
+    def _ended(self, key: Key, execution: Execution, task: asyncio.Task[None]) -> None:
+        """An attempt's task is done: forget it (its slot is free).
+
+        Also when the task was cancelled before its first step (a close frame right
+        after the assignment, the link ending): ``_run`` never ran, so neither did the
+        ``async with`` that frees the slot.
+        """
+        execution.discard()
+        running = self._running.get(key)
+        if running is not None and running.task is task:
+            del self._running[key]
+        if self._draining and not self._running:
+            self._end_soon()
 
     def drain(self) -> None:
         """Take no new attempts; end the stream once the running ones have ended."""
