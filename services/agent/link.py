@@ -46,11 +46,12 @@ from hivewire.services.agent import convert
 from hivewire.services.agent.runtime import AgentRuntime, Execution
 from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.runtime import tracing
-from hivewire.services.runtime.config import LINK_BATCH_BYTES
+from hivewire.services.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, LINK_BATCH_BYTES
 from hivewire.services.runtime.errors import (
     FieldViolation,
     HivewireError,
     InvalidArgument,
+    ResourceExhausted,
     Unavailable,
 )
 from hivewire.services.runtime.logging import bind_correlation_id
@@ -67,6 +68,9 @@ MAX_BATCH = 256
 """Most messages one ``LinkResponse`` carries."""
 
 Key = tuple[str, int]
+
+_ENVELOPE_BYTES = 16
+"""What a ``LinkResponse`` adds around one message it carries alone (tag and length)."""
 
 
 @dataclass
@@ -90,10 +94,20 @@ class LinkSession:
         runtime: Runs the attempts.
         queue_size: Messages buffered for the stream before attempts wait for it to
             drain (back-pressure, like each attempt's own outbox).
+        max_message_bytes: The server's largest message: an attempt's message bigger
+            than that ends only its attempt (as its Execute call would end), never
+            the stream of every attempt.
     """
 
-    def __init__(self, runtime: AgentRuntime, *, queue_size: int = 1024) -> None:
+    def __init__(
+        self,
+        runtime: AgentRuntime,
+        *,
+        queue_size: int = 1024,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self._runtime = runtime
+        self._max_message_bytes = max_message_bytes
         self._running: dict[Key, _Running] = {}
         self._out: asyncio.Queue[_Outgoing] = asyncio.Queue(queue_size)
         self._failure: HivewireError | None = None
@@ -227,6 +241,17 @@ class LinkSession:
                 async for out in execution.events():
                     message = convert.response_to_proto(task_id, out)
                     message.attempt = attempt
+                    size = message.ByteSize() + _ENVELOPE_BYTES
+                    if size > self._max_message_bytes:
+                        # What the server answers an Execute call that sends it.
+                        await self._refuse(
+                            key,
+                            ResourceExhausted(
+                                "Sent message larger than max "
+                                f"({size} vs. {self._max_message_bytes})"
+                            ),
+                        )
+                        return  # leaving the block stops the attempt
                     await self._out.put(message)
                     if not out.terminal:
                         # Take the next event once the stream has sent this one, as

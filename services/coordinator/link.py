@@ -294,6 +294,11 @@ class LinkAttempt:
             return await self._fallback.send(request)
         if self._over:
             return False
+        if self._first and request.ByteSize() > LINK_BATCH_BYTES:
+            # A big assignment goes by its own Execute call: one too big for a message
+            # then fails its own attempt only, not the link of every attempt.
+            self._sent = None
+            return await self._to_execute().send(request)
         if self._sent is not None:
             self._sent.append(request)
         frame = agent_pb2.LinkFrame(task_id=self._key[0], attempt=self._key[1], request=request)
@@ -336,15 +341,20 @@ class LinkAttempt:
         raise item
 
     async def _go_execute(self) -> agent_pb2.ExecuteResponse | None:
+        stream = self._to_execute()
+        for request in self._sent or ():
+            await stream.send(request)
+        self._sent = None
+        return await stream.receive()
+
+    def _to_execute(self) -> ExecuteStream:
+        """Leave the link: the attempt goes on an Execute call (what was sent is resent)."""
         self._end(grpc.StatusCode.UNIMPLEMENTED)
         remaining = self._deadline - asyncio.get_running_loop().time()
         stream = self._fallback = ExecuteStream(
             self._lease, timeout=remaining, metadata=self._metadata
         )
-        for request in self._sent or ():
-            await stream.send(request)
-        self._sent = None
-        return await stream.receive()
+        return stream
 
     async def finish(self, within: float) -> None:
         """Wait for an Execute fallback's status; a link attempt is over at its last message."""
