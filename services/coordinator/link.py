@@ -19,6 +19,9 @@ What an ``Execute`` call did by itself is done here per attempt:
 * a refusal before the attempt started (an invalid assignment, an agent at its
   maximum) comes as a ``LinkRefusal`` with the status the call would have ended with,
   classified exactly the same (:func:`~.dispatch.classify_status`);
+* the message size: frames that pile up are joined up to ``LINK_BATCH_BYTES`` per
+  message, and an assignment bigger than that goes on its own ``Execute`` call, so
+  one too big for any message fails its own attempt, not the link;
 * a link that breaks fails every attempt open on it as a broken call fails its one
   attempt (:func:`~.dispatch.classify_rpc_error`); one that the agent ends without an
   error ends them as a call that closed without a result.
@@ -298,7 +301,7 @@ class LinkAttempt:
             # A big assignment goes by its own Execute call: one too big for a message
             # then fails its own attempt only, not the link of every attempt.
             self._sent = None
-            return await self._to_execute().send(request)
+            return await self._to_execute(grpc.StatusCode.OK).send(request)
         if self._sent is not None:
             self._sent.append(request)
         frame = agent_pb2.LinkFrame(task_id=self._key[0], attempt=self._key[1], request=request)
@@ -341,15 +344,15 @@ class LinkAttempt:
         raise item
 
     async def _go_execute(self) -> agent_pb2.ExecuteResponse | None:
-        stream = self._to_execute()
+        stream = self._to_execute(grpc.StatusCode.UNIMPLEMENTED)
         for request in self._sent or ():
             await stream.send(request)
         self._sent = None
         return await stream.receive()
 
-    def _to_execute(self) -> ExecuteStream:
-        """Leave the link: the attempt goes on an Execute call (what was sent is resent)."""
-        self._end(grpc.StatusCode.UNIMPLEMENTED)
+    def _to_execute(self, code: grpc.StatusCode) -> ExecuteStream:
+        """Leave the link (its span ends with ``code``): the attempt goes on an Execute call."""
+        self._end(code)
         remaining = self._deadline - asyncio.get_running_loop().time()
         stream = self._fallback = ExecuteStream(
             self._lease, timeout=remaining, metadata=self._metadata
