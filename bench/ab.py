@@ -56,9 +56,14 @@ async def run(args: argparse.Namespace) -> str:
             stub = coordinator_stub(channel)
             await run_task(stub)
             meshes[name] = (mesh, stub)
-        for _ in range(args.rounds):
+        for round_no in range(args.rounds):
+            # A then B in even rounds, B then A in odd ones: a drift of the machine
+            # within a round does not favour one side.
+            order = list(meshes.items())
+            if round_no % 2:
+                order.reverse()
             for c in args.concurrency:
-                for name, (mesh, stub) in meshes.items():
+                for name, (mesh, stub) in order:
 
                     async def op(stub: object = stub) -> None:
                         await run_task(stub)  # type: ignore[arg-type]

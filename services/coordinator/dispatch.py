@@ -90,6 +90,18 @@ class AgentEntry:
     """The agent refused ``Link`` (UNIMPLEMENTED...): it gets an Execute call per attempt."""
     last_seen_ns: int = field(default_factory=now_ns)
     card: agent_pb2.AgentCard | None = None
+    # The Execute stub on the agent's channel (a stub is one object per method of the
+    # service): made again only when the pool hands out another channel.
+    _stub: tuple[grpc.aio.Channel, agent_pb2_grpc.AgentServiceAsyncStub] | None = field(
+        default=None, repr=False
+    )
+
+    def stub_on(self, channel: grpc.aio.Channel) -> agent_pb2_grpc.AgentServiceAsyncStub:
+        """The agent's stub on ``channel`` (kept while the channel stays the same)."""
+        if self._stub is None or self._stub[0] is not channel:
+            stub: agent_pb2_grpc.AgentServiceAsyncStub = agent_pb2_grpc.AgentServiceStub(channel)
+            self._stub = (channel, stub)
+        return self._stub[1]
 
     @property
     def agent_id(self) -> str:
@@ -403,12 +415,10 @@ class AgentPool(StartStop):
                 continue
             entry.in_flight += 1
             entry.probing = entry.probing or probe
-            self._update_metrics()
+            self._update_in_flight()
             # Execute calls go on a channel without client interceptors: ExecuteStream
             # carries their correlation id, deadline, trace and metrics itself.
-            stub: agent_pb2_grpc.AgentServiceAsyncStub = agent_pb2_grpc.AgentServiceStub(
-                self._channel(entry, intercepted=False)
-            )
+            stub = entry.stub_on(self._channel(entry, intercepted=False))
             return AgentLease(entry=entry, stub=stub, probe=probe)
         return None
 
@@ -434,7 +444,10 @@ class AgentPool(StartStop):
         else:
             entry.breaker.release(lease.probe)
         self._forget_if_idle(entry)
-        self._update_metrics()
+        if self._agents.get(entry.agent_id) is entry:
+            self._update_in_flight()  # a slot is all that changed
+        else:
+            self._update_metrics()
         self._on_change()
 
     def views(self, capability: str = "") -> list[AgentView]:
@@ -460,6 +473,9 @@ class AgentPool(StartStop):
                 )
             )
         return views
+
+    def _update_in_flight(self) -> None:
+        metrics.AGENT_IN_FLIGHT.set(sum(a.in_flight for a in self._agents.values()))
 
     def _update_metrics(self) -> None:
         present = [a for a in self._agents.values() if a.present]

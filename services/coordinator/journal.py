@@ -439,13 +439,13 @@ class Journal:
                 ]
             )
         # Events of the task belong to its trace, whoever emitted them.
-        with tracing.resumed(record.spec.metadata):
-            return pack(
-                [
-                    build_traced_event(event_type, **fields(data, suffix))[0]
-                    for event_type, data, suffix in published
-                ]
-            )
+        parent = tracing.resume_context(record.spec.metadata)
+        return pack(
+            [
+                build_traced_event(event_type, parent=parent, **fields(data, suffix))[0]
+                for event_type, data, suffix in published
+            ]
+        )
 
     def publish(
         self,

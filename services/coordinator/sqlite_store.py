@@ -22,10 +22,12 @@ committed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +143,12 @@ class _Read:
 
 _STOP = object()
 
+_OUTBOX_RECENT_MAX = 10_000
+"""Committed outbox entries kept in memory for the relay; a relay further behind (NATS
+away) reads the rest from the table."""
+_OUTBOX_RECENT_BYTES = 16 * 1024 * 1024
+"""The same bound in bytes of entries (an entry holds up to 64 KiB of event copy)."""
+
 
 class SqliteTaskStore(OpenClose):
     """The embedded SQLite task store (an async context manager).
@@ -158,6 +166,13 @@ class SqliteTaskStore(OpenClose):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._outbox_committed = asyncio.Event()
+        # Every committed outbox entry past _outbox_floor, in commit order, as the storage
+        # thread hands them over: the relay takes them from here, not by a query per
+        # round. Its own thread's count of positions: _outbox_position.
+        self._outbox_recent: deque[store.OutboxItem] = deque()
+        self._outbox_recent_bytes = 0
+        self._outbox_floor = 0
+        self._outbox_position = 0
 
     @property
     def path(self) -> str:
@@ -479,7 +494,8 @@ class SqliteTaskStore(OpenClose):
         """Committed outbox entries with a position past ``after``, oldest first.
 
         Waits until there is at least one (the storage thread signals each commit that
-        wrote outbox rows).
+        wrote outbox rows). Entries committed by this store since it opened come from
+        memory; older ones (a restarted relay, a relay far behind) from the table.
         """
 
         def run(conn: sqlite3.Connection) -> list[store.OutboxItem]:
@@ -491,10 +507,30 @@ class SqliteTaskStore(OpenClose):
 
         while True:
             self._outbox_committed.clear()
-            items: list[store.OutboxItem] = await self._read(run)
-            if items:
-                return items
+            if after >= self._outbox_floor:
+                recent = self._outbox_recent
+                while recent and recent[0].position <= after:
+                    self._outbox_recent_bytes -= len(recent.popleft().entry)
+                self._outbox_floor = after
+                if recent:
+                    return list(itertools.islice(recent, limit))
+            else:
+                items: list[store.OutboxItem] = await self._read(run)
+                if items:
+                    return items
             await self._outbox_committed.wait()
+
+    def _outbox_added(self, items: list[store.OutboxItem]) -> None:
+        """Take the outbox entries a commit wrote (on the loop, in commit order)."""
+        recent = self._outbox_recent
+        recent.extend(items)
+        self._outbox_recent_bytes += sum(len(item.entry) for item in items)
+        if len(recent) > _OUTBOX_RECENT_MAX or self._outbox_recent_bytes > _OUTBOX_RECENT_BYTES:
+            # The relay is far behind: it reads up to here from the table.
+            self._outbox_floor = recent[-1].position
+            recent.clear()
+            self._outbox_recent_bytes = 0
+        self._outbox_committed.set()
 
     async def outbox_done(self, position: int) -> None:
         """Delete the outbox entries up to ``position``: they are published.
@@ -556,6 +592,12 @@ class SqliteTaskStore(OpenClose):
         conn.executescript(_SCHEMA_V3)
         conn.executescript(_SCHEMA_V4)
         conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        # Positions go on from the last one ever used (AUTOINCREMENT's own counter).
+        row = conn.execute(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+            " COALESCE((SELECT MAX(position) FROM outbox), 0))"
+        ).fetchone()
+        self._outbox_position = self._outbox_floor = int(row[0])
         return conn
 
     def _run(self, ready: asyncio.Future[None]) -> None:
@@ -616,7 +658,7 @@ class SqliteTaskStore(OpenClose):
         self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, batch: list[_Write]
     ) -> None:
         try:
-            self._apply(conn, batch)
+            outbox = self._apply(conn, batch)
             errors: list[BaseException | None] = [None] * len(batch)
         except sqlite3.Error:
             logger.exception(
@@ -624,20 +666,30 @@ class SqliteTaskStore(OpenClose):
             )
             # Isolate the bad write so the rest of the batch still commits.
             errors = []
+            outbox = []
             for write in batch:
                 try:
-                    self._apply(conn, [write])
+                    outbox.extend(self._apply(conn, [write]))
                     errors.append(None)
                 except sqlite3.Error as exc:
                     logger.error("task store write failed: %s", exc)
                     errors.append(store.StoreError(str(exc)))
         futures = [w.future for w in batch]
-        loop.call_soon_threadsafe(_settle_all, futures, errors)
-        if any(e.outbox for w in batch for e in w.events):
-            loop.call_soon_threadsafe(self._outbox_committed.set)
+        # One wake-up of the loop per batch, outbox entries and all.
+        loop.call_soon_threadsafe(self._settle_batch, futures, errors, outbox)
 
-    @staticmethod
-    def _apply(conn: sqlite3.Connection, batch: list[_Write]) -> None:
+    def _settle_batch(
+        self,
+        futures: list[asyncio.Future[None]],
+        errors: list[BaseException | None],
+        outbox: list[store.OutboxItem],
+    ) -> None:
+        _settle_all(futures, errors)
+        if outbox:
+            self._outbox_added(outbox)
+
+    def _apply(self, conn: sqlite3.Connection, batch: list[_Write]) -> list[store.OutboxItem]:
+        """Commit a batch; the outbox entries it wrote, with their positions."""
         # Several updates of one task in a batch collapse into the last one.
         latest: dict[str, store.TaskRow] = {}
         events: list[tuple[str, int, bytes]] = []
@@ -646,7 +698,11 @@ class SqliteTaskStore(OpenClose):
                 latest.pop(task.task_id, None)
                 latest[task.task_id] = task
             events.extend((e.task_id, e.sequence, e.data) for e in write.events)
-        outbox = [(e.outbox,) for write in batch for e in write.events if e.outbox]
+        first = self._outbox_position + 1
+        outbox = [
+            store.OutboxItem(first + i, entry)
+            for i, entry in enumerate(e.outbox for write in batch for e in write.events if e.outbox)
+        ]
         published = max((write.outbox_done for write in batch), default=0)
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -656,13 +712,19 @@ class SqliteTaskStore(OpenClose):
                 conn.executemany(_INSERT_EVENT, events)
             if outbox:
                 # In the events' transaction: an event is never committed without it.
-                conn.executemany("INSERT INTO outbox (entry) VALUES (?)", outbox)
+                conn.executemany(
+                    "INSERT INTO outbox (position, entry) VALUES (?, ?)",
+                    [(item.position, item.entry) for item in outbox],
+                )
             if published:
                 conn.execute("DELETE FROM outbox WHERE position <= ?", (published,))
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        if outbox:
+            self._outbox_position = outbox[-1].position
+        return outbox
 
 
 def _settle_all(futures: list[asyncio.Future[None]], errors: list[BaseException | None]) -> None:

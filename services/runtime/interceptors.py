@@ -24,6 +24,7 @@ OTel client interceptors in front of it (``runtime/channels.py``) carry the trac
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import re
@@ -355,24 +356,41 @@ class _CorrelationScope:
 # --- 2. metrics ---------------------------------------------------------------------
 
 
-class _MethodMetrics:
-    """Label children resolved once per method: the hot path only increments."""
+class _CallMetrics:
+    """A method's call metrics of one side, label children resolved once: the hot path
+    only increments.
+    """
 
-    def __init__(self, grpc_type: str, method: str) -> None:
+    def __init__(
+        self, grpc_type: str, method: str, started: Any, seconds: Any, handled: Any
+    ) -> None:
         service, name = metrics.split_method(method)
-        labels = (grpc_type, service, name)
-        self.labels = labels
-        self.started = metrics.SERVER_STARTED.labels(*labels)
-        self.seconds = metrics.SERVER_HANDLING_SECONDS.labels(*labels)
-        self.received = metrics.SERVER_MSG_RECEIVED.labels(*labels)
-        self.sent = metrics.SERVER_MSG_SENT.labels(*labels)
+        self.labels = (grpc_type, service, name)
+        self.started = started.labels(*self.labels)
+        self.seconds = seconds.labels(*self.labels)
+        self._handled_family = handled
         self._handled: dict[grpc.StatusCode, Any] = {}
 
     def handled(self, code: grpc.StatusCode) -> Any:
         child = self._handled.get(code)
         if child is None:
-            child = self._handled[code] = metrics.SERVER_HANDLED.labels(*self.labels, code.name)
+            child = self._handled[code] = self._handled_family.labels(*self.labels, code.name)
         return child
+
+
+class _MethodMetrics(_CallMetrics):
+    """The server side's, with its message counters."""
+
+    def __init__(self, grpc_type: str, method: str) -> None:
+        super().__init__(
+            grpc_type,
+            method,
+            metrics.SERVER_STARTED,
+            metrics.SERVER_HANDLING_SECONDS,
+            metrics.SERVER_HANDLED,
+        )
+        self.received = metrics.SERVER_MSG_RECEIVED.labels(*self.labels)
+        self.sent = metrics.SERVER_MSG_SENT.labels(*self.labels)
 
 
 class _MetricsScope:
@@ -549,20 +567,29 @@ def _method_name(method: str | bytes) -> str:
     return method.decode() if isinstance(method, bytes) else method
 
 
+@functools.lru_cache(maxsize=512)
+def _client_metrics(grpc_type: str, method: str) -> _CallMetrics:
+    """A method's ``grpc_client_*`` children (resolved once per method and call type)."""
+    return _CallMetrics(
+        grpc_type,
+        method,
+        metrics.CLIENT_STARTED,
+        metrics.CLIENT_HANDLING_SECONDS,
+        metrics.CLIENT_HANDLED,
+    )
+
+
 class _ClientCallMetrics:
-    __slots__ = ("_labels", "_start")
+    __slots__ = ("_m", "_start")
 
     def __init__(self, grpc_type: str, method: str) -> None:
-        service, name = metrics.split_method(method)
-        self._labels = (grpc_type, service, name)
-        metrics.CLIENT_STARTED.labels(*self._labels).inc()
+        self._m = _client_metrics(grpc_type, method)
+        self._m.started.inc()
         self._start = time.perf_counter()
 
     def done(self, code: grpc.StatusCode) -> None:
-        metrics.CLIENT_HANDLING_SECONDS.labels(*self._labels).observe(
-            time.perf_counter() - self._start
-        )
-        metrics.CLIENT_HANDLED.labels(*self._labels, code.name).inc()
+        self._m.seconds.observe(time.perf_counter() - self._start)
+        self._m.handled(code).inc()
 
 
 def observe_client_call(call: Any, grpc_type: str, method: str) -> None:

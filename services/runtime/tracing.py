@@ -21,6 +21,7 @@ Where the context travels:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -56,10 +57,12 @@ __all__ = [
     "end_with_call",
     "extract",
     "inject",
+    "resume_context",
     "resumed",
     "server_interceptor",
     "server_span",
     "setup_tracing",
+    "span_headers",
     "stamp",
     "tracer",
 ]
@@ -357,11 +360,58 @@ def stored_context(carrier: TraceCarrier) -> otel_context.Context | None:
     """The context :func:`stamp` stored, or None when there is none."""
     if not carrier.traceparent:
         return None
-    headers = {"traceparent": carrier.traceparent}
-    if carrier.tracestate:
-        headers["tracestate"] = carrier.tracestate
-    ctx = propagate.extract(headers)
+    return _extracted(carrier.traceparent, carrier.tracestate)
+
+
+@functools.lru_cache(maxsize=1024)
+def _extracted(traceparent: str, tracestate: str) -> otel_context.Context | None:
+    # Cached: a task's events and hops resume its one stored context again and again,
+    # and a Context is immutable. Extracted into an empty context, not the current one:
+    # a cached value must not carry what the first caller's context held.
+    headers = {"traceparent": traceparent}
+    if tracestate:
+        headers["tracestate"] = tracestate
+    ctx = propagate.extract(headers, context=otel_context.Context())
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+
+
+def resume_context(carrier: TraceCarrier) -> otel_context.Context | None:
+    """The parent :func:`resumed` gives work on ``carrier``'s trace; None: the current one.
+
+    A current span of the stored trace is kept (it is the closer parent); otherwise the
+    stored context is the parent. For ``tracer.start_span(..., context=...)`` where
+    attaching the context for a block would cost more than the span itself.
+    """
+    stored = stored_context(carrier)
+    if stored is None:
+        return None
+    current = trace.get_current_span().get_span_context()
+    if (
+        current.is_valid
+        and current.trace_id == trace.get_current_span(stored).get_span_context().trace_id
+    ):
+        return None
+    return stored
+
+
+def span_headers(span: Any) -> dict[str, str]:
+    """The W3C headers (``traceparent``, ``tracestate``) naming ``span`` as the parent.
+
+    What ``propagate.inject`` writes for a current ``span``, without making it current
+    and without running every configured propagator.
+    """
+    span_context = span.get_span_context()
+    if not span_context.is_valid:
+        return {}
+    headers = {
+        "traceparent": (
+            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
+            f"-{span_context.trace_flags:02x}"
+        )
+    }
+    if span_context.trace_state:
+        headers["tracestate"] = span_context.trace_state.to_header()
+    return headers
 
 
 @contextmanager
@@ -381,14 +431,8 @@ def resumed(
         name: Open a span with this name inside the resumed context.
         attributes: Attributes of that span.
     """
-    stored = stored_context(carrier)
-    current = trace.get_current_span().get_span_context()
-    token = None
-    if stored is not None and (
-        not current.is_valid
-        or current.trace_id != trace.get_current_span(stored).get_span_context().trace_id
-    ):
-        token = otel_context.attach(stored)
+    stored = resume_context(carrier)
+    token = otel_context.attach(stored) if stored is not None else None
     try:
         if name is None:
             yield

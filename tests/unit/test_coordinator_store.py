@@ -398,3 +398,49 @@ async def test_outbox_entries_commit_with_their_events_in_order(
         await store.outbox_done(again[-1].position)
     async with open_store() as store:
         assert [i.entry for i in await store.outbox_next(0, limit=10)] == [b"o3"]
+
+
+@pytest.mark.parametrize(("bound", "value"), [("MAX", 5), ("BYTES", 14)])
+async def test_sqlite_outbox_hands_out_every_entry_once_in_order_from_memory_or_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bound: str, value: int
+) -> None:
+    """Entries committed since the store opened come from memory; a relay far behind, or
+    one starting over, reads the table: either way every entry, in order, no gaps.
+    """
+    # What the memory holds is bounded in entries and in bytes: either bound, made small.
+    monkeypatch.setattr(f"hivewire.services.coordinator.sqlite_store._OUTBOX_RECENT_{bound}", value)
+    path = tmp_path / "c.db"
+    async with SqliteTaskStore(path) as store:
+        await store.put(events=[EventRow("t0", 1, b"x", outbox=b"o0")])
+        await store.outbox_done((await store.outbox_next(0, limit=10))[-1].position)
+    async with SqliteTaskStore(path) as store:
+        for i in range(1, 4):
+            await store.put(events=[EventRow("t1", i, b"x", outbox=f"o{i}".encode())])
+        seen = await store.outbox_next(0, limit=2)
+        assert [i.entry for i in seen] == [b"o1", b"o2"]
+        # More than the memory holds while the relay is behind: the rest from the table.
+        for i in range(4, 12):
+            await store.put(events=[EventRow("t1", i, b"x", outbox=f"o{i}".encode())])
+        after = seen[-1].position
+        while True:
+            items = await store.outbox_next(after, limit=3)
+            assert items[0].position == after + 1
+            seen.extend(items)
+            after = items[-1].position
+            if items[-1].entry == b"o11":
+                break
+        assert [i.entry for i in seen] == [f"o{i}".encode() for i in range(1, 12)]
+        assert [i.position for i in seen] == list(range(seen[0].position, after + 1))
+        # Starting over (a new relay in this process): everything not marked published.
+        await store.outbox_done(seen[4].position)
+        again = await store.outbox_next(0, limit=20)
+        assert [i.entry for i in again] == [f"o{i}".encode() for i in range(6, 12)]
+        # And what commits next comes after the last one, once.
+        waiting = asyncio.ensure_future(store.outbox_next(after, limit=10))
+        await store.put(events=[EventRow("t2", 1, b"y", outbox=b"o12")])
+        assert [(i.position, i.entry) for i in await asyncio.wait_for(waiting, 30)] == [
+            (after + 1, b"o12")
+        ]
+    with sqlite3.connect(path) as conn:
+        positions = [r[0] for r in conn.execute("SELECT position FROM outbox ORDER BY position")]
+    assert positions == list(range(seen[5].position, after + 2))

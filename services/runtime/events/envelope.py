@@ -11,6 +11,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Final, Required, TypeAlias, TypedDict, Unpack
 
+from opentelemetry.context import Context
+from opentelemetry.trace import Status, StatusCode
+
 from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.logging import correlation_id_var
@@ -238,30 +241,38 @@ class EventFields(TypedDict, total=False):
 
 
 def build_traced_event(
-    event_type: str, **fields: Unpack[EventFields]
+    event_type: str, *, parent: Context | None = None, **fields: Unpack[EventFields]
 ) -> tuple[events_pb2.Event, dict[str, str]]:
-    """Build an envelope inside its PRODUCER span (a child of the current span).
+    """Build an envelope inside its PRODUCER span (a child of ``parent``, else the current span).
 
-    The span's W3C context becomes the envelope's ``traceparent``; the arguments are
-    those of :func:`build_event`.
+    The span's W3C context becomes the envelope's ``traceparent``; the other arguments
+    are those of :func:`build_event`. The span is never made current (nothing runs in
+    it but building the envelope): no context to attach and detach per event.
 
     Returns:
         The envelope and the span's W3C headers (for :func:`event_headers`).
     """
     nats_subject = event_subject(event_type)
-    with tracing.tracer.start_as_current_span(
+    span = tracing.tracer.start_span(
         f"{nats_subject} publish",
+        context=parent,
         kind=tracing.SpanKind.PRODUCER,
         attributes={
             "messaging.system": "nats",
             "messaging.operation.type": "publish",
             "messaging.destination.name": nats_subject,
         },
-    ) as span:
-        carrier: dict[str, str] = {}
-        tracing.inject(carrier)
+    )
+    try:
+        carrier = tracing.span_headers(span)
         event = build_event(event_type, traceparent=carrier.get(HEADER_TRACEPARENT, ""), **fields)
         span.set_attribute("messaging.message.id", event.id)
+    except Exception as exc:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        span.end()
     return event, carrier
 
 

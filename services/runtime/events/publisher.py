@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -561,7 +562,11 @@ class EventPublisher(StartClose):
                 self._js = None
             if self._nc is None:
                 self._nc = await self._connect(backoff)
-                self._js = self._nc.jetstream(timeout=self._timeout)
+                # As many acks outstanding as a window holds: every window's futures
+                # are settled or cancelled before the next, so a publish never stalls.
+                self._js = self._nc.jetstream(
+                    timeout=self._timeout, publish_async_max_pending=self._window
+                )
             if not self._nc.is_connected:
                 await self._pause(0.5)
                 continue
@@ -626,11 +631,10 @@ class EventPublisher(StartClose):
         ok = True
         for item in batch:
             try:
+                # No wait_stall: with one, every publish runs its semaphore wait in a
+                # task and a timer of its own (asyncio.wait_for); it never stalls here.
                 future = await js.publish_async(
-                    item.subject,
-                    item.payload,
-                    wait_stall=self._timeout,
-                    headers=dict(item.headers),
+                    item.subject, item.payload, headers=dict(item.headers)
                 )
             except nats.errors.MaxPayloadError:
                 # Never accepted, however often it is sent: it must not hold up the rest.
@@ -641,24 +645,28 @@ class EventPublisher(StartClose):
                 ok = False
                 break
             sent.append((item, future))
-        results = await asyncio.gather(
-            *(asyncio.wait_for(future, self._timeout) for _, future in sent),
-            return_exceptions=True,
-        )
+        # One wait with one deadline for the whole window (not a wait_for per ack); an
+        # ack still missing then is cancelled, which frees its slot in nats-py.
+        if sent:
+            _, late = await asyncio.wait([f for _, f in sent], timeout=self._timeout)
+            for future in late:
+                future.cancel()
         acked: _Outgoing | None = None
         now = time.monotonic()
-        for (item, _), result in zip(sent, results, strict=True):
-            if isinstance(result, BaseException):
+        for item, future in sent:
+            error = _publish_error(future)
+            if error is not None:
                 if ok:
-                    self._failed(item, result)
+                    self._failed(item, error)
                 ok = False
                 # Later events of the window may be stored already: they are sent again
                 # after this one and JetStream drops the copies (same Nats-Msg-Id).
                 break
             acked = item
             self._published += 1
-            metrics.PUBLISHED.labels(item.category).inc()
-            metrics.PUBLISH_LAG.labels(item.category).observe(max(now - item.queued_at, 0.0))
+            published, lag = _acked_metrics(item.category)
+            published.inc()
+            lag.observe(max(now - item.queued_at, 0.0))
         if acked is not None:
             while self._buffer and self._buffer[0].seq <= acked.seq:
                 stored = self._buffer.popleft()
@@ -731,3 +739,16 @@ def _follow(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:
         target.cancel()
     else:
         target.set_result(None)
+
+
+@functools.cache
+def _acked_metrics(category: str) -> tuple[Any, Any]:
+    """The ``published`` and ``publish_lag`` children of a category (one of a few)."""
+    return metrics.PUBLISHED.labels(category), metrics.PUBLISH_LAG.labels(category)
+
+
+def _publish_error(future: asyncio.Future[PubAck]) -> BaseException | None:
+    """Why a publish of the window failed (a cancelled one: its ack never came), or None."""
+    if future.cancelled():
+        return TimeoutError("no acknowledgement in time")
+    return future.exception()
