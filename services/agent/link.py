@@ -8,10 +8,11 @@ without an answer (what cancelling an ``Execute`` call does). Every attempt's ev
 go into one queue that :meth:`LinkSession.responses` drains: whatever has piled up
 goes out in one ``LinkResponse`` (up to ``LINK_BATCH_BYTES``, so that two results that
 each fit a message do not make one too big to send), and it never waits for more to
-batch. Like an
-``Execute`` stream, an attempt takes its next event only once the stream has sent the
-previous one, so the partial chunks that pile up meanwhile are joined into one message
-(``Execution.events()``).
+batch. Like an ``Execute`` stream, an attempt takes its next event only once the
+stream has sent the previous one, so the partial chunks that pile up meanwhile are
+joined into one message (``Execution.events()``). A message too big for the server to
+send ends its own attempt with a ``RESOURCE_EXHAUSTED`` refusal, what its ``Execute``
+call would have ended with, instead of ending the stream of every attempt.
 
 Bad frames:
 
