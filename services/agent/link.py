@@ -6,10 +6,13 @@ attempt in a task of its own (``runtime.execute``, exactly as an ``Execute`` cal
 would), cancel and input frames are routed to it, and a ``close`` frame stops it
 without an answer (what cancelling an ``Execute`` call does). Every attempt's events
 go into one queue that :meth:`LinkSession.responses` drains: whatever has piled up
-goes out in one ``LinkResponse``, and it never waits for more to batch. Like an
-``Execute`` stream, an attempt takes its next event only once the stream has sent the
-previous one, so the partial chunks that pile up meanwhile are joined into one message
-(``Execution.events()``).
+goes out in one ``LinkResponse`` (up to ``LINK_BATCH_BYTES``, so that two results that
+each fit a message do not make one too big to send), and it never waits for more to
+batch. Like an ``Execute`` stream, an attempt takes its next event only once the
+stream has sent the previous one, so the partial chunks that pile up meanwhile are
+joined into one message (``Execution.events()``). A message too big for the server to
+send ends its own attempt with a ``RESOURCE_EXHAUSTED`` refusal, what its ``Execute``
+call would have ended with, instead of ending the stream of every attempt.
 
 Bad frames:
 
@@ -44,10 +47,12 @@ from hivewire.services.agent import convert
 from hivewire.services.agent.runtime import AgentRuntime, Execution
 from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.runtime import tracing
+from hivewire.services.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, LINK_BATCH_BYTES
 from hivewire.services.runtime.errors import (
     FieldViolation,
     HivewireError,
     InvalidArgument,
+    ResourceExhausted,
     Unavailable,
 )
 from hivewire.services.runtime.logging import bind_correlation_id
@@ -64,6 +69,9 @@ MAX_BATCH = 256
 """Most messages one ``LinkResponse`` carries."""
 
 Key = tuple[str, int]
+
+_ENVELOPE_BYTES = 16
+"""What a ``LinkResponse`` adds around one message it carries alone (tag and length)."""
 
 
 @dataclass
@@ -87,10 +95,20 @@ class LinkSession:
         runtime: Runs the attempts.
         queue_size: Messages buffered for the stream before attempts wait for it to
             drain (back-pressure, like each attempt's own outbox).
+        max_message_bytes: The server's largest message: an attempt's message bigger
+            than that ends only its attempt (as its Execute call would end), never
+            the stream of every attempt.
     """
 
-    def __init__(self, runtime: AgentRuntime, *, queue_size: int = 1024) -> None:
+    def __init__(
+        self,
+        runtime: AgentRuntime,
+        *,
+        queue_size: int = 1024,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self._runtime = runtime
+        self._max_message_bytes = max_message_bytes
         self._running: dict[Key, _Running] = {}
         self._out: asyncio.Queue[_Outgoing] = asyncio.Queue(queue_size)
         self._failure: HivewireError | None = None
@@ -191,6 +209,7 @@ class LinkSession:
             self._run(key, execution, frame), name=f"agent-link-{key[0]}-{key[1]}"
         )
         self._running[key] = _Running(execution, task)
+        task.add_done_callback(lambda _task: self._ended(key, execution, task))
 
     async def _refuse(self, key: Key, err: HivewireError) -> None:
         logger.info("attempt %s refused: %s %s", key, err.code.name, err.reason)
@@ -210,30 +229,50 @@ class LinkSession:
 
     async def _run(self, key: Key, execution: Execution, frame: agent_pb2.LinkFrame) -> None:
         task_id, attempt = key
-        try:
-            with (
-                bind_correlation_id(execution.info.correlation_id or None),
-                tracing.server_span(
-                    EXECUTE_METHOD,
-                    frame.traceparent,
-                    frame.tracestate,
-                    attributes={"hivewire.task_id": task_id, "hivewire.attempt": attempt},
-                ),
-            ):
-                async with execution:
-                    async for out in execution.events():
-                        message = convert.response_to_proto(task_id, out)
-                        message.attempt = attempt
-                        await self._out.put(message)
-                        if not out.terminal:
-                            # Take the next event once the stream has sent this one, as
-                            # Execute does: what piles up meanwhile goes as one
-                            # (partial chunks are joined by ``events()``).
-                            await self._sent.wait()
-        finally:
-            self._running.pop(key, None)
-            if self._draining and not self._running:
-                self._end_soon()
+        with (
+            bind_correlation_id(execution.info.correlation_id or None),
+            tracing.server_span(
+                EXECUTE_METHOD,
+                frame.traceparent,
+                frame.tracestate,
+                attributes={"hivewire.task_id": task_id, "hivewire.attempt": attempt},
+            ),
+        ):
+            async with execution:
+                async for out in execution.events():
+                    message = convert.response_to_proto(task_id, out)
+                    message.attempt = attempt
+                    size = message.ByteSize() + _ENVELOPE_BYTES
+                    if size > self._max_message_bytes:
+                        # What the server answers an Execute call that sends it.
+                        await self._refuse(
+                            key,
+                            ResourceExhausted(
+                                "Sent message larger than max "
+                                f"({size} vs. {self._max_message_bytes})"
+                            ),
+                        )
+                        return  # leaving the block stops the attempt
+                    await self._out.put(message)
+                    if not out.terminal:
+                        # Take the next event once the stream has sent this one, as
+                        # Execute does: what piles up meanwhile goes as one
+                        # (partial chunks are joined by ``events()``).
+                        await self._sent.wait()
+
+    def _ended(self, key: Key, execution: Execution, task: asyncio.Task[None]) -> None:
+        """An attempt's task is done: forget it (its slot is free).
+
+        Also when the task was cancelled before its first step (a close frame right
+        after the assignment, the link ending): ``_run`` never ran, so neither did the
+        ``async with`` that frees the slot.
+        """
+        execution.discard()
+        running = self._running.get(key)
+        if running is not None and running.task is task:
+            del self._running[key]
+        if self._draining and not self._running:
+            self._end_soon()
 
     def drain(self) -> None:
         """Take no new attempts; end the stream once the running ones have ended."""
@@ -266,14 +305,22 @@ class LinkSession:
         """
         out = self._out
         ended = False
+        held: _Outgoing | None = None
         while not ended:
-            item = await out.get()
+            item, held = (held, None) if held is not None else (await out.get(), None)
             response = agent_pb2.LinkResponse()
+            size = 0
             while True:
-                if isinstance(item, agent_pb2.ExecuteResponse):
-                    response.responses.append(item)
-                elif isinstance(item, agent_pb2.LinkRefusal):
-                    response.refusals.append(item)
+                if isinstance(item, agent_pb2.ExecuteResponse | agent_pb2.LinkRefusal):
+                    # At most LINK_BATCH_BYTES per message, unless one message is bigger.
+                    size += item.ByteSize()
+                    if size > LINK_BATCH_BYTES and (response.responses or response.refusals):
+                        held = item
+                        break
+                    if isinstance(item, agent_pb2.ExecuteResponse):
+                        response.responses.append(item)
+                    else:
+                        response.refusals.append(item)
                 else:
                     ended = True
                     break

@@ -441,6 +441,11 @@ class Execution(StartClose):
         elif self._handler_task is None:
             self._release_once()
 
+    def discard(self) -> None:
+        """Free the slot of an execution that was never started (a no-op once it was)."""
+        if self._supervisor is None:
+            self._release_once()
+
     def _release_once(self) -> None:
         if not self._released:
             self._released = True

@@ -301,7 +301,11 @@ async def running_agent(
         )
         card = runtime.card
         await process.stack.enter_async_context(runtime)
-        servicer = AgentServicer(runtime, allowed_callers=cfg.allowed_callers)
+        servicer = AgentServicer(
+            runtime,
+            allowed_callers=cfg.allowed_callers,
+            max_message_bytes=settings.max_message_bytes,
+        )
         binding = ServiceBinding(
             SERVICE_NAME,
             lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, s),

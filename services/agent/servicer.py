@@ -32,6 +32,7 @@ from hivewire.services.agent.runtime import AgentRuntime, Execution
 from hivewire.services.agent.settings import DEFAULT_ALLOWED_CALLERS
 from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.runtime.authz import caller_spiffe_id
+from hivewire.services.runtime.config import DEFAULT_MAX_MESSAGE_BYTES
 from hivewire.services.runtime.errors import FieldViolation, InvalidArgument, PermissionDenied
 
 logger = logging.getLogger(__name__)
@@ -49,15 +50,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """Serves one agent runtime."""
 
     def __init__(
-        self, runtime: AgentRuntime, *, allowed_callers: Sequence[str] = DEFAULT_ALLOWED_CALLERS
+        self,
+        runtime: AgentRuntime,
+        *,
+        allowed_callers: Sequence[str] = DEFAULT_ALLOWED_CALLERS,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         """Create the servicer.
 
         Args:
             runtime: The runtime that runs the handlers.
             allowed_callers: SPIFFE id patterns (``fnmatch``) allowed to call Execute and Link.
+            max_message_bytes: The server's largest message (a Link checks each attempt's).
         """
         self._runtime = runtime
+        self._max_message_bytes = max_message_bytes
         self._allowed = tuple(allowed_callers)
         self._links: set[LinkSession] = set()
         self._draining = False
@@ -131,7 +138,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._authorize(context)
         if first is None:
             return
-        session = LinkSession(self._runtime)
+        session = LinkSession(self._runtime, max_message_bytes=self._max_message_bytes)
         if self._draining:
             session.drain()
         self._links.add(session)

@@ -19,6 +19,9 @@ What an ``Execute`` call did by itself is done here per attempt:
 * a refusal before the attempt started (an invalid assignment, an agent at its
   maximum) comes as a ``LinkRefusal`` with the status the call would have ended with,
   classified exactly the same (:func:`~.dispatch.classify_status`);
+* the message size: frames that pile up are joined up to ``LINK_BATCH_BYTES`` per
+  message, and an assignment bigger than that goes on its own ``Execute`` call, so
+  one too big for any message fails its own attempt, not the link;
 * a link that breaks fails every attempt open on it as a broken call fails its one
   attempt (:func:`~.dispatch.classify_rpc_error`); one that the agent ends without an
   error ends them as a call that closed without a result.
@@ -61,6 +64,7 @@ from hivewire.services.coordinator.dispatch import (
 )
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime import tracing
+from hivewire.services.runtime.config import LINK_BATCH_BYTES
 from hivewire.services.runtime.errors import DeadlineExceeded, error_class_for
 from hivewire.services.runtime.interceptors import observe_client_call
 
@@ -150,9 +154,9 @@ class AgentLink:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            frames, self._frames = self._frames, []
+            frames = self._batch()
             try:
-                # Whatever piled up while the last write was under way goes in one message.
+                # What piled up while the last write was under way goes in one message.
                 await call.write(agent_pb2.LinkRequest(frames=frames))
                 if not self._confirmed.is_set():
                     # Nothing more until the agent answered: a write under way when a
@@ -163,6 +167,20 @@ class AgentLink:
                 # The reader reports why the link ended.
                 logger.debug("write to agent %s failed: %r", self._agent_id, exc)
                 return
+
+    def _batch(self) -> list[agent_pb2.LinkFrame]:
+        """The queued frames up to :data:`LINK_BATCH_BYTES` (at least one); the rest wait."""
+        frames = self._frames
+        size = count = 0
+        for frame in frames:
+            size += frame.ByteSize()
+            if count and size > LINK_BATCH_BYTES:
+                break
+            count += 1
+        batch, self._frames = frames[:count], frames[count:]
+        if self._frames:
+            self._wake.set()
+        return batch
 
     async def _read(self) -> None:
         call = self._call
@@ -279,6 +297,11 @@ class LinkAttempt:
             return await self._fallback.send(request)
         if self._over:
             return False
+        if self._first and request.ByteSize() > LINK_BATCH_BYTES:
+            # A big assignment goes by its own Execute call: one too big for a message
+            # then fails its own attempt only, not the link of every attempt.
+            self._sent = None
+            return await self._to_execute(grpc.StatusCode.OK).send(request)
         if self._sent is not None:
             self._sent.append(request)
         frame = agent_pb2.LinkFrame(task_id=self._key[0], attempt=self._key[1], request=request)
@@ -321,15 +344,20 @@ class LinkAttempt:
         raise item
 
     async def _go_execute(self) -> agent_pb2.ExecuteResponse | None:
-        self._end(grpc.StatusCode.UNIMPLEMENTED)
-        remaining = self._deadline - asyncio.get_running_loop().time()
-        stream = self._fallback = ExecuteStream(
-            self._lease, timeout=remaining, metadata=self._metadata
-        )
+        stream = self._to_execute(grpc.StatusCode.UNIMPLEMENTED)
         for request in self._sent or ():
             await stream.send(request)
         self._sent = None
         return await stream.receive()
+
+    def _to_execute(self, code: grpc.StatusCode) -> ExecuteStream:
+        """Leave the link (its span ends with ``code``): the attempt goes on an Execute call."""
+        self._end(code)
+        remaining = self._deadline - asyncio.get_running_loop().time()
+        stream = self._fallback = ExecuteStream(
+            self._lease, timeout=remaining, metadata=self._metadata
+        )
+        return stream
 
     async def finish(self, within: float) -> None:
         """Wait for an Execute fallback's status; a link attempt is over at its last message."""

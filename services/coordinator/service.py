@@ -955,9 +955,13 @@ class Coordinator(StartStop):
 
     def _spawn_attempt(self, rt: TaskRuntime, attempt: Attempt) -> asyncio.Task[None]:
         """Run an attempt the scheduler started (scheduler.py) in the background."""
-        return self._spawn(
+        task = self._spawn(
             self._run_attempt(rt, attempt), name=f"attempt-{rt.record.task_id}-{attempt.number}"
         )
+        # Cancelled in the turn it was spawned (a deadline, a drop), the coroutine never
+        # runs, nor its ``finally``: the slot is given back here too (then a no-op).
+        task.add_done_callback(lambda _task: self._pool.release(attempt.lease, "none"))
+        return task
 
     async def _run_attempt(self, rt: TaskRuntime, attempt: Attempt) -> None:
         record = rt.record

@@ -52,6 +52,10 @@ OTHER_VARIABLES = frozenset(
 snapshots of the soak benchmark (``HIVEWIRE_HEAP_DUMP_DIR``, runtime/heapdump.py) and by
 the CLI (``HIVEWIRE_API_KEY`` / ``HIVEWIRE_TOKEN``: the end user's credential)."""
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+LINK_BATCH_BYTES = 1024 * 1024
+"""Most bytes of attempts' messages joined into one ``Link`` message (either way). A
+message bigger than this goes alone, as in its own ``Execute`` call: a batch must not
+exceed the message-size limit that each of its messages stays within."""
 
 LogFormat = Literal["text", "json"]
 EventLoop = Literal["asyncio", "uvloop"]

@@ -385,3 +385,36 @@ async def test_shutdown_ends_the_link_once_its_attempts_have(pki: Pki, agent: Ga
                 await stopping
         finally:
             await client.close()
+
+
+async def test_an_attempt_closed_in_the_message_that_assigned_it_frees_its_slot(
+    client: Coordinator, agent: GateAgent, served: AgentServer
+) -> None:
+    # The coordinator batches what piled up during its last write: an attempt cancelled
+    # right after it was assigned arrives as [assign, close] in one message.
+    link = Link(client)
+    request = assignment("wait", task_id="brief")
+    await link.send(
+        agent_pb2.LinkFrame(task_id="brief", attempt=1, request=request),
+        agent_pb2.LinkFrame(task_id="brief", attempt=1, close=True),
+    )
+    # The link goes on: another attempt runs to its end.
+    await start(link, agent, "after")
+    agent.gate("after").set()
+    await link.until(lambda: link.ended("after"))
+    await eventually(lambda: served.runtime.in_flight == 0, timeout=10)
+    link.call.cancel()
+
+
+async def test_a_link_that_breaks_right_after_assigning_frees_the_slots(
+    client: Coordinator, agent: GateAgent, served: AgentServer
+) -> None:
+    link = Link(client)
+    await link.send(
+        agent_pb2.LinkFrame(task_id="x", attempt=1, request=assignment("wait", task_id="x")),
+        agent_pb2.LinkFrame(task_id="x", attempt=0),  # breaks the protocol: the link ends
+    )
+    with pytest.raises(grpc.aio.AioRpcError):
+        while await link.call.read() is not grpc.aio.EOF:
+            pass
+    await eventually(lambda: served.runtime.in_flight == 0, timeout=10)

@@ -112,6 +112,12 @@ async def test_per_task_structures_are_empty_after_2000_tasks(
             assert memory["idempotency_keys"] <= CACHE, memory
             assert runtime.in_flight == 0
             assert runtime.stragglers == 0
+            # The Link carries every attempt: nothing per attempt stays on either end.
+            links = [e.link for e in coordinator._pool._agents.values() if e.link is not None]
+            assert links, "the attempts did not run on a Link"
+            assert all(not link._attempts and not link._frames for link in links)  # type: ignore[attr-defined]
+            sessions = mesh.agent.servicer._links if mesh.agent.servicer else set()
+            assert sessions and all(not s._running and s._out.empty() for s in sessions)
             assert REGISTRY.get_sample_value("hivewire_coordinator_watchers") == 0
             # Nothing per task left running in either (client, coordinator, agent).
             left = [t for t in asyncio.all_tasks() - baseline if t is not asyncio.current_task()]
