@@ -16,10 +16,13 @@ call would have ended with, instead of ending the stream of every attempt.
 
 Bad frames:
 
-* no attempt key (empty ``task_id`` or attempt 0) or an assignment for an attempt
-  that still runs: the coordinator lost track of the link, so the stream ends with
-  ``INVALID_ARGUMENT`` (``LINK_FRAME_INVALID`` / ``ATTEMPT_ALREADY_RUNNING``) and
-  every attempt on it stops;
+* no attempt key (empty ``task_id`` or attempt 0): not a frame of this protocol, so
+  the stream ends with ``INVALID_ARGUMENT`` (``LINK_FRAME_INVALID``) and every attempt
+  on it stops;
+* an assignment for an attempt that still runs here (a coordinator that let the task
+  go and took it back before the first run had unwound): a refusal ``ABORTED`` /
+  ``ATTEMPT_ALREADY_RUNNING`` for that attempt alone, which the coordinator retries as
+  a new attempt; the other attempts on the link go on;
 * an invalid assignment (missing fields, bad deadline, unknown capability) or an
   agent at its maximum: a :class:`LinkRefusal` for that attempt, carrying what an
   ``Execute`` call would have ended with;
@@ -49,6 +52,7 @@ from hivewire.services.base.lifecycle import cancel_and_wait
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, LINK_BATCH_BYTES
 from hivewire.services.runtime.errors import (
+    Aborted,
     FieldViolation,
     HivewireError,
     InvalidArgument,
@@ -141,7 +145,7 @@ class LinkSession:
         """Apply one frame.
 
         Raises:
-            InvalidArgument: The frame names no attempt, or assigns one that runs.
+            InvalidArgument: The frame names no attempt.
         """
         if self._closed:
             return  # the link is ending: nothing starts or changes any more
@@ -160,11 +164,15 @@ class LinkSession:
             return
         if kind == "assign":
             if running is not None:
-                raise InvalidArgument(
-                    f"attempt {frame.attempt} of task {frame.task_id} already runs on this link",
-                    [FieldViolation("frames.request.assign", "the attempt already runs")],
-                    reason="ATTEMPT_ALREADY_RUNNING",
+                await self._refuse(
+                    key,
+                    Aborted(
+                        f"attempt {frame.attempt} of task {frame.task_id} still runs on "
+                        "this agent; try again as a new attempt",
+                        reason="ATTEMPT_ALREADY_RUNNING",
+                    ),
                 )
+                return
             await self._start(key, frame)
         elif running is None:
             if kind == "cancel":

@@ -29,7 +29,10 @@ What an ``Execute`` call did by itself is done here per attempt:
 The reader of the stream hands each message to its attempt's own queue, so it never
 waits for one slow attempt. An agent that answers ``UNIMPLEMENTED`` before any message
 (it serves only ``Execute``) is remembered as such; the attempts that were on the way
-are sent again as ``Execute`` calls, which is safe because the agent never saw them.
+are sent again as ``Execute`` calls, which is safe because the agent refused them
+before starting any. After a broken connection before the first answer they are sent
+again too: there the agent may have started one, which then runs twice under the same
+attempt number (the at-least-once of any retry after a lost connection).
 ``PERMISSION_DENIED`` before any message is taken the same way (an authorization
 policy that names only ``Execute``, or a servicer that inherits the generated stub's
 ``Link``, which the authz interceptor refuses): if ``Execute`` is refused too, the

@@ -305,34 +305,39 @@ async def test_input_for_an_attempt_never_assigned_is_refused(client: Coordinato
     link.call.cancel()
 
 
-@pytest.mark.parametrize(
-    ("second", "reason"),
-    [
-        (agent_pb2.LinkFrame(attempt=1, close=True), "LINK_FRAME_INVALID"),
-        (
-            agent_pb2.LinkFrame(
-                task_id="dup", attempt=1, request=assignment("wait", task_id="dup")
-            ),
-            "ATTEMPT_ALREADY_RUNNING",
-        ),
-    ],
-)
-async def test_frames_that_break_the_protocol_end_the_stream(
-    client: Coordinator,
-    agent: GateAgent,
-    served: AgentServer,
-    second: agent_pb2.LinkFrame,
-    reason: str,
+async def test_a_frame_without_an_attempt_key_ends_the_stream(
+    client: Coordinator, agent: GateAgent, served: AgentServer
 ) -> None:
     link = Link(client)
     await start(link, agent, "dup")
-    await link.send(second)
+    await link.send(agent_pb2.LinkFrame(attempt=1, close=True))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await link.until(lambda: False)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert from_rpc_error(caught.value).reason == reason
+    assert from_rpc_error(caught.value).reason == "LINK_FRAME_INVALID"
     assert "dup" in agent.cancelled
     await eventually(lambda: served.runtime.in_flight == 0, timeout=10)
+
+
+async def test_a_second_assignment_of_a_running_attempt_is_refused_alone(
+    client: Coordinator, agent: GateAgent, served: AgentServer
+) -> None:
+    link = Link(client)
+    await start(link, agent, "dup", "bystander")
+    await link.send(
+        agent_pb2.LinkFrame(task_id="dup", attempt=1, request=assignment("wait", task_id="dup"))
+    )
+    await link.until(lambda: ("dup", 1) in link.refusals)
+    error = link.refusals[("dup", 1)].error
+    assert (error.code, error.reason) == ("ABORTED", "ATTEMPT_ALREADY_RUNNING")
+    # The link and both running attempts go on.
+    assert not agent.cancelled
+    assert served.runtime.in_flight == 2
+    for task_id in ("dup", "bystander"):
+        agent.gate(task_id).set()
+        await link.until(lambda task_id=task_id: link.ended(task_id))
+        assert link.last(task_id).result.output.text == f"done {task_id}"
+    link.call.cancel()
 
 
 async def test_only_the_coordinator_may_link(pki: Pki, served: AgentServer) -> None:
