@@ -104,7 +104,11 @@ from hivewire.services.coordinator.store import (
     TaskRow,
     TaskStore,
 )
-from hivewire.services.coordinator.validation import VALID_STATES, validate_spec
+from hivewire.services.coordinator.validation import (
+    VALID_STATES,
+    payload_violations,
+    validate_spec,
+)
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.errors import (
     FailedPrecondition,
@@ -813,7 +817,8 @@ class Coordinator(StartStop):
         The answer to a task another coordinator runs goes to that one (``forward``).
 
         Raises:
-            InvalidArgument: No task id, no response or no request id.
+            InvalidArgument: No task id, no response or no request id, or an answer
+                that breaks the rules of a task's input (its size, a content type).
             NotFound: No such task visible to the caller.
             FailedPrecondition: The task is not waiting for this input.
         """
@@ -821,6 +826,11 @@ class Coordinator(StartStop):
             raise InvalidArgument(violations=[FieldViolation("response", "required")])
         if not response.request_id:
             raise InvalidArgument(violations=[FieldViolation("response.request_id", "required")])
+        # An answer is input to the task: the same limit, so that it also fits the one
+        # message that carries it to the agent (an agent link carries no bigger frame).
+        violations = payload_violations(response.value, self.settings, "response.value")
+        if violations:
+            raise InvalidArgument(violations=violations)
         record = await self._load(task_id, caller)
         rt = self._tasks.active.get(task_id)
         if rt is None and not record.terminal and self._cluster is not None:

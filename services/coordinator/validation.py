@@ -19,6 +19,7 @@ from hivewire.services.runtime.errors import FieldViolation, InvalidArgument
 __all__ = [
     "CAPABILITY_RE",
     "VALID_STATES",
+    "payload_violations",
     "plan_violations",
     "project_violations",
     "validate_spec",
@@ -82,7 +83,7 @@ def validate_spec(
             # Deadlines are capped, not rejected: the caller gets the maximum.
             timeout = min(seconds + nanos / 1e9, s.max_timeout)
     if spec.HasField("input"):
-        violations.extend(_payload_violations(spec.input, settings, f"{p}.input"))
+        violations.extend(payload_violations(spec.input, settings, f"{p}.input"))
     if spec.max_attempts > s.max_attempts_limit:
         violations.append(
             FieldViolation(f"{p}.max_attempts", f"must be at most {s.max_attempts_limit}")
@@ -125,9 +126,10 @@ def validate_spec(
     return normalized
 
 
-def _payload_violations(
+def payload_violations(
     payload: common_pb2.Payload, settings: CoordinatorSettings, path: str
 ) -> list[FieldViolation]:
+    """What is wrong with a payload a client gives a task (its input, an input answer)."""
     violations = []
     size = payload.ByteSize()
     if size > settings.max_input_bytes:
@@ -185,7 +187,7 @@ def plan_violations(
             )
         )
         if step.HasField("input"):
-            violations.extend(_payload_violations(step.input, settings, f"{sp}.input"))
+            violations.extend(payload_violations(step.input, settings, f"{sp}.input"))
         for j, dep in enumerate(step.depends_on):
             if dep == step.step_id:
                 violations.append(

@@ -13,6 +13,7 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.runtime.errors import InvalidArgument, NotFound
 from tests.conftest import Pki
+from tests.helpers import eventually
 from tests.support.coordinator_mesh import Mesh, assert_contiguous, error_of, spec, start_mesh
 
 pytestmark = pytest.mark.timeout(60)
@@ -274,6 +275,45 @@ async def test_provide_input_to_a_task_not_waiting(mesh: Mesh) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await client.ProvideInput(C.ProvideInputRequest(task_id=task.task_id))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        (S.Payload(text="x" * 2000), "response.value"),
+        (S.Payload(data=b"raw"), "response.value.content_type"),
+    ],
+)
+async def test_an_input_answer_follows_the_rules_of_a_task_input(
+    mesh: Mesh, value: S.Payload, field: str
+) -> None:
+    await mesh.agent()
+    client = mesh.client()
+    task = (await client.SubmitTask(C.SubmitTaskRequest(spec=spec(script={"ask": "colour?"})))).task
+
+    async def asking() -> str:
+        current = (await client.GetTask(C.GetTaskRequest(task_id=task.task_id))).task
+        assert current.state == S.TASK_STATE_INPUT_REQUIRED
+        return current.pending_input.request_id
+
+    request_id = await eventually(asking)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.ProvideInput(
+            C.ProvideInputRequest(
+                task_id=task.task_id,
+                response=S.InputResponse(request_id=request_id, value=value),
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in [v.field for v in error_of(info.value).violations]  # type: ignore[attr-defined]
+    # The task still waits, and a good answer still ends it.
+    answered = await client.ProvideInput(
+        C.ProvideInputRequest(
+            task_id=task.task_id,
+            response=S.InputResponse(request_id=request_id, value=S.Payload(text="blue")),
+        )
+    )
+    assert answered.task.state == S.TASK_STATE_RUNNING
 
 
 async def test_long_timeouts_are_capped(mesh: Mesh) -> None:
