@@ -55,6 +55,7 @@ import grpc
 from opentelemetry.trace import Status, StatusCode
 
 from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
+from hivewire.services.base.lifecycle import Drain
 from hivewire.services.coordinator.dispatch import (
     EXECUTE_METHOD,
     WRITE_ERRORS,
@@ -108,8 +109,8 @@ class AgentLink:
         self._entry = entry
         self._agent_id = entry.agent_id
         self.endpoint = entry.instance.endpoint
-        self._retiring = False
         self._attempts: dict[Key, LinkAttempt] = {}
+        self._retirement = Drain(idle=lambda: not self._attempts, end=self.close)
         self._frames: list[agent_pb2.LinkFrame] = []
         self._wake = asyncio.Event()
         self._answered = False
@@ -127,14 +128,11 @@ class AgentLink:
     def detach(self, key: Key) -> None:
         """Stop routing messages of attempt ``key`` (late ones are dropped)."""
         self._attempts.pop(key, None)
-        if self._retiring and not self._attempts:
-            self.close()
+        self._retirement.settle()
 
     def retire(self) -> None:
         """Take no new attempts; close once the open ones have ended."""
-        self._retiring = True
-        if not self._attempts:
-            self.close()
+        self._retirement.start()
 
     def post(self, frame: agent_pb2.LinkFrame) -> bool:
         """Queue a frame for the agent; False when the link is over."""
