@@ -105,8 +105,13 @@ node:
 		(cd $$dir && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error) || exit 1; \
 	done
 
+# The suite runs on PYTEST_WORKERS pytest-xdist workers (0: in this process, one test at a
+# time); --dist loadfile gives each worker whole test files, so a module-scoped mesh starts
+# once. PYTEST_ARGS adds options (e.g. PYTEST_ARGS="--durations=60" or a path).
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 pytest: relink $(PROMTOOL) chromium node
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: relink lint typecheck imports buf-lint buf-breaking gen-check pytest
 

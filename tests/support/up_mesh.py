@@ -54,6 +54,25 @@ _BLOCK = 15  # coordinator, model, tool, three agents, NATS, NATS monitoring, A2
 _WITH_METRICS = (0, 1, 2, 3, 4, 5, 8, 11, 12, 13, 14)  # offsets of services with metrics
 
 
+def _draw_base() -> int:
+    """A random base for a block, from this pytest-xdist worker's own share of 20000-30000.
+
+    Two processes can both hold a port with ``SO_REUSEADDR`` as long as neither listens,
+    so a held port is kept only from port-0 binds and binds without the option, not from
+    another worker drawing the same number. The range is cut into chunks of
+    2 * METRICS_OFFSET ports: a base in the first half of a chunk keeps its block and its
+    metrics ports inside that chunk, and worker ``gwN`` draws only from the chunks whose
+    index is N modulo the number of workers.
+    """
+    chunk = 2 * METRICS_OFFSET
+    chunks = range(20000 // chunk, 30000 // chunk)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and count > 1:
+        chunks = chunks[int(worker[2:]) % count :: count]
+    return random.choice(chunks) * chunk + random.randrange(METRICS_OFFSET - _BLOCK)
+
+
 def reserved_port_block() -> int:
     """A base port whose block of 15, and the metrics ports 1000 above, this process holds.
 
@@ -61,10 +80,11 @@ def reserved_port_block() -> int:
     take three in a row, each service's metrics sit on its gRPC port + 1000), so they
     cannot come from port 0. Each one is held instead, like :func:`reserved_port`'s,
     until the test process exits: its services listen on them, nobody else can take
-    them. The block is drawn below Linux's ephemeral range (32768+).
+    them. The block is drawn below Linux's ephemeral range (32768+), from this pytest-xdist
+    worker's own share of the range (:func:`_draw_base`).
     """
     for _ in range(500):
-        base = random.randrange(20000, 31000 - METRICS_OFFSET)
+        base = _draw_base()
         ports = [base + i for i in range(_BLOCK)] + [
             base + i + METRICS_OFFSET for i in _WITH_METRICS
         ]
