@@ -7,7 +7,8 @@ with its own publish and subscribe permissions:
 =================  ==============================================================
 role               may publish (besides JetStream reads)
 =================  ==============================================================
-``coordinator``    ``hivewire.events.{task,workflow,project}.>``; its registry keys
+``coordinator``    ``hivewire.events.{task,workflow,project}.>`` and
+                   ``hivewire.events.agent.health_changed``; its registry keys
                    ``hivewire-coordinator.<name>.>``; its JetStream task store when
                    used; requests to other coordinators ``hivewire.coordinator.>``
                    (which it also subscribes to)
@@ -128,11 +129,14 @@ def _stream_setup(stream: str) -> list[str]:
 
 def _coordinator_extras(names: NatsNames) -> list[str]:
     """What only coordinators publish besides task events: plans' and projects' events,
-    and the JetStream task store (its KV buckets and journal stream, when used).
+    agents' health changes, and the JetStream task store (its KV buckets and journal
+    stream, when used).
     """
     extras = [
         f"{EVENTS_PREFIX}.workflow.>",
         f"{EVENTS_PREFIX}.project.>",
+        # Its dispatcher reports agents leaving and circuits opening (dispatch.py).
+        f"{EVENTS_PREFIX}.agent.health_changed",
         "hivewire.journal.>",
         # Requests between coordinators (cancel/input/sub-task forwarded to the owner).
         f"{COORDINATOR_REQUESTS}.>",

@@ -148,6 +148,32 @@ async def test_only_the_coordinator_publishes_task_events(
         assert seen == ["real"] and not coordinator.errors
 
 
+async def test_the_coordinator_publishes_agent_health_changes_and_no_other_agent_event(
+    secure_nats: NatsServer, pki: Pki
+) -> None:
+    # The coordinator's dispatcher sees agents leave and circuits open: it publishes
+    # agent.health_changed (services/coordinator/dispatch.py); the rest is the agents'.
+    async with (
+        connected(secure_nats, pki.files("admin")) as watcher,
+        connected(secure_nats, pki.files("coordinator")) as coordinator,
+    ):
+        assert watcher.client and coordinator.client
+        seen: list[str] = []
+
+        async def on_message(msg: nats.aio.msg.Msg) -> None:
+            seen.append(msg.subject)
+
+        await watcher.client.subscribe("hivewire.events.agent.>", cb=on_message)
+        await watcher.client.flush()
+        await coordinator.client.publish("hivewire.events.agent.registered", b"forged")
+        await coordinator.client.flush()
+        await eventually(lambda: coordinator.denied("hivewire.events.agent.registered"))
+        await coordinator.client.publish("hivewire.events.agent.health_changed", b"real")
+        await coordinator.client.flush()
+        await eventually(lambda: seen == ["hivewire.events.agent.health_changed"], timeout=10)
+        assert not coordinator.denied("hivewire.events.agent.health_changed")
+
+
 def registry_of(server: NatsServer, files: TlsFiles) -> Registry:
     """The embedded registry as a service opens it: keys under its identity's name."""
     return open_registry(
