@@ -40,6 +40,9 @@ SESSION_COOKIE = "hivewire_session"
 _BACKEND = web.AppKey("backend", Backend)
 _TOKENS = web.AppKey("tokens", dict)
 _SESSIONS = web.AppKey("sessions", dict)
+# The open event streams: they never end on their own, so shutdown ends them (_end_streams)
+# instead of waiting out aiohttp's 60 s shutdown timeout for them.
+_STREAMS = web.AppKey("streams", set)
 _STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.NOT_FOUND: 404,
@@ -164,8 +167,12 @@ async def _sse(
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
-    await response.prepare(request)
+    streams: set[asyncio.Task[Any]] = request.app[_STREAMS]
+    this = asyncio.current_task()
+    assert this is not None
+    streams.add(this)
     try:
+        await response.prepare(request)
         # aclosing: a browser that goes away ends the WatchTask call (or NATS reader) now.
         async with contextlib.aclosing(items) as stream:
             async for item in stream:
@@ -178,7 +185,16 @@ async def _sse(
         with contextlib.suppress(ConnectionResetError):
             payload = json.dumps({"reason": err.reason, "message": err.message})
             await response.write(f"event: error\ndata: {payload}\n\n".encode())
+    finally:
+        streams.discard(this)
     return response
+
+
+async def _end_streams(app: web.Application) -> None:
+    """On shutdown (after the listener closed): end every open event stream now."""
+    streams: set[asyncio.Task[Any]] = app[_STREAMS]
+    for task in list(streams):
+        task.cancel()
 
 
 @_authenticated
@@ -199,6 +215,8 @@ def create_app(backend: Backend, *, tokens: dict[str, str]) -> web.Application:
     app[_BACKEND] = backend
     app[_TOKENS] = dict(tokens)
     app[_SESSIONS] = {}
+    app[_STREAMS] = set()
+    app.on_shutdown.append(_end_streams)
     app.router.add_get("/", _page)
     app.router.add_post("/login", _login)
     app.router.add_get("/api/me", _me)
