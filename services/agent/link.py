@@ -49,7 +49,7 @@ from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
 from hivewire.services.agent import convert
 from hivewire.services.agent.runtime import AgentRuntime, Execution, Started
-from hivewire.services.base.lifecycle import cancel_and_wait
+from hivewire.services.base.lifecycle import Drain, cancel_and_wait
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, LINK_BATCH_BYTES
 from hivewire.services.runtime.errors import (
@@ -118,7 +118,7 @@ class LinkSession:
         self._out: asyncio.Queue[_Outgoing] = asyncio.Queue(queue_size)
         self._failure: HivewireError | None = None
         self._closed = False
-        self._draining = False
+        self._drain = Drain(idle=lambda: not self._running, end=self._end_soon)
         self._ending: set[asyncio.Task[None]] = set()
         # Set (and replaced) each time the stream has sent a message. An Event, not a
         # shared future: cancelling one waiter must not cancel the others' wait.
@@ -197,7 +197,7 @@ class LinkSession:
     async def _start(self, key: Key, frame: agent_pb2.LinkFrame) -> None:
         assign = frame.request.assign
         try:
-            if self._draining:
+            if self._drain.draining:
                 raise Unavailable("the agent is shutting down", reason="AGENT_SHUTTING_DOWN")
             if assign.task_id != frame.task_id or max(1, assign.attempt) != frame.attempt:
                 raise InvalidArgument(
@@ -283,14 +283,11 @@ class LinkSession:
         running = self._running.get(key)
         if running is not None and running.task is task:
             del self._running[key]
-        if self._draining and not self._running:
-            self._end_soon()
+        self._drain.settle()
 
     def drain(self) -> None:
         """Take no new attempts; end the stream once the running ones have ended."""
-        self._draining = True
-        if not self._running:
-            self._end_soon()
+        self._drain.start()
 
     def _end_soon(self) -> None:
         task = asyncio.create_task(self._out.put(_END))

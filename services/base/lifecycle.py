@@ -7,17 +7,19 @@ and ``stop``), :class:`StartClose` (``start`` and ``close``) or :class:`OpenClos
 ``__aenter__``/``__aexit__`` again. :func:`cancel_and_wait` is the
 "cancel every background task, then wait for each and swallow its cancellation" loop of
 a stop method; :func:`ended_within` is the grace period a task asked to stop gets.
+:class:`Drain` is the "take no new work, end once the open work has ended" step of
+something that serves many calls at once (each end of an agent link).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-__all__ = ["OpenClose", "StartClose", "StartStop", "cancel_and_wait", "ended_within"]
+__all__ = ["Drain", "OpenClose", "StartClose", "StartStop", "cancel_and_wait", "ended_within"]
 
 
 class _Entered:
@@ -91,3 +93,34 @@ async def ended_within(task: asyncio.Future[Any], seconds: float) -> bool:
         return True
     done, _ = await asyncio.wait({task}, timeout=seconds)
     return bool(done)
+
+
+class Drain:
+    """Take no new work; end once the open work has ended.
+
+    The owner keeps its open work itself; it says when it is asked to drain
+    (:meth:`start`) and each time a piece of work ends (:meth:`settle`), and refuses new
+    work while :attr:`draining`.
+
+    Args:
+        idle: Whether no work is open now.
+        end: What ends the owner; called when draining and idle (at once when
+            :meth:`start` finds nothing open).
+    """
+
+    def __init__(self, *, idle: Callable[[], bool], end: Callable[[], None]) -> None:
+        """Create the step; nothing drains until :meth:`start`."""
+        self._idle = idle
+        self._end = end
+        self.draining = False
+        """Whether :meth:`start` was called: new work is refused."""
+
+    def start(self) -> None:
+        """Take no new work; end now if none is open, else once the last has ended."""
+        self.draining = True
+        self.settle()
+
+    def settle(self) -> None:
+        """Some work ended: end when draining and none is left open."""
+        if self.draining and self._idle():
+            self._end()

@@ -55,16 +55,8 @@ import grpc
 from opentelemetry.trace import Status, StatusCode
 
 from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
-from hivewire.services.coordinator.dispatch import (
-    EXECUTE_METHOD,
-    WRITE_ERRORS,
-    AgentEntry,
-    AgentLease,
-    AttemptError,
-    ExecuteStream,
-    classify_rpc_error,
-    classify_status,
-)
+from hivewire.services.base.lifecycle import Drain
+from hivewire.services.coordinator import dispatch
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.config import LINK_BATCH_BYTES
@@ -93,7 +85,7 @@ _DEADLINE = _Deadline()
 _NO_LINK = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
 """How an agent without ``Link`` answers: not served at all, or (a servicer that
 inherits the generated stub, or a policy that lists only ``Execute``) refused."""
-_Item = agent_pb2.ExecuteResponse | AttemptError | _Fallback | _Deadline | None
+_Item = agent_pb2.ExecuteResponse | dispatch.AttemptError | _Fallback | _Deadline | None
 
 
 class AgentLink:
@@ -104,12 +96,14 @@ class AgentLink:
         stub: A stub on the agent's channel without client interceptors.
     """
 
-    def __init__(self, entry: AgentEntry, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
+    def __init__(
+        self, entry: dispatch.AgentEntry, stub: agent_pb2_grpc.AgentServiceAsyncStub
+    ) -> None:
         self._entry = entry
         self._agent_id = entry.agent_id
         self.endpoint = entry.instance.endpoint
-        self._retiring = False
         self._attempts: dict[Key, LinkAttempt] = {}
+        self._retirement = Drain(idle=lambda: not self._attempts, end=self.close)
         self._frames: list[agent_pb2.LinkFrame] = []
         self._wake = asyncio.Event()
         self._answered = False
@@ -127,14 +121,11 @@ class AgentLink:
     def detach(self, key: Key) -> None:
         """Stop routing messages of attempt ``key`` (late ones are dropped)."""
         self._attempts.pop(key, None)
-        if self._retiring and not self._attempts:
-            self.close()
+        self._retirement.settle()
 
     def retire(self) -> None:
         """Take no new attempts; close once the open ones have ended."""
-        self._retiring = True
-        if not self._attempts:
-            self.close()
+        self._retirement.start()
 
     def post(self, frame: agent_pb2.LinkFrame) -> bool:
         """Queue a frame for the agent; False when the link is over."""
@@ -166,7 +157,7 @@ class AgentLink:
                     # refusal (UNIMPLEMENTED, PERMISSION_DENIED) arrives turns the call's
                     # status into INTERNAL, and the refusal is what says "use Execute".
                     await self._confirmed.wait()
-            except WRITE_ERRORS as exc:
+            except dispatch.WRITE_ERRORS as exc:
                 # The reader reports why the link ended.
                 logger.debug("write to agent %s failed: %r", self._agent_id, exc)
                 return
@@ -229,7 +220,7 @@ class AgentLink:
             else:
                 if not self.closed:
                     logger.info("link to agent %s broke: %s", self._agent_id, err.code().name)
-                ending = classify_rpc_error(err, self._agent_id)
+                ending = dispatch.classify_rpc_error(err, self._agent_id)
         finally:
             self.closed = True
             self._writer.cancel()
@@ -240,14 +231,14 @@ class AgentLink:
                 attempt.deliver(ending)
 
 
-def _refusal_error(refusal: agent_pb2.LinkRefusal, agent_id: str) -> AttemptError:
+def _refusal_error(refusal: agent_pb2.LinkRefusal, agent_id: str) -> dispatch.AttemptError:
     error = refusal.error
     try:
         code = grpc.StatusCode[error.code]
     except KeyError:
         code = grpc.StatusCode.UNKNOWN
     domain = error_class_for(code)(error.message, reason=error.reason, metadata=error.metadata)
-    return classify_status(code, domain, agent_id)
+    return dispatch.classify_status(code, domain, agent_id)
 
 
 class LinkAttempt:
@@ -263,7 +254,7 @@ class LinkAttempt:
     def __init__(
         self,
         link: AgentLink,
-        lease: AgentLease,
+        lease: dispatch.AgentLease,
         *,
         timeout: float,
         metadata: Sequence[tuple[str, str]],
@@ -279,13 +270,13 @@ class LinkAttempt:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         # One timer per attempt (cheaper than a timeout around every receive).
         self._timer = loop.call_at(self._deadline, self._queue.put_nowait, _DEADLINE)
-        self._span, headers = tracing.client_span(EXECUTE_METHOD)
+        self._span, headers = tracing.client_span(dispatch.EXECUTE_METHOD)
         self._span.set_attribute("hivewire.link", True)
         self._traceparent = headers.get(md.TRACEPARENT, "")
         self._tracestate = headers.get(md.TRACESTATE, "")
         # Kept until the link answers: replayed on an Execute call if it never does.
         self._sent: list[agent_pb2.ExecuteRequest] | None = []
-        self._fallback: ExecuteStream | None = None
+        self._fallback: dispatch.ExecuteStream | None = None
         self._over = False
         self._first = True
         link.attach(self._key, self)
@@ -338,7 +329,7 @@ class LinkAttempt:
         if isinstance(item, _Deadline):
             self._stop(grpc.StatusCode.DEADLINE_EXCEEDED)
             err = DeadlineExceeded("Deadline Exceeded")
-            raise classify_status(err.code, err, self._lease.agent_id)
+            raise dispatch.classify_status(err.code, err, self._lease.agent_id)
         if isinstance(item, _Fallback):
             return await self._go_execute()
         self._end(grpc.StatusCode.UNAVAILABLE)
@@ -353,11 +344,11 @@ class LinkAttempt:
         self._sent = None
         return await stream.receive()
 
-    def _to_execute(self, code: grpc.StatusCode) -> ExecuteStream:
+    def _to_execute(self, code: grpc.StatusCode) -> dispatch.ExecuteStream:
         """Leave the link (its span ends with ``code``): the attempt goes on an Execute call."""
         self._end(code)
         remaining = self._deadline - asyncio.get_running_loop().time()
-        stream = self._fallback = ExecuteStream(
+        stream = self._fallback = dispatch.ExecuteStream(
             self._lease, timeout=remaining, metadata=self._metadata
         )
         return stream
@@ -394,12 +385,12 @@ class LinkAttempt:
         span.end()
 
 
-AttemptStream = ExecuteStream | LinkAttempt
+AttemptStream = dispatch.ExecuteStream | LinkAttempt
 """What an attempt talks to its agent through."""
 
 
 def open_stream(
-    lease: AgentLease,
+    lease: dispatch.AgentLease,
     *,
     timeout: float,
     metadata: Sequence[tuple[str, str]],
@@ -415,7 +406,7 @@ def open_stream(
     """
     entry = lease.entry
     if not link or entry.link_unsupported:
-        return ExecuteStream(lease, timeout=timeout, metadata=metadata)
+        return dispatch.ExecuteStream(lease, timeout=timeout, metadata=metadata)
     current = entry.link
     if isinstance(current, AgentLink) and current.endpoint != entry.instance.endpoint:
         # The agent registered again at another address: new attempts go there.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -27,7 +27,10 @@ SERVICE_NAME: str = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_n
 """``hivewire.model.v1.ModelService``."""
 
 Context = grpc.aio.ServicerContext[Any, Any]
+RequestT = TypeVar("RequestT", model_pb2.GenerateRequest, model_pb2.ChatRequest)
 ResponseT = TypeVar("ResponseT", model_pb2.GenerateResponse, model_pb2.ChatResponse)
+_Request = TypeVar("_Request", model_pb2.GenerateRequest, model_pb2.ChatRequest, contravariant=True)
+_Response = TypeVar("_Response", model_pb2.GenerateResponse, model_pb2.ChatResponse, covariant=True)
 
 
 def call_info(
@@ -54,6 +57,50 @@ def call_info(
     )
 
 
+class _FromProto(Protocol[_Request]):
+    """``convert.generate_from_proto`` or ``convert.chat_from_proto``."""
+
+    def __call__(self, request: _Request, *, max_output_tokens: int) -> GenerationCall: ...
+
+
+class _BoundRpc(Protocol[_Request, _Response]):
+    """A streaming RPC as the servicer's method."""
+
+    def __call__(self, request: _Request, context: Context) -> AsyncIterator[_Response]: ...
+
+
+class _Rpc(Protocol[_Request, _Response]):
+    """A streaming RPC as a function in the servicer's class (bound on access)."""
+
+    def __get__(self, servicer: Any, owner: Any = None) -> _BoundRpc[_Request, _Response]: ...
+
+
+def _generation_rpc(
+    from_proto: _FromProto[RequestT],
+    respond: Callable[[int, str | Completion], ResponseT],
+    doc: str,
+) -> _Rpc[RequestT, ResponseT]:
+    """Generate or Chat: the two streaming RPCs differ only in their messages.
+
+    Args:
+        from_proto: Validates the request into a call.
+        respond: Builds the numbered response of each streamed item.
+        doc: The RPC's docstring.
+    """
+
+    async def rpc(
+        servicer: ModelServicer, request: RequestT, context: Context
+    ) -> AsyncIterator[ResponseT]:
+        call = from_proto(request, max_output_tokens=servicer._max_output_tokens)
+        # aclosing: a cancelled call closes the domain stream (and the backend) at once.
+        async with aclosing(servicer._stream(call, request, context, respond)) as out:
+            async for response in out:
+                yield response
+
+    rpc.__doc__ = doc
+    return rpc
+
+
 class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     """``hivewire.model.v1.ModelService`` over a :class:`ModelService`."""
 
@@ -67,23 +114,12 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         self._service = service
         self._max_output_tokens = max_output_tokens
 
-    async def Generate(
-        self, request: model_pb2.GenerateRequest, context: Context
-    ) -> AsyncIterator[model_pb2.GenerateResponse]:
-        """Stream a completion of a prompt."""
-        call = convert.generate_from_proto(request, max_output_tokens=self._max_output_tokens)
-        async with aclosing(self._stream(call, request, context, convert.generate_response)) as out:
-            async for response in out:
-                yield response
-
-    async def Chat(
-        self, request: model_pb2.ChatRequest, context: Context
-    ) -> AsyncIterator[model_pb2.ChatResponse]:
-        """Stream the assistant's next message."""
-        call = convert.chat_from_proto(request, max_output_tokens=self._max_output_tokens)
-        async with aclosing(self._stream(call, request, context, convert.chat_response)) as out:
-            async for response in out:
-                yield response
+    Generate = _generation_rpc(
+        convert.generate_from_proto, convert.generate_response, "Stream a completion of a prompt."
+    )
+    Chat = _generation_rpc(
+        convert.chat_from_proto, convert.chat_response, "Stream the assistant's next message."
+    )
 
     async def _stream(
         self,

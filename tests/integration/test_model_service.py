@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from hivewire.model.v1 import model_pb2
+from hivewire.services.model.metrics import model_label
 from hivewire.services.model.settings import ModelSettings
 from hivewire.services.runtime import errors
 from hivewire.services.runtime import metadata as md
@@ -73,6 +74,10 @@ async def error_of(stream: Any) -> errors.HivewireError:
 
 
 def sample(name: str, **labels: str) -> float:
+    if "model" in labels:
+        # The label the service gives this name: earlier tests in the same process may
+        # have used up the distinct model labels, and then it is ``_other``.
+        labels["model"] = model_label(labels["model"])
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 

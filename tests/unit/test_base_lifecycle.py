@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from hivewire.services.base.lifecycle import (
+    Drain,
     OpenClose,
     StartClose,
     StartStop,
@@ -155,3 +156,26 @@ async def test_ended_within_waits_for_a_task_up_to_its_grace() -> None:
     assert isinstance(task.exception(), RuntimeError)
     # Already done: True at once.
     assert await ended_within(task, 0)
+
+
+def test_drain_ends_at_once_when_nothing_is_open() -> None:
+    ended: list[str] = []
+    drain = Drain(idle=lambda: True, end=lambda: ended.append("end"))
+    drain.settle()  # not draining yet: work ending does not end the owner
+    assert (drain.draining, ended) == (False, [])
+    drain.start()
+    assert (drain.draining, ended) == (True, ["end"])
+
+
+def test_drain_ends_when_the_last_open_work_ends() -> None:
+    open_work = {"a", "b"}
+    ended: list[str] = []
+    drain = Drain(idle=lambda: not open_work, end=lambda: ended.append("end"))
+    drain.start()
+    assert drain.draining and ended == []
+    open_work.discard("a")
+    drain.settle()
+    assert ended == []
+    open_work.discard("b")
+    drain.settle()
+    assert ended == ["end"]

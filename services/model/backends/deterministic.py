@@ -16,26 +16,14 @@ import math
 import re
 from collections.abc import AsyncGenerator, Sequence
 
-from hivewire.services.model.backends.base import (
-    ChatTurn,
-    EmbedResult,
-    FinishKind,
-    GenerationRequest,
-    ModelEntry,
-    StreamEnd,
-    StreamItem,
-    TextDelta,
-    estimate_prompt_tokens,
-    estimate_tokens,
-    last_user_text,
-)
+from hivewire.services.model.backends import base
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 ECHO_CHARS = 200
 """How much of the last user message the reply quotes."""
 
 
-def reply_for(model: str, messages: Sequence[ChatTurn], seed: int | None) -> str:
+def reply_for(model: str, messages: Sequence[base.ChatTurn], seed: int | None) -> str:
     """The reply the deterministic backend gives, without streaming it.
 
     Args:
@@ -51,7 +39,7 @@ def reply_for(model: str, messages: Sequence[ChatTurn], seed: int | None) -> str
     for turn in messages:
         digest.update(b"\x00" + turn.role.encode() + b"\x00" + turn.content.encode())
     digest.update(b"\x00" + str(seed).encode())
-    quoted = " ".join(last_user_text(messages).split())[:ECHO_CHARS] or "(no user message)"
+    quoted = " ".join(base.last_user_text(messages).split())[:ECHO_CHARS] or "(no user message)"
     return f"Deterministic reply {digest.hexdigest()[:8]} to: {quoted}"
 
 
@@ -70,10 +58,12 @@ class DeterministicBackend:
         self.model_name = model_name
         self.dimensions = dimensions
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
+    async def stream(
+        self, request: base.GenerationRequest
+    ) -> AsyncGenerator[base.StreamItem, None]:
         """Stream the reply one word (one token) at a time."""
         text = reply_for(request.model, request.messages, request.params.seed)
-        finish: FinishKind = "stop"
+        finish: base.FinishKind = "stop"
         for stop in request.params.stop:
             if stop and stop in text:
                 text = text[: text.index(stop)]
@@ -84,11 +74,11 @@ class DeterministicBackend:
         for index, word in enumerate(words):
             # Yield control between words so a cancel lands mid-stream like a real backend.
             await asyncio.sleep(0)
-            yield TextDelta(word if index == 0 else " " + word)
-        yield StreamEnd(
+            yield base.TextDelta(word if index == 0 else " " + word)
+        yield base.StreamEnd(
             finish=finish,
             model=request.model,
-            prompt_tokens=estimate_prompt_tokens(request.messages),
+            prompt_tokens=base.estimate_prompt_tokens(request.messages),
             completion_tokens=len(words),
         )
 
@@ -101,17 +91,19 @@ class DeterministicBackend:
         norm = math.sqrt(sum(v * v for v in values))
         return [v / norm for v in values] if norm else values
 
-    async def embed(self, model: str, inputs: Sequence[str], *, time_limit: float) -> EmbedResult:
+    async def embed(
+        self, model: str, inputs: Sequence[str], *, time_limit: float
+    ) -> base.EmbedResult:
         """Embed each input."""
-        return EmbedResult(
+        return base.EmbedResult(
             vectors=[self.vector(text) for text in inputs],
             model=model,
-            prompt_tokens=sum(estimate_tokens(text) for text in inputs),
+            prompt_tokens=sum(base.estimate_tokens(text) for text in inputs),
         )
 
-    async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
+    async def list_models(self, *, time_limit: float) -> list[base.ModelEntry]:
         """The one model name it answers to (it answers to any name routed to it)."""
-        return [ModelEntry(name=self.model_name, supports_embeddings=True)]
+        return [base.ModelEntry(name=self.model_name, supports_embeddings=True)]
 
     async def aclose(self) -> None:
         """Nothing to release."""

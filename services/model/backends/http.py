@@ -8,7 +8,8 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import httpx
 
@@ -181,15 +182,54 @@ def sampling_options(
     return options
 
 
+@dataclass(frozen=True)
+class ListingApi:
+    """Where a server lists its models (GET).
+
+    Attributes:
+        path: The API path.
+        key: The body's list of models.
+        name_key: Where an item of that list has its name (items without one are skipped).
+        entry: ``entry(name, item)``: the listing's entry for an item.
+    """
+
+    path: str
+    key: str
+    name_key: str
+    entry: Callable[[str, dict[str, Any]], ModelEntry]
+
+
+@dataclass(frozen=True)
+class EmbeddingApi:
+    """Where and how a server embeds texts (POST ``{"model", "input"}``).
+
+    Attributes:
+        path: The API path.
+        key: The body's list with one entry per input.
+        vectors: The vectors, in input order, from that list.
+        prompt_tokens: The body's count of the tokens read.
+    """
+
+    path: str
+    key: str
+    vectors: Callable[[list[Any]], Iterable[Iterable[Any]]]
+    prompt_tokens: Callable[[dict[str, Any]], object]
+
+
 class HttpBackend:
     """Base of a backend that talks to one HTTP server through one pooled client.
 
-    Subclasses set :attr:`name` and implement ``stream`` and ``embed`` and
-    ``list_models`` (the :class:`~hivewire.services.model.backends.base.Backend`
-    protocol) on top of ``self._http``.
+    Subclasses set :attr:`name`, :attr:`listing_api` and :attr:`embedding_api` and
+    implement ``stream`` (the rest of the
+    :class:`~hivewire.services.model.backends.base.Backend` protocol is here) on top of
+    ``self._http``.
     """
 
     name: str
+    listing_api: ClassVar[ListingApi]
+    """Where the server lists its models."""
+    embedding_api: ClassVar[EmbeddingApi]
+    """Where and how the server embeds texts."""
 
     def __init__(
         self,
@@ -221,69 +261,48 @@ class HttpBackend:
             transport=transport,
         )
 
-    async def _listing(
-        self,
-        path: str,
-        key: str,
-        *,
-        name_key: str,
-        time_limit: float,
-        entry: Callable[[str, dict[str, Any]], ModelEntry],
-    ) -> list[ModelEntry]:
-        """GET a model listing: ``entry(name, item)`` for each object of the body's
-        ``key`` list that has a name under ``name_key``.
+    async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
+        """GET the server's model listing (:attr:`listing_api`).
 
         Raises:
             BackendUnavailable: The body has no such list.
         """
-        async with self._http.stream("GET", path, model="", time_limit=time_limit) as response:
-            data = await self._http.read_json(response, path)
-        items = data.get(key) if isinstance(data, dict) else None
+        api = self.listing_api
+        async with self._http.stream("GET", api.path, model="", time_limit=time_limit) as response:
+            data = await self._http.read_json(response, api.path)
+        items = data.get(api.key) if isinstance(data, dict) else None
         if not isinstance(items, list):
-            raise self._http.broken(f"{path} returned no {key} list")
+            raise self._http.broken(f"{api.path} returned no {api.key} list")
         return [
-            entry(str(item[name_key]), item)
+            api.entry(str(item[api.name_key]), item)
             for item in items
-            if isinstance(item, dict) and item.get(name_key)
+            if isinstance(item, dict) and item.get(api.name_key)
         ]
 
-    async def _embeddings(
-        self,
-        path: str,
-        key: str,
-        model: str,
-        inputs: Sequence[str],
-        *,
-        time_limit: float,
-        vectors: Callable[[list[Any]], Iterable[Iterable[Any]]],
-        prompt_tokens: Callable[[dict[str, Any]], object],
-    ) -> EmbedResult:
-        """POST ``{"model", "input"}`` to an embedding API.
+    async def embed(self, model: str, inputs: Sequence[str], *, time_limit: float) -> EmbedResult:
+        """POST ``{"model", "input"}`` to the server's embedding API (:attr:`embedding_api`).
 
         Args:
-            path: The API path.
-            key: The body's list with one entry per input.
             model: Upstream model name.
             inputs: The texts.
             time_limit: Seconds left for the call.
-            vectors: The vectors, in input order, from that list.
-            prompt_tokens: The body's count of the tokens read.
 
         Raises:
             BackendUnavailable: The body has no such list, or not one entry per input.
         """
+        api = self.embedding_api
         body = {"model": model, "input": list(inputs)}
         async with self._http.stream(
-            "POST", path, model=model, time_limit=time_limit, body=body
+            "POST", api.path, model=model, time_limit=time_limit, body=body
         ) as response:
-            data = await self._http.read_json(response, path)
-        items = data.get(key) if isinstance(data, dict) else None
+            data = await self._http.read_json(response, api.path)
+        items = data.get(api.key) if isinstance(data, dict) else None
         if not isinstance(items, list) or len(items) != len(inputs):
-            raise self._http.broken(f"{path} returned no {key} or the wrong number")
+            raise self._http.broken(f"{api.path} returned no {api.key} or the wrong number")
         return EmbedResult(
-            vectors=[[float(x) for x in vector] for vector in vectors(items)],
+            vectors=[[float(x) for x in vector] for vector in api.vectors(items)],
             model=str(data.get("model") or model),
-            prompt_tokens=token_count(prompt_tokens(data)),
+            prompt_tokens=token_count(api.prompt_tokens(data)),
         )
 
     async def aclose(self) -> None:

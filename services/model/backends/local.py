@@ -24,16 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hivewire.services.model.backends.base import (
-    BackendUnavailable,
-    ChatTurn,
-    EmbedResult,
-    GenerationRequest,
-    ModelEntry,
-    StreamEnd,
-    StreamItem,
-    TextDelta,
-)
+from hivewire.services.model.backends import base
 from hivewire.services.runtime.errors import FailedPrecondition
 
 logger = logging.getLogger(__name__)
@@ -176,7 +167,7 @@ class LocalBackend:
             except (FailedPrecondition, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                raise BackendUnavailable(
+                raise base.BackendUnavailable(
                     f"local model failed to load: {exc}", None, metadata={"backend": self.name}
                 ) from exc
             if embedding:
@@ -200,7 +191,7 @@ class LocalBackend:
         await self._model()
 
     @staticmethod
-    def _messages(turns: Sequence[ChatTurn]) -> list[dict[str, str]]:
+    def _messages(turns: Sequence[base.ChatTurn]) -> list[dict[str, str]]:
         messages = []
         for turn in turns:
             # llama.cpp's gemma format drops system turns; fold them into the next user turn.
@@ -217,7 +208,7 @@ class LocalBackend:
     def _generate(
         self,
         llm: Any,
-        request: GenerationRequest,
+        request: base.GenerationRequest,
         stop: threading.Event,
         emit: Callable[[object], None],
     ) -> None:
@@ -255,7 +246,7 @@ class LocalBackend:
                     text = choice.get("delta", {}).get("content")
                     if text:
                         self.tokens_generated += 1
-                        emit(TextDelta(text))
+                        emit(base.TextDelta(text))
                     if choice.get("finish_reason"):
                         finish = "length" if choice["finish_reason"] == "length" else "stop"
             finally:
@@ -267,7 +258,9 @@ class LocalBackend:
             with self._active_lock:
                 self._active -= 1
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
+    async def stream(
+        self, request: base.GenerationRequest
+    ) -> AsyncGenerator[base.StreamItem, None]:
         """Generate in the model thread, yielding tokens as they come."""
         llm = await self._model()
         loop = asyncio.get_running_loop()
@@ -292,18 +285,18 @@ class LocalBackend:
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, TextDelta):
+                if isinstance(item, base.TextDelta):
                     produced += 1
                     yield item
                     continue
                 assert isinstance(item, _Stop)
                 if item.error is not None:
-                    raise BackendUnavailable(
+                    raise base.BackendUnavailable(
                         f"local generation failed: {item.error}",
                         None,
                         metadata={"backend": self.name},
                     ) from item.error
-                yield StreamEnd(
+                yield base.StreamEnd(
                     finish="length" if item.finish == "length" else "stop",
                     model=self.model_name,
                     prompt_tokens=item.prompt_tokens,
@@ -314,7 +307,9 @@ class LocalBackend:
             # Cancelled, closed early or done: the thread stops before its next token.
             stop.set()
 
-    async def embed(self, model: str, inputs: Sequence[str], *, time_limit: float) -> EmbedResult:
+    async def embed(
+        self, model: str, inputs: Sequence[str], *, time_limit: float
+    ) -> base.EmbedResult:
         """Embed with a second instance of the model in embedding mode (mean pooling)."""
         embedder = await self._model(embedding=True)
         loop = asyncio.get_running_loop()
@@ -325,9 +320,9 @@ class LocalBackend:
             return [[float(x) for x in vector] for vector in vectors], tokens
 
         vectors, tokens = await loop.run_in_executor(self._executor, run)
-        return EmbedResult(vectors=vectors, model=self.model_name, prompt_tokens=tokens)
+        return base.EmbedResult(vectors=vectors, model=self.model_name, prompt_tokens=tokens)
 
-    async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
+    async def list_models(self, *, time_limit: float) -> list[base.ModelEntry]:
         """The one model this backend serves (its file need not be loaded yet)."""
         path = self._options.model_path
         size = modified = None
@@ -335,7 +330,7 @@ class LocalBackend:
             stat = path.stat()
             size, modified = stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)
         return [
-            ModelEntry(
+            base.ModelEntry(
                 name=self.model_name,
                 supports_embeddings=True,
                 modified_at=modified,

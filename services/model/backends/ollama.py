@@ -7,19 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from datetime import datetime
 from typing import Any
 
-from hivewire.services.model.backends.base import (
-    EmbedResult,
-    GenerationRequest,
-    ModelEntry,
-    StreamEnd,
-    StreamItem,
-    TextDelta,
-)
-from hivewire.services.model.backends.http import HttpBackend, sampling_options, token_count
+from hivewire.services.model.backends import base, http
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +28,30 @@ def _parse_time(value: object) -> datetime | None:
         return None
 
 
-class OllamaBackend(HttpBackend):
+def _entry(name: str, item: dict[str, Any]) -> base.ModelEntry:
+    size = item.get("size")
+    return base.ModelEntry(
+        name=name,
+        supports_embeddings=True,
+        modified_at=_parse_time(item.get("modified_at")),
+        size_bytes=size if isinstance(size, int) and size >= 0 else None,
+    )
+
+
+class OllamaBackend(http.HttpBackend):
     """Talks to one Ollama server (``base_url`` e.g. ``http://127.0.0.1:11434``)."""
 
     name = "ollama"
+    listing_api = http.ListingApi("/api/tags", "models", name_key="name", entry=_entry)
+    embedding_api = http.EmbeddingApi(
+        "/api/embed",
+        "embeddings",
+        vectors=lambda items: items,
+        prompt_tokens=lambda data: data.get("prompt_eval_count"),
+    )
 
-    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any], str]:
-        options = sampling_options(request.params, max_tokens_key="num_predict")
+    def _body(self, request: base.GenerationRequest) -> tuple[str, dict[str, Any], str]:
+        options = http.sampling_options(request.params, max_tokens_key="num_predict")
         body: dict[str, Any]
         if request.operation == "generate":
             body = {"model": request.model, "prompt": request.prompt, "stream": True}
@@ -62,7 +71,9 @@ class OllamaBackend(HttpBackend):
             body["options"] = options
         return path, body, text_key
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
+    async def stream(
+        self, request: base.GenerationRequest
+    ) -> AsyncGenerator[base.StreamItem, None]:
         """Stream a chat or generate call from the NDJSON frames Ollama sends."""
         path, body, text_key = self._body(request)
         async with self._http.stream(
@@ -88,41 +99,13 @@ class OllamaBackend(HttpBackend):
                 else:
                     text = frame.get("response", "")
                 if isinstance(text, str) and text:
-                    yield TextDelta(text)
+                    yield base.TextDelta(text)
                 if frame.get("done"):
-                    yield StreamEnd(
+                    yield base.StreamEnd(
                         finish="length" if frame.get("done_reason") == "length" else "stop",
                         model=str(frame.get("model") or request.model),
-                        prompt_tokens=token_count(frame.get("prompt_eval_count")),
-                        completion_tokens=token_count(frame.get("eval_count")),
+                        prompt_tokens=http.token_count(frame.get("prompt_eval_count")),
+                        completion_tokens=http.token_count(frame.get("eval_count")),
                     )
                     return
         raise self._http.broken(f"{path} stream ended without its final frame")
-
-    async def embed(self, model: str, inputs: Sequence[str], *, time_limit: float) -> EmbedResult:
-        """Embed through ``/api/embed``."""
-        return await self._embeddings(
-            "/api/embed",
-            "embeddings",
-            model,
-            inputs,
-            time_limit=time_limit,
-            vectors=lambda items: items,
-            prompt_tokens=lambda data: data.get("prompt_eval_count"),
-        )
-
-    async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
-        """List local models through ``/api/tags``."""
-        return await self._listing(
-            "/api/tags", "models", name_key="name", time_limit=time_limit, entry=_entry
-        )
-
-
-def _entry(name: str, item: dict[str, Any]) -> ModelEntry:
-    size = item.get("size")
-    return ModelEntry(
-        name=name,
-        supports_embeddings=True,
-        modified_at=_parse_time(item.get("modified_at")),
-        size_bytes=size if isinstance(size, int) and size >= 0 else None,
-    )

@@ -9,30 +9,51 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
-from hivewire.services.model.backends.base import (
-    EmbedResult,
-    FinishKind,
-    GenerationRequest,
-    ModelEntry,
-    StreamEnd,
-    StreamItem,
-    TextDelta,
-)
-from hivewire.services.model.backends.http import HttpBackend, sampling_options, token_count
+from hivewire.services.model.backends import base, http
 
 logger = logging.getLogger(__name__)
 
 
-class OpenAIBackend(HttpBackend):
+def _vectors(items: list[Any]) -> list[Any]:
+    # Each item carries its input's index; servers need not answer in order.
+    ordered = sorted(
+        (item for item in items if isinstance(item, dict)),
+        key=lambda item: item.get("index", 0),
+    )
+    return [item.get("embedding", []) for item in ordered]
+
+
+def _prompt_tokens(data: dict[str, Any]) -> object:
+    usage = data.get("usage")
+    return usage.get("prompt_tokens") if isinstance(usage, dict) else None
+
+
+def _entry(name: str, item: dict[str, Any]) -> base.ModelEntry:
+    created = item.get("created")
+    return base.ModelEntry(
+        name=name,
+        modified_at=(
+            datetime.fromtimestamp(created, UTC)
+            if isinstance(created, int | float) and created > 0
+            else None
+        ),
+    )
+
+
+class OpenAIBackend(http.HttpBackend):
     """Talks to one OpenAI-compatible server."""
 
     name = "openai"
+    listing_api = http.ListingApi("/models", "data", name_key="id", entry=_entry)
+    embedding_api = http.EmbeddingApi(
+        "/embeddings", "data", vectors=_vectors, prompt_tokens=_prompt_tokens
+    )
 
     def __init__(
         self,
@@ -64,7 +85,7 @@ class OpenAIBackend(HttpBackend):
         )
 
     @staticmethod
-    def _body(request: GenerationRequest) -> dict[str, Any]:
+    def _body(request: base.GenerationRequest) -> dict[str, Any]:
         messages = []
         for turn in request.messages:
             message = {"role": turn.role, "content": turn.content}
@@ -78,12 +99,14 @@ class OpenAIBackend(HttpBackend):
             # Ask for a final usage chunk; servers that do not know the option ignore it.
             "stream_options": {"include_usage": True},
         }
-        body.update(sampling_options(request.params))
+        body.update(http.sampling_options(request.params))
         return body
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
+    async def stream(
+        self, request: base.GenerationRequest
+    ) -> AsyncGenerator[base.StreamItem, None]:
         """Stream a chat completion from the server-sent events."""
-        finish: FinishKind | None = None
+        finish: base.FinishKind | None = None
         model = request.model
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
@@ -115,67 +138,23 @@ class OpenAIBackend(HttpBackend):
                 model = str(chunk.get("model") or model)
                 usage = chunk.get("usage")
                 if isinstance(usage, dict):
-                    prompt_tokens = token_count(usage.get("prompt_tokens"))
-                    completion_tokens = token_count(usage.get("completion_tokens"))
+                    prompt_tokens = http.token_count(usage.get("prompt_tokens"))
+                    completion_tokens = http.token_count(usage.get("completion_tokens"))
                 for choice in chunk.get("choices") or ():
                     if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                         continue
                     delta = choice.get("delta") or {}
                     text = delta.get("content") if isinstance(delta, dict) else None
                     if isinstance(text, str) and text:
-                        yield TextDelta(text)
+                        yield base.TextDelta(text)
                     reason = choice.get("finish_reason")
                     if reason:
                         finish = "length" if reason == "length" else "stop"
         if not done and finish is None:
             raise self._http.broken("chat completion stream ended before it finished")
-        yield StreamEnd(
+        yield base.StreamEnd(
             finish=finish or "stop",
             model=model,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
         )
-
-    async def embed(self, model: str, inputs: Sequence[str], *, time_limit: float) -> EmbedResult:
-        """Embed through ``/embeddings``."""
-        return await self._embeddings(
-            "/embeddings",
-            "data",
-            model,
-            inputs,
-            time_limit=time_limit,
-            vectors=_vectors,
-            prompt_tokens=_prompt_tokens,
-        )
-
-    async def list_models(self, *, time_limit: float) -> list[ModelEntry]:
-        """List models through ``/models``."""
-        return await self._listing(
-            "/models", "data", name_key="id", time_limit=time_limit, entry=_entry
-        )
-
-
-def _vectors(items: list[Any]) -> list[Any]:
-    # Each item carries its input's index; servers need not answer in order.
-    ordered = sorted(
-        (item for item in items if isinstance(item, dict)),
-        key=lambda item: item.get("index", 0),
-    )
-    return [item.get("embedding", []) for item in ordered]
-
-
-def _prompt_tokens(data: dict[str, Any]) -> object:
-    usage = data.get("usage")
-    return usage.get("prompt_tokens") if isinstance(usage, dict) else None
-
-
-def _entry(name: str, item: dict[str, Any]) -> ModelEntry:
-    created = item.get("created")
-    return ModelEntry(
-        name=name,
-        modified_at=(
-            datetime.fromtimestamp(created, UTC)
-            if isinstance(created, int | float) and created > 0
-            else None
-        ),
-    )

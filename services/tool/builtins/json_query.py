@@ -9,6 +9,8 @@ nothing matches.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import jmespath
@@ -34,16 +36,18 @@ def json_query(
         document: The JSON document (object, array or value) to query.
         query: The JMESPath expression.
     """
-    try:
+    # jmespath raises ArityError, a ParseError, at search time: that one is a failed query.
+    with _refused(jmespath_exceptions.ParseError, "INVALID_QUERY", "invalid JMESPath query"):
         compiled = jmespath.compile(query)
-    except jmespath_exceptions.ParseError as exc:
-        raise ToolError(
-            f"invalid JMESPath query: {exc}", reason="INVALID_QUERY", code="INVALID_ARGUMENT"
-        ) from None
-    try:
+    with _refused(jmespath_exceptions.JMESPathError, "QUERY_FAILED", "query failed"):
         value = compiled.search(document)
-    except jmespath_exceptions.JMESPathError as exc:
-        raise ToolError(
-            f"query failed: {exc}", reason="QUERY_FAILED", code="INVALID_ARGUMENT"
-        ) from None
     return ToolOutput(result={"result": value}, text=json.dumps(value, ensure_ascii=False))
+
+
+@contextmanager
+def _refused(error: type[Exception], reason: str, what: str) -> Iterator[None]:
+    """Turn ``error`` raised inside into the tool's INVALID_ARGUMENT ``reason``."""
+    try:
+        yield
+    except error as exc:
+        raise ToolError(f"{what}: {exc}", reason=reason, code="INVALID_ARGUMENT") from None
