@@ -10,8 +10,7 @@ goes out in one ``LinkResponse`` (up to ``LINK_BATCH_BYTES``, so that two result
 each fit a message do not make one too big to send), and it never waits for more to
 batch. Like an ``Execute`` stream, an attempt takes its next event only once the
 stream has sent the previous one, so the partial chunks that pile up meanwhile are
-joined into one message (``Execution.events()``); after ``started``, which nothing
-joins, it takes the next one at once. A message too big for the server to
+joined into one message (``Execution.events()``). A message too big for the server to
 send ends its own attempt with a ``RESOURCE_EXHAUSTED`` refusal, what its ``Execute``
 call would have ended with, instead of ending the stream of every attempt.
 
@@ -48,7 +47,7 @@ from dataclasses import dataclass
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
 from hivewire.services.agent import convert
-from hivewire.services.agent.runtime import AgentRuntime, Execution, Started
+from hivewire.services.agent.runtime import AgentRuntime, Execution
 from hivewire.services.base.lifecycle import Drain, cancel_and_wait
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, LINK_BATCH_BYTES
@@ -263,13 +262,10 @@ class LinkSession:
                         )
                         return  # leaving the block stops the attempt
                     await self._out.put(message)
-                    if not out.terminal and not isinstance(out.event, Started):
+                    if not out.terminal:
                         # Take the next event once the stream has sent this one, as
                         # Execute does: what piles up meanwhile goes as one
-                        # (partial chunks are joined by ``events()``). Nothing joins a
-                        # ``started``: what follows it (a quick handler's result) is
-                        # queued at once, in its message when the stream has not
-                        # taken it yet, else right behind it.
+                        # (partial chunks are joined by ``events()``).
                         await self._sent.wait()
 
     def _ended(self, key: Key, execution: Execution, task: asyncio.Task[None]) -> None:
