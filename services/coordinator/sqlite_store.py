@@ -530,9 +530,7 @@ class SqliteTaskStore(OpenClose):
             self._outbox_floor = recent[-1].position
             recent.clear()
             self._outbox_recent_bytes = 0
-        # The relay wakes a loop turn after the writers' callbacks: the event reaches a
-        # task's client stream before the relay's NATS work runs (docs/performance.md).
-        asyncio.get_running_loop().call_soon(self._outbox_committed.set)
+        self._outbox_committed.set()
 
     async def outbox_done(self, position: int) -> None:
         """Delete the outbox entries up to ``position``: they are published.
