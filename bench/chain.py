@@ -95,7 +95,9 @@ async def measure(
     """
     rounds: dict[str, list[Phase]] = {}
     async with bench_mesh(agents=agents) as mesh, relay_chain(mesh.certs) as chain:
-        task_channel = mesh.channel()
+        # A client built from proto/, as any user's: a plain grpc.aio channel with the
+        # client certificate and no hivewire interceptors, like the chain's client.
+        task_channel = open_channel(mesh.address, mesh.certs)
         chain_channel = open_channel(chain.target, mesh.certs)
         try:
             stub = coordinator_stub(task_channel)

@@ -5,7 +5,8 @@ of due times. Each round promotes the tasks whose backoff is over, then takes th
 queued task whose capability has a free agent (:mod:`.dispatch`) and starts an attempt:
 the task is ``ASSIGNED`` (an event of its journal) and the coordinator runs the
 ``Execute`` call (``run``). A round runs whenever :meth:`Scheduler.wake` is called (a
-task queued, an agent joined, a slot freed) or the next backoff ends.
+task queued, an agent joined, a slot freed) or the next backoff ends, and at once
+when a task is submitted (:meth:`Scheduler.submit`).
 """
 
 from __future__ import annotations
@@ -83,14 +84,32 @@ class Scheduler:
                 self.delayed, (record.not_before_ns, next(self._delay_counter), record.task_id)
             )
         else:
-            self.queue.push(
-                record.task_id,
-                capability=record.capability,
-                priority=record.priority,
-                enqueued_at=rt.enqueued_at,
-            )
-            rt.queued_mono = asyncio.get_running_loop().time()
+            self._push(rt)
         self.wake()
+
+    def submit(self, rt: TaskRuntime) -> None:
+        """Queue a task just submitted and run a round at once when it is ready now.
+
+        Its ``ASSIGNED`` change is then queued for the store in the same loop turn as its
+        ``QUEUED`` one, so both commit in one transaction, and the assignment goes to the
+        agent a turn sooner (docs/performance.md, "One task at c=1"). The round takes
+        the best waiting task as any round does, so priorities hold.
+        """
+        if rt.record.not_before_ns > now_ns():
+            self.enqueue(rt)
+            return
+        self._push(rt)
+        self._round()
+
+    def _push(self, rt: TaskRuntime) -> None:
+        record = rt.record
+        self.queue.push(
+            record.task_id,
+            capability=record.capability,
+            priority=record.priority,
+            enqueued_at=rt.enqueued_at,
+        )
+        rt.queued_mono = asyncio.get_running_loop().time()
 
     def remove(self, task_id: str) -> None:
         """Take a task out of the queue (it finished or left this coordinator)."""
@@ -109,11 +128,7 @@ class Scheduler:
         """The loop: a round at every wake-up and when the next backoff ends."""
         while True:
             self._kick.clear()
-            try:
-                self._promote_due()
-                self._dispatch_ready()
-            except Exception:
-                logger.exception("scheduler round failed")
+            self._round()
             delay = None
             if self.delayed:
                 delay = max((self.delayed[0][0] - now_ns()) / 1e9, 0.0)
@@ -122,6 +137,13 @@ class Scheduler:
                     await self._kick.wait()
             except TimeoutError:
                 pass
+
+    def _round(self) -> None:
+        try:
+            self._promote_due()
+            self._dispatch_ready()
+        except Exception:
+            logger.exception("scheduler round failed")
 
     def _promote_due(self) -> None:
         now = now_ns()

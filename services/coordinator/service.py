@@ -376,7 +376,7 @@ class Coordinator(StartStop):
         if record.is_plan:
             self._plans.start(rt)
         else:
-            self._scheduler.enqueue(rt)
+            self._scheduler.submit(rt)
         metrics.TASKS_SUBMITTED.inc()
         with bind_task(record.task_id):
             logger.info(

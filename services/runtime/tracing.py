@@ -63,6 +63,7 @@ __all__ = [
     "server_span",
     "setup_tracing",
     "span_headers",
+    "spans_kept",
     "stamp",
     "tracer",
 ]
@@ -392,6 +393,21 @@ def resume_context(carrier: TraceCarrier) -> otel_context.Context | None:
     ):
         return None
     return stored
+
+
+def spans_kept() -> bool:
+    """Whether a finished span goes anywhere: an exporter or a collector is installed.
+
+    With the SDK provider of :func:`setup_tracing` and no OTLP endpoint, a span is made
+    and dropped, unseen by anyone. A hot path that makes a span only to put its context
+    on a message (the coordinator's event envelopes) may then carry its parent's
+    context instead. Any other provider (the API's default, a vendor's) counts as kept.
+    """
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        return True
+    processor = getattr(provider, "_active_span_processor", None)
+    return bool(getattr(processor, "_span_processors", True))
 
 
 def span_headers(span: Any) -> dict[str, str]:
