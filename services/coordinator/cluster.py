@@ -47,7 +47,7 @@ from google.rpc import status_pb2
 from nats.js import errors as js_errors
 
 from hivewire.services.base.lifecycle import cancel_and_wait
-from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore, list_keys
+from hivewire.services.coordinator.jetstream_store import JetStreamTaskStore
 from hivewire.services.coordinator.model import now_ns
 from hivewire.services.coordinator.store import EventRow, TaskRow
 from hivewire.services.runtime.errors import HivewireError, Internal, Unavailable
@@ -253,7 +253,7 @@ class Cluster:
     async def _check_peers(self) -> None:
         loop = asyncio.get_running_loop()
         members = self._store.members
-        keys = set(await list_keys(members)) - {self.instance_id}
+        keys = set(await self._store.keys(members)) - {self.instance_id}
         # A listing may miss keys (a watcher's end-of-data marker can come early): a
         # peer is gone (a clean stop) only when a direct read says so.
         missing = {name for name in self._peers if name not in keys}
@@ -290,7 +290,7 @@ class Cluster:
 
     async def _claim_orphans(self, *, resume: bool) -> list[TaskRow]:
         """Claim the tasks of owners with no key (gone for good, or never clustered)."""
-        live = set(await list_keys(self._store.members)) | {self.instance_id}
+        live = set(await self._store.keys(self._store.members)) | {self.instance_id}
         owners = await self._store.active_owners()
         claimed: list[TaskRow] = []
         for owner in owners:

@@ -422,6 +422,15 @@ class JetStreamTaskStore(OpenClose):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
+    async def keys(self, bucket: KeyValue | None, pattern: str = ">") -> list[str]:
+        """The live keys of one of the store's open buckets (:func:`list_keys`).
+
+        Listed again while JetStream is unreachable or electing the bucket's leader
+        (a coordinator that starts with a cluster that is still forming waits for it).
+        """
+        assert bucket is not None
+        return await self._retry(lambda: list_keys(bucket, pattern))
+
     async def _update(
         self, bucket: KeyValue, key: str, value: bytes, last: int, *, task_id: str = ""
     ) -> int:
@@ -485,7 +494,7 @@ class JetStreamTaskStore(OpenClose):
 
     async def _all_rows(self) -> list[TaskRow]:
         rows = []
-        for key in await _keys(self._tasks):
+        for key in await self.keys(self._tasks):
             row = await self._get_row(key)
             if row is not None:
                 rows.append(row)
@@ -631,7 +640,7 @@ class JetStreamTaskStore(OpenClose):
         """How many tasks are stored."""
 
         async def run() -> int:
-            return len(await _keys(self._tasks))
+            return len(await self.keys(self._tasks))
 
         result: int = await self._submit(run)
         return result
@@ -667,7 +676,7 @@ class JetStreamTaskStore(OpenClose):
         assert self._active is not None
         pattern = f"{_owner_token(coordinator)}.*" if coordinator else ">"
         index: dict[str, list[str]] = {}
-        for key in await list_keys(self._active, pattern):
+        for key in await self.keys(self._active, pattern):
             owner, _, task_id = key.partition(".")
             index.setdefault(owner, []).append(task_id)
         return index
@@ -811,7 +820,7 @@ class JetStreamTaskStore(OpenClose):
     async def _projects_all(self) -> list[ProjectRow]:
         assert self._projects is not None
         rows = []
-        for key in await _keys(self._projects):
+        for key in await self.keys(self._projects):
             entry = await self._projects.get(key)
             if entry.value is not None:
                 rows.append(_project(entry.value))
@@ -951,7 +960,7 @@ class JetStreamTaskStore(OpenClose):
         async def run() -> int:
             assert self._tombstones is not None
             old = []
-            for key in await _keys(self._tombstones):
+            for key in await self.keys(self._tombstones):
                 entry = await self._tombstones.get(key)
                 if entry.value is not None:
                     purged = int(json.loads(entry.value)["purged_ns"])
@@ -1114,12 +1123,6 @@ def _owner_token(coordinator: str) -> str:
 
 def _active_key(coordinator: str, task_id: str) -> str:
     return f"{_owner_token(coordinator)}.{task_id}"
-
-
-async def _keys(bucket: KeyValue | None) -> list[str]:
-    """The keys of an open bucket ([] when it has none)."""
-    assert bucket is not None
-    return await list_keys(bucket)
 
 
 async def _value(bucket: KeyValue | None, key: str) -> bytes | None:
