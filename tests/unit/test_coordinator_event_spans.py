@@ -18,12 +18,12 @@ from opentelemetry.trace import ProxyTracerProvider
 
 from hivewire.common.v1 import common_pb2 as S
 from hivewire.coordinator.v1 import coordinator_pb2
-from hivewire.services.coordinator.journal import Journal, TaskRuntime, TaskTable
-from hivewire.services.coordinator.model import TaskRecord, now_ns
+from hivewire.services.coordinator.journal import Journal, TaskTable
 from hivewire.services.coordinator.outbox import unpack
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.events.publisher import EventPublisher
+from tests.support.task_records import queued_runtime
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -52,20 +52,10 @@ async def test_a_state_change_envelope_has_its_own_span_only_while_spans_are_kep
     publisher = EventPublisher("nats://127.0.0.1:1", source="coordinator/test")
     spec = coordinator_pb2.TaskSpec(capability="noop", input=S.Payload(text="x"))
     spec.metadata.traceparent = TRACEPARENT
-    now = now_ns()
-    record = TaskRecord(
-        task_id="t-1",
-        spec=spec,
-        owner="spiffe://hivewire.local/client/test",
-        state=S.TASK_STATE_QUEUED,
-        created_ns=now,
-        updated_ns=now,
-        deadline_ns=now + 60 * 10**9,
-    )
     async with SqliteTaskStore(tmp_path / "coordinator.db") as store:
         tasks = TaskTable(finished_cache_size=8, on_evict=lambda rt: None)
         journal = Journal(store, tasks, publisher)
-        rt = TaskRuntime(record, spec.SerializeToString())
+        rt = queued_runtime(spec)
         tasks.add(rt)
         await journal.emit(
             rt,

@@ -22,29 +22,19 @@ from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator.app import freeze_start_up_heap
 from hivewire.services.coordinator.journal import Journal, NullPublisher, TaskRuntime, TaskTable
-from hivewire.services.coordinator.model import TaskRecord, now_ns
 from hivewire.services.coordinator.outbox import unpack
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.runtime.events.publisher import EventPublisher
 from hivewire.services.runtime.metrics import REGISTRY
 from tests.helpers import eventually
+from tests.support.task_records import queued_runtime
 
 S = common_pb2
 
 
 def _runtime(task_id: str = "t-1") -> TaskRuntime:
     spec = coordinator_pb2.TaskSpec(capability="hold", input=S.Payload(text="x" * 4096))
-    now = now_ns()
-    record = TaskRecord(
-        task_id=task_id,
-        spec=spec,
-        owner="spiffe://hivewire.local/client/test",
-        state=S.TASK_STATE_QUEUED,
-        created_ns=now,
-        updated_ns=now,
-        deadline_ns=now + 60 * 10**9,
-    )
-    return TaskRuntime(record, spec.SerializeToString())
+    return queued_runtime(spec, task_id)
 
 
 @pytest.fixture
