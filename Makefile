@@ -39,6 +39,7 @@ gen-check: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(PY) scripts/check_type_ignores.py services discovery
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

@@ -445,14 +445,14 @@ async def _next(watcher: KeyValue.KeyWatcher) -> KeyValue.Entry | None:
     Raises:
         _WatcherStoppedError: The watcher was stopped.
     """
-    item: object = await watcher.updates(timeout=None)  # type: ignore[no-untyped-call]
+    item: object = await watcher.updates(timeout=None)  # type: ignore[no-untyped-call]  # nats-py: unannotated
     if item is None or isinstance(item, KeyValue.Entry):
         return item
     raise _WatcherStoppedError
 
 
 async def _stop(watcher: KeyValue.KeyWatcher) -> None:
-    await watcher.stop()  # type: ignore[no-untyped-call]
+    await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py: unannotated
 
 
 def _apply(state: dict[str, Instance], entry: KeyValue.Entry) -> None:

@@ -84,7 +84,7 @@ async def running_gateway(settings: A2aProcessSettings) -> AsyncIterator[Running
         grpc_context = GrpcContextBuilder(bearer=authenticator.bearer_enabled)
         binding = ServiceBinding(
             SERVICE_NAME,
-            lambda s: a2a_pb2_grpc.add_A2AServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            lambda s: a2a_pb2_grpc.add_A2AServiceServicer_to_server(  # type: ignore[no-untyped-call]  # a2a-sdk: generated code, unannotated
                 GrpcHandler(handler, context_builder=grpc_context), s
             ),
         )

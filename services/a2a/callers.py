@@ -24,6 +24,7 @@ metadata on every coordinator call of that A2A call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from a2a.server.context import ServerCallContext
@@ -93,7 +94,7 @@ class GrpcContextBuilder(DefaultGrpcServerCallContextBuilder):
         """
         self._bearer = bearer
 
-    def build(self, context: grpc.aio.ServicerContext) -> ServerCallContext:  # type: ignore[type-arg]
+    def build(self, context: grpc.aio.ServicerContext[Any, Any]) -> ServerCallContext:
         """The SDK's context, plus the caller."""
         built = super().build(context)
         caller = current_caller()

@@ -36,7 +36,7 @@ JSON_MEDIA = "application/json"
 S = common_pb2
 C = coordinator_pb2
 
-STATE_TO_A2A: Mapping[int, int] = {
+STATE_TO_A2A: Mapping[S.TaskState.ValueType, a2a.TaskState] = {
     S.TASK_STATE_UNSPECIFIED: a2a.TASK_STATE_UNSPECIFIED,
     S.TASK_STATE_QUEUED: a2a.TASK_STATE_SUBMITTED,
     S.TASK_STATE_ASSIGNED: a2a.TASK_STATE_SUBMITTED,
@@ -49,7 +49,7 @@ STATE_TO_A2A: Mapping[int, int] = {
 }
 """hivewire task state -> A2A task state (docs/interop.md, "Task states")."""
 
-A2A_TO_STATE: Mapping[int, int] = {
+A2A_TO_STATE: Mapping[a2a.TaskState, S.TaskState.ValueType] = {
     a2a.TASK_STATE_SUBMITTED: S.TASK_STATE_QUEUED,
     a2a.TASK_STATE_WORKING: S.TASK_STATE_RUNNING,
     a2a.TASK_STATE_INPUT_REQUIRED: S.TASK_STATE_INPUT_REQUIRED,
@@ -151,7 +151,7 @@ class TaskOptions:
     """What a message asks of the hivewire task besides its input."""
 
     skill: str
-    priority: int = S.PRIORITY_UNSPECIFIED
+    priority: S.Priority.ValueType = S.PRIORITY_UNSPECIFIED
     timeout: float | None = None
     token_budget: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -217,7 +217,7 @@ def task_spec(
     spec = C.TaskSpec(
         capability=options.skill,
         input=payload_from_parts(message.parts),
-        priority=options.priority,  # type: ignore[arg-type]
+        priority=options.priority,
         idempotency_key=f"a2a:{message.message_id}" if message.message_id else "",
         token_budget=options.token_budget,
         metadata=S.RequestMetadata(source="a2a", session_id=context_id),
@@ -318,7 +318,7 @@ def task_to_a2a(task: coordinator_pb2.Task, artifacts: Iterable[a2a.Artifact] = 
     """The A2A view of a hivewire task: state, status message, artifacts, its first input."""
     context_id = context_of(task)
     out = a2a.Task(id=task.task_id, context_id=context_id)
-    out.status.state = STATE_TO_A2A.get(task.state, a2a.TASK_STATE_UNSPECIFIED)  # type: ignore[assignment]
+    out.status.state = STATE_TO_A2A.get(task.state, a2a.TASK_STATE_UNSPECIFIED)
     out.status.timestamp.CopyFrom(task.updated_at)
     message = _status_message(task, context_id)
     if message is not None:
@@ -353,14 +353,14 @@ def task_to_a2a(task: coordinator_pb2.Task, artifacts: Iterable[a2a.Artifact] = 
 def _status(
     task_id: str,
     context_id: str,
-    state: int,
+    state: a2a.TaskState,
     event: coordinator_pb2.TaskEvent,
     *,
     message: a2a.Message | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> a2a.TaskStatusUpdateEvent:
     update = a2a.TaskStatusUpdateEvent(task_id=task_id, context_id=context_id)
-    update.status.state = state  # type: ignore[assignment]
+    update.status.state = state
     update.status.timestamp.CopyFrom(event.time)
     if message is not None:
         update.status.message.CopyFrom(message)

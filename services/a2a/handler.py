@@ -324,7 +324,7 @@ class GatewayHandler(RequestHandler):
         if params.status:
             for state, mapped in convert.STATE_TO_A2A.items():
                 if mapped == params.status:
-                    request.states.append(state)  # type: ignore[arg-type]
+                    request.states.append(state)
         response = await self._call(
             "",
             lambda: self._stub.ListTasks(

@@ -70,7 +70,8 @@ class TaskSubtasks:
         spec = C.TaskSpec(
             capability=request.capability,
             parent_task_id=self._ctx.task_id,
-            priority=request.priority,  # type: ignore[arg-type]
+            # The SDK takes a plain int (a number of ``common.v1.Priority``).
+            priority=common_pb2.Priority.ValueType(request.priority),
             token_budget=request.token_budget,
             labels=dict(request.labels),
             idempotency_key=self._key(request),

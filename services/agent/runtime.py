@@ -29,8 +29,10 @@ from hivewire.services.agent.sdk import (
     AgentCardInfo,
     AgentError,
     ErrorInfo,
+    Handler,
     InputAnswer,
     InputRequestSpec,
+    Output,
     Payload,
     TaskContext,
     TaskInfo,
@@ -393,7 +395,7 @@ class Execution(StartClose):
         runtime: AgentRuntime,
         info: TaskInfo,
         task_input: Payload,
-        handler: Callable[[Payload, TaskContext], object],
+        handler: Handler,
     ) -> None:
         self._runtime = runtime
         self.info = info
@@ -564,7 +566,7 @@ class Execution(StartClose):
 
     # --- supervision --------------------------------------------------------------
 
-    async def _call_handler(self) -> object:
+    async def _call_handler(self) -> Output:
         # The handler's own span: its model and tool calls are its children.
         with tracing.tracer.start_as_current_span(
             f"handle {self.info.capability}",
@@ -573,7 +575,7 @@ class Execution(StartClose):
                 "hivewire.attempt": self.info.attempt,
             },
         ):
-            return await self._handler(self._input, self.context)  # type: ignore[misc]
+            return await self._handler(self._input, self.context)
 
     def _remaining(self) -> float | None:
         deadline = self.info.deadline
@@ -608,7 +610,7 @@ class Execution(StartClose):
             self._record(outcome)
             await self._emit(outcome)
 
-    async def _await_outcome(self, handler_task: asyncio.Task[object]) -> Finished | Failed:
+    async def _await_outcome(self, handler_task: asyncio.Task[Output]) -> Finished | Failed:
         assert self._interrupt is not None
         waiters: set[asyncio.Future[Any]] = {handler_task, self._interrupt}
         await asyncio.wait(
@@ -641,14 +643,14 @@ class Execution(StartClose):
         elif not task.cancelled() and task.exception() is not None:
             logger.debug("task %s: handler ended with %r", self.info.task_id, task.exception())
 
-    def _outcome_of(self, task: asyncio.Task[object]) -> Finished | Failed:
+    def _outcome_of(self, task: asyncio.Task[Output]) -> Finished | Failed:
         if task.cancelled():
             # The handler cancelled itself (nobody else did): report it as cancelled.
             return Failed(_cancelled("the handler was cancelled"), self._usage())
         exc = task.exception()
         if exc is None:
             try:
-                output = Payload.of(task.result())  # type: ignore[arg-type]
+                output = Payload.of(task.result())
             except TypeError as bad:
                 return Failed(classify(bad), self._usage())
             return Finished(output, self._usage())

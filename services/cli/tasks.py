@@ -267,7 +267,7 @@ def coordinator_command(
         signature = own.replace(
             parameters=[*own.parameters.values(), *connection], return_annotation=None
         )
-        command.__signature__ = signature  # type: ignore[attr-defined]  # read by inspect
+        command.__signature__ = signature  # type: ignore[attr-defined]  # functions declare none; inspect reads it
         command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
         typer_app.command(name)(command)
         return command

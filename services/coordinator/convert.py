@@ -88,7 +88,7 @@ def _dynamic_part(record: TaskRecord) -> coordinator_pb2.Task:
     task = coordinator_pb2.Task(
         **same_named(record, _TASK_FIELDS),
         task_id=record.task_id,
-        state=record.state,  # type: ignore[arg-type]
+        state=record.state,
         owner=record.owner,
         created_at=timestamp_ns(record.created_ns),
         updated_at=timestamp_ns(record.updated_ns),

@@ -114,7 +114,7 @@ class DeadLetters:
         dead = await self.coordinator.get(task_id, caller)
         if dead.state != DEAD_LETTERED:
             raise FailedPrecondition(
-                f"task {task_id} is {common_pb2.TaskState.Name(dead.state)}, not dead-lettered",  # type: ignore[arg-type]
+                f"task {task_id} is {common_pb2.TaskState.Name(dead.state)}, not dead-lettered",
                 reason="TASK_NOT_DEAD_LETTERED",
                 violations=[("TASK_STATE", task_id, "only dead-lettered tasks are requeued")],
             )
@@ -140,7 +140,7 @@ class DeadLetters:
                     task_id=dead.task_id,
                     state=DEAD_LETTERED,
                     capability=dead.capability,
-                    priority=dead.priority,  # type: ignore[arg-type]
+                    priority=dead.priority,
                     owner=dead.owner,
                     attempt=dead.attempt,
                     actor=caller.identity,

@@ -53,6 +53,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import nats
@@ -99,6 +100,19 @@ _KEYS_BATCH = 256
 _KEYS_INACTIVE = 30.0
 
 
+@dataclass(frozen=True)
+class _Buckets:
+    """The store's KV buckets, all opened together by :meth:`JetStreamTaskStore.open`."""
+
+    tasks: KeyValue
+    keys: KeyValue
+    projects: KeyValue
+    tombstones: KeyValue
+    outbox: KeyValue
+    active: KeyValue
+    members: KeyValue
+
+
 @dataclass
 class _Item:
     run: Callable[[], Awaitable[Any]]
@@ -129,10 +143,7 @@ class JetStreamTaskStore(OpenClose):
         self._connect = dict(connect or {})
         self._nc: Any = None
         self._js: Any = None
-        self._tasks: KeyValue | None = None
-        self._keys: KeyValue | None = None
-        self._projects: KeyValue | None = None
-        self._tombstones: KeyValue | None = None
+        self._opened: _Buckets | None = None
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         # Revision and spec of each unfinished task this store wrote or read: forgotten
@@ -141,8 +152,6 @@ class JetStreamTaskStore(OpenClose):
         self._specs: dict[str, bytes] = {}
         self._index: OrderedDict[str, dict[int, int]] = OrderedDict()
         self._closed = False
-        self._active: KeyValue | None = None
-        self._members: KeyValue | None = None
         #: Called with a task's id when a write of it lost to another coordinator's.
         self.on_fenced: Callable[[str], None] | None = None
         #: The coordinator instance writing through this store ("" when it is alone).
@@ -150,12 +159,22 @@ class JetStreamTaskStore(OpenClose):
         # Tasks this coordinator let go (taken over, or its lease lapsed): their queued
         # and retried writes are dropped, never applied after a peer's.
         self._dropped: OrderedDict[str, None] = OrderedDict()
-        self._outbox: KeyValue | None = None
         self._outbox_sub: Any = None
         self._outbox_consumer = ""
         self._outbox_last = -1  # the last journal message the consumer delivered
         self._outbox_returned = -1  # the position of the last item returned
         self._outbox_expected = 1  # the consumer sequence of the next message
+
+    @property
+    def _buckets(self) -> _Buckets:
+        """The open buckets.
+
+        Raises:
+            StoreError: The store was never opened.
+        """
+        if self._opened is None:
+            raise StoreError("task store is not open")
+        return self._opened
 
     @property
     def stream(self) -> str:
@@ -178,14 +197,15 @@ class JetStreamTaskStore(OpenClose):
             # A cluster busy creating the same replicated streams for several
             # coordinators at once answers slowly: setup calls are retried for a while.
             async with asyncio.timeout(_SETUP_TIMEOUT):
-                self._tasks = await self._retry(lambda: self._bucket("TASKS"))
-                self._keys = await self._retry(lambda: self._bucket("IDEMPOTENCY"))
-                self._projects = await self._retry(lambda: self._bucket("PROJECTS"))
-                self._tombstones = await self._retry(lambda: self._bucket("PURGED"))
-                self._outbox = await self._retry(lambda: self._bucket("OUTBOX"))
+                tasks = await self._retry(lambda: self._bucket("TASKS"))
+                keys = await self._retry(lambda: self._bucket("IDEMPOTENCY"))
+                projects = await self._retry(lambda: self._bucket("PROJECTS"))
+                tombstones = await self._retry(lambda: self._bucket("PURGED"))
+                outbox = await self._retry(lambda: self._bucket("OUTBOX"))
                 indexed = await self._retry(lambda: self._exists("ACTIVE"))
-                self._active = await self._retry(lambda: self._bucket("ACTIVE"))
-                self._members = await self._retry(lambda: self._bucket("COORDINATORS"))
+                active = await self._retry(lambda: self._bucket("ACTIVE"))
+                members = await self._retry(lambda: self._bucket("COORDINATORS"))
+                self._opened = _Buckets(tasks, keys, projects, tombstones, outbox, active, members)
                 if not indexed:
                     await self._index_existing()
                 await self._retry(
@@ -282,7 +302,6 @@ class JetStreamTaskStore(OpenClose):
         await self._submit(_nothing)
 
     async def _write(self, tasks: Sequence[TaskRow], events: Sequence[EventRow]) -> None:
-        assert self._tasks is not None and self._keys is not None
         dropped = {t.task_id for t in tasks} | {e.task_id for e in events}
         dropped &= self._dropped.keys()
         if dropped:
@@ -308,18 +327,18 @@ class JetStreamTaskStore(OpenClose):
             raise
 
     async def _release_key(self, task: TaskRow) -> None:
-        assert self._keys is not None
         name = _key_name(task.owner, task.idempotency_key)
         with contextlib.suppress(Exception):
-            entry = await self._keys.get(name)
+            entry = await self._buckets.keys.get(name)
             if entry.value == task.task_id.encode():
-                await self._keys.delete(name, last=entry.revision)
+                await self._buckets.keys.delete(name, last=entry.revision)
 
     async def _append(self, latest: dict[str, TaskRow], events: Sequence[EventRow]) -> None:
         for event in events:
             ack = await self._retry(
                 task_id=event.task_id,
-                op=lambda event=event: self._js.publish(  # type: ignore[misc]
+                op=partial(
+                    self._js.publish,
                     f"{JOURNAL_SUBJECT}.{event.task_id}",
                     event.data,
                     headers={
@@ -336,12 +355,11 @@ class JetStreamTaskStore(OpenClose):
             await self._put_row(task)
 
     async def _claim_key(self, task: TaskRow) -> None:
-        assert self._keys is not None
         key = _key_name(task.owner, task.idempotency_key)
         try:
-            await self._retry(lambda: self._keys.create(key, task.task_id.encode()))  # type: ignore[union-attr]
+            await self._retry(lambda: self._buckets.keys.create(key, task.task_id.encode()))
         except js_errors.KeyWrongLastSequenceError:
-            holder = await self._retry(lambda: self._keys.get(key))  # type: ignore[union-attr]
+            holder = await self._retry(lambda: self._buckets.keys.get(key))
             if holder.value is None or holder.value.decode() != task.task_id:
                 raise StoreError(
                     f"idempotency key {task.idempotency_key!r} of {task.owner} belongs to "
@@ -349,7 +367,6 @@ class JetStreamTaskStore(OpenClose):
                 ) from None
 
     async def _put_row(self, task: TaskRow) -> None:
-        assert self._tasks is not None
         revision = self._revisions.get(task.task_id)
         if revision is None:
             if task.state not in TERMINAL_STATES:
@@ -358,7 +375,7 @@ class JetStreamTaskStore(OpenClose):
                 await self._index_active(task)
             try:
                 self._revisions[task.task_id] = await self._retry(
-                    lambda: self._tasks.create(task.task_id, _encode(task)),  # type: ignore[union-attr]
+                    lambda: self._buckets.tasks.create(task.task_id, _encode(task)),
                     task_id=task.task_id,
                 )
                 self._specs[task.task_id] = task.spec
@@ -366,7 +383,7 @@ class JetStreamTaskStore(OpenClose):
                 return
             except js_errors.KeyWrongLastSequenceError:
                 # Written before (by this process before a restart, or another one).
-                entry = await self._retry(lambda: self._tasks.get(task.task_id))  # type: ignore[union-attr]
+                entry = await self._retry(lambda: self._buckets.tasks.get(task.task_id))
                 if entry.value is None or entry.revision is None:
                     raise StoreError(f"task {task.task_id} vanished while written") from None
                 revision = entry.revision
@@ -386,7 +403,7 @@ class JetStreamTaskStore(OpenClose):
                 task = _with_spec(task, cached)
         try:
             self._revisions[task.task_id] = await self._update(
-                self._tasks, task.task_id, _encode(task), revision, task_id=task.task_id
+                self._buckets.tasks, task.task_id, _encode(task), revision, task_id=task.task_id
             )
         except js_errors.KeyWrongLastSequenceError as exc:
             self._revisions.pop(task.task_id, None)
@@ -422,13 +439,12 @@ class JetStreamTaskStore(OpenClose):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def keys(self, bucket: KeyValue | None, pattern: str = ">") -> list[str]:
+    async def keys(self, bucket: KeyValue, pattern: str = ">") -> list[str]:
         """The live keys of one of the store's open buckets (:func:`list_keys`).
 
         Listed again while JetStream is unreachable or electing the bucket's leader
         (a coordinator that starts with a cluster that is still forming waits for it).
         """
-        assert bucket is not None
         return await self._retry(lambda: list_keys(bucket, pattern))
 
     async def _update(
@@ -459,9 +475,8 @@ class JetStreamTaskStore(OpenClose):
     # -- reads -----------------------------------------------------------------------
 
     async def _get_row(self, task_id: str) -> TaskRow | None:
-        assert self._tasks is not None
         try:
-            entry = await self._retry(lambda: self._tasks.get(task_id))  # type: ignore[union-attr]
+            entry = await self._retry(lambda: self._buckets.tasks.get(task_id))
         except js_errors.KeyNotFoundError:
             return None
         if entry.value is None:
@@ -486,7 +501,7 @@ class JetStreamTaskStore(OpenClose):
         """The task an owner submitted with an idempotency key, if any."""
 
         async def run() -> TaskRow | None:
-            value = await _value(self._keys, _key_name(owner, key))
+            value = await _value(self._buckets.keys, _key_name(owner, key))
             return None if value is None else await self._get_row(value.decode())
 
         result: TaskRow | None = await self._submit(run)
@@ -494,7 +509,7 @@ class JetStreamTaskStore(OpenClose):
 
     async def _all_rows(self) -> list[TaskRow]:
         rows = []
-        for key in await self.keys(self._tasks):
+        for key in await self.keys(self._buckets.tasks):
             row = await self._get_row(key)
             if row is not None:
                 rows.append(row)
@@ -577,9 +592,7 @@ class JetStreamTaskStore(OpenClose):
             wanted = sorted(n for n in index if n > after and (until is None or n <= until))
             rows = []
             for n in wanted[: max(limit, 0)]:
-                msg = await self._retry(
-                    lambda n=n: self._js.get_msg(self.stream, seq=index[n])  # type: ignore[misc]
-                )
+                msg = await self._retry(partial(self._js.get_msg, self.stream, seq=index[n]))
                 rows.append(EventRow(task_id, n, bytes(msg.data or b"")))
             return rows
 
@@ -608,9 +621,7 @@ class JetStreamTaskStore(OpenClose):
         while True:
             try:
                 msg = await self._retry(
-                    lambda seq=seq: self._js.get_msg(  # type: ignore[misc]
-                        self.stream, seq=seq, subject=subject, next=True
-                    )
+                    partial(self._js.get_msg, self.stream, seq=seq, subject=subject, next=True)
                 )
             except js_errors.NotFoundError:
                 return
@@ -640,7 +651,7 @@ class JetStreamTaskStore(OpenClose):
         """How many tasks are stored."""
 
         async def run() -> int:
-            return len(await self.keys(self._tasks))
+            return len(await self.keys(self._buckets.tasks))
 
         result: int = await self._submit(run)
         return result
@@ -650,9 +661,7 @@ class JetStreamTaskStore(OpenClose):
     @property
     def members(self) -> KeyValue:
         """The ``<prefix>_COORDINATORS`` bucket (coordinator heartbeats, see cluster.py)."""
-        if self._members is None:
-            raise StoreError("task store is closed")
-        return self._members
+        return self._buckets.members
 
     @property
     def connection(self) -> Any:
@@ -662,21 +671,18 @@ class JetStreamTaskStore(OpenClose):
         return self._nc
 
     async def _index_active(self, task: TaskRow) -> None:
-        assert self._active is not None
         key = _active_key(task.coordinator, task.task_id)
-        await self._retry(lambda: self._active.put(key, b""))  # type: ignore[union-attr]
+        await self._retry(lambda: self._buckets.active.put(key, b""))
 
     async def _unindex_active(self, coordinator: str, task_id: str) -> None:
-        assert self._active is not None
         with contextlib.suppress(js_errors.KeyNotFoundError):
             key = _active_key(coordinator, task_id)
-            await self._retry(lambda: self._active.delete(key))  # type: ignore[union-attr]
+            await self._retry(lambda: self._buckets.active.delete(key))
 
     async def _active_index(self, coordinator: str = "") -> dict[str, list[str]]:
-        assert self._active is not None
         pattern = f"{_owner_token(coordinator)}.*" if coordinator else ">"
         index: dict[str, list[str]] = {}
-        for key in await self.keys(self._active, pattern):
+        for key in await self.keys(self._buckets.active, pattern):
             owner, _, task_id = key.partition(".")
             index.setdefault(owner, []).append(task_id)
         return index
@@ -714,9 +720,8 @@ class JetStreamTaskStore(OpenClose):
         """
 
         async def run() -> TaskRow | None:
-            assert self._tasks is not None
             try:
-                entry = await self._retry(lambda: self._tasks.get(task_id))  # type: ignore[union-attr]
+                entry = await self._retry(lambda: self._buckets.tasks.get(task_id))
             except js_errors.KeyNotFoundError:
                 return None
             if entry.value is None or entry.revision is None:
@@ -730,7 +735,7 @@ class JetStreamTaskStore(OpenClose):
             await self._index_active(claimed)
             try:
                 revision = await self._update(
-                    self._tasks, task_id, _encode(claimed), entry.revision
+                    self._buckets.tasks, task_id, _encode(claimed), entry.revision
                 )
             except js_errors.KeyWrongLastSequenceError:
                 await self._unindex_active(coordinator, task_id)
@@ -806,22 +811,20 @@ class JetStreamTaskStore(OpenClose):
         """Store a new project."""
 
         async def run() -> None:
-            assert self._projects is not None
             value = json.dumps(
                 {**asdict(project), "data": base64.b64encode(project.data).decode()}
             ).encode()
             try:
-                await self._projects.create(project.project_id, value)
+                await self._buckets.projects.create(project.project_id, value)
             except js_errors.KeyWrongLastSequenceError as exc:
                 raise StoreError(f"project {project.project_id} exists") from exc
 
         await self._submit(run)
 
     async def _projects_all(self) -> list[ProjectRow]:
-        assert self._projects is not None
         rows = []
-        for key in await self.keys(self._projects):
-            entry = await self._projects.get(key)
+        for key in await self.keys(self._buckets.projects):
+            entry = await self._buckets.projects.get(key)
             if entry.value is not None:
                 rows.append(_project(entry.value))
         return rows
@@ -830,7 +833,7 @@ class JetStreamTaskStore(OpenClose):
         """A project's row, or None."""
 
         async def run() -> ProjectRow | None:
-            value = await _value(self._projects, project_id)
+            value = await _value(self._buckets.projects, project_id)
             return None if value is None else _project(value)
 
         result: ProjectRow | None = await self._submit(run)
@@ -878,20 +881,19 @@ class JetStreamTaskStore(OpenClose):
         """Take an expired idempotency key off the task that holds it."""
 
         async def run() -> None:
-            assert self._keys is not None
             name = _key_name(owner, key)
             try:
-                entry = await self._keys.get(name)
+                entry = await self._buckets.keys.get(name)
             except js_errors.KeyNotFoundError:
                 return
             if entry.value is not None and entry.value.decode() == task_id:
-                await self._keys.delete(name, last=entry.revision)
+                await self._buckets.keys.delete(name, last=entry.revision)
             row = await self._get_row(task_id)
             if row is not None and row.idempotency_key == key:
                 fields = asdict(row)
                 fields["idempotency_key"] = ""
-                stored = await self._tasks.get(task_id)  # type: ignore[union-attr]
-                await self._tasks.update(  # type: ignore[union-attr]
+                stored = await self._buckets.tasks.get(task_id)
+                await self._buckets.tasks.update(
                     task_id, _encode(TaskRow(**fields)), last=stored.revision
                 )
 
@@ -905,7 +907,6 @@ class JetStreamTaskStore(OpenClose):
         """
 
         async def run() -> int:
-            assert self._tasks is not None and self._tombstones is not None
             victims = sorted(
                 (
                     r
@@ -915,7 +916,7 @@ class JetStreamTaskStore(OpenClose):
                 key=lambda r: r.updated_ns,
             )[: max(limit, 0)]
             for row in victims:
-                await self._tombstones.put(
+                await self._buckets.tombstones.put(
                     row.task_id,
                     json.dumps({"owner": row.owner, "purged_ns": now}).encode(),
                 )
@@ -923,10 +924,10 @@ class JetStreamTaskStore(OpenClose):
                 if row.idempotency_key:
                     with contextlib.suppress(js_errors.KeyNotFoundError):
                         name = _key_name(row.owner, row.idempotency_key)
-                        entry = await self._keys.get(name) if self._keys else None
+                        entry = await self._buckets.keys.get(name)
                         if entry is not None and entry.value == row.task_id.encode():
-                            await self._keys.delete(name)  # type: ignore[union-attr]
-                await self._tasks.purge(row.task_id)
+                            await self._buckets.keys.delete(name)
+                await self._buckets.tasks.purge(row.task_id)
                 self._index.pop(row.task_id, None)
                 self._revisions.pop(row.task_id, None)
                 self._specs.pop(row.task_id, None)
@@ -939,14 +940,13 @@ class JetStreamTaskStore(OpenClose):
         """Delete finished tasks and their journals; returns the ids deleted."""
 
         async def run() -> list[str]:
-            assert self._tasks is not None
             deleted = []
             for task_id in dict.fromkeys(task_ids):
                 row = await self._get_row(task_id)
                 if row is None or row.state not in TERMINAL_STATES:
                     continue
                 await self._js.purge_stream(self.stream, subject=f"{JOURNAL_SUBJECT}.{task_id}")
-                await self._tasks.purge(task_id)
+                await self._buckets.tasks.purge(task_id)
                 self._index.pop(task_id, None)
                 deleted.append(task_id)
             return deleted
@@ -958,17 +958,16 @@ class JetStreamTaskStore(OpenClose):
         """Delete up to ``limit`` tombstones made before ``before_ns``; how many."""
 
         async def run() -> int:
-            assert self._tombstones is not None
             old = []
-            for key in await self.keys(self._tombstones):
-                entry = await self._tombstones.get(key)
+            for key in await self.keys(self._buckets.tombstones):
+                entry = await self._buckets.tombstones.get(key)
                 if entry.value is not None:
                     purged = int(json.loads(entry.value)["purged_ns"])
                     if purged < before_ns:
                         old.append((purged, key))
             old.sort()
             for _, key in old[: max(limit, 0)]:
-                await self._tombstones.purge(key)
+                await self._buckets.tombstones.purge(key)
             return min(len(old), max(limit, 0))
 
         result: int = await self._submit(run)
@@ -978,7 +977,7 @@ class JetStreamTaskStore(OpenClose):
         """The tombstone of a purged task, or None."""
 
         async def run() -> Tombstone | None:
-            value = await _value(self._tombstones, task_id)
+            value = await _value(self._buckets.tombstones, task_id)
             if value is None:
                 return None
             fields = json.loads(value)
@@ -1039,28 +1038,26 @@ class JetStreamTaskStore(OpenClose):
         whole journal) one that lags behind never moves it back. Compare-and-set; a
         lost race is left to the next call.
         """
-        assert self._outbox is not None
         value = str(position).encode()
         try:
             try:
-                entry = await self._outbox.get(_OUTBOX_CURSOR)
+                entry = await self._buckets.outbox.get(_OUTBOX_CURSOR)
             except js_errors.KeyNotFoundError:
                 with contextlib.suppress(js_errors.KeyWrongLastSequenceError):
-                    await self._outbox.create(_OUTBOX_CURSOR, value)
+                    await self._buckets.outbox.create(_OUTBOX_CURSOR, value)
                 return
             if int((entry.value or b"0").decode()) >= position:
                 return
             with contextlib.suppress(js_errors.KeyWrongLastSequenceError):
-                await self._outbox.update(_OUTBOX_CURSOR, value, last=entry.revision)
+                await self._buckets.outbox.update(_OUTBOX_CURSOR, value, last=entry.revision)
         except (nats.errors.Error, js_errors.Error, TimeoutError) as exc:
             raise StoreError(f"cannot record the outbox position: {exc}") from exc
 
     async def _outbox_subscribe(self, after: int) -> None:
         await self._outbox_unsubscribe()
         if after == 0:
-            assert self._outbox is not None
             with contextlib.suppress(js_errors.KeyNotFoundError):
-                entry = await self._outbox.get(_OUTBOX_CURSOR)
+                entry = await self._buckets.outbox.get(_OUTBOX_CURSOR)
                 after = int((entry.value or b"0").decode())
         name = f"outbox-{uuid.uuid4().hex}"
         await self._js.add_consumer(
@@ -1125,9 +1122,8 @@ def _active_key(coordinator: str, task_id: str) -> str:
     return f"{_owner_token(coordinator)}.{task_id}"
 
 
-async def _value(bucket: KeyValue | None, key: str) -> bytes | None:
+async def _value(bucket: KeyValue, key: str) -> bytes | None:
     """A key's value in an open bucket, or None when the key is missing or deleted."""
-    assert bucket is not None
     try:
         entry = await bucket.get(key)
     except js_errors.KeyNotFoundError:

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol, TypedDict
+from typing import Protocol, TypedDict, Unpack
 
 from google.protobuf.message import Message
 
@@ -95,6 +95,20 @@ class Ending(TypedDict, total=False):
     output: common_pb2.Payload | None
     error: common_pb2.ErrorDetail | None
     reports: Sequence[Report]
+
+
+class EventKind(TypedDict, total=False):
+    """The one ``TaskEvent.kind`` field an event carries (``Journal.emit``)."""
+
+    snapshot: coordinator_pb2.Task
+    state_changed: coordinator_pb2.StateChange
+    progress: common_pb2.Progress
+    partial: common_pb2.PartialResult
+    input_required: common_pb2.InputRequest
+    activity: common_pb2.Activity
+    retry: coordinator_pb2.TaskRetry
+    finished: coordinator_pb2.TaskFinished
+    step: coordinator_pb2.StepEvent
 
 
 #: The NATS type of each ``TaskEvent`` kind when the emitter names none.
@@ -287,7 +301,7 @@ class Journal:
         publish_extra: dict[str, Message] | None = None,
         reports: Sequence[Report] = (),
         write_row: bool = True,
-        **kind: Message,
+        **kind: Unpack[EventKind],
     ) -> asyncio.Future[None]:
         """Append the task's next event: store it, then fan it out once committed.
 
@@ -319,7 +333,7 @@ class Journal:
             sequence=record.last_sequence,
             time=convert.timestamp_ns(stamp),
             attempt=record.attempt,
-            **kind,  # type: ignore[arg-type]
+            **kind,
         )
         rt.events.append(event)
         rows = [convert.record_to_row(record, rt.spec_bytes)] if write_row else []
@@ -630,9 +644,9 @@ def task_event_data(record: TaskRecord, extra: dict[str, Message]) -> events_pb2
     """The ``TaskEventData`` of a task as it is now."""
     data = events_pb2.TaskEventData(
         task_id=record.task_id,
-        state=record.state,  # type: ignore[arg-type]
+        state=record.state,
         capability=record.capability,
-        priority=record.priority,  # type: ignore[arg-type]
+        priority=record.priority,
         agent_id=record.agent_id,
         attempt=record.attempt,
         owner=record.owner,

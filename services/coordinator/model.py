@@ -46,11 +46,15 @@ def now_ns() -> int:
 
 
 def state_name(state: int) -> str:
-    """Short lower-case name of a ``TaskState`` (``queued``, ``running``...)."""
+    """Short lower-case name of a ``TaskState`` (``queued``, ``running``...).
+
+    Any ``int`` is accepted (a stored row's state, say): an unknown one is named by its number.
+    """
     try:
-        return common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_").lower()  # type: ignore[arg-type]
+        name = common_pb2.TaskState.Name(common_pb2.TaskState.ValueType(state))
     except ValueError:
         return str(state)
+    return name.removeprefix("TASK_STATE_").lower()
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class TaskRecord:
     task_id: str
     spec: coordinator_pb2.TaskSpec
     owner: str
-    state: int
+    state: common_pb2.TaskState.ValueType
     created_ns: int
     updated_ns: int
     deadline_ns: int
@@ -121,7 +125,7 @@ class TaskRecord:
     not_before_ns: int = 0
     parent_task_id: str = ""
     step_id: str = ""
-    role: int = 0
+    role: coordinator_pb2.TaskRole.ValueType = coordinator_pb2.TASK_ROLE_UNSPECIFIED
     project_id: str = ""
     depth: int = 0
     steps: list[coordinator_pb2.StepStatus] = field(default_factory=list)
@@ -143,9 +147,9 @@ class TaskRecord:
         return self.spec.capability
 
     @property
-    def priority(self) -> int:
+    def priority(self) -> common_pb2.Priority.ValueType:
         """The task's ``Priority`` value."""
-        return int(self.spec.priority)
+        return self.spec.priority
 
     @property
     def correlation_id(self) -> str:

@@ -113,7 +113,12 @@ class PlanHost(Protocol):
         ...
 
     def finish(
-        self, rt: TaskRuntime, state: int, *, reason: str, **ending: Unpack[Ending]
+        self,
+        rt: TaskRuntime,
+        state: common_pb2.TaskState.ValueType,
+        *,
+        reason: str,
+        **ending: Unpack[Ending],
     ) -> asyncio.Future[None]:
         """End a task (the parent) in a terminal state; the future resolves on commit."""
         ...
@@ -185,7 +190,7 @@ class Plans:
         self._compensation_timeout = compensation_timeout
         self._runs: dict[str, _Run] = {}
         # step/aggregator/compensation task id -> (parent id, step id, role)
-        self._children: dict[str, tuple[str, str, int]] = {}
+        self._children: dict[str, tuple[str, str, C.TaskRole.ValueType]] = {}
         journal.listen(self._on_event)
 
     def __len__(self) -> int:
@@ -296,8 +301,8 @@ class Plans:
                     step_id=step_id,
                     task_id=rt.record.task_id,
                     kind=_MIRRORED[kind],
-                    role=role,  # type: ignore[arg-type]
-                    state=rt.record.state,  # type: ignore[arg-type]
+                    role=role,
+                    state=rt.record.state,
                     step_sequence=event.sequence,
                     agent_id=rt.record.agent_id,
                     **{kind: getattr(event, kind)},
@@ -315,7 +320,12 @@ class Plans:
             self._child_finished(run, rt.record, step_id, role, event.sequence)
 
     def _child_finished(
-        self, run: _Run, child: TaskRecord, step_id: str, role: int, sequence: int = 0
+        self,
+        run: _Run,
+        child: TaskRecord,
+        step_id: str,
+        role: coordinator_pb2.TaskRole.ValueType,
+        sequence: int = 0,
     ) -> None:
         add_usage(run.record.usage, child.usage)
         if role == STEP:
@@ -326,7 +336,7 @@ class Plans:
             self._compensation_finished(run, run.steps[step_id], child, sequence)
 
     def _step_finished(self, run: _Run, step: _Step, child: TaskRecord, sequence: int) -> None:
-        step.status.state = child.state  # type: ignore[assignment]
+        step.status.state = child.state
         step.agent_id = child.agent_id
         step.attempt = child.attempt
         step.usage.CopyFrom(child.usage)
@@ -521,7 +531,7 @@ class Plans:
     def _aggregator_finished(self, run: _Run, child: TaskRecord, sequence: int) -> None:
         status = _aggregator_status(run)
         if status is not None:
-            status.state = child.state  # type: ignore[assignment]
+            status.state = child.state
             if child.error is not None:
                 status.error.CopyFrom(child.error)
         event = _finished_event(
@@ -574,8 +584,8 @@ class Plans:
         self._journal.emit(
             run.rt,
             state_changed=C.StateChange(
-                from_state=run.record.state,  # type: ignore[arg-type]
-                to_state=run.record.state,  # type: ignore[arg-type]
+                from_state=run.record.state,
+                to_state=run.record.state,
                 reason=f"plan failing ({error.reason}): cancelling running steps and "
                 "compensating the ones that succeeded",
             ),
@@ -644,7 +654,7 @@ class Plans:
     def _compensation_finished(
         self, run: _Run, step: _Step, child: TaskRecord, sequence: int
     ) -> None:
-        step.status.compensation_state = child.state  # type: ignore[assignment]
+        step.status.compensation_state = child.state
         event = _finished_event(
             child,
             step.spec.step_id,
@@ -700,7 +710,7 @@ class Plans:
             task_id=run.record.task_id,
             step_id=event.step_id,
             capability=step.spec.capability if step is not None else "",
-            state=run.record.state,  # type: ignore[arg-type]
+            state=run.record.state,
             step_task_id=event.task_id,
             agent_id=event.agent_id,
             owner=run.record.owner,
@@ -815,12 +825,14 @@ def _by_plan(step: _Step) -> bool:
 
 
 def _workflow_data(
-    record: TaskRecord, state: int, error: common_pb2.ErrorDetail | None = None
+    record: TaskRecord,
+    state: common_pb2.TaskState.ValueType,
+    error: common_pb2.ErrorDetail | None = None,
 ) -> events_pb2.WorkflowEventData:
     """The data of a plan-wide ``workflow.*`` event: the plan in ``state``."""
     data = events_pb2.WorkflowEventData(
         task_id=record.task_id,
-        state=state,  # type: ignore[arg-type]
+        state=state,
         owner=record.owner,
     )
     if error is not None:
@@ -843,7 +855,7 @@ def _finished_event(
         task_id=child.task_id,
         kind=kind,
         role=role,
-        state=child.state,  # type: ignore[arg-type]
+        state=child.state,
         step_sequence=sequence,
         agent_id=child.agent_id,
     )

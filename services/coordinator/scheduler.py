@@ -223,7 +223,7 @@ class Scheduler:
             rt,
             publish="task.assigned",
             state_changed=coordinator_pb2.StateChange(
-                from_state=previous,  # type: ignore[arg-type]
+                from_state=previous,
                 to_state=ASSIGNED,
                 reason=f"assigned to agent {lease.agent_id}",
                 agent_id=lease.agent_id,

@@ -498,7 +498,7 @@ class Coordinator(StartStop):
         deadline_ns: int,
         *,
         parent: TaskRecord | None = None,
-        role: int = 0,
+        role: coordinator_pb2.TaskRole.ValueType = coordinator_pb2.TASK_ROLE_UNSPECIFIED,
         step_id: str = "",
     ) -> TaskRecord:
         """A new queued task of this coordinator; with a parent, one level below it."""
@@ -1099,7 +1099,7 @@ class Coordinator(StartStop):
             self._journal.emit(
                 rt,
                 state_changed=coordinator_pb2.StateChange(
-                    from_state=previous,  # type: ignore[arg-type]
+                    from_state=previous,
                     to_state=INPUT_REQUIRED,
                     reason="the agent asks for input",
                     agent_id=record.agent_id,
@@ -1192,7 +1192,7 @@ class Coordinator(StartStop):
         self._journal.emit(
             rt,
             state_changed=coordinator_pb2.StateChange(
-                from_state=previous,  # type: ignore[arg-type]
+                from_state=previous,
                 to_state=QUEUED,
                 reason=f"retrying in {backoff:.2f}s after {error.reason}",
             ),
@@ -1212,7 +1212,12 @@ class Coordinator(StartStop):
     # -- finishing -------------------------------------------------------------------
 
     def finish(
-        self, rt: TaskRuntime, state: int, *, reason: str, **ending: Unpack[Ending]
+        self,
+        rt: TaskRuntime,
+        state: common_pb2.TaskState.ValueType,
+        *,
+        reason: str,
+        **ending: Unpack[Ending],
     ) -> asyncio.Future[None]:
         """End a task in a terminal state; the future resolves once it has committed.
 
@@ -1237,13 +1242,13 @@ class Coordinator(StartStop):
         self._journal.emit(
             rt,
             state_changed=coordinator_pb2.StateChange(
-                from_state=previous,  # type: ignore[arg-type]
-                to_state=state,  # type: ignore[arg-type]
+                from_state=previous,
+                to_state=state,
                 reason=reason,
                 agent_id=record.agent_id,
             ),
         )
-        finished = coordinator_pb2.TaskFinished(state=state, usage=record.usage)  # type: ignore[arg-type]
+        finished = coordinator_pb2.TaskFinished(state=state, usage=record.usage)
         convert.copy_present(finished, output=output, error=error)
         committed = self._journal.emit(
             rt, publish=_FINISHED_TYPES[state], reports=ending.get("reports", ()), finished=finished
@@ -1379,7 +1384,7 @@ class Coordinator(StartStop):
                 self._journal.emit(
                     rt,
                     state_changed=coordinator_pb2.StateChange(
-                        from_state=previous,  # type: ignore[arg-type]
+                        from_state=previous,
                         to_state=QUEUED,
                         reason=why,
                     ),
@@ -1423,8 +1428,13 @@ class Coordinator(StartStop):
             metrics.TASKS_ACTIVE.labels(state_name(state)).set_function(
                 partial(self._count_state, state)
             )
-        for value in (1, 2, 3, 4):
-            name = common_pb2.Priority.Name(value).removeprefix("PRIORITY_").lower()  # type: ignore[arg-type]
+        for value in (
+            common_pb2.PRIORITY_LOW,
+            common_pb2.PRIORITY_MEDIUM,
+            common_pb2.PRIORITY_HIGH,
+            common_pb2.PRIORITY_CRITICAL,
+        ):
+            name = common_pb2.Priority.Name(value).removeprefix("PRIORITY_").lower()
             metrics.QUEUE_DEPTH.labels(name).set_function(partial(self._count_queued, value))
         metrics.bind_memory(self.memory)
 

@@ -70,8 +70,9 @@ class Session:
                     break
                 yield item
             # Surface an unexpected failure of the reader (not a client disconnect).
-            if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                raise reader.exception()  # type: ignore[misc]
+            failure = reader.exception() if reader.done() and not reader.cancelled() else None
+            if failure is not None:
+                raise failure
         finally:
             self._closed = True
             await cancel_and_wait([reader, *self._pumps.values()], suppress=(Exception,))

@@ -63,7 +63,7 @@ def tls_extension(ssl_object: ssl.SSLObject | None) -> dict[str, Any]:
     }
 
 
-class TlsScopeProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+class TlsScopeProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]  # uvicorn picks this base class at import time
     """uvicorn's HTTP protocol, adding the ASGI TLS extension to every request's scope."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:

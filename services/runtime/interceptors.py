@@ -732,9 +732,11 @@ class _KindAdapter:
         self._inner = inner
 
 
-def _single_kind_adapter(
-    kind: type[grpc.aio.ClientInterceptor], method: str
-) -> type[grpc.aio.ClientInterceptor]:
+_Adapter: TypeAlias = Callable[[grpc.aio.ClientInterceptor], grpc.aio.ClientInterceptor]
+"""A single-kind adapter class: built with the interceptor it wraps."""
+
+
+def _single_kind_adapter(kind: type[grpc.aio.ClientInterceptor], method: str) -> _Adapter:
     """An interceptor class of ``kind`` alone whose ``method`` calls the wrapped one's."""
 
     async def forward(
@@ -743,20 +745,17 @@ def _single_kind_adapter(
         return await getattr(self._inner, method)(continuation, client_call_details, request)
 
     name = f"_{kind.__name__.removesuffix('ClientInterceptor')}Adapter"
-    return cast(
-        type[grpc.aio.ClientInterceptor], type(name, (_KindAdapter, kind), {method: forward})
-    )
+    # A class made at run time: mypy sees only ``type``.
+    return cast(_Adapter, type(name, (_KindAdapter, kind), {method: forward}))
 
 
-_ADAPTERS: tuple[tuple[type[grpc.aio.ClientInterceptor], type[grpc.aio.ClientInterceptor]], ...] = (
-    tuple(
-        (kind, _single_kind_adapter(kind, method))
-        for kind, method in (
-            (grpc.aio.UnaryUnaryClientInterceptor, "intercept_unary_unary"),
-            (grpc.aio.UnaryStreamClientInterceptor, "intercept_unary_stream"),
-            (grpc.aio.StreamUnaryClientInterceptor, "intercept_stream_unary"),
-            (grpc.aio.StreamStreamClientInterceptor, "intercept_stream_stream"),
-        )
+_ADAPTERS: tuple[tuple[type[grpc.aio.ClientInterceptor], _Adapter], ...] = tuple(
+    (kind, _single_kind_adapter(kind, method))
+    for kind, method in (
+        (grpc.aio.UnaryUnaryClientInterceptor, "intercept_unary_unary"),
+        (grpc.aio.UnaryStreamClientInterceptor, "intercept_unary_stream"),
+        (grpc.aio.StreamUnaryClientInterceptor, "intercept_stream_unary"),
+        (grpc.aio.StreamStreamClientInterceptor, "intercept_stream_stream"),
     )
 )
 
@@ -776,5 +775,5 @@ def split_client_interceptors(
         if len(kinds) <= 1:
             split.append(interceptor)
         else:
-            split.extend(adapter(interceptor) for adapter in kinds)  # type: ignore[call-arg]
+            split.extend(adapter(interceptor) for adapter in kinds)
     return split

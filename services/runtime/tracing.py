@@ -122,8 +122,8 @@ class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):
 
     def _intercept_aio_server_stream(self, behavior: Any, handler_call_details: Any) -> Any:
         if not inspect.isasyncgenfunction(behavior):
-            return self._intercept_aio_server_unary(behavior, handler_call_details)  # type: ignore[no-untyped-call]
-        return super()._intercept_aio_server_stream(behavior, handler_call_details)  # type: ignore[no-untyped-call]
+            return self._intercept_aio_server_unary(behavior, handler_call_details)  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
+        return super()._intercept_aio_server_stream(behavior, handler_call_details)  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
 
 
 def server_interceptor(untraced: Iterable[str] = ()) -> grpc.aio.ServerInterceptor:
@@ -146,8 +146,8 @@ def server_interceptor(untraced: Iterable[str] = ()) -> grpc.aio.ServerIntercept
         if methods
         else _UNTRACED
     )
-    stock = aio_server_interceptor(filter_=untraced_filter)  # type: ignore[no-untyped-call]
-    interceptor: grpc.aio.ServerInterceptor = _ServerInterceptor(  # type: ignore[no-untyped-call]
+    stock = aio_server_interceptor(filter_=untraced_filter)  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
+    interceptor: grpc.aio.ServerInterceptor = _ServerInterceptor(  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
         stock._tracer, filter_=untraced_filter
     )
     return interceptor
@@ -172,7 +172,10 @@ class _StreamEnding:
     until the garbage collector closes the iterator: it would be exported late or never.
     """
 
+    # Defined by the stock client interceptor this is mixed into (unannotated there).
     _response_hook: Any
+    _call_response_hook: Any
+    add_error_details_to_span: Any
 
     def _wrap_stream_response(self, span: Any, call: Any) -> AsyncIterator[Any]:
         target = getattr(call, "_call", call)
@@ -184,11 +187,11 @@ class _StreamEnding:
         try:
             async for response in call:
                 if self._response_hook:
-                    self._call_response_hook(span, response)  # type: ignore[attr-defined]
+                    self._call_response_hook(span, response)
                 yield response
         except Exception as exc:
             if span.is_recording():
-                self.add_error_details_to_span(span, exc)  # type: ignore[attr-defined]
+                self.add_error_details_to_span(span, exc)
             raise
         finally:
             if span.is_recording():
@@ -229,17 +232,17 @@ def _let_channels_close() -> None:
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """The OTel client interceptors, one per call kind (outermost on every channel)."""
     _let_channels_close()
-    stock: list[Any] = aio_client_interceptors(  # type: ignore[no-untyped-call]
+    stock: list[Any] = aio_client_interceptors(  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
         filter_=_UNTRACED
     )
     interceptors: list[grpc.aio.ClientInterceptor] = []
     for interceptor in stock:
         if isinstance(interceptor, _aio_client.UnaryStreamAioClientInterceptor):
-            interceptor = _UnaryStream(  # type: ignore[no-untyped-call]
+            interceptor = _UnaryStream(  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
                 interceptor._tracer, filter_=_UNTRACED
             )
         elif isinstance(interceptor, _aio_client.StreamStreamAioClientInterceptor):
-            interceptor = _StreamStream(  # type: ignore[no-untyped-call]
+            interceptor = _StreamStream(  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
                 interceptor._tracer, filter_=_UNTRACED
             )
         interceptors.append(interceptor)

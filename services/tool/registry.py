@@ -138,25 +138,20 @@ class ThreadRunner:
         future: asyncio.Future[T] = loop.create_future()
         context = contextvars.copy_context()
 
-        def deliver(value: T | None, error: BaseException | None) -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)  # type: ignore[arg-type]
+        def deliver(outcome: Callable[[], None]) -> None:
+            if not future.done():
+                outcome()
 
         def target() -> None:
-            value: T | None = None
-            error: BaseException | None = None
+            outcome: Callable[[], None]
             try:
-                value = context.run(func)
+                outcome = functools.partial(future.set_result, context.run(func))
             except BaseException as exc:  # handed to the waiting coroutine
-                error = exc
+                outcome = functools.partial(future.set_exception, exc)
             finally:
                 self._release()
             try:
-                loop.call_soon_threadsafe(deliver, value, error)
+                loop.call_soon_threadsafe(deliver, outcome)
             except RuntimeError:
                 # The loop is gone (shutdown); nobody is waiting for this result.
                 pass
