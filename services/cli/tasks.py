@@ -156,7 +156,7 @@ async def _addresses(target: _Target) -> list[str]:
     settings = load_settings(certs_dir=target.certs_dir, identity=target.identity)
     try:
         async with asyncio.timeout(REGISTRY_TIMEOUT):
-            async with registry_from_settings(settings) as registry:
+            async with registry_from_settings(settings, fail_fast=True) as registry:
                 found = await registry.resolve(COORDINATOR_SERVICE)
     except (RegistryError, TimeoutError) as exc:
         why = str(exc) or f"no answer within {REGISTRY_TIMEOUT:.0f}s"
