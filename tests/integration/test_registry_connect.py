@@ -159,7 +159,7 @@ async def slow_front(nats_server: NatsServer) -> AsyncIterator[_SlowFront]:
 
 async def test_a_server_that_is_up_but_slow_is_still_waited_for(slow_front: _SlowFront) -> None:
     registry = EmbeddedRegistry(
-        slow_front.url, fail_fast=True, request_timeout=1.0, reconnect_wait=0.05
+        slow_front.url, fail_fast=True, request_timeout=3.0, reconnect_wait=0.05
     )
     starting = asyncio.create_task(registry.start())
     second = asyncio.ensure_future(slow_front.accepted(2))
