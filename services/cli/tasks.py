@@ -82,7 +82,9 @@ _UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCE
 RESUME_WITHIN = 60.0
 """Seconds a followed task waits for a coordinator to come back before giving up."""
 REGISTRY_TIMEOUT = 10.0
-"""Seconds ``--address discovery`` waits for the registry to list the coordinators."""
+"""Seconds ``--address discovery`` waits for the registry to list the coordinators.
+
+A NATS that refuses the connection (nothing listening) ends the wait at once."""
 
 app = typer.Typer()
 
