@@ -27,7 +27,7 @@ import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
 import grpc
@@ -43,6 +43,7 @@ from opentelemetry.instrumentation.grpc import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from hivewire.services.runtime.status import finished_call_code
@@ -51,12 +52,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SpanKind",
+    "carried_context",
     "client_interceptors",
     "client_span",
     "current_ids",
     "end_with_call",
     "extract",
     "inject",
+    "kept_span",
     "resume_context",
     "resumed",
     "server_interceptor",
@@ -74,6 +77,8 @@ _MAX_TRACESTATE = 512
 
 tracer = trace.get_tracer(TRACER_NAME)
 """The tracer of hivewire's own spans (a proxy: it follows the provider set later)."""
+
+_IDS = RandomIdGenerator()
 
 # Health checks and reflection are probes, not work: no span for them.
 _UNTRACED: Any = filters.negate(
@@ -290,12 +295,25 @@ def server_span(
     call would be, so it gets the server span the OTel interceptor would make, a child
     of the context the frame carried (a new trace when it carried none).
 
+    While no span goes anywhere (:func:`spans_kept` is false: no exporter), no span is
+    made: the carried context itself is current for the block (a non-recording span
+    of the caller's ids, or of a new trace when it carried none), so calls made in it
+    still carry the work's ``traceparent`` and log lines its trace id.
+
     Args:
         method: The full method the span is named after, ``/package.Service/Method``.
         traceparent: The W3C ``traceparent`` the work carried ("" for none).
         tracestate: The W3C ``tracestate`` that goes with it.
         attributes: Extra span attributes.
     """
+    if not spans_kept():
+        carried = carried_context(traceparent, tracestate)
+        token = otel_context.attach(carried)
+        try:
+            yield trace.get_current_span(carried)
+        finally:
+            otel_context.detach(token)
+        return
     headers = {"traceparent": traceparent} if traceparent else {}
     if tracestate:
         headers["tracestate"] = tracestate
@@ -308,6 +326,62 @@ def server_span(
         | dict(attributes or {}),
     ) as span:
         yield span
+
+
+def carried_context(traceparent: str, tracestate: str = "") -> otel_context.Context:
+    """A context whose current span is the (non-recording) span ``traceparent`` names.
+
+    What ``propagate.extract`` gives for W3C headers, without running every configured
+    propagator for the well-formed ``traceparent`` a hivewire peer writes. Without a
+    valid one, the context of a new trace (random ids, sampled): what a root span
+    would have started, so the work still has a trace id to carry and log.
+    """
+    parent = _remote_span_context(traceparent, tracestate)
+    if parent is None and traceparent:
+        # Not what a hivewire peer writes (another version, spaces...): the standard way.
+        headers = {"traceparent": traceparent}
+        if tracestate:
+            headers["tracestate"] = tracestate
+        extracted = propagate.extract(headers, context=otel_context.Context())
+        if trace.get_current_span(extracted).get_span_context().is_valid:
+            return extracted
+    if parent is None:
+        parent = trace.SpanContext(
+            trace_id=_IDS.generate_trace_id(),
+            span_id=_IDS.generate_span_id(),
+            is_remote=False,
+            trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+        )
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent), otel_context.Context())
+
+
+def _remote_span_context(traceparent: str, tracestate: str) -> trace.SpanContext | None:
+    """The span context of a well-formed version-00 ``traceparent``; None otherwise."""
+    if not _TRACEPARENT.match(traceparent) or not traceparent.startswith("00-"):
+        return None
+    _, trace_id, span_id, flags = traceparent.split("-")
+    span_context = trace.SpanContext(
+        trace_id=int(trace_id, 16),
+        span_id=int(span_id, 16),
+        is_remote=True,
+        trace_flags=trace.TraceFlags(int(flags, 16)),
+        trace_state=trace.TraceState.from_header([tracestate]) if tracestate else None,
+    )
+    return span_context if span_context.is_valid else None
+
+
+def kept_span(
+    name: str, *, attributes: Mapping[str, str | int] | None = None
+) -> AbstractContextManager[Any]:
+    """A span of ``name``, current for the block, while spans are kept (an exporter).
+
+    Otherwise nothing is made and the block runs in the current context (its span is
+    still the parent of what the block calls): a span nobody sees costs the same as
+    one somebody does.
+    """
+    if not spans_kept():
+        return nullcontext()
+    return tracer.start_as_current_span(name, attributes=attributes)
 
 
 def end_with_call(span: Any, call: Any) -> None:

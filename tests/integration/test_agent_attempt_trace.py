@@ -1,0 +1,211 @@
+"""An attempt's trace on the agent, with spans exported and without.
+
+With an exporter (here: this test process's collector) an attempt on a ``Link`` gets
+its SERVER span (a child of the context its frame carried) and its handler a span
+under it; the handler's model and tool calls are children of that. Without one
+(``tracing.spans_kept()`` false) neither span is made, and the carried context is
+current instead: the handler's downstream calls still carry the task's
+``traceparent`` and its log lines the task's trace id. Real agent, real model and tool
+servicers (recording what each call carried), real mTLS.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from hivewire.agent.v1 import agent_pb2
+from hivewire.model.v1 import model_pb2_grpc
+from hivewire.services.agent import Agent, Payload, TaskContext, capability
+from hivewire.services.agent.link import EXECUTE_METHOD
+from hivewire.services.runtime import tracing
+from hivewire.services.runtime.config import load_settings
+from hivewire.services.runtime.logging import ContextFilter
+from hivewire.services.runtime.server import ServiceBinding, ServiceServer
+from hivewire.tool.v1 import tool_pb2_grpc
+from tests.conftest import Pki
+from tests.integration.test_agent_clients import RecordingModel, RecordingTools
+from tests.integration.test_agent_helpers import (
+    Coordinator,
+    agent_settings,
+    assignment,
+    serve_in_process,
+)
+from tests.integration.test_agent_link import Link
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+TRACESTATE = "vendor=x"
+
+
+class CallingAgent(Agent):
+    """A handler that logs, asks the model and calls a tool."""
+
+    name = "calling"
+    max_concurrency = 4
+
+    def __init__(self) -> None:
+        self.log_ids: dict[str, tuple[str | None, str | None]] = {}
+
+    @capability("call")
+    async def call(self, task: Payload, ctx: TaskContext) -> str:
+        # What a log line of the handler carries (the filter every handler installs).
+        record = logging.LogRecord("handler", logging.INFO, __file__, 0, "working", None, None)
+        ContextFilter().filter(record)
+        self.log_ids[ctx.task_id] = (record.__dict__["trace_id"], record.__dict__["span_id"])
+        await ctx.model.generate(task.text, model="echo", max_tokens=4)
+        await ctx.tools.invoke("adder", {"a": 1, "b": 2})
+        return "called"
+
+
+class Mesh:
+    """The agent, its recording model and tools, and a coordinator's client."""
+
+    def __init__(
+        self, agent: CallingAgent, model: RecordingModel, tools: RecordingTools, client: Coordinator
+    ) -> None:
+        self.agent, self.model, self.tools, self.client = agent, model, tools, client
+
+    def downstream_traceparents(self) -> list[str]:
+        """The ``traceparent`` each model and tool call carried (model calls first)."""
+        calls = [*self.model.calls, *self.tools.calls]
+        return [c.metadata.get("traceparent", "") for c in calls]
+
+
+@pytest.fixture
+async def mesh(pki: Pki) -> AsyncIterator[Mesh]:
+    model, tools = RecordingModel(), RecordingTools()
+    settings = load_settings(
+        host="127.0.0.1", port=0, certs_dir=pki.dir, identity="model", grace_period=0.5
+    )
+    bindings = [
+        ServiceBinding(
+            "hivewire.model.v1.ModelService",
+            lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(model, s),
+        ),
+        ServiceBinding(
+            "hivewire.tool.v1.ToolService",
+            lambda s: tool_pb2_grpc.add_ToolServiceServicer_to_server(tools, s),
+        ),
+    ]
+    agent = CallingAgent()
+    async with ServiceServer(settings, bindings) as downstream:
+        address = f"127.0.0.1:{downstream.port}"
+        served_settings = agent_settings(pki.dir, model_address=address, tool_address=address)
+        async with serve_in_process(agent, served_settings) as served:
+            client = Coordinator(f"127.0.0.1:{served.port}", pki.files("coordinator"))
+            try:
+                yield Mesh(agent, model, tools, client)
+            finally:
+                await client.close()
+
+
+async def run_on_link(mesh: Mesh, task_id: str, *, traceparent: str, tracestate: str = "") -> None:
+    """One attempt of ``call`` on a Link whose frame carries ``traceparent``; to its result."""
+    link = Link(mesh.client)
+    request = assignment("call", text="hi", task_id=task_id)
+    await link.send(
+        agent_pb2.LinkFrame(
+            task_id=task_id,
+            attempt=1,
+            request=request,
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
+    )
+    await link.until(lambda: link.ended(task_id))
+    assert link.kinds(task_id)[-1] == "result"
+    assert link.last(task_id).result.output.text == "called"
+    link.call.cancel()
+
+
+def spans_named(spans: InMemorySpanExporter, name: str, kind: SpanKind | None = None) -> list[Any]:
+    return [
+        s for s in spans.get_finished_spans() if s.name == name and (kind is None or s.kind is kind)
+    ]
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["exported", "not-exported"])
+async def test_an_attempt_on_a_link_joins_the_task_trace_with_or_without_its_spans(
+    mesh: Mesh, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch, kept: bool
+) -> None:
+    monkeypatch.setattr(tracing, "spans_kept", lambda: kept)
+    await run_on_link(mesh, "t-link", traceparent=TRACEPARENT, tracestate=TRACESTATE)
+
+    # The handler's model and tool calls carry the task's trace either way.
+    traceparents = mesh.downstream_traceparents()
+    assert len(traceparents) == 2
+    assert all(tp.split("-")[1] == TRACE_ID for tp in traceparents), traceparents
+    trace_id, span_id = mesh.agent.log_ids["t-link"]
+    assert trace_id == TRACE_ID
+    calls = spans_named(spans, "/hivewire.model.v1.ModelService/Generate", SpanKind.CLIENT)
+    assert len(calls) == 1 and calls[0].parent is not None
+    assert calls[0].context.trace_id == int(TRACE_ID, 16)
+    servers = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
+    handlers = spans_named(spans, "handle call")
+    if kept:
+        # The attempt's SERVER span under the frame's context, the handler's under it,
+        # the model call under that; log lines carry the handler's span.
+        (server,) = servers
+        (handler,) = handlers
+        assert server.parent is not None and f"{server.parent.span_id:016x}" == PARENT_ID
+        assert server.context.trace_state.to_header() == TRACESTATE
+        assert server.attributes is not None and server.attributes["hivewire.task_id"] == "t-link"
+        assert handler.parent is not None and handler.parent.span_id == server.context.span_id
+        assert calls[0].parent.span_id == handler.context.span_id
+        assert span_id == f"{handler.context.span_id:016x}"
+    else:
+        # No span of the attempt: the carried context is the calls' parent and the logs'.
+        assert servers == [] and handlers == []
+        assert f"{calls[0].parent.span_id:016x}" == PARENT_ID
+        assert calls[0].context.trace_state.to_header() == TRACESTATE
+        assert span_id == PARENT_ID
+
+
+async def test_an_attempt_without_a_trace_still_gets_one_when_spans_are_not_kept(
+    mesh: Mesh, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A frame without traceparent started a new trace (its server span the root): the
+    # attempt still has a trace id of its own for its calls and its log lines.
+    monkeypatch.setattr(tracing, "spans_kept", lambda: False)
+    await run_on_link(mesh, "t-first", traceparent="")
+    await run_on_link(mesh, "t-second", traceparent="not-a-traceparent")
+    first, second = (mesh.agent.log_ids[t][0] for t in ("t-first", "t-second"))
+    assert first and second and first != second and TRACE_ID not in (first, second)
+    carried = mesh.downstream_traceparents()
+    assert len(carried) == 4
+    assert {tp.split("-")[1] for tp in carried} == {first, second}, carried
+    assert spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER) == []
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["exported", "not-exported"])
+async def test_an_execute_call_has_a_handler_span_only_while_spans_are_kept(
+    mesh: Mesh, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch, kept: bool
+) -> None:
+    monkeypatch.setattr(tracing, "spans_kept", lambda: kept)
+    with tracing.tracer.start_as_current_span("coordinator attempt") as root:
+        execution = mesh.client.execute()
+        await execution.send(assignment("call", text="hi", task_id="t-execute"))
+        final = await execution.finish()
+    assert final.result.output.text == "called"
+    trace_id = f"{root.get_span_context().trace_id:032x}"
+    traceparents = mesh.downstream_traceparents()
+    assert len(traceparents) == 2
+    assert all(tp.split("-")[1] == trace_id for tp in traceparents), traceparents
+    assert mesh.agent.log_ids["t-execute"][0] == trace_id
+    (server,) = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
+    (call,) = spans_named(spans, "/hivewire.model.v1.ModelService/Generate", SpanKind.CLIENT)
+    handlers = spans_named(spans, "handle call")
+    if kept:
+        (handler,) = handlers
+        assert handler.parent is not None and handler.parent.span_id == server.context.span_id
+        assert call.parent is not None and call.parent.span_id == handler.context.span_id
+    else:
+        assert handlers == []
+        assert call.parent is not None and call.parent.span_id == server.context.span_id
