@@ -125,21 +125,13 @@ class LinkSession:
 
     # -- frames from the coordinator ------------------------------------------------
 
-    async def read(
-        self,
-        requests: AsyncIterator[agent_pb2.LinkRequest],
-        *,
-        first: agent_pb2.LinkRequest | None = None,
-    ) -> None:
-        """Apply every frame of ``first`` and ``requests``; at their end stop what still runs.
+    async def read(self, requests: AsyncIterator[agent_pb2.LinkRequest]) -> None:
+        """Apply every frame of ``requests``; at their end stop what still runs.
 
         A frame that makes the stream invalid ends it (see the module doc); the
         error is raised by :meth:`responses`.
         """
         try:
-            if first is not None:
-                for frame in first.frames:
-                    await self.handle(frame)
             async for request in requests:
                 for frame in request.frames:
                     await self.handle(frame)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 from prometheus_client import Counter, Gauge
 
 IN_FLIGHT = Gauge(
@@ -24,13 +22,3 @@ PARTIALS_JOINED = Counter(
     "Partial chunks sent inside the message of the chunk before them (they queued up "
     "behind a busy stream and were coalesced).",
 )
-
-
-@functools.cache
-def executions(capability: str, outcome: str) -> Counter:
-    """The child of :data:`EXECUTIONS` for one capability and outcome.
-
-    Kept once looked up: ``labels()`` takes a lock and builds a key on every call, and
-    an agent's capabilities and the outcomes are a short fixed list.
-    """
-    return EXECUTIONS.labels(capability, outcome)

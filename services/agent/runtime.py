@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from hivewire.services.agent import metrics as agent_metrics
 from hivewire.services.agent.sdk import (
@@ -463,7 +463,8 @@ class Execution(StartClose):
             return
         self._cancel_reason = reason or "cancelled by the coordinator"
         logger.info("task %s: cancel requested (%s)", self.info.task_id, self._cancel_reason)
-        self._interrupt_with("cancel")
+        if self._interrupt is not None and not self._interrupt.done():
+            self._interrupt.set_result("cancel")
 
     def answer(self, answer: InputAnswer) -> bool:
         """Deliver a person's answer to a pending input request.
@@ -593,43 +594,27 @@ class Execution(StartClose):
                     self._call_handler(), name=f"agent-handler-{info.task_id}"
                 )
                 self._handler_task = handler_task
-                handler_task.add_done_callback(self._handler_ended)
+                handler_task.add_done_callback(lambda _t: self._release_once())
                 outcome = await self._await_outcome(handler_task)
             except asyncio.CancelledError:
                 # The stream broke (or the server stops): nobody can receive an outcome.
                 await self._stop_handler()
                 if self._handler_task is None:
                     self._release_once()
-                agent_metrics.executions(info.capability, "abandoned").inc()
+                agent_metrics.EXECUTIONS.labels(info.capability, "abandoned").inc()
                 raise
             self._finished = True
             self._record(outcome)
             await self._emit(outcome)
 
-    def _handler_ended(self, _task: asyncio.Task[object]) -> None:
-        self._release_once()
-        self._interrupt_with("handler")
-
-    def _interrupt_with(self, why: str) -> None:
-        if self._interrupt is not None and not self._interrupt.done():
-            self._interrupt.set_result(why)
-
     async def _await_outcome(self, handler_task: asyncio.Task[object]) -> Finished | Failed:
-        # One future that the handler's end, a cancel and the deadline each complete:
-        # what ``asyncio.wait`` on the first two with a timeout does, without the waiter,
-        # callbacks and sets it builds per call.
         assert self._interrupt is not None
-        remaining = self._remaining()
-        timer = (
-            None
-            if remaining is None
-            else asyncio.get_running_loop().call_later(remaining, self._interrupt_with, "deadline")
+        waiters: set[asyncio.Future[Any]] = {handler_task, self._interrupt}
+        await asyncio.wait(
+            waiters,
+            timeout=self._remaining(),
+            return_when=asyncio.FIRST_COMPLETED,
         )
-        try:
-            await self._interrupt
-        finally:
-            if timer is not None:
-                timer.cancel()
         if handler_task.done() and self._cancel_reason is None:
             return self._outcome_of(handler_task)
         if self._cancel_reason is not None:
@@ -693,7 +678,7 @@ class Execution(StartClose):
             label = "deadline_exceeded"
         else:
             label = "retryable_error" if outcome.error.retryable else "permanent_error"
-        agent_metrics.executions(self.info.capability, label).inc()
+        agent_metrics.EXECUTIONS.labels(self.info.capability, label).inc()
         logger.info(
             "task %s attempt %d: %s in %.3fs",
             self.info.task_id,

@@ -142,7 +142,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if self._draining:
             session.drain()
         self._links.add(session)
-        reader = asyncio.create_task(session.read(requests, first=first), name="agent-link")
+        reader = asyncio.create_task(session.read(_prepend(first, requests)), name="agent-link")
         try:
             async for response in session.responses():
                 yield response
@@ -170,6 +170,14 @@ async def _forward_requests(
             execution.answer(convert.answer_from_proto(request.input))
         else:
             logger.warning("task %s: unexpected %s message ignored", execution.info.task_id, kind)
+
+
+async def _prepend(
+    first: agent_pb2.LinkRequest, rest: AsyncIterator[agent_pb2.LinkRequest]
+) -> AsyncIterator[agent_pb2.LinkRequest]:
+    yield first
+    async for request in rest:
+        yield request
 
 
 async def _stop_reading(reader: asyncio.Task[None], *, wait: float) -> None:
