@@ -259,12 +259,19 @@ def client_span(method: str) -> tuple[Any, dict[str, str]]:
     attributes, a child of the current span), at a fraction of its cost. End it with
     :func:`end_with_call`.
 
+    While no span goes anywhere (:func:`spans_kept` is false) none is made: the span
+    returned is a non-recording one of the current context's ids, and the headers carry
+    that context on (the server's work stays in the trace; it has no span to hang off).
+
     Args:
         method: The full method, ``/package.Service/Method``.
 
     Returns:
         The span, and the W3C headers (``traceparent``...) that carry it to the server.
     """
+    if not spans_kept():
+        current = trace.NonRecordingSpan(trace.get_current_span().get_span_context())
+        return current, span_headers(current)
     service, _, name = method.lstrip("/").partition("/")
     span = tracer.start_span(
         method,
@@ -514,7 +521,8 @@ def resumed(
     """Continue the trace stored in ``carrier`` for the block.
 
     A current span of the same trace is kept (it is the closer parent); otherwise the
-    stored context becomes current. With ``name``, a span of that name is opened.
+    stored context becomes current. With ``name``, a span of that name is opened while
+    spans are kept (:func:`spans_kept`); without, the block runs in the resumed context.
 
     Args:
         carrier: Where :func:`stamp` stored the context.
@@ -524,7 +532,7 @@ def resumed(
     stored = resume_context(carrier)
     token = otel_context.attach(stored) if stored is not None else None
     try:
-        if name is None:
+        if name is None or not spans_kept():
             yield
         else:
             with tracer.start_as_current_span(name, attributes=attributes):

@@ -1,4 +1,4 @@
-"""An attempt's trace on the agent, with spans exported and without.
+"""An attempt's trace on the coordinator and the agent, with spans exported and without.
 
 With an exporter (here: this test process's collector) an attempt on a ``Link`` gets
 its SERVER span (a child of the context its frame carried) and its handler a span
@@ -20,9 +20,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from hivewire.agent.v1 import agent_pb2
+from hivewire.common.v1 import common_pb2
 from hivewire.model.v1 import model_pb2_grpc
 from hivewire.services.agent import Agent, Payload, TaskContext, capability
 from hivewire.services.agent.link import EXECUTE_METHOD
+from hivewire.services.agent.serve import AgentServer
+from hivewire.services.coordinator.link import open_stream
+from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.logging import ContextFilter
@@ -37,6 +41,7 @@ from tests.integration.test_agent_helpers import (
     serve_in_process,
 )
 from tests.integration.test_agent_link import Link
+from tests.integration.test_coordinator_link import lease_on
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -68,9 +73,15 @@ class Mesh:
     """The agent, its recording model and tools, and a coordinator's client."""
 
     def __init__(
-        self, agent: CallingAgent, model: RecordingModel, tools: RecordingTools, client: Coordinator
+        self,
+        agent: CallingAgent,
+        model: RecordingModel,
+        tools: RecordingTools,
+        served: AgentServer,
+        client: Coordinator,
     ) -> None:
-        self.agent, self.model, self.tools, self.client = agent, model, tools, client
+        self.agent, self.model, self.tools = agent, model, tools
+        self.served, self.client = served, client
 
     def downstream_traceparents(self) -> list[str]:
         """The ``traceparent`` each model and tool call carried (model calls first)."""
@@ -101,7 +112,7 @@ async def mesh(pki: Pki) -> AsyncIterator[Mesh]:
         async with serve_in_process(agent, served_settings) as served:
             client = Coordinator(f"127.0.0.1:{served.port}", pki.files("coordinator"))
             try:
-                yield Mesh(agent, model, tools, client)
+                yield Mesh(agent, model, tools, served, client)
             finally:
                 await client.close()
 
@@ -209,3 +220,55 @@ async def test_an_execute_call_has_a_handler_span_only_while_spans_are_kept(
     else:
         assert handlers == []
         assert call.parent is not None and call.parent.span_id == server.context.span_id
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["exported", "not-exported"])
+async def test_the_coordinators_attempt_on_a_link_keeps_the_task_trace(
+    mesh: Mesh,
+    pki: Pki,
+    spans: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+    kept: bool,
+) -> None:
+    # The coordinator's side as it runs an attempt: the task's stored context resumed
+    # with the attempt's span, the attempt's stream opened on the agent's link.
+    monkeypatch.setattr(tracing, "spans_kept", lambda: kept)
+    stored = common_pb2.RequestMetadata(traceparent=TRACEPARENT, tracestate=TRACESTATE)
+    metadata = [(md.TASK_ID, "t-coord"), (md.ATTEMPT, "1"), (md.CORRELATION_ID, "cid-coord")]
+    async with lease_on(pki, mesh.served) as lease:
+        with tracing.resumed(stored, "attempt call"):
+            stream = open_stream(lease, timeout=10, metadata=metadata, link=True)
+            await stream.send(assignment("call", text="hi", task_id="t-coord"))
+            while (message := await stream.receive()) is not None:
+                if message.WhichOneof("kind") == "result":
+                    break
+            stream.cancel()
+    assert message is not None and message.result.output.text == "called"
+
+    traceparents = mesh.downstream_traceparents()
+    assert len(traceparents) == 2
+    assert all(tp.split("-")[1] == TRACE_ID for tp in traceparents), traceparents
+    assert mesh.agent.log_ids["t-coord"][0] == TRACE_ID
+    (call,) = spans_named(spans, "/hivewire.model.v1.ModelService/Generate", SpanKind.CLIENT)
+    attempts = spans_named(spans, "attempt call")
+    clients = spans_named(spans, EXECUTE_METHOD, SpanKind.CLIENT)
+    servers = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
+    handlers = spans_named(spans, "handle call")
+    assert call.parent is not None
+    if kept:
+        # The whole chain: stored context -> attempt -> CLIENT -> SERVER -> handler -> call.
+        (attempt,), (client,), (server,), (handler,) = attempts, clients, servers, handlers
+        assert attempt.parent is not None and f"{attempt.parent.span_id:016x}" == PARENT_ID
+        for child, parent in (
+            (client, attempt),
+            (server, client),
+            (handler, server),
+            (call, handler),
+        ):
+            assert child.parent is not None and child.parent.span_id == parent.context.span_id
+            assert child.context.trace_id == int(TRACE_ID, 16)
+    else:
+        # None of the attempt's spans: the stored context goes on to the agent's calls.
+        assert attempts == clients == servers == handlers == []
+        assert f"{call.parent.span_id:016x}" == PARENT_ID
+        assert call.context.trace_state.to_header() == TRACESTATE
