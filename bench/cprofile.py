@@ -5,8 +5,9 @@ the services' ``PYTHONPATH``: its ``sitecustomize`` puts a cProfile profiler, ti
 the thread's CPU clock, on the event-loop thread of one service (``--who``, the agent
 by default). For each ``--concurrency`` the loop runs no-op ``StreamTask`` tasks, warms
 up, profiles ``--tasks`` of them and prints, per task, the CPU the profiler saw and the
-functions with the most of it: own time (``tottime``) and, for hivewire's own
-functions, time including what they call (``cumtime``).
+functions with the most of it: own time (``tottime``) by area of the code
+(``bench/profile.py``'s areas) and by function, and, for hivewire's own functions,
+time including what they call (``cumtime``).
 
     python bench/cprofile.py --concurrency 1 16 --tasks 2000
     python bench/cprofile.py --who coordinator --pythonpath /tmp/older-code
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import pstats
 import signal
@@ -34,6 +36,7 @@ if __package__ in (None, ""):
 from bench.common import ROOT
 from bench.mesh import run_task
 from bench.meshrun import bench_mesh, coordinator_stub
+from bench.profile import area
 
 SITE = Path(__file__).resolve().parent / "cprofile_site"
 
@@ -68,6 +71,13 @@ def report(stats_path: Path, tasks: int, top: int) -> str:
     rows = stats.stats  # type: ignore[attr-defined]
     total = sum(row[2] for row in rows.values())
     out = [f"  profiled CPU per task: {total / tasks * 1e6:,.0f} µs (profiler overhead included)"]
+    areas: collections.Counter[str] = collections.Counter()
+    for (path, _, _), row in rows.items():
+        name = "built-in functions" if path == "~" else area(path) or "other"
+        areas[name] += row[2]
+    out.append("  own time by area of the code:")
+    for name, seconds in areas.most_common():
+        out.append(f"    {seconds / total:6.1%}  {seconds / tasks * 1e6:8.1f} µs  {name}")
     out.append(f"  top {top} by own time, µs per task (calls per task):")
     by_own = sorted(rows.items(), key=lambda item: item[1][2], reverse=True)[:top]
     for func, (_, ncalls, tottime, _, _) in by_own:
