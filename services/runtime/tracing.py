@@ -169,6 +169,20 @@ def _end_with_call(span: Any, call: Any) -> None:
     span.end()
 
 
+class _SpanWhenKept:
+    """Makes the CLIENT span of a call only while spans are kept (:func:`spans_kept`).
+
+    Without, the call carries the current context itself (its ``traceparent`` is the
+    caller's span, or none outside any trace): a span made and dropped per call is
+    what it saves.
+    """
+
+    def _start_interceptor_span(self, method: Any) -> Any:
+        if not spans_kept():
+            return nullcontext(trace.NonRecordingSpan(trace.get_current_span().get_span_context()))
+        return super()._start_interceptor_span(method)  # type: ignore[misc]
+
+
 class _StreamEnding:
     """Ends a streaming call's span when the call ends, not only at the last message.
 
@@ -200,12 +214,28 @@ class _StreamEnding:
                 span.end()
 
 
-class _UnaryStream(_StreamEnding, _aio_client.UnaryStreamAioClientInterceptor):
+class _UnaryUnary(_SpanWhenKept, _aio_client.UnaryUnaryAioClientInterceptor):
     pass
 
 
-class _StreamStream(_StreamEnding, _aio_client.StreamStreamAioClientInterceptor):
+class _StreamUnary(_SpanWhenKept, _aio_client.StreamUnaryAioClientInterceptor):
     pass
+
+
+class _UnaryStream(_SpanWhenKept, _StreamEnding, _aio_client.UnaryStreamAioClientInterceptor):
+    pass
+
+
+class _StreamStream(_SpanWhenKept, _StreamEnding, _aio_client.StreamStreamAioClientInterceptor):
+    pass
+
+
+_CLIENT_INTERCEPTORS: tuple[tuple[type[Any], type[Any]], ...] = (
+    (_aio_client.UnaryUnaryAioClientInterceptor, _UnaryUnary),
+    (_aio_client.UnaryStreamAioClientInterceptor, _UnaryStream),
+    (_aio_client.StreamUnaryAioClientInterceptor, _StreamUnary),
+    (_aio_client.StreamStreamAioClientInterceptor, _StreamStream),
+)
 
 
 def _iterator_channel(self: Any) -> Any:
@@ -232,21 +262,21 @@ def _let_channels_close() -> None:
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """The OTel client interceptors, one per call kind (outermost on every channel)."""
+    """The OTel client interceptors, one per call kind (outermost on every channel).
+
+    Each makes its call's CLIENT span only while spans are kept (:func:`spans_kept`);
+    without, the call carries the caller's context as it is.
+    """
     _let_channels_close()
     stock: list[Any] = aio_client_interceptors(  # type: ignore[no-untyped-call]
         filter_=_UNTRACED
     )
     interceptors: list[grpc.aio.ClientInterceptor] = []
     for interceptor in stock:
-        if isinstance(interceptor, _aio_client.UnaryStreamAioClientInterceptor):
-            interceptor = _UnaryStream(  # type: ignore[no-untyped-call]
-                interceptor._tracer, filter_=_UNTRACED
-            )
-        elif isinstance(interceptor, _aio_client.StreamStreamAioClientInterceptor):
-            interceptor = _StreamStream(  # type: ignore[no-untyped-call]
-                interceptor._tracer, filter_=_UNTRACED
-            )
+        for kind, ours in _CLIENT_INTERCEPTORS:
+            if isinstance(interceptor, kind):
+                interceptor = ours(interceptor._tracer, filter_=_UNTRACED)
+                break
         interceptors.append(interceptor)
     return interceptors
 

@@ -3,9 +3,10 @@
 With an exporter (here: this test process's collector) an attempt on a ``Link`` gets
 its SERVER span (a child of the context its frame carried) and its handler a span
 under it; the handler's model and tool calls are children of that. Without one
-(``tracing.spans_kept()`` false) neither span is made, and the carried context is
-current instead: the handler's downstream calls still carry the task's
-``traceparent`` and its log lines the task's trace id. Real agent, real model and tool
+(``tracing.spans_kept()`` false) none of these spans is made, nor the coordinator's
+attempt and CLIENT spans, nor the calls' CLIENT spans: the carried context is current
+instead, so the handler's downstream calls still carry the task's ``traceparent`` and
+its log lines the task's trace id. Real agent, real model and tool
 servicers (recording what each call carried), real mTLS.
 """
 
@@ -47,6 +48,7 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 TRACESTATE = "vendor=x"
+GENERATE = "/hivewire.model.v1.ModelService/Generate"
 
 
 class CallingAgent(Agent):
@@ -136,6 +138,11 @@ async def run_on_link(mesh: Mesh, task_id: str, *, traceparent: str, tracestate:
     link.call.cancel()
 
 
+def parent_ids(traceparents: list[str]) -> set[str]:
+    """The parent span ids ``traceparents`` name."""
+    return {tp.split("-")[2] for tp in traceparents}
+
+
 def spans_named(spans: InMemorySpanExporter, name: str, kind: SpanKind | None = None) -> list[Any]:
     return [
         s for s in spans.get_finished_spans() if s.name == name and (kind is None or s.kind is kind)
@@ -155,9 +162,10 @@ async def test_an_attempt_on_a_link_joins_the_task_trace_with_or_without_its_spa
     assert all(tp.split("-")[1] == TRACE_ID for tp in traceparents), traceparents
     trace_id, span_id = mesh.agent.log_ids["t-link"]
     assert trace_id == TRACE_ID
-    calls = spans_named(spans, "/hivewire.model.v1.ModelService/Generate", SpanKind.CLIENT)
-    assert len(calls) == 1 and calls[0].parent is not None
-    assert calls[0].context.trace_id == int(TRACE_ID, 16)
+    # The model service continues the trace it was given.
+    (served,) = spans_named(spans, GENERATE, SpanKind.SERVER)
+    assert served.context.trace_id == int(TRACE_ID, 16) and served.parent is not None
+    calls = spans_named(spans, GENERATE, SpanKind.CLIENT)
     servers = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
     handlers = spans_named(spans, "handle call")
     if kept:
@@ -169,13 +177,17 @@ async def test_an_attempt_on_a_link_joins_the_task_trace_with_or_without_its_spa
         assert server.context.trace_state.to_header() == TRACESTATE
         assert server.attributes is not None and server.attributes["hivewire.task_id"] == "t-link"
         assert handler.parent is not None and handler.parent.span_id == server.context.span_id
-        assert calls[0].parent.span_id == handler.context.span_id
+        (call,) = calls
+        assert call.parent is not None and call.parent.span_id == handler.context.span_id
+        assert served.parent.span_id == call.context.span_id
         assert span_id == f"{handler.context.span_id:016x}"
     else:
-        # No span of the attempt: the carried context is the calls' parent and the logs'.
-        assert servers == [] and handlers == []
-        assert f"{calls[0].parent.span_id:016x}" == PARENT_ID
-        assert calls[0].context.trace_state.to_header() == TRACESTATE
+        # No span of the attempt nor of its calls: the carried context goes on as it
+        # came, to the model and tool services and into the log lines.
+        assert servers == handlers == calls == []
+        assert parent_ids(traceparents) == {PARENT_ID}
+        assert mesh.model.calls[0].metadata.get("tracestate") == TRACESTATE
+        assert f"{served.parent.span_id:016x}" == PARENT_ID
         assert span_id == PARENT_ID
 
 
@@ -211,15 +223,16 @@ async def test_an_execute_call_has_a_handler_span_only_while_spans_are_kept(
     assert all(tp.split("-")[1] == trace_id for tp in traceparents), traceparents
     assert mesh.agent.log_ids["t-execute"][0] == trace_id
     (server,) = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
-    (call,) = spans_named(spans, "/hivewire.model.v1.ModelService/Generate", SpanKind.CLIENT)
+    calls = spans_named(spans, GENERATE, SpanKind.CLIENT)
     handlers = spans_named(spans, "handle call")
     if kept:
-        (handler,) = handlers
+        (handler,), (call,) = handlers, calls
         assert handler.parent is not None and handler.parent.span_id == server.context.span_id
         assert call.parent is not None and call.parent.span_id == handler.context.span_id
     else:
-        assert handlers == []
-        assert call.parent is not None and call.parent.span_id == server.context.span_id
+        # The call's SERVER span (the gRPC interceptor's) is the calls' parent.
+        assert handlers == calls == []
+        assert parent_ids(traceparents) == {f"{server.context.span_id:016x}"}
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["exported", "not-exported"])
@@ -249,15 +262,15 @@ async def test_the_coordinators_attempt_on_a_link_keeps_the_task_trace(
     assert len(traceparents) == 2
     assert all(tp.split("-")[1] == TRACE_ID for tp in traceparents), traceparents
     assert mesh.agent.log_ids["t-coord"][0] == TRACE_ID
-    (call,) = spans_named(spans, "/hivewire.model.v1.ModelService/Generate", SpanKind.CLIENT)
+    calls = spans_named(spans, GENERATE, SpanKind.CLIENT)
     attempts = spans_named(spans, "attempt call")
     clients = spans_named(spans, EXECUTE_METHOD, SpanKind.CLIENT)
     servers = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
     handlers = spans_named(spans, "handle call")
-    assert call.parent is not None
     if kept:
         # The whole chain: stored context -> attempt -> CLIENT -> SERVER -> handler -> call.
         (attempt,), (client,), (server,), (handler,) = attempts, clients, servers, handlers
+        (call,) = calls
         assert attempt.parent is not None and f"{attempt.parent.span_id:016x}" == PARENT_ID
         for child, parent in (
             (client, attempt),
@@ -269,6 +282,6 @@ async def test_the_coordinators_attempt_on_a_link_keeps_the_task_trace(
             assert child.context.trace_id == int(TRACE_ID, 16)
     else:
         # None of the attempt's spans: the stored context goes on to the agent's calls.
-        assert attempts == clients == servers == handlers == []
-        assert f"{call.parent.span_id:016x}" == PARENT_ID
-        assert call.context.trace_state.to_header() == TRACESTATE
+        assert attempts == clients == servers == handlers == calls == []
+        assert parent_ids(traceparents) == {PARENT_ID}
+        assert mesh.model.calls[0].metadata.get("tracestate") == TRACESTATE
