@@ -123,20 +123,7 @@ class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):
     The stock one iterates every response-streaming handler, so a handler that answers
     with ``await context.write(...)`` fails with a TypeError (open upstream issue); such
     a handler is awaited inside its span instead.
-
-    It makes the call's SERVER span only while spans are kept (:func:`spans_kept`);
-    without, the handler runs in the context the call carried (or a new trace's, when
-    it carried none, as the span would have started one).
     """
-
-    def _start_span(
-        self, handler_call_details: Any, context: Any, set_status_on_exception: bool = False
-    ) -> Any:
-        if spans_kept():
-            return super()._start_span(  # type: ignore[no-untyped-call]
-                handler_call_details, context, set_status_on_exception=set_status_on_exception
-            )
-        return _in_carried_context()
 
     def _intercept_aio_server_stream(self, behavior: Any, handler_call_details: Any) -> Any:
         if not inspect.isasyncgenfunction(behavior):
@@ -418,21 +405,6 @@ def _remote_span_context(traceparent: str, tracestate: str) -> trace.SpanContext
         trace_state=trace.TraceState.from_header([tracestate]) if tracestate else None,
     )
     return span_context if span_context.is_valid else None
-
-
-@contextmanager
-def _in_carried_context() -> Iterator[Any]:
-    """The current context's span, or a new trace's made current for the block."""
-    current = trace.get_current_span().get_span_context()
-    if current.is_valid:
-        yield trace.NonRecordingSpan(current)
-        return
-    carried = carried_context("")
-    token = otel_context.attach(carried)
-    try:
-        yield trace.get_current_span(carried)
-    finally:
-        otel_context.detach(token)
 
 
 def kept_span(

@@ -4,8 +4,8 @@ With an exporter (here: this test process's collector) an attempt on a ``Link`` 
 its SERVER span (a child of the context its frame carried) and its handler a span
 under it; the handler's model and tool calls are children of that. Without one
 (``tracing.spans_kept()`` false) none of these spans is made, nor the coordinator's
-attempt and CLIENT spans, nor any call's CLIENT and SERVER spans: the carried context is
-current instead, so the handler's downstream calls still carry the task's ``traceparent`` and
+attempt and CLIENT spans, nor the calls' CLIENT spans: the carried context is current
+instead, so the handler's downstream calls still carry the task's ``traceparent`` and
 its log lines the task's trace id. Real agent, real model and tool
 servicers (recording what each call carried), real mTLS.
 """
@@ -162,8 +162,10 @@ async def test_an_attempt_on_a_link_joins_the_task_trace_with_or_without_its_spa
     assert all(tp.split("-")[1] == TRACE_ID for tp in traceparents), traceparents
     trace_id, span_id = mesh.agent.log_ids["t-link"]
     assert trace_id == TRACE_ID
+    # The model service continues the trace it was given.
+    (served,) = spans_named(spans, GENERATE, SpanKind.SERVER)
+    assert served.context.trace_id == int(TRACE_ID, 16) and served.parent is not None
     calls = spans_named(spans, GENERATE, SpanKind.CLIENT)
-    served = spans_named(spans, GENERATE, SpanKind.SERVER)
     servers = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
     handlers = spans_named(spans, "handle call")
     if kept:
@@ -175,17 +177,17 @@ async def test_an_attempt_on_a_link_joins_the_task_trace_with_or_without_its_spa
         assert server.context.trace_state.to_header() == TRACESTATE
         assert server.attributes is not None and server.attributes["hivewire.task_id"] == "t-link"
         assert handler.parent is not None and handler.parent.span_id == server.context.span_id
-        (call,), (model,) = calls, served
+        (call,) = calls
         assert call.parent is not None and call.parent.span_id == handler.context.span_id
-        # The model service continues the trace it was given.
-        assert model.parent is not None and model.parent.span_id == call.context.span_id
+        assert served.parent.span_id == call.context.span_id
         assert span_id == f"{handler.context.span_id:016x}"
     else:
         # No span of the attempt nor of its calls: the carried context goes on as it
         # came, to the model and tool services and into the log lines.
-        assert servers == handlers == calls == served == []
+        assert servers == handlers == calls == []
         assert parent_ids(traceparents) == {PARENT_ID}
         assert mesh.model.calls[0].metadata.get("tracestate") == TRACESTATE
+        assert f"{served.parent.span_id:016x}" == PARENT_ID
         assert span_id == PARENT_ID
 
 
@@ -206,7 +208,7 @@ async def test_an_attempt_without_a_trace_still_gets_one_when_spans_are_not_kept
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["exported", "not-exported"])
-async def test_an_execute_call_has_its_spans_only_while_spans_are_kept(
+async def test_an_execute_call_has_a_handler_span_only_while_spans_are_kept(
     mesh: Mesh, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch, kept: bool
 ) -> None:
     monkeypatch.setattr(tracing, "spans_kept", lambda: kept)
@@ -220,34 +222,17 @@ async def test_an_execute_call_has_its_spans_only_while_spans_are_kept(
     assert len(traceparents) == 2
     assert all(tp.split("-")[1] == trace_id for tp in traceparents), traceparents
     assert mesh.agent.log_ids["t-execute"][0] == trace_id
-    servers = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
+    (server,) = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
     calls = spans_named(spans, GENERATE, SpanKind.CLIENT)
     handlers = spans_named(spans, "handle call")
     if kept:
-        (server,), (handler,), (call,) = servers, handlers, calls
+        (handler,), (call,) = handlers, calls
         assert handler.parent is not None and handler.parent.span_id == server.context.span_id
         assert call.parent is not None and call.parent.span_id == handler.context.span_id
     else:
-        # Neither the call's spans nor the handler's: the caller's context goes on.
-        assert servers == handlers == calls == []
-        assert parent_ids(traceparents) == {f"{root.get_span_context().span_id:016x}"}
-        assert spans_named(spans, GENERATE, SpanKind.SERVER) == []
-
-
-async def test_a_call_without_a_trace_still_gets_one_when_spans_are_not_kept(
-    mesh: Mesh, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The SERVER span of a call that carried no context was the root of a new trace:
-    # without it, the call's handler still runs in a trace of its own.
-    monkeypatch.setattr(tracing, "spans_kept", lambda: False)
-    for task_id in ("t-one", "t-two"):
-        execution = mesh.client.execute()
-        await execution.send(assignment("call", text="hi", task_id=task_id))
-        assert (await execution.finish()).result.output.text == "called"
-    one, two = (mesh.agent.log_ids[t][0] for t in ("t-one", "t-two"))
-    assert one and two and one != two
-    assert {tp.split("-")[1] for tp in mesh.downstream_traceparents()} == {one, two}
-    assert spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER) == []
+        # The call's SERVER span (the gRPC interceptor's) is the calls' parent.
+        assert handlers == calls == []
+        assert parent_ids(traceparents) == {f"{server.context.span_id:016x}"}
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["exported", "not-exported"])
