@@ -22,19 +22,15 @@ from opentelemetry.trace import SpanKind
 
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
-from hivewire.model.v1 import model_pb2_grpc
 from hivewire.services.agent import Agent, Payload, TaskContext, capability
 from hivewire.services.agent.link import EXECUTE_METHOD
 from hivewire.services.agent.serve import AgentServer
 from hivewire.services.coordinator.link import open_stream
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime import tracing
-from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.logging import ContextFilter
-from hivewire.services.runtime.server import ServiceBinding, ServiceServer
-from hivewire.tool.v1 import tool_pb2_grpc
 from tests.conftest import Pki
-from tests.integration.test_agent_clients import RecordingModel, RecordingTools
+from tests.integration.test_agent_clients import RecordingModel, RecordingTools, serve_downstream
 from tests.integration.test_agent_helpers import (
     Coordinator,
     agent_settings,
@@ -93,25 +89,10 @@ class Mesh:
 
 @pytest.fixture
 async def mesh(pki: Pki) -> AsyncIterator[Mesh]:
-    model, tools = RecordingModel(), RecordingTools()
-    settings = load_settings(
-        host="127.0.0.1", port=0, certs_dir=pki.dir, identity="model", grace_period=0.5
-    )
-    bindings = [
-        ServiceBinding(
-            "hivewire.model.v1.ModelService",
-            lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(model, s),
-        ),
-        ServiceBinding(
-            "hivewire.tool.v1.ToolService",
-            lambda s: tool_pb2_grpc.add_ToolServiceServicer_to_server(tools, s),
-        ),
-    ]
     agent = CallingAgent()
-    async with ServiceServer(settings, bindings) as downstream:
-        address = f"127.0.0.1:{downstream.port}"
-        served_settings = agent_settings(pki.dir, model_address=address, tool_address=address)
-        async with serve_in_process(agent, served_settings) as served:
+    async with serve_downstream(pki) as (address, model, tools):
+        settings = agent_settings(pki.dir, model_address=address, tool_address=address)
+        async with serve_in_process(agent, settings) as served:
             client = Coordinator(f"127.0.0.1:{served.port}", pki.files("coordinator"))
             try:
                 yield Mesh(agent, model, tools, served, client)
