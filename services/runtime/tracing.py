@@ -3,8 +3,12 @@
 Every process installs the OTel SDK once (:func:`setup_tracing`); spans leave over
 OTLP only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is set,
 and the exporter reads the other standard ``OTEL_EXPORTER_OTLP_*`` variables itself.
-Without an endpoint spans are still made, so log lines carry trace and span ids and
-the W3C context still travels on.
+Without an endpoint the server interceptor's spans are still made, so log lines carry
+trace and span ids and the W3C context still travels on; the hot paths make none
+while no span goes anywhere (:func:`spans_kept`) and carry the context they were
+given instead: an attempt's spans (:func:`client_span`, :func:`server_span`,
+:func:`resumed` with a name, :func:`kept_span`) and every call's CLIENT span
+(:func:`client_interceptors`).
 
 Where the context travels:
 
