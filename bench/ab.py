@@ -7,6 +7,7 @@ shared machine), the rate and the latencies, as ``B / A`` per round, median (min
 
     python bench/ab.py --b-env HIVEWIRE_EVENT_LOOP=uvloop
     python bench/ab.py --a-env K=V --b-env K=V --concurrency 1 16 --rounds 5
+    python bench/ab.py --a-env PYTHONPATH=<other code>:. --capability soak   # + model, tool
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ async def run(args: argparse.Namespace) -> str:
     async with contextlib.AsyncExitStack() as stack:
         meshes = {}
         for name, env in (("A", env_pairs(args.a_env)), ("B", env_pairs(args.b_env))):
-            mesh = await stack.enter_async_context(bench_mesh(agents=1, service_env=env))
+            mesh = await stack.enter_async_context(
+                bench_mesh(agents=1, service_env=env, model_and_tool=args.capability == "soak")
+            )
             channel = mesh.channel()
             stack.push_async_callback(channel.close)
             stub = coordinator_stub(channel)
-            await run_task(stub)
+            await run_task(stub, args.capability)
             meshes[name] = (mesh, stub)
         for round_no in range(args.rounds):
             # A then B in even rounds, B then A in odd ones: a drift of the machine
@@ -66,18 +69,19 @@ async def run(args: argparse.Namespace) -> str:
                 for name, (mesh, stub) in order:
 
                     async def op(stub: object = stub) -> None:
-                        await run_task(stub)  # type: ignore[arg-type]
+                        await run_task(stub, args.capability)  # type: ignore[arg-type]
 
                     phase = await closed_loop(
                         f"{name} c={c}", op, concurrency=c, durations=durations, pids=mesh.pids
                     )
                     rounds.setdefault(phase.name, []).append(phase)
-    rows = [phase_row(median_phase(p), procs=PROCS) for p in rounds.values()]
+    procs = (*PROCS, "model", "tool") if args.capability == "soak" else PROCS
+    rows = [phase_row(median_phase(p), procs=procs) for p in rounds.values()]
     out = [
         table(
             f"A: {' '.join(args.a_env) or 'defaults'}; B: {' '.join(args.b_env) or 'defaults'} "
             "(medians over rounds; CPU µs per task)",
-            ["phase", "rate", "p50", "p95", "p99", *PROCS, "total"],
+            ["phase", "rate", "p50", "p95", "p99", *procs, "total"],
             rows,
         )
     ]
@@ -111,6 +115,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--a-env", nargs="*", default=[], help="KEY=VALUE of every A service")
     parser.add_argument("--b-env", nargs="*", default=[], help="KEY=VALUE of every B service")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
+    parser.add_argument(
+        "--capability",
+        default="noop",
+        choices=("noop", "soak"),
+        help="noop: the mesh alone; soak: each task also calls the model and a tool "
+        "(both services started, their CPU counted)",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.5)

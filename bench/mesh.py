@@ -55,10 +55,10 @@ class TaskFailedError(RuntimeError):
     """A benchmark task did not succeed."""
 
 
-def noop_spec() -> coordinator_pb2.TaskSpec:
-    """A task for the ``noop`` capability with a small text input."""
+def noop_spec(capability: str = "noop") -> coordinator_pb2.TaskSpec:
+    """A task for the benchmark agent's ``noop`` (or another) capability, a small text input."""
     spec = coordinator_pb2.TaskSpec(
-        capability="noop",
+        capability=capability,
         input=common_pb2.Payload(text="ping"),
         metadata=common_pb2.RequestMetadata(source="hivewire-bench"),
     )
@@ -66,8 +66,8 @@ def noop_spec() -> coordinator_pb2.TaskSpec:
     return spec
 
 
-async def run_task(stub: CoordinatorStub) -> int:
-    """Submit one task with ``StreamTask`` and follow it to its end.
+async def run_task(stub: CoordinatorStub, capability: str = "noop") -> int:
+    """Submit one task (``noop`` unless told) with ``StreamTask`` and follow it to its end.
 
     Returns:
         The number of events the client received.
@@ -77,7 +77,7 @@ async def run_task(stub: CoordinatorStub) -> int:
     """
     events = 0
     finished: coordinator_pb2.TaskFinished | None = None
-    call = stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=noop_spec()))
+    call = stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=noop_spec(capability)))
     async for response in call:
         events += 1
         if response.event.WhichOneof("kind") == "finished":

@@ -567,13 +567,12 @@ class Execution(StartClose):
     # --- supervision --------------------------------------------------------------
 
     async def _call_handler(self) -> Output:
-        # The handler's own span: its model and tool calls are its children.
-        with tracing.tracer.start_as_current_span(
-            f"handle {self.info.capability}",
-            attributes={
-                "hivewire.task_id": self.info.task_id,
-                "hivewire.attempt": self.info.attempt,
-            },
+        # The handler's own span (its model and tool calls are its children), made only
+        # while spans go somewhere; without, they are children of the attempt's context.
+        info = self.info
+        with tracing.kept_span(
+            f"handle {info.capability}",
+            attributes={"hivewire.task_id": info.task_id, "hivewire.attempt": info.attempt},
         ):
             return await self._handler(self._input, self.context)
 

@@ -3,8 +3,12 @@
 Every process installs the OTel SDK once (:func:`setup_tracing`); spans leave over
 OTLP only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is set,
 and the exporter reads the other standard ``OTEL_EXPORTER_OTLP_*`` variables itself.
-Without an endpoint spans are still made, so log lines carry trace and span ids and
-the W3C context still travels on.
+Without an endpoint the server interceptor's spans are still made, so log lines carry
+trace and span ids and the W3C context still travels on; the hot paths make none
+while no span goes anywhere (:func:`spans_kept`) and carry the context they were
+given instead: an attempt's spans (:func:`client_span`, :func:`server_span`,
+:func:`resumed` with a name, :func:`kept_span`) and every call's CLIENT span
+(:func:`client_interceptors`).
 
 Where the context travels:
 
@@ -27,7 +31,7 @@ import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
 import grpc
@@ -43,6 +47,7 @@ from opentelemetry.instrumentation.grpc import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from hivewire.services.runtime.status import finished_call_code
@@ -51,12 +56,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SpanKind",
+    "carried_context",
     "client_interceptors",
     "client_span",
     "current_ids",
     "end_with_call",
     "extract",
     "inject",
+    "kept_span",
     "resume_context",
     "resumed",
     "server_interceptor",
@@ -74,6 +81,8 @@ _MAX_TRACESTATE = 512
 
 tracer = trace.get_tracer(TRACER_NAME)
 """The tracer of hivewire's own spans (a proxy: it follows the provider set later)."""
+
+_IDS = RandomIdGenerator()
 
 # Health checks and reflection are probes, not work: no span for them.
 _UNTRACED: Any = filters.negate(
@@ -164,6 +173,20 @@ def _end_with_call(span: Any, call: Any) -> None:
     span.end()
 
 
+class _SpanWhenKept:
+    """Makes the CLIENT span of a call only while spans are kept (:func:`spans_kept`).
+
+    Without, the call carries the current context itself (its ``traceparent`` is the
+    caller's span, or none outside any trace): a span made and dropped per call is
+    what it saves.
+    """
+
+    def _start_interceptor_span(self, method: Any) -> Any:
+        if not spans_kept():
+            return nullcontext(trace.NonRecordingSpan(trace.get_current_span().get_span_context()))
+        return super()._start_interceptor_span(method)  # type: ignore[misc]
+
+
 class _StreamEnding:
     """Ends a streaming call's span when the call ends, not only at the last message.
 
@@ -198,12 +221,28 @@ class _StreamEnding:
                 span.end()
 
 
-class _UnaryStream(_StreamEnding, _aio_client.UnaryStreamAioClientInterceptor):
+class _UnaryUnary(_SpanWhenKept, _aio_client.UnaryUnaryAioClientInterceptor):
     pass
 
 
-class _StreamStream(_StreamEnding, _aio_client.StreamStreamAioClientInterceptor):
+class _StreamUnary(_SpanWhenKept, _aio_client.StreamUnaryAioClientInterceptor):
     pass
+
+
+class _UnaryStream(_SpanWhenKept, _StreamEnding, _aio_client.UnaryStreamAioClientInterceptor):
+    pass
+
+
+class _StreamStream(_SpanWhenKept, _StreamEnding, _aio_client.StreamStreamAioClientInterceptor):
+    pass
+
+
+_CLIENT_INTERCEPTORS: tuple[tuple[type[Any], type[Any]], ...] = (
+    (_aio_client.UnaryUnaryAioClientInterceptor, _UnaryUnary),
+    (_aio_client.UnaryStreamAioClientInterceptor, _UnaryStream),
+    (_aio_client.StreamUnaryAioClientInterceptor, _StreamUnary),
+    (_aio_client.StreamStreamAioClientInterceptor, _StreamStream),
+)
 
 
 def _iterator_channel(self: Any) -> Any:
@@ -230,21 +269,21 @@ def _let_channels_close() -> None:
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """The OTel client interceptors, one per call kind (outermost on every channel)."""
+    """The OTel client interceptors, one per call kind (outermost on every channel).
+
+    Each makes its call's CLIENT span only while spans are kept (:func:`spans_kept`);
+    without, the call carries the caller's context as it is.
+    """
     _let_channels_close()
     stock: list[Any] = aio_client_interceptors(  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
         filter_=_UNTRACED
     )
     interceptors: list[grpc.aio.ClientInterceptor] = []
     for interceptor in stock:
-        if isinstance(interceptor, _aio_client.UnaryStreamAioClientInterceptor):
-            interceptor = _UnaryStream(  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
-                interceptor._tracer, filter_=_UNTRACED
-            )
-        elif isinstance(interceptor, _aio_client.StreamStreamAioClientInterceptor):
-            interceptor = _StreamStream(  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
-                interceptor._tracer, filter_=_UNTRACED
-            )
+        for kind, ours in _CLIENT_INTERCEPTORS:
+            if isinstance(interceptor, kind):
+                interceptor = ours(interceptor._tracer, filter_=_UNTRACED)
+                break
         interceptors.append(interceptor)
     return interceptors
 
@@ -257,12 +296,19 @@ def client_span(method: str) -> tuple[Any, dict[str, str]]:
     attributes, a child of the current span), at a fraction of its cost. End it with
     :func:`end_with_call`.
 
+    While no span goes anywhere (:func:`spans_kept` is false) none is made: the span
+    returned is a non-recording one of the current context's ids, and the headers carry
+    that context on (the server's work stays in the trace; it has no span to hang off).
+
     Args:
         method: The full method, ``/package.Service/Method``.
 
     Returns:
         The span, and the W3C headers (``traceparent``...) that carry it to the server.
     """
+    if not spans_kept():
+        current = trace.NonRecordingSpan(trace.get_current_span().get_span_context())
+        return current, span_headers(current)
     service, _, name = method.lstrip("/").partition("/")
     span = tracer.start_span(
         method,
@@ -293,12 +339,25 @@ def server_span(
     call would be, so it gets the server span the OTel interceptor would make, a child
     of the context the frame carried (a new trace when it carried none).
 
+    While no span goes anywhere (:func:`spans_kept` is false: no exporter), no span is
+    made: the carried context itself is current for the block (a non-recording span
+    of the caller's ids, or of a new trace when it carried none), so calls made in it
+    still carry the work's ``traceparent`` and log lines its trace id.
+
     Args:
         method: The full method the span is named after, ``/package.Service/Method``.
         traceparent: The W3C ``traceparent`` the work carried ("" for none).
         tracestate: The W3C ``tracestate`` that goes with it.
         attributes: Extra span attributes.
     """
+    if not spans_kept():
+        carried = carried_context(traceparent, tracestate)
+        token = otel_context.attach(carried)
+        try:
+            yield trace.get_current_span(carried)
+        finally:
+            otel_context.detach(token)
+        return
     headers = {"traceparent": traceparent} if traceparent else {}
     if tracestate:
         headers["tracestate"] = tracestate
@@ -311,6 +370,62 @@ def server_span(
         | dict(attributes or {}),
     ) as span:
         yield span
+
+
+def carried_context(traceparent: str, tracestate: str = "") -> otel_context.Context:
+    """A context whose current span is the (non-recording) span ``traceparent`` names.
+
+    What ``propagate.extract`` gives for W3C headers, without running every configured
+    propagator for the well-formed ``traceparent`` a hivewire peer writes. Without a
+    valid one, the context of a new trace (random ids, sampled): what a root span
+    would have started, so the work still has a trace id to carry and log.
+    """
+    parent = _remote_span_context(traceparent, tracestate)
+    if parent is None and traceparent:
+        # Not what a hivewire peer writes (another version, spaces...): the standard way.
+        headers = {"traceparent": traceparent}
+        if tracestate:
+            headers["tracestate"] = tracestate
+        extracted = propagate.extract(headers, context=otel_context.Context())
+        if trace.get_current_span(extracted).get_span_context().is_valid:
+            return extracted
+    if parent is None:
+        parent = trace.SpanContext(
+            trace_id=_IDS.generate_trace_id(),
+            span_id=_IDS.generate_span_id(),
+            is_remote=False,
+            trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+        )
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent), otel_context.Context())
+
+
+def _remote_span_context(traceparent: str, tracestate: str) -> trace.SpanContext | None:
+    """The span context of a well-formed version-00 ``traceparent``; None otherwise."""
+    if not _TRACEPARENT.match(traceparent) or not traceparent.startswith("00-"):
+        return None
+    _, trace_id, span_id, flags = traceparent.split("-")
+    span_context = trace.SpanContext(
+        trace_id=int(trace_id, 16),
+        span_id=int(span_id, 16),
+        is_remote=True,
+        trace_flags=trace.TraceFlags(int(flags, 16)),
+        trace_state=trace.TraceState.from_header([tracestate]) if tracestate else None,
+    )
+    return span_context if span_context.is_valid else None
+
+
+def kept_span(
+    name: str, *, attributes: Mapping[str, str | int] | None = None
+) -> AbstractContextManager[Any]:
+    """A span of ``name``, current for the block, while spans are kept (an exporter).
+
+    Otherwise nothing is made and the block runs in the current context (its span is
+    still the parent of what the block calls): a span nobody sees costs the same as
+    one somebody does.
+    """
+    if not spans_kept():
+        return nullcontext()
+    return tracer.start_as_current_span(name, attributes=attributes)
 
 
 def end_with_call(span: Any, call: Any) -> None:
@@ -443,7 +558,8 @@ def resumed(
     """Continue the trace stored in ``carrier`` for the block.
 
     A current span of the same trace is kept (it is the closer parent); otherwise the
-    stored context becomes current. With ``name``, a span of that name is opened.
+    stored context becomes current. With ``name``, a span of that name is opened while
+    spans are kept (:func:`spans_kept`); without, the block runs in the resumed context.
 
     Args:
         carrier: Where :func:`stamp` stored the context.
@@ -453,7 +569,7 @@ def resumed(
     stored = resume_context(carrier)
     token = otel_context.attach(stored) if stored is not None else None
     try:
-        if name is None:
+        if name is None or not spans_kept():
             yield
         else:
             with tracer.start_as_current_span(name, attributes=attributes):

@@ -6,6 +6,7 @@ so the test can see exactly what metadata and fields every downstream call carri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
@@ -181,8 +182,9 @@ class ServicesAgent(Agent):
         return {"names": [t.name for t in tools], "approval": tools[0].requires_approval}
 
 
-@pytest.fixture
-async def downstream(pki: Pki) -> AsyncIterator[tuple[str, RecordingModel, RecordingTools]]:
+@contextlib.asynccontextmanager
+async def serve_downstream(pki: Pki) -> AsyncIterator[tuple[str, RecordingModel, RecordingTools]]:
+    """A recording model and tool service on one real mTLS server: its address and both."""
     model, tools = RecordingModel(), RecordingTools()
     settings = load_settings(
         host="127.0.0.1", port=0, certs_dir=pki.dir, identity="model", grace_period=0.5
@@ -199,6 +201,12 @@ async def downstream(pki: Pki) -> AsyncIterator[tuple[str, RecordingModel, Recor
     ]
     async with ServiceServer(settings, bindings) as server:
         yield f"127.0.0.1:{server.port}", model, tools
+
+
+@pytest.fixture
+async def downstream(pki: Pki) -> AsyncIterator[tuple[str, RecordingModel, RecordingTools]]:
+    async with serve_downstream(pki) as served:
+        yield served
 
 
 @pytest.fixture
