@@ -29,6 +29,12 @@ from hivewire.services.runtime.events import (
     ensure_stream,
     replay,
 )
+from hivewire.services.runtime.events.batch import (
+    ERR_BATCH_DISABLED,
+    BatchMessage,
+    BatchRejectedError,
+    publish_atomic,
+)
 from hivewire.services.runtime.logging import bind_correlation_id
 from tests.helpers import NatsServer
 
@@ -464,3 +470,35 @@ async def test_batches_stop_when_the_stream_stops_allowing_them(
         assert batches("refused") == refused_before + 1  # not offered again
     stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
     assert stored == [f"task-b:{n}" for n in range(1, 31)]
+
+
+async def test_an_atomic_batch_is_all_or_nothing(nats_server: NatsServer) -> None:
+    """batch.py against the server: the commit's one ack, and a refusal storing nothing."""
+    client = await nats.connect(nats_server.url)
+    try:
+        js = client.jetstream()
+        await js.add_stream(name="PLAIN", subjects=["plain.>"])
+        await js.add_stream(name="ATOMIC", subjects=["atomic.>"], allow_atomic=True)
+
+        def messages(prefix: str, ids: range) -> list[BatchMessage]:
+            return [
+                BatchMessage(f"{prefix}.x", f"m{n}".encode(), {HEADER_MSG_ID: f"{prefix}-{n}"})
+                for n in ids
+            ]
+
+        ack = await publish_atomic(client, messages("atomic", range(1, 6)), ack_timeout=5)
+        assert (ack.stream, ack.seq, ack.batch_size) == ("ATOMIC", 5, 5)
+        # One id already stored: the whole batch is refused, the new ids too.
+        with pytest.raises(BatchRejectedError) as refused:
+            await publish_atomic(client, messages("atomic", range(5, 9)), ack_timeout=5)
+        assert refused.value.err_code == 10201
+        assert (await js.stream_info("ATOMIC")).state.messages == 5
+        # A stream without allow_atomic stores none of the batch.
+        with pytest.raises(BatchRejectedError) as disabled:
+            await publish_atomic(client, messages("plain", range(1, 4)), ack_timeout=5)
+        assert disabled.value.err_code == ERR_BATCH_DISABLED
+        assert (await js.stream_info("PLAIN")).state.messages == 0
+        with pytest.raises(ValueError, match="1 to 1000"):
+            await publish_atomic(client, messages("atomic", range(1, 1002)), ack_timeout=5)
+    finally:
+        await client.close()
