@@ -5,33 +5,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from prometheus_client import REGISTRY
-
-from hivewire.common.v1 import common_pb2
-from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime.events import EventPublisher, StreamSettings, replay
 from tests.helpers import eventually
+from tests.integration.test_events_publisher import batches, envelopes
 from tests.support.nats_cluster import NatsCluster
 
 STREAM = "HIVEWIRE_EVENTS"
-
-
-def envelopes(first: int, last: int) -> list[events_pb2.Event]:
-    return [
-        events_pb2.Event(
-            id=f"task-c:{n}",
-            type="task.state_changed",
-            source="coordinator/c-1",
-            subject="task-c",
-            task_sequence=n,
-            task=events_pb2.TaskEventData(task_id="task-c", state=common_pb2.TASK_STATE_RUNNING),
-        )
-        for n in range(first, last + 1)
-    ]
-
-
-def batches(outcome: str) -> float:
-    return REGISTRY.get_sample_value("hivewire_events_batches_total", {"outcome": outcome}) or 0.0
 
 
 async def test_batches_on_a_replicated_stream_survive_its_leader_dying(tmp_path: Path) -> None:
@@ -47,13 +26,13 @@ async def test_batches_on_a_replicated_stream_survive_its_leader_dying(tmp_path:
             publish_timeout=1.0,
         ) as publisher,
     ):
-        await asyncio.wait_for(publisher.send(envelopes(1, 100)), 60)
+        await asyncio.wait_for(publisher.send(envelopes(1, 100, "task-c")), 60)
         assert batches("stored") > stored_before
         leader = await cluster.stream_leader(STREAM)
 
         # Batches in flight when the leader dies: the window is sent again to the
         # new leader, and what the old one committed is not stored twice.
-        rest = publisher.send(envelopes(101, 600))
+        rest = publisher.send(envelopes(101, 600, "task-c"))
         await eventually(lambda: publisher.published >= 140, timeout=30, interval=0.005)
         await cluster.kill(leader)
         await asyncio.wait_for(rest, 90)
@@ -61,6 +40,6 @@ async def test_batches_on_a_replicated_stream_survive_its_leader_dying(tmp_path:
         assert stored == [f"task-c:{n}" for n in range(1, 601)]
 
         await cluster.restart(leader)
-        await asyncio.wait_for(publisher.send(envelopes(601, 640)), 60)
+        await asyncio.wait_for(publisher.send(envelopes(601, 640, "task-c")), 60)
         stored = [r.event.id async for r in replay(cluster.url, "task.*")]
     assert stored == [f"task-c:{n}" for n in range(1, 641)]
