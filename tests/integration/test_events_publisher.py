@@ -345,8 +345,9 @@ async def test_close_cancels_what_send_could_not_deliver(tmp_path: Path) -> None
     assert publisher.send([]).done()
 
 
+@pytest.mark.parametrize("batch_min", [0, 2], ids=["event-by-event", "batches"])
 async def test_an_event_nats_cannot_take_is_dropped_not_retried_for_ever(
-    nats_server: NatsServer,
+    nats_server: NatsServer, batch_min: int
 ) -> None:
     """One event over NATS's max_payload (1 MiB) must not hold up the ones after it."""
     too_large_before = metric("hivewire_events_dropped_total", reason="too_large")
@@ -362,7 +363,9 @@ async def test_an_event_nats_cannot_take_is_dropped_not_retried_for_ever(
             task=data,
         )
 
-    async with EventPublisher(nats_server.url, source="coordinator/c-1") as publisher:
+    async with EventPublisher(
+        nats_server.url, source="coordinator/c-1", batch_min=batch_min
+    ) as publisher:
         first = publisher.send([envelope(1)])
         huge = publisher.send([envelope(2, "x" * (2 * 1024 * 1024))])
         after = publisher.send([envelope(3)])
@@ -502,3 +505,16 @@ async def test_an_atomic_batch_is_all_or_nothing(nats_server: NatsServer) -> Non
             await publish_atomic(client, messages("atomic", range(1, 1002)), ack_timeout=5)
     finally:
         await client.close()
+
+
+async def test_a_batch_carries_at_most_a_mebibyte(nats_server: NatsServer) -> None:
+    stored_before = batches("stored")
+    big = envelopes(1, 6)
+    for event in big:
+        event.task.error.message = "x" * (300 * 1024)
+    async with EventPublisher(nats_server.url, source="coordinator/c-1", batch_min=2) as publisher:
+        await asyncio.wait_for(publisher.send(big), 20)
+    # Three of 300 KiB fit under MAX_BATCH_BYTES, four do not: two batches of three.
+    assert batches("stored") == stored_before + 2
+    stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
+    assert stored == [f"task-b:{n}" for n in range(1, 7)]

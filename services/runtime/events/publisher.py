@@ -85,6 +85,8 @@ T = TypeVar("T")
 
 PROGRESS_EVENT = "task.progress"
 _DROP_LOG_INTERVAL = 10.0
+MAX_BATCH_BYTES = 1024 * 1024
+"""Payload bytes of one atomic batch at most (NATS's default ``max_payload``)."""
 
 
 @dataclass(slots=True)
@@ -645,9 +647,11 @@ class EventPublisher(StartClose):
     async def _send_window(self, js: JetStreamContext) -> bool:
         batch = list(itertools.islice(self._buffer, self._window))
         if self._atomic and len(batch) >= self._batch_min:
-            sent = await self._send_batch(batch[:MAX_ATOMIC_BATCH])
-            if sent is not None:
-                return sent
+            atomic = _batch_prefix(batch)
+            if len(atomic) >= self._batch_min:
+                sent = await self._send_batch(atomic)
+                if sent is not None:
+                    return sent
         return await self._send_each(js, batch)
 
     async def _send_batch(self, batch: list[_Outgoing]) -> bool | None:
@@ -790,6 +794,20 @@ class EventPublisher(StartClose):
     async def _on_closed(self) -> None:
         # Wake the sender so it replaces the connection at once.
         self._kick.set()
+
+
+def _batch_prefix(window: list[_Outgoing]) -> list[_Outgoing]:
+    """The leading events of a window that fit in one atomic batch.
+
+    At most :data:`MAX_ATOMIC_BATCH` events and :data:`MAX_BATCH_BYTES` of payload: a
+    replicated stream proposes a whole batch to its peers at once.
+    """
+    size = 0
+    for count, item in enumerate(window[:MAX_ATOMIC_BATCH]):
+        size += len(item.payload)
+        if size > MAX_BATCH_BYTES:
+            return window[:count]
+    return window[:MAX_ATOMIC_BATCH]
 
 
 def _follow(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:
