@@ -2,7 +2,8 @@
 
 ``publish()`` never blocks and never raises for NATS trouble: it builds the envelope and
 appends it to a bounded in-memory buffer. A background task sends the buffer to
-JetStream in order, a window of messages at a time, and removes an event only once
+JetStream in order, a window of messages at a time (a window of ``batch_min`` or more
+as one atomic batch with one ack, see batch.py), and removes an event only once
 JetStream acknowledged it. Without an ack (NATS down, a timeout, the stream missing) the
 same bytes are sent again with the same ``Nats-Msg-Id``, so JetStream stores each event
 once even when an ack was lost. While NATS is unreachable the buffer grows up to
