@@ -44,6 +44,7 @@ from hivewire.services.agent.sdk import (
     Generation,
     InputKind,
     ModelStream,
+    OnToolProgress,
     PermanentError,
     TaskContext,
     Usage,
@@ -404,7 +405,7 @@ class TaskTools(_Bound):
         tool_name: str,
         arguments: Mapping[str, Any] | None = None,
         *,
-        on_progress: Callable[[float, str, str], Any] | None = None,
+        on_progress: OnToolProgress | None = None,
     ) -> ToolOutcome:
         """Run a tool and return its result.
 
@@ -478,7 +479,7 @@ class TaskTools(_Bound):
         arguments: Mapping[str, Any],
         call_id: str,
         approval: ApprovalGrant | None,
-        on_progress: Callable[[float, str, str], Any] | None,
+        on_progress: OnToolProgress | None,
     ) -> ToolOutcome | ApprovalRequest:
         client = ToolClient(await self._endpoint.channel())
         events = client.stream(

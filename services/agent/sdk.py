@@ -64,6 +64,7 @@ __all__ = [
     "InputRequestSpec",
     "ModelCalls",
     "ModelStream",
+    "OnToolProgress",
     "Output",
     "Payload",
     "PermanentError",
@@ -421,7 +422,7 @@ class SubtaskRunner(Protocol):
     """What a :class:`TaskContext` delegates sub-tasks to (the coordinator client)."""
 
     async def run(
-        self, request: SubtaskRequest, *, on_event: Callable[[Any], Any] | None = None
+        self, request: SubtaskRequest, *, on_event: Callable[[Any], Any] | None = ...
     ) -> SubtaskResult:
         """Submit a sub-task, follow it to its end and return its result.
 
@@ -509,7 +510,9 @@ class ModelCalls(Protocol):
     ``top_p``, ``max_tokens``, ``stop``, ``seed``.
     """
 
-    def stream(self, prompt: str, *, system: str = "", **sampling: Unpack[Sampling]) -> ModelStream:
+    def stream(
+        self, prompt: str, *, system: str = ..., **sampling: Unpack[Sampling]
+    ) -> ModelStream:
         """Complete a prompt, yielding text as it is generated."""
         ...
 
@@ -520,7 +523,7 @@ class ModelCalls(Protocol):
         ...
 
     async def generate(
-        self, prompt: str, *, system: str = "", **sampling: Unpack[Sampling]
+        self, prompt: str, *, system: str = ..., **sampling: Unpack[Sampling]
     ) -> Generation:
         """Complete a prompt and return the whole answer."""
         ...
@@ -529,25 +532,33 @@ class ModelCalls(Protocol):
         """Continue a conversation and return the whole reply."""
         ...
 
-    async def embed(self, inputs: Sequence[str], *, model: str = "") -> list[list[float]]:
+    async def embed(self, inputs: Sequence[str], *, model: str = ...) -> list[list[float]]:
         """Embed texts: one vector per input, in order."""
         ...
 
 
+OnToolProgress = Callable[[float, str, str], Any]
+"""Called with ``(fraction, step, message)`` for each progress report of a tool; may be async."""
+
+
 class ToolCalls(Protocol):
-    """What a handler can ask the tool service through ``ctx.tools``."""
+    """What a handler can ask the tool service through ``ctx.tools``.
+
+    As in every Protocol here, a default written ``...`` is the implementation's to choose
+    (``arguments`` defaults to none, ``on_progress`` to no callback).
+    """
 
     async def invoke(
         self,
         tool_name: str,
-        arguments: Mapping[str, Any] | None = None,
+        arguments: Mapping[str, Any] | None = ...,
         *,
-        on_progress: Callable[[float, str, str], Any] | None = None,
+        on_progress: OnToolProgress | None = ...,
     ) -> ToolOutcome:
         """Run a tool and return its result."""
         ...
 
-    async def list(self, name_prefix: str = "") -> list[ToolInfo]:
+    async def list(self, name_prefix: str = ...) -> list[ToolInfo]:
         """The tools this agent may call."""
         ...
 
