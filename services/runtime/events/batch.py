@@ -30,6 +30,7 @@ from .headers import HEADER_BATCH_COMMIT, HEADER_BATCH_ID, HEADER_BATCH_SEQUENCE
 
 __all__ = [
     "ERR_BATCH_DISABLED",
+    "ERR_BATCH_UNSUPPORTED_HEADER",
     "MAX_ATOMIC_BATCH",
     "BatchMessage",
     "BatchRejectedError",
@@ -41,6 +42,8 @@ MAX_ATOMIC_BATCH = 1000
 
 ERR_BATCH_DISABLED = 10174
 """The stream does not allow atomic batches (``allow_atomic`` off)."""
+ERR_BATCH_UNSUPPORTED_HEADER = 10177
+"""A header the server does not take in a batch: ``Nats-Msg-Id`` on nats-server 2.12.0."""
 
 
 @dataclass(frozen=True, slots=True)

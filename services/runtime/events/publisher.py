@@ -47,6 +47,7 @@ from . import metrics
 from ._nats import TRANSIENT_ERRORS, close_quietly, connect, ensure_streams, stop_tasks
 from .batch import (
     ERR_BATCH_DISABLED,
+    ERR_BATCH_UNSUPPORTED_HEADER,
     MAX_ATOMIC_BATCH,
     BatchMessage,
     BatchRejectedError,
@@ -672,8 +673,9 @@ class EventPublisher(StartClose):
             await publish_atomic(self._nc, messages, ack_timeout=self._timeout)
         except BatchRejectedError as exc:
             metrics.BATCHES.labels("refused").inc()
-            if exc.err_code == ERR_BATCH_DISABLED:
-                # The flag was taken off the stream (an operator): event by event from now on.
+            if exc.err_code in (ERR_BATCH_DISABLED, ERR_BATCH_UNSUPPORTED_HEADER):
+                # The flag was taken off the stream (an operator), or a server that takes
+                # no Nats-Msg-Id in a batch (2.12.0): event by event from now on.
                 self._atomic = False
             logger.debug("events: batch of %d refused (%s); event by event", len(batch), exc)
             return None
