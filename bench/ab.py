@@ -94,6 +94,7 @@ async def run(args: argparse.Namespace) -> str:
                 fmt_spread(paired_ratios(b, a, cpu_total)),
                 fmt_spread(paired_ratios(b, a, cpu_of("coordinator"))),
                 fmt_spread(paired_ratios(b, a, cpu_of("agent-0"))),
+                fmt_spread(paired_ratios(b, a, cpu_of("nats"))),
                 fmt_spread(paired_ratios(b, a, inverse_rate)),
                 fmt_spread(paired_ratios(b, a, p50)),
                 fmt_spread(paired_ratios(b, a, p99)),
@@ -102,7 +103,16 @@ async def run(args: argparse.Namespace) -> str:
     out.append(
         table(
             "B / A per round, median (min-max); < 1: B costs less",
-            ["phase", "CPU/task", "coordinator CPU", "agent CPU", "1/rate", "p50", "p99"],
+            [
+                "phase",
+                "CPU/task",
+                "coordinator CPU",
+                "agent CPU",
+                "nats CPU",
+                "1/rate",
+                "p50",
+                "p99",
+            ],
             ratio_rows,
         )
     )

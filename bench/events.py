@@ -8,9 +8,11 @@ otherwise) and the ``HIVEWIRE_EVENTS`` stream. Three ways to put the same events
   before the next: what naive code on the request path would do);
 * ``raw publish_async``: nats-py's pipelined publish, ``WINDOW`` in flight, then their
   acks (the floor: what ``EventPublisher`` does underneath);
+* ``raw atomic batch``: ``WINDOW`` events as one JetStream atomic batch (one ack);
 * ``EventPublisher``: ``publish()`` (builds the envelope, stamps id, time and
   correlation id, buffers, returns at once) for a chunk of events, then ``flush()``
-  until JetStream acked them all.
+  until JetStream acked them all; once event by event (``batch_min=0``), once with
+  its default (a full window as one atomic batch).
 
 Rates are events acknowledged by JetStream per second; CPU is per event, this process
 and nats-server. ``publish() call`` is what the caller's request path pays per event.
@@ -53,12 +55,23 @@ from hivewire.services.runtime.events import (
     ensure_stream,
     event_subject,
 )
+from hivewire.services.runtime.events.batch import BatchMessage, publish_atomic
 
 EVENT_TYPE = "task.started"
 WINDOW = 128
 """Events in flight for the pipelined variants (``EventPublisher``'s default window)."""
 CHUNK = 1000
 """Events published before waiting for their acks (pipelined variants)."""
+MESH_WINDOWS = (
+    *[1] * 1, *[2] * 3, *[5] * 2, *[6] * 2, 7, 8, *[9] * 3, *[10] * 2, 11, *[12] * 2, 13,
+    *[14] * 2, *[15] * 2, *[16] * 6, *[17] * 4, *[18] * 4, *[20] * 6, 22, *[23] * 2,
+    *[24] * 6, *[25] * 2, *[26] * 2, *[27] * 2, 28, 29, *[30] * 2, *[33] * 3, *[35] * 2,
+    37, 39, 40, 46, 57, 62, *[69] * 2, 71, 75, 80, 88, 91, 119, 122, 128,
+)  # fmt: skip
+"""The send windows of the coordinator's publisher at c=16 in ``bench/ab.py`` (83 windows
+counted at 12:52 UTC on 2026-12-02: median 20 events, 57 % of the events in windows of
+32 or more); at c=1 they are 1-3 events. The ``mesh windows`` variants publish bursts
+of these sizes, each flushed before the next, as the outbox relay hands them over."""
 
 
 def event_data(i: int) -> events_pb2.TaskEventData:
@@ -119,11 +132,16 @@ async def measure(*, durations: Durations, sync_interval: str = "always") -> dic
         js: JetStreamContext = nc.jetstream(timeout=5.0)
         # One publisher for the whole run, connected before any clock starts, as in a
         # running service.
-        events = EventPublisher(url, source="bench/publisher", stream=stream, window=WINDOW)
-        await events.start()
+        each = EventPublisher(
+            url, source="bench/publisher", stream=stream, window=WINDOW, batch_min=0
+        )
+        batched = EventPublisher(url, source="bench/publisher", stream=stream, window=WINDOW)
+        await each.start()
+        await batched.start()
         try:
-            events.publish(EVENT_TYPE, subject="warm", data=event_data(0))
-            await events.flush()
+            for events in (each, batched):
+                events.publish(EVENT_TYPE, subject="warm", data=event_data(0))
+                await events.flush()
 
             def headers() -> dict[str, str]:
                 return {HEADER_MSG_ID: str(uuid.uuid4()), HEADER_CORRELATION_ID: "bench"}
@@ -150,23 +168,43 @@ async def measure(*, durations: Durations, sync_interval: str = "always") -> dic
                         n += WINDOW
                 return n
 
-            async def publisher(seconds: float) -> int:
+            async def raw_batches(seconds: float) -> int:
                 end = time.perf_counter() + seconds
                 n = 0
                 while time.perf_counter() < end:
-                    t0 = time.perf_counter()
-                    for i in range(CHUNK):
-                        events.publish(EVENT_TYPE, subject=f"t-{i}", data=event_data(i))
-                    call_us.append((time.perf_counter() - t0) / CHUNK * 1e6)
-                    if not await events.flush(30):
-                        raise RuntimeError("EventPublisher did not drain within 30 s")
-                    n += CHUNK
+                    for _ in range(CHUNK // WINDOW):
+                        batch = [BatchMessage(subject, payload, headers()) for _ in range(WINDOW)]
+                        await publish_atomic(nc, batch, ack_timeout=5.0)
+                        n += WINDOW
                 return n
+
+            def publisher(
+                events: EventPublisher, bursts: tuple[int, ...] = (CHUNK,)
+            ) -> Callable[[float], Awaitable[int]]:
+                async def run(seconds: float) -> int:
+                    end = time.perf_counter() + seconds
+                    n = 0
+                    while time.perf_counter() < end:
+                        for burst in bursts:
+                            t0 = time.perf_counter()
+                            for i in range(burst):
+                                events.publish(EVENT_TYPE, subject=f"t-{i}", data=event_data(i))
+                            call_us.append((time.perf_counter() - t0) / burst * 1e6)
+                            if not await events.flush(30):
+                                raise RuntimeError("EventPublisher did not drain within 30 s")
+                            n += burst
+                    return n
+
+                return run
 
             variants: dict[str, Callable[[float], Awaitable[int]]] = {
                 "raw js.publish (awaited one by one)": raw_sequential,
                 f"raw js.publish_async (window {WINDOW})": raw_pipelined,
-                "EventPublisher.publish + flush": publisher,
+                f"raw atomic batches of {WINDOW}": raw_batches,
+                "EventPublisher, event by event (batch_min 0)": publisher(each),
+                "EventPublisher, atomic batches (default)": publisher(batched),
+                "EventPublisher, mesh windows, event by event": publisher(each, MESH_WINDOWS),
+                "EventPublisher, mesh windows, atomic batches": publisher(batched, MESH_WINDOWS),
             }
             for _ in range(durations.rounds):
                 for name, fn in variants.items():
@@ -178,7 +216,8 @@ async def measure(*, durations: Durations, sync_interval: str = "always") -> dic
 
                     rounds.setdefault(name, []).append(await _timed(name, pids, run))
         finally:
-            await events.close()
+            await each.close()
+            await batched.close()
             await nc.drain()
     call_us.sort()
     return {

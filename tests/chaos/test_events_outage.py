@@ -45,17 +45,24 @@ class Tasks:
             )
 
 
+@pytest.mark.parametrize("batch_min", [0, 4], ids=["event-by-event", "atomic-batches"])
 @pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
 async def test_events_published_across_a_nats_outage_are_all_stored_once(
-    tmp_path: Path, crash: bool
+    tmp_path: Path, crash: bool, batch_min: int
 ) -> None:
     # The configuration docs/events.md recommends for a single node.
     server = NatsServer(tmp_path / "nats", sync_interval="always")
     await server.start()
     try:
-        # A small window: many ack round trips, so the outage lands mid-run.
+        # A small window: many ack round trips, so the outage lands mid-run. With
+        # batch_min 4 every full window is one atomic batch, cut mid-way by the outage.
+        stored_batches = metric("hivewire_events_batches_total", outcome="stored")
         async with EventPublisher(
-            server.url, source="coordinator/chaos", publish_timeout=0.5, window=8
+            server.url,
+            source="coordinator/chaos",
+            publish_timeout=0.5,
+            window=8,
+            batch_min=batch_min,
         ) as publisher:
             tasks = Tasks(publisher)
             for _ in range(200):
@@ -80,6 +87,8 @@ async def test_events_published_across_a_nats_outage_are_all_stored_once(
             assert await publisher.flush(30)
             total = tasks.count * 3
 
+        batched = metric("hivewire_events_batches_total", outcome="stored") - stored_batches
+        assert (batched > 0) == (batch_min > 0)
         stored = [r async for r in replay(server.url)]
         assert len(stored) == total
         assert len({r.event.id for r in stored}) == total

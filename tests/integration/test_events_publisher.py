@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.api import StorageType
+from nats.js.api import PersistMode, StorageType
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -18,6 +18,8 @@ from hivewire.events.v1 import events_pb2
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.events import (
+    HEADER_BATCH_COMMIT,
+    HEADER_BATCH_ID,
     HEADER_CORRELATION_ID,
     HEADER_MSG_ID,
     HEADER_TRACEPARENT,
@@ -26,6 +28,12 @@ from hivewire.services.runtime.events import (
     StreamSettings,
     ensure_stream,
     replay,
+)
+from hivewire.services.runtime.events.batch import (
+    ERR_BATCH_DISABLED,
+    BatchMessage,
+    BatchRejectedError,
+    publish_atomic,
 )
 from hivewire.services.runtime.logging import bind_correlation_id
 from tests.helpers import NatsServer
@@ -140,6 +148,7 @@ async def test_streams_are_created_from_the_settings(nats_server: NatsServer) ->
     assert events.max_age == 3600
     assert events.max_bytes == 8 * 1024 * 1024
     assert events.duplicate_window == 90
+    assert events.allow_atomic  # a full send window goes in as one atomic batch
     assert dlq.subjects == ["hivewire.dlq.>"]
     assert dlq.storage == StorageType.FILE
 
@@ -336,8 +345,9 @@ async def test_close_cancels_what_send_could_not_deliver(tmp_path: Path) -> None
     assert publisher.send([]).done()
 
 
+@pytest.mark.parametrize("batch_min", [0, 2], ids=["event-by-event", "batches"])
 async def test_an_event_nats_cannot_take_is_dropped_not_retried_for_ever(
-    nats_server: NatsServer,
+    nats_server: NatsServer, batch_min: int
 ) -> None:
     """One event over NATS's max_payload (1 MiB) must not hold up the ones after it."""
     too_large_before = metric("hivewire_events_dropped_total", reason="too_large")
@@ -353,7 +363,9 @@ async def test_an_event_nats_cannot_take_is_dropped_not_retried_for_ever(
             task=data,
         )
 
-    async with EventPublisher(nats_server.url, source="coordinator/c-1") as publisher:
+    async with EventPublisher(
+        nats_server.url, source="coordinator/c-1", batch_min=batch_min
+    ) as publisher:
         first = publisher.send([envelope(1)])
         huge = publisher.send([envelope(2, "x" * (2 * 1024 * 1024))])
         after = publisher.send([envelope(3)])
@@ -361,3 +373,148 @@ async def test_an_event_nats_cannot_take_is_dropped_not_retried_for_ever(
     stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
     assert stored == ["task-1:1", "task-1:3"]
     assert metric("hivewire_events_dropped_total", reason="too_large") == too_large_before + 1
+
+
+def envelopes(first: int, last: int, task_id: str = "task-b") -> list[events_pb2.Event]:
+    """Ready envelopes ``<task_id>:<n>`` for n in first..last, as the outbox sends them."""
+    return [
+        events_pb2.Event(
+            id=f"{task_id}:{n}",
+            type="task.state_changed",
+            source="coordinator/c-1",
+            subject=task_id,
+            task_sequence=n,
+            task=task_data(task_id),
+        )
+        for n in range(first, last + 1)
+    ]
+
+
+def batches(outcome: str) -> float:
+    return metric("hivewire_events_batches_total", outcome=outcome)
+
+
+async def test_a_full_window_goes_in_as_one_atomic_batch(nats_server: NatsServer) -> None:
+    stored_before, refused_before = batches("stored"), batches("refused")
+    async with EventPublisher(nats_server.url, source="coordinator/c-1", batch_min=8) as publisher:
+        # Queued before the sender runs: its first window holds all forty.
+        await asyncio.wait_for(publisher.send(envelopes(1, 40)), 20)
+        assert publisher.published == 40
+        assert batches("stored") == stored_before + 1
+        # A window that starts with events JetStream already stored (an ack that was
+        # lost, a relay that restarted): the batch is refused whole, then sent event
+        # by event, where JetStream drops each copy.
+        await asyncio.wait_for(publisher.send(envelopes(1, 50)), 20)
+        assert batches("refused") == refused_before + 1
+        # Below batch_min: event by event, no batch offered.
+        await asyncio.wait_for(publisher.send(envelopes(51, 53)), 20)
+        assert batches("stored") == stored_before + 1
+        assert batches("refused") == refused_before + 1
+    messages = await stored_messages(nats_server.url)
+    events = [events_pb2.Event.FromString(m.data) for m in messages]
+    assert [e.id for e in events] == [f"task-b:{n}" for n in range(1, 54)]
+    # The first forty went in as one batch (JetStream keeps the batch's headers).
+    batch_ids = {m.headers.get(HEADER_BATCH_ID) for m in messages[:40] if m.headers}
+    assert len(batch_ids) == 1 and None not in batch_ids
+    assert messages[39].headers is not None
+    assert messages[39].headers[HEADER_BATCH_COMMIT] == "1"
+    assert all(m.headers and HEADER_BATCH_ID not in m.headers for m in messages[40:])
+    for message, event in zip(messages, events, strict=True):
+        assert message.headers is not None
+        assert message.headers[HEADER_MSG_ID] == event.id
+
+
+async def test_a_stream_that_refuses_batches_gets_events_one_by_one(
+    nats_server: NatsServer,
+) -> None:
+    """An operator's stream that cannot allow atomic batches (persist_mode async)."""
+    refused_before = batches("refused")
+    client = await nats.connect(nats_server.url)
+    try:
+        js = client.jetstream()
+        await js.add_stream(
+            name="HIVEWIRE_EVENTS",
+            subjects=["hivewire.events.>"],
+            persist_mode=PersistMode.ASYNC,
+        )
+        async with EventPublisher(
+            nats_server.url, source="coordinator/c-1", batch_min=2
+        ) as publisher:
+            await asyncio.wait_for(publisher.send(envelopes(1, 20)), 20)
+        config = (await js.stream_info("HIVEWIRE_EVENTS")).config
+    finally:
+        await client.close()
+    # The limits of the settings were applied all the same; batches stay off.
+    assert config.max_age == StreamSettings().max_age
+    assert not config.allow_atomic
+    assert batches("refused") == refused_before
+    stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
+    assert stored == [f"task-b:{n}" for n in range(1, 21)]
+
+
+async def test_batches_stop_when_the_stream_stops_allowing_them(
+    nats_server: NatsServer,
+) -> None:
+    refused_before = batches("refused")
+    async with EventPublisher(nats_server.url, source="coordinator/c-1", batch_min=2) as publisher:
+        await asyncio.wait_for(publisher.send(envelopes(1, 10)), 20)
+        client = await nats.connect(nats_server.url)
+        try:
+            js = client.jetstream()
+            config = (await js.stream_info("HIVEWIRE_EVENTS")).config
+            assert config.allow_atomic
+            config.allow_atomic = False
+            await js.update_stream(config)
+        finally:
+            await client.close()
+        await asyncio.wait_for(publisher.send(envelopes(11, 20)), 20)
+        assert batches("refused") == refused_before + 1
+        await asyncio.wait_for(publisher.send(envelopes(21, 30)), 20)
+        assert batches("refused") == refused_before + 1  # not offered again
+    stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
+    assert stored == [f"task-b:{n}" for n in range(1, 31)]
+
+
+async def test_an_atomic_batch_is_all_or_nothing(nats_server: NatsServer) -> None:
+    """batch.py against the server: the commit's one ack, and a refusal storing nothing."""
+    client = await nats.connect(nats_server.url)
+    try:
+        js = client.jetstream()
+        await js.add_stream(name="PLAIN", subjects=["plain.>"])
+        await js.add_stream(name="ATOMIC", subjects=["atomic.>"], allow_atomic=True)
+
+        def messages(prefix: str, ids: range) -> list[BatchMessage]:
+            return [
+                BatchMessage(f"{prefix}.x", f"m{n}".encode(), {HEADER_MSG_ID: f"{prefix}-{n}"})
+                for n in ids
+            ]
+
+        ack = await publish_atomic(client, messages("atomic", range(1, 6)), ack_timeout=5)
+        assert (ack.stream, ack.seq, ack.batch_size) == ("ATOMIC", 5, 5)
+        # One id already stored: the whole batch is refused, the new ids too.
+        with pytest.raises(BatchRejectedError) as refused:
+            await publish_atomic(client, messages("atomic", range(5, 9)), ack_timeout=5)
+        assert refused.value.err_code == 10201
+        assert (await js.stream_info("ATOMIC")).state.messages == 5
+        # A stream without allow_atomic stores none of the batch.
+        with pytest.raises(BatchRejectedError) as disabled:
+            await publish_atomic(client, messages("plain", range(1, 4)), ack_timeout=5)
+        assert disabled.value.err_code == ERR_BATCH_DISABLED
+        assert (await js.stream_info("PLAIN")).state.messages == 0
+        with pytest.raises(ValueError, match="1 to 1000"):
+            await publish_atomic(client, messages("atomic", range(1, 1002)), ack_timeout=5)
+    finally:
+        await client.close()
+
+
+async def test_a_batch_carries_at_most_a_mebibyte(nats_server: NatsServer) -> None:
+    stored_before = batches("stored")
+    big = envelopes(1, 6)
+    for event in big:
+        event.task.error.message = "x" * (300 * 1024)
+    async with EventPublisher(nats_server.url, source="coordinator/c-1", batch_min=2) as publisher:
+        await asyncio.wait_for(publisher.send(big), 20)
+    # Three of 300 KiB fit under MAX_BATCH_BYTES, four do not: two batches of three.
+    assert batches("stored") == stored_before + 2
+    stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
+    assert stored == [f"task-b:{n}" for n in range(1, 7)]

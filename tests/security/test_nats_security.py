@@ -21,6 +21,7 @@ import nats.errors
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NatsClient
+from prometheus_client import REGISTRY
 
 from hivewire.discovery import Instance, Registry, open_registry
 from hivewire.events.v1 import events_pb2
@@ -258,6 +259,33 @@ async def test_event_readers_read_and_do_not_write(secure_nats: NatsServer, pki:
             await reader.client.publish(subject, b"x")
             await reader.client.flush()
             await eventually(lambda s=subject: reader.denied(s), timeout=10)  # type: ignore[misc]
+
+
+async def test_a_service_sends_atomic_batches_within_its_permissions(
+    secure_nats: NatsServer, pki: Pki
+) -> None:
+    """A batch's commit is a request: its reply comes back under the service's own inbox."""
+    url = secure_nats.url
+    stored_before = REGISTRY.get_sample_value(
+        "hivewire_events_batches_total", {"outcome": "stored"}
+    )
+    async with EventPublisher(
+        url, source="tool/t-2", nats_options=nats_tls_options(url, pki.files("tool")), batch_min=8
+    ) as events:
+        for n in range(40):  # queued before the sender runs: one window of forty
+            events.publish(
+                "tool.invoked", subject=f"batch-{n}", data=events_pb2.ToolEventData(call_id="b")
+            )
+        assert await events.flush(20)
+    stored_after = REGISTRY.get_sample_value("hivewire_events_batches_total", {"outcome": "stored"})
+    assert (stored_after or 0.0) == (stored_before or 0.0) + 1
+    reader_options = nats_tls_options(url, pki.files("client"))
+    got = [
+        r.event.subject
+        async for r in replay(url, "tool.invoked", nats_options=reader_options)
+        if r.event.subject.startswith("batch-")
+    ]
+    assert got == [f"batch-{n}" for n in range(40)]
 
 
 async def test_a_denied_request_times_out_rather_than_succeeds(

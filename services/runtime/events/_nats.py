@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any, TypedDict, Unpack
 
 import nats
@@ -172,10 +173,16 @@ def _stream_config(
 
 
 def events_stream_config(settings: StreamSettings) -> StreamConfig:
-    """The configuration of the event stream (``hivewire.events.>``)."""
+    """The configuration of the event stream (``hivewire.events.>``).
+
+    It allows atomic batches (``allow_atomic``, nats-server 2.12+): a publisher's full
+    window goes in as one batch with one ack (see batch.py).
+    """
     description = "hivewire events (events.v1.Event protobufs), the mesh's event store"
     limits = (settings.max_age, settings.max_bytes, settings.max_msgs)
-    return _stream_config(settings, settings.name, description, EVENTS_SUBJECT_PREFIX, limits)
+    config = _stream_config(settings, settings.name, description, EVENTS_SUBJECT_PREFIX, limits)
+    config.allow_atomic = True
+    return config
 
 
 def dlq_stream_config(settings: StreamSettings) -> StreamConfig:
@@ -185,18 +192,27 @@ def dlq_stream_config(settings: StreamSettings) -> StreamConfig:
     return _stream_config(settings, settings.dlq_name, description, DLQ_SUBJECT_PREFIX, limits)
 
 
-_MANAGED = ("subjects", "max_age", "max_bytes", "max_msgs", "duplicate_window", "num_replicas")
+_MANAGED = (
+    "subjects",
+    "max_age",
+    "max_bytes",
+    "max_msgs",
+    "duplicate_window",
+    "num_replicas",
+    "allow_atomic",
+)
 
 
-async def _ensure_one(js: JetStreamContext, config: StreamConfig) -> None:
+async def _ensure_one(js: JetStreamContext, config: StreamConfig) -> StreamConfig:
+    """Create the stream or update what differs; returns the configuration in effect."""
     assert config.name is not None
     try:
         info = await js.stream_info(config.name)
     except nats.js.errors.NotFoundError:
         try:
-            await js.add_stream(config)
+            created = await js.add_stream(config)
             logger.info("events: created stream %s on %s", config.name, config.subjects)
-            return
+            return created.config
         except nats.js.errors.BadRequestError:
             # Another service created it between our lookup and our create.
             info = await js.stream_info(config.name)
@@ -206,17 +222,42 @@ async def _ensure_one(js: JetStreamContext, config: StreamConfig) -> None:
         for key in _MANAGED
         if key != "num_replicas" and getattr(current, key) != getattr(config, key)
     ]
-    if changed:
-        # Limits come from the shared settings: the last service started with new values
-        # applies them (JetStream updates limits in place, keeping stored events).
-        logger.info("events: updating stream %s (%s)", config.name, ", ".join(changed))
-        await js.update_stream(config)
+    if not changed:
+        return current
+    # Limits come from the shared settings: the last service started with new values
+    # applies them (JetStream updates limits in place, keeping stored events). Only
+    # what differs is changed: what an operator set beyond it (persist_mode...) stays.
+    logger.info("events: updating stream %s (%s)", config.name, ", ".join(changed))
+    update = replace(current, **{key: getattr(config, key) for key in changed})
+    try:
+        return (await js.update_stream(update)).config
+    except nats.js.errors.APIError as exc:
+        if isinstance(exc, nats.js.errors.ServiceUnavailableError) or "allow_atomic" not in changed:
+            raise
+        # A stream that cannot allow atomic batches (an operator's stream with
+        # persist_mode async, a mirror): the limits still apply, batches stay off.
+        logger.info(
+            "events: stream %s does not take allow_atomic (%s); publishing event by event",
+            config.name,
+            exc.description or exc,
+        )
+        changed.remove("allow_atomic")
+        if not changed:
+            return current
+        update = replace(current, **{key: getattr(config, key) for key in changed})
+        return (await js.update_stream(update)).config
 
 
-async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> None:
-    """Create the event and dead-letter streams, or bring their limits up to date."""
-    await _ensure_one(js, events_stream_config(settings))
+async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> StreamConfig:
+    """Create the event and dead-letter streams, or bring their limits up to date.
+
+    Returns:
+        The event stream's configuration in effect (``allow_atomic`` stays unset on a
+        server older than 2.12, which does not know it).
+    """
+    events = await _ensure_one(js, events_stream_config(settings))
     await _ensure_one(js, dlq_stream_config(settings))
+    return events
 
 
 async def ensure_stream(

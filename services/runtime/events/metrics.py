@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "BATCHES",
     "BUFFERED",
     "COALESCED",
     "DEAD_LETTERED",
@@ -26,6 +27,12 @@ PUBLISH_LAG = Histogram(
     "Time from publish() to JetStream's ack: buffering, outages and the round trip.",
     ["category"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+BATCHES = Counter(
+    "hivewire_events_batches_total",
+    "Send windows offered to JetStream as one atomic batch, by outcome: stored, or refused"
+    " (then sent event by event).",
+    ["outcome"],
 )
 PUBLISH_FAILED = Counter(
     "hivewire_events_publish_failed_total",

@@ -2,7 +2,8 @@
 
 ``publish()`` never blocks and never raises for NATS trouble: it builds the envelope and
 appends it to a bounded in-memory buffer. A background task sends the buffer to
-JetStream in order, a window of messages at a time, and removes an event only once
+JetStream in order, a window of messages at a time (a window of ``batch_min`` or more
+as one atomic batch with one ack, see batch.py), and removes an event only once
 JetStream acknowledged it. Without an ack (NATS down, a timeout, the stream missing) the
 same bytes are sent again with the same ``Nats-Msg-Id``, so JetStream stores each event
 once even when an ack was lost. While NATS is unreachable the buffer grows up to
@@ -44,6 +45,14 @@ from hivewire.services.runtime.tls import TlsFiles, nats_tls_options
 
 from . import metrics
 from ._nats import TRANSIENT_ERRORS, close_quietly, connect, ensure_streams, stop_tasks
+from .batch import (
+    ERR_BATCH_DISABLED,
+    ERR_BATCH_UNSUPPORTED_HEADER,
+    MAX_ATOMIC_BATCH,
+    BatchMessage,
+    BatchRejectedError,
+    publish_atomic,
+)
 from .envelope import EventData, build_event, build_traced_event, event_headers, event_subject
 from .settings import EventsSettings, StreamSettings
 
@@ -78,6 +87,8 @@ T = TypeVar("T")
 
 PROGRESS_EVENT = "task.progress"
 _DROP_LOG_INTERVAL = 10.0
+MAX_BATCH_BYTES = 1024 * 1024
+"""Payload bytes of one atomic batch at most (NATS's default ``max_payload``)."""
 
 
 @dataclass(slots=True)
@@ -208,6 +219,8 @@ class EventPublisher(StartClose):
         publish_timeout: Seconds to wait for an ack before sending the event again.
         close_timeout: Seconds :meth:`close` waits for buffered events to go out.
         window: Events sent before waiting for their acks (pipelining).
+        batch_min: A window of at least this many events goes as one atomic batch
+            (one ack) when the stream allows it; 0 never batches.
         nats_options: More ``nats.connect`` keyword arguments (tls, credentials...).
     """
 
@@ -222,12 +235,15 @@ class EventPublisher(StartClose):
         publish_timeout: float = 2.0,
         close_timeout: float = 5.0,
         window: int = 128,
+        batch_min: int = 32,
         nats_options: Mapping[str, Any] | None = None,
     ) -> None:
         if max_buffer < 1:
             raise ValueError("max_buffer must be >= 1")
         if window < 1:
             raise ValueError("window must be >= 1")
+        if batch_min < 0:
+            raise ValueError("batch_min must be >= 0")
         if not source:
             raise ValueError("source must name the publishing service instance")
         self._url = nats_url
@@ -237,6 +253,7 @@ class EventPublisher(StartClose):
         self._timeout = publish_timeout
         self._close_timeout = close_timeout
         self._window = window
+        self._batch_min = batch_min
         self._nats_options = dict(nats_options or {})
         self._coalescer: ProgressCoalescer[_Outgoing] = ProgressCoalescer(
             progress_interval, self._enqueue, on_coalesced=metrics.COALESCED.inc
@@ -251,6 +268,7 @@ class EventPublisher(StartClose):
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._streams_ready = False
+        self._atomic = False  # the event stream takes atomic batches (checked on connect)
         self._closed = False
         self._published = 0
         self._dropped_since_log = 0
@@ -275,6 +293,7 @@ class EventPublisher(StartClose):
             "progress_interval": section.progress_interval,
             "publish_timeout": section.publish_timeout,
             "close_timeout": section.close_timeout,
+            "batch_min": section.batch_min,
             # A tls:// URL: the mesh's NATS, which wants this process's certificate.
             "nats_options": nats_tls_options(settings.nats_url, settings.tls_files()),
         }
@@ -573,12 +592,14 @@ class EventPublisher(StartClose):
             assert self._js is not None
             if not self._streams_ready:
                 try:
-                    await ensure_streams(self._js, self._stream)
+                    config = await ensure_streams(self._js, self._stream)
                 except TRANSIENT_ERRORS as exc:
                     logger.warning("events: cannot set up stream %s: %s", self._stream.name, exc)
                     await self._pause(backoff.next_delay())
                     continue
                 self._streams_ready = True
+                # An older server or a stream that refused the flag: event by event.
+                self._atomic = bool(config.allow_atomic) and self._batch_min > 0
             return self._js
 
     async def _connect(self, backoff: Backoff) -> NatsClient:
@@ -627,6 +648,46 @@ class EventPublisher(StartClose):
 
     async def _send_window(self, js: JetStreamContext) -> bool:
         batch = list(itertools.islice(self._buffer, self._window))
+        if self._atomic and len(batch) >= self._batch_min:
+            atomic = _batch_prefix(batch)
+            if len(atomic) >= self._batch_min:
+                sent = await self._send_batch(atomic)
+                if sent is not None:
+                    return sent
+        return await self._send_each(js, batch)
+
+    async def _send_batch(self, batch: list[_Outgoing]) -> bool | None:
+        """Send a window as one atomic batch: all of it is stored, or none.
+
+        Returns:
+            True when stored, False when it failed for now (sent again later), None when
+            the server refused it as a batch: the caller sends it event by event, where
+            every event is stored or de-duplicated on its own (a batch holding an event
+            JetStream already has is refused whole).
+        """
+        assert self._nc is not None
+        if any(len(item.payload) > self._nc.max_payload for item in batch):
+            return None  # _send_each drops what NATS cannot take
+        messages = [BatchMessage(item.subject, item.payload, item.headers) for item in batch]
+        try:
+            await publish_atomic(self._nc, messages, ack_timeout=self._timeout)
+        except BatchRejectedError as exc:
+            metrics.BATCHES.labels("refused").inc()
+            if exc.err_code in (ERR_BATCH_DISABLED, ERR_BATCH_UNSUPPORTED_HEADER):
+                # The flag was taken off the stream (an operator), or a server that takes
+                # no Nats-Msg-Id in a batch (2.12.0): event by event from now on.
+                self._atomic = False
+            logger.debug("events: batch of %d refused (%s); event by event", len(batch), exc)
+            return None
+        except TRANSIENT_ERRORS as exc:
+            self._failed(batch[0], exc)
+            return False
+        metrics.BATCHES.labels("stored").inc()
+        self._acknowledged(batch)
+        return True
+
+    async def _send_each(self, js: JetStreamContext, batch: list[_Outgoing]) -> bool:
+        """Send a window event by event, pipelined: a publish and an ack each."""
         sent: list[tuple[_Outgoing, asyncio.Future[PubAck]]] = []
         ok = True
         for item in batch:
@@ -651,8 +712,7 @@ class EventPublisher(StartClose):
             _, late = await asyncio.wait([f for _, f in sent], timeout=self._timeout)
             for future in late:
                 future.cancel()
-        acked: _Outgoing | None = None
-        now = time.monotonic()
+        acked: list[_Outgoing] = []
         for item, future in sent:
             error = _publish_error(future)
             if error is not None:
@@ -662,18 +722,26 @@ class EventPublisher(StartClose):
                 # Later events of the window may be stored already: they are sent again
                 # after this one and JetStream drops the copies (same Nats-Msg-Id).
                 break
-            acked = item
+            acked.append(item)
+        self._acknowledged(acked)
+        return ok
+
+    def _acknowledged(self, acked: list[_Outgoing]) -> None:
+        """Count the events JetStream stored and take them (and all before) off the buffer."""
+        if not acked:
+            return
+        now = time.monotonic()
+        for item in acked:
             self._published += 1
             published, lag = _acked_metrics(item.category)
             published.inc()
             lag.observe(max(now - item.queued_at, 0.0))
-        if acked is not None:
-            while self._buffer and self._buffer[0].seq <= acked.seq:
-                stored = self._buffer.popleft()
-                if stored.done is not None and not stored.done.done():
-                    stored.done.set_result(None)
-                metrics.BUFFERED.dec()
-        return ok
+        last = acked[-1].seq
+        while self._buffer and self._buffer[0].seq <= last:
+            stored = self._buffer.popleft()
+            if stored.done is not None and not stored.done.done():
+                stored.done.set_result(None)
+            metrics.BUFFERED.dec()
 
     def _drop_too_large(self, item: _Outgoing) -> None:
         index = self._buffer.index(item)
@@ -700,7 +768,7 @@ class EventPublisher(StartClose):
 
     def _failed(self, item: _Outgoing, exc: BaseException) -> None:
         metrics.PUBLISH_FAILED.labels(item.category).inc()
-        if isinstance(exc, nats.js.errors.NoStreamResponseError):
+        if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
             # Nobody listens on the subject: the stream is gone (a wiped server).
             self._streams_ready = False
         if not self._outage_logged:
@@ -729,6 +797,20 @@ class EventPublisher(StartClose):
     async def _on_closed(self) -> None:
         # Wake the sender so it replaces the connection at once.
         self._kick.set()
+
+
+def _batch_prefix(window: list[_Outgoing]) -> list[_Outgoing]:
+    """The leading events of a window that fit in one atomic batch.
+
+    At most :data:`MAX_ATOMIC_BATCH` events and :data:`MAX_BATCH_BYTES` of payload: a
+    replicated stream proposes a whole batch to its peers at once.
+    """
+    size = 0
+    for count, item in enumerate(window[:MAX_ATOMIC_BATCH]):
+        size += len(item.payload)
+        if size > MAX_BATCH_BYTES:
+            return window[:count]
+    return window[:MAX_ATOMIC_BATCH]
 
 
 def _follow(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:

@@ -81,3 +81,12 @@ class EventsSettings(Section):
     close_timeout: float = Field(
         5.0, ge=0, description="Seconds a stopping service waits for buffered events to go out."
     )
+    batch_min: int = Field(
+        32,
+        ge=0,
+        description=(
+            "A send window of at least this many events goes to JetStream as one atomic "
+            "batch with one ack (when the stream allows it); smaller ones event by event. "
+            "0: never batch."
+        ),
+    )
