@@ -73,6 +73,11 @@ EventData = events_pb2.TaskEventData | events_pb2.WorkflowEventData
 
 _EVENT_PAGE = 500
 
+EVENTS_KEPT = 1000
+"""Committed events of a task kept in memory for its watchers (at most twice as many
+before the oldest go): a task that runs for months with an agent streaming progress
+must not hold every event it ever had. Older ones are read from the store."""
+
 EVENT_COPY_MAX = 64 * 1024
 """Bytes of a gRPC event copied whole into its NATS event (larger: payloads left out)."""
 
@@ -509,6 +514,10 @@ class Journal:
             )
         if sequence > rt.committed:
             rt.committed = sequence
+            if len(rt.events) > 2 * EVENTS_KEPT:
+                evicted = min(len(rt.events) - EVENTS_KEPT, rt.committed - rt.base)
+                del rt.events[:evicted]
+                rt.base += evicted
         rt.notify()
         for event_type, data, _ in published:
             # Without an outbox (a sink of another kind): straight to it, once committed.

@@ -24,6 +24,7 @@ from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator.dispatch import AgentLease
+from hivewire.services.coordinator.journal import EVENTS_KEPT
 from hivewire.services.coordinator.link import AgentLink, LinkAttempt, open_stream
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
 from hivewire.services.runtime import metadata as md
@@ -194,6 +195,9 @@ async def test_a_flooding_agent_is_held_back_while_the_store_is_stalled(
             assert rt.record.last_sequence < agent.sent[key]
         # Once the store goes on, every event arrives, in order, and the task succeeds.
         events = await collect(client.WatchTask(C.WatchTaskRequest(task_id=task_id)))
+        # Only the latest committed events stay in memory; watchers read older ones
+        # from the store.
+        assert len(rt.events) <= 2 * EVENTS_KEPT
     steps = [int(e.progress.step) for e in events if e.WhichOneof("kind") == "progress"]
     assert steps == list(range(COUNT))
     assert events[-1].finished.state == S.TASK_STATE_SUCCEEDED
