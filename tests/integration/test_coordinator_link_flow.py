@@ -57,6 +57,8 @@ class Flooder(ScriptedAgent):
         self.go = asyncio.Event()
         #: Events written to the stream so far, per attempt.
         self.sent: dict[Key, int] = {}
+        #: Attempts stopped by a cancel or close frame before their end.
+        self.stopped: set[Key] = set()
 
     async def Link(  # type: ignore[override]
         self, request_iterator: AsyncIterator[agent_pb2.LinkRequest], context: Any
@@ -85,16 +87,21 @@ class Flooder(ScriptedAgent):
             )
             await self.go.wait()
             pad = "x" * size
-            for first in range(0, count, BATCH):
-                steps = range(first, min(first + BATCH, count))
-                await out.put(
-                    agent_pb2.LinkResponse(
-                        responses=[
-                            message(progress=S.Progress(step=str(i), message=pad)) for i in steps
-                        ]
+            try:
+                for first in range(0, count, BATCH):
+                    steps = range(first, min(first + BATCH, count))
+                    await out.put(
+                        agent_pb2.LinkResponse(
+                            responses=[
+                                message(progress=S.Progress(step=str(i), message=pad))
+                                for i in steps
+                            ]
+                        )
                     )
-                )
-                self.sent[key] = steps[-1] + 1
+                    self.sent[key] = steps[-1] + 1
+            except asyncio.CancelledError:
+                self.stopped.add(key)
+                raise
             result = agent_pb2.ExecutionResult(output=S.Payload(text=f"flooded {count}"))
             await out.put(agent_pb2.LinkResponse(responses=[message(result=result)]))
 
@@ -267,7 +274,8 @@ async def test_an_attempt_that_ends_gives_back_what_it_did_not_take(pki: Pki) ->
         # the agent is told to stop it, and the other attempt gets to its end.
         flood.cancel()
         assert await steps_until_result(other) == [0, 1, 2]
-        await eventually(lambda: agent.sent[("flood", 1)] < 100000 and not link.closed, timeout=5)
+        await eventually(lambda: ("flood", 1) in agent.stopped, timeout=10)
+        assert agent.sent[("flood", 1)] < 100000 and not link.closed
         other.cancel()
 
 
