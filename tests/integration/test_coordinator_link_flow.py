@@ -46,10 +46,11 @@ BATCH = 64
 
 
 class Flooder(ScriptedAgent):
-    """Its ``Link`` floods: input ``"<count>:<bytes>"`` is that many progress events.
+    """Floods: input ``"<count>:<bytes>"`` is that many progress events of that size.
 
     Each attempt sends ``started``, waits for :attr:`go`, then writes its events
-    (``step`` numbers them from 0) as fast as the stream takes them, then a result.
+    (``step`` numbers them from 0) as fast as the stream takes them, then a result; on
+    a ``Link`` in messages of :data:`BATCH` events, on an ``Execute`` call one by one.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -57,8 +58,36 @@ class Flooder(ScriptedAgent):
         self.go = asyncio.Event()
         #: Events written to the stream so far, per attempt.
         self.sent: dict[Key, int] = {}
-        #: Attempts stopped by a cancel or close frame before their end.
+        #: Attempts on a Link stopped by a cancel or close frame before their end.
         self.stopped: set[Key] = set()
+
+    async def flood(
+        self, assign: agent_pb2.TaskAssignment, attempt: int
+    ) -> AsyncIterator[list[agent_pb2.ExecuteResponse]]:
+        """The attempt's messages, :data:`BATCH` progress events at a time."""
+        count, size = (int(n) for n in assign.input.text.split(":"))
+        key = (assign.task_id, attempt)
+
+        def message(**kind: Any) -> agent_pb2.ExecuteResponse:
+            return agent_pb2.ExecuteResponse(task_id=assign.task_id, attempt=attempt, **kind)
+
+        yield [message(started=agent_pb2.ExecutionStarted())]
+        await self.go.wait()
+        pad = "x" * size
+        for first in range(0, count, BATCH):
+            steps = range(first, min(first + BATCH, count))
+            yield [message(progress=S.Progress(step=str(i), message=pad)) for i in steps]
+            self.sent[key] = steps[-1] + 1
+        result = agent_pb2.ExecutionResult(output=S.Payload(text=f"flooded {count}"))
+        yield [message(result=result)]
+
+    async def Execute(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[agent_pb2.ExecuteRequest], context: Any
+    ) -> AsyncIterator[agent_pb2.ExecuteResponse]:
+        first = await anext(aiter(request_iterator))
+        async for batch in self.flood(first.assign, max(1, first.assign.attempt)):
+            for response in batch:
+                yield response
 
     async def Link(  # type: ignore[override]
         self, request_iterator: AsyncIterator[agent_pb2.LinkRequest], context: Any
@@ -71,39 +100,17 @@ class Flooder(ScriptedAgent):
                 for frame in request.frames:
                     key = (frame.task_id, frame.attempt)
                     if frame.request.HasField("assign"):
-                        floods[key] = asyncio.create_task(flood(key, frame.request.assign))
+                        floods[key] = asyncio.create_task(flood(frame.request.assign, key[1]))
                     elif key in floods:  # a cancel or a close: stop it
                         floods[key].cancel()
 
-        async def flood(key: Key, assign: agent_pb2.TaskAssignment) -> None:
-            count, size = (int(n) for n in assign.input.text.split(":"))
-            task_id, attempt = key
-
-            def message(**kind: Any) -> agent_pb2.ExecuteResponse:
-                return agent_pb2.ExecuteResponse(task_id=task_id, attempt=attempt, **kind)
-
-            await out.put(
-                agent_pb2.LinkResponse(responses=[message(started=agent_pb2.ExecutionStarted())])
-            )
-            await self.go.wait()
-            pad = "x" * size
+        async def flood(assign: agent_pb2.TaskAssignment, attempt: int) -> None:
             try:
-                for first in range(0, count, BATCH):
-                    steps = range(first, min(first + BATCH, count))
-                    await out.put(
-                        agent_pb2.LinkResponse(
-                            responses=[
-                                message(progress=S.Progress(step=str(i), message=pad))
-                                for i in steps
-                            ]
-                        )
-                    )
-                    self.sent[key] = steps[-1] + 1
+                async for batch in self.flood(assign, attempt):
+                    await out.put(agent_pb2.LinkResponse(responses=batch))
             except asyncio.CancelledError:
-                self.stopped.add(key)
+                self.stopped.add((assign.task_id, attempt))
                 raise
-            result = agent_pb2.ExecutionResult(output=S.Payload(text=f"flooded {count}"))
-            await out.put(agent_pb2.LinkResponse(responses=[message(result=result)]))
 
         reader = asyncio.create_task(read())
         try:
@@ -165,11 +172,12 @@ MESSAGE = SIZE + 64
 """An upper bound of one progress event's size on the wire and in the journal."""
 
 
+@pytest.mark.parametrize("link", [True, False], ids=["link", "execute"])
 async def test_a_flooding_agent_is_held_back_while_the_store_is_stalled(
-    pki: Pki, tmp_path: Path
+    pki: Pki, tmp_path: Path, link: bool
 ) -> None:
     async with flood_mesh(
-        pki, tmp_path, link_buffer_bytes=BUFFER, journal_backlog_bytes=BACKLOG
+        pki, tmp_path, agent_link=link, link_buffer_bytes=BUFFER, journal_backlog_bytes=BACKLOG
     ) as (mesh, agent):
         client = mesh.client()
         submitted = await client.SubmitTask(
@@ -183,23 +191,28 @@ async def test_a_flooding_agent_is_held_back_while_the_store_is_stalled(
         assert isinstance(store, SqliteTaskStore)
         await store.flush()
         paused = pauses()
+        key = (task_id, 1)
         with store_stalled(store):
             agent.go.set()
-            # The coordinator stops reading the link (its budget is used up)...
-            await eventually(lambda: pauses() > paused, timeout=30)
-            link = the_link(mesh)
-            key = (task_id, 1)
+            if link:
+                # The coordinator stops reading the link (its budget is used up)...
+                await eventually(lambda: pauses() > paused, timeout=30)
+            else:
+                # The attempt stops reading its call (its task's backlog is full)...
+                await eventually(lambda: rt.uncommitted > BACKLOG, timeout=30)
             # ...and stays stopped while the store commits nothing: the agent is held
             # back by flow control, far from done, and nothing grows.
             for _ in range(20):
                 # Round trips through the coordinator (none needs the store).
                 await client.GetTask(C.GetTaskRequest(task_id=task_id))
-            assert not link._room.is_set(), "the link reads on"
-            assert agent.sent[key] < COUNT // 2, "the agent was not held back"
-            assert link.held <= BUFFER + BATCH * MESSAGE
-            assert held_bytes() >= link.held
+            if link:
+                held = the_link(mesh)
+                assert not held._room.is_set(), "the link reads on"
+                assert held.held <= BUFFER + BATCH * MESSAGE
+                assert held_bytes() >= held.held
+            assert agent.sent.get(key, 0) < COUNT // 2, "the agent was not held back"
             assert rt.uncommitted <= BACKLOG + MESSAGE
-            assert rt.record.last_sequence < agent.sent[key]
+            assert rt.record.last_sequence < agent.sent.get(key, 0) + 3
         # Once the store goes on, every event arrives, in order, and the task succeeds.
         events = await collect(client.WatchTask(C.WatchTaskRequest(task_id=task_id)))
         # Only the latest committed events stay in memory; watchers read older ones
