@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import socket
+import ssl
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -32,6 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from hivewire.services.base.backoff import Backoff
+from hivewire.services.base.lifecycle import cancel_and_wait
 
 from . import metrics
 from ._base import RemoteRegistryBase
@@ -57,6 +62,9 @@ _TRANSIENT = (
     ConnectionError,
     OSError,
 )
+# What a connection attempt fails with when nothing can answer at that address: nothing
+# listens (refused), or the host or network cannot be reached.
+_UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
 
 class EmbeddedRegistry(RemoteRegistryBase):
@@ -75,6 +83,10 @@ class EmbeddedRegistry(RemoteRegistryBase):
         nats_options: Extra keyword arguments for ``nats.connect`` (tls, credentials ...).
         owner: The key token naming who wrote an entry (the name of this process's mesh
             identity); None: keys without it.
+        fail_fast: :meth:`start` raises :class:`RegistryUnavailableError` as soon as every
+            NATS server has refused the connection or is unreachable (nothing listening),
+            instead of retrying until one comes up (what a one-shot reader such as the CLI
+            wants). A server that is up but slow to answer is still waited for.
     """
 
     backend: ClassVar[str] = "embedded"
@@ -92,6 +104,7 @@ class EmbeddedRegistry(RemoteRegistryBase):
         backoff_max: float = 5.0,
         nats_options: dict[str, Any] | None = None,
         owner: str | None = None,
+        fail_fast: bool = False,
     ) -> None:
         super().__init__()
         if ttl < 1:
@@ -105,6 +118,9 @@ class EmbeddedRegistry(RemoteRegistryBase):
         self._backoff_max = backoff_max
         self._nats_options = dict(nats_options or {})
         self._owner = owner
+        self._fail_fast = fail_fast
+        # While the first connection is being made: the servers' refusals in a row.
+        self._refusals: _Refusals | None = None
         self._nc: NatsClient | None = None
         self._kv: KeyValue | None = None
         self._kick = asyncio.Event()
@@ -128,10 +144,13 @@ class EmbeddedRegistry(RemoteRegistryBase):
         """Connect to NATS, create or bind the bucket.
 
         Raises:
-            RegistryUnavailableError: NATS could not be reached.
+            RegistryUnavailableError: NATS could not be reached (with ``fail_fast``: at
+                once when every server refused the connection or is unreachable).
         """
-        try:
-            self._nc = await nats.connect(
+        refusals = _Refusals(len(self._servers)) if self._fail_fast else None
+        self._refusals = refusals
+        connecting = asyncio.ensure_future(
+            nats.connect(
                 servers=self._servers,
                 name="hivewire-registry",
                 allow_reconnect=True,
@@ -143,8 +162,30 @@ class EmbeddedRegistry(RemoteRegistryBase):
                 error_cb=self._on_error,
                 **self._nats_options,
             )
+        )
+        try:
+            if refusals is not None:
+                # nats-py retries a refused server forever (max_reconnect_attempts=-1, the
+                # reconnects this registry lives on): stop it once all have refused.
+                everyone_refused = asyncio.ensure_future(refusals.all_refused.wait())
+                try:
+                    await asyncio.wait(
+                        [connecting, everyone_refused], return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    await cancel_and_wait([everyone_refused])
+                if not connecting.done():
+                    await cancel_and_wait([connecting])
+                    raise RegistryUnavailableError(refusals.describe(self._servers))
+            self._nc = await connecting
         except (*_TRANSIENT, nats.errors.NoServersError) as exc:
-            raise RegistryUnavailableError(f"cannot reach NATS at {self._servers}: {exc}") from exc
+            raise RegistryUnavailableError(
+                f"cannot reach NATS at {_shown(self._servers)}: {exc}"
+            ) from exc
+        finally:
+            self._refusals = None
+            if not connecting.done():  # cancelled from outside (a caller's timeout)
+                await cancel_and_wait([connecting])
         try:
             await self._ensure_bucket()
         except _TRANSIENT as exc:
@@ -236,6 +277,8 @@ class EmbeddedRegistry(RemoteRegistryBase):
         await self._stop_watchers()
 
     async def _on_error(self, exc: Exception) -> None:
+        if self._refusals is not None:
+            self._refusals.saw(exc)
         logger.debug("registry: NATS client error: %s", exc)
 
     async def _stop_watchers(self) -> None:
@@ -470,3 +513,61 @@ def _apply(state: dict[str, Instance], entry: KeyValue.Entry) -> None:
         logger.warning("registry: ignoring malformed entry %s: %s", entry.key, exc)
         return
     state[instance.instance_id] = instance
+
+
+class _Refusals:
+    """Connection attempts that found nobody to answer, in a row, while first connecting.
+
+    nats-py tries the servers of its pool in turn; once as many attempts in a row as there
+    are servers failed that way, every server refused or is unreachable. Any other failure
+    (a timeout: a server that is up but slow) starts the count again.
+    """
+
+    def __init__(self, servers: int) -> None:
+        self._servers = servers
+        self._in_a_row: list[OSError] = []
+        self.all_refused = asyncio.Event()
+
+    def saw(self, exc: BaseException) -> None:
+        """Count one failed attempt (an error nats-py reported)."""
+        if _is_unreachable(exc):
+            assert isinstance(exc, OSError)
+            self._in_a_row.append(exc)
+        else:
+            self._in_a_row.clear()
+        if len(self._in_a_row) >= self._servers:
+            self.all_refused.set()
+
+    def describe(self, servers: list[str]) -> str:
+        """``connection refused to <urls>``, or what else made them unreachable."""
+        last = self._in_a_row[-1]
+        if all(exc.errno == errno.ECONNREFUSED for exc in self._in_a_row):
+            return f"connection refused to {_shown(servers)} (is NATS running there?)"
+        return f"cannot reach NATS at {_shown(servers)}: {last}"
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """Whether a connection attempt failed because nothing can answer at that address."""
+    if isinstance(exc, socket.gaierror):
+        return exc.errno != socket.EAI_AGAIN  # the name does not resolve (not: DNS is slow)
+    if not isinstance(exc, OSError) or isinstance(exc, TimeoutError | ssl.SSLError):
+        return False
+    if exc.errno is not None:
+        return exc.errno in _UNREACHABLE_ERRNOS
+    # asyncio's "Multiple exceptions: ..." when each address of a name failed differently
+    # (``localhost``: refused on ::1 and on 127.0.0.1).
+    return str(exc).startswith("Multiple exceptions")
+
+
+def _shown(servers: list[str]) -> str:
+    """The server URLs for a message, without any user or password in them."""
+    shown = []
+    for url in servers:
+        parts = urllib.parse.urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            netloc = parts.hostname or ""
+            if parts.port is not None:
+                netloc += f":{parts.port}"
+            url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        shown.append(url)
+    return ", ".join(shown)

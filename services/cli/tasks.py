@@ -82,7 +82,9 @@ _UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCE
 RESUME_WITHIN = 60.0
 """Seconds a followed task waits for a coordinator to come back before giving up."""
 REGISTRY_TIMEOUT = 10.0
-"""Seconds ``--address discovery`` waits for the registry to list the coordinators."""
+"""Seconds ``--address discovery`` waits for the registry to list the coordinators.
+
+A NATS that refuses the connection (nothing listening) ends the wait at once."""
 
 app = typer.Typer()
 
@@ -156,7 +158,7 @@ async def _addresses(target: _Target) -> list[str]:
     settings = load_settings(certs_dir=target.certs_dir, identity=target.identity)
     try:
         async with asyncio.timeout(REGISTRY_TIMEOUT):
-            async with registry_from_settings(settings) as registry:
+            async with registry_from_settings(settings, fail_fast=True) as registry:
                 found = await registry.resolve(COORDINATOR_SERVICE)
     except (RegistryError, TimeoutError) as exc:
         why = str(exc) or f"no answer within {REGISTRY_TIMEOUT:.0f}s"

@@ -5,6 +5,12 @@ with its own port; it reports readiness by writing its ports file (the runtime's
 ``ServiceServer`` does that once it is SERVING). Children die with the launcher
 (``PR_SET_PDEATHSIG``), so even a ``kill -9`` of ``hivewire up`` leaves no orphans.
 
+:meth:`Launcher.stop_all` stops the children tier by tier (:class:`StopTier`): first the
+clients (agents, gateways), then the core services they used while finishing their work
+(coordinators, model, tool), then the server everything flushes its events and
+deregisters through (nats-server). The children of one tier are stopped at once: SIGTERM
+to each, then each is waited for within the grace period and killed if it outlives it.
+
 :meth:`Launcher.supervise` watches the children: one started with a
 :class:`RestartPolicy` (the coordinators) is started again when it dies, on the same
 port with the same settings; a crash loop (too many restarts within the policy's
@@ -25,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +75,23 @@ class RestartPolicy:
     max_delay: float = 5.0
 
 
+class StopTier(IntEnum):
+    """When :meth:`Launcher.stop_all` stops a child: the highest tier first.
+
+    A tier is stopped once every child of the tiers above it has ended, so a child can
+    still use the ones below while it stops (an agent finishing a task within its grace
+    period reports to the coordinator and calls the model; every service deregisters and
+    flushes its events through NATS).
+    """
+
+    SERVER = 0
+    """What every other process uses until its last moment (nats-server)."""
+    CORE = 1
+    """Services that clients use while they stop (coordinators, model, tool, NATS guard)."""
+    CLIENT = 2
+    """Processes nothing else depends on (agents, gateways, dashboard); the default."""
+
+
 @dataclass(frozen=True)
 class ProcessSpec:
     """How to start one mesh process.
@@ -81,6 +105,7 @@ class ProcessSpec:
         log_file: Where stdout and stderr go.
         ready_timeout: Seconds to wait for readiness.
         restart: Start it again when it dies (None: its death stops the supervision).
+        stop_tier: When :meth:`Launcher.stop_all` stops it (:class:`StopTier`).
     """
 
     name: str
@@ -90,6 +115,7 @@ class ProcessSpec:
     ports_file: Path | None = None
     ready_timeout: float = 60.0
     restart: RestartPolicy | None = None
+    stop_tier: StopTier = StopTier.CLIENT
 
 
 @dataclass
@@ -142,7 +168,7 @@ RestartHook = Callable[[ManagedProcess, ManagedProcess], None]
 
 
 class Launcher(StartStop):
-    """Owns a set of child processes; stops them in reverse start order on exit."""
+    """Owns a set of child processes; stops them tier by tier on exit (:class:`StopTier`)."""
 
     _ENTER = ""  # ready once built: start() starts one child, with its spec
     _LEAVE = "stop_all"
@@ -278,23 +304,51 @@ class Launcher(StartStop):
 
     async def stop(self, child: ManagedProcess, *, grace: float | None = None) -> int | None:
         """SIGTERM a child, wait for it within the grace period, then SIGKILL it."""
-        if child.running:
-            with contextlib.suppress(ProcessLookupError):
-                child.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(child.process.wait(), grace or self._grace)
-            except TimeoutError:
-                logger.warning(
-                    "%s did not stop within its grace period; killing it", child.spec.name
-                )
-                with contextlib.suppress(ProcessLookupError):
-                    child.process.kill()
-                await child.process.wait()
-        with contextlib.suppress(ValueError):
-            self._children.remove(child)
-        return child.process.returncode
+        (code,) = await self._stop_together([child], grace=grace)
+        return code
 
     async def stop_all(self) -> None:
-        """Stop every child, last started first (agents before the services they use)."""
-        for child in reversed(self._children):
-            await self.stop(child)
+        """Stop every child, tier by tier, the children of one tier at once (:class:`StopTier`).
+
+        Each child's exit status is logged; one that outlives the grace period is killed.
+        """
+        for tier in sorted({c.spec.stop_tier for c in self._children}, reverse=True):
+            await self._stop_together([c for c in self._children if c.spec.stop_tier == tier])
+
+    async def _stop_together(
+        self, children: Sequence[ManagedProcess], *, grace: float | None = None
+    ) -> list[int | None]:
+        """SIGTERM every child, then wait for each within the grace period (SIGKILL after)."""
+        for child in children:
+            if child.running:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.send_signal(signal.SIGTERM)
+        codes = await asyncio.gather(*(self._reap(c, grace or self._grace) for c in children))
+        for child in children:
+            with contextlib.suppress(ValueError):
+                self._children.remove(child)
+        return list(codes)
+
+    async def _reap(self, child: ManagedProcess, grace: float) -> int | None:
+        """Wait for a signalled child to end, killing it after ``grace`` seconds."""
+        try:
+            await asyncio.wait_for(child.process.wait(), grace)
+        except TimeoutError:
+            logger.warning(
+                "%s (pid %d) did not stop within its grace period (%.0fs); killing it",
+                child.spec.name, child.pid, grace,
+            )  # fmt: skip
+            with contextlib.suppress(ProcessLookupError):
+                child.process.kill()
+            await child.process.wait()
+        code = child.process.returncode
+        logger.info("%s (pid %d) stopped: %s", child.spec.name, child.pid, _exit_status(code))
+        return code
+
+
+def _exit_status(code: int | None) -> str:
+    """``exit 0``, ``exit 3``, or ``killed by SIGTERM`` for a negative return code."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit {code}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec
+from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec, StopTier
 from hivewire.services.mesh.nats_security import SECURITY_FILE, render_mesh_security
 
 
@@ -98,6 +98,7 @@ async def start_nats_server(
             name="nats-server",
             argv=[nats_server_binary(), "-c", str(conf)],
             log_file=state_dir / "logs" / "nats-server.log",
+            stop_tier=StopTier.SERVER,  # stopped last: the others flush through it
         )
     )
     deadline = time.monotonic() + ready_within

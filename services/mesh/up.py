@@ -1,11 +1,14 @@
 """`hivewire up`: the whole mesh on one machine, each service its own process.
 
 Order: dev certificates, nats-server, the NATS guard (mesh/nats_guard.py: revocation
-and refusals on NATS), the coordinator(s), model, tool, agents, the A2A gateway. Each
-process gets a fixed port (so the README's grpcurl commands work as written; the
-guard any free one), its own certificate, the mesh's NATS URL and the embedded
-registry. Once every one is SERVING the endpoints are written to
-``.hivewire/endpoints.json`` for scripts.
+and refusals on NATS), the coordinator(s), model, tool, agents, the A2A gateway, the
+dashboard. Each process gets a fixed port (so the README's grpcurl commands work as
+written; the guard any free one), its own certificate, the mesh's NATS URL and the
+embedded registry. Once every one is SERVING the endpoints are written to
+``.hivewire/endpoints.json`` for scripts. They stop in three tiers
+(:class:`~hivewire.services.mesh.launcher.StopTier`), each all at once: the agents, the
+A2A gateway and the dashboard; then the guard, coordinators, model and tool; then
+nats-server.
 
 One coordinator on SQLite by default; ``coordinators=N`` with the JetStream store is
 the highly available shape (N coordinators on their own ports sharing the task state
@@ -32,6 +35,7 @@ from hivewire.services.mesh.launcher import (
     ManagedProcess,
     ProcessSpec,
     RestartPolicy,
+    StopTier,
     python_module,
 )
 from hivewire.services.mesh.nats_security import SECURITY_FILE
@@ -216,10 +220,13 @@ class Mesh:
         argv: list[str],
         *,
         restart: RestartPolicy | None = None,
+        stop_tier: StopTier = StopTier.CLIENT,
         **env: str,
     ) -> ManagedProcess:
         full_env = {**self._env(identity=identity, port=port, name=name), **env}
-        spec = dataclasses.replace(self._spec(name, argv, full_env), restart=restart)
+        spec = dataclasses.replace(
+            self._spec(name, argv, full_env), restart=restart, stop_tier=stop_tier
+        )
         child = await self.launcher.start(spec)
         self.endpoints.append(self._endpoint(child, kind=kind, identity=identity, port=port))
         return child
@@ -262,6 +269,7 @@ class Mesh:
                 port,
                 python_module("hivewire.services.coordinator"),
                 restart=opts.coordinator_restart,
+                stop_tier=StopTier.CORE,  # after the agents, which report to it as they stop
                 # End-user API keys made by `hivewire keys create` (docs/security.md).
                 HIVEWIRE_AUTH__API_KEYS_FILE=str((opts.state_dir / "api-keys.json").resolve()),
                 **store,
@@ -294,6 +302,7 @@ class Mesh:
                 "--server-log",
                 str(nats.spec.log_file.resolve()),
             ),
+            stop_tier=StopTier.CORE,
             HIVEWIRE_METRICS_PORT="0",
         )
         await self._start_coordinators()
@@ -303,10 +312,16 @@ class Mesh:
             "model",
             opts.model_port,
             python_module("hivewire.services.model"),
+            stop_tier=StopTier.CORE,  # after the agents, which may still call it
             HIVEWIRE_MODEL__DEFAULT_BACKEND=self.model_backend,
         )
         await self._start_service(
-            "tool", "tool", "tool", opts.tool_port, python_module("hivewire.services.tool")
+            "tool",
+            "tool",
+            "tool",
+            opts.tool_port,
+            python_module("hivewire.services.tool"),
+            stop_tier=StopTier.CORE,
         )
         for offset, agent in enumerate(opts.agents):
             target = EXAMPLE_AGENTS.get(agent, agent)

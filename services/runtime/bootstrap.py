@@ -117,11 +117,22 @@ def with_service_defaults(settings: SettingsT, *, identity: str, port: int) -> S
     return settings.model_copy(update=update)
 
 
-def registry_from_settings(settings: Settings) -> Registry:
-    """The registry ``settings.discovery`` names (not started: use ``async with``)."""
+def registry_from_settings(settings: Settings, *, fail_fast: bool = False) -> Registry:
+    """The registry ``settings.discovery`` names (not started: use ``async with``).
+
+    Args:
+        settings: The process's settings.
+        fail_fast: Starting the embedded registry fails at once when NATS refuses the
+            connection (nothing listening) instead of waiting for it to come up: for a
+            one-shot reader such as the CLI, never for a service.
+    """
     options: dict[str, Any] = {}
+    embedded = settings.discovery.split("?")[0] in ("", "nats", "embedded")
+    on_nats = embedded or settings.discovery.startswith(("nats://", "tls://", "nats+tls://"))
+    if fail_fast and on_nats:
+        options["fail_fast"] = True
     tls = nats_tls_options(settings.nats_url, settings.tls_files())
-    if tls and settings.discovery.split("?")[0] in ("", "nats", "embedded"):
+    if tls and embedded:
         # The embedded registry on the mesh's NATS (TLS with this process's certificate),
         # writing keys under its identity's name: the only ones NATS lets it write.
         options["nats_options"] = tls
