@@ -23,6 +23,7 @@ import pytest
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
+from hivewire.discovery.static import StaticRegistry
 from hivewire.services.coordinator.dispatch import AgentLease
 from hivewire.services.coordinator.journal import EVENTS_KEPT
 from hivewire.services.coordinator.link import AgentLink, LinkAttempt, open_stream
@@ -234,9 +235,9 @@ async def test_a_flooding_agent_is_held_back_while_the_store_is_stalled(
 @contextlib.asynccontextmanager
 async def flood_lease(pki: Pki) -> AsyncIterator[tuple[AgentLease, Flooder]]:
     async with (
-        start_mesh(pki.dir, ":memory:") as mesh,
+        StaticRegistry() as registry,
         serve_scripted_agent(
-            mesh.registry, pki.dir, capabilities=("flood",), agent_class=Flooder, register=False
+            registry, pki.dir, capabilities=("flood",), agent_class=Flooder, register=False
         ) as (agent, server),
         lease_at(pki, server.port, agent.agent_id) as lease,
     ):
