@@ -73,6 +73,11 @@ EventData = events_pb2.TaskEventData | events_pb2.WorkflowEventData
 
 _EVENT_PAGE = 500
 
+EVENTS_KEPT = 1000
+"""Committed events of a task kept in memory for its watchers (at most twice as many
+before the oldest go): a task that runs for months with an agent streaming progress
+must not hold every event it ever had. Older ones are read from the store."""
+
 EVENT_COPY_MAX = 64 * 1024
 """Bytes of a gRPC event copied whole into its NATS event (larger: payloads left out)."""
 
@@ -139,6 +144,8 @@ class TaskRuntime:
         spec_bytes: Its serialized spec (written once).
         events: Its events not yet evicted; ``events[i]`` has sequence ``base + 1 + i``.
         committed: The highest sequence the store has committed.
+        uncommitted: Bytes of its events stored but not committed yet (what
+            :meth:`Journal.catch_up` waits on).
         attempt: The running attempt, if any.
         avoid: Agents a retry should not go to.
     """
@@ -150,6 +157,7 @@ class TaskRuntime:
         self.base = record.last_sequence
         self.events: list[TaskEvent] = []
         self.committed = record.last_sequence
+        self.uncommitted = 0
         self.attempt: Attempt | None = None
         self.enqueued_at = record.created_ns / 1e9
         self.queued_mono = 0.0
@@ -350,14 +358,24 @@ class Journal:
             )
             published = []
             metrics.OUTBOX_WRITTEN.inc()
+        stored = event.SerializeToString()
+        size = len(stored) + len(outbox)
+        rt.uncommitted += size
         future = self._store.put(
-            tasks=rows,
-            events=[
-                EventRow(record.task_id, event.sequence, event.SerializeToString(), outbox=outbox)
-            ],
+            tasks=rows, events=[EventRow(record.task_id, event.sequence, stored, outbox=outbox)]
         )
-        future.add_done_callback(partial(self._committed, rt, event, published))
+        future.add_done_callback(partial(self._committed, rt, event, published, size))
         return future
+
+    async def catch_up(self, rt: TaskRuntime, backlog: int) -> None:
+        """Wait until at most ``backlog`` bytes of the task's events are uncommitted.
+
+        An attempt waits here before it takes the agent's next message, so an agent
+        that writes faster than the store commits is held back by its stream's flow
+        control (docs/coordinator.md, Agent links) instead of filling memory.
+        """
+        while rt.uncommitted > backlog:
+            await rt.changed()
 
     def partial(self, rt: TaskRuntime, chunk: common_pb2.PartialResult) -> None:
         """Append a partial result of the task's running attempt.
@@ -496,8 +514,10 @@ class Journal:
         rt: TaskRuntime,
         event: TaskEvent,
         published: list[tuple[str, EventData, str]],
+        size: int,
         future: asyncio.Future[None],
     ) -> None:
+        rt.uncommitted -= size
         sequence = event.sequence
         if not future.cancelled() and future.exception() is not None:
             logger.error(
@@ -508,6 +528,10 @@ class Journal:
             )
         if sequence > rt.committed:
             rt.committed = sequence
+            if len(rt.events) > 2 * EVENTS_KEPT:
+                evicted = min(len(rt.events) - EVENTS_KEPT, rt.committed - rt.base)
+                del rt.events[:evicted]
+                rt.base += evicted
         rt.notify()
         for event_type, data, _ in published:
             # Without an outbox (a sink of another kind): straight to it, once committed.

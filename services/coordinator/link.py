@@ -27,7 +27,18 @@ What an ``Execute`` call did by itself is done here per attempt:
   error ends them as a call that closed without a result.
 
 The reader of the stream hands each message to its attempt's own queue, so it never
-waits for one slow attempt. An agent that answers ``UNIMPLEMENTED`` before any message
+waits for one slow attempt. What those queues hold is bounded per link: each message
+counts its size against the link's budget (setting ``link_buffer_bytes``) until its
+attempt takes it; once the budget is used up the reader stops reading the stream until
+attempts have taken half of it, so grpc's HTTP/2 flow control holds the agent back
+instead of the coordinator's memory growing (nothing is dropped). The message that
+fills the budget is still handed over, so a single message bigger than the budget goes
+through and its attempt drains it. What never waits behind the budget: the deadline
+(a timer of the attempt), the link's end and the Execute fallback (put by the reader
+after its loop, and a paused reader wakes when the link is closed), and an attempt
+that ends gives back what it had not taken.
+
+An agent that answers ``UNIMPLEMENTED`` before any message
 (it serves only ``Execute``) is remembered as such; the attempts that were on the way
 are sent again as ``Execute`` calls, which is safe because the agent refused them
 before starting any. After a broken connection before the first answer they are sent
@@ -49,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Sequence
 
 import grpc
@@ -56,7 +68,8 @@ from opentelemetry.trace import Status, StatusCode
 
 from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.services.base.lifecycle import Drain
-from hivewire.services.coordinator import dispatch
+from hivewire.services.coordinator import dispatch, metrics
+from hivewire.services.coordinator.settings import LINK_BUFFER_BYTES
 from hivewire.services.runtime import metadata as md
 from hivewire.services.runtime import tracing
 from hivewire.services.runtime.config import LINK_BATCH_BYTES
@@ -87,6 +100,21 @@ _NO_LINK = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
 inherits the generated stub, or a policy that lists only ``Execute``) refused."""
 _Item = agent_pb2.ExecuteResponse | dispatch.AttemptError | _Fallback | _Deadline | None
 
+_LINKS: weakref.WeakSet[AgentLink] = weakref.WeakSet()
+
+
+def _held_bytes() -> float:
+    """What every link holds (read by the metrics thread while the loop changes the set)."""
+    for _ in range(3):
+        try:
+            return float(sum(link.held for link in list(_LINKS)))
+        except RuntimeError:  # the set changed size while it was copied
+            continue
+    return 0.0
+
+
+metrics.LINK_HELD_BYTES.set_function(_held_bytes)
+
 
 class AgentLink:
     """One ``Link`` stream to one agent instance (opened at once, used by many attempts).
@@ -94,10 +122,19 @@ class AgentLink:
     Args:
         entry: The agent (its ``link_unsupported`` is set when it refuses ``Link``).
         stub: A stub on the agent's channel without client interceptors.
+        buffer_bytes: Bytes of messages held for attempts before the reader stops
+            reading the stream (see the module doc).
+
+    Attributes:
+        held: Bytes of messages handed to attempts that they have not taken yet.
     """
 
     def __init__(
-        self, entry: dispatch.AgentEntry, stub: agent_pb2_grpc.AgentServiceAsyncStub
+        self,
+        entry: dispatch.AgentEntry,
+        stub: agent_pb2_grpc.AgentServiceAsyncStub,
+        *,
+        buffer_bytes: int = LINK_BUFFER_BYTES,
     ) -> None:
         self._entry = entry
         self._agent_id = entry.agent_id
@@ -109,6 +146,12 @@ class AgentLink:
         self._answered = False
         self._confirmed = asyncio.Event()
         self.closed = False
+        self.held = 0
+        self._budget = buffer_bytes
+        # Set while the reader may read; cleared only while it waits for attempts.
+        self._room = asyncio.Event()
+        self._room.set()
+        _LINKS.add(self)
         self._call = stub.Link()
         observe_client_call(self._call, "bidi_stream", LINK_METHOD)
         self._writer = asyncio.create_task(self._write(), name=f"link-writer-{self._agent_id}")
@@ -140,8 +183,22 @@ class AgentLink:
         if self.closed:
             return
         self.closed = True
+        self._room.set()
         self._writer.cancel()
         self._call.cancel()
+
+    def release(self, size: int) -> None:
+        """An attempt took (or dropped) ``size`` bytes of messages: the reader may go on."""
+        self.held -= size
+        if self.held <= self._budget // 2 and not self._room.is_set():
+            self._room.set()
+
+    async def _make_room(self) -> None:
+        """Stop reading until attempts have taken half the budget (or the link ends)."""
+        metrics.LINK_PAUSES.inc()
+        logger.debug("link to agent %s holds %d bytes: reading paused", self._agent_id, self.held)
+        self._room.clear()
+        await self._room.wait()
 
     async def _write(self) -> None:
         call = self._call
@@ -192,11 +249,15 @@ class AgentLink:
                 for response in message.responses:
                     attempt = attempts.get((response.task_id, response.attempt))
                     if attempt is not None:
-                        attempt.deliver(response)
+                        size = response.ByteSize()
+                        self.held += size
+                        attempt.deliver(response, size)
                 for refusal in message.refusals:
                     attempt = attempts.get((refusal.task_id, refusal.attempt))
                     if attempt is not None:
                         attempt.deliver(_refusal_error(refusal, self._agent_id))
+                if self.held >= self._budget and not self.closed:
+                    await self._make_room()
         except grpc.aio.AioRpcError as err:
             if not self._answered and not self.closed:
                 # The agent never answered on this link, so none of its attempts ran
@@ -267,9 +328,11 @@ class LinkAttempt:
         self._correlation_id = values.get(md.CORRELATION_ID, "")
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + timeout
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        # Each item with the bytes it holds of the link's budget (0: not a message).
+        self._queue: asyncio.Queue[tuple[_Item, int]] = asyncio.Queue()
+        self._held = 0
         # One timer per attempt (cheaper than a timeout around every receive).
-        self._timer = loop.call_at(self._deadline, self._queue.put_nowait, _DEADLINE)
+        self._timer = loop.call_at(self._deadline, self._queue.put_nowait, (_DEADLINE, 0))
         self._span, headers = tracing.client_span(dispatch.EXECUTE_METHOD)
         self._span.set_attribute("hivewire.link", True)
         self._traceparent = headers.get(md.TRACEPARENT, "")
@@ -281,9 +344,10 @@ class LinkAttempt:
         self._first = True
         link.attach(self._key, self)
 
-    def deliver(self, item: _Item) -> None:
-        """Called by the link's reader: a message, an error, or the link's end."""
-        self._queue.put_nowait(item)
+    def deliver(self, item: _Item, size: int = 0) -> None:
+        """Called by the link's reader: a message (``size`` bytes held), an error, or the end."""
+        self._held += size
+        self._queue.put_nowait((item, size))
 
     async def send(self, request: agent_pb2.ExecuteRequest) -> bool:
         """Send one message; returns False when the attempt is already over."""
@@ -320,7 +384,10 @@ class LinkAttempt:
         """
         if self._fallback is not None:
             return await self._fallback.receive()
-        item = await self._queue.get()
+        item, size = await self._queue.get()
+        if size and not self._over:
+            self._held -= size
+            self._link.release(size)
         if isinstance(item, agent_pb2.ExecuteResponse):
             self._sent = None
             if item.WhichOneof("kind") in ("result", "error"):
@@ -377,6 +444,10 @@ class LinkAttempt:
         self._over = True
         self._timer.cancel()
         self._link.detach(self._key)
+        if self._held:
+            # What it had not taken yet is given back: nobody will take it.
+            self._link.release(self._held)
+            self._held = 0
         span = self._span
         if span.is_recording():
             span.set_attribute("rpc.grpc.status_code", code.value[0])
@@ -395,6 +466,7 @@ def open_stream(
     timeout: float,
     metadata: Sequence[tuple[str, str]],
     link: bool,
+    buffer_bytes: int = LINK_BUFFER_BYTES,
 ) -> AttemptStream:
     """Start an attempt's conversation with its agent: on the agent's Link, or an Execute.
 
@@ -403,6 +475,7 @@ def open_stream(
         timeout: Seconds until the task's deadline.
         metadata: Task id, attempt, correlation id (and the token budget for Execute).
         link: Use the agent's ``Link`` (setting ``agent_link``) unless it has none.
+        buffer_bytes: The budget of a link opened here (setting ``link_buffer_bytes``).
     """
     entry = lease.entry
     if not link or entry.link_unsupported:
@@ -413,6 +486,6 @@ def open_stream(
         current.retire()
         current = None
     if not isinstance(current, AgentLink) or current.closed:
-        current = AgentLink(entry, lease.stub)
+        current = AgentLink(entry, lease.stub, buffer_bytes=buffer_bytes)
         entry.link = current
     return LinkAttempt(current, lease, timeout=timeout, metadata=metadata)

@@ -151,3 +151,17 @@ PARTIALS_JOINED = Counter(
     "Partial results stored inside the event of the one before them (they arrived while "
     "the task's previous partial event was being committed).",
 )
+
+
+# -- agent links (link.py) ----------------------------------------------------------------
+
+LINK_HELD_BYTES = Gauge(
+    "hivewire_coordinator_link_held_bytes",
+    "Bytes of agents' messages the agent links hold for attempts that have not taken them "
+    "yet, all links together (each link at most its link_buffer_bytes plus one message).",
+)
+LINK_PAUSES = Counter(
+    "hivewire_coordinator_link_paused_total",
+    "Times an agent link stopped reading its stream because its attempts had not taken "
+    "link_buffer_bytes of its messages (HTTP/2 flow control then holds the agent back).",
+)

@@ -991,6 +991,7 @@ class Coordinator(StartStop):
                     timeout=(record.deadline_ns - now_ns()) / 1e9,
                     metadata=call_metadata(record, attempt.number),
                     link=self.settings.agent_link,
+                    buffer_bytes=self.settings.link_buffer_bytes,
                 )
                 await stream.send(
                     agent_pb2.ExecuteRequest(assign=assignment(record, attempt.number))
@@ -1018,6 +1019,9 @@ class Coordinator(StartStop):
                         await stream.close_sending()
                         await stream.finish(self.settings.cancel_grace)
                         break
+                    if rt.uncommitted > self.settings.journal_backlog_bytes:
+                        # The store is behind: take no more until it catches up.
+                        await self._journal.catch_up(rt, self.settings.journal_backlog_bytes)
                 metrics.ATTEMPTS.labels("answered").inc()
             except AttemptError as err:
                 verdict = err.verdict

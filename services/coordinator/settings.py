@@ -15,6 +15,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from hivewire.services.runtime.config import Settings
 from hivewire.services.runtime.sections import BreakerSection, Section
 
+LINK_BUFFER_BYTES = 4 * 1024 * 1024
+"""Default of ``link_buffer_bytes`` (also what a link opened without settings holds)."""
+
 
 class QuotaLimits(Section):
     """Limits of one principal (0 = no limit)."""
@@ -141,6 +144,19 @@ class CoordinatorSettings(BreakerSection):
         True,
         description="Carry attempts on one long-lived Link stream per agent instead of an "
         "Execute call each (agents without Link get Execute calls anyway).",
+    )
+    link_buffer_bytes: int = Field(
+        LINK_BUFFER_BYTES,
+        ge=1,
+        description="Bytes of an agent's messages its Link holds for attempts that have not "
+        "taken them yet; when they are used up the coordinator stops reading the Link until "
+        "attempts take half of them, and HTTP/2 flow control holds the agent back.",
+    )
+    journal_backlog_bytes: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="Bytes of a task's events stored but not yet committed after which its "
+        "attempt takes no more of the agent's messages until the store catches up.",
     )
     finished_cache_size: int = Field(
         2000, ge=0, description="Finished tasks kept in memory for fast watch and get."

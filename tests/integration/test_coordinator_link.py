@@ -230,17 +230,19 @@ async def test_an_agent_built_before_link_gets_execute_calls(mesh: Mesh) -> None
 # -- the attempt handle, against a real agent ------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def lease_on(pki: Pki, running: AgentServer) -> AsyncIterator[AgentLease]:
+def lease_on(pki: Pki, running: AgentServer) -> contextlib.AbstractAsyncContextManager[AgentLease]:
     """A lease on ``running`` as the pool makes it (a stub on a plain mTLS channel)."""
+    return lease_at(pki, running.port, running.runtime.agent_id)
+
+
+@contextlib.asynccontextmanager
+async def lease_at(pki: Pki, port: int, agent_id: str) -> AsyncIterator[AgentLease]:
+    """A lease on the agent at ``port`` as the pool makes it (see :func:`lease_on`)."""
     files = TlsFiles.for_identity(pki.dir, "coordinator")
-    channel = secure_channel(f"127.0.0.1:{running.port}", files)
+    channel = secure_channel(f"127.0.0.1:{port}", files)
     entry = AgentEntry(
         instance=Instance(
-            service="hivewire-agent",
-            instance_id=running.runtime.agent_id,
-            address="127.0.0.1",
-            port=running.port,
+            service="hivewire-agent", instance_id=agent_id, address="127.0.0.1", port=port
         ),
         max_concurrency=8,
         breaker=CircuitBreaker("agent:test"),

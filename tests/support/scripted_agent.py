@@ -289,14 +289,16 @@ async def serve_scripted_agent(
     register: bool = True,
     script: dict[str, Any] | None = None,
     without_link: bool = False,
+    agent_class: type[ScriptedAgent] = ScriptedAgent,
 ) -> AsyncIterator[tuple[ScriptedAgent, ServiceServer]]:
     """Serve a scripted agent over mTLS on 127.0.0.1 and register it while the block runs.
 
     With ``without_link`` only ``Execute`` and ``Describe`` are served, as by an agent
     built before ``Link`` existed (``Link`` answers UNIMPLEMENTED); otherwise ``Link`` is
-    the generated stub's, which the authz interceptor refuses (PERMISSION_DENIED).
+    the generated stub's, which the authz interceptor refuses (PERMISSION_DENIED), unless
+    ``agent_class`` (a subclass) serves one of its own.
     """
-    agent = ScriptedAgent(
+    agent = agent_class(
         name, capabilities=capabilities, max_concurrency=max_concurrency, script=script
     )
     settings = load_settings(
