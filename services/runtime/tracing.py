@@ -184,7 +184,7 @@ class _SpanWhenKept:
     def _start_interceptor_span(self, method: Any) -> Any:
         if not spans_kept():
             return nullcontext(trace.NonRecordingSpan(trace.get_current_span().get_span_context()))
-        return super()._start_interceptor_span(method)  # type: ignore[misc]
+        return super()._start_interceptor_span(method)  # type: ignore[misc]  # a mixin: the stock interceptor class below it defines the method
 
 
 class _StreamEnding:
