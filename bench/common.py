@@ -11,6 +11,7 @@ what a ratio between two variants should be read from first.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import os
@@ -325,6 +326,29 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # --- formatting -------------------------------------------------------------------------
+
+
+def add_code_option(parser: argparse.ArgumentParser) -> None:
+    """``--pythonpath``: run the services on other code (an older version, installed apart)."""
+    parser.add_argument("--pythonpath", default="", help="other code first on PYTHONPATH")
+
+
+def instrumented_pythonpath(site: Path, other: str) -> str:
+    """PYTHONPATH of an instrumented service: its ``sitecustomize`` folder, ``other``, this code."""
+    return ":".join(part for part in (str(site), other, str(ROOT)) if part)
+
+
+def wait_until(done: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    """Poll ``done`` until it is true (a file a service writes on a signal, say).
+
+    Raises:
+        RuntimeError: Still not done after ``within`` seconds; ``what`` names it.
+    """
+    deadline = time.monotonic() + within
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {what} after {within}s")
+        time.sleep(0.05)
 
 
 def fmt_time(seconds: float | None) -> str:

@@ -27,13 +27,12 @@ import pstats
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT
+from bench.common import add_code_option, instrumented_pythonpath, wait_until
 from bench.mesh import run_task
 from bench.meshrun import bench_mesh, coordinator_stub
 from bench.profile import area
@@ -96,10 +95,9 @@ def report(stats_path: Path, tasks: int, top: int) -> str:
 async def run(args: argparse.Namespace) -> str:
     """Profile ``--who`` at each concurrency; the report."""
     with tempfile.TemporaryDirectory(prefix="hivewire-cprofile-") as tmp:
-        code = f"{args.pythonpath}:{ROOT}" if args.pythonpath else str(ROOT)
         out = Path(tmp) / "profile.pstats"
         env = {
-            "PYTHONPATH": f"{SITE}:{code}",
+            "PYTHONPATH": instrumented_pythonpath(SITE, args.pythonpath),
             "BENCH_CPROFILE_OUT": str(out),
             "BENCH_CPROFILE_WHO": args.who,
         }
@@ -115,19 +113,11 @@ async def run(args: argparse.Namespace) -> str:
                     os.kill(pid, signal.SIGUSR2)
                     await _tasks(stub, args.tasks, concurrency)
                     os.kill(pid, signal.SIGUSR1)
-                    await asyncio.to_thread(_wait_for, out)
+                    await asyncio.to_thread(wait_until, out.exists, f"profile at {out}")
                     sections.append(f"c={concurrency}:\n" + report(out, args.tasks, args.top))
             finally:
                 await channel.close()
         return "\n".join(sections)
-
-
-def _wait_for(path: Path, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no profile at {path} after {within}s")
-        time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=1000, help="profiled tasks per phase")
     parser.add_argument("--warmup", type=int, default=100, help="tasks before each phase")
     parser.add_argument("--top", type=int, default=30, help="functions listed")
-    parser.add_argument("--pythonpath", default="", help="other code first on PYTHONPATH")
+    add_code_option(parser)
     args = parser.parse_args(argv)
     print(asyncio.run(run(args)))
     return 0

@@ -30,12 +30,13 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT
+from bench.common import add_code_option, instrumented_pythonpath, wait_until
 from bench.mesh import noop_spec
 from bench.meshrun import bench_mesh, coordinator_stub
 from hivewire.coordinator.v1 import coordinator_pb2
@@ -154,8 +155,7 @@ async def run(args: argparse.Namespace) -> str:
     """Run the tasks through an instrumented mesh; the table."""
     with tempfile.TemporaryDirectory(prefix="hivewire-hops-") as tmp:
         directory = Path(tmp)
-        code = f"{args.pythonpath}:{ROOT}" if args.pythonpath else str(ROOT)
-        env = {"PYTHONPATH": f"{SITE}:{code}", "BENCH_HOPS_DIR": tmp}
+        env = {"PYTHONPATH": instrumented_pythonpath(SITE, args.pythonpath), "BENCH_HOPS_DIR": tmp}
         client: list[tuple[int, str, str, str]] = []
         async with bench_mesh(agents=1, service_env=env) as mesh:
             channel = mesh.channel()
@@ -177,17 +177,15 @@ async def run(args: argparse.Namespace) -> str:
                 await channel.close()
             for name in ("coordinator", "agent-0"):
                 os.kill(mesh.pids[name], signal.SIGUSR1)
-            await asyncio.to_thread(_wait_for_dumps, directory)
+            await asyncio.to_thread(
+                wait_until, partial(_dumped, directory), f"records in {directory}"
+            )
         return analyze(directory, client, args.skip)
 
 
-def _wait_for_dumps(directory: Path, within: float = 30.0) -> None:
-    """Until both services have written their records (``.turns`` is written last)."""
-    deadline = time.monotonic() + within
-    while not all(list(directory.glob(f"{n}-*.turns")) for n in ("coordinator", "agent")):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no records in {directory} after {within}s")
-        time.sleep(0.05)
+def _dumped(directory: Path) -> bool:
+    """Whether both services have written their records (``.turns`` is written last)."""
+    return all(list(directory.glob(f"{n}-*.turns")) for n in ("coordinator", "agent"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=300, help="tasks, one after the other")
     parser.add_argument("--skip", type=int, default=30, help="first tasks left out (warm-up)")
-    parser.add_argument("--pythonpath", default="", help="other code first on PYTHONPATH")
+    add_code_option(parser)
     args = parser.parse_args(argv)
     print(asyncio.run(run(args)))
     return 0

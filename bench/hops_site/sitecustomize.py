@@ -115,8 +115,8 @@ def _coordinator_link(module: ModuleType) -> None:
     cls = module.AgentLink
     init = cls.__init__
 
-    def instrumented(self: Any, entry: Any, stub: Any) -> None:
-        init(self, entry, stub)
+    def instrumented(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
         call = self._call
         write, read = call.write, call.read
 
