@@ -779,14 +779,19 @@ class JetStreamTaskStore(OpenClose):
         async def deliver(msg: Any) -> None:
             await queue.put(msg)
 
-        sub = await self._js.subscribe(
-            f"{JOURNAL_SUBJECT}.{task_id}",
-            stream=self.stream,
-            cb=deliver,
-            ordered_consumer=True,
-            config=js_api.ConsumerConfig(
-                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-            ),
+        # Made again while the stream has no leader (a NATS node just died), as every
+        # other read is: a watcher resumed on this coordinator then waits, not fails.
+        sub = await self._retry(
+            partial(
+                self._js.subscribe,
+                f"{JOURNAL_SUBJECT}.{task_id}",
+                stream=self.stream,
+                cb=deliver,
+                ordered_consumer=True,
+                config=js_api.ConsumerConfig(
+                    deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+                ),
+            )
         )
         last = after
         try:
