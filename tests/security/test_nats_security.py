@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import nats
@@ -133,13 +133,7 @@ async def test_only_the_coordinator_publishes_task_events(
         connected(secure_nats, pki.files("coordinator")) as coordinator,
     ):
         assert watcher.client and agent.client and coordinator.client
-        seen: list[str] = []
-
-        async def on_message(msg: nats.aio.msg.Msg) -> None:
-            seen.append(msg.data.decode())
-
-        await watcher.client.subscribe("hivewire.events.task.>", cb=on_message)
-        await watcher.client.flush()
+        seen = await collected(watcher.client, "hivewire.events.task.>", lambda m: m.data.decode())
         await agent.client.publish("hivewire.events.task.completed", b"forged")
         await agent.client.flush()
         await eventually(lambda: agent.denied("hivewire.events.task.completed"), timeout=10)
@@ -159,13 +153,7 @@ async def test_the_coordinator_publishes_agent_health_changes_and_no_other_agent
         connected(secure_nats, pki.files("coordinator")) as coordinator,
     ):
         assert watcher.client and coordinator.client
-        seen: list[str] = []
-
-        async def on_message(msg: nats.aio.msg.Msg) -> None:
-            seen.append(msg.subject)
-
-        await watcher.client.subscribe("hivewire.events.agent.>", cb=on_message)
-        await watcher.client.flush()
+        seen = await collected(watcher.client, "hivewire.events.agent.>", lambda m: m.subject)
         await coordinator.client.publish("hivewire.events.agent.registered", b"forged")
         await coordinator.client.flush()
         await eventually(lambda: coordinator.denied("hivewire.events.agent.registered"))
@@ -173,6 +161,20 @@ async def test_the_coordinator_publishes_agent_health_changes_and_no_other_agent
         await coordinator.client.flush()
         await eventually(lambda: seen == ["hivewire.events.agent.health_changed"], timeout=10)
         assert not coordinator.denied("hivewire.events.agent.health_changed")
+
+
+async def collected(
+    client: nats.aio.client.Client, subject: str, part: Callable[[nats.aio.msg.Msg], str]
+) -> list[str]:
+    """A list that fills with ``part`` of each message on ``subject`` (subscribed, flushed)."""
+    seen: list[str] = []
+
+    async def on_message(msg: nats.aio.msg.Msg) -> None:
+        seen.append(part(msg))
+
+    await client.subscribe(subject, cb=on_message)
+    await client.flush()
+    return seen
 
 
 def registry_of(server: NatsServer, files: TlsFiles) -> Registry:
