@@ -24,6 +24,7 @@ import asyncio
 import collections
 import os
 import pstats
+import shutil
 import signal
 import sys
 import tempfile
@@ -115,6 +116,8 @@ async def run(args: argparse.Namespace) -> str:
                     os.kill(pid, signal.SIGUSR1)
                     await asyncio.to_thread(wait_until, out.exists, f"profile at {out}")
                     sections.append(f"c={concurrency}:\n" + report(out, args.tasks, args.top))
+                    if args.save:
+                        shutil.copyfile(out, f"{args.save}-c{concurrency}.pstats")
             finally:
                 await channel.close()
         return "\n".join(sections)
@@ -128,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=1000, help="profiled tasks per phase")
     parser.add_argument("--warmup", type=int, default=100, help="tasks before each phase")
     parser.add_argument("--top", type=int, default=30, help="functions listed")
+    parser.add_argument(
+        "--save", type=Path, help="also keep each phase's pstats as SAVE-c<N>.pstats"
+    )
     add_code_option(parser)
     args = parser.parse_args(argv)
     print(asyncio.run(run(args)))

@@ -117,7 +117,7 @@ def echo_handler() -> grpc.GenericRpcHandler:
     )
 
 
-async def _wait_for_parent() -> None:
+async def wait_for_parent() -> None:
     """Return when stdin closes (the parent ended) or SIGTERM/SIGINT arrives."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -135,24 +135,29 @@ async def _wait_for_parent() -> None:
     watcher.cancel()
 
 
-def _announce(port: int) -> None:
+def announce(port: int) -> None:
     line = {"port": port, "pid": os.getpid(), "grpcio": grpc.__version__}
     sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()
 
 
-async def serve_bare(certs: Path) -> None:
-    """A plain ``grpc.aio.server()``: no interceptors, no options, static mTLS credentials."""
+def server_credentials(certs: Path) -> grpc.ServerCredentials:
+    """The benchmark servers' mTLS: the ``coordinator`` identity, client certificates required."""
     ca, cert, key = CertFiles.in_dir(certs, SERVER_STEM).read()
-    creds = grpc.ssl_server_credentials(
+    return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=True
     )
+
+
+async def serve_bare(certs: Path) -> None:
+    """A plain ``grpc.aio.server()``: no interceptors, no options, static mTLS credentials."""
+    creds = server_credentials(certs)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((echo_handler(),))
     port = server.add_secure_port("127.0.0.1:0", creds)
     await server.start()
-    _announce(port)
-    await _wait_for_parent()
+    announce(port)
+    await wait_for_parent()
     await server.stop(0)
 
 
@@ -179,17 +184,14 @@ async def serve_relay(certs: Path, upstream: str) -> None:
             )
         },
     )
-    ca, cert, key = CertFiles.in_dir(certs, SERVER_STEM).read()
-    creds = grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=True
-    )
+    creds = server_credentials(certs)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
     port = server.add_secure_port("127.0.0.1:0", creds)
     await server.start()
     await forward(PAYLOAD, timeout=30, wait_for_ready=True)
-    _announce(port)
-    await _wait_for_parent()
+    announce(port)
+    await wait_for_parent()
     await server.stop(0)
     await channel.close()
 
@@ -222,8 +224,8 @@ async def serve_runtime(certs: Path) -> None:
     policy = AuthzPolicy((*DEFAULT_POLICY.rules, echo_rule), source="bench")
     authz = AuthzPolicyStore(policy=policy)
     async with ServiceServer(settings, [binding], authz=authz) as server:
-        _announce(server.port)
-        await _wait_for_parent()
+        announce(server.port)
+        await wait_for_parent()
 
 
 # --- client -----------------------------------------------------------------------------
@@ -241,8 +243,8 @@ def open_channel(target: str, certs: Path, *, variant: str = "bare") -> grpc.aio
 
 
 @dataclass
-class EchoServer:
-    """A running echo server process."""
+class ServerProcess:
+    """A running benchmark server process (it printed its port and pid as JSON)."""
 
     process: asyncio.subprocess.Process
     port: int
@@ -260,28 +262,20 @@ class EchoServer:
 
 
 @contextlib.asynccontextmanager
-async def echo_server(
-    certs: Path, *, variant: str = "bare", python: str = sys.executable, upstream: str = ""
-) -> AsyncIterator[EchoServer]:
-    """Start ``python -m bench.echo serve`` and stop it when the block ends.
+async def serve_process(
+    module: str, args: Sequence[str], *, python: str = sys.executable
+) -> AsyncIterator[ServerProcess]:
+    """Start ``python -m <module> <args>`` and stop it when the block ends.
 
-    Args:
-        certs: The PKI directory.
-        variant: ``bare``, ``runtime`` or ``relay`` (which needs ``upstream``).
-        python: The interpreter.
-        upstream: ``host:port`` of the echo server a relay forwards to.
+    The process announces itself (:func:`announce`) and lives until its stdin closes
+    (:func:`wait_for_parent`).
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = await asyncio.create_subprocess_exec(
         python,
         "-m",
-        "bench.echo",
-        "serve",
-        "--certs",
-        str(certs),
-        "--variant",
-        variant,
-        *(("--upstream", upstream) if upstream else ()),
+        module,
+        *args,
         cwd=ROOT,
         env=env,
         stdin=asyncio.subprocess.PIPE,
@@ -292,9 +286,9 @@ async def echo_server(
         async with asyncio.timeout(60):
             line = await process.stdout.readline()
         if not line:
-            raise RuntimeError(f"echo server ({variant}) exited with {await process.wait()}")
+            raise RuntimeError(f"{module} {' '.join(args)} exited with {await process.wait()}")
         info = json.loads(line)
-        yield EchoServer(process, int(info["port"]), str(info["grpcio"]))
+        yield ServerProcess(process, int(info["port"]), str(info["grpcio"]))
     finally:
         if process.stdin is not None:
             process.stdin.close()
@@ -304,6 +298,25 @@ async def echo_server(
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def echo_server(
+    certs: Path, *, variant: str = "bare", python: str = sys.executable, upstream: str = ""
+) -> AsyncIterator[ServerProcess]:
+    """Start ``python -m bench.echo serve`` and stop it when the block ends.
+
+    Args:
+        certs: The PKI directory.
+        variant: ``bare``, ``runtime`` or ``relay`` (which needs ``upstream``).
+        python: The interpreter.
+        upstream: ``host:port`` of the echo server a relay forwards to.
+    """
+    args = ["serve", "--certs", str(certs), "--variant", variant]
+    if upstream:
+        args += ["--upstream", upstream]
+    async with serve_process("bench.echo", args, python=python) as server:
+        yield server
 
 
 async def unary_phases(

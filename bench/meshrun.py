@@ -51,6 +51,7 @@ class BenchMesh:
         coordinator: The coordinator process.
         agents: The agent processes.
         address: ``host:port`` of the coordinator.
+        nats_url: The nats-server's client URL.
     """
 
     state: Path
@@ -59,6 +60,7 @@ class BenchMesh:
     coordinator: ManagedProcess
     agents: list[ManagedProcess]
     address: str
+    nats_url: str = ""
     services: list[ManagedProcess] = field(default_factory=list)
     more_coordinators: list[ManagedProcess] = field(default_factory=list)
     """Coordinators after the first (``coordinator-2``...), sharing its JetStream store."""
@@ -258,6 +260,7 @@ async def bench_mesh(
                 agents=list(started),
                 services=services,
                 address=f"127.0.0.1:{coordinator.ports['grpc']}",
+                nats_url=nats_config.url,
                 more_coordinators=started_coordinators[1:],
             )
             await _wait_for_agents(mesh, agents)

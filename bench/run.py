@@ -6,7 +6,7 @@ raw ``js.publish``...) and reports the ratio, with the variants interleaved roun
 round and the median kept. CPU time per operation (per process) is printed next to
 wall-clock rates: it is the steadier of the two.
 
-    python bench/run.py                 # everything but grpcio_versions, ~3-4 minutes
+    python bench/run.py                 # everything but grpcio_versions, ~4-5 minutes
     python bench/run.py --quick         # short phases, one round, under a minute
     python bench/run.py --only mesh streams --json results.json
     python bench/run.py --only grpcio   # bench/grpcio_versions.py (builds venvs, needs PyPI)
@@ -51,6 +51,7 @@ from bench import (
     coordinators,
     echo,
     events,
+    floor,
     grpcio_versions,
     interceptors,
     mesh,
@@ -64,6 +65,7 @@ from hivewire.services.mesh.pki import init_pki
 
 BENCHMARKS = (
     "chain",
+    "floor",
     "tokens",
     "backlog",
     "echo",
@@ -80,6 +82,8 @@ STREAMS_DEFAULT = 2000
 STREAMS_QUICK = 500
 MESH_TASKS = Durations(warmup=0.5, measure=3.0, rounds=3)
 """Task phases by default: fewer, longer rounds (a task is slow; p99 needs samples)."""
+FLOOR_ROUNDS = Durations(warmup=DEFAULT.warmup, measure=DEFAULT.measure, rounds=3)
+"""The floor's five sides at two concurrencies: three rounds keep it near a minute."""
 
 
 def machine() -> dict[str, Any]:
@@ -152,6 +156,13 @@ async def run(args: argparse.Namespace) -> int:
                 chain.plot(result, args.plot, before=before)
             text = chain.report(result)
             return text + (f"\nplot written to {args.plot}" if args.plot else "")
+
+        async def bench_floor() -> str:
+            # The chain's comparison again, with the floors beside it: the contract's
+            # messages, store and events with nothing of hivewire in between.
+            result = await floor.measure(durations=durations if args.quick else FLOOR_ROUNDS)
+            results["floor"] = result
+            return floor.report(result)
 
         async def bench_tokens() -> str:
             result = await tokens.measure(durations=durations)
@@ -227,6 +238,7 @@ async def run(args: argparse.Namespace) -> int:
 
         runners: dict[str, Callable[[], Awaitable[str]]] = {
             "chain": bench_chain,
+            "floor": bench_floor,
             "tokens": bench_tokens,
             "backlog": bench_backlog,
             "echo": bench_echo,

@@ -9,7 +9,10 @@ attributes of :class:`TaskRecord`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from hivewire.agent.v1 import agent_pb2
 from hivewire.common.v1 import common_pb2
@@ -38,6 +41,15 @@ DEAD_LETTERED = common_pb2.TASK_STATE_DEAD_LETTERED
 TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, DEAD_LETTERED})
 #: States in which an attempt is (or was, before a restart) running on an agent.
 ACTIVE_DISPATCH_STATES = frozenset({ASSIGNED, RUNNING, INPUT_REQUIRED})
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _copied(message: _M) -> _M:
+    copied = type(message)()
+    copied.CopyFrom(message)
+    return copied
 
 
 def now_ns() -> int:
@@ -135,6 +147,24 @@ class TaskRecord:
     def is_plan(self) -> bool:
         """Whether the task carries a plan (its steps run as tasks of their own)."""
         return self.spec.HasField("plan")
+
+    def snapshot(self) -> TaskRecord:
+        """A copy that later changes to this record leave as it is.
+
+        Its messages are copied too (the coordinator changes some in place, such as
+        ``usage``): the answer a caller gets is the task at that moment.
+        """
+        return replace(
+            self,
+            spec=_copied(self.spec),
+            progress=None if self.progress is None else _copied(self.progress),
+            output=None if self.output is None else _copied(self.output),
+            error=None if self.error is None else _copied(self.error),
+            usage=_copied(self.usage),
+            pending_input=None if self.pending_input is None else _copied(self.pending_input),
+            attempts=[_copied(attempt) for attempt in self.attempts],
+            steps=[_copied(step) for step in self.steps],
+        )
 
     @property
     def terminal(self) -> bool:

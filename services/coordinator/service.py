@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import logging
 import uuid
@@ -372,7 +371,7 @@ class Coordinator(StartStop):
         self._arm_deadline(rt)
         # The answer is the task as accepted (its plan starts and the scheduler may move
         # it on while the commit is awaited), so StreamTask follows from that point.
-        accepted = copy.deepcopy(record)
+        accepted = record.snapshot()
         if record.is_plan:
             self._plans.start(rt)
         else:
@@ -861,7 +860,7 @@ class Coordinator(StartStop):
                 agent_id=record.agent_id,
             ),
         )
-        answered = copy.deepcopy(record)
+        answered = record.snapshot()
         # A yes to a tool approval gets the coordinator's signed grant (approvals.py).
         response = endorse(self._approvals, task_id, pending, response, caller.identity)
         await attempt.send(agent_pb2.ExecuteRequest(input=response))
