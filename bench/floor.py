@@ -18,10 +18,12 @@ hivewire's guarantees, chosen per task by its capability:
   commit (the same nats-server as the mesh, ``sync_interval: always``), acks awaited
   in pipelined windows in the background.
 
-Each round runs, at every concurrency, the three floors, the hivewire task and the chain,
-back to back, and takes the ratios of that round against the chain. What a floor
-reaches is a ceiling for any Python implementation of the contract on grpc.aio: no
-validation, authorization, scheduling, retries, deadlines, tracing, metrics or logs.
+Each round runs, at every concurrency, the three floors, the hivewire task (``task``, and
+``task-outcome``: the same with ``StreamTaskRequest.outcome_only``, two messages to the
+client instead of five) and the chain, back to back, and takes the ratios of that round
+against the chain. What a floor reaches is a ceiling for any Python implementation of the
+contract on grpc.aio: no validation, authorization, scheduling, retries, deadlines,
+tracing, metrics or logs.
 
     python bench/floor.py [--rounds 3] [--measure 1.2] [--concurrency 1 16] [--json F]
 """
@@ -83,6 +85,8 @@ from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 FLOORS = ("messages", "store", "events")
 """The floors, each adding one guarantee to the one before."""
 CONCURRENCY = (1, 16)
+TASK_OUTCOME = "task-outcome"
+"""The hivewire task again, its client asking for the outcome alone (``outcome_only``)."""
 
 QUEUED = common_pb2.TASK_STATE_QUEUED
 ASSIGNED = common_pb2.TASK_STATE_ASSIGNED
@@ -422,7 +426,8 @@ async def measure(
     Returns:
         ``{"concurrency": [...], "rounds": {name: [Phase per round]},
         "phases": {name: median Phase}}``; names are ``<side> c=<n>``, sides
-        ``floor-messages``, ``floor-store``, ``floor-events``, ``task`` and ``chain``.
+        ``floor-messages``, ``floor-store``, ``floor-events``, ``task``, ``task-outcome``
+        and ``chain``.
     """
     rounds: dict[str, list[Phase]] = {}
     async with (
@@ -449,6 +454,9 @@ async def measure(
                 async def task_op() -> None:
                     await run_task(task_stub)
 
+                async def outcome_op() -> None:
+                    await run_task(task_stub, outcome_only=True)
+
                 async def chain_op() -> None:
                     await call(PAYLOAD)
 
@@ -459,6 +467,7 @@ async def measure(
                         for name in FLOORS
                     ),
                     (TASK, task_op, mesh.pids),
+                    (TASK_OUTCOME, outcome_op, mesh.pids),
                     (CHAIN, chain_op, chain.pids),
                 ]
                 for _ in range(durations.rounds):
@@ -517,7 +526,7 @@ def report(result: Mapping[str, Any]) -> str:
             [f"c={c}", CHAIN, f"{chain.rate:,.0f}/s", fmt_time(p50(chain)), fmt_time(p99(chain)),
              f"{chain.cpu_total_us:,.0f} µs", "1", "1", "1", "1"]
         )  # fmt: skip
-        for side in (*(f"floor-{name}" for name in FLOORS), TASK):
+        for side in (*(f"floor-{name}" for name in FLOORS), TASK, TASK_OUTCOME):
             phase = phases[phase_name(side, c)]
             spread = _ratios(result, side, c)
             rows.append(
@@ -536,7 +545,7 @@ def report(result: Mapping[str, Any]) -> str:
             )
     cpu_rows = []
     for c in sorted(result["concurrency"], reverse=True):
-        for side in (*(f"floor-{name}" for name in FLOORS), TASK):
+        for side in (*(f"floor-{name}" for name in FLOORS), TASK, TASK_OUTCOME):
             phase = phases[phase_name(side, c)]
             cpu_rows.append(
                 [f"c={c}", side]

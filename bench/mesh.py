@@ -66,8 +66,12 @@ def noop_spec(capability: str = "noop") -> coordinator_pb2.TaskSpec:
     return spec
 
 
-async def run_task(stub: CoordinatorStub, capability: str = "noop") -> int:
+async def run_task(
+    stub: CoordinatorStub, capability: str = "noop", *, outcome_only: bool = False
+) -> int:
     """Submit one task (``noop`` unless told) with ``StreamTask`` and follow it to its end.
+
+    ``outcome_only`` asks for the snapshot and the end alone (``StreamTaskRequest``).
 
     Returns:
         The number of events the client received.
@@ -77,7 +81,9 @@ async def run_task(stub: CoordinatorStub, capability: str = "noop") -> int:
     """
     events = 0
     finished: coordinator_pb2.TaskFinished | None = None
-    call = stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=noop_spec(capability)))
+    call = stub.StreamTask(
+        coordinator_pb2.StreamTaskRequest(spec=noop_spec(capability), outcome_only=outcome_only)
+    )
     async for response in call:
         events += 1
         if response.event.WhichOneof("kind") == "finished":

@@ -110,8 +110,10 @@ class TaskSubtasks:
         metadata = (
             [(md.CORRELATION_ID, self._ctx.correlation_id)] if self._ctx.correlation_id else []
         )
+        # Without a listener only the outcome is of use: the coordinator sends the
+        # snapshot and the end, not every event (an older one ignores the field).
         call = stub.StreamTask(
-            C.StreamTaskRequest(spec=spec),
+            C.StreamTaskRequest(spec=spec, outcome_only=on_event is None),
             timeout=(remaining if remaining is not None else self._default_timeout) + 5.0,
             metadata=metadata,
         )
@@ -151,7 +153,7 @@ class TaskSubtasks:
         remaining = self._ctx.time_remaining()
         try:
             async for response in stub.WatchTask(
-                C.WatchTaskRequest(task_id=task_id),
+                C.WatchTaskRequest(task_id=task_id, outcome_only=on_event is None),
                 timeout=(remaining if remaining is not None else self._default_timeout) + 5.0,
             ):
                 if on_event is not None:

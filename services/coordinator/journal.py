@@ -564,10 +564,27 @@ class Journal:
             snapshot=convert.task_to_proto(record),
         )
 
-    async def follow(
-        self, task_id: str, after: int, *, first: TaskEvent | None = None
+    def follow(
+        self,
+        task_id: str,
+        after: int,
+        *,
+        first: TaskEvent | None = None,
+        outcome_only: bool = False,
     ) -> AsyncIterator[TaskEvent]:
-        """A task's committed events after ``after``, then live ones until its last."""
+        """A task's committed events after ``after``, then live ones until its last.
+
+        ``first`` (a snapshot) comes before them. With ``outcome_only`` only the events
+        that need the caller (``input_required``) and the last one (``finished``) are
+        passed on: a client that wants the outcome is sent two or three messages, not
+        one per event (each costs both ends about a bare call's CPU, docs/performance.md).
+        """
+        events = self._follow(task_id, after, first)
+        return _outcome(events, first) if outcome_only else events
+
+    async def _follow(
+        self, task_id: str, after: int, first: TaskEvent | None
+    ) -> AsyncGenerator[TaskEvent, None]:
         metrics.WATCHERS.inc()
         try:
             if first is not None:
@@ -635,6 +652,22 @@ class Journal:
             rt.record.task_id, after, until=min(rt.base, upto), limit=_EVENT_PAGE
         )
         return [TaskEvent.FromString(row.data) for row in rows]
+
+
+#: The events an ``outcome_only`` stream passes on (the first, a snapshot, goes too).
+_OUTCOME_KINDS = frozenset({"finished", "input_required"})
+
+
+async def _outcome(
+    events: AsyncGenerator[TaskEvent, None], first: TaskEvent | None
+) -> AsyncGenerator[TaskEvent, None]:
+    """``events`` without those a caller waiting for the outcome has no use for."""
+    try:
+        async for event in events:
+            if event is first or event.WhichOneof("kind") in _OUTCOME_KINDS:
+                yield event
+    finally:
+        await events.aclose()
 
 
 def copy_event(data: events_pb2.TaskEventData, event: TaskEvent) -> None:

@@ -737,10 +737,12 @@ class Coordinator(StartStop):
         *,
         after_sequence: int = 0,
         include_snapshot: bool = False,
+        outcome_only: bool = False,
     ) -> AsyncIterator[TaskEvent]:
         """Open a task's event stream: stored events after ``after_sequence``, then live.
 
-        Validation happens here, before the stream starts.
+        Validation happens here, before the stream starts. ``outcome_only`` passes on
+        only ``input_required`` and ``finished`` (after the snapshot, if asked for).
 
         Returns:
             The events, ending after the task's last event.
@@ -751,7 +753,9 @@ class Coordinator(StartStop):
         """
         record = await self._load(task_id, caller)
         snapshot = self.snapshot_event(record) if include_snapshot else None
-        return self._journal.follow(task_id, after_sequence, first=snapshot)
+        return self._journal.follow(
+            task_id, after_sequence, first=snapshot, outcome_only=outcome_only
+        )
 
     async def stream(
         self,
@@ -759,11 +763,17 @@ class Coordinator(StartStop):
         caller: Caller,
         *,
         correlation_id: str | None = None,
+        outcome_only: bool = False,
     ) -> AsyncIterator[TaskEvent]:
-        """Submit a task and open its event stream, starting with a snapshot."""
+        """Submit a task and open its event stream, starting with a snapshot.
+
+        ``outcome_only``: after the snapshot, only ``input_required`` and ``finished``.
+        """
         record, _ = await self.submit(spec, caller, correlation_id=correlation_id)
         snapshot = self.snapshot_event(record)
-        return self._journal.follow(record.task_id, snapshot.sequence, first=snapshot)
+        return self._journal.follow(
+            record.task_id, snapshot.sequence, first=snapshot, outcome_only=outcome_only
+        )
 
     # -- cancel and input ------------------------------------------------------------
 

@@ -75,6 +75,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             request.spec if request.HasField("spec") else None,
             caller,
             correlation_id=correlation_id_var.get(),
+            outcome_only=request.outcome_only,
         )
         async for event in events:
             yield coordinator_pb2.StreamTaskResponse(event=event)
@@ -90,6 +91,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             caller,
             after_sequence=request.after_sequence,
             include_snapshot=request.include_snapshot,
+            outcome_only=request.outcome_only,
         )
         async for event in events:
             yield coordinator_pb2.WatchTaskResponse(event=event)

@@ -150,6 +150,27 @@ async def test_printed_grpcurl_command_streams_a_task(mesh: RunningMesh) -> None
     assert events[-1]["finished"]["state"] == "TASK_STATE_SUCCEEDED"
 
 
+async def test_grpcurl_streams_only_the_outcome_when_asked(mesh: RunningMesh) -> None:
+    request = {
+        "spec": {"capability": "summarize", "input": {"text": "hivewire streams every step."}},
+        "outcomeOnly": True,
+    }
+    result = await grpcurl(
+        "hivewire.coordinator.v1.CoordinatorService/StreamTask",
+        tls=mesh.tls,
+        address=mesh.address("coordinator"),
+        input=json.dumps(request),
+        timeout=120,
+    )
+    assert result.returncode == 0, result
+    events = [m["event"] for m in result.messages()]
+    assert [next(k for k in ("snapshot", "finished") if k in e) for e in events] == [
+        "snapshot",
+        "finished",
+    ], events
+    assert events[-1]["finished"]["state"] == "TASK_STATE_SUCCEEDED"
+
+
 async def test_no_client_certificate_is_refused(mesh: RunningMesh) -> None:
     result = await grpcurl(
         "list", tls=None, address=mesh.address("coordinator"), flags=["-insecure"]

@@ -87,6 +87,14 @@ class Delegator(Agent):
         )
         return result.output.text
 
+    @capability("follow")
+    async def follow(self, task: Payload, ctx: TaskContext) -> dict[str, Any]:
+        seen: list[str] = []
+        result = await ctx.subtask(
+            "echo", {"steps": 2}, on_event=lambda event: seen.append(event.WhichOneof("kind"))
+        )
+        return {"kinds": seen, "output": result.output.text}
+
     @capability("fails")
     async def fails(self, task: Payload, ctx: TaskContext) -> str:
         await ctx.subtask("echo", {"fail": "permanent"})
@@ -163,6 +171,32 @@ async def test_fan_out_runs_sub_tasks_on_other_agents(mesh: Mesh) -> None:
     children = (await admin.ListTasks(C.ListTasksRequest(parent_task_id=task.task_id))).tasks
     assert sorted(c.task_id for c in children) == sorted(out["ids"])
     assert all(c.owner.endswith("/agent/default") and c.depth == 1 for c in children)
+
+
+async def test_sub_tasks_stream_only_their_outcome_unless_a_listener_wants_events(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await mesh.agent(max_concurrency=4)
+    coordinator = mesh.running.coordinator
+    asked: list[bool] = []
+    stream = coordinator.stream
+
+    async def recording(*args: Any, outcome_only: bool = False, **kwargs: Any) -> Any:
+        asked.append(outcome_only)
+        return await stream(*args, outcome_only=outcome_only, **kwargs)
+
+    monkeypatch.setattr(coordinator, "stream", recording)
+    async with sdk_agent(mesh, Delegator(), identity="agent"):
+        fanned = await finished(mesh, "fan")
+        followed = await finished(mesh, "follow")
+    assert fanned.state == followed.state == S.TASK_STATE_SUCCEEDED
+    # The client's streams ask for every event; fan's two sub-tasks only for their
+    # outcome; follow's sub-task, which has a listener, for every event again.
+    assert asked == [False, True, True, False, False]
+    out = json_format.MessageToDict(followed.output.json)
+    assert out["output"] == "done:"
+    assert out["kinds"][0] == "snapshot" and out["kinds"][-1] == "finished"
+    assert out["kinds"].count("progress") == 2 and "state_changed" in out["kinds"]
 
 
 async def test_nesting_stops_at_the_depth_limit(mesh: Mesh) -> None:

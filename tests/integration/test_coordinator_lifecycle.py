@@ -180,6 +180,66 @@ async def test_reconnect_with_after_sequence_misses_and_repeats_nothing(mesh: Me
     assert not agent.stats.executions[0].cancelled
 
 
+async def test_stream_task_outcome_only_sends_the_snapshot_and_the_end(mesh: Mesh) -> None:
+    await mesh.agent()
+    client = mesh.client()
+    events = await collect(
+        client.StreamTask(
+            coordinator_pb2.StreamTaskRequest(
+                spec=spec(text="hi", script={"steps": 2, "partials": 2}), outcome_only=True
+            )
+        )
+    )
+    assert kinds(events) == ["snapshot", "finished"]
+    task_id = events[0].snapshot.task_id
+    assert events[1].finished.output.text == "done:hi"
+    # Every event was still stored and published: a full watch sees them all.
+    stored = await collect(client.WatchTask(coordinator_pb2.WatchTaskRequest(task_id=task_id)))
+    assert_contiguous(stored)
+    assert events[1] == stored[-1]
+    assert {"state_changed", "progress", "partial"} <= set(kinds(stored))
+    published = {t for t, subject, _, _ in mesh.events.published if subject == task_id}
+    assert {"task.created", "task.started", "task.progress", "task.completed"} <= published
+    # A watcher can ask for the outcome alone too, with or without a snapshot.
+    outcome = await collect(
+        client.WatchTask(coordinator_pb2.WatchTaskRequest(task_id=task_id, outcome_only=True))
+    )
+    assert outcome == [stored[-1]]
+    outcome = await collect(
+        client.WatchTask(
+            coordinator_pb2.WatchTaskRequest(
+                task_id=task_id, include_snapshot=True, outcome_only=True
+            )
+        )
+    )
+    assert kinds(outcome) == ["snapshot", "finished"]
+
+
+async def test_stream_task_outcome_only_still_asks_for_input(mesh: Mesh) -> None:
+    await mesh.agent()
+    client = mesh.client()
+    call = client.StreamTask(
+        coordinator_pb2.StreamTaskRequest(
+            spec=spec(script={"ask": "your name?", "steps": 1}), outcome_only=True
+        )
+    )
+    stream = aiter(call)
+    snapshot = (await anext(stream)).event
+    asked = (await anext(stream)).event
+    assert asked.input_required.prompt == "your name?"
+    await client.ProvideInput(
+        coordinator_pb2.ProvideInputRequest(
+            task_id=snapshot.snapshot.task_id,
+            response=S.InputResponse(
+                request_id=asked.input_required.request_id, value=S.Payload(text="Ada")
+            ),
+        )
+    )
+    rest = [response.event async for response in stream]
+    assert kinds(rest) == ["finished"]
+    assert rest[0].finished.output.text == "answer:Ada"
+
+
 async def test_watch_include_snapshot(mesh: Mesh) -> None:
     await mesh.agent()
     client = mesh.client()

@@ -940,6 +940,13 @@ class StreamTaskRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
+    OUTCOME_ONLY_FIELD_NUMBER: _builtins.int
+    outcome_only: _builtins.bool
+    """When true, the stream carries the snapshot, then only the events that need
+    the caller (input_required) and the last one (finished): for a caller that
+    wants the outcome, not the progress. Every event is still stored and
+    published; WatchTask and NATS subscribers see them all.
+    """
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
         """The task to run."""
@@ -948,10 +955,11 @@ class StreamTaskRequest(_message.Message):
         self,
         *,
         spec: Global___TaskSpec | None = ...,
+        outcome_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome_only", b"outcome_only", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -990,6 +998,7 @@ class WatchTaskRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     INCLUDE_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    OUTCOME_ONLY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task to follow."""
     after_sequence: _builtins.int
@@ -998,16 +1007,21 @@ class WatchTaskRequest(_message.Message):
     """
     include_snapshot: _builtins.bool
     """When true, the stream starts with a snapshot of the task."""
+    outcome_only: _builtins.bool
+    """When true, only the events that need the caller (input_required) and the
+    last one (finished) are sent, as with StreamTaskRequest.outcome_only.
+    """
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
         include_snapshot: _builtins.bool = ...,
+        outcome_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "include_snapshot", b"include_snapshot", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "include_snapshot", b"include_snapshot", "outcome_only", b"outcome_only", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
