@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,17 @@ def go_duration(seconds: float) -> str:
 
 class _UnavailableError(Exception):
     """Consul could not be reached or answered 5xx."""
+
+
+def _unreachable(exc: BaseException) -> str:
+    """Why Consul could not be reached, in words rather than the transport's repr."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if exc.os_error.errno == errno.ECONNREFUSED:
+            return "connection refused (is the Consul agent running there?)"
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,7 +236,7 @@ class ConsulRegistry(RemoteRegistryBase):
         except ConsulException as exc:
             raise _UnavailableError(str(exc)) from exc
         except _TRANSIENT as exc:
-            raise _UnavailableError(repr(exc)) from exc
+            raise _UnavailableError(_unreachable(exc)) from exc
 
     def _check_definitions(self, instance: Instance) -> list[dict[str, Any]]:
         iid = instance.instance_id

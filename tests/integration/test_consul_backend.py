@@ -32,7 +32,7 @@ from hivewire.discovery import (
 )
 from hivewire.services.runtime.tls import server_credentials
 from tests.conftest import Pki
-from tests.helpers import ServiceProcess, eventually, reserved_port
+from tests.helpers import ServiceProcess, dead_address, eventually, reserved_port
 from tests.support.consul_agent import RealConsul, consul_binary
 from tests.support.consul_standin import AclToken, ConsulStandin, Timing
 
@@ -252,6 +252,18 @@ async def test_outage_while_watching_keeps_last_known_and_recovers(standin: Cons
             consumer.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await consumer
+
+
+async def test_a_refused_connection_is_said_in_words() -> None:
+    with dead_address() as address:
+        registry = open_registry(f"consul://{address}", nats_url="", **OPTIONS)
+        async with registry:
+            with pytest.raises(RegistryUnavailableError) as info:
+                await registry.resolve(SERVICE)
+    message = str(info.value)
+    assert message == (
+        f"consul at http://{address}: connection refused (is the Consul agent running there?)"
+    ), message
 
 
 async def test_agent_restart_losing_state_re_registers_and_watch_recovers(
