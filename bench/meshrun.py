@@ -21,7 +21,13 @@ import grpc
 
 from bench.common import ROOT, free_port
 from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
-from hivewire.services.mesh.launcher import Launcher, ManagedProcess, ProcessSpec, python_module
+from hivewire.services.mesh.launcher import (
+    Launcher,
+    ManagedProcess,
+    ProcessSpec,
+    StopTier,
+    python_module,
+)
 from hivewire.services.mesh.nats_server import NatsServerConfig, start_nats_server
 from hivewire.services.mesh.pki import init_pki
 from hivewire.services.runtime.channels import secure_channel
@@ -191,7 +197,9 @@ async def bench_mesh(
                 **(service_env or {}),
             }
 
-            def spec(name: str, argv: list[str], **env: str) -> ProcessSpec:
+            def spec(
+                name: str, argv: list[str], tier: StopTier = StopTier.CORE, **env: str
+            ) -> ProcessSpec:
                 ports = state / "run" / f"{name}.json"
                 if metrics:
                     env["HIVEWIRE_METRICS_PORT"] = str(free_port())
@@ -202,6 +210,7 @@ async def bench_mesh(
                     ports_file=ports,
                     log_file=state / "logs" / f"{name}.log",
                     ready_timeout=ready_timeout,
+                    stop_tier=tier,  # as `hivewire up`: agents first, then the core services
                 )
 
             started_coordinators = [
@@ -245,6 +254,7 @@ async def bench_mesh(
                         spec(
                             f"agent-{i}",
                             python_module("hivewire.services.agent", AGENT_TARGET),
+                            StopTier.CLIENT,
                             HIVEWIRE_AGENT__MAX_CONCURRENCY=str(agent_concurrency),
                             **agent_env,
                         )
