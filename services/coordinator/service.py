@@ -726,9 +726,14 @@ class Coordinator(StartStop):
         """A snapshot event of a task (never stored; sequence = its last sequence)."""
         return self._journal.snapshot(record)
 
-    def follow(self, task_id: str, after: int) -> AsyncIterator[TaskEvent]:
-        """A task's committed events after ``after``, then live (no access check)."""
-        return self._journal.follow(task_id, after)
+    def follow(
+        self, task_id: str, after: int, *, outcome_only: bool = False
+    ) -> AsyncIterator[TaskEvent]:
+        """A task's committed events after ``after``, then live (no access check).
+
+        ``outcome_only``: only ``input_required`` and ``finished``.
+        """
+        return self._journal.follow(task_id, after, outcome_only=outcome_only)
 
     async def watch(
         self,

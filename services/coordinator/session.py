@@ -134,7 +134,10 @@ class Session:
                 # A deduplicated start of a task this session already followed goes on
                 # after what was sent: the client saw those events once already.
                 after = self._sent.get(record.task_id, 0)
-                self._follow(record.task_id, c.follow(record.task_id, after))
+                self._follow(
+                    record.task_id,
+                    c.follow(record.task_id, after, outcome_only=start.outcome_only),
+                )
             elif kind == "cancel":
                 await c.cancel(request.cancel.task_id, self._caller, request.cancel.reason)
             elif kind == "input":
@@ -149,7 +152,10 @@ class Session:
                 if current is not None and not current.done():
                     return
                 events = await c.watch(
-                    task_id, self._caller, after_sequence=request.watch.after_sequence
+                    task_id,
+                    self._caller,
+                    after_sequence=request.watch.after_sequence,
+                    outcome_only=request.watch.outcome_only,
                 )
                 self._follow(task_id, events)
             else:

@@ -132,6 +132,46 @@ async def test_session_watch_of_an_existing_task(mesh: Mesh) -> None:
     assert events[-1].finished.state == S.TASK_STATE_SUCCEEDED
 
 
+async def test_session_sends_only_the_outcome_of_tasks_that_ask_for_it(mesh: Mesh) -> None:
+    await mesh.agent(max_concurrency=8)
+    client = mesh.client()
+    done = (await client.SubmitTask(C.SubmitTaskRequest(spec=spec(script={"steps": 2})))).task
+    call = client.Session()
+    await call.write(
+        C.SessionRequest(
+            start=C.SessionStart(
+                client_ref="quiet", spec=spec(script={"steps": 2, "ask": "?"}), outcome_only=True
+            )
+        )
+    )
+    await call.write(start("loud", spec(script={"steps": 2})))
+    await call.write(
+        C.SessionRequest(watch=C.SessionWatch(task_id=done.task_id, outcome_only=True))
+    )
+    await call.done_writing()
+    refs: dict[str, str] = {}
+    kinds: dict[str, list[str]] = {}
+    async for response in call:
+        if response.HasField("accepted"):
+            refs[response.accepted.client_ref] = response.accepted.task_id
+            continue
+        event = response.event
+        kinds.setdefault(event.task_id, []).append(str(event.WhichOneof("kind")))
+        if event.HasField("input_required"):
+            await client.ProvideInput(
+                C.ProvideInputRequest(
+                    task_id=event.task_id,
+                    response=S.InputResponse(
+                        request_id=event.input_required.request_id, value=S.Payload(text="x")
+                    ),
+                )
+            )
+    assert kinds[refs["quiet"]] == ["input_required", "finished"]
+    assert kinds[done.task_id] == ["finished"]
+    loud = kinds[refs["loud"]]
+    assert loud[-1] == "finished" and loud.count("progress") == 2 and "state_changed" in loud
+
+
 async def test_session_that_disconnects_cancels_nothing(mesh: Mesh) -> None:
     agent = await mesh.agent()
     client = mesh.client()

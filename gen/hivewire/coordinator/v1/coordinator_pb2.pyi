@@ -1283,9 +1283,14 @@ class SessionStart(_message.Message):
 
     CLIENT_REF_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    OUTCOME_ONLY_FIELD_NUMBER: _builtins.int
     client_ref: _builtins.str
     """A client-chosen reference echoed on the task's events until the task id is
     known to the client.
+    """
+    outcome_only: _builtins.bool
+    """When true, the session sends only the task's input_required events and its
+    finished event, as with StreamTaskRequest.outcome_only.
     """
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
@@ -1296,10 +1301,11 @@ class SessionStart(_message.Message):
         *,
         client_ref: _builtins.str = ...,
         spec: Global___TaskSpec | None = ...,
+        outcome_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ref", b"client_ref", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ref", b"client_ref", "outcome_only", b"outcome_only", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1367,19 +1373,25 @@ class SessionWatch(_message.Message):
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    OUTCOME_ONLY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id."""
     after_sequence: _builtins.int
     """Replay stored events after this sequence first."""
+    outcome_only: _builtins.bool
+    """When true, only the task's input_required events and its finished event
+    are sent, as with WatchTaskRequest.outcome_only.
+    """
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
+        outcome_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "outcome_only", b"outcome_only", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
