@@ -157,9 +157,9 @@ def _range(values: Sequence[float], fmt: Any) -> str:
     return f"{mid} ({fmt(clean[0])}-{fmt(clean[-1])})"
 
 
-def ratios(result: Mapping[str, Any], concurrency: int) -> dict[str, Spread]:
-    """Per-round ratios task ÷ chain at one concurrency: rate, p50, p99, CPU."""
-    tasks = result["rounds"][phase_name(TASK, concurrency)]
+def ratios(result: Mapping[str, Any], concurrency: int, *, side: str = TASK) -> dict[str, Spread]:
+    """Per-round ratios ``side`` (the task) ÷ chain at one concurrency: rate, p50, p99, CPU."""
+    tasks = result["rounds"][phase_name(side, concurrency)]
     bare = result["rounds"][phase_name(CHAIN, concurrency)]
     return {
         "rate": paired_ratios(tasks, bare, _rate),

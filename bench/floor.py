@@ -51,20 +51,17 @@ if __package__ in (None, ""):
 import grpc
 from google.protobuf.wrappers_pb2 import BytesValue
 
-from bench.chain import CHAIN, TASK, phase_name, relay_chain
+from bench.chain import CHAIN, TASK, phase_name, ratios, relay_chain
 from bench.common import (
     DEFAULT,
     Durations,
     Phase,
-    Spread,
     closed_loop,
-    cpu_total,
     fmt_spread,
     fmt_time,
     median_phase,
     p50,
     p99,
-    paired_ratios,
     table,
 )
 from bench.echo import (
@@ -110,32 +107,18 @@ class _FloorAgent(agent_pb2_grpc.AgentServiceServicer):
             if request is grpc.aio.EOF:
                 return
             assignments = [f.request.assign for f in request.frames if f.request.HasField("assign")]
-            await context.write(
-                agent_pb2.LinkResponse(
-                    responses=[
-                        agent_pb2.ExecuteResponse(
-                            task_id=a.task_id,
-                            attempt=a.attempt,
-                            sequence=1,
-                            started=agent_pb2.ExecutionStarted(agent_id="floor"),
-                        )
-                        for a in assignments
-                    ]
-                )
-            )
-            await context.write(
-                agent_pb2.LinkResponse(
-                    responses=[
-                        agent_pb2.ExecuteResponse(
-                            task_id=a.task_id,
-                            attempt=a.attempt,
-                            sequence=2,
-                            result=agent_pb2.ExecutionResult(output=a.input),
-                        )
-                        for a in assignments
-                    ]
-                )
-            )
+            for sequence in (1, 2):  # started, then the result
+                responses = []
+                for assignment in assignments:
+                    response = agent_pb2.ExecuteResponse(
+                        task_id=assignment.task_id, attempt=assignment.attempt, sequence=sequence
+                    )
+                    if sequence == 1:
+                        response.started.agent_id = "floor"
+                    else:
+                        response.result.output.CopyFrom(assignment.input)
+                    responses.append(response)
+                await context.write(agent_pb2.LinkResponse(responses=responses))
 
 
 # --- the floor coordinator --------------------------------------------------------------
@@ -505,17 +488,6 @@ def _floor_op(stub: Any, floor: str) -> Any:
     return op
 
 
-def _ratios(result: Mapping[str, Any], side: str, c: int) -> dict[str, Spread]:
-    ours = result["rounds"][phase_name(side, c)]
-    bare = result["rounds"][phase_name(CHAIN, c)]
-    return {
-        "rate": paired_ratios(ours, bare, lambda p: p.rate),
-        "p50": paired_ratios(ours, bare, p50),
-        "p99": paired_ratios(ours, bare, p99),
-        "cpu": paired_ratios(ours, bare, cpu_total),
-    }
-
-
 def report(result: Mapping[str, Any]) -> str:
     """Each side against the chain, per concurrency: median (min-max) of the rounds."""
     phases: dict[str, Phase] = result["phases"]
@@ -528,7 +500,7 @@ def report(result: Mapping[str, Any]) -> str:
         )  # fmt: skip
         for side in (*(f"floor-{name}" for name in FLOORS), TASK, TASK_OUTCOME):
             phase = phases[phase_name(side, c)]
-            spread = _ratios(result, side, c)
+            spread = ratios(result, c, side=side)
             rows.append(
                 [
                     f"c={c}",
