@@ -7,23 +7,24 @@ speak hivewire's contracts with nothing else in them. For each task the floor's
 client gets what hivewire's client gets from ``StreamTask`` (a snapshot, ``ASSIGNED``,
 ``RUNNING``, ``SUCCEEDED``, ``finished``: five messages), and the floor coordinator
 sends the assignment over one long-lived ``AgentService.Link`` stream, as hivewire does,
-to an agent that answers ``started`` and ``result``. Three floors, each adding one of
-hivewire's guarantees, chosen per task by its capability:
+to an agent that answers ``started`` and ``result`` in one message. Three floors, each
+adding one of hivewire's guarantees, chosen per task by its capability:
 
 * ``messages``: the messages alone (no state kept beyond the call);
 * ``store``: each state change committed to SQLite before the client hears of it
   (WAL, ``synchronous=NORMAL``, one writer thread committing whatever waits as one
-  transaction, ``QUEUED`` and ``ASSIGNED`` in one: what the coordinator's store does);
-* ``events``: also each of the task's four events published to JetStream after its
-  commit (the same nats-server as the mesh, ``sync_interval: always``), acks awaited
-  in pipelined windows in the background.
+  transaction; ``QUEUED`` and ``ASSIGNED`` in one, ``SUCCEEDED`` and ``finished`` in
+  one: the task's five events, as the coordinator stores them);
+* ``events``: also each of those five events published to JetStream after its commit
+  (the same nats-server as the mesh, ``sync_interval: always``, one subject), the acks
+  of each window awaited in the background before the next window.
 
 Each round runs, at every concurrency, the three floors, the hivewire task (``task``, and
 ``task-outcome``: the same with ``StreamTaskRequest.outcome_only``, two messages to the
-client instead of five) and the chain, back to back, and takes the ratios of that round
-against the chain. What a floor reaches is a ceiling for any Python implementation of the
-contract on grpc.aio: no validation, authorization, scheduling, retries, deadlines,
-tracing, metrics or logs.
+client instead of five) and the chain, back to back, in an order that turns each round,
+and takes the ratios of that round against the chain. What a floor reaches is a ceiling
+for any Python implementation of the contract on grpc.aio: no validation, authorization,
+scheduling, retries, deadlines, tracing, metrics, logs or outbox.
 
     python bench/floor.py [--rounds 3] [--measure 1.2] [--concurrency 1 16] [--json F]
 """
@@ -73,7 +74,7 @@ from bench.echo import (
     server_credentials,
     wait_for_parent,
 )
-from bench.mesh import noop_spec, run_task
+from bench.mesh import run_task
 from bench.meshrun import bench_mesh, coordinator_stub
 from hivewire.agent.v1 import agent_pb2, agent_pb2_grpc
 from hivewire.common.v1 import common_pb2
@@ -82,6 +83,8 @@ from hivewire.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 FLOORS = ("messages", "store", "events")
 """The floors, each adding one guarantee to the one before."""
 CONCURRENCY = (1, 16)
+OP_TIMEOUT = 60.0
+"""Seconds one task may take before the run fails."""
 TASK_OUTCOME = "task-outcome"
 """The hivewire task again, its client asking for the outcome alone (``outcome_only``)."""
 
@@ -95,10 +98,10 @@ SUCCEEDED = common_pb2.TASK_STATE_SUCCEEDED
 
 
 class _FloorAgent(agent_pb2_grpc.AgentServiceServicer):
-    """``Link`` only: each assignment is answered with ``started``, then ``result``.
+    """``Link`` only: each assignment is answered with ``started`` and ``result``.
 
-    The frames of one ``LinkRequest`` are answered together (one message of ``started``
-    for all of them, then one of results), as hivewire's agent joins what piles up.
+    Both go in one message, with those of every other assignment of the same
+    ``LinkRequest``: a no-op needs no more (hivewire's agent joins what piles up).
     """
 
     async def Link(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
@@ -106,19 +109,21 @@ class _FloorAgent(agent_pb2_grpc.AgentServiceServicer):
             request = await context.read()
             if request is grpc.aio.EOF:
                 return
-            assignments = [f.request.assign for f in request.frames if f.request.HasField("assign")]
-            for sequence in (1, 2):  # started, then the result
-                responses = []
-                for assignment in assignments:
-                    response = agent_pb2.ExecuteResponse(
+            responses = []
+            for frame in request.frames:
+                if not frame.request.HasField("assign"):
+                    continue
+                assignment = frame.request.assign
+                started, result = (
+                    agent_pb2.ExecuteResponse(
                         task_id=assignment.task_id, attempt=assignment.attempt, sequence=sequence
                     )
-                    if sequence == 1:
-                        response.started.agent_id = "floor"
-                    else:
-                        response.result.output.CopyFrom(assignment.input)
-                    responses.append(response)
-                await context.write(agent_pb2.LinkResponse(responses=responses))
+                    for sequence in (1, 2)
+                )
+                started.started.agent_id = "floor"
+                result.result.output.CopyFrom(assignment.input)
+                responses += [started, result]
+            await context.write(agent_pb2.LinkResponse(responses=responses))
 
 
 # --- the floor coordinator --------------------------------------------------------------
@@ -173,30 +178,43 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class _Publisher:
     """Events to JetStream once committed, as cheaply as nats-py allows with acks.
 
-    Each event is a plain publish with a reply subject under one inbox subscription
-    (no request future per message); a window of what waits is flushed at once and
-    its acks awaited before the next (an ack with an error fails the run).
+    Each event is a plain publish on one subject with a reply subject under one inbox
+    subscription (no request future per message); a window of what waits is sent at
+    once and its acks awaited, in the background, before the next. An ack that is an
+    error, or acks that do not come, fail every later :meth:`publish` (and so the run).
     """
+
+    SUBJECT = "floor.events"
+    ACK_WAIT = 30.0
 
     def __init__(self, connection: Any) -> None:
         self._nc = connection
-        self._waiting: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._waiting: asyncio.Queue[bytes] = asyncio.Queue()
         self._inbox = f"_INBOX.floor.{uuid.uuid4().hex}"
         self._acked = 0
         self._ack = asyncio.Event()
+        self._failed: BaseException | None = None
 
     async def start(self) -> None:
         await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
         self._task = asyncio.create_task(self._run())
+        self._task.add_done_callback(self._ended)
 
-    def publish(self, subject: str, data: bytes) -> None:
-        self._waiting.put_nowait((subject, data))
+    def publish(self, data: bytes) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"the floor's publisher failed: {self._failed!r}")
+        self._waiting.put_nowait(data)
 
     async def _on_ack(self, msg: Any) -> None:
+        # nats-py swallows what a subscription callback raises: keep it instead.
         if b'"error"' in msg.data:
-            raise RuntimeError(f"JetStream refused an event: {msg.data!r}")
+            self._failed = RuntimeError(f"JetStream refused an event: {msg.data!r}")
         self._acked += 1
         self._ack.set()
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            self._failed = task.exception() or RuntimeError("the publisher ended")
 
     async def _run(self) -> None:
         sent = 0
@@ -204,12 +222,13 @@ class _Publisher:
             window = [await self._waiting.get()]
             while not self._waiting.empty() and len(window) < 256:
                 window.append(self._waiting.get_nowait())
-            for subject, data in window:
+            for data in window:
                 sent += 1
-                await self._nc.publish(subject, data, reply=f"{self._inbox}.{sent}")
-            while self._acked < sent:
-                self._ack.clear()
-                await self._ack.wait()
+                await self._nc.publish(self.SUBJECT, data, reply=f"{self._inbox}.{sent}")
+            async with asyncio.timeout(self.ACK_WAIT):
+                while self._acked < sent:
+                    self._ack.clear()
+                    await self._ack.wait()
 
 
 class _FloorCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -236,7 +255,9 @@ class _FloorCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
             if response is grpc.aio.EOF:
                 return
             for answer in response.responses:
-                self._answers[answer.task_id].put_nowait(answer)
+                answers = self._answers.get(answer.task_id)
+                if answers is not None:  # None: its call ended before the agent answered
+                    answers.put_nowait(answer)
 
     async def _commit(
         self, floor: str, task: coordinator_pb2.Task, events: list[coordinator_pb2.TaskEvent]
@@ -247,8 +268,8 @@ class _FloorCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
         stored = [(e.task_id, e.sequence, e.SerializeToString()) for e in events]
         await self._store.put([(task.task_id, task.state, task.SerializeToString())], stored)
         if floor == "events":
-            for _, sequence, data in stored:
-                self._publisher.publish(f"floor.task.{task.task_id}.{sequence}", data)
+            for _, _, data in stored:
+                self._publisher.publish(data)
 
     async def StreamTask(
         self, request: coordinator_pb2.StreamTaskRequest, context: grpc.aio.ServicerContext
@@ -294,13 +315,15 @@ class _FloorCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
             result = (await answers.get()).result
             task.output.CopyFrom(result.output)
             succeeded = _change(task, 4, RUNNING, SUCCEEDED)
-            await self._commit(floor, task, [succeeded])
-            yield coordinator_pb2.StreamTaskResponse(event=succeeded)
             finished = coordinator_pb2.TaskEvent(
                 task_id=task_id,
-                sequence=4,
+                sequence=5,
+                attempt=1,
                 finished=coordinator_pb2.TaskFinished(state=SUCCEEDED, output=result.output),
             )
+            task.last_sequence = 5
+            await self._commit(floor, task, [succeeded, finished])
+            yield coordinator_pb2.StreamTaskResponse(event=succeeded)
             yield coordinator_pb2.StreamTaskResponse(event=finished)
         finally:
             del self._answers[task_id]
@@ -432,30 +455,24 @@ async def measure(
                 await call(PAYLOAD, timeout=30, wait_for_ready=True)
                 await run_task(task_stub)
                 for name in FLOORS:
-                    await _floor_task(floor_stub, name)
-
-                async def task_op() -> None:
-                    await run_task(task_stub)
-
-                async def outcome_op() -> None:
-                    await run_task(task_stub, outcome_only=True)
+                    await _op(floor_stub, name)()
 
                 async def chain_op() -> None:
                     await call(PAYLOAD)
 
                 floor_pids = {**floor_pids, "nats": mesh.pids["nats"]}
                 sides: list[tuple[str, Any, Mapping[str, int]]] = [
-                    *(
-                        (f"floor-{name}", _floor_op(floor_stub, name), floor_pids)
-                        for name in FLOORS
-                    ),
-                    (TASK, task_op, mesh.pids),
-                    (TASK_OUTCOME, outcome_op, mesh.pids),
+                    *((f"floor-{name}", _op(floor_stub, name), floor_pids) for name in FLOORS),
+                    (TASK, _op(task_stub, "noop"), mesh.pids),
+                    (TASK_OUTCOME, _op(task_stub, "noop", outcome_only=True), mesh.pids),
                     (CHAIN, chain_op, chain.pids),
                 ]
-                for _ in range(durations.rounds):
+                for i in range(durations.rounds):
+                    # Each round in another order: no side always runs after the same
+                    # one (the floor's background publishing, a mesh's warm caches).
+                    order = sides[i % len(sides) :] + sides[: i % len(sides)]
                     for c in concurrency:
-                        for side, op, pids in sides:
+                        for side, op, pids in order:
                             phase = await closed_loop(
                                 phase_name(side, c), op, concurrency=c, durations=durations,
                                 pids=pids,
@@ -471,19 +488,12 @@ async def measure(
     }
 
 
-async def _floor_task(stub: Any, floor: str) -> None:
-    """One task on ``floor``, followed to ``finished``."""
-    finished = None
-    async for response in stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=noop_spec(floor))):
-        if response.event.WhichOneof("kind") == "finished":
-            finished = response.event.finished
-    if finished is None or finished.state != SUCCEEDED:
-        raise RuntimeError(f"floor task ended {finished}")
+def _op(stub: Any, capability: str, *, outcome_only: bool = False) -> Any:
+    """One task of ``capability`` followed to its end, as one operation of a phase."""
 
-
-def _floor_op(stub: Any, floor: str) -> Any:
     async def op() -> None:
-        await _floor_task(stub, floor)
+        async with asyncio.timeout(OP_TIMEOUT):  # a stuck side fails the run, never hangs it
+            await run_task(stub, capability, outcome_only=outcome_only)
 
     return op
 

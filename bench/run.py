@@ -83,7 +83,7 @@ STREAMS_QUICK = 500
 MESH_TASKS = Durations(warmup=0.5, measure=3.0, rounds=3)
 """Task phases by default: fewer, longer rounds (a task is slow; p99 needs samples)."""
 FLOOR_ROUNDS = Durations(warmup=DEFAULT.warmup, measure=DEFAULT.measure, rounds=3)
-"""The floor's five sides at two concurrencies: three rounds keep it near a minute."""
+"""The floor's six sides at two concurrencies: three rounds keep it near a minute and a half."""
 
 
 def machine() -> dict[str, Any]:

@@ -574,13 +574,15 @@ class Journal:
     ) -> AsyncIterator[TaskEvent]:
         """A task's committed events after ``after``, then live ones until its last.
 
-        ``first`` (a snapshot) comes before them. With ``outcome_only`` only the events
-        that need the caller (``input_required``) and the last one (``finished``) are
-        passed on: a client that wants the outcome is sent two or three messages, not
-        one per event (each costs both ends about a bare call's CPU, docs/performance.md).
+        ``first`` (a snapshot) comes before them. With ``outcome_only`` only the snapshot,
+        the events that involve the caller (``input_required`` and the change out of
+        ``INPUT_REQUIRED`` once answered) and the last one (``finished``) are passed on: a
+        client that wants the outcome is sent two messages for a task that asks nothing,
+        not one per event (each costs both ends about a bare call's CPU,
+        docs/performance.md).
         """
         events = self._follow(task_id, after, first)
-        return _outcome(events, first) if outcome_only else events
+        return _outcome(events) if outcome_only else events
 
     async def _follow(
         self, task_id: str, after: int, first: TaskEvent | None
@@ -654,17 +656,24 @@ class Journal:
         return [TaskEvent.FromString(row.data) for row in rows]
 
 
-#: The events an ``outcome_only`` stream passes on (the first, a snapshot, goes too).
-_OUTCOME_KINDS = frozenset({"finished", "input_required"})
+def _for_outcome(event: TaskEvent) -> bool:
+    """Whether an ``outcome_only`` stream passes ``event`` on.
+
+    The snapshot (never stored, so only ever a stream's first), the requests for input,
+    the answer to one (the change out of ``INPUT_REQUIRED``: a stream replayed later
+    tells a request still open from one answered) and the end.
+    """
+    kind = event.WhichOneof("kind")
+    if kind == "state_changed":
+        return event.state_changed.from_state == common_pb2.TASK_STATE_INPUT_REQUIRED
+    return kind in ("snapshot", "input_required", "finished")
 
 
-async def _outcome(
-    events: AsyncGenerator[TaskEvent, None], first: TaskEvent | None
-) -> AsyncGenerator[TaskEvent, None]:
+async def _outcome(events: AsyncGenerator[TaskEvent, None]) -> AsyncGenerator[TaskEvent, None]:
     """``events`` without those a caller waiting for the outcome has no use for."""
     try:
         async for event in events:
-            if event is first or event.WhichOneof("kind") in _OUTCOME_KINDS:
+            if _for_outcome(event):
                 yield event
     finally:
         await events.aclose()

@@ -236,8 +236,11 @@ async def test_stream_task_outcome_only_still_asks_for_input(mesh: Mesh) -> None
         )
     )
     rest = [response.event async for response in stream]
-    assert kinds(rest) == ["finished"]
-    assert rest[0].finished.output.text == "answer:Ada"
+    # The answer shows as the change out of INPUT_REQUIRED, then the end.
+    assert kinds(rest) == ["state_changed", "finished"]
+    assert rest[0].state_changed.from_state == S.TASK_STATE_INPUT_REQUIRED
+    assert rest[0].state_changed.to_state == S.TASK_STATE_RUNNING
+    assert rest[1].finished.output.text == "answer:Ada"
 
 
 async def test_watch_include_snapshot(mesh: Mesh) -> None:

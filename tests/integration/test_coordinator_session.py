@@ -166,7 +166,7 @@ async def test_session_sends_only_the_outcome_of_tasks_that_ask_for_it(mesh: Mes
                     ),
                 )
             )
-    assert kinds[refs["quiet"]] == ["input_required", "finished"]
+    assert kinds[refs["quiet"]] == ["input_required", "state_changed", "finished"]
     assert kinds[done.task_id] == ["finished"]
     loud = kinds[refs["loud"]]
     assert loud[-1] == "finished" and loud.count("progress") == 2 and "state_changed" in loud

@@ -4,6 +4,10 @@ webhooks show what the rows hold but never a secret.
 
 from __future__ import annotations
 
+import dataclasses
+
+from google.protobuf.message import Message
+
 from hivewire.common.v1 import common_pb2
 from hivewire.coordinator.v1 import coordinator_pb2
 from hivewire.services.coordinator import convert
@@ -90,3 +94,22 @@ def test_webhook_views_show_the_rows_but_never_a_secret() -> None:
     assert (delivery.last_error, delivery.project_id) == ("HTTP 500", "p")
     assert delivery.next_attempt_at.ToNanoseconds() == 6
     assert SECRET not in str(registration) + str(delivery)
+
+
+def test_a_snapshot_equals_its_record_and_shares_nothing_it_could_change() -> None:
+    record = _record()
+    snapshot = record.snapshot()
+    assert snapshot == record
+    for field in dataclasses.fields(TaskRecord):
+        value = getattr(snapshot, field.name)
+        if isinstance(value, Message | list):
+            # Any message or list field, including one added later, is a copy.
+            assert value is not getattr(record, field.name), field.name
+    for i, attempt in enumerate(snapshot.attempts):
+        assert attempt is not record.attempts[i]
+    record.usage.total_tokens += 1
+    record.attempts[0].attempt = 9
+    record.spec.capability = "changed"
+    assert snapshot.usage.total_tokens == 7
+    assert snapshot.attempts[0].attempt == 1
+    assert snapshot.spec.capability == "summarize"

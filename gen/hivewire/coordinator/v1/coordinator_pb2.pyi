@@ -942,10 +942,12 @@ class StreamTaskRequest(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     OUTCOME_ONLY_FIELD_NUMBER: _builtins.int
     outcome_only: _builtins.bool
-    """When true, the stream carries the snapshot, then only the events that need
-    the caller (input_required) and the last one (finished): for a caller that
-    wants the outcome, not the progress. Every event is still stored and
-    published; WatchTask and NATS subscribers see them all.
+    """When true (JSON "outcomeOnly"), the stream is for a caller that wants the
+    outcome, not the progress: the snapshot, then only input_required events,
+    the state_changed event that leaves TASK_STATE_INPUT_REQUIRED once the input
+    is answered, and finished. Progress, partial, activity, retry, step and the
+    other state changes are left out of this stream only: every event is still
+    stored and published, and WatchTask without the flag replays them all.
     """
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
@@ -1008,8 +1010,8 @@ class WatchTaskRequest(_message.Message):
     include_snapshot: _builtins.bool
     """When true, the stream starts with a snapshot of the task."""
     outcome_only: _builtins.bool
-    """When true, only the events that need the caller (input_required) and the
-    last one (finished) are sent, as with StreamTaskRequest.outcome_only.
+    """When true (JSON "outcomeOnly"), only the events StreamTaskRequest.outcome_only
+    keeps are sent (after the snapshot, when include_snapshot asks for one).
     """
     def __init__(
         self,
@@ -1289,8 +1291,9 @@ class SessionStart(_message.Message):
     known to the client.
     """
     outcome_only: _builtins.bool
-    """When true, the session sends only the task's input_required events and its
-    finished event, as with StreamTaskRequest.outcome_only.
+    """When true (JSON "outcomeOnly"), the session sends only the events of this
+    task that StreamTaskRequest.outcome_only keeps. A task the session already
+    follows keeps the choice it was first followed with.
     """
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
@@ -1379,8 +1382,9 @@ class SessionWatch(_message.Message):
     after_sequence: _builtins.int
     """Replay stored events after this sequence first."""
     outcome_only: _builtins.bool
-    """When true, only the task's input_required events and its finished event
-    are sent, as with WatchTaskRequest.outcome_only.
+    """When true (JSON "outcomeOnly"), only the events StreamTaskRequest.outcome_only
+    keeps are sent. A task the session already follows keeps the choice it was
+    first followed with.
     """
     def __init__(
         self,
