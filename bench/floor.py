@@ -426,8 +426,11 @@ async def measure(
     durations: Durations,
     concurrency: Sequence[int] = CONCURRENCY,
     sync_interval: str = "always",
+    only: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The floors, the hivewire task and the chain at each concurrency, every round.
+
+    ``only`` names the sides to run (the chain always runs: every ratio is to it).
 
     Returns:
         ``{"concurrency": [...], "rounds": {name: [Phase per round]},
@@ -467,6 +470,7 @@ async def measure(
                     (TASK_OUTCOME, _op(task_stub, "noop", outcome_only=True), mesh.pids),
                     (CHAIN, chain_op, chain.pids),
                 ]
+                sides = [e for e in sides if not only or e[0] in only or e[0] == CHAIN]
                 for i in range(durations.rounds):
                     # Each round in another order: no side always runs after the same
                     # one (the floor's background publishing, a mesh's warm caches).
@@ -483,6 +487,7 @@ async def measure(
                     await channel.close()
     return {
         "concurrency": list(concurrency),
+        "sides": [side for side, _, _ in sides if side != CHAIN],
         "rounds": rounds,
         "phases": {name: median_phase(p) for name, p in rounds.items()},
     }
@@ -508,7 +513,7 @@ def report(result: Mapping[str, Any]) -> str:
             [f"c={c}", CHAIN, f"{chain.rate:,.0f}/s", fmt_time(p50(chain)), fmt_time(p99(chain)),
              f"{chain.cpu_total_us:,.0f} µs", "1", "1", "1", "1"]
         )  # fmt: skip
-        for side in (*(f"floor-{name}" for name in FLOORS), TASK, TASK_OUTCOME):
+        for side in result["sides"]:
             phase = phases[phase_name(side, c)]
             spread = ratios(result, c, side=side)
             rows.append(
@@ -527,7 +532,7 @@ def report(result: Mapping[str, Any]) -> str:
             )
     cpu_rows = []
     for c in sorted(result["concurrency"], reverse=True):
-        for side in (*(f"floor-{name}" for name in FLOORS), TASK, TASK_OUTCOME):
+        for side in result["sides"]:
             phase = phases[phase_name(side, c)]
             cpu_rows.append(
                 [f"c={c}", side]
@@ -574,6 +579,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--json", type=Path, help="also write the phases as JSON")
     parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        choices=[*(f"floor-{name}" for name in FLOORS), TASK, TASK_OUTCOME],
+        help="run only these sides (and the chain)",
+    )
+    parser.add_argument(
         "--sync-interval",
         default="always",
         help="nats-server's JetStream sync_interval (the mesh's is always)",
@@ -589,13 +601,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     durations = Durations(warmup=DEFAULT.warmup, measure=args.measure, rounds=args.rounds)
     started = time.monotonic()
     result = asyncio.run(
-        measure(durations=durations, concurrency=args.concurrency, sync_interval=args.sync_interval)
+        measure(
+            durations=durations,
+            concurrency=args.concurrency,
+            sync_interval=args.sync_interval,
+            only=args.only,
+        )
     )
     print(report(result))
     print(f"({time.monotonic() - started:.0f} s)")
     if args.json:
         rounds = {k: [p.to_dict() for p in v] for k, v in result["rounds"].items()}
-        args.json.write_text(json.dumps({"concurrency": result["concurrency"], "rounds": rounds}))
+        args.json.write_text(json.dumps({**result, "phases": None, "rounds": rounds}))
     return 0
 
 
