@@ -29,6 +29,7 @@ from hivewire.services.agent import (
 )
 from hivewire.services.agent.examples.planner import PlannerAgent
 from hivewire.services.model.settings import ModelSettings
+from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.tls import describe_cert
 from tests.conftest import Pki
 from tests.helpers import eventually
@@ -197,6 +198,39 @@ async def test_sub_tasks_stream_only_their_outcome_unless_a_listener_wants_event
     assert out["output"] == "done:"
     assert out["kinds"][0] == "snapshot" and out["kinds"][-1] == "finished"
     assert out["kinds"].count("progress") == 2 and "state_changed" in out["kinds"]
+
+
+async def test_a_sub_task_whose_stream_breaks_is_watched_for_its_outcome_alone(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await mesh.agent(max_concurrency=4)
+    coordinator = mesh.running.coordinator
+    stream, watch = coordinator.stream, coordinator.watch
+    watched: list[bool] = []
+
+    async def breaking(*args: Any, **kwargs: Any) -> Any:
+        events = await stream(*args, **kwargs)
+        if not kwargs.get("outcome_only"):
+            return events  # the client's own stream
+
+        async def first_then_break() -> Any:
+            yield await anext(aiter(events))
+            raise Unavailable("the stream broke")
+
+        return first_then_break()
+
+    async def recording(*args: Any, outcome_only: bool = False, **kwargs: Any) -> Any:
+        watched.append(outcome_only)
+        return await watch(*args, outcome_only=outcome_only, **kwargs)
+
+    monkeypatch.setattr(coordinator, "stream", breaking)
+    monkeypatch.setattr(coordinator, "watch", recording)
+    async with sdk_agent(mesh, Delegator(), identity="agent"):
+        task = await finished(mesh, "fan")
+    assert task.state == S.TASK_STATE_SUCCEEDED, task.error
+    assert json_format.MessageToDict(task.output.json)["outputs"] == ["done:one", "done:two"]
+    # Each sub-task's broken stream went on as a watch of its outcome alone.
+    assert watched == [True, True]
 
 
 async def test_nesting_stops_at_the_depth_limit(mesh: Mesh) -> None:
