@@ -201,20 +201,26 @@ class _Publisher:
         self._task.add_done_callback(self._ended)
 
     def publish(self, data: bytes) -> None:
-        if self._failed is not None:
-            raise RuntimeError(f"the floor's publisher failed: {self._failed!r}")
+        self.check()
         self._waiting.put_nowait(data)
 
     async def _on_ack(self, msg: Any) -> None:
-        # nats-py swallows what a subscription callback raises: keep it instead.
-        if b'"error"' in msg.data:
-            self._failed = RuntimeError(f"JetStream refused an event: {msg.data!r}")
+        # nats-py swallows what a subscription callback raises: keep it instead. An ack
+        # is a JSON body naming the stream; an error, or a status such as 503 (no
+        # responders: no stream took it), is a failure.
+        if not msg.data or b'"error"' in msg.data or (msg.headers or {}).get("Status"):
+            self._failed = RuntimeError(f"JetStream did not store an event: {msg!r}")
         self._acked += 1
         self._ack.set()
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled():
             self._failed = task.exception() or RuntimeError("the publisher ended")
+
+    def check(self) -> None:
+        """Raise what made publishing fail, if anything did."""
+        if self._failed is not None:
+            raise RuntimeError(f"the floor's publisher failed: {self._failed!r}")
 
     async def _run(self) -> None:
         sent = 0
@@ -365,7 +371,12 @@ async def serve_agent(certs: Path) -> None:
 
 
 async def serve_coordinator(certs: Path, agent: str, nats_url: str, state: Path) -> None:
-    """The floor coordinator's process: its ``Link`` to ``agent``, its store and stream."""
+    """The floor coordinator's process: its ``Link`` to ``agent``, its store and stream.
+
+    Raises:
+        RuntimeError: Publishing failed at some point (the process then exits with 1,
+            which :func:`floor_services` turns into a failed run).
+    """
     import nats
     from nats.js.api import StorageType, StreamConfig
 
@@ -387,6 +398,7 @@ async def serve_coordinator(certs: Path, agent: str, nats_url: str, state: Path)
     link.cancel()
     await channel.close()
     await connection.close()
+    publisher.check()
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -419,6 +431,10 @@ async def floor_services(
                     "floor-agent": agent.pid,
                 },
             )
+    if coordinator.process.returncode != 0:
+        raise RuntimeError(
+            f"the floor coordinator exited with {coordinator.process.returncode} (see its stderr)"
+        )
 
 
 async def measure(
@@ -472,9 +488,12 @@ async def measure(
                 ]
                 sides = [e for e in sides if not only or e[0] in only or e[0] == CHAIN]
                 for i in range(durations.rounds):
-                    # Each round in another order: no side always runs after the same
-                    # one (the floor's background publishing, a mesh's warm caches).
+                    # Each round in another order, turned and every other round reversed:
+                    # no side always runs after the same one (the floor's background
+                    # publishing, a mesh's warm caches).
                     order = sides[i % len(sides) :] + sides[: i % len(sides)]
+                    if i % 2:
+                        order.reverse()  # and each side after another one than before
                     for c in concurrency:
                         for side, op, pids in order:
                             phase = await closed_loop(

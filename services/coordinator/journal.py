@@ -575,8 +575,8 @@ class Journal:
         """A task's committed events after ``after``, then live ones until its last.
 
         ``first`` (a snapshot) comes before them. With ``outcome_only`` only the snapshot,
-        the events that involve the caller (``input_required`` and the change out of
-        ``INPUT_REQUIRED`` once answered) and the last one (``finished``) are passed on: a
+        the events that involve the caller (``input_required`` and every change out of
+        ``INPUT_REQUIRED``) and the last one (``finished``) are passed on: a
         client that wants the outcome is sent two messages for a task that asks nothing,
         not one per event (each costs both ends about a bare call's CPU,
         docs/performance.md).
@@ -660,8 +660,9 @@ def _for_outcome(event: TaskEvent) -> bool:
     """Whether an ``outcome_only`` stream passes ``event`` on.
 
     The snapshot (never stored, so only ever a stream's first), the requests for input,
-    the answer to one (the change out of ``INPUT_REQUIRED``: a stream replayed later
-    tells a request still open from one answered) and the end.
+    every change out of ``INPUT_REQUIRED`` (the input answered, or the request withdrawn
+    by a retry, a cancel or the deadline: a stream replayed later tells a request still
+    open from one that is not) and the end.
     """
     kind = event.WhichOneof("kind")
     if kind == "state_changed":
@@ -675,6 +676,7 @@ async def _outcome(events: AsyncGenerator[TaskEvent, None]) -> AsyncGenerator[Ta
         async for event in events:
             if _for_outcome(event):
                 yield event
+            del event  # not held while the stream waits (the first is a whole task)
     finally:
         await events.aclose()
 

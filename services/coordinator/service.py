@@ -731,7 +731,7 @@ class Coordinator(StartStop):
     ) -> AsyncIterator[TaskEvent]:
         """A task's committed events after ``after``, then live (no access check).
 
-        ``outcome_only``: only ``input_required`` and ``finished``.
+        ``outcome_only``: only the events an outcome-only stream keeps (``Journal.follow``).
         """
         return self._journal.follow(task_id, after, outcome_only=outcome_only)
 
@@ -747,7 +747,7 @@ class Coordinator(StartStop):
         """Open a task's event stream: stored events after ``after_sequence``, then live.
 
         Validation happens here, before the stream starts. ``outcome_only`` passes on
-        only ``input_required`` and ``finished`` (after the snapshot, if asked for).
+        only the events an outcome-only stream keeps (``Journal.follow``) (after the snapshot, if asked for).
 
         Returns:
             The events, ending after the task's last event.
@@ -772,7 +772,7 @@ class Coordinator(StartStop):
     ) -> AsyncIterator[TaskEvent]:
         """Submit a task and open its event stream, starting with a snapshot.
 
-        ``outcome_only``: after the snapshot, only ``input_required`` and ``finished``.
+        ``outcome_only``: after the snapshot, only the events an outcome-only stream keeps (``Journal.follow``).
         """
         record, _ = await self.submit(spec, caller, correlation_id=correlation_id)
         snapshot = self.snapshot_event(record)

@@ -208,9 +208,9 @@ async def test_a_sub_task_whose_stream_breaks_is_watched_for_its_outcome_alone(
     stream, watch = coordinator.stream, coordinator.watch
     watched: list[bool] = []
 
-    async def breaking(*args: Any, **kwargs: Any) -> Any:
-        events = await stream(*args, **kwargs)
-        if not kwargs.get("outcome_only"):
+    async def breaking(spec: Any, caller: Any, **kwargs: Any) -> Any:
+        events = await stream(spec, caller, **kwargs)
+        if "/agent/" not in caller.identity:
             return events  # the client's own stream
 
         async def first_then_break() -> Any:
@@ -227,10 +227,14 @@ async def test_a_sub_task_whose_stream_breaks_is_watched_for_its_outcome_alone(
     monkeypatch.setattr(coordinator, "watch", recording)
     async with sdk_agent(mesh, Delegator(), identity="agent"):
         task = await finished(mesh, "fan")
-    assert task.state == S.TASK_STATE_SUCCEEDED, task.error
+        followed = await finished(mesh, "follow")
+    assert task.state == followed.state == S.TASK_STATE_SUCCEEDED, task.error
     assert json_format.MessageToDict(task.output.json)["outputs"] == ["done:one", "done:two"]
-    # Each sub-task's broken stream went on as a watch of its outcome alone.
-    assert watched == [True, True]
+    # Each sub-task's broken stream went on as a watch: of its outcome alone, unless a
+    # listener wants every event (it then gets those after the break too).
+    assert watched == [True, True, False]
+    kinds = json_format.MessageToDict(followed.output.json)["kinds"]
+    assert kinds[0] == "snapshot" and kinds[-1] == "finished" and kinds.count("progress") == 2
 
 
 async def test_nesting_stops_at_the_depth_limit(mesh: Mesh) -> None:

@@ -103,10 +103,13 @@ def test_a_snapshot_equals_its_record_and_shares_nothing_it_could_change() -> No
     for field in dataclasses.fields(TaskRecord):
         value = getattr(snapshot, field.name)
         if isinstance(value, Message | list):
-            # Any message or list field, including one added later, is a copy.
+            # Any message or list field, including one added later, is a copy...
             assert value is not getattr(record, field.name), field.name
-    for i, attempt in enumerate(snapshot.attempts):
-        assert attempt is not record.attempts[i]
+        if isinstance(value, list):
+            # ... and so is every message in a list.
+            assert value, f"_record() leaves {field.name} empty"
+            for copied, original in zip(value, getattr(record, field.name), strict=True):
+                assert copied is not original, field.name
     record.usage.total_tokens += 1
     record.attempts[0].attempt = 9
     record.spec.capability = "changed"

@@ -944,8 +944,9 @@ class StreamTaskRequest(_message.Message):
     outcome_only: _builtins.bool
     """When true (JSON "outcomeOnly"), the stream is for a caller that wants the
     outcome, not the progress: the snapshot, then only input_required events,
-    the state_changed event that leaves TASK_STATE_INPUT_REQUIRED once the input
-    is answered, and finished. Progress, partial, activity, retry, step and the
+    every state_changed event that leaves TASK_STATE_INPUT_REQUIRED (the input
+    answered, or the request withdrawn by a retry, a cancel or the deadline),
+    and finished. Progress, partial, activity, retry, step and the
     other state changes are left out of this stream only: every event is still
     stored and published, and WatchTask without the flag replays them all.
     """
