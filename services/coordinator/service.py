@@ -747,7 +747,8 @@ class Coordinator(StartStop):
         """Open a task's event stream: stored events after ``after_sequence``, then live.
 
         Validation happens here, before the stream starts. ``outcome_only`` passes on
-        only the events an outcome-only stream keeps (``Journal.follow``) (after the snapshot, if asked for).
+        only the events an outcome-only stream keeps (``Journal.follow``), after the
+        snapshot if one is asked for.
 
         Returns:
             The events, ending after the task's last event.
@@ -772,7 +773,8 @@ class Coordinator(StartStop):
     ) -> AsyncIterator[TaskEvent]:
         """Submit a task and open its event stream, starting with a snapshot.
 
-        ``outcome_only``: after the snapshot, only the events an outcome-only stream keeps (``Journal.follow``).
+        ``outcome_only``: after the snapshot, only the events an outcome-only stream
+        keeps (``Journal.follow``).
         """
         record, _ = await self.submit(spec, caller, correlation_id=correlation_id)
         snapshot = self.snapshot_event(record)
