@@ -378,3 +378,19 @@ async def test_session_deduplicated_start_is_followed_once(mesh: Mesh) -> None:
     events = [r.event for r in responses if r.HasField("event")]
     assert_contiguous(events)
     assert events[-1].finished.state == S.TASK_STATE_SUCCEEDED
+
+
+async def test_a_task_followed_twice_keeps_its_first_choice_of_events(mesh: Mesh) -> None:
+    await mesh.agent()
+    call = mesh.client().Session()
+    quiet = C.SessionStart(client_ref="one", spec=spec(key="same", script={"steps": 2}))
+    quiet.outcome_only = True
+    await call.write(C.SessionRequest(start=quiet))
+    # The same task again (deduplicated), this time asking for every event.
+    await call.write(start("two", spec(key="same", script={"steps": 2})))
+    await call.done_writing()
+    responses = [r async for r in call]
+    accepted = [r.accepted for r in responses if r.HasField("accepted")]
+    assert [a.deduplicated for a in accepted] == [False, True]
+    events = [r.event for r in responses if r.HasField("event")]
+    assert [e.WhichOneof("kind") for e in events] == ["finished"]
