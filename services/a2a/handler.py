@@ -140,11 +140,16 @@ class GatewayHandler(RequestHandler):
         return task
 
     async def _events(
-        self, task_id: str, after_sequence: int, md: Metadata
+        self, task_id: str, after_sequence: int, md: Metadata, *, outcome_only: bool = False
     ) -> AsyncGenerator[coordinator_pb2.TaskEvent]:
-        """The task's stored events after ``after_sequence``, then live ones."""
+        """The task's stored events after ``after_sequence``, then live ones (with
+        ``outcome_only``: only input requests, their answers and the end).
+        """
         call = self._stub.WatchTask(
-            C.WatchTaskRequest(task_id=task_id, after_sequence=after_sequence), metadata=md
+            C.WatchTaskRequest(
+                task_id=task_id, after_sequence=after_sequence, outcome_only=outcome_only
+            ),
+            metadata=md,
         )
         try:
             async for response in call:
@@ -155,15 +160,25 @@ class GatewayHandler(RequestHandler):
             call.cancel()
 
     async def _follow(
-        self, task: coordinator_pb2.Task, after_sequence: int, md: Metadata
+        self,
+        task: coordinator_pb2.Task,
+        after_sequence: int,
+        md: Metadata,
+        *,
+        outcome_only: bool = False,
     ) -> AsyncGenerator[convert.A2aEvent]:
-        """The task's snapshot, then its mapped events after the cursor, until final."""
+        """The task's snapshot, then its mapped events after the cursor, until final.
+
+        ``outcome_only`` follows only what ends the wait (an input request, the end):
+        for a caller that is answered with the whole task afterwards.
+        """
         snapshot = convert.task_to_a2a(task)
         yield snapshot
         if convert.is_final(snapshot) and after_sequence >= task.last_sequence:
             return
         context_id = convert.context_of(task)
-        async with contextlib.aclosing(self._events(task.task_id, after_sequence, md)) as events:
+        events = self._events(task.task_id, after_sequence, md, outcome_only=outcome_only)
+        async with contextlib.aclosing(events):
             async for event in events:
                 for update in convert.event_to_a2a(event, context_id):
                     yield update
@@ -192,12 +207,12 @@ class GatewayHandler(RequestHandler):
     # -- messages ----------------------------------------------------------------------
 
     async def _start(
-        self, params: a2a.SendMessageRequest, caller: Acting
+        self, params: a2a.SendMessageRequest, caller: Acting, *, outcome_only: bool = False
     ) -> AsyncGenerator[convert.A2aEvent]:
         md = caller.metadata
         message = params.message
         if message.task_id:
-            async for update in self._continue(message, md):
+            async for update in self._continue(message, md, outcome_only=outcome_only):
                 yield update
             return
         try:
@@ -228,7 +243,7 @@ class GatewayHandler(RequestHandler):
             await self._disown(task, caller)
         logger.info("A2A message %s of %s started task %s (%s)", message.message_id,
                     caller.identity, task.task_id, options.skill)  # fmt: skip
-        async for update in self._follow(task, task.last_sequence, md):
+        async for update in self._follow(task, task.last_sequence, md, outcome_only=outcome_only):
             yield update
 
     async def _disown(self, task: coordinator_pb2.Task, caller: Acting) -> None:
@@ -254,7 +269,7 @@ class GatewayHandler(RequestHandler):
         )
 
     async def _continue(
-        self, message: a2a.Message, md: Metadata
+        self, message: a2a.Message, md: Metadata, *, outcome_only: bool = False
     ) -> AsyncGenerator[convert.A2aEvent]:
         """Answer the pending input request of the task the message names, then follow it."""
         task = await self._get(message.task_id, md)
@@ -276,7 +291,7 @@ class GatewayHandler(RequestHandler):
         )
         logger.info("A2A message %s answered input %s of task %s", message.message_id,
                     answer.request_id, task.task_id)  # fmt: skip
-        async for update in self._follow(response.task, cursor, md):
+        async for update in self._follow(response.task, cursor, md, outcome_only=outcome_only):
             yield update
 
     async def on_message_send(
@@ -288,7 +303,9 @@ class GatewayHandler(RequestHandler):
         caller = acting(context)
         md = caller.metadata
         task_id = ""
-        async with contextlib.aclosing(self._start(params, caller)) as stream:
+        # The answer is the whole task, read when the wait ends: the wait itself needs
+        # only what ends it, not every event (docs/coordinator.md, outcome_only).
+        async with contextlib.aclosing(self._start(params, caller, outcome_only=True)) as stream:
             async for update in stream:
                 if isinstance(update, a2a.Task):
                     task_id = update.id
