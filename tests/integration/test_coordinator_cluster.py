@@ -77,6 +77,13 @@ async def test_any_coordinator_answers_for_a_task_another_one_runs(
         watcher = asyncio.create_task(
             collect(on_b.WatchTask(C.WatchTaskRequest(task_id=asked.task_id), timeout=30))
         )
+        outcome_watcher = asyncio.create_task(
+            collect(
+                on_b.WatchTask(
+                    C.WatchTaskRequest(task_id=asked.task_id, outcome_only=True), timeout=30
+                )
+            )
+        )
 
         async def waiting() -> C.Task:
             task = (await on_b.GetTask(C.GetTaskRequest(task_id=asked.task_id))).task
@@ -96,6 +103,15 @@ async def test_any_coordinator_answers_for_a_task_another_one_runs(
         events = await asyncio.wait_for(watcher, 30)
         assert_contiguous(events)
         assert events[-1].finished.output.text == "answer:yes"
+        # Following A's journal from B, an outcome-only watcher gets the request, its
+        # answer and the end.
+        outcome = await asyncio.wait_for(outcome_watcher, 30)
+        assert [e.WhichOneof("kind") for e in outcome] == [
+            "input_required",
+            "state_changed",
+            "finished",
+        ]
+        assert outcome[-1] == events[-1]
 
         # A cancel sent to B reaches the agent through A.
         hung = (await on_a.SubmitTask(C.SubmitTaskRequest(spec=spec(script={"hang": True})))).task
