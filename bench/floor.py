@@ -27,6 +27,8 @@ for any Python implementation of the contract on grpc.aio: no validation, author
 scheduling, retries, deadlines, tracing, metrics, logs or outbox.
 
     python bench/floor.py [--rounds 3] [--measure 1.2] [--concurrency 1 16] [--json F]
+    python bench/floor.py --only task task-outcome --rounds 12 --measure 2
+    python bench/floor.py --sync-interval 2m
 """
 
 from __future__ import annotations
