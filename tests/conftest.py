@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc.aio
 import pytest
 import pytest_asyncio
 from opentelemetry import trace
@@ -22,6 +23,14 @@ from hivewire.services.mesh import pki as pki_module
 from hivewire.services.runtime.tls import TlsFiles
 from tests.helpers import NatsServer, grpcurl_path
 from tests.helpers import grpcurl as run_grpcurl
+
+# grpc.aio shuts its completion-queue poller down when its last object is freed. A test
+# that leaves one to the garbage collector (a channel held by a stub that outlives the
+# test) has that shutdown run during interpreter finalization, where it fails and prints
+# an empty "Error in sys.excepthook" as the run ends (grpcio 1.75; test_dashboard_shutdown
+# showed it). Initialised here, aio holds one reference of its own for the process's life,
+# so no shutdown runs at exit.
+grpc.aio.init_grpc_aio()
 
 # A suite started in the background by a non-interactive shell (`make test &`, nohup, some
 # CI runners) inherits SIGINT ignored, and so does every process a test starts: a command
