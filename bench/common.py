@@ -18,7 +18,7 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,6 +331,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 def add_code_option(parser: argparse.ArgumentParser) -> None:
     """``--pythonpath``: run the services on other code (an older version, installed apart)."""
     parser.add_argument("--pythonpath", default="", help="other code first on PYTHONPATH")
+
+
+def run_instrumented(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, str]],
+    argv: Sequence[str] | None,
+) -> int:
+    """The command line of an instrumented run (``--pythonpath`` added): print its report."""
+    add_code_option(parser)
+    args = parser.parse_args(argv)
+    print(asyncio.run(run(args)))
+    return 0
 
 
 def instrumented_pythonpath(site: Path, other: str) -> str:

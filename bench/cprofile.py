@@ -33,7 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_code_option, instrumented_pythonpath, wait_until
+from bench.common import instrumented_pythonpath, run_instrumented, wait_until
 from bench.mesh import run_task
 from bench.meshrun import bench_mesh, coordinator_stub
 from bench.profile import area
@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--save", type=Path, help="also keep each phase's pstats as SAVE-c<N>.pstats"
     )
-    add_code_option(parser)
-    args = parser.parse_args(argv)
-    print(asyncio.run(run(args)))
-    return 0
+    return run_instrumented(parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_code_option, instrumented_pythonpath, wait_until
+from bench.common import instrumented_pythonpath, run_instrumented, wait_until
 from bench.mesh import noop_spec
 from bench.meshrun import bench_mesh, coordinator_stub
 from hivewire.coordinator.v1 import coordinator_pb2
@@ -193,10 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=300, help="tasks, one after the other")
     parser.add_argument("--skip", type=int, default=30, help="first tasks left out (warm-up)")
-    add_code_option(parser)
-    args = parser.parse_args(argv)
-    print(asyncio.run(run(args)))
-    return 0
+    return run_instrumented(parser, run, argv)
 
 
 if __name__ == "__main__":

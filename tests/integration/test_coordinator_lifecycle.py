@@ -213,6 +213,15 @@ async def test_stream_task_outcome_only_sends_the_snapshot_and_the_end(mesh: Mes
         )
     )
     assert kinds(outcome) == ["snapshot", "finished"]
+    # The flag opens nothing: someone else's task stays unknown to a caller.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await collect(
+            mesh.client("agent").WatchTask(
+                coordinator_pb2.WatchTaskRequest(task_id=task_id, outcome_only=True)
+            )
+        )
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_of(refused.value).reason == "TASK_NOT_FOUND"
 
 
 async def test_stream_task_outcome_only_still_asks_for_input(mesh: Mesh) -> None:
