@@ -3,12 +3,12 @@
 Every process installs the OTel SDK once (:func:`setup_tracing`); spans leave over
 OTLP only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is set,
 and the exporter reads the other standard ``OTEL_EXPORTER_OTLP_*`` variables itself.
-Without an endpoint the server interceptor's spans are still made, so log lines carry
-trace and span ids and the W3C context still travels on; the hot paths make none
-while no span goes anywhere (:func:`spans_kept`) and carry the context they were
-given instead: an attempt's spans (:func:`client_span`, :func:`server_span`,
-:func:`resumed` with a name, :func:`kept_span`) and every call's CLIENT span
-(:func:`client_interceptors`).
+Without an endpoint the hot paths make no span while none goes anywhere
+(:func:`spans_kept`) and carry the context they were given instead, so log lines
+still carry trace and span ids and the W3C context still travels on: an attempt's
+spans (:func:`client_span`, :func:`server_span`, :func:`resumed` with a name,
+:func:`kept_span`) and every call's CLIENT and SERVER span (:func:`client_interceptors`,
+:func:`server_interceptor`).
 
 Where the context travels:
 
@@ -40,10 +40,12 @@ from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.grpc import (
     _aio_client,
     _aio_server,
+    _server,
     aio_client_interceptors,
     aio_server_interceptor,
     filters,
 )
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -85,6 +87,7 @@ tracer = trace.get_tracer(TRACER_NAME)
 _IDS = RandomIdGenerator()
 
 # Health checks and reflection are probes, not work: no span for them.
+_PROBES = ("/grpc.health.v1.Health", "/grpc.reflection")
 _UNTRACED: Any = filters.negate(
     filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
 )
@@ -122,12 +125,33 @@ def setup_tracing(
 
 
 class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):
-    """The stock server interceptor, able to trace reader/writer-style stream handlers.
+    """The stock server interceptor: no span while none is kept; reader/writer handlers traced.
+
+    While no span goes anywhere (:func:`spans_kept` is false) no SERVER span is made:
+    the handler runs in the context the call carried (:func:`carried_context`: a
+    non-recording span of the caller's ids, a new trace when it carried none), without
+    the stock span, its attributes and its proxy around the servicer context.
 
     The stock one iterates every response-streaming handler, so a handler that answers
     with ``await context.write(...)`` fails with a TypeError (open upstream issue); such
     a handler is awaited inside its span instead.
     """
+
+    async def intercept_service(  # type: ignore[override]  # the stock class is both the sync and the aio interceptor
+        self, continuation: Any, handler_call_details: Any
+    ) -> Any:
+        if spans_kept():
+            return await super().intercept_service(continuation, handler_call_details)  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
+        handler = await continuation(handler_call_details)
+        if not is_instrumentation_enabled() or (
+            self._filter is not None and not self._filter(handler_call_details)
+        ):
+            return handler
+        metadata = handler_call_details.invocation_metadata or ()
+        carried = carried_context(
+            _metadata_value(metadata, "traceparent"), _metadata_value(metadata, "tracestate")
+        )
+        return _server._wrap_rpc_behavior(handler, functools.partial(_carrying, carried))  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
 
     def _intercept_aio_server_stream(self, behavior: Any, handler_call_details: Any) -> Any:
         if not inspect.isasyncgenfunction(behavior):
@@ -135,8 +159,45 @@ class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):
         return super()._intercept_aio_server_stream(behavior, handler_call_details)  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
 
 
+def _metadata_value(metadata: Iterable[tuple[str, str | bytes]], key: str) -> str:
+    for name, value in metadata:
+        if name == key:
+            return value if isinstance(value, str) else ""
+    return ""
+
+
+def _carrying(
+    carried: otel_context.Context, behavior: Any, request_streaming: bool, response_streaming: bool
+) -> Any:
+    """``behavior`` run with ``carried`` as the current context (what a span-less call gets)."""
+    del request_streaming  # the same either way
+    if response_streaming and inspect.isasyncgenfunction(behavior):
+
+        async def streamed(request: Any, context: Any) -> AsyncIterator[Any]:
+            token = otel_context.attach(carried)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                otel_context.detach(token)
+
+        return streamed
+
+    async def awaited(request: Any, context: Any) -> Any:
+        token = otel_context.attach(carried)
+        try:
+            return await behavior(request, context)
+        finally:
+            otel_context.detach(token)
+
+    return awaited
+
+
 def server_interceptor(untraced: Iterable[str] = ()) -> grpc.aio.ServerInterceptor:
     """The OTel server interceptor (outermost in every server chain).
+
+    A call's SERVER span is made only while spans are kept (:func:`spans_kept`);
+    without, its handler runs in the context the call carried.
 
     Args:
         untraced: Full method names (``/package.Service/Method``) that get no server
@@ -144,17 +205,14 @@ def server_interceptor(untraced: Iterable[str] = ()) -> grpc.aio.ServerIntercept
             held open for the life of each stream is several KiB per stream.
     """
     methods = frozenset(untraced)
-    untraced_filter: Any = (
-        filters.negate(
-            filters.any_of(
-                filters.health_check(),
-                filters.service_prefix("grpc.reflection"),
-                lambda details: details.method in methods,
-            )
-        )
-        if methods
-        else _UNTRACED
-    )
+
+    def traced(details: Any) -> bool:
+        # The stock filters' health-check and reflection probes, as one plain test.
+        method = details.method
+        method = method.decode() if isinstance(method, bytes) else method
+        return method not in methods and not method.startswith(_PROBES)
+
+    untraced_filter: Any = traced
     stock = aio_server_interceptor(filter_=untraced_filter)  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
     interceptor: grpc.aio.ServerInterceptor = _ServerInterceptor(  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
         stock._tracer, filter_=untraced_filter
@@ -464,11 +522,9 @@ def stamp(carrier: TraceCarrier) -> None:
     Outside any span the carrier keeps what the client put there if it is a well-formed
     ``traceparent`` (and loses it otherwise).
     """
-    headers: dict[str, str] = {}
-    propagate.inject(headers)
-    parent = headers.get("traceparent", "")
-    if _TRACEPARENT.match(parent) and trace.get_current_span().get_span_context().is_valid:
-        carrier.traceparent = parent
+    headers = span_headers(trace.get_current_span())
+    if headers:
+        carrier.traceparent = headers["traceparent"]
         carrier.tracestate = headers.get("tracestate", "")[:_MAX_TRACESTATE]
     elif not _TRACEPARENT.match(carrier.traceparent):
         carrier.traceparent = ""
@@ -487,6 +543,9 @@ def _extracted(traceparent: str, tracestate: str) -> otel_context.Context | None
     # Cached: a task's events and hops resume its one stored context again and again,
     # and a Context is immutable. Extracted into an empty context, not the current one:
     # a cached value must not carry what the first caller's context held.
+    parent = _remote_span_context(traceparent, tracestate)
+    if parent is not None:
+        return trace.set_span_in_context(trace.NonRecordingSpan(parent), otel_context.Context())
     headers = {"traceparent": traceparent}
     if tracestate:
         headers["tracestate"] = tracestate

@@ -143,9 +143,7 @@ async def test_an_attempt_on_a_link_joins_the_task_trace_with_or_without_its_spa
     assert all(tp.split("-")[1] == TRACE_ID for tp in traceparents), traceparents
     trace_id, span_id = mesh.agent.log_ids["t-link"]
     assert trace_id == TRACE_ID
-    # The model service continues the trace it was given.
-    (served,) = spans_named(spans, GENERATE, SpanKind.SERVER)
-    assert served.context.trace_id == int(TRACE_ID, 16) and served.parent is not None
+    served_spans = spans_named(spans, GENERATE, SpanKind.SERVER)
     calls = spans_named(spans, GENERATE, SpanKind.CLIENT)
     servers = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
     handlers = spans_named(spans, "handle call")
@@ -160,15 +158,19 @@ async def test_an_attempt_on_a_link_joins_the_task_trace_with_or_without_its_spa
         assert handler.parent is not None and handler.parent.span_id == server.context.span_id
         (call,) = calls
         assert call.parent is not None and call.parent.span_id == handler.context.span_id
+        # The model service continues the trace it was given.
+        (served,) = served_spans
+        assert served.context.trace_id == int(TRACE_ID, 16) and served.parent is not None
         assert served.parent.span_id == call.context.span_id
         assert span_id == f"{handler.context.span_id:016x}"
     else:
-        # No span of the attempt nor of its calls: the carried context goes on as it
-        # came, to the model and tool services and into the log lines.
-        assert servers == handlers == calls == []
+        # No span of the attempt, of its calls nor of the services it calls: the
+        # carried context goes on as it came, to the model and tool services (whose
+        # handlers run in it) and into the log lines.
+        assert servers == handlers == calls == served_spans == []
         assert parent_ids(traceparents) == {PARENT_ID}
         assert mesh.model.calls[0].metadata.get("tracestate") == TRACESTATE
-        assert f"{served.parent.span_id:016x}" == PARENT_ID
+        assert mesh.model.contexts == [(TRACE_ID, PARENT_ID)]
         assert span_id == PARENT_ID
 
 
@@ -203,17 +205,19 @@ async def test_an_execute_call_has_a_handler_span_only_while_spans_are_kept(
     assert len(traceparents) == 2
     assert all(tp.split("-")[1] == trace_id for tp in traceparents), traceparents
     assert mesh.agent.log_ids["t-execute"][0] == trace_id
-    (server,) = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
+    servers = spans_named(spans, EXECUTE_METHOD, SpanKind.SERVER)
     calls = spans_named(spans, GENERATE, SpanKind.CLIENT)
     handlers = spans_named(spans, "handle call")
     if kept:
-        (handler,), (call,) = handlers, calls
+        (server,), (handler,), (call,) = servers, handlers, calls
         assert handler.parent is not None and handler.parent.span_id == server.context.span_id
         assert call.parent is not None and call.parent.span_id == handler.context.span_id
     else:
-        # The call's SERVER span (the gRPC interceptor's) is the calls' parent.
-        assert handlers == calls == []
-        assert parent_ids(traceparents) == {f"{server.context.span_id:016x}"}
+        # No SERVER span either: the caller's span is the calls' parent.
+        assert servers == handlers == calls == []
+        root_id = f"{root.get_span_context().span_id:016x}"
+        assert parent_ids(traceparents) == {root_id}
+        assert mesh.agent.log_ids["t-execute"] == (trace_id, root_id)
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["exported", "not-exported"])

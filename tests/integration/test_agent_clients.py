@@ -18,6 +18,7 @@ from hivewire.model.v1 import model_pb2, model_pb2_grpc
 from hivewire.services.agent import Agent, Payload, TaskContext, capability
 from hivewire.services.agent.sdk import Sampling
 from hivewire.services.agent.serve import AgentServer
+from hivewire.services.runtime import tracing
 from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.errors import Unavailable
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
@@ -46,10 +47,13 @@ class Seen:
 class RecordingModel(model_pb2_grpc.ModelServiceServicer):
     def __init__(self) -> None:
         self.calls: list[Seen] = []
+        self.contexts: list[tuple[str, str] | None] = []
+        """The (trace id, span id) each call's handler ran in."""
 
     def _record(self, method: str, request: Any, context: Any) -> None:
         meta = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         self.calls.append(Seen(method, meta, context.time_remaining(), request))
+        self.contexts.append(tracing.current_ids())
 
     async def _reply(self, prompt: str) -> AsyncIterator[Any]:
         if prompt == "fail":
