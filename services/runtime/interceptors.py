@@ -8,7 +8,8 @@ Server chain, outermost first (``server_interceptors()``)::
         -> servicer
 
 The OTel interceptor is outermost so that every other layer, and the log lines
-they write, run inside the call's server span (W3C ``traceparent`` from the caller).
+they write, run inside the call's trace (W3C ``traceparent`` from the caller): in its
+server span while spans are exported, in the context the call carried otherwise.
 
 A ``grpc.aio`` server interceptor only sees the method name and metadata, so each of
 these wraps the ``RpcMethodHandler`` it gets back: the wrapper runs around the real
