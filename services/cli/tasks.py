@@ -104,6 +104,13 @@ IdentityOpt = Annotated[
     str, typer.Option("--identity", help="Client certificate stem in the certs dir.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print protobuf JSON, one object per line.")]
+OutcomeOnlyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--outcome-only",
+        help="Show only the task's start, input requests and end (no progress or partials).",
+    ),
+]
 
 
 # -- connection and errors ---------------------------------------------------------------
@@ -565,13 +572,15 @@ async def follow_resuming(
     view: EventView,
     *,
     interactive: bool,
+    outcome_only: bool = False,
 ) -> int:
     """:func:`follow`, resuming on another coordinator when this one goes away.
 
     A stream that ends with UNAVAILABLE once the task is known (its coordinator died or
     stopped) goes on with ``WatchTask`` after the last event shown, on the first
     coordinator of the target that connects: another one of the list, or the same one
-    once it is back. Nothing is shown twice and nothing is skipped.
+    once it is back. Nothing is shown twice and nothing is skipped (of what an
+    ``outcome_only`` stream shows, when it is one).
     """
     stub, target = coordinator.stub, coordinator.target
     async with contextlib.AsyncExitStack() as channels:
@@ -596,6 +605,7 @@ async def follow_resuming(
                     task_id=view.task_id,
                     after_sequence=view.last_sequence,
                     include_snapshot=False,
+                    outcome_only=outcome_only,
                 )
             )
 
@@ -829,6 +839,7 @@ def submit(
     no_input: Annotated[
         bool, typer.Option("--no-input", help="Never prompt when the task asks for input.")
     ] = False,
+    outcome_only: OutcomeOnlyOpt = False,
     json_lines: JsonOpt = False,
 ) -> Work:
     """Submit a task (or a plan) and follow it live until it ends (output on stdout)."""
@@ -867,9 +878,15 @@ def submit(
             echo_result(response, response.task.task_id, json_lines=json_lines)
             return EXIT_OK
         with _view(json_lines) as view:
-            call = coordinator.stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=spec))
+            call = coordinator.stub.StreamTask(
+                coordinator_pb2.StreamTaskRequest(spec=spec, outcome_only=outcome_only)
+            )
             return await follow_resuming(
-                coordinator, call, view, interactive=_interactive(no_input)
+                coordinator,
+                call,
+                view,
+                interactive=_interactive(no_input),
+                outcome_only=outcome_only,
             )
 
     return work
@@ -888,6 +905,7 @@ def watch(
     no_input: Annotated[
         bool, typer.Option("--no-input", help="Never prompt when the task asks for input.")
     ] = False,
+    outcome_only: OutcomeOnlyOpt = False,
     json_lines: JsonOpt = False,
 ) -> Work:
     """Follow a task: replay its events (after --after), then live until it ends."""
@@ -897,11 +915,18 @@ def watch(
             view.last_sequence = after
             call = coordinator.stub.WatchTask(
                 coordinator_pb2.WatchTaskRequest(
-                    task_id=task_id, after_sequence=after, include_snapshot=True
+                    task_id=task_id,
+                    after_sequence=after,
+                    include_snapshot=True,
+                    outcome_only=outcome_only,
                 )
             )
             return await follow_resuming(
-                coordinator, call, view, interactive=_interactive(no_input)
+                coordinator,
+                call,
+                view,
+                interactive=_interactive(no_input),
+                outcome_only=outcome_only,
             )
 
     return work

@@ -63,6 +63,34 @@ async def test_submit_follows_the_task_and_prints_the_output(mesh: Mesh) -> None
     assert lines[-1].endswith("finished: succeeded")
 
 
+def event_kinds(out: str) -> list[str]:
+    """The kind of each ``--json`` line: the one field besides the task's id and numbers."""
+    kinds = []
+    for line in out.splitlines():
+        event = json.loads(line)
+        (kind,) = (k for k in event if k not in ("taskId", "sequence", "time", "attempt"))
+        kinds.append(kind)
+    return kinds
+
+
+async def test_outcome_only_shows_the_start_and_the_end(mesh: Mesh) -> None:
+    await mesh.agent()
+    args = ("submit", "echo", "hello", "--input-json", '{"steps": 2}')
+    full = await cli(mesh, *args, "--json")
+    only = await cli(mesh, *args, "--json", "--outcome-only")
+    assert full.code == 0 and only.code == 0, (full, only)
+    assert "progress" in event_kinds(full.out)
+    assert event_kinds(only.out) == ["snapshot", "finished"]
+    text = await cli(mesh, *args, "--outcome-only")
+    assert text.code == 0 and text.out == "done:hello\n", text
+    assert not any("progress" in line for line in text.err.splitlines())
+    assert text.err.splitlines()[-1].endswith("finished: succeeded")
+    task_id = json.loads(only.out.splitlines()[-1])["taskId"]
+    watched = await cli(mesh, "watch", task_id, "--json", "--outcome-only")
+    assert watched.code == 0, watched
+    assert event_kinds(watched.out) == ["snapshot", "finished"]
+
+
 async def test_detach_watch_tasks_and_json(mesh: Mesh) -> None:
     agent = await mesh.agent()
     detached = await cli(mesh, "submit", "echo", "later", "--input-json", '{"gate": "g"}', "-d")
