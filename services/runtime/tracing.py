@@ -31,7 +31,7 @@ import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, aclosing, contextmanager, nullcontext
 from typing import Any, Protocol
 
 import grpc
@@ -176,8 +176,11 @@ def _carrying(
         async def streamed(request: Any, context: Any) -> AsyncIterator[Any]:
             token = otel_context.attach(carried)
             try:
-                async for response in behavior(request, context):
-                    yield response
+                # aclosing: when grpc closes this wrapper, the handler's own finally
+                # blocks run now, not when its generator is collected.
+                async with aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
             finally:
                 otel_context.detach(token)
 

@@ -197,3 +197,28 @@ async def test_untraced_methods_get_no_server_span(
     names = [s.name for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
     assert "/hw.test.Quiet/Echo" in names
     assert not [n for n in names if n.endswith("/Follow")]
+
+
+async def test_without_an_exporter_a_handler_runs_in_the_context_the_call_carried(
+    chain: tuple[grpc.aio.Channel, list[Any], list[Any]],
+    spans: InMemorySpanExporter,
+    pki: Pki,
+    first_address: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No span goes anywhere: no SERVER span is made, the handler (and its log lines and
+    # downstream calls) runs in the caller's context as it came; a call that carried
+    # none gets a trace of its own.
+    monkeypatch.setattr(tracing, "spans_kept", lambda: False)
+    _, first_seen, second_seen = chain
+    _, trace_id, parent_id, _ = TRACEPARENT.split("-")
+    await bare_echo(
+        pki, first_address[0], (("traceparent", TRACEPARENT), ("tracestate", TRACESTATE))
+    )
+    assert first_seen[0][0] == (trace_id, parent_id)
+    assert second_seen[0][0] == (trace_id, parent_id)
+    assert second_seen[0][1]["tracestate"] == TRACESTATE
+    await bare_echo(pki, first_address[0], ())
+    own_trace, _ = first_seen[1][0]
+    assert own_trace != trace_id and second_seen[1][0][0] == own_trace
+    assert [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER] == []
