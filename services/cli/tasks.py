@@ -338,12 +338,14 @@ class EventView:
         out: Where the output (or the JSON lines) goes.
         live: Draw a progress bar (a terminal); otherwise one line per event.
         json_lines: Print every event as protobuf JSON instead.
+        outcome_only: The stream shown is an ``outcome_only`` one (so is its resume).
     """
 
     err: Console
     out: IO[str]
     live: bool
     json_lines: bool = False
+    outcome_only: bool = False
     task_id: str = ""
     last_sequence: int = 0
     state: int = common_pb2.TASK_STATE_UNSPECIFIED
@@ -515,14 +517,19 @@ class EventView:
             detail = f" ({step.error.reason}: {_clip(step.error.message, 60)})"
         self._line(event, f"step {label} {kind}: {state}{detail}")
 
+    @property
+    def resume_command(self) -> str:
+        """The command that follows this task on from the last event shown."""
+        flag = " --outcome-only" if self.outcome_only else ""
+        return f"hivewire watch {self.task_id} --after {self.last_sequence}{flag}"
+
     def conclude(self) -> int:
         """Print the output or the error; return the exit status for the final state."""
         self.pause()
         done = self.finished
         if done is None:
             self.err.print(
-                f"stopped following task {self.task_id}; resume with "
-                f"`hivewire watch {self.task_id} --after {self.last_sequence}`",
+                f"stopped following task {self.task_id}; resume with `{self.resume_command}`",
                 markup=False,
             )
             return EXIT_INTERRUPTED
@@ -572,15 +579,14 @@ async def follow_resuming(
     view: EventView,
     *,
     interactive: bool,
-    outcome_only: bool = False,
 ) -> int:
     """:func:`follow`, resuming on another coordinator when this one goes away.
 
     A stream that ends with UNAVAILABLE once the task is known (its coordinator died or
     stopped) goes on with ``WatchTask`` after the last event shown, on the first
     coordinator of the target that connects: another one of the list, or the same one
-    once it is back. Nothing is shown twice and nothing is skipped (of what an
-    ``outcome_only`` stream shows, when it is one).
+    once it is back, as an ``outcome_only`` stream when ``view`` shows one. Nothing is
+    shown twice and nothing is skipped.
     """
     stub, target = coordinator.stub, coordinator.target
     async with contextlib.AsyncExitStack() as channels:
@@ -605,7 +611,7 @@ async def follow_resuming(
                     task_id=view.task_id,
                     after_sequence=view.last_sequence,
                     include_snapshot=False,
-                    outcome_only=outcome_only,
+                    outcome_only=view.outcome_only,
                 )
             )
 
@@ -621,7 +627,7 @@ async def _reconnect(target: _Target, view: EventView) -> Any:
         )
     except TimeoutError as exc:
         raise _FailureError(
-            f"{exc}; resume with `hivewire watch {view.task_id} --after {view.last_sequence}`",
+            f"{exc}; resume with `{view.resume_command}`",
             EXIT_UNREACHABLE,
         ) from exc
 
@@ -651,10 +657,16 @@ async def _answer(
         view.resume()
 
 
-def _view(json_lines: bool) -> EventView:
+def _view(json_lines: bool, *, outcome_only: bool = False) -> EventView:
     # soft_wrap: a line per event, never folded at the console width (logs, pipes).
     err = Console(stderr=True, soft_wrap=True)
-    return EventView(err=err, out=sys.stdout, live=err.is_terminal, json_lines=json_lines)
+    return EventView(
+        err=err,
+        out=sys.stdout,
+        live=err.is_terminal,
+        json_lines=json_lines,
+        outcome_only=outcome_only,
+    )
 
 
 def _listing(
@@ -877,16 +889,12 @@ def submit(
             )
             echo_result(response, response.task.task_id, json_lines=json_lines)
             return EXIT_OK
-        with _view(json_lines) as view:
+        with _view(json_lines, outcome_only=outcome_only) as view:
             call = coordinator.stub.StreamTask(
                 coordinator_pb2.StreamTaskRequest(spec=spec, outcome_only=outcome_only)
             )
             return await follow_resuming(
-                coordinator,
-                call,
-                view,
-                interactive=_interactive(no_input),
-                outcome_only=outcome_only,
+                coordinator, call, view, interactive=_interactive(no_input)
             )
 
     return work
@@ -911,7 +919,7 @@ def watch(
     """Follow a task: replay its events (after --after), then live until it ends."""
 
     async def work(coordinator: Coordinator) -> int:
-        with _view(json_lines) as view:
+        with _view(json_lines, outcome_only=outcome_only) as view:
             view.last_sequence = after
             call = coordinator.stub.WatchTask(
                 coordinator_pb2.WatchTaskRequest(
@@ -922,11 +930,7 @@ def watch(
                 )
             )
             return await follow_resuming(
-                coordinator,
-                call,
-                view,
-                interactive=_interactive(no_input),
-                outcome_only=outcome_only,
+                coordinator, call, view, interactive=_interactive(no_input)
             )
 
     return work

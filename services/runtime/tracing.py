@@ -147,10 +147,7 @@ class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):
             self._filter is not None and not self._filter(handler_call_details)
         ):
             return handler
-        metadata = handler_call_details.invocation_metadata or ()
-        carried = carried_context(
-            _metadata_value(metadata, "traceparent"), _metadata_value(metadata, "tracestate")
-        )
+        carried = _call_context(handler_call_details.invocation_metadata or ())
         return _server._wrap_rpc_behavior(handler, functools.partial(_carrying, carried))  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
 
     def _intercept_aio_server_stream(self, behavior: Any, handler_call_details: Any) -> Any:
@@ -159,11 +156,33 @@ class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):
         return super()._intercept_aio_server_stream(behavior, handler_call_details)  # type: ignore[no-untyped-call]  # opentelemetry-instrumentation-grpc is unannotated
 
 
-def _metadata_value(metadata: Iterable[tuple[str, str | bytes]], key: str) -> str:
+def _call_context(metadata: Iterable[tuple[str, str | bytes]]) -> otel_context.Context:
+    """The context a call carried in its metadata (what the stock interceptor extracts).
+
+    A call with only ``traceparent``/``tracestate`` (what hivewire and most clients
+    send) is parsed directly (:func:`carried_context`); one that also carries another
+    configured propagator's field (``baggage``, or B3's when ``OTEL_PROPAGATORS`` says
+    so) goes through every propagator, so that all of it travels on.
+    """
+    carrier: dict[str, str] = {}
+    others = _other_fields(propagate.get_global_textmap())
+    other = False
     for name, value in metadata:
-        if name == key:
-            return value if isinstance(value, str) else ""
-    return ""
+        if isinstance(value, str):
+            carrier[name] = value
+            other = other or name in others
+    if not other:
+        return carried_context(carrier.get("traceparent", ""), carrier.get("tracestate", ""))
+    extracted = propagate.extract(carrier, context=otel_context.Context())
+    if trace.get_current_span(extracted).get_span_context().is_valid:
+        return extracted
+    return trace.set_span_in_context(trace.NonRecordingSpan(_new_trace()), extracted)
+
+
+@functools.lru_cache(maxsize=4)
+def _other_fields(textmap: Any) -> frozenset[str]:
+    """The fields ``textmap`` reads besides W3C's ``traceparent`` and ``tracestate``."""
+    return frozenset(textmap.fields) - {"traceparent", "tracestate"}
 
 
 def _carrying(
@@ -172,15 +191,17 @@ def _carrying(
     """``behavior`` run with ``carried`` as the current context (what a span-less call gets)."""
     del request_streaming  # the same either way
     if response_streaming and inspect.isasyncgenfunction(behavior):
+        # A coroutine that writes each response (grpc.aio's reader/writer style), not a
+        # generator: a generator grpc leaves at a yield (the caller cancelled) would be
+        # finished later in another task, where the context can no longer be detached.
+        # Here a cancellation ends the handler (aclosing) and the context in this task.
 
-        async def streamed(request: Any, context: Any) -> AsyncIterator[Any]:
+        async def streamed(request: Any, context: Any) -> None:
             token = otel_context.attach(carried)
             try:
-                # aclosing: when grpc closes this wrapper, the handler's own finally
-                # blocks run now, not when its generator is collected.
                 async with aclosing(behavior(request, context)) as responses:
                     async for response in responses:
-                        yield response
+                        await context.write(response)
             finally:
                 otel_context.detach(token)
 
@@ -451,13 +472,18 @@ def carried_context(traceparent: str, tracestate: str = "") -> otel_context.Cont
         if trace.get_current_span(extracted).get_span_context().is_valid:
             return extracted
     if parent is None:
-        parent = trace.SpanContext(
-            trace_id=_IDS.generate_trace_id(),
-            span_id=_IDS.generate_span_id(),
-            is_remote=False,
-            trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
-        )
+        parent = _new_trace()
     return trace.set_span_in_context(trace.NonRecordingSpan(parent), otel_context.Context())
+
+
+def _new_trace() -> trace.SpanContext:
+    """The ids a root span would start: a new trace, sampled."""
+    return trace.SpanContext(
+        trace_id=_IDS.generate_trace_id(),
+        span_id=_IDS.generate_span_id(),
+        is_remote=False,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
 
 
 def _remote_span_context(traceparent: str, tracestate: str) -> trace.SpanContext | None:

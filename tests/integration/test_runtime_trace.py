@@ -9,6 +9,7 @@ metadata (grpcurl -H) is continued; a malformed one starts a new trace.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from hivewire.services.runtime.config import load_settings
 from hivewire.services.runtime.server import ServiceBinding, ServiceServer
 from hivewire.services.runtime.tls import channel_credentials
 from tests.conftest import Pki
+from tests.helpers import eventually
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACESTATE = "vendor=opaque"
@@ -222,3 +224,68 @@ async def test_without_an_exporter_a_handler_runs_in_the_context_the_call_carrie
     own_trace, _ = first_seen[1][0]
     assert own_trace != trace_id and second_seen[1][0][0] == own_trace
     assert [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER] == []
+
+
+async def test_without_an_exporter_baggage_travels_on_with_or_without_a_traceparent(
+    chain: tuple[grpc.aio.Channel, list[Any], list[Any]],
+    pki: Pki,
+    first_address: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A field of another configured propagator (W3C baggage by default) is extracted
+    # with the trace context, so the downstream call carries it too.
+    monkeypatch.setattr(tracing, "spans_kept", lambda: False)
+    _, first_seen, second_seen = chain
+    _, trace_id, parent_id, _ = TRACEPARENT.split("-")
+    await bare_echo(
+        pki, first_address[0], (("traceparent", TRACEPARENT), ("baggage", "user=alice"))
+    )
+    assert first_seen[0][0] == (trace_id, parent_id)
+    assert second_seen[0][1]["baggage"] == "user=alice"
+    await bare_echo(pki, first_address[0], (("baggage", "user=bob"),))
+    own_trace, _ = first_seen[1][0]
+    assert own_trace != trace_id and second_seen[1][0][0] == own_trace
+    assert second_seen[1][1]["baggage"] == "user=bob"
+
+
+async def test_a_cancelled_stream_ends_its_handler_in_the_carried_context(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The caller cancels while the handler waits to send: the handler's finally runs in
+    # the call's context, and the context is detached where it was attached (no
+    # "Failed to detach context" error from OpenTelemetry).
+    monkeypatch.setattr(tracing, "spans_kept", lambda: False)
+    ended: list[Any] = []
+
+    async def flood(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            while True:
+                yield b"x" * 1_000_000
+        finally:
+            ended.append(tracing.current_ids())
+
+    def same(data: bytes) -> bytes:
+        return data
+
+    handler = grpc.method_handlers_generic_handler(
+        "hw.test.Flood", {"Flood": grpc.unary_stream_rpc_method_handler(flood, same, same)}
+    )
+    server = grpc.aio.server(interceptors=[tracing.server_interceptor()])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    caplog.set_level(logging.ERROR, logger="opentelemetry.context")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_stream("/hw.test.Flood/Flood")(
+                b"", metadata=(("traceparent", TRACEPARENT),)
+            )
+            for _ in range(3):
+                await call.read()
+            call.cancel()
+            await eventually(lambda: ended)
+    finally:
+        await server.stop(None)
+    _, trace_id, parent_id, _ = TRACEPARENT.split("-")
+    assert ended == [(trace_id, parent_id)]
+    assert [r.getMessage() for r in caplog.records if r.name == "opentelemetry.context"] == []

@@ -87,7 +87,17 @@ def test_exit_status_follows_the_final_state() -> None:
     view = EventView(err=Console(file=err, soft_wrap=True), out=io.StringIO(), live=False)
     view.handle(history(S.TASK_STATE_SUCCEEDED)[2])
     assert view.conclude() == EXIT_INTERRUPTED
-    assert "hivewire watch t1 --after 3" in err.getvalue()
+    assert "resume with `hivewire watch t1 --after 3`" in err.getvalue()
+
+
+def test_an_outcome_only_view_resumes_as_one() -> None:
+    err = io.StringIO()
+    view = EventView(
+        err=Console(file=err, soft_wrap=True), out=io.StringIO(), live=False, outcome_only=True
+    )
+    view.handle(history(S.TASK_STATE_SUCCEEDED)[0])
+    assert view.conclude() == EXIT_INTERRUPTED
+    assert "resume with `hivewire watch t1 --after 1 --outcome-only`" in err.getvalue()
 
 
 def test_build_spec() -> None:
