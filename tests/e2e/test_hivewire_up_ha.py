@@ -126,17 +126,32 @@ async def test_a_followed_task_resumes_on_the_next_coordinator_when_its_own_dies
     assert submitted.returncode == 0, submitted
     task_id = submitted.stdout.strip()
     env = {**mesh.clean_env(), "HIVEWIRE_CERTS_DIR": str(mesh.root / "certs")}
-    watcher = await asyncio.create_subprocess_exec(
-        HIVEWIRE, "watch", task_id, "--json", "--no-input", "--address", f"{second},{third}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    assert watcher.stdout is not None
+    # Two watchers on the same coordinator: every event, and the outcome only.
+    watcher, brief = [
+        await asyncio.create_subprocess_exec(
+            HIVEWIRE,
+            "watch",
+            task_id,
+            "--json",
+            "--no-input",
+            *flags,
+            "--address",
+            f"{second},{third}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )  # fmt: skip
+        for flags in ((), ("--outcome-only",))
+    ]
     shown: list[dict[str, Any]] = []
+    brief_shown: list[dict[str, Any]] = []
     async with asyncio.timeout(60):
-        while not any("inputRequired" in event for event in shown):
-            line = await watcher.stdout.readline()
-            assert line, "the watcher ended before the input request"
-            shown.append(json.loads(line))
+        for process, events in ((watcher, shown), (brief, brief_shown)):
+            assert process.stdout is not None
+            while not any("inputRequired" in event for event in events):
+                line = await process.stdout.readline()
+                assert line, "the watcher ended before the input request"
+                events.append(json.loads(line))
     request_id = shown[-1]["inputRequired"]["requestId"]
     dead_pid = mesh.endpoints["services"]["coordinator-2"]["pid"]
     os.kill(dead_pid, signal.SIGKILL)
@@ -153,6 +168,20 @@ async def test_a_followed_task_resumes_on_the_next_coordinator_when_its_own_dies
     assert sequences == list(range(sequences[0], sequences[0] + len(sequences))), sequences
     assert shown[-1]["finished"]["state"] == "TASK_STATE_SUCCEEDED", shown[-1]
     assert shown[-1]["finished"]["output"]["text"] == "p * 7 = 42"
+    # The outcome-only watcher resumed as one: the start, the request, its answer, the end.
+    async with asyncio.timeout(120):
+        brief_rest, brief_errors = await brief.communicate()
+    assert brief.returncode == 0, brief_errors.decode()
+    brief_shown += [json.loads(line) for line in brief_rest.decode().splitlines()]
+    assert f"following task {task_id} on {third} after event #" in brief_errors.decode()
+    kinds = [
+        next(k for k in e if k not in ("taskId", "sequence", "time", "attempt"))
+        for e in brief_shown
+    ]
+    assert kinds == ["snapshot", "inputRequired", "stateChanged", "finished"], kinds
+    brief_sequences = [int(event["sequence"]) for event in brief_shown[1:]]
+    assert brief_sequences == sorted(set(brief_sequences))
+    assert brief_shown[-1] == shown[-1]
 
     async def restarted() -> None:
         services = _endpoints(mesh)["services"]

@@ -283,7 +283,7 @@ async def test_a_cancelled_stream_ends_its_handler_in_the_carried_context(
             for _ in range(3):
                 await call.read()
             call.cancel()
-            await eventually(lambda: ended)
+            await eventually(lambda: len(ended) == 1)
     finally:
         await server.stop(None)
     _, trace_id, parent_id, _ = TRACEPARENT.split("-")
