@@ -58,8 +58,10 @@ async def eventually(
 
     ``check`` is a sync or async callable. It passes when it returns anything but
     ``False`` without raising: both predicates (``lambda: path.exists()``) and assertion
-    blocks (``def check(): assert x == 1``) work. An exception in ``retry_on`` means "not
-    yet"; any other exception propagates at once.
+    blocks (``def check(): assert x == 1``) work, and a check may return what it found
+    (0 included). So a check waiting for a collection to fill must say so
+    (``lambda: len(seen) == 1``): an empty list is not ``False`` and passes at once. An
+    exception in ``retry_on`` means "not yet"; any other exception propagates at once.
 
     Args:
         check: The predicate or assertion to poll.
