@@ -120,15 +120,22 @@ class NatsCluster:
         """Kill -9 one node."""
         await self.nodes[index].kill()
 
-    async def restart(self, index: int) -> None:
-        """Start a killed node again: same client port and store, routed to the others."""
+    async def restart(self, index: int, *, wait: bool = True) -> None:
+        """Start a killed node again: same client port and store, routed to the others.
+
+        Args:
+            index: The node.
+            wait: Wait until every running node is healthy (False: the caller waits
+                once several are back, e.g. two nodes that only form a quorum together).
+        """
         old = self.nodes[index]
         routes = [url for i, url in enumerate(self._cluster_urls) if i != index]
         node = self._node(index, old.port, routes)
         self.nodes[index] = node
         await node.start()
         self._cluster_urls[index] = self._cluster_url(node)
-        await self.wait_healthy()
+        if wait:
+            await self.wait_healthy()
 
     async def stop(self) -> None:
         """Stop every node."""
