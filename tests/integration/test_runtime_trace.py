@@ -201,51 +201,34 @@ async def test_untraced_methods_get_no_server_span(
     assert not [n for n in names if n.endswith("/Follow")]
 
 
+@pytest.mark.parametrize(("name", "value"), [("tracestate", TRACESTATE), ("baggage", "user=alice")])
 async def test_without_an_exporter_a_handler_runs_in_the_context_the_call_carried(
     chain: tuple[grpc.aio.Channel, list[Any], list[Any]],
     spans: InMemorySpanExporter,
     pki: Pki,
     first_address: list[str],
     monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    value: str,
 ) -> None:
     # No span goes anywhere: no SERVER span is made, the handler (and its log lines and
-    # downstream calls) runs in the caller's context as it came; a call that carried
-    # none gets a trace of its own.
+    # downstream calls) runs in the caller's context as it came, with its tracestate
+    # or another configured propagator's field (W3C baggage); a call that carried no
+    # traceparent gets a trace of its own, its baggage kept.
     monkeypatch.setattr(tracing, "spans_kept", lambda: False)
     _, first_seen, second_seen = chain
     _, trace_id, parent_id, _ = TRACEPARENT.split("-")
-    await bare_echo(
-        pki, first_address[0], (("traceparent", TRACEPARENT), ("tracestate", TRACESTATE))
-    )
+    await bare_echo(pki, first_address[0], (("traceparent", TRACEPARENT), (name, value)))
     assert first_seen[0][0] == (trace_id, parent_id)
     assert second_seen[0][0] == (trace_id, parent_id)
-    assert second_seen[0][1]["tracestate"] == TRACESTATE
-    await bare_echo(pki, first_address[0], ())
+    assert second_seen[0][1][name] == value
+    alone = () if name == "tracestate" else ((name, value),)
+    await bare_echo(pki, first_address[0], alone)
     own_trace, _ = first_seen[1][0]
     assert own_trace != trace_id and second_seen[1][0][0] == own_trace
+    if alone:
+        assert second_seen[1][1][name] == value
     assert [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER] == []
-
-
-async def test_without_an_exporter_baggage_travels_on_with_or_without_a_traceparent(
-    chain: tuple[grpc.aio.Channel, list[Any], list[Any]],
-    pki: Pki,
-    first_address: list[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A field of another configured propagator (W3C baggage by default) is extracted
-    # with the trace context, so the downstream call carries it too.
-    monkeypatch.setattr(tracing, "spans_kept", lambda: False)
-    _, first_seen, second_seen = chain
-    _, trace_id, parent_id, _ = TRACEPARENT.split("-")
-    await bare_echo(
-        pki, first_address[0], (("traceparent", TRACEPARENT), ("baggage", "user=alice"))
-    )
-    assert first_seen[0][0] == (trace_id, parent_id)
-    assert second_seen[0][1]["baggage"] == "user=alice"
-    await bare_echo(pki, first_address[0], (("baggage", "user=bob"),))
-    own_trace, _ = first_seen[1][0]
-    assert own_trace != trace_id and second_seen[1][0][0] == own_trace
-    assert second_seen[1][1]["baggage"] == "user=bob"
 
 
 async def test_a_cancelled_stream_ends_its_handler_in_the_carried_context(
