@@ -50,9 +50,18 @@ async def run(args: argparse.Namespace) -> str:
     rounds: dict[str, list[Phase]] = {}
     async with contextlib.AsyncExitStack() as stack:
         meshes = {}
-        for name, env in (("A", env_pairs(args.a_env)), ("B", env_pairs(args.b_env))):
+        sides = (
+            ("A", env_pairs(args.a_env), args.a_sync_interval),
+            ("B", env_pairs(args.b_env), args.b_sync_interval),
+        )
+        for name, env, sync_interval in sides:
             mesh = await stack.enter_async_context(
-                bench_mesh(agents=1, service_env=env, model_and_tool=args.capability == "soak")
+                bench_mesh(
+                    agents=1,
+                    service_env=env,
+                    model_and_tool=args.capability == "soak",
+                    sync_interval=sync_interval,
+                )
             )
             channel = mesh.channel()
             stack.push_async_callback(channel.close)
@@ -79,7 +88,8 @@ async def run(args: argparse.Namespace) -> str:
     rows = [phase_row(median_phase(p), procs=procs) for p in rounds.values()]
     out = [
         table(
-            f"A: {' '.join(args.a_env) or 'defaults'}; B: {' '.join(args.b_env) or 'defaults'} "
+            f"A: {' '.join(args.a_env) or 'defaults'}, sync_interval {args.a_sync_interval}; "
+            f"B: {' '.join(args.b_env) or 'defaults'}, sync_interval {args.b_sync_interval} "
             "(medians over rounds; CPU µs per task)",
             ["phase", "rate", "p50", "p95", "p99", *procs, "total"],
             rows,
@@ -124,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench/ab.py", description=__doc__)
     parser.add_argument("--a-env", nargs="*", default=[], help="KEY=VALUE of every A service")
     parser.add_argument("--b-env", nargs="*", default=[], help="KEY=VALUE of every B service")
+    parser.add_argument(
+        "--a-sync-interval", default="always", help="nats-server sync_interval of mesh A"
+    )
+    parser.add_argument(
+        "--b-sync-interval", default="always", help="nats-server sync_interval of mesh B"
+    )
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
     parser.add_argument(
         "--capability",

@@ -3,7 +3,9 @@
 Startup: settings, logging, events, the SQLite store (recovering unfinished tasks),
 discovery, the gRPC server (SERVING), registration as ``hivewire-coordinator``; then
 what start-up made, recovered tasks included, is frozen out of the garbage collector's
-view (``gc.freeze``: full collections no longer walk it; docs/performance.md).
+view (``gc.freeze``: full collections no longer walk it; docs/performance.md), and so,
+from then on, is what survives a full collection that took longer than
+``GC_PAUSE_BUDGET`` (``runtime/gcfreeze.py``: tasks submitted since, a backlog).
 SIGTERM reverses it: NOT_SERVING, deregister, open task streams end with
 UNAVAILABLE (clients resume with WatchTask), in-flight calls get the grace period,
 running attempts are cancelled and stay recorded as running, so the next start
@@ -21,6 +23,7 @@ from pathlib import Path
 from hivewire.services.coordinator.app import freeze_start_up_heap, start_coordinator
 from hivewire.services.coordinator.settings import CoordinatorProcessSettings
 from hivewire.services.runtime.bootstrap import COORDINATOR_PORT, ServiceEntry, service_process
+from hivewire.services.runtime.gcfreeze import CollectorFreezer
 from hivewire.services.runtime.server import serve_until_signal
 
 logger = logging.getLogger(__name__)
@@ -44,7 +47,12 @@ async def serve(settings: CoordinatorProcessSettings) -> None:
         running = await start_coordinator(process, settings)
         frozen = freeze_start_up_heap()
         logger.debug("%d start-up objects frozen out of the garbage collector's view", frozen)
-        await serve_until_signal(running.server)
+        freezer = CollectorFreezer(settings.coordinator.gc_pause_budget)
+        freezer.install()
+        try:
+            await serve_until_signal(running.server)
+        finally:
+            freezer.uninstall()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

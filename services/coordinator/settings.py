@@ -164,6 +164,13 @@ class CoordinatorSettings(BreakerSection):
     write_batch_max: int = Field(
         1000, ge=1, description="Most writes committed in one SQLite transaction."
     )
+    gc_pause_budget: float = Field(
+        0.05,
+        ge=0,
+        description="Seconds a full garbage collection may stop the coordinator before what "
+        "survived it is frozen out of the next ones (runtime/gcfreeze.py); 0 freezes after "
+        "every full collection.",
+    )
     max_plan_steps: int = Field(64, ge=1, le=10000, description="Most steps a plan may have.")
     compensation_timeout: float = Field(
         300.0, gt=0, description="Seconds a plan step's compensation may take."
