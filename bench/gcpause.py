@@ -49,12 +49,13 @@ async def _run(tasks: int, freezer_on: bool) -> dict[str, Any]:
     pauses: list[float] = []
     started: list[float] = []
 
-    def timer(phase: str, info: dict[str, int]) -> None:
-        if info.get("generation") != 2:
-            return
-        if phase == "start":
+    # Around every other callback: the freezer's thaw and freeze are in the pause.
+    def timer_start(phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") == 2 and phase == "start":
             started.append(time.perf_counter())
-        elif started:
+
+    def timer_stop(phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") == 2 and phase == "stop" and started:
             pauses.append(time.perf_counter() - started.pop())
 
     with tempfile.TemporaryDirectory(prefix="hivewire-gcpause-") as tmp:
@@ -63,8 +64,9 @@ async def _run(tasks: int, freezer_on: bool) -> dict[str, Any]:
             freeze_start_up_heap()
             freezer = CollectorFreezer()
             if freezer_on:
-                freezer.install()
-            gc.callbacks.insert(0, timer)  # before the freezer's: its thaw is in the pause
+                freezer.install(frozen=True)
+            gc.callbacks.insert(0, timer_start)
+            gc.callbacks.append(timer_stop)
             rss_before = proc_rss(os.getpid())
             ids: list[str] = []
             left = tasks
@@ -103,7 +105,8 @@ async def _run(tasks: int, freezer_on: bool) -> dict[str, Any]:
                 "frozen_after": gc.get_freeze_count(),
                 "rss_per_task": (proc_rss(os.getpid()) - rss_before) / tasks,
             }
-            gc.callbacks.remove(timer)
+            gc.callbacks.remove(timer_start)
+            gc.callbacks.remove(timer_stop)
             freezer.uninstall()
     return result
 

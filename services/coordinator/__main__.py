@@ -5,7 +5,9 @@ discovery, the gRPC server (SERVING), registration as ``hivewire-coordinator``; 
 what start-up made, recovered tasks included, is frozen out of the garbage collector's
 view (``gc.freeze``: full collections no longer walk it; docs/performance.md), and so,
 from then on, is what survives a full collection that took longer than
-``GC_PAUSE_BUDGET`` (``runtime/gcfreeze.py``: tasks submitted since, a backlog).
+``GC_PAUSE_BUDGET`` (``runtime/gcfreeze.py``: tasks submitted since, a backlog); every
+``GC_THAW_AFTER`` seconds the next full collection unfreezes it all first (the start-up
+heap too), so that no frozen reference cycle is held longer.
 SIGTERM reverses it: NOT_SERVING, deregister, open task streams end with
 UNAVAILABLE (clients resume with WatchTask), in-flight calls get the grace period,
 running attempts are cancelled and stay recorded as running, so the next start
@@ -47,8 +49,9 @@ async def serve(settings: CoordinatorProcessSettings) -> None:
         running = await start_coordinator(process, settings)
         frozen = freeze_start_up_heap()
         logger.debug("%d start-up objects frozen out of the garbage collector's view", frozen)
-        freezer = CollectorFreezer(settings.coordinator.gc_pause_budget)
-        freezer.install()
+        section = settings.coordinator
+        freezer = CollectorFreezer(section.gc_pause_budget, thaw_after=section.gc_thaw_after)
+        freezer.install(frozen=True)
         try:
             await serve_until_signal(running.server)
         finally:

@@ -171,6 +171,12 @@ class CoordinatorSettings(BreakerSection):
         "survived it is frozen out of the next ones (runtime/gcfreeze.py); 0 freezes after "
         "every full collection.",
     )
+    gc_thaw_after: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds after a freeze from which the next full collection unfreezes "
+        "everything first, so that no frozen reference cycle is held for longer.",
+    )
     max_plan_steps: int = Field(64, ge=1, le=10000, description="Most steps a plan may have.")
     compensation_timeout: float = Field(
         300.0, gt=0, description="Seconds a plan step's compensation may take."

@@ -1,4 +1,4 @@
-"""The collector freezer: survivors of a slow full collection frozen, thawed once drained."""
+"""The collector freezer: survivors of slow full collections frozen, and thawed later."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def freezer_env() -> Iterator[None]:
 
 
 def _install(budget: float, step: float) -> CollectorFreezer:
-    freezer = CollectorFreezer(budget, clock=_Clock(step))
+    freezer = CollectorFreezer(budget, thaw_after=1e9, clock=_Clock(step))
     freezer.install()
     return freezer
 
@@ -89,32 +89,87 @@ def test_frozen_objects_are_still_freed_by_reference_counting() -> None:
         freezer.uninstall()
 
 
+def _cycle() -> weakref.ref[_Node]:
+    """A two-node cycle (reference counting alone never frees it), alive until dropped."""
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a
+    _cycles.append(a)
+    return weakref.ref(a)
+
+
+_cycles: list[_Node] = []
+
+
 @pytest.mark.usefixtures("freezer_env")
-def test_a_cycle_frozen_while_alive_is_collected_once_the_heap_drained() -> None:
-    freezer = _install(budget=0.05, step=0.1)
+def test_a_cycle_frozen_while_alive_is_collected_once_the_freeze_is_old() -> None:
+    clock = _Clock(0.1)
+    freezer = CollectorFreezer(0.05, thaw_after=100.0, clock=clock)
+    freezer.install()
     try:
-        a, b = _Node(), _Node()
-        a.other, b.other = b, a  # a cycle: reference counting alone never frees it
-        gone = weakref.ref(a)
-        # Twice the rest of the heap: once it goes, fewer than half stay frozen.
-        backlog: list[list[int]] = [[] for _ in range(2 * len(gc.get_objects()) + 10_000)]
+        gone = _cycle()
+        backlog = [_Node() for _ in range(1000)]
         gc.collect()
-        assert freezer.freezes >= 1  # the growth itself may have set one off
-        del a, b
+        assert freezer.freezes == 1
+        _cycles.clear()  # the cycle is garbage now, but frozen
         gc.collect()
-        assert gone() is not None, "a frozen cycle is held while the heap is large"
+        assert gone() is not None, "a frozen cycle is held until the freeze is old"
         assert freezer.thaws == 0
-        del backlog  # the backlog drains: fewer than half of the frozen objects are left
+        clock.now += 100.0
         gc.collect()
         assert freezer.thaws == 1
         assert gone() is None
+        assert backlog
     finally:
         freezer.uninstall()
 
 
-def test_budget_is_not_negative() -> None:
+@pytest.mark.usefixtures("freezer_env")
+def test_cycles_made_while_the_backlog_turns_over_are_freed_by_the_next_thaw() -> None:
+    clock = _Clock(0.1)
+    freezer = CollectorFreezer(0.05, thaw_after=100.0, clock=clock)
+    freezer.install()
+    try:
+        refs = []
+        for _ in range(5):  # each round: a cycle made, frozen by a slow collection, dropped
+            refs.append(_cycle())
+            gc.collect()
+            _cycles.clear()
+            clock.now += 10.0
+        assert freezer.freezes >= 5
+        assert all(ref() is not None for ref in refs)
+        clock.now += 100.0
+        gc.collect()
+        assert freezer.thaws == 1
+        assert all(ref() is None for ref in refs)
+    finally:
+        freezer.uninstall()
+
+
+@pytest.mark.usefixtures("freezer_env")
+def test_what_start_up_froze_is_thawed_with_the_rest() -> None:
+    clock = _Clock(0.0)
+    freezer = CollectorFreezer(0.05, thaw_after=100.0, clock=clock)
+    gone = _cycle()
+    gc.freeze()  # as the coordinator's start-up does
+    freezer.install(frozen=True)
+    try:
+        _cycles.clear()
+        gc.collect()
+        assert gone() is not None
+        clock.now += 100.0
+        gc.collect()
+        assert freezer.thaws == 1
+        assert gone() is None
+        assert gc.get_freeze_count() == 0  # that collection was quick: nothing frozen again
+    finally:
+        freezer.uninstall()
+
+
+def test_budget_and_thaw_after_are_checked() -> None:
     with pytest.raises(ValueError, match="budget"):
         CollectorFreezer(-1)
+    with pytest.raises(ValueError, match="thaw_after"):
+        CollectorFreezer(0.05, thaw_after=0)
 
 
 @pytest.mark.usefixtures("freezer_env")
