@@ -4,7 +4,9 @@ A coordinator runs in a process of its own (a fresh one per side and round, over
 SQLite store; no agent, so every task waits) and gets ``--tasks`` submissions, 16 at a
 time, after its start-up heap was frozen (as ``python -m hivewire.services.coordinator``
 does). Every full collection the interpreter runs meanwhile is timed (``gc.callbacks``).
-Then every task is cancelled, so the backlog drains, and one full collection is timed. Two
+Then every task is cancelled, so the backlog drains, and one full collection is timed;
+then everything is unfrozen and collected (what the freezer's thaw does ``GC_THAW_AFTER``
+later), counting what that frees. Two
 sides, alternating round by round: the collector freezer (``runtime/gcfreeze.py``) off,
 and on with its default budget (``GC_PAUSE_BUDGET``, 50 ms).
 
@@ -105,6 +107,10 @@ async def _run(tasks: int, freezer_on: bool) -> dict[str, Any]:
                 "frozen_after": gc.get_freeze_count(),
                 "rss_per_task": (proc_rss(os.getpid()) - rss_before) / tasks,
             }
+            # What the freezer's thaw (GC_THAW_AFTER later) frees of what stayed frozen.
+            gc.unfreeze()
+            result["thaw_freed"] = gc.collect()
+            result["rss_per_task_thawed"] = (proc_rss(os.getpid()) - rss_before) / tasks
             gc.callbacks.remove(timer_start)
             gc.callbacks.remove(timer_stop)
             freezer.uninstall()
@@ -146,6 +152,8 @@ def report(rounds: dict[str, list[dict[str, Any]]], tasks: int) -> str:
                 _spread([v * 1e3 for v in col("drained_collection")], "{:,.0f} ms"),
                 _spread(col("frozen_after"), "{:,.0f}"),
                 _spread([v / 1024 for v in col("rss_per_task")], "{:.2f} KiB"),
+                _spread(col("thaw_freed"), "{:,.0f}"),
+                _spread([v / 1024 for v in col("rss_per_task_thawed")], "{:.2f} KiB"),
             ]
         )
     return table(
@@ -162,6 +170,8 @@ def report(rounds: dict[str, list[dict[str, Any]]], tasks: int) -> str:
             "one collection after the drain",
             "frozen after",
             "RSS per task after the drain",
+            "a thaw then frees",
+            "RSS per task after it",
         ],
         rows,
     )
