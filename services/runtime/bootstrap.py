@@ -44,9 +44,16 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
+from pydantic import ValidationError
+
 from hivewire.discovery import Instance, Registry, new_instance_id, open_registry
 from hivewire.services.base.keywords import check_keywords
-from hivewire.services.runtime.config import Settings, UnknownSettingError, load_settings
+from hivewire.services.runtime.config import (
+    Settings,
+    UnknownSettingError,
+    invalid_settings,
+    load_settings,
+)
 from hivewire.services.runtime.events import EventPublisher
 from hivewire.services.runtime.eventsink import EventSink
 from hivewire.services.runtime.logging import setup_logging
@@ -205,6 +212,11 @@ class ServiceEntry(Generic[SettingsT]):
         except UnknownSettingError as exc:
             # One line naming the variable (exit status 1): a misspelt setting stops the start.
             raise SystemExit(f"hivewire {self.name}: {exc}") from None
+        except ValidationError as exc:
+            # A value out of range stops the start the same way: a line per setting.
+            raise SystemExit(
+                "\n".join(f"hivewire {self.name}: {line}" for line in invalid_settings(exc))
+            ) from None
         return self.defaults(settings)
 
     def run(

@@ -276,6 +276,15 @@ def _closest(name: str, valid: list[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def invalid_settings(error: ValidationError) -> list[str]:
+    """A line per refused value of ``error``, naming its ``HIVEWIRE_*`` variable."""
+    lines = []
+    for item in error.errors():
+        name = ENV_PREFIX + NESTED_DELIMITER.join(str(part) for part in item["loc"]).upper()
+        lines.append(f"invalid setting {name}: {item['msg']}")  # no value: it may be a secret
+    return lines
+
+
 def check_environment(environ: Mapping[str, str]) -> None:
     """Refuse ``HIVEWIRE_*`` variables that name no setting of any section.
 

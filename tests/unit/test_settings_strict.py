@@ -99,6 +99,24 @@ def test_a_service_with_a_misspelt_variable_does_not_start(tmp_path: Path) -> No
     )
 
 
+def test_a_service_with_a_value_out_of_range_does_not_start() -> None:
+    env = {"HIVEWIRE_COORDINATOR__GC_PAUSE_BUDGET": "-1", "PATH": "/usr/bin:/bin"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "hivewire.services.coordinator", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode != 0
+    assert "Traceback" not in ran.stderr
+    assert ran.stderr.strip().splitlines()[-1] == (
+        "hivewire coordinator: invalid setting HIVEWIRE_COORDINATOR__GC_PAUSE_BUDGET: "
+        "Input should be greater than or equal to 0"
+    )
+
+
 def test_the_cli_refuses_a_misspelt_variable(tmp_path: Path) -> None:
     hivewire = Path(sys.executable).parent / "hivewire"
     ran = subprocess.run(
