@@ -13,11 +13,12 @@ from importlib import metadata
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from typer.core import TyperGroup
 
 from hivewire.services.agent import command as agent
 from hivewire.services.cli import a2a, certs, dashboard, dlq, events, keys, tasks, up
-from hivewire.services.runtime.config import UnknownSettingError
+from hivewire.services.runtime.config import UnknownSettingError, invalid_settings
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ class _Group(TyperGroup):
             sys.exit(1)
         except UnknownSettingError as exc:
             typer.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+        except ValidationError as exc:
+            for line in invalid_settings(exc):
+                typer.echo(f"Error: {line}", err=True)
             sys.exit(2)
         except Exception as exc:
             logger.debug("unexpected failure", exc_info=True)

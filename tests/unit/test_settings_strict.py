@@ -131,6 +131,23 @@ def test_the_cli_refuses_a_misspelt_variable(tmp_path: Path) -> None:
     assert "unknown setting HIVEWIRE_CERTS_DIRR; did you mean HIVEWIRE_CERTS_DIR?" in ran.stderr
 
 
+def test_the_cli_refuses_a_value_out_of_range() -> None:
+    hivewire = Path(sys.executable).parent / "hivewire"
+    ran = subprocess.run(
+        [str(hivewire), "tasks", "list"],
+        env={"HIVEWIRE_COORDINATOR__GC_PAUSE_BUDGET": "-1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 2, ran
+    assert ran.stderr.strip() == (
+        "Error: invalid setting HIVEWIRE_COORDINATOR__GC_PAUSE_BUDGET: "
+        "Input should be greater than or equal to 0"
+    )
+
+
 # -- the docs ---------------------------------------------------------------------------
 
 _FULL_NAME = re.compile(r"\bHIVEWIRE_[A-Z0-9_]*[A-Z0-9]\b(?!__\*|\*)")
