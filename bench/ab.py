@@ -8,6 +8,7 @@ shared machine), the rate and the latencies, as ``B / A`` per round, median (min
     python bench/ab.py --b-env HIVEWIRE_EVENT_LOOP=uvloop
     python bench/ab.py --a-env K=V --b-env K=V --concurrency 1 16 --rounds 5
     python bench/ab.py --a-env PYTHONPATH=<other code>:. --capability soak   # + model, tool
+    python bench/ab.py --b-env PYTHONPATH=<other code>:. --client plain   # a bare client
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from bench.common import (
     phase_row,
     table,
 )
+from bench.echo import open_channel
 from bench.mesh import run_task
 from bench.meshrun import bench_mesh, coordinator_stub
 
@@ -63,7 +65,9 @@ async def run(args: argparse.Namespace) -> str:
                     sync_interval=sync_interval,
                 )
             )
-            channel = mesh.channel()
+            channel = (
+                open_channel(mesh.address, mesh.certs) if args.client == "plain" else mesh.channel()
+            )
             stack.push_async_callback(channel.close)
             stub = coordinator_stub(channel)
             await run_task(stub, args.capability)
@@ -147,6 +151,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=("noop", "soak"),
         help="noop: the mesh alone; soak: each task also calls the model and a tool "
         "(both services started, their CPU counted)",
+    )
+    parser.add_argument(
+        "--client",
+        default="runtime",
+        choices=("runtime", "plain"),
+        help="runtime: hivewire's client channel (interceptors, sends a correlation id); "
+        "plain: a bare grpc.aio channel, as bench/chain.py's client and any client "
+        "built from proto/",
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)

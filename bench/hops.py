@@ -3,16 +3,19 @@
 Starts the benchmark mesh (``bench/meshrun.py``) with ``bench/hops_site`` first on the
 services' ``PYTHONPATH``: its ``sitecustomize`` wraps a few functions of the coordinator
 and the agent (the handler's yields, journal emits and commit callbacks, the SQLite
-store's transactions, link reads and writes, the agent's frames and sends) and records
-a monotonic timestamp and the thread's CPU time at each, and the start of every
-event-loop turn. Runs ``--tasks`` ``StreamTask`` no-op tasks one after the other,
-stamping the client's send, each event read and the call's end, then prints, per hop,
-the median wall time (p25-p75) and the CPU of the thread that ran it (when one thread
-did), and counts per task: store transactions, link messages each way, the
-coordinator's loop turns.
+store's transactions, link reads and writes, the agent's frames and sends, a call's
+entry into the server's outermost interceptor) and records a monotonic timestamp and
+the thread's CPU time at each, and the start of every event-loop turn. Runs
+``--tasks`` ``StreamTask`` no-op tasks one after the other from a plain grpc.aio client
+(as ``bench/chain.py``'s: no hivewire interceptor, no correlation id sent unless
+``--correlation-id``), stamping the client's send, each event read and the call's end,
+then prints, per hop, the median wall time (p25-p75) and the CPU of the thread that
+ran it (when one thread did), and counts per task: store transactions, link messages
+each way, the coordinator's loop turns.
 
     python bench/hops.py --tasks 300
     python bench/hops.py --tasks 300 --pythonpath /tmp/older-code   # another version
+    python bench/hops.py --tasks 300 --correlation-id   # the client sends its own id
 
 The instrumentation costs time itself (a tuple per point, a wrapper per yield): read
 the hops against each other, and the whole task against ``bench/ab.py``'s c=1 p50.
@@ -37,16 +40,20 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import instrumented_pythonpath, run_instrumented, wait_until
+from bench.echo import open_channel
 from bench.mesh import noop_spec
 from bench.meshrun import bench_mesh, coordinator_stub
 from hivewire.coordinator.v1 import coordinator_pb2
 
+CID = (("x-correlation-id", "bench-hops"),) if os.environ.get("HOPS_CID") else None
 SITE = Path(__file__).resolve().parent / "hops_site"
 
 # (hop, from point, to point); points are labels of bench/hops_site (``emit2``: the
 # journal's emit of event 2; ``client_event5``: the client reads event 5...).
 HOPS = (
     ("client send -> StreamTask handler", "client_send", "handler"),
+    ("client send -> outermost interceptor", "client_send", "outer"),
+    ("outermost interceptor -> handler", "outer", "handler"),
     ("submit: validation and record -> QUEUED emitted", "handler", "emit1"),
     ("QUEUED emitted -> ASSIGNED emitted", "emit1", "emit2"),
     ("QUEUED queued -> the store thread starts its transaction", "emit1", "tx_start1"),
@@ -95,10 +102,20 @@ def analyze(directory: Path, client: list[tuple[int, str, str, str]], skip: int)
     coordinator = next(directory.glob("coordinator-*.tsv"))
     agent = next(directory.glob("agent-*.tsv"))
     counts: collections.Counter[str] = collections.Counter()
+    pending_outer: Point | None = None
     for path in (coordinator, agent):
         for ns_s, cpu_s, th, label, task, detail in _read(path):
             ns, cpu = int(ns_s), int(cpu_s)
             counts[label] += 1
+            if label == "outer":
+                # A call entering the server's first interceptor: the next handler's
+                # (tasks run one after the other), if it is a StreamTask.
+                if detail.endswith("/StreamTask"):
+                    pending_outer = (ns, cpu, th)
+                continue
+            if label == "handler" and pending_outer is not None:
+                put(task, "outer", *pending_outer)
+                pending_outer = None
             if label in ("handler", "applied"):
                 put(task, label if label == "handler" else f"applied_{detail}", ns, cpu, th)
             elif label in ("emit", "committed", "yield", "written"):
@@ -158,13 +175,16 @@ async def run(args: argparse.Namespace) -> str:
         env = {"PYTHONPATH": instrumented_pythonpath(SITE, args.pythonpath), "BENCH_HOPS_DIR": tmp}
         client: list[tuple[int, str, str, str]] = []
         async with bench_mesh(agents=1, service_env=env) as mesh:
-            channel = mesh.channel()
+            channel = open_channel(mesh.address, mesh.certs)
             stub = coordinator_stub(channel)
+            metadata = (("x-correlation-id", "bench-hops"),) if args.correlation_id else None
             try:
                 for _ in range(args.tasks):
                     sent = time.monotonic_ns()
                     task_id = ""
-                    call = stub.StreamTask(coordinator_pb2.StreamTaskRequest(spec=noop_spec()))
+                    call = stub.StreamTask(
+                        coordinator_pb2.StreamTaskRequest(spec=noop_spec()), metadata=metadata
+                    )
                     async for response in call:
                         event = response.event
                         task_id = event.task_id
@@ -193,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=300, help="tasks, one after the other")
     parser.add_argument("--skip", type=int, default=30, help="first tasks left out (warm-up)")
+    parser.add_argument(
+        "--correlation-id",
+        action="store_true",
+        help="the client sends an x-correlation-id (as hivewire's own clients do)",
+    )
     return run_instrumented(parser, run, argv)
 
 

@@ -171,7 +171,19 @@ def _agent_link(module: ModuleType) -> None:
     cls.handle, cls.responses = instrumented_handle, instrumented_responses
 
 
+def _tracing(module: ModuleType) -> None:
+    cls = module._ServerInterceptor
+    intercept = cls.intercept_service
+
+    async def instrumented(self: Any, continuation: Any, details: Any) -> Any:
+        rec("outer", "", str(details.method))
+        return await intercept(self, continuation, details)
+
+    cls.intercept_service = instrumented
+
+
 _PATCHES: dict[str, Callable[[ModuleType], None]] = {
+    "hivewire.services.runtime.tracing": _tracing,
     "asyncio.base_events": _loop,
     "hivewire.services.coordinator.servicer": _servicer,
     "hivewire.services.coordinator.journal": _journal,

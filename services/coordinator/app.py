@@ -26,6 +26,7 @@ from hivewire.services.coordinator.outbox import OutboxRelay, outbox_sink
 from hivewire.services.coordinator.retention import Retention
 from hivewire.services.coordinator.service import Coordinator
 from hivewire.services.coordinator.servicer import (
+    ID_IN_RESPONSE_METHODS,
     SERVICE_NAME,
     UNTRACED_METHODS,
     CoordinatorServicer,
@@ -195,6 +196,7 @@ async def start_coordinator(
                 SERVICE_NAME,
                 lambda s: add_to_server(servicer, s),
                 untraced_methods=UNTRACED_METHODS,
+                id_in_response_methods=ID_IN_RESPONSE_METHODS,
             )
         ],
         registration if register else None,

@@ -22,13 +22,24 @@ from hivewire.services.coordinator.webhooks import Webhooks
 from hivewire.services.runtime.authz import caller_spiffe_id
 from hivewire.services.runtime.logging import correlation_id_var
 
-__all__ = ["SERVICE_NAME", "UNTRACED_METHODS", "CoordinatorServicer", "add_to_server"]
+__all__ = [
+    "ID_IN_RESPONSE_METHODS",
+    "SERVICE_NAME",
+    "UNTRACED_METHODS",
+    "CoordinatorServicer",
+    "add_to_server",
+]
 
 SERVICE_NAME: str = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 
 UNTRACED_METHODS = ("WatchTask",)
 """Methods without an OTel server span: a watch only follows a task (its own spans are
 the task's), and a span held open for each of 10,000 streams was ~5 KiB a stream."""
+
+ID_IN_RESPONSE_METHODS = ("StreamTask",)
+"""Streams whose first message carries the call's correlation id (the submitted task's
+``spec.metadata.correlation_id``, a snapshot sent once it is stored): an id minted for
+a caller that sent none is not sent ahead of it in initial metadata of its own."""
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -315,12 +315,12 @@ class _WrappingInterceptor(HandlerCachingInterceptor):
 
 
 class _CorrelationScope:
-    __slots__ = ("_context", "_method", "_start", "_streaming", "_token")
+    __slots__ = ("_context", "_early", "_method", "_start", "_token")
 
-    def __init__(self, context: Context, method: str, streaming: bool) -> None:
+    def __init__(self, context: Context, method: str, early: bool) -> None:
         self._context = context
         self._method = method
-        self._streaming = streaming
+        self._early = early
 
     async def enter(self) -> None:
         invocation = self._context.invocation_metadata()
@@ -330,12 +330,13 @@ class _CorrelationScope:
         self._start = time.perf_counter()
         echo = ((CORRELATION_ID_KEY, cid),)
         # Trailers ride along with the status for free. Sending initial metadata
-        # early costs a batch of its own (measured ~25 % of unary throughput, and
-        # 11 % of an agent's CPU per Execute call), so it is only done for streaming
-        # responses to callers that sent no id: they want the minted one up front;
-        # a caller that sent one already knows it.
+        # early costs a batch of its own (measured ~25 % of unary throughput, 11 % of
+        # an agent's CPU per Execute call, and a sixth of a task's time at c=1 through
+        # StreamTask), so it is only done for streaming responses to callers that sent
+        # no id (they want the minted one up front; a caller that sent one knows it),
+        # and not for methods whose first message carries the id (``early`` False).
         self._context.set_trailing_metadata(echo)
-        if self._streaming and incoming is None:
+        if self._early and incoming is None:
             await self._context.send_initial_metadata(echo)
 
     async def exit(self, exc: BaseException | None) -> None:
@@ -479,8 +480,8 @@ class _StandardScope:
 
     __slots__ = ("_correlation", "_errors", "_metrics")
 
-    def __init__(self, context: Context, method: str, streaming: bool, m: _MethodMetrics) -> None:
-        self._correlation = _CorrelationScope(context, method, streaming)
+    def __init__(self, context: Context, method: str, early: bool, m: _MethodMetrics) -> None:
+        self._correlation = _CorrelationScope(context, method, early)
         self._metrics = _MetricsScope(context, m)
         self._errors = _ErrorScope(context, method)
 
@@ -514,8 +515,9 @@ class StandardServerInterceptor(_WrappingInterceptor):
       :data:`~hivewire.services.runtime.logging.correlation_id_var` for the handler (so
       log lines and outgoing calls carry it); send it back in the trailing metadata of
       every call, and in the initial metadata of calls with a streaming response when
-      it was minted here (a caller that sent one knows it). Each call is logged at
-      DEBUG with method, code and duration.
+      it was minted here (a caller that sent one knows it), except the methods named
+      in ``id_in_response`` (their first message carries the id). Each call is logged
+      at DEBUG with method, code and duration.
     * **Metrics**: ``grpc_server_*`` Prometheus metrics for every call.
     * **Error mapping**: exceptions escaping a servicer become gRPC statuses.
       :class:`HivewireError` -> its code with a rich status (reason, details);
@@ -526,14 +528,24 @@ class StandardServerInterceptor(_WrappingInterceptor):
       ``CancelledError`` and gRPC's own abort pass through untouched.
 
     The three run nested in that order (correlation outermost) inside one wrapper.
+
+    Args:
+        id_in_response: Full method names (``/package.Service/Method``) with a streaming
+            response whose first message carries the call's correlation id, and comes
+            at once (``StreamTask``: the submitted task): a minted id is not sent ahead
+            of it in initial metadata of its own.
     """
 
     counting = True
 
+    def __init__(self, id_in_response: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._id_in_response = frozenset(id_in_response)
+
     def _scope_factory(self, method: str, handler: Handler) -> ScopeFactory:
-        streaming = handler.response_streaming
+        early = handler.response_streaming and method not in self._id_in_response
         m = _MethodMetrics(_grpc_type(handler), method)
-        return lambda context: _StandardScope(context, method, streaming, m)
+        return lambda context: _StandardScope(context, method, early, m)
 
 
 def server_interceptors(
@@ -541,6 +553,7 @@ def server_interceptors(
     *,
     authz: grpc.aio.ServerInterceptor | None = None,
     untraced: Iterable[str] = (),
+    id_in_response: Iterable[str] = (),
 ) -> list[grpc.aio.ServerInterceptor]:
     """The standard server chain, outermost first, followed by ``extra``.
 
@@ -552,10 +565,12 @@ def server_interceptors(
             ``extra`` so a refused caller costs no limit.
         untraced: Full method names that get no OTel server span
             (:func:`~hivewire.services.runtime.tracing.server_interceptor`).
+        id_in_response: Full method names whose first response message carries the
+            correlation id (:class:`StandardServerInterceptor`).
     """
     return [
         tracing.server_interceptor(untraced),
-        StandardServerInterceptor(),
+        StandardServerInterceptor(id_in_response),
         *((authz,) if authz is not None else ()),
         *extra,
     ]

@@ -70,11 +70,17 @@ class ServiceBinding:
         untraced_methods: Method names (``WatchTask``) of the service whose calls get
             no OTel server span: long-lived streams that only follow, where a span held
             for the life of each stream costs several KiB per stream.
+        id_in_response_methods: Method names (``StreamTask``) with a streaming response
+            whose first message carries the call's correlation id and comes at once: a
+            correlation id minted for a caller that sent none is not sent ahead of it
+            in initial metadata of its own (a batch per call); it is in that message
+            and in the trailing metadata.
     """
 
     name: str
     add_to_server: Callable[[grpc.aio.Server], None]
     untraced_methods: tuple[str, ...] = ()
+    id_in_response_methods: tuple[str, ...] = ()
 
 
 class HealthServicer(health.aio.HealthServicer):
@@ -261,6 +267,9 @@ class ServiceServer(StartStop):
                 self._extra_interceptors,
                 authz=self.authz,
                 untraced=[f"/{b.name}/{m}" for b in self._bindings for m in b.untraced_methods],
+                id_in_response=[
+                    f"/{b.name}/{m}" for b in self._bindings for m in b.id_in_response_methods
+                ],
             ),
             options=server_options(settings.max_message_bytes),
         )

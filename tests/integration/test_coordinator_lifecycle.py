@@ -108,6 +108,32 @@ async def test_stream_task_starts_with_a_snapshot_and_ends_when_finished(mesh: M
     assert events[-1].finished.state == S.TASK_STATE_SUCCEEDED
 
 
+async def test_stream_task_of_a_plain_client_carries_the_minted_id_in_the_task(
+    mesh: Mesh,
+) -> None:
+    # A client that sends no correlation id finds the one minted for it in the first
+    # message (the submitted task) and in the trailers, with no headers of their own
+    # sent ahead of the snapshot.
+    await mesh.agent()
+    call = mesh.client(plain=True).StreamTask(coordinator_pb2.StreamTaskRequest(spec=spec()))
+    events = [response.event async for response in call]
+    initial = await call.initial_metadata()
+    trailing = await call.trailing_metadata()
+    minted = events[0].snapshot.spec.metadata.correlation_id
+    assert len(minted) == 32
+    assert trailing is not None and trailing.get(md.CORRELATION_ID) == minted
+    assert initial is not None and md.CORRELATION_ID not in initial
+    assert events[-1].finished.state == S.TASK_STATE_SUCCEEDED
+    # A watch of it (a stream whose first message is not its own call's) still gets the
+    # watch call's id up front.
+    watch = mesh.client(plain=True).WatchTask(
+        coordinator_pb2.WatchTaskRequest(task_id=events[0].task_id)
+    )
+    headers = await watch.initial_metadata()
+    assert headers is not None and len(headers.get(md.CORRELATION_ID, "")) == 32
+    await collect(watch)
+
+
 async def test_idempotency_key_returns_the_same_task_per_caller(mesh: Mesh, pki: Pki) -> None:
     await mesh.agent()
     client = mesh.client()

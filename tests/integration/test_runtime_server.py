@@ -164,7 +164,12 @@ def make_service(probe: Probe) -> ServiceBinding:
         "Chat": grpc.stream_stream_rpc_method_handler(chat),
     }
     generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
-    return ServiceBinding(SERVICE, lambda server: server.add_generic_rpc_handlers([generic]))
+    return ServiceBinding(
+        SERVICE,
+        lambda server: server.add_generic_rpc_handlers([generic]),
+        # As if its first message carried the id (the coordinator's StreamTask).
+        id_in_response_methods=("CountWriter",),
+    )
 
 
 @pytest.fixture
@@ -446,6 +451,23 @@ async def test_streaming_calls_get_a_minted_correlation_id_up_front(
         initial = await call.initial_metadata()
         call.cancel()
     minted = initial.get(CORRELATION_ID_KEY) if initial is not None else None
+    assert isinstance(minted, str) and len(minted) == 32
+
+
+async def test_a_stream_whose_first_message_carries_the_id_gets_it_with_the_status_only(
+    server: ServiceServer, client_files: TlsFiles
+) -> None:
+    # No initial metadata of its own ahead of the messages: the headers that come with
+    # the first message hold no id; the minted one is in the trailers.
+    ca, cert, key = client_files.read()
+    creds = grpc.ssl_channel_credentials(ca, key, cert)
+    async with grpc.aio.secure_channel(server.address, creds) as ch:
+        call = ch.unary_stream(f"/{SERVICE}/CountWriter")(b"2", timeout=5)
+        assert [m async for m in call] == [b"0", b"1"]
+        initial = await call.initial_metadata()
+        trailing = await call.trailing_metadata()
+    assert initial is not None and CORRELATION_ID_KEY not in initial
+    minted = trailing.get(CORRELATION_ID_KEY) if trailing is not None else None
     assert isinstance(minted, str) and len(minted) == 32
 
 

@@ -126,9 +126,21 @@ class Mesh:
     def address(self) -> str:
         return self.running.address
 
-    def client(self, stem: str = "client") -> coordinator_pb2_grpc.CoordinatorServiceAsyncStub:
+    def client(
+        self, stem: str = "client", *, plain: bool = False
+    ) -> coordinator_pb2_grpc.CoordinatorServiceAsyncStub:
+        """A client stub.
+
+        ``plain``: on a bare grpc.aio channel (no hivewire interceptor, no correlation id
+        sent), as a client built from proto/ in any language has.
+        """
         files = TlsFiles.for_identity(self.pki_dir, stem)
-        channel = secure_channel(self.address, files)
+        if plain:
+            ca, cert, key = files.read()
+            credentials = grpc.ssl_channel_credentials(ca, key, cert)
+            channel = grpc.aio.secure_channel(self.address, credentials)
+        else:
+            channel = secure_channel(self.address, files)
         self._channels.append(channel)
         stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub = (
             coordinator_pb2_grpc.CoordinatorServiceStub(channel)
