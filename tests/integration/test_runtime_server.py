@@ -220,6 +220,17 @@ async def channel(server: ServiceServer, client_files: TlsFiles) -> AsyncIterato
         yield ch
 
 
+@pytest.fixture
+async def plain_channel(
+    server: ServiceServer, client_files: TlsFiles
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A bare grpc.aio channel, as a foreign client has (no hivewire interceptor)."""
+    ca, cert, key = client_files.read()
+    credentials = grpc.ssl_channel_credentials(ca, key, cert)
+    async with grpc.aio.secure_channel(server.address, credentials) as ch:
+        yield ch
+
+
 def unary(channel: grpc.aio.Channel, method: str) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
     return channel.unary_unary(f"/{SERVICE}/{method}")
 
@@ -418,18 +429,14 @@ async def test_correlation_id_travels_to_the_handler_and_back(
 
 
 async def test_server_mints_a_correlation_id_when_the_caller_has_none(
-    server: ServiceServer, client_files: TlsFiles, probe: Probe
+    plain_channel: grpc.aio.Channel, probe: Probe
 ) -> None:
-    # A plain grpc channel (no hivewire interceptor), as a foreign client would use.
-    ca, cert, key = client_files.read()
-    creds = grpc.ssl_channel_credentials(ca, key, cert)
-    async with grpc.aio.secure_channel(server.address, creds) as ch:
-        call = unary(ch, "Echo")(b"x", timeout=5)
-        await call
-        trailing = await call.trailing_metadata()
-        failed = unary(ch, "Fail")(b"not_found", timeout=5)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await failed
+    call = unary(plain_channel, "Echo")(b"x", timeout=5)
+    await call
+    trailing = await call.trailing_metadata()
+    failed = unary(plain_channel, "Fail")(b"not_found", timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await failed
     assert trailing is not None
     minted = trailing.get(CORRELATION_ID_KEY)
     assert isinstance(minted, str) and len(minted) == 32
@@ -440,32 +447,26 @@ async def test_server_mints_a_correlation_id_when_the_caller_has_none(
 
 
 async def test_streaming_calls_get_a_minted_correlation_id_up_front(
-    server: ServiceServer, client_files: TlsFiles
+    plain_channel: grpc.aio.Channel,
 ) -> None:
     # A plain channel sends no id: the server mints one and sends it before any
     # message (the only message is held back until the test releases it).
-    ca, cert, key = client_files.read()
-    creds = grpc.ssl_channel_credentials(ca, key, cert)
-    async with grpc.aio.secure_channel(server.address, creds) as ch:
-        call = ch.unary_stream(f"/{SERVICE}/Count")(b"wait:1", timeout=5)
-        initial = await call.initial_metadata()
-        call.cancel()
+    call = plain_channel.unary_stream(f"/{SERVICE}/Count")(b"wait:1", timeout=5)
+    initial = await call.initial_metadata()
+    call.cancel()
     minted = initial.get(CORRELATION_ID_KEY) if initial is not None else None
     assert isinstance(minted, str) and len(minted) == 32
 
 
 async def test_a_stream_whose_first_message_carries_the_id_gets_it_with_the_status_only(
-    server: ServiceServer, client_files: TlsFiles
+    plain_channel: grpc.aio.Channel,
 ) -> None:
     # No initial metadata of its own ahead of the messages: the headers that come with
     # the first message hold no id; the minted one is in the trailers.
-    ca, cert, key = client_files.read()
-    creds = grpc.ssl_channel_credentials(ca, key, cert)
-    async with grpc.aio.secure_channel(server.address, creds) as ch:
-        call = ch.unary_stream(f"/{SERVICE}/CountWriter")(b"2", timeout=5)
-        assert [m async for m in call] == [b"0", b"1"]
-        initial = await call.initial_metadata()
-        trailing = await call.trailing_metadata()
+    call = plain_channel.unary_stream(f"/{SERVICE}/CountWriter")(b"2", timeout=5)
+    assert [m async for m in call] == [b"0", b"1"]
+    initial = await call.initial_metadata()
+    trailing = await call.trailing_metadata()
     assert initial is not None and CORRELATION_ID_KEY not in initial
     minted = trailing.get(CORRELATION_ID_KEY) if trailing is not None else None
     assert isinstance(minted, str) and len(minted) == 32
