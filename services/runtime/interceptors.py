@@ -331,10 +331,10 @@ class _CorrelationScope:
         echo = ((CORRELATION_ID_KEY, cid),)
         # Trailers ride along with the status for free. Sending initial metadata
         # early costs a batch of its own (measured ~25 % of unary throughput, 11 % of
-        # an agent's CPU per Execute call, and a sixth of a task's time at c=1 through
-        # StreamTask), so it is only done for streaming responses to callers that sent
-        # no id (they want the minted one up front; a caller that sent one knows it),
-        # and not for methods whose first message carries the id (``early`` False).
+        # an agent's CPU per Execute call, ~250 µs before StreamTask's handler ran at
+        # c=1), so it is only done for streaming responses to callers that sent no id
+        # (they want the minted one up front; a caller that sent one knows it), and not
+        # for methods whose first message carries the id (``early`` False).
         self._context.set_trailing_metadata(echo)
         if self._early and incoming is None:
             await self._context.send_initial_metadata(echo)
