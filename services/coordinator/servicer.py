@@ -37,9 +37,12 @@ UNTRACED_METHODS = ("WatchTask",)
 the task's), and a span held open for each of 10,000 streams was ~5 KiB a stream."""
 
 ID_IN_RESPONSE_METHODS = ("StreamTask",)
-"""Streams whose first message carries the call's correlation id (the submitted task's
-``spec.metadata.correlation_id``, a snapshot sent once it is stored): an id minted for
-a caller that sent none is not sent ahead of it in initial metadata of its own."""
+"""Streams whose first message carries the correlation id the work runs under: the
+submitted task's ``spec.metadata.correlation_id``, in a snapshot sent once the task is
+stored (the call's own id unless the spec names one, the submission repeats an earlier
+one's idempotency key or the task is a sub-task, which takes its parent's). An id
+minted for a caller that sent none is not sent ahead of it in initial metadata of its
+own; it is in the trailers."""
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

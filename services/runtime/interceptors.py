@@ -531,9 +531,9 @@ class StandardServerInterceptor(_WrappingInterceptor):
 
     Args:
         id_in_response: Full method names (``/package.Service/Method``) with a streaming
-            response whose first message carries the call's correlation id, and comes
-            at once (``StreamTask``: the submitted task): a minted id is not sent ahead
-            of it in initial metadata of its own.
+            response whose first message carries the correlation id the work runs
+            under (``StreamTask``: the submitted task, once stored): a minted id is not
+            sent ahead of it in initial metadata of its own (it is in the trailers).
     """
 
     counting = True

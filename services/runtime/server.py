@@ -71,10 +71,10 @@ class ServiceBinding:
             no OTel server span: long-lived streams that only follow, where a span held
             for the life of each stream costs several KiB per stream.
         id_in_response_methods: Method names (``StreamTask``) with a streaming response
-            whose first message carries the call's correlation id and comes at once: a
-            correlation id minted for a caller that sent none is not sent ahead of it
-            in initial metadata of its own (a batch per call); it is in that message
-            and in the trailing metadata.
+            whose first message carries the correlation id the work runs under (the
+            submitted task, once stored): a correlation id minted for a caller that sent
+            none is not sent ahead of it in initial metadata of its own (a batch per
+            call); it is in the trailing metadata.
     """
 
     name: str

@@ -132,6 +132,15 @@ async def test_stream_task_of_a_plain_client_carries_the_minted_id_in_the_task(
     headers = await watch.initial_metadata()
     assert headers is not None and len(headers.get(md.CORRELATION_ID, "")) == 32
     await collect(watch)
+    # A spec that names its own id: the task runs under it; the call's minted id is
+    # in the trailers only.
+    own = spec()
+    own.metadata.correlation_id = "order-42"
+    call = mesh.client(plain=True).StreamTask(coordinator_pb2.StreamTaskRequest(spec=own))
+    events = [response.event async for response in call]
+    trailing = await call.trailing_metadata()
+    assert events[0].snapshot.spec.metadata.correlation_id == "order-42"
+    assert trailing is not None and len(trailing.get(md.CORRELATION_ID, "")) == 32
 
 
 async def test_idempotency_key_returns_the_same_task_per_caller(mesh: Mesh, pki: Pki) -> None:
