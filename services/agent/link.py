@@ -89,6 +89,17 @@ class _End:
 
 
 _END = _End()
+
+_START_TURNS = 3
+"""Loop turns a lone ``started`` waits for the attempt's next event before it is sent."""
+
+
+def _lone_start(response: agent_pb2.LinkResponse) -> bool:
+    return (
+        len(response.responses) == 1
+        and not response.refusals
+        and response.responses[0].WhichOneof("kind") == "started"
+    )
 _Outgoing = agent_pb2.ExecuteResponse | agent_pb2.LinkRefusal | _End
 
 
@@ -262,10 +273,12 @@ class LinkSession:
                         )
                         return  # leaving the block stops the attempt
                     await self._out.put(message)
-                    if not out.terminal:
+                    if not out.terminal and message.WhichOneof("kind") != "started":
                         # Take the next event once the stream has sent this one, as
                         # Execute does: what piles up meanwhile goes as one
-                        # (partial chunks are joined by ``events()``).
+                        # (partial chunks are joined by ``events()``). Not after
+                        # ``started``: nothing joins it, and a quick handler's outcome
+                        # may still reach its message (see responses).
                         await self._sent.wait()
 
     def _ended(self, key: Key, execution: Execution, task: asyncio.Task[None]) -> None:
@@ -329,6 +342,13 @@ class LinkSession:
                 else:
                     ended = True
                     break
+                if out.empty() and _lone_start(response):
+                    # A lone ``started``: let a handler that ends at once put its
+                    # outcome behind it (a few loop turns), so both go as one message.
+                    for _ in range(_START_TURNS):
+                        await asyncio.sleep(0)
+                        if not out.empty():
+                            break
                 if out.empty() or len(response.responses) >= MAX_BATCH:
                     break
                 item = out.get_nowait()

@@ -62,6 +62,11 @@ class GateAgent(Agent):
             raise
         return f"done {ctx.task_id}"
 
+    @capability
+    async def quick(self, task: Payload, ctx: TaskContext) -> str:
+        """Answers at once."""
+        return "quick"
+
 
 class Link:
     """One Link stream, driven frame by frame; responses sorted by attempt."""
@@ -166,6 +171,19 @@ async def test_many_attempts_share_one_link(client: Coordinator, agent: GateAgen
     assert started_calls("Execute") == executes
     # The frame's correlation id reached the handler when the assignment had its own.
     assert agent.correlation["a"] == "cid-test"
+    link.call.cancel()
+
+
+async def test_a_handler_that_ends_at_once_sends_started_and_result_in_one_message(
+    client: Coordinator,
+) -> None:
+    # What a quick attempt says goes as one stream message (one write here, one read and
+    # one commit at the coordinator), in order.
+    link = Link(client)
+    await link.assign("q", capability="quick")
+    await link.until(lambda: link.ended("q"))
+    assert link.kinds("q") == ["started", "result"]
+    assert link.messages == 1
     link.call.cancel()
 
 
