@@ -100,6 +100,8 @@ def _lone_start(response: agent_pb2.LinkResponse) -> bool:
         and not response.refusals
         and response.responses[0].WhichOneof("kind") == "started"
     )
+
+
 _Outgoing = agent_pb2.ExecuteResponse | agent_pb2.LinkRefusal | _End
 
 
