@@ -90,8 +90,13 @@ class _End:
 
 _END = _End()
 
-_START_TURNS = 3
-"""Loop turns a lone ``started`` waits for the attempt's next event before it is sent."""
+_START_TURNS = 6
+"""Loop turns a lone ``started`` waits for the attempt's next event before it is sent.
+
+A handler that returns at once has its result queued on the third turn (CPython 3.11:
+the supervisor's wait, its emit, the attempt's take); twice that leaves room for a
+handler that awaits something already done. The wait ends as soon as anything is
+queued, so only a message that stays a lone ``started`` pays all six turns."""
 
 
 def _lone_start(response: agent_pb2.LinkResponse) -> bool:

@@ -178,7 +178,10 @@ async def test_a_handler_that_ends_at_once_sends_started_and_result_in_one_messa
     client: Coordinator,
 ) -> None:
     # What a quick attempt says goes as one stream message (one write here, one read and
-    # one commit at the coordinator), in order.
+    # one commit at the coordinator), in order. It rests on the result being queued
+    # within link._START_TURNS loop turns of started (three on CPython 3.11); a handler
+    # that waits sends started on its own (test_many_attempts_share_one_link sees every
+    # attempt's first messages while their gates are still shut).
     link = Link(client)
     await link.assign("q", capability="quick")
     await link.until(lambda: link.ended("q"))
