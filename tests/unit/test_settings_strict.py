@@ -82,15 +82,26 @@ def test_valid_variables_aliases_and_mapping_keys_pass(monkeypatch: pytest.Monke
     assert settings.events.stream.max_age == 60
 
 
-def test_a_service_with_a_misspelt_variable_does_not_start(tmp_path: Path) -> None:
-    env = {"HIVEWIRE_TOOL__POLICY_FILEE": str(tmp_path / "p.toml"), "PATH": "/usr/bin:/bin"}
-    ran = subprocess.run(
-        [sys.executable, "-m", "hivewire.services.tool", "--port", "0"],
-        env=env,
+def run_with(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """``argv`` with only ``env`` (and a plain PATH) in its environment."""
+    return subprocess.run(
+        argv,
+        env={**env, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+    )
+
+
+SERVICE = [sys.executable, "-m"]
+CLI = str(Path(sys.executable).parent / "hivewire")
+
+
+def test_a_service_with_a_misspelt_variable_does_not_start(tmp_path: Path) -> None:
+    ran = run_with(
+        [*SERVICE, "hivewire.services.tool", "--port", "0"],
+        HIVEWIRE_TOOL__POLICY_FILEE=str(tmp_path / "p.toml"),
     )
     assert ran.returncode != 0
     assert ran.stderr.strip().splitlines()[-1] == (
@@ -100,14 +111,9 @@ def test_a_service_with_a_misspelt_variable_does_not_start(tmp_path: Path) -> No
 
 
 def test_a_service_with_a_value_out_of_range_does_not_start() -> None:
-    env = {"HIVEWIRE_COORDINATOR__GC_PAUSE_BUDGET": "-1", "PATH": "/usr/bin:/bin"}
-    ran = subprocess.run(
-        [sys.executable, "-m", "hivewire.services.coordinator", "--port", "0"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    ran = run_with(
+        [*SERVICE, "hivewire.services.coordinator", "--port", "0"],
+        HIVEWIRE_COORDINATOR__GC_PAUSE_BUDGET="-1",
     )
     assert ran.returncode != 0
     assert "Traceback" not in ran.stderr
@@ -118,29 +124,13 @@ def test_a_service_with_a_value_out_of_range_does_not_start() -> None:
 
 
 def test_the_cli_refuses_a_misspelt_variable(tmp_path: Path) -> None:
-    hivewire = Path(sys.executable).parent / "hivewire"
-    ran = subprocess.run(
-        [str(hivewire), "tasks"],
-        env={"HIVEWIRE_CERTS_DIRR": str(tmp_path), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    ran = run_with([CLI, "tasks"], HIVEWIRE_CERTS_DIRR=str(tmp_path))
     assert ran.returncode == 2, ran
     assert "unknown setting HIVEWIRE_CERTS_DIRR; did you mean HIVEWIRE_CERTS_DIR?" in ran.stderr
 
 
 def test_the_cli_refuses_a_value_out_of_range() -> None:
-    hivewire = Path(sys.executable).parent / "hivewire"
-    ran = subprocess.run(
-        [str(hivewire), "tasks", "list"],
-        env={"HIVEWIRE_COORDINATOR__GC_PAUSE_BUDGET": "-1", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    ran = run_with([CLI, "tasks", "list"], HIVEWIRE_COORDINATOR__GC_PAUSE_BUDGET="-1")
     assert ran.returncode == 2, ran
     assert ran.stderr.strip() == (
         "Error: invalid setting HIVEWIRE_COORDINATOR__GC_PAUSE_BUDGET: "
