@@ -408,9 +408,13 @@ async def serve_coordinator(certs: Path, agent: str, nats_url: str, state: Path)
 
 @contextlib.asynccontextmanager
 async def floor_services(
-    certs: Path, nats_url: str, state: Path
+    certs: Path, nats_url: str, state: Path, *, coordinator_python: str = sys.executable
 ) -> AsyncIterator[tuple[str, dict[str, int]]]:
-    """Start the floor agent and coordinator; yield the coordinator's target and the pids."""
+    """Start the floor agent and coordinator; yield the coordinator's target and the pids.
+
+    ``coordinator_python``: what runs the coordinator (a wrapper of the interpreter that
+    profiles it, say).
+    """
     common = ["--certs", str(certs)]
     async with serve_process("bench.floor", ["serve-agent", *common]) as agent:
         async with serve_process(
@@ -425,6 +429,7 @@ async def floor_services(
                 "--state",
                 str(state),
             ],
+            python=coordinator_python,
         ) as coordinator:
             yield (
                 coordinator.target,
@@ -476,16 +481,16 @@ async def measure(
                 await call(PAYLOAD, timeout=30, wait_for_ready=True)
                 await run_task(task_stub)
                 for name in FLOORS:
-                    await _op(floor_stub, name)()
+                    await task_op(floor_stub, name)()
 
                 async def chain_op() -> None:
                     await call(PAYLOAD)
 
                 floor_pids = {**floor_pids, "nats": mesh.pids["nats"]}
                 sides: list[tuple[str, Any, Mapping[str, int]]] = [
-                    *((f"floor-{name}", _op(floor_stub, name), floor_pids) for name in FLOORS),
-                    (TASK, _op(task_stub, "noop"), mesh.pids),
-                    (TASK_OUTCOME, _op(task_stub, "noop", outcome_only=True), mesh.pids),
+                    *((f"floor-{name}", task_op(floor_stub, name), floor_pids) for name in FLOORS),
+                    (TASK, task_op(task_stub, "noop"), mesh.pids),
+                    (TASK_OUTCOME, task_op(task_stub, "noop", outcome_only=True), mesh.pids),
                     (CHAIN, chain_op, chain.pids),
                 ]
                 sides = [e for e in sides if not only or e[0] in only or e[0] == CHAIN]
@@ -514,7 +519,7 @@ async def measure(
     }
 
 
-def _op(stub: Any, capability: str, *, outcome_only: bool = False) -> Any:
+def task_op(stub: Any, capability: str, *, outcome_only: bool = False) -> Any:
     """One task of ``capability`` followed to its end, as one operation of a phase."""
 
     async def op() -> None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -157,6 +157,7 @@ async def bench_mesh(
     service_env: dict[str, str] | None = None,
     ready_timeout: float = 60.0,
     coordinators: int = 1,
+    coordinator_prefix: Sequence[str] = (),
 ) -> AsyncIterator[BenchMesh]:
     """Start nats-server, a coordinator and ``agents`` benchmark agents; stop them after.
 
@@ -173,6 +174,8 @@ async def bench_mesh(
         ready_timeout: Seconds each service gets to start serving.
         coordinators: Coordinator processes; more than one needs the JetStream store
             (``coordinator_env={"HIVEWIRE_COORDINATOR__STORE": "jetstream"}``).
+        coordinator_prefix: A command the coordinators run under (a profiler:
+            ``["valgrind", "--tool=callgrind", ...]``).
     """
     with tempfile.TemporaryDirectory(prefix="hivewire-bench-") as tmp:
         state = Path(tmp)
@@ -217,7 +220,7 @@ async def bench_mesh(
                 await launcher.start(
                     spec(
                         name,
-                        python_module("hivewire.services.coordinator"),
+                        [*coordinator_prefix, *python_module("hivewire.services.coordinator")],
                         HIVEWIRE_IDENTITY="coordinator",
                         HIVEWIRE_COORDINATOR__DB_PATH=str(state / f"{name}.db"),
                         **(coordinator_env or {}),
