@@ -1,5 +1,5 @@
-"""A service's instructions per no-op task, counted by valgrind (callgrind): an A/B that
-does not drift.
+r"""The coordinator's instructions per no-op task, counted by valgrind (callgrind): an A/B
+that does not drift.
 
 CPU time per task moves by 5-8 % between rounds of the same code on this machine
 (``bench/ab.py``), more than most single changes to the coordinator's own work. An
@@ -12,6 +12,8 @@ mesh in turn, ``--repeat`` times, and each variant's count against the first's.
 
     python bench/instructions.py                                  # this code
     python bench/instructions.py --variant main= --variant b=/tmp/other/pp --repeat 2
+    python bench/instructions.py --variant on= --variant off= \
+        --env off:HIVEWIRE_EVENTS__ENABLED=false
 
 Under valgrind the coordinator runs 20-50 times slower while the client, the agent and
 nats-server do not, so more of their messages are waiting whenever it reads: the count
@@ -37,7 +39,7 @@ if __package__ in (None, ""):
 
 from bench.common import ROOT
 from bench.echo import open_channel
-from bench.floor import floor_services, task_op
+from bench.floor import FLOORS, floor_services, task_op
 from bench.mesh import run_task
 from bench.meshrun import bench_mesh, coordinator_stub
 
@@ -68,11 +70,17 @@ def _control(*args: str) -> None:
 
 
 async def count(
-    pythonpath: str, tasks: int, warmup: int, concurrency: int, keep: Path | None = None
+    pythonpath: str,
+    tasks: int,
+    warmup: int,
+    concurrency: int,
+    keep: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> float:
     """The coordinator's instructions per task with ``pythonpath`` first on its path.
 
-    ``keep``: copy the counted dump there (for ``callgrind_annotate``).
+    ``keep``: copy the counted dump there (for ``callgrind_annotate``); ``env``: more
+    environment of every service (settings).
     """
     with tempfile.TemporaryDirectory(prefix="hivewire-instr-") as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -81,10 +89,14 @@ async def count(
             "--tool=callgrind",
             "--instr-atstart=no",
             f"--callgrind-out-file={out}",
+            f"--log-file={tmp}/valgrind.log",
         ]
-        env = {"PYTHONPATH": ":".join(p for p in (pythonpath, str(ROOT)) if p)}
+        service_env = {
+            **(env or {}),
+            "PYTHONPATH": ":".join(p for p in (pythonpath, str(ROOT)) if p),
+        }
         async with bench_mesh(
-            agents=1, service_env=env, coordinator_prefix=prefix, ready_timeout=600.0
+            agents=1, service_env=service_env, coordinator_prefix=prefix, ready_timeout=600.0
         ) as mesh:
             channel = open_channel(mesh.address, mesh.certs)
             stub = coordinator_stub(channel)
@@ -104,14 +116,15 @@ async def count(
         return await asyncio.to_thread(_counted, Path(tmp), keep) / tasks
 
 
-async def count_floor(tasks: int, warmup: int, concurrency: int) -> float:
-    """The floor coordinator's instructions per task (``bench/floor.py``, ``events``)."""
+async def count_floor(tasks: int, warmup: int, concurrency: int, side: str = "events") -> float:
+    """The floor coordinator's instructions per task (``bench/floor.py``'s ``side``)."""
     with tempfile.TemporaryDirectory(prefix="hivewire-instr-") as tmp:
         out = Path(tmp) / "callgrind.out"
         wrapper = Path(tmp) / "python"
         wrapper.write_text(
             "#!/bin/sh\n"
-            f"exec valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file={out} "
+            "exec valgrind --tool=callgrind --instr-atstart=no "
+            f"--callgrind-out-file={out} --log-file={tmp}/valgrind.log "
             f'{sys.executable} "$@"\n'
         )
         wrapper.chmod(0o755)
@@ -122,7 +135,7 @@ async def count_floor(tasks: int, warmup: int, concurrency: int) -> float:
             ) as (target, pids),
         ):
             channel = open_channel(target, mesh.certs)
-            op = task_op(coordinator_stub(channel), "events")
+            op = task_op(coordinator_stub(channel), side)
             pid = str(pids["floor-coordinator"])
             try:
                 await _run(op, warmup, concurrency)
@@ -151,18 +164,28 @@ async def main_async(args: argparse.Namespace) -> str:
     for item in args.variant or ["this="]:
         name, _, path = item.partition("=")
         variants.append((name, path))
+    envs: dict[str, dict[str, str]] = {name: {} for name, _ in variants}
+    for item in args.env or []:
+        name, _, setting = item.partition(":")
+        key, _, value = setting.partition("=")
+        if name not in envs or not key:
+            raise SystemExit(f"--env {item}: want NAME:KEY=VALUE of a --variant NAME")
+        envs[name][key] = value
     counts: dict[str, list[float]] = {name: [] for name, _ in variants}
     for _ in range(args.repeat):
         for name, path in variants:
             keep = Path(f"{args.keep}-{name}.callgrind") if args.keep else None
-            counts[name].append(await count(path, args.tasks, args.warmup, args.concurrency, keep))
+            counts[name].append(
+                await count(path, args.tasks, args.warmup, args.concurrency, keep, envs[name])
+            )
             print(f"{name}: {counts[name][-1]:,.0f} instructions per task", file=sys.stderr)
-    if args.floor:
-        counts["floor"] = []
-        variants.append(("floor", ""))
+    for side in args.floor or []:
+        name = f"floor-{side}"
+        counts[name] = []
+        variants.append((name, ""))
         for _ in range(args.repeat):
-            counts["floor"].append(await count_floor(args.tasks, args.warmup, args.concurrency))
-            print(f"floor: {counts['floor'][-1]:,.0f} instructions per task", file=sys.stderr)
+            counts[name].append(await count_floor(args.tasks, args.warmup, args.concurrency, side))
+            print(f"{name}: {counts[name][-1]:,.0f} instructions per task", file=sys.stderr)
     base = statistics.median(counts[variants[0][0]])
     lines = [
         f"coordinator instructions per no-op task (callgrind), c={args.concurrency}, "
@@ -192,9 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         help="NAME=PYTHONPATH (code first on the coordinator's path; empty: this code)",
     )
     parser.add_argument(
+        "--env",
+        action="append",
+        help="NAME:KEY=VALUE: more environment of variant NAME's services (a setting)",
+    )
+    parser.add_argument(
         "--floor",
-        action="store_true",
-        help="also count bench/floor.py's coordinator (its events floor)",
+        nargs="+",
+        choices=FLOORS,
+        help="also count bench/floor.py's coordinator at these floors",
     )
     parser.add_argument(
         "--keep", help="also keep each variant's last dump as KEEP-<name>.callgrind"
