@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import time
 from collections import deque
@@ -35,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
-from nats.js.api import PubAck
+from nats.aio.msg import Msg
+from nats.js.api import Header
 from nats.js.client import JetStreamContext
 
 from hivewire.services.base.backoff import Backoff
@@ -267,6 +269,7 @@ class EventPublisher(StartClose):
         self._task: asyncio.Task[None] | None = None
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
+        self._acks = _AckInbox()
         self._streams_ready = False
         self._atomic = False  # the event stream takes atomic batches (checked on connect)
         self._closed = False
@@ -580,12 +583,16 @@ class EventPublisher(StartClose):
                 self._nc = None
                 self._js = None
             if self._nc is None:
-                self._nc = await self._connect(backoff)
-                # As many acks outstanding as a window holds: every window's futures
-                # are settled or cancelled before the next, so a publish never stalls.
-                self._js = self._nc.jetstream(
-                    timeout=self._timeout, publish_async_max_pending=self._window
-                )
+                client = await self._connect(backoff)
+                try:
+                    await self._acks.open(client)
+                except TRANSIENT_ERRORS as exc:
+                    logger.warning("events: cannot subscribe to acknowledgements: %s", exc)
+                    await close_quietly(client)
+                    await self._pause(backoff.next_delay())
+                    continue
+                self._nc = client
+                self._js = client.jetstream(timeout=self._timeout)
             if not self._nc.is_connected:
                 await self._pause(0.5)
                 continue
@@ -687,34 +694,39 @@ class EventPublisher(StartClose):
         return True
 
     async def _send_each(self, js: JetStreamContext, batch: list[_Outgoing]) -> bool:
-        """Send a window event by event, pipelined: a publish and an ack each."""
-        sent: list[tuple[_Outgoing, asyncio.Future[PubAck]]] = []
+        """Send a window event by event, pipelined: a publish and an ack each.
+
+        Each publish names a reply subject of the connection's acknowledgement inbox
+        (:class:`_AckInbox`); the window waits once, with one deadline, for all of them.
+        """
+        nc = self._nc
+        assert nc is not None
+        window = self._acks.begin()
+        sent: list[_Outgoing] = []
         ok = True
-        for item in batch:
-            try:
-                # No wait_stall: with one, every publish runs its semaphore wait in a
-                # task and a timer of its own (asyncio.wait_for); it never stalls here.
-                future = await js.publish_async(
-                    item.subject, item.payload, headers=dict(item.headers)
-                )
-            except nats.errors.MaxPayloadError:
-                # Never accepted, however often it is sent: it must not hold up the rest.
-                self._drop_too_large(item)
-                continue
-            except TRANSIENT_ERRORS as exc:
-                self._failed(item, exc)
-                ok = False
-                break
-            sent.append((item, future))
-        # One wait with one deadline for the whole window (not a wait_for per ack); an
-        # ack still missing then is cancelled, which frees its slot in nats-py.
-        if sent:
-            _, late = await asyncio.wait([f for _, f in sent], timeout=self._timeout)
-            for future in late:
-                future.cancel()
+        try:
+            for item in batch:
+                try:
+                    await nc.publish(
+                        item.subject, item.payload, reply=window.add(), headers=dict(item.headers)
+                    )
+                except nats.errors.MaxPayloadError:
+                    # Never accepted, however often it is sent: it must not hold up the rest.
+                    window.withdraw()
+                    self._drop_too_large(item)
+                    continue
+                except TRANSIENT_ERRORS as exc:
+                    window.withdraw()
+                    self._failed(item, exc)
+                    ok = False
+                    break
+                sent.append(item)
+            if sent:
+                await asyncio.wait([window.sealed()], timeout=self._timeout)
+        finally:
+            self._acks.end(window)
         acked: list[_Outgoing] = []
-        for item, future in sent:
-            error = _publish_error(future)
+        for item, error in zip(sent, window.errors(), strict=True):
             if error is not None:
                 if ok:
                     self._failed(item, error)
@@ -829,8 +841,116 @@ def _acked_metrics(category: str) -> tuple[Any, Any]:
     return metrics.PUBLISHED.labels(category), metrics.PUBLISH_LAG.labels(category)
 
 
-def _publish_error(future: asyncio.Future[PubAck]) -> BaseException | None:
-    """Why a publish of the window failed (a cancelled one: its ack never came), or None."""
-    if future.cancelled():
-        return TimeoutError("no acknowledgement in time")
-    return future.exception()
+_PENDING: Any = object()
+_NO_RESPONDERS = "503"  # the Status header of "no stream listens on this subject"
+
+
+class _AckWindow:
+    """The acknowledgements of one window's publishes, in the order they were sent."""
+
+    __slots__ = ("_done", "_first", "_inbox", "_pending", "_results", "_sealed")
+
+    def __init__(self, inbox: str, first: int) -> None:
+        self._inbox = inbox
+        self._first = first
+        self._results: list[BaseException | None] = []
+        self._pending = 0
+        self._sealed = False
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def add(self) -> str:
+        """The reply subject of the next publish."""
+        self._results.append(_PENDING)
+        self._pending += 1
+        return f"{self._inbox}{self._first + len(self._results) - 1}"
+
+    def withdraw(self) -> None:
+        """The last :meth:`add` was not sent after all."""
+        self._results.pop()
+        self._pending -= 1
+
+    def settle(self, number: int, error: BaseException | None) -> None:
+        """Take the acknowledgement of reply ``number`` (another window's: ignored)."""
+        index = number - self._first
+        if 0 <= index < len(self._results) and self._results[index] is _PENDING:
+            self._results[index] = error
+            self._pending -= 1
+            self._resolve()
+
+    def sealed(self) -> asyncio.Future[None]:
+        """No more publishes: a future that resolves once every one is acknowledged."""
+        self._sealed = True
+        self._resolve()
+        return self._done
+
+    @property
+    def following(self) -> int:
+        """The number the next window starts at (past every reply this one named)."""
+        return self._first + len(self._results)
+
+    def errors(self) -> list[BaseException | None]:
+        """Per publish, why it failed (no ack in time: a timeout), or None once stored."""
+        late = TimeoutError("no acknowledgement in time")
+        return [late if result is _PENDING else result for result in self._results]
+
+    def _resolve(self) -> None:
+        if self._sealed and self._pending == 0 and not self._done.done():
+            self._done.set_result(None)
+
+
+class _AckInbox:
+    """JetStream's acknowledgements, on one inbox subscription per connection.
+
+    A JetStream publish is a core NATS publish with a reply subject; the stream answers
+    on it. nats-py's ``publish_async`` makes a future, a random token, a semaphore wait
+    and a parsed ``PubAck`` per message; a window of the publisher needs one wait for
+    all of them, so its publishes reply to ``<inbox>.<n>`` and the answers are matched
+    by number. An answer is parsed only when it holds an error.
+    """
+
+    def __init__(self) -> None:
+        self._inbox = ""
+        self._next = 1
+        self._window: _AckWindow | None = None
+
+    async def open(self, nc: NatsClient) -> None:
+        """Subscribe on a new connection (each connection its own inbox)."""
+        inbox = f"{nc.new_inbox()}."
+        await nc.subscribe(f"{inbox}*", cb=self._on_reply)
+        self._inbox = inbox
+        self._window = None
+
+    def begin(self) -> _AckWindow:
+        """A window whose publishes reply here (one at a time)."""
+        self._window = _AckWindow(self._inbox, self._next)
+        return self._window
+
+    def end(self, window: _AckWindow) -> None:
+        """Late answers to ``window`` are dropped; the numbers go on after it."""
+        if self._window is window:
+            self._window = None
+        self._next = window.following
+
+    async def _on_reply(self, msg: Msg) -> None:
+        window = self._window
+        if window is None or not msg.subject.startswith(self._inbox):
+            return
+        try:
+            number = int(msg.subject[len(self._inbox) :])
+        except ValueError:
+            return
+        window.settle(number, _ack_error(msg))
+
+
+def _ack_error(msg: Msg) -> BaseException | None:
+    """Why JetStream did not store a publish, from its answer; None when it did."""
+    if msg.headers and msg.headers.get(Header.STATUS) == _NO_RESPONDERS:
+        return nats.js.errors.NoStreamResponseError()
+    if b'"error"' not in msg.data:
+        return None
+    try:
+        answer = json.loads(msg.data)
+    except ValueError:
+        return nats.js.errors.Error(f"not an acknowledgement: {msg.data[:80]!r}")
+    error = answer.get("error") if isinstance(answer, dict) else None
+    return nats.js.errors.APIError.from_error(error) if error else None
