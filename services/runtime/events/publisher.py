@@ -183,9 +183,9 @@ class ProgressCoalescer(Generic[T]):
         state.timer = asyncio.get_running_loop().call_later(self._interval, self._tick, key)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Outgoing:
-    """One encoded event waiting for its JetStream ack."""
+    """One encoded event waiting for its JetStream ack (``seq``: set when buffered)."""
 
     seq: int
     event_id: str
@@ -515,7 +515,8 @@ class EventPublisher(StartClose):
                 metrics.DROPPED.labels("buffer_full").inc()
                 metrics.BUFFERED.dec()
                 self._log_drop(dropped)
-        self._buffer.append(replace(outgoing, seq=next(self._seq)))
+        outgoing.seq = next(self._seq)
+        self._buffer.append(outgoing)
         metrics.BUFFERED.inc()
         self._idle.clear()
         self._wake.set()
@@ -743,17 +744,21 @@ class EventPublisher(StartClose):
         if not acked:
             return
         now = time.monotonic()
+        self._published += len(acked)
+        counts: dict[str, int] = {}
         for item in acked:
-            self._published += 1
-            published, lag = _acked_metrics(item.category)
-            published.inc()
-            lag.observe(max(now - item.queued_at, 0.0))
+            counts[item.category] = counts.get(item.category, 0) + 1
+            _acked_metrics(item.category)[1].observe(max(now - item.queued_at, 0.0))
+        for category, count in counts.items():
+            _acked_metrics(category)[0].inc(count)
         last = acked[-1].seq
+        taken = 0
         while self._buffer and self._buffer[0].seq <= last:
             stored = self._buffer.popleft()
+            taken += 1
             if stored.done is not None and not stored.done.done():
                 stored.done.set_result(None)
-            metrics.BUFFERED.dec()
+        metrics.BUFFERED.dec(taken)
 
     def _drop_too_large(self, item: _Outgoing) -> None:
         index = self._buffer.index(item)
