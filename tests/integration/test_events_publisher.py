@@ -518,3 +518,57 @@ async def test_a_batch_carries_at_most_a_mebibyte(nats_server: NatsServer) -> No
     assert batches("stored") == stored_before + 2
     stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
     assert stored == [f"task-b:{n}" for n in range(1, 7)]
+
+
+async def test_a_publish_the_stream_refuses_waits_and_goes_in_once_it_is_taken(
+    nats_server: NatsServer,
+) -> None:
+    """An acknowledgement holding an error: the event stays, in order, and is sent again."""
+    failed_before = metric("hivewire_events_publish_failed_total", category="task")
+    client = await nats.connect(nats_server.url)
+    try:
+        js = client.jetstream()
+        async with EventPublisher(
+            nats_server.url, source="coordinator/c-1", batch_min=0
+        ) as publisher:
+            await asyncio.wait_for(publisher.send(envelopes(1, 1)), 30)
+            config = (await js.stream_info("HIVEWIRE_EVENTS")).config
+            config.max_msg_size = 16  # every envelope is larger: JetStream answers an error
+            await js.update_stream(config)
+            refused = publisher.send(envelopes(2, 3))
+
+            async def failed() -> None:
+                while (
+                    metric("hivewire_events_publish_failed_total", category="task") == failed_before
+                ):
+                    await asyncio.sleep(0.02)
+
+            await asyncio.wait_for(failed(), 30)
+            assert not refused.done()
+            assert publisher.buffered == 2
+            config.max_msg_size = -1
+            await js.update_stream(config)
+            await asyncio.wait_for(refused, 30)
+        stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
+    finally:
+        await client.close()
+    assert stored == ["task-b:1", "task-b:2", "task-b:3"]
+
+
+async def test_a_deleted_stream_is_made_again_and_the_event_goes_in(
+    nats_server: NatsServer,
+) -> None:
+    """Nobody listens on the subject (a wiped server): the stream is set up again."""
+    client = await nats.connect(nats_server.url)
+    try:
+        js = client.jetstream()
+        async with EventPublisher(
+            nats_server.url, source="coordinator/c-1", batch_min=0
+        ) as publisher:
+            await asyncio.wait_for(publisher.send(envelopes(1, 1)), 30)
+            await js.delete_stream("HIVEWIRE_EVENTS")
+            await asyncio.wait_for(publisher.send(envelopes(2, 2)), 30)
+        stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
+    finally:
+        await client.close()
+    assert stored == ["task-b:2"]
