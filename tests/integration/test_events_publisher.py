@@ -36,7 +36,7 @@ from hivewire.services.runtime.events.batch import (
     publish_atomic,
 )
 from hivewire.services.runtime.logging import bind_correlation_id
-from tests.helpers import NatsServer
+from tests.helpers import NatsServer, eventually
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -537,13 +537,12 @@ async def test_a_publish_the_stream_refuses_waits_and_goes_in_once_it_is_taken(
             await js.update_stream(config)
             refused = publisher.send(envelopes(2, 3))
 
-            async def failed() -> None:
-                while (
-                    metric("hivewire_events_publish_failed_total", category="task") == failed_before
-                ):
-                    await asyncio.sleep(0.02)
-
-            await asyncio.wait_for(failed(), 30)
+            await eventually(
+                lambda: (
+                    metric("hivewire_events_publish_failed_total", category="task") > failed_before
+                ),
+                timeout=30,
+            )
             assert not refused.done()
             assert publisher.buffered == 2
             config.max_msg_size = -1
