@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import nats
@@ -521,9 +522,10 @@ async def test_a_batch_carries_at_most_a_mebibyte(nats_server: NatsServer) -> No
 
 
 async def test_a_publish_the_stream_refuses_waits_and_goes_in_once_it_is_taken(
-    nats_server: NatsServer,
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An acknowledgement holding an error: the event stays, in order, and is sent again."""
+    caplog.set_level(logging.WARNING, logger="hivewire.services.runtime.events.publisher")
     failed_before = metric("hivewire_events_publish_failed_total", category="task")
     client = await nats.connect(nats_server.url)
     try:
@@ -545,6 +547,8 @@ async def test_a_publish_the_stream_refuses_waits_and_goes_in_once_it_is_taken(
             )
             assert not refused.done()
             assert publisher.buffered == 2
+            # The refusal itself, read from the answer (not a wait for one that never came).
+            assert "err_code=10054" in caplog.text
             config.max_msg_size = -1
             await js.update_stream(config)
             await asyncio.wait_for(refused, 30)
@@ -567,6 +571,42 @@ async def test_a_deleted_stream_is_made_again_and_the_event_goes_in(
             await asyncio.wait_for(publisher.send(envelopes(1, 1)), 30)
             await js.delete_stream("HIVEWIRE_EVENTS")
             await asyncio.wait_for(publisher.send(envelopes(2, 2)), 30)
+        stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
+    finally:
+        await client.close()
+    assert stored == ["task-b:2"]
+
+
+async def test_an_answer_that_is_no_acknowledgement_does_not_count_as_stored(
+    nats_server: NatsServer,
+) -> None:
+    """The stream is gone and a plain NATS responder answers on its subjects: not stored."""
+    failed_before = metric("hivewire_events_publish_failed_total", category="task")
+    client = await nats.connect(nats_server.url)
+    try:
+        js = client.jetstream()
+        async with EventPublisher(
+            nats_server.url, source="coordinator/c-1", batch_min=0
+        ) as publisher:
+            await asyncio.wait_for(publisher.send(envelopes(1, 1)), 30)
+            await js.delete_stream("HIVEWIRE_EVENTS")
+
+            async def answer(msg: nats.aio.msg.Msg) -> None:
+                await msg.respond(b"")
+
+            responder = await client.subscribe("hivewire.events.>", cb=answer)
+            sent = publisher.send(envelopes(2, 2))
+            await eventually(
+                lambda: (
+                    metric("hivewire_events_publish_failed_total", category="task") > failed_before
+                ),
+                timeout=30,
+            )
+            assert not sent.done()
+            assert publisher.buffered == 1
+            # Once nobody answers, the stream is made again and the event goes in.
+            await responder.unsubscribe()
+            await asyncio.wait_for(sent, 30)
         stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
     finally:
         await client.close()

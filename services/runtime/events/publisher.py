@@ -662,7 +662,7 @@ class EventPublisher(StartClose):
                 sent = await self._send_batch(atomic)
                 if sent is not None:
                     return sent
-        return await self._send_each(js, batch)
+        return await self._send_each(batch)
 
     async def _send_batch(self, batch: list[_Outgoing]) -> bool | None:
         """Send a window as one atomic batch: all of it is stored, or none.
@@ -694,7 +694,7 @@ class EventPublisher(StartClose):
         self._acknowledged(batch)
         return True
 
-    async def _send_each(self, js: JetStreamContext, batch: list[_Outgoing]) -> bool:
+    async def _send_each(self, batch: list[_Outgoing]) -> bool:
         """Send a window event by event, pipelined: a publish and an ack each.
 
         Each publish names a reply subject of the connection's acknowledgement inbox
@@ -847,6 +847,7 @@ def _acked_metrics(category: str) -> tuple[Any, Any]:
 
 
 _PENDING: Any = object()
+_WITHDRAWN: Any = object()
 _NO_RESPONDERS = "503"  # the Status header of "no stream listens on this subject"
 
 
@@ -870,9 +871,10 @@ class _AckWindow:
         return f"{self._inbox}{self._first + len(self._results) - 1}"
 
     def withdraw(self) -> None:
-        """The last :meth:`add` was not sent after all."""
-        self._results.pop()
-        self._pending -= 1
+        """The last :meth:`add` was not sent after all (its number is not used again)."""
+        if self._results[-1] is _PENDING:
+            self._pending -= 1
+        self._results[-1] = _WITHDRAWN
 
     def settle(self, number: int, error: BaseException | None) -> None:
         """Take the acknowledgement of reply ``number`` (another window's: ignored)."""
@@ -894,9 +896,13 @@ class _AckWindow:
         return self._first + len(self._results)
 
     def errors(self) -> list[BaseException | None]:
-        """Per publish, why it failed (no ack in time: a timeout), or None once stored."""
+        """Per publish sent, why it failed (no ack in time: a timeout), or None once stored."""
         late = TimeoutError("no acknowledgement in time")
-        return [late if result is _PENDING else result for result in self._results]
+        return [
+            late if result is _PENDING else result
+            for result in self._results
+            if result is not _WITHDRAWN
+        ]
 
     def _resolve(self) -> None:
         if self._sealed and self._pending == 0 and not self._done.done():
@@ -910,7 +916,8 @@ class _AckInbox:
     on it. nats-py's ``publish_async`` makes a future, a random token, a semaphore wait
     and a parsed ``PubAck`` per message; a window of the publisher needs one wait for
     all of them, so its publishes reply to ``<inbox>.<n>`` and the answers are matched
-    by number. An answer is parsed only when it holds an error.
+    by number. An answer that is plainly a stored message's acknowledgement (its
+    ``stream`` and ``seq``, no ``error``) is not parsed.
     """
 
     def __init__(self) -> None:
@@ -948,14 +955,32 @@ class _AckInbox:
 
 
 def _ack_error(msg: Msg) -> BaseException | None:
-    """Why JetStream did not store a publish, from its answer; None when it did."""
+    """Why JetStream did not store a publish, from its answer; None when it did.
+
+    Only an acknowledgement naming the stream and the message's sequence counts as
+    stored: anything else that answers on the subject (a core NATS responder where the
+    stream was deleted, say) is a failure, and the event is sent again.
+    """
+    data = msg.data
     if msg.headers and msg.headers.get(Header.STATUS) == _NO_RESPONDERS:
         return nats.js.errors.NoStreamResponseError()
-    if b'"error"' not in msg.data:
+    if b'"error"' not in data and b'"stream"' in data and b'"seq"' in data:
         return None
     try:
-        answer = json.loads(msg.data)
+        answer = json.loads(data)
     except ValueError:
-        return nats.js.errors.Error(f"not an acknowledgement: {msg.data[:80]!r}")
-    error = answer.get("error") if isinstance(answer, dict) else None
-    return nats.js.errors.APIError.from_error(error) if error else None
+        answer = None
+    if not isinstance(answer, dict):
+        return nats.js.errors.Error(f"not an acknowledgement: {data[:80]!r}")
+    error = answer.get("error")
+    if error:
+        try:
+            nats.js.errors.APIError.from_error(error)  # raises the error's own class
+        except nats.js.errors.Error as exc:
+            return exc
+        except (KeyError, TypeError):
+            pass  # not the shape nats-py knows: the error as it came
+        return nats.js.errors.APIError(description=str(error)[:200])
+    if "stream" not in answer or "seq" not in answer:
+        return nats.js.errors.Error(f"not an acknowledgement: {data[:80]!r}")
+    return None
