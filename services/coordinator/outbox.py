@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -149,9 +150,11 @@ _DEFAULT_OPTIONS = RelayOptions()
 class OutboxRelay(StartStop):
     """Publishes committed outbox entries in commit order (an async context manager).
 
-    Two loops: one reads committed entries and hands them to the publisher (at most
-    ``in_flight`` reads ahead of the acknowledgements), the other waits for each
-    read's acknowledgement, in order, and records its position as published.
+    One loop reads committed entries and hands them to the publisher, at most
+    ``in_flight`` reads ahead of the acknowledgements. Each read's acknowledgement is
+    taken by a done callback, in read order, and the position acknowledged is recorded
+    as published at most every ``record_interval`` seconds or ``record_every`` entries
+    (and ``record_interval`` after the last one when idle), one record at a time.
 
     Args:
         store: The task store holding the outbox.
@@ -172,11 +175,17 @@ class OutboxRelay(StartStop):
         self._sink = sink
         self._options = options
         self._hold = hold
-        # (position, entries, envelopes, acknowledged) of each read handed to the sink;
-        # None asks the recording loop to stop once it has recorded what came before.
-        self._acks: asyncio.Queue[tuple[int, int, int, asyncio.Future[None]] | None] = (
-            asyncio.Queue(maxsize=options.in_flight)
-        )
+        # (position, entries, envelopes, acknowledged) of each read handed to the sink,
+        # in read order, until its acknowledgement is taken.
+        self._in_flight: deque[tuple[int, int, int, asyncio.Future[None]]] = deque()
+        self._room = asyncio.Event()  # set while fewer than in_flight reads are out
+        self._room.set()
+        # (position, entries) acknowledged and not yet recorded.
+        self._acknowledged: tuple[int, int] | None = None
+        self._recording: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_record = 0.0
+        self._sink_closed = False
         self._tasks: list[asyncio.Task[None]] = []
         self.published = 0
         """Envelopes acknowledged by JetStream since start (copies of earlier ones too)."""
@@ -185,10 +194,8 @@ class OutboxRelay(StartStop):
         """Start relaying (what an earlier process left unpublished goes first)."""
         if self._tasks:
             return
-        self._tasks = [
-            asyncio.create_task(self._read(), name="outbox-read"),
-            asyncio.create_task(self._mark(), name="outbox-mark"),
-        ]
+        self._last_record = asyncio.get_running_loop().time()
+        self._tasks = [asyncio.create_task(self._read(), name="outbox-read")]
 
     async def stop(self) -> None:
         """Stop reading, record what is in flight once acknowledged (up to the timeout).
@@ -197,17 +204,26 @@ class OutboxRelay(StartStop):
         """
         if not self._tasks:
             return
-        (reader, marker), self._tasks = self._tasks, []
+        (reader,), self._tasks = self._tasks, []
         await cancel_and_wait([reader], suppress=(Exception,))
         try:
             async with asyncio.timeout(self._options.stop_timeout):
-                await self._acks.put(None)
-                await marker
+                while self._in_flight and not self._sink_closed:
+                    await asyncio.wait([future for *_, future in self._in_flight])
+                    await asyncio.sleep(0)  # the done callbacks run first: _taken
+                if self._recording is not None:
+                    await self._recording
+                if self._acknowledged is not None:
+                    await self._record(*self._take())
         except TimeoutError:
             logger.info("outbox: stopping with events not yet acknowledged; sent after restart")
         except Exception:
             logger.exception("outbox: recording failed while stopping")
-        await cancel_and_wait([marker], suppress=(Exception,))
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            await cancel_and_wait([self._recording], suppress=(Exception,))
 
     async def _read(self) -> None:
         if self._hold == "publish":
@@ -230,42 +246,61 @@ class OutboxRelay(StartStop):
                 except ValueError as exc:
                     logger.error("outbox: entry at %d skipped: %s", item.position, exc)
             after = items[-1].position
-            await self._acks.put((after, len(items), len(events), self._sink.send(events)))
+            while len(self._in_flight) >= self._options.in_flight:
+                self._room.clear()
+                await self._room.wait()
+            future = self._sink.send(events)
+            self._in_flight.append((after, len(items), len(events), future))
+            future.add_done_callback(self._taken)
 
-    async def _mark(self) -> None:
-        # Recording is throttled (the JetStream store writes a KV entry per record): at
-        # most every record_interval seconds or record_every entries, and when idle.
-        # A crash sends again what was not recorded; Nats-Msg-Id makes that harmless.
-        options = self._options
-        pending: tuple[int, int] | None = None  # (position, entries) acknowledged, unrecorded
-        last = asyncio.get_running_loop().time()
-        while True:
-            idle = False
-            read = None
-            try:
-                async with asyncio.timeout(options.record_interval if pending else None):
-                    read = await self._acks.get()
-            except TimeoutError:
-                idle = True  # nothing new for a while: record what is acknowledged
-            if read is None:
-                if pending is not None:
-                    await self._record(*pending)
-                    pending, last = None, asyncio.get_running_loop().time()
-                if idle:
-                    continue
-                return  # stop() asked, after what came before
-            position, entries, count, future = read
-            await asyncio.wait([future])
+    def _taken(self, _: asyncio.Future[None]) -> None:
+        """Take the acknowledgements that came, in read order (a done callback)."""
+        in_flight = self._in_flight
+        while in_flight and in_flight[0][3].done():
+            position, entries, count, future = in_flight.popleft()
             if future.cancelled():
-                return  # the publisher closed: the rest goes out after a restart
+                # The publisher closed: the rest goes out after a restart.
+                self._sink_closed = True
+                in_flight.clear()
+                break
             self.published += count
             if self._hold == "mark":
                 continue
-            pending = (position, entries + (pending[1] if pending else 0))
-            now = asyncio.get_running_loop().time()
-            if pending[1] >= options.record_every or now - last >= options.record_interval:
-                await self._record(*pending)
-                pending, last = None, now
+            earlier = self._acknowledged[1] if self._acknowledged is not None else 0
+            self._acknowledged = (position, entries + earlier)
+        if len(in_flight) < self._options.in_flight:
+            self._room.set()
+        self._schedule_record()
+
+    def _schedule_record(self) -> None:
+        # Throttled (the JetStream store writes a KV entry per record); a crash sends
+        # again what was not recorded, and Nats-Msg-Id makes that harmless.
+        if self._acknowledged is None or self._recording is not None or not self._tasks:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._options.record_interval - (loop.time() - self._last_record)
+        if self._acknowledged[1] >= self._options.record_every or wait <= 0:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._recording = loop.create_task(self._record(*self._take()), name="outbox-mark")
+            self._recording.add_done_callback(self._recorded)
+        elif self._timer is None:
+            self._timer = loop.call_later(wait, self._timed)
+
+    def _take(self) -> tuple[int, int]:
+        assert self._acknowledged is not None
+        taken, self._acknowledged = self._acknowledged, None
+        return taken
+
+    def _timed(self) -> None:
+        self._timer = None
+        self._schedule_record()
+
+    def _recorded(self, _: asyncio.Task[None]) -> None:
+        self._recording = None
+        self._last_record = asyncio.get_running_loop().time()
+        self._schedule_record()
 
     async def _record(self, position: int, entries: int) -> None:
         backoff = Backoff(initial=0.1, maximum=5.0)
