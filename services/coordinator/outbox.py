@@ -135,6 +135,10 @@ class RelayOptions:
         record_interval: Seconds between two records of the position published, at most
             (also how long after the last acknowledgement an idle relay records it).
         record_every: Entries acknowledged that are recorded at once.
+
+    Published entries not yet recorded (what a restart would send again) are kept
+    under ``in_flight * batch``: reading waits while recording lags that far behind
+    (a store that cannot record for a while).
     """
 
     batch: int = 512
@@ -142,6 +146,10 @@ class RelayOptions:
     stop_timeout: float = 5.0
     record_interval: float = 0.5
     record_every: int = 512
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.in_flight < 1 or self.record_every < 1:
+            raise ValueError("batch, in_flight and record_every must be >= 1")
 
 
 _DEFAULT_OPTIONS = RelayOptions()
@@ -178,8 +186,10 @@ class OutboxRelay(StartStop):
         # (position, entries, envelopes, acknowledged) of each read handed to the sink,
         # in read order, until its acknowledgement is taken.
         self._in_flight: deque[tuple[int, int, int, asyncio.Future[None]]] = deque()
-        self._room = asyncio.Event()  # set while fewer than in_flight reads are out
+        self._room = asyncio.Event()  # set while the reader may hand over another read
         self._room.set()
+        # Entries acknowledged and not yet recorded (the running record's included).
+        self._unrecorded = 0
         # (position, entries) acknowledged and not yet recorded.
         self._acknowledged: tuple[int, int] | None = None
         self._recording: asyncio.Task[None] | None = None
@@ -246,7 +256,7 @@ class OutboxRelay(StartStop):
                 except ValueError as exc:
                     logger.error("outbox: entry at %d skipped: %s", item.position, exc)
             after = items[-1].position
-            while len(self._in_flight) >= self._options.in_flight:
+            while not self._may_read():
                 self._room.clear()
                 await self._room.wait()
             future = self._sink.send(events)
@@ -268,9 +278,18 @@ class OutboxRelay(StartStop):
                 continue
             earlier = self._acknowledged[1] if self._acknowledged is not None else 0
             self._acknowledged = (position, entries + earlier)
-        if len(in_flight) < self._options.in_flight:
+            self._unrecorded += entries
+        if self._may_read():
             self._room.set()
         self._schedule_record()
+
+    def _may_read(self) -> bool:
+        """Whether another read may go out: few enough in flight, recording not far behind."""
+        options = self._options
+        return (
+            len(self._in_flight) < options.in_flight
+            and self._unrecorded < options.in_flight * options.batch
+        )
 
     def _schedule_record(self) -> None:
         # Throttled (the JetStream store writes a KV entry per record); a crash sends
@@ -300,6 +319,8 @@ class OutboxRelay(StartStop):
     def _recorded(self, _: asyncio.Task[None]) -> None:
         self._recording = None
         self._last_record = asyncio.get_running_loop().time()
+        if self._may_read():
+            self._room.set()
         self._schedule_record()
 
     async def _record(self, position: int, entries: int) -> None:
@@ -308,6 +329,7 @@ class OutboxRelay(StartStop):
             try:
                 await self._store.outbox_done(position)
                 metrics.OUTBOX_RELAYED.inc(entries)
+                self._unrecorded -= entries
                 return
             except Exception as exc:  # the relay outlives any one failure
                 logger.warning("outbox: recording position %d failed (%s)", position, exc)

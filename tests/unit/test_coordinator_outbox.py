@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator.journal import EVENT_COPY_MAX, copy_event
 from hivewire.services.coordinator.outbox import OutboxRelay, RelayOptions, event_id, pack, unpack
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
-from hivewire.services.coordinator.store import EventRow
+from hivewire.services.coordinator.store import EventRow, StoreError
 from tests.helpers import eventually
 
 
@@ -95,6 +97,52 @@ async def test_stop_leaves_what_is_never_acknowledged_for_a_restart(tmp_path: Pa
         await relay.stop()  # NATS never answered
         assert relay.published == 0
         assert [i.entry for i in await store.outbox_next(0, limit=10)] == [entry]
+
+
+class AckingSink:
+    """Acknowledges at once."""
+
+    enabled = True
+    source = "coordinator/test"
+
+    def __init__(self) -> None:
+        self.sent: list[events_pb2.Event] = []
+
+    def send(self, events: Sequence[events_pb2.Event]) -> asyncio.Future[None]:
+        self.sent.extend(events)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+async def test_reading_waits_while_the_store_cannot_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Published but unrecorded entries (sent again after a restart) stay bounded."""
+    async with SqliteTaskStore(tmp_path / "c.db") as store:
+        for n in range(1, 41):
+            entry = pack([events_pb2.Event(id=f"t:{n}", type="task.created", subject="t")])
+            await store.put(events=[EventRow("t", n, b"e", outbox=entry)])
+        recorded = store.outbox_done
+        failing = True
+
+        async def outbox_done(position: int) -> None:
+            if failing:
+                raise StoreError("the store cannot write")
+            await recorded(position)
+
+        monkeypatch.setattr(store, "outbox_done", outbox_done)
+        sink = AckingSink()
+        options = RelayOptions(batch=2, in_flight=2, record_every=1, record_interval=0.01)
+        async with OutboxRelay(store, sink, options=options) as relay:
+            # Two reads of two entries acknowledged and not recorded: reading waits.
+            await eventually(lambda: not relay._room.is_set())
+            assert len(sink.sent) <= options.in_flight * options.batch + options.batch
+            failing = False
+            await eventually(lambda: len(sink.sent) == 40, timeout=30)
+            await eventually(lambda: relay._unrecorded == 0, timeout=30)
+        with contextlib.closing(sqlite3.connect(tmp_path / "c.db")) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
 
 
 def test_a_large_event_reaches_nats_without_its_payloads() -> None:
