@@ -106,11 +106,7 @@ async def count(
                 return run_task(stub)
 
             try:
-                await _run(op, warmup, concurrency)
-                await asyncio.to_thread(_control, "--instr=on", pid)
-                await _run(op, tasks, concurrency)
-                await asyncio.to_thread(_control, "--dump", pid)
-                await asyncio.to_thread(_control, "--instr=off", pid)
+                await _count_ops(op, pid, warmup, tasks, concurrency)
             finally:
                 await channel.close()
         return await asyncio.to_thread(_counted, Path(tmp), keep) / tasks
@@ -138,14 +134,21 @@ async def count_floor(tasks: int, warmup: int, concurrency: int, side: str = "ev
             op = task_op(coordinator_stub(channel), side)
             pid = str(pids["floor-coordinator"])
             try:
-                await _run(op, warmup, concurrency)
-                await asyncio.to_thread(_control, "--instr=on", pid)
-                await _run(op, tasks, concurrency)
-                await asyncio.to_thread(_control, "--dump", pid)
-                await asyncio.to_thread(_control, "--instr=off", pid)
+                await _count_ops(op, pid, warmup, tasks, concurrency)
             finally:
                 await channel.close()
         return await asyncio.to_thread(_counted, Path(tmp), None) / tasks
+
+
+async def _count_ops(
+    op: Callable[[], Awaitable[object]], pid: str, warmup: int, tasks: int, concurrency: int
+) -> None:
+    """``warmup`` operations, then ``tasks`` more with callgrind counting in ``pid``, dumped."""
+    await _run(op, warmup, concurrency)
+    await asyncio.to_thread(_control, "--instr=on", pid)
+    await _run(op, tasks, concurrency)
+    await asyncio.to_thread(_control, "--dump", pid)
+    await asyncio.to_thread(_control, "--instr=off", pid)
 
 
 async def _run(op: Callable[[], Awaitable[object]], n: int, concurrency: int) -> None:

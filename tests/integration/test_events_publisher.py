@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
@@ -521,40 +523,51 @@ async def test_a_batch_carries_at_most_a_mebibyte(nats_server: NatsServer) -> No
     assert stored == [f"task-b:{n}" for n in range(1, 7)]
 
 
+@contextlib.asynccontextmanager
+async def publishing(
+    nats_server: NatsServer,
+) -> AsyncIterator[tuple[nats.aio.client.Client, EventPublisher]]:
+    """A publisher (event by event) whose first event is stored, and a NATS client."""
+    client = await nats.connect(nats_server.url)
+    try:
+        async with EventPublisher(
+            nats_server.url, source="coordinator/c-1", batch_min=0
+        ) as publisher:
+            await asyncio.wait_for(publisher.send(envelopes(1, 1)), 30)
+            yield client, publisher
+    finally:
+        await client.close()
+
+
+async def failed_since(before: float) -> None:
+    """Wait until the publisher counts a failed publish of a task event."""
+    await eventually(
+        lambda: metric("hivewire_events_publish_failed_total", category="task") > before,
+        timeout=30,
+    )
+
+
 async def test_a_publish_the_stream_refuses_waits_and_goes_in_once_it_is_taken(
     nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An acknowledgement holding an error: the event stays, in order, and is sent again."""
     caplog.set_level(logging.WARNING, logger="hivewire.services.runtime.events.publisher")
     failed_before = metric("hivewire_events_publish_failed_total", category="task")
-    client = await nats.connect(nats_server.url)
-    try:
+    async with publishing(nats_server) as (client, publisher):
         js = client.jetstream()
-        async with EventPublisher(
-            nats_server.url, source="coordinator/c-1", batch_min=0
-        ) as publisher:
-            await asyncio.wait_for(publisher.send(envelopes(1, 1)), 30)
-            config = (await js.stream_info("HIVEWIRE_EVENTS")).config
-            config.max_msg_size = 16  # every envelope is larger: JetStream answers an error
-            await js.update_stream(config)
-            refused = publisher.send(envelopes(2, 3))
-
-            await eventually(
-                lambda: (
-                    metric("hivewire_events_publish_failed_total", category="task") > failed_before
-                ),
-                timeout=30,
-            )
-            assert not refused.done()
-            assert publisher.buffered == 2
-            # The refusal itself, read from the answer (not a wait for one that never came).
-            assert "err_code=10054" in caplog.text
-            config.max_msg_size = -1
-            await js.update_stream(config)
-            await asyncio.wait_for(refused, 30)
-        stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
-    finally:
-        await client.close()
+        config = (await js.stream_info("HIVEWIRE_EVENTS")).config
+        config.max_msg_size = 16  # every envelope is larger: JetStream answers an error
+        await js.update_stream(config)
+        refused = publisher.send(envelopes(2, 3))
+        await failed_since(failed_before)
+        assert not refused.done()
+        assert publisher.buffered == 2
+        # The refusal itself, read from the answer (not a wait for one that never came).
+        assert "err_code=10054" in caplog.text
+        config.max_msg_size = -1
+        await js.update_stream(config)
+        await asyncio.wait_for(refused, 30)
+    stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
     assert stored == ["task-b:1", "task-b:2", "task-b:3"]
 
 
@@ -562,18 +575,10 @@ async def test_a_deleted_stream_is_made_again_and_the_event_goes_in(
     nats_server: NatsServer,
 ) -> None:
     """Nobody listens on the subject (a wiped server): the stream is set up again."""
-    client = await nats.connect(nats_server.url)
-    try:
-        js = client.jetstream()
-        async with EventPublisher(
-            nats_server.url, source="coordinator/c-1", batch_min=0
-        ) as publisher:
-            await asyncio.wait_for(publisher.send(envelopes(1, 1)), 30)
-            await js.delete_stream("HIVEWIRE_EVENTS")
-            await asyncio.wait_for(publisher.send(envelopes(2, 2)), 30)
-        stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
-    finally:
-        await client.close()
+    async with publishing(nats_server) as (client, publisher):
+        await client.jetstream().delete_stream("HIVEWIRE_EVENTS")
+        await asyncio.wait_for(publisher.send(envelopes(2, 2)), 30)
+    stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
     assert stored == ["task-b:2"]
 
 
@@ -582,32 +587,19 @@ async def test_an_answer_that_is_no_acknowledgement_does_not_count_as_stored(
 ) -> None:
     """The stream is gone and a plain NATS responder answers on its subjects: not stored."""
     failed_before = metric("hivewire_events_publish_failed_total", category="task")
-    client = await nats.connect(nats_server.url)
-    try:
-        js = client.jetstream()
-        async with EventPublisher(
-            nats_server.url, source="coordinator/c-1", batch_min=0
-        ) as publisher:
-            await asyncio.wait_for(publisher.send(envelopes(1, 1)), 30)
-            await js.delete_stream("HIVEWIRE_EVENTS")
+    async with publishing(nats_server) as (client, publisher):
+        await client.jetstream().delete_stream("HIVEWIRE_EVENTS")
 
-            async def answer(msg: nats.aio.msg.Msg) -> None:
-                await msg.respond(b"")
+        async def answer(msg: nats.aio.msg.Msg) -> None:
+            await msg.respond(b"")
 
-            responder = await client.subscribe("hivewire.events.>", cb=answer)
-            sent = publisher.send(envelopes(2, 2))
-            await eventually(
-                lambda: (
-                    metric("hivewire_events_publish_failed_total", category="task") > failed_before
-                ),
-                timeout=30,
-            )
-            assert not sent.done()
-            assert publisher.buffered == 1
-            # Once nobody answers, the stream is made again and the event goes in.
-            await responder.unsubscribe()
-            await asyncio.wait_for(sent, 30)
-        stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
-    finally:
-        await client.close()
+        responder = await client.subscribe("hivewire.events.>", cb=answer)
+        sent = publisher.send(envelopes(2, 2))
+        await failed_since(failed_before)
+        assert not sent.done()
+        assert publisher.buffered == 1
+        # Once nobody answers, the stream is made again and the event goes in.
+        await responder.unsubscribe()
+        await asyncio.wait_for(sent, 30)
+    stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
     assert stored == ["task-b:2"]
