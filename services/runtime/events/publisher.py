@@ -557,8 +557,8 @@ class EventPublisher(StartClose):
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                js = await self._ready(backoff)
-                if await self._send_window(js):
+                await self._ready(backoff)
+                if await self._send_window():
                     if self._outage_logged and self.connected:
                         logger.info(
                             "events: publishing again (%d event(s) still buffered)",
@@ -575,7 +575,8 @@ class EventPublisher(StartClose):
                 logger.exception("events: publish round failed; retrying")
                 await self._pause(backoff.next_delay())
 
-    async def _ready(self, backoff: Backoff) -> JetStreamContext:
+    async def _ready(self, backoff: Backoff) -> None:
+        """Until connected, subscribed to acknowledgements and the streams set up."""
         while True:
             if self._closed:
                 raise asyncio.CancelledError
@@ -608,7 +609,7 @@ class EventPublisher(StartClose):
                 self._streams_ready = True
                 # An older server or a stream that refused the flag: event by event.
                 self._atomic = bool(config.allow_atomic) and self._batch_min > 0
-            return self._js
+            return
 
     async def _connect(self, backoff: Backoff) -> NatsClient:
         """A fresh connection, retried with back-off until NATS answers.
@@ -654,7 +655,7 @@ class EventPublisher(StartClose):
             backoff.reset()
             return client
 
-    async def _send_window(self, js: JetStreamContext) -> bool:
+    async def _send_window(self) -> bool:
         batch = list(itertools.islice(self._buffer, self._window))
         if self._atomic and len(batch) >= self._batch_min:
             atomic = _batch_prefix(batch)
