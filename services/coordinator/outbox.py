@@ -183,9 +183,9 @@ class OutboxRelay(StartStop):
         self._sink = sink
         self._options = options
         self._hold = hold
-        # (position, entries, envelopes, acknowledged) of each read handed to the sink,
-        # in read order, until its acknowledgement is taken.
-        self._in_flight: deque[tuple[int, int, int, asyncio.Future[None]]] = deque()
+        # (position before, position, entries, envelopes, acknowledged) of each read
+        # handed to the sink, in read order, until its acknowledgement is taken.
+        self._in_flight: deque[tuple[int, int, int, int, asyncio.Future[None]]] = deque()
         self._room = asyncio.Event()  # set while the reader may hand over another read
         self._room.set()
         # Entries acknowledged and not yet recorded (the running record's included).
@@ -235,12 +235,13 @@ class OutboxRelay(StartStop):
                 self._timer = None
             await cancel_and_wait([self._recording], suppress=(Exception,))
 
-    async def _read(self) -> None:
+    async def _read(self, after: int = 0, delay: float = 0.0) -> None:
         if self._hold == "publish":
             logger.warning("outbox: relay held (test setting): nothing is published")
             await asyncio.Event().wait()
         backoff = Backoff(initial=0.1, maximum=5.0)
-        after = 0
+        if delay:
+            await asyncio.sleep(delay)
         while True:
             try:
                 items = await self._store.outbox_next(after, limit=self._options.batch)
@@ -255,23 +256,36 @@ class OutboxRelay(StartStop):
                     events.extend(unpack(item.entry))
                 except ValueError as exc:
                     logger.error("outbox: entry at %d skipped: %s", item.position, exc)
-            after = items[-1].position
             while not self._may_read():
                 self._room.clear()
                 await self._room.wait()
-            future = self._sink.send(events)
-            self._in_flight.append((after, len(items), len(events), future))
+            try:
+                future = self._sink.send(events)
+            except Exception:  # a bug in the publisher: the same entries again, later
+                logger.exception("outbox: the publisher did not take %d event(s)", len(events))
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            before, after = after, items[-1].position
+            self._in_flight.append((before, after, len(items), len(events), future))
             future.add_done_callback(self._taken)
 
     def _taken(self, _: asyncio.Future[None]) -> None:
         """Take the acknowledgements that came, in read order (a done callback)."""
         in_flight = self._in_flight
-        while in_flight and in_flight[0][3].done():
-            position, entries, count, future = in_flight.popleft()
+        while in_flight and in_flight[0][4].done():
+            before, position, entries, count, future = in_flight.popleft()
             if future.cancelled():
                 # The publisher closed: the rest goes out after a restart.
                 self._sink_closed = True
                 in_flight.clear()
+                break
+            if future.exception() is not None:
+                # Not stored (a publisher outside its contract): this read and every one
+                # after it are read and sent again; copies stored meanwhile are dropped by
+                # JetStream (Nats-Msg-Id).
+                logger.error("outbox: publishing failed (%r); sending again", future.exception())
+                in_flight.clear()
+                self._read_again(before)
                 break
             self.published += count
             if self._hold == "mark":
@@ -282,6 +296,15 @@ class OutboxRelay(StartStop):
         if self._may_read():
             self._room.set()
         self._schedule_record()
+
+    def _read_again(self, after: int) -> None:
+        """Restart reading after ``after`` (what the reader holds is read again)."""
+        if not self._tasks:
+            return  # stopping: what is not recorded goes out after a restart
+        self._tasks[0].cancel()
+        self._tasks = [
+            asyncio.get_running_loop().create_task(self._read(after, delay=1.0), name="outbox-read")
+        ]
 
     def _may_read(self) -> bool:
         """Whether another read may go out: few enough in flight, recording not far behind."""

@@ -603,3 +603,59 @@ async def test_an_answer_that_is_no_acknowledgement_does_not_count_as_stored(
         await asyncio.wait_for(sent, 30)
     stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
     assert stored == ["task-b:2"]
+
+
+async def test_a_deleted_stream_whose_subjects_a_silent_subscriber_holds_is_made_again(
+    nats_server: NatsServer,
+) -> None:
+    """The stream is gone and a core subscriber takes its subjects without answering.
+
+    No "no responders" answer ever comes, only silence: after a publish without an
+    acknowledgement the publisher looks for the stream, sets it up again, and the
+    event goes in (before, it was sent again and again into the silence).
+    """
+    async with publishing(nats_server) as (client, publisher):
+        await client.jetstream().delete_stream("HIVEWIRE_EVENTS")
+        silent = await client.subscribe("hivewire.events.>")  # never answers
+        await client.flush()
+        try:
+            await asyncio.wait_for(publisher.send(envelopes(2, 2)), 30)
+        finally:
+            await silent.unsubscribe()
+    stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
+    assert stored == ["task-b:2"]
+
+
+async def test_a_window_whose_connection_closes_ends_at_once(tmp_path: Path) -> None:
+    """Publishes in flight when NATS goes away fail then, not at the publish timeout."""
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    try:
+        client = await nats.connect(server.url, allow_reconnect=False)
+        try:
+            async with EventPublisher(
+                server.url, source="coordinator/c-1", batch_min=0, publish_timeout=300
+            ) as publisher:
+                await asyncio.wait_for(publisher.send(envelopes(1, 1)), 30)
+                # No stream and a subscriber that never answers: the window waits.
+                await client.jetstream().delete_stream("HIVEWIRE_EVENTS")
+                delivered = asyncio.Event()
+
+                async def listen(_: nats.aio.msg.Msg) -> None:
+                    delivered.set()
+
+                await client.subscribe("hivewire.events.>", cb=listen)
+                await client.flush()
+                failed_before = metric("hivewire_events_publish_failed_total", category="task")
+                sent = publisher.send(envelopes(2, 2))
+                await asyncio.wait_for(delivered.wait(), 30)  # published, its window waiting
+                await server.restart()  # the silent subscriber is gone with its connection
+                # Well inside the publish timeout: the window ended when the connection did.
+                await failed_since(failed_before)
+                await asyncio.wait_for(sent, 60)
+        finally:
+            await client.close()
+        stored = [r.event.id async for r in replay(server.url, "task.*")]
+    finally:
+        await server.stop()
+    assert stored == ["task-b:2"]

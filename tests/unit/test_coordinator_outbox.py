@@ -145,6 +145,49 @@ async def test_reading_waits_while_the_store_cannot_record(
             assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
 
 
+class FailingOnceSink:
+    """Fails its first send (raising, or with a future that fails), then stores at once."""
+
+    enabled = True
+    source = "coordinator/test"
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.sent: list[str] = []
+        self.stored: list[str] = []
+
+    def send(self, events: Sequence[events_pb2.Event]) -> asyncio.Future[None]:
+        first = not self.sent
+        self.sent.extend(e.id for e in events)
+        if first and self.how == "raises":
+            raise RuntimeError("a bug in the publisher")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if first:
+            future.set_exception(ConnectionError("not stored"))
+        else:
+            self.stored.extend(e.id for e in events)
+            future.set_result(None)
+        return future
+
+
+@pytest.mark.parametrize("how", ["raises", "fails"])
+async def test_what_the_publisher_did_not_store_is_sent_again(tmp_path: Path, how: str) -> None:
+    """A send that raises, or whose future fails: those entries go out again, none skipped."""
+    ids = [f"t:{n}" for n in range(1, 7)]
+    async with SqliteTaskStore(tmp_path / "c.db") as store:
+        for n, id_ in enumerate(ids, 1):
+            entry = pack([events_pb2.Event(id=id_, type="task.created", subject="t")])
+            await store.put(events=[EventRow("t", n, b"e", outbox=entry)])
+        sink = FailingOnceSink(how)
+        options = RelayOptions(batch=2, in_flight=3, record_interval=0.01)
+        async with OutboxRelay(store, sink, options=options):
+            await eventually(lambda: set(sink.stored) == set(ids), timeout=30)
+        assert sink.sent[:2] == ["t:1", "t:2"]
+        assert sink.sent.count("t:1") == sink.sent.count("t:2") == 2  # sent again
+        with contextlib.closing(sqlite3.connect(tmp_path / "c.db")) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+
+
 def test_a_large_event_reaches_nats_without_its_payloads() -> None:
     big = common_pb2.Payload(text="x" * (EVENT_COPY_MAX + 1))
     finished = coordinator_pb2.TaskEvent(

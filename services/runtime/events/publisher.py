@@ -786,8 +786,10 @@ class EventPublisher(StartClose):
 
     def _failed(self, item: _Outgoing, exc: BaseException) -> None:
         metrics.PUBLISH_FAILED.labels(item.category).inc()
-        if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
-            # Nobody listens on the subject: the stream is gone (a wiped server).
+        if not isinstance(exc, nats.js.errors.APIError):
+            # Not JetStream's own refusal: the stream may be gone. No responder (a wiped
+            # server), but also no answer at all or one that is no acknowledgement (a core
+            # NATS subscriber on the subjects of a deleted stream): look before sending again.
             self._streams_ready = False
         if not self._outage_logged:
             logger.warning(
@@ -813,7 +815,11 @@ class EventPublisher(StartClose):
             self._outage_logged = True
 
     async def _on_closed(self) -> None:
-        # Wake the sender so it replaces the connection at once.
+        # The window in flight gets no more acknowledgements: it ends now, not at its
+        # timeout, and the sender replaces the connection at once. (Another connection's
+        # close, while this one is up, ends nothing.)
+        if self._nc is None or self._nc.is_closed:
+            self._acks.abort(nats.errors.ConnectionClosedError())
         self._kick.set()
 
 
@@ -896,6 +902,15 @@ class _AckWindow:
         """The number the next window starts at (past every reply this one named)."""
         return self._first + len(self._results)
 
+    def abort(self, error: BaseException) -> None:
+        """No more acknowledgements will come (the connection closed): the rest failed."""
+        results = self._results
+        for index, result in enumerate(results):
+            if result is _PENDING:
+                results[index] = error
+        self._pending = 0
+        self._resolve()
+
     def errors(self) -> list[BaseException | None]:
         """Per publish sent, why it failed (no ack in time: a timeout), or None once stored."""
         late = TimeoutError("no acknowledgement in time")
@@ -943,6 +958,11 @@ class _AckInbox:
         if self._window is window:
             self._window = None
         self._next = window.following
+
+    def abort(self, error: BaseException) -> None:
+        """The connection closed: the window in flight fails with ``error`` at once."""
+        if self._window is not None:
+            self._window.abort(error)
 
     async def _on_reply(self, msg: Msg) -> None:
         window = self._window
