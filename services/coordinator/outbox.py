@@ -196,7 +196,13 @@ class OutboxRelay(StartStop):
         self._timer: asyncio.TimerHandle | None = None
         self._last_record = 0.0
         self._sink_closed = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # the reader, while started
+        # Every reader task not yet ended: one replaced by _read_again may still finish a
+        # step (a cancellation can be lost), but it hands nothing over once its
+        # generation is not the current one.
+        self._readers: set[asyncio.Task[None]] = set()
+        self._generation = 0
+        self._reread_backoff = Backoff(initial=1.0, maximum=30.0)
         self.published = 0
         """Envelopes acknowledged by JetStream since start (copies of earlier ones too)."""
 
@@ -205,7 +211,7 @@ class OutboxRelay(StartStop):
         if self._tasks:
             return
         self._last_record = asyncio.get_running_loop().time()
-        self._tasks = [asyncio.create_task(self._read(), name="outbox-read")]
+        self._start_reader(0)
 
     async def stop(self) -> None:
         """Stop reading, record what is in flight once acknowledged (up to the timeout).
@@ -214,8 +220,9 @@ class OutboxRelay(StartStop):
         """
         if not self._tasks:
             return
-        (reader,), self._tasks = self._tasks, []
-        await cancel_and_wait([reader], suppress=(Exception,))
+        self._tasks = []
+        self._generation += 1  # a reader that outlives its cancellation hands nothing over
+        await cancel_and_wait(list(self._readers), suppress=(Exception,))
         try:
             async with asyncio.timeout(self._options.stop_timeout):
                 while self._in_flight and not self._sink_closed:
@@ -235,14 +242,24 @@ class OutboxRelay(StartStop):
                 self._timer = None
             await cancel_and_wait([self._recording], suppress=(Exception,))
 
-    async def _read(self, after: int = 0, delay: float = 0.0) -> None:
+    def _start_reader(self, after: int, delay: float = 0.0) -> None:
+        self._generation += 1
+        reader = asyncio.get_running_loop().create_task(
+            self._read(self._generation, after, delay), name="outbox-read"
+        )
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+        self._tasks = [reader]
+
+    async def _read(self, generation: int, after: int, delay: float) -> None:
         if self._hold == "publish":
             logger.warning("outbox: relay held (test setting): nothing is published")
             await asyncio.Event().wait()
         backoff = Backoff(initial=0.1, maximum=5.0)
+        refused = Backoff(initial=0.1, maximum=5.0)
         if delay:
             await asyncio.sleep(delay)
-        while True:
+        while generation == self._generation:
             try:
                 items = await self._store.outbox_next(after, limit=self._options.batch)
             except Exception as exc:  # the relay outlives any one failure
@@ -259,12 +276,15 @@ class OutboxRelay(StartStop):
             while not self._may_read():
                 self._room.clear()
                 await self._room.wait()
+            if generation != self._generation:
+                return
             try:
                 future = self._sink.send(events)
             except Exception:  # a bug in the publisher: the same entries again, later
                 logger.exception("outbox: the publisher did not take %d event(s)", len(events))
-                await asyncio.sleep(backoff.next_delay())
+                await asyncio.sleep(refused.next_delay())
                 continue
+            refused.reset()
             before, after = after, items[-1].position
             self._in_flight.append((before, after, len(items), len(events), future))
             future.add_done_callback(self._taken)
@@ -288,6 +308,7 @@ class OutboxRelay(StartStop):
                 self._read_again(before)
                 break
             self.published += count
+            self._reread_backoff.reset()
             if self._hold == "mark":
                 continue
             earlier = self._acknowledged[1] if self._acknowledged is not None else 0
@@ -302,9 +323,7 @@ class OutboxRelay(StartStop):
         if not self._tasks:
             return  # stopping: what is not recorded goes out after a restart
         self._tasks[0].cancel()
-        self._tasks = [
-            asyncio.get_running_loop().create_task(self._read(after, delay=1.0), name="outbox-read")
-        ]
+        self._start_reader(after, self._reread_backoff.next_delay())
 
     def _may_read(self) -> bool:
         """Whether another read may go out: few enough in flight, recording not far behind."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -624,6 +626,41 @@ async def test_a_deleted_stream_whose_subjects_a_silent_subscriber_holds_is_made
             await silent.unsubscribe()
     stored = [r.event.id async for r in replay(nats_server.url, "task.*")]
     assert stored == ["task-b:2"]
+
+
+async def test_a_publish_without_an_acknowledgement_leaves_the_stream_as_it_was_set(
+    tmp_path: Path,
+) -> None:
+    """After a timeout the publisher looks for the stream; one an operator changed is kept."""
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    try:
+        client = await nats.connect(server.url)
+        try:
+            async with EventPublisher(
+                server.url, source="coordinator/c-1", batch_min=0, publish_timeout=1
+            ) as publisher:
+                await asyncio.wait_for(publisher.send(envelopes(1, 1)), 30)
+                js = client.jetstream()
+                config = (await js.stream_info("HIVEWIRE_EVENTS")).config
+                config.max_age = 7200  # an operator's choice, not the settings'
+                await js.update_stream(config)
+                failed_before = metric("hivewire_events_publish_failed_total", category="task")
+                assert server.pid is not None
+                os.kill(server.pid, signal.SIGSTOP)  # no answer, to anything
+                try:
+                    sent = publisher.send(envelopes(2, 2))
+                    await failed_since(failed_before)
+                finally:
+                    os.kill(server.pid, signal.SIGCONT)
+                await asyncio.wait_for(sent, 30)
+                assert (await js.stream_info("HIVEWIRE_EVENTS")).config.max_age == 7200
+        finally:
+            await client.close()
+        stored = [r.event.id async for r in replay(server.url, "task.*")]
+    finally:
+        await server.stop()
+    assert stored == ["task-b:1", "task-b:2"]
 
 
 async def test_a_window_whose_connection_closes_ends_at_once(tmp_path: Path) -> None:

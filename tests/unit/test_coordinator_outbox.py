@@ -16,7 +16,7 @@ from hivewire.events.v1 import events_pb2
 from hivewire.services.coordinator.journal import EVENT_COPY_MAX, copy_event
 from hivewire.services.coordinator.outbox import OutboxRelay, RelayOptions, event_id, pack, unpack
 from hivewire.services.coordinator.sqlite_store import SqliteTaskStore
-from hivewire.services.coordinator.store import EventRow, StoreError
+from hivewire.services.coordinator.store import EventRow, OutboxItem, StoreError
 from tests.helpers import eventually
 
 
@@ -184,6 +184,55 @@ async def test_what_the_publisher_did_not_store_is_sent_again(tmp_path: Path, ho
             await eventually(lambda: set(sink.stored) == set(ids), timeout=30)
         assert sink.sent[:2] == ["t:1", "t:2"]
         assert sink.sent.count("t:1") == sink.sent.count("t:2") == 2  # sent again
+        with contextlib.closing(sqlite3.connect(tmp_path / "c.db")) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+
+
+async def test_a_replaced_reader_whose_cancellation_is_lost_hands_nothing_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed publish the reader is replaced; the old one may go on, but sends nothing.
+
+    A cancellation that lands with a result is lost on Python 3.11: what the old reader
+    read after the failure must not be acknowledged ahead of what is read again.
+    """
+
+    def entry(n: int) -> bytes:
+        return pack([events_pb2.Event(id=f"t:{n}", type="task.created", subject="t")])
+
+    async with SqliteTaskStore(tmp_path / "c.db") as store:
+        for n in (1, 2):
+            await store.put(events=[EventRow("t", n, b"e", outbox=entry(n))])
+        real = store.outbox_next
+        deaf: list[asyncio.Task[None]] = []
+
+        async def outbox_next(after: int, *, limit: int) -> list[OutboxItem]:
+            while True:
+                try:
+                    return await real(after, limit=limit)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is None or task not in deaf:
+                        raise
+                    task.uncancel()  # the cancellation is lost: it reads on
+
+        monkeypatch.setattr(store, "outbox_next", outbox_next)
+        sink = HeldSink()
+        relay = OutboxRelay(store, sink, options=RelayOptions(batch=2, record_interval=0.01))
+        async with relay:
+            await sink.got.wait()
+            deaf.append(relay._tasks[0])
+            sink.pending[0].set_exception(ConnectionError("not stored"))
+            await eventually(lambda: relay._tasks[0] is not deaf[0])
+            for n in (3, 4):  # the old reader wakes with these
+                await store.put(events=[EventRow("t", n, b"e", outbox=entry(n))])
+            await eventually(lambda: deaf[0].done(), timeout=30)
+            assert [e.id for e in sink.sent] == ["t:1", "t:2"]  # nothing from the old one
+            await eventually(lambda: len(sink.sent) == 6, timeout=30)  # read again: all four
+            for future in sink.pending[1:]:
+                future.set_result(None)
+            await eventually(lambda: relay._unrecorded == 0 and relay.published == 4, timeout=30)
+        assert [e.id for e in sink.sent] == ["t:1", "t:2", "t:1", "t:2", "t:3", "t:4"]
         with contextlib.closing(sqlite3.connect(tmp_path / "c.db")) as conn:
             assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
 

@@ -271,6 +271,7 @@ class EventPublisher(StartClose):
         self._js: JetStreamContext | None = None
         self._acks = _AckInbox()
         self._streams_ready = False
+        self._look_for_stream = False  # after a failure that may mean the stream is gone
         self._atomic = False  # the event stream takes atomic batches (checked on connect)
         self._closed = False
         self._published = 0
@@ -599,6 +600,9 @@ class EventPublisher(StartClose):
                 await self._pause(0.5)
                 continue
             assert self._js is not None
+            if self._streams_ready and self._look_for_stream:
+                self._look_for_stream = False
+                self._streams_ready = await self._stream_exists(self._js)
             if not self._streams_ready:
                 try:
                     config = await ensure_streams(self._js, self._stream)
@@ -610,6 +614,21 @@ class EventPublisher(StartClose):
                 # An older server or a stream that refused the flag: event by event.
                 self._atomic = bool(config.allow_atomic) and self._batch_min > 0
             return
+
+    async def _stream_exists(self, js: JetStreamContext) -> bool:
+        """Whether the event stream is there (when JetStream cannot say: assumed so).
+
+        Only looked at: a stream an operator changed is left as it is (set up again
+        only when it is gone).
+        """
+        try:
+            await js.stream_info(self._stream.name)
+        except nats.js.errors.NotFoundError:
+            logger.warning("events: stream %s is gone; setting it up again", self._stream.name)
+            return False
+        except TRANSIENT_ERRORS as exc:
+            logger.debug("events: cannot look for stream %s: %s", self._stream.name, exc)
+        return True
 
     async def _connect(self, backoff: Backoff) -> NatsClient:
         """A fresh connection, retried with back-off until NATS answers.
@@ -786,11 +805,14 @@ class EventPublisher(StartClose):
 
     def _failed(self, item: _Outgoing, exc: BaseException) -> None:
         metrics.PUBLISH_FAILED.labels(item.category).inc()
-        if not isinstance(exc, nats.js.errors.APIError):
-            # Not JetStream's own refusal: the stream may be gone. No responder (a wiped
-            # server), but also no answer at all or one that is no acknowledgement (a core
-            # NATS subscriber on the subjects of a deleted stream): look before sending again.
+        if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+            # Nobody listens on the subject: the stream is gone (a wiped server).
             self._streams_ready = False
+        elif not isinstance(exc, nats.js.errors.APIError):
+            # Not JetStream's own refusal: the stream may be gone all the same, its subjects
+            # held by a core NATS subscriber that answers with silence, or with something
+            # that is no acknowledgement. Look for it before sending again.
+            self._look_for_stream = True
         if not self._outage_logged:
             logger.warning(
                 "events: publish of %s %s failed (%s); %d event(s) buffered, retrying",
