@@ -222,6 +222,7 @@ class OutboxRelay(StartStop):
             return
         self._tasks = []
         self._generation += 1  # a reader that outlives its cancellation hands nothing over
+        self._room.set()  # ... and does not wait for room to do so
         await cancel_and_wait(list(self._readers), suppress=(Exception,))
         try:
             async with asyncio.timeout(self._options.stop_timeout):
@@ -273,7 +274,7 @@ class OutboxRelay(StartStop):
                     events.extend(unpack(item.entry))
                 except ValueError as exc:
                     logger.error("outbox: entry at %d skipped: %s", item.position, exc)
-            while not self._may_read():
+            while generation == self._generation and not self._may_read():
                 self._room.clear()
                 await self._room.wait()
             if generation != self._generation:

@@ -628,6 +628,14 @@ async def test_a_deleted_stream_whose_subjects_a_silent_subscriber_holds_is_made
     assert stored == ["task-b:2"]
 
 
+def stopped(pid: int | None) -> bool:
+    """Whether every thread of the process is stopped (SIGSTOP takes effect later)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return all(
+        (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for task in tasks.iterdir()
+    )
+
+
 async def test_a_publish_without_an_acknowledgement_leaves_the_stream_as_it_was_set(
     tmp_path: Path,
 ) -> None:
@@ -649,6 +657,7 @@ async def test_a_publish_without_an_acknowledgement_leaves_the_stream_as_it_was_
                 assert server.pid is not None
                 os.kill(server.pid, signal.SIGSTOP)  # no answer, to anything
                 try:
+                    await eventually(lambda: stopped(server.pid), timeout=30)
                     sent = publisher.send(envelopes(2, 2))
                     await failed_since(failed_before)
                 finally:

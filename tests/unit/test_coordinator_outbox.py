@@ -188,35 +188,46 @@ async def test_what_the_publisher_did_not_store_is_sent_again(tmp_path: Path, ho
             assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
 
 
+def entry(n: int) -> bytes:
+    """The outbox entry of event ``t:<n>``."""
+    return pack([events_pb2.Event(id=f"t:{n}", type="task.created", subject="t")])
+
+
+def lose_cancellations(
+    store: SqliteTaskStore, monkeypatch: pytest.MonkeyPatch
+) -> list[asyncio.Task[None]]:
+    """The tasks put in the list returned read on when cancelled in ``outbox_next``.
+
+    As on Python 3.11, where a cancellation that lands together with a result is lost.
+    """
+    real = store.outbox_next
+    deaf: list[asyncio.Task[None]] = []
+
+    async def outbox_next(after: int, *, limit: int) -> list[OutboxItem]:
+        while True:
+            try:
+                return await real(after, limit=limit)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task not in deaf:
+                    raise
+                task.uncancel()
+
+    monkeypatch.setattr(store, "outbox_next", outbox_next)
+    return deaf
+
+
 async def test_a_replaced_reader_whose_cancellation_is_lost_hands_nothing_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After a failed publish the reader is replaced; the old one may go on, but sends nothing.
 
-    A cancellation that lands with a result is lost on Python 3.11: what the old reader
-    read after the failure must not be acknowledged ahead of what is read again.
+    What it read after the failure must not be acknowledged ahead of what is read again.
     """
-
-    def entry(n: int) -> bytes:
-        return pack([events_pb2.Event(id=f"t:{n}", type="task.created", subject="t")])
-
     async with SqliteTaskStore(tmp_path / "c.db") as store:
         for n in (1, 2):
             await store.put(events=[EventRow("t", n, b"e", outbox=entry(n))])
-        real = store.outbox_next
-        deaf: list[asyncio.Task[None]] = []
-
-        async def outbox_next(after: int, *, limit: int) -> list[OutboxItem]:
-            while True:
-                try:
-                    return await real(after, limit=limit)
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is None or task not in deaf:
-                        raise
-                    task.uncancel()  # the cancellation is lost: it reads on
-
-        monkeypatch.setattr(store, "outbox_next", outbox_next)
+        deaf = lose_cancellations(store, monkeypatch)
         sink = HeldSink()
         relay = OutboxRelay(store, sink, options=RelayOptions(batch=2, record_interval=0.01))
         async with relay:
@@ -235,6 +246,31 @@ async def test_a_replaced_reader_whose_cancellation_is_lost_hands_nothing_over(
         assert [e.id for e in sink.sent] == ["t:1", "t:2", "t:1", "t:2", "t:3", "t:4"]
         with contextlib.closing(sqlite3.connect(tmp_path / "c.db")) as conn:
             assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+
+
+async def test_stop_ends_a_reader_whose_cancellation_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NATS not answering and the reader's cancellation lost: stop() still ends in time."""
+    async with SqliteTaskStore(tmp_path / "c.db") as store:
+        await store.put(events=[EventRow("t", 1, b"e", outbox=entry(1))])
+        deaf = lose_cancellations(store, monkeypatch)
+        sink = HeldSink()
+        options = RelayOptions(batch=1, in_flight=1, stop_timeout=0.5)
+        relay = OutboxRelay(store, sink, options=options)
+        await relay.start()
+        await sink.got.wait()  # in flight: one read, never acknowledged
+        deaf.append(relay._tasks[0])
+        stopping = asyncio.ensure_future(relay.stop())
+        await eventually(lambda: not relay._tasks)
+        # The reader reads on, with no room to hand it over.
+        await store.put(events=[EventRow("t", 2, b"e", outbox=entry(2))])
+        ended, _ = await asyncio.wait({stopping}, timeout=30)
+        sink.pending[0].set_result(None)  # NATS back: what follows ends anyway
+        await stopping
+        assert ended, "stop() waited for NATS, past its stop_timeout"
+        assert deaf[0].done()
+        assert [e.id for e in sink.sent] == ["t:1"]
 
 
 def test_a_large_event_reaches_nats_without_its_payloads() -> None:

@@ -611,6 +611,7 @@ class EventPublisher(StartClose):
                     await self._pause(backoff.next_delay())
                     continue
                 self._streams_ready = True
+                self._look_for_stream = False
                 # An older server or a stream that refused the flag: event by event.
                 self._atomic = bool(config.allow_atomic) and self._batch_min > 0
             return
