@@ -69,6 +69,9 @@ async def cancel_and_wait(
 ) -> None:
     """Cancel every task, then wait for each to end; its cancellation is not an error.
 
+    The caller's own cancellation is (a stop under a timeout): it is raised, not taken
+    for the awaited task's.
+
     Args:
         tasks: The tasks (None entries, for a task never started, are skipped).
         suppress: Further exceptions a task may end with that are swallowed too (a
@@ -78,9 +81,14 @@ async def cancel_and_wait(
     started = [task for task in tasks if task is not None]
     for task in started:
         task.cancel()
+    current = asyncio.current_task()
     for task in started:
-        with contextlib.suppress(asyncio.CancelledError, *suppress):
-            await task
+        try:
+            with contextlib.suppress(*suppress):
+                await task
+        except asyncio.CancelledError:
+            if current is not None and current.cancelling():
+                raise
 
 
 async def ended_within(task: asyncio.Future[Any], seconds: float) -> bool:

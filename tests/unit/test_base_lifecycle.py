@@ -97,6 +97,23 @@ async def test_cancel_and_wait_cancels_every_task_and_swallows_the_cancellation(
     assert all(task.cancelled() for task in tasks)
 
 
+async def test_cancel_and_wait_leaves_its_callers_cancellation_to_the_caller() -> None:
+    """A stop under a timeout: its timeout is raised, not swallowed with the task's end."""
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.Event().wait()  # a clean-up that does not end by itself
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await cancel_and_wait([task])
+    assert task.cancelled()  # the timeout's cancellation reached it too
+
+
 async def test_cancel_and_wait_raises_a_failure_unless_told_to_suppress_it() -> None:
     async def failing(waiting: asyncio.Event) -> None:
         try:
