@@ -69,8 +69,9 @@ async def cancel_and_wait(
 ) -> None:
     """Cancel every task, then wait for each to end; its cancellation is not an error.
 
-    The caller's own cancellation is (a stop under a timeout): it is raised, not taken
-    for the awaited task's.
+    A cancellation of the caller that comes while it waits (a stop under a timeout) is
+    raised, not taken for the awaited task's; one the caller was already unwinding from
+    when it called (a stop in a ``finally`` or an exit stack) is not raised again.
 
     Args:
         tasks: The tasks (None entries, for a task never started, are skipped).
@@ -82,12 +83,13 @@ async def cancel_and_wait(
     for task in started:
         task.cancel()
     current = asyncio.current_task()
+    unwinding = current.cancelling() if current is not None else 0
     for task in started:
         try:
             with contextlib.suppress(*suppress):
                 await task
         except asyncio.CancelledError:
-            if current is not None and current.cancelling():
+            if current is not None and current.cancelling() > unwinding:
                 raise
 
 

@@ -114,6 +114,27 @@ async def test_cancel_and_wait_leaves_its_callers_cancellation_to_the_caller() -
     assert task.cancelled()  # the timeout's cancellation reached it too
 
 
+async def test_cancel_and_wait_in_a_cancelled_callers_clean_up_waits_for_every_task() -> None:
+    """A stop in a ``finally`` after the caller was cancelled still ends all it stops."""
+    waiting = [asyncio.create_task(asyncio.Event().wait()) for _ in range(2)]
+    cleaned: list[str] = []
+
+    async def caller() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await cancel_and_wait(waiting)
+            cleaned.append("after")
+
+    task = asyncio.create_task(caller())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned == ["after"]
+    assert all(t.cancelled() for t in waiting)
+
+
 async def test_cancel_and_wait_raises_a_failure_unless_told_to_suppress_it() -> None:
     async def failing(waiting: asyncio.Event) -> None:
         try:
