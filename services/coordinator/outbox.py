@@ -196,7 +196,7 @@ class OutboxRelay(StartStop):
         self._timer: asyncio.TimerHandle | None = None
         self._last_record = 0.0
         self._sink_closed = False
-        self._tasks: list[asyncio.Task[None]] = []  # the reader, while started
+        self._reader: asyncio.Task[None] | None = None  # the current reader, while started
         # Every reader task not yet ended: one replaced by _read_again may still finish a
         # step (a cancellation can be lost), but it hands nothing over once its
         # generation is not the current one.
@@ -208,7 +208,7 @@ class OutboxRelay(StartStop):
 
     async def start(self) -> None:
         """Start relaying (what an earlier process left unpublished goes first)."""
-        if self._tasks:
+        if self._reader is not None:
             return
         self._last_record = asyncio.get_running_loop().time()
         self._start_reader(0)
@@ -218,9 +218,9 @@ class OutboxRelay(StartStop):
 
         What is not recorded as published by then is sent again after a restart.
         """
-        if not self._tasks:
+        if self._reader is None:
             return
-        self._tasks = []
+        self._reader = None
         self._generation += 1  # a reader that outlives its cancellation hands nothing over
         self._room.set()  # ... and does not wait for room to do so
         await cancel_and_wait(list(self._readers), suppress=(Exception,))
@@ -250,7 +250,7 @@ class OutboxRelay(StartStop):
         )
         self._readers.add(reader)
         reader.add_done_callback(self._readers.discard)
-        self._tasks = [reader]
+        self._reader = reader
 
     async def _read(self, generation: int, after: int, delay: float) -> None:
         if self._hold == "publish":
@@ -321,9 +321,9 @@ class OutboxRelay(StartStop):
 
     def _read_again(self, after: int) -> None:
         """Restart reading after ``after`` (what the reader holds is read again)."""
-        if not self._tasks:
+        if self._reader is None:
             return  # stopping: what is not recorded goes out after a restart
-        self._tasks[0].cancel()
+        self._reader.cancel()
         self._start_reader(after, self._reread_backoff.next_delay())
 
     def _may_read(self) -> bool:
@@ -337,7 +337,7 @@ class OutboxRelay(StartStop):
     def _schedule_record(self) -> None:
         # Throttled (the JetStream store writes a KV entry per record); a crash sends
         # again what was not recorded, and Nats-Msg-Id makes that harmless.
-        if self._acknowledged is None or self._recording is not None or not self._tasks:
+        if self._acknowledged is None or self._recording is not None or self._reader is None:
             return
         loop = asyncio.get_running_loop()
         wait = self._options.record_interval - (loop.time() - self._last_record)

@@ -69,7 +69,7 @@ async def test_stop_records_what_is_acknowledged_while_it_waits(tmp_path: Path) 
         relay = OutboxRelay(store, sink, options=RelayOptions(stop_timeout=30))
         await relay.start()
         await sink.got.wait()
-        reader = relay._tasks[0]
+        reader = relay._reader
         stopping = asyncio.ensure_future(relay.stop())
         # Acknowledged once the relay stopped reading and waits for what is in flight.
         await eventually(reader.done)
@@ -232,9 +232,9 @@ async def test_a_replaced_reader_whose_cancellation_is_lost_hands_nothing_over(
         relay = OutboxRelay(store, sink, options=RelayOptions(batch=2, record_interval=0.01))
         async with relay:
             await sink.got.wait()
-            deaf.append(relay._tasks[0])
+            deaf.append(relay._reader)
             sink.pending[0].set_exception(ConnectionError("not stored"))
-            await eventually(lambda: relay._tasks[0] is not deaf[0])
+            await eventually(lambda: relay._reader is not deaf[0])
             for n in (3, 4):  # the old reader wakes with these
                 await store.put(events=[EventRow("t", n, b"e", outbox=entry(n))])
             await eventually(lambda: deaf[0].done(), timeout=30)
@@ -260,9 +260,9 @@ async def test_stop_ends_a_reader_whose_cancellation_is_lost(
         relay = OutboxRelay(store, sink, options=options)
         await relay.start()
         await sink.got.wait()  # in flight: one read, never acknowledged
-        deaf.append(relay._tasks[0])
+        deaf.append(relay._reader)
         stopping = asyncio.ensure_future(relay.stop())
-        await eventually(lambda: not relay._tasks)
+        await eventually(lambda: relay._reader is None)
         # The reader reads on, with no room to hand it over.
         await store.put(events=[EventRow("t", 2, b"e", outbox=entry(2))])
         ended, _ = await asyncio.wait({stopping}, timeout=30)
